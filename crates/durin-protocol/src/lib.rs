@@ -1,0 +1,346 @@
+//! Wire types of the Durin handler protocol, version 1.
+//!
+//! The gateway and every SDK speak this protocol, so it lives in its own crate with no
+//! dependency on either side. ARCHITECTURE.md describes the exchange in prose; this file is
+//! the exact shape of every message. All bodies are JSON.
+//!
+//! 1. Discovery: `GET {deployment}/discover` answers [`Discovery`].
+//! 2. Invocation: the gateway sends `POST {deployment}{handler path}` with an
+//!    [`InvocationRequest`] and the headers [`HEADER_INVOCATION_ID`], [`HEADER_ATTEMPT`] and
+//!    [`HEADER_PROTOCOL`].
+//! 3. During the attempt the handler appends entries with `POST {context_url}/entries`
+//!    ([`AppendRequest`], header [`HEADER_ATTEMPT`]); each one is durable before it is
+//!    acknowledged with an [`AppendResponse`].
+//! 4. The handler ends the attempt by answering `200` with an [`Outcome`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version this crate describes.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Header naming the invocation an attempt belongs to (`inv_…`).
+pub const HEADER_INVOCATION_ID: &str = "durin-invocation-id";
+/// Header carrying the attempt number, the fencing token of every append.
+pub const HEADER_ATTEMPT: &str = "durin-attempt";
+/// Header carrying the protocol version on an invocation request.
+pub const HEADER_PROTOCOL: &str = "durin-protocol";
+
+/// What `GET /discover` answers: the services a deployment serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Discovery {
+    /// Protocol version the deployment speaks; the gateway refuses versions it does not know.
+    pub protocol: u32,
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub kind: ServiceKind,
+    pub handlers: Vec<HandlerSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// A plain call with no key.
+    #[default]
+    Service,
+    /// Runs once per workflow id.
+    Workflow,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandlerSpec {
+    pub name: String,
+    /// Path under the deployment URL; defaults to `/{service}/{handler}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Retry policy of the handler's attempts; the gateway's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<RetryPolicy>,
+    /// Bound on one attempt; the gateway's default when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub start_to_close: Option<Duration>,
+}
+
+/// When and how often a failed attempt (of a handler or of one step) is tried again.
+///
+/// The delay before retry `n` (1-based) is `initial_interval * backoff_coefficient^(n-1)`,
+/// capped at `maximum_interval`. `maximum_attempts` counts every attempt, the first included;
+/// `None` retries forever.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetryPolicy {
+    #[serde(with = "humantime_serde")]
+    pub initial_interval: Duration,
+    pub backoff_coefficient: f64,
+    #[serde(with = "humantime_serde")]
+    pub maximum_interval: Duration,
+    pub maximum_attempts: Option<u32>,
+    pub non_retryable_error_types: Vec<String>,
+}
+
+impl Default for RetryPolicy {
+    /// Temporal's defaults, which users of durable execution already know, except that the
+    /// number of attempts is bounded so that a broken handler ends instead of looping forever.
+    fn default() -> Self {
+        RetryPolicy {
+            initial_interval: Duration::from_secs(1),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_secs(100),
+            maximum_attempts: Some(10),
+            non_retryable_error_types: Vec::new(),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay after `failed_attempts` failures, or `None` when no attempt is left or
+    /// the error type is not retryable.
+    pub fn next_delay(&self, failed_attempts: u32, error_type: Option<&str>) -> Option<Duration> {
+        if let Some(error_type) = error_type {
+            if self
+                .non_retryable_error_types
+                .iter()
+                .any(|t| t == error_type)
+            {
+                return None;
+            }
+        }
+        if let Some(max) = self.maximum_attempts {
+            if failed_attempts >= max {
+                return None;
+            }
+        }
+        let exponent = failed_attempts.saturating_sub(1).min(64) as i32;
+        let factor = self.backoff_coefficient.max(1.0).powi(exponent);
+        let millis = (self.initial_interval.as_millis() as f64 * factor)
+            .min(self.maximum_interval.as_millis() as f64);
+        Some(Duration::from_millis(millis.max(0.0) as u64))
+    }
+
+    /// Checks the values a user gave, so that a bad policy is refused where it is declared.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.backoff_coefficient >= 1.0 && self.backoff_coefficient.is_finite()) {
+            return Err(format!(
+                "backoff_coefficient must be a finite number >= 1, not {}",
+                self.backoff_coefficient
+            ));
+        }
+        if self.maximum_interval < self.initial_interval {
+            return Err("maximum_interval must not be shorter than initial_interval".into());
+        }
+        if self.maximum_attempts == Some(0) {
+            return Err("maximum_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The body of the gateway's call to a handler.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvocationRequest {
+    pub protocol: u32,
+    pub invocation_id: String,
+    pub attempt: u32,
+    pub service: String,
+    pub handler: String,
+    /// The caller's JSON body.
+    pub input: Value,
+    /// Every entry recorded so far, after the input, in index order.
+    pub journal: Vec<JournalEntry>,
+    /// Attempts that failed since the journal last grew; the SDK uses it to count the
+    /// attempts of the step that is failing.
+    pub position_failures: u32,
+    /// Base URL of this invocation's context API.
+    pub context_url: String,
+}
+
+/// One recorded entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub index: u32,
+    pub kind: EntryKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    pub attempt: u32,
+    /// Milliseconds since the Unix epoch when the entry was recorded.
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// The caller's request; always index 0.
+    Input,
+    /// The result or the error of a named step.
+    Step,
+    /// A recorded clock reading (`value` is milliseconds since the epoch).
+    Now,
+    /// A recorded random UUID (`value` is its string form).
+    Uuid,
+    /// A recorded random 64-bit number (`value`).
+    Random,
+    /// The handler's result; written by the gateway when the invocation ends.
+    Output,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Input => "input",
+            EntryKind::Step => "step",
+            EntryKind::Now => "now",
+            EntryKind::Uuid => "uuid",
+            EntryKind::Random => "random",
+            EntryKind::Output => "output",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EntryKind> {
+        Some(match s {
+            "input" => EntryKind::Input,
+            "step" => EntryKind::Step,
+            "now" => EntryKind::Now,
+            "uuid" => EntryKind::Uuid,
+            "random" => EntryKind::Random,
+            "output" => EntryKind::Output,
+            _ => return None,
+        })
+    }
+
+    /// Whether a handler may append this kind through the context API.
+    pub fn appendable(self) -> bool {
+        !matches!(self, EntryKind::Input | EntryKind::Output)
+    }
+}
+
+/// A failure as the caller sees it: an HTTP status, an error type and a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub status: u16,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    pub message: String,
+}
+
+/// `POST {context_url}/entries`: append the next entry of the attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppendRequest {
+    /// The index the handler expects the entry to get; a mismatch is refused, so two
+    /// writers can never interleave.
+    pub index: u32,
+    pub kind: EntryKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppendResponse {
+    pub index: u32,
+    pub at_ms: i64,
+}
+
+/// (kind, name) of an entry, as a non-determinism report names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryRef {
+    pub kind: EntryKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// How an attempt ended: the body of the handler's `200` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The handler finished; `output` goes back to the caller.
+    Output { output: Value },
+    /// A terminal failure: no retry; its status and message go back to the caller.
+    Failure { failure: Failure },
+    /// A retryable failure. `retry_after_ms` overrides the handler's backoff (the SDK sets it
+    /// from a step's own policy; `step` names that step).
+    Retry {
+        error: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error_type: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<String>,
+    },
+    /// The handler cannot go on now; call it again at `wake_at_ms` (ms since the epoch).
+    Suspend { wake_at_ms: i64 },
+    /// On replay the handler asked for an entry different from the recorded one.
+    NonDeterminism {
+        index: u32,
+        recorded: EntryRef,
+        requested: EntryRef,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let policy = RetryPolicy {
+            initial_interval: Duration::from_millis(100),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_millis(300),
+            maximum_attempts: Some(4),
+            non_retryable_error_types: vec!["CardDeclined".into()],
+        };
+        let delays: Vec<_> = (1..=4).map(|n| policy.next_delay(n, None)).collect();
+        assert_eq!(
+            delays,
+            vec![
+                Some(Duration::from_millis(100)),
+                Some(Duration::from_millis(200)),
+                Some(Duration::from_millis(300)),
+                None
+            ]
+        );
+        assert_eq!(policy.next_delay(1, Some("CardDeclined")), None);
+        assert_eq!(
+            policy.next_delay(1, Some("Timeout")),
+            Some(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn outcome_wire_shape() {
+        let json = serde_json::to_value(Outcome::Retry {
+            error: "boom".into(),
+            error_type: None,
+            retry_after_ms: Some(5),
+            step: Some("charge".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"outcome": "retry", "error": "boom", "retry_after_ms": 5, "step": "charge"})
+        );
+        let policy: RetryPolicy =
+            serde_json::from_str(r#"{"initial_interval": "250ms", "maximum_attempts": 3}"#)
+                .unwrap();
+        assert_eq!(policy.initial_interval, Duration::from_millis(250));
+        assert_eq!(policy.backoff_coefficient, 2.0);
+    }
+}

@@ -1,0 +1,396 @@
+//! The handler's view of its invocation: replay of recorded entries, append of new ones.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use durin_protocol::{
+    AppendRequest, EntryKind, EntryRef, Failure, InvocationRequest, JournalEntry, Outcome,
+    RetryPolicy, HEADER_ATTEMPT,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{HandlerError, Kind};
+
+/// How long an append keeps trying while the gateway cannot be reached (it may be
+/// restarting); after that the attempt ends and Durin retries it.
+const APPEND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Options of one step.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The step's retry policy; the SDK's default ([`RetryPolicy::default`]) when `None`.
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+impl RunOptions {
+    pub fn retry_policy(policy: RetryPolicy) -> RunOptions {
+        RunOptions {
+            retry_policy: Some(policy),
+        }
+    }
+}
+
+/// The context of one attempt. Cheap to clone; all clones share the same cursor.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    invocation_id: String,
+    attempt: u32,
+    entries_url: String,
+    position_failures: u32,
+    http: reqwest::Client,
+    state: Mutex<ReplayState>,
+}
+
+struct ReplayState {
+    /// Recorded entries after the input, in index order.
+    journal: Vec<JournalEntry>,
+    /// Position in `journal` of the next entry the handler will ask for.
+    cursor: usize,
+    /// The index the next appended entry gets.
+    next_index: u32,
+    /// Whether this attempt appended anything (then a failing step is on its first try).
+    appended: bool,
+    /// Set when the attempt must end with this outcome whatever the handler returns.
+    abort: Option<Outcome>,
+}
+
+enum Replayed {
+    Recorded(JournalEntry),
+    New,
+}
+
+impl Context {
+    pub(crate) fn new(request: &mut InvocationRequest, http: reqwest::Client) -> Context {
+        let journal = std::mem::take(&mut request.journal);
+        let next_index = journal.last().map(|e| e.index + 1).unwrap_or(1);
+        Context {
+            inner: Arc::new(Inner {
+                invocation_id: request.invocation_id.clone(),
+                attempt: request.attempt,
+                entries_url: format!("{}/entries", request.context_url.trim_end_matches('/')),
+                position_failures: request.position_failures,
+                http,
+                state: Mutex::new(ReplayState {
+                    journal,
+                    cursor: 0,
+                    next_index,
+                    appended: false,
+                    abort: None,
+                }),
+            }),
+        }
+    }
+
+    /// The invocation id (`inv_…`), stable across attempts: a good idempotency key.
+    pub fn invocation_id(&self) -> &str {
+        &self.inner.invocation_id
+    }
+
+    /// The attempt number, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+
+    /// Runs a journaled step with the default retry policy. See [`Context::run_with`].
+    pub async fn run<T, F, Fut>(&self, name: &str, f: F) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>>,
+    {
+        self.run_with(name, RunOptions::default(), f).await
+    }
+
+    /// Runs a journaled step: the first time, `f` runs and its result is recorded before
+    /// this returns; on replay the recorded result comes back and `f` does not run.
+    ///
+    /// A retryable error from `f` ends the attempt, and Durin calls the handler again after
+    /// the step's backoff (durably: a crash does not shorten it). When the step's attempts
+    /// are used up, or `f` fails terminally, the failure is recorded and returned as a
+    /// terminal error, which the handler may handle or propagate.
+    pub async fn run_with<T, F, Fut>(
+        &self,
+        name: &str,
+        options: RunOptions,
+        f: F,
+    ) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>>,
+    {
+        match self.replay(EntryKind::Step, Some(name))? {
+            Replayed::Recorded(entry) => {
+                if let Some(failure) = entry.failure {
+                    return Err(HandlerError::from_failure(failure));
+                }
+                decode(name, entry.value.unwrap_or(Value::Null))
+            }
+            Replayed::New => match f().await {
+                Ok(value) => {
+                    let json = serde_json::to_value(&value).map_err(|e| {
+                        HandlerError::terminal(format!(
+                            "the result of step {name:?} cannot be serialized: {e}"
+                        ))
+                    })?;
+                    self.append(EntryKind::Step, Some(name), Some(json), None)
+                        .await?;
+                    Ok(value)
+                }
+                Err(error) if error.kind == Kind::Abort => Err(error),
+                Err(error) => self.step_failed(name, options, error).await,
+            },
+        }
+    }
+
+    async fn step_failed<T>(
+        &self,
+        name: &str,
+        options: RunOptions,
+        error: HandlerError,
+    ) -> Result<T, HandlerError> {
+        let policy = options.retry_policy.unwrap_or_default();
+        let step_attempt = {
+            let state = self.lock();
+            if state.appended {
+                1
+            } else {
+                self.inner.position_failures + 1
+            }
+        };
+        let delay = match &error.kind {
+            Kind::Retryable { retry_after } => policy
+                .next_delay(step_attempt, error.error_type())
+                .map(|d| retry_after.unwrap_or(d)),
+            _ => None,
+        };
+        if let Some(delay) = delay {
+            self.lock().abort.get_or_insert(Outcome::Retry {
+                error: error.message.clone(),
+                error_type: error.error_type.clone(),
+                retry_after_ms: Some(delay.as_millis() as u64),
+                step: Some(name.to_owned()),
+            });
+            return Err(HandlerError::abort(format!(
+                "step {name:?} failed on attempt {step_attempt} and will be retried: {error}"
+            )));
+        }
+        let failure = if error.is_terminal() {
+            error.to_failure()
+        } else {
+            let why = match (error.error_type(), policy.maximum_attempts) {
+                (Some(t), _) if policy.non_retryable_error_types.iter().any(|n| n == t) => {
+                    format!("error type {t} is not retryable")
+                }
+                (_, Some(max)) => format!("all {max} attempts failed"),
+                _ => "no attempt is left".to_owned(),
+            };
+            Failure {
+                status: 500,
+                error_type: error.error_type.clone(),
+                message: format!("step {name:?} failed: {why}; last error: {}", error.message),
+            }
+        };
+        self.append(EntryKind::Step, Some(name), None, Some(failure.clone()))
+            .await?;
+        Err(HandlerError::from_failure(failure))
+    }
+
+    /// The current time, recorded: a replay sees the same instant.
+    pub async fn now(&self) -> Result<SystemTime, HandlerError> {
+        let millis = self
+            .record(EntryKind::Now, || {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0)
+            })
+            .await?;
+        Ok(UNIX_EPOCH + Duration::from_millis(millis))
+    }
+
+    /// A random UUID (v4), recorded.
+    pub async fn uuid(&self) -> Result<uuid::Uuid, HandlerError> {
+        self.record(EntryKind::Uuid, uuid::Uuid::new_v4).await
+    }
+
+    /// A random 64-bit number, recorded.
+    pub async fn random(&self) -> Result<u64, HandlerError> {
+        self.record(EntryKind::Random, rand::random::<u64>).await
+    }
+
+    async fn record<T>(&self, kind: EntryKind, make: impl FnOnce() -> T) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        match self.replay(kind, None)? {
+            Replayed::Recorded(entry) => decode(kind.as_str(), entry.value.unwrap_or(Value::Null)),
+            Replayed::New => {
+                let value = make();
+                let json = serde_json::to_value(&value)
+                    .map_err(|e| HandlerError::terminal(e.to_string()))?;
+                self.append(kind, None, Some(json), None).await?;
+                Ok(value)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The recorded entry at the cursor, checked against what the handler asks for.
+    fn replay(&self, kind: EntryKind, name: Option<&str>) -> Result<Replayed, HandlerError> {
+        let mut state = self.lock();
+        if state.abort.is_some() {
+            return Err(HandlerError::abort("the attempt is ending"));
+        }
+        let Some(entry) = state.journal.get(state.cursor).cloned() else {
+            return Ok(Replayed::New);
+        };
+        if entry.kind != kind || entry.name.as_deref() != name {
+            let index = entry.index;
+            state.abort = Some(Outcome::NonDeterminism {
+                index,
+                recorded: EntryRef {
+                    kind: entry.kind,
+                    name: entry.name,
+                },
+                requested: EntryRef {
+                    kind,
+                    name: name.map(str::to_owned),
+                },
+            });
+            return Err(HandlerError::abort(format!(
+                "non-determinism at journal index {index}"
+            )));
+        }
+        state.cursor += 1;
+        Ok(Replayed::Recorded(entry))
+    }
+
+    /// Appends the next entry and waits until the gateway has it on disk.
+    async fn append(
+        &self,
+        kind: EntryKind,
+        name: Option<&str>,
+        value: Option<Value>,
+        failure: Option<Failure>,
+    ) -> Result<(), HandlerError> {
+        let index = self.lock().next_index;
+        let request = AppendRequest {
+            index,
+            kind,
+            name: name.map(str::to_owned),
+            value,
+            failure,
+        };
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let sent = self
+                .inner
+                .http
+                .post(&self.inner.entries_url)
+                .header(HEADER_ATTEMPT, self.inner.attempt)
+                .json(&request)
+                .send()
+                .await;
+            let problem = match sent {
+                Ok(response) if response.status().is_success() => {
+                    let mut state = self.lock();
+                    state.next_index = index + 1;
+                    state.appended = true;
+                    return Ok(());
+                }
+                Ok(response) if response.status().is_server_error() => {
+                    format!("the gateway answered {}", response.status())
+                }
+                Ok(response) => {
+                    // Fenced or refused: this attempt may not write any more.
+                    let status = response.status();
+                    let detail = response.text().await.unwrap_or_default();
+                    return Err(self.end_attempt(format!(
+                        "the gateway refused entry {index} ({status}): {detail}"
+                    )));
+                }
+                Err(e) => format!("the gateway is unreachable: {e}"),
+            };
+            if started.elapsed() >= APPEND_PATIENCE {
+                return Err(self.end_attempt(format!("could not append entry {index}: {problem}")));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn end_attempt(&self, error: String) -> HandlerError {
+        self.lock().abort.get_or_insert(Outcome::Retry {
+            error: error.clone(),
+            error_type: None,
+            retry_after_ms: None,
+            step: None,
+        });
+        HandlerError::abort(error)
+    }
+
+    /// How the attempt ends, given what the handler returned.
+    pub(crate) fn finish(&self, result: Result<Value, HandlerError>) -> Outcome {
+        let mut state = self.lock();
+        if let Some(outcome) = state.abort.take() {
+            return outcome;
+        }
+        match result {
+            Ok(output) => {
+                if let Some(entry) = state.journal.get(state.cursor) {
+                    // The code finished without asking for entries the journal holds.
+                    return Outcome::NonDeterminism {
+                        index: entry.index,
+                        recorded: EntryRef {
+                            kind: entry.kind,
+                            name: entry.name.clone(),
+                        },
+                        requested: EntryRef {
+                            kind: EntryKind::Output,
+                            name: None,
+                        },
+                    };
+                }
+                Outcome::Output { output }
+            }
+            Err(error) => match error.kind {
+                Kind::Terminal => Outcome::Failure {
+                    failure: error.to_failure(),
+                },
+                Kind::Retryable { retry_after } => Outcome::Retry {
+                    error: error.message,
+                    error_type: error.error_type,
+                    retry_after_ms: retry_after.map(|d| d.as_millis() as u64),
+                    step: None,
+                },
+                Kind::Abort => Outcome::Retry {
+                    error: error.message,
+                    error_type: None,
+                    retry_after_ms: None,
+                    step: None,
+                },
+            },
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(what: &str, value: Value) -> Result<T, HandlerError> {
+    serde_json::from_value(value).map_err(|e| {
+        HandlerError::terminal(format!(
+            "the recorded value of {what:?} does not fit the type the handler asks for: {e}"
+        ))
+        .with_type("NonDeterminism")
+    })
+}

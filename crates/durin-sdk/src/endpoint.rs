@@ -1,0 +1,201 @@
+//! Serves handlers over HTTP: the discovery document and one route per handler.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use durin_protocol::{
+    Discovery, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
+    PROTOCOL_VERSION,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::context::Context;
+use crate::error::HandlerError;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type BoxedHandler =
+    Arc<dyn Fn(Context, Value) -> BoxFuture<Result<Value, HandlerError>> + Send + Sync>;
+
+/// Declared options of a handler, published in the discovery document.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerOptions {
+    /// Retry policy of the handler's attempts (the gateway's default when `None`).
+    pub retry_policy: Option<RetryPolicy>,
+    /// Bound on one attempt (the gateway's default when `None`).
+    pub start_to_close: Option<Duration>,
+}
+
+/// A named group of handlers.
+pub struct Service {
+    name: String,
+    handlers: Vec<(HandlerSpec, BoxedHandler)>,
+}
+
+impl Service {
+    pub fn new(name: impl Into<String>) -> Service {
+        Service {
+            name: name.into(),
+            handlers: Vec::new(),
+        }
+    }
+
+    /// Adds a handler with the gateway's default options.
+    pub fn handler<I, O, F, Fut>(self, name: &str, f: F) -> Service
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+    {
+        self.handler_with(name, HandlerOptions::default(), f)
+    }
+
+    /// Adds a handler with its own retry policy or timeout.
+    pub fn handler_with<I, O, F, Fut>(
+        mut self,
+        name: &str,
+        options: HandlerOptions,
+        f: F,
+    ) -> Service
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let boxed: BoxedHandler = Arc::new(move |ctx: Context, input: Value| {
+            let f = Arc::clone(&f);
+            Box::pin(async move {
+                let input: I = serde_json::from_value(input).map_err(|e| {
+                    HandlerError::terminal_with_status(400, format!("the input is not valid: {e}"))
+                        .with_type("InvalidInput")
+                })?;
+                let output = f(ctx, input).await?;
+                serde_json::to_value(output).map_err(|e| {
+                    HandlerError::terminal(format!("the output cannot be serialized: {e}"))
+                })
+            })
+        });
+        let spec = HandlerSpec {
+            name: name.to_owned(),
+            path: Some(format!("/{}/{}", self.name, name)),
+            retry_policy: options.retry_policy,
+            start_to_close: options.start_to_close,
+        };
+        self.handlers.push((spec, boxed));
+        self
+    }
+}
+
+/// The HTTP server of a set of services.
+#[derive(Default)]
+pub struct Endpoint {
+    services: Vec<Service>,
+}
+
+#[derive(Clone)]
+struct EndpointState {
+    http: reqwest::Client,
+}
+
+impl Endpoint {
+    pub fn new() -> Endpoint {
+        Endpoint::default()
+    }
+
+    pub fn service(mut self, service: Service) -> Endpoint {
+        self.services.push(service);
+        self
+    }
+
+    /// The discovery document this endpoint serves.
+    pub fn discovery(&self) -> Discovery {
+        Discovery {
+            protocol: PROTOCOL_VERSION,
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceSpec {
+                    name: s.name.clone(),
+                    kind: ServiceKind::Service,
+                    handlers: s.handlers.iter().map(|(spec, _)| spec.clone()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// An axum router with `GET /discover` and one `POST` route per handler.
+    pub fn router(self) -> Router {
+        let discovery = Arc::new(self.discovery());
+        let state = EndpointState {
+            http: reqwest::Client::new(),
+        };
+        let mut router = Router::new().route(
+            "/discover",
+            get(move || {
+                let discovery = Arc::clone(&discovery);
+                async move { Json((*discovery).clone()) }
+            }),
+        );
+        for service in self.services {
+            for (spec, handler) in service.handlers {
+                let path = spec.path.clone().unwrap_or_default();
+                router = router.route(
+                    &path,
+                    post(move |state: State<EndpointState>, body: Bytes| {
+                        invoke(state, Arc::clone(&handler), body)
+                    }),
+                );
+            }
+        }
+        router.with_state(state)
+    }
+
+    /// Serves until the process ends.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+}
+
+async fn invoke(
+    State(state): State<EndpointState>,
+    handler: BoxedHandler,
+    body: Bytes,
+) -> Response {
+    let mut request: InvocationRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a Durin invocation request: {e}"),
+            )
+                .into_response()
+        }
+    };
+    if request.protocol != PROTOCOL_VERSION {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "protocol version {} is not supported; this SDK speaks {PROTOCOL_VERSION}",
+                request.protocol
+            ),
+        )
+            .into_response();
+    }
+    let input = std::mem::take(&mut request.input);
+    let ctx = Context::new(&mut request, state.http);
+    let result = handler(ctx.clone(), input).await;
+    let outcome: Outcome = ctx.finish(result);
+    Json(outcome).into_response()
+}

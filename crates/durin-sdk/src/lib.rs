@@ -1,0 +1,40 @@
+//! The Rust SDK for durable Durin handlers.
+//!
+//! Write a handler as an async function of a [`Context`] and a typed input; serve it with an
+//! [`Endpoint`]. Every `ctx.run(name, f)` is a journaled step: on the first execution its
+//! result (or terminal error) is appended to the journal through the gateway, durably,
+//! before `run` returns; when Durin calls the handler again after a crash, recorded steps
+//! return their recorded results without running `f`. `ctx.now()`, `ctx.uuid()` and
+//! `ctx.random()` are recorded the same way, so a replay sees the same values.
+//!
+//! ```no_run
+//! use durin_sdk::{Context, Endpoint, HandlerError, Service};
+//!
+//! async fn greet(ctx: Context, name: String) -> Result<String, HandlerError> {
+//!     let id = ctx.uuid().await?;
+//!     let greeting = ctx
+//!         .run("compose", || async move { Ok(format!("hello {name} ({id})")) })
+//!         .await?;
+//!     Ok(greeting)
+//! }
+//!
+//! # async fn serve() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:9080").await?;
+//! Endpoint::new()
+//!     .service(Service::new("greeter").handler("greet", greet))
+//!     .serve(listener)
+//!     .await
+//! # }
+//! ```
+//!
+//! Steps of one invocation run one after the other: a handler must not run two `ctx` calls
+//! concurrently, because the order of the journal must not depend on timing.
+
+mod context;
+mod endpoint;
+mod error;
+
+pub use context::{Context, RunOptions};
+pub use durin_protocol::RetryPolicy;
+pub use endpoint::{Endpoint, HandlerOptions, Service};
+pub use error::HandlerError;

@@ -1,0 +1,188 @@
+//! Admin: deployments, invocation status and journals, resume, health.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::ingress::prefer_wait;
+use super::views::{DeploymentView, EntryView, InvocationView, JournalView};
+use super::{parse_invocation_id, parse_json, wait_for_end, ApiBody, ApiPath, ApiQuery, AppState};
+use crate::problem::ApiError;
+use crate::registry;
+use crate::store::{InvocationRecord, Status};
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    url: String,
+}
+
+/// `POST /v1/deployments {"url"}`: discovers and records a deployment. 201 when new, 200
+/// when the same deployment was already registered.
+pub async fn register_deployment(
+    State(state): State<AppState>,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let request: RegisterRequest = parse_json("the deployment", &body)?;
+    let (deployment, created) =
+        registry::register(&*state.store, &*state.clock, &state.http, &request.url).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(DeploymentView::from(deployment))).into_response())
+}
+
+pub async fn list_deployments(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let deployments: Vec<DeploymentView> = state
+        .store
+        .list_deployments()
+        .await?
+        .into_iter()
+        .map(DeploymentView::from)
+        .collect();
+    Ok(Json(json!({ "deployments": deployments })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/invocations?status=&limit=`: newest first.
+pub async fn list_invocations(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let status = query
+        .status
+        .map(|s| {
+            Status::parse(&s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown status {s:?}; use pending, running, suspended, backing-off, paused, completed, failed or cancelled"
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let invocations: Vec<InvocationView> = state
+        .store
+        .list_invocations(status, limit)
+        .await?
+        .iter()
+        .map(|r| InvocationView::new(r, None))
+        .collect();
+    Ok(Json(json!({ "invocations": invocations })))
+}
+
+/// `GET /v1/invocations/{id}`; with `Prefer: wait=N` it long-polls and answers 202 when
+/// the invocation is still not finished after N seconds.
+pub async fn get_invocation(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let wait = prefer_wait(&headers)?;
+    let record = match wait {
+        Some(wait) => wait_for_end(&state, &id, Some(wait)).await?,
+        None => find(&state, &id).await?,
+    };
+    let output = if record.status.is_final() {
+        state
+            .store
+            .read_entry(&id, record.journal_len.saturating_sub(1))
+            .await?
+    } else {
+        None
+    };
+    let status = if wait.is_some() && !record.status.is_final() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(InvocationView::new(&record, output.as_ref()))).into_response())
+}
+
+pub async fn get_journal(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<JournalView>, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let record = find(&state, &id).await?;
+    let entries = state.store.read_journal(&id).await?;
+    Ok(Json(JournalView {
+        invocation_id: id.to_string(),
+        status: record.status.as_str(),
+        entries: entries.into_iter().map(EntryView::from).collect(),
+    }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    deployment_id: Option<String>,
+}
+
+/// `POST /v1/invocations/{id}/resume`: a paused invocation runs again, optionally on another
+/// deployment (for example one with a fixed handler).
+pub async fn resume(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiBody(body): ApiBody,
+) -> Result<Json<InvocationView>, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let request: ResumeRequest = if body.is_empty() {
+        ResumeRequest::default()
+    } else {
+        parse_json("the resume request", &body)?
+    };
+    let record = find(&state, &id).await?;
+    if let Some(deployment_id) = &request.deployment_id {
+        state
+            .store
+            .deployment_handler(deployment_id, &record.service, &record.handler)
+            .await?
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "deployment {deployment_id} does not serve {}/{}",
+                    record.service, record.handler
+                ))
+            })?;
+    }
+    let resumed = state
+        .store
+        .resume(&id, request.deployment_id, state.clock.now_ms())
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "invocation {id} is {}, only a paused invocation can be resumed",
+                record.status
+            ))
+        })?;
+    state.invoker.drive(id, None);
+    Ok(Json(InvocationView::new(&resumed, None)))
+}
+
+async fn find(
+    state: &AppState,
+    id: &crate::ids::InvocationId,
+) -> Result<InvocationRecord, ApiError> {
+    state
+        .store
+        .get_invocation(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))
+}

@@ -1,0 +1,73 @@
+//! The context API: how a running attempt appends journal entries.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use durin_protocol::{AppendRequest, AppendResponse, EntryKind, HEADER_ATTEMPT};
+
+use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, AppState};
+use crate::problem::ApiError;
+use crate::store::NewEntry;
+
+const MAX_NAME_BYTES: usize = 256;
+
+/// `POST /v1/contexts/{id}/entries`: durable before it answers; refused for a stale attempt.
+pub async fn append(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Json<AppendResponse>, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let attempt = headers
+        .get(HEADER_ATTEMPT)
+        .ok_or_else(|| ApiError::BadRequest("the Durin-Attempt header is missing".into()))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|a| *a > 0)
+        .ok_or_else(|| {
+            ApiError::BadRequest("the Durin-Attempt header must be a positive integer".into())
+        })?;
+    let request: AppendRequest = parse_json("the entry", &body)?;
+    if !request.kind.appendable() {
+        return Err(ApiError::BadRequest(format!(
+            "entries of kind {} are written by the gateway, not appended by handlers",
+            request.kind.as_str()
+        )));
+    }
+    match (&request.name, request.kind) {
+        (None, EntryKind::Step) => {
+            return Err(ApiError::BadRequest("a step entry needs a name".into()))
+        }
+        (Some(name), _) if name.is_empty() || name.len() > MAX_NAME_BYTES => {
+            return Err(ApiError::BadRequest(format!(
+                "entry names must be 1 to {MAX_NAME_BYTES} bytes"
+            )))
+        }
+        _ => {}
+    }
+    if request.value.is_some() == request.failure.is_some() && request.kind == EntryKind::Step {
+        return Err(ApiError::BadRequest(
+            "a step entry carries exactly one of value and failure".into(),
+        ));
+    }
+    let entry = NewEntry {
+        index: request.index,
+        kind: request.kind,
+        name: request.name,
+        value: request
+            .value
+            .map(|v| serde_json::to_vec(&v).unwrap_or_default()),
+        content_type: Some("application/json".into()),
+        failure: request.failure,
+    };
+    let stored = state
+        .store
+        .append_entry(&id, attempt, entry, state.clock.now_ms())
+        .await?;
+    Ok(Json(AppendResponse {
+        index: stored.index,
+        at_ms: stored.at_ms,
+    }))
+}

@@ -1,0 +1,241 @@
+//! Ingress: `POST /v1/call/...` (run and wait) and `POST /v1/send/...` (run in background).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::{wait_for_end, ApiBody, ApiPath, AppState};
+use crate::ids::{parse_name, IdempotencyKey, InvocationId};
+use crate::problem::ApiError;
+use crate::store::{Created, IdempotencyClaim, InvocationRecord, NewInvocation, Status};
+
+pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on an answer that replays an earlier request with the same `Idempotency-Key`.
+pub const HEADER_IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+/// The longest `Prefer: wait=N` honoured, in seconds.
+const MAX_WAIT_SECONDS: u64 = 300;
+
+/// `POST /v1/call/{service}/{handler}`: starts (or re-attaches to) an invocation and answers
+/// with its output once it ends.
+pub async fn call(
+    State(state): State<AppState>,
+    ApiPath((service, handler)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let (record, replayed) = start(&state, &service, &handler, &headers, &body).await?;
+    let record = wait_for_end(&state, &record.id, None).await?;
+    finished_response(&state, record, replayed).await
+}
+
+/// `POST /v1/send/{service}/{handler}`: starts (or re-attaches to) an invocation and answers
+/// 202 with its id; with `Prefer: wait=N` it first waits up to N seconds for the output.
+pub async fn send(
+    State(state): State<AppState>,
+    ApiPath((service, handler)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let (record, replayed) = start(&state, &service, &handler, &headers, &body).await?;
+    let record = match prefer_wait(&headers)? {
+        Some(wait) => wait_for_end(&state, &record.id, Some(wait)).await?,
+        None => record,
+    };
+    if record.status.is_final() {
+        return finished_response(&state, record, replayed).await;
+    }
+    Ok(accepted(&record, replayed))
+}
+
+/// `Prefer: wait=N` (RFC 7240), capped at [`MAX_WAIT_SECONDS`].
+pub fn prefer_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    for value in headers.get_all("prefer") {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("the Prefer header is not ASCII".into()))?;
+        for preference in value.split([',', ';']) {
+            let preference = preference.trim();
+            if let Some(seconds) = preference.strip_prefix("wait=") {
+                let seconds: u64 = seconds.trim().parse().map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "Prefer: wait={seconds} is not a whole number of seconds"
+                    ))
+                })?;
+                return Ok(Some(Duration::from_secs(seconds.min(MAX_WAIT_SECONDS))));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// 202 with the invocation id and where to look for it.
+pub fn accepted(record: &InvocationRecord, replayed: bool) -> Response {
+    let location = format!("/v1/invocations/{}", record.id);
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "invocation_id": record.id.as_str(),
+            "status": record.status.as_str(),
+            "location": location,
+        })),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    decorate(&mut response, &record.id, replayed);
+    response
+}
+
+fn decorate(response: &mut Response, id: &InvocationId, replayed: bool) {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        headers.insert(durin_protocol::HEADER_INVOCATION_ID, value);
+    }
+    if replayed {
+        headers.insert(HEADER_IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+}
+
+/// The answer for an invocation that ended (or paused): its output or its failure.
+async fn finished_response(
+    state: &AppState,
+    record: InvocationRecord,
+    replayed: bool,
+) -> Result<Response, ApiError> {
+    match record.status {
+        Status::Completed => {
+            let output = state
+                .store
+                .read_entry(&record.id, record.journal_len.saturating_sub(1))
+                .await?
+                .ok_or_else(|| {
+                    ApiError::Storage(format!("invocation {} has no output entry", record.id))
+                })?;
+            let content_type = output
+                .content_type
+                .unwrap_or_else(|| "application/json".into());
+            let mut response = (
+                [(header::CONTENT_TYPE, content_type)],
+                output.value.unwrap_or_default(),
+            )
+                .into_response();
+            decorate(&mut response, &record.id, replayed);
+            Ok(response)
+        }
+        Status::Paused => Err(ApiError::InvocationPaused {
+            invocation_id: record.id.to_string(),
+            reason: record.last_error.unwrap_or_default(),
+        }),
+        _ => {
+            let failure = record.failure.unwrap_or(durin_protocol::Failure {
+                status: 500,
+                error_type: None,
+                message: format!("invocation ended as {}", record.status),
+            });
+            Err(ApiError::InvocationFailed {
+                status: failure.status,
+                error_type: failure.error_type,
+                message: failure.message,
+                invocation_id: record.id.to_string(),
+            })
+        }
+    }
+}
+
+/// Checks the request and creates the invocation, or finds the one its idempotency key
+/// names. The flag is true for the latter.
+async fn start(
+    state: &AppState,
+    service: &str,
+    handler: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(InvocationRecord, bool), ApiError> {
+    let service = parse_name("service", service).map_err(ApiError::BadRequest)?;
+    let handler = parse_name("handler", handler).map_err(ApiError::BadRequest)?;
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let content_type = content_type.to_str().unwrap_or_default();
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if !(essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "the request body must be JSON (Content-Type: application/json), not {content_type:?}"
+            )));
+        }
+    }
+    if !body.is_empty() {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
+            ApiError::BadRequest(format!("the request body is not valid JSON: {e}"))
+        })?;
+    }
+    let key = headers
+        .get(HEADER_IDEMPOTENCY_KEY)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| "Idempotency-Key must be visible ASCII".to_owned())
+                .and_then(IdempotencyKey::parse)
+                .map_err(ApiError::BadRequest)
+        })
+        .transpose()?;
+    let target = state
+        .store
+        .latest_handler(&service, &handler)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no deployment serves handler {service}/{handler}; register one with POST /v1/deployments"
+            ))
+        })?;
+    let now_ms = state.clock.now_ms();
+    let idempotency = key.map(|key| IdempotencyClaim {
+        scope: format!("{service}/{handler}"),
+        key: key.as_str().to_owned(),
+        request_digest: request_digest(&service, &handler, body),
+        expires_at_ms: now_ms.saturating_add(state.idempotency_retention.as_millis() as i64),
+    });
+    let created = state
+        .store
+        .create_invocation(NewInvocation {
+            id: InvocationId::generate(),
+            target,
+            input: body.to_vec(),
+            content_type: Some("application/json".into()),
+            idempotency,
+            now_ms,
+        })
+        .await?;
+    match created {
+        Created::New(record) => {
+            state.invoker.drive(record.id.clone(), None);
+            Ok((record, false))
+        }
+        Created::Existing(record) => Ok((record, true)),
+        Created::KeyReused { invocation_id } => Err(ApiError::IdempotencyKeyReused {
+            key: headers
+                .get(HEADER_IDEMPOTENCY_KEY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            invocation_id,
+        }),
+    }
+}
+
+fn request_digest(service: &str, handler: &str, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(service.as_bytes());
+    hasher.update([0]);
+    hasher.update(handler.as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

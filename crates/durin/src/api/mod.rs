@@ -1,0 +1,201 @@
+//! The HTTP surface: ingress (callers), admin (operators) and context (handlers).
+//!
+//! Handlers here parse and check the request, call the store or the invoker, and shape the
+//! answer; they hold no state of their own. Every error leaves through [`ApiError`].
+
+mod admin;
+mod context;
+mod ingress;
+mod views;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::clock::Clock;
+use crate::ids::InvocationId;
+use crate::invoker::Invoker;
+use crate::problem::ApiError;
+use crate::store::{InvocationRecord, Status, Store};
+
+/// Every route, as `(method, path)` in the OpenAPI document's spelling; a test checks that
+/// this list, the router and `openapi/durin.yaml` agree.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/v1/deployments"),
+    ("POST", "/v1/deployments"),
+    ("POST", "/v1/call/{service}/{handler}"),
+    ("POST", "/v1/send/{service}/{handler}"),
+    ("GET", "/v1/invocations"),
+    ("GET", "/v1/invocations/{id}"),
+    ("GET", "/v1/invocations/{id}/journal"),
+    ("POST", "/v1/invocations/{id}/resume"),
+    ("POST", "/v1/contexts/{id}/entries"),
+];
+
+/// What every request handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub invoker: Arc<Invoker>,
+    pub clock: Arc<dyn Clock>,
+    pub http: reqwest::Client,
+    pub idempotency_retention: Duration,
+    pub max_body_bytes: usize,
+    /// Cancelled when the server stops; long waits end with a 503 then.
+    pub stopping: tokio_util::sync::CancellationToken,
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.max_body_bytes;
+    Router::new()
+        .route("/health", get(admin::health))
+        .route(
+            "/v1/deployments",
+            get(admin::list_deployments).post(admin::register_deployment),
+        )
+        .route("/v1/call/{service}/{handler}", post(ingress::call))
+        .route("/v1/send/{service}/{handler}", post(ingress::send))
+        .route("/v1/invocations", get(admin::list_invocations))
+        .route("/v1/invocations/{id}", get(admin::get_invocation))
+        .route("/v1/invocations/{id}/journal", get(admin::get_journal))
+        .route("/v1/invocations/{id}/resume", post(admin::resume))
+        .route("/v1/contexts/{id}/entries", post(context::append))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::Extension(BodyLimit(max_body)))
+        .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+/// `Path` whose rejection is a problem response.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(t)| ApiPath(t))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// `Query` whose rejection is a problem response.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(t)| ApiQuery(t))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// The raw body, within the size limit.
+pub struct ApiBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let limit = request
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or_default();
+        Bytes::from_request(request, state)
+            .await
+            .map(ApiBody)
+            .map_err(|e| {
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::BadRequest(e.body_text())
+                }
+            })
+    }
+}
+
+/// The configured body limit, for the error message.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Parses a JSON body into `T`, with an error that says where it went wrong.
+pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("{what} is not valid: {e}")))
+}
+
+pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {
+    InvocationId::parse(id).map_err(ApiError::BadRequest)
+}
+
+/// Waits until the invocation is final or paused, or `timeout` passes; returns its latest
+/// record either way.
+pub async fn wait_for_end(
+    state: &AppState,
+    id: &InvocationId,
+    timeout: Option<Duration>,
+) -> Result<InvocationRecord, ApiError> {
+    // A wake-up can come from another process (a later store), so poll now and then too.
+    const POLL: Duration = Duration::from_secs(1);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    loop {
+        let notify = state.invoker.completions().listener(id);
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let record = state
+            .store
+            .get_invocation(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))?;
+        if record.status.is_final() || record.status == Status::Paused {
+            return Ok(record);
+        }
+        let wake = match deadline {
+            Some(deadline) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Ok(record);
+                }
+                (deadline - now).min(POLL)
+            }
+            None => POLL,
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(wake, notified) => {}
+            _ = state.stopping.cancelled() => {
+                return Err(ApiError::ShuttingDown(format!(
+                    "Durin is restarting; invocation {id} goes on, re-attach with GET /v1/invocations/{id} or the same Idempotency-Key"
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! JSON shapes of the API's answers.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use durin_protocol::{Failure, ServiceSpec};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::invoker::json_value;
+use crate::store::{DeploymentRecord, InvocationRecord, StoredEntry};
+
+/// RFC 3339 with milliseconds, in UTC.
+pub fn timestamp(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+#[derive(Serialize)]
+pub struct InvocationView {
+    pub id: String,
+    pub service: String,
+    pub handler: String,
+    pub deployment_id: String,
+    pub status: &'static str,
+    pub attempt: u32,
+    pub journal_length: u32,
+    pub created_at: String,
+    pub modified_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+impl InvocationView {
+    pub fn new(record: &InvocationRecord, output: Option<&StoredEntry>) -> InvocationView {
+        InvocationView {
+            id: record.id.to_string(),
+            service: record.service.clone(),
+            handler: record.handler.clone(),
+            deployment_id: record.deployment_id.clone(),
+            status: record.status.as_str(),
+            attempt: record.attempt,
+            journal_length: record.journal_len,
+            created_at: timestamp(record.created_at_ms),
+            modified_at: timestamp(record.modified_at_ms),
+            completed_at: record.completed_at_ms.map(timestamp),
+            next_attempt_at: if record.status.is_final() {
+                None
+            } else {
+                record.next_run_at_ms.map(timestamp)
+            },
+            last_error: record.last_error.clone(),
+            idempotency_key: record.idempotency_key.clone(),
+            output: output
+                .filter(|entry| entry.failure.is_none())
+                .map(|entry| json_value(entry.value.as_deref())),
+            failure: record.failure.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct EntryView {
+    pub index: u32,
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    pub attempt: u32,
+    pub at: String,
+}
+
+impl From<StoredEntry> for EntryView {
+    fn from(entry: StoredEntry) -> EntryView {
+        EntryView {
+            index: entry.index,
+            kind: entry.kind.as_str(),
+            value: entry.value.as_deref().map(|v| json_value(Some(v))),
+            name: entry.name,
+            failure: entry.failure,
+            attempt: entry.attempt,
+            at: timestamp(entry.at_ms),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct JournalView {
+    pub invocation_id: String,
+    pub status: &'static str,
+    pub entries: Vec<EntryView>,
+}
+
+#[derive(Serialize)]
+pub struct DeploymentView {
+    pub id: String,
+    pub url: String,
+    pub protocol: &'static str,
+    pub created_at: String,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl From<DeploymentRecord> for DeploymentView {
+    fn from(d: DeploymentRecord) -> DeploymentView {
+        DeploymentView {
+            id: d.id,
+            url: d.url,
+            protocol: d.protocol.as_str(),
+            created_at: timestamp(d.created_at_ms),
+            services: d.services,
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The `durin` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "durin",
+    version,
+    about = "Durable-execution gateway for plain HTTP services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Apply the database migrations and exit.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Args)]
+struct DatabaseArgs {
+    /// Database URL, e.g. `sqlite:durin.db` [default: sqlite:durin.db]
+    #[arg(long, env = "DURIN_DATABASE_URL")]
+    database: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, env = "DURIN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "DURIN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// URL at which handlers reach this gateway [default: http://{listen}]
+    #[arg(long, env = "DURIN_ADVERTISED_URL")]
+    advertised_url: Option<String>,
+    #[command(flatten)]
+    database: DatabaseArgs,
+}
+
+impl DatabaseArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(url) = &self.database {
+            config.database_url = url.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Entry point of the `durin` binary.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DURIN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("durin: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_command(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("durin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate(args) => {
+            let config = args.config()?;
+            crate::store::SqliteStore::migrate(&config.database_url).await?;
+            println!("migrations applied to {}", config.database_url);
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let mut config = args.database.config()?;
+            if let Some(listen) = args.listen {
+                config.listen = listen;
+            }
+            if let Some(url) = args.advertised_url {
+                config.advertised_url = Some(url);
+            }
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            crate::run(config, listener, shutdown).await
+        }
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

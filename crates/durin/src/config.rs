@@ -1,0 +1,148 @@
+//! Configuration: defaults, then the TOML file, then environment variables and flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use durin_protocol::RetryPolicy;
+use serde::Deserialize;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `sqlite:PATH` (the default is `sqlite:durin.db`).
+    pub database_url: String,
+    /// How handlers reach this gateway; `http://{listen address}` when unset.
+    pub advertised_url: Option<String>,
+    /// How long an `Idempotency-Key` keeps naming its invocation.
+    pub idempotency_retention: Duration,
+    /// The largest request body the gateway accepts.
+    pub max_body_bytes: usize,
+    /// Retry policy of handlers that declare none.
+    pub retry_policy: RetryPolicy,
+    /// Bound on one attempt of handlers that declare none.
+    pub start_to_close: Duration,
+    /// How long a graceful shutdown waits for attempts in flight.
+    pub drain_timeout: Duration,
+    /// Deployments registered at start.
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: "sqlite:durin.db".into(),
+            advertised_url: None,
+            idempotency_retention: Duration::from_secs(24 * 60 * 60),
+            max_body_bytes: 1024 * 1024,
+            retry_policy: RetryPolicy::default(),
+            start_to_close: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            deployments: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    pub url: String,
+}
+
+/// The TOML file; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    database: Option<String>,
+    advertised_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    idempotency_retention: Option<Duration>,
+    max_body_bytes: Option<usize>,
+    retry_policy: Option<RetryPolicy>,
+    #[serde(default, with = "humantime_serde")]
+    start_to_close: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    #[serde(default)]
+    deployments: Vec<DeploymentConfig>,
+}
+
+impl Config {
+    /// Defaults overlaid with the file at `path`, if any.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let mut config = Config::default();
+        let Some(path) = path else {
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        let file: ConfigFile = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {} is invalid: {e}", path.display()))?;
+        if let Some(v) = file.listen {
+            config.listen = v;
+        }
+        if let Some(v) = file.database {
+            config.database_url = v;
+        }
+        if let Some(v) = file.advertised_url {
+            config.advertised_url = Some(v);
+        }
+        if let Some(v) = file.idempotency_retention {
+            config.idempotency_retention = v;
+        }
+        if let Some(v) = file.max_body_bytes {
+            config.max_body_bytes = v;
+        }
+        if let Some(v) = file.retry_policy {
+            v.validate().map_err(|e| {
+                anyhow::anyhow!("config file {}: retry_policy: {e}", path.display())
+            })?;
+            config.retry_policy = v;
+        }
+        if let Some(v) = file.start_to_close {
+            config.start_to_close = v;
+        }
+        if let Some(v) = file.drain_timeout {
+            config.drain_timeout = v;
+        }
+        config.deployments = file.deployments;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("durin.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:9999"
+idempotency_retention = "1h"
+start_to_close = "5s"
+[retry_policy]
+initial_interval = "200ms"
+maximum_attempts = 3
+[[deployments]]
+url = "http://127.0.0.1:9080"
+"#,
+        )
+        .unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.idempotency_retention, Duration::from_secs(3600));
+        assert_eq!(config.retry_policy.maximum_attempts, Some(3));
+        assert_eq!(config.retry_policy.backoff_coefficient, 2.0);
+        assert_eq!(config.deployments[0].url, "http://127.0.0.1:9080");
+
+        std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(error.contains("listn"), "{error}");
+    }
+}

@@ -1,0 +1,546 @@
+//! Runs attempts: calls handlers, turns their answers into attempt ends, schedules the next.
+//!
+//! One driver task per unfinished invocation (at most one per process, see `active`). A
+//! driver waits until the invocation is due, starts an attempt in the store (which fences
+//! every earlier attempt), calls the handler with its journal, decides how the attempt ended
+//! (retry policy, timeouts, suspension, non-determinism) and records that end in the store.
+//! The invoker never writes storage except through the store's fenced methods.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use durin_protocol::{
+    EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, RetryPolicy, HEADER_ATTEMPT,
+    HEADER_INVOCATION_ID, HEADER_PROTOCOL, PROTOCOL_VERSION,
+};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::ids::InvocationId;
+use crate::store::{
+    AttemptEnd, HandlerTarget, InvocationRecord, Status, Store, StoreError, StoredEntry,
+};
+
+/// The longest answer a handler may give, so that a runaway handler cannot exhaust memory.
+const MAX_HANDLER_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// How long a driver waits before trying again after the store failed.
+const STORE_RETRY_MS: i64 = 1_000;
+
+pub struct InvokerConfig {
+    /// Base URL of this gateway as handlers reach it (for the context API).
+    pub advertised_url: String,
+    pub default_retry_policy: RetryPolicy,
+    pub default_start_to_close: Duration,
+}
+
+pub struct Invoker {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    http: reqwest::Client,
+    config: InvokerConfig,
+    /// Invocations that have a driver in this process; guards against two drivers racing
+    /// (they would fence each other, wasting attempts).
+    active: Mutex<HashSet<InvocationId>>,
+    completions: Completions,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// What a driver does after an attempt.
+enum Next {
+    RunAt(i64),
+    Stop,
+}
+
+impl Invoker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: InvokerConfig,
+        shutdown: CancellationToken,
+    ) -> Invoker {
+        Invoker {
+            store,
+            clock,
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            config,
+            active: Mutex::new(HashSet::new()),
+            completions: Completions::default(),
+            tracker: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    pub fn completions(&self) -> &Completions {
+        &self.completions
+    }
+
+    /// Makes sure a driver runs the invocation, first at `run_at_ms` (now when `None`).
+    pub fn drive(self: &Arc<Self>, id: InvocationId, run_at_ms: Option<i64>) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        {
+            let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            if !active.insert(id.clone()) {
+                return;
+            }
+        }
+        let invoker = Arc::clone(self);
+        self.tracker
+            .spawn(async move { invoker.run_driver(id, run_at_ms).await });
+    }
+
+    /// Drivers of every invocation that had not finished when the gateway last stopped.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let resumable = self.store.list_resumable().await?;
+        let count = resumable.len();
+        for record in resumable {
+            let run_at = match record.status {
+                Status::BackingOff | Status::Suspended | Status::Pending => record.next_run_at_ms,
+                _ => None,
+            };
+            self.drive(record.id, run_at);
+        }
+        Ok(count)
+    }
+
+    /// Waits for drivers in the middle of an attempt to finish it, at most `timeout`.
+    /// Sleeping drivers stop at once; what is left is recovered at the next start.
+    pub async fn drain(&self, timeout: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "drain timed out; unfinished attempts resume at the next start"
+            );
+        }
+    }
+
+    async fn run_driver(self: Arc<Self>, id: InvocationId, mut run_at_ms: Option<i64>) {
+        loop {
+            if let Some(at) = run_at_ms {
+                let wait = at.saturating_sub(self.clock.now_ms());
+                if wait > 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                        _ = self.shutdown.cancelled() => break,
+                    }
+                }
+            }
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            match self.run_attempt(&id).await {
+                Next::RunAt(at) => run_at_ms = Some(at),
+                Next::Stop => break,
+            }
+        }
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    async fn run_attempt(&self, id: &InvocationId) -> Next {
+        let record = match self.store.start_attempt(id, self.clock.now_ms()).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Next::Stop,
+            Err(error) => {
+                tracing::error!(%id, %error, "could not start an attempt");
+                return Next::RunAt(self.clock.now_ms() + STORE_RETRY_MS);
+            }
+        };
+        let end = match self.prepare_and_call(&record).await {
+            Ok(end) => end,
+            Err(error) => {
+                tracing::error!(%id, %error, "store failed during an attempt");
+                return Next::RunAt(self.clock.now_ms() + STORE_RETRY_MS);
+            }
+        };
+        if let AttemptEnd::BackOff { error, .. } = &end {
+            tracing::info!(%id, attempt = record.attempt, %error, "attempt failed; backing off");
+        }
+        match self
+            .store
+            .end_attempt(id, record.attempt, end, self.clock.now_ms())
+            .await
+        {
+            Ok(ended) => {
+                if ended.status.is_final() || ended.status == Status::Paused {
+                    self.completions.notify(id);
+                    Next::Stop
+                } else {
+                    Next::RunAt(ended.next_run_at_ms.unwrap_or_else(|| self.clock.now_ms()))
+                }
+            }
+            // A newer attempt owns the invocation; its driver carries on.
+            Err(StoreError::Fenced { .. }) => Next::Stop,
+            Err(error) => {
+                tracing::error!(%id, %error, "could not record the end of an attempt");
+                Next::RunAt(self.clock.now_ms() + STORE_RETRY_MS)
+            }
+        }
+    }
+
+    async fn prepare_and_call(&self, record: &InvocationRecord) -> Result<AttemptEnd, StoreError> {
+        let Some(target) = self
+            .store
+            .deployment_handler(&record.deployment_id, &record.service, &record.handler)
+            .await?
+        else {
+            return Ok(AttemptEnd::Paused {
+                reason: format!(
+                    "deployment {} no longer serves {}/{}",
+                    record.deployment_id, record.service, record.handler
+                ),
+            });
+        };
+        let journal = self.store.read_journal(&record.id).await?;
+        let policy = target
+            .spec
+            .retry_policy
+            .clone()
+            .unwrap_or_else(|| self.config.default_retry_policy.clone());
+        let answer = self.call_handler(record, &target, journal).await;
+        Ok(self.decide(record, &policy, answer))
+    }
+
+    async fn call_handler(
+        &self,
+        record: &InvocationRecord,
+        target: &HandlerTarget,
+        journal: Vec<StoredEntry>,
+    ) -> HandlerAnswer {
+        let mut entries = journal.into_iter();
+        let input = match entries.next() {
+            Some(entry) if entry.kind == EntryKind::Input => json_value(entry.value.as_deref()),
+            _ => {
+                return HandlerAnswer::Terminal(Failure {
+                    status: 500,
+                    error_type: None,
+                    message: "the journal has no input entry".into(),
+                })
+            }
+        };
+        let request = InvocationRequest {
+            protocol: PROTOCOL_VERSION,
+            invocation_id: record.id.to_string(),
+            attempt: record.attempt,
+            service: record.service.clone(),
+            handler: record.handler.clone(),
+            input,
+            journal: entries.map(wire_entry).collect(),
+            position_failures: record.position_failures,
+            context_url: format!(
+                "{}/v1/contexts/{}",
+                self.config.advertised_url.trim_end_matches('/'),
+                record.id
+            ),
+        };
+        let timeout = target
+            .spec
+            .start_to_close
+            .unwrap_or(self.config.default_start_to_close);
+        let endpoint = target.endpoint();
+        let sent = self
+            .http
+            .post(&endpoint)
+            .header(HEADER_INVOCATION_ID, record.id.as_str())
+            .header(HEADER_ATTEMPT, record.attempt)
+            .header(HEADER_PROTOCOL, PROTOCOL_VERSION)
+            .json(&request)
+            .timeout(timeout)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => {
+                return HandlerAnswer::Retry {
+                    error: format!(
+                        "attempt {} exceeded its start_to_close timeout of {}",
+                        record.attempt,
+                        humantime::format_duration(timeout)
+                    ),
+                    error_type: Some("StartToCloseTimeout".into()),
+                    delay: None,
+                }
+            }
+            Err(e) => {
+                return HandlerAnswer::Retry {
+                    error: format!("could not call {endpoint}: {}", error_chain(&e)),
+                    error_type: None,
+                    delay: None,
+                }
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = match read_limited(response, MAX_HANDLER_RESPONSE_BYTES).await {
+            Ok(body) => body,
+            Err(error) => {
+                return HandlerAnswer::Retry {
+                    error: format!("reading the answer of {endpoint} failed: {error}"),
+                    error_type: None,
+                    delay: None,
+                }
+            }
+        };
+        if status.is_success() {
+            match serde_json::from_slice::<Outcome>(&body) {
+                Ok(outcome) => HandlerAnswer::Outcome(outcome),
+                Err(e) => HandlerAnswer::Retry {
+                    error: format!(
+                        "protocol violation: {endpoint} answered {status} with a body that is not a Durin outcome ({e}): {}",
+                        snippet(&body)
+                    ),
+                    error_type: Some("ProtocolViolation".into()),
+                    delay: None,
+                },
+            }
+        } else if status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            HandlerAnswer::Terminal(Failure {
+                status: status.as_u16(),
+                error_type: None,
+                message: format!("handler answered {status}: {}", snippet(&body)),
+            })
+        } else {
+            HandlerAnswer::Retry {
+                error: format!("handler answered {status}: {}", snippet(&body)),
+                error_type: None,
+                delay: retry_after,
+            }
+        }
+    }
+
+    /// Turns the handler's answer into how the attempt ends, applying the retry policy.
+    fn decide(
+        &self,
+        record: &InvocationRecord,
+        policy: &RetryPolicy,
+        answer: HandlerAnswer,
+    ) -> AttemptEnd {
+        let now = self.clock.now_ms();
+        let outcome = match answer {
+            HandlerAnswer::Terminal(failure) => return AttemptEnd::Failed { failure },
+            HandlerAnswer::Retry {
+                error,
+                error_type,
+                delay,
+            } => return self.handler_failure(record, policy, error, error_type, delay),
+            HandlerAnswer::Outcome(outcome) => outcome,
+        };
+        match outcome {
+            Outcome::Output { output } => AttemptEnd::Completed {
+                output: serde_json::to_vec(&output).unwrap_or_default(),
+                content_type: Some("application/json".into()),
+            },
+            Outcome::Failure { failure } => AttemptEnd::Failed {
+                failure: Failure {
+                    status: if (400..600).contains(&failure.status) {
+                        failure.status
+                    } else {
+                        500
+                    },
+                    ..failure
+                },
+            },
+            Outcome::Retry {
+                error,
+                error_type,
+                retry_after_ms,
+                step: Some(step),
+            } if retry_after_ms.is_some() => {
+                // The SDK applied the step's own retry policy; the handler's is not charged.
+                let delay = retry_after_ms.unwrap_or_default().min(i64::MAX as u64) as i64;
+                let kind = error_type.map(|t| format!(" ({t})")).unwrap_or_default();
+                AttemptEnd::BackOff {
+                    until_ms: now.saturating_add(delay),
+                    error: format!("step {step:?} failed{kind}: {error}"),
+                    handler_failure: false,
+                }
+            }
+            Outcome::Retry {
+                error,
+                error_type,
+                retry_after_ms,
+                ..
+            } => self.handler_failure(
+                record,
+                policy,
+                error,
+                error_type,
+                retry_after_ms.map(Duration::from_millis),
+            ),
+            Outcome::Suspend { wake_at_ms } => AttemptEnd::Suspended {
+                until_ms: wake_at_ms,
+            },
+            Outcome::NonDeterminism {
+                index,
+                recorded,
+                requested,
+            } => AttemptEnd::Paused {
+                reason: format!(
+                    "non-determinism at journal index {index}: the journal recorded {} but the handler asked for {}; fix the handler and resume the invocation",
+                    describe(recorded.kind, recorded.name.as_deref()),
+                    describe(requested.kind, requested.name.as_deref()),
+                ),
+            },
+        }
+    }
+
+    fn handler_failure(
+        &self,
+        record: &InvocationRecord,
+        policy: &RetryPolicy,
+        error: String,
+        error_type: Option<String>,
+        delay_override: Option<Duration>,
+    ) -> AttemptEnd {
+        let failed = record.failures + 1;
+        match policy.next_delay(failed, error_type.as_deref()) {
+            Some(delay) => AttemptEnd::BackOff {
+                until_ms: self
+                    .clock
+                    .now_ms()
+                    .saturating_add(delay_override.unwrap_or(delay).as_millis() as i64),
+                error,
+                handler_failure: true,
+            },
+            None => {
+                let why = match (&error_type, policy.maximum_attempts) {
+                    (Some(t), _) if policy.non_retryable_error_types.contains(t) => {
+                        format!("error type {t} is not retryable")
+                    }
+                    (_, Some(max)) => format!("all {max} attempts failed"),
+                    _ => "no attempt is left".to_owned(),
+                };
+                AttemptEnd::Failed {
+                    failure: Failure {
+                        status: 500,
+                        error_type,
+                        message: format!("{why}; last error: {error}"),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// What the handler's HTTP answer meant, before the retry policy is applied.
+enum HandlerAnswer {
+    Outcome(Outcome),
+    Terminal(Failure),
+    Retry {
+        error: String,
+        error_type: Option<String>,
+        delay: Option<Duration>,
+    },
+}
+
+fn describe(kind: EntryKind, name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("{} {name:?}", kind.as_str()),
+        None => kind.as_str().to_owned(),
+    }
+}
+
+/// A stored value as JSON: JSON stays JSON, anything else becomes a string.
+pub fn json_value(bytes: Option<&[u8]>) -> Value {
+    match bytes {
+        None => Value::Null,
+        Some([]) => Value::Null,
+        Some(bytes) => serde_json::from_slice(bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned())),
+    }
+}
+
+fn wire_entry(entry: StoredEntry) -> JournalEntry {
+    JournalEntry {
+        index: entry.index,
+        kind: entry.kind,
+        name: entry.name,
+        value: entry.value.as_deref().map(|v| json_value(Some(v))),
+        failure: entry.failure,
+        attempt: entry.attempt,
+        at_ms: entry.at_ms,
+    }
+}
+
+fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]).into_owned();
+    if body.len() > MAX {
+        format!("{text}…")
+    } else if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        text
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("the answer is larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Wakes callers waiting for invocations to finish (or pause).
+#[derive(Default)]
+pub struct Completions {
+    waiters: Mutex<HashMap<InvocationId, Arc<Notify>>>,
+}
+
+impl Completions {
+    /// The notifier of `id`. Register interest (`Notified::enable`) before checking the
+    /// store, so that a completion between the check and the wait is not missed.
+    pub fn listener(&self, id: &InvocationId) -> Arc<Notify> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(waiters.entry(id.clone()).or_default())
+    }
+
+    pub fn notify(&self, id: &InvocationId) {
+        let notify = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Durin: a durable-execution gateway for plain HTTP services.
+//!
+//! [`run`] is the whole gateway: `main` and the tests both call it with a bound listener and
+//! a shutdown token. See ARCHITECTURE.md for the map of the modules.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod ids;
+pub mod invoker;
+pub mod problem;
+pub mod registry;
+pub mod store;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::invoker::{Invoker, InvokerConfig};
+use crate::store::{SqliteStore, Store};
+
+/// How often expired idempotency keys are forgotten.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Runs the gateway on `listener` until `shutdown` is cancelled, then drains.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    let advertised_url = config.advertised_url.clone().unwrap_or_else(|| {
+        let host = if local.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            local.ip().to_string()
+        };
+        format!("http://{host}:{}", local.port())
+    });
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.database_url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?,
+    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let drivers = shutdown.child_token();
+    let invoker = Arc::new(Invoker::new(
+        Arc::clone(&store),
+        Arc::clone(&clock),
+        InvokerConfig {
+            advertised_url: advertised_url.clone(),
+            default_retry_policy: config.retry_policy.clone(),
+            default_start_to_close: config.start_to_close,
+        },
+        drivers.clone(),
+    ));
+    let http = reqwest::Client::new();
+    for deployment in &config.deployments {
+        match registry::register(&*store, &*clock, &http, &deployment.url).await {
+            Ok((d, _)) => tracing::info!(url = %d.url, id = %d.id, "deployment registered"),
+            Err(e) => {
+                tracing::warn!(url = %deployment.url, error = %e, "could not register deployment")
+            }
+        }
+    }
+    let recovered = invoker.recover().await?;
+    if recovered > 0 {
+        tracing::info!(recovered, "resumed unfinished invocations");
+    }
+    tokio::spawn(purge_idempotency_keys(
+        Arc::clone(&store),
+        Arc::clone(&clock),
+        shutdown.clone(),
+    ));
+    // The server outlives the drivers during a shutdown: attempts in flight still need the
+    // context API to finish. Callers waiting on an invocation are answered 503 when it stops.
+    let server_stop = CancellationToken::new();
+    let state = api::AppState {
+        store,
+        invoker: Arc::clone(&invoker),
+        clock,
+        http,
+        idempotency_retention: config.idempotency_retention,
+        max_body_bytes: config.max_body_bytes,
+        stopping: server_stop.clone(),
+    };
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("durin listening on http://{local} (advertised as {advertised_url})");
+    let server = tokio::spawn(
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(server_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    shutdown.cancelled().await;
+    invoker.drain(config.drain_timeout).await;
+    server_stop.cancel();
+    server.await??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn purge_idempotency_keys(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PURGE_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match store.purge_idempotency_keys(clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(n, "forgot expired idempotency keys"),
+            Err(e) => tracing::warn!(error = %e, "could not purge idempotency keys"),
+        }
+    }
+}

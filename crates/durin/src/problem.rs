@@ -1,0 +1,192 @@
+//! The one mapping from errors to HTTP: `application/problem+json` (RFC 9457).
+//!
+//! Every error a client can see is an [`ApiError`]. Its body carries `type`, `title`,
+//! `status`, `detail`, and `retryable`, which says whether sending the same request again is
+//! safe and may succeed. The `Durin-Error-Source` header says whether the gateway or the
+//! handler failed.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::store::StoreError;
+
+pub const HEADER_ERROR_SOURCE: &str = "durin-error-source";
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request itself is malformed: bad JSON, a bad header, a bad name.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("no route for {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The same `Idempotency-Key` was used before with a different request.
+    #[error("Idempotency-Key {key:?} was already used for a different request (invocation {invocation_id}); use a new key for a new request")]
+    IdempotencyKeyReused { key: String, invocation_id: String },
+    /// An append or another handler-facing call from an attempt that is no longer current.
+    #[error("{0}")]
+    Conflict(String),
+    /// A deployment could not be reached or answered something unusable.
+    #[error("{detail}")]
+    Deployment { detail: String, retryable: bool },
+    /// The invocation ended in a failure that the handler reported or that exhausted its
+    /// attempts; `status` is what goes back to the caller.
+    #[error("{message}")]
+    InvocationFailed {
+        status: u16,
+        error_type: Option<String>,
+        message: String,
+        invocation_id: String,
+    },
+    /// The invocation is paused (for example after a non-determinism error).
+    #[error("invocation {invocation_id} is paused: {reason}")]
+    InvocationPaused {
+        invocation_id: String,
+        reason: String,
+    },
+    #[error("storage is unavailable: {0}")]
+    Storage(String),
+    #[error("{0}")]
+    ShuttingDown(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound(id) => ApiError::NotFound(format!("invocation {id} not found")),
+            StoreError::Fenced { .. } | StoreError::IndexMismatch { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            StoreError::Backend(_) | StoreError::Closed => ApiError::Storage(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, bool) {
+        use ApiError::*;
+        match self {
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request", false),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found", false),
+            NoRoute { .. } => (StatusCode::NOT_FOUND, "no-route", "No such route", false),
+            MethodNotAllowed { .. } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                false,
+            ),
+            PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Request body too large",
+                false,
+            ),
+            UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                false,
+            ),
+            IdempotencyKeyReused { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused with a different request",
+                false,
+            ),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", false),
+            Deployment { retryable, .. } => (
+                StatusCode::BAD_GATEWAY,
+                "deployment-unusable",
+                "Deployment could not be used",
+                *retryable,
+            ),
+            InvocationFailed { status, .. } => (
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "invocation-failed",
+                "Invocation failed",
+                false,
+            ),
+            InvocationPaused { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "invocation-paused",
+                "Invocation paused",
+                true,
+            ),
+            Storage(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage-unavailable",
+                "Storage unavailable",
+                true,
+            ),
+            ShuttingDown(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "Durin is shutting down",
+                true,
+            ),
+        }
+    }
+
+    fn source(&self) -> &'static str {
+        match self {
+            ApiError::InvocationFailed { .. } => "handler",
+            _ => "gateway",
+        }
+    }
+
+    fn extensions(&self) -> Map<String, Value> {
+        let mut ext = Map::new();
+        match self {
+            ApiError::InvocationFailed {
+                invocation_id,
+                error_type,
+                ..
+            } => {
+                ext.insert("invocation_id".into(), json!(invocation_id));
+                if let Some(t) = error_type {
+                    ext.insert("error_type".into(), json!(t));
+                }
+            }
+            ApiError::InvocationPaused { invocation_id, .. }
+            | ApiError::IdempotencyKeyReused { invocation_id, .. } => {
+                ext.insert("invocation_id".into(), json!(invocation_id));
+            }
+            _ => {}
+        }
+        ext
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, title, retryable) = self.parts();
+        let mut body = self.extensions();
+        body.insert("type".into(), json!(format!("urn:durin:problem:{slug}")));
+        body.insert("title".into(), json!(title));
+        body.insert("status".into(), json!(status.as_u16()));
+        body.insert("detail".into(), json!(self.to_string()));
+        body.insert("retryable".into(), json!(retryable));
+        let mut response = (status, Value::Object(body).to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+        );
+        headers.insert(HEADER_ERROR_SOURCE, HeaderValue::from_static(self.source()));
+        if let ApiError::InvocationPaused { invocation_id, .. } = &self {
+            if let Ok(v) = HeaderValue::from_str(&format!("/v1/invocations/{invocation_id}")) {
+                headers.insert(header::LOCATION, v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,166 @@
+//! The tutorial's order workflow as a durable Durin handler.
+//!
+//! `order/process` takes `{"order_id", "customer_id", "amount_cents"}` and runs three
+//! journaled steps: `charge_payment`, `reserve_inventory`, `send_confirmation`. Each step
+//! waits `--step-delay-ms` first (so that a person can kill things mid-flow) and, when
+//! `--downstream URL` is given, performs its side effect as `POST {URL}/{step}` with an
+//! `Idempotency-Key` of `{invocation id}:{step}`, the way a payment API would be called.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use durin_sdk::{Context, Endpoint, HandlerError, RetryPolicy, RunOptions, Service};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "order", about = "The order workflow example for Durin")]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9080")]
+    pub listen: SocketAddr,
+    /// Delay before each step, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub step_delay_ms: u64,
+    /// Base URL of the service that receives each step's side effect.
+    #[arg(long)]
+    pub downstream: Option<String>,
+    /// First retry interval of a failing step, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub step_retry_initial_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Order {
+    pub order_id: String,
+    pub customer_id: String,
+    pub amount_cents: u64,
+}
+
+struct Steps {
+    args: Args,
+    http: reqwest::Client,
+}
+
+impl Steps {
+    /// One step's side effect: wait, then tell the downstream (if any), then answer `value`.
+    async fn perform(
+        &self,
+        ctx: &Context,
+        step: &str,
+        order: &Order,
+        value: String,
+    ) -> Result<String, HandlerError> {
+        tokio::time::sleep(Duration::from_millis(self.args.step_delay_ms)).await;
+        if let Some(downstream) = &self.args.downstream {
+            let response = self
+                .http
+                .post(format!("{}/{step}", downstream.trim_end_matches('/')))
+                .header("idempotency-key", format!("{}:{step}", ctx.invocation_id()))
+                .json(&serde_json::json!({
+                    "order_id": order.order_id,
+                    "customer_id": order.customer_id,
+                    "amount_cents": order.amount_cents,
+                }))
+                .send()
+                .await?;
+            let status = response.status();
+            if status.is_client_error() {
+                return Err(HandlerError::terminal_with_status(
+                    422,
+                    format!("{step} was refused by the downstream ({status})"),
+                ));
+            }
+            if !status.is_success() {
+                return Err(HandlerError::retryable(format!(
+                    "{step}: the downstream answered {status}"
+                )));
+            }
+        }
+        Ok(value)
+    }
+
+    fn options(&self) -> RunOptions {
+        RunOptions::retry_policy(RetryPolicy {
+            initial_interval: Duration::from_millis(self.args.step_retry_initial_ms),
+            maximum_interval: Duration::from_millis(self.args.step_retry_initial_ms * 10),
+            maximum_attempts: Some(5),
+            ..RetryPolicy::default()
+        })
+    }
+}
+
+async fn process(steps: Arc<Steps>, ctx: Context, order: Order) -> Result<String, HandlerError> {
+    if order.amount_cents == 0 {
+        return Err(
+            HandlerError::terminal_with_status(422, "amount_cents must be positive")
+                .with_type("InvalidOrder"),
+        );
+    }
+    let charge = ctx
+        .run_with("charge_payment", steps.options(), || {
+            let value = format!("charge_{}", order.order_id);
+            steps.perform(&ctx, "charge_payment", &order, value)
+        })
+        .await?;
+    let reservation = ctx
+        .run_with("reserve_inventory", steps.options(), || {
+            let value = format!("reservation_{}", order.order_id);
+            steps.perform(&ctx, "reserve_inventory", &order, value)
+        })
+        .await?;
+    ctx.run_with("send_confirmation", steps.options(), || {
+        let value = format!("confirmation_{}", order.customer_id);
+        steps.perform(&ctx, "send_confirmation", &order, value)
+    })
+    .await?;
+    Ok(format!(
+        "order {} complete charge {charge} reservation {reservation}",
+        order.order_id
+    ))
+}
+
+/// The endpoint serving `order/process`.
+pub fn endpoint(args: Args) -> Endpoint {
+    let steps = Arc::new(Steps {
+        args,
+        http: reqwest::Client::new(),
+    });
+    Endpoint::new().service(Service::new("order").handler("process", move |ctx, order| {
+        process(Arc::clone(&steps), ctx, order)
+    }))
+}
+
+/// Entry point of the `order` binary.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("order: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        // Scripts and tests read this line to learn the port when listening on port 0.
+        println!(
+            "order service listening on http://{}",
+            listener.local_addr()?
+        );
+        endpoint(args).serve(listener).await?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("order: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
