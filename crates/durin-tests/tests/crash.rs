@@ -1,0 +1,161 @@
+//! Durability proven by killing real processes with SIGKILL: the handler between steps, the
+//! gateway between steps, and the gateway during a durable backoff.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+/// The handler dies in the middle of the flow; Durin calls it again with the journal, the
+/// recorded step is not run again, and the order completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_killed_between_steps_resumes_without_repeating_steps() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let args = ["--step-delay-ms", "600", "--downstream", &downstream.url];
+    let mut handler = start_order(None, &args);
+    register(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_step(&gateway.url, &id, "charge_payment").await;
+    // The handler is now waiting before reserve_inventory's side effect.
+    handler.kill();
+    let _handler = start_order(Some(handler.addr), &args);
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    assert!(view["attempt"].as_u64().unwrap() >= 2, "{view}");
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(shape(&entries), order_journal_shape());
+    assert_eq!(entries[1]["attempt"], 1, "charge_payment came from the first attempt");
+    assert!(entries[2]["attempt"].as_u64().unwrap() >= 2);
+    for step in ["charge_payment", "reserve_inventory", "send_confirmation"] {
+        assert_eq!(downstream.requests(step).len(), 1, "{step} ran more than once");
+    }
+}
+
+/// Durin dies in the middle of the flow, and with it the caller's connection. After a
+/// restart it resumes the invocation; the caller re-attaches with its Idempotency-Key and
+/// gets the output; no completed step runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_between_steps_resumes_and_the_caller_reattaches() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(
+        None,
+        &["--step-delay-ms", "600", "--downstream", &downstream.url],
+    );
+    register(&gateway.url, &handler.url).await;
+
+    let url = format!("{}/v1/call/order/process", gateway.url);
+    let caller = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "order-o-1")
+            .body(ORDER)
+            .send()
+            .await
+    });
+    let id = eventually(Duration::from_secs(10), "the invocation", || async {
+        let list = get_json(&format!("{}/v1/invocations", gateway.url)).await;
+        list["invocations"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    wait_for_step(&gateway.url, &id, "charge_payment").await;
+    gateway.kill();
+    assert!(
+        caller.await.unwrap().is_err(),
+        "the caller's connection must drop with the gateway"
+    );
+
+    let gateway = home.start(Some(gateway.addr));
+    let response = client()
+        .post(format!("{}/v1/call/order/process", gateway.url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "order-o-1")
+        .body(ORDER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["durin-invocation-id"], id.as_str());
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
+
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(shape(&entries), order_journal_shape());
+    assert_eq!(downstream.requests("charge_payment").len(), 1);
+    assert_eq!(downstream.requests("send_confirmation").len(), 1);
+    // reserve_inventory was in flight when Durin died: the old attempt may still have sent
+    // it before being fenced off, so a step runs at least once. Its idempotency key is the
+    // same every time, so an API that honours it applies it once.
+    let reserve = downstream.requests("reserve_inventory");
+    assert!((1..=2).contains(&reserve.len()), "{reserve:?}");
+    assert_eq!(downstream.distinct_keys("reserve_inventory"), 1);
+}
+
+/// A step fails and backs off for 2 s; Durin is killed during the backoff and restarted.
+/// The schedule does not change: the retry happens when it was due, not earlier and not
+/// from scratch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_during_backoff_keeps_the_schedule() {
+    let downstream = Downstream::start(&[("reserve_inventory", 1)]).await;
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(
+        None,
+        &[
+            "--downstream",
+            &downstream.url,
+            "--step-retry-initial-ms",
+            "2000",
+        ],
+    );
+    register(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    let invocation_url = format!("{}/v1/invocations/{id}", gateway.url);
+    let before = eventually(Duration::from_secs(10), "backing-off", || async {
+        let view = get_json(&invocation_url).await;
+        (view["status"] == "backing-off").then_some(view)
+    })
+    .await;
+    let due = before["next_attempt_at"].as_str().unwrap().to_owned();
+    assert!(
+        before["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("reserve_inventory"),
+        "{before}"
+    );
+    let failed_at = downstream.requests("reserve_inventory")[0].at;
+
+    gateway.kill();
+    let gateway = home.start(Some(gateway.addr));
+    let after = get_json(&invocation_url).await;
+    assert_eq!(after["status"], "backing-off", "{after}");
+    assert_eq!(after["next_attempt_at"], due.as_str(), "the schedule changed");
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    let reserve = downstream.requests("reserve_inventory");
+    assert_eq!(reserve.len(), 2, "one failure, one success");
+    let waited = reserve[1].at.duration_since(failed_at);
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "the retry came early, after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(4000),
+        "the retry came late, after {waited:?}"
+    );
+    assert_eq!(downstream.requests("charge_payment").len(), 1);
+    assert_eq!(downstream.requests("send_confirmation").len(), 1);
+    assert_eq!(shape(&journal(&gateway.url, &id).await), order_journal_shape());
+}

@@ -1,0 +1,334 @@
+//! Test harness: real processes (the gateway, the order handler), a downstream the test
+//! owns, and small HTTP helpers. Shared by the test files with `mod support;`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use serde_json::Value;
+
+pub const ORDER: &str = r#"{"order_id":"o-1","customer_id":"c-1","amount_cents":4999}"#;
+pub const ORDER_OUTPUT: &str = "order o-1 complete charge charge_o-1 reservation reservation_o-1";
+
+/// A child process that is killed (SIGKILL) when dropped, so a failing test leaves nothing.
+pub struct Proc {
+    child: Child,
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+impl Proc {
+    /// Starts `program` and waits for the line `{ready_prefix}http://ADDR…` on its stdout.
+    fn spawn(mut command: Command, ready_prefix: &str) -> Proc {
+        command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let prefix = ready_prefix.to_owned();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { return };
+                if let Some(rest) = line.strip_prefix(&prefix) {
+                    let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(url);
+                    break;
+                }
+            }
+            // Keep draining so that the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("process did not print {ready_prefix:?} in time"));
+        let addr = url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("address in ready line");
+        Proc { child, url, addr }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A directory with the gateway's database and configuration.
+pub struct GatewayHome {
+    pub dir: tempfile::TempDir,
+}
+
+impl GatewayHome {
+    /// A home whose config retries quickly, so that crash tests do not wait long.
+    pub fn new() -> GatewayHome {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("durin.toml"),
+            r#"
+start_to_close = "20s"
+drain_timeout = "1s"
+[retry_policy]
+initial_interval = "200ms"
+maximum_interval = "1s"
+maximum_attempts = 100
+"#,
+        )
+        .expect("write config");
+        GatewayHome { dir }
+    }
+
+    pub fn db_url(&self) -> String {
+        format!("sqlite:{}", self.dir.path().join("durin.db").display())
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("durin.toml")
+    }
+
+    /// Starts the real `durin` binary, on `listen` (a fixed address for a restart) or port 0.
+    pub fn start(&self, listen: Option<SocketAddr>) -> Proc {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_durin-under-test"));
+        command
+            .arg("serve")
+            .arg("--listen")
+            .arg(listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg("--database")
+            .arg(self.db_url())
+            .arg("--config")
+            .arg(self.config())
+            .env("DURIN_LOG", "warn");
+        Proc::spawn(command, "durin listening on ")
+    }
+}
+
+/// Starts the real `order` example binary.
+pub fn start_order(listen: Option<SocketAddr>, args: &[&str]) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_order-under-test"));
+    command
+        .arg("--listen")
+        .arg(listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+        .args(args)
+        .env("RUST_LOG", "warn");
+    Proc::spawn(command, "order service listening on ")
+}
+
+/// One request the downstream received.
+#[derive(Debug, Clone)]
+pub struct Effect {
+    pub key: String,
+    pub at: Instant,
+}
+
+/// The service the order steps call for their side effects; it records every request and
+/// answers 503 to the first `fail_first[step]` requests of a step.
+#[derive(Clone, Default)]
+pub struct Downstream {
+    pub url: String,
+    effects: Arc<Mutex<HashMap<String, Vec<Effect>>>>,
+    fail_first: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Downstream {
+    pub async fn start(fail_first: &[(&str, u32)]) -> Downstream {
+        let mut downstream = Downstream::default();
+        *downstream.fail_first.lock().unwrap() = fail_first
+            .iter()
+            .map(|(s, n)| ((*s).to_owned(), *n))
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        downstream.url = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new()
+            .route("/{step}", post(record_effect))
+            .with_state(downstream.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        downstream
+    }
+
+    /// Requests received for `step`, failed ones included.
+    pub fn requests(&self, step: &str) -> Vec<Effect> {
+        self.effects
+            .lock()
+            .unwrap()
+            .get(step)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Distinct idempotency keys seen for `step`: the effects a deduplicating API applies.
+    pub fn distinct_keys(&self, step: &str) -> usize {
+        let mut keys: Vec<String> = self.requests(step).into_iter().map(|e| e.key).collect();
+        keys.sort();
+        keys.dedup();
+        keys.len()
+    }
+}
+
+async fn record_effect(
+    State(downstream): State<Downstream>,
+    UrlPath(step): UrlPath<String>,
+    headers: HeaderMap,
+) -> StatusCode {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    downstream
+        .effects
+        .lock()
+        .unwrap()
+        .entry(step.clone())
+        .or_default()
+        .push(Effect {
+            key,
+            at: Instant::now(),
+        });
+    let mut fail_first = downstream.fail_first.lock().unwrap();
+    match fail_first.get_mut(&step) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::OK,
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+pub async fn register(gateway: &str, deployment: &str) {
+    let response = client()
+        .post(format!("{gateway}/v1/deployments"))
+        .json(&serde_json::json!({ "url": deployment }))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "registration failed: {}",
+        response.text().await.unwrap()
+    );
+}
+
+/// `POST /v1/send/order/process`; returns the invocation id.
+pub async fn send_order(gateway: &str, body: &str) -> String {
+    let response = client()
+        .post(format!("{gateway}/v1/send/order/process"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let json: Value = response.json().await.unwrap();
+    json["invocation_id"].as_str().unwrap().to_owned()
+}
+
+pub async fn get_json(url: &str) -> Value {
+    client().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+pub async fn journal(gateway: &str, id: &str) -> Vec<Value> {
+    get_json(&format!("{gateway}/v1/invocations/{id}/journal")).await["entries"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// `(kind, name)` of every entry, for comparing whole journals.
+pub fn shape(entries: &[Value]) -> Vec<(String, Option<String>)> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["name"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+pub fn order_journal_shape() -> Vec<(String, Option<String>)> {
+    [
+        ("input", None),
+        ("step", Some("charge_payment")),
+        ("step", Some("reserve_inventory")),
+        ("step", Some("send_confirmation")),
+        ("output", None),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n.map(str::to_owned)))
+    .collect()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the invocation's journal holds a step named `step`.
+pub async fn wait_for_step(gateway: &str, id: &str, step: &str) {
+    eventually(Duration::from_secs(20), step, || async {
+        let entries = journal(gateway, id).await;
+        entries
+            .iter()
+            .any(|e| e["name"].as_str() == Some(step))
+            .then_some(())
+    })
+    .await
+}
+
+/// Long-polls until the invocation is final; returns its view.
+pub async fn wait_final(gateway: &str, id: &str) -> Value {
+    eventually(Duration::from_secs(60), "the invocation to finish", || async {
+        let response = client()
+            .get(format!("{gateway}/v1/invocations/{id}"))
+            .header("prefer", "wait=5")
+            .send()
+            .await
+            .ok()?;
+        let view: Value = response.json().await.ok()?;
+        matches!(view["status"].as_str(), Some("completed" | "failed")).then_some(view)
+    })
+    .await
+}
+
+pub fn path_of(home: &GatewayHome) -> &Path {
+    home.dir.path()
+}
