@@ -30,10 +30,17 @@ async fn handler_killed_between_steps_resumes_without_repeating_steps() {
     assert!(view["attempt"].as_u64().unwrap() >= 2, "{view}");
     let entries = journal(&gateway.url, &id).await;
     assert_eq!(shape(&entries), order_journal_shape());
-    assert_eq!(entries[1]["attempt"], 1, "charge_payment came from the first attempt");
+    assert_eq!(
+        entries[1]["attempt"], 1,
+        "charge_payment came from the first attempt"
+    );
     assert!(entries[2]["attempt"].as_u64().unwrap() >= 2);
     for step in ["charge_payment", "reserve_inventory", "send_confirmation"] {
-        assert_eq!(downstream.requests(step).len(), 1, "{step} ran more than once");
+        assert_eq!(
+            downstream.requests(step).len(),
+            1,
+            "{step} ran more than once"
+        );
     }
 }
 
@@ -139,7 +146,11 @@ async fn gateway_killed_during_backoff_keeps_the_schedule() {
     let gateway = home.start(Some(gateway.addr));
     let after = get_json(&invocation_url).await;
     assert_eq!(after["status"], "backing-off", "{after}");
-    assert_eq!(after["next_attempt_at"], due.as_str(), "the schedule changed");
+    assert_eq!(
+        after["next_attempt_at"],
+        due.as_str(),
+        "the schedule changed"
+    );
 
     let view = wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
@@ -157,5 +168,8 @@ async fn gateway_killed_during_backoff_keeps_the_schedule() {
     );
     assert_eq!(downstream.requests("charge_payment").len(), 1);
     assert_eq!(downstream.requests("send_confirmation").len(), 1);
-    assert_eq!(shape(&journal(&gateway.url, &id).await), order_journal_shape());
+    assert_eq!(
+        shape(&journal(&gateway.url, &id).await),
+        order_journal_shape()
+    );
 }

@@ -1,6 +1,8 @@
 //! Test harness: real processes (the gateway, the order handler), a downstream the test
 //! owns, and small HTTP helpers. Shared by the test files with `mod support;`.
 #![allow(dead_code)]
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -39,7 +41,11 @@ impl Proc {
             for line in lines.by_ref() {
                 let Ok(line) = line else { return };
                 if let Some(rest) = line.strip_prefix(&prefix) {
-                    let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     let _ = tx.send(url);
                     break;
                 }
@@ -250,7 +256,14 @@ pub async fn send_order(gateway: &str, body: &str) -> String {
 }
 
 pub async fn get_json(url: &str) -> Value {
-    client().get(url).send().await.unwrap().json().await.unwrap()
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 pub async fn journal(gateway: &str, id: &str) -> Vec<Value> {
@@ -316,16 +329,20 @@ pub async fn wait_for_step(gateway: &str, id: &str, step: &str) {
 
 /// Long-polls until the invocation is final; returns its view.
 pub async fn wait_final(gateway: &str, id: &str) -> Value {
-    eventually(Duration::from_secs(60), "the invocation to finish", || async {
-        let response = client()
-            .get(format!("{gateway}/v1/invocations/{id}"))
-            .header("prefer", "wait=5")
-            .send()
-            .await
-            .ok()?;
-        let view: Value = response.json().await.ok()?;
-        matches!(view["status"].as_str(), Some("completed" | "failed")).then_some(view)
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the invocation to finish",
+        || async {
+            let response = client()
+                .get(format!("{gateway}/v1/invocations/{id}"))
+                .header("prefer", "wait=5")
+                .send()
+                .await
+                .ok()?;
+            let view: Value = response.json().await.ok()?;
+            matches!(view["status"].as_str(), Some("completed" | "failed")).then_some(view)
+        },
+    )
     .await
 }
 

@@ -41,11 +41,12 @@ pub async fn send(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
+    let wait = prefer_wait(&headers)?;
     let (record, replayed) = start(&state, &service, &handler, &headers, &body).await?;
-    let record = match prefer_wait(&headers)? {
-        Some(wait) => wait_for_end(&state, &record.id, Some(wait)).await?,
-        None => record,
+    let Some(wait) = wait else {
+        return Ok(accepted(&record, replayed));
     };
+    let record = wait_for_end(&state, &record.id, Some(wait)).await?;
     if record.status.is_final() {
         return finished_response(&state, record, replayed).await;
     }

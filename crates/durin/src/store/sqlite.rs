@@ -55,10 +55,10 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `url` and applies the embedded migrations.
     pub async fn open(url: &str) -> StoreResult<SqliteStore> {
         let options = connect_options(url)?;
-        let mut writer = SqliteConnection::connect_with(&options)
+        apply_migrations(&options).await?;
+        let writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(backend)?;
-        MIGRATOR.run(&mut writer).await.map_err(backend)?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -71,11 +71,7 @@ impl SqliteStore {
 
     /// Applies the embedded migrations and closes the database.
     pub async fn migrate(url: &str) -> StoreResult<()> {
-        let mut conn = SqliteConnection::connect_with(&connect_options(url)?)
-            .await
-            .map_err(backend)?;
-        MIGRATOR.run(&mut conn).await.map_err(backend)?;
-        conn.close().await.map_err(backend)
+        apply_migrations(&connect_options(url)?).await
     }
 
     /// Runs `f` inside the next group-committed transaction and returns its result once the
@@ -106,6 +102,19 @@ impl SqliteStore {
         rx.await
             .map_err(|_| StoreError::Backend("the write was not committed".into()))?
     }
+}
+
+/// Runs the migrations through a one-connection pool: with a bare `&mut SqliteConnection`,
+/// sqlx's `Migrator::run` makes the caller's future lose `Send`.
+async fn apply_migrations(options: &SqliteConnectOptions) -> StoreResult<()> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await
+        .map_err(backend)?;
+    MIGRATOR.run(&pool).await.map_err(backend)?;
+    pool.close().await;
+    Ok(())
 }
 
 async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<WriteOp>) {

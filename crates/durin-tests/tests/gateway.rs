@@ -1,0 +1,724 @@
+//! The gateway in-process (`durin::run` on port 0, a real SQLite file) with real HTTP
+//! handlers on port 0: idempotency, bad input, retries, timeouts, non-determinism, replayed
+//! values and deployment pinning.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use durin::config::Config;
+use durin_protocol::RetryPolicy;
+use durin_sdk::{Context, Endpoint, HandlerError, HandlerOptions, RunOptions, Service};
+use serde_json::{json, Value};
+use support::{client, eventually, journal, register, shape, ORDER, ORDER_OUTPUT};
+use tokio_util::sync::CancellationToken;
+
+struct Gateway {
+    url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    async fn start(configure: impl FnOnce(&mut Config)) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+            retry_policy: fast_policy(5),
+            drain_timeout: Duration::from_secs(1),
+            ..Config::default()
+        };
+        configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(durin::run(config, listener, shutdown.clone()));
+        Gateway {
+            url,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn post(&self, path: &str, body: &str) -> reqwest::Response {
+        client()
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn invocation(&self, id: &str) -> Value {
+        support::get_json(&format!("{}/v1/invocations/{id}", self.url)).await
+    }
+
+    async fn invocation_count(&self) -> usize {
+        support::get_json(&format!("{}/v1/invocations", self.url)).await["invocations"]
+            .as_array()
+            .unwrap()
+            .len()
+    }
+}
+
+fn fast_policy(maximum_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        initial_interval: Duration::from_millis(20),
+        maximum_interval: Duration::from_millis(100),
+        maximum_attempts: Some(maximum_attempts),
+        ..RetryPolicy::default()
+    }
+}
+
+/// Serves `router` on 127.0.0.1:0 in this process; returns its URL.
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+async fn serve_order() -> String {
+    let args = order_example::Args {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        step_delay_ms: 0,
+        downstream: None,
+        step_retry_initial_ms: 20,
+    };
+    serve(order_example::endpoint(args).router()).await
+}
+
+/// Asserts a problem response and returns its body.
+async fn problem(response: reqwest::Response, status: u16, retryable: bool, detail: &str) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert!(response.headers().contains_key("durin-error-source"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status, "{body}");
+    assert!(body["type"]
+        .as_str()
+        .unwrap()
+        .starts_with("urn:durin:problem:"));
+    assert!(body["title"].is_string());
+    assert_eq!(body["retryable"], retryable, "{body}");
+    let text = body["detail"].as_str().unwrap();
+    assert!(text.contains(detail), "{text:?} does not say {detail:?}");
+    body
+}
+
+#[tokio::test]
+async fn the_order_workflow_runs_and_its_journal_reads_well() {
+    let gateway = Gateway::start(|_| {}).await;
+    register(&gateway.url, &serve_order().await).await;
+    let response = gateway.post("/v1/call/order/process", ORDER).await;
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(shape(&entries), support::order_journal_shape());
+    assert_eq!(entries[0]["value"]["order_id"], "o-1");
+    assert_eq!(entries[1]["value"], "charge_o-1");
+    assert_eq!(entries[4]["value"], ORDER_OUTPUT);
+    for (i, entry) in entries.iter().enumerate() {
+        assert_eq!(entry["index"], i);
+        assert!(entry["at"].as_str().unwrap().ends_with('Z'));
+    }
+    let view = gateway.invocation(&id).await;
+    assert_eq!(view["status"], "completed");
+    assert_eq!(view["attempt"], 1);
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_names_one_invocation_and_one_response() {
+    let gateway = Gateway::start(|_| {}).await;
+    register(&gateway.url, &serve_order().await).await;
+    let call = |body: &'static str| {
+        client()
+            .post(format!("{}/v1/call/order/process", gateway.url))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "order-o-1")
+            .body(body)
+            .send()
+    };
+    let first = call(ORDER).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let id = first.headers()["durin-invocation-id"].clone();
+    let first_body = first.text().await.unwrap();
+
+    let again = call(ORDER).await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["durin-invocation-id"], id);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.text().await.unwrap(), first_body);
+
+    // The same key on send re-attaches too.
+    let sent = client()
+        .post(format!("{}/v1/send/order/process", gateway.url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "order-o-1")
+        .body(ORDER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    assert_eq!(sent.headers()["durin-invocation-id"], id);
+
+    let other = r#"{"order_id":"o-2","customer_id":"c-1","amount_cents":1}"#;
+    let body = problem(call(other).await.unwrap(), 422, false, "order-o-1").await;
+    assert_eq!(body["invocation_id"], id.to_str().unwrap());
+    assert_eq!(gateway.invocation_count().await, 1);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
+    let gateway = Gateway::start(|c| c.max_body_bytes = 4096).await;
+    register(&gateway.url, &serve_order().await).await;
+    let url = &gateway.url;
+    let http = client();
+
+    let r = gateway
+        .post("/v1/call/order/process", r#"{"order_id": "#)
+        .await;
+    problem(r, 400, false, "not valid JSON").await;
+    let r = gateway.post("/v1/call/nope/process", ORDER).await;
+    problem(r, 404, false, "no deployment serves handler nope/process").await;
+    let r = gateway.post("/v1/call/order/nope", ORDER).await;
+    problem(r, 404, false, "order/nope").await;
+    let r = gateway.post("/v1/call/bad%20name/process", ORDER).await;
+    problem(r, 400, false, "service name").await;
+    let big = format!(r#"{{"pad": "{}"}}"#, "x".repeat(5000));
+    let r = gateway.post("/v1/call/order/process", &big).await;
+    problem(r, 413, false, "4096 bytes").await;
+    let r = http
+        .post(format!("{url}/v1/call/order/process"))
+        .header("content-type", "text/plain")
+        .body(ORDER)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 415, false, "must be JSON").await;
+    for key in ["has space", &"k".repeat(256), ""] {
+        let r = http
+            .post(format!("{url}/v1/send/order/process"))
+            .header("idempotency-key", key)
+            .body(ORDER)
+            .send()
+            .await
+            .unwrap();
+        problem(r, 400, false, "Idempotency-Key").await;
+    }
+    let r = http
+        .post(format!("{url}/v1/send/order/process"))
+        .header("prefer", "wait=soon")
+        .body(ORDER)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, false, "wait=soon").await;
+
+    let unknown = "inv_0193a2b4c5d6e7f8091a2b3c4d5e6f70";
+    let r = http
+        .get(format!("{url}/v1/invocations/{unknown}"))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404, false, unknown).await;
+    let r = http
+        .get(format!("{url}/v1/invocations/{unknown}/journal"))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404, false, unknown).await;
+    let r = http
+        .get(format!("{url}/v1/invocations/inv_42"))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, false, "32 hex digits").await;
+    let r = http
+        .get(format!("{url}/v1/invocations?status=sleeping"))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, false, "unknown status").await;
+
+    let r = gateway.post("/v1/deployments", "{").await;
+    problem(r, 400, false, "deployment is not valid").await;
+    let r = gateway.post("/v1/deployments", r#"{"uri": "x"}"#).await;
+    problem(r, 400, false, "unknown field").await;
+    let r = gateway
+        .post("/v1/deployments", r#"{"url": "ftp://x"}"#)
+        .await;
+    problem(r, 400, false, "http://").await;
+    // A port nobody listens on: the gateway could not reach it, and may try again later.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let r = gateway
+        .post("/v1/deployments", &json!({ "url": closed_url }).to_string())
+        .await;
+    problem(r, 502, true, "/discover failed").await;
+    let garbage = serve(axum::Router::new().route("/discover", get(|| async { "hello" }))).await;
+    let r = gateway
+        .post("/v1/deployments", &json!({ "url": garbage }).to_string())
+        .await;
+    problem(r, 502, false, "not a discovery document").await;
+
+    let r = http.get(format!("{url}/v1/nope")).send().await.unwrap();
+    problem(r, 404, false, "no route").await;
+    let r = http
+        .delete(format!("{url}/v1/deployments"))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 405, false, "DELETE").await;
+
+    // The context API refuses writes that do not come from the current attempt.
+    let id = gateway_send(&gateway, ORDER).await;
+    support::wait_final(url, &id).await;
+    let entries_url = format!("{url}/v1/contexts/{id}/entries");
+    let entry = json!({"index": 5, "kind": "step", "name": "late", "value": 1});
+    let r = http.post(&entries_url).json(&entry).send().await.unwrap();
+    problem(r, 400, false, "Durin-Attempt").await;
+    let r = http
+        .post(&entries_url)
+        .header("durin-attempt", "1")
+        .json(&entry)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 409, false, "not current").await;
+    let r = http
+        .post(&entries_url)
+        .header("durin-attempt", "1")
+        .body("[1, 2")
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, false, "entry is not valid").await;
+    let output = json!({"index": 5, "kind": "output", "value": 1});
+    let r = http
+        .post(&entries_url)
+        .header("durin-attempt", "1")
+        .json(&output)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, false, "written by the gateway").await;
+    let r = http
+        .post(format!("{url}/v1/contexts/{unknown}/entries"))
+        .header("durin-attempt", "1")
+        .json(&entry)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404, false, unknown).await;
+
+    // Only the one good request created an invocation, and its journal is intact.
+    assert_eq!(gateway.invocation_count().await, 1);
+    assert_eq!(
+        shape(&journal(url, &id).await),
+        support::order_journal_shape()
+    );
+    gateway.stop().await;
+}
+
+async fn gateway_send(gateway: &Gateway, body: &str) -> String {
+    support::send_order(&gateway.url, body).await
+}
+
+#[tokio::test]
+async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
+    let gateway = Gateway::start(|_| {}).await;
+    let discovery = json!({"protocol": 1, "services": [{"name": "junk", "handlers": [
+        {"name": "run", "retry_policy": {"initial_interval": "10ms", "maximum_attempts": 2}}
+    ]}]});
+    let url = serve(
+        axum::Router::new()
+            .route(
+                "/discover",
+                get(move || async move { axum::Json(discovery) }),
+            )
+            .route("/junk/run", post(|| async { "<html>garbage</html>" })),
+    )
+    .await;
+    register(&gateway.url, &url).await;
+    let r = gateway.post("/v1/call/junk/run", "{}").await;
+    assert_eq!(r.headers()["durin-error-source"], "handler");
+    let body = problem(r, 500, false, "all 2 attempts failed").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("protocol violation"), "{detail}");
+    assert!(detail.contains("<html>garbage</html>"), "{detail}");
+    let id = body["invocation_id"].as_str().unwrap();
+    let entries = journal(&gateway.url, id).await;
+    assert_eq!(
+        shape(&entries),
+        vec![("input".to_owned(), None), ("output".to_owned(), None)]
+    );
+    assert_eq!(gateway.invocation(id).await["attempt"], 2);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_terminal_error_goes_back_to_the_caller_without_retry() {
+    let gateway = Gateway::start(|_| {}).await;
+    register(&gateway.url, &serve_order().await).await;
+    let r = gateway
+        .post(
+            "/v1/call/order/process",
+            r#"{"order_id":"o-9","customer_id":"c","amount_cents":0}"#,
+        )
+        .await;
+    assert_eq!(r.headers()["durin-error-source"], "handler");
+    let body = problem(r, 422, false, "amount_cents must be positive").await;
+    assert_eq!(body["error_type"], "InvalidOrder");
+    let view = gateway
+        .invocation(body["invocation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(view["status"], "failed");
+    assert_eq!(view["attempt"], 1);
+    assert_eq!(view["failure"]["status"], 422);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn retries_follow_the_policy_and_exhaustion_says_why() {
+    let gateway = Gateway::start(|_| {}).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&calls);
+    let endpoint = Endpoint::new().service(Service::new("flaky").handler_with(
+        "run",
+        HandlerOptions {
+            retry_policy: Some(fast_policy(3)),
+            start_to_close: None,
+        },
+        move |_ctx: Context, _: Value| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(HandlerError::retryable("database is down")) }
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/flaky/run", "null").await;
+    let body = problem(
+        r,
+        500,
+        false,
+        "all 3 attempts failed; last error: database is down",
+    )
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let view = gateway
+        .invocation(body["invocation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(view["status"], "failed");
+    assert_eq!(view["attempt"], 3);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn start_to_close_ends_a_hung_attempt_and_fences_it() {
+    let gateway = Gateway::start(|_| {}).await;
+    let endpoint = Endpoint::new().service(Service::new("slow").handler_with(
+        "run",
+        HandlerOptions {
+            retry_policy: Some(fast_policy(3)),
+            start_to_close: Some(Duration::from_millis(300)),
+        },
+        |ctx: Context, _: Value| async move {
+            if ctx.attempt() == 1 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                // Too late: attempt 2 owns the journal now, so this append is refused
+                // and this attempt ends without recording anything.
+                ctx.run("late", || async { Ok(1) }).await?;
+            }
+            ctx.run("fast", || async { Ok(2) }).await
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+    let r = client()
+        .post(format!("{}/v1/send/slow/run", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["attempt"], 2);
+    assert_eq!(view["output"], 2);
+    // Give the stale first attempt time to try its append, then check it was refused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(
+        shape(&entries),
+        vec![
+            ("input".to_owned(), None),
+            ("step".to_owned(), Some("fast".to_owned())),
+            ("output".to_owned(), None)
+        ]
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_step_retries_by_its_own_policy_and_records_its_final_failure() {
+    let gateway = Gateway::start(|_| {}).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let declined_runs = Arc::new(AtomicU32::new(0));
+    let (r1, r2) = (Arc::clone(&runs), Arc::clone(&declined_runs));
+    let step_policy = RetryPolicy {
+        non_retryable_error_types: vec!["CardDeclined".into()],
+        ..fast_policy(2)
+    };
+    let endpoint = Endpoint::new().service(Service::new("pay").handler(
+        "run",
+        move |ctx: Context, declined: bool| {
+            let (runs, declined_runs, policy) =
+                (Arc::clone(&r1), Arc::clone(&r2), step_policy.clone());
+            async move {
+                let result = ctx
+                    .run_with("charge", RunOptions::retry_policy(policy), || async {
+                        if declined {
+                            declined_runs.fetch_add(1, Ordering::SeqCst);
+                            Err::<String, _>(
+                                HandlerError::retryable("card declined").with_type("CardDeclined"),
+                            )
+                        } else {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            Err(HandlerError::retryable("gateway timeout"))
+                        }
+                    })
+                    .await;
+                // The handler sees the recorded failure and may compensate; here it gives up.
+                match result {
+                    Ok(v) => Ok(v),
+                    Err(e) => Err(HandlerError::terminal_with_status(
+                        402,
+                        e.message().to_owned(),
+                    )),
+                }
+            }
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+
+    let r = gateway.post("/v1/call/pay/run", "false").await;
+    let body = problem(
+        r,
+        402,
+        false,
+        "step \"charge\" failed: all 2 attempts failed; last error: gateway timeout",
+    )
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let entries = journal(&gateway.url, body["invocation_id"].as_str().unwrap()).await;
+    assert_eq!(entries[1]["name"], "charge");
+    assert!(entries[1]["failure"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("all 2 attempts failed"));
+
+    let r = gateway.post("/v1/call/pay/run", "true").await;
+    problem(r, 402, false, "error type CardDeclined is not retryable").await;
+    assert_eq!(declined_runs.load(Ordering::SeqCst), 1);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn recorded_now_uuid_and_random_are_the_same_on_replay() {
+    let gateway = Gateway::start(|_| {}).await;
+    let endpoint = Endpoint::new().service(Service::new("ids").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            let now = ctx.now().await?;
+            let uuid = ctx.uuid().await?;
+            let random = ctx.random().await?;
+            if ctx.attempt() == 1 {
+                return Err(HandlerError::retryable("crash after recording"));
+            }
+            let millis = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            Ok(json!({"now": millis, "uuid": uuid, "random": random}))
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/ids/run", "null").await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let output: Value = r.json().await.unwrap();
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(entries[1]["kind"], "now");
+    assert_eq!(entries[1]["attempt"], 1);
+    assert_eq!(output["now"], entries[1]["value"]);
+    assert_eq!(output["uuid"], entries[2]["value"]);
+    assert_eq!(output["random"], entries[3]["value"]);
+    assert_eq!(gateway.invocation(&id).await["attempt"], 2);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn non_determinism_pauses_with_both_sides_named_and_resume_continues() {
+    let gateway = Gateway::start(|_| {}).await;
+    let renamed = Arc::new(AtomicBool::new(false));
+    let ship_ok = Arc::new(AtomicBool::new(false));
+    let (flag, ok) = (Arc::clone(&renamed), Arc::clone(&ship_ok));
+    let endpoint = Endpoint::new().service(Service::new("shop").handler(
+        "buy",
+        move |ctx: Context, _: Value| {
+            let first = if flag.load(Ordering::SeqCst) {
+                "refund"
+            } else {
+                "charge"
+            };
+            let ship_ok = ok.load(Ordering::SeqCst);
+            async move {
+                ctx.run(first, || async { Ok("charged".to_owned()) })
+                    .await?;
+                let policy = RunOptions::retry_policy(RetryPolicy {
+                    initial_interval: Duration::from_millis(300),
+                    ..RetryPolicy::default()
+                });
+                ctx.run_with("ship", policy, || async move {
+                    if ship_ok {
+                        Ok("shipped".to_owned())
+                    } else {
+                        Err(HandlerError::retryable("no courier"))
+                    }
+                })
+                .await
+            }
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+    let id = {
+        let r = client()
+            .post(format!("{}/v1/send/shop/buy", gateway.url))
+            .header("idempotency-key", "buy-1")
+            .body("null")
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["invocation_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    eventually(Duration::from_secs(10), "backing-off", || async {
+        (gateway.invocation(&id).await["status"] == "backing-off").then_some(())
+    })
+    .await;
+    // A "new version" of the handler asks for a different first step.
+    renamed.store(true, Ordering::SeqCst);
+    let paused = eventually(Duration::from_secs(10), "paused", || async {
+        let view = gateway.invocation(&id).await;
+        (view["status"] == "paused").then_some(view)
+    })
+    .await;
+    let reason = paused["last_error"].as_str().unwrap();
+    assert!(reason.contains("index 1"), "{reason}");
+    assert!(reason.contains("step \"charge\""), "{reason}");
+    assert!(reason.contains("step \"refund\""), "{reason}");
+    // A paused invocation is not retried blindly.
+    let attempt = paused["attempt"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gateway.invocation(&id).await["attempt"], attempt);
+    // A caller re-attaching to it hears that it is paused, and why.
+    let r = client()
+        .post(format!("{}/v1/call/shop/buy", gateway.url))
+        .header("idempotency-key", "buy-1")
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["location"].to_str().unwrap(),
+        format!("/v1/invocations/{id}")
+    );
+    problem(r, 503, true, "step \"refund\"").await;
+
+    // The fix is deployed: resume, and the invocation finishes from its journal.
+    renamed.store(false, Ordering::SeqCst);
+    ship_ok.store(true, Ordering::SeqCst);
+    let r = gateway
+        .post(&format!("/v1/invocations/{id}/resume"), "")
+        .await;
+    assert_eq!(r.status(), 200);
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed");
+    assert_eq!(view["output"], "shipped");
+    let r = gateway
+        .post(&format!("/v1/invocations/{id}/resume"), "")
+        .await;
+    problem(r, 409, false, "only a paused invocation").await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn invocations_stay_pinned_to_the_deployment_that_started_them() {
+    let gateway = Gateway::start(|_| {}).await;
+    let version = |label: &'static str, fail_first: bool| {
+        let failed = Arc::new(AtomicBool::new(!fail_first));
+        Endpoint::new().service(Service::new("greeter").handler(
+            "hello",
+            move |_ctx: Context, _: Value| {
+                let failed = Arc::clone(&failed);
+                async move {
+                    if !failed.swap(true, Ordering::SeqCst) {
+                        return Err(HandlerError::retryable("not yet")
+                            .retry_after(Duration::from_millis(500)));
+                    }
+                    Ok(label)
+                }
+            },
+        ))
+    };
+    register(&gateway.url, &serve(version("v1", true).router()).await).await;
+    let first = {
+        let r = gateway.post("/v1/send/greeter/hello", "null").await;
+        r.json::<Value>().await.unwrap()["invocation_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    eventually(Duration::from_secs(10), "backing-off", || async {
+        (gateway.invocation(&first).await["status"] == "backing-off").then_some(())
+    })
+    .await;
+    register(&gateway.url, &serve(version("v2", false).router()).await).await;
+    let r = gateway.post("/v1/call/greeter/hello", "null").await;
+    assert_eq!(r.json::<String>().await.unwrap(), "v2");
+    let view = support::wait_final(&gateway.url, &first).await;
+    assert_eq!(view["output"], "v1");
+    let deployments = support::get_json(&format!("{}/v1/deployments", gateway.url)).await;
+    assert_eq!(deployments["deployments"].as_array().unwrap().len(), 2);
+    gateway.stop().await;
+}
