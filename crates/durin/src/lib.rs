@@ -62,12 +62,13 @@ pub async fn run(
     ));
     let http = reqwest::Client::new();
     for deployment in &config.deployments {
-        match registry::register(&*store, &*clock, &http, &deployment.url).await {
-            Ok((d, _)) => tracing::info!(url = %d.url, id = %d.id, "deployment registered"),
-            Err(e) => {
-                tracing::warn!(url = %deployment.url, error = %e, "could not register deployment")
-            }
-        }
+        tokio::spawn(register_until_done(
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            http.clone(),
+            deployment.url.clone(),
+            shutdown.clone(),
+        ));
     }
     let recovered = invoker.recover().await?;
     if recovered > 0 {
@@ -103,6 +104,38 @@ pub async fn run(
     server.await??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Registers a deployment of the config file, trying again while it cannot be reached (it
+/// may start after the gateway).
+async fn register_until_done(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    http: reqwest::Client,
+    url: String,
+    shutdown: CancellationToken,
+) {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match registry::register(&*store, &*clock, &http, &url).await {
+            Ok((deployment, _)) => {
+                tracing::info!(%url, id = %deployment.id, "deployment registered");
+                return;
+            }
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(%url, %error, "deployment not reachable yet; trying again");
+            }
+            Err(error) => {
+                tracing::error!(%url, %error, "deployment refused");
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
 }
 
 async fn purge_idempotency_keys(

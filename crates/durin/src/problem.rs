@@ -136,6 +136,11 @@ impl ApiError {
         }
     }
 
+    /// Whether sending the same request again is safe and may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.parts().3
+    }
+
     fn source(&self) -> &'static str {
         match self {
             ApiError::InvocationFailed { .. } => "handler",
