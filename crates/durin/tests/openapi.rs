@@ -1,0 +1,615 @@
+//! Keeps the HTTP contract documents true: `openapi/durin.yaml` names exactly the routes the
+//! gateway serves (checked against `durin::api::ROUTES` and against a running gateway), and
+//! `openapi/handler-protocol.yaml` spells the handler protocol's messages as
+//! `durin-protocol` serializes them.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use durin::config::Config;
+use durin_protocol::{
+    AppendRequest, AppendResponse, Discovery, EntryKind, EntryRef, Failure, HandlerSpec,
+    InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
+    HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_PROTOCOL, PROTOCOL_VERSION,
+};
+use serde_json::{json, Value as Json};
+use serde_yaml_ng::Value as Yaml;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const HTTP_METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+const SAMPLE_ID: &str = "inv_0193a2b4c5d6e7f8091a2b3c4d5e6f70";
+const NO_ROUTE: &str = "urn:durin:problem:no-route";
+const METHOD_NOT_ALLOWED: &str = "urn:durin:problem:method-not-allowed";
+
+fn load(name: &str) -> Yaml {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../openapi")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let doc: Yaml = serde_yaml_ng::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+    let version = doc["openapi"].as_str().unwrap_or_default();
+    assert!(
+        version.starts_with("3.1"),
+        "{name}: expected an OpenAPI 3.1 document, found openapi: {version:?}"
+    );
+    doc
+}
+
+/// Follows a local `$ref` (`#/components/...`).
+fn resolve<'a>(doc: &'a Yaml, reference: &str) -> &'a Yaml {
+    let pointer = reference
+        .strip_prefix("#/")
+        .unwrap_or_else(|| panic!("only local references are used, not {reference:?}"));
+    let mut node = doc;
+    for part in pointer.split('/') {
+        let part = part.replace("~1", "/").replace("~0", "~");
+        node = node
+            .get(part.as_str())
+            .unwrap_or_else(|| panic!("$ref {reference:?} does not resolve (no {part:?})"));
+    }
+    node
+}
+
+/// The node itself, or what its `$ref` names.
+fn deref<'a>(doc: &'a Yaml, node: &'a Yaml) -> &'a Yaml {
+    match node.get("$ref").and_then(Yaml::as_str) {
+        Some(reference) => deref(doc, resolve(doc, reference)),
+        None => node,
+    }
+}
+
+fn keys(node: &Yaml) -> BTreeSet<String> {
+    node.as_mapping()
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn strings(node: &Yaml) -> BTreeSet<String> {
+    node.as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every `$ref` in the document resolves.
+fn check_references(doc: &Yaml, node: &Yaml) {
+    match node {
+        Yaml::Mapping(map) => {
+            for (key, value) in map {
+                if key.as_str() == Some("$ref") {
+                    resolve(doc, value.as_str().expect("$ref is a string"));
+                } else {
+                    check_references(doc, value);
+                }
+            }
+        }
+        Yaml::Sequence(items) => items.iter().for_each(|v| check_references(doc, v)),
+        _ => {}
+    }
+}
+
+/// `(METHOD, path)` of every operation in the document.
+fn documented_routes(doc: &Yaml) -> BTreeSet<(String, String)> {
+    let paths = doc["paths"].as_mapping().expect("the document has paths");
+    let mut routes = BTreeSet::new();
+    for (path, item) in paths {
+        let path = path.as_str().expect("path keys are strings");
+        for method in keys(item) {
+            if HTTP_METHODS.contains(&method.as_str()) {
+                routes.insert((method.to_uppercase(), path.to_owned()));
+            }
+        }
+    }
+    routes
+}
+
+fn operation<'a>(doc: &'a Yaml, method: &str, path: &str) -> &'a Yaml {
+    &doc["paths"][path][method.to_lowercase().as_str()]
+}
+
+/// Names of the `in: path` parameters of an operation (its own and its path item's).
+fn path_parameters(doc: &Yaml, method: &str, path: &str) -> BTreeSet<String> {
+    let item = &doc["paths"][path];
+    let op = operation(doc, method, path);
+    [&item["parameters"], &op["parameters"]]
+        .into_iter()
+        .filter_map(Yaml::as_sequence)
+        .flatten()
+        .map(|p| deref(doc, p))
+        .filter(|p| p["in"].as_str() == Some("path"))
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn placeholders(path: &str) -> BTreeSet<String> {
+    path.split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn fill(path: &str) -> String {
+    path.replace("{id}", SAMPLE_ID)
+        .replace("{service}", "order")
+        .replace("{handler}", "process")
+}
+
+/// Whether the operation documents `status` (exactly, as a range like `4XX`, or `default`).
+fn documents_status(doc: &Yaml, method: &str, path: &str, status: u16) -> bool {
+    let documented = keys(&operation(doc, method, path)["responses"]);
+    let range = format!("{}XX", status / 100);
+    documented.contains(&status.to_string())
+        || documented.contains(&range)
+        || documented.contains("default")
+}
+
+#[test]
+fn gateway_document_names_exactly_the_routes() {
+    let doc = load("durin.yaml");
+    check_references(&doc, &doc);
+
+    let routes: BTreeSet<(String, String)> = durin::api::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(
+        routes.len(),
+        durin::api::ROUTES.len(),
+        "durin::api::ROUTES lists a route twice"
+    );
+    let documented = documented_routes(&doc);
+    let undocumented: Vec<_> = routes.difference(&documented).collect();
+    let unserved: Vec<_> = documented.difference(&routes).collect();
+    assert!(
+        undocumented.is_empty() && unserved.is_empty(),
+        "openapi/durin.yaml and durin::api::ROUTES disagree.\n\
+         In ROUTES but missing from openapi/durin.yaml: {undocumented:?}\n\
+         In openapi/durin.yaml but missing from ROUTES: {unserved:?}"
+    );
+
+    for (method, path) in &routes {
+        let op = operation(&doc, method, path);
+        assert!(
+            op["responses"].as_mapping().is_some_and(|r| !r.is_empty()),
+            "{method} {path} documents no response"
+        );
+        assert!(
+            op["operationId"].as_str().is_some(),
+            "{method} {path} has no operationId"
+        );
+        assert_eq!(
+            path_parameters(&doc, method, path),
+            placeholders(path),
+            "{method} {path}: the documented path parameters differ from the placeholders"
+        );
+    }
+}
+
+#[tokio::test]
+async fn gateway_serves_every_documented_route() {
+    let doc = load("durin.yaml");
+    let problem_schema = &doc["components"]["schemas"]["Problem"];
+    let problem_fields = keys(&problem_schema["properties"]);
+    let problem_types = strings(&problem_schema["properties"]["type"]["enum"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+        ..Config::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(durin::run(config, listener, shutdown.clone()));
+    let http = reqwest::Client::new();
+
+    // Every route, plus two requests that must be refused by the router, so that the check
+    // below is known to be able to fail.
+    let mut requests: Vec<(String, String, Option<&str>)> = durin::api::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string(), None))
+        .collect();
+    requests.push(("GET".into(), "/v1/nope".into(), Some(NO_ROUTE)));
+    requests.push(("DELETE".into(), "/health".into(), Some(METHOD_NOT_ALLOWED)));
+
+    for (method, path, refusal) in requests {
+        let url = format!("{base}{}", fill(&path));
+        let mut request = http.request(method.parse().unwrap(), &url);
+        if method == "POST" {
+            request = request.json(&json!({}));
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                shutdown.cancel();
+                let ended = server.await;
+                panic!("{method} {path}: no answer ({e}); the gateway ended with {ended:?}");
+            }
+        };
+        let status = response.status().as_u16();
+        let is_problem = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/problem+json"));
+        let source = response
+            .headers()
+            .get("durin-error-source")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.text().await.unwrap();
+        let problem_type = if is_problem {
+            let problem: Json = serde_json::from_str(&body).unwrap_or_else(|e| {
+                panic!("{method} {path}: problem body is not JSON ({e}): {body}")
+            });
+            let fields: BTreeSet<String> = problem.as_object().unwrap().keys().cloned().collect();
+            for required in ["type", "title", "status", "detail", "retryable"] {
+                assert!(
+                    fields.contains(required),
+                    "{method} {path}: problem without {required:?}: {body}"
+                );
+            }
+            assert!(
+                fields.is_subset(&problem_fields),
+                "{method} {path}: problem fields {fields:?} are not all documented in Problem: {body}"
+            );
+            assert_eq!(problem["status"], json!(status), "{method} {path}: {body}");
+            assert!(
+                source.as_deref() == Some("gateway") || source.as_deref() == Some("handler"),
+                "{method} {path}: problem without Durin-Error-Source: {body}"
+            );
+            let problem_type = problem["type"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                problem_types.contains(&problem_type),
+                "{method} {path}: problem type {problem_type:?} is not in the Problem schema's enum"
+            );
+            Some(problem_type)
+        } else {
+            None
+        };
+
+        match refusal {
+            Some(expected) => assert_eq!(
+                problem_type.as_deref(),
+                Some(expected),
+                "{method} {path} is not a route, yet the gateway answered {status}: {body}"
+            ),
+            None => {
+                assert!(
+                    problem_type.as_deref() != Some(NO_ROUTE)
+                        && problem_type.as_deref() != Some(METHOD_NOT_ALLOWED),
+                    "{method} {path} is in ROUTES and openapi/durin.yaml but the gateway's router does not serve it: {status} {body}"
+                );
+                assert!(
+                    documents_status(&doc, &method, &path, status),
+                    "{method} {path} answered {status}, which openapi/durin.yaml does not document for it: {body}"
+                );
+            }
+        }
+    }
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// The property names of `schema` equal the keys of `sample` (a value with every optional
+/// field set), so every field is documented under its wire name and nothing else is.
+fn assert_fields(doc: &Yaml, schema: &str, sample: &Json) {
+    let documented = keys(&doc["components"]["schemas"][schema]["properties"]);
+    let serialized: BTreeSet<String> = sample
+        .as_object()
+        .unwrap_or_else(|| panic!("sample of {schema} is not an object"))
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        documented, serialized,
+        "schema {schema}: documented properties (left) differ from the serialized fields (right)"
+    );
+}
+
+fn samples() -> Vec<(&'static str, Json)> {
+    let policy = RetryPolicy {
+        maximum_attempts: Some(5),
+        non_retryable_error_types: vec!["CardDeclined".into()],
+        ..RetryPolicy::default()
+    };
+    let failure = Failure {
+        status: 402,
+        error_type: Some("CardDeclined".into()),
+        message: "declined".into(),
+    };
+    let handler = HandlerSpec {
+        name: "process".into(),
+        path: Some("/order/process".into()),
+        retry_policy: Some(policy.clone()),
+        start_to_close: Some(std::time::Duration::from_secs(30)),
+    };
+    let service = ServiceSpec {
+        name: "order".into(),
+        kind: ServiceKind::Service,
+        handlers: vec![handler.clone()],
+    };
+    let entry = JournalEntry {
+        index: 1,
+        kind: EntryKind::Step,
+        name: Some("charge".into()),
+        value: Some(json!(1)),
+        failure: Some(failure.clone()),
+        attempt: 1,
+        at_ms: 1,
+    };
+    vec![
+        ("RetryPolicy", value(&policy)),
+        ("Failure", value(&failure)),
+        ("HandlerSpec", value(&handler)),
+        ("ServiceSpec", value(&service)),
+        (
+            "Discovery",
+            value(&Discovery {
+                protocol: PROTOCOL_VERSION,
+                services: vec![service.clone()],
+            }),
+        ),
+        ("JournalEntry", value(&entry)),
+        (
+            "InvocationRequest",
+            value(&InvocationRequest {
+                protocol: PROTOCOL_VERSION,
+                invocation_id: SAMPLE_ID.into(),
+                attempt: 1,
+                service: "order".into(),
+                handler: "process".into(),
+                input: json!({}),
+                journal: vec![entry],
+                position_failures: 0,
+                context_url: "http://127.0.0.1:8080/v1/contexts/x".into(),
+            }),
+        ),
+        (
+            "AppendRequest",
+            value(&AppendRequest {
+                index: 1,
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+                value: Some(json!(1)),
+                failure: Some(failure),
+            }),
+        ),
+        (
+            "AppendResponse",
+            value(&AppendResponse { index: 1, at_ms: 1 }),
+        ),
+        (
+            "EntryRef",
+            value(&EntryRef {
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+            }),
+        ),
+    ]
+}
+
+fn value<T: serde::Serialize>(sample: &T) -> Json {
+    serde_json::to_value(sample).expect("protocol types serialize")
+}
+
+/// One value of every outcome; the match makes a new variant a compile error here.
+fn outcome_samples() -> Vec<Outcome> {
+    let samples = vec![
+        Outcome::Output { output: json!(1) },
+        Outcome::Failure {
+            failure: Failure {
+                status: 500,
+                error_type: Some("Boom".into()),
+                message: "boom".into(),
+            },
+        },
+        Outcome::Retry {
+            error: "boom".into(),
+            error_type: Some("Boom".into()),
+            retry_after_ms: Some(5),
+            step: Some("charge".into()),
+        },
+        Outcome::Suspend { wake_at_ms: 1 },
+        Outcome::NonDeterminism {
+            index: 3,
+            recorded: EntryRef {
+                kind: EntryKind::Step,
+                name: Some("reserve".into()),
+            },
+            requested: EntryRef {
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+            },
+        },
+    ];
+    let mut seen = [false; 5];
+    for sample in &samples {
+        let slot = match sample {
+            Outcome::Output { .. } => 0,
+            Outcome::Failure { .. } => 1,
+            Outcome::Retry { .. } => 2,
+            Outcome::Suspend { .. } => 3,
+            Outcome::NonDeterminism { .. } => 4,
+        };
+        seen[slot] = true;
+    }
+    assert!(seen.iter().all(|s| *s), "a sample is missing an outcome");
+    samples
+}
+
+#[test]
+fn handler_protocol_document_matches_the_wire_types() {
+    let doc = load("handler-protocol.yaml");
+    check_references(&doc, &doc);
+    let schemas = &doc["components"]["schemas"];
+
+    // Outcome: discriminator mapping, the variants' `outcome` constants and serde's tags.
+    let outcome = &schemas["Outcome"];
+    assert_eq!(
+        outcome["discriminator"]["propertyName"].as_str(),
+        Some("outcome")
+    );
+    let mapping = outcome["discriminator"]["mapping"]
+        .as_mapping()
+        .expect("Outcome has a discriminator mapping");
+    let one_of: BTreeSet<String> = outcome["oneOf"]
+        .as_sequence()
+        .expect("Outcome is a oneOf")
+        .iter()
+        .map(|v| {
+            v["$ref"]
+                .as_str()
+                .expect("oneOf entries are $refs")
+                .to_owned()
+        })
+        .collect();
+    let mapped: BTreeSet<String> = mapping
+        .values()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        one_of, mapped,
+        "Outcome: oneOf and the discriminator mapping differ"
+    );
+    let mut documented = BTreeSet::new();
+    for (tag, reference) in mapping {
+        let tag = tag.as_str().unwrap().to_owned();
+        let variant = resolve(&doc, reference.as_str().unwrap());
+        let constant = variant["properties"]["outcome"]["const"].as_str();
+        assert_eq!(
+            constant,
+            Some(tag.as_str()),
+            "the variant mapped from {tag:?} has outcome const {constant:?}"
+        );
+        documented.insert(tag);
+    }
+    let mut tags = BTreeSet::new();
+    for sample in outcome_samples() {
+        let json = serde_json::to_value(&sample).unwrap();
+        let tag = json["outcome"].as_str().unwrap().to_owned();
+        let reference = mapping
+            .get(tag.as_str())
+            .and_then(Yaml::as_str)
+            .unwrap_or_else(|| panic!("outcome {tag:?} is not documented"));
+        let schema = reference
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("{reference:?} is not under #/components/schemas"));
+        assert_fields(&doc, schema, &json);
+        tags.insert(tag);
+    }
+    assert_eq!(
+        documented, tags,
+        "Outcome variants documented (left) differ from durin_protocol::Outcome's tags (right)"
+    );
+
+    // EntryKind: the documented enum, the expected list and serde agree.
+    let expected: BTreeSet<String> = ["input", "step", "now", "uuid", "random", "output"]
+        .map(str::to_owned)
+        .into();
+    let serialized: BTreeSet<String> = [
+        EntryKind::Input,
+        EntryKind::Step,
+        EntryKind::Now,
+        EntryKind::Uuid,
+        EntryKind::Random,
+        EntryKind::Output,
+    ]
+    .iter()
+    .map(|k| {
+        serde_json::to_value(k)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    })
+    .collect();
+    assert_eq!(serialized, expected, "EntryKind serializes differently");
+    assert_eq!(
+        strings(&schemas["EntryKind"]["enum"]),
+        expected,
+        "handler-protocol.yaml EntryKind enum"
+    );
+    assert_eq!(
+        strings(&load("durin.yaml")["components"]["schemas"]["EntryKind"]["enum"]),
+        expected,
+        "durin.yaml EntryKind enum"
+    );
+
+    // Every message's fields, under their wire names.
+    for (schema, sample) in samples() {
+        assert_fields(&doc, schema, &sample);
+    }
+
+    // RetryPolicy defaults as documented are the defaults of the type.
+    let defaults = serde_json::to_value(RetryPolicy::default()).unwrap();
+    let properties = &schemas["RetryPolicy"]["properties"];
+    for (field, value) in defaults.as_object().unwrap() {
+        let documented: Json =
+            serde_json::to_value(&properties[field.as_str()]["default"]).unwrap();
+        assert_eq!(
+            &documented, value,
+            "RetryPolicy.{field}: documented default differs from RetryPolicy::default()"
+        );
+    }
+
+    // The invocation request's headers.
+    let invoke = &doc["paths"]["/{service}/{handler}"]["post"];
+    let headers: BTreeSet<String> = invoke["parameters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|p| p["in"].as_str() == Some("header"))
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    let expected_headers: BTreeSet<String> =
+        [HEADER_INVOCATION_ID, HEADER_ATTEMPT, HEADER_PROTOCOL]
+            .map(str::to_owned)
+            .into();
+    assert_eq!(headers, expected_headers, "invocation request headers");
+    assert_eq!(
+        schemas["Discovery"]["properties"]["protocol"]["const"].as_u64(),
+        Some(u64::from(PROTOCOL_VERSION))
+    );
+}
+
+#[test]
+fn shared_schemas_of_the_gateway_document_match_the_wire_types() {
+    let doc = load("durin.yaml");
+    let shared = [
+        "RetryPolicy",
+        "Failure",
+        "HandlerSpec",
+        "ServiceSpec",
+        "AppendRequest",
+        "AppendResponse",
+    ];
+    for (schema, sample) in samples() {
+        if shared.contains(&schema) {
+            assert_fields(&doc, schema, &sample);
+        }
+    }
+    let defaults = serde_json::to_value(RetryPolicy::default()).unwrap();
+    let properties = &doc["components"]["schemas"]["RetryPolicy"]["properties"];
+    for (field, value) in defaults.as_object().unwrap() {
+        let documented: Json =
+            serde_json::to_value(&properties[field.as_str()]["default"]).unwrap();
+        assert_eq!(
+            &documented, value,
+            "durin.yaml RetryPolicy.{field}: documented default differs from RetryPolicy::default()"
+        );
+    }
+}
