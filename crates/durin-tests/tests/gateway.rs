@@ -367,7 +367,12 @@ async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
     register(&gateway.url, &url).await;
     let r = gateway.post("/v1/call/junk/run", "{}").await;
     assert_eq!(r.headers()["durin-error-source"], "handler");
+    let header_id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body = problem(r, 500, false, "all 2 attempts failed").await;
+    assert_eq!(body["invocation_id"], header_id.as_str());
     let detail = body["detail"].as_str().unwrap();
     assert!(detail.contains("protocol violation"), "{detail}");
     assert!(detail.contains("<html>garbage</html>"), "{detail}");

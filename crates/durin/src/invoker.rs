@@ -289,8 +289,7 @@ impl Invoker {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(parse_retry_after);
         let body = match read_limited(response, MAX_HANDLER_RESPONSE_BYTES).await {
             Ok(body) => body,
             Err(error) => {
@@ -454,6 +453,19 @@ enum HandlerAnswer {
         error_type: Option<String>,
         delay: Option<Duration>,
     },
+}
+
+/// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110 §10.2.3).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 fn describe(kind: EntryKind, name: Option<&str>) -> String {

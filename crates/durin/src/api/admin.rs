@@ -14,8 +14,10 @@ use crate::problem::ApiError;
 use crate::registry;
 use crate::store::{InvocationRecord, Status};
 
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /health`: 200 when the server is up and its database answers.
+pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.store.ping().await?;
+    Ok(Json(json!({"status": "ok"})))
 }
 
 #[derive(Deserialize)]

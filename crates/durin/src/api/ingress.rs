@@ -30,7 +30,7 @@ pub async fn call(
 ) -> Result<Response, ApiError> {
     let (record, replayed) = start(&state, &service, &handler, &headers, &body).await?;
     let record = wait_for_end(&state, &record.id, None).await?;
-    finished_response(&state, record, replayed).await
+    Ok(ended_response(&state, record, replayed).await)
 }
 
 /// `POST /v1/send/{service}/{handler}`: starts (or re-attaches to) an invocation and answers
@@ -47,10 +47,10 @@ pub async fn send(
         return Ok(accepted(&record, replayed));
     };
     let record = wait_for_end(&state, &record.id, Some(wait)).await?;
-    if record.status.is_final() {
-        return finished_response(&state, record, replayed).await;
+    if !record.status.is_final() {
+        return Ok(accepted(&record, replayed));
     }
-    Ok(accepted(&record, replayed))
+    Ok(ended_response(&state, record, replayed).await)
 }
 
 /// `Prefer: wait=N` (RFC 7240), capped at [`MAX_WAIT_SECONDS`].
@@ -103,11 +103,21 @@ fn decorate(response: &mut Response, id: &InvocationId, replayed: bool) {
     }
 }
 
-/// The answer for an invocation that ended (or paused): its output or its failure.
-async fn finished_response(
+/// The answer for an invocation that ended (or paused): its output or its failure, with
+/// the invocation's headers either way.
+async fn ended_response(state: &AppState, record: InvocationRecord, replayed: bool) -> Response {
+    let id = record.id.clone();
+    let mut response = match output_or_failure(state, record).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    decorate(&mut response, &id, replayed);
+    response
+}
+
+async fn output_or_failure(
     state: &AppState,
     record: InvocationRecord,
-    replayed: bool,
 ) -> Result<Response, ApiError> {
     match record.status {
         Status::Completed => {
@@ -121,13 +131,11 @@ async fn finished_response(
             let content_type = output
                 .content_type
                 .unwrap_or_else(|| "application/json".into());
-            let mut response = (
+            Ok((
                 [(header::CONTENT_TYPE, content_type)],
                 output.value.unwrap_or_default(),
             )
-                .into_response();
-            decorate(&mut response, &record.id, replayed);
-            Ok(response)
+                .into_response())
         }
         Status::Paused => Err(ApiError::InvocationPaused {
             invocation_id: record.id.to_string(),

@@ -156,8 +156,9 @@ pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {
     InvocationId::parse(id).map_err(ApiError::BadRequest)
 }
 
-/// Waits until the invocation is final or paused, or `timeout` passes; returns its latest
-/// record either way.
+/// Waits until the invocation is final, or `timeout` passes; returns its latest record
+/// either way. Without a timeout it also returns when the invocation is paused, since a
+/// paused invocation waits for an operator.
 pub async fn wait_for_end(
     state: &AppState,
     id: &InvocationId,
@@ -176,7 +177,7 @@ pub async fn wait_for_end(
             .get_invocation(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))?;
-        if record.status.is_final() || record.status == Status::Paused {
+        if record.status.is_final() || (timeout.is_none() && record.status == Status::Paused) {
             return Ok(record);
         }
         let wake = match deadline {

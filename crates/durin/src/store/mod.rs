@@ -284,7 +284,7 @@ pub trait Store: Send + Sync + 'static {
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>>;
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>>;
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>>;
-    /// Invocations that are not final, oldest first, at most `limit`.
+    /// Invocations, newest first, at most `limit`, optionally only those with `status`.
     async fn list_invocations(
         &self,
         status: Option<Status>,
@@ -323,6 +323,8 @@ pub trait Store: Send + Sync + 'static {
         deployment_id: Option<String>,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>>;
+    /// Checks that the database answers.
+    async fn ping(&self) -> StoreResult<()>;
     /// Forgets idempotency keys whose retention ended; returns how many.
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64>;
 }

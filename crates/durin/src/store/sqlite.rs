@@ -861,6 +861,14 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reads)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64> {
         self.write(move |conn| {
             Box::pin(async move {
