@@ -545,6 +545,14 @@ impl Completions {
         Arc::clone(waiters.entry(id.clone()).or_default())
     }
 
+    /// Drops the notifier of `id` if no waiter holds it any more.
+    pub fn release(&self, id: &InvocationId) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if waiters.get(id).is_some_and(|n| Arc::strong_count(n) == 1) {
+            waiters.remove(id);
+        }
+    }
+
     pub fn notify(&self, id: &InvocationId) {
         let notify = self
             .waiters
@@ -554,5 +562,41 @@ impl Completions {
         if let Some(notify) = notify {
             notify.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_listener_leaves_nothing_behind_unless_someone_waits() {
+        let completions = Completions::default();
+        let id = InvocationId::generate();
+        let first = completions.listener(&id);
+        let second = completions.listener(&id);
+        drop(first);
+        completions.release(&id);
+        assert_eq!(
+            completions.waiters.lock().unwrap().len(),
+            1,
+            "second still waits"
+        );
+        drop(second);
+        completions.release(&id);
+        assert!(completions.waiters.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let delay = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(delay > Duration::from_secs(100) && delay <= Duration::from_secs(120));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -177,11 +177,14 @@ async fn start(
             )));
         }
     }
-    if !body.is_empty() {
-        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
-            ApiError::BadRequest(format!("the request body is not valid JSON: {e}"))
-        })?;
-    }
+    // The digest is over the JSON value, not its bytes, so that whitespace or key order
+    // does not make a retry with the same Idempotency-Key look like a different request.
+    let input: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?
+    };
     let key = headers
         .get(HEADER_IDEMPOTENCY_KEY)
         .map(|v| {
@@ -204,7 +207,7 @@ async fn start(
     let idempotency = key.map(|key| IdempotencyClaim {
         scope: format!("{service}/{handler}"),
         key: key.as_str().to_owned(),
-        request_digest: request_digest(&service, &handler, body),
+        request_digest: request_digest(&service, &handler, &input),
         expires_at_ms: now_ms.saturating_add(state.idempotency_retention.as_millis() as i64),
     });
     let created = state
@@ -235,13 +238,14 @@ async fn start(
     }
 }
 
-fn request_digest(service: &str, handler: &str, body: &[u8]) -> String {
+fn request_digest(service: &str, handler: &str, input: &serde_json::Value) -> String {
     let mut hasher = Sha256::new();
     hasher.update(service.as_bytes());
     hasher.update([0]);
     hasher.update(handler.as_bytes());
     hasher.update([0]);
-    hasher.update(body);
+    // serde_json's maps are sorted by key, so this is a canonical form of the value.
+    hasher.update(input.to_string().as_bytes());
     hasher
         .finalize()
         .iter()

@@ -167,6 +167,7 @@ pub async fn wait_for_end(
     // A wake-up can come from another process (a later store), so poll now and then too.
     const POLL: Duration = Duration::from_secs(1);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let _release = ReleaseListener(state.invoker.completions(), id);
     loop {
         let notify = state.invoker.completions().listener(id);
         let notified = notify.notified();
@@ -198,5 +199,15 @@ pub async fn wait_for_end(
                 )));
             }
         }
+    }
+}
+
+/// Forgets the waiters' entry of an invocation when the last waiter leaves, so that waits
+/// on invocations that never end (or do not exist) leave nothing behind.
+struct ReleaseListener<'a>(&'a crate::invoker::Completions, &'a InvocationId);
+
+impl Drop for ReleaseListener<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
