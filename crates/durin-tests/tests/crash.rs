@@ -173,3 +173,35 @@ async fn gateway_killed_during_backoff_keeps_the_schedule() {
         order_journal_shape()
     );
 }
+
+/// SIGTERM stops Durin cleanly within its drain timeout (1 s here) while an invocation is in
+/// flight; a restart finishes it, and no completed step runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_a_restart_finishes_the_rest() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(
+        None,
+        &["--step-delay-ms", "800", "--downstream", &downstream.url],
+    );
+    register(&gateway.url, &handler.url).await;
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_step(&gateway.url, &id, "charge_payment").await;
+
+    let status = gateway.terminate(Duration::from_secs(5));
+    assert!(status.success(), "durin exited with {status}");
+
+    let gateway = home.start(Some(gateway.addr));
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    assert_eq!(
+        shape(&journal(&gateway.url, &id).await),
+        order_journal_shape()
+    );
+    assert_eq!(downstream.requests("charge_payment").len(), 1);
+    for step in ["reserve_inventory", "send_confirmation"] {
+        assert_eq!(downstream.distinct_keys(step), 1, "{step}");
+    }
+}
