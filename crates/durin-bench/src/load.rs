@@ -1,0 +1,213 @@
+//! The load generator: a fixed number of requests sent by a fixed number of concurrent
+//! callers, each waiting for its answer before sending the next (a closed loop, like oha
+//! `-n N -c C`, which is what the Restate anchor figures were measured with).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// The request body of the order3 workload; the same body is sent every time, as in
+/// `shared/bench/restate/bench.sh`.
+pub const ORDER_BODY: &str = r#"{"order_id":"bench-1","customer_id":"cust-1","amount_cents":4999}"#;
+
+/// The result the order handler returns for `ORDER_BODY`.
+pub const EXPECTED_RESULT: &str =
+    "order bench-1 complete charge charge_bench-1 reservation reservation_bench-1";
+
+/// What one run of `requests` requests at one concurrency produced.
+pub struct LevelResult {
+    /// Latencies of all requests that got an answer, successful or not, sorted ascending.
+    pub latencies: Vec<Duration>,
+    pub ok: usize,
+    /// 200 answers whose body was not the expected result.
+    pub bad_body: usize,
+    /// Answers with a status other than 200.
+    pub bad_status: usize,
+    /// Connection failures, timeouts, and bodies that could not be read.
+    pub transport: usize,
+    /// From just before the first request to just after the last answer.
+    pub wall: Duration,
+    /// The first failure seen, to show what went wrong without flooding the output.
+    pub first_error: Option<String>,
+}
+
+impl LevelResult {
+    pub fn errors(&self) -> usize {
+        self.bad_body + self.bad_status + self.transport
+    }
+
+    /// Latency at quantile `q` (0..=1) by the nearest-rank method.
+    pub fn percentile(&self, q: f64) -> Option<Duration> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let rank = (q * self.latencies.len() as f64).ceil() as usize;
+        Some(self.latencies[rank.clamp(1, self.latencies.len()) - 1])
+    }
+
+    pub fn mean(&self) -> Option<Duration> {
+        let n = u32::try_from(self.latencies.len())
+            .ok()
+            .filter(|&n| n > 0)?;
+        Some(self.latencies.iter().sum::<Duration>() / n)
+    }
+}
+
+/// The outcome of one request, as the callers count it.
+enum Outcome {
+    Ok,
+    BadBody(String),
+    BadStatus(String),
+    Transport(String),
+}
+
+/// The HTTP client shared by all callers of a run. One client with a large enough idle pool
+/// keeps one keep-alive connection per caller, so connection setup is not measured after
+/// the first request of each caller.
+pub fn client(max_concurrency: usize) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(max_concurrency.max(1))
+        .tcp_nodelay(true)
+        // Long enough for any queueing at c=256 on a loaded machine; a hung gateway still
+        // ends the run instead of stalling it forever.
+        .timeout(Duration::from_secs(120))
+        .build()
+        .context("cannot build the HTTP client")
+}
+
+/// Sends one order3 request and classifies the answer.
+async fn call(client: &reqwest::Client, url: &str) -> Outcome {
+    let response = match client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(ORDER_BODY)
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => return Outcome::Transport(format!("{e:#}")),
+    };
+    let status = response.status();
+    // The body is always read, also on failures, so the connection can be reused.
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(e) => return Outcome::Transport(format!("reading the body: {e:#}")),
+    };
+    if status != reqwest::StatusCode::OK {
+        return Outcome::BadStatus(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    // Parsing rather than comparing bytes keeps the check independent of JSON formatting.
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::String(s)) if s == EXPECTED_RESULT => Outcome::Ok,
+        _ => Outcome::BadBody(format!(
+            "body {:?}, expected {EXPECTED_RESULT:?} as a JSON string",
+            String::from_utf8_lossy(&body)
+        )),
+    }
+}
+
+/// Sends one request and fails unless it succeeds with exactly the expected body, so a
+/// broken setup stops the run before any figures are printed.
+pub async fn smoke(client: &reqwest::Client, url: &str) -> Result<()> {
+    match call(client, url).await {
+        Outcome::Ok => Ok(()),
+        Outcome::BadBody(e) | Outcome::BadStatus(e) | Outcome::Transport(e) => {
+            anyhow::bail!("the first order3 call to {url} failed: {e}")
+        }
+    }
+}
+
+/// Sends `requests` requests from `concurrency` concurrent callers.
+pub async fn run(
+    client: &reqwest::Client,
+    url: &str,
+    requests: usize,
+    concurrency: usize,
+) -> Result<LevelResult> {
+    // Callers claim request numbers from a shared counter, so exactly `requests` are sent
+    // however unevenly the callers progress.
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.clamp(1, requests.max(1)) {
+        let client = client.clone();
+        let url = url.to_owned();
+        let next = Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut outcomes = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                let sent = Instant::now();
+                let outcome = call(&client, &url).await;
+                outcomes.push((sent.elapsed(), outcome));
+            }
+            outcomes
+        });
+    }
+    let mut result = LevelResult {
+        latencies: Vec::with_capacity(requests),
+        ok: 0,
+        bad_body: 0,
+        bad_status: 0,
+        transport: 0,
+        wall: Duration::ZERO,
+        first_error: None,
+    };
+    while let Some(joined) = tasks.join_next().await {
+        for (latency, outcome) in joined.context("a load-generating task failed")? {
+            let error = match outcome {
+                Outcome::Ok => {
+                    result.ok += 1;
+                    None
+                }
+                Outcome::BadBody(e) => {
+                    result.bad_body += 1;
+                    Some(e)
+                }
+                Outcome::BadStatus(e) => {
+                    result.bad_status += 1;
+                    Some(e)
+                }
+                Outcome::Transport(e) => {
+                    result.transport += 1;
+                    // A transport error has no answer, so its time is not a latency.
+                    result.first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            result.latencies.push(latency);
+            if let Some(e) = error {
+                result.first_error.get_or_insert(e);
+            }
+        }
+    }
+    result.wall = start.elapsed();
+    result.latencies.sort_unstable();
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let result = LevelResult {
+            latencies: (1..=100).map(Duration::from_millis).collect(),
+            ok: 100,
+            bad_body: 0,
+            bad_status: 0,
+            transport: 0,
+            wall: Duration::from_secs(1),
+            first_error: None,
+        };
+        assert_eq!(result.percentile(0.5), Some(Duration::from_millis(50)));
+        assert_eq!(result.percentile(0.99), Some(Duration::from_millis(99)));
+        assert_eq!(result.percentile(1.0), Some(Duration::from_millis(100)));
+        assert_eq!(result.percentile(0.0), Some(Duration::from_millis(1)));
+    }
+}

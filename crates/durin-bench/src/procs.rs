@@ -1,0 +1,246 @@
+//! The child processes under test (`durin` and `order`), their scratch directory, and the
+//! figures read about them from `/proc`.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// How long a child may take to print its "listening on" line. Durin applies its
+/// migrations before it listens, which takes well under a second on a fresh file, but the
+/// machine is shared, so the limit is generous.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One started child process, killed and reaped when dropped.
+pub struct Service {
+    name: &'static str,
+    child: Child,
+    /// Where the child's stderr (its log) goes; quoted in errors so a failed start explains itself.
+    log: PathBuf,
+    /// The base URL parsed from the child's ready line, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+}
+
+impl Service {
+    /// Starts `program` with `args`, sends its stderr to `log`, and waits until it prints a
+    /// stdout line starting with `ready_prefix` followed by its base URL.
+    pub fn start(
+        name: &'static str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        ready_prefix: &'static str,
+    ) -> Result<Self> {
+        let log_file =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with `cargo build --release -p durin -p order-example`, or pass --bin-dir)",
+                    program.display()
+                )
+            })?;
+        let stdout = child.stdout.take();
+        // From here on the guard owns the child, so every early return below kills it.
+        let mut service = Service {
+            name,
+            child,
+            log,
+            url: String::new(),
+        };
+        let stdout = stdout.ok_or_else(|| anyhow!("{name}: stdout was not captured"))?;
+        // A thread reads stdout because std's pipes have no timeout; it keeps draining after
+        // the ready line so that the child can never block on a full pipe.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Some(rest) = line.strip_prefix(ready_prefix) {
+                        let url = rest
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
+                        sent = tx.send(url).is_ok();
+                    }
+                }
+            }
+        });
+        match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(url) if url.starts_with("http://") => {
+                service.url = url.trim_end_matches('/').to_owned();
+                Ok(service)
+            }
+            Ok(url) => bail!(
+                "{name} printed an unexpected address {url:?}{}",
+                service.log_tail()
+            ),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                "{name} did not print {ready_prefix:?} within {}s{}",
+                STARTUP_TIMEOUT.as_secs(),
+                service.log_tail()
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = service
+                    .child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| "still running".to_owned(), |s| s.to_string());
+                bail!(
+                    "{name} closed its stdout before printing {ready_prefix:?} ({status}){}",
+                    service.log_tail()
+                )
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of the child's log, formatted for appending to an error message.
+    fn log_tail(&self) -> String {
+        match fs::read_to_string(&self.log) {
+            Ok(text) if !text.trim().is_empty() => {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n  ");
+                format!("; last lines of {}:\n  {tail}", self.log.display())
+            }
+            _ => format!(" ({} is empty)", self.log.display()),
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // SIGKILL is fine: the database is scratch, and nothing after the run reads it.
+        if let Err(e) = self.child.kill() {
+            // The child may have exited already; then there is nothing to kill.
+            if e.kind() != std::io::ErrorKind::InvalidInput {
+                eprintln!("durin-bench: cannot kill {}: {e}", self.name);
+            }
+        }
+        // Reaping avoids leaving a zombie behind if the bench is embedded in a longer process.
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh scratch directory, removed when dropped unless it is to be kept.
+pub struct ScratchDir {
+    pub path: PathBuf,
+    pub keep: bool,
+}
+
+impl ScratchDir {
+    /// Creates a new directory under the system temp dir. The name carries the pid and the
+    /// time, and `create_dir` fails rather than reuse an existing directory, so a stale
+    /// database can never leak into a run.
+    pub fn create(keep: bool) -> Result<Self> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let path =
+            std::env::temp_dir().join(format!("durin-bench-{}-{nanos:x}", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(ScratchDir { path, keep })
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("durin-bench: kept {}", self.path.display());
+        } else if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("durin-bench: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Everything started for one run. Field order matters: Rust drops fields in declaration
+/// order, so both children are killed before their scratch directory is removed.
+pub struct Harness {
+    pub durin: Service,
+    pub order: Service,
+    /// Never read; held only so that it is removed when the harness is dropped.
+    pub _dir: ScratchDir,
+}
+
+/// User plus system CPU time of a process so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    parse_cpu_ticks(&stat).ok_or_else(|| anyhow!("unexpected format of {path}: {stat:?}"))
+}
+
+/// Extracts utime + stime (fields 14 and 15 of proc(5)) from a `/proc/PID/stat` line. The
+/// command name (field 2) may contain spaces and parentheses, so fields are counted from
+/// the last `)`, after which the state is field 3.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Resident memory of a process in MiB, from `VmRSS` in `/proc/PID/status`.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Clock ticks per second for `/proc/PID/stat`. The workspace forbids unsafe code and
+/// libc is not a dependency, so this asks `getconf CLK_TCK`; if that fails it assumes
+/// 100, which is the value on every Linux architecture in common use.
+pub fn clock_ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&ticks| ticks > 0)
+        .unwrap_or(100)
+}
+
+/// The 1-minute load average from `/proc/loadavg`.
+pub fn loadavg1() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_ticks_after_a_tricky_command_name() {
+        let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194304 100 0 0 0 250 75 0 0 20 0 3 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn reads_own_cpu_ticks() {
+        assert!(cpu_ticks(std::process::id()).is_ok());
+    }
+}
