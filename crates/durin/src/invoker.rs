@@ -15,12 +15,13 @@ use durin_protocol::{
     HEADER_INVOCATION_ID, HEADER_PROTOCOL, PROTOCOL_VERSION,
 };
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::ids::InvocationId;
+use crate::registry::Targets;
 use crate::store::{
     AttemptEnd, HandlerTarget, InvocationRecord, Status, Store, StoreError, StoredEntry,
 };
@@ -46,6 +47,7 @@ pub struct Invoker {
     /// (they would fence each other, wasting attempts).
     active: Mutex<HashSet<InvocationId>>,
     completions: Completions,
+    targets: Arc<Targets>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -56,11 +58,20 @@ enum Next {
     Stop,
 }
 
+/// How a driver begins.
+enum Start {
+    /// Start an attempt at this time (now when `None`).
+    At(Option<i64>),
+    /// The store already started attempt 1; here are its record and journal.
+    Started(InvocationRecord, Vec<StoredEntry>),
+}
+
 impl Invoker {
     pub fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: InvokerConfig,
+        targets: Arc<Targets>,
         shutdown: CancellationToken,
     ) -> Invoker {
         Invoker {
@@ -73,6 +84,7 @@ impl Invoker {
             config,
             active: Mutex::new(HashSet::new()),
             completions: Completions::default(),
+            targets,
             tracker: TaskTracker::new(),
             shutdown,
         }
@@ -84,6 +96,18 @@ impl Invoker {
 
     /// Makes sure a driver runs the invocation, first at `run_at_ms` (now when `None`).
     pub fn drive(self: &Arc<Self>, id: InvocationId, run_at_ms: Option<i64>) {
+        self.spawn_driver(id, Start::At(run_at_ms));
+    }
+
+    /// Runs the first attempt of an invocation the store created already started (attempt
+    /// 1, running), with its journal in hand, so that it costs no further read or write.
+    pub fn drive_started(self: &Arc<Self>, record: InvocationRecord, journal: Vec<StoredEntry>) {
+        self.spawn_driver(record.id.clone(), Start::Started(record, journal));
+    }
+
+    fn spawn_driver(self: &Arc<Self>, id: InvocationId, start: Start) {
+        // During a shutdown the invocation stays as it is in the store; the next start
+        // recovers it.
         if self.shutdown.is_cancelled() {
             return;
         }
@@ -95,7 +119,7 @@ impl Invoker {
         }
         let invoker = Arc::clone(self);
         self.tracker
-            .spawn(async move { invoker.run_driver(id, run_at_ms).await });
+            .spawn(async move { invoker.run_driver(id, start).await });
     }
 
     /// Drivers of every invocation that had not finished when the gateway last stopped.
@@ -127,24 +151,23 @@ impl Invoker {
         }
     }
 
-    async fn run_driver(self: Arc<Self>, id: InvocationId, mut run_at_ms: Option<i64>) {
-        loop {
-            if let Some(at) = run_at_ms {
-                let wait = at.saturating_sub(self.clock.now_ms());
-                if wait > 0 {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
-                        _ = self.shutdown.cancelled() => break,
-                    }
+    async fn run_driver(self: Arc<Self>, id: InvocationId, start: Start) {
+        let mut next = match start {
+            Start::At(at) => Next::RunAt(at.unwrap_or(i64::MIN)),
+            Start::Started(record, journal) => self.run_started_attempt(record, journal).await,
+        };
+        while let Next::RunAt(at) = next {
+            let wait = at.saturating_sub(self.clock.now_ms());
+            if wait > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                    _ = self.shutdown.cancelled() => break,
                 }
             }
             if self.shutdown.is_cancelled() {
                 break;
             }
-            match self.run_attempt(&id).await {
-                Next::RunAt(at) => run_at_ms = Some(at),
-                Next::Stop => break,
-            }
+            next = self.run_attempt(&id).await;
         }
         self.active
             .lock()
@@ -152,6 +175,7 @@ impl Invoker {
             .remove(&id);
     }
 
+    /// Starts the next attempt in the store, then runs it.
     async fn run_attempt(&self, id: &InvocationId) -> Next {
         let record = match self.store.start_attempt(id, self.clock.now_ms()).await {
             Ok(Some(record)) => record,
@@ -161,7 +185,24 @@ impl Invoker {
                 return Next::RunAt(self.clock.now_ms() + STORE_RETRY_MS);
             }
         };
-        let end = match self.prepare_and_call(&record).await {
+        let journal = match self.store.read_journal(id).await {
+            Ok(journal) => journal,
+            Err(error) => {
+                tracing::error!(%id, %error, "could not read the journal");
+                return Next::RunAt(self.clock.now_ms() + STORE_RETRY_MS);
+            }
+        };
+        self.run_started_attempt(record, journal).await
+    }
+
+    /// Calls the handler for an attempt the store has started and records how it ended.
+    async fn run_started_attempt(
+        &self,
+        record: InvocationRecord,
+        journal: Vec<StoredEntry>,
+    ) -> Next {
+        let id = &record.id;
+        let end = match self.call(&record, journal).await {
             Ok(end) => end,
             Err(error) => {
                 tracing::error!(%id, %error, "store failed during an attempt");
@@ -176,9 +217,12 @@ impl Invoker {
             .end_attempt(id, record.attempt, end, self.clock.now_ms())
             .await
         {
-            Ok(ended) => {
+            Ok((ended, output)) => {
                 if ended.status.is_final() || ended.status == Status::Paused {
-                    self.completions.notify(id);
+                    self.completions.finish(Arc::new(Ended {
+                        record: ended,
+                        output,
+                    }));
                     Next::Stop
                 } else {
                     Next::RunAt(ended.next_run_at_ms.unwrap_or_else(|| self.clock.now_ms()))
@@ -193,10 +237,19 @@ impl Invoker {
         }
     }
 
-    async fn prepare_and_call(&self, record: &InvocationRecord) -> Result<AttemptEnd, StoreError> {
+    async fn call(
+        &self,
+        record: &InvocationRecord,
+        journal: Vec<StoredEntry>,
+    ) -> Result<AttemptEnd, StoreError> {
         let Some(target) = self
-            .store
-            .deployment_handler(&record.deployment_id, &record.service, &record.handler)
+            .targets
+            .pinned(
+                &*self.store,
+                &record.deployment_id,
+                &record.service,
+                &record.handler,
+            )
             .await?
         else {
             return Ok(AttemptEnd::Paused {
@@ -206,7 +259,6 @@ impl Invoker {
                 ),
             });
         };
-        let journal = self.store.read_journal(&record.id).await?;
         let policy = target
             .spec
             .retry_policy
@@ -531,36 +583,47 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<V
     Ok(body)
 }
 
-/// Wakes callers waiting for invocations to finish (or pause).
+/// An invocation that ended (or paused), as its waiters receive it.
+#[derive(Debug)]
+pub struct Ended {
+    pub record: InvocationRecord,
+    /// The output entry, when the invocation completed or failed.
+    pub output: Option<StoredEntry>,
+}
+
+/// Hands ended invocations to the callers waiting for them in this process.
 #[derive(Default)]
 pub struct Completions {
-    waiters: Mutex<HashMap<InvocationId, Arc<Notify>>>,
+    waiters: Mutex<HashMap<InvocationId, watch::Sender<Option<Arc<Ended>>>>>,
 }
 
 impl Completions {
-    /// The notifier of `id`. Register interest (`Notified::enable`) before checking the
-    /// store, so that a completion between the check and the wait is not missed.
-    pub fn listener(&self, id: &InvocationId) -> Arc<Notify> {
+    /// A receiver that gets the invocation when it ends. Take it before checking the store
+    /// (or before starting the invocation), so that an end in between is not missed.
+    pub fn listener(&self, id: &InvocationId) -> watch::Receiver<Option<Arc<Ended>>> {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(waiters.entry(id.clone()).or_default())
+        waiters
+            .entry(id.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
     }
 
-    /// Drops the notifier of `id` if no waiter holds it any more.
+    /// Drops the sender of `id` if no waiter listens any more.
     pub fn release(&self, id: &InvocationId) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if waiters.get(id).is_some_and(|n| Arc::strong_count(n) == 1) {
+        if waiters.get(id).is_some_and(|s| s.receiver_count() == 0) {
             waiters.remove(id);
         }
     }
 
-    pub fn notify(&self, id: &InvocationId) {
-        let notify = self
+    pub fn finish(&self, ended: Arc<Ended>) {
+        let sender = self
             .waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        if let Some(notify) = notify {
-            notify.notify_waiters();
+            .remove(&ended.record.id);
+        if let Some(sender) = sender {
+            sender.send_replace(Some(ended));
         }
     }
 }

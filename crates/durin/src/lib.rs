@@ -50,6 +50,7 @@ pub async fn run(
     );
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let drivers = shutdown.child_token();
+    let targets = Arc::new(registry::Targets::default());
     let invoker = Arc::new(Invoker::new(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -58,12 +59,14 @@ pub async fn run(
             default_retry_policy: config.retry_policy.clone(),
             default_start_to_close: config.start_to_close,
         },
+        Arc::clone(&targets),
         drivers.clone(),
     ));
     let http = reqwest::Client::new();
     for deployment in &config.deployments {
         tokio::spawn(register_until_done(
             Arc::clone(&store),
+            Arc::clone(&targets),
             Arc::clone(&clock),
             http.clone(),
             deployment.url.clone(),
@@ -84,6 +87,7 @@ pub async fn run(
     let server_stop = CancellationToken::new();
     let state = api::AppState {
         store,
+        targets,
         invoker: Arc::clone(&invoker),
         clock,
         http,
@@ -110,6 +114,7 @@ pub async fn run(
 /// may start after the gateway).
 async fn register_until_done(
     store: Arc<dyn Store>,
+    targets: Arc<registry::Targets>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
     url: String,
@@ -117,7 +122,7 @@ async fn register_until_done(
 ) {
     let mut pause = Duration::from_millis(250);
     loop {
-        match registry::register(&*store, &*clock, &http, &url).await {
+        match registry::register(&*store, &targets, &*clock, &http, &url).await {
             Ok((deployment, _)) => {
                 tracing::info!(%url, id = %deployment.id, "deployment registered");
                 return;

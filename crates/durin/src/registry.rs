@@ -1,14 +1,17 @@
 //! Deployment registration: asks a deployment what it serves and records it.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use durin_protocol::{Discovery, ServiceSpec, PROTOCOL_VERSION};
 
 use crate::clock::Clock;
 use crate::ids::parse_name;
 use crate::problem::ApiError;
-use crate::store::{DeploymentRecord, HandlerProtocol, NewDeployment, Store};
+use crate::store::{
+    DeploymentRecord, HandlerProtocol, HandlerTarget, NewDeployment, Store, StoreResult,
+};
 
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DISCOVERY_BYTES: usize = 1024 * 1024;
@@ -31,9 +34,79 @@ pub fn parse_deployment_url(url: &str) -> Result<String, ApiError> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
+/// How long the newest deployment of a handler is taken from the cache; another node may
+/// register a newer one.
+const LATEST_TTL: Duration = Duration::from_secs(1);
+
+/// Handler targets, cached in front of the store. A deployment never changes, so a pinned
+/// target is cached for good; which deployment is the newest for a handler changes when one
+/// is registered, so that answer is dropped at every local registration and kept at most
+/// [`LATEST_TTL`].
+#[derive(Default)]
+pub struct Targets {
+    pinned: Mutex<HashMap<(String, String, String), HandlerTarget>>,
+    latest: Mutex<HashMap<(String, String), (HandlerTarget, Instant)>>,
+}
+
+impl Targets {
+    /// The handler in the newest deployment that serves it.
+    pub async fn latest(
+        &self,
+        store: &dyn Store,
+        service: &str,
+        handler: &str,
+    ) -> StoreResult<Option<HandlerTarget>> {
+        let key = (service.to_owned(), handler.to_owned());
+        if let Some((target, at)) = lock(&self.latest).get(&key) {
+            if at.elapsed() < LATEST_TTL {
+                return Ok(Some(target.clone()));
+            }
+        }
+        let found = store.latest_handler(service, handler).await?;
+        if let Some(target) = &found {
+            lock(&self.latest).insert(key, (target.clone(), Instant::now()));
+        }
+        Ok(found)
+    }
+
+    /// The handler in one given deployment.
+    pub async fn pinned(
+        &self,
+        store: &dyn Store,
+        deployment_id: &str,
+        service: &str,
+        handler: &str,
+    ) -> StoreResult<Option<HandlerTarget>> {
+        let key = (
+            deployment_id.to_owned(),
+            service.to_owned(),
+            handler.to_owned(),
+        );
+        if let Some(target) = lock(&self.pinned).get(&key) {
+            return Ok(Some(target.clone()));
+        }
+        let found = store
+            .deployment_handler(deployment_id, service, handler)
+            .await?;
+        if let Some(target) = &found {
+            lock(&self.pinned).insert(key, target.clone());
+        }
+        Ok(found)
+    }
+
+    fn forget_latest(&self) {
+        lock(&self.latest).clear();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Calls `GET {url}/discover`, checks the answer and records the deployment.
 pub async fn register(
     store: &dyn Store,
+    targets: &Targets,
     clock: &dyn Clock,
     http: &reqwest::Client,
     url: &str,
@@ -59,7 +132,9 @@ pub async fn register(
         services: discovery.services,
         now_ms: clock.now_ms(),
     };
-    Ok(store.register_deployment(deployment).await?)
+    let registered = store.register_deployment(deployment).await?;
+    targets.forget_latest();
+    Ok(registered)
 }
 
 async fn discover(http: &reqwest::Client, url: &str) -> Result<Discovery, ApiError> {

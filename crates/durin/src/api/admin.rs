@@ -9,10 +9,13 @@ use serde_json::json;
 
 use super::ingress::prefer_wait;
 use super::views::{DeploymentView, EntryView, InvocationView, JournalView};
-use super::{parse_invocation_id, parse_json, wait_for_end, ApiBody, ApiPath, ApiQuery, AppState};
+use super::{
+    find_invocation, load_ended, parse_invocation_id, parse_json, wait_for_end, ApiBody, ApiPath,
+    ApiQuery, AppState,
+};
 use crate::problem::ApiError;
 use crate::registry;
-use crate::store::{InvocationRecord, Status};
+use crate::store::Status;
 
 /// `GET /health`: 200 when the server is up and its database answers.
 pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -33,8 +36,14 @@ pub async fn register_deployment(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let request: RegisterRequest = parse_json("the deployment", &body)?;
-    let (deployment, created) =
-        registry::register(&*state.store, &*state.clock, &state.http, &request.url).await?;
+    let (deployment, created) = registry::register(
+        &*state.store,
+        &state.targets,
+        &*state.clock,
+        &state.http,
+        &request.url,
+    )
+    .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -98,24 +107,17 @@ pub async fn get_invocation(
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
     let wait = prefer_wait(&headers)?;
-    let record = match wait {
-        Some(wait) => wait_for_end(&state, &id, Some(wait)).await?,
-        None => find(&state, &id).await?,
+    let ended = match wait {
+        Some(wait) => wait_for_end(&state, &id, Some(wait), None).await?,
+        None => load_ended(&state, find_invocation(&state, &id).await?).await?,
     };
-    let output = if record.status.is_final() {
-        state
-            .store
-            .read_entry(&id, record.journal_len.saturating_sub(1))
-            .await?
-    } else {
-        None
-    };
-    let status = if wait.is_some() && !record.status.is_final() {
+    let status = if wait.is_some() && !ended.record.status.is_final() {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(InvocationView::new(&record, output.as_ref()))).into_response())
+    let view = InvocationView::new(&ended.record, ended.output.as_ref());
+    Ok((status, Json(view)).into_response())
 }
 
 pub async fn get_journal(
@@ -123,7 +125,7 @@ pub async fn get_journal(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<JournalView>, ApiError> {
     let id = parse_invocation_id(&id)?;
-    let record = find(&state, &id).await?;
+    let record = find_invocation(&state, &id).await?;
     let entries = state.store.read_journal(&id).await?;
     Ok(Json(JournalView {
         invocation_id: id.to_string(),
@@ -151,7 +153,7 @@ pub async fn resume(
     } else {
         parse_json("the resume request", &body)?
     };
-    let record = find(&state, &id).await?;
+    let record = find_invocation(&state, &id).await?;
     if let Some(deployment_id) = &request.deployment_id {
         state
             .store
@@ -176,15 +178,4 @@ pub async fn resume(
         })?;
     state.invoker.drive(id, None);
     Ok(Json(InvocationView::new(&resumed, None)))
-}
-
-async fn find(
-    state: &AppState,
-    id: &crate::ids::InvocationId,
-) -> Result<InvocationRecord, ApiError> {
-    state
-        .store
-        .get_invocation(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))
 }

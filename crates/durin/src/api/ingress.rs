@@ -9,8 +9,9 @@ use axum::Json;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{wait_for_end, ApiBody, ApiPath, AppState};
+use super::{wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
 use crate::ids::{parse_name, IdempotencyKey, InvocationId};
+use crate::invoker::Ended;
 use crate::problem::ApiError;
 use crate::store::{Created, IdempotencyClaim, InvocationRecord, NewInvocation, Status};
 
@@ -28,9 +29,9 @@ pub async fn call(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let (record, replayed) = start(&state, &service, &handler, &headers, &body).await?;
-    let record = wait_for_end(&state, &record.id, None).await?;
-    Ok(ended_response(&state, record, replayed).await)
+    let started = start(&state, &service, &handler, &headers, &body).await?;
+    let ended = wait_for_end(&state, &started.record.id, None, started.listener).await?;
+    Ok(ended_response(&ended, started.replayed))
 }
 
 /// `POST /v1/send/{service}/{handler}`: starts (or re-attaches to) an invocation and answers
@@ -42,15 +43,15 @@ pub async fn send(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let wait = prefer_wait(&headers)?;
-    let (record, replayed) = start(&state, &service, &handler, &headers, &body).await?;
+    let started = start(&state, &service, &handler, &headers, &body).await?;
     let Some(wait) = wait else {
-        return Ok(accepted(&record, replayed));
+        return Ok(accepted(&started.record, started.replayed));
     };
-    let record = wait_for_end(&state, &record.id, Some(wait)).await?;
-    if !record.status.is_final() {
-        return Ok(accepted(&record, replayed));
+    let ended = wait_for_end(&state, &started.record.id, Some(wait), started.listener).await?;
+    if !ended.record.status.is_final() {
+        return Ok(accepted(&ended.record, started.replayed));
     }
-    Ok(ended_response(&state, record, replayed).await)
+    Ok(ended_response(&ended, started.replayed))
 }
 
 /// `Prefer: wait=N` (RFC 7240), capped at [`MAX_WAIT_SECONDS`].
@@ -105,44 +106,38 @@ fn decorate(response: &mut Response, id: &InvocationId, replayed: bool) {
 
 /// The answer for an invocation that ended (or paused): its output or its failure, with
 /// the invocation's headers either way.
-async fn ended_response(state: &AppState, record: InvocationRecord, replayed: bool) -> Response {
-    let id = record.id.clone();
-    let mut response = match output_or_failure(state, record).await {
+fn ended_response(ended: &Ended, replayed: bool) -> Response {
+    let mut response = match output_or_failure(ended) {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    decorate(&mut response, &id, replayed);
+    decorate(&mut response, &ended.record.id, replayed);
     response
 }
 
-async fn output_or_failure(
-    state: &AppState,
-    record: InvocationRecord,
-) -> Result<Response, ApiError> {
+fn output_or_failure(ended: &Ended) -> Result<Response, ApiError> {
+    let record = &ended.record;
     match record.status {
         Status::Completed => {
-            let output = state
-                .store
-                .read_entry(&record.id, record.journal_len.saturating_sub(1))
-                .await?
-                .ok_or_else(|| {
-                    ApiError::Storage(format!("invocation {} has no output entry", record.id))
-                })?;
+            let output = ended.output.as_ref().ok_or_else(|| {
+                ApiError::Storage(format!("invocation {} has no output entry", record.id))
+            })?;
             let content_type = output
                 .content_type
+                .clone()
                 .unwrap_or_else(|| "application/json".into());
             Ok((
                 [(header::CONTENT_TYPE, content_type)],
-                output.value.unwrap_or_default(),
+                output.value.clone().unwrap_or_default(),
             )
                 .into_response())
         }
         Status::Paused => Err(ApiError::InvocationPaused {
             invocation_id: record.id.to_string(),
-            reason: record.last_error.unwrap_or_default(),
+            reason: record.last_error.clone().unwrap_or_default(),
         }),
         _ => {
-            let failure = record.failure.unwrap_or(durin_protocol::Failure {
+            let failure = record.failure.clone().unwrap_or(durin_protocol::Failure {
                 status: 500,
                 error_type: None,
                 message: format!("invocation ended as {}", record.status),
@@ -157,15 +152,24 @@ async fn output_or_failure(
     }
 }
 
+/// An invocation an ingress request created or re-attached to.
+struct Started {
+    record: InvocationRecord,
+    /// True when an earlier request with the same idempotency key created it.
+    replayed: bool,
+    /// For a new invocation: hears its end, taken before it started.
+    listener: Option<EndedListener>,
+}
+
 /// Checks the request and creates the invocation, or finds the one its idempotency key
-/// names. The flag is true for the latter.
+/// names.
 async fn start(
     state: &AppState,
     service: &str,
     handler: &str,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(InvocationRecord, bool), ApiError> {
+) -> Result<Started, ApiError> {
     let service = parse_name("service", service).map_err(ApiError::BadRequest)?;
     let handler = parse_name("handler", handler).map_err(ApiError::BadRequest)?;
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
@@ -195,8 +199,8 @@ async fn start(
         })
         .transpose()?;
     let target = state
-        .store
-        .latest_handler(&service, &handler)
+        .targets
+        .latest(&*state.store, &service, &handler)
         .await?
         .ok_or_else(|| {
             ApiError::NotFound(format!(
@@ -222,11 +226,20 @@ async fn start(
         })
         .await?;
     match created {
-        Created::New(record) => {
-            state.invoker.drive(record.id.clone(), None);
-            Ok((record, false))
+        Created::New { record, input } => {
+            let listener = state.invoker.completions().listener(&record.id);
+            state.invoker.drive_started(record.clone(), vec![input]);
+            Ok(Started {
+                record,
+                replayed: false,
+                listener: Some(listener),
+            })
         }
-        Created::Existing(record) => Ok((record, true)),
+        Created::Existing(record) => Ok(Started {
+            record,
+            replayed: true,
+            listener: None,
+        }),
         Created::KeyReused { invocation_id } => Err(ApiError::IdempotencyKeyReused {
             key: headers
                 .get(HEADER_IDEMPOTENCY_KEY)

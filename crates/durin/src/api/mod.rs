@@ -11,6 +11,9 @@ mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::time::Instant;
+
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{Method, Uri};
@@ -21,8 +24,9 @@ use serde::de::DeserializeOwned;
 
 use crate::clock::Clock;
 use crate::ids::InvocationId;
-use crate::invoker::Invoker;
+use crate::invoker::{Completions, Ended, Invoker};
 use crate::problem::ApiError;
+use crate::registry::Targets;
 use crate::store::{InvocationRecord, Status, Store};
 
 /// Every route, as `(method, path)` in the OpenAPI document's spelling; a test checks that
@@ -44,6 +48,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    pub targets: Arc<Targets>,
     pub invoker: Arc<Invoker>,
     pub clock: Arc<dyn Clock>,
     pub http: reqwest::Client,
@@ -156,43 +161,50 @@ pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {
     InvocationId::parse(id).map_err(ApiError::BadRequest)
 }
 
-/// Waits until the invocation is final, or `timeout` passes; returns its latest record
+/// Hears the end of one invocation (see [`crate::invoker::Completions`]).
+pub type EndedListener = watch::Receiver<Option<Arc<Ended>>>;
+
+/// Waits until the invocation is final, or `timeout` passes; returns its latest state
 /// either way. Without a timeout it also returns when the invocation is paused, since a
-/// paused invocation waits for an operator.
+/// paused invocation waits for an operator. `listener`, when given, was taken before the
+/// invocation started, so the store need not be read first.
 pub async fn wait_for_end(
     state: &AppState,
     id: &InvocationId,
     timeout: Option<Duration>,
-) -> Result<InvocationRecord, ApiError> {
+    listener: Option<EndedListener>,
+) -> Result<Arc<Ended>, ApiError> {
     // A wake-up can come from another process (a later store), so poll now and then too.
     const POLL: Duration = Duration::from_secs(1);
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let done = |record: &InvocationRecord| {
+        record.status.is_final() || (timeout.is_none() && record.status == Status::Paused)
+    };
     let _release = ReleaseListener(state.invoker.completions(), id);
+    let mut fresh = listener;
     loop {
-        let notify = state.invoker.completions().listener(id);
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let record = state
-            .store
-            .get_invocation(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))?;
-        if record.status.is_final() || (timeout.is_none() && record.status == Status::Paused) {
-            return Ok(record);
-        }
-        let wake = match deadline {
-            Some(deadline) => {
-                let now = tokio::time::Instant::now();
-                if now >= deadline {
-                    return Ok(record);
-                }
-                (deadline - now).min(POLL)
-            }
-            None => POLL,
+        let (mut ended, check_store) = match fresh.take() {
+            Some(listener) => (listener, false),
+            None => (state.invoker.completions().listener(id), true),
         };
+        let now = Instant::now();
+        let timed_out = deadline.is_some_and(|d| now >= d);
+        if check_store || timed_out {
+            let record = find_invocation(state, id).await?;
+            if done(&record) || timed_out {
+                return load_ended(state, record).await;
+            }
+        }
+        let wake = deadline.map_or(POLL, |d| d.saturating_duration_since(now).min(POLL));
         tokio::select! {
-            _ = tokio::time::timeout(wake, notified) => {}
+            changed = tokio::time::timeout(wake, ended.changed()) => {
+                if let Ok(Ok(())) = changed {
+                    let value = ended.borrow().clone();
+                    if let Some(value) = value.filter(|e| done(&e.record)) {
+                        return Ok(value);
+                    }
+                }
+            }
             _ = state.stopping.cancelled() => {
                 return Err(ApiError::ShuttingDown(format!(
                     "Durin is restarting; invocation {id} goes on, re-attach with GET /v1/invocations/{id} or the same Idempotency-Key"
@@ -202,9 +214,36 @@ pub async fn wait_for_end(
     }
 }
 
+pub async fn find_invocation(
+    state: &AppState,
+    id: &InvocationId,
+) -> Result<InvocationRecord, ApiError> {
+    state
+        .store
+        .get_invocation(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))
+}
+
+/// The record with its output entry, read when the invocation has ended.
+pub async fn load_ended(
+    state: &AppState,
+    record: InvocationRecord,
+) -> Result<Arc<Ended>, ApiError> {
+    let output = if record.status.is_final() {
+        state
+            .store
+            .read_entry(&record.id, record.journal_len.saturating_sub(1))
+            .await?
+    } else {
+        None
+    };
+    Ok(Arc::new(Ended { record, output }))
+}
+
 /// Forgets the waiters' entry of an invocation when the last waiter leaves, so that waits
 /// on invocations that never end (or do not exist) leave nothing behind.
-struct ReleaseListener<'a>(&'a crate::invoker::Completions, &'a InvocationId);
+struct ReleaseListener<'a>(&'a Completions, &'a InvocationId);
 
 impl Drop for ReleaseListener<'_> {
     fn drop(&mut self) {

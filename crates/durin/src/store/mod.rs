@@ -212,13 +212,16 @@ pub struct NewInvocation {
 
 #[derive(Debug)]
 pub enum Created {
-    New(InvocationRecord),
+    /// Created with its first attempt already started (running, attempt 1), so that the
+    /// caller can run it at once; `input` is its journal so far.
+    New {
+        record: InvocationRecord,
+        input: StoredEntry,
+    },
     /// The idempotency key was seen before with the same request: the earlier invocation.
     Existing(InvocationRecord),
     /// The idempotency key was seen before with a different request.
-    KeyReused {
-        invocation_id: String,
-    },
+    KeyReused { invocation_id: String },
 }
 
 /// An entry an attempt appends.
@@ -279,7 +282,8 @@ pub trait Store: Send + Sync + 'static {
         handler: &str,
     ) -> StoreResult<Option<HandlerTarget>>;
 
-    /// Creates a pending invocation with its input entry, unless its idempotency key is taken.
+    /// Creates an invocation with its input entry and its first attempt started, unless its
+    /// idempotency key is taken.
     async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created>;
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>>;
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>>;
@@ -308,14 +312,15 @@ pub trait Store: Send + Sync + 'static {
         entry: NewEntry,
         now_ms: i64,
     ) -> StoreResult<StoredEntry>;
-    /// Ends `attempt` as the invoker decided.
+    /// Ends `attempt` as the invoker decided; returns the record and, when the invocation
+    /// ended, its output entry.
     async fn end_attempt(
         &self,
         id: &InvocationId,
         attempt: u32,
         end: AttemptEnd,
         now_ms: i64,
-    ) -> StoreResult<InvocationRecord>;
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>)>;
     /// A paused invocation becomes pending again, optionally moved to another deployment.
     async fn resume(
         &self,
