@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use durin_protocol::{
     Discovery, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
@@ -164,6 +165,10 @@ impl Endpoint {
 
     /// Serves until the process ends.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let listener = listener.tap_io(|stream| {
+            // Answers are small and latency matters more than packet count.
+            let _ = stream.set_nodelay(true);
+        });
         axum::serve(listener, self.router()).await
     }
 }

@@ -17,6 +17,7 @@ use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +98,10 @@ pub async fn run(
     };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("durin listening on http://{local} (advertised as {advertised_url})");
+    let listener = listener.tap_io(|stream| {
+        // Answers are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+    });
     let server = tokio::spawn(
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(server_stop.clone().cancelled_owned())

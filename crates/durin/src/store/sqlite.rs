@@ -8,7 +8,7 @@
 //!
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
-//! per statement. The schema is applied with `sqlx::migrate!` when the store opens. Reads
+//! per statement. Checkpoints of the write-ahead log run on a thread of their own. The schema is applied with `sqlx::migrate!` when the store opens. Reads
 //! use a small pool of read-only connections on tokio's blocking threads, which WAL lets run
 //! beside the writer.
 
@@ -28,6 +28,8 @@ use super::*;
 const MAX_BATCH: usize = 512;
 /// Read-only connections kept open.
 const READERS: usize = 4;
+/// How often the write-ahead log is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -40,6 +42,8 @@ type WriteOp = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteOp>,
     readers: Arc<ReaderPool>,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -92,10 +96,20 @@ impl SqliteStore {
         let path = database_path(url)?;
         SqliteStore::migrate(url).await?;
         let writer = open_connection(&path, false)?;
+        // Checkpoints run on their own thread so that commits never wait for one.
+        writer
+            .execute_batch("PRAGMA wal_autocheckpoint = 0;")
+            .map_err(backend)?;
+        let checkpointer = open_connection(&path, false)?;
         let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
             .spawn(move || write_loop(writer, queue))
+            .map_err(backend)?;
+        let (stop, stopped) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("durin-sqlite-checkpointer".into())
+            .spawn(move || checkpoint_loop(checkpointer, stopped))
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
@@ -103,6 +117,7 @@ impl SqliteStore {
                 path,
                 idle: Mutex::new(Vec::new()),
             }),
+            _checkpointer: stop,
         })
     }
 
@@ -180,6 +195,17 @@ impl ReaderPool {
             idle.push(conn);
         }
         result
+    }
+}
+
+/// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`], without
+/// blocking the writer (`PASSIVE`), until the store is dropped.
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "checkpoint failed");
+        }
     }
 }
 
