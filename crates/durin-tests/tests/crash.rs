@@ -1,6 +1,9 @@
 //! Durability proven by killing real processes with SIGKILL: the handler between steps, the
 //! gateway between steps, and the gateway during a durable backoff.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

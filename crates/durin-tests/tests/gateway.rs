@@ -2,6 +2,9 @@
 //! handlers on port 0: idempotency, bad input, retries, timeouts, non-determinism, replayed
 //! values and deployment pinning.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::net::SocketAddr;

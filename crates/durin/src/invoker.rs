@@ -63,7 +63,7 @@ enum Start {
     /// Start an attempt at this time (now when `None`).
     At(Option<i64>),
     /// The store already started attempt 1; here are its record and journal.
-    Started(InvocationRecord, Vec<StoredEntry>),
+    Started(Box<InvocationRecord>, Vec<StoredEntry>),
 }
 
 impl Invoker {
@@ -102,7 +102,7 @@ impl Invoker {
     /// Runs the first attempt of an invocation the store created already started (attempt
     /// 1, running), with its journal in hand, so that it costs no further read or write.
     pub fn drive_started(self: &Arc<Self>, record: InvocationRecord, journal: Vec<StoredEntry>) {
-        self.spawn_driver(record.id.clone(), Start::Started(record, journal));
+        self.spawn_driver(record.id.clone(), Start::Started(Box::new(record), journal));
     }
 
     fn spawn_driver(self: &Arc<Self>, id: InvocationId, start: Start) {
@@ -154,7 +154,7 @@ impl Invoker {
     async fn run_driver(self: Arc<Self>, id: InvocationId, start: Start) {
         let mut next = match start {
             Start::At(at) => Next::RunAt(at.unwrap_or(i64::MIN)),
-            Start::Started(record, journal) => self.run_started_attempt(record, journal).await,
+            Start::Started(record, journal) => self.run_started_attempt(*record, journal).await,
         };
         while let Next::RunAt(at) = next {
             let wait = at.saturating_sub(self.clock.now_ms());
