@@ -193,6 +193,9 @@ pub enum EntryKind {
     Uuid,
     /// A recorded random 64-bit number (`value`).
     Random,
+    /// An outbound call made through the egress, and its response. The gateway matches these
+    /// itself (by method, URL, body digest and occurrence); SDKs skip them when replaying.
+    Egress,
     /// The handler's result; written by the gateway when the invocation ends.
     Output,
 }
@@ -205,6 +208,7 @@ impl EntryKind {
             EntryKind::Now => "now",
             EntryKind::Uuid => "uuid",
             EntryKind::Random => "random",
+            EntryKind::Egress => "egress",
             EntryKind::Output => "output",
         }
     }
@@ -216,6 +220,7 @@ impl EntryKind {
             "now" => EntryKind::Now,
             "uuid" => EntryKind::Uuid,
             "random" => EntryKind::Random,
+            "egress" => EntryKind::Egress,
             "output" => EntryKind::Output,
             _ => return None,
         })
@@ -223,7 +228,10 @@ impl EntryKind {
 
     /// Whether a handler may append this kind through the context API.
     pub fn appendable(self) -> bool {
-        !matches!(self, EntryKind::Input | EntryKind::Output)
+        !matches!(
+            self,
+            EntryKind::Input | EntryKind::Output | EntryKind::Egress
+        )
     }
 }
 

@@ -70,6 +70,11 @@ impl Context {
     pub(crate) fn new(request: &mut InvocationRequest, http: reqwest::Client) -> Context {
         let journal = std::mem::take(&mut request.journal);
         let next_index = journal.last().map(|e| e.index + 1).unwrap_or(1);
+        // Egress entries are matched by the gateway, not replayed by the cursor.
+        let journal = journal
+            .into_iter()
+            .filter(|e| e.kind != EntryKind::Egress)
+            .collect();
         Context {
             inner: Arc::new(Inner {
                 invocation_id: request.invocation_id.clone(),

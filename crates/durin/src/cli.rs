@@ -46,6 +46,13 @@ struct ServeArgs {
     /// URL at which handlers reach this gateway [default: http://{listen}]
     #[arg(long, env = "DURIN_ADVERTISED_URL")]
     advertised_url: Option<String>,
+    /// Address of the egress proxy, through which plain handlers make durable calls.
+    #[arg(long, env = "DURIN_EGRESS_LISTEN")]
+    egress_listen: Option<SocketAddr>,
+    /// A host the egress may call (`host`, `host:port` or `*.domain`); repeat for more.
+    /// Without any, the egress calls any host for a running invocation.
+    #[arg(long, env = "DURIN_EGRESS_ALLOW", value_delimiter = ',')]
+    egress_allow: Vec<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -101,6 +108,12 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if let Some(url) = args.advertised_url {
                 config.advertised_url = Some(url);
+            }
+            if let Some(address) = args.egress_listen {
+                config.egress_listen = Some(address);
+            }
+            if !args.egress_allow.is_empty() {
+                config.egress_allow = args.egress_allow;
             }
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await

@@ -26,6 +26,14 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Deployments registered at start.
     pub deployments: Vec<DeploymentConfig>,
+    /// Where the egress proxy listens; no egress when unset.
+    pub egress_listen: Option<SocketAddr>,
+    /// Hosts the egress may call (`host`, `host:port`, `*.domain`); empty allows any.
+    pub egress_allow: Vec<String>,
+    /// Retries of one outbound call through the egress.
+    pub egress_retry_policy: RetryPolicy,
+    /// Bound on one try of an outbound call.
+    pub egress_call_timeout: Duration,
 }
 
 impl Default for Config {
@@ -40,6 +48,15 @@ impl Default for Config {
             start_to_close: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             deployments: Vec::new(),
+            egress_listen: None,
+            egress_allow: Vec::new(),
+            egress_retry_policy: RetryPolicy {
+                initial_interval: Duration::from_millis(100),
+                maximum_interval: Duration::from_secs(2),
+                maximum_attempts: Some(3),
+                ..RetryPolicy::default()
+            },
+            egress_call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -48,6 +65,9 @@ impl Default for Config {
 #[serde(deny_unknown_fields)]
 pub struct DeploymentConfig {
     pub url: String,
+    /// Plain HTTP services declared inline (no `/discover`).
+    #[serde(default)]
+    pub services: Option<Vec<durin_protocol::ServiceSpec>>,
 }
 
 /// The TOML file; every field is optional.
@@ -67,6 +87,11 @@ struct ConfigFile {
     drain_timeout: Option<Duration>,
     #[serde(default)]
     deployments: Vec<DeploymentConfig>,
+    egress_listen: Option<SocketAddr>,
+    egress_allow: Option<Vec<String>>,
+    egress_retry_policy: Option<RetryPolicy>,
+    #[serde(default, with = "humantime_serde")]
+    egress_call_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -108,6 +133,21 @@ impl Config {
             config.drain_timeout = v;
         }
         config.deployments = file.deployments;
+        if let Some(v) = file.egress_listen {
+            config.egress_listen = Some(v);
+        }
+        if let Some(v) = file.egress_allow {
+            config.egress_allow = v;
+        }
+        if let Some(v) = file.egress_retry_policy {
+            v.validate().map_err(|e| {
+                anyhow::anyhow!("config file {}: egress_retry_policy: {e}", path.display())
+            })?;
+            config.egress_retry_policy = v;
+        }
+        if let Some(v) = file.egress_call_timeout {
+            config.egress_call_timeout = v;
+        }
         Ok(config)
     }
 }

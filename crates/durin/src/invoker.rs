@@ -20,10 +20,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
+use crate::egress::EgressCalls;
 use crate::ids::InvocationId;
 use crate::registry::Targets;
 use crate::store::{
-    AttemptEnd, HandlerTarget, InvocationRecord, Status, Store, StoreError, StoredEntry,
+    AttemptEnd, HandlerProtocol, HandlerTarget, InvocationRecord, Status, Store, StoreError,
+    StoredEntry,
 };
 
 /// The longest answer a handler may give, so that a runaway handler cannot exhaust memory.
@@ -48,6 +50,7 @@ pub struct Invoker {
     active: Mutex<HashSet<InvocationId>>,
     completions: Completions,
     targets: Arc<Targets>,
+    egress_calls: Arc<EgressCalls>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -72,6 +75,7 @@ impl Invoker {
         clock: Arc<dyn Clock>,
         config: InvokerConfig,
         targets: Arc<Targets>,
+        egress_calls: Arc<EgressCalls>,
         shutdown: CancellationToken,
     ) -> Invoker {
         Invoker {
@@ -85,6 +89,7 @@ impl Invoker {
             active: Mutex::new(HashSet::new()),
             completions: Completions::default(),
             targets,
+            egress_calls,
             tracker: TaskTracker::new(),
             shutdown,
         }
@@ -212,6 +217,7 @@ impl Invoker {
         if let AttemptEnd::BackOff { error, .. } = &end {
             tracing::info!(%id, attempt = record.attempt, %error, "attempt failed; backing off");
         }
+        self.egress_calls.forget(id);
         match self
             .store
             .end_attempt(id, record.attempt, end, self.clock.now_ms())
@@ -275,43 +281,56 @@ impl Invoker {
         journal: Vec<StoredEntry>,
     ) -> HandlerAnswer {
         let mut entries = journal.into_iter();
-        let input = match entries.next() {
-            Some(entry) if entry.kind == EntryKind::Input => json_value(entry.value.as_deref()),
-            _ => {
-                return HandlerAnswer::Terminal(Failure {
+        let Some(input) = entries.next().filter(|e| e.kind == EntryKind::Input) else {
+            return HandlerAnswer::Terminal(
+                Failure {
                     status: 500,
                     error_type: None,
                     message: "the journal has no input entry".into(),
-                })
-            }
-        };
-        let request = InvocationRequest {
-            protocol: PROTOCOL_VERSION,
-            invocation_id: record.id.to_string(),
-            attempt: record.attempt,
-            service: record.service.clone(),
-            handler: record.handler.clone(),
-            input,
-            journal: entries.map(wire_entry).collect(),
-            position_failures: record.position_failures,
-            context_url: format!(
-                "{}/v1/contexts/{}",
-                self.config.advertised_url.trim_end_matches('/'),
-                record.id
-            ),
+                },
+                None,
+            );
         };
         let timeout = target
             .spec
             .start_to_close
             .unwrap_or(self.config.default_start_to_close);
         let endpoint = target.endpoint();
-        let sent = self
-            .http
-            .post(&endpoint)
+        let request = match target.protocol {
+            HandlerProtocol::Sdk => self
+                .http
+                .post(&endpoint)
+                .header(HEADER_PROTOCOL, PROTOCOL_VERSION)
+                .json(&InvocationRequest {
+                    protocol: PROTOCOL_VERSION,
+                    invocation_id: record.id.to_string(),
+                    attempt: record.attempt,
+                    service: record.service.clone(),
+                    handler: record.handler.clone(),
+                    input: json_value(input.value.as_deref()),
+                    journal: entries.map(wire_entry).collect(),
+                    position_failures: record.position_failures,
+                    context_url: format!(
+                        "{}/v1/contexts/{}",
+                        self.config.advertised_url.trim_end_matches('/'),
+                        record.id
+                    ),
+                }),
+            // A plain handler gets the caller's request as it came.
+            HandlerProtocol::Plain => {
+                let request = self.http.post(&endpoint);
+                let request = match &input.content_type {
+                    Some(content_type) => {
+                        request.header(reqwest::header::CONTENT_TYPE, content_type)
+                    }
+                    None => request,
+                };
+                request.body(input.value.unwrap_or_default())
+            }
+        };
+        let sent = request
             .header(HEADER_INVOCATION_ID, record.id.as_str())
             .header(HEADER_ATTEMPT, record.attempt)
-            .header(HEADER_PROTOCOL, PROTOCOL_VERSION)
-            .json(&request)
             .timeout(timeout)
             .send()
             .await;
@@ -337,6 +356,11 @@ impl Invoker {
             }
         };
         let status = response.status();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
@@ -352,7 +376,10 @@ impl Invoker {
                 }
             }
         };
-        if status.is_success() {
+        let plain = target.protocol == HandlerProtocol::Plain;
+        if status.is_success() && plain {
+            HandlerAnswer::Output(body, content_type)
+        } else if status.is_success() {
             match serde_json::from_slice::<Outcome>(&body) {
                 Ok(outcome) => HandlerAnswer::Outcome(outcome),
                 Err(e) => HandlerAnswer::Retry {
@@ -368,11 +395,12 @@ impl Invoker {
             && status != reqwest::StatusCode::REQUEST_TIMEOUT
             && status != reqwest::StatusCode::TOO_MANY_REQUESTS
         {
-            HandlerAnswer::Terminal(Failure {
+            let failure = Failure {
                 status: status.as_u16(),
                 error_type: None,
                 message: format!("handler answered {status}: {}", snippet(&body)),
-            })
+            };
+            HandlerAnswer::Terminal(failure, plain.then_some((body, content_type)))
         } else {
             HandlerAnswer::Retry {
                 error: format!("handler answered {status}: {}", snippet(&body)),
@@ -391,12 +419,18 @@ impl Invoker {
     ) -> AttemptEnd {
         let now = self.clock.now_ms();
         let outcome = match answer {
-            HandlerAnswer::Terminal(failure) => return AttemptEnd::Failed { failure },
+            HandlerAnswer::Terminal(failure, body) => return AttemptEnd::Failed { failure, body },
             HandlerAnswer::Retry {
                 error,
                 error_type,
                 delay,
             } => return self.handler_failure(record, policy, error, error_type, delay),
+            HandlerAnswer::Output(output, content_type) => {
+                return AttemptEnd::Completed {
+                    output,
+                    content_type,
+                }
+            }
             HandlerAnswer::Outcome(outcome) => outcome,
         };
         match outcome {
@@ -413,6 +447,7 @@ impl Invoker {
                     },
                     ..failure
                 },
+                body: None,
             },
             Outcome::Retry {
                 error,
@@ -490,6 +525,7 @@ impl Invoker {
                         error_type,
                         message: format!("{why}; last error: {error}"),
                     },
+                    body: None,
                 }
             }
         }
@@ -498,8 +534,12 @@ impl Invoker {
 
 /// What the handler's HTTP answer meant, before the retry policy is applied.
 enum HandlerAnswer {
+    /// A protocol handler's outcome.
     Outcome(Outcome),
-    Terminal(Failure),
+    /// A plain handler's output and its content type.
+    Output(Vec<u8>, Option<String>),
+    /// A terminal failure, with a plain handler's own answer.
+    Terminal(Failure, Option<(Vec<u8>, Option<String>)>),
     Retry {
         error: String,
         error_type: Option<String>,

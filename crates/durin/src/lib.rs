@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod egress;
 pub mod ids;
 pub mod invoker;
 pub mod problem;
@@ -52,6 +53,7 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let drivers = shutdown.child_token();
     let targets = Arc::new(registry::Targets::default());
+    let egress_calls = Arc::new(egress::EgressCalls::default());
     let invoker = Arc::new(Invoker::new(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -61,6 +63,7 @@ pub async fn run(
             default_start_to_close: config.start_to_close,
         },
         Arc::clone(&targets),
+        Arc::clone(&egress_calls),
         drivers.clone(),
     ));
     let http = reqwest::Client::new();
@@ -70,7 +73,7 @@ pub async fn run(
             Arc::clone(&targets),
             Arc::clone(&clock),
             http.clone(),
-            deployment.url.clone(),
+            deployment.clone(),
             shutdown.clone(),
         ));
     }
@@ -83,6 +86,36 @@ pub async fn run(
         Arc::clone(&clock),
         shutdown.clone(),
     ));
+    let egress_server = match config.egress_listen {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {address} for the egress: {e}"))?;
+            let egress = Arc::new(egress::Egress::new(
+                Arc::clone(&store),
+                Arc::clone(&clock),
+                Arc::clone(&invoker),
+                egress_calls,
+                egress::EgressConfig {
+                    allow: config.egress_allow.clone(),
+                    max_body_bytes: config.max_body_bytes,
+                    retry_policy: config.egress_retry_policy.clone(),
+                    call_timeout: config.egress_call_timeout,
+                },
+            ));
+            println!(
+                "durin egress listening on http://{}",
+                listener.local_addr()?
+            );
+            let stop = shutdown.clone();
+            Some(tokio::spawn(
+                axum::serve(listener, egress.router())
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .into_future(),
+            ))
+        }
+        None => None,
+    };
     // The server outlives the drivers during a shutdown: attempts in flight still need the
     // context API to finish. Callers waiting on an invocation are answered 503 when it stops.
     let server_stop = CancellationToken::new();
@@ -111,6 +144,9 @@ pub async fn run(
     invoker.drain(config.drain_timeout).await;
     server_stop.cancel();
     server.await??;
+    if let Some(egress_server) = egress_server {
+        egress_server.await??;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -122,12 +158,14 @@ async fn register_until_done(
     targets: Arc<registry::Targets>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
-    url: String,
+    deployment: config::DeploymentConfig,
     shutdown: CancellationToken,
 ) {
+    let url = &deployment.url;
     let mut pause = Duration::from_millis(250);
     loop {
-        match registry::register(&*store, &targets, &*clock, &http, &url).await {
+        let inline = deployment.services.clone();
+        match registry::register(&*store, &targets, &*clock, &http, url, inline).await {
             Ok((deployment, _)) => {
                 tracing::info!(%url, id = %deployment.id, "deployment registered");
                 return;

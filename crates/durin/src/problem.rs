@@ -29,6 +29,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The egress refuses a call (no running invocation, a host outside the allow-list).
+    #[error("{0}")]
+    Forbidden(String),
     /// The same `Idempotency-Key` was used before with a different request.
     #[error("Idempotency-Key {key:?} was already used for a different request (invocation {invocation_id}); use a new key for a new request")]
     IdempotencyKeyReused { key: String, invocation_id: String },
@@ -103,6 +106,12 @@ impl ApiError {
                 false,
             ),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", false),
+            Forbidden(_) => (
+                StatusCode::FORBIDDEN,
+                "egress-refused",
+                "Egress refused",
+                false,
+            ),
             Deployment { retryable, .. } => (
                 StatusCode::BAD_GATEWAY,
                 "deployment-unusable",

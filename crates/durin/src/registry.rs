@@ -103,33 +103,44 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Calls `GET {url}/discover`, checks the answer and records the deployment.
+/// Records a deployment. With `inline` services it is a plain HTTP deployment, declared
+/// here; without, Durin asks `GET {url}/discover` and it speaks the handler protocol.
 pub async fn register(
     store: &dyn Store,
     targets: &Targets,
     clock: &dyn Clock,
     http: &reqwest::Client,
     url: &str,
+    inline: Option<Vec<ServiceSpec>>,
 ) -> Result<(DeploymentRecord, bool), ApiError> {
     let url = parse_deployment_url(url)?;
-    let discovery = discover(http, &url).await?;
-    if discovery.protocol != PROTOCOL_VERSION {
-        return Err(ApiError::Deployment {
-            detail: format!(
-                "{url}/discover speaks protocol version {}, this gateway speaks {PROTOCOL_VERSION}",
-                discovery.protocol
-            ),
-            retryable: false,
-        });
-    }
-    validate_services(&discovery.services).map_err(|detail| ApiError::Deployment {
-        detail: format!("{url}/discover: {detail}"),
-        retryable: false,
-    })?;
+    let (protocol, services) = match inline {
+        Some(services) => {
+            validate_services(&services).map_err(ApiError::BadRequest)?;
+            (HandlerProtocol::Plain, services)
+        }
+        None => {
+            let discovery = discover(http, &url).await?;
+            if discovery.protocol != PROTOCOL_VERSION {
+                return Err(ApiError::Deployment {
+                    detail: format!(
+                        "{url}/discover speaks protocol version {}, this gateway speaks {PROTOCOL_VERSION}",
+                        discovery.protocol
+                    ),
+                    retryable: false,
+                });
+            }
+            validate_services(&discovery.services).map_err(|detail| ApiError::Deployment {
+                detail: format!("{url}/discover: {detail}"),
+                retryable: false,
+            })?;
+            (HandlerProtocol::Sdk, discovery.services)
+        }
+    };
     let deployment = NewDeployment {
         url,
-        protocol: HandlerProtocol::Sdk,
-        services: discovery.services,
+        protocol,
+        services,
         now_ms: clock.now_ms(),
     };
     let registered = store.register_deployment(deployment).await?;

@@ -27,10 +27,13 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Va
 #[serde(deny_unknown_fields)]
 struct RegisterRequest {
     url: String,
+    /// Declared inline: a plain HTTP deployment, not asked for `/discover`.
+    services: Option<Vec<durin_protocol::ServiceSpec>>,
 }
 
-/// `POST /v1/deployments {"url"}`: discovers and records a deployment. 201 when new, 200
-/// when the same deployment was already registered.
+/// `POST /v1/deployments {"url", "services"?}`: records a deployment, discovering its
+/// services unless they are declared inline. 201 when new, 200 when the same deployment
+/// was already registered.
 pub async fn register_deployment(
     State(state): State<AppState>,
     ApiBody(body): ApiBody,
@@ -42,6 +45,7 @@ pub async fn register_deployment(
         &*state.clock,
         &state.http,
         &request.url,
+        request.services,
     )
     .await?;
     let status = if created {

@@ -1,11 +1,15 @@
 //! The context API: how a running attempt appends journal entries.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use durin_protocol::{AppendRequest, AppendResponse, EntryKind, HEADER_ATTEMPT};
+use serde_json::Value;
 
 use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, AppState};
+use crate::egress::HEADER_REPLAYED;
+use crate::invoker::json_value;
 use crate::problem::ApiError;
 use crate::store::NewEntry;
 
@@ -19,16 +23,7 @@ pub async fn append(
     ApiBody(body): ApiBody,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let id = parse_invocation_id(&id)?;
-    let attempt = headers
-        .get(HEADER_ATTEMPT)
-        .ok_or_else(|| ApiError::BadRequest("the Durin-Attempt header is missing".into()))?
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|a| *a > 0)
-        .ok_or_else(|| {
-            ApiError::BadRequest("the Durin-Attempt header must be a positive integer".into())
-        })?;
+    let attempt = attempt_header(&headers)?;
     let request: AppendRequest = parse_json("the entry", &body)?;
     if !request.kind.appendable() {
         return Err(ApiError::BadRequest(format!(
@@ -53,7 +48,7 @@ pub async fn append(
         ));
     }
     let entry = NewEntry {
-        index: request.index,
+        index: Some(request.index),
         kind: request.kind,
         name: request.name,
         value: request
@@ -70,4 +65,72 @@ pub async fn append(
         index: stored.index,
         at_ms: stored.at_ms,
     }))
+}
+
+fn attempt_header(headers: &HeaderMap) -> Result<u32, ApiError> {
+    headers
+        .get(HEADER_ATTEMPT)
+        .ok_or_else(|| ApiError::BadRequest("the Durin-Attempt header is missing".into()))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|a| *a > 0)
+        .ok_or_else(|| {
+            ApiError::BadRequest("the Durin-Attempt header must be a positive integer".into())
+        })
+}
+
+/// `POST /v1/contexts/{id}/steps/{name}`, for handlers without an SDK: the first time, the
+/// JSON body is recorded as the value of step `name`; every time, the recorded value is
+/// the answer (`Durin-Replayed: true` when it came from the journal). A handler computes a
+/// value (an id, a time, a decision), records it here and uses the answer, so a re-invocation
+/// sees the same value. Step names are unique within an invocation.
+pub async fn record_step(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let attempt = attempt_header(&headers)?;
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "step names must be 1 to {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    let value: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        parse_json("the step value", &body)?
+    };
+    let recorded = state
+        .store
+        .read_journal(&id)
+        .await?
+        .into_iter()
+        .find(|e| e.kind == EntryKind::Step && e.name.as_deref() == Some(name.as_str()));
+    let (value, replayed) = match recorded {
+        Some(entry) => (json_value(entry.value.as_deref()), true),
+        None => {
+            let entry = NewEntry {
+                index: None,
+                kind: EntryKind::Step,
+                name: Some(name),
+                value: Some(serde_json::to_vec(&value).unwrap_or_default()),
+                content_type: Some("application/json".into()),
+                failure: None,
+            };
+            state
+                .store
+                .append_entry(&id, attempt, entry, state.clock.now_ms())
+                .await?;
+            (value, false)
+        }
+    };
+    let mut response = Json(value).into_response();
+    response.headers_mut().insert(
+        HEADER_REPLAYED,
+        HeaderValue::from_static(if replayed { "true" } else { "false" }),
+    );
+    Ok(response)
 }

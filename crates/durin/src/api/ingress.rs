@@ -9,11 +9,13 @@ use axum::Json;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
+use super::{hex, wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
 use crate::ids::{parse_name, IdempotencyKey, InvocationId};
 use crate::invoker::Ended;
 use crate::problem::ApiError;
-use crate::store::{Created, IdempotencyClaim, InvocationRecord, NewInvocation, Status};
+use crate::store::{
+    Created, HandlerProtocol, IdempotencyClaim, InvocationRecord, NewInvocation, Status,
+};
 
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Set on an answer that replays an earlier request with the same `Idempotency-Key`.
@@ -136,6 +138,26 @@ fn output_or_failure(ended: &Ended) -> Result<Response, ApiError> {
             invocation_id: record.id.to_string(),
             reason: record.last_error.clone().unwrap_or_default(),
         }),
+        Status::Failed if ended.output.as_ref().is_some_and(|o| o.value.is_some()) => {
+            // A plain handler's own answer goes back as it was.
+            let output = ended.output.as_ref().and_then(|o| o.value.clone());
+            let content_type = ended.output.as_ref().and_then(|o| o.content_type.clone());
+            let status = record.failure.as_ref().map_or(500, |f| f.status);
+            let mut response = (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                output.unwrap_or_default(),
+            )
+                .into_response();
+            let headers = response.headers_mut();
+            if let Some(value) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                headers.insert(header::CONTENT_TYPE, value);
+            }
+            headers.insert(
+                crate::problem::HEADER_ERROR_SOURCE,
+                HeaderValue::from_static("handler"),
+            );
+            Ok(response)
+        }
         _ => {
             let failure = record.failure.clone().unwrap_or(durin_protocol::Failure {
                 status: 500,
@@ -172,23 +194,14 @@ async fn start(
 ) -> Result<Started, ApiError> {
     let service = parse_name("service", service).map_err(ApiError::BadRequest)?;
     let handler = parse_name("handler", handler).map_err(ApiError::BadRequest)?;
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let content_type = content_type.to_str().unwrap_or_default();
-        let essence = content_type.split(';').next().unwrap_or_default().trim();
-        if !(essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")) {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "the request body must be JSON (Content-Type: application/json), not {content_type:?}"
-            )));
-        }
-    }
-    // The digest is over the JSON value, not its bytes, so that whitespace or key order
-    // does not make a retry with the same Idempotency-Key look like a different request.
-    let input: serde_json::Value = if body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?
-    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::BadRequest("the Content-Type header is not ASCII".into()))
+        })
+        .transpose()?;
     let key = headers
         .get(HEADER_IDEMPOTENCY_KEY)
         .map(|v| {
@@ -207,11 +220,22 @@ async fn start(
                 "no deployment serves handler {service}/{handler}; register one with POST /v1/deployments"
             ))
         })?;
+    let (input_digest, content_type) = match target.protocol {
+        HandlerProtocol::Sdk => (json_input_digest(content_type.as_deref(), body)?, None),
+        // A plain handler takes any body; the digest covers its bytes and their type.
+        HandlerProtocol::Plain => {
+            let mut hasher = Sha256::new();
+            hasher.update(content_type.as_deref().unwrap_or_default().as_bytes());
+            hasher.update([0]);
+            hasher.update(body);
+            (hex(&hasher.finalize()), content_type)
+        }
+    };
     let now_ms = state.clock.now_ms();
     let idempotency = key.map(|key| IdempotencyClaim {
         scope: format!("{service}/{handler}"),
         key: key.as_str().to_owned(),
-        request_digest: request_digest(&service, &handler, &input),
+        request_digest: request_digest(&service, &handler, &input_digest),
         expires_at_ms: now_ms.saturating_add(state.idempotency_retention.as_millis() as i64),
     });
     let created = state
@@ -220,7 +244,7 @@ async fn start(
             id: InvocationId::generate(),
             target,
             input: body.to_vec(),
-            content_type: Some("application/json".into()),
+            content_type: Some(content_type.unwrap_or_else(|| "application/json".into())),
             idempotency,
             now_ms,
         })
@@ -251,17 +275,34 @@ async fn start(
     }
 }
 
-fn request_digest(service: &str, handler: &str, input: &serde_json::Value) -> String {
+/// Checks that a protocol handler's input is JSON and digests its value, not its bytes,
+/// so that whitespace or key order does not make a retry with the same Idempotency-Key look
+/// like a different request.
+fn json_input_digest(content_type: Option<&str>, body: &[u8]) -> Result<String, ApiError> {
+    if let Some(content_type) = content_type {
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if !(essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")) {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "the request body must be JSON (Content-Type: application/json), not {content_type:?}"
+            )));
+        }
+    }
+    let input: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?
+    };
+    // serde_json's maps are sorted by key, so this is a canonical form of the value.
+    Ok(hex(&Sha256::digest(input.to_string().as_bytes())))
+}
+
+fn request_digest(service: &str, handler: &str, input_digest: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(service.as_bytes());
     hasher.update([0]);
     hasher.update(handler.as_bytes());
     hasher.update([0]);
-    // serde_json's maps are sorted by key, so this is a canonical form of the value.
-    hasher.update(input.to_string().as_bytes());
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.update(input_digest.as_bytes());
+    hex(&hasher.finalize())
 }

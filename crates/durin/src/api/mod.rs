@@ -42,6 +42,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/invocations/{id}/journal"),
     ("POST", "/v1/invocations/{id}/resume"),
     ("POST", "/v1/contexts/{id}/entries"),
+    ("POST", "/v1/contexts/{id}/steps/{name}"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -73,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
         .route("/v1/contexts/{id}/entries", post(context::append))
+        .route("/v1/contexts/{id}/steps/{name}", post(context::record_step))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -150,6 +152,11 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
 /// The configured body limit, for the error message.
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// Lower-case hexadecimal of `bytes` (digests in keys and journal entries).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Parses a JSON body into `T`, with an error that says where it went wrong.
 pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {

@@ -98,18 +98,22 @@ impl std::fmt::Display for Status {
 pub enum HandlerProtocol {
     /// The Durin handler protocol (an SDK): journal in, outcome out.
     Sdk,
+    /// A plain HTTP handler: the caller's body in, the answer out; durable through the egress.
+    Plain,
 }
 
 impl HandlerProtocol {
     pub fn as_str(self) -> &'static str {
         match self {
             HandlerProtocol::Sdk => "sdk",
+            HandlerProtocol::Plain => "plain",
         }
     }
 
     pub fn parse(s: &str) -> Option<HandlerProtocol> {
         match s {
             "sdk" => Some(HandlerProtocol::Sdk),
+            "plain" => Some(HandlerProtocol::Plain),
             _ => None,
         }
     }
@@ -227,7 +231,9 @@ pub enum Created {
 /// An entry an attempt appends.
 #[derive(Debug, Clone)]
 pub struct NewEntry {
-    pub index: u32,
+    /// The index the writer expects; `None` takes the next free one (for writers, like the
+    /// egress, whose calls may run concurrently).
+    pub index: Option<u32>,
     pub kind: EntryKind,
     pub name: Option<String>,
     pub value: Option<Vec<u8>>,
@@ -244,6 +250,8 @@ pub enum AttemptEnd {
     },
     Failed {
         failure: Failure,
+        /// The handler's own answer (body and content type), which goes back to the caller.
+        body: Option<(Vec<u8>, Option<String>)>,
     },
     /// Retry at `until_ms`. `handler_failure` counts it against the handler's policy.
     BackOff {
@@ -304,7 +312,8 @@ pub trait Store: Send + Sync + 'static {
         id: &InvocationId,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>>;
-    /// Appends an entry for `attempt`, durably, at the next free index.
+    /// Appends an entry for `attempt`, durably, at the next free index (which must be
+    /// `entry.index` when that is given).
     async fn append_entry(
         &self,
         id: &InvocationId,

@@ -705,14 +705,20 @@ impl Store for SqliteStore {
     ) -> StoreResult<StoredEntry> {
         let id = id.clone();
         self.write(move |conn| {
-            let grown = execute(
-                conn,
-                "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
-                 modified_at_ms = ?1 \
-                 WHERE id = ?2 AND attempt = ?3 AND status = 'running' AND journal_len = ?4",
-                params![now_ms, id.as_str(), attempt, entry.index],
-            )?;
-            if grown == 0 {
+            let grown: Option<u32> = conn
+                .prepare_cached(
+                    "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
+                     modified_at_ms = ?1 \
+                     WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
+                     AND (?4 IS NULL OR journal_len = ?4) RETURNING journal_len",
+                )
+                .map_err(backend)?
+                .query_row(params![now_ms, id.as_str(), attempt, entry.index], |row| {
+                    row.get(0)
+                })
+                .optional()
+                .map_err(backend)?;
+            let Some(journal_len) = grown else {
                 return Err(match refusal(conn, id.as_str(), attempt) {
                     StoreError::Fenced {
                         current_attempt,
@@ -720,16 +726,16 @@ impl Store for SqliteStore {
                         ..
                     } if current_attempt == attempt => StoreError::IndexMismatch {
                         invocation_id: id.to_string(),
-                        requested: entry.index,
+                        requested: entry.index.unwrap_or_default(),
                         expected: fetch_invocation(conn, id.as_str())?
                             .map(|r| r.journal_len)
                             .unwrap_or_default(),
                     },
                     other => other,
                 });
-            }
+            };
             let stored = StoredEntry {
-                index: entry.index,
+                index: journal_len - 1,
                 kind: entry.kind,
                 name: entry.name,
                 value: entry.value,
@@ -761,7 +767,7 @@ impl Store for SqliteStore {
                      last_error = NULL",
                     vec![],
                 ),
-                AttemptEnd::Failed { failure } => (
+                AttemptEnd::Failed { failure, .. } => (
                     "status = 'failed', journal_len = journal_len + 1, completed_at_ms = ?1, \
                      failure = ?4",
                     vec![to_json(failure)?.into()],
@@ -805,7 +811,10 @@ impl Store for SqliteStore {
                     output,
                     content_type,
                 } => Some((Some(output), content_type, None)),
-                AttemptEnd::Failed { failure } => Some((None, None, Some(failure))),
+                AttemptEnd::Failed { failure, body } => {
+                    let (value, content_type) = body.unzip();
+                    Some((value, content_type.flatten(), Some(failure)))
+                }
                 _ => None,
             };
             let output = match output {

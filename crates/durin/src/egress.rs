@@ -1,0 +1,517 @@
+//! The egress: an HTTP proxy through which a plain handler's outbound calls become durable.
+//!
+//! A handler sends its outbound call through the egress with the `Durin-Invocation-Id` it
+//! was given, either in proxy form (an absolute URI, as `HTTP_PROXY` clients send it) or in
+//! the explicit form `http://EGRESS/{scheme}/{host[:port]}/{path}` (which also reaches
+//! HTTPS targets: Durin makes the TLS call). The egress identifies the call by (method, URL,
+//! body digest, occurrence), where the occurrence counts identical calls in the attempt.
+//! A call the journal holds is answered from the journal; a new one goes out with an
+//! `Idempotency-Key` derived from the invocation and the call's identity (the same on every
+//! retry, so a downstream that honours it applies the call once even when its answer was
+//! lost), and its response is journaled before the handler sees it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use base64::Engine;
+use durin_protocol::{EntryKind, RetryPolicy, HEADER_ATTEMPT, HEADER_INVOCATION_ID};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::hex;
+use crate::clock::Clock;
+use crate::ids::InvocationId;
+use crate::invoker::{Ended, Invoker};
+use crate::problem::ApiError;
+use crate::store::{AttemptEnd, NewEntry, Status, Store, StoreError};
+
+/// Set on an answer that comes from the journal.
+pub const HEADER_REPLAYED: &str = "durin-replayed";
+
+pub struct EgressConfig {
+    /// Hosts the egress may call: `host`, `host:port` or `*.domain`; empty allows any.
+    pub allow: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Retries of one outbound call (connection errors, timeouts, 408, 429, 5xx).
+    pub retry_policy: RetryPolicy,
+    /// Bound on one try of an outbound call.
+    pub call_timeout: Duration,
+}
+
+pub struct Egress {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    invoker: Arc<Invoker>,
+    calls: Arc<EgressCalls>,
+    http: reqwest::Client,
+    config: EgressConfig,
+}
+
+/// What the egress remembers of each running attempt: how often it saw each call identity
+/// (the occurrence) and which journal entries it has matched.
+#[derive(Default)]
+pub struct EgressCalls {
+    attempts: Mutex<HashMap<InvocationId, AttemptCalls>>,
+}
+
+#[derive(Default)]
+struct AttemptCalls {
+    attempt: u32,
+    occurrences: HashMap<(String, String, String), u32>,
+    matched: HashSet<u32>,
+}
+
+impl EgressCalls {
+    /// Forgets an attempt that ended.
+    pub fn forget(&self, id: &InvocationId) {
+        lock(&self.attempts).remove(id);
+    }
+
+    fn with<T>(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        f: impl FnOnce(&mut AttemptCalls) -> T,
+    ) -> T {
+        let mut attempts = lock(&self.attempts);
+        let calls = attempts.entry(id.clone()).or_default();
+        if calls.attempt != attempt {
+            *calls = AttemptCalls {
+                attempt,
+                ..AttemptCalls::default()
+            };
+        }
+        f(calls)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The value of an egress journal entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EgressRecord {
+    method: String,
+    url: String,
+    body_digest: String,
+    occurrence: u32,
+    idempotency_key: String,
+    status: u16,
+    headers: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+}
+
+impl EgressRecord {
+    fn body_bytes(&self) -> Vec<u8> {
+        match (&self.body, &self.body_base64) {
+            (Some(text), _) => text.clone().into_bytes(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_default(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    fn response(&self, replayed: bool) -> Response {
+        let mut response = Response::new(Body::from(self.body_bytes()));
+        *response.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        let headers = response.headers_mut();
+        for (name, value) in &self.headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        if replayed {
+            headers.insert(HEADER_REPLAYED, HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+/// Headers that describe one hop, not the message; never forwarded.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    ) || name.starts_with("durin-")
+}
+
+impl Egress {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        invoker: Arc<Invoker>,
+        calls: Arc<EgressCalls>,
+        config: EgressConfig,
+    ) -> Egress {
+        Egress {
+            store,
+            clock,
+            invoker,
+            calls,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+            config,
+        }
+    }
+
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new().fallback(handle).with_state(self)
+    }
+
+    fn allowed(&self, url: &reqwest::Url) -> bool {
+        if self.config.allow.is_empty() {
+            return true;
+        }
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let with_port = format!("{host}:{}", url.port_or_known_default().unwrap_or(0));
+        self.config.allow.iter().any(|pattern| {
+            let pattern = pattern.to_ascii_lowercase();
+            match pattern.strip_prefix("*.") {
+                Some(domain) => host.ends_with(&format!(".{domain}")),
+                None => pattern == host || pattern == with_port,
+            }
+        })
+    }
+
+    async fn serve(&self, request: Request) -> Result<Response, ApiError> {
+        let (parts, body) = request.into_parts();
+        if parts.method == Method::CONNECT {
+            return Err(ApiError::BadRequest(
+                "the egress does not tunnel (CONNECT): send HTTPS calls in the explicit form http://EGRESS/https/HOST/PATH so that Durin can journal them".into(),
+            ));
+        }
+        let url = target_url(&parts.uri)?;
+        let id = parts
+            .headers
+            .get(HEADER_INVOCATION_ID)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Forbidden(
+                    "the egress only carries calls of running invocations: send the Durin-Invocation-Id header your handler was given".into(),
+                )
+            })
+            .and_then(|v| InvocationId::parse(v).map_err(ApiError::BadRequest))?;
+        let claimed_attempt = match parts.headers.get(HEADER_ATTEMPT) {
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("the Durin-Attempt header must be a number".into())
+                    })?,
+            ),
+            None => None,
+        };
+        if !self.allowed(&url) {
+            return Err(ApiError::Forbidden(format!(
+                "{} is not in the egress allow-list",
+                url.host_str().unwrap_or_default()
+            )));
+        }
+        let limit = self.config.max_body_bytes;
+        let body = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        let record = self
+            .store
+            .get_invocation(&id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))?;
+        if record.status != Status::Running {
+            return Err(ApiError::Conflict(format!(
+                "invocation {id} is {}, not running: only a running attempt may call out",
+                record.status
+            )));
+        }
+        if let Some(claimed) = claimed_attempt.filter(|a| *a != record.attempt) {
+            return Err(ApiError::Conflict(format!(
+                "attempt {claimed} of invocation {id} is not current (current attempt {})",
+                record.attempt
+            )));
+        }
+        let attempt = record.attempt;
+        let method = parts.method.as_str().to_owned();
+        let url_text = url.to_string();
+        let body_digest = hex(&Sha256::digest(&body));
+        let identity = (method.clone(), url_text.clone(), body_digest.clone());
+        let occurrence = self.calls.with(&id, attempt, |calls| {
+            let n = calls.occurrences.entry(identity).or_default();
+            let occurrence = *n;
+            *n += 1;
+            occurrence
+        });
+
+        let journal = self.store.read_journal(&id).await?;
+        let recorded: Vec<(u32, EgressRecord)> = journal
+            .into_iter()
+            .filter(|e| e.kind == EntryKind::Egress)
+            .filter_map(|e| {
+                let value = e.value?;
+                serde_json::from_slice::<EgressRecord>(&value)
+                    .ok()
+                    .map(|r| (e.index, r))
+            })
+            .collect();
+        let exact = recorded.iter().find(|(_, r)| {
+            r.method == method
+                && r.url == url_text
+                && r.body_digest == body_digest
+                && r.occurrence == occurrence
+        });
+        if let Some((index, record)) = exact {
+            self.calls
+                .with(&id, attempt, |calls| calls.matched.insert(*index));
+            return Ok(record.response(true));
+        }
+        let diverged = self.calls.with(&id, attempt, |calls| {
+            recorded
+                .iter()
+                .find(|(index, r)| {
+                    r.method == method && r.url == url_text && !calls.matched.contains(index)
+                })
+                .cloned()
+        });
+        if let Some((index, other)) = diverged {
+            return Err(self
+                .pause(
+                    &id,
+                    attempt,
+                    format!(
+                        "non-determinism at journal index {index}: the journal recorded egress {} {} (body digest {}, occurrence {}) but the handler called {method} {url_text} (body digest {}, occurrence {occurrence}); fix the handler and resume the invocation",
+                        other.method,
+                        other.url,
+                        &other.body_digest[..12],
+                        other.occurrence,
+                        &body_digest[..12],
+                    ),
+                )
+                .await);
+        }
+
+        let idempotency_key = parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                let mut hasher = Sha256::new();
+                for part in [id.as_str(), &method, &url_text, &body_digest] {
+                    hasher.update(part.as_bytes());
+                    hasher.update([0]);
+                }
+                hasher.update(occurrence.to_be_bytes());
+                format!("durin-{}", &hex(&hasher.finalize())[..40])
+            });
+        let (status, headers, response_body) = self
+            .send(&parts.method, &url, &parts.headers, &idempotency_key, body)
+            .await?;
+        let text = String::from_utf8(response_body.clone()).ok();
+        let egress_record = EgressRecord {
+            method: method.clone(),
+            url: url_text.clone(),
+            body_digest,
+            occurrence,
+            idempotency_key,
+            status,
+            headers,
+            body_base64: text
+                .is_none()
+                .then(|| base64::engine::general_purpose::STANDARD.encode(&response_body)),
+            body: text,
+        };
+        let value =
+            serde_json::to_vec(&egress_record).map_err(|e| ApiError::Storage(e.to_string()))?;
+        let entry = NewEntry {
+            index: None,
+            kind: EntryKind::Egress,
+            name: Some(format!("{method} {url_text}")),
+            value: Some(value),
+            content_type: Some("application/json".into()),
+            failure: None,
+        };
+        let stored = self
+            .store
+            .append_entry(&id, attempt, entry, self.clock.now_ms())
+            .await?;
+        self.calls
+            .with(&id, attempt, |calls| calls.matched.insert(stored.index));
+        Ok(egress_record.response(false))
+    }
+
+    /// Sends one outbound call, retrying what may succeed later, with the same key.
+    async fn send(
+        &self,
+        method: &Method,
+        url: &reqwest::Url,
+        headers: &HeaderMap,
+        idempotency_key: &str,
+        body: bytes::Bytes,
+    ) -> Result<(u16, Vec<(String, String)>, Vec<u8>), ApiError> {
+        let method = reqwest::Method::from_bytes(method.as_str().as_bytes())
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .timeout(self.config.call_timeout)
+                .header("idempotency-key", idempotency_key)
+                .body(body.clone());
+            for (name, value) in headers {
+                let name = name.as_str();
+                if !hop_by_hop(name) && name != "idempotency-key" {
+                    request = request.header(name, value.as_bytes());
+                }
+            }
+            let (retry_after, problem) = match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let transient = status.is_server_error()
+                        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let delay = self.config.retry_policy.next_delay(tries, None);
+                    if !transient || delay.is_none() {
+                        let headers = response
+                            .headers()
+                            .iter()
+                            .filter(|(name, _)| !hop_by_hop(name.as_str()))
+                            .filter_map(|(name, value)| {
+                                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+                            })
+                            .collect();
+                        let body = response.bytes().await.map_err(|e| ApiError::Deployment {
+                            detail: format!("reading the answer of {url} failed: {e}"),
+                            retryable: true,
+                        })?;
+                        return Ok((status.as_u16(), headers, body.to_vec()));
+                    }
+                    (retry_after, format!("{url} answered {status}"))
+                }
+                Err(e) => (None, format!("could not call {url}: {e}")),
+            };
+            match self.config.retry_policy.next_delay(tries, None) {
+                Some(delay) => {
+                    let delay = retry_after
+                        .unwrap_or(delay)
+                        .min(self.config.retry_policy.maximum_interval);
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    return Err(ApiError::Deployment {
+                        detail: format!("{problem} ({tries} tries); nothing was journaled, the same call may be made again"),
+                        retryable: true,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Pauses the invocation (fenced by the attempt) and wakes its waiters.
+    async fn pause(&self, id: &InvocationId, attempt: u32, reason: String) -> ApiError {
+        let end = AttemptEnd::Paused {
+            reason: reason.clone(),
+        };
+        match self
+            .store
+            .end_attempt(id, attempt, end, self.clock.now_ms())
+            .await
+        {
+            Ok((record, output)) => {
+                self.calls.forget(id);
+                self.invoker
+                    .completions()
+                    .finish(Arc::new(Ended { record, output }));
+                ApiError::Conflict(reason)
+            }
+            Err(StoreError::Fenced { .. }) => ApiError::Conflict(reason),
+            Err(e) => e.into(),
+        }
+    }
+}
+
+async fn handle(State(egress): State<Arc<Egress>>, request: Request) -> Response {
+    match egress.serve(request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The call's target: the absolute URI of a proxy-form request, or the explicit form
+/// `/{scheme}/{authority}/{path}`.
+fn target_url(uri: &Uri) -> Result<reqwest::Url, ApiError> {
+    let text = if uri.scheme().is_some() {
+        uri.to_string()
+    } else {
+        let path = uri.path().trim_start_matches('/');
+        let (scheme, rest) = path.split_once('/').unwrap_or((path, ""));
+        if !matches!(scheme, "http" | "https") || rest.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "{uri} names no target: use proxy form (an absolute URI) or http://EGRESS/{{http|https}}/HOST/PATH"
+            )));
+        }
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        format!("{scheme}://{rest}{query}")
+    };
+    let url = reqwest::Url::parse(&text)
+        .map_err(|e| ApiError::BadRequest(format!("target {text:?} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "target {text:?} must be an http or https URL with a host"
+        )));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_in_proxy_and_explicit_form() {
+        let proxy: Uri = "http://pay.example:8080/v1/charges?x=1".parse().unwrap();
+        assert_eq!(
+            target_url(&proxy).unwrap().as_str(),
+            "http://pay.example:8080/v1/charges?x=1"
+        );
+        let explicit: Uri = "/https/api.example.com/v1/charges?x=1".parse().unwrap();
+        assert_eq!(
+            target_url(&explicit).unwrap().as_str(),
+            "https://api.example.com/v1/charges?x=1"
+        );
+        assert!(target_url(&"/ftp/x/y".parse().unwrap()).is_err());
+        assert!(target_url(&"/v1/charges".parse().unwrap()).is_err());
+    }
+}
