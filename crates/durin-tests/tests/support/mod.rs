@@ -29,38 +29,58 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `program` and waits for the line `{ready_prefix}http://ADDR…` on its stdout.
-    fn spawn(mut command: Command, ready_prefix: &str) -> Proc {
+    /// Starts `command` and waits for the line `{ready_prefix}http://ADDR…` on its stdout.
+    pub fn spawn(command: Command, ready_prefix: &str) -> Proc {
+        Proc::spawn_with(command, ready_prefix, &[]).0
+    }
+
+    /// Like [`Proc::spawn`], and also returns the URLs of lines starting with `others`,
+    /// which must come before the ready line.
+    pub fn spawn_with(
+        mut command: Command,
+        ready_prefix: &str,
+        others: &[&str],
+    ) -> (Proc, Vec<String>) {
         command.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = command.spawn().expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let prefix = ready_prefix.to_owned();
+        let others: Vec<String> = others.iter().map(|s| (*s).to_owned()).collect();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            let mut found = vec![String::new(); others.len()];
             for line in lines.by_ref() {
                 let Ok(line) = line else { return };
-                if let Some(rest) = line.strip_prefix(&prefix) {
-                    let url = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(url);
+                let url_after = |p: &str| {
+                    line.strip_prefix(p).map(|rest| {
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned()
+                    })
+                };
+                for (i, other) in others.iter().enumerate() {
+                    if let Some(url) = url_after(other) {
+                        found[i] = url;
+                    }
+                }
+                if let Some(url) = url_after(&prefix) {
+                    let _ = tx.send((url, found));
                     break;
                 }
             }
             // Keep draining so that the child never blocks on a full pipe.
             for _ in lines {}
         });
-        let url = rx
+        let (url, found) = rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("process did not print {ready_prefix:?} in time"));
         let addr = url
             .trim_start_matches("http://")
             .parse()
             .expect("address in ready line");
-        Proc { child, url, addr }
+        (Proc { child, url, addr }, found)
     }
 
     /// `kill -9`.
@@ -132,8 +152,35 @@ maximum_attempts = 100
         self.dir.path().join("durin.toml")
     }
 
+    /// Starts the real `durin` binary with an egress proxy (on `egress`, or port 0); returns
+    /// it and the egress URL.
+    pub fn start_with_egress(
+        &self,
+        listen: Option<SocketAddr>,
+        egress: Option<&str>,
+        allow: &[&str],
+    ) -> (Proc, String) {
+        let mut command = self.command(listen);
+        command
+            .arg("--egress-listen")
+            .arg(egress.map_or("127.0.0.1:0", |e| e.trim_start_matches("http://")));
+        for host in allow {
+            command.arg("--egress-allow").arg(host);
+        }
+        let (proc, mut found) = Proc::spawn_with(
+            command,
+            "durin listening on ",
+            &["durin egress listening on "],
+        );
+        (proc, found.remove(0))
+    }
+
     /// Starts the real `durin` binary, on `listen` (a fixed address for a restart) or port 0.
     pub fn start(&self, listen: Option<SocketAddr>) -> Proc {
+        Proc::spawn(self.command(listen), "durin listening on ")
+    }
+
+    fn command(&self, listen: Option<SocketAddr>) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_durin-under-test"));
         command
             .arg("serve")
@@ -144,7 +191,7 @@ maximum_attempts = 100
             .arg("--config")
             .arg(self.config())
             .env("DURIN_LOG", "warn");
-        Proc::spawn(command, "durin listening on ")
+        command
     }
 }
 

@@ -1,0 +1,328 @@
+//! Durable without an SDK: the Python order handler (standard library only) sends its side
+//! effects through Durin's egress. The handler and Durin are killed with SIGKILL between two
+//! calls and between a downstream's answer and its journal write; the payment service
+//! counts charges and idempotency keys.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+fn python(script: &str) -> Command {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/python")
+        .join(script);
+    let mut command = Command::new("python3");
+    command.arg(path);
+    command
+}
+
+struct Downstreams {
+    payment: Proc,
+    inventory: Proc,
+    email: Proc,
+}
+
+fn start_downstreams(payment_hold_ms: u64) -> Downstreams {
+    let start = |role: &str, hold: u64| {
+        let mut command = python("downstream.py");
+        command
+            .args(["--role", role, "--hold-ms"])
+            .arg(hold.to_string());
+        Proc::spawn(command, &format!("{role} listening on "))
+    };
+    Downstreams {
+        payment: start("payment", payment_hold_ms),
+        inventory: start("inventory", 0),
+        email: start("email", 0),
+    }
+}
+
+fn start_handler(
+    listen: Option<SocketAddr>,
+    egress: &str,
+    downstreams: &Downstreams,
+    step_delay_ms: u64,
+) -> Proc {
+    let mut command = python("order_handler.py");
+    command
+        .arg("--port")
+        .arg(listen.map_or(0, |a| a.port()).to_string())
+        .args(["--egress", egress])
+        .args(["--payment", &downstreams.payment.url])
+        .args(["--inventory", &downstreams.inventory.url])
+        .args(["--email", &downstreams.email.url])
+        .arg("--step-delay-ms")
+        .arg(step_delay_ms.to_string());
+    Proc::spawn(command, "order handler listening on ")
+}
+
+/// Registers the Python handler as a plain deployment, declared inline.
+async fn register_plain(gateway: &str, handler: &str) {
+    let response = client()
+        .post(format!("{gateway}/v1/deployments"))
+        .json(&json!({
+            "url": handler,
+            "services": [{"name": "order", "handlers": [{"name": "process"}]}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+}
+
+async fn stats(service: &Proc) -> Value {
+    get_json(&format!("{}/stats", service.url)).await
+}
+
+fn plain_journal_shape(downstreams: &Downstreams) -> Vec<(String, Option<String>)> {
+    vec![
+        ("input".to_owned(), None),
+        (
+            "egress".to_owned(),
+            Some(format!("POST {}/charge", downstreams.payment.url)),
+        ),
+        (
+            "egress".to_owned(),
+            Some(format!("POST {}/reserve", downstreams.inventory.url)),
+        ),
+        (
+            "egress".to_owned(),
+            Some(format!("POST {}/send", downstreams.email.url)),
+        ),
+        ("output".to_owned(), None),
+    ]
+}
+
+async fn wait_for_egress(gateway: &str, id: &str, path: &str) {
+    eventually(Duration::from_secs(20), path, || async {
+        journal(gateway, id)
+            .await
+            .iter()
+            .any(|e| e["kind"] == "egress" && e["name"].as_str().is_some_and(|n| n.ends_with(path)))
+            .then_some(())
+    })
+    .await
+}
+
+async fn assert_charged_once(downstreams: &Downstreams, requests: u64) {
+    let payment = stats(&downstreams.payment).await;
+    assert_eq!(payment["effects"], 1, "{payment}");
+    assert_eq!(payment["requests"], requests, "{payment}");
+    let keys = payment["keys"].as_object().unwrap();
+    assert_eq!(
+        keys.len(),
+        1,
+        "one idempotency key for the one charge: {payment}"
+    );
+    assert!(keys.keys().all(|k| k.starts_with("durin-")), "{payment}");
+    for service in [&downstreams.inventory, &downstreams.email] {
+        assert_eq!(stats(service).await["effects"], 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_handler_killed_between_calls_resumes_from_the_journal() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let mut handler = start_handler(None, &egress, &downstreams, 600);
+    register_plain(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_egress(&gateway.url, &id, "/charge").await;
+    handler.kill();
+    let _handler = start_handler(Some(handler.addr), &egress, &downstreams, 600);
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    assert!(view["attempt"].as_u64().unwrap() >= 2);
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(shape(&entries), plain_journal_shape(&downstreams));
+    assert_eq!(entries[1]["attempt"], 1);
+    assert_eq!(entries[1]["value"]["status"], 200);
+    assert_eq!(entries[1]["value"]["occurrence"], 0);
+    // The charge was answered from the journal on the second attempt.
+    assert_charged_once(&downstreams, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_between_calls_resumes_without_repeating_the_charge() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (mut gateway, egress) = home.start_with_egress(None, None, &[]);
+    let handler = start_handler(None, &egress, &downstreams, 600);
+    register_plain(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_egress(&gateway.url, &id, "/charge").await;
+    gateway.kill();
+    let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), &[]);
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    assert_eq!(
+        shape(&journal(&gateway.url, &id).await),
+        plain_journal_shape(&downstreams)
+    );
+    assert_charged_once(&downstreams, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
+    // The payment service charges, then holds its answer for 3 s: Durin dies meanwhile.
+    let downstreams = start_downstreams(3000);
+    let home = GatewayHome::new();
+    let (mut gateway, egress) = home.start_with_egress(None, None, &[]);
+    let handler = start_handler(None, &egress, &downstreams, 0);
+    register_plain(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    eventually(Duration::from_secs(10), "the charge", || async {
+        (stats(&downstreams.payment).await["effects"] == 1).then_some(())
+    })
+    .await;
+    assert!(
+        journal(&gateway.url, &id)
+            .await
+            .iter()
+            .all(|e| e["kind"] != "egress"),
+        "the charge's answer must not be journaled yet"
+    );
+    gateway.kill();
+    let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), &[]);
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    assert_eq!(
+        shape(&journal(&gateway.url, &id).await),
+        plain_journal_shape(&downstreams)
+    );
+    // The call went out twice with the same key; the payment service charged once.
+    assert_charged_once(&downstreams, 2).await;
+    let payment = stats(&downstreams.payment).await;
+    assert_eq!(
+        payment["keys"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_is_not_an_open_proxy() {
+    let downstreams = start_downstreams(0);
+    let allowed = downstreams.payment.addr.to_string();
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[allowed.as_str(), "127.0.0.1:1"]);
+    let handler = start_handler(None, &egress, &downstreams, 5000);
+    register_plain(&gateway.url, &handler.url).await;
+    let charge = format!("{egress}/http/{allowed}/charge");
+    let http = client();
+    let problem = |response: reqwest::Response, status: u16, detail: &'static str| async move {
+        assert_eq!(response.status(), status);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let body: Value = response.json().await.unwrap();
+        let text = body["detail"].as_str().unwrap().to_owned();
+        assert!(text.contains(detail), "{text:?} does not say {detail:?}");
+    };
+
+    let r = http.post(&charge).json(&json!({})).send().await.unwrap();
+    problem(r, 403, "Durin-Invocation-Id").await;
+    let unknown = "inv_0193a2b4c5d6e7f8091a2b3c4d5e6f70";
+    let r = http
+        .post(&charge)
+        .header("durin-invocation-id", unknown)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 404, unknown).await;
+    let r = http
+        .post(&charge)
+        .header("durin-invocation-id", "inv_1")
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, "32 hex digits").await;
+    let r = http
+        .post(format!("{egress}/http/127.0.0.2:9/anything"))
+        .header("durin-invocation-id", unknown)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 403, "allow-list").await;
+    let r = http
+        .post(format!("{egress}/v1/charges"))
+        .header("durin-invocation-id", unknown)
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, "names no target").await;
+
+    // A running invocation (its handler waits 5 s before each call).
+    let id = send_order(&gateway.url, ORDER).await;
+    let r = http
+        .post(&charge)
+        .header("durin-invocation-id", &id)
+        .header("durin-attempt", "7")
+        .send()
+        .await
+        .unwrap();
+    problem(r, 409, "attempt 7").await;
+    let r = http
+        .post(&charge)
+        .header("durin-invocation-id", &id)
+        .body(vec![b'x'; 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    problem(r, 413, "larger than").await;
+    // Nothing of this reached the payment service or the journal.
+    assert_eq!(stats(&downstreams.payment).await["requests"], 0);
+    assert_eq!(journal(&gateway.url, &id).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let handler = start_handler(None, &egress, &downstreams, 0);
+    register_plain(&gateway.url, &handler.url).await;
+    let response = client()
+        .post(format!("{}/v1/call/order/process", gateway.url))
+        .header("content-type", "application/json")
+        .body(r#"{"order_id": "o-9"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert_eq!(response.headers()["durin-error-source"], "handler");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["title"], "invalid order",
+        "the handler's own body: {body}"
+    );
+    assert_eq!(stats(&downstreams.payment).await["requests"], 0);
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""A downstream service of the order example: payment, inventory or email.
+
+Standard library only. Every POST is recorded; the payment role honours Idempotency-Key the
+way payment APIs do (the same key gets the same answer and charges once). GET /stats tells
+what happened, so that tests and people can check that nothing was charged twice.
+
+    python3 downstream.py --role payment --port 9101
+"""
+import argparse
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOCK = threading.Lock()
+STATE = {"requests": 0, "effects": 0, "keys": {}, "answers": {}}
+
+
+def make_handler(role, hold_ms):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path != "/stats":
+                return self.answer(404, {"error": "not found"})
+            with LOCK:
+                self.answer(200, {k: STATE[k] for k in ("requests", "effects", "keys")})
+
+        def do_POST(self):
+            length = int(self.headers.get("content-length") or 0)
+            request = json.loads(self.rfile.read(length) or b"{}")
+            key = self.headers.get("idempotency-key") or ""
+            order_id = request.get("order_id", "?")
+            with LOCK:
+                STATE["requests"] += 1
+                STATE["keys"][key] = STATE["keys"].get(key, 0) + 1
+                seen = key in STATE["answers"]
+                if not seen:
+                    STATE["effects"] += 1
+                    if role == "payment":
+                        answer = {"charge_id": f"charge_{order_id}", "amount_cents": request.get("amount_cents")}
+                    elif role == "inventory":
+                        answer = {"reservation_id": f"reservation_{order_id}"}
+                    else:
+                        answer = {"sent": True, "to": request.get("customer_id")}
+                    STATE["answers"][key] = answer
+                answer = STATE["answers"][key]
+            if hold_ms and not seen:
+                # The effect happened; the answer is late (a test kills Durin meanwhile).
+                time.sleep(hold_ms / 1000)
+            self.answer(200, answer)
+
+    return Handler
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["payment", "inventory", "email"], required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--hold-ms", type=int, default=0, help="delay the first answer for each key")
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.role, args.hold_ms))
+    print(f"{args.role} listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The tutorial's order workflow as a plain HTTP handler: no SDK, standard library only.
+
+Durin calls POST /order/process with the order and the headers Durin-Invocation-Id and
+Durin-Attempt. Every side effect is an outbound HTTP call sent through Durin's egress (in
+proxy form, with the invocation id), so Durin journals it: when Durin calls this handler
+again after a crash, calls that already happened are answered from the journal and only
+the missing ones go out.
+
+    python3 order_handler.py --port 9080 --egress http://127.0.0.1:8081 \\
+        --payment http://127.0.0.1:9101 --inventory http://127.0.0.1:9102 --email http://127.0.0.1:9103
+"""
+import argparse
+import http.client
+import json
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ARGS = None
+
+
+class DownstreamError(Exception):
+    def __init__(self, status, body):
+        super().__init__(f"downstream answered {status}: {body[:200]!r}")
+        self.status = status
+
+
+def call(url, body, invocation_id, attempt):
+    """POST url through the egress, in proxy form (the absolute URL is the request target)."""
+    egress = urllib.parse.urlsplit(ARGS.egress)
+    connection = http.client.HTTPConnection(egress.hostname, egress.port, timeout=60)
+    try:
+        connection.request(
+            "POST",
+            url,
+            body=json.dumps(body),
+            headers={
+                "content-type": "application/json",
+                "durin-invocation-id": invocation_id,
+                "durin-attempt": attempt,
+            },
+        )
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    if response.status >= 300:
+        raise DownstreamError(response.status, data)
+    return json.loads(data)
+
+
+def process(order, invocation_id, attempt):
+    def step(url, body):
+        time.sleep(ARGS.step_delay_ms / 1000)
+        return call(url, body, invocation_id, attempt)
+
+    charge = step(ARGS.payment + "/charge", {"order_id": order["order_id"], "amount_cents": order["amount_cents"]})
+    reservation = step(ARGS.inventory + "/reserve", {"order_id": order["order_id"]})
+    step(ARGS.email + "/send", {"order_id": order["order_id"], "customer_id": order["customer_id"]})
+    return f"order {order['order_id']} complete charge {charge['charge_id']} reservation {reservation['reservation_id']}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body, content_type="application/json"):
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            # The Durin that called us is gone; it (or its successor) will call again.
+            pass
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length)
+        if self.path != "/order/process":
+            return self.answer(404, {"title": "no such handler"}, "application/problem+json")
+        try:
+            order = json.loads(body)
+            order["order_id"], order["customer_id"], int(order["amount_cents"])
+        except (ValueError, KeyError, TypeError) as error:
+            # 4xx: a terminal failure; Durin does not retry it.
+            return self.answer(422, {"title": "invalid order", "status": 422, "detail": str(error)},
+                               "application/problem+json")
+        try:
+            output = process(order, self.headers["durin-invocation-id"], self.headers["durin-attempt"])
+        except DownstreamError as error:
+            # A refusal (4xx) is final; anything else is worth another attempt (5xx).
+            status = 422 if 400 <= error.status < 500 else 503
+            return self.answer(status, {"title": "downstream failed", "status": status, "detail": str(error)},
+                               "application/problem+json")
+        except OSError as error:
+            return self.answer(503, {"title": "egress unreachable", "status": 503, "detail": str(error)},
+                               "application/problem+json")
+        self.answer(200, output)
+
+
+def main():
+    global ARGS
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=9080)
+    parser.add_argument("--egress", required=True, help="Durin's egress, e.g. http://127.0.0.1:8081")
+    parser.add_argument("--payment", required=True)
+    parser.add_argument("--inventory", required=True)
+    parser.add_argument("--email", required=True)
+    parser.add_argument("--step-delay-ms", type=int, default=0)
+    ARGS = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
+    print(f"order handler listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
