@@ -55,7 +55,10 @@ def process(order, invocation_id, attempt):
         time.sleep(ARGS.step_delay_ms / 1000)
         return call(url, body, invocation_id, attempt)
 
-    charge = step(ARGS.payment + "/charge", {"order_id": order["order_id"], "amount_cents": order["amount_cents"]})
+    charge_request = {"order_id": order["order_id"], "amount_cents": order["amount_cents"]}
+    if ARGS.charge_note:
+        charge_request["note"] = ARGS.charge_note
+    charge = step(ARGS.payment + "/charge", charge_request)
     reservation = step(ARGS.inventory + "/reserve", {"order_id": order["order_id"]})
     step(ARGS.email + "/send", {"order_id": order["order_id"], "customer_id": order["customer_id"]})
     return f"order {order['order_id']} complete charge {charge['charge_id']} reservation {reservation['reservation_id']}"
@@ -113,6 +116,8 @@ def main():
     parser.add_argument("--inventory", required=True)
     parser.add_argument("--email", required=True)
     parser.add_argument("--step-delay-ms", type=int, default=0)
+    parser.add_argument("--charge-note", default="", help="added to the charge request (changing it "
+                        "between attempts shows Durin's non-determinism check)")
     ARGS = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
     print(f"order handler listening on http://127.0.0.1:{server.server_address[1]}", flush=True)

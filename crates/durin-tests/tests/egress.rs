@@ -52,7 +52,19 @@ fn start_handler(
     downstreams: &Downstreams,
     step_delay_ms: u64,
 ) -> Proc {
+    start_handler_noting(listen, egress, downstreams, step_delay_ms, "")
+}
+
+/// The handler, adding `note` to its charge request.
+fn start_handler_noting(
+    listen: Option<SocketAddr>,
+    egress: &str,
+    downstreams: &Downstreams,
+    step_delay_ms: u64,
+    note: &str,
+) -> Proc {
     let mut command = python("order_handler.py");
+    command.args(["--charge-note", note]);
     command
         .arg("--port")
         .arg(listen.map_or(0, |a| a.port()).to_string())
@@ -325,4 +337,73 @@ async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
         "the handler's own body: {body}"
     );
     assert_eq!(stats(&downstreams.payment).await["requests"], 0);
+}
+
+/// A new version of the handler sends a different charge request on replay: the journal's
+/// call and the handler's call are named, the invocation is paused, nothing is charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_call_on_replay_pauses_the_invocation() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let mut handler = start_handler(None, &egress, &downstreams, 600);
+    register_plain(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_egress(&gateway.url, &id, "/charge").await;
+    handler.kill();
+    let _handler = start_handler_noting(Some(handler.addr), &egress, &downstreams, 600, "v2");
+
+    let url = format!("{}/v1/invocations/{id}", gateway.url);
+    let paused = eventually(Duration::from_secs(20), "paused", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "paused").then_some(view)
+    })
+    .await;
+    let reason = paused["last_error"].as_str().unwrap();
+    assert!(
+        reason.contains("non-determinism at journal index 1"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&format!("POST {}/charge", downstreams.payment.url)),
+        "{reason}"
+    );
+    assert_eq!(stats(&downstreams.payment).await["requests"], 1);
+    assert_eq!(stats(&downstreams.inventory).await["requests"], 0);
+}
+
+/// The same contract from Node.js (no packages): an order completes through the egress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_handler_runs_the_same_flow() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let mut command = Command::new("node");
+    command
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/node/order_handler.js"))
+        .args(["--port", "0", "--egress", &egress])
+        .args(["--payment", &downstreams.payment.url])
+        .args(["--inventory", &downstreams.inventory.url])
+        .args(["--email", &downstreams.email.url]);
+    let handler = Proc::spawn(command, "order handler listening on ");
+    register_plain(&gateway.url, &handler.url).await;
+    let response = client()
+        .post(format!("{}/v1/call/order/process", gateway.url))
+        .header("content-type", "application/json")
+        .body(ORDER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
+    assert_eq!(
+        shape(&journal(&gateway.url, &id).await),
+        plain_journal_shape(&downstreams)
+    );
+    assert_charged_once(&downstreams, 1).await;
 }
