@@ -185,4 +185,33 @@ url = "http://127.0.0.1:9080"
         let error = Config::load(Some(&path)).unwrap_err().to_string();
         assert!(error.contains("listn"), "{error}");
     }
+
+    /// The example in README.md is a valid configuration.
+    #[test]
+    fn the_readme_example_loads() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("The config file")
+            .and_then(|i| readme[i..].find("```toml").map(|j| i + j + "```toml".len()))
+            .expect("README.md has a TOML config example");
+        let block = &readme[start..start + readme[start..].find("```").unwrap()];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("durin.toml");
+        std::fs::write(&path, block).unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.egress_listen.unwrap().port(), 8081);
+        assert_eq!(config.egress_retry_policy.maximum_attempts, Some(3));
+        assert_eq!(config.deployments.len(), 2);
+        assert!(config.deployments[1].services.is_some());
+    }
+
+    #[test]
+    fn the_example_configs_load() {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+        for file in ["durin.toml", "python/durin.toml"] {
+            let path = std::path::Path::new(examples).join(file);
+            let config = Config::load(Some(&path)).unwrap();
+            assert_eq!(config.deployments.len(), 1, "{file}");
+        }
+    }
 }
