@@ -1,27 +1,43 @@
 //! `durin-bench`: the "order3" benchmark of DESIGN.md section 6, measured against a release
-//! build of Durin.
+//! build of Durin, in two scenarios that run the same order workflow (three side effects,
+//! no delays) in the two ways DESIGN.md section 1 makes durable:
 //!
-//! It starts `durin serve` on a fresh SQLite file in a scratch directory and the `order`
-//! example handler, both on port 0 (the ports are read from their "listening on" lines),
-//! registers the handler, sends one checked request, warms up (200 requests at c=16 by
-//! default, not reported), and then, for each concurrency level C, sends N requests to
-//! `POST /v1/call/order/process` from C concurrent callers on keep-alive connections (a
-//! closed loop, like `oha -n N -c C` in `shared/bench/restate/bench.sh`, whose figures for
-//! Restate are the reference). At c=1 at most 500 requests are sent, to keep the run short.
+//! - **order3** (`--scenario sdk`): the `order` example, written with the SDK, in a process
+//!   of its own; its three steps are journaled through the context API.
+//! - **order3-egress** (`--scenario egress`): the same workflow as a plain HTTP handler
+//!   without any SDK, served inside this bench process together with the downstream it
+//!   calls (see `plain.rs`); its three side effects are outbound HTTP calls that Durin's
+//!   egress journals. Durin is started with `--egress-listen 127.0.0.1:0` and an allow-list
+//!   holding only the downstream, and the handler is registered with its services declared
+//!   inline, as a plain handler in any language would be.
 //!
-//! Output, all on stdout: first a human-readable table, then the DESIGN.md targets next to
-//! the measured figures, then one JSON object per level, each on a line of its own starting
-//! with `{` (select them with `grep '^{'`). The JSON fields are those of `bench.sh` (`system`,
-//! `scenario`, `n`, `concurrency`, `throughput_per_s`, `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`,
-//! `errors`, `mean_ms`, `duration_s`) plus CPU, memory and load figures. Progress goes to
-//! stderr.
+//! By default both run, SDK first. Each scenario starts its own `durin serve` on a fresh
+//! SQLite file in a shared scratch directory, on port 0 (the ports are read from the
+//! "listening on" lines), registers its handler, sends one checked request, warms up (200
+//! requests at c=16 by default, not reported), and then, for each concurrency level C,
+//! sends N requests to `POST /v1/call/{service}/process` from C concurrent callers on
+//! keep-alive connections (a closed loop, like `oha -n N -c C` in
+//! `shared/bench/restate/bench.sh`, whose figures for Restate are the reference). At c=1 at
+//! most 500 requests are sent, to keep the run short. The processes of a scenario are
+//! stopped before the next one starts, so they do not compete for the cores.
+//!
+//! Output, all on stdout: per scenario a human-readable table and the DESIGN.md targets
+//! next to the measured figures; then, when both ran, one side-by-side line per level; then
+//! one JSON object per scenario and level, each on a line of its own starting with `{`
+//! (select them with `grep '^{'`). The JSON fields are those of `bench.sh` (`system`,
+//! `scenario` = `order3` or `order3-egress`, `n`, `concurrency`, `throughput_per_s`,
+//! `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `errors`, `mean_ms`, `duration_s`) plus CPU,
+//! memory and load figures. Progress goes to stderr.
 //!
 //! CPU per invocation is the user+system time of a process during a level (from
 //! `/proc/PID/stat`) divided by the successful requests of that level; it is reported for
-//! Durin, the handler, and this load generator, which all share the machine's cores.
+//! Durin (including its egress), the handler, and this load generator, which all share the
+//! machine's cores. In order3-egress the handler and the downstream share this process with
+//! the load generator, so the handler column there is this whole process, and the load
+//! generator has no column of its own.
 //!
-//! Both children are killed when the benchmark ends, fails or is interrupted with Ctrl-C,
-//! and the scratch directory (database and the children's logs) is removed unless
+//! All children are killed when the benchmark ends, fails or is interrupted with Ctrl-C,
+//! and the scratch directory (databases and the children's logs) is removed unless
 //! `--keep-dir` is given.
 //!
 //! ```text
@@ -29,17 +45,18 @@
 //! ```
 
 mod load;
+mod plain;
 mod procs;
 mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
-use crate::procs::{Harness, ScratchDir, Service};
-use crate::report::{Level, Machine};
+use crate::procs::{ScratchDir, Service};
+use crate::report::{Level, Machine, ScenarioReport};
 
 /// At c=1 requests are sequential, so the request count is capped to keep the run short;
 /// 500 samples are plenty for a p99.
@@ -48,16 +65,39 @@ const MAX_REQUESTS_AT_C1: usize = 500;
 /// Concurrency of the warm-up, as in the Restate anchor's `run.sh`.
 const WARMUP_CONCURRENCY: usize = 16;
 
+/// The ready line of Durin's API listener.
+const DURIN_READY: &str = "durin listening on ";
+
+/// The ready line of Durin's egress, printed before the API's when `--egress-listen` is set.
+const EGRESS_READY: &str = "durin egress listening on ";
+
+/// The service name under which the plain handler is declared.
+const PLAIN_SERVICE: &str = "order_plain";
+
+/// Which scenarios to run.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenarios {
+    /// order3: the SDK example in its own process.
+    Sdk,
+    /// order3-egress: a plain handler without an SDK, calling out through the egress.
+    Egress,
+    /// Both, SDK first.
+    Both,
+}
+
 #[derive(Parser)]
 #[command(
     name = "durin-bench",
-    about = "Runs the order3 benchmark against release builds of durin and the order example"
+    about = "Runs the order3 benchmark against release builds of durin and the order example, with the SDK and through the egress"
 )]
 struct Args {
     /// Directory holding the `durin` and `order` binaries [default: the directory of this
     /// executable, i.e. target/release]
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Which scenarios to run.
+    #[arg(long, value_enum, default_value_t = Scenarios::Both)]
+    scenario: Scenarios,
     /// Requests per concurrency level (at c=1 at most 500).
     #[arg(long, default_value_t = 2000)]
     requests: usize,
@@ -67,7 +107,7 @@ struct Args {
     /// Warm-up requests (sent at c=16, not reported); 0 skips the warm-up.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
-    /// Keep the scratch directory (SQLite database and the children's logs).
+    /// Keep the scratch directory (SQLite databases and the children's logs).
     #[arg(long)]
     keep_dir: bool,
 }
@@ -100,54 +140,172 @@ fn run(args: &Args) -> Result<()> {
     };
     let machine = Machine::now();
 
-    // Declared before the children so that it is dropped after them on an early return.
+    // Declared before every child and server so that it is dropped after them, also on an
+    // early return: the children are killed before their directory is removed.
     let dir = ScratchDir::create(args.keep_dir)?;
-    let database = format!("sqlite:{}", dir.path.join("durin.db").display());
     eprintln!("durin-bench: scratch directory {}", dir.path.display());
-    let durin = Service::start(
-        "durin",
-        &bin_dir.join("durin"),
-        &["serve", "--listen", "127.0.0.1:0", "--database", &database],
-        dir.path.join("durin.log"),
-        "durin listening on ",
-    )?;
-    let order = Service::start(
-        "order",
-        &bin_dir.join("order"),
-        &["--listen", "127.0.0.1:0"],
-        dir.path.join("order.log"),
-        "order service listening on ",
-    )?;
-    let harness = Harness {
-        durin,
-        order,
-        _dir: dir,
-    };
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let levels = runtime.block_on(async {
-        // Interrupting the benchmark drops the run, and `harness` is dropped on the way out
-        // of `run`, which kills the children instead of leaving them behind.
-        tokio::select! {
-            levels = measure(args, &harness, machine.ticks_per_sec) => levels,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
-        }
-    })?;
+
+    let setup = Setup {
+        args,
+        runtime: &runtime,
+        bin_dir: &bin_dir,
+        dir: &dir.path,
+        ticks_per_sec: machine.ticks_per_sec,
+    };
+    let mut scenarios = Vec::new();
+    if matches!(args.scenario, Scenarios::Sdk | Scenarios::Both) {
+        scenarios.push(sdk_scenario(&setup)?);
+    }
+    if matches!(args.scenario, Scenarios::Egress | Scenarios::Both) {
+        scenarios.push(egress_scenario(&setup)?);
+    }
     let machine = machine.finish();
-    report::print(&machine, &levels);
+    report::print(&machine, &scenarios);
     Ok(())
 }
 
+/// What every scenario needs.
+struct Setup<'a> {
+    args: &'a Args,
+    runtime: &'a tokio::runtime::Runtime,
+    bin_dir: &'a Path,
+    /// The scratch directory, for the databases and the children's logs.
+    dir: &'a Path,
+    ticks_per_sec: u64,
+}
+
+/// Starts Durin on a fresh database named after `scenario`, with `extra` arguments to
+/// `durin serve`; when they include `--egress-listen`, it also waits for the egress.
+fn start_durin(setup: &Setup<'_>, scenario: &str, extra: &[&str]) -> Result<Service> {
+    let dir = setup.dir;
+    let database = format!(
+        "sqlite:{}",
+        dir.join(format!("durin-{scenario}.db")).display()
+    );
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--database", &database];
+    args.extend_from_slice(extra);
+    let ready: &[&'static str] = if extra.contains(&"--egress-listen") {
+        &[DURIN_READY, EGRESS_READY]
+    } else {
+        &[DURIN_READY]
+    };
+    Service::start(
+        "durin",
+        &setup.bin_dir.join("durin"),
+        &args,
+        dir.join(format!("durin-{scenario}.log")),
+        ready,
+    )
+}
+
+/// order3: Durin and the SDK example, each in its own process.
+fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
+    eprintln!("durin-bench: scenario order3 (SDK)");
+    let durin = start_durin(setup, "sdk", &[])?;
+    let order = Service::start(
+        "order",
+        &setup.bin_dir.join("order"),
+        &["--listen", "127.0.0.1:0"],
+        setup.dir.join("order.log"),
+        &["order service listening on "],
+    )?;
+    let target = Target {
+        durin_url: durin.url(),
+        durin_pid: durin.pid(),
+        handler_pid: Some(order.pid()),
+        registration: serde_json::json!({ "url": order.url() }),
+        call_path: "/v1/call/order/process",
+    };
+    let levels = setup
+        .runtime
+        .block_on(interruptible(measure(setup, &target)))?;
+    // `durin` and `order` are dropped here, which stops them before the next scenario.
+    Ok(ScenarioReport {
+        scenario: "order3",
+        description: "the SDK example `order` in its own process, three steps journaled through the context API".to_owned(),
+        handler_in_process: false,
+        levels,
+    })
+}
+
+/// order3-egress: Durin with its egress, and the plain handler and its downstream inside
+/// this process.
+fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
+    eprintln!("durin-bench: scenario order3-egress (plain handler through the egress)");
+    // The downstream is started first so that the egress can be limited to it.
+    let downstream = setup.runtime.block_on(plain::downstream())?;
+    let allow = downstream.addr.to_string();
+    let durin = start_durin(
+        setup,
+        "egress",
+        &["--egress-listen", "127.0.0.1:0", "--egress-allow", &allow],
+    )?;
+    let egress_url = durin
+        .urls
+        .get(1)
+        .context("durin printed no egress address")?;
+    let handler = setup
+        .runtime
+        .block_on(plain::handler(egress_url, downstream.addr))?;
+    let target = Target {
+        durin_url: durin.url(),
+        durin_pid: durin.pid(),
+        handler_pid: None,
+        registration: serde_json::json!({
+            "url": format!("http://{}", handler.addr),
+            "services": [{
+                "name": PLAIN_SERVICE,
+                "handlers": [{ "name": "process", "path": plain::HANDLER_PATH }],
+            }],
+        }),
+        call_path: "/v1/call/order_plain/process",
+    };
+    let levels = setup
+        .runtime
+        .block_on(interruptible(measure(setup, &target)))?;
+    Ok(ScenarioReport {
+        scenario: "order3-egress",
+        description: format!(
+            "a plain handler without an SDK ({PLAIN_SERVICE}), three side effects as HTTP calls through the egress; handler and downstream run inside this bench process"
+        ),
+        handler_in_process: true,
+        levels,
+    })
+}
+
+/// Runs `future` unless Ctrl-C comes first. Interrupting drops the run, and the guards of
+/// the children are dropped on the way out, which kills them instead of leaving them behind.
+async fn interruptible<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        result = future => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
+}
+
+/// What one scenario measures.
+struct Target<'a> {
+    durin_url: &'a str,
+    durin_pid: u32,
+    /// The handler's own process; `None` when it runs inside this one.
+    handler_pid: Option<u32>,
+    /// The body of `POST /v1/deployments` that registers the handler.
+    registration: serde_json::Value,
+    /// The path under Durin that starts one order.
+    call_path: &'static str,
+}
+
 /// Registers the handler, checks one call, warms up, and measures every level.
-async fn measure(args: &Args, harness: &Harness, ticks_per_sec: u64) -> Result<Vec<Level>> {
+async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
+    let (args, ticks_per_sec) = (setup.args, setup.ticks_per_sec);
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
     let client = load::client(max_concurrency.max(WARMUP_CONCURRENCY))?;
-    register(&client, &harness.durin.url, &harness.order.url).await?;
+    register(&client, target.durin_url, &target.registration).await?;
 
-    let url = format!("{}/v1/call/order/process", harness.durin.url);
+    let url = format!("{}{}", target.durin_url, target.call_path);
     load::smoke(&client, &url).await?;
     if args.warmup > 0 {
         eprintln!(
@@ -172,22 +330,31 @@ async fn measure(args: &Args, harness: &Harness, ticks_per_sec: u64) -> Result<V
         };
         eprintln!("durin-bench: c={concurrency}, {requests} requests");
         let load_before = procs::loadavg1();
-        let cpu_before = cpu_snapshot(harness)?;
+        let cpu_before = cpu_snapshot(target)?;
         let result = load::run(&client, &url, requests, concurrency).await?;
-        let cpu_after = cpu_snapshot(harness)?;
+        let cpu_after = cpu_snapshot(target)?;
         if let Some(e) = &result.first_error {
             eprintln!(
                 "durin-bench: c={concurrency} had {} errors, the first: {e}",
                 result.errors()
             );
         }
+        let seconds =
+            |i: usize| ticks_to_s(cpu_after[i].saturating_sub(cpu_before[i]), ticks_per_sec);
+        let own = seconds(2);
         levels.push(Level {
             concurrency,
             requests,
-            durin_cpu_s: ticks_to_s(cpu_after[0].saturating_sub(cpu_before[0]), ticks_per_sec),
-            handler_cpu_s: ticks_to_s(cpu_after[1].saturating_sub(cpu_before[1]), ticks_per_sec),
-            loadgen_cpu_s: ticks_to_s(cpu_after[2].saturating_sub(cpu_before[2]), ticks_per_sec),
-            durin_rss_mib: procs::rss_mib(harness.durin.pid()),
+            durin_cpu_s: seconds(0),
+            // An in-process handler has no CPU figure of its own: this whole process is
+            // reported in its place, and the load generator gets none.
+            handler_cpu_s: if target.handler_pid.is_some() {
+                seconds(1)
+            } else {
+                own
+            },
+            loadgen_cpu_s: target.handler_pid.is_some().then_some(own),
+            durin_rss_mib: procs::rss_mib(target.durin_pid),
             load_before,
             load_after: procs::loadavg1(),
             result,
@@ -196,31 +363,38 @@ async fn measure(args: &Args, harness: &Harness, ticks_per_sec: u64) -> Result<V
     Ok(levels)
 }
 
-/// CPU ticks so far of Durin, the handler, and this process, in that order.
-fn cpu_snapshot(harness: &Harness) -> Result<[u64; 3]> {
-    Ok([
-        procs::cpu_ticks(harness.durin.pid())?,
-        procs::cpu_ticks(harness.order.pid())?,
-        procs::cpu_ticks(std::process::id())?,
-    ])
+/// CPU ticks so far of Durin, the handler (this process when it runs inside it), and this
+/// process, in that order.
+fn cpu_snapshot(target: &Target<'_>) -> Result<[u64; 3]> {
+    let own = procs::cpu_ticks(std::process::id())?;
+    let handler = match target.handler_pid {
+        Some(pid) => procs::cpu_ticks(pid)?,
+        None => own,
+    };
+    Ok([procs::cpu_ticks(target.durin_pid)?, handler, own])
 }
 
 fn ticks_to_s(ticks: u64, ticks_per_sec: u64) -> f64 {
     ticks as f64 / ticks_per_sec as f64
 }
 
-/// Registers the order service with Durin, which discovers its handlers.
-async fn register(client: &reqwest::Client, durin: &str, order: &str) -> Result<()> {
+/// Registers a deployment with Durin: by URL alone (Durin discovers its handlers) or with
+/// its services declared inline.
+async fn register(
+    client: &reqwest::Client,
+    durin: &str,
+    registration: &serde_json::Value,
+) -> Result<()> {
     let response = client
         .post(format!("{durin}/v1/deployments"))
-        .json(&serde_json::json!({ "url": order }))
+        .json(registration)
         .send()
         .await
-        .context("cannot reach durin to register the order service")?;
+        .context("cannot reach durin to register the handler")?;
     let status = response.status();
     if status != reqwest::StatusCode::CREATED && status != reqwest::StatusCode::OK {
         let body = response.text().await.unwrap_or_default();
-        bail!("registering {order} with durin answered {status}: {body}");
+        bail!("registering {registration} with durin answered {status}: {body}");
     }
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! The child processes under test (`durin` and `order`), their scratch directory, and the
-//! figures read about them from `/proc`.
+//! figures read about them (and about this process) from `/proc`.
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -21,20 +21,26 @@ pub struct Service {
     child: Child,
     /// Where the child's stderr (its log) goes; quoted in errors so a failed start explains itself.
     log: PathBuf,
-    /// The base URL parsed from the child's ready line, e.g. `http://127.0.0.1:41234`.
-    pub url: String,
+    /// The base URLs parsed from the child's ready lines, e.g. `http://127.0.0.1:41234`, in
+    /// the order of the prefixes given to [`Service::start`].
+    pub urls: Vec<String>,
 }
 
 impl Service {
-    /// Starts `program` with `args`, sends its stderr to `log`, and waits until it prints a
-    /// stdout line starting with `ready_prefix` followed by its base URL.
+    /// Starts `program` with `args`, sends its stderr to `log`, and waits until it has
+    /// printed, for each of `ready_prefixes`, a stdout line starting with that prefix
+    /// followed by a base URL. The lines may come in any order; Durin with an egress, for
+    /// one, prints its egress line before its main one.
     pub fn start(
         name: &'static str,
         program: &Path,
         args: &[&str],
         log: PathBuf,
-        ready_prefix: &'static str,
+        ready_prefixes: &[&'static str],
     ) -> Result<Self> {
+        if ready_prefixes.is_empty() {
+            bail!("{name}: no ready line to wait for");
+        }
         let log_file =
             File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut child = Command::new(program)
@@ -55,55 +61,73 @@ impl Service {
             name,
             child,
             log,
-            url: String::new(),
+            urls: Vec::new(),
         };
         let stdout = stdout.ok_or_else(|| anyhow!("{name}: stdout was not captured"))?;
         // A thread reads stdout because std's pipes have no timeout; it keeps draining after
-        // the ready line so that the child can never block on a full pipe.
+        // the ready lines so that the child can never block on a full pipe.
         let (tx, rx) = mpsc::channel();
+        let prefixes = ready_prefixes.to_vec();
         std::thread::spawn(move || {
-            let mut sent = false;
+            let mut seen = vec![false; prefixes.len()];
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if !sent {
-                    if let Some(rest) = line.strip_prefix(ready_prefix) {
+                for (i, prefix) in prefixes.iter().enumerate() {
+                    if seen[i] {
+                        continue;
+                    }
+                    if let Some(rest) = line.strip_prefix(prefix) {
                         let url = rest
                             .split_whitespace()
                             .next()
                             .unwrap_or_default()
                             .to_owned();
-                        sent = tx.send(url).is_ok();
+                        // A closed channel means the parent gave up waiting; keep draining.
+                        seen[i] = true;
+                        let _ = tx.send((i, url));
+                        break;
                     }
                 }
             }
         });
-        match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(url) if url.starts_with("http://") => {
-                service.url = url.trim_end_matches('/').to_owned();
-                Ok(service)
-            }
-            Ok(url) => bail!(
-                "{name} printed an unexpected address {url:?}{}",
-                service.log_tail()
-            ),
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!(
-                "{name} did not print {ready_prefix:?} within {}s{}",
-                STARTUP_TIMEOUT.as_secs(),
-                service.log_tail()
-            ),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = service
-                    .child
-                    .try_wait()
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| "still running".to_owned(), |s| s.to_string());
-                bail!(
-                    "{name} closed its stdout before printing {ready_prefix:?} ({status}){}",
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut urls: Vec<Option<String>> = vec![None; ready_prefixes.len()];
+        while let Some(missing) = urls.iter().position(Option::is_none) {
+            let prefix = ready_prefixes[missing];
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((i, url)) if url.starts_with("http://") => {
+                    urls[i] = Some(url.trim_end_matches('/').to_owned());
+                }
+                Ok((_, url)) => bail!(
+                    "{name} printed an unexpected address {url:?}{}",
                     service.log_tail()
-                )
+                ),
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!(
+                    "{name} did not print {prefix:?} within {}s{}",
+                    STARTUP_TIMEOUT.as_secs(),
+                    service.log_tail()
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = service
+                        .child
+                        .try_wait()
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| "still running".to_owned(), |s| s.to_string());
+                    bail!(
+                        "{name} closed its stdout before printing {prefix:?} ({status}){}",
+                        service.log_tail()
+                    )
+                }
             }
         }
+        service.urls = urls.into_iter().flatten().collect();
+        Ok(service)
+    }
+
+    /// The base URL of the first ready line, the child's main listener.
+    pub fn url(&self) -> &str {
+        self.urls.first().map_or("", String::as_str)
     }
 
     pub fn pid(&self) -> u32 {
@@ -167,15 +191,6 @@ impl Drop for ScratchDir {
             eprintln!("durin-bench: cannot remove {}: {e}", self.path.display());
         }
     }
-}
-
-/// Everything started for one run. Field order matters: Rust drops fields in declaration
-/// order, so both children are killed before their scratch directory is removed.
-pub struct Harness {
-    pub durin: Service,
-    pub order: Service,
-    /// Never read; held only so that it is removed when the harness is dropped.
-    pub _dir: ScratchDir,
 }
 
 /// User plus system CPU time of a process so far, in clock ticks.

@@ -1,4 +1,5 @@
-//! Turning measured levels into the table, the DESIGN.md comparison, and the JSON lines.
+//! Turning measured levels into the tables, the DESIGN.md comparison, the side-by-side
+//! lines of the two scenarios, and the JSON lines.
 
 use std::time::Duration;
 
@@ -42,15 +43,30 @@ impl Machine {
     }
 }
 
+/// The measured levels of one scenario.
+pub struct ScenarioReport {
+    /// `order3` or `order3-egress`, also the `scenario` of the JSON lines.
+    pub scenario: &'static str,
+    /// One line on how the handler is written and run.
+    pub description: String,
+    /// Whether the handler runs inside this bench process, so that its CPU figure is this
+    /// whole process, load generator included.
+    pub handler_in_process: bool,
+    pub levels: Vec<Level>,
+}
+
 /// One measured concurrency level.
 pub struct Level {
     pub concurrency: usize,
     pub requests: usize,
     pub result: LevelResult,
-    /// CPU seconds used during the level by Durin, the handler, and this load generator.
+    /// CPU seconds used during the level by Durin (its egress included) and the handler.
+    /// For a handler inside this process, the handler's figure is the whole process.
     pub durin_cpu_s: f64,
     pub handler_cpu_s: f64,
-    pub loadgen_cpu_s: f64,
+    /// CPU seconds of this load generator; `None` when it shares its process with the
+    /// handler and so has no figure of its own.
+    pub loadgen_cpu_s: Option<f64>,
     pub durin_rss_mib: Option<f64>,
     pub load_before: Option<f64>,
     pub load_after: Option<f64>,
@@ -90,19 +106,39 @@ fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
-/// Prints the table, then the targets, then one JSON line per level, all on stdout.
-pub fn print(machine: &Machine, levels: &[Level]) {
+/// Prints, per scenario, the table and the targets; then the side-by-side lines when both
+/// scenarios ran; then one JSON line per scenario and level; all on stdout.
+pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
     println!(
-        "order3 on durin {}: {} cores; load average (1 min) {} before, {} after; CPU from /proc at {} ticks/s",
+        "durin {}: {} cores; load average (1 min) {} before, {} after; CPU from /proc at {} ticks/s",
         env!("CARGO_PKG_VERSION"),
         machine.cores,
         fmt(machine.load_before, 2),
         fmt(machine.load_after, 2),
         machine.ticks_per_sec,
     );
+    for scenario in scenarios {
+        println!();
+        print_table(scenario);
+        println!();
+        print_targets(scenario.scenario, &scenario.levels);
+    }
+    if let [sdk, egress] = scenarios {
+        println!();
+        print_side_by_side(sdk, egress);
+    }
     println!();
+    for scenario in scenarios {
+        for level in &scenario.levels {
+            println!("{}", json_line(machine, scenario, level));
+        }
+    }
+}
+
+fn print_table(scenario: &ScenarioReport) {
+    println!("{}: {}", scenario.scenario, scenario.description);
     println!(
-        "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>11} {:>11}",
+        "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11} {:>11}",
         "c",
         "n",
         "ok/s",
@@ -112,14 +148,18 @@ pub fn print(machine: &Machine, levels: &[Level]) {
         "max ms",
         "errors",
         "durin µs/i",
-        "handler µs/i",
+        if scenario.handler_in_process {
+            "hdl+bench µs/i"
+        } else {
+            "handler µs/i"
+        },
         "bench µs/i",
         "load 1m"
     );
-    for level in levels {
+    for level in &scenario.levels {
         let r = &level.result;
         println!(
-            "{:>5} {:>6} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>11} {:>11}",
+            "{:>5} {:>6} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11} {:>11}",
             level.concurrency,
             level.requests,
             level.throughput(),
@@ -130,7 +170,12 @@ pub fn print(machine: &Machine, levels: &[Level]) {
             r.errors(),
             fmt(level.per_invocation_us(level.durin_cpu_s), 0),
             fmt(level.per_invocation_us(level.handler_cpu_s), 0),
-            fmt(level.per_invocation_us(level.loadgen_cpu_s), 0),
+            fmt(
+                level
+                    .loadgen_cpu_s
+                    .and_then(|cpu| level.per_invocation_us(cpu)),
+                0
+            ),
             format!(
                 "{}->{}",
                 fmt(level.load_before, 2),
@@ -138,12 +183,50 @@ pub fn print(machine: &Machine, levels: &[Level]) {
             ),
         );
     }
-    println!("µs/i: CPU microseconds per successful invocation (user+system); load 1m: load average before->after the level");
-    println!();
-    print_targets(levels);
-    println!();
-    for level in levels {
-        println!("{}", json_line(machine, level));
+    println!("µs/i: CPU microseconds per successful invocation (user+system); durin includes its egress; load 1m: load average before->after the level");
+    if scenario.handler_in_process {
+        println!("hdl+bench µs/i: this whole bench process, where the plain handler, the downstream and the load generator share one runtime; they are not measured apart, so bench µs/i is '-'");
+    }
+}
+
+/// One line per concurrency level measured in both scenarios: the egress figures next to
+/// the SDK's, and their ratios.
+fn print_side_by_side(sdk: &ScenarioReport, egress: &ScenarioReport) {
+    println!(
+        "side by side, {} vs {} (ratio = {}/{}):",
+        sdk.scenario, egress.scenario, egress.scenario, sdk.scenario
+    );
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".to_owned(),
+    };
+    for s in &sdk.levels {
+        let Some(e) = level_at(&egress.levels, s.concurrency) else {
+            continue;
+        };
+        let s_durin = s.per_invocation_us(s.durin_cpu_s);
+        let e_durin = e.per_invocation_us(e.durin_cpu_s);
+        println!(
+            "  c={:<3}  ok/s {:.0} vs {:.0} ({})  p50 {} vs {} ms ({})  p99 {} vs {} ms ({})  durin µs/i {} vs {} ({})  errors {} vs {}",
+            s.concurrency,
+            s.throughput(),
+            e.throughput(),
+            ratio(Some(e.throughput()), Some(s.throughput())),
+            fmt(s.p50_ms(), 2),
+            fmt(e.p50_ms(), 2),
+            ratio(e.p50_ms(), s.p50_ms()),
+            fmt(s.result.percentile(0.99).map(ms), 2),
+            fmt(e.result.percentile(0.99).map(ms), 2),
+            ratio(
+                e.result.percentile(0.99).map(ms),
+                s.result.percentile(0.99).map(ms)
+            ),
+            fmt(s_durin, 0),
+            fmt(e_durin, 0),
+            ratio(e_durin, s_durin),
+            s.result.errors(),
+            e.result.errors(),
+        );
     }
 }
 
@@ -159,9 +242,9 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-fn print_targets(levels: &[Level]) {
+fn print_targets(scenario: &str, levels: &[Level]) {
     println!(
-        "DESIGN.md section 6 targets (Restate 1.7 here, quiet: c=1 p50 {RESTATE_C1_P50_MS} ms, c=64 ~{RESTATE_C64_PER_S:.0}/s, c=256 ~{RESTATE_C256_PER_S:.0}/s):"
+        "{scenario} against the DESIGN.md section 6 targets (Restate 1.7 here, quiet: c=1 p50 {RESTATE_C1_P50_MS} ms, c=64 ~{RESTATE_C64_PER_S:.0}/s, c=256 ~{RESTATE_C256_PER_S:.0}/s):"
     );
     match level_at(levels, 1).and_then(Level::p50_ms) {
         Some(p50) => println!(
@@ -192,13 +275,13 @@ fn print_targets(levels: &[Level]) {
     }
 }
 
-fn json_line(machine: &Machine, level: &Level) -> serde_json::Value {
+fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> serde_json::Value {
     let r = &level.result;
     let ms3 = |d: Option<Duration>| d.map(|d| round3(ms(d)));
     serde_json::json!({
         "system": "durin",
         "version": env!("CARGO_PKG_VERSION"),
-        "scenario": "order3",
+        "scenario": scenario.scenario,
         "n": level.requests,
         "concurrency": level.concurrency,
         "throughput_per_s": (level.throughput() * 100.0).round() / 100.0,
@@ -214,10 +297,14 @@ fn json_line(machine: &Machine, level: &Level) -> serde_json::Value {
         "duration_s": round3(r.wall.as_secs_f64()),
         "durin_cpu_s": round3(level.durin_cpu_s),
         "handler_cpu_s": round3(level.handler_cpu_s),
-        "loadgen_cpu_s": round3(level.loadgen_cpu_s),
+        "loadgen_cpu_s": level.loadgen_cpu_s.map(round3),
         "durin_cpu_us_per_inv": level.per_invocation_us(level.durin_cpu_s).map(f64::round),
         "handler_cpu_us_per_inv": level.per_invocation_us(level.handler_cpu_s).map(f64::round),
-        "loadgen_cpu_us_per_inv": level.per_invocation_us(level.loadgen_cpu_s).map(f64::round),
+        "loadgen_cpu_us_per_inv": level
+            .loadgen_cpu_s
+            .and_then(|cpu| level.per_invocation_us(cpu))
+            .map(f64::round),
+        "handler_in_bench_process": scenario.handler_in_process,
         "durin_rss_mib": level.durin_rss_mib.map(|v| (v * 10.0).round() / 10.0),
         "loadavg1_before": level.load_before,
         "loadavg1_after": level.load_after,
