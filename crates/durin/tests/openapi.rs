@@ -6,7 +6,10 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use axum::response::IntoResponse;
 use durin::config::Config;
+use durin::problem::ApiError;
+use durin::store::HandlerProtocol;
 use durin_protocol::{
     AppendRequest, AppendResponse, Discovery, EntryKind, EntryRef, Failure, HandlerSpec,
     InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
@@ -144,6 +147,7 @@ fn fill(path: &str) -> String {
     path.replace("{id}", SAMPLE_ID)
         .replace("{service}", "order")
         .replace("{handler}", "process")
+        .replace("{name}", "s1")
 }
 
 /// Whether the operation documents `status` (exactly, as a range like `4XX`, or `default`).
@@ -451,6 +455,31 @@ fn outcome_samples() -> Vec<Outcome> {
     samples
 }
 
+/// Every entry kind; the match makes a new variant a compile error here.
+fn entry_kinds() -> Vec<EntryKind> {
+    let kinds = vec![
+        EntryKind::Input,
+        EntryKind::Step,
+        EntryKind::Now,
+        EntryKind::Uuid,
+        EntryKind::Random,
+        EntryKind::Egress,
+        EntryKind::Output,
+    ];
+    for kind in &kinds {
+        match kind {
+            EntryKind::Input
+            | EntryKind::Step
+            | EntryKind::Now
+            | EntryKind::Uuid
+            | EntryKind::Random
+            | EntryKind::Egress
+            | EntryKind::Output => {}
+        }
+    }
+    kinds
+}
+
 #[test]
 fn handler_protocol_document_matches_the_wire_types() {
     let doc = load("handler-protocol.yaml");
@@ -517,26 +546,19 @@ fn handler_protocol_document_matches_the_wire_types() {
     );
 
     // EntryKind: the documented enum, the expected list and serde agree.
-    let expected: BTreeSet<String> = ["input", "step", "now", "uuid", "random", "output"]
+    let expected: BTreeSet<String> = ["input", "step", "now", "uuid", "random", "egress", "output"]
         .map(str::to_owned)
         .into();
-    let serialized: BTreeSet<String> = [
-        EntryKind::Input,
-        EntryKind::Step,
-        EntryKind::Now,
-        EntryKind::Uuid,
-        EntryKind::Random,
-        EntryKind::Output,
-    ]
-    .iter()
-    .map(|k| {
-        serde_json::to_value(k)
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .to_owned()
-    })
-    .collect();
+    let serialized: BTreeSet<String> = entry_kinds()
+        .iter()
+        .map(|k| {
+            serde_json::to_value(k)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
     assert_eq!(serialized, expected, "EntryKind serializes differently");
     assert_eq!(
         strings(&schemas["EntryKind"]["enum"]),
@@ -589,6 +611,20 @@ fn handler_protocol_document_matches_the_wire_types() {
 #[test]
 fn shared_schemas_of_the_gateway_document_match_the_wire_types() {
     let doc = load("durin.yaml");
+    let protocols: BTreeSet<String> = [HandlerProtocol::Sdk, HandlerProtocol::Plain]
+        .iter()
+        .map(|p| {
+            // A new protocol is a compile error here.
+            match p {
+                HandlerProtocol::Sdk | HandlerProtocol::Plain => p.as_str().to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(
+        strings(&doc["components"]["schemas"]["Deployment"]["properties"]["protocol"]["enum"]),
+        protocols,
+        "durin.yaml Deployment.protocol enum differs from HandlerProtocol"
+    );
     let shared = [
         "RetryPolicy",
         "Failure",
@@ -612,4 +648,110 @@ fn shared_schemas_of_the_gateway_document_match_the_wire_types() {
             "durin.yaml RetryPolicy.{field}: documented default differs from RetryPolicy::default()"
         );
     }
+}
+
+/// One error of every kind; the match makes a new variant a compile error here.
+fn api_errors() -> Vec<ApiError> {
+    let errors = vec![
+        ApiError::BadRequest("bad".into()),
+        ApiError::NotFound("missing".into()),
+        ApiError::NoRoute {
+            method: "GET".into(),
+            path: "/nope".into(),
+        },
+        ApiError::MethodNotAllowed {
+            method: "DELETE".into(),
+            path: "/health".into(),
+        },
+        ApiError::PayloadTooLarge { limit: 1 },
+        ApiError::UnsupportedMediaType("text/plain".into()),
+        ApiError::Forbidden("not in the allow-list".into()),
+        ApiError::IdempotencyKeyReused {
+            key: "k".into(),
+            invocation_id: SAMPLE_ID.into(),
+        },
+        ApiError::Conflict("stale".into()),
+        ApiError::Deployment {
+            detail: "down".into(),
+            retryable: true,
+        },
+        ApiError::InvocationFailed {
+            status: 422,
+            error_type: Some("CardDeclined".into()),
+            message: "declined".into(),
+            invocation_id: SAMPLE_ID.into(),
+        },
+        ApiError::InvocationPaused {
+            invocation_id: SAMPLE_ID.into(),
+            reason: "non-determinism".into(),
+        },
+        ApiError::Storage("gone".into()),
+        ApiError::ShuttingDown("stopping".into()),
+    ];
+    for error in &errors {
+        match error {
+            ApiError::BadRequest(_)
+            | ApiError::NotFound(_)
+            | ApiError::NoRoute { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::Forbidden(_)
+            | ApiError::IdempotencyKeyReused { .. }
+            | ApiError::Conflict(_)
+            | ApiError::Deployment { .. }
+            | ApiError::InvocationFailed { .. }
+            | ApiError::InvocationPaused { .. }
+            | ApiError::Storage(_)
+            | ApiError::ShuttingDown(_) => {}
+        }
+    }
+    errors
+}
+
+/// Every problem the code can produce (the egress's included, which no route of the main
+/// listener shows) has a documented type, appears in the table of problem types with its
+/// status, and uses only documented fields.
+#[tokio::test]
+async fn every_problem_the_code_produces_is_documented() {
+    let doc = load("durin.yaml");
+    let problem_schema = &doc["components"]["schemas"]["Problem"];
+    let problem_fields = keys(&problem_schema["properties"]);
+    let problem_types = strings(&problem_schema["properties"]["type"]["enum"]);
+    let description = doc["info"]["description"].as_str().unwrap_or_default();
+    let mut produced = BTreeSet::new();
+    for error in api_errors() {
+        let response = error.into_response();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let problem: Json = serde_json::from_slice(&body).unwrap();
+        let problem_type = problem["type"].as_str().unwrap().to_owned();
+        assert!(
+            problem_types.contains(&problem_type),
+            "problem type {problem_type:?} is not in the Problem schema's enum"
+        );
+        let fields: BTreeSet<String> = problem.as_object().unwrap().keys().cloned().collect();
+        assert!(
+            fields.is_subset(&problem_fields),
+            "{problem_type}: fields {fields:?} are not all documented in Problem"
+        );
+        let slug = problem_type.trim_start_matches("urn:durin:problem:");
+        let row = description
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{slug}` |")))
+            .unwrap_or_else(|| panic!("{problem_type} has no row in the table of problem types"));
+        let documented_status = row.split('|').nth(2).unwrap_or_default();
+        assert!(
+            documented_status.contains(&status.to_string())
+                || documented_status.contains("handler's"),
+            "{problem_type}: answered {status}, the table says {documented_status:?}"
+        );
+        produced.insert(problem_type);
+    }
+    assert_eq!(
+        produced, problem_types,
+        "the Problem schema's enum (right) names types the code never produces (left)"
+    );
 }
