@@ -9,6 +9,7 @@ what happened, so that tests and people can check that nothing was charged twice
 """
 import argparse
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +18,7 @@ LOCK = threading.Lock()
 STATE = {"requests": 0, "effects": 0, "keys": {}, "answers": {}}
 
 
-def make_handler(role, hold_ms):
+def make_handler(role, hold_ms, fail_first):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -26,11 +27,14 @@ def make_handler(role, hold_ms):
 
         def answer(self, status, body):
             data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # The caller is gone; what happened is recorded all the same.
 
         def do_GET(self):
             if self.path != "/stats":
@@ -46,6 +50,11 @@ def make_handler(role, hold_ms):
             with LOCK:
                 STATE["requests"] += 1
                 STATE["keys"][key] = STATE["keys"].get(key, 0) + 1
+                failing = STATE["requests"] <= fail_first
+            if failing:
+                # An outage: nothing happens, and the caller may try again.
+                return self.answer(503, {"error": "temporarily unavailable"})
+            with LOCK:
                 seen = key in STATE["answers"]
                 if not seen:
                     STATE["effects"] += 1
@@ -65,13 +74,24 @@ def make_handler(role, hold_ms):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A peer that vanished (a killed Durin) is expected here, not an error to print.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--role", choices=["payment", "inventory", "email"], required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--hold-ms", type=int, default=0, help="delay the first answer for each key")
+    parser.add_argument("--fail-first", type=int, default=0, help="answer 503 to the first N requests")
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args.role, args.hold_ms))
+    server = Server(("127.0.0.1", args.port), make_handler(args.role, args.hold_ms, args.fail_first))
     print(f"{args.role} listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 

@@ -13,6 +13,7 @@ the missing ones go out.
 import argparse
 import http.client
 import json
+import sys
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -107,6 +108,16 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(200, output)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A peer that vanished (a killed Durin) is expected here, not an error to print.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def main():
     global ARGS
     parser = argparse.ArgumentParser()
@@ -119,7 +130,7 @@ def main():
     parser.add_argument("--charge-note", default="", help="added to the charge request (changing it "
                         "between attempts shows Durin's non-determinism check)")
     ARGS = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
+    server = Server(("127.0.0.1", ARGS.port), Handler)
     print(f"order handler listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 

@@ -32,17 +32,25 @@ struct Downstreams {
 }
 
 fn start_downstreams(payment_hold_ms: u64) -> Downstreams {
-    let start = |role: &str, hold: u64| {
+    start_downstreams_failing(payment_hold_ms, 0)
+}
+
+/// The three services; the payment service holds its first answers `payment_hold_ms` and
+/// answers 503 to its first `payment_fail_first` requests.
+fn start_downstreams_failing(payment_hold_ms: u64, payment_fail_first: u32) -> Downstreams {
+    let start = |role: &str, hold: u64, fail_first: u32| {
         let mut command = python("downstream.py");
         command
             .args(["--role", role, "--hold-ms"])
-            .arg(hold.to_string());
+            .arg(hold.to_string())
+            .arg("--fail-first")
+            .arg(fail_first.to_string());
         Proc::spawn(command, &format!("{role} listening on "))
     };
     Downstreams {
-        payment: start("payment", payment_hold_ms),
-        inventory: start("inventory", 0),
-        email: start("email", 0),
+        payment: start("payment", payment_hold_ms, payment_fail_first),
+        inventory: start("inventory", 0, 0),
+        email: start("email", 0, 0),
     }
 }
 
@@ -371,6 +379,92 @@ async fn a_changed_call_on_replay_pauses_the_invocation() {
     );
     assert_eq!(stats(&downstreams.payment).await["requests"], 1);
     assert_eq!(stats(&downstreams.inventory).await["requests"], 0);
+
+    // The fixed handler is deployed; resumed, the invocation finishes from its journal.
+    drop(_handler);
+    let _fixed = start_handler(Some(handler.addr), &egress, &downstreams, 0);
+    let resumed = client().post(format!("{url}/resume")).send().await.unwrap();
+    assert_eq!(resumed.status(), 200);
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    assert_charged_once(&downstreams, 1).await;
+}
+
+/// A downstream outage outlasts the egress's tries: the handler sees the 503, nothing is
+/// journaled, and the next attempt makes the same call with the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
+    let downstreams = start_downstreams_failing(0, 4);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let handler = start_handler(None, &egress, &downstreams, 0);
+    register_plain(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert!(view["attempt"].as_u64().unwrap() >= 2, "{view}");
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(shape(&entries), plain_journal_shape(&downstreams));
+    assert_eq!(entries[1]["value"]["status"], 200);
+    // Four 503s (three tries of the first attempt, one of the second), then the charge;
+    // all five carried the same key.
+    assert_charged_once(&downstreams, 5).await;
+    let payment = stats(&downstreams.payment).await;
+    assert_eq!(
+        payment["keys"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap(),
+        5
+    );
+}
+
+/// Recording a step value over plain HTTP: the first value wins, concurrent first calls
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_step_value_is_the_same_for_every_caller() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let handler = start_handler(None, &egress, &downstreams, 5000);
+    register_plain(&gateway.url, &handler.url).await;
+    let id = send_order(&gateway.url, ORDER).await;
+    let url = format!("{}/v1/contexts/{id}/steps/order-number", gateway.url);
+    let calls: Vec<_> = (0..8)
+        .map(|n| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .header("durin-attempt", "1")
+                    .json(&n)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let replayed = r.headers()["durin-replayed"] == "true";
+                (r.json::<Value>().await.unwrap(), replayed)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    let first = answers[0].0.clone();
+    assert!(answers.iter().all(|(v, _)| *v == first), "{answers:?}");
+    assert_eq!(answers.iter().filter(|(_, replayed)| !replayed).count(), 1);
+    let steps: Vec<Value> = journal(&gateway.url, &id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0]["value"], first);
 }
 
 /// The same contract from Node.js (no packages): an order completes through the egress.

@@ -10,7 +10,7 @@
 //! retry, so a downstream that honours it applies the call once even when its answer was
 //! lost), and its response is journaled before the handler sees it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +54,7 @@ pub struct Egress {
 }
 
 /// What the egress remembers of each running attempt: how often it saw each call identity
-/// (the occurrence) and which journal entries it has matched.
+/// (the occurrence), and the calls the journal held when the attempt began.
 #[derive(Default)]
 pub struct EgressCalls {
     attempts: Mutex<HashMap<InvocationId, AttemptCalls>>,
@@ -63,14 +63,44 @@ pub struct EgressCalls {
 #[derive(Default)]
 struct AttemptCalls {
     attempt: u32,
+    /// Calls seen in this attempt per identity (method, URL, body digest). A recorded call
+    /// of occurrence `k` is claimed by this attempt once its identity was seen `k + 1` times.
     occurrences: HashMap<(String, String, String), u32>,
-    matched: HashSet<u32>,
+    /// The egress entries of the journal, read once per attempt (entries added later come
+    /// from this attempt and are claimed already).
+    recorded: Option<Arc<Vec<(u32, EgressRecord)>>>,
 }
 
 impl EgressCalls {
-    /// Forgets an attempt that ended.
+    /// Forgets an attempt that ended. The invoker calls it as soon as the handler has
+    /// answered, so an attempt known here is one that has not ended.
     pub fn forget(&self, id: &InvocationId) {
         lock(&self.attempts).remove(id);
+    }
+
+    /// Gives back the occurrence of a call that left nothing in the journal, so that the
+    /// handler's retry of it has the same identity and idempotency key. Only the latest
+    /// occurrence can be given back; an earlier one stays used.
+    fn release(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        identity: &(String, String, String),
+        occurrence: u32,
+    ) {
+        self.with(id, attempt, |calls| {
+            if let Some(n) = calls.occurrences.get_mut(identity) {
+                if *n == occurrence + 1 {
+                    *n = occurrence;
+                }
+            }
+        });
+    }
+
+    fn is_current(&self, id: &InvocationId, attempt: u32) -> bool {
+        lock(&self.attempts)
+            .get(id)
+            .is_some_and(|calls| calls.attempt == attempt)
     }
 
     fn with<T>(
@@ -112,6 +142,21 @@ struct EgressRecord {
 }
 
 impl EgressRecord {
+    /// A response that is passed on but not journaled.
+    fn unjournaled(status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> EgressRecord {
+        EgressRecord {
+            method: String::new(),
+            url: String::new(),
+            body_digest: String::new(),
+            occurrence: 0,
+            idempotency_key: String::new(),
+            status,
+            headers,
+            body_base64: Some(base64::engine::general_purpose::STANDARD.encode(body)),
+            body: None,
+        }
+    }
+
     fn body_bytes(&self) -> Vec<u8> {
         match (&self.body, &self.body_base64) {
             (Some(text), _) => text.clone().into_bytes(),
@@ -238,62 +283,77 @@ impl Egress {
         let body = axum::body::to_bytes(body, limit)
             .await
             .map_err(|_| ApiError::PayloadTooLarge { limit })?;
-        let record = self
-            .store
-            .get_invocation(&id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))?;
-        if record.status != Status::Running {
-            return Err(ApiError::Conflict(format!(
-                "invocation {id} is {}, not running: only a running attempt may call out",
-                record.status
-            )));
-        }
-        if let Some(claimed) = claimed_attempt.filter(|a| *a != record.attempt) {
-            return Err(ApiError::Conflict(format!(
-                "attempt {claimed} of invocation {id} is not current (current attempt {})",
-                record.attempt
-            )));
-        }
-        let attempt = record.attempt;
+        let attempt = match claimed_attempt.filter(|a| self.calls.is_current(&id, *a)) {
+            // An earlier call of this attempt was checked, and the attempt has not ended.
+            Some(attempt) => attempt,
+            None => self.running_attempt(&id, claimed_attempt).await?,
+        };
         let method = parts.method.as_str().to_owned();
         let url_text = url.to_string();
         let body_digest = hex(&Sha256::digest(&body));
         let identity = (method.clone(), url_text.clone(), body_digest.clone());
         let occurrence = self.calls.with(&id, attempt, |calls| {
-            let n = calls.occurrences.entry(identity).or_default();
+            let n = calls.occurrences.entry(identity.clone()).or_default();
             let occurrence = *n;
             *n += 1;
             occurrence
         });
+        let result = self
+            .call(&id, attempt, &parts, url, body, &identity, occurrence)
+            .await;
+        if !matches!(result, Ok((_, true))) {
+            self.calls.release(&id, attempt, &identity, occurrence);
+        }
+        result.map(|(response, _)| response)
+    }
 
-        let journal = self.store.read_journal(&id).await?;
-        let recorded: Vec<(u32, EgressRecord)> = journal
-            .into_iter()
-            .filter(|e| e.kind == EntryKind::Egress)
-            .filter_map(|e| {
-                let value = e.value?;
-                serde_json::from_slice::<EgressRecord>(&value)
-                    .ok()
-                    .map(|r| (e.index, r))
-            })
-            .collect();
+    /// Answers one call from the journal, or makes it and journals it. The flag says whether
+    /// the call is now in the journal (and so has used its occurrence).
+    #[allow(clippy::too_many_arguments)]
+    async fn call(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        parts: &axum::http::request::Parts,
+        url: reqwest::Url,
+        body: bytes::Bytes,
+        identity: &(String, String, String),
+        occurrence: u32,
+    ) -> Result<(Response, bool), ApiError> {
+        let (method, url_text, body_digest) = identity.clone();
+        let id = id.clone();
+
+        let recorded = match self
+            .calls
+            .with(&id, attempt, |calls| calls.recorded.clone())
+        {
+            Some(recorded) => recorded,
+            None => {
+                let loaded = Arc::new(self.recorded_calls(&id).await?);
+                self.calls.with(&id, attempt, |calls| {
+                    Arc::clone(calls.recorded.get_or_insert(loaded))
+                })
+            }
+        };
         let exact = recorded.iter().find(|(_, r)| {
             r.method == method
                 && r.url == url_text
                 && r.body_digest == body_digest
                 && r.occurrence == occurrence
         });
-        if let Some((index, record)) = exact {
-            self.calls
-                .with(&id, attempt, |calls| calls.matched.insert(*index));
-            return Ok(record.response(true));
+        if let Some((_, record)) = exact {
+            return Ok((record.response(true), true));
         }
         let diverged = self.calls.with(&id, attempt, |calls| {
             recorded
                 .iter()
-                .find(|(index, r)| {
-                    r.method == method && r.url == url_text && !calls.matched.contains(index)
+                .find(|(_, r)| {
+                    let seen = calls
+                        .occurrences
+                        .get(&(r.method.clone(), r.url.clone(), r.body_digest.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    r.method == method && r.url == url_text && seen <= r.occurrence
                 })
                 .cloned()
         });
@@ -328,9 +388,23 @@ impl Egress {
                 hasher.update(occurrence.to_be_bytes());
                 format!("durin-{}", &hex(&hasher.finalize())[..40])
             });
-        let (status, headers, response_body) = self
+        let (status, headers, response_body, settled) = self
             .send(&parts.method, &url, &parts.headers, &idempotency_key, body)
             .await?;
+        if !settled {
+            // The downstream kept failing in a way that may pass: the handler gets the last
+            // answer, and nothing is journaled, so the next attempt makes the call again
+            // with the same key.
+            let record = EgressRecord::unjournaled(status, headers, response_body);
+            return Ok((record.response(false), false));
+        }
+        if response_body.len() > self.config.max_body_bytes {
+            return Err(ApiError::Downstream(format!(
+                "{url} answered {} bytes, more than the {} bytes the journal takes; nothing was journaled",
+                response_body.len(),
+                self.config.max_body_bytes
+            )));
+        }
         let text = String::from_utf8(response_body.clone()).ok();
         let egress_record = EgressRecord {
             method: method.clone(),
@@ -355,16 +429,61 @@ impl Egress {
             content_type: Some("application/json".into()),
             failure: None,
         };
-        let stored = self
-            .store
+        self.store
             .append_entry(&id, attempt, entry, self.clock.now_ms())
             .await?;
-        self.calls
-            .with(&id, attempt, |calls| calls.matched.insert(stored.index));
-        Ok(egress_record.response(false))
+        Ok((egress_record.response(false), true))
     }
 
-    /// Sends one outbound call, retrying what may succeed later, with the same key.
+    /// The current attempt of a running invocation, checked against the one the caller
+    /// claims to be.
+    async fn running_attempt(
+        &self,
+        id: &InvocationId,
+        claimed: Option<u32>,
+    ) -> Result<u32, ApiError> {
+        let record = self
+            .store
+            .get_invocation(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("invocation {id} not found")))?;
+        if record.status != Status::Running {
+            return Err(ApiError::Conflict(format!(
+                "invocation {id} is {}, not running: only a running attempt may call out",
+                record.status
+            )));
+        }
+        if let Some(claimed) = claimed.filter(|a| *a != record.attempt) {
+            return Err(ApiError::Conflict(format!(
+                "attempt {claimed} of invocation {id} is not current (current attempt {})",
+                record.attempt
+            )));
+        }
+        Ok(record.attempt)
+    }
+
+    /// The egress calls in the invocation's journal, with their indexes.
+    async fn recorded_calls(
+        &self,
+        id: &InvocationId,
+    ) -> Result<Vec<(u32, EgressRecord)>, ApiError> {
+        Ok(self
+            .store
+            .read_journal(id)
+            .await?
+            .into_iter()
+            .filter(|e| e.kind == EntryKind::Egress)
+            .filter_map(|e| {
+                let value = e.value?;
+                serde_json::from_slice::<EgressRecord>(&value)
+                    .ok()
+                    .map(|r| (e.index, r))
+            })
+            .collect())
+    }
+
+    /// Sends one outbound call, retrying what may succeed later, with the same key. The
+    /// flag is false when the last answer was still one that may pass (408, 429, 5xx).
     async fn send(
         &self,
         method: &Method,
@@ -372,7 +491,7 @@ impl Egress {
         headers: &HeaderMap,
         idempotency_key: &str,
         body: bytes::Bytes,
-    ) -> Result<(u16, Vec<(String, String)>, Vec<u8>), ApiError> {
+    ) -> Result<(u16, Vec<(String, String)>, Vec<u8>, bool), ApiError> {
         let method = reqwest::Method::from_bytes(method.as_str().as_bytes())
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut tries = 0;
@@ -412,11 +531,10 @@ impl Egress {
                                 Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
                             })
                             .collect();
-                        let body = response.bytes().await.map_err(|e| ApiError::Deployment {
-                            detail: format!("reading the answer of {url} failed: {e}"),
-                            retryable: true,
+                        let body = response.bytes().await.map_err(|e| {
+                            ApiError::Downstream(format!("reading the answer of {url} failed: {e}"))
                         })?;
-                        return Ok((status.as_u16(), headers, body.to_vec()));
+                        return Ok((status.as_u16(), headers, body.to_vec(), !transient));
                     }
                     (retry_after, format!("{url} answered {status}"))
                 }
@@ -430,10 +548,9 @@ impl Egress {
                     tokio::time::sleep(delay).await;
                 }
                 None => {
-                    return Err(ApiError::Deployment {
-                        detail: format!("{problem} ({tries} tries); nothing was journaled, the same call may be made again"),
-                        retryable: true,
-                    })
+                    return Err(ApiError::Downstream(format!(
+                        "{problem} ({tries} tries); nothing was journaled, the same call may be made again"
+                    )))
                 }
             }
         }

@@ -207,7 +207,10 @@ impl Invoker {
         journal: Vec<StoredEntry>,
     ) -> Next {
         let id = &record.id;
-        let end = match self.call(&record, journal).await {
+        let end = self.call(&record, journal).await;
+        // The handler has answered (or given up): its egress calls are over.
+        self.egress_calls.forget(id);
+        let end = match end {
             Ok(end) => end,
             Err(error) => {
                 tracing::error!(%id, %error, "store failed during an attempt");
@@ -217,7 +220,6 @@ impl Invoker {
         if let AttemptEnd::BackOff { error, .. } = &end {
             tracing::info!(%id, attempt = record.attempt, %error, "attempt failed; backing off");
         }
-        self.egress_calls.forget(id);
         match self
             .store
             .end_attempt(id, record.attempt, end, self.clock.now_ms())
@@ -234,8 +236,9 @@ impl Invoker {
                     Next::RunAt(ended.next_run_at_ms.unwrap_or_else(|| self.clock.now_ms()))
                 }
             }
-            // A newer attempt owns the invocation; its driver carries on.
-            Err(StoreError::Fenced { .. }) => Next::Stop,
+            // The invocation changed under this attempt (a newer attempt, a pause, and maybe
+            // a resume since): look again. Starting an attempt only succeeds if it is due.
+            Err(StoreError::Fenced { .. }) => Next::RunAt(self.clock.now_ms()),
             Err(error) => {
                 tracing::error!(%id, %error, "could not record the end of an attempt");
                 Next::RunAt(self.clock.now_ms() + STORE_RETRY_MS)

@@ -107,6 +107,9 @@ pub async fn run(
                 "durin egress listening on http://{}",
                 listener.local_addr()?
             );
+            let listener = listener.tap_io(|stream| {
+                let _ = stream.set_nodelay(true);
+            });
             let stop = shutdown.clone();
             Some(tokio::spawn(
                 axum::serve(listener, egress.router())

@@ -56,6 +56,9 @@ pub enum ApiError {
         invocation_id: String,
         reason: String,
     },
+    /// The egress got no answer from a downstream; nothing was journaled.
+    #[error("{0}")]
+    Downstream(String),
     #[error("storage is unavailable: {0}")]
     Storage(String),
     #[error("{0}")]
@@ -123,6 +126,12 @@ impl ApiError {
                 "invocation-failed",
                 "Invocation failed",
                 false,
+            ),
+            Downstream(_) => (
+                StatusCode::BAD_GATEWAY,
+                "downstream-unreachable",
+                "Downstream unreachable",
+                true,
             ),
             InvocationPaused { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -685,6 +685,7 @@ fn api_errors() -> Vec<ApiError> {
             invocation_id: SAMPLE_ID.into(),
             reason: "non-determinism".into(),
         },
+        ApiError::Downstream("no answer".into()),
         ApiError::Storage("gone".into()),
         ApiError::ShuttingDown("stopping".into()),
     ];
@@ -702,6 +703,7 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::Deployment { .. }
             | ApiError::InvocationFailed { .. }
             | ApiError::InvocationPaused { .. }
+            | ApiError::Downstream(_)
             | ApiError::Storage(_)
             | ApiError::ShuttingDown(_) => {}
         }

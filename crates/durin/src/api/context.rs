@@ -103,30 +103,17 @@ pub async fn record_step(
     } else {
         parse_json("the step value", &body)?
     };
-    let recorded = state
+    let (value, replayed) = state
         .store
-        .read_journal(&id)
-        .await?
-        .into_iter()
-        .find(|e| e.kind == EntryKind::Step && e.name.as_deref() == Some(name.as_str()));
-    let (value, replayed) = match recorded {
-        Some(entry) => (json_value(entry.value.as_deref()), true),
-        None => {
-            let entry = NewEntry {
-                index: None,
-                kind: EntryKind::Step,
-                name: Some(name),
-                value: Some(serde_json::to_vec(&value).unwrap_or_default()),
-                content_type: Some("application/json".into()),
-                failure: None,
-            };
-            state
-                .store
-                .append_entry(&id, attempt, entry, state.clock.now_ms())
-                .await?;
-            (value, false)
-        }
-    };
+        .record_step(
+            &id,
+            attempt,
+            name,
+            serde_json::to_vec(&value).unwrap_or_default(),
+            state.clock.now_ms(),
+        )
+        .await?;
+    let value = json_value(Some(&value));
     let mut response = Json(value).into_response();
     response.headers_mut().insert(
         HEADER_REPLAYED,

@@ -26,8 +26,9 @@ use super::*;
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
-/// Read-only connections kept open.
-const READERS: usize = 4;
+/// Read-only connections: at most this many reads run at once, each on a connection
+/// that stays open.
+const READERS: usize = 8;
 /// How often the write-ahead log is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -116,6 +117,7 @@ impl SqliteStore {
             readers: Arc::new(ReaderPool {
                 path,
                 idle: Mutex::new(Vec::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(READERS)),
             }),
             _checkpointer: stop,
         })
@@ -171,15 +173,25 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
         let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || readers.with(f))
+        let permit = Arc::clone(&readers.permits)
+            .acquire_owned()
             .await
-            .map_err(backend)?
+            .map_err(|_| StoreError::Closed)?;
+        tokio::task::spawn_blocking(move || {
+            let result = readers.with(f);
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(backend)?
     }
 }
 
 struct ReaderPool {
     path: String,
     idle: Mutex<Vec<Connection>>,
+    /// Bounds the reads in flight, so that connections are reused rather than opened.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReaderPool {
@@ -436,6 +448,58 @@ fn latest_deployment(conn: &Connection, url: &str) -> StoreResult<Option<Deploym
         [url],
         deployment,
     )
+}
+
+/// Appends `entry` for `attempt` at the next free index (which must be `entry.index` when
+/// that is given), inside the caller's transaction.
+fn append(
+    conn: &Connection,
+    id: &InvocationId,
+    attempt: u32,
+    entry: NewEntry,
+    now_ms: i64,
+) -> StoreResult<StoredEntry> {
+    let grown: Option<u32> = conn
+        .prepare_cached(
+            "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
+             modified_at_ms = ?1 \
+             WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
+             AND (?4 IS NULL OR journal_len = ?4) RETURNING journal_len",
+        )
+        .map_err(backend)?
+        .query_row(params![now_ms, id.as_str(), attempt, entry.index], |row| {
+            row.get(0)
+        })
+        .optional()
+        .map_err(backend)?;
+    let Some(journal_len) = grown else {
+        return Err(match refusal(conn, id.as_str(), attempt) {
+            StoreError::Fenced {
+                current_attempt,
+                status: Status::Running,
+                ..
+            } if current_attempt == attempt => StoreError::IndexMismatch {
+                invocation_id: id.to_string(),
+                requested: entry.index.unwrap_or_default(),
+                expected: fetch_invocation(conn, id.as_str())?
+                    .map(|r| r.journal_len)
+                    .unwrap_or_default(),
+            },
+            other => other,
+        });
+    };
+    let stored = StoredEntry {
+        index: journal_len - 1,
+        kind: entry.kind,
+        name: entry.name,
+        value: entry.value,
+        content_type: entry.content_type,
+        failure: entry.failure,
+        attempt,
+        at_ms: now_ms,
+    };
+    insert_entry(conn, id.as_str(), &stored)?;
+    Ok(stored)
 }
 
 const TARGET_SELECT: &str = "SELECT h.deployment_id, d.url, d.protocol, h.service, h.handler, \
@@ -704,48 +768,42 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> StoreResult<StoredEntry> {
         let id = id.clone();
+        self.write(move |conn| append(conn, &id, attempt, entry, now_ms))
+            .await
+    }
+
+    async fn record_step(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        name: String,
+        value: Vec<u8>,
+        now_ms: i64,
+    ) -> StoreResult<(Vec<u8>, bool)> {
+        let id = id.clone();
         self.write(move |conn| {
-            let grown: Option<u32> = conn
+            let recorded: Option<Option<Vec<u8>>> = conn
                 .prepare_cached(
-                    "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
-                     modified_at_ms = ?1 \
-                     WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
-                     AND (?4 IS NULL OR journal_len = ?4) RETURNING journal_len",
+                    "SELECT value FROM journal WHERE invocation_id = ?1 AND kind = 'step' \
+                     AND name = ?2 ORDER BY idx LIMIT 1",
                 )
                 .map_err(backend)?
-                .query_row(params![now_ms, id.as_str(), attempt, entry.index], |row| {
-                    row.get(0)
-                })
+                .query_row(params![id.as_str(), name], |row| row.get(0))
                 .optional()
                 .map_err(backend)?;
-            let Some(journal_len) = grown else {
-                return Err(match refusal(conn, id.as_str(), attempt) {
-                    StoreError::Fenced {
-                        current_attempt,
-                        status: Status::Running,
-                        ..
-                    } if current_attempt == attempt => StoreError::IndexMismatch {
-                        invocation_id: id.to_string(),
-                        requested: entry.index.unwrap_or_default(),
-                        expected: fetch_invocation(conn, id.as_str())?
-                            .map(|r| r.journal_len)
-                            .unwrap_or_default(),
-                    },
-                    other => other,
-                });
+            if let Some(recorded) = recorded {
+                return Ok((recorded.unwrap_or_default(), true));
+            }
+            let entry = NewEntry {
+                index: None,
+                kind: EntryKind::Step,
+                name: Some(name),
+                value: Some(value.clone()),
+                content_type: Some("application/json".into()),
+                failure: None,
             };
-            let stored = StoredEntry {
-                index: journal_len - 1,
-                kind: entry.kind,
-                name: entry.name,
-                value: entry.value,
-                content_type: entry.content_type,
-                failure: entry.failure,
-                attempt,
-                at_ms: now_ms,
-            };
-            insert_entry(conn, id.as_str(), &stored)?;
-            Ok(stored)
+            append(conn, &id, attempt, entry, now_ms)?;
+            Ok((value, false))
         })
         .await
     }
