@@ -9,6 +9,7 @@ what happened, so that tests and people can check that nothing was charged twice
 """
 import argparse
 import json
+import ssl
 import sys
 import threading
 import time
@@ -90,9 +91,17 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--hold-ms", type=int, default=0, help="delay the first answer for each key")
     parser.add_argument("--fail-first", type=int, default=0, help="answer 503 to the first N requests")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (and --tls-key)")
+    parser.add_argument("--tls-key")
     args = parser.parse_args()
     server = Server(("127.0.0.1", args.port), make_handler(args.role, args.hold_ms, args.fail_first))
-    print(f"{args.role} listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    scheme = "http"
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    print(f"{args.role} listening on {scheme}://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 
 

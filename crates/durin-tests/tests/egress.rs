@@ -248,7 +248,11 @@ async fn the_egress_is_not_an_open_proxy() {
     let downstreams = start_downstreams(0);
     let allowed = downstreams.payment.addr.to_string();
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[allowed.as_str(), "127.0.0.1:1"]);
+    let (gateway, egress) = home.start_with_egress(
+        None,
+        None,
+        &["--egress-allow", &allowed, "--egress-allow", "127.0.0.1:1"],
+    );
     let handler = start_handler(None, &egress, &downstreams, 5000);
     register_plain(&gateway.url, &handler.url).await;
     let charge = format!("{egress}/http/{allowed}/charge");
@@ -500,4 +504,73 @@ async fn the_node_handler_runs_the_same_flow() {
         plain_journal_shape(&downstreams)
     );
     assert_charged_once(&downstreams, 1).await;
+}
+
+/// HTTPS targets: the handler names an https:// URL, Durin makes the TLS call itself (here
+/// trusting a private CA given with --egress-ca-file) and journals it like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_targets_are_called_by_durin() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let (ca_file, cert_file, key_file) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+
+    let mut command = python("downstream.py");
+    command
+        .args(["--role", "payment", "--tls-cert"])
+        .arg(&cert_file)
+        .arg("--tls-key")
+        .arg(&key_file);
+    let payment = Proc::spawn(command, "payment listening on ");
+    assert!(payment.url.starts_with("https://"));
+    let plain = start_downstreams(0);
+    let downstreams = Downstreams {
+        payment,
+        inventory: plain.inventory,
+        email: plain.email,
+    };
+    let home = GatewayHome::new();
+    let ca_arg = ca_file.to_str().unwrap();
+    let (gateway, egress) = home.start_with_egress(None, None, &["--egress-ca-file", ca_arg]);
+    let handler = start_handler(None, &egress, &downstreams, 0);
+    register_plain(&gateway.url, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], ORDER_OUTPUT);
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(shape(&entries), plain_journal_shape(&downstreams));
+    assert!(entries[1]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("POST https://"));
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let payment: Value = trusting
+        .get(format!("{}/stats", downstreams.payment.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(payment["effects"], 1, "{payment}");
+    assert_eq!(payment["requests"], 1, "{payment}");
 }

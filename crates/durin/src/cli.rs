@@ -53,6 +53,9 @@ struct ServeArgs {
     /// Without any, the egress calls any host for a running invocation.
     #[arg(long, env = "DURIN_EGRESS_ALLOW", value_delimiter = ',')]
     egress_allow: Vec<String>,
+    /// PEM file of extra root certificates the egress trusts for HTTPS targets.
+    #[arg(long, env = "DURIN_EGRESS_CA_FILE")]
+    egress_ca_file: Option<PathBuf>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -114,6 +117,9 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if !args.egress_allow.is_empty() {
                 config.egress_allow = args.egress_allow;
+            }
+            if let Some(file) = args.egress_ca_file {
+                config.egress_ca_file = Some(file);
             }
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await

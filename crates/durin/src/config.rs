@@ -1,7 +1,7 @@
 //! Configuration: defaults, then the TOML file, then environment variables and flags.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use durin_protocol::RetryPolicy;
@@ -34,6 +34,9 @@ pub struct Config {
     pub egress_retry_policy: RetryPolicy,
     /// Bound on one try of an outbound call.
     pub egress_call_timeout: Duration,
+    /// A PEM file of extra root certificates the egress trusts for HTTPS targets (a private
+    /// CA), beside the bundled public roots.
+    pub egress_ca_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Default for Config {
                 ..RetryPolicy::default()
             },
             egress_call_timeout: Duration::from_secs(30),
+            egress_ca_file: None,
         }
     }
 }
@@ -92,6 +96,7 @@ struct ConfigFile {
     egress_retry_policy: Option<RetryPolicy>,
     #[serde(default, with = "humantime_serde")]
     egress_call_timeout: Option<Duration>,
+    egress_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -147,6 +152,9 @@ impl Config {
         }
         if let Some(v) = file.egress_call_timeout {
             config.egress_call_timeout = v;
+        }
+        if let Some(v) = file.egress_ca_file {
+            config.egress_ca_file = Some(v);
         }
         Ok(config)
     }

@@ -42,6 +42,8 @@ pub struct EgressConfig {
     pub retry_policy: RetryPolicy,
     /// Bound on one try of an outbound call.
     pub call_timeout: Duration,
+    /// Extra root certificates to trust, PEM.
+    pub extra_roots: Vec<reqwest::Certificate>,
 }
 
 pub struct Egress {
@@ -211,18 +213,19 @@ impl Egress {
         invoker: Arc<Invoker>,
         calls: Arc<EgressCalls>,
         config: EgressConfig,
-    ) -> Egress {
-        Egress {
+    ) -> Result<Egress, reqwest::Error> {
+        let mut http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        for root in &config.extra_roots {
+            http = http.add_root_certificate(root.clone());
+        }
+        Ok(Egress {
             store,
             clock,
             invoker,
             calls,
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default(),
+            http: http.build()?,
             config,
-        }
+        })
     }
 
     pub fn router(self: Arc<Self>) -> Router {

@@ -91,6 +91,17 @@ pub async fn run(
             let listener = TcpListener::bind(address)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {address} for the egress: {e}"))?;
+            let extra_roots = match &config.egress_ca_file {
+                Some(file) => {
+                    let pem = std::fs::read(file).map_err(|e| {
+                        anyhow::anyhow!("cannot read egress_ca_file {}: {e}", file.display())
+                    })?;
+                    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                        anyhow::anyhow!("egress_ca_file {} is not PEM: {e}", file.display())
+                    })?
+                }
+                None => Vec::new(),
+            };
             let egress = Arc::new(egress::Egress::new(
                 Arc::clone(&store),
                 Arc::clone(&clock),
@@ -101,8 +112,9 @@ pub async fn run(
                     max_body_bytes: config.max_body_bytes,
                     retry_policy: config.egress_retry_policy.clone(),
                     call_timeout: config.egress_call_timeout,
+                    extra_roots,
                 },
-            ));
+            )?);
             println!(
                 "durin egress listening on http://{}",
                 listener.local_addr()?

@@ -77,7 +77,9 @@ impl Proc {
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("process did not print {ready_prefix:?} in time"));
         let addr = url
-            .trim_start_matches("http://")
+            .split("://")
+            .last()
+            .unwrap_or_default()
             .parse()
             .expect("address in ready line");
         (Proc { child, url, addr }, found)
@@ -154,19 +156,18 @@ maximum_attempts = 100
 
     /// Starts the real `durin` binary with an egress proxy (on `egress`, or port 0); returns
     /// it and the egress URL.
+    /// `args` are more flags for `durin serve`.
     pub fn start_with_egress(
         &self,
         listen: Option<SocketAddr>,
         egress: Option<&str>,
-        allow: &[&str],
+        args: &[&str],
     ) -> (Proc, String) {
         let mut command = self.command(listen);
         command
             .arg("--egress-listen")
-            .arg(egress.map_or("127.0.0.1:0", |e| e.trim_start_matches("http://")));
-        for host in allow {
-            command.arg("--egress-allow").arg(host);
-        }
+            .arg(egress.map_or("127.0.0.1:0", |e| e.trim_start_matches("http://")))
+            .args(args);
         let (proc, mut found) = Proc::spawn_with(
             command,
             "durin listening on ",
