@@ -133,6 +133,8 @@ async fn wait_for_egress(gateway: &str, id: &str, path: &str) {
     .await
 }
 
+/// One charge, one idempotency key (derived by Durin), seen `requests` times by the
+/// payment service; one effect each for the other services.
 async fn assert_charged_once(downstreams: &Downstreams, requests: u64) {
     let payment = stats(&downstreams.payment).await;
     assert_eq!(payment["effects"], 1, "{payment}");
@@ -143,7 +145,9 @@ async fn assert_charged_once(downstreams: &Downstreams, requests: u64) {
         1,
         "one idempotency key for the one charge: {payment}"
     );
-    assert!(keys.keys().all(|k| k.starts_with("durin-")), "{payment}");
+    let (key, seen) = keys.iter().next().unwrap();
+    assert!(key.starts_with("durin-"), "{payment}");
+    assert_eq!(seen, requests, "{payment}");
     for service in [&downstreams.inventory, &downstreams.email] {
         assert_eq!(stats(service).await["effects"], 1);
     }
@@ -231,16 +235,6 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
     );
     // The call went out twice with the same key; the payment service charged once.
     assert_charged_once(&downstreams, 2).await;
-    let payment = stats(&downstreams.payment).await;
-    assert_eq!(
-        payment["keys"]
-            .as_object()
-            .unwrap()
-            .values()
-            .next()
-            .unwrap(),
-        2
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,16 +409,6 @@ async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
     // Four 503s (three tries of the first attempt, one of the second), then the charge;
     // all five carried the same key.
     assert_charged_once(&downstreams, 5).await;
-    let payment = stats(&downstreams.payment).await;
-    assert_eq!(
-        payment["keys"]
-            .as_object()
-            .unwrap()
-            .values()
-            .next()
-            .unwrap(),
-        5
-    );
 }
 
 /// Recording a step value over plain HTTP: the first value wins, concurrent first calls
