@@ -83,8 +83,7 @@ fn open_connection(path: &str, read_only: bool) -> StoreResult<Connection> {
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(backend)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-         PRAGMA cache_size = -65536;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
     )
     .map_err(backend)?;
     conn.set_prepared_statement_cache_capacity(64);
