@@ -299,6 +299,10 @@ pub enum Outcome {
         index: u32,
         recorded: EntryRef,
         requested: EntryRef,
+        /// What else disagreed, when kind and name match (e.g. the recorded value no longer
+        /// fits the type the handler asks for).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
 }
 

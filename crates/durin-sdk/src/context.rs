@@ -136,7 +136,7 @@ impl Context {
                 if let Some(failure) = entry.failure {
                     return Err(HandlerError::from_failure(failure));
                 }
-                decode(name, entry.value.unwrap_or(Value::Null))
+                self.decode(entry)
             }
             Replayed::New => match f().await {
                 Ok(value) => {
@@ -236,7 +236,7 @@ impl Context {
         T: Serialize + DeserializeOwned,
     {
         match self.replay(kind, None)? {
-            Replayed::Recorded(entry) => decode(kind.as_str(), entry.value.unwrap_or(Value::Null)),
+            Replayed::Recorded(entry) => self.decode(entry),
             Replayed::New => {
                 let value = make();
                 let json = serde_json::to_value(&value)
@@ -245,6 +245,26 @@ impl Context {
                 Ok(value)
             }
         }
+    }
+
+    /// The recorded value of `entry` as the handler's type. A value that no longer fits
+    /// (the code changed) is non-determinism: the invocation pauses.
+    fn decode<T: DeserializeOwned>(&self, entry: JournalEntry) -> Result<T, HandlerError> {
+        serde_json::from_value(entry.value.unwrap_or(Value::Null)).map_err(|e| {
+            let at = EntryRef {
+                kind: entry.kind,
+                name: entry.name,
+            };
+            self.lock().abort.get_or_insert(Outcome::NonDeterminism {
+                index: entry.index,
+                recorded: at.clone(),
+                requested: at,
+                detail: Some(format!(
+                    "the recorded value does not fit the type the handler asks for: {e}"
+                )),
+            });
+            HandlerError::abort(format!("non-determinism at journal index {}", entry.index))
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
@@ -272,6 +292,7 @@ impl Context {
                     kind,
                     name: name.map(str::to_owned),
                 },
+                detail: None,
             });
             return Err(HandlerError::abort(format!(
                 "non-determinism at journal index {index}"
@@ -318,13 +339,27 @@ impl Context {
                 Ok(response) if response.status().is_server_error() => {
                     format!("the gateway answered {}", response.status())
                 }
-                Ok(response) => {
-                    // Fenced or refused: this attempt may not write any more.
-                    let status = response.status();
+                Ok(response) if response.status() == reqwest::StatusCode::CONFLICT => {
+                    // A newer attempt owns the journal: this one may not write any more.
                     let detail = response.text().await.unwrap_or_default();
                     return Err(self.end_attempt(format!(
-                        "the gateway refused entry {index} ({status}): {detail}"
+                        "the gateway refused entry {index} (409): {detail}"
                     )));
+                }
+                Ok(response) => {
+                    // Refused for good (too large, malformed): running the step again would
+                    // repeat its side effect for nothing, so the invocation fails.
+                    let status = response.status();
+                    let detail = response.text().await.unwrap_or_default();
+                    let failure = Failure {
+                        status: 500,
+                        error_type: Some("JournalRefused".into()),
+                        message: format!("the gateway refused entry {index} ({status}): {detail}"),
+                    };
+                    self.lock().abort.get_or_insert(Outcome::Failure {
+                        failure: failure.clone(),
+                    });
+                    return Err(HandlerError::abort(failure.message));
                 }
                 Err(e) => format!("the gateway is unreachable: {e}"),
             };
@@ -366,6 +401,7 @@ impl Context {
                             kind: EntryKind::Output,
                             name: None,
                         },
+                        detail: None,
                     };
                 }
                 Outcome::Output { output }
@@ -389,13 +425,4 @@ impl Context {
             },
         }
     }
-}
-
-fn decode<T: DeserializeOwned>(what: &str, value: Value) -> Result<T, HandlerError> {
-    serde_json::from_value(value).map_err(|e| {
-        HandlerError::terminal(format!(
-            "the recorded value of {what:?} does not fit the type the handler asks for: {e}"
-        ))
-        .with_type("NonDeterminism")
-    })
 }

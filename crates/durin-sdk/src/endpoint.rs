@@ -160,7 +160,11 @@ impl Endpoint {
                 );
             }
         }
-        router.with_state(state)
+        // An invocation request carries the whole journal, which can be larger than axum's
+        // default 2 MB limit; the gateway bounds what it sends.
+        router
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(state)
     }
 
     /// Serves until the process ends.

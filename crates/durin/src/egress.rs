@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::api::hex;
 use crate::clock::Clock;
 use crate::ids::InvocationId;
-use crate::invoker::{Ended, Invoker};
+use crate::invoker::{read_limited, Ended, Invoker};
 use crate::problem::ApiError;
 use crate::store::{AttemptEnd, NewEntry, Status, Store, StoreError};
 
@@ -56,10 +56,17 @@ pub struct Egress {
 }
 
 /// What the egress remembers of each running attempt: how often it saw each call identity
-/// (the occurrence), and the calls the journal held when the attempt began.
+/// (the occurrence), and the calls the journal held when the attempt began. An attempt
+/// that ended leaves a mark, so that a late call of it can never bring its state back.
 #[derive(Default)]
 pub struct EgressCalls {
-    attempts: Mutex<HashMap<InvocationId, AttemptCalls>>,
+    attempts: Mutex<HashMap<InvocationId, Slot>>,
+}
+
+enum Slot {
+    Running(AttemptCalls),
+    /// Every attempt up to this one has ended.
+    EndedThrough(u32),
 }
 
 #[derive(Default)]
@@ -74,9 +81,20 @@ struct AttemptCalls {
 }
 
 impl EgressCalls {
-    /// Forgets an attempt that ended. The invoker calls it as soon as the handler has
-    /// answered, so an attempt known here is one that has not ended.
-    pub fn forget(&self, id: &InvocationId) {
+    /// Marks `attempt` as ended. The invoker calls it as soon as the handler has answered,
+    /// so an attempt known as running here has not ended.
+    pub fn forget(&self, id: &InvocationId, attempt: u32) {
+        let mut attempts = lock(&self.attempts);
+        let through = match attempts.get(id) {
+            Some(Slot::EndedThrough(e)) => attempt.max(*e),
+            Some(Slot::Running(calls)) => attempt.max(calls.attempt.saturating_sub(1)),
+            None => attempt,
+        };
+        attempts.insert(id.clone(), Slot::EndedThrough(through));
+    }
+
+    /// Drops everything about an invocation that ended for good.
+    pub fn remove(&self, id: &InvocationId) {
         lock(&self.attempts).remove(id);
     }
 
@@ -100,27 +118,45 @@ impl EgressCalls {
     }
 
     fn is_current(&self, id: &InvocationId, attempt: u32) -> bool {
-        lock(&self.attempts)
-            .get(id)
-            .is_some_and(|calls| calls.attempt == attempt)
+        matches!(
+            lock(&self.attempts).get(id),
+            Some(Slot::Running(calls)) if calls.attempt == attempt
+        )
     }
 
+    /// Runs `f` on the state of `attempt`, starting it if it is newer than what is known;
+    /// `None` when the attempt is known to be over (or a newer one runs).
     fn with<T>(
         &self,
         id: &InvocationId,
         attempt: u32,
         f: impl FnOnce(&mut AttemptCalls) -> T,
-    ) -> T {
+    ) -> Option<T> {
         let mut attempts = lock(&self.attempts);
-        let calls = attempts.entry(id.clone()).or_default();
-        if calls.attempt != attempt {
-            *calls = AttemptCalls {
+        let fresh = || {
+            Slot::Running(AttemptCalls {
                 attempt,
                 ..AttemptCalls::default()
-            };
+            })
+        };
+        let slot = attempts.entry(id.clone()).or_insert_with(fresh);
+        match slot {
+            Slot::Running(calls) if calls.attempt == attempt => {}
+            Slot::Running(calls) if calls.attempt < attempt => *slot = fresh(),
+            Slot::EndedThrough(ended) if *ended < attempt => *slot = fresh(),
+            _ => return None,
         }
-        f(calls)
+        match slot {
+            Slot::Running(calls) => Some(f(calls)),
+            Slot::EndedThrough(_) => None,
+        }
     }
+}
+
+fn stale(id: &InvocationId, attempt: u32) -> ApiError {
+    ApiError::Conflict(format!(
+        "attempt {attempt} of invocation {id} has ended; only the current attempt may call out"
+    ))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -295,12 +331,15 @@ impl Egress {
         let url_text = url.to_string();
         let body_digest = hex(&Sha256::digest(&body));
         let identity = (method.clone(), url_text.clone(), body_digest.clone());
-        let occurrence = self.calls.with(&id, attempt, |calls| {
-            let n = calls.occurrences.entry(identity.clone()).or_default();
-            let occurrence = *n;
-            *n += 1;
-            occurrence
-        });
+        let occurrence = self
+            .calls
+            .with(&id, attempt, |calls| {
+                let n = calls.occurrences.entry(identity.clone()).or_default();
+                let occurrence = *n;
+                *n += 1;
+                occurrence
+            })
+            .ok_or_else(|| stale(&id, attempt))?;
         let result = self
             .call(&id, attempt, &parts, url, body, &identity, occurrence)
             .await;
@@ -326,16 +365,19 @@ impl Egress {
         let (method, url_text, body_digest) = identity.clone();
         let id = id.clone();
 
-        let recorded = match self
+        let cached = self
             .calls
             .with(&id, attempt, |calls| calls.recorded.clone())
-        {
+            .ok_or_else(|| stale(&id, attempt))?;
+        let recorded = match cached {
             Some(recorded) => recorded,
             None => {
                 let loaded = Arc::new(self.recorded_calls(&id).await?);
-                self.calls.with(&id, attempt, |calls| {
-                    Arc::clone(calls.recorded.get_or_insert(loaded))
-                })
+                self.calls
+                    .with(&id, attempt, |calls| {
+                        Arc::clone(calls.recorded.get_or_insert(loaded))
+                    })
+                    .ok_or_else(|| stale(&id, attempt))?
             }
         };
         let exact = recorded.iter().find(|(_, r)| {
@@ -347,19 +389,22 @@ impl Egress {
         if let Some((_, record)) = exact {
             return Ok((record.response(true), true));
         }
-        let diverged = self.calls.with(&id, attempt, |calls| {
-            recorded
-                .iter()
-                .find(|(_, r)| {
-                    let seen = calls
-                        .occurrences
-                        .get(&(r.method.clone(), r.url.clone(), r.body_digest.clone()))
-                        .copied()
-                        .unwrap_or(0);
-                    r.method == method && r.url == url_text && seen <= r.occurrence
-                })
-                .cloned()
-        });
+        let diverged = self
+            .calls
+            .with(&id, attempt, |calls| {
+                recorded
+                    .iter()
+                    .find(|(_, r)| {
+                        let seen = calls
+                            .occurrences
+                            .get(&(r.method.clone(), r.url.clone(), r.body_digest.clone()))
+                            .copied()
+                            .unwrap_or(0);
+                        r.method == method && r.url == url_text && seen <= r.occurrence
+                    })
+                    .cloned()
+            })
+            .ok_or_else(|| stale(&id, attempt))?;
         if let Some((index, other)) = diverged {
             return Err(self
                 .pause(
@@ -400,13 +445,6 @@ impl Egress {
             // with the same key.
             let record = EgressRecord::unjournaled(status, headers, response_body);
             return Ok((record.response(false), false));
-        }
-        if response_body.len() > self.config.max_body_bytes {
-            return Err(ApiError::Downstream(format!(
-                "{url} answered {} bytes, more than the {} bytes the journal takes; nothing was journaled",
-                response_body.len(),
-                self.config.max_body_bytes
-            )));
         }
         let text = String::from_utf8(response_body.clone()).ok();
         let egress_record = EgressRecord {
@@ -534,10 +572,15 @@ impl Egress {
                                 Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
                             })
                             .collect();
-                        let body = response.bytes().await.map_err(|e| {
-                            ApiError::Downstream(format!("reading the answer of {url} failed: {e}"))
-                        })?;
-                        return Ok((status.as_u16(), headers, body.to_vec(), !transient));
+                        // Bounded: the answer is held in memory and journaled whole.
+                        let body = read_limited(response, self.config.max_body_bytes)
+                            .await
+                            .map_err(|e| {
+                                ApiError::Downstream(format!(
+                                    "reading the answer of {url} failed: {e}; nothing was journaled"
+                                ))
+                            })?;
+                        return Ok((status.as_u16(), headers, body, !transient));
                     }
                     (retry_after, format!("{url} answered {status}"))
                 }
@@ -570,7 +613,7 @@ impl Egress {
             .await
         {
             Ok((record, output)) => {
-                self.calls.forget(id);
+                self.calls.forget(id, attempt);
                 self.invoker
                     .completions()
                     .finish(Arc::new(Ended { record, output }));

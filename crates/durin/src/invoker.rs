@@ -6,7 +6,7 @@
 //! (retry policy, timeouts, suspension, non-determinism) and records that end in the store.
 //! The invoker never writes storage except through the store's fenced methods.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,13 @@ use crate::store::{
 const MAX_HANDLER_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// How long a driver waits before trying again after the store failed.
 const STORE_RETRY_MS: i64 = 1_000;
+/// The longest delay a handler can ask for (`Retry-After`, a step's backoff, a suspension).
+const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// `now + delay`, with the delay capped at [`MAX_DELAY`].
+fn after(now_ms: i64, delay: Duration) -> i64 {
+    now_ms.saturating_add(delay.min(MAX_DELAY).as_millis() as i64)
+}
 
 pub struct InvokerConfig {
     /// Base URL of this gateway as handlers reach it (for the context API).
@@ -46,8 +53,10 @@ pub struct Invoker {
     http: reqwest::Client,
     config: InvokerConfig,
     /// Invocations that have a driver in this process; guards against two drivers racing
-    /// (they would fence each other, wasting attempts).
-    active: Mutex<HashSet<InvocationId>>,
+    /// (they would fence each other, wasting attempts). The flag is set when someone asked
+    /// for the invocation to run while its driver was busy, so that it looks again before
+    /// it leaves.
+    active: Mutex<HashMap<InvocationId, bool>>,
     completions: Completions,
     targets: Arc<Targets>,
     egress_calls: Arc<EgressCalls>,
@@ -86,7 +95,7 @@ impl Invoker {
                 .build()
                 .unwrap_or_default(),
             config,
-            active: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashMap::new()),
             completions: Completions::default(),
             targets,
             egress_calls,
@@ -118,9 +127,11 @@ impl Invoker {
         }
         {
             let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-            if !active.insert(id.clone()) {
+            if let Some(asked_again) = active.get_mut(&id) {
+                *asked_again = true;
                 return;
             }
+            active.insert(id.clone(), false);
         }
         let invoker = Arc::clone(self);
         self.tracker
@@ -161,23 +172,34 @@ impl Invoker {
             Start::At(at) => Next::RunAt(at.unwrap_or(i64::MIN)),
             Start::Started(record, journal) => self.run_started_attempt(*record, journal).await,
         };
-        while let Next::RunAt(at) = next {
-            let wait = at.saturating_sub(self.clock.now_ms());
-            if wait > 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
-                    _ = self.shutdown.cancelled() => break,
+        loop {
+            while let Next::RunAt(at) = next {
+                let wait = at.saturating_sub(self.clock.now_ms());
+                if wait > 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                        _ = self.shutdown.cancelled() => {}
+                    }
+                }
+                if self.shutdown.is_cancelled() {
+                    break;
+                }
+                next = self.run_attempt(&id).await;
+            }
+            // Leave, unless the invocation was asked to run meanwhile (a resume while this
+            // driver was finishing): then look once more.
+            let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            match active.get_mut(&id) {
+                Some(asked_again) if *asked_again && !self.shutdown.is_cancelled() => {
+                    *asked_again = false;
+                    next = Next::RunAt(self.clock.now_ms());
+                }
+                _ => {
+                    active.remove(&id);
+                    return;
                 }
             }
-            if self.shutdown.is_cancelled() {
-                break;
-            }
-            next = self.run_attempt(&id).await;
         }
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
     }
 
     /// Starts the next attempt in the store, then runs it.
@@ -209,7 +231,7 @@ impl Invoker {
         let id = &record.id;
         let end = self.call(&record, journal).await;
         // The handler has answered (or given up): its egress calls are over.
-        self.egress_calls.forget(id);
+        self.egress_calls.forget(id, record.attempt);
         let end = match end {
             Ok(end) => end,
             Err(error) => {
@@ -226,6 +248,9 @@ impl Invoker {
             .await
         {
             Ok((ended, output)) => {
+                if ended.status.is_final() {
+                    self.egress_calls.remove(id);
+                }
                 if ended.status.is_final() || ended.status == Status::Paused {
                     self.completions.finish(Arc::new(Ended {
                         record: ended,
@@ -459,10 +484,10 @@ impl Invoker {
                 step: Some(step),
             } if retry_after_ms.is_some() => {
                 // The SDK applied the step's own retry policy; the handler's is not charged.
-                let delay = retry_after_ms.unwrap_or_default().min(i64::MAX as u64) as i64;
+                let delay = Duration::from_millis(retry_after_ms.unwrap_or_default());
                 let kind = error_type.map(|t| format!(" ({t})")).unwrap_or_default();
                 AttemptEnd::BackOff {
-                    until_ms: now.saturating_add(delay),
+                    until_ms: after(now, delay),
                     error: format!("step {step:?} failed{kind}: {error}"),
                     handler_failure: false,
                 }
@@ -480,17 +505,19 @@ impl Invoker {
                 retry_after_ms.map(Duration::from_millis),
             ),
             Outcome::Suspend { wake_at_ms } => AttemptEnd::Suspended {
-                until_ms: wake_at_ms,
+                until_ms: wake_at_ms.min(after(now, MAX_DELAY)),
             },
             Outcome::NonDeterminism {
                 index,
                 recorded,
                 requested,
+                detail,
             } => AttemptEnd::Paused {
                 reason: format!(
-                    "non-determinism at journal index {index}: the journal recorded {} but the handler asked for {}; fix the handler and resume the invocation",
+                    "non-determinism at journal index {index}: the journal recorded {} but the handler asked for {}{}; fix the handler and resume the invocation",
                     describe(recorded.kind, recorded.name.as_deref()),
                     describe(requested.kind, requested.name.as_deref()),
+                    detail.map(|d| format!(" ({d})")).unwrap_or_default(),
                 ),
             },
         }
@@ -507,10 +534,7 @@ impl Invoker {
         let failed = record.failures + 1;
         match policy.next_delay(failed, error_type.as_deref()) {
             Some(delay) => AttemptEnd::BackOff {
-                until_ms: self
-                    .clock
-                    .now_ms()
-                    .saturating_add(delay_override.unwrap_or(delay).as_millis() as i64),
+                until_ms: after(self.clock.now_ms(), delay_override.unwrap_or(delay)),
                 error,
                 handler_failure: true,
             },
@@ -615,7 +639,11 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+/// Reads a response body, refusing one larger than `limit`.
+pub(crate) async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
         if body.len() + chunk.len() > limit {

@@ -86,6 +86,8 @@ pub async fn run(
         Arc::clone(&clock),
         shutdown.clone(),
     ));
+    // Cancelled after the drain; the servers stop then, waiting callers get a 503.
+    let server_stop = CancellationToken::new();
     let egress_server = match config.egress_listen {
         Some(address) => {
             let listener = TcpListener::bind(address)
@@ -122,7 +124,9 @@ pub async fn run(
             let listener = listener.tap_io(|stream| {
                 let _ = stream.set_nodelay(true);
             });
-            let stop = shutdown.clone();
+            // Attempts draining at a shutdown still need the egress: it stops with the
+            // main server, after the drain.
+            let stop = server_stop.clone();
             Some(tokio::spawn(
                 axum::serve(listener, egress.router())
                     .with_graceful_shutdown(stop.cancelled_owned())
@@ -133,7 +137,6 @@ pub async fn run(
     };
     // The server outlives the drivers during a shutdown: attempts in flight still need the
     // context API to finish. Callers waiting on an invocation are answered 503 when it stops.
-    let server_stop = CancellationToken::new();
     let state = api::AppState {
         store,
         targets,

@@ -438,6 +438,7 @@ fn outcome_samples() -> Vec<Outcome> {
                 kind: EntryKind::Step,
                 name: Some("charge".into()),
             },
+            detail: Some("the value does not fit".into()),
         },
     ];
     let mut seen = [false; 5];

@@ -238,41 +238,60 @@ async fn start(
         request_digest: request_digest(&service, &handler, &input_digest),
         expires_at_ms: now_ms.saturating_add(state.idempotency_retention.as_millis() as i64),
     });
-    let created = state
-        .store
-        .create_invocation(NewInvocation {
-            id: InvocationId::generate(),
-            target,
-            input: body.to_vec(),
-            content_type: Some(content_type.unwrap_or_else(|| "application/json".into())),
-            idempotency,
-            now_ms,
+    // The creation and the start of its driver run in a task of their own: if this
+    // caller goes away mid-way, the invocation still gets its driver.
+    let task_state = state.clone();
+    let key_text = idempotency
+        .as_ref()
+        .map(|c| c.key.clone())
+        .unwrap_or_default();
+    let new = NewInvocation {
+        id: InvocationId::generate(),
+        target,
+        input: body.to_vec(),
+        content_type: Some(content_type.unwrap_or_else(|| "application/json".into())),
+        idempotency,
+        now_ms,
+    };
+
+    let created = tokio::spawn(async move {
+        let state = task_state;
+        let created = state.store.create_invocation(new).await?;
+        Ok::<_, ApiError>(match created {
+            Created::New { record, input } => {
+                let listener = state.invoker.completions().listener(&record.id);
+                state.invoker.drive_started(record.clone(), vec![input]);
+                Started {
+                    record,
+                    replayed: false,
+                    listener: Some(listener),
+                }
+            }
+            Created::Existing(record) => {
+                // Make sure it runs, whatever happened to the request that created it (a
+                // no-op when a driver has it).
+                if !record.status.is_final() && record.status != Status::Paused {
+                    state
+                        .invoker
+                        .drive(record.id.clone(), record.next_run_at_ms);
+                }
+                Started {
+                    record,
+                    replayed: true,
+                    listener: None,
+                }
+            }
+            Created::KeyReused { invocation_id } => {
+                return Err(ApiError::IdempotencyKeyReused {
+                    key: key_text,
+                    invocation_id,
+                })
+            }
         })
-        .await?;
-    match created {
-        Created::New { record, input } => {
-            let listener = state.invoker.completions().listener(&record.id);
-            state.invoker.drive_started(record.clone(), vec![input]);
-            Ok(Started {
-                record,
-                replayed: false,
-                listener: Some(listener),
-            })
-        }
-        Created::Existing(record) => Ok(Started {
-            record,
-            replayed: true,
-            listener: None,
-        }),
-        Created::KeyReused { invocation_id } => Err(ApiError::IdempotencyKeyReused {
-            key: headers
-                .get(HEADER_IDEMPOTENCY_KEY)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned(),
-            invocation_id,
-        }),
-    }
+    })
+    .await
+    .map_err(|e| ApiError::Storage(format!("the invocation could not be created: {e}")))?;
+    created
 }
 
 /// Checks that a protocol handler's input is JSON and digests its value, not its bytes,

@@ -9,9 +9,12 @@ use serde_json::Value;
 use crate::invoker::json_value;
 use crate::store::{DeploymentRecord, InvocationRecord, StoredEntry};
 
+/// The last millisecond of year 9999, the largest time RFC 3339 can write.
+const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
 /// RFC 3339 with milliseconds, in UTC.
 pub fn timestamp(ms: i64) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let time = UNIX_EPOCH + Duration::from_millis(ms.clamp(0, MAX_TIMESTAMP_MS) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }
 
@@ -121,5 +124,17 @@ impl From<DeploymentRecord> for DeploymentView {
             created_at: timestamp(d.created_at_ms),
             services: d.services,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timestamp;
+
+    #[test]
+    fn timestamps_never_panic() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(timestamp(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(timestamp(-5), "1970-01-01T00:00:00.000Z");
     }
 }

@@ -244,8 +244,14 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
     let mut replies = Vec::with_capacity(batch.len());
     let mut poisoned = false;
     for op in batch.drain(..) {
+        if poisoned {
+            // Dropping the op tells its caller that its write was not committed.
+            continue;
+        }
         let (reply, poisons) = op(conn);
-        poisoned |= poisons;
+        // Some errors (disk full, I/O) make SQLite roll the transaction back by itself;
+        // running the rest would commit them one by one, so the batch stops here.
+        poisoned |= poisons || conn.is_autocommit();
         replies.push(reply);
     }
     let error = if poisoned {
