@@ -733,3 +733,39 @@ async fn invocations_stay_pinned_to_the_deployment_that_started_them() {
     assert_eq!(deployments["deployments"].as_array().unwrap().len(), 2);
     gateway.stop().await;
 }
+
+/// A recorded value that no longer fits the type the new code asks for is non-determinism:
+/// the invocation pauses with the reason, it does not fail.
+#[tokio::test]
+async fn a_recorded_value_of_another_type_pauses_the_invocation() {
+    let gateway = Gateway::start(|_| {}).await;
+    let endpoint = Endpoint::new().service(Service::new("typed").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            if ctx.attempt() == 1 {
+                ctx.run("count", || async { Ok(42_u32) }).await?;
+                return Err(HandlerError::retryable("crash after the step"));
+            }
+            // A new version expects a string where a number was recorded.
+            ctx.run("count", || async { Ok("forty-two".to_owned()) })
+                .await
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+    let r = client()
+        .post(format!("{}/v1/call/typed/run", gateway.url))
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    let body = problem(r, 503, true, "does not fit the type").await;
+    let view = gateway
+        .invocation(body["invocation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(view["status"], "paused", "{view}");
+    assert!(view["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("non-determinism at journal index 1"));
+    gateway.stop().await;
+}
