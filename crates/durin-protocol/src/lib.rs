@@ -24,6 +24,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const HEADER_INVOCATION_ID: &str = "durin-invocation-id";
 /// Header carrying the attempt number, the fencing token of every append.
 pub const HEADER_ATTEMPT: &str = "durin-attempt";
+/// Header carrying the attempt's secret token: Durin sends it with every invocation, and
+/// appends through the context API must present it.
+pub const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
 
@@ -151,6 +154,8 @@ pub struct InvocationRequest {
     pub protocol: u32,
     pub invocation_id: String,
     pub attempt: u32,
+    /// The attempt's secret; every append sends it back in [`HEADER_ATTEMPT_TOKEN`].
+    pub attempt_token: String,
     pub service: String,
     pub handler: String,
     /// The caller's JSON body.

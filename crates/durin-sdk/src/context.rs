@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use durin_protocol::{
     AppendRequest, EntryKind, EntryRef, Failure, InvocationRequest, JournalEntry, Outcome,
-    RetryPolicy, HEADER_ATTEMPT,
+    RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,6 +42,7 @@ pub struct Context {
 struct Inner {
     invocation_id: String,
     attempt: u32,
+    attempt_token: String,
     entries_url: String,
     position_failures: u32,
     http: reqwest::Client,
@@ -79,6 +80,7 @@ impl Context {
             inner: Arc::new(Inner {
                 invocation_id: request.invocation_id.clone(),
                 attempt: request.attempt,
+                attempt_token: std::mem::take(&mut request.attempt_token),
                 entries_url: format!("{}/entries", request.context_url.trim_end_matches('/')),
                 position_failures: request.position_failures,
                 http,
@@ -326,6 +328,7 @@ impl Context {
                 .http
                 .post(&self.inner.entries_url)
                 .header(HEADER_ATTEMPT, self.inner.attempt)
+                .header(HEADER_ATTEMPT_TOKEN, &self.inner.attempt_token)
                 .json(&request)
                 .send()
                 .await;

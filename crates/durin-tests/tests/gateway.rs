@@ -315,10 +315,20 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
         .send()
         .await
         .unwrap();
+    problem(r, 400, false, "Durin-Attempt-Token").await;
+    let r = http
+        .post(&entries_url)
+        .header("durin-attempt", "1")
+        .header("durin-attempt-token", "forged")
+        .json(&entry)
+        .send()
+        .await
+        .unwrap();
     problem(r, 409, false, "not current").await;
     let r = http
         .post(&entries_url)
         .header("durin-attempt", "1")
+        .header("durin-attempt-token", "forged")
         .body("[1, 2")
         .send()
         .await
@@ -328,6 +338,7 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
     let r = http
         .post(&entries_url)
         .header("durin-attempt", "1")
+        .header("durin-attempt-token", "forged")
         .json(&output)
         .send()
         .await
@@ -336,6 +347,7 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
     let r = http
         .post(format!("{url}/v1/contexts/{unknown}/entries"))
         .header("durin-attempt", "1")
+        .header("durin-attempt-token", "forged")
         .json(&entry)
         .send()
         .await
@@ -767,5 +779,40 @@ async fn a_recorded_value_of_another_type_pauses_the_invocation() {
         .as_str()
         .unwrap()
         .contains("non-determinism at journal index 1"));
+    gateway.stop().await;
+}
+
+/// Knowing an invocation id and its attempt number is not enough to write into its journal:
+/// an append must present the attempt's secret token.
+#[tokio::test]
+async fn an_append_without_the_attempt_token_is_refused() {
+    let gateway = Gateway::start(|_| {}).await;
+    let endpoint = Endpoint::new().service(Service::new("slow").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            ctx.run("real", || async { Ok(1) }).await
+        },
+    ));
+    register(&gateway.url, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/send/slow/run", "null").await;
+    let id = r.json::<Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let forged = client()
+        .post(format!("{}/v1/contexts/{id}/entries", gateway.url))
+        .header("durin-attempt", "1")
+        .header("durin-attempt-token", "0123456789abcdef0123456789abcdef")
+        .json(&json!({"index": 1, "kind": "step", "name": "real", "value": 666}))
+        .send()
+        .await
+        .unwrap();
+    problem(forged, 409, false, "attempt token does not belong").await;
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["output"], 1, "{view}");
+    let entries = journal(&gateway.url, &id).await;
+    assert_eq!(entries[1]["value"], 1);
+    assert_eq!(entries.len(), 3);
     gateway.stop().await;
 }

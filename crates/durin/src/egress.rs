@@ -469,6 +469,7 @@ impl Egress {
             value: Some(value),
             content_type: Some("application/json".into()),
             failure: None,
+            token: None,
         };
         self.store
             .append_entry(&id, attempt, entry, self.clock.now_ms())

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use durin_protocol::{
     EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, RetryPolicy, HEADER_ATTEMPT,
-    HEADER_INVOCATION_ID, HEADER_PROTOCOL, PROTOCOL_VERSION,
+    HEADER_ATTEMPT_TOKEN, HEADER_INVOCATION_ID, HEADER_PROTOCOL, PROTOCOL_VERSION,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -333,6 +333,7 @@ impl Invoker {
                     protocol: PROTOCOL_VERSION,
                     invocation_id: record.id.to_string(),
                     attempt: record.attempt,
+                    attempt_token: record.attempt_token.clone().unwrap_or_default(),
                     service: record.service.clone(),
                     handler: record.handler.clone(),
                     input: json_value(input.value.as_deref()),
@@ -359,6 +360,10 @@ impl Invoker {
         let sent = request
             .header(HEADER_INVOCATION_ID, record.id.as_str())
             .header(HEADER_ATTEMPT, record.attempt)
+            .header(
+                HEADER_ATTEMPT_TOKEN,
+                record.attempt_token.as_deref().unwrap_or_default(),
+            )
             .timeout(timeout)
             .send()
             .await;

@@ -69,9 +69,9 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::NotFound(id) => ApiError::NotFound(format!("invocation {id} not found")),
-            StoreError::Fenced { .. } | StoreError::IndexMismatch { .. } => {
-                ApiError::Conflict(e.to_string())
-            }
+            StoreError::Fenced { .. }
+            | StoreError::IndexMismatch { .. }
+            | StoreError::WrongToken { .. } => ApiError::Conflict(e.to_string()),
             StoreError::Backend(_) | StoreError::Closed => ApiError::Storage(e.to_string()),
         }
     }

@@ -374,6 +374,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                 protocol: PROTOCOL_VERSION,
                 invocation_id: SAMPLE_ID.into(),
                 attempt: 1,
+                attempt_token: "0123456789abcdef0123456789abcdef".into(),
                 service: "order".into(),
                 handler: "process".into(),
                 input: json!({}),

@@ -4,7 +4,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use durin_protocol::{AppendRequest, AppendResponse, EntryKind, HEADER_ATTEMPT};
+use durin_protocol::{
+    AppendRequest, AppendResponse, EntryKind, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
+};
 use serde_json::Value;
 
 use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, AppState};
@@ -24,6 +26,15 @@ pub async fn append(
 ) -> Result<Json<AppendResponse>, ApiError> {
     let id = parse_invocation_id(&id)?;
     let attempt = attempt_header(&headers)?;
+    let token = headers
+        .get(HEADER_ATTEMPT_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "the Durin-Attempt-Token header is missing: send the attempt_token of the invocation request".into(),
+            )
+        })?
+        .to_owned();
     let request: AppendRequest = parse_json("the entry", &body)?;
     if !request.kind.appendable() {
         return Err(ApiError::BadRequest(format!(
@@ -56,6 +67,7 @@ pub async fn append(
             .map(|v| serde_json::to_vec(&v).unwrap_or_default()),
         content_type: Some("application/json".into()),
         failure: request.failure,
+        token: Some(token),
     };
     let stored = state
         .store

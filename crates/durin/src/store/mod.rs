@@ -33,6 +33,11 @@ pub enum StoreError {
         requested: u32,
         expected: u32,
     },
+    /// An append from the current attempt number with the wrong attempt token.
+    #[error(
+        "the attempt token does not belong to attempt {attempt} of invocation {invocation_id}"
+    )]
+    WrongToken { invocation_id: String, attempt: u32 },
     #[error("storage backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the store is closed")]
@@ -181,6 +186,8 @@ pub struct InvocationRecord {
     pub created_at_ms: i64,
     pub modified_at_ms: i64,
     pub completed_at_ms: Option<i64>,
+    /// The secret of the current attempt, which its appends must present.
+    pub attempt_token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -239,6 +246,9 @@ pub struct NewEntry {
     pub value: Option<Vec<u8>>,
     pub content_type: Option<String>,
     pub failure: Option<Failure>,
+    /// The attempt token the writer presented; `None` for writers inside the gateway (the
+    /// egress), which checked the attempt themselves.
+    pub token: Option<String>,
 }
 
 /// How an attempt ended, as the invoker decided it.

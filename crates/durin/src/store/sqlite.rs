@@ -276,7 +276,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
 
 const INVOCATION_COLUMNS: &str = "id, service, handler, deployment_id, status, attempt, failures, \
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
-    created_at_ms, modified_at_ms, completed_at_ms";
+    created_at_ms, modified_at_ms, completed_at_ms, attempt_token";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
@@ -305,6 +305,7 @@ fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> 
             created_at_ms: row.get(13).map_err(backend)?,
             modified_at_ms: row.get(14).map_err(backend)?,
             completed_at_ms: row.get(15).map_err(backend)?,
+            attempt_token: row.get(16).map_err(backend)?,
         })
     })();
     Ok(record)
@@ -455,6 +456,11 @@ fn latest_deployment(conn: &Connection, url: &str) -> StoreResult<Option<Deploym
     )
 }
 
+/// A fresh attempt token: 122 random bits.
+fn new_attempt_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 /// Appends `entry` for `attempt` at the next free index (which must be `entry.index` when
 /// that is given), inside the caller's transaction.
 fn append(
@@ -469,12 +475,14 @@ fn append(
             "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
              modified_at_ms = ?1 \
              WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
-             AND (?4 IS NULL OR journal_len = ?4) RETURNING journal_len",
+             AND (?4 IS NULL OR journal_len = ?4) \
+             AND (?5 IS NULL OR attempt_token = ?5) RETURNING journal_len",
         )
         .map_err(backend)?
-        .query_row(params![now_ms, id.as_str(), attempt, entry.index], |row| {
-            row.get(0)
-        })
+        .query_row(
+            params![now_ms, id.as_str(), attempt, entry.index, entry.token],
+            |row| row.get(0),
+        )
         .optional()
         .map_err(backend)?;
     let Some(journal_len) = grown else {
@@ -483,13 +491,22 @@ fn append(
                 current_attempt,
                 status: Status::Running,
                 ..
-            } if current_attempt == attempt => StoreError::IndexMismatch {
-                invocation_id: id.to_string(),
-                requested: entry.index.unwrap_or_default(),
-                expected: fetch_invocation(conn, id.as_str())?
-                    .map(|r| r.journal_len)
-                    .unwrap_or_default(),
-            },
+            } if current_attempt == attempt => {
+                let current = fetch_invocation(conn, id.as_str())?;
+                let token = current.as_ref().and_then(|r| r.attempt_token.clone());
+                if entry.token.is_some() && entry.token != token {
+                    StoreError::WrongToken {
+                        invocation_id: id.to_string(),
+                        attempt,
+                    }
+                } else {
+                    StoreError::IndexMismatch {
+                        invocation_id: id.to_string(),
+                        requested: entry.index.unwrap_or_default(),
+                        expected: current.map(|r| r.journal_len).unwrap_or_default(),
+                    }
+                }
+            }
             other => other,
         });
     };
@@ -646,8 +663,8 @@ impl Store for SqliteStore {
             let sql = format!(
                 "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
                  failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
-                 created_at_ms, modified_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5) \
+                 created_at_ms, modified_at_ms, attempt_token) \
+                 VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7) \
                  RETURNING {INVOCATION_COLUMNS}"
             );
             let record = query_one(
@@ -660,6 +677,7 @@ impl Store for SqliteStore {
                     new.target.deployment_id,
                     new.now_ms,
                     new.idempotency.as_ref().map(|c| c.key.as_str()),
+                    new_attempt_token(),
                 ],
                 invocation,
             )?
@@ -756,11 +774,16 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let sql = format!(
                 "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
-                 next_run_at_ms = NULL, modified_at_ms = ?1 \
+                 next_run_at_ms = NULL, modified_at_ms = ?1, attempt_token = ?3 \
                  WHERE id = ?2 AND status IN ('pending', 'running', 'backing-off', 'suspended') \
                  RETURNING {INVOCATION_COLUMNS}"
             );
-            query_one(conn, &sql, params![now_ms, id.as_str()], invocation)
+            query_one(
+                conn,
+                &sql,
+                params![now_ms, id.as_str(), new_attempt_token()],
+                invocation,
+            )
         })
         .await
     }
@@ -806,6 +829,7 @@ impl Store for SqliteStore {
                 value: Some(value.clone()),
                 content_type: Some("application/json".into()),
                 failure: None,
+                token: None,
             };
             append(conn, &id, attempt, entry, now_ms)?;
             Ok((value, false))
