@@ -64,6 +64,11 @@ impl Gateway {
             .unwrap()
     }
 
+    /// `POST /v1/send/...` (202); returns the invocation id.
+    async fn send(&self, path: &str, body: &str) -> String {
+        invocation_id(self.post(path, body).await).await
+    }
+
     async fn invocation(&self, id: &str) -> Value {
         support::get_json(&format!("{}/v1/invocations/{id}", self.url)).await
     }
@@ -74,6 +79,15 @@ impl Gateway {
             .unwrap()
             .len()
     }
+}
+
+/// The invocation id of a 202 answer.
+async fn invocation_id(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 202);
+    response.json::<Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 fn fast_policy(maximum_attempts: u32) -> RetryPolicy {
@@ -485,10 +499,7 @@ async fn start_to_close_ends_a_hung_attempt_and_fences_it() {
         .send()
         .await
         .unwrap();
-    let id = r.json::<Value>().await.unwrap()["invocation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = invocation_id(r).await;
     let view = support::wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["attempt"], 2);
@@ -650,10 +661,7 @@ async fn non_determinism_pauses_with_both_sides_named_and_resume_continues() {
             .send()
             .await
             .unwrap();
-        r.json::<Value>().await.unwrap()["invocation_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        invocation_id(r).await
     };
     eventually(Duration::from_secs(10), "backing-off", || async {
         (gateway.invocation(&id).await["status"] == "backing-off").then_some(())
@@ -725,13 +733,7 @@ async fn invocations_stay_pinned_to_the_deployment_that_started_them() {
         ))
     };
     register(&gateway.url, &serve(version("v1", true).router()).await).await;
-    let first = {
-        let r = gateway.post("/v1/send/greeter/hello", "null").await;
-        r.json::<Value>().await.unwrap()["invocation_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
+    let first = gateway.send("/v1/send/greeter/hello", "null").await;
     eventually(Duration::from_secs(10), "backing-off", || async {
         (gateway.invocation(&first).await["status"] == "backing-off").then_some(())
     })
@@ -795,11 +797,7 @@ async fn an_append_without_the_attempt_token_is_refused() {
         },
     ));
     register(&gateway.url, &serve(endpoint.router()).await).await;
-    let r = gateway.post("/v1/send/slow/run", "null").await;
-    let id = r.json::<Value>().await.unwrap()["invocation_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = gateway.send("/v1/send/slow/run", "null").await;
     let forged = client()
         .post(format!("{}/v1/contexts/{id}/entries", gateway.url))
         .header("durin-attempt", "1")
