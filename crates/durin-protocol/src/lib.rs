@@ -130,6 +130,17 @@ impl RetryPolicy {
         Some(Duration::from_millis(millis.max(0.0) as u64))
     }
 
+    /// Why [`RetryPolicy::next_delay`] gave up, in words for a failure message.
+    pub fn exhausted_reason(&self, error_type: Option<&str>) -> String {
+        match (error_type, self.maximum_attempts) {
+            (Some(t), _) if self.non_retryable_error_types.iter().any(|n| n == t) => {
+                format!("error type {t} is not retryable")
+            }
+            (_, Some(max)) => format!("all {max} attempts failed"),
+            _ => "no attempt is left".to_owned(),
+        }
+    }
+
     /// Checks the values a user gave, so that a bad policy is refused where it is declared.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.backoff_coefficient >= 1.0 && self.backoff_coefficient.is_finite()) {

@@ -192,13 +192,7 @@ impl Context {
         let failure = if error.is_terminal() {
             error.to_failure()
         } else {
-            let why = match (error.error_type(), policy.maximum_attempts) {
-                (Some(t), _) if policy.non_retryable_error_types.iter().any(|n| n == t) => {
-                    format!("error type {t} is not retryable")
-                }
-                (_, Some(max)) => format!("all {max} attempts failed"),
-                _ => "no attempt is left".to_owned(),
-            };
+            let why = policy.exhausted_reason(error.error_type());
             Failure {
                 status: 500,
                 error_type: error.error_type.clone(),

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::api::hex;
 use crate::clock::Clock;
 use crate::ids::InvocationId;
-use crate::invoker::{read_limited, Ended, Invoker};
+use crate::invoker::{parse_retry_after, read_limited, Ended, Invoker};
 use crate::problem::ApiError;
 use crate::store::{AttemptEnd, NewEntry, Status, Store, StoreError};
 
@@ -539,6 +539,8 @@ impl Egress {
         let mut tries = 0;
         loop {
             tries += 1;
+            // The delay before the next try; `None` when this try is the last.
+            let next_delay = self.config.retry_policy.next_delay(tries, None);
             let mut request = self
                 .http
                 .request(method.clone(), url.clone())
@@ -561,10 +563,8 @@ impl Egress {
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let delay = self.config.retry_policy.next_delay(tries, None);
-                    if !transient || delay.is_none() {
+                        .and_then(parse_retry_after);
+                    if !transient || next_delay.is_none() {
                         let headers = response
                             .headers()
                             .iter()
@@ -587,7 +587,7 @@ impl Egress {
                 }
                 Err(e) => (None, format!("could not call {url}: {e}")),
             };
-            match self.config.retry_policy.next_delay(tries, None) {
+            match next_delay {
                 Some(delay) => {
                     let delay = retry_after
                         .unwrap_or(delay)

@@ -544,13 +544,7 @@ impl Invoker {
                 handler_failure: true,
             },
             None => {
-                let why = match (&error_type, policy.maximum_attempts) {
-                    (Some(t), _) if policy.non_retryable_error_types.contains(t) => {
-                        format!("error type {t} is not retryable")
-                    }
-                    (_, Some(max)) => format!("all {max} attempts failed"),
-                    _ => "no attempt is left".to_owned(),
-                };
+                let why = policy.exhausted_reason(error_type.as_deref());
                 AttemptEnd::Failed {
                     failure: Failure {
                         status: 500,
@@ -580,7 +574,7 @@ enum HandlerAnswer {
 }
 
 /// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110 §10.2.3).
-fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
