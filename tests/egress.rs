@@ -18,7 +18,7 @@ use support::*;
 
 fn python(script: &str) -> Command {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples/python")
+        .join("examples/python")
         .join(script);
     let mut command = Command::new("python3");
     command.arg(path);
@@ -463,7 +463,7 @@ async fn the_node_handler_runs_the_same_flow() {
     let (gateway, egress) = home.start_with_egress(None, None, &[]);
     let mut command = Command::new("node");
     command
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/node/order_handler.js"))
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/node/order_handler.js"))
         .args(["--port", "0", "--egress", &egress])
         .args(["--payment", &downstreams.payment.url])
         .args(["--inventory", &downstreams.inventory.url])

@@ -182,7 +182,7 @@ maximum_attempts = 100
     }
 
     fn command(&self, listen: Option<SocketAddr>) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_durin-under-test"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_durin"));
         command
             .arg("serve")
             .arg("--listen")
@@ -196,9 +196,26 @@ maximum_attempts = 100
     }
 }
 
+/// The `order` example binary, which `cargo test` builds (as an example of this package)
+/// before it runs the tests: `target/{profile}/examples/order`, beside the test's `deps/`.
+pub fn order_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/{profile}/deps");
+    let binary = profile_dir.join("examples").join("order");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the tests with `cargo test` (which builds the examples) or `cargo build --examples` first",
+        binary.display()
+    );
+    binary
+}
+
 /// Starts the real `order` example binary.
 pub fn start_order(listen: Option<SocketAddr>, args: &[&str]) -> Proc {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_order-under-test"));
+    let mut command = Command::new(order_binary());
     command
         .arg("--listen")
         .arg(listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))

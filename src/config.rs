@@ -197,7 +197,7 @@ url = "http://127.0.0.1:9080"
     /// The example in README.md is a valid configuration.
     #[test]
     fn the_readme_example_loads() {
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../README.md");
         let start = readme
             .find("The config file")
             .and_then(|i| readme[i..].find("```toml").map(|j| i + j + "```toml".len()))
@@ -215,7 +215,7 @@ url = "http://127.0.0.1:9080"
 
     #[test]
     fn the_example_configs_load() {
-        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
         for file in ["durin.toml", "python/durin.toml"] {
             let path = std::path::Path::new(examples).join(file);
             let config = Config::load(Some(&path)).unwrap();

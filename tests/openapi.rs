@@ -29,7 +29,7 @@ const METHOD_NOT_ALLOWED: &str = "urn:durin:problem:method-not-allowed";
 
 fn load(name: &str) -> Yaml {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../openapi")
+        .join("openapi")
         .join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));

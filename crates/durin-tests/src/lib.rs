@@ -1,1 +1,0 @@
-//! End-to-end tests live in `tests/`; this crate only builds the binaries they run.
