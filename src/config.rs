@@ -24,6 +24,8 @@ pub struct Config {
     pub start_to_close: Duration,
     /// How long a graceful shutdown waits for attempts in flight.
     pub drain_timeout: Duration,
+    /// Attempts the scheduler runs at once; due invocations beyond it wait their turn.
+    pub max_concurrent_attempts: usize,
     /// Deployments registered at start.
     pub deployments: Vec<DeploymentConfig>,
     /// Where the egress proxy listens; no egress when unset.
@@ -50,6 +52,7 @@ impl Default for Config {
             retry_policy: RetryPolicy::default(),
             start_to_close: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            max_concurrent_attempts: 1024,
             deployments: Vec::new(),
             egress_listen: None,
             egress_allow: Vec::new(),
@@ -89,6 +92,7 @@ struct ConfigFile {
     start_to_close: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
+    max_concurrent_attempts: Option<usize>,
     #[serde(default)]
     deployments: Vec<DeploymentConfig>,
     egress_listen: Option<SocketAddr>,
@@ -136,6 +140,9 @@ impl Config {
         }
         if let Some(v) = file.drain_timeout {
             config.drain_timeout = v;
+        }
+        if let Some(v) = file.max_concurrent_attempts {
+            config.max_concurrent_attempts = v.max(1);
         }
         config.deployments = file.deployments;
         if let Some(v) = file.egress_listen {

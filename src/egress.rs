@@ -19,20 +19,19 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use base64::Engine;
-use durin_protocol::{EntryKind, RetryPolicy, HEADER_ATTEMPT, HEADER_INVOCATION_ID};
+use base64::Engine as _;
+use durin_protocol::{
+    EntryKind, RetryPolicy, HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_REPLAYED,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::hex;
 use crate::clock::Clock;
+use crate::engine::{AttemptObserver, Ended, Engine};
+use crate::http::{hex, parse_retry_after, read_limited};
 use crate::ids::InvocationId;
-use crate::invoker::{parse_retry_after, read_limited, Ended, Invoker};
 use crate::problem::ApiError;
-use crate::store::{AttemptEnd, NewEntry, Status, Store, StoreError};
-
-/// Set on an answer that comes from the journal.
-pub const HEADER_REPLAYED: &str = "durin-replayed";
+use crate::store::{AttemptEnd, Effect, NewEntry, Status, Store, StoreError};
 
 pub struct EgressConfig {
     /// Hosts the egress may call: `host`, `host:port` or `*.domain`; empty allows any.
@@ -49,7 +48,7 @@ pub struct EgressConfig {
 pub struct Egress {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    invoker: Arc<Invoker>,
+    engine: Arc<Engine>,
     calls: Arc<EgressCalls>,
     http: reqwest::Client,
     config: EgressConfig,
@@ -153,6 +152,16 @@ impl EgressCalls {
     }
 }
 
+impl AttemptObserver for EgressCalls {
+    fn attempt_ended(&self, id: &InvocationId, attempt: u32) {
+        self.forget(id, attempt);
+    }
+
+    fn invocation_ended(&self, id: &InvocationId) {
+        self.remove(id);
+    }
+}
+
 fn stale(id: &InvocationId, attempt: u32) -> ApiError {
     ApiError::Conflict(format!(
         "attempt {attempt} of invocation {id} has ended; only the current attempt may call out"
@@ -246,7 +255,7 @@ impl Egress {
     pub fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        invoker: Arc<Invoker>,
+        engine: Arc<Engine>,
         calls: Arc<EgressCalls>,
         config: EgressConfig,
     ) -> Result<Egress, reqwest::Error> {
@@ -257,7 +266,7 @@ impl Egress {
         Ok(Egress {
             store,
             clock,
-            invoker,
+            engine,
             calls,
             http: http.build()?,
             config,
@@ -470,6 +479,7 @@ impl Egress {
             content_type: Some("application/json".into()),
             failure: None,
             token: None,
+            effect: Effect::None,
         };
         self.store
             .append_entry(&id, attempt, entry, self.clock.now_ms())
@@ -615,8 +625,8 @@ impl Egress {
         {
             Ok((record, output)) => {
                 self.calls.forget(id, attempt);
-                self.invoker
-                    .completions()
+                self.engine
+                    .waiters()
                     .finish(Arc::new(Ended { record, output }));
                 ApiError::Conflict(reason)
             }

@@ -8,8 +8,10 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod egress;
+pub mod engine;
+pub mod http;
 pub mod ids;
-pub mod invoker;
+pub mod journal;
 pub mod problem;
 pub mod registry;
 pub mod store;
@@ -24,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::invoker::{Invoker, InvokerConfig};
+use crate::engine::{Engine, EngineConfig};
+use crate::journal::awakeable::AwakeableKey;
 use crate::store::{SqliteStore, Store};
 
 /// How often expired idempotency keys are forgotten.
@@ -35,6 +38,16 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_with_clock(config, listener, shutdown, Arc::new(SystemClock)).await
+}
+
+/// [`run`] with the clock of the caller's choice (tests move a manual clock by hand).
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    clock: Arc<dyn Clock>,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let advertised_url = config.advertised_url.clone().unwrap_or_else(|| {
@@ -50,21 +63,22 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?,
     );
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let drivers = shutdown.child_token();
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
-    let invoker = Arc::new(Invoker::new(
+    let awakeables = AwakeableKey::new(store.gateway_secret("awakeables").await?);
+    let engine = Arc::new(Engine::new(
         Arc::clone(&store),
         Arc::clone(&clock),
-        InvokerConfig {
+        EngineConfig {
             advertised_url: advertised_url.clone(),
             default_retry_policy: config.retry_policy.clone(),
             default_start_to_close: config.start_to_close,
+            max_concurrent_attempts: config.max_concurrent_attempts,
         },
         Arc::clone(&targets),
-        Arc::clone(&egress_calls),
-        drivers.clone(),
+        Arc::clone(&egress_calls) as Arc<dyn engine::AttemptObserver>,
+        awakeables.clone(),
+        shutdown.child_token(),
     ));
     let http = reqwest::Client::new();
     for deployment in &config.deployments {
@@ -77,10 +91,11 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    let recovered = invoker.recover().await?;
+    let recovered = engine.recover().await?;
     if recovered > 0 {
-        tracing::info!(recovered, "resumed unfinished invocations");
+        tracing::info!(recovered, "attempts cut short by the last stop run again");
     }
+    let scheduler = engine.start_scheduler();
     tokio::spawn(purge_idempotency_keys(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -107,7 +122,7 @@ pub async fn run(
             let egress = Arc::new(egress::Egress::new(
                 Arc::clone(&store),
                 Arc::clone(&clock),
-                Arc::clone(&invoker),
+                Arc::clone(&engine),
                 egress_calls,
                 egress::EgressConfig {
                     allow: config.egress_allow.clone(),
@@ -140,8 +155,9 @@ pub async fn run(
     let state = api::AppState {
         store,
         targets,
-        invoker: Arc::clone(&invoker),
+        engine: Arc::clone(&engine),
         clock,
+        awakeables,
         http,
         idempotency_retention: config.idempotency_retention,
         max_body_bytes: config.max_body_bytes,
@@ -159,7 +175,8 @@ pub async fn run(
             .into_future(),
     );
     shutdown.cancelled().await;
-    invoker.drain(config.drain_timeout).await;
+    engine.drain(config.drain_timeout).await;
+    scheduler.await?;
     server_stop.cancel();
     server.await??;
     if let Some(egress_server) = egress_server {

@@ -56,6 +56,19 @@ pub enum ApiError {
         invocation_id: String,
         reason: String,
     },
+    /// A workflow id already names a run started with another input.
+    #[error("{detail}")]
+    WorkflowConflict {
+        detail: String,
+        invocation_id: String,
+    },
+    /// A query of a name the invocation's state does not have.
+    #[error("{detail}")]
+    UnknownQuery { detail: String, known: Vec<String> },
+    /// A plain handler's context call suspended its attempt: it must stop now and will run
+    /// again from the top when what it waits for has arrived.
+    #[error("{0}")]
+    Suspended(String),
     /// The egress got no answer from a downstream; nothing was journaled.
     #[error("{0}")]
     Downstream(String),
@@ -71,7 +84,8 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(id) => ApiError::NotFound(format!("invocation {id} not found")),
             StoreError::Fenced { .. }
             | StoreError::IndexMismatch { .. }
-            | StoreError::WrongToken { .. } => ApiError::Conflict(e.to_string()),
+            | StoreError::WrongToken { .. }
+            | StoreError::Ended { .. } => ApiError::Conflict(e.to_string()),
             StoreError::Backend(_) | StoreError::Closed => ApiError::Storage(e.to_string()),
         }
     }
@@ -109,6 +123,24 @@ impl ApiError {
                 false,
             ),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", false),
+            WorkflowConflict { .. } => (
+                StatusCode::CONFLICT,
+                "workflow-id-taken",
+                "Workflow id already names another run",
+                false,
+            ),
+            UnknownQuery { .. } => (
+                StatusCode::NOT_FOUND,
+                "unknown-query",
+                "Unknown query",
+                false,
+            ),
+            Suspended(_) => (
+                StatusCode::CONFLICT,
+                "suspended",
+                "The attempt is suspended",
+                false,
+            ),
             Forbidden(_) => (
                 StatusCode::FORBIDDEN,
                 "egress-refused",
@@ -179,7 +211,11 @@ impl ApiError {
                     ext.insert("error_type".into(), json!(t));
                 }
             }
+            ApiError::UnknownQuery { known, .. } => {
+                ext.insert("known".into(), json!(known));
+            }
             ApiError::InvocationPaused { invocation_id, .. }
+            | ApiError::WorkflowConflict { invocation_id, .. }
             | ApiError::IdempotencyKeyReused { invocation_id, .. } => {
                 ext.insert("invocation_id".into(), json!(invocation_id));
             }
@@ -205,7 +241,15 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
         headers.insert(HEADER_ERROR_SOURCE, HeaderValue::from_static(self.source()));
-        if let ApiError::InvocationPaused { invocation_id, .. } = &self {
+        if let ApiError::Suspended(_) = &self {
+            headers.insert(
+                durin_protocol::HEADER_SUSPENDED,
+                HeaderValue::from_static("true"),
+            );
+        }
+        if let ApiError::InvocationPaused { invocation_id, .. }
+        | ApiError::WorkflowConflict { invocation_id, .. } = &self
+        {
             if let Ok(v) = HeaderValue::from_str(&format!("/v1/invocations/{invocation_id}")) {
                 headers.insert(header::LOCATION, v);
             }

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use durin_protocol::{Discovery, ServiceSpec, PROTOCOL_VERSION};
+use durin_protocol::{Discovery, ServiceSpec, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::clock::Clock;
 use crate::ids::parse_name;
@@ -121,10 +121,10 @@ pub async fn register(
         }
         None => {
             let discovery = discover(http, &url).await?;
-            if discovery.protocol != PROTOCOL_VERSION {
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&discovery.protocol) {
                 return Err(ApiError::Deployment {
                     detail: format!(
-                        "{url}/discover speaks protocol version {}, this gateway speaks {PROTOCOL_VERSION}",
+                        "{url}/discover speaks protocol version {}, this gateway speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
                         discovery.protocol
                     ),
                     retryable: false,
@@ -134,7 +134,8 @@ pub async fn register(
                 detail: format!("{url}/discover: {detail}"),
                 retryable: false,
             })?;
-            (HandlerProtocol::Sdk, discovery.services)
+            let version = discovery.protocol;
+            (HandlerProtocol::Sdk { version }, discovery.services)
         }
     };
     let deployment = NewDeployment {

@@ -208,3 +208,84 @@ async fn sigterm_drains_and_a_restart_finishes_the_rest() {
         assert_eq!(downstream.distinct_keys(step), 1, "{step}");
     }
 }
+
+/// Workflows sleep on timers while Durin is killed; after the restart each timer fires
+/// once (late, never early) and each workflow completes, with one sleep completion each.
+/// A signal sent while Durin was down is retried by the client with the same
+/// Idempotency-Key after the restart and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_fire_once_after_durin_is_killed_and_signals_are_delivered_once() {
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(None, &[]);
+    register(&gateway.url, &handler.url).await;
+    let http = client();
+    let start = |id: &str, deadline: u64| {
+        http.post(format!("{}/v1/workflows/approval/{id}", gateway.url))
+            .json(&serde_json::json!({"request": id, "deadline_secs": deadline}))
+            .send()
+    };
+    for id in ["sleeper-1", "sleeper-2", "sleeper-3"] {
+        assert_eq!(start(id, 2).await.unwrap().status(), 202);
+    }
+    assert_eq!(start("cancelled", 3600).await.unwrap().status(), 202);
+    // Wait until every run is suspended on its timer, then kill Durin.
+    eventually(Duration::from_secs(20), "runs to suspend", || async {
+        let list = get_json(&format!("{}/v1/invocations?status=suspended", gateway.url)).await;
+        (list["invocations"].as_array().unwrap().len() == 4).then_some(())
+    })
+    .await;
+    let killed_at = std::time::Instant::now();
+    gateway.kill();
+    let gateway = home.start(Some(gateway.addr));
+    // The client's retry of a signal lost with the old process, twice with one key.
+    for _ in 0..2 {
+        let response = client()
+            .post(format!(
+                "{}/v1/workflows/approval/cancelled/signals/cancel",
+                gateway.url
+            ))
+            .header("idempotency-key", "cancel-1")
+            .json(&"changed my mind")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    for id in ["sleeper-1", "sleeper-2", "sleeper-3", "cancelled"] {
+        let view = eventually(Duration::from_secs(30), "the run to end", || async {
+            let view = get_json(&format!("{}/v1/workflows/approval/{id}", gateway.url)).await;
+            (view["status"] == "completed").then_some(view)
+        })
+        .await;
+        let entries = journal(&gateway.url, view["id"].as_str().unwrap()).await;
+        let completions: Vec<&serde_json::Value> = entries
+            .iter()
+            .filter(|e| !e["completion"].is_null())
+            .collect();
+        assert_eq!(completions.len(), 1, "{entries:?}");
+        if id == "cancelled" {
+            assert_eq!(
+                view["output"],
+                "request cancelled cancelled: \"changed my mind\""
+            );
+            assert_eq!(completions[0]["kind"], "signal");
+        } else {
+            assert_eq!(view["output"], format!("request {id} approved"));
+            assert_eq!(completions[0]["kind"], "sleep");
+            let wake_at = completions[0]["value"]["wake_at_ms"].as_i64().unwrap();
+            let fired_at = chrono_ms(completions[0]["completion"]["at"].as_str().unwrap());
+            assert!(fired_at >= wake_at, "fired early: {fired_at} < {wake_at}");
+        }
+    }
+    assert!(killed_at.elapsed() >= Duration::from_secs(1));
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time as the journal shows it.
+fn chrono_ms(text: &str) -> i64 {
+    humantime::parse_rfc3339(text)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

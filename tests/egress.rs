@@ -411,6 +411,17 @@ async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
     assert_charged_once(&downstreams, 5).await;
 }
 
+/// The secret token of the current attempt of invocation `id`, from the gateway's database.
+fn attempt_token(home: &GatewayHome, id: &str) -> String {
+    let db = rusqlite::Connection::open(path_of(home).join("durin.db")).unwrap();
+    db.query_row(
+        "SELECT attempt_token FROM invocations WHERE id = ?1",
+        [id],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
 /// Recording a step value over plain HTTP: the first value wins, concurrent first calls
 /// included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,13 +433,27 @@ async fn a_recorded_step_value_is_the_same_for_every_caller() {
     register_plain(&gateway.url, &handler.url).await;
     let id = send_order(&gateway.url, ORDER).await;
     let url = format!("{}/v1/contexts/{id}/steps/order-number", gateway.url);
+    // Without the attempt's token, nothing is recorded.
+    let refused = client()
+        .post(&url)
+        .header("durin-attempt", "1")
+        .json(&0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    // The test plays the handler, which Durin gave the token of its attempt: read it where
+    // Durin keeps it.
+    let token = attempt_token(&home, &id);
     let calls: Vec<_> = (0..8)
         .map(|n| {
             let url = url.clone();
+            let token = token.clone();
             tokio::spawn(async move {
                 let r = client()
                     .post(url)
                     .header("durin-attempt", "1")
+                    .header("durin-attempt-token", token)
                     .json(&n)
                     .send()
                     .await

@@ -11,9 +11,9 @@ use durin::config::Config;
 use durin::problem::ApiError;
 use durin::store::HandlerProtocol;
 use durin_protocol::{
-    AppendRequest, AppendResponse, Discovery, EntryKind, EntryRef, Failure, HandlerSpec,
-    InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
-    HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_PROTOCOL, PROTOCOL_VERSION,
+    AppendRequest, AppendResponse, Completion, Discovery, EntryKind, EntryRef, Failure,
+    HandlerSpec, InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
+    HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_PROTOCOL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use serde_json::{json, Value as Json};
 use serde_yaml_ng::Value as Yaml;
@@ -354,6 +354,12 @@ fn samples() -> Vec<(&'static str, Json)> {
         failure: Some(failure.clone()),
         attempt: 1,
         at_ms: 1,
+        completion: Some(Completion {
+            seq: 1,
+            value: Some(json!("approve")),
+            failure: Some(failure.clone()),
+            at_ms: 2,
+        }),
     };
     vec![
         ("RetryPolicy", value(&policy)),
@@ -395,7 +401,17 @@ fn samples() -> Vec<(&'static str, Json)> {
         ),
         (
             "AppendResponse",
-            value(&AppendResponse { index: 1, at_ms: 1 }),
+            value(&AppendResponse {
+                index: 1,
+                at_ms: 1,
+                value: Some(json!({"wake_at_ms": 5})),
+                completion: Some(Completion {
+                    seq: 1,
+                    value: None,
+                    failure: None,
+                    at_ms: 5,
+                }),
+            }),
         ),
         (
             "EntryRef",
@@ -428,7 +444,10 @@ fn outcome_samples() -> Vec<Outcome> {
             retry_after_ms: Some(5),
             step: Some("charge".into()),
         },
-        Outcome::Suspend { wake_at_ms: 1 },
+        Outcome::Suspend {
+            waiting_for: vec![3, 4],
+            wake_at_ms: Some(1),
+        },
         Outcome::NonDeterminism {
             index: 3,
             recorded: EntryRef {
@@ -467,6 +486,10 @@ fn entry_kinds() -> Vec<EntryKind> {
         EntryKind::Random,
         EntryKind::Egress,
         EntryKind::Output,
+        EntryKind::Sleep,
+        EntryKind::Signal,
+        EntryKind::Awakeable,
+        EntryKind::State,
     ];
     for kind in &kinds {
         match kind {
@@ -476,7 +499,13 @@ fn entry_kinds() -> Vec<EntryKind> {
             | EntryKind::Uuid
             | EntryKind::Random
             | EntryKind::Egress
-            | EntryKind::Output => {}
+            | EntryKind::Output
+            | EntryKind::Sleep
+            | EntryKind::Signal
+            | EntryKind::Awakeable
+            | EntryKind::State => {}
+            // Never stored or sent: what a reader makes of a kind it does not know.
+            EntryKind::Unknown => {}
         }
     }
     kinds
@@ -548,9 +577,21 @@ fn handler_protocol_document_matches_the_wire_types() {
     );
 
     // EntryKind: the documented enum, the expected list and serde agree.
-    let expected: BTreeSet<String> = ["input", "step", "now", "uuid", "random", "egress", "output"]
-        .map(str::to_owned)
-        .into();
+    let expected: BTreeSet<String> = [
+        "input",
+        "step",
+        "now",
+        "uuid",
+        "random",
+        "egress",
+        "output",
+        "sleep",
+        "signal",
+        "awakeable",
+        "state",
+    ]
+    .map(str::to_owned)
+    .into();
     let serialized: BTreeSet<String> = entry_kinds()
         .iter()
         .map(|k| {
@@ -604,21 +645,27 @@ fn handler_protocol_document_matches_the_wire_types() {
             .map(str::to_owned)
             .into();
     assert_eq!(headers, expected_headers, "invocation request headers");
+    let protocol = &schemas["Discovery"]["properties"]["protocol"];
     assert_eq!(
-        schemas["Discovery"]["properties"]["protocol"]["const"].as_u64(),
-        Some(u64::from(PROTOCOL_VERSION))
+        (protocol["minimum"].as_u64(), protocol["maximum"].as_u64()),
+        (
+            Some(u64::from(MIN_PROTOCOL_VERSION)),
+            Some(u64::from(PROTOCOL_VERSION))
+        ),
+        "Discovery.protocol: the versions the gateway speaks"
     );
 }
 
 #[test]
 fn shared_schemas_of_the_gateway_document_match_the_wire_types() {
     let doc = load("durin.yaml");
-    let protocols: BTreeSet<String> = [HandlerProtocol::Sdk, HandlerProtocol::Plain]
-        .iter()
+    let protocols: BTreeSet<String> = (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION)
+        .map(|version| HandlerProtocol::Sdk { version })
+        .chain([HandlerProtocol::Plain])
         .map(|p| {
             // A new protocol is a compile error here.
             match p {
-                HandlerProtocol::Sdk | HandlerProtocol::Plain => p.as_str().to_owned(),
+                HandlerProtocol::Sdk { .. } | HandlerProtocol::Plain => p.to_text(),
             }
         })
         .collect();
@@ -690,6 +737,15 @@ fn api_errors() -> Vec<ApiError> {
         ApiError::Downstream("no answer".into()),
         ApiError::Storage("gone".into()),
         ApiError::ShuttingDown("stopping".into()),
+        ApiError::WorkflowConflict {
+            detail: "another input".into(),
+            invocation_id: SAMPLE_ID.into(),
+        },
+        ApiError::UnknownQuery {
+            detail: "no such state".into(),
+            known: vec!["status".into()],
+        },
+        ApiError::Suspended("waits".into()),
     ];
     for error in &errors {
         match error {
@@ -707,7 +763,10 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::InvocationPaused { .. }
             | ApiError::Downstream(_)
             | ApiError::Storage(_)
-            | ApiError::ShuttingDown(_) => {}
+            | ApiError::ShuttingDown(_)
+            | ApiError::WorkflowConflict { .. }
+            | ApiError::UnknownQuery { .. }
+            | ApiError::Suspended(_) => {}
         }
     }
     errors

@@ -170,24 +170,15 @@ pub async fn resume(
                 ))
             })?;
     }
-    // The resume and the start of its driver run in a task of their own, so that a caller
-    // going away in between cannot leave a pending invocation without a driver.
-    let task_state = state.clone();
-    let task_id = id.clone();
-    let resumed = tokio::spawn(async move {
-        let state = task_state;
-        let resumed = state
-            .store
-            .resume(&task_id, request.deployment_id, state.clock.now_ms())
-            .await?;
-        if resumed.is_some() {
-            state.invoker.drive(task_id, None);
-        }
-        Ok::<_, ApiError>(resumed)
-    })
-    .await
-    .map_err(|e| ApiError::Storage(format!("the invocation could not be resumed: {e}")))??
-    .ok_or_else(|| {
+    // The store makes it due; the scheduler runs it (a nudge only makes that sooner).
+    let resumed = state
+        .store
+        .resume(&id, request.deployment_id, state.clock.now_ms())
+        .await?;
+    if resumed.is_some() {
+        state.engine.nudge();
+    }
+    let resumed = resumed.ok_or_else(|| {
         ApiError::Conflict(format!(
             "invocation {id} is {}, only a paused invocation can be resumed",
             record.status

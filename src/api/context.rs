@@ -1,21 +1,81 @@
-//! The context API: how a running attempt appends journal entries.
+//! The context API: how a running attempt talks to its journal.
+//!
+//! SDK handlers append entries (`/entries`), each checked and planned by `journal/`.
+//! Plain handlers, which have no cursor into their journal, make named calls instead:
+//! each answers the recorded result when there is one, or records the command; a wait
+//! whose result has not arrived suspends the attempt (409 `suspended`, header
+//! `Durin-Suspended: true`) and the handler runs again from the top when it arrives.
+//! Every call presents the attempt's number and secret token.
+
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use durin_protocol::{
-    AppendRequest, AppendResponse, EntryKind, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
+    AppendRequest, AppendResponse, EntryKind, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN, HEADER_REPLAYED,
 };
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
-use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, AppState};
-use crate::egress::HEADER_REPLAYED;
-use crate::invoker::json_value;
+use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, ApiQuery, AppState};
+use crate::http::json_value;
+use crate::ids::InvocationId;
+use crate::journal::{self, MAX_NAME_BYTES};
 use crate::problem::ApiError;
-use crate::store::NewEntry;
+use crate::store::{Effect, NewEntry, PlainAnswer, PlainCommand, StoredEntry};
 
-const MAX_NAME_BYTES: usize = 256;
+/// The attempt a handler-facing call speaks for: its number and its secret.
+struct Caller {
+    attempt: u32,
+    token: String,
+}
+
+fn caller(headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let attempt = headers
+        .get(HEADER_ATTEMPT)
+        .ok_or_else(|| ApiError::BadRequest("the Durin-Attempt header is missing".into()))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|a| *a > 0)
+        .ok_or_else(|| {
+            ApiError::BadRequest("the Durin-Attempt header must be a positive integer".into())
+        })?;
+    let token = headers
+        .get(HEADER_ATTEMPT_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "the Durin-Attempt-Token header is missing: send the attempt token Durin gave the attempt".into(),
+            )
+        })?
+        .to_owned();
+    Ok(Caller { attempt, token })
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "{what} names must be 1 to {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The JSON of a body; an empty body is `null`.
+fn json_body(what: &str, body: &[u8]) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        Ok(Value::Null)
+    } else {
+        parse_json(what, body)
+    }
+}
+
+fn to_bytes(value: &Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
 
 /// `POST /v1/contexts/{id}/entries`: durable before it answers; refused for a stale attempt.
 pub async fn append(
@@ -25,71 +85,50 @@ pub async fn append(
     ApiBody(body): ApiBody,
 ) -> Result<Json<AppendResponse>, ApiError> {
     let id = parse_invocation_id(&id)?;
-    let attempt = attempt_header(&headers)?;
-    let token = headers
-        .get(HEADER_ATTEMPT_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::BadRequest(
-                "the Durin-Attempt-Token header is missing: send the attempt_token of the invocation request".into(),
-            )
-        })?
-        .to_owned();
+    let caller = caller(&headers)?;
     let request: AppendRequest = parse_json("the entry", &body)?;
-    if !request.kind.appendable() {
-        return Err(ApiError::BadRequest(format!(
-            "entries of kind {} are written by the gateway, not appended by handlers",
-            request.kind.as_str()
-        )));
-    }
-    match (&request.name, request.kind) {
-        (None, EntryKind::Step) => {
-            return Err(ApiError::BadRequest("a step entry needs a name".into()))
-        }
-        (Some(name), _) if name.is_empty() || name.len() > MAX_NAME_BYTES => {
-            return Err(ApiError::BadRequest(format!(
-                "entry names must be 1 to {MAX_NAME_BYTES} bytes"
-            )))
-        }
-        _ => {}
-    }
-    if request.value.is_some() == request.failure.is_some() && request.kind == EntryKind::Step {
-        return Err(ApiError::BadRequest(
-            "a step entry carries exactly one of value and failure".into(),
-        ));
-    }
+    let now_ms = state.clock.now_ms();
+    let planned = journal::plan(
+        request.kind,
+        request.name.as_deref(),
+        request.value,
+        request.failure.is_some(),
+        now_ms,
+    )
+    .map_err(ApiError::BadRequest)?;
     let entry = NewEntry {
         index: Some(request.index),
         kind: request.kind,
         name: request.name,
-        value: request
-            .value
-            .map(|v| serde_json::to_vec(&v).unwrap_or_default()),
+        value: planned.value.as_ref().map(to_bytes),
         content_type: Some("application/json".into()),
         failure: request.failure,
-        token: Some(token),
+        token: Some(caller.token),
+        effect: planned.effect,
     };
     let stored = state
         .store
-        .append_entry(&id, attempt, entry, state.clock.now_ms())
+        .append_entry(&id, caller.attempt, entry, now_ms)
         .await?;
     Ok(Json(AppendResponse {
         index: stored.index,
         at_ms: stored.at_ms,
+        value: shown_value(&state, &id, &stored),
+        completion: stored.completion.as_ref().map(|c| c.to_wire()),
     }))
 }
 
-fn attempt_header(headers: &HeaderMap) -> Result<u32, ApiError> {
-    headers
-        .get(HEADER_ATTEMPT)
-        .ok_or_else(|| ApiError::BadRequest("the Durin-Attempt header is missing".into()))?
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|a| *a > 0)
-        .ok_or_else(|| {
-            ApiError::BadRequest("the Durin-Attempt header must be a positive integer".into())
-        })
+/// What the handler sees of an entry's value: an awakeable's token, a sleep's wake time.
+fn shown_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Option<Value> {
+    match entry.kind {
+        EntryKind::Awakeable => Some(awakeable_value(state, id, entry.index)),
+        EntryKind::Sleep => entry.value.as_deref().map(|v| json_value(Some(v))),
+        _ => None,
+    }
+}
+
+fn awakeable_value(state: &AppState, id: &InvocationId, index: u32) -> Value {
+    state.engine.awakeable_value(id, index)
 }
 
 /// `POST /v1/contexts/{id}/steps/{name}`, for handlers without an SDK: the first time, the
@@ -104,32 +143,391 @@ pub async fn record_step(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
-    let attempt = attempt_header(&headers)?;
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(ApiError::BadRequest(format!(
-            "step names must be 1 to {MAX_NAME_BYTES} bytes"
-        )));
+    let caller = caller(&headers)?;
+    check_name("step", &name)?;
+    let value = json_body("the step value", &body)?;
+    let answer = plain(
+        &state,
+        PlainCommand {
+            id,
+            attempt: caller.attempt,
+            token: caller.token,
+            kind: EntryKind::Step,
+            name: name.clone(),
+            key: None,
+            also: None,
+            new: Some(new_entry(
+                EntryKind::Step,
+                Some(name),
+                Some(to_bytes(&value)),
+                Effect::None,
+            )),
+            suspend: false,
+        },
+    )
+    .await?;
+    Ok(replayed(
+        Json(json_value(answer.entry.value.as_deref())).into_response(),
+        answer.recorded,
+    ))
+}
+
+fn new_entry(
+    kind: EntryKind,
+    name: Option<String>,
+    value: Option<Vec<u8>>,
+    effect: Effect,
+) -> NewEntry {
+    NewEntry {
+        index: None,
+        kind,
+        name,
+        value,
+        content_type: Some("application/json".into()),
+        failure: None,
+        token: None,
+        effect,
     }
-    let value: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        parse_json("the step value", &body)?
-    };
-    let (value, replayed) = state
-        .store
-        .record_step(
-            &id,
-            attempt,
-            name,
-            serde_json::to_vec(&value).unwrap_or_default(),
-            state.clock.now_ms(),
-        )
-        .await?;
-    let value = json_value(Some(&value));
-    let mut response = Json(value).into_response();
+}
+
+fn replayed(mut response: Response, recorded: bool) -> Response {
     response.headers_mut().insert(
         HEADER_REPLAYED,
-        HeaderValue::from_static(if replayed { "true" } else { "false" }),
+        HeaderValue::from_static(if recorded { "true" } else { "false" }),
     );
-    Ok(response)
+    response
+}
+
+/// Runs a plain command; a suspension becomes the `suspended` problem.
+async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, ApiError> {
+    let what = format!("{} {:?}", command.kind.as_str(), command.name);
+    let id = command.id.clone();
+    let answer = state
+        .store
+        .plain_command(command, state.clock.now_ms())
+        .await?;
+    if answer.suspended {
+        // It may already be due (a completion that arrived before the suspension).
+        state.engine.nudge();
+        return Err(ApiError::Suspended(format!(
+            "invocation {id} waits for {what}: the attempt is suspended, stop now (what you answer is ignored); Durin calls the handler again when it has arrived"
+        )));
+    }
+    Ok(answer)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainSleep {
+    /// `"30s"`, `"2h"`, `"30d"`.
+    #[serde(default, with = "humantime_serde")]
+    duration: Option<Duration>,
+    duration_ms: Option<i64>,
+    wake_at_ms: Option<i64>,
+}
+
+/// `POST /v1/contexts/{id}/sleep/{name}` `{"duration": "30s"}` (or `duration_ms`,
+/// `wake_at_ms`): a durable timer named `name`. Answers `{"wake_at_ms", "fired_at_ms"}`
+/// once it fired; before that, suspends the attempt.
+pub async fn sleep(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    check_name("sleep", &name)?;
+    let request: PlainSleep = parse_json("the sleep", &body)?;
+    let duration_ms = match (request.duration, request.duration_ms) {
+        (Some(d), None) => Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        (None, ms) => ms,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give one of duration, duration_ms and wake_at_ms".into(),
+            ))
+        }
+    };
+    let value = json!({"duration_ms": duration_ms, "wake_at_ms": request.wake_at_ms});
+    let value = Value::Object(
+        value
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    let planned = journal::plan(
+        EntryKind::Sleep,
+        None,
+        Some(value),
+        false,
+        state.clock.now_ms(),
+    )
+    .map_err(ApiError::BadRequest)?;
+    let answer = plain(
+        &state,
+        PlainCommand {
+            id,
+            attempt: caller.attempt,
+            token: caller.token,
+            kind: EntryKind::Sleep,
+            name: name.clone(),
+            key: None,
+            also: None,
+            new: Some(new_entry(
+                EntryKind::Sleep,
+                Some(name),
+                planned.value.as_ref().map(to_bytes),
+                planned.effect,
+            )),
+            suspend: true,
+        },
+    )
+    .await?;
+    let wake_at = json_value(answer.entry.value.as_deref())["wake_at_ms"].clone();
+    let fired_at = answer.entry.completion.as_ref().map(|c| c.at_ms);
+    Ok(replayed(
+        Json(json!({"wake_at_ms": wake_at, "fired_at_ms": fired_at})).into_response(),
+        answer.recorded,
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Tells apart several waits for the same signal name (the default is the name).
+    key: Option<String>,
+    /// Gives up after this long (`"30s"`, `"2h"`, `"7d"`): a durable timer raced against
+    /// the signal.
+    timeout: Option<String>,
+}
+
+/// `POST /v1/contexts/{id}/signals/{name}[?key=K][&timeout=30s]`: waits for the next signal
+/// `name`. Answers 200 with its payload once received (signals sent before anyone waited
+/// are buffered and delivered in order), or 204 when the timeout fired first (whichever
+/// came first, on every replay); before either, suspends the attempt.
+pub async fn wait_signal(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    crate::ids::parse_name("signal", &name).map_err(ApiError::BadRequest)?;
+    let key = query.key.unwrap_or_else(|| name.clone());
+    check_name("wait key", &key)?;
+    let timeout = match &query.timeout {
+        Some(text) => {
+            let duration = humantime::parse_duration(text).map_err(|e| {
+                ApiError::BadRequest(format!("timeout={text:?} is not a duration like 30s: {e}"))
+            })?;
+            let value =
+                json!({ "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX) });
+            let planned = journal::plan(
+                EntryKind::Sleep,
+                None,
+                Some(value),
+                false,
+                state.clock.now_ms(),
+            )
+            .map_err(ApiError::BadRequest)?;
+            let timer_name = format!("signal:{key}");
+            let timer = new_entry(
+                EntryKind::Sleep,
+                Some(timer_name.clone()),
+                planned.value.as_ref().map(to_bytes),
+                planned.effect,
+            );
+            Some((timer_name, timer))
+        }
+        None => None,
+    };
+    let value = to_bytes(&json!({ "key": key }));
+    let answer = plain(
+        &state,
+        PlainCommand {
+            id,
+            attempt: caller.attempt,
+            token: caller.token,
+            kind: EntryKind::Signal,
+            name: name.clone(),
+            key: Some(value.clone()),
+            new: Some(new_entry(
+                EntryKind::Signal,
+                Some(name),
+                Some(value),
+                Effect::SignalWait,
+            )),
+            also: timeout,
+            suspend: true,
+        },
+    )
+    .await?;
+    let signal = answer.entry.completion.as_ref();
+    let timer = answer.also.as_ref().and_then(|e| e.completion.as_ref());
+    let response = match (signal, timer) {
+        (Some(s), Some(t)) if t.seq < s.seq => StatusCode::NO_CONTENT.into_response(),
+        (None, Some(_)) => StatusCode::NO_CONTENT.into_response(),
+        (s, _) => Json(
+            s.map(|c| json_value(c.value.as_deref()))
+                .unwrap_or(Value::Null),
+        )
+        .into_response(),
+    };
+    Ok(replayed(response, answer.recorded))
+}
+
+/// `POST /v1/contexts/{id}/awakeables/{name}`: creates the awakeable `name` (or finds it)
+/// and answers `{"token", "resolve_url", "reject_url", "completed"}`. Send the token to
+/// whoever will complete it, then wait with `.../awakeables/{name}/wait`.
+pub async fn create_awakeable(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    check_name("awakeable", &name)?;
+    let answer = plain(
+        &state,
+        PlainCommand {
+            id: id.clone(),
+            attempt: caller.attempt,
+            token: caller.token,
+            kind: EntryKind::Awakeable,
+            name: name.clone(),
+            key: None,
+            also: None,
+            new: Some(new_entry(
+                EntryKind::Awakeable,
+                Some(name),
+                None,
+                Effect::None,
+            )),
+            suspend: false,
+        },
+    )
+    .await?;
+    let mut value = awakeable_value(&state, &id, answer.entry.index);
+    value["completed"] = json!(answer.entry.completion.is_some());
+    Ok(replayed(Json(value).into_response(), answer.recorded))
+}
+
+/// `POST /v1/contexts/{id}/awakeables/{name}/wait`: answers `{"value"}` or `{"failure"}`
+/// once the awakeable was resolved or rejected; before that, suspends the attempt.
+pub async fn wait_awakeable(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    check_name("awakeable", &name)?;
+    let answer = plain(
+        &state,
+        PlainCommand {
+            id,
+            attempt: caller.attempt,
+            token: caller.token,
+            kind: EntryKind::Awakeable,
+            name: name.clone(),
+            key: None,
+            new: None,
+            also: None,
+            suspend: true,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        ApiError::NotFound(_) => ApiError::NotFound(format!(
+            "awakeable {name:?} was not created: POST .../awakeables/{name} first"
+        )),
+        other => other,
+    })?;
+    let completion = answer.entry.completion.as_ref();
+    let body = match completion.and_then(|c| c.failure.clone()) {
+        Some(failure) => json!({ "failure": failure }),
+        None => json!({ "value": json_value(completion.and_then(|c| c.value.as_deref())) }),
+    };
+    Ok(replayed(Json(body).into_response(), answer.recorded))
+}
+
+/// `PUT /v1/contexts/{id}/state/{key}` (JSON body) sets a key of the durable state that
+/// queries read; `DELETE` clears it. Setting the value a key already has records nothing,
+/// so a handler that runs again from the top does not grow its journal.
+pub async fn set_state(
+    State(state): State<AppState>,
+    ApiPath((id, key)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let value = json_body("the state value", &body)?;
+    write_state(state, id, key, headers, Some(value)).await
+}
+
+pub async fn clear_state(
+    State(state): State<AppState>,
+    ApiPath((id, key)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    write_state(state, id, key, headers, None).await
+}
+
+async fn write_state(
+    state: AppState,
+    id: String,
+    key: String,
+    headers: HeaderMap,
+    value: Option<Value>,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    check_name("state key", &key)?;
+    let op = match &value {
+        Some(v) => json!({ "set": v }),
+        None => json!({ "clear": true }),
+    };
+    let current = state
+        .store
+        .read_state(&id)
+        .await?
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.map(|v| json_value(Some(&v))));
+    let unchanged = match (&current, &value) {
+        (Some(Some(old)), Some(new)) => old == new,
+        (Some(None), None) | (None, None) => true,
+        _ => false,
+    };
+    if unchanged {
+        // Nothing to record, but only the current attempt learns that.
+        state
+            .store
+            .check_attempt(&id, caller.attempt, &caller.token)
+            .await?;
+        return Ok(replayed(
+            Json(value.unwrap_or(Value::Null)).into_response(),
+            true,
+        ));
+    }
+    let planned = journal::plan(EntryKind::State, Some(&key), Some(op), false, 0)
+        .map_err(ApiError::BadRequest)?;
+    let mut entry = new_entry(
+        EntryKind::State,
+        Some(key),
+        planned.value.as_ref().map(to_bytes),
+        planned.effect,
+    );
+    entry.token = Some(caller.token);
+    state
+        .store
+        .append_entry(&id, caller.attempt, entry, state.clock.now_ms())
+        .await?;
+    Ok(replayed(
+        Json(value.unwrap_or(Value::Null)).into_response(),
+        false,
+    ))
 }

@@ -9,9 +9,10 @@ use axum::Json;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{hex, wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
+use super::{wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
+use crate::engine::Ended;
+use crate::http::hex;
 use crate::ids::{parse_name, IdempotencyKey, InvocationId};
-use crate::invoker::Ended;
 use crate::problem::ApiError;
 use crate::store::{
     Created, HandlerProtocol, IdempotencyClaim, InvocationRecord, NewInvocation, Status,
@@ -108,7 +109,7 @@ fn decorate(response: &mut Response, id: &InvocationId, replayed: bool) {
 
 /// The answer for an invocation that ended (or paused): its output or its failure, with
 /// the invocation's headers either way.
-fn ended_response(ended: &Ended, replayed: bool) -> Response {
+pub(super) fn ended_response(ended: &Ended, replayed: bool) -> Response {
     let mut response = match output_or_failure(ended) {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -194,14 +195,7 @@ async fn start(
 ) -> Result<Started, ApiError> {
     let service = parse_name("service", service).map_err(ApiError::BadRequest)?;
     let handler = parse_name("handler", handler).map_err(ApiError::BadRequest)?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| {
-            v.to_str()
-                .map(str::to_owned)
-                .map_err(|_| ApiError::BadRequest("the Content-Type header is not ASCII".into()))
-        })
-        .transpose()?;
+    let content_type = content_type(headers)?;
     let key = headers
         .get(HEADER_IDEMPOTENCY_KEY)
         .map(|v| {
@@ -220,17 +214,7 @@ async fn start(
                 "no deployment serves handler {service}/{handler}; register one with POST /v1/deployments"
             ))
         })?;
-    let (input_digest, content_type) = match target.protocol {
-        HandlerProtocol::Sdk => (json_input_digest(content_type.as_deref(), body)?, None),
-        // A plain handler takes any body; the digest covers its bytes and their type.
-        HandlerProtocol::Plain => {
-            let mut hasher = Sha256::new();
-            hasher.update(content_type.as_deref().unwrap_or_default().as_bytes());
-            hasher.update([0]);
-            hasher.update(body);
-            (hex(&hasher.finalize()), content_type)
-        }
-    };
+    let (input_digest, content_type) = input_digest(target.protocol, content_type, body)?;
     let now_ms = state.clock.now_ms();
     let idempotency = key.map(|key| IdempotencyClaim {
         scope: format!("{service}/{handler}"),
@@ -259,8 +243,8 @@ async fn start(
         let created = state.store.create_invocation(new).await?;
         Ok::<_, ApiError>(match created {
             Created::New { record, input } => {
-                let listener = state.invoker.completions().listener(&record.id);
-                state.invoker.drive_started(record.clone(), vec![input]);
+                let listener = state.engine.waiters().listener(&record.id);
+                state.engine.run_started(record.clone(), vec![*input]);
                 Started {
                     record,
                     replayed: false,
@@ -268,13 +252,8 @@ async fn start(
                 }
             }
             Created::Existing(record) => {
-                // Make sure it runs, whatever happened to the request that created it (a
-                // no-op when a driver has it).
-                if !record.status.is_final() && record.status != Status::Paused {
-                    state
-                        .invoker
-                        .drive(record.id.clone(), record.next_run_at_ms);
-                }
+                // The scheduler runs it (or ran it) whatever happened to the request that
+                // created it.
                 Started {
                     record,
                     replayed: true,
@@ -292,6 +271,38 @@ async fn start(
     .await
     .map_err(|e| ApiError::Storage(format!("the invocation could not be created: {e}")))?;
     created
+}
+
+/// The digest of a request's input (which an idempotency key or a workflow id compares)
+/// and the content type to record with it.
+pub(super) fn input_digest(
+    protocol: HandlerProtocol,
+    content_type: Option<String>,
+    body: &[u8],
+) -> Result<(String, Option<String>), ApiError> {
+    Ok(match protocol {
+        HandlerProtocol::Sdk { .. } => (json_input_digest(content_type.as_deref(), body)?, None),
+        // A plain handler takes any body; the digest covers its bytes and their type.
+        HandlerProtocol::Plain => {
+            let mut hasher = Sha256::new();
+            hasher.update(content_type.as_deref().unwrap_or_default().as_bytes());
+            hasher.update([0]);
+            hasher.update(body);
+            (hex(&hasher.finalize()), content_type)
+        }
+    })
+}
+
+/// The `Content-Type` of a request, if it has one.
+pub(super) fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::BadRequest("the Content-Type header is not ASCII".into()))
+        })
+        .transpose()
 }
 
 /// Checks that a protocol handler's input is JSON and digests its value, not its bytes,

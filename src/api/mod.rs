@@ -1,12 +1,16 @@
 //! The HTTP surface: ingress (callers), admin (operators) and context (handlers).
 //!
-//! Handlers here parse and check the request, call the store or the invoker, and shape the
+//! Handlers here parse and check the request, call the store or the engine, and shape the
 //! answer; they hold no state of their own. Every error leaves through [`ApiError`].
 
 mod admin;
+mod awakeables;
 mod context;
 mod ingress;
+mod queries;
+mod signals;
 mod views;
+mod workflows;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,14 +21,14 @@ use tokio::time::Instant;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::clock::Clock;
+use crate::engine::{Ended, Engine, Waiters};
 use crate::ids::InvocationId;
-use crate::invoker::{Completions, Ended, Invoker};
 use crate::problem::ApiError;
 use crate::registry::Targets;
 use crate::store::{InvocationRecord, Status, Store};
@@ -41,8 +45,23 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/invocations/{id}"),
     ("GET", "/v1/invocations/{id}/journal"),
     ("POST", "/v1/invocations/{id}/resume"),
+    ("POST", "/v1/invocations/{id}/signals/{name}"),
+    ("GET", "/v1/invocations/{id}/queries/{name}"),
+    ("POST", "/v1/workflows/{workflow}/{id}"),
+    ("GET", "/v1/workflows/{workflow}/{id}"),
+    ("POST", "/v1/workflows/{workflow}/{id}/signal-with-start"),
+    ("POST", "/v1/workflows/{workflow}/{id}/signals/{name}"),
+    ("GET", "/v1/workflows/{workflow}/{id}/queries/{name}"),
+    ("POST", "/v1/awakeables/{token}/resolve"),
+    ("POST", "/v1/awakeables/{token}/reject"),
     ("POST", "/v1/contexts/{id}/entries"),
     ("POST", "/v1/contexts/{id}/steps/{name}"),
+    ("POST", "/v1/contexts/{id}/sleep/{name}"),
+    ("POST", "/v1/contexts/{id}/signals/{name}"),
+    ("POST", "/v1/contexts/{id}/awakeables/{name}"),
+    ("POST", "/v1/contexts/{id}/awakeables/{name}/wait"),
+    ("PUT", "/v1/contexts/{id}/state/{key}"),
+    ("DELETE", "/v1/contexts/{id}/state/{key}"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -50,8 +69,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub targets: Arc<Targets>,
-    pub invoker: Arc<Invoker>,
+    pub engine: Arc<Engine>,
     pub clock: Arc<dyn Clock>,
+    pub awakeables: crate::journal::awakeable::AwakeableKey,
     pub http: reqwest::Client,
     pub idempotency_retention: Duration,
     pub max_body_bytes: usize,
@@ -73,8 +93,51 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/invocations/{id}", get(admin::get_invocation))
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
+        .route(
+            "/v1/invocations/{id}/signals/{name}",
+            post(signals::to_invocation),
+        )
+        .route(
+            "/v1/invocations/{id}/queries/{name}",
+            get(queries::of_invocation),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}",
+            post(workflows::start).get(workflows::get),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/signal-with-start",
+            post(workflows::signal_with_start),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/signals/{name}",
+            post(signals::to_workflow),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/queries/{name}",
+            get(queries::of_workflow),
+        )
+        .route("/v1/awakeables/{token}/resolve", post(awakeables::resolve))
+        .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))
         .route("/v1/contexts/{id}/steps/{name}", post(context::record_step))
+        .route("/v1/contexts/{id}/sleep/{name}", post(context::sleep))
+        .route(
+            "/v1/contexts/{id}/signals/{name}",
+            post(context::wait_signal),
+        )
+        .route(
+            "/v1/contexts/{id}/awakeables/{name}",
+            post(context::create_awakeable),
+        )
+        .route(
+            "/v1/contexts/{id}/awakeables/{name}/wait",
+            post(context::wait_awakeable),
+        )
+        .route(
+            "/v1/contexts/{id}/state/{key}",
+            put(context::set_state).delete(context::clear_state),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -153,11 +216,6 @@ impl<S: Send + Sync> FromRequest<S> for ApiBody {
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
-/// Lower-case hexadecimal of `bytes` (digests in keys and journal entries).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Parses a JSON body into `T`, with an error that says where it went wrong.
 pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
@@ -168,7 +226,7 @@ pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {
     InvocationId::parse(id).map_err(ApiError::BadRequest)
 }
 
-/// Hears the end of one invocation (see [`crate::invoker::Completions`]).
+/// Hears the end of one invocation (see [`crate::engine::Waiters`]).
 pub type EndedListener = watch::Receiver<Option<Arc<Ended>>>;
 
 /// Waits until the invocation is final, or `timeout` passes; returns its latest state
@@ -187,12 +245,12 @@ pub async fn wait_for_end(
     let done = |record: &InvocationRecord| {
         record.status.is_final() || (timeout.is_none() && record.status == Status::Paused)
     };
-    let _release = ReleaseListener(state.invoker.completions(), id);
+    let _release = ReleaseListener(state.engine.waiters(), id);
     let mut fresh = listener;
     loop {
         let (mut ended, check_store) = match fresh.take() {
             Some(listener) => (listener, false),
-            None => (state.invoker.completions().listener(id), true),
+            None => (state.engine.waiters().listener(id), true),
         };
         let now = Instant::now();
         let timed_out = deadline.is_some_and(|d| now >= d);
@@ -250,7 +308,7 @@ pub async fn load_ended(
 
 /// Forgets the waiters' entry of an invocation when the last waiter leaves, so that waits
 /// on invocations that never end (or do not exist) leave nothing behind.
-struct ReleaseListener<'a>(&'a Completions, &'a InvocationId);
+struct ReleaseListener<'a>(&'a Waiters, &'a InvocationId);
 
 impl Drop for ReleaseListener<'_> {
     fn drop(&mut self) {

@@ -6,7 +6,7 @@ use durin_protocol::{Failure, ServiceSpec};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::invoker::json_value;
+use crate::http::json_value;
 use crate::store::{DeploymentRecord, InvocationRecord, StoredEntry};
 
 /// The last millisecond of year 9999, the largest time RFC 3339 can write.
@@ -83,6 +83,19 @@ pub struct EntryView {
     pub failure: Option<Failure>,
     pub attempt: u32,
     pub at: String,
+    /// A command's result (a timer fired, a signal received, an awakeable resolved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<CompletionView>,
+}
+
+#[derive(Serialize)]
+pub struct CompletionView {
+    pub seq: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    pub at: String,
 }
 
 impl From<StoredEntry> for EntryView {
@@ -95,6 +108,12 @@ impl From<StoredEntry> for EntryView {
             failure: entry.failure,
             attempt: entry.attempt,
             at: timestamp(entry.at_ms),
+            completion: entry.completion.map(|c| CompletionView {
+                seq: c.seq,
+                value: c.value.as_deref().map(|v| json_value(Some(v))),
+                failure: c.failure,
+                at: timestamp(c.at_ms),
+            }),
         }
     }
 }
@@ -110,7 +129,7 @@ pub struct JournalView {
 pub struct DeploymentView {
     pub id: String,
     pub url: String,
-    pub protocol: &'static str,
+    pub protocol: String,
     pub created_at: String,
     pub services: Vec<ServiceSpec>,
 }
@@ -120,7 +139,7 @@ impl From<DeploymentRecord> for DeploymentView {
         DeploymentView {
             id: d.id,
             url: d.url,
-            protocol: d.protocol.as_str(),
+            protocol: d.protocol.to_text(),
             created_at: timestamp(d.created_at_ms),
             services: d.services,
         }

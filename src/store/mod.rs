@@ -6,9 +6,11 @@
 //! Nothing outside `store/` knows which database is underneath.
 
 mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use async_trait::async_trait;
-use durin_protocol::{EntryKind, Failure, HandlerSpec, ServiceSpec};
+use durin_protocol::{Completion, EntryKind, Failure, HandlerSpec, ServiceSpec};
 
 pub use sqlite::SqliteStore;
 
@@ -32,6 +34,14 @@ pub enum StoreError {
         invocation_id: String,
         requested: u32,
         expected: u32,
+    },
+    /// The invocation has ended; nothing can be delivered to it any more.
+    #[error(
+        "invocation {invocation_id} has ended ({status}); it takes no more signals or callbacks"
+    )]
+    Ended {
+        invocation_id: String,
+        status: Status,
     },
     /// An append from the current attempt number with the wrong attempt token.
     #[error(
@@ -101,26 +111,39 @@ impl std::fmt::Display for Status {
 /// How a deployment is spoken to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandlerProtocol {
-    /// The Durin handler protocol (an SDK): journal in, outcome out.
-    Sdk,
-    /// A plain HTTP handler: the caller's body in, the answer out; durable through the egress.
+    /// The Durin handler protocol (an SDK) at the version its discovery declared: journal
+    /// in, outcome out.
+    Sdk { version: u32 },
+    /// A plain HTTP handler: the caller's body in, the answer out; durable through the
+    /// egress and the context API.
     Plain,
 }
 
 impl HandlerProtocol {
-    pub fn as_str(self) -> &'static str {
+    /// The stored form: `sdk` (version 1, as stored before versions were negotiated),
+    /// `sdk/N`, or `plain`.
+    pub fn to_text(self) -> String {
         match self {
-            HandlerProtocol::Sdk => "sdk",
-            HandlerProtocol::Plain => "plain",
+            HandlerProtocol::Sdk { version: 1 } => "sdk".into(),
+            HandlerProtocol::Sdk { version } => format!("sdk/{version}"),
+            HandlerProtocol::Plain => "plain".into(),
         }
     }
 
     pub fn parse(s: &str) -> Option<HandlerProtocol> {
         match s {
-            "sdk" => Some(HandlerProtocol::Sdk),
+            "sdk" => Some(HandlerProtocol::Sdk { version: 1 }),
             "plain" => Some(HandlerProtocol::Plain),
-            _ => None,
+            _ => s
+                .strip_prefix("sdk/")?
+                .parse()
+                .ok()
+                .map(|version| HandlerProtocol::Sdk { version }),
         }
+    }
+
+    pub fn is_sdk(self) -> bool {
+        matches!(self, HandlerProtocol::Sdk { .. })
     }
 }
 
@@ -188,6 +211,8 @@ pub struct InvocationRecord {
     pub completed_at_ms: Option<i64>,
     /// The secret of the current attempt, which its appends must present.
     pub attempt_token: Option<String>,
+    /// The workflow id, for a run of a workflow service.
+    pub workflow_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +225,31 @@ pub struct StoredEntry {
     pub failure: Option<Failure>,
     pub attempt: u32,
     pub at_ms: i64,
+    /// A command's result, once it arrived.
+    pub completion: Option<StoredCompletion>,
+}
+
+/// A command's result as stored (see [`durin_protocol::Completion`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredCompletion {
+    pub seq: u32,
+    pub value: Option<Vec<u8>>,
+    pub failure: Option<Failure>,
+    pub at_ms: i64,
+}
+
+impl StoredCompletion {
+    pub fn to_wire(&self) -> Completion {
+        Completion {
+            seq: self.seq,
+            value: self
+                .value
+                .as_deref()
+                .map(|v| serde_json::from_slice(v).unwrap_or(serde_json::Value::Null)),
+            failure: self.failure.clone(),
+            at_ms: self.at_ms,
+        }
+    }
 }
 
 /// The idempotency claim of a new invocation: `(scope, key)` is unique while not expired.
@@ -221,13 +271,117 @@ pub struct NewInvocation {
     pub now_ms: i64,
 }
 
+/// The start of a run of a workflow: `(workflow, workflow_id)` names one run at a time.
+#[derive(Debug, Clone)]
+pub struct NewWorkflowRun {
+    pub invocation: NewInvocation,
+    pub workflow_id: String,
+    /// Digest of the input: the same id with another input is a conflict.
+    pub input_digest: String,
+    /// Start a new run when the last one has ended (instead of answering with it).
+    pub new_run_after_end: bool,
+    /// A signal delivered with the start (signal-with-start), to this run or the one
+    /// already running.
+    pub signal: Option<NewSignal>,
+}
+
+#[derive(Debug)]
+pub enum WorkflowStarted {
+    /// A new run, its first attempt started (as for [`Created::New`]).
+    New {
+        record: InvocationRecord,
+        input: Box<StoredEntry>,
+    },
+    /// The id names a run started with the same input (or a running one, for
+    /// signal-with-start).
+    Existing(InvocationRecord),
+    /// The id names a run started with another input.
+    Conflict(InvocationRecord),
+}
+
+/// A signal for an invocation.
+#[derive(Debug, Clone)]
+pub struct NewSignal {
+    pub name: String,
+    pub value: Vec<u8>,
+    /// A retry with the same key delivers nothing new.
+    pub idempotency_key: Option<String>,
+}
+
+/// What sending a signal did.
+#[derive(Debug, Clone)]
+pub struct SignalSent {
+    /// Order of the signal among the invocation's signals.
+    pub seq: u32,
+    /// An earlier signal with the same idempotency key: nothing new was stored.
+    pub duplicate: bool,
+    /// The invocation became due (a suspended wait received it).
+    pub woke: bool,
+}
+
+/// See [`Store::plain_command`].
+#[derive(Debug, Clone)]
+pub struct PlainCommand {
+    pub id: InvocationId,
+    pub attempt: u32,
+    pub token: String,
+    pub kind: EntryKind,
+    pub name: String,
+    /// The recorded entry must have this value too (a wait's own key).
+    pub key: Option<Vec<u8>>,
+    /// Appended when no entry matches; `None` means "it must exist already".
+    pub new: Option<NewEntry>,
+    /// A second command found or recorded with the first and waited for with it (the
+    /// timeout of a wait): a suspension waits for whichever completes first.
+    pub also: Option<(String, NewEntry)>,
+    pub suspend: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlainAnswer {
+    pub entry: StoredEntry,
+    /// The entry of [`PlainCommand::also`].
+    pub also: Option<StoredEntry>,
+    /// The entry was in the journal before this call.
+    pub recorded: bool,
+    /// The attempt is now suspended: the handler must stop.
+    pub suspended: bool,
+}
+
+/// What resolving an awakeable did.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The awakeable's result: this one, or the one of an earlier resolve.
+    pub completion: StoredCompletion,
+    /// False when an earlier resolve or reject had completed it already.
+    pub first: bool,
+    pub woke: bool,
+}
+
+/// What an appended entry does besides being journaled, planned by `journal/` and carried
+/// out by the store in the same transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    None,
+    /// A durable timer that fires at `wake_at_ms` (at once when that has passed).
+    Timer {
+        wake_at_ms: i64,
+    },
+    /// A wait for the next signal named like the entry: takes the oldest buffered one.
+    SignalWait,
+    /// Sets (`Some`) or clears (`None`) a key of the invocation's durable state.
+    State {
+        key: String,
+        value: Option<Vec<u8>>,
+    },
+}
 #[derive(Debug)]
 pub enum Created {
     /// Created with its first attempt already started (running, attempt 1), so that the
     /// caller can run it at once; `input` is its journal so far.
     New {
         record: InvocationRecord,
-        input: StoredEntry,
+        input: Box<StoredEntry>,
     },
     /// The idempotency key was seen before with the same request: the earlier invocation.
     Existing(InvocationRecord),
@@ -249,6 +403,7 @@ pub struct NewEntry {
     /// The attempt token the writer presented; `None` for writers inside the gateway (the
     /// egress), which checked the attempt themselves.
     pub token: Option<String>,
+    pub effect: Effect,
 }
 
 /// How an attempt ended, as the invoker decided it.
@@ -269,8 +424,11 @@ pub enum AttemptEnd {
         error: String,
         handler_failure: bool,
     },
+    /// Waits for the commands at `waiting_for` (v2), or until `until_ms` (v1), whichever
+    /// comes first; due at once when one of them has completed already.
     Suspended {
-        until_ms: i64,
+        until_ms: Option<i64>,
+        waiting_for: Vec<u32>,
     },
     Paused {
         reason: String,
@@ -312,16 +470,52 @@ pub trait Store: Send + Sync + 'static {
         status: Option<Status>,
         limit: u32,
     ) -> StoreResult<Vec<InvocationRecord>>;
-    /// Invocations that need a driver after a start: pending, running, backing-off, suspended.
-    async fn list_resumable(&self) -> StoreResult<Vec<InvocationRecord>>;
+    /// Invocations whose attempt was running when the gateway stopped become due at once
+    /// (their attempt is fenced by the next one); returns how many. Called at start.
+    async fn recover_running(&self, now_ms: i64) -> StoreResult<u64>;
+    /// Claims up to `limit` due invocations, oldest due first: fires their timers that are
+    /// due and starts their next attempt (which fences every earlier one), in one
+    /// transaction. Nothing that is not due is claimed.
+    async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>>;
+    /// The earliest due time of any waiting invocation.
+    async fn next_due(&self) -> StoreResult<Option<i64>>;
 
-    /// Starts the next attempt: the status becomes running and the attempt number grows by
-    /// one, which fences every earlier attempt. `None` when the invocation is final or paused.
-    async fn start_attempt(
+    /// Starts or finds the run a workflow id names.
+    async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted>;
+    /// The latest run of a workflow id.
+    async fn find_workflow(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+    ) -> StoreResult<Option<InvocationRecord>>;
+    /// Stores a signal for the invocation and hands it to the oldest open wait of its name,
+    /// if any, making the invocation due when that wait is what it is suspended on.
+    async fn send_signal(
         &self,
         id: &InvocationId,
+        signal: NewSignal,
         now_ms: i64,
-    ) -> StoreResult<Option<InvocationRecord>>;
+    ) -> StoreResult<SignalSent>;
+    /// Completes the awakeable at journal `index` with a value or a rejection, once.
+    async fn resolve_awakeable(
+        &self,
+        id: &InvocationId,
+        index: u32,
+        result: Result<Vec<u8>, Failure>,
+        now_ms: i64,
+    ) -> StoreResult<Resolved>;
+    /// The durable state of an invocation: every key with its value (`None` when cleared).
+    async fn read_state(&self, id: &InvocationId) -> StoreResult<Vec<(String, Option<Vec<u8>>)>>;
+    /// A named command of a plain handler (which has no cursor into its journal): the
+    /// recorded entry of `kind` named `name` (and, when given, with the value `key`), else
+    /// `new` appended. When `suspend` is set and the entry has no completion, the attempt
+    /// ends suspended waiting for it, in the same transaction. Fenced like an append.
+    async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer>;
+    /// Checks that `attempt` is the running attempt of the invocation and `token` its
+    /// secret, without writing anything.
+    async fn check_attempt(&self, id: &InvocationId, attempt: u32, token: &str) -> StoreResult<()>;
+    /// A secret of this gateway, made (32 random bytes) the first time it is asked for.
+    async fn gateway_secret(&self, name: &str) -> StoreResult<Vec<u8>>;
     /// Appends an entry for `attempt`, durably, at the next free index (which must be
     /// `entry.index` when that is given).
     async fn append_entry(

@@ -276,7 +276,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
 
 const INVOCATION_COLUMNS: &str = "id, service, handler, deployment_id, status, attempt, failures, \
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
-    created_at_ms, modified_at_ms, completed_at_ms, attempt_token";
+    created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
@@ -306,17 +306,35 @@ fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> 
             modified_at_ms: row.get(14).map_err(backend)?,
             completed_at_ms: row.get(15).map_err(backend)?,
             attempt_token: row.get(16).map_err(backend)?,
+            workflow_id: row.get(17).map_err(backend)?,
         })
     })();
     Ok(record)
 }
 
-const ENTRY_COLUMNS: &str = "idx, kind, name, value, content_type, failure, attempt, at_ms";
+/// Journal entries with their completions (`j` and `c`).
+const ENTRY_SELECT: &str = "SELECT j.idx, j.kind, j.name, j.value, j.content_type, j.failure, \
+     j.attempt, j.at_ms, c.seq, c.value, c.failure, c.at_ms FROM journal j \
+     LEFT JOIN completions c ON c.invocation_id = j.invocation_id AND c.idx = j.idx";
 
 fn entry(row: &Row<'_>) -> rusqlite::Result<StoreResult<StoredEntry>> {
     let kind: String = row.get(1)?;
     let failure: Option<String> = row.get(5)?;
+    let completion_seq: Option<u32> = row.get(8)?;
+    let completion_failure: Option<String> = row.get(10)?;
     let entry = (|| {
+        let completion = match completion_seq {
+            Some(seq) => Some(StoredCompletion {
+                seq,
+                value: row.get(9).map_err(backend)?,
+                failure: completion_failure
+                    .map(|f| serde_json::from_str::<Failure>(&f))
+                    .transpose()
+                    .map_err(backend)?,
+                at_ms: row.get(11).map_err(backend)?,
+            }),
+            None => None,
+        };
         Ok(StoredEntry {
             index: row.get(0).map_err(backend)?,
             kind: EntryKind::parse(&kind)
@@ -330,6 +348,7 @@ fn entry(row: &Row<'_>) -> rusqlite::Result<StoreResult<StoredEntry>> {
                 .map_err(backend)?,
             attempt: row.get(6).map_err(backend)?,
             at_ms: row.get(7).map_err(backend)?,
+            completion,
         })
     })();
     Ok(entry)
@@ -510,7 +529,7 @@ fn append(
             other => other,
         });
     };
-    let stored = StoredEntry {
+    let mut stored = StoredEntry {
         index: journal_len - 1,
         kind: entry.kind,
         name: entry.name,
@@ -519,9 +538,331 @@ fn append(
         failure: entry.failure,
         attempt,
         at_ms: now_ms,
+        completion: None,
     };
     insert_entry(conn, id.as_str(), &stored)?;
+    stored.completion = apply_effect(conn, id.as_str(), &stored, entry.effect, now_ms)?;
     Ok(stored)
+}
+
+/// Refuses a caller that is not the running attempt of the invocation or lacks its token.
+fn check_attempt(conn: &Connection, id: &str, attempt: u32, token: &str) -> StoreResult<()> {
+    let current = fetch_invocation(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if current.attempt != attempt || current.status != Status::Running {
+        return Err(StoreError::Fenced {
+            invocation_id: id.to_owned(),
+            attempt,
+            current_attempt: current.attempt,
+            status: current.status,
+        });
+    }
+    if current.attempt_token.as_deref() != Some(token) {
+        return Err(StoreError::WrongToken {
+            invocation_id: id.to_owned(),
+            attempt,
+        });
+    }
+    Ok(())
+}
+
+/// Carries out what an appended entry does besides being journaled; returns the entry's
+/// completion when it is complete at once.
+fn apply_effect(
+    conn: &Connection,
+    id: &str,
+    entry: &StoredEntry,
+    effect: Effect,
+    now_ms: i64,
+) -> StoreResult<Option<StoredCompletion>> {
+    match effect {
+        Effect::None => Ok(None),
+        Effect::Timer { wake_at_ms } if wake_at_ms <= now_ms => {
+            complete(conn, id, entry.index, None, None, now_ms).map(Some)
+        }
+        Effect::Timer { wake_at_ms } => {
+            execute(
+                conn,
+                "INSERT INTO timers (invocation_id, idx, wake_at_ms) VALUES (?1, ?2, ?3)",
+                params![id, entry.index, wake_at_ms],
+            )?;
+            Ok(None)
+        }
+        Effect::SignalWait => {
+            let name = entry.name.clone().unwrap_or_default();
+            let buffered: Option<(u32, Option<Vec<u8>>)> = conn
+                .prepare_cached(
+                    "SELECT seq, value FROM signals WHERE invocation_id = ?1 AND name = ?2 \
+                     AND consumed_by IS NULL ORDER BY seq LIMIT 1",
+                )
+                .map_err(backend)?
+                .query_row(params![id, name], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()
+                .map_err(backend)?;
+            let Some((seq, value)) = buffered else {
+                return Ok(None);
+            };
+            execute(
+                conn,
+                "UPDATE signals SET consumed_by = ?1 WHERE invocation_id = ?2 AND seq = ?3",
+                params![entry.index, id, seq],
+            )?;
+            complete(conn, id, entry.index, value, None, now_ms).map(Some)
+        }
+        Effect::State { key, value } => {
+            execute(
+                conn,
+                "INSERT INTO state (invocation_id, key, value) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
+                params![id, key, value],
+            )?;
+            Ok(None)
+        }
+    }
+}
+
+/// Writes the completion of the command at `index` (the next in order of arrival).
+fn complete(
+    conn: &Connection,
+    id: &str,
+    index: u32,
+    value: Option<Vec<u8>>,
+    failure: Option<Failure>,
+    now_ms: i64,
+) -> StoreResult<StoredCompletion> {
+    let seq: u32 = conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM completions WHERE invocation_id = ?1",
+        )
+        .map_err(backend)?
+        .query_row([id], |row| row.get(0))
+        .map_err(backend)?;
+    let failure_json = failure.as_ref().map(to_json).transpose()?;
+    execute(
+        conn,
+        "INSERT INTO completions (invocation_id, idx, seq, value, failure, at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, index, seq, value, failure_json, now_ms],
+    )?;
+    Ok(StoredCompletion {
+        seq,
+        value,
+        failure,
+        at_ms: now_ms,
+    })
+}
+
+/// Makes a suspended invocation due now if it waits for the command at `index`.
+fn wake_if_waiting(conn: &Connection, id: &str, index: u32, now_ms: i64) -> StoreResult<bool> {
+    let row: Option<(String, Option<String>)> = conn
+        .prepare_cached("SELECT status, waiting_for FROM invocations WHERE id = ?1")
+        .map_err(backend)?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    let Some((status, waiting_for)) = row else {
+        return Ok(false);
+    };
+    let waits: Vec<u32> = waiting_for
+        .map(|w| serde_json::from_str(&w))
+        .transpose()
+        .map_err(backend)?
+        .unwrap_or_default();
+    if status != Status::Suspended.as_str() || !waits.contains(&index) {
+        return Ok(false);
+    }
+    execute(
+        conn,
+        "UPDATE invocations SET next_run_at_ms = MIN(COALESCE(next_run_at_ms, ?1), ?1), \
+         modified_at_ms = ?1 WHERE id = ?2",
+        params![now_ms, id],
+    )?;
+    Ok(true)
+}
+
+/// Where a suspension leaves the invocation: due now when a command it waits for has
+/// completed (or a waited timer is due), else at the first waited timer (`until_ms` for a
+/// version 1 handler), else when a completion wakes it. `None` for the due time and
+/// `false` when it waits for nothing that can ever complete.
+fn suspension_due(
+    conn: &Connection,
+    id: &str,
+    until_ms: Option<i64>,
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<(Option<i64>, bool)> {
+    let mut due = until_ms;
+    let mut can_complete = until_ms.is_some();
+    for index in waiting_for {
+        let row: Option<(String, Option<u32>, Option<i64>)> = conn
+            .prepare_cached(
+                "SELECT j.kind, c.seq, t.wake_at_ms FROM journal j \
+                 LEFT JOIN completions c ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+                 LEFT JOIN timers t ON t.invocation_id = j.invocation_id AND t.idx = j.idx \
+                 WHERE j.invocation_id = ?1 AND j.idx = ?2",
+            )
+            .map_err(backend)?
+            .query_row(params![id, index], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()
+            .map_err(backend)?;
+        let Some((kind, completed, wake_at)) = row else {
+            continue;
+        };
+        if !EntryKind::parse(&kind).is_some_and(EntryKind::is_command) {
+            continue;
+        }
+        can_complete = true;
+        let at = if completed.is_some() {
+            Some(now_ms)
+        } else {
+            wake_at
+        };
+        due = match (due, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((due, can_complete))
+}
+
+/// Fires the invocation's timers that are due: each gets its completion, in order of
+/// their wake times.
+fn fire_timers(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<()> {
+    let due: Vec<u32> = {
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT idx FROM timers WHERE invocation_id = ?1 AND wake_at_ms <= ?2 \
+                 ORDER BY wake_at_ms, idx",
+            )
+            .map_err(backend)?;
+        let rows = statement
+            .query_map(params![id, now_ms], |row| row.get(0))
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+    };
+    for index in due {
+        complete(conn, id, index, None, None, now_ms)?;
+        execute(
+            conn,
+            "DELETE FROM timers WHERE invocation_id = ?1 AND idx = ?2",
+            params![id, index],
+        )?;
+    }
+    Ok(())
+}
+
+/// Inserts a new invocation, running its first attempt, with its input entry and its
+/// idempotency claim.
+fn insert_invocation(
+    conn: &Connection,
+    new: NewInvocation,
+    workflow_id: Option<&str>,
+) -> StoreResult<(InvocationRecord, StoredEntry)> {
+    let id = new.id.as_str();
+    let sql = format!(
+        "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+         failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
+         created_at_ms, modified_at_ms, attempt_token, workflow_id) \
+         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8) \
+         RETURNING {INVOCATION_COLUMNS}"
+    );
+    let record = query_one(
+        conn,
+        &sql,
+        params![
+            id,
+            new.target.service,
+            new.target.handler,
+            new.target.deployment_id,
+            new.now_ms,
+            new.idempotency.as_ref().map(|c| c.key.as_str()),
+            new_attempt_token(),
+            workflow_id,
+        ],
+        invocation,
+    )?
+    .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
+    let input = StoredEntry {
+        index: 0,
+        kind: EntryKind::Input,
+        name: None,
+        value: Some(new.input),
+        content_type: new.content_type,
+        failure: None,
+        attempt: 0,
+        at_ms: new.now_ms,
+        completion: None,
+    };
+    insert_entry(conn, id, &input)?;
+    if let Some(claim) = &new.idempotency {
+        execute(
+            conn,
+            "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, expires_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![claim.scope, claim.key, claim.request_digest, id, claim.expires_at_ms],
+        )?;
+    }
+    Ok((record, input))
+}
+
+/// The sequence number of the invocation's signal sent with idempotency key `key`.
+fn signal_seq(conn: &Connection, id: &str, key: &str) -> StoreResult<Option<u32>> {
+    conn.prepare_cached("SELECT seq FROM signals WHERE invocation_id = ?1 AND idempotency_key = ?2")
+        .map_err(backend)?
+        .query_row(params![id, key], |row| row.get(0))
+        .optional()
+        .map_err(backend)
+}
+
+/// Stores a signal and hands it to the oldest open wait of its name.
+fn insert_signal(
+    conn: &Connection,
+    id: &str,
+    signal: NewSignal,
+    now_ms: i64,
+) -> StoreResult<SignalSent> {
+    if let Some(key) = &signal.idempotency_key {
+        if let Some(seq) = signal_seq(conn, id, key)? {
+            return Ok(SignalSent {
+                seq,
+                duplicate: true,
+                woke: false,
+            });
+        }
+    }
+    let seq: u32 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM signals WHERE invocation_id = ?1")
+        .map_err(backend)?
+        .query_row([id], |row| row.get(0))
+        .map_err(backend)?;
+    // The oldest wait for this name that has no completion yet.
+    let open_wait: Option<u32> = conn
+        .prepare_cached(
+            "SELECT j.idx FROM journal j WHERE j.invocation_id = ?1 AND j.kind = 'signal' \
+             AND j.name = ?2 AND NOT EXISTS (SELECT 1 FROM completions c \
+             WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx) ORDER BY j.idx LIMIT 1",
+        )
+        .map_err(backend)?
+        .query_row(params![id, signal.name], |row| row.get(0))
+        .optional()
+        .map_err(backend)?;
+    execute(
+        conn,
+        "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, consumed_by, at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![id, seq, signal.name, signal.value, signal.idempotency_key, open_wait, now_ms],
+    )?;
+    let mut woke = false;
+    if let Some(index) = open_wait {
+        complete(conn, id, index, Some(signal.value), None, now_ms)?;
+        woke = wake_if_waiting(conn, id, index, now_ms)?;
+    }
+    Ok(SignalSent {
+        seq,
+        duplicate: false,
+        woke,
+    })
 }
 
 const TARGET_SELECT: &str = "SELECT h.deployment_id, d.url, d.protocol, h.service, h.handler, \
@@ -547,7 +888,7 @@ impl Store for SqliteStore {
                 params![
                     id,
                     new.url,
-                    new.protocol.as_str(),
+                    new.protocol.to_text(),
                     to_json(&new.services)?,
                     new.now_ms
                 ],
@@ -659,49 +1000,11 @@ impl Store for SqliteStore {
                     )?;
                 }
             }
-            let id = new.id.as_str();
-            let sql = format!(
-                "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
-                 failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
-                 created_at_ms, modified_at_ms, attempt_token) \
-                 VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7) \
-                 RETURNING {INVOCATION_COLUMNS}"
-            );
-            let record = query_one(
-                conn,
-                &sql,
-                params![
-                    id,
-                    new.target.service,
-                    new.target.handler,
-                    new.target.deployment_id,
-                    new.now_ms,
-                    new.idempotency.as_ref().map(|c| c.key.as_str()),
-                    new_attempt_token(),
-                ],
-                invocation,
-            )?
-            .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
-            let input = StoredEntry {
-                index: 0,
-                kind: EntryKind::Input,
-                name: None,
-                value: Some(new.input),
-                content_type: new.content_type,
-                failure: None,
-                attempt: 0,
-                at_ms: new.now_ms,
-            };
-            insert_entry(conn, id, &input)?;
-            if let Some(claim) = &new.idempotency {
-                execute(
-                    conn,
-                    "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, expires_at_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![claim.scope, claim.key, claim.request_digest, id, claim.expires_at_ms],
-                )?;
-            }
-            Ok(Created::New { record, input })
+            let (record, input) = insert_invocation(conn, new, None)?;
+            Ok(Created::New {
+                record,
+                input: Box::new(input),
+            })
         })
         .await
     }
@@ -715,9 +1018,7 @@ impl Store for SqliteStore {
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>> {
         let id = id.clone();
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {ENTRY_COLUMNS} FROM journal WHERE invocation_id = ?1 ORDER BY idx"
-            );
+            let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 ORDER BY j.idx");
             query_all(conn, &sql, [id.as_str()], entry)
         })
         .await
@@ -726,9 +1027,7 @@ impl Store for SqliteStore {
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>> {
         let id = id.clone();
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {ENTRY_COLUMNS} FROM journal WHERE invocation_id = ?1 AND idx = ?2"
-            );
+            let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.idx = ?2");
             query_one(conn, &sql, params![id.as_str(), index], entry)
         })
         .await
@@ -754,36 +1053,333 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_resumable(&self) -> StoreResult<Vec<InvocationRecord>> {
-        self.read(|conn| {
-            let sql = format!(
-                "SELECT {INVOCATION_COLUMNS} FROM invocations \
-                 WHERE status IN ('pending', 'running', 'backing-off', 'suspended') ORDER BY id"
-            );
-            query_all(conn, &sql, [], invocation)
+    async fn recover_running(&self, now_ms: i64) -> StoreResult<u64> {
+        self.write(move |conn| {
+            let n = execute(
+                conn,
+                "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, \
+                 modified_at_ms = ?1 WHERE status = 'running'",
+                [now_ms],
+            )?;
+            Ok(n as u64)
         })
         .await
     }
 
-    async fn start_attempt(
-        &self,
-        id: &InvocationId,
-        now_ms: i64,
-    ) -> StoreResult<Option<InvocationRecord>> {
-        let id = id.clone();
+    async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>> {
         self.write(move |conn| {
+            let due: Vec<String> = {
+                let mut statement = conn
+                    .prepare_cached(
+                        "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
+                         AND next_run_at_ms <= ?1 \
+                         AND status IN ('pending', 'backing-off', 'suspended') \
+                         ORDER BY next_run_at_ms LIMIT ?2",
+                    )
+                    .map_err(backend)?;
+                let rows = statement
+                    .query_map(params![now_ms, limit], |row| row.get(0))
+                    .map_err(backend)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+            };
             let sql = format!(
                 "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
-                 next_run_at_ms = NULL, modified_at_ms = ?1, attempt_token = ?3 \
-                 WHERE id = ?2 AND status IN ('pending', 'running', 'backing-off', 'suspended') \
+                 next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = ?1, \
+                 attempt_token = ?3 \
+                 WHERE id = ?2 AND status IN ('pending', 'backing-off', 'suspended') \
                  RETURNING {INVOCATION_COLUMNS}"
             );
-            query_one(
+            let mut claimed = Vec::with_capacity(due.len());
+            for id in due {
+                fire_timers(conn, &id, now_ms)?;
+                if let Some(record) = query_one(
+                    conn,
+                    &sql,
+                    params![now_ms, id, new_attempt_token()],
+                    invocation,
+                )? {
+                    claimed.push(record);
+                }
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<i64>> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT MIN(next_run_at_ms) FROM invocations WHERE next_run_at_ms IS NOT NULL \
+                 AND status IN ('pending', 'backing-off', 'suspended')",
+            )
+            .map_err(backend)?
+            .query_row([], |row| row.get(0))
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted> {
+        self.write(move |conn| {
+            let workflow = run.invocation.target.service.clone();
+            let seen: Option<(String, String)> = conn
+                .prepare_cached(
+                    "SELECT invocation_id, input_digest FROM workflows \
+                     WHERE workflow = ?1 AND workflow_id = ?2",
+                )
+                .map_err(backend)?
+                .query_row(params![workflow, run.workflow_id], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+                .map_err(backend)?;
+            if let Some((invocation_id, digest)) = seen {
+                let record = fetch_invocation(conn, &invocation_id)?.ok_or_else(|| {
+                    corrupt(format!("workflow names missing invocation {invocation_id}"))
+                })?;
+                let ended = record.status.is_final();
+                // A retry of a signal-with-start whose signal the last run received already
+                // answers that run, even when it has ended since.
+                if let Some(key) = run.signal.as_ref().and_then(|s| s.idempotency_key.as_ref()) {
+                    if signal_seq(conn, &invocation_id, key)?.is_some() {
+                        return Ok(WorkflowStarted::Existing(record));
+                    }
+                }
+                if !(ended && run.new_run_after_end) {
+                    // Signal-with-start delivers to a run that has not ended, whatever
+                    // its input.
+                    if let (Some(signal), false) = (run.signal, ended) {
+                        insert_signal(conn, &invocation_id, signal, run.invocation.now_ms)?;
+                        return Ok(WorkflowStarted::Existing(record));
+                    }
+                    if digest == run.input_digest {
+                        return Ok(WorkflowStarted::Existing(record));
+                    }
+                    return Ok(WorkflowStarted::Conflict(record));
+                }
+            }
+            let now_ms = run.invocation.now_ms;
+            let (record, input) = insert_invocation(conn, run.invocation, Some(&run.workflow_id))?;
+            execute(
+                conn,
+                "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
+                 SET invocation_id = excluded.invocation_id, input_digest = excluded.input_digest",
+                params![
+                    workflow,
+                    run.workflow_id,
+                    record.id.as_str(),
+                    run.input_digest
+                ],
+            )?;
+            if let Some(signal) = run.signal {
+                insert_signal(conn, record.id.as_str(), signal, now_ms)?;
+            }
+            Ok(WorkflowStarted::New {
+                record,
+                input: Box::new(input),
+            })
+        })
+        .await
+    }
+
+    async fn find_workflow(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let keys = [workflow.to_owned(), workflow_id.to_owned()];
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = \
+                 (SELECT invocation_id FROM workflows WHERE workflow = ?1 AND workflow_id = ?2)"
+            );
+            query_one(conn, &sql, keys, invocation)
+        })
+        .await
+    }
+
+    async fn send_signal(
+        &self,
+        id: &InvocationId,
+        signal: NewSignal,
+        now_ms: i64,
+    ) -> StoreResult<SignalSent> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let record = fetch_invocation(conn, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if record.status.is_final() {
+                // A retry of a signal that was delivered before the end is no error.
+                if let Some(key) = &signal.idempotency_key {
+                    if let Some(seq) = signal_seq(conn, id.as_str(), key)? {
+                        return Ok(SignalSent {
+                            seq,
+                            duplicate: true,
+                            woke: false,
+                        });
+                    }
+                }
+                return Err(StoreError::Ended {
+                    invocation_id: id.to_string(),
+                    status: record.status,
+                });
+            }
+            insert_signal(conn, id.as_str(), signal, now_ms)
+        })
+        .await
+    }
+
+    async fn resolve_awakeable(
+        &self,
+        id: &InvocationId,
+        index: u32,
+        result: Result<Vec<u8>, Failure>,
+        now_ms: i64,
+    ) -> StoreResult<Resolved> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.idx = ?2");
+            let entry = query_one(conn, &sql, params![id.as_str(), index], entry)?
+                .filter(|e| e.kind == EntryKind::Awakeable)
+                .ok_or_else(|| StoreError::NotFound(format!("{id} awakeable {index}")))?;
+            if let Some(completion) = entry.completion {
+                return Ok(Resolved {
+                    completion,
+                    first: false,
+                    woke: false,
+                });
+            }
+            let record = fetch_invocation(conn, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if record.status.is_final() {
+                return Err(StoreError::Ended {
+                    invocation_id: id.to_string(),
+                    status: record.status,
+                });
+            }
+            let (value, failure) = match result {
+                Ok(value) => (Some(value), None),
+                Err(failure) => (None, Some(failure)),
+            };
+            let completion = complete(conn, id.as_str(), index, value, failure, now_ms)?;
+            let woke = wake_if_waiting(conn, id.as_str(), index, now_ms)?;
+            Ok(Resolved {
+                completion,
+                first: true,
+                woke,
+            })
+        })
+        .await
+    }
+
+    async fn read_state(&self, id: &InvocationId) -> StoreResult<Vec<(String, Option<Vec<u8>>)>> {
+        let id = id.clone();
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT key, value FROM state WHERE invocation_id = ?1 ORDER BY key",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map([id.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer> {
+        self.write(move |conn| {
+            let id = command.id.as_str();
+            check_attempt(conn, id, command.attempt, &command.token)?;
+            let sql = format!(
+                "{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.kind = ?2 AND j.name = ?3 \
+                 AND (?4 IS NULL OR j.value = ?4) ORDER BY j.idx LIMIT 1"
+            );
+            let found = query_one(
                 conn,
                 &sql,
-                params![now_ms, id.as_str(), new_attempt_token()],
-                invocation,
-            )
+                params![id, command.kind.as_str(), command.name, command.key],
+                entry,
+            )?;
+            let (entry, recorded) = match (found, command.new) {
+                (Some(entry), _) => (entry, true),
+                (None, Some(new)) => (
+                    append(conn, &command.id, command.attempt, new, now_ms)?,
+                    false,
+                ),
+                (None, None) => {
+                    return Err(StoreError::NotFound(format!(
+                        "{} {:?} of invocation {id}",
+                        command.kind.as_str(),
+                        command.name
+                    )))
+                }
+            };
+            let also = match command.also {
+                Some((name, new)) => {
+                    let found = query_one(
+                        conn,
+                        &sql,
+                        params![id, new.kind.as_str(), name, None::<Vec<u8>>],
+                        self::entry,
+                    )?;
+                    Some(match found {
+                        Some(entry) => entry,
+                        None => append(conn, &command.id, command.attempt, new, now_ms)?,
+                    })
+                }
+                None => None,
+            };
+            let suspended = command.suspend
+                && entry.completion.is_none()
+                && also.as_ref().is_none_or(|e| e.completion.is_none());
+            if suspended {
+                let waiting_for: Vec<u32> = [Some(entry.index), also.as_ref().map(|e| e.index)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let (due, _) = suspension_due(conn, id, None, &waiting_for, now_ms)?;
+                execute(
+                    conn,
+                    "UPDATE invocations SET status = 'suspended', next_run_at_ms = ?1, \
+                     waiting_for = ?2, modified_at_ms = ?3 WHERE id = ?4",
+                    params![due, to_json(&waiting_for)?, now_ms, id],
+                )?;
+            }
+            Ok(PlainAnswer {
+                entry,
+                also,
+                recorded,
+                suspended,
+            })
+        })
+        .await
+    }
+
+    async fn check_attempt(&self, id: &InvocationId, attempt: u32, token: &str) -> StoreResult<()> {
+        let (id, token) = (id.clone(), token.to_owned());
+        self.read(move |conn| check_attempt(conn, id.as_str(), attempt, &token))
+            .await
+    }
+
+    async fn gateway_secret(&self, name: &str) -> StoreResult<Vec<u8>> {
+        let name = name.to_owned();
+        self.write(move |conn| {
+            let fresh: Vec<u8> = (0..2)
+                .flat_map(|_| *uuid::Uuid::new_v4().as_bytes())
+                .collect();
+            execute(
+                conn,
+                "INSERT INTO gateway_secrets (name, secret) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO NOTHING",
+                params![name, fresh],
+            )?;
+            conn.prepare_cached("SELECT secret FROM gateway_secrets WHERE name = ?1")
+                .map_err(backend)?
+                .query_row([name], |row| row.get(0))
+                .map_err(backend)
         })
         .await
     }
@@ -830,6 +1426,7 @@ impl Store for SqliteStore {
                 content_type: Some("application/json".into()),
                 failure: None,
                 token: None,
+                effect: Effect::None,
             };
             append(conn, &id, attempt, entry, now_ms)?;
             Ok((value, false))
@@ -848,6 +1445,30 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             // ?1 is the time and ?2, ?3 the fence; the rest depend on the end.
             let fence = "WHERE id = ?2 AND attempt = ?3 AND status = 'running'";
+            let mut suspended_due = None;
+            let end = match end {
+                AttemptEnd::Suspended {
+                    until_ms,
+                    waiting_for,
+                } => {
+                    let (due, can_complete) =
+                        suspension_due(conn, id.as_str(), until_ms, &waiting_for, now_ms)?;
+                    suspended_due = due;
+                    if can_complete {
+                        AttemptEnd::Suspended {
+                            until_ms,
+                            waiting_for,
+                        }
+                    } else {
+                        AttemptEnd::Paused {
+                            reason: format!(
+                                "the handler suspended waiting for {waiting_for:?}, which are not commands of its journal, so nothing could ever wake it; fix the handler and resume the invocation"
+                            ),
+                        }
+                    }
+                }
+                other => other,
+            };
             let (set, extra): (&str, Vec<rusqlite::types::Value>) = match &end {
                 AttemptEnd::Completed { .. } => (
                     "status = 'completed', journal_len = journal_len + 1, completed_at_ms = ?1, \
@@ -872,9 +1493,9 @@ impl Store for SqliteStore {
                         i64::from(*handler_failure).into(),
                     ],
                 ),
-                AttemptEnd::Suspended { until_ms } => (
-                    "status = 'suspended', next_run_at_ms = ?4",
-                    vec![(*until_ms).into()],
+                AttemptEnd::Suspended { waiting_for, .. } => (
+                    "status = 'suspended', next_run_at_ms = ?4, waiting_for = ?5",
+                    vec![suspended_due.into(), to_json(waiting_for)?.into()],
                 ),
                 AttemptEnd::Paused { reason } => (
                     "status = 'paused', last_error = ?4",
@@ -915,8 +1536,15 @@ impl Store for SqliteStore {
                         failure,
                         attempt,
                         at_ms: now_ms,
+                        completion: None,
                     };
                     insert_entry(conn, id.as_str(), &entry)?;
+                    // Timers of an ended invocation will never be waited for.
+                    execute(
+                        conn,
+                        "DELETE FROM timers WHERE invocation_id = ?1",
+                        [id.as_str()],
+                    )?;
                     Some(entry)
                 }
                 None => None,

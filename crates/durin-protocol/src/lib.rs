@@ -1,4 +1,4 @@
-//! Wire types of the Durin handler protocol, version 1.
+//! Wire types of the Durin handler protocol, version 2 (version 1 is still spoken).
 //!
 //! The gateway and every SDK speak this protocol, so it lives in its own crate with no
 //! dependency on either side. ARCHITECTURE.md describes the exchange in prose; this file is
@@ -12,6 +12,15 @@
 //!    ([`AppendRequest`], header [`HEADER_ATTEMPT`]); each one is durable before it is
 //!    acknowledged with an [`AppendResponse`].
 //! 4. The handler ends the attempt by answering `200` with an [`Outcome`].
+//!
+//! Version 2 adds commands whose result arrives later (a durable timer, a wait for a
+//! signal, an awakeable) and durable state. A command is an entry the handler appends; its
+//! result is a [`Completion`], stored by the gateway when it arrives (possibly while no
+//! attempt runs) and delivered on the entry in the next invocation request. A handler that
+//! needs a result that has not arrived ends the attempt with [`Outcome::Suspend`], naming
+//! the entries it waits for. The version is negotiated: the deployment's discovery document
+//! says which version it speaks, and the gateway speaks every version from
+//! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`].
 
 use std::time::Duration;
 
@@ -19,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol version this crate describes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version the gateway still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Header naming the invocation an attempt belongs to (`inv_…`).
 pub const HEADER_INVOCATION_ID: &str = "durin-invocation-id";
 /// Header carrying the attempt number, the fencing token of every append.
@@ -29,6 +40,12 @@ pub const HEADER_ATTEMPT: &str = "durin-attempt";
 pub const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
+/// Set (to `true`) on an answer of the context API or the egress that comes from the journal.
+pub const HEADER_REPLAYED: &str = "durin-replayed";
+/// Set (to `true`) on the context API's answer when the call suspended the attempt: a plain
+/// handler must stop (whatever it answers is ignored); it runs again, from the top, when
+/// what it waits for has arrived.
+pub const HEADER_SUSPENDED: &str = "durin-suspended";
 
 /// What `GET /discover` answers: the services a deployment serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +211,24 @@ pub struct JournalEntry {
     pub attempt: u32,
     /// Milliseconds since the Unix epoch when the entry was recorded.
     pub at_ms: i64,
+    /// The result of a command (`sleep`, `signal`, `awakeable`) once it has arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<Completion>,
+}
+
+/// The result of a command, which arrives after the command was journaled: a timer that
+/// fired, the signal that a wait received, the value an awakeable was resolved with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Order of arrival among the invocation's completions, from 1: when a handler waits
+    /// for the first of several commands, the lowest `seq` won, on every replay.
+    pub seq: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Milliseconds since the Unix epoch when it arrived.
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -214,6 +249,23 @@ pub enum EntryKind {
     Egress,
     /// The handler's result; written by the gateway when the invocation ends.
     Output,
+    /// A durable timer (v2). Appended with `value` `{"duration_ms": N}` or
+    /// `{"wake_at_ms": T}`; the gateway records `{"wake_at_ms": T}` (its own clock) and
+    /// completes it at T.
+    Sleep,
+    /// A wait for the next signal named `name` (v2). Completed with the signal's payload;
+    /// signals of one name are delivered in order, each to one wait.
+    Signal,
+    /// A callback from outside (v2). The gateway answers the append with
+    /// `{"token", "resolve_url", "reject_url"}`; completed by a resolve or a reject.
+    Awakeable,
+    /// Durable state (v2): `name` is the key, `value` `{"set": V}` or `{"clear": true}`.
+    /// Queries read it without calling the handler.
+    State,
+    /// A kind this version does not know (a newer gateway or SDK): a reader must treat it
+    /// as a retryable error, never as a terminal failure, so that rolling upgrades are safe.
+    #[serde(other)]
+    Unknown,
 }
 
 impl EntryKind {
@@ -226,6 +278,11 @@ impl EntryKind {
             EntryKind::Random => "random",
             EntryKind::Egress => "egress",
             EntryKind::Output => "output",
+            EntryKind::Sleep => "sleep",
+            EntryKind::Signal => "signal",
+            EntryKind::Awakeable => "awakeable",
+            EntryKind::State => "state",
+            EntryKind::Unknown => "unknown",
         }
     }
 
@@ -238,6 +295,10 @@ impl EntryKind {
             "random" => EntryKind::Random,
             "egress" => EntryKind::Egress,
             "output" => EntryKind::Output,
+            "sleep" => EntryKind::Sleep,
+            "signal" => EntryKind::Signal,
+            "awakeable" => EntryKind::Awakeable,
+            "state" => EntryKind::State,
             _ => return None,
         })
     }
@@ -246,8 +307,25 @@ impl EntryKind {
     pub fn appendable(self) -> bool {
         !matches!(
             self,
-            EntryKind::Input | EntryKind::Output | EntryKind::Egress
+            EntryKind::Input | EntryKind::Output | EntryKind::Egress | EntryKind::Unknown
         )
+    }
+
+    /// Whether the entry is a command whose result arrives later as a [`Completion`].
+    pub fn is_command(self) -> bool {
+        matches!(
+            self,
+            EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable
+        )
+    }
+
+    /// The first protocol version that has this kind.
+    pub fn since_version(self) -> u32 {
+        match self {
+            EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable | EntryKind::State => 2,
+            EntryKind::Unknown => u32::MAX,
+            _ => 1,
+        }
     }
 }
 
@@ -279,6 +357,13 @@ pub struct AppendRequest {
 pub struct AppendResponse {
     pub index: u32,
     pub at_ms: i64,
+    /// The value the gateway recorded when it differs from the one sent (a sleep's
+    /// `wake_at_ms`, an awakeable's token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// A command's result when it was already there (a buffered signal, a timer in the past).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion: Option<Completion>,
 }
 
 /// (kind, name) of an entry, as a non-determinism report names it.
@@ -308,8 +393,16 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         step: Option<String>,
     },
-    /// The handler cannot go on now; call it again at `wake_at_ms` (ms since the epoch).
-    Suspend { wake_at_ms: i64 },
+    /// The handler cannot go on now. Version 2: it waits for the commands at the journal
+    /// indexes `waiting_for` and runs again as soon as one of them completes (the gateway
+    /// checks, in the same transaction, whether one already has). Version 1: call it again
+    /// at `wake_at_ms` (ms since the epoch).
+    Suspend {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        waiting_for: Vec<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wake_at_ms: Option<i64>,
+    },
     /// On replay the handler asked for an entry different from the recorded one.
     NonDeterminism {
         index: u32,
@@ -365,6 +458,9 @@ mod tests {
             json,
             serde_json::json!({"outcome": "retry", "error": "boom", "retry_after_ms": 5, "step": "charge"})
         );
+        let unknown: EntryKind = serde_json::from_str(r#""teleport""#).unwrap();
+        assert_eq!(unknown, EntryKind::Unknown);
+        assert!(!unknown.appendable());
         let policy: RetryPolicy =
             serde_json::from_str(r#"{"initial_interval": "250ms", "maximum_attempts": 3}"#)
                 .unwrap();

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use durin_protocol::{
-    AppendRequest, EntryKind, EntryRef, Failure, InvocationRequest, JournalEntry, Outcome,
-    RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
+    AppendRequest, AppendResponse, Completion, EntryKind, EntryRef, Failure, InvocationRequest,
+    JournalEntry, Outcome, RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -30,6 +30,57 @@ impl RunOptions {
         RunOptions {
             retry_policy: Some(policy),
         }
+    }
+}
+
+/// A journaled command whose result arrives later: a timer, a signal wait, an awakeable.
+/// Wait for it (and possibly others) with [`Context::first`].
+#[derive(Debug, Clone)]
+pub struct Waitable {
+    index: u32,
+    /// What the gateway recorded for it (a timer's wake time, an awakeable's token).
+    info: Option<Value>,
+    completion: Option<Completion>,
+}
+
+impl Waitable {
+    /// Whether its result has arrived.
+    pub fn is_complete(&self) -> bool {
+        self.completion.is_some()
+    }
+
+    /// The result, as `T` (a signal's payload, an awakeable's value). A rejected awakeable
+    /// is a terminal error the handler may handle.
+    pub fn value<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        let completion = self.completion.as_ref().ok_or_else(|| {
+            HandlerError::terminal("the result has not arrived; wait with Context::first")
+        })?;
+        if let Some(failure) = &completion.failure {
+            return Err(HandlerError::from_failure(failure.clone()));
+        }
+        serde_json::from_value(completion.value.clone().unwrap_or(Value::Null)).map_err(|e| {
+            HandlerError::terminal(format!("the result does not fit the type asked for: {e}"))
+        })
+    }
+}
+
+/// A callback from outside (see [`Context::awakeable`]).
+#[derive(Debug, Clone)]
+pub struct Awakeable {
+    /// The secret that completes it; it names its invocation and cannot be guessed.
+    pub token: String,
+    /// `POST` a JSON value here to resolve it.
+    pub resolve_url: String,
+    /// `POST {"message"}` here to reject it.
+    pub reject_url: String,
+    pub waitable: Waitable,
+}
+
+impl Awakeable {
+    /// Waits for the value it is resolved with (a rejection is a terminal error).
+    pub async fn wait<T: DeserializeOwned>(&self, ctx: &Context) -> Result<T, HandlerError> {
+        ctx.first(&[&self.waitable]).await?;
+        self.waitable.value()
     }
 }
 
@@ -63,7 +114,7 @@ struct ReplayState {
 }
 
 enum Replayed {
-    Recorded(JournalEntry),
+    Recorded(Box<JournalEntry>),
     New,
 }
 
@@ -138,7 +189,7 @@ impl Context {
                 if let Some(failure) = entry.failure {
                     return Err(HandlerError::from_failure(failure));
                 }
-                self.decode(entry)
+                self.decode(*entry)
             }
             Replayed::New => match f().await {
                 Ok(value) => {
@@ -232,7 +283,7 @@ impl Context {
         T: Serialize + DeserializeOwned,
     {
         match self.replay(kind, None)? {
-            Replayed::Recorded(entry) => self.decode(entry),
+            Replayed::Recorded(entry) => self.decode(*entry),
             Replayed::New => {
                 let value = make();
                 let json = serde_json::to_value(&value)
@@ -241,6 +292,137 @@ impl Context {
                 Ok(value)
             }
         }
+    }
+
+    /// A durable timer that fires after `duration`, measured on the gateway's clock. Use it
+    /// with [`Context::first`] to race it against a signal; [`Context::sleep`] just waits.
+    pub async fn timer(&self, duration: Duration) -> Result<Waitable, HandlerError> {
+        let value = serde_json::json!({ "duration_ms": duration.as_millis() as u64 });
+        self.command(EntryKind::Sleep, None, Some(value)).await
+    }
+
+    /// A durable timer that fires at `at`.
+    pub async fn timer_until(&self, at: SystemTime) -> Result<Waitable, HandlerError> {
+        let millis = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let value = serde_json::json!({ "wake_at_ms": millis });
+        self.command(EntryKind::Sleep, None, Some(value)).await
+    }
+
+    /// Sleeps durably: the invocation holds no connection and no task while it sleeps,
+    /// and the sleep survives restarts of Durin and of the handler.
+    pub async fn sleep(&self, duration: Duration) -> Result<(), HandlerError> {
+        let timer = self.timer(duration).await?;
+        self.first(&[&timer]).await.map(|_| ())
+    }
+
+    /// Sleeps durably until `at`.
+    pub async fn sleep_until(&self, at: SystemTime) -> Result<(), HandlerError> {
+        let timer = self.timer_until(at).await?;
+        self.first(&[&timer]).await.map(|_| ())
+    }
+
+    /// A wait for the next signal named `name` (buffered if it came before). Use it with
+    /// [`Context::first`]; [`Context::signal`] just waits.
+    pub async fn signal_waiter(&self, name: &str) -> Result<Waitable, HandlerError> {
+        self.command(EntryKind::Signal, Some(name), None).await
+    }
+
+    /// Waits for the next signal named `name` and returns its payload. Signals of one name
+    /// arrive in the order they were sent, each once.
+    pub async fn signal<T: DeserializeOwned>(&self, name: &str) -> Result<T, HandlerError> {
+        let waiter = self.signal_waiter(name).await?;
+        self.first(&[&waiter]).await?;
+        waiter.value()
+    }
+
+    /// A callback from outside: hand `awakeable.token` (or its `resolve_url`) to another
+    /// system, which completes it with `POST /v1/awakeables/{token}/resolve`; wait for it
+    /// with [`Context::first`] or [`Awakeable::wait`].
+    pub async fn awakeable(&self) -> Result<Awakeable, HandlerError> {
+        let waitable = self.command(EntryKind::Awakeable, None, None).await?;
+        let info = waitable.info.clone().unwrap_or(Value::Null);
+        let text = |key: &str| info[key].as_str().unwrap_or_default().to_owned();
+        Ok(Awakeable {
+            token: text("token"),
+            resolve_url: text("resolve_url"),
+            reject_url: text("reject_url"),
+            waitable,
+        })
+    }
+
+    /// Sets a key of the invocation's durable state, which
+    /// `GET /v1/workflows/{workflow}/{id}/queries/{key}` answers without calling the handler.
+    pub async fn set<T: Serialize>(&self, key: &str, value: &T) -> Result<(), HandlerError> {
+        let value = serde_json::to_value(value)
+            .map_err(|e| HandlerError::terminal(format!("state {key:?}: {e}")))?;
+        self.state_entry(key, serde_json::json!({ "set": value }))
+            .await
+    }
+
+    /// Clears a key of the durable state (a query then answers `null`).
+    pub async fn clear(&self, key: &str) -> Result<(), HandlerError> {
+        self.state_entry(key, serde_json::json!({ "clear": true }))
+            .await
+    }
+
+    async fn state_entry(&self, key: &str, op: Value) -> Result<(), HandlerError> {
+        match self.replay(EntryKind::State, Some(key))? {
+            Replayed::Recorded(_) => Ok(()),
+            Replayed::New => self
+                .append(EntryKind::State, Some(key), Some(op), None)
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Journals a command (or finds it on replay) with whatever result has arrived.
+    async fn command(
+        &self,
+        kind: EntryKind,
+        name: Option<&str>,
+        value: Option<Value>,
+    ) -> Result<Waitable, HandlerError> {
+        match self.replay(kind, name)? {
+            Replayed::Recorded(entry) => Ok(Waitable {
+                index: entry.index,
+                info: entry.value,
+                completion: entry.completion,
+            }),
+            Replayed::New => {
+                let answer = self.append(kind, name, value, None).await?;
+                Ok(Waitable {
+                    index: answer.index,
+                    info: answer.value,
+                    completion: answer.completion,
+                })
+            }
+        }
+    }
+
+    /// Waits for the first of `waitables` to complete and returns its position in the
+    /// slice. When several have completed, the one that completed first wins, on every
+    /// replay. When none has, the attempt ends suspended and Durin calls the handler again
+    /// when one completes: the handler holds nothing while it waits.
+    pub async fn first(&self, waitables: &[&Waitable]) -> Result<usize, HandlerError> {
+        let winner = waitables
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.completion.as_ref().map(|c| (c.seq, i)))
+            .min();
+        if let Some((_, i)) = winner {
+            return Ok(i);
+        }
+        let waiting_for = waitables.iter().map(|w| w.index).collect();
+        self.lock().abort.get_or_insert(Outcome::Suspend {
+            waiting_for,
+            wake_at_ms: None,
+        });
+        Err(HandlerError::abort(
+            "the handler waits; the attempt is suspended",
+        ))
     }
 
     /// The recorded value of `entry` as the handler's type. A value that no longer fits
@@ -295,7 +477,7 @@ impl Context {
             )));
         }
         state.cursor += 1;
-        Ok(Replayed::Recorded(entry))
+        Ok(Replayed::Recorded(Box::new(entry)))
     }
 
     /// Appends the next entry and waits until the gateway has it on disk.
@@ -305,7 +487,7 @@ impl Context {
         name: Option<&str>,
         value: Option<Value>,
         failure: Option<Failure>,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<AppendResponse, HandlerError> {
         let index = self.lock().next_index;
         let request = AppendRequest {
             index,
@@ -328,10 +510,18 @@ impl Context {
                 .await;
             let problem = match sent {
                 Ok(response) if response.status().is_success() => {
+                    let answer: AppendResponse = match response.json().await {
+                        Ok(answer) => answer,
+                        Err(e) => {
+                            return Err(self.end_attempt(format!(
+                            "the gateway's answer to entry {index} is not an append response: {e}"
+                        )))
+                        }
+                    };
                     let mut state = self.lock();
                     state.next_index = index + 1;
                     state.appended = true;
-                    return Ok(());
+                    return Ok(answer);
                 }
                 Ok(response) if response.status().is_server_error() => {
                     format!("the gateway answered {}", response.status())

@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use durin_protocol::{
-    Discovery, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
-    PROTOCOL_VERSION,
+    Discovery, EntryKind, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind,
+    ServiceSpec, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -192,7 +192,7 @@ async fn invoke(
                 .into_response()
         }
     };
-    if request.protocol != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&request.protocol) {
         return (
             StatusCode::BAD_REQUEST,
             format!(
@@ -201,6 +201,25 @@ async fn invoke(
             ),
         )
             .into_response();
+    }
+    // A kind this SDK does not know comes from a newer gateway or SDK: replaying past it
+    // would be a guess, and failing for good would lose the invocation during a rolling
+    // upgrade. The attempt is retried (a newer SDK deployment will take it).
+    if let Some(entry) = request
+        .journal
+        .iter()
+        .find(|e| e.kind == EntryKind::Unknown)
+    {
+        return Json(Outcome::Retry {
+            error: format!(
+                "journal entry {} has a kind this SDK does not know (protocol {PROTOCOL_VERSION}); deploy a newer SDK",
+                entry.index
+            ),
+            error_type: Some("UnknownEntryKind".into()),
+            retry_after_ms: None,
+            step: None,
+        })
+        .into_response();
     }
     let input = std::mem::take(&mut request.input);
     let ctx = Context::new(&mut request, state.http);

@@ -27,6 +27,12 @@
 //! # }
 //! ```
 //!
+//! Version 2 of the protocol adds durable waits: `ctx.sleep(d)`, `ctx.signal(name)`,
+//! `ctx.awakeable()` and `ctx.first(&[...])` (the first of several, e.g. a signal raced
+//! against a timer) journal a command; when its result has not arrived the attempt ends
+//! suspended and Durin calls the handler again when it has. `ctx.set(key, value)` keeps
+//! durable state that queries read without calling the handler.
+//!
 //! Steps of one invocation run one after the other: a handler must not run two `ctx` calls
 //! concurrently, because the order of the journal must not depend on timing.
 
@@ -34,7 +40,7 @@ mod context;
 mod endpoint;
 mod error;
 
-pub use context::{Context, RunOptions};
+pub use context::{Awakeable, Context, RunOptions, Waitable};
 pub use durin_protocol::RetryPolicy;
 pub use endpoint::{Endpoint, HandlerOptions, Service};
 pub use error::HandlerError;

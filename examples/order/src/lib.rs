@@ -122,15 +122,43 @@ async fn process(steps: Arc<Steps>, ctx: Context, order: Order) -> Result<String
     ))
 }
 
-/// The endpoint serving `order/process`.
+/// The input of the tutorial's approval workflow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub request: String,
+    /// The approval deadline: without a `cancel` signal by then, the request is approved.
+    pub deadline_secs: u64,
+}
+
+/// The tutorial's approval workflow (`approval/run`): a `cancel` signal, an `is_cancelled`
+/// query (durable state), and a timer as the approval deadline, raced against the signal.
+/// While it waits, the workflow holds no connection and no task: it is a row in Durin.
+async fn approval(ctx: Context, input: ApprovalRequest) -> Result<String, HandlerError> {
+    ctx.set("is_cancelled", &false).await?;
+    ctx.set("status", &"waiting for the deadline").await?;
+    let deadline = ctx.timer(Duration::from_secs(input.deadline_secs)).await?;
+    let cancel = ctx.signal_waiter("cancel").await?;
+    if ctx.first(&[&cancel, &deadline]).await? == 0 {
+        let reason: serde_json::Value = cancel.value()?;
+        ctx.set("is_cancelled", &true).await?;
+        ctx.set("status", &"cancelled").await?;
+        return Ok(format!("request {} cancelled: {reason}", input.request));
+    }
+    ctx.set("status", &"approved").await?;
+    Ok(format!("request {} approved", input.request))
+}
+
+/// The endpoint serving `order/process` and the `approval` workflow.
 pub fn endpoint(args: Args) -> Endpoint {
     let steps = Arc::new(Steps {
         args,
         http: reqwest::Client::new(),
     });
-    Endpoint::new().service(Service::new("order").handler("process", move |ctx, order| {
-        process(Arc::clone(&steps), ctx, order)
-    }))
+    Endpoint::new()
+        .service(Service::new("order").handler("process", move |ctx, order| {
+            process(Arc::clone(&steps), ctx, order)
+        }))
+        .service(Service::new("approval").handler("run", approval))
 }
 
 /// Entry point of the `order` binary.

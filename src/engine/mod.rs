@@ -1,0 +1,145 @@
+//! The engine: one scheduler claims due invocations and runs their attempts.
+//!
+//! Every event that makes an invocation runnable (its creation, a backoff that elapsed, a
+//! timer that is due, a signal or callback that a suspended attempt waits for, a resume)
+//! is a store write that sets its due time in the same transaction. The scheduler
+//! (`scheduler.rs`) claims due invocations in batches, which starts their next attempt in
+//! the store (fencing every earlier one), and runs each attempt (`attempt.rs`) under a
+//! bounded concurrency. Nothing waits in memory: a sleeping invocation is a row with a due
+//! time, and recovery after a crash is the scheduler finding rows that are overdue.
+//! [`Engine::nudge`] only makes the scheduler look sooner; correctness never depends on it.
+
+mod attempt;
+mod scheduler;
+mod waiters;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use durin_protocol::RetryPolicy;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use waiters::{Ended, Waiters};
+
+use crate::clock::Clock;
+use crate::ids::InvocationId;
+use crate::journal::awakeable::AwakeableKey;
+use crate::registry::Targets;
+use crate::store::{InvocationRecord, Store, StoreError, StoredEntry};
+
+pub struct EngineConfig {
+    /// Base URL of this gateway as handlers reach it (for the context API).
+    pub advertised_url: String,
+    pub default_retry_policy: RetryPolicy,
+    pub default_start_to_close: Duration,
+    /// Attempts the scheduler runs at once.
+    pub max_concurrent_attempts: usize,
+}
+
+/// Told when attempts and invocations end, so that per-attempt state kept elsewhere (the
+/// egress's call occurrences) is dropped at the right time.
+pub trait AttemptObserver: Send + Sync {
+    /// The handler of `attempt` has answered (or given up): its calls are over.
+    fn attempt_ended(&self, id: &InvocationId, attempt: u32);
+    /// The invocation ended for good.
+    fn invocation_ended(&self, id: &InvocationId);
+}
+
+pub struct Engine {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    http: reqwest::Client,
+    config: EngineConfig,
+    waiters: Waiters,
+    targets: Arc<Targets>,
+    observer: Arc<dyn AttemptObserver>,
+    awakeables: AwakeableKey,
+    /// Attempts in flight, so that a shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Bounds the attempts the scheduler runs at once.
+    slots: Arc<Semaphore>,
+    /// Wakes the scheduler when something may have become due.
+    nudge: Notify,
+    shutdown: CancellationToken,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        targets: Arc<Targets>,
+        observer: Arc<dyn AttemptObserver>,
+        awakeables: AwakeableKey,
+        shutdown: CancellationToken,
+    ) -> Engine {
+        let slots = Arc::new(Semaphore::new(config.max_concurrent_attempts.max(1)));
+        Engine {
+            store,
+            clock,
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            config,
+            waiters: Waiters::default(),
+            targets,
+            observer,
+            awakeables,
+            tracker: TaskTracker::new(),
+            slots,
+            nudge: Notify::new(),
+            shutdown,
+        }
+    }
+
+    pub fn waiters(&self) -> &Waiters {
+        &self.waiters
+    }
+
+    /// The scheduler looks for due invocations now (after a write that made one due).
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Invocations whose attempt was cut short by a crash or a stop become due; returns how
+    /// many. Call before [`Engine::start_scheduler`].
+    pub async fn recover(&self) -> Result<u64, StoreError> {
+        self.store.recover_running(self.clock.now_ms()).await
+    }
+
+    /// Starts the scheduler loop; it stops with the shutdown token.
+    pub fn start_scheduler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(scheduler::run(Arc::clone(self)))
+    }
+
+    /// Runs the first attempt of an invocation the store created already started (attempt
+    /// 1, running), with its journal in hand, so that it costs no further read or write.
+    pub fn run_started(self: &Arc<Self>, record: InvocationRecord, journal: Vec<StoredEntry>) {
+        // During a shutdown the invocation stays running in the store; the next start
+        // recovers it.
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let engine = Arc::clone(self);
+        self.tracker
+            .spawn(async move { engine.run_attempt(record, Some(journal)).await });
+    }
+
+    /// Waits for attempts in flight to finish, at most `timeout`. What is left is
+    /// recovered at the next start.
+    pub async fn drain(&self, timeout: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "drain timed out; unfinished attempts resume at the next start"
+            );
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Journal entry kinds: what each one means when a handler appends it.
+//!
+//! Each kind is checked here and turned into the value to record and the [`Effect`] the
+//! store carries out in the same transaction as the append (a timer to arm, a buffered
+//! signal to take, durable state to set). The logic returns data; only the store writes.
+//! Commands whose result arrives later (`sleep`, `signal`, `awakeable`) get a completion
+//! from the store; `awakeable.rs` makes and checks the tokens that resolve them.
+
+pub mod awakeable;
+mod sleep;
+mod state;
+
+use durin_protocol::EntryKind;
+use serde_json::Value;
+
+use crate::store::Effect;
+
+/// The longest entry name (a step, a signal, a state key).
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// What an append records: its value (as the gateway stores it) and its effect.
+#[derive(Debug)]
+pub struct Planned {
+    pub value: Option<Value>,
+    pub effect: Effect,
+}
+
+/// Checks an entry a handler appends and plans its recording. `now_ms` is the gateway's
+/// clock, from which a relative sleep is measured.
+pub fn plan(
+    kind: EntryKind,
+    name: Option<&str>,
+    value: Option<Value>,
+    has_failure: bool,
+    now_ms: i64,
+) -> Result<Planned, String> {
+    if !kind.appendable() {
+        return Err(format!(
+            "entries of kind {} are written by the gateway, not appended by handlers",
+            kind.as_str()
+        ));
+    }
+    if let Some(name) = name {
+        if name.is_empty() || name.len() > MAX_NAME_BYTES {
+            return Err(format!("entry names must be 1 to {MAX_NAME_BYTES} bytes"));
+        }
+    }
+    let needs_name = matches!(kind, EntryKind::Step | EntryKind::Signal | EntryKind::State);
+    if needs_name && name.is_none() {
+        return Err(format!("a {} entry needs a name", kind.as_str()));
+    }
+    if has_failure && kind != EntryKind::Step {
+        return Err(format!("a {} entry carries no failure", kind.as_str()));
+    }
+    match kind {
+        EntryKind::Step if value.is_some() == has_failure => {
+            Err("a step entry carries exactly one of value and failure".into())
+        }
+        EntryKind::Sleep => sleep::plan(value, now_ms),
+        EntryKind::Signal | EntryKind::Awakeable => {
+            if value.is_some() {
+                return Err(format!(
+                    "a {} entry carries no value: its result arrives as a completion",
+                    kind.as_str()
+                ));
+            }
+            let effect = if kind == EntryKind::Signal {
+                Effect::SignalWait
+            } else {
+                Effect::None
+            };
+            Ok(Planned {
+                value: None,
+                effect,
+            })
+        }
+        EntryKind::State => state::plan(name.unwrap_or_default(), value),
+        _ => Ok(Planned {
+            value,
+            effect: Effect::None,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn commands_are_checked_and_planned() {
+        let now = 1_000;
+        let sleep = plan(
+            EntryKind::Sleep,
+            None,
+            Some(json!({"duration_ms": 500})),
+            false,
+            now,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sleep.effect, Effect::Timer { wake_at_ms: 1_500 });
+        assert_eq!(sleep.value, Some(json!({"wake_at_ms": 1_500})));
+        assert!(plan(
+            EntryKind::Sleep,
+            None,
+            Some(json!({"duration_ms": -1})),
+            false,
+            now
+        )
+        .is_err());
+        assert!(plan(EntryKind::Signal, None, None, false, now).is_err());
+        assert!(plan(
+            EntryKind::Signal,
+            Some("approve"),
+            Some(json!(1)),
+            false,
+            now
+        )
+        .is_err());
+        let set = plan(
+            EntryKind::State,
+            Some("k"),
+            Some(json!({"set": 7})),
+            false,
+            now,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            set.effect,
+            Effect::State {
+                key: "k".into(),
+                value: Some(b"7".to_vec())
+            }
+        );
+        assert!(plan(EntryKind::State, Some("k"), Some(json!(7)), false, now).is_err());
+        assert!(plan(EntryKind::Output, None, None, false, now).is_err());
+        assert!(plan(EntryKind::Unknown, None, None, false, now).is_err());
+    }
+}

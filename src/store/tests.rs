@@ -1,0 +1,305 @@
+//! Store behaviours the engine relies on, on a real SQLite file: the scheduler's claims and
+//! due times, commands and their completions, signals and awakeables. Written against the
+//! `Store` trait, so that the PostgreSQL store can run the same story.
+#![allow(clippy::unwrap_used)]
+
+use durin_protocol::{EntryKind, HandlerSpec, ServiceSpec};
+
+use super::*;
+
+const T0: i64 = 1_700_000_000_000;
+
+async fn store() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("durin.db").display());
+    (SqliteStore::open(&url).await.unwrap(), dir)
+}
+
+/// A running invocation (attempt 1) of `wf/run`.
+async fn running(store: &SqliteStore) -> InvocationRecord {
+    let spec = HandlerSpec {
+        name: "run".into(),
+        path: None,
+        retry_policy: None,
+        start_to_close: None,
+    };
+    let (deployment, _) = store
+        .register_deployment(NewDeployment {
+            url: "http://127.0.0.1:1".into(),
+            protocol: HandlerProtocol::Sdk { version: 2 },
+            services: vec![ServiceSpec {
+                name: "wf".into(),
+                kind: Default::default(),
+                handlers: vec![spec.clone()],
+            }],
+            now_ms: T0,
+        })
+        .await
+        .unwrap();
+    let created = store
+        .create_invocation(NewInvocation {
+            id: InvocationId::generate(),
+            target: HandlerTarget {
+                deployment_id: deployment.id,
+                url: deployment.url,
+                protocol: deployment.protocol,
+                service: "wf".into(),
+                handler: "run".into(),
+                spec,
+            },
+            input: b"null".to_vec(),
+            content_type: None,
+            idempotency: None,
+            now_ms: T0,
+        })
+        .await
+        .unwrap();
+    match created {
+        Created::New { record, .. } => record,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn command(
+    store: &SqliteStore,
+    record: &InvocationRecord,
+    kind: EntryKind,
+    name: Option<&str>,
+    effect: Effect,
+    now_ms: i64,
+) -> StoredEntry {
+    let entry = NewEntry {
+        index: None,
+        kind,
+        name: name.map(str::to_owned),
+        value: None,
+        content_type: None,
+        failure: None,
+        token: record.attempt_token.clone(),
+        effect,
+    };
+    store
+        .append_entry(&record.id, record.attempt, entry, now_ms)
+        .await
+        .unwrap()
+}
+
+fn signal(name: &str, value: &str, key: Option<&str>) -> NewSignal {
+    NewSignal {
+        name: name.into(),
+        value: value.as_bytes().to_vec(),
+        idempotency_key: key.map(str::to_owned),
+    }
+}
+
+async fn suspend(
+    store: &SqliteStore,
+    record: &InvocationRecord,
+    waiting_for: Vec<u32>,
+    now_ms: i64,
+) -> InvocationRecord {
+    let end = AttemptEnd::Suspended {
+        until_ms: None,
+        waiting_for,
+    };
+    store
+        .end_attempt(&record.id, record.attempt, end, now_ms)
+        .await
+        .unwrap()
+        .0
+}
+
+#[tokio::test]
+async fn a_timer_is_claimed_when_due_and_not_before_and_fires_once() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let wake = T0 + 30 * 24 * 3600 * 1000;
+    let timer = command(
+        &store,
+        &record,
+        EntryKind::Sleep,
+        None,
+        Effect::Timer { wake_at_ms: wake },
+        T0,
+    )
+    .await;
+    assert_eq!(timer.completion, None);
+    let suspended = suspend(&store, &record, vec![timer.index], T0).await;
+    assert_eq!(suspended.status, Status::Suspended);
+    assert_eq!(suspended.next_run_at_ms, Some(wake));
+    assert_eq!(store.next_due().await.unwrap(), Some(wake));
+    assert!(
+        store.claim_due(wake - 1, 10).await.unwrap().is_empty(),
+        "never early"
+    );
+    let claimed = store.claim_due(wake + 5, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempt, 2, "the claim started the next attempt");
+    assert!(
+        store.claim_due(wake + 6, 10).await.unwrap().is_empty(),
+        "claimed once"
+    );
+    let journal = store.read_journal(&record.id).await.unwrap();
+    let fired = journal[timer.index as usize].completion.clone().unwrap();
+    assert_eq!((fired.seq, fired.at_ms), (1, wake + 5));
+    assert_eq!(store.next_due().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_signal_that_arrives_while_the_attempt_runs_is_not_lost() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let wait = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("approve"),
+        Effect::SignalWait,
+        T0,
+    )
+    .await;
+    // The signal lands between the wait and the suspension.
+    let sent = store
+        .send_signal(&record.id, signal("approve", "1", None), T0 + 1)
+        .await
+        .unwrap();
+    assert!(!sent.woke, "the attempt still runs");
+    let suspended = suspend(&store, &record, vec![wait.index], T0 + 2).await;
+    assert_eq!(
+        suspended.next_run_at_ms,
+        Some(T0 + 2),
+        "due at once: the signal is there"
+    );
+    let claimed = store.claim_due(T0 + 2, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+}
+
+#[tokio::test]
+async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    for (value, key) in [("1", "k1"), ("2", "k2"), ("1", "k1")] {
+        store
+            .send_signal(&record.id, signal("step", value, Some(key)), T0)
+            .await
+            .unwrap();
+    }
+    // Two buffered (the third was a retry); the first wait takes the first.
+    let first = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("step"),
+        Effect::SignalWait,
+        T0,
+    )
+    .await;
+    assert_eq!(first.completion.unwrap().value, Some(b"1".to_vec()));
+    let second = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("step"),
+        Effect::SignalWait,
+        T0,
+    )
+    .await;
+    assert_eq!(second.completion.unwrap().value, Some(b"2".to_vec()));
+    let third = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("step"),
+        Effect::SignalWait,
+        T0,
+    )
+    .await;
+    assert_eq!(third.completion, None, "nothing left in the buffer");
+    let suspended = suspend(&store, &record, vec![third.index], T0).await;
+    assert_eq!(suspended.next_run_at_ms, None, "nothing to wake it yet");
+    let sent = store
+        .send_signal(&record.id, signal("step", "3", None), T0 + 9)
+        .await
+        .unwrap();
+    assert!(sent.woke);
+    let again = store.get_invocation(&record.id).await.unwrap().unwrap();
+    assert_eq!(again.next_run_at_ms, Some(T0 + 9));
+}
+
+#[tokio::test]
+async fn an_awakeable_completes_once_and_an_ended_invocation_takes_nothing() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let awakeable = command(
+        &store,
+        &record,
+        EntryKind::Awakeable,
+        None,
+        Effect::None,
+        T0,
+    )
+    .await;
+    suspend(&store, &record, vec![awakeable.index], T0).await;
+    let first = store
+        .resolve_awakeable(&record.id, awakeable.index, Ok(b"\"yes\"".to_vec()), T0 + 1)
+        .await
+        .unwrap();
+    assert!(first.first && first.woke);
+    let second = store
+        .resolve_awakeable(
+            &record.id,
+            awakeable.index,
+            Err(durin_protocol::Failure {
+                status: 500,
+                error_type: None,
+                message: "no".into(),
+            }),
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    assert!(!second.first);
+    assert_eq!(
+        second.completion, first.completion,
+        "the first result stands"
+    );
+    let claimed = store.claim_due(T0 + 1, 10).await.unwrap().remove(0);
+    store
+        .end_attempt(
+            &record.id,
+            claimed.attempt,
+            AttemptEnd::Completed {
+                output: b"1".to_vec(),
+                content_type: None,
+            },
+            T0 + 3,
+        )
+        .await
+        .unwrap();
+    let late = store
+        .send_signal(&record.id, signal("x", "1", None), T0 + 4)
+        .await;
+    assert!(matches!(late, Err(StoreError::Ended { .. })), "{late:?}");
+    // A valid entry index that is not an awakeable is no awakeable.
+    let wrong = store
+        .resolve_awakeable(&record.id, 0, Ok(b"1".to_vec()), T0)
+        .await;
+    assert!(matches!(wrong, Err(StoreError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn an_attempt_cut_short_by_a_crash_is_due_again_at_start() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    assert!(
+        store.claim_due(T0 + 10, 10).await.unwrap().is_empty(),
+        "running is not due"
+    );
+    assert_eq!(store.recover_running(T0 + 10).await.unwrap(), 1);
+    let claimed = store.claim_due(T0 + 10, 10).await.unwrap();
+    assert_eq!(
+        claimed[0].attempt,
+        record.attempt + 1,
+        "the next attempt fences the lost one"
+    );
+}

@@ -1,0 +1,249 @@
+//! Workflows you can talk to, in-process (`durin::run_with_clock` on port 0, a real SQLite
+//! file, the approval example served by the Rust SDK on port 0): start once per id,
+//! queries that call no handler, signals raced against a timer, a 30-day sleep on a
+//! clock moved by hand, and bad input.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use durin::clock::ManualClock;
+use durin::config::Config;
+use serde_json::{json, Value};
+use support::{client, eventually, get_json, journal, register};
+use tokio_util::sync::CancellationToken;
+
+struct World {
+    gateway: String,
+    clock: Arc<ManualClock>,
+    _shutdown: tokio_util::sync::DropGuard,
+    _dir: tempfile::TempDir,
+}
+
+/// The gateway on a manual clock, with the order example (approval workflow) registered.
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+        drain_timeout: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(durin::run_with_clock(
+        config,
+        listener,
+        shutdown.clone(),
+        Arc::clone(&clock) as Arc<dyn durin::clock::Clock>,
+    ));
+    let handler = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler_url = format!("http://{}", handler.local_addr().unwrap());
+    let args = order_example::Args {
+        listen: handler.local_addr().unwrap(),
+        step_delay_ms: 0,
+        downstream: None,
+        step_retry_initial_ms: 10,
+    };
+    tokio::spawn(order_example::endpoint(args).serve(handler));
+    register(&gateway, &handler_url).await;
+    World {
+        gateway,
+        clock,
+        _shutdown: shutdown.drop_guard(),
+        _dir: dir,
+    }
+}
+
+async fn post(url: &str, body: Value) -> reqwest::Response {
+    client().post(url).json(&body).send().await.unwrap()
+}
+
+async fn query(world: &World, id: &str, name: &str) -> reqwest::Response {
+    client()
+        .get(format!(
+            "{}/v1/workflows/approval/{id}/queries/{name}",
+            world.gateway
+        ))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Waits until the run is suspended (it holds no attempt).
+async fn suspended(world: &World, id: &str) -> Value {
+    eventually(Duration::from_secs(20), "the run to suspend", || async {
+        let view = get_json(&format!("{}/v1/workflows/approval/{id}", world.gateway)).await;
+        (view["status"] == "suspended").then_some(view)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_day_deadline_fires_on_a_moved_clock_and_queries_call_no_handler() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/approval/a-1", world.gateway);
+    let input = json!({"request": "a-1", "deadline_secs": 30 * 24 * 3600});
+    let started = post(&url, input.clone()).await;
+    assert_eq!(started.status(), 202);
+    let run = started.json::<Value>().await.unwrap()["invocation_id"].clone();
+
+    let view = suspended(&world, "a-1").await;
+    let attempts = view["attempt"].clone();
+    // Queries answer from durable state while it sleeps, and run no attempt.
+    for _ in 0..3 {
+        let answer = query(&world, "a-1", "is_cancelled").await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.json::<Value>().await.unwrap(), json!(false));
+    }
+    let unknown = query(&world, "a-1", "nope").await;
+    assert_eq!(unknown.status(), 404);
+    let problem: Value = unknown.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:durin:problem:unknown-query");
+    assert_eq!(problem["known"], json!(["is_cancelled", "status"]));
+    assert_eq!(suspended(&world, "a-1").await["attempt"], attempts);
+
+    // The same id and input: the same run. Another input: 409 naming the first run.
+    let again = post(&url, input.clone()).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap()["invocation_id"], run);
+    let other = post(&url, json!({"request": "other", "deadline_secs": 1})).await;
+    assert_eq!(other.status(), 409);
+    assert_eq!(
+        other.headers()["location"].to_str().unwrap(),
+        format!("/v1/invocations/{}", run.as_str().unwrap())
+    );
+
+    // A day short of the deadline nothing fires; past it, the timer fires.
+    world.clock.advance(29 * 24 * 3600 * 1000);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(suspended(&world, "a-1").await["attempt"], attempts);
+    world.clock.advance(24 * 3600 * 1000 + 1);
+    let done = eventually(Duration::from_secs(10), "the deadline", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(done["output"], "request a-1 approved");
+    let answer = query(&world, "a-1", "status").await;
+    assert_eq!(answer.json::<Value>().await.unwrap(), json!("approved"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_signal_wins_the_race_once_and_bad_input_touches_nothing() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/approval/b-1", world.gateway);
+    let input = json!({"request": "b-1", "deadline_secs": 3600});
+    assert_eq!(post(&url, input).await.status(), 202);
+    let view = suspended(&world, "b-1").await;
+    let id = view["id"].as_str().unwrap().to_owned();
+    let journal_before = journal(&world.gateway, &id).await;
+
+    // Bad input: each a problem, none touches the journal.
+    let bad = [
+        (format!("{url}/signals/9bad"), "{}".to_owned(), 400),
+        (format!("{url}/signals/cancel"), "{not json".to_owned(), 400),
+        (
+            format!(
+                "{}/v1/workflows/approval/nobody/signals/cancel",
+                world.gateway
+            ),
+            "1".to_owned(),
+            404,
+        ),
+        (
+            format!("{}/v1/workflows/nosuch/x", world.gateway),
+            "{}".to_owned(),
+            404,
+        ),
+        (
+            format!("{}/v1/awakeables/awk_forged/resolve", world.gateway),
+            "1".to_owned(),
+            404,
+        ),
+        (
+            format!(
+                "{}/v1/awakeables/awk_{}{}/resolve",
+                world.gateway,
+                &id[4..],
+                "0".repeat(40)
+            ),
+            "1".to_owned(),
+            404,
+        ),
+        (
+            format!("{url}/signals/cancel"),
+            "x".repeat(2 * 1024 * 1024),
+            413,
+        ),
+    ];
+    for (target, body, status) in bad {
+        let response = client()
+            .post(&target)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{target}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{target}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(problem["retryable"].is_boolean(), "{problem}");
+    }
+    assert_eq!(journal(&world.gateway, &id).await, journal_before);
+
+    // The cancel signal, sent twice with one key: delivered once.
+    for duplicate in [false, true] {
+        let sent = client()
+            .post(format!("{url}/signals/cancel"))
+            .header("idempotency-key", "cancel-b-1")
+            .json(&json!({"by": "ada"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 202);
+        assert_eq!(sent.json::<Value>().await.unwrap()["duplicate"], duplicate);
+    }
+    let done = eventually(Duration::from_secs(10), "the cancel", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(done["output"], r#"request b-1 cancelled: {"by":"ada"}"#);
+    let answer = query(&world, "b-1", "is_cancelled").await;
+    assert_eq!(answer.json::<Value>().await.unwrap(), json!(true));
+    // A signal to an ended run is refused, and says so.
+    let late = post(&format!("{url}/signals/cancel"), json!(1)).await;
+    assert_eq!(late.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sent_before_anyone_waits_are_buffered_in_order() {
+    let world = world().await;
+    // Signal-with-start: the run and its first signal in one write, before the handler
+    // has asked for anything.
+    let response = post(
+        &format!("{}/v1/workflows/approval/c-1/signal-with-start", world.gateway),
+        json!({"input": {"request": "c-1", "deadline_secs": 3600}, "signal": {"name": "cancel", "payload": "first"}}),
+    )
+    .await;
+    assert_eq!(response.status(), 202);
+    let done = eventually(Duration::from_secs(10), "the run to end", || async {
+        let view = get_json(&format!("{}/v1/workflows/approval/c-1", world.gateway)).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(done["output"], r#"request c-1 cancelled: "first""#);
+    // The run never had to wait: the buffered signal answered its wait at once.
+    assert_eq!(done["attempt"], 1);
+}
