@@ -92,9 +92,13 @@ impl EgressCalls {
         attempts.insert(id.clone(), Slot::EndedThrough(through));
     }
 
-    /// Drops everything about an invocation that ended for good.
-    pub fn remove(&self, id: &InvocationId) {
-        lock(&self.attempts).remove(id);
+    /// Forgets an invocation whose attempts up to `attempt` have ended and are recorded as
+    /// ended in the store, which refuses them from then on; a newer attempt's state stays.
+    pub fn settle(&self, id: &InvocationId, attempt: u32) {
+        let mut attempts = lock(&self.attempts);
+        if matches!(attempts.get(id), Some(Slot::EndedThrough(e)) if *e >= attempt) {
+            attempts.remove(id);
+        }
     }
 
     /// Gives back the occurrence of a call that left nothing in the journal, so that the
@@ -157,8 +161,8 @@ impl AttemptObserver for EgressCalls {
         self.forget(id, attempt);
     }
 
-    fn invocation_ended(&self, id: &InvocationId) {
-        self.remove(id);
+    fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {
+        self.settle(id, attempt);
     }
 }
 

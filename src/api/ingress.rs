@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::{wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
 use crate::engine::Ended;
 use crate::http::hex;
-use crate::ids::{parse_name, IdempotencyKey, InvocationId};
+use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
 use crate::store::{
     Created, HandlerProtocol, IdempotencyClaim, InvocationRecord, NewInvocation, Status,
@@ -196,15 +196,7 @@ async fn start(
     let service = parse_name("service", service).map_err(ApiError::BadRequest)?;
     let handler = parse_name("handler", handler).map_err(ApiError::BadRequest)?;
     let content_type = content_type(headers)?;
-    let key = headers
-        .get(HEADER_IDEMPOTENCY_KEY)
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| "Idempotency-Key must be visible ASCII".to_owned())
-                .and_then(IdempotencyKey::parse)
-                .map_err(ApiError::BadRequest)
-        })
-        .transpose()?;
+    let key = super::idempotency_key(headers)?;
     let target = state
         .targets
         .latest(&*state.store, &service, &handler)
@@ -218,7 +210,7 @@ async fn start(
     let now_ms = state.clock.now_ms();
     let idempotency = key.map(|key| IdempotencyClaim {
         scope: format!("{service}/{handler}"),
-        key: key.as_str().to_owned(),
+        key,
         request_digest: request_digest(&service, &handler, &input_digest),
         expires_at_ms: now_ms.saturating_add(state.idempotency_retention.as_millis() as i64),
     });

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
-use axum::http::{Method, Uri};
+use axum::http::{HeaderMap, Method, Uri};
 use axum::routing::{get, post, put};
 use axum::Router;
 use bytes::Bytes;
@@ -220,6 +220,20 @@ pub struct BodyLimit(pub usize);
 pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("{what} is not valid: {e}")))
+}
+
+/// The `Idempotency-Key` of a request, checked.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    headers
+        .get(ingress::HEADER_IDEMPOTENCY_KEY)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| "Idempotency-Key must be visible ASCII".to_owned())
+                .and_then(crate::ids::IdempotencyKey::parse)
+                .map(|k| k.as_str().to_owned())
+                .map_err(ApiError::BadRequest)
+        })
+        .transpose()
 }
 
 pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {

@@ -11,26 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::ingress::HEADER_IDEMPOTENCY_KEY;
 use super::workflows::find_run;
-use super::{find_invocation, parse_invocation_id, parse_json, ApiBody, ApiPath, AppState};
-use crate::ids::{parse_name, IdempotencyKey, InvocationId};
+use super::{
+    find_invocation, idempotency_key, parse_invocation_id, parse_json, ApiBody, ApiPath, AppState,
+};
+use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
 use crate::store::NewSignal;
-
-/// The `Idempotency-Key` of a request, checked.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    headers
-        .get(HEADER_IDEMPOTENCY_KEY)
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| "Idempotency-Key must be visible ASCII".to_owned())
-                .and_then(IdempotencyKey::parse)
-                .map(|k| k.as_str().to_owned())
-                .map_err(ApiError::BadRequest)
-        })
-        .transpose()
-}
 
 pub async fn to_workflow(
     State(state): State<AppState>,

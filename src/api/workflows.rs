@@ -123,7 +123,7 @@ pub async fn signal_with_start(
     let signal = NewSignal {
         name: request.signal.name,
         value: serde_json::to_vec(&request.signal.payload).unwrap_or_default(),
-        idempotency_key: super::signals::idempotency_key(&headers)?,
+        idempotency_key: super::idempotency_key(&headers)?,
     };
     let input = serde_json::to_vec(&request.input).unwrap_or_default();
     let (record, replayed) = start_run(

@@ -90,9 +90,7 @@ impl Engine {
                 .await
             {
                 Ok((ended, output)) => {
-                    if ended.status.is_final() {
-                        self.observer.invocation_ended(id);
-                    }
+                    self.observer.attempt_recorded(id, record.attempt);
                     if ended.status.is_final() || ended.status == Status::Paused {
                         self.waiters.finish(std::sync::Arc::new(Ended {
                             record: ended,
@@ -105,7 +103,10 @@ impl Engine {
                 }
                 // The invocation changed under this attempt (a newer attempt, a pause):
                 // whoever changed it scheduled what comes next.
-                Err(StoreError::Fenced { .. }) | Err(StoreError::NotFound(_)) => return,
+                Err(StoreError::Fenced { .. }) | Err(StoreError::NotFound(_)) => {
+                    self.observer.attempt_recorded(id, record.attempt);
+                    return;
+                }
                 Err(error) => {
                     tracing::error!(%id, %error, "could not record the end of an attempt; trying again");
                     if self.shutdown.is_cancelled() {

@@ -38,13 +38,17 @@ pub struct EngineConfig {
     pub max_concurrent_attempts: usize,
 }
 
-/// Told when attempts and invocations end, so that per-attempt state kept elsewhere (the
-/// egress's call occurrences) is dropped at the right time.
+/// Told when attempts end, so that per-attempt state kept elsewhere (the egress's call
+/// occurrences) is dropped at the right time: nothing of an invocation is kept in memory
+/// once its attempt's end is in the store, so memory does not grow with the invocations
+/// that wait.
 pub trait AttemptObserver: Send + Sync {
-    /// The handler of `attempt` has answered (or given up): its calls are over.
+    /// The handler of `attempt` has answered (or given up): its calls are over, although
+    /// the store may still show the attempt running.
     fn attempt_ended(&self, id: &InvocationId, attempt: u32);
-    /// The invocation ended for good.
-    fn invocation_ended(&self, id: &InvocationId);
+    /// The end of `attempt` is in the store (or a newer state fenced it): the store itself
+    /// now refuses the attempt.
+    fn attempt_recorded(&self, id: &InvocationId, attempt: u32);
 }
 
 pub struct Engine {
