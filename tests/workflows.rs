@@ -95,6 +95,9 @@ async fn a_thirty_day_deadline_fires_on_a_moved_clock_and_queries_call_no_handle
 
     let view = suspended(&world, "a-1").await;
     let attempts = view["attempt"].clone();
+    // It says what it waits for: the deadline's timer and the cancel signal.
+    assert_eq!(view["workflow_id"], "a-1");
+    assert_eq!(view["waiting_for"].as_array().unwrap().len(), 2, "{view}");
     // Queries answer from durable state while it sleeps, and run no attempt.
     for _ in 0..3 {
         let answer = query(&world, "a-1", "is_cancelled").await;

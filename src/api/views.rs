@@ -25,6 +25,12 @@ pub struct InvocationView {
     pub handler: String,
     pub deployment_id: String,
     pub status: &'static str,
+    /// The workflow id of a workflow's run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// What a suspended invocation waits for: the journal indexes of its commands.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<u32>,
     pub attempt: u32,
     pub journal_length: u32,
     pub created_at: String,
@@ -51,6 +57,12 @@ impl InvocationView {
             handler: record.handler.clone(),
             deployment_id: record.deployment_id.clone(),
             status: record.status.as_str(),
+            workflow_id: record.workflow_id.clone(),
+            waiting_for: if record.status == crate::store::Status::Suspended {
+                record.waiting_for.clone()
+            } else {
+                Vec::new()
+            },
             attempt: record.attempt,
             journal_length: record.journal_len,
             created_at: timestamp(record.created_at_ms),

@@ -213,6 +213,8 @@ pub struct InvocationRecord {
     pub attempt_token: Option<String>,
     /// The workflow id, for a run of a workflow service.
     pub workflow_id: Option<String>,
+    /// The journal indexes of the commands a suspended invocation waits for.
+    pub waiting_for: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -276,13 +276,14 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
 
 const INVOCATION_COLUMNS: &str = "id, service, handler, deployment_id, status, attempt, failures, \
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
-    created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id";
+    created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id, waiting_for";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
     let id: String = row.get(0)?;
     let status: String = row.get(4)?;
     let failure: Option<String> = row.get(11)?;
+    let waiting_for: Option<String> = row.get(18)?;
     let record = (|| {
         Ok(InvocationRecord {
             id: InvocationId::parse(&id).map_err(corrupt)?,
@@ -307,6 +308,11 @@ fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> 
             completed_at_ms: row.get(15).map_err(backend)?,
             attempt_token: row.get(16).map_err(backend)?,
             workflow_id: row.get(17).map_err(backend)?,
+            waiting_for: waiting_for
+                .map(|w| serde_json::from_str(&w))
+                .transpose()
+                .map_err(backend)?
+                .unwrap_or_default(),
         })
     })();
     Ok(record)
