@@ -80,14 +80,16 @@ struct AttemptCalls {
 }
 
 impl EgressCalls {
-    /// Marks `attempt` as ended. The invoker calls it as soon as the handler has answered,
-    /// so an attempt known as running here has not ended.
+    /// Marks `attempt` as ended. The engine calls it as soon as the handler has answered,
+    /// so an attempt known as running here has not ended. A newer attempt that already
+    /// runs (a plain handler's suspension can be followed by the next attempt before the
+    /// suspended one has answered) keeps its state.
     pub fn forget(&self, id: &InvocationId, attempt: u32) {
         let mut attempts = lock(&self.attempts);
         let through = match attempts.get(id) {
+            Some(Slot::Running(calls)) if calls.attempt > attempt => return,
             Some(Slot::EndedThrough(e)) => attempt.max(*e),
-            Some(Slot::Running(calls)) => attempt.max(calls.attempt.saturating_sub(1)),
-            None => attempt,
+            _ => attempt,
         };
         attempts.insert(id.clone(), Slot::EndedThrough(through));
     }

@@ -142,6 +142,22 @@ impl Engine {
                 ),
             });
         };
+        // A journal with entries newer than the deployment's protocol (an invocation resumed
+        // on an older deployment, an SDK rolled back) would be misread: wait for an
+        // operator instead of failing it.
+        if let HandlerProtocol::Sdk { version } = target.protocol {
+            if let Some(entry) = journal.iter().find(|e| e.kind.since_version() > version) {
+                return Ok(AttemptEnd::Paused {
+                    reason: format!(
+                        "journal entry {} is a {} entry, which protocol version {version} of deployment {} does not know; resume the invocation on a deployment that speaks version {}",
+                        entry.index,
+                        entry.kind.as_str(),
+                        target.deployment_id,
+                        entry.kind.since_version()
+                    ),
+                });
+            }
+        }
         let policy = target
             .spec
             .retry_policy

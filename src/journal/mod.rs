@@ -49,6 +49,10 @@ pub fn plan(
     if needs_name && name.is_none() {
         return Err(format!("a {} entry needs a name", kind.as_str()));
     }
+    if kind == EntryKind::Signal {
+        // A wait for a name no one can send to would wait forever.
+        crate::ids::parse_name("signal", name.unwrap_or_default())?;
+    }
     if has_failure && kind != EntryKind::Step {
         return Err(format!("a {} entry carries no failure", kind.as_str()));
     }

@@ -527,16 +527,6 @@ pub trait Store: Send + Sync + 'static {
         entry: NewEntry,
         now_ms: i64,
     ) -> StoreResult<StoredEntry>;
-    /// The value of step `name`: the recorded one if there is one, else `value`, which is
-    /// then recorded for `attempt`, atomically. The flag is true for a recorded value.
-    async fn record_step(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        name: String,
-        value: Vec<u8>,
-        now_ms: i64,
-    ) -> StoreResult<(Vec<u8>, bool)>;
     /// Ends `attempt` as the invoker decided; returns the record and, when the invocation
     /// ended, its output entry.
     async fn end_attempt(

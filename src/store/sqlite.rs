@@ -595,24 +595,7 @@ fn apply_effect(
         }
         Effect::SignalWait => {
             let name = entry.name.clone().unwrap_or_default();
-            let buffered: Option<(u32, Option<Vec<u8>>)> = conn
-                .prepare_cached(
-                    "SELECT seq, value FROM signals WHERE invocation_id = ?1 AND name = ?2 \
-                     AND consumed_by IS NULL ORDER BY seq LIMIT 1",
-                )
-                .map_err(backend)?
-                .query_row(params![id, name], |row| Ok((row.get(0)?, row.get(1)?)))
-                .optional()
-                .map_err(backend)?;
-            let Some((seq, value)) = buffered else {
-                return Ok(None);
-            };
-            execute(
-                conn,
-                "UPDATE signals SET consumed_by = ?1 WHERE invocation_id = ?2 AND seq = ?3",
-                params![entry.index, id, seq],
-            )?;
-            complete(conn, id, entry.index, value, None, now_ms).map(Some)
+            bind_buffered_signal(conn, id, entry.index, &name, now_ms)
         }
         Effect::State { key, value } => {
             execute(
@@ -624,6 +607,39 @@ fn apply_effect(
             Ok(None)
         }
     }
+}
+
+/// Hands the oldest buffered signal named `name` to the wait at `index`, if there is one.
+/// Timers that were due when the signal arrived fire first, so that completions are
+/// numbered in the order their events happened.
+fn bind_buffered_signal(
+    conn: &Connection,
+    id: &str,
+    index: u32,
+    name: &str,
+    now_ms: i64,
+) -> StoreResult<Option<StoredCompletion>> {
+    let buffered: Option<(u32, Option<Vec<u8>>, i64)> = conn
+        .prepare_cached(
+            "SELECT seq, value, at_ms FROM signals WHERE invocation_id = ?1 AND name = ?2 \
+             AND consumed_by IS NULL ORDER BY seq LIMIT 1",
+        )
+        .map_err(backend)?
+        .query_row(params![id, name], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()
+        .map_err(backend)?;
+    let Some((seq, value, arrived_at_ms)) = buffered else {
+        return Ok(None);
+    };
+    fire_timers(conn, id, arrived_at_ms, now_ms)?;
+    execute(
+        conn,
+        "UPDATE signals SET consumed_by = ?1 WHERE invocation_id = ?2 AND seq = ?3",
+        params![index, id, seq],
+    )?;
+    complete(conn, id, index, value, None, now_ms).map(Some)
 }
 
 /// Writes the completion of the command at `index` (the next in order of arrival).
@@ -696,6 +712,25 @@ fn suspension_due(
     waiting_for: &[u32],
     now_ms: i64,
 ) -> StoreResult<(Option<i64>, bool)> {
+    // A wait takes a signal only while someone waits for it (when it is appended, or now),
+    // so a wait that lost a race and is never waited for again takes nothing.
+    let mut sorted = waiting_for.to_vec();
+    sorted.sort_unstable();
+    for index in &sorted {
+        let open_wait: Option<String> = conn
+            .prepare_cached(
+                "SELECT j.name FROM journal j WHERE j.invocation_id = ?1 AND j.idx = ?2 \
+                 AND j.kind = 'signal' AND NOT EXISTS (SELECT 1 FROM completions c \
+                 WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx)",
+            )
+            .map_err(backend)?
+            .query_row(params![id, index], |row| row.get(0))
+            .optional()
+            .map_err(backend)?;
+        if let Some(name) = open_wait {
+            bind_buffered_signal(conn, id, *index, &name, now_ms)?;
+        }
+    }
     let mut due = until_ms;
     let mut can_complete = until_ms.is_some();
     for index in waiting_for {
@@ -732,9 +767,9 @@ fn suspension_due(
     Ok((due, can_complete))
 }
 
-/// Fires the invocation's timers that are due: each gets its completion, in order of
-/// their wake times.
-fn fire_timers(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<()> {
+/// Fires the invocation's timers due by `by_ms`: each gets its completion (at `now_ms`), in
+/// order of their wake times.
+fn fire_timers(conn: &Connection, id: &str, by_ms: i64, now_ms: i64) -> StoreResult<()> {
     let due: Vec<u32> = {
         let mut statement = conn
             .prepare_cached(
@@ -743,7 +778,7 @@ fn fire_timers(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<()> {
             )
             .map_err(backend)?;
         let rows = statement
-            .query_map(params![id, now_ms], |row| row.get(0))
+            .query_map(params![id, by_ms], |row| row.get(0))
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)?
     };
@@ -842,17 +877,32 @@ fn insert_signal(
         .map_err(backend)?
         .query_row([id], |row| row.get(0))
         .map_err(backend)?;
-    // The oldest wait for this name that has no completion yet.
-    let open_wait: Option<u32> = conn
-        .prepare_cached(
-            "SELECT j.idx FROM journal j WHERE j.invocation_id = ?1 AND j.kind = 'signal' \
-             AND j.name = ?2 AND NOT EXISTS (SELECT 1 FROM completions c \
-             WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx) ORDER BY j.idx LIMIT 1",
-        )
-        .map_err(backend)?
-        .query_row(params![id, signal.name], |row| row.get(0))
-        .optional()
-        .map_err(backend)?;
+    // The oldest wait for this name that a suspended attempt waits for; otherwise the
+    // signal is buffered until a wait takes it.
+    let waiting_for: Vec<u32> = match fetch_invocation(conn, id)? {
+        Some(record) if record.status == Status::Suspended => record.waiting_for,
+        _ => Vec::new(),
+    };
+    let open_waits: Vec<u32> = if waiting_for.is_empty() {
+        Vec::new()
+    } else {
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT j.idx FROM journal j WHERE j.invocation_id = ?1 AND j.kind = 'signal' \
+                 AND j.name = ?2 AND NOT EXISTS (SELECT 1 FROM completions c \
+                 WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx) ORDER BY j.idx",
+            )
+            .map_err(backend)?;
+        let rows = statement
+            .query_map(params![id, signal.name], |row| row.get(0))
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+    };
+    let open_wait = open_waits.into_iter().find(|i| waiting_for.contains(i));
+    if open_wait.is_some() {
+        // Timers that were due before this signal came first.
+        fire_timers(conn, id, now_ms, now_ms)?;
+    }
     execute(
         conn,
         "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, consumed_by, at_ms) \
@@ -1097,7 +1147,7 @@ impl Store for SqliteStore {
             );
             let mut claimed = Vec::with_capacity(due.len());
             for id in due {
-                fire_timers(conn, &id, now_ms)?;
+                fire_timers(conn, &id, now_ms, now_ms)?;
                 if let Some(record) = query_one(
                     conn,
                     &sql,
@@ -1268,6 +1318,8 @@ impl Store for SqliteStore {
                 Ok(value) => (Some(value), None),
                 Err(failure) => (None, Some(failure)),
             };
+            // Timers that were due before this callback came first.
+            fire_timers(conn, id.as_str(), now_ms, now_ms)?;
             let completion = complete(conn, id.as_str(), index, value, failure, now_ms)?;
             let woke = wake_if_waiting(conn, id.as_str(), index, now_ms)?;
             Ok(Resolved {
@@ -1400,44 +1452,6 @@ impl Store for SqliteStore {
         let id = id.clone();
         self.write(move |conn| append(conn, &id, attempt, entry, now_ms))
             .await
-    }
-
-    async fn record_step(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        name: String,
-        value: Vec<u8>,
-        now_ms: i64,
-    ) -> StoreResult<(Vec<u8>, bool)> {
-        let id = id.clone();
-        self.write(move |conn| {
-            let recorded: Option<Option<Vec<u8>>> = conn
-                .prepare_cached(
-                    "SELECT value FROM journal WHERE invocation_id = ?1 AND kind = 'step' \
-                     AND name = ?2 ORDER BY idx LIMIT 1",
-                )
-                .map_err(backend)?
-                .query_row(params![id.as_str(), name], |row| row.get(0))
-                .optional()
-                .map_err(backend)?;
-            if let Some(recorded) = recorded {
-                return Ok((recorded.unwrap_or_default(), true));
-            }
-            let entry = NewEntry {
-                index: None,
-                kind: EntryKind::Step,
-                name: Some(name),
-                value: Some(value.clone()),
-                content_type: Some("application/json".into()),
-                failure: None,
-                token: None,
-                effect: Effect::None,
-            };
-            append(conn, &id, attempt, entry, now_ms)?;
-            Ok((value, false))
-        })
-        .await
     }
 
     async fn end_attempt(

@@ -303,3 +303,104 @@ async fn an_attempt_cut_short_by_a_crash_is_due_again_at_start() {
         "the next attempt fences the lost one"
     );
 }
+
+#[tokio::test]
+async fn a_wait_that_lost_a_race_takes_no_later_signal() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let lost = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("x"),
+        Effect::SignalWait,
+        T0,
+    )
+    .await;
+    let timer = command(
+        &store,
+        &record,
+        EntryKind::Sleep,
+        None,
+        Effect::Timer {
+            wake_at_ms: T0 + 10,
+        },
+        T0,
+    )
+    .await;
+    suspend(&store, &record, vec![lost.index, timer.index], T0).await;
+    // The timer wins; the next attempt waits for x again with a new wait.
+    let next = store.claim_due(T0 + 10, 10).await.unwrap().remove(0);
+    let again = command(
+        &store,
+        &next,
+        EntryKind::Signal,
+        Some("x"),
+        Effect::SignalWait,
+        T0 + 11,
+    )
+    .await;
+    suspend(&store, &next, vec![again.index], T0 + 11).await;
+    let sent = store
+        .send_signal(&record.id, signal("x", "1", None), T0 + 12)
+        .await
+        .unwrap();
+    assert!(sent.woke, "the wait someone waits for took it");
+    let journal = store.read_journal(&record.id).await.unwrap();
+    assert_eq!(
+        journal[lost.index as usize].completion, None,
+        "the lost wait took nothing"
+    );
+    assert_eq!(
+        journal[again.index as usize]
+            .completion
+            .as_ref()
+            .unwrap()
+            .value,
+        Some(b"1".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn a_timer_due_before_a_signal_completes_before_it() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let wait = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("x"),
+        Effect::SignalWait,
+        T0,
+    )
+    .await;
+    let timer = command(
+        &store,
+        &record,
+        EntryKind::Sleep,
+        None,
+        Effect::Timer {
+            wake_at_ms: T0 + 10,
+        },
+        T0,
+    )
+    .await;
+    suspend(&store, &record, vec![wait.index, timer.index], T0).await;
+    // The deadline passed at T0 + 10; the signal comes at T0 + 50, before any claim.
+    store
+        .send_signal(&record.id, signal("x", "1", None), T0 + 50)
+        .await
+        .unwrap();
+    let journal = store.read_journal(&record.id).await.unwrap();
+    let timer_seq = journal[timer.index as usize]
+        .completion
+        .as_ref()
+        .unwrap()
+        .seq;
+    let signal_seq = journal[wait.index as usize]
+        .completion
+        .as_ref()
+        .unwrap()
+        .seq;
+    assert!(timer_seq < signal_seq, "the deadline came first");
+}

@@ -41,6 +41,9 @@ pub struct Waitable {
     /// What the gateway recorded for it (a timer's wake time, an awakeable's token).
     info: Option<Value>,
     completion: Option<Completion>,
+    /// The completion came with the journal the attempt started with (rather than with an
+    /// append during the attempt).
+    known_at_start: bool,
 }
 
 impl Waitable {
@@ -62,6 +65,27 @@ impl Waitable {
             HandlerError::terminal(format!("the result does not fit the type asked for: {e}"))
         })
     }
+}
+
+/// Which of `waitables` completed first, when every replay will answer the same: decided
+/// from a completion that came with the journal (anything that completed later has a
+/// higher number), or one learned during the attempt when every number between the
+/// journal's last and it is known, or when all have completed. Otherwise a completion this
+/// attempt has not seen may have come first, and `None` makes the handler suspend: the
+/// gateway, which knows, runs it again at once.
+fn first_decided(
+    waitables: &[&Waitable],
+    start_seq: u32,
+    learned: &std::collections::BTreeSet<u32>,
+) -> Option<usize> {
+    let (seq, i) = waitables
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.completion.as_ref().map(|c| (c.seq, i)))
+        .min()?;
+    let all_known = waitables.iter().all(|w| w.completion.is_some());
+    let no_gap = (start_seq + 1..seq).all(|s| learned.contains(&s));
+    (waitables.len() == 1 || all_known || waitables[i].known_at_start || no_gap).then_some(i)
 }
 
 /// A callback from outside (see [`Context::awakeable`]).
@@ -111,6 +135,10 @@ struct ReplayState {
     appended: bool,
     /// Set when the attempt must end with this outcome whatever the handler returns.
     abort: Option<Outcome>,
+    /// The highest completion number in the journal the attempt started with.
+    start_seq: u32,
+    /// Completion numbers learned from appends during the attempt.
+    learned: std::collections::BTreeSet<u32>,
 }
 
 enum Replayed {
@@ -123,7 +151,7 @@ impl Context {
         let journal = std::mem::take(&mut request.journal);
         let next_index = journal.last().map(|e| e.index + 1).unwrap_or(1);
         // Egress entries are matched by the gateway, not replayed by the cursor.
-        let journal = journal
+        let journal: Vec<JournalEntry> = journal
             .into_iter()
             .filter(|e| e.kind != EntryKind::Egress)
             .collect();
@@ -136,11 +164,17 @@ impl Context {
                 position_failures: request.position_failures,
                 http,
                 state: Mutex::new(ReplayState {
+                    start_seq: journal
+                        .iter()
+                        .filter_map(|e| e.completion.as_ref().map(|c| c.seq))
+                        .max()
+                        .unwrap_or(0),
                     journal,
                     cursor: 0,
                     next_index,
                     appended: false,
                     abort: None,
+                    learned: Default::default(),
                 }),
             }),
         }
@@ -389,6 +423,7 @@ impl Context {
             Replayed::Recorded(entry) => Ok(Waitable {
                 index: entry.index,
                 info: entry.value,
+                known_at_start: entry.completion.is_some(),
                 completion: entry.completion,
             }),
             Replayed::New => {
@@ -397,6 +432,7 @@ impl Context {
                     index: answer.index,
                     info: answer.value,
                     completion: answer.completion,
+                    known_at_start: false,
                 })
             }
         }
@@ -407,12 +443,11 @@ impl Context {
     /// replay. When none has, the attempt ends suspended and Durin calls the handler again
     /// when one completes: the handler holds nothing while it waits.
     pub async fn first(&self, waitables: &[&Waitable]) -> Result<usize, HandlerError> {
-        let winner = waitables
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| w.completion.as_ref().map(|c| (c.seq, i)))
-            .min();
-        if let Some((_, i)) = winner {
+        let decided = {
+            let state = self.lock();
+            first_decided(waitables, state.start_seq, &state.learned)
+        };
+        if let Some(i) = decided {
             return Ok(i);
         }
         let waiting_for = waitables.iter().map(|w| w.index).collect();
@@ -521,6 +556,9 @@ impl Context {
                     let mut state = self.lock();
                     state.next_index = index + 1;
                     state.appended = true;
+                    if let Some(completion) = &answer.completion {
+                        state.learned.insert(completion.seq);
+                    }
                     return Ok(answer);
                 }
                 Ok(response) if response.status().is_server_error() => {
@@ -611,5 +649,43 @@ impl Context {
                 },
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waitable(index: u32, seq: Option<u32>, known_at_start: bool) -> Waitable {
+        Waitable {
+            index,
+            info: None,
+            completion: seq.map(|seq| Completion {
+                seq,
+                value: None,
+                failure: None,
+                at_ms: 0,
+            }),
+            known_at_start,
+        }
+    }
+
+    #[test]
+    fn the_first_completion_is_chosen_only_when_every_replay_agrees() {
+        let none = std::collections::BTreeSet::new();
+        // From the journal: decided, the lowest number wins.
+        let (a, b) = (waitable(1, Some(4), true), waitable(2, Some(3), true));
+        assert_eq!(first_decided(&[&a, &b], 4, &none), Some(1));
+        // Learned during the attempt right after the journal's last number: decided.
+        let (a, b) = (waitable(1, None, false), waitable(2, Some(5), false));
+        assert_eq!(first_decided(&[&a, &b], 4, &none), Some(1));
+        // Learned with a gap (number 5 unseen, maybe a's): not decided, suspend.
+        let b = waitable(2, Some(6), false);
+        assert_eq!(first_decided(&[&a, &b], 4, &none), None);
+        let learned = [5].into_iter().collect();
+        assert_eq!(first_decided(&[&a, &b], 4, &learned), Some(1));
+        // Nothing completed: suspend.
+        let b = waitable(2, None, false);
+        assert_eq!(first_decided(&[&a, &b], 4, &none), None);
     }
 }
