@@ -11,17 +11,37 @@
 //!   holding only the downstream, and the handler is registered with its services declared
 //!   inline, as a plain handler in any language would be.
 //!
-//! By default both run, SDK first. Each scenario starts its own `durin serve` on a fresh
-//! SQLite file in a shared scratch directory, on port 0 (the ports are read from the
-//! "listening on" lines), registers its handler, sends one checked request, warms up (200
-//! requests at c=16 by default, not reported), and then, for each concurrency level C,
-//! sends N requests to `POST /v1/call/{service}/process` from C concurrent callers on
-//! keep-alive connections (a closed loop, like `oha -n N -c C` in
-//! `shared/bench/restate/bench.sh`, whose figures for Restate are the reference). At c=1 at
-//! most 500 requests are sent, to keep the run short. The processes of a scenario are
-//! stopped before the next one starts, so they do not compete for the cores.
+//! A third scenario, **waiting** (`--scenario waiting`, not part of the default `both`),
+//! measures what N workflows sleeping on timers at once cost: for each N of
+//! `--waiting-counts` (default `10000,100000`), on a fresh database, durin and `order`
+//! process, it starts N runs of the order example's approval workflow (`approval/run`)
+//! from `--waiting-concurrency` callers (default 32), reads durin's RSS idle and with all
+//! N suspended and the database size, kills durin with SIGKILL while they sleep, restarts
+//! it on the same database, and reads the time to its ready line, the time from the kill
+//! to the first attempt after the restart, how late the timers fired when all fell due
+//! together (p50, p99, max), how long until all N completed, and the RSS after the restart.
+//! The timers are planned to fall due together 5 s after the kill; see `waiting.rs` for
+//! how, and for what each figure is. It is the counterpart of
+//! `shared/bench/restate/waiting.sh`: its output on stdout is a table (one row per N), the
+//! RSS target (under 200 MB with N sleeping, within a few MB from 10,000 to 100,000) next
+//! to Restate's figures, and one JSON line per N with `"scenario": "waiting"` and that
+//! script's field names where they exist (`sleeping`, `accepted`, `rss_idle_mib`,
+//! `rss_sleeping_mib`, `rss_after_restart_mib`). When an N fails, the figures of the Ns
+//! before it are still printed. One N takes about 1.5 times the time to start its runs,
+//! plus 10 s, plus the time to fire them all.
 //!
-//! Output, all on stdout: per scenario a human-readable table and the DESIGN.md targets
+//! By default order3 and order3-egress both run, SDK first. Each scenario starts its own
+//! `durin serve` on a fresh SQLite file in a shared scratch directory, on port 0 (the ports
+//! are read from the "listening on" lines) and registers its handler. order3 and
+//! order3-egress then send one checked request, warm up (200 requests at c=16 by default,
+//! not reported), and, for each concurrency level C, send N requests to
+//! `POST /v1/call/{service}/process` from C concurrent callers on keep-alive connections
+//! (a closed loop, like `oha -n N -c C` in `shared/bench/restate/bench.sh`, whose figures
+//! for Restate are the reference). At c=1 at most 500 requests are sent, to keep the run
+//! short. The processes of a scenario are stopped before the next one starts, so they do
+//! not compete for the cores.
+//!
+//! Output of order3 and order3-egress, all on stdout: per scenario a human-readable table and the DESIGN.md targets
 //! next to the measured figures; then, when both ran, one side-by-side line per level; then
 //! one JSON object per scenario and level, each on a line of its own starting with `{`
 //! (select them with `grep '^{'`). The JSON fields are those of `bench.sh` (`system`,
@@ -42,12 +62,14 @@
 //!
 //! ```text
 //! cargo build --release -p durin -p order-example -p durin-bench && target/release/durin-bench
+//! target/release/durin-bench --scenario waiting [--waiting-counts 10000,100000] [--waiting-concurrency 32]
 //! ```
 
 mod load;
 mod plain;
 mod procs;
 mod report;
+mod waiting;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -81,8 +103,10 @@ enum Scenarios {
     Sdk,
     /// order3-egress: a plain handler without an SDK, calling out through the egress.
     Egress,
-    /// Both, SDK first.
+    /// order3 and order3-egress, SDK first (not `waiting`).
     Both,
+    /// waiting: N workflows sleeping on timers at once, kill -9 and restart of durin.
+    Waiting,
 }
 
 #[derive(Parser)]
@@ -107,6 +131,13 @@ struct Args {
     /// Warm-up requests (sent at c=16, not reported); 0 skips the warm-up.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
+    /// waiting: the numbers of sleeping workflows, comma-separated; each is measured on a
+    /// fresh database, durin and order.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    waiting_counts: Vec<usize>,
+    /// waiting: concurrent callers starting the workflows.
+    #[arg(long, default_value_t = 32)]
+    waiting_concurrency: usize,
     /// Keep the scratch directory (SQLite databases and the children's logs).
     #[arg(long)]
     keep_dir: bool,
@@ -124,6 +155,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if args.waiting_counts.is_empty() || args.waiting_counts.contains(&0) {
+        bail!("--waiting-counts needs one or more counts, each at least 1");
+    }
+    if args.waiting_concurrency == 0 {
+        bail!("--waiting-concurrency must be at least 1");
+    }
     if args.requests == 0 {
         bail!("--requests must be at least 1");
     }
@@ -156,6 +193,9 @@ fn run(args: &Args) -> Result<()> {
         dir: &dir.path,
         ticks_per_sec: machine.ticks_per_sec,
     };
+    if args.scenario == Scenarios::Waiting {
+        return run_waiting(&setup, machine);
+    }
     let mut scenarios = Vec::new();
     if matches!(args.scenario, Scenarios::Sdk | Scenarios::Both) {
         scenarios.push(sdk_scenario(&setup)?);
@@ -166,6 +206,29 @@ fn run(args: &Args) -> Result<()> {
     let machine = machine.finish();
     report::print(&machine, &scenarios);
     Ok(())
+}
+
+/// The waiting scenario, once per count. When a count fails, the figures of the counts
+/// measured before it are still printed.
+fn run_waiting(setup: &Setup<'_>, machine: Machine) -> Result<()> {
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for &sleeping in &setup.args.waiting_counts {
+        match setup
+            .runtime
+            .block_on(interruptible(waiting::measure(setup, sleeping)))
+        {
+            Ok(report) => reports.push(report),
+            Err(e) => {
+                failure = Some(e.context(format!("waiting with {sleeping} workflows")));
+                break;
+            }
+        }
+    }
+    if !reports.is_empty() {
+        waiting::print(&machine.finish(), &reports);
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// What every scenario needs.
