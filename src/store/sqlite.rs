@@ -31,6 +31,10 @@ const MAX_BATCH: usize = 512;
 const READERS: usize = 8;
 /// How often the write-ahead log is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// The length of the write-ahead log (in pages) past which the writer restarts it.
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+/// The size the write-ahead log is truncated to when it starts over.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -82,9 +86,10 @@ fn open_connection(path: &str, read_only: bool) -> StoreResult<Connection> {
     let conn = Connection::open_with_flags(path, flags).map_err(backend)?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(backend)?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-    )
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+    ))
     .map_err(backend)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
@@ -102,14 +107,16 @@ impl SqliteStore {
             .map_err(backend)?;
         let checkpointer = open_connection(&path, false)?;
         let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
+        let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer_restart = Arc::clone(&restart);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
-            .spawn(move || write_loop(writer, queue))
+            .spawn(move || write_loop(writer, queue, writer_restart))
             .map_err(backend)?;
         let (stop, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("durin-sqlite-checkpointer".into())
-            .spawn(move || checkpoint_loop(checkpointer, stopped))
+            .spawn(move || checkpoint_loop(checkpointer, stopped, restart))
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
@@ -210,17 +217,35 @@ impl ReaderPool {
 }
 
 /// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`], without
-/// blocking the writer (`PASSIVE`), until the store is dropped.
-fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+/// blocking the writer (`PASSIVE`), until the store is dropped. Under a steady stream of
+/// writes a passive checkpoint never catches up with the end of the log, so the log could
+/// not start over and would grow without bound (1.5 GB for 100,000 workflows started in a
+/// burst); past [`WAL_RESTART_FRAMES`] it asks the writer to restart the log.
+fn checkpoint_loop(
+    conn: Connection,
+    stop: std::sync::mpsc::Receiver<()>,
+    restart: Arc<std::sync::atomic::AtomicBool>,
+) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
-        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(%error, "checkpoint failed");
+        // (busy, frames in the log, frames copied into the database)
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            row.get::<_, i64>(1)
+        }) {
+            Ok(frames) if frames > WAL_RESTART_FRAMES => {
+                restart.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "checkpoint failed"),
         }
     }
 }
 
-fn write_loop(conn: Connection, mut queue: mpsc::Receiver<WriteOp>) {
+fn write_loop(
+    conn: Connection,
+    mut queue: mpsc::Receiver<WriteOp>,
+    restart: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
@@ -231,6 +256,14 @@ fn write_loop(conn: Connection, mut queue: mpsc::Receiver<WriteOp>) {
             }
         }
         commit_batch(&conn, &mut batch);
+        if restart.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            // Between two batches, no write is in progress: finish copying the log and
+            // make the next write start it over (truncated to `journal_size_limit`). It
+            // waits only for reads in flight, which are short.
+            if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                tracing::warn!(%error, "restarting the write-ahead log failed");
+            }
+        }
     }
 }
 
