@@ -235,10 +235,22 @@ async fn timers_fire_once_after_durin_is_killed_and_signals_are_delivered_once()
         (list["invocations"].as_array().unwrap().len() == 4).then_some(())
     })
     .await;
+    // A signal is on its way when Durin dies: the client does not know whether it landed.
+    let in_flight = client()
+        .post(format!(
+            "{}/v1/workflows/approval/cancelled/signals/cancel",
+            gateway.url
+        ))
+        .header("idempotency-key", "cancel-1")
+        .json(&"changed my mind")
+        .send();
+    let in_flight = tokio::spawn(async move { in_flight.await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(2)).await;
     let killed_at = std::time::Instant::now();
     gateway.kill();
+    let _ = in_flight.await;
     let gateway = home.start(Some(gateway.addr));
-    // The client's retry of a signal lost with the old process, twice with one key.
+    // The client retries with the same key, twice: the signal is delivered once.
     for _ in 0..2 {
         let response = client()
             .post(format!(
@@ -288,4 +300,75 @@ fn chrono_ms(text: &str) -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Durin dies after a signal arrived and before the attempt that waits for it suspended:
+/// the signal is durable, the attempt is run again after the restart, and the wait gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_that_arrived_before_a_crash_and_the_suspension_is_not_lost() {
+    use durin_sdk::{Context, Endpoint, HandlerError, Service};
+
+    async fn gate(ctx: Context, _: serde_json::Value) -> Result<String, HandlerError> {
+        let go = ctx.signal_waiter("go").await?;
+        // Work between the wait's entry and the suspension, during which Durin dies.
+        ctx.run("slow", || async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(())
+        })
+        .await?;
+        ctx.first(&[&go]).await?;
+        go.value()
+    }
+
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        Endpoint::new()
+            .service(Service::new("gate").handler("run", gate))
+            .serve(listener),
+    );
+    register(&gateway.url, &handler_url).await;
+    let url = format!("{}/v1/workflows/gate/g-1", gateway.url);
+    assert_eq!(
+        client().post(&url).json(&1).send().await.unwrap().status(),
+        202
+    );
+    let id = get_json(&url).await["id"].as_str().unwrap().to_owned();
+    wait_for_step_kind(&gateway.url, &id, "signal").await;
+    let sent = client()
+        .post(format!("{url}/signals/go"))
+        .json(&"through")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    // The attempt is still in its slow step: it has not suspended.
+    assert_eq!(get_json(&url).await["status"], "running");
+    gateway.kill();
+    let gateway = home.start(Some(gateway.addr));
+    let url = format!("{}/v1/workflows/gate/g-1", gateway.url);
+    let done = eventually(Duration::from_secs(40), "the run to end", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(done["output"], "through");
+    let entries = journal(&gateway.url, &id).await;
+    let waits: Vec<_> = entries.iter().filter(|e| e["kind"] == "signal").collect();
+    assert_eq!(waits.len(), 1, "{entries:?}");
+    assert_eq!(waits[0]["completion"]["value"], "through");
+}
+
+/// Waits until the journal holds an entry of `kind`.
+async fn wait_for_step_kind(gateway: &str, id: &str, kind: &str) {
+    eventually(Duration::from_secs(20), kind, || async {
+        journal(gateway, id)
+            .await
+            .iter()
+            .any(|e| e["kind"] == kind)
+            .then_some(())
+    })
+    .await
 }

@@ -50,7 +50,9 @@ async fn world() -> World {
         downstream: None,
         step_retry_initial_ms: 10,
     };
-    tokio::spawn(order_example::endpoint(args).serve(handler));
+    let endpoint = order_example::endpoint(args)
+        .service(durin_sdk::Service::new("callback").handler("run", callback));
+    tokio::spawn(endpoint.serve(handler));
     register(&gateway, &handler_url).await;
     World {
         gateway,
@@ -58,6 +60,15 @@ async fn world() -> World {
         _shutdown: shutdown.drop_guard(),
         _dir: dir,
     }
+}
+
+/// A workflow that hands out an awakeable (its token in the state, for the test to read)
+/// and answers with what it was resolved with.
+async fn callback(ctx: durin_sdk::Context, _: Value) -> Result<Value, durin_sdk::HandlerError> {
+    let awakeable = ctx.awakeable().await?;
+    ctx.set("token", &awakeable.token).await?;
+    let value: Value = awakeable.wait(&ctx).await?;
+    Ok(json!({ "resolved_with": value }))
 }
 
 async fn post(url: &str, body: Value) -> reqwest::Response {
@@ -249,4 +260,72 @@ async fn signals_sent_before_anyone_waits_are_buffered_in_order() {
     assert_eq!(done["output"], r#"request c-1 cancelled: "first""#);
     // The run never had to wait: the buffered signal answered its wait at once.
     assert_eq!(done["attempt"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awakeable_is_resolved_once_from_outside_with_its_token() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/callback/k-1", world.gateway);
+    assert_eq!(post(&url, json!(null)).await.status(), 202);
+    let token = eventually(Duration::from_secs(10), "the token", || async {
+        let answer = client()
+            .get(format!("{url}/queries/token"))
+            .send()
+            .await
+            .unwrap();
+        if answer.status() != 200 {
+            return None;
+        }
+        answer
+            .json::<Value>()
+            .await
+            .unwrap()
+            .as_str()
+            .map(str::to_owned)
+    })
+    .await;
+    // Durin does not write the token into the awakeable's journal entry (this workflow
+    // chose to put it in its state, for the test).
+    let run = get_json(&url).await;
+    let entries = journal(&world.gateway, run["id"].as_str().unwrap()).await;
+    let awakeable = entries.iter().find(|e| e["kind"] == "awakeable").unwrap();
+    assert!(awakeable.get("value").is_none(), "{awakeable}");
+    let resolve = format!("{}/v1/awakeables/{token}/resolve", world.gateway);
+    let first = post(&resolve, json!({"approved": true})).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.json::<Value>().await.unwrap()["first"], true);
+    let done = eventually(Duration::from_secs(10), "the run to end", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(done["output"], json!({"resolved_with": {"approved": true}}));
+    // Resolving again, or rejecting, answers the first result and changes nothing.
+    let second = post(&resolve, json!({"approved": false})).await;
+    assert_eq!(second.status(), 200);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(
+        (second["first"].clone(), second["value"].clone()),
+        (json!(false), json!({"approved": true}))
+    );
+    let reject = post(
+        &format!("{}/v1/awakeables/{token}/reject", world.gateway),
+        json!({"message": "too late"}),
+    )
+    .await;
+    assert_eq!(reject.json::<Value>().await.unwrap()["first"], false);
+    assert_eq!(get_json(&url).await["output"], done["output"]);
+    // A token with one digit changed is refused.
+    let last = token.chars().last().unwrap();
+    let forged = format!(
+        "{}{}",
+        &token[..token.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    );
+    let refused = post(
+        &format!("{}/v1/awakeables/{forged}/resolve", world.gateway),
+        json!(1),
+    )
+    .await;
+    assert_eq!(refused.status(), 404);
 }

@@ -57,9 +57,15 @@ pub fn plan(
         return Err(format!("a {} entry carries no failure", kind.as_str()));
     }
     match kind {
-        EntryKind::Step if value.is_some() == has_failure => {
-            Err("a step entry carries exactly one of value and failure".into())
+        EntryKind::Step if value.is_some() && has_failure => {
+            Err("a step entry carries a value or a failure, not both".into())
         }
+        // A step whose result is JSON null arrives without a value (serde reads `null` as
+        // none): it is recorded as null.
+        EntryKind::Step if !has_failure => Ok(Planned {
+            value: Some(value.unwrap_or(Value::Null)),
+            effect: Effect::None,
+        }),
         EntryKind::Sleep => sleep::plan(value, now_ms),
         EntryKind::Signal | EntryKind::Awakeable => {
             if value.is_some() {
@@ -138,6 +144,10 @@ mod tests {
         );
         assert!(plan(EntryKind::State, Some("k"), Some(json!(7)), false, now).is_err());
         assert!(plan(EntryKind::Output, None, None, false, now).is_err());
+        let unit =
+            plan(EntryKind::Step, Some("s"), None, false, now).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(unit.value, Some(Value::Null));
+        assert!(plan(EntryKind::Step, Some("s"), Some(json!(1)), true, now).is_err());
         assert!(plan(EntryKind::Unknown, None, None, false, now).is_err());
     }
 }
