@@ -227,3 +227,59 @@ async fn invoke(
     let outcome: Outcome = ctx.finish(result);
     Json(outcome).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// A journal entry of a kind this SDK does not know (a newer gateway) is answered with a
+    /// retryable outcome naming the problem, never a terminal failure, and the handler does
+    /// not run.
+    #[tokio::test]
+    async fn an_unknown_entry_kind_is_a_retryable_error() {
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let router = Endpoint::new()
+            .service(
+                Service::new("s").handler("h", move |_ctx: Context, _: Value| {
+                    let flag = Arc::clone(&flag);
+                    async move {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, HandlerError>(1)
+                    }
+                }),
+            )
+            .router();
+        let request = serde_json::json!({
+            "protocol": PROTOCOL_VERSION, "invocation_id": "inv_x", "attempt": 2,
+            "attempt_token": "t", "service": "s", "handler": "h", "input": null,
+            "journal": [{"index": 1, "kind": "teleport", "attempt": 1, "at_ms": 1}],
+            "position_failures": 0, "context_url": "http://127.0.0.1:1/v1/contexts/inv_x",
+        });
+        let response = router
+            .oneshot(
+                Request::post("/s/h")
+                    .header("content-type", "application/json")
+                    .body(Body::from(request.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let outcome: Outcome = serde_json::from_slice(&body).unwrap();
+        match outcome {
+            Outcome::Retry { error_type, .. } => {
+                assert_eq!(error_type.as_deref(), Some("UnknownEntryKind"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}
