@@ -12,6 +12,7 @@ pub mod engine;
 pub mod http;
 pub mod ids;
 pub mod journal;
+pub mod lifecycle;
 pub mod problem;
 pub mod registry;
 pub mod store;

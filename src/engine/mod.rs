@@ -10,6 +10,7 @@
 //! [`Engine::nudge`] only makes the scheduler look sooner; correctness never depends on it.
 
 mod attempt;
+mod client;
 mod scheduler;
 mod waiters;
 

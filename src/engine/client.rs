@@ -1,0 +1,181 @@
+//! The HTTP call to a handler: the invocation request (with the journal, its completions
+//! and awakeable tokens, for a protocol handler; the caller's request as it came, for a
+//! plain one) and what its answer means, before any policy is applied.
+
+use durin_protocol::{
+    EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, HEADER_ATTEMPT,
+    HEADER_ATTEMPT_TOKEN, HEADER_INVOCATION_ID, HEADER_PROTOCOL,
+};
+
+use super::Engine;
+use crate::http::{error_chain, json_value, parse_retry_after, read_limited, snippet};
+use crate::ids::InvocationId;
+use crate::lifecycle::HandlerAnswer;
+use crate::store::{HandlerProtocol, HandlerTarget, InvocationRecord, StoredEntry};
+
+/// The longest answer a handler may give, so that a runaway handler cannot exhaust memory.
+const MAX_HANDLER_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+impl Engine {
+    pub(super) async fn call_handler(
+        &self,
+        record: &InvocationRecord,
+        target: &HandlerTarget,
+        journal: Vec<StoredEntry>,
+    ) -> HandlerAnswer {
+        let mut entries = journal.into_iter();
+        let Some(input) = entries.next().filter(|e| e.kind == EntryKind::Input) else {
+            return HandlerAnswer::Terminal(
+                Failure {
+                    status: 500,
+                    error_type: None,
+                    message: "the journal has no input entry".into(),
+                },
+                None,
+            );
+        };
+        let timeout = target
+            .spec
+            .start_to_close
+            .unwrap_or(self.config.default_start_to_close);
+        let endpoint = target.endpoint();
+        let request = match target.protocol {
+            HandlerProtocol::Sdk { version } => self
+                .http
+                .post(&endpoint)
+                .header(HEADER_PROTOCOL, version)
+                .json(&InvocationRequest {
+                    protocol: version,
+                    invocation_id: record.id.to_string(),
+                    attempt: record.attempt,
+                    attempt_token: record.attempt_token.clone().unwrap_or_default(),
+                    service: record.service.clone(),
+                    handler: record.handler.clone(),
+                    input: json_value(input.value.as_deref()),
+                    journal: entries
+                        .map(|entry| wire_entry(self, &record.id, entry))
+                        .collect(),
+                    position_failures: record.position_failures,
+                    context_url: format!(
+                        "{}/v1/contexts/{}",
+                        self.config.advertised_url.trim_end_matches('/'),
+                        record.id
+                    ),
+                }),
+            // A plain handler gets the caller's request as it came.
+            HandlerProtocol::Plain => {
+                let request = self.http.post(&endpoint);
+                let request = match &input.content_type {
+                    Some(content_type) => {
+                        request.header(reqwest::header::CONTENT_TYPE, content_type)
+                    }
+                    None => request,
+                };
+                request.body(input.value.unwrap_or_default())
+            }
+        };
+        let sent = request
+            .header(HEADER_INVOCATION_ID, record.id.as_str())
+            .header(HEADER_ATTEMPT, record.attempt)
+            .header(
+                HEADER_ATTEMPT_TOKEN,
+                record.attempt_token.as_deref().unwrap_or_default(),
+            )
+            .timeout(timeout)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) if e.is_timeout() => {
+                return HandlerAnswer::Retry {
+                    error: format!(
+                        "attempt {} exceeded its start_to_close timeout of {}",
+                        record.attempt,
+                        humantime::format_duration(timeout)
+                    ),
+                    error_type: Some("StartToCloseTimeout".into()),
+                    delay: None,
+                }
+            }
+            Err(e) => {
+                return HandlerAnswer::Retry {
+                    error: format!("could not call {endpoint}: {}", error_chain(&e)),
+                    error_type: None,
+                    delay: None,
+                }
+            }
+        };
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = match read_limited(response, MAX_HANDLER_RESPONSE_BYTES).await {
+            Ok(body) => body,
+            Err(error) => {
+                return HandlerAnswer::Retry {
+                    error: format!("reading the answer of {endpoint} failed: {error}"),
+                    error_type: None,
+                    delay: None,
+                }
+            }
+        };
+        let plain = target.protocol == HandlerProtocol::Plain;
+        if status.is_success() && plain {
+            HandlerAnswer::Output(body, content_type)
+        } else if status.is_success() {
+            match serde_json::from_slice::<Outcome>(&body) {
+                Ok(outcome) => HandlerAnswer::Outcome(outcome),
+                Err(e) => HandlerAnswer::Retry {
+                    error: format!(
+                        "protocol violation: {endpoint} answered {status} with a body that is not a Durin outcome ({e}): {}",
+                        snippet(&body)
+                    ),
+                    error_type: Some("ProtocolViolation".into()),
+                    delay: None,
+                },
+            }
+        } else if status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            let failure = Failure {
+                status: status.as_u16(),
+                error_type: None,
+                message: format!("handler answered {status}: {}", snippet(&body)),
+            };
+            HandlerAnswer::Terminal(failure, plain.then_some((body, content_type)))
+        } else {
+            HandlerAnswer::Retry {
+                error: format!("handler answered {status}: {}", snippet(&body)),
+                error_type: None,
+                delay: retry_after,
+            }
+        }
+    }
+}
+
+/// A journal entry as a handler receives it: completions attached, an awakeable with its
+/// token (computed here, never stored).
+fn wire_entry(engine: &Engine, id: &InvocationId, entry: StoredEntry) -> JournalEntry {
+    let value = match entry.kind {
+        EntryKind::Awakeable => Some(engine.awakeable_value(id, entry.index)),
+        _ => entry.value.as_deref().map(|v| json_value(Some(v))),
+    };
+    JournalEntry {
+        index: entry.index,
+        kind: entry.kind,
+        name: entry.name,
+        value,
+        failure: entry.failure,
+        attempt: entry.attempt,
+        at_ms: entry.at_ms,
+        completion: entry.completion.as_ref().map(|c| c.to_wire()),
+    }
+}

@@ -1,0 +1,232 @@
+//! Lifecycle: how an attempt's end moves its invocation, one file per transition.
+//!
+//! [`decide`] turns what the handler answered, the retry policy and the time into an
+//! [`AttemptEnd`]; it is pure, so each rule is tested without a handler or a store. The
+//! store carries the end out, fenced by the attempt. `retry.rs` (backoff or failure when
+//! attempts are used up), `suspend.rs` (waiting for commands), `pause.rs` (waiting for an
+//! operator: non-determinism, a journal the deployment cannot read, a deployment gone).
+//! Cancellation and continue-as-new will come here as files of their own.
+
+pub mod pause;
+mod retry;
+mod suspend;
+
+use std::time::Duration;
+
+use durin_protocol::{Failure, Outcome, RetryPolicy};
+
+use crate::store::AttemptEnd;
+
+/// The longest delay a handler can ask for (`Retry-After`, a step's backoff, a suspension).
+pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// `now + delay`, with the delay capped at [`MAX_DELAY`].
+pub fn after(now_ms: i64, delay: Duration) -> i64 {
+    now_ms.saturating_add(delay.min(MAX_DELAY).as_millis() as i64)
+}
+
+/// What the handler's HTTP answer meant, before the retry policy is applied.
+#[derive(Debug)]
+pub enum HandlerAnswer {
+    /// A protocol handler's outcome.
+    Outcome(Outcome),
+    /// A plain handler's output and its content type.
+    Output(Vec<u8>, Option<String>),
+    /// A terminal failure, with a plain handler's own answer.
+    Terminal(Failure, Option<(Vec<u8>, Option<String>)>),
+    /// A crash, a timeout, a 5xx: retried under the handler's policy.
+    Retry {
+        error: String,
+        error_type: Option<String>,
+        delay: Option<Duration>,
+    },
+}
+
+/// How an attempt ends, given the handler's answer. `failures` counts the invocation's
+/// earlier handler-level failures.
+pub fn decide(
+    failures: u32,
+    policy: &RetryPolicy,
+    answer: HandlerAnswer,
+    now_ms: i64,
+) -> AttemptEnd {
+    let outcome = match answer {
+        HandlerAnswer::Terminal(failure, body) => return AttemptEnd::Failed { failure, body },
+        HandlerAnswer::Retry {
+            error,
+            error_type,
+            delay,
+        } => return retry::handler_failure(failures, policy, error, error_type, delay, now_ms),
+        HandlerAnswer::Output(output, content_type) => {
+            return AttemptEnd::Completed {
+                output,
+                content_type,
+            }
+        }
+        HandlerAnswer::Outcome(outcome) => outcome,
+    };
+    match outcome {
+        Outcome::Output { output } => AttemptEnd::Completed {
+            output: serde_json::to_vec(&output).unwrap_or_default(),
+            content_type: Some("application/json".into()),
+        },
+        Outcome::Failure { failure } => AttemptEnd::Failed {
+            failure: Failure {
+                status: if (400..600).contains(&failure.status) {
+                    failure.status
+                } else {
+                    500
+                },
+                ..failure
+            },
+            body: None,
+        },
+        Outcome::Retry {
+            error,
+            error_type,
+            retry_after_ms: Some(delay_ms),
+            step: Some(step),
+        } => retry::step_backoff(&step, error, error_type, delay_ms, now_ms),
+        Outcome::Retry {
+            error,
+            error_type,
+            retry_after_ms,
+            ..
+        } => retry::handler_failure(
+            failures,
+            policy,
+            error,
+            error_type,
+            retry_after_ms.map(Duration::from_millis),
+            now_ms,
+        ),
+        Outcome::Suspend {
+            waiting_for,
+            wake_at_ms,
+        } => suspend::suspend(waiting_for, wake_at_ms, now_ms).unwrap_or_else(|violation| {
+            retry::handler_failure(
+                failures,
+                policy,
+                violation,
+                Some("ProtocolViolation".into()),
+                None,
+                now_ms,
+            )
+        }),
+        Outcome::NonDeterminism {
+            index,
+            recorded,
+            requested,
+            detail,
+        } => pause::non_determinism(index, &recorded, &requested, detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use durin_protocol::{EntryKind, EntryRef};
+
+    const NOW: i64 = 1_000_000;
+
+    fn policy(attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            initial_interval: Duration::from_millis(100),
+            maximum_attempts: Some(attempts),
+            ..RetryPolicy::default()
+        }
+    }
+
+    fn retry(step: Option<&str>, after_ms: Option<u64>) -> HandlerAnswer {
+        HandlerAnswer::Outcome(Outcome::Retry {
+            error: "boom".into(),
+            error_type: None,
+            retry_after_ms: after_ms,
+            step: step.map(str::to_owned),
+        })
+    }
+
+    #[test]
+    fn a_step_backoff_is_not_charged_to_the_handler_and_its_retries_are() {
+        match decide(9, &policy(3), retry(Some("charge"), Some(250)), NOW) {
+            AttemptEnd::BackOff {
+                until_ms,
+                handler_failure,
+                error,
+            } => {
+                assert_eq!(until_ms, NOW + 250);
+                assert!(!handler_failure);
+                assert!(error.contains("charge"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide(0, &policy(3), retry(None, None), NOW) {
+            AttemptEnd::BackOff {
+                until_ms,
+                handler_failure,
+                ..
+            } => assert_eq!((until_ms, handler_failure), (NOW + 100, true)),
+            other => panic!("{other:?}"),
+        }
+        match decide(2, &policy(3), retry(None, None), NOW) {
+            AttemptEnd::Failed { failure, .. } => {
+                assert!(
+                    failure.message.starts_with("all 3 attempts failed"),
+                    "{failure:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_suspension_names_what_it_waits_for_or_is_a_protocol_violation() {
+        let suspend = |waiting_for: Vec<u32>, wake_at_ms| {
+            HandlerAnswer::Outcome(Outcome::Suspend {
+                waiting_for,
+                wake_at_ms,
+            })
+        };
+        match decide(0, &policy(3), suspend(vec![3, 4], None), NOW) {
+            AttemptEnd::Suspended {
+                waiting_for,
+                until_ms,
+            } => assert_eq!((waiting_for, until_ms), (vec![3, 4], None)),
+            other => panic!("{other:?}"),
+        }
+        // Version 1: a wake time, capped at a year and a day.
+        match decide(0, &policy(3), suspend(vec![], Some(i64::MAX)), NOW) {
+            AttemptEnd::Suspended { until_ms, .. } => {
+                assert_eq!(until_ms, Some(after(NOW, MAX_DELAY)))
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide(0, &policy(3), suspend(vec![], None), NOW) {
+            AttemptEnd::BackOff { error, .. } => assert!(error.contains("protocol violation")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn non_determinism_pauses_and_names_both_sides() {
+        let answer = HandlerAnswer::Outcome(Outcome::NonDeterminism {
+            index: 3,
+            recorded: EntryRef {
+                kind: EntryKind::Step,
+                name: Some("reserve".into()),
+            },
+            requested: EntryRef {
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+            },
+            detail: None,
+        });
+        match decide(0, &policy(3), answer, NOW) {
+            AttemptEnd::Paused { reason } => {
+                assert!(reason.contains(r#"step "reserve""#), "{reason}");
+                assert!(reason.contains(r#"step "charge""#), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
