@@ -487,10 +487,21 @@ impl Egress {
             token: None,
             effect: Effect::None,
         };
-        self.store
+        match self
+            .store
             .append_entry(&id, attempt, entry, self.clock.now_ms())
-            .await?;
-        Ok((egress_record.response(false), true))
+            .await
+        {
+            Ok(_) => Ok((egress_record.response(false), true)),
+            Err(error @ StoreError::Fenced { .. }) => {
+                // The attempt ended while this call was out: forget what the call may have
+                // brought back of its bookkeeping (a newer attempt's stays).
+                self.calls.forget(&id, attempt);
+                self.calls.settle(&id, attempt);
+                Err(error.into())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The current attempt of a running invocation, checked against the one the caller
