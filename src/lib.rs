@@ -66,6 +66,7 @@ pub async fn run_with_clock(
     );
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
+    let state_cursors = Arc::new(api::StateCursors::default());
     let awakeables = AwakeableKey::new(store.gateway_secret("awakeables").await?);
     let engine = Arc::new(Engine::new(
         Arc::clone(&store),
@@ -77,7 +78,10 @@ pub async fn run_with_clock(
             max_concurrent_attempts: config.max_concurrent_attempts,
         },
         Arc::clone(&targets),
-        Arc::clone(&egress_calls) as Arc<dyn engine::AttemptObserver>,
+        vec![
+            Arc::clone(&egress_calls) as Arc<dyn engine::AttemptObserver>,
+            Arc::clone(&state_cursors) as Arc<dyn engine::AttemptObserver>,
+        ],
         awakeables.clone(),
         shutdown.child_token(),
     ));
@@ -159,6 +163,7 @@ pub async fn run_with_clock(
         engine: Arc::clone(&engine),
         clock,
         awakeables,
+        state_cursors,
         http,
         idempotency_retention: config.idempotency_retention,
         max_body_bytes: config.max_body_bytes,

@@ -161,3 +161,115 @@ async fn a_plain_handler_must_present_its_attempt_and_token() {
         "nothing was written"
     );
 }
+
+/// A plain handler that wrote state and then failed runs again from the top: its writes
+/// replay (the k-th write of a key answers the k-th recorded one) and the state never goes
+/// back to an earlier value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_state_writes_replay_and_never_go_back() {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone)]
+    struct Handler {
+        gateway: Arc<Mutex<String>>,
+        /// (attempt, value written, Durin-Replayed, the query's answer right after)
+        seen: Arc<Mutex<Vec<(String, String, String, Value)>>>,
+    }
+
+    async fn run(
+        axum::extract::State(handler): axum::extract::State<Handler>,
+        headers: HeaderMap,
+    ) -> (StatusCode, String) {
+        let gateway = handler.gateway.lock().unwrap().clone();
+        let id = headers["durin-invocation-id"].to_str().unwrap().to_owned();
+        let attempt = headers["durin-attempt"].to_str().unwrap().to_owned();
+        let token = headers["durin-attempt-token"].to_str().unwrap().to_owned();
+        let values: &[&str] = if attempt == "1" {
+            &["a", "b"]
+        } else {
+            &["a", "b", "c"]
+        };
+        for value in values {
+            let response = client()
+                .put(format!("{gateway}/v1/contexts/{id}/state/stage"))
+                .header("durin-attempt", &attempt)
+                .header("durin-attempt-token", &token)
+                .json(value)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let replayed = response.headers()["durin-replayed"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let now = get_json(&format!("{gateway}/v1/invocations/{id}/queries/stage")).await;
+            handler.seen.lock().unwrap().push((
+                attempt.clone(),
+                (*value).to_owned(),
+                replayed,
+                now,
+            ));
+        }
+        if attempt == "1" {
+            // As if the process died after its writes.
+            return (StatusCode::SERVICE_UNAVAILABLE, "crash".into());
+        }
+        (StatusCode::OK, "\"done\"".into())
+    }
+
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let handler = Handler {
+        gateway: Arc::new(Mutex::new(gateway.url.clone())),
+        seen: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/stages/run", axum::routing::post(run))
+        .with_state(handler.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let response = client()
+        .post(format!("{}/v1/deployments", gateway.url))
+        .json(&json!({"url": url, "services": [{"name": "stages", "handlers": [{"name": "run"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let started: Value = client()
+        .post(format!("{}/v1/workflows/stages/s-1", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["invocation_id"].as_str().unwrap().to_owned();
+    let done = wait_final(&gateway.url, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["output"], "done");
+    let seen = handler.seen.lock().unwrap().clone();
+    let expected = [
+        ("1", "a", "false", "a"),
+        ("1", "b", "false", "b"),
+        // The second attempt replays a and b: the state stays at b, never back to a.
+        ("2", "a", "true", "b"),
+        ("2", "b", "true", "b"),
+        ("2", "c", "false", "c"),
+    ];
+    let expected: Vec<(String, String, String, Value)> = expected
+        .iter()
+        .map(|(a, v, r, q)| ((*a).into(), (*v).into(), (*r).into(), json!(q)))
+        .collect();
+    assert_eq!(seen, expected);
+    let writes: Vec<Value> = journal(&gateway.url, &id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "state")
+        .map(|e| e["value"]["set"].clone())
+        .collect();
+    assert_eq!(writes, vec![json!("a"), json!("b"), json!("c")]);
+}

@@ -7,6 +7,8 @@
 //! `Durin-Suspended: true`) and the handler runs again from the top when it arrives.
 //! Every call presents the attempt's number and secret token.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -20,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, ApiQuery, AppState};
+use crate::engine::AttemptObserver;
 use crate::http::json_value;
 use crate::ids::InvocationId;
 use crate::journal::{self, MAX_NAME_BYTES};
@@ -155,6 +158,7 @@ pub async fn record_step(
             kind: EntryKind::Step,
             name: name.clone(),
             key: None,
+            occurrence: 0,
             also: None,
             new: Some(new_entry(
                 EntryKind::Step,
@@ -275,6 +279,7 @@ pub async fn sleep(
             kind: EntryKind::Sleep,
             name: name.clone(),
             key: None,
+            occurrence: 0,
             also: None,
             new: Some(new_entry(
                 EntryKind::Sleep,
@@ -355,6 +360,7 @@ pub async fn wait_signal(
             kind: EntryKind::Signal,
             name: name.clone(),
             key: Some(value.clone()),
+            occurrence: 0,
             new: Some(new_entry(
                 EntryKind::Signal,
                 Some(name),
@@ -400,6 +406,7 @@ pub async fn create_awakeable(
             kind: EntryKind::Awakeable,
             name: name.clone(),
             key: None,
+            occurrence: 0,
             also: None,
             new: Some(new_entry(
                 EntryKind::Awakeable,
@@ -435,6 +442,7 @@ pub async fn wait_awakeable(
             kind: EntryKind::Awakeable,
             name: name.clone(),
             key: None,
+            occurrence: 0,
             new: None,
             also: None,
             suspend: true,
@@ -456,8 +464,10 @@ pub async fn wait_awakeable(
 }
 
 /// `PUT /v1/contexts/{id}/state/{key}` (JSON body) sets a key of the durable state that
-/// queries read; `DELETE` clears it. Setting the value a key already has records nothing,
-/// so a handler that runs again from the top does not grow its journal.
+/// queries read; `DELETE` clears it. Writes are replayed like every other call: the k-th
+/// write of a key in an attempt answers the k-th recorded one (`Durin-Replayed: true`) and
+/// changes nothing, so a handler that runs again from the top neither grows its journal
+/// nor sends its state back to an earlier value.
 pub async fn set_state(
     State(state): State<AppState>,
     ApiPath((id, key)): ApiPath<(String, String)>,
@@ -490,44 +500,91 @@ async fn write_state(
         Some(v) => json!({ "set": v }),
         None => json!({ "clear": true }),
     };
-    let current = state
-        .store
-        .read_state(&id)
-        .await?
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.map(|v| json_value(Some(&v))));
-    let unchanged = match (&current, &value) {
-        (Some(Some(old)), Some(new)) => old == new,
-        (Some(None), None) | (None, None) => true,
-        _ => false,
-    };
-    if unchanged {
-        // Nothing to record, but only the current attempt learns that.
-        state
-            .store
-            .check_attempt(&id, caller.attempt, &caller.token)
-            .await?;
-        return Ok(replayed(
-            Json(value.unwrap_or(Value::Null)).into_response(),
-            true,
-        ));
-    }
     let planned = journal::plan(EntryKind::State, Some(&key), Some(op), false, 0)
         .map_err(ApiError::BadRequest)?;
-    let mut entry = new_entry(
-        EntryKind::State,
-        Some(key),
-        planned.value.as_ref().map(to_bytes),
-        planned.effect,
-    );
-    entry.token = Some(caller.token);
+    // The k-th write of this key in the attempt is the k-th recorded one: a handler that
+    // runs again from the top replays its writes instead of repeating them.
+    let occurrence = state.state_cursors.current(&id, caller.attempt, &key);
+    let answer = plain(
+        &state,
+        PlainCommand {
+            id: id.clone(),
+            attempt: caller.attempt,
+            token: caller.token,
+            kind: EntryKind::State,
+            name: key.clone(),
+            key: None,
+            occurrence,
+            new: Some(new_entry(
+                EntryKind::State,
+                Some(key.clone()),
+                planned.value.as_ref().map(to_bytes),
+                planned.effect,
+            )),
+            also: None,
+            suspend: false,
+        },
+    )
+    .await?;
     state
-        .store
-        .append_entry(&id, caller.attempt, entry, state.clock.now_ms())
-        .await?;
-    Ok(replayed(
-        Json(value.unwrap_or(Value::Null)).into_response(),
-        false,
-    ))
+        .state_cursors
+        .advance(&id, caller.attempt, &key, occurrence);
+    // What this point of the handler recorded (on a replay, the first run's value).
+    let recorded = json_value(answer.entry.value.as_deref());
+    let value = recorded.get("set").cloned().unwrap_or(Value::Null);
+    Ok(replayed(Json(value).into_response(), answer.recorded))
+}
+
+/// Per running attempt of a plain handler: how many times it wrote each state key. Kept in
+/// memory only while the attempt runs (a new attempt starts from zero), and dropped once
+/// the attempt's end is recorded.
+#[derive(Default)]
+pub struct StateCursors {
+    attempts: Mutex<HashMap<InvocationId, AttemptWrites>>,
+}
+
+/// An attempt's number and its writes per state key.
+type AttemptWrites = (u32, HashMap<String, u32>);
+
+impl StateCursors {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InvocationId, AttemptWrites>> {
+        self.attempts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many times `attempt` wrote `key` so far.
+    fn current(&self, id: &InvocationId, attempt: u32, key: &str) -> u32 {
+        match self.lock().get(id) {
+            Some((a, keys)) if *a == attempt => keys.get(key).copied().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Counts a write of `key` made as occurrence `occurrence` (twice the same write, as a
+    /// retry after a lost answer, counts once).
+    fn advance(&self, id: &InvocationId, attempt: u32, key: &str, occurrence: u32) {
+        let mut attempts = self.lock();
+        let slot = attempts
+            .entry(id.clone())
+            .or_insert_with(|| (attempt, HashMap::new()));
+        if slot.0 < attempt {
+            *slot = (attempt, HashMap::new());
+        }
+        if slot.0 == attempt {
+            let count = slot.1.entry(key.to_owned()).or_insert(0);
+            if *count == occurrence {
+                *count += 1;
+            }
+        }
+    }
+}
+
+impl AttemptObserver for StateCursors {
+    fn attempt_ended(&self, _: &InvocationId, _: u32) {}
+
+    fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {
+        let mut attempts = self.lock();
+        if attempts.get(id).is_some_and(|(a, _)| *a <= attempt) {
+            attempts.remove(id);
+        }
+    }
 }

@@ -12,6 +12,8 @@ mod signals;
 mod views;
 mod workflows;
 
+pub use context::StateCursors;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +74,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub clock: Arc<dyn Clock>,
     pub awakeables: crate::journal::awakeable::AwakeableKey,
+    /// Per running attempt: how often a plain handler wrote each state key.
+    pub state_cursors: Arc<StateCursors>,
     pub http: reqwest::Client,
     pub idempotency_retention: Duration,
     pub max_body_bytes: usize,

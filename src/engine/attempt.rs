@@ -47,7 +47,9 @@ impl Engine {
         };
         let end = self.call(&record, journal).await;
         // The handler has answered (or given up): its egress calls are over.
-        self.observer.attempt_ended(&id, record.attempt);
+        for observer in &self.observers {
+            observer.attempt_ended(&id, record.attempt);
+        }
         let end = match end {
             Ok(end) => end,
             Err(error) => {
@@ -77,7 +79,7 @@ impl Engine {
                 .await
             {
                 Ok((ended, output)) => {
-                    self.observer.attempt_recorded(id, record.attempt);
+                    self.attempt_recorded(id, record.attempt);
                     if ended.status.is_final() || ended.status == Status::Paused {
                         self.waiters.finish(std::sync::Arc::new(Ended {
                             record: ended,
@@ -91,7 +93,7 @@ impl Engine {
                 // The invocation changed under this attempt (a newer attempt, a pause):
                 // whoever changed it scheduled what comes next.
                 Err(StoreError::Fenced { .. }) | Err(StoreError::NotFound(_)) => {
-                    self.observer.attempt_recorded(id, record.attempt);
+                    self.attempt_recorded(id, record.attempt);
                     return;
                 }
                 Err(error) => {
@@ -153,6 +155,12 @@ impl Engine {
 }
 
 impl Engine {
+    fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {
+        for observer in &self.observers {
+            observer.attempt_recorded(id, attempt);
+        }
+    }
+
     /// What an awakeable's entry shows its handler: the token and where to complete it.
     pub fn awakeable_value(&self, id: &InvocationId, index: u32) -> serde_json::Value {
         let token = self.awakeables.token(id, index);

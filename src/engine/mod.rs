@@ -59,7 +59,7 @@ pub struct Engine {
     config: EngineConfig,
     waiters: Waiters,
     targets: Arc<Targets>,
-    observer: Arc<dyn AttemptObserver>,
+    observers: Vec<Arc<dyn AttemptObserver>>,
     awakeables: AwakeableKey,
     /// Attempts in flight, so that a shutdown can wait for them.
     tracker: TaskTracker,
@@ -76,7 +76,7 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
         targets: Arc<Targets>,
-        observer: Arc<dyn AttemptObserver>,
+        observers: Vec<Arc<dyn AttemptObserver>>,
         awakeables: AwakeableKey,
         shutdown: CancellationToken,
     ) -> Engine {
@@ -91,7 +91,7 @@ impl Engine {
             config,
             waiters: Waiters::default(),
             targets,
-            observer,
+            observers,
             awakeables,
             tracker: TaskTracker::new(),
             slots,

@@ -331,6 +331,9 @@ pub struct PlainCommand {
     pub name: String,
     /// The recorded entry must have this value too (a wait's own key).
     pub key: Option<Vec<u8>>,
+    /// Which of the matching entries, in journal order, from 0 (a state key written
+    /// several times).
+    pub occurrence: u32,
     /// Appended when no entry matches; `None` means "it must exist already".
     pub new: Option<NewEntry>,
     /// A second command found or recorded with the first and waited for with it (the
@@ -513,9 +516,6 @@ pub trait Store: Send + Sync + 'static {
     /// `new` appended. When `suspend` is set and the entry has no completion, the attempt
     /// ends suspended waiting for it, in the same transaction. Fenced like an append.
     async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer>;
-    /// Checks that `attempt` is the running attempt of the invocation and `token` its
-    /// secret, without writing anything.
-    async fn check_attempt(&self, id: &InvocationId, attempt: u32, token: &str) -> StoreResult<()>;
     /// A secret of this gateway, made (32 random bytes) the first time it is asked for.
     async fn gateway_secret(&self, name: &str) -> StoreResult<Vec<u8>>;
     /// Appends an entry for `attempt`, durably, at the next free index (which must be

@@ -1386,12 +1386,18 @@ impl Store for SqliteStore {
             check_attempt(conn, id, command.attempt, &command.token)?;
             let sql = format!(
                 "{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.kind = ?2 AND j.name = ?3 \
-                 AND (?4 IS NULL OR j.value = ?4) ORDER BY j.idx LIMIT 1"
+                 AND (?4 IS NULL OR j.value = ?4) ORDER BY j.idx LIMIT 1 OFFSET ?5"
             );
             let found = query_one(
                 conn,
                 &sql,
-                params![id, command.kind.as_str(), command.name, command.key],
+                params![
+                    id,
+                    command.kind.as_str(),
+                    command.name,
+                    command.key,
+                    command.occurrence
+                ],
                 entry,
             )?;
             let (entry, recorded) = match (found, command.new) {
@@ -1413,7 +1419,7 @@ impl Store for SqliteStore {
                     let found = query_one(
                         conn,
                         &sql,
-                        params![id, new.kind.as_str(), name, None::<Vec<u8>>],
+                        params![id, new.kind.as_str(), name, None::<Vec<u8>>, 0],
                         self::entry,
                     )?;
                     Some(match found {
@@ -1447,12 +1453,6 @@ impl Store for SqliteStore {
             })
         })
         .await
-    }
-
-    async fn check_attempt(&self, id: &InvocationId, attempt: u32, token: &str) -> StoreResult<()> {
-        let (id, token) = (id.clone(), token.to_owned());
-        self.read(move |conn| check_attempt(conn, id.as_str(), attempt, &token))
-            .await
     }
 
     async fn gateway_secret(&self, name: &str) -> StoreResult<Vec<u8>> {
