@@ -170,11 +170,13 @@ async fn plain_state_writes_replay_and_never_go_back() {
     use axum::http::{HeaderMap, StatusCode};
     use std::sync::{Arc, Mutex};
 
+    /// (attempt, value written, Durin-Replayed, the query's answer right after)
+    type Seen = (String, String, String, Value);
+
     #[derive(Clone)]
     struct Handler {
         gateway: Arc<Mutex<String>>,
-        /// (attempt, value written, Durin-Replayed, the query's answer right after)
-        seen: Arc<Mutex<Vec<(String, String, String, Value)>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
     }
 
     async fn run(
@@ -260,7 +262,7 @@ async fn plain_state_writes_replay_and_never_go_back() {
         ("2", "b", "true", "b"),
         ("2", "c", "false", "c"),
     ];
-    let expected: Vec<(String, String, String, Value)> = expected
+    let expected: Vec<Seen> = expected
         .iter()
         .map(|(a, v, r, q)| ((*a).into(), (*v).into(), (*r).into(), json!(q)))
         .collect();
