@@ -1,0 +1,454 @@
+//! What a write does to a journal in the SQLite store: appends (fenced by the attempt and
+//! its token), the effects of commands (timers, signal waits, state), completions numbered
+//! in the order their events happened, signals and their binding to waits, suspensions,
+//! and new invocations. Every function runs inside the caller's transaction.
+
+use durin_protocol::{EntryKind, Failure};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::*;
+
+/// Appends `entry` for `attempt` at the next free index (which must be `entry.index` when
+/// that is given), inside the caller's transaction.
+pub(super) fn append(
+    conn: &Connection,
+    id: &InvocationId,
+    attempt: u32,
+    entry: NewEntry,
+    now_ms: i64,
+) -> StoreResult<StoredEntry> {
+    let grown: Option<u32> = conn
+        .prepare_cached(
+            "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
+             modified_at_ms = ?1 \
+             WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
+             AND (?4 IS NULL OR journal_len = ?4) \
+             AND (?5 IS NULL OR attempt_token = ?5) RETURNING journal_len",
+        )
+        .map_err(backend)?
+        .query_row(
+            params![now_ms, id.as_str(), attempt, entry.index, entry.token],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    let Some(journal_len) = grown else {
+        return Err(match refusal(conn, id.as_str(), attempt) {
+            StoreError::Fenced {
+                current_attempt,
+                status: Status::Running,
+                ..
+            } if current_attempt == attempt => {
+                let current = fetch_invocation(conn, id.as_str())?;
+                let token = current.as_ref().and_then(|r| r.attempt_token.clone());
+                if entry.token.is_some() && entry.token != token {
+                    StoreError::WrongToken {
+                        invocation_id: id.to_string(),
+                        attempt,
+                    }
+                } else {
+                    StoreError::IndexMismatch {
+                        invocation_id: id.to_string(),
+                        requested: entry.index.unwrap_or_default(),
+                        expected: current.map(|r| r.journal_len).unwrap_or_default(),
+                    }
+                }
+            }
+            other => other,
+        });
+    };
+    let mut stored = StoredEntry {
+        index: journal_len - 1,
+        kind: entry.kind,
+        name: entry.name,
+        value: entry.value,
+        content_type: entry.content_type,
+        failure: entry.failure,
+        attempt,
+        at_ms: now_ms,
+        completion: None,
+    };
+    insert_entry(conn, id.as_str(), &stored)?;
+    stored.completion = apply_effect(conn, id.as_str(), &stored, entry.effect, now_ms)?;
+    Ok(stored)
+}
+
+/// Refuses a caller that is not the running attempt of the invocation or lacks its token.
+pub(super) fn check_attempt(
+    conn: &Connection,
+    id: &str,
+    attempt: u32,
+    token: &str,
+) -> StoreResult<()> {
+    let current = fetch_invocation(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if current.attempt != attempt || current.status != Status::Running {
+        return Err(StoreError::Fenced {
+            invocation_id: id.to_owned(),
+            attempt,
+            current_attempt: current.attempt,
+            status: current.status,
+        });
+    }
+    if current.attempt_token.as_deref() != Some(token) {
+        return Err(StoreError::WrongToken {
+            invocation_id: id.to_owned(),
+            attempt,
+        });
+    }
+    Ok(())
+}
+
+/// Carries out what an appended entry does besides being journaled; returns the entry's
+/// completion when it is complete at once.
+pub(super) fn apply_effect(
+    conn: &Connection,
+    id: &str,
+    entry: &StoredEntry,
+    effect: Effect,
+    now_ms: i64,
+) -> StoreResult<Option<StoredCompletion>> {
+    match effect {
+        Effect::None => Ok(None),
+        Effect::Timer { wake_at_ms } if wake_at_ms <= now_ms => {
+            complete(conn, id, entry.index, None, None, now_ms).map(Some)
+        }
+        Effect::Timer { wake_at_ms } => {
+            execute(
+                conn,
+                "INSERT INTO timers (invocation_id, idx, wake_at_ms) VALUES (?1, ?2, ?3)",
+                params![id, entry.index, wake_at_ms],
+            )?;
+            Ok(None)
+        }
+        Effect::SignalWait => {
+            let name = entry.name.clone().unwrap_or_default();
+            bind_buffered_signal(conn, id, entry.index, &name, now_ms)
+        }
+        Effect::State { key, value } => {
+            execute(
+                conn,
+                "INSERT INTO state (invocation_id, key, value) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
+                params![id, key, value],
+            )?;
+            Ok(None)
+        }
+    }
+}
+
+/// Hands the oldest buffered signal named `name` to the wait at `index`, if there is one.
+/// Timers that were due when the signal arrived fire first, so that completions are
+/// numbered in the order their events happened.
+pub(super) fn bind_buffered_signal(
+    conn: &Connection,
+    id: &str,
+    index: u32,
+    name: &str,
+    now_ms: i64,
+) -> StoreResult<Option<StoredCompletion>> {
+    let buffered: Option<(u32, Option<Vec<u8>>, i64)> = conn
+        .prepare_cached(
+            "SELECT seq, value, at_ms FROM signals WHERE invocation_id = ?1 AND name = ?2 \
+             AND consumed_by IS NULL ORDER BY seq LIMIT 1",
+        )
+        .map_err(backend)?
+        .query_row(params![id, name], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()
+        .map_err(backend)?;
+    let Some((seq, value, arrived_at_ms)) = buffered else {
+        return Ok(None);
+    };
+    fire_timers(conn, id, arrived_at_ms, now_ms)?;
+    execute(
+        conn,
+        "UPDATE signals SET consumed_by = ?1 WHERE invocation_id = ?2 AND seq = ?3",
+        params![index, id, seq],
+    )?;
+    complete(conn, id, index, value, None, now_ms).map(Some)
+}
+
+/// Writes the completion of the command at `index` (the next in order of arrival).
+pub(super) fn complete(
+    conn: &Connection,
+    id: &str,
+    index: u32,
+    value: Option<Vec<u8>>,
+    failure: Option<Failure>,
+    now_ms: i64,
+) -> StoreResult<StoredCompletion> {
+    let seq: u32 = conn
+        .prepare_cached(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM completions WHERE invocation_id = ?1",
+        )
+        .map_err(backend)?
+        .query_row([id], |row| row.get(0))
+        .map_err(backend)?;
+    let failure_json = failure.as_ref().map(to_json).transpose()?;
+    execute(
+        conn,
+        "INSERT INTO completions (invocation_id, idx, seq, value, failure, at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, index, seq, value, failure_json, now_ms],
+    )?;
+    Ok(StoredCompletion {
+        seq,
+        value,
+        failure,
+        at_ms: now_ms,
+    })
+}
+
+/// Makes a suspended invocation due now if it waits for the command at `index`.
+pub(super) fn wake_if_waiting(
+    conn: &Connection,
+    id: &str,
+    index: u32,
+    now_ms: i64,
+) -> StoreResult<bool> {
+    let row: Option<(String, Option<String>)> = conn
+        .prepare_cached("SELECT status, waiting_for FROM invocations WHERE id = ?1")
+        .map_err(backend)?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    let Some((status, waiting_for)) = row else {
+        return Ok(false);
+    };
+    let waits: Vec<u32> = waiting_for
+        .map(|w| serde_json::from_str(&w))
+        .transpose()
+        .map_err(backend)?
+        .unwrap_or_default();
+    if status != Status::Suspended.as_str() || !waits.contains(&index) {
+        return Ok(false);
+    }
+    execute(
+        conn,
+        "UPDATE invocations SET next_run_at_ms = MIN(COALESCE(next_run_at_ms, ?1), ?1), \
+         modified_at_ms = ?1 WHERE id = ?2",
+        params![now_ms, id],
+    )?;
+    Ok(true)
+}
+
+/// Where a suspension leaves the invocation: due now when a command it waits for has
+/// completed (or a waited timer is due), else at the first waited timer (`until_ms` for a
+/// version 1 handler), else when a completion wakes it. `None` for the due time and
+/// `false` when it waits for nothing that can ever complete.
+pub(super) fn suspension_due(
+    conn: &Connection,
+    id: &str,
+    until_ms: Option<i64>,
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<(Option<i64>, bool)> {
+    // A wait takes a signal only while someone waits for it (when it is appended, or now),
+    // so a wait that lost a race and is never waited for again takes nothing.
+    let mut sorted = waiting_for.to_vec();
+    sorted.sort_unstable();
+    for index in &sorted {
+        let open_wait: Option<String> = conn
+            .prepare_cached(
+                "SELECT j.name FROM journal j WHERE j.invocation_id = ?1 AND j.idx = ?2 \
+                 AND j.kind = 'signal' AND NOT EXISTS (SELECT 1 FROM completions c \
+                 WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx)",
+            )
+            .map_err(backend)?
+            .query_row(params![id, index], |row| row.get(0))
+            .optional()
+            .map_err(backend)?;
+        if let Some(name) = open_wait {
+            bind_buffered_signal(conn, id, *index, &name, now_ms)?;
+        }
+    }
+    let mut due = until_ms;
+    let mut can_complete = until_ms.is_some();
+    for index in waiting_for {
+        let row: Option<(String, Option<u32>, Option<i64>)> = conn
+            .prepare_cached(
+                "SELECT j.kind, c.seq, t.wake_at_ms FROM journal j \
+                 LEFT JOIN completions c ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+                 LEFT JOIN timers t ON t.invocation_id = j.invocation_id AND t.idx = j.idx \
+                 WHERE j.invocation_id = ?1 AND j.idx = ?2",
+            )
+            .map_err(backend)?
+            .query_row(params![id, index], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()
+            .map_err(backend)?;
+        let Some((kind, completed, wake_at)) = row else {
+            continue;
+        };
+        if !EntryKind::parse(&kind).is_some_and(EntryKind::is_command) {
+            continue;
+        }
+        can_complete = true;
+        let at = if completed.is_some() {
+            Some(now_ms)
+        } else {
+            wake_at
+        };
+        due = match (due, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((due, can_complete))
+}
+
+/// Fires the invocation's timers due by `by_ms`: each gets its completion (at `now_ms`), in
+/// order of their wake times.
+pub(super) fn fire_timers(conn: &Connection, id: &str, by_ms: i64, now_ms: i64) -> StoreResult<()> {
+    let due: Vec<u32> = {
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT idx FROM timers WHERE invocation_id = ?1 AND wake_at_ms <= ?2 \
+                 ORDER BY wake_at_ms, idx",
+            )
+            .map_err(backend)?;
+        let rows = statement
+            .query_map(params![id, by_ms], |row| row.get(0))
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+    };
+    for index in due {
+        complete(conn, id, index, None, None, now_ms)?;
+        execute(
+            conn,
+            "DELETE FROM timers WHERE invocation_id = ?1 AND idx = ?2",
+            params![id, index],
+        )?;
+    }
+    Ok(())
+}
+
+/// Inserts a new invocation, running its first attempt, with its input entry and its
+/// idempotency claim.
+pub(super) fn insert_invocation(
+    conn: &Connection,
+    new: NewInvocation,
+    workflow_id: Option<&str>,
+) -> StoreResult<(InvocationRecord, StoredEntry)> {
+    let id = new.id.as_str();
+    let sql = format!(
+        "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+         failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
+         created_at_ms, modified_at_ms, attempt_token, workflow_id) \
+         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8) \
+         RETURNING {INVOCATION_COLUMNS}"
+    );
+    let record = query_one(
+        conn,
+        &sql,
+        params![
+            id,
+            new.target.service,
+            new.target.handler,
+            new.target.deployment_id,
+            new.now_ms,
+            new.idempotency.as_ref().map(|c| c.key.as_str()),
+            new_attempt_token(),
+            workflow_id,
+        ],
+        invocation,
+    )?
+    .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
+    let input = StoredEntry {
+        index: 0,
+        kind: EntryKind::Input,
+        name: None,
+        value: Some(new.input),
+        content_type: new.content_type,
+        failure: None,
+        attempt: 0,
+        at_ms: new.now_ms,
+        completion: None,
+    };
+    insert_entry(conn, id, &input)?;
+    if let Some(claim) = &new.idempotency {
+        execute(
+            conn,
+            "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, expires_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![claim.scope, claim.key, claim.request_digest, id, claim.expires_at_ms],
+        )?;
+    }
+    Ok((record, input))
+}
+
+/// The sequence number of the invocation's signal sent with idempotency key `key`.
+pub(super) fn signal_seq(conn: &Connection, id: &str, key: &str) -> StoreResult<Option<u32>> {
+    conn.prepare_cached("SELECT seq FROM signals WHERE invocation_id = ?1 AND idempotency_key = ?2")
+        .map_err(backend)?
+        .query_row(params![id, key], |row| row.get(0))
+        .optional()
+        .map_err(backend)
+}
+
+/// Stores a signal and hands it to the oldest open wait of its name.
+pub(super) fn insert_signal(
+    conn: &Connection,
+    id: &str,
+    signal: NewSignal,
+    now_ms: i64,
+) -> StoreResult<SignalSent> {
+    if let Some(key) = &signal.idempotency_key {
+        if let Some(seq) = signal_seq(conn, id, key)? {
+            return Ok(SignalSent {
+                seq,
+                duplicate: true,
+                woke: false,
+            });
+        }
+    }
+    let seq: u32 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM signals WHERE invocation_id = ?1")
+        .map_err(backend)?
+        .query_row([id], |row| row.get(0))
+        .map_err(backend)?;
+    // The oldest wait for this name that a suspended attempt waits for; otherwise the
+    // signal is buffered until a wait takes it.
+    let waiting_for: Vec<u32> = match fetch_invocation(conn, id)? {
+        Some(record) if record.status == Status::Suspended => record.waiting_for,
+        _ => Vec::new(),
+    };
+    let open_waits: Vec<u32> = if waiting_for.is_empty() {
+        Vec::new()
+    } else {
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT j.idx FROM journal j WHERE j.invocation_id = ?1 AND j.kind = 'signal' \
+                 AND j.name = ?2 AND NOT EXISTS (SELECT 1 FROM completions c \
+                 WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx) ORDER BY j.idx",
+            )
+            .map_err(backend)?;
+        let rows = statement
+            .query_map(params![id, signal.name], |row| row.get(0))
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+    };
+    let open_wait = open_waits.into_iter().find(|i| waiting_for.contains(i));
+    if open_wait.is_some() {
+        // Timers that were due before this signal came first.
+        fire_timers(conn, id, now_ms, now_ms)?;
+    }
+    execute(
+        conn,
+        "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, consumed_by, at_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![id, seq, signal.name, signal.value, signal.idempotency_key, open_wait, now_ms],
+    )?;
+    let mut woke = false;
+    if let Some(index) = open_wait {
+        complete(conn, id, index, Some(signal.value), None, now_ms)?;
+        woke = wake_if_waiting(conn, id, index, now_ms)?;
+    }
+    Ok(SignalSent {
+        seq,
+        duplicate: false,
+        woke,
+    })
+}
