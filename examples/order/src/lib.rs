@@ -53,7 +53,10 @@ impl Steps {
         order: &Order,
         value: String,
     ) -> Result<String, HandlerError> {
-        tokio::time::sleep(Duration::from_millis(self.args.step_delay_ms)).await;
+        // Only when asked: even a zero sleep waits for the timer's next tick (about 1 ms).
+        if self.args.step_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.args.step_delay_ms)).await;
+        }
         if let Some(downstream) = &self.args.downstream {
             let response = self
                 .http
