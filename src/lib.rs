@@ -85,7 +85,10 @@ pub async fn run_with_clock(
         awakeables.clone(),
         shutdown.child_token(),
     ));
-    let http = reqwest::Client::new();
+    // Discovery follows no redirect: a deployment is registered at the URL it was given.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
     for deployment in &config.deployments {
         tokio::spawn(register_until_done(
             Arc::clone(&store),

@@ -241,6 +241,15 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
         headers.insert(HEADER_ERROR_SOURCE, HeaderValue::from_static(self.source()));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A paused invocation waits for an operator; the rest passes in moments.
+            let after = if matches!(self, ApiError::InvocationPaused { .. }) {
+                "30"
+            } else {
+                "1"
+            };
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(after));
+        }
         if let ApiError::Suspended(_) = &self {
             headers.insert(
                 durin_protocol::HEADER_SUSPENDED,

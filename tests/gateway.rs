@@ -418,6 +418,61 @@ async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
     gateway.stop().await;
 }
 
+/// A handler (or its discovery) answering a redirect is not followed: the invocation is not
+/// sent elsewhere (as a GET, or with its attempt token to another host); the answer is an
+/// error like any other.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let gateway = Gateway::start(|config| {
+        config.retry_policy = RetryPolicy {
+            initial_interval: Duration::from_millis(10),
+            maximum_interval: Duration::from_millis(10),
+            maximum_attempts: Some(2),
+            ..RetryPolicy::default()
+        };
+    })
+    .await;
+    let followed = Arc::new(AtomicU32::new(0));
+    let hits = Arc::clone(&followed);
+    let elsewhere = serve(axum::Router::new().fallback(move || {
+        let hits = Arc::clone(&hits);
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            "followed"
+        }
+    }))
+    .await;
+    let target = elsewhere.clone();
+    let url = serve(axum::Router::new().fallback(move || {
+        let target = target.clone();
+        async move { axum::response::Redirect::temporary(&format!("{target}/stolen")) }
+    }))
+    .await;
+    // Discovery: refused, not followed.
+    let response = gateway
+        .post("/v1/deployments", &json!({ "url": url }).to_string())
+        .await;
+    assert_eq!(response.status(), 502, "{}", response.text().await.unwrap());
+    // A plain handler: its 307 is a failed attempt, retried and then failed.
+    let response = gateway
+        .post(
+            "/v1/deployments",
+            &json!({"url": url, "services": [{"name": "moved", "handlers": [{"name": "run"}]}]})
+                .to_string(),
+        )
+        .await;
+    assert!(response.status().is_success());
+    let r = gateway.post("/v1/call/moved/run", "{}").await;
+    let body = problem(r, 500, false, "all 2 attempts failed").await;
+    assert!(body["detail"].as_str().unwrap().contains("307"), "{body}");
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "a redirect was followed"
+    );
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_terminal_error_goes_back_to_the_caller_without_retry() {
     let gateway = Gateway::start(|_| {}).await;

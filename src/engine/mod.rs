@@ -84,8 +84,11 @@ impl Engine {
         Engine {
             store,
             clock,
+            // A redirect is not followed: it would turn the invocation into a GET, or carry
+            // the attempt's token to another host.
             http: reqwest::Client::builder()
                 .pool_idle_timeout(Duration::from_secs(30))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
             config,
