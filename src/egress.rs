@@ -113,13 +113,17 @@ impl EgressCalls {
         identity: &(String, String, String),
         occurrence: u32,
     ) {
-        self.with(id, attempt, |calls| {
-            if let Some(n) = calls.occurrences.get_mut(identity) {
-                if *n == occurrence + 1 {
-                    *n = occurrence;
+        // Only the running attempt's own state: giving back never brings an ended
+        // attempt's state back.
+        if let Some(Slot::Running(calls)) = lock(&self.attempts).get_mut(id) {
+            if calls.attempt == attempt {
+                if let Some(n) = calls.occurrences.get_mut(identity) {
+                    if *n == occurrence + 1 {
+                        *n = occurrence;
+                    }
                 }
             }
-        });
+        }
     }
 
     fn is_current(&self, id: &InvocationId, attempt: u32) -> bool {

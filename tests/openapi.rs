@@ -397,6 +397,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                 name: Some("charge".into()),
                 value: Some(json!(1)),
                 failure: Some(failure),
+                awaited: true,
             }),
         ),
         (

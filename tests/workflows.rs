@@ -51,7 +51,8 @@ async fn world() -> World {
         step_retry_initial_ms: 10,
     };
     let endpoint = order_example::endpoint(args)
-        .service(durin_sdk::Service::new("callback").handler("run", callback));
+        .service(durin_sdk::Service::new("callback").handler("run", callback))
+        .service(durin_sdk::Service::new("inbox").handler("run", inbox));
     tokio::spawn(endpoint.serve(handler));
     register(&gateway, &handler_url).await;
     World {
@@ -69,6 +70,15 @@ async fn callback(ctx: durin_sdk::Context, _: Value) -> Result<Value, durin_sdk:
     ctx.set("token", &awakeable.token).await?;
     let value: Value = awakeable.wait(&ctx).await?;
     Ok(json!({ "resolved_with": value }))
+}
+
+/// A workflow that takes three signals of one name, one after the other.
+async fn inbox(ctx: durin_sdk::Context, _: Value) -> Result<String, durin_sdk::HandlerError> {
+    let mut text = String::new();
+    for _ in 0..3 {
+        text.push_str(&ctx.signal::<String>("msg").await?);
+    }
+    Ok(text)
 }
 
 async fn post(url: &str, body: Value) -> reqwest::Response {
@@ -258,8 +268,9 @@ async fn signals_sent_before_anyone_waits_are_buffered_in_order() {
     })
     .await;
     assert_eq!(done["output"], r#"request c-1 cancelled: "first""#);
-    // The run never had to wait: the buffered signal answered its wait at once.
-    assert_eq!(done["attempt"], 1);
+    // The first attempt races the signal against the deadline and suspends; the suspension
+    // takes the buffered signal at once, and the second attempt ends the run.
+    assert_eq!(done["attempt"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,4 +339,47 @@ async fn an_awakeable_is_resolved_once_from_outside_with_its_token() {
     )
     .await;
     assert_eq!(refused.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_of_one_name_reach_their_waits_in_order_each_once() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/inbox/i-1", world.gateway);
+    // The first before the run starts (signal-with-start), the others while it runs or
+    // waits: every one is kept until a wait takes it.
+    let started = post(
+        &format!("{url}/signal-with-start"),
+        json!({"input": null, "signal": {"name": "msg", "payload": "a"}}),
+    )
+    .await;
+    assert_eq!(started.status(), 202, "{}", started.text().await.unwrap());
+    for payload in ["b", "c"] {
+        assert_eq!(
+            post(&format!("{url}/signals/msg"), json!(payload))
+                .await
+                .status(),
+            202
+        );
+    }
+    let done = eventually(Duration::from_secs(10), "the run to end", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(done["output"], "abc");
+    // A fourth signal after the end is refused; the journal holds three waits, each with
+    // its own signal.
+    assert_eq!(
+        post(&format!("{url}/signals/msg"), json!("d"))
+            .await
+            .status(),
+        409
+    );
+    let entries = journal(&world.gateway, done["id"].as_str().unwrap()).await;
+    let taken: Vec<Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "signal")
+        .map(|e| e["completion"]["value"].clone())
+        .collect();
+    assert_eq!(taken, vec![json!("a"), json!("b"), json!("c")]);
 }

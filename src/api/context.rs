@@ -91,7 +91,7 @@ pub async fn append(
     let caller = caller(&headers)?;
     let request: AppendRequest = parse_json("the entry", &body)?;
     let now_ms = state.clock.now_ms();
-    let planned = journal::plan(
+    let mut planned = journal::plan(
         request.kind,
         request.name.as_deref(),
         request.value,
@@ -99,6 +99,9 @@ pub async fn append(
         now_ms,
     )
     .map_err(ApiError::BadRequest)?;
+    if let Effect::SignalWait { take_buffered } = &mut planned.effect {
+        *take_buffered = request.awaited;
+    }
     let entry = NewEntry {
         index: Some(request.index),
         kind: request.kind,
@@ -365,7 +368,10 @@ pub async fn wait_signal(
                 EntryKind::Signal,
                 Some(name),
                 Some(value),
-                Effect::SignalWait,
+                // Without a timeout the handler waits for the signal alone.
+                Effect::SignalWait {
+                    take_buffered: timeout.is_none(),
+                },
             )),
             also: timeout,
             suspend: true,
@@ -504,7 +510,7 @@ async fn write_state(
         .map_err(ApiError::BadRequest)?;
     // The k-th write of this key in the attempt is the k-th recorded one: a handler that
     // runs again from the top replays its writes instead of repeating them.
-    let occurrence = state.state_cursors.current(&id, caller.attempt, &key);
+    let occurrence = state.state_cursors.reserve(&id, caller.attempt, &key);
     let answer = plain(
         &state,
         PlainCommand {
@@ -525,10 +531,12 @@ async fn write_state(
             suspend: false,
         },
     )
-    .await?;
-    state
-        .state_cursors
-        .advance(&id, caller.attempt, &key, occurrence);
+    .await
+    .inspect_err(|_| {
+        state
+            .state_cursors
+            .give_back(&id, caller.attempt, &key, occurrence)
+    })?;
     // What this point of the handler recorded (on a replay, the first run's value).
     let recorded = json_value(answer.entry.value.as_deref());
     let value = recorded.get("set").cloned().unwrap_or(Value::Null);
@@ -551,28 +559,34 @@ impl StateCursors {
         self.attempts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many times `attempt` wrote `key` so far.
-    fn current(&self, id: &InvocationId, attempt: u32, key: &str) -> u32 {
-        match self.lock().get(id) {
-            Some((a, keys)) if *a == attempt => keys.get(key).copied().unwrap_or(0),
-            _ => 0,
-        }
-    }
-
-    /// Counts a write of `key` made as occurrence `occurrence` (twice the same write, as a
-    /// retry after a lost answer, counts once).
-    fn advance(&self, id: &InvocationId, attempt: u32, key: &str, occurrence: u32) {
+    /// The occurrence of this write of `key` by `attempt`, counted now (so that two
+    /// writes at once get two occurrences).
+    fn reserve(&self, id: &InvocationId, attempt: u32, key: &str) -> u32 {
         let mut attempts = self.lock();
         let slot = attempts
             .entry(id.clone())
             .or_insert_with(|| (attempt, HashMap::new()));
+        if slot.0 > attempt {
+            // A stale attempt's write: the store refuses it; a newer attempt's count stays.
+            return 0;
+        }
         if slot.0 < attempt {
             *slot = (attempt, HashMap::new());
         }
-        if slot.0 == attempt {
-            let count = slot.1.entry(key.to_owned()).or_insert(0);
-            if *count == occurrence {
-                *count += 1;
+        let count = slot.1.entry(key.to_owned()).or_insert(0);
+        *count += 1;
+        *count - 1
+    }
+
+    /// Gives back an occurrence whose write did not happen, if no later one was reserved.
+    fn give_back(&self, id: &InvocationId, attempt: u32, key: &str, occurrence: u32) {
+        if let Some((a, keys)) = self.lock().get_mut(id) {
+            if *a == attempt {
+                if let Some(count) = keys.get_mut(key) {
+                    if *count == occurrence + 1 {
+                        *count = occurrence;
+                    }
+                }
             }
         }
     }

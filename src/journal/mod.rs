@@ -75,7 +75,9 @@ pub fn plan(
                 ));
             }
             let effect = if kind == EntryKind::Signal {
-                Effect::SignalWait
+                Effect::SignalWait {
+                    take_buffered: false,
+                }
             } else {
                 Effect::None
             };

@@ -372,8 +372,13 @@ pub enum Effect {
     Timer {
         wake_at_ms: i64,
     },
-    /// A wait for the next signal named like the entry: takes the oldest buffered one.
-    SignalWait,
+    /// A wait for the next signal named like the entry. With `take_buffered` (the handler
+    /// waits for it alone, right away) it takes the oldest buffered signal at once;
+    /// otherwise (it may be raced against other commands) a signal is bound only when the
+    /// attempt suspends on it, so that the first event of the race wins.
+    SignalWait {
+        take_buffered: bool,
+    },
     /// Sets (`Some`) or clears (`None`) a key of the invocation's durable state.
     State {
         key: String,

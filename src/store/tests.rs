@@ -154,7 +154,9 @@ async fn a_signal_that_arrives_while_the_attempt_runs_is_not_lost() {
         &record,
         EntryKind::Signal,
         Some("approve"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0,
     )
     .await;
@@ -190,7 +192,9 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
         &record,
         EntryKind::Signal,
         Some("step"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0,
     )
     .await;
@@ -200,7 +204,9 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
         &record,
         EntryKind::Signal,
         Some("step"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0,
     )
     .await;
@@ -210,7 +216,9 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
         &record,
         EntryKind::Signal,
         Some("step"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0,
     )
     .await;
@@ -313,7 +321,9 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
         &record,
         EntryKind::Signal,
         Some("x"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0,
     )
     .await;
@@ -336,7 +346,9 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
         &next,
         EntryKind::Signal,
         Some("x"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0 + 11,
     )
     .await;
@@ -362,7 +374,7 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
 }
 
 #[tokio::test]
-async fn a_timer_due_before_a_signal_completes_before_it() {
+async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered() {
     let (store, _dir) = store().await;
     let record = running(&store).await;
     let wait = command(
@@ -370,7 +382,9 @@ async fn a_timer_due_before_a_signal_completes_before_it() {
         &record,
         EntryKind::Signal,
         Some("x"),
-        Effect::SignalWait,
+        Effect::SignalWait {
+            take_buffered: true,
+        },
         T0,
     )
     .await;
@@ -386,21 +400,80 @@ async fn a_timer_due_before_a_signal_completes_before_it() {
     )
     .await;
     suspend(&store, &record, vec![wait.index, timer.index], T0).await;
-    // The deadline passed at T0 + 10; the signal comes at T0 + 50, before any claim.
-    store
+    // The deadline passed at T0 + 10; the signal comes at T0 + 50, before any claim: the
+    // deadline won, and the signal waits for the next wait.
+    let sent = store
         .send_signal(&record.id, signal("x", "1", None), T0 + 50)
         .await
         .unwrap();
+    assert!(!sent.woke);
+    let next = store.claim_due(T0 + 60, 10).await.unwrap().remove(0);
     let journal = store.read_journal(&record.id).await.unwrap();
-    let timer_seq = journal[timer.index as usize]
-        .completion
-        .as_ref()
-        .unwrap()
-        .seq;
-    let signal_seq = journal[wait.index as usize]
-        .completion
-        .as_ref()
-        .unwrap()
-        .seq;
-    assert!(timer_seq < signal_seq, "the deadline came first");
+    assert!(
+        journal[timer.index as usize].completion.is_some(),
+        "the deadline fired"
+    );
+    assert_eq!(
+        journal[wait.index as usize].completion, None,
+        "the lost wait took nothing"
+    );
+    let again = command(
+        &store,
+        &next,
+        EntryKind::Signal,
+        Some("x"),
+        Effect::SignalWait {
+            take_buffered: true,
+        },
+        T0 + 61,
+    )
+    .await;
+    assert_eq!(again.completion.unwrap().value, Some(b"1".to_vec()));
+}
+
+#[tokio::test]
+async fn a_suspension_takes_the_signal_that_arrived_first() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let a = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("a"),
+        Effect::SignalWait {
+            take_buffered: true,
+        },
+        T0,
+    )
+    .await;
+    let b = command(
+        &store,
+        &record,
+        EntryKind::Signal,
+        Some("b"),
+        Effect::SignalWait {
+            take_buffered: true,
+        },
+        T0,
+    )
+    .await;
+    // While the attempt runs, b arrives, then a.
+    store
+        .send_signal(&record.id, signal("b", "1", None), T0 + 1)
+        .await
+        .unwrap();
+    store
+        .send_signal(&record.id, signal("a", "2", None), T0 + 2)
+        .await
+        .unwrap();
+    suspend(&store, &record, vec![a.index, b.index], T0 + 3).await;
+    let journal = store.read_journal(&record.id).await.unwrap();
+    assert!(
+        journal[b.index as usize].completion.is_some(),
+        "b came first"
+    );
+    assert_eq!(
+        journal[a.index as usize].completion, None,
+        "a stays buffered"
+    );
 }

@@ -351,6 +351,12 @@ pub struct AppendRequest {
     pub value: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// For a command (v2): the handler waits for it alone, right after this append, so a
+    /// result that is already there (a buffered signal) may complete it at once. Without
+    /// it, a command that may be raced against others gets a buffered signal only when the
+    /// attempt suspends on it, so that the first event of the race wins.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaited: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

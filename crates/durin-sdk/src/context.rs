@@ -332,7 +332,8 @@ impl Context {
     /// with [`Context::first`] to race it against a signal; [`Context::sleep`] just waits.
     pub async fn timer(&self, duration: Duration) -> Result<Waitable, HandlerError> {
         let value = serde_json::json!({ "duration_ms": duration.as_millis() as u64 });
-        self.command(EntryKind::Sleep, None, Some(value)).await
+        self.command(EntryKind::Sleep, None, Some(value), false)
+            .await
     }
 
     /// A durable timer that fires at `at`.
@@ -342,7 +343,8 @@ impl Context {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let value = serde_json::json!({ "wake_at_ms": millis });
-        self.command(EntryKind::Sleep, None, Some(value)).await
+        self.command(EntryKind::Sleep, None, Some(value), false)
+            .await
     }
 
     /// Sleeps durably: the invocation holds no connection and no task while it sleeps,
@@ -361,13 +363,16 @@ impl Context {
     /// A wait for the next signal named `name` (buffered if it came before). Use it with
     /// [`Context::first`]; [`Context::signal`] just waits.
     pub async fn signal_waiter(&self, name: &str) -> Result<Waitable, HandlerError> {
-        self.command(EntryKind::Signal, Some(name), None).await
+        self.command(EntryKind::Signal, Some(name), None, false)
+            .await
     }
 
     /// Waits for the next signal named `name` and returns its payload. Signals of one name
     /// arrive in the order they were sent, each once.
     pub async fn signal<T: DeserializeOwned>(&self, name: &str) -> Result<T, HandlerError> {
-        let waiter = self.signal_waiter(name).await?;
+        let waiter = self
+            .command(EntryKind::Signal, Some(name), None, true)
+            .await?;
         self.first(&[&waiter]).await?;
         waiter.value()
     }
@@ -376,7 +381,9 @@ impl Context {
     /// system, which completes it with `POST /v1/awakeables/{token}/resolve`; wait for it
     /// with [`Context::first`] or [`Awakeable::wait`].
     pub async fn awakeable(&self) -> Result<Awakeable, HandlerError> {
-        let waitable = self.command(EntryKind::Awakeable, None, None).await?;
+        let waitable = self
+            .command(EntryKind::Awakeable, None, None, false)
+            .await?;
         let info = waitable.info.clone().unwrap_or(Value::Null);
         let text = |key: &str| info[key].as_str().unwrap_or_default().to_owned();
         Ok(Awakeable {
@@ -413,11 +420,14 @@ impl Context {
     }
 
     /// Journals a command (or finds it on replay) with whatever result has arrived.
+    /// `awaited`: the handler waits for this command alone right after, so a result that
+    /// is already there may complete it at once.
     async fn command(
         &self,
         kind: EntryKind,
         name: Option<&str>,
         value: Option<Value>,
+        awaited: bool,
     ) -> Result<Waitable, HandlerError> {
         match self.replay(kind, name)? {
             Replayed::Recorded(entry) => Ok(Waitable {
@@ -427,7 +437,7 @@ impl Context {
                 completion: entry.completion,
             }),
             Replayed::New => {
-                let answer = self.append(kind, name, value, None).await?;
+                let answer = self.append_command(kind, name, value, awaited).await?;
                 Ok(Waitable {
                     index: answer.index,
                     info: answer.value,
@@ -523,14 +533,42 @@ impl Context {
         value: Option<Value>,
         failure: Option<Failure>,
     ) -> Result<AppendResponse, HandlerError> {
-        let index = self.lock().next_index;
         let request = AppendRequest {
-            index,
+            index: 0,
             kind,
             name: name.map(str::to_owned),
             value,
             failure,
+            awaited: false,
         };
+        self.send_append(request).await
+    }
+
+    async fn append_command(
+        &self,
+        kind: EntryKind,
+        name: Option<&str>,
+        value: Option<Value>,
+        awaited: bool,
+    ) -> Result<AppendResponse, HandlerError> {
+        let request = AppendRequest {
+            index: 0,
+            kind,
+            name: name.map(str::to_owned),
+            value,
+            failure: None,
+            awaited,
+        };
+        self.send_append(request).await
+    }
+
+    /// Sends `request` as the next entry (its index is set here).
+    async fn send_append(
+        &self,
+        mut request: AppendRequest,
+    ) -> Result<AppendResponse, HandlerError> {
+        let index = self.lock().next_index;
+        request.index = index;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {

@@ -120,7 +120,12 @@ pub(super) fn apply_effect(
             )?;
             Ok(None)
         }
-        Effect::SignalWait => {
+        Effect::SignalWait {
+            take_buffered: false,
+        } => Ok(None),
+        Effect::SignalWait {
+            take_buffered: true,
+        } => {
             let name = entry.name.clone().unwrap_or_default();
             bind_buffered_signal(conn, id, entry.index, &name, now_ms)
         }
@@ -245,22 +250,15 @@ pub(super) fn suspension_due(
     now_ms: i64,
 ) -> StoreResult<(Option<i64>, bool)> {
     // A wait takes a signal only while someone waits for it (when it is appended, or now),
-    // so a wait that lost a race and is never waited for again takes nothing.
-    let mut sorted = waiting_for.to_vec();
-    sorted.sort_unstable();
-    for index in &sorted {
-        let open_wait: Option<String> = conn
-            .prepare_cached(
-                "SELECT j.name FROM journal j WHERE j.invocation_id = ?1 AND j.idx = ?2 \
-                 AND j.kind = 'signal' AND NOT EXISTS (SELECT 1 FROM completions c \
-                 WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx)",
-            )
-            .map_err(backend)?
-            .query_row(params![id, index], |row| row.get(0))
-            .optional()
-            .map_err(backend)?;
-        if let Some(name) = open_wait {
-            bind_buffered_signal(conn, id, *index, &name, now_ms)?;
+    // so a wait that lost a race and is never waited for again takes nothing; and only the
+    // first event of a wait is delivered: nothing is bound once one of the commands it
+    // waits for has completed (or its timer is due before the signal came).
+    let race = race_state(conn, id, waiting_for, now_ms)?;
+    if !race.decided {
+        if let Some((index, name, arrived_at_ms)) = first_buffered(conn, id, waiting_for)? {
+            if race.first_due_timer.is_none_or(|due| arrived_at_ms < due) {
+                bind_buffered_signal(conn, id, index, &name, now_ms)?;
+            }
         }
     }
     let mut due = until_ms;
@@ -297,6 +295,89 @@ pub(super) fn suspension_due(
         };
     }
     Ok((due, can_complete))
+}
+
+/// Where a wait for the first of `waiting_for` stands.
+pub(super) struct RaceState {
+    /// One of the commands has completed: the wait is decided.
+    decided: bool,
+    /// The earliest wake time of a waited timer that has not fired.
+    first_due_timer: Option<i64>,
+}
+
+pub(super) fn race_state(
+    conn: &Connection,
+    id: &str,
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<RaceState> {
+    let mut state = RaceState {
+        decided: false,
+        first_due_timer: None,
+    };
+    for index in waiting_for {
+        let row: Option<(Option<u32>, Option<i64>)> = conn
+            .prepare_cached(
+                "SELECT c.seq, t.wake_at_ms FROM journal j \
+                 LEFT JOIN completions c ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+                 LEFT JOIN timers t ON t.invocation_id = j.invocation_id AND t.idx = j.idx \
+                 WHERE j.invocation_id = ?1 AND j.idx = ?2",
+            )
+            .map_err(backend)?
+            .query_row(params![id, index], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+            .map_err(backend)?;
+        match row {
+            Some((Some(_), _)) => state.decided = true,
+            Some((None, Some(wake_at))) if wake_at <= now_ms => {
+                state.first_due_timer =
+                    Some(state.first_due_timer.map_or(wake_at, |t| t.min(wake_at)));
+            }
+            _ => {}
+        }
+    }
+    Ok(state)
+}
+
+/// The buffered signal that arrived first among those the open waits of `waiting_for` can
+/// take, with the wait that takes it (the lowest index of its name): `(index, name,
+/// arrived at)`.
+fn first_buffered(
+    conn: &Connection,
+    id: &str,
+    waiting_for: &[u32],
+) -> StoreResult<Option<(u32, String, i64)>> {
+    let mut sorted = waiting_for.to_vec();
+    sorted.sort_unstable();
+    let mut best: Option<(u32, u32, String, i64)> = None;
+    for index in sorted {
+        let open_wait: Option<String> = conn
+            .prepare_cached(
+                "SELECT j.name FROM journal j WHERE j.invocation_id = ?1 AND j.idx = ?2 \
+                 AND j.kind = 'signal' AND NOT EXISTS (SELECT 1 FROM completions c \
+                 WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx)",
+            )
+            .map_err(backend)?
+            .query_row(params![id, index], |row| row.get(0))
+            .optional()
+            .map_err(backend)?;
+        let Some(name) = open_wait else { continue };
+        let buffered: Option<(u32, i64)> = conn
+            .prepare_cached(
+                "SELECT seq, at_ms FROM signals WHERE invocation_id = ?1 AND name = ?2 \
+                 AND consumed_by IS NULL ORDER BY seq LIMIT 1",
+            )
+            .map_err(backend)?
+            .query_row(params![id, name], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+            .map_err(backend)?;
+        if let Some((seq, at_ms)) = buffered {
+            if best.as_ref().is_none_or(|(best_seq, ..)| seq < *best_seq) {
+                best = Some((seq, index, name, at_ms));
+            }
+        }
+    }
+    Ok(best.map(|(_, index, name, at_ms)| (index, name, at_ms)))
 }
 
 /// Fires the invocation's timers due by `by_ms`: each gets its completion (at `now_ms`), in
@@ -430,11 +511,14 @@ pub(super) fn insert_signal(
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)?
     };
-    let open_wait = open_waits.into_iter().find(|i| waiting_for.contains(i));
-    if open_wait.is_some() {
-        // Timers that were due before this signal came first.
-        fire_timers(conn, id, now_ms, now_ms)?;
-    }
+    // Only the first event of a wait is delivered: when a command it waits for has
+    // completed, or a waited timer was due before this signal came, the signal stays
+    // buffered for a later wait.
+    let race = race_state(conn, id, &waiting_for, now_ms)?;
+    let open_wait = open_waits
+        .into_iter()
+        .find(|i| waiting_for.contains(i))
+        .filter(|_| !race.decided && race.first_due_timer.is_none());
     execute(
         conn,
         "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, consumed_by, at_ms) \

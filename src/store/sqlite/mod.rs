@@ -270,8 +270,15 @@ fn write_loop(
             // Between two batches, no write is in progress: finish copying the log and
             // make the next write start it over (truncated to `journal_size_limit`). It
             // waits only for reads in flight, which are short.
-            if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                tracing::warn!(%error, "restarting the write-ahead log failed");
+            match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
+                row.get::<_, i64>(0)
+            }) {
+                // Busy (a checkpoint or a long read held it): the next pass asks again.
+                Ok(busy) if busy != 0 => {
+                    restart.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "restarting the write-ahead log failed"),
             }
         }
     }
@@ -867,6 +874,15 @@ impl Store for SqliteStore {
                     until_ms,
                     waiting_for,
                 } => {
+                    // A refused suspension writes nothing: the fence first, then the
+                    // bindings and the due time.
+                    let current = fetch_invocation(conn, id.as_str())?;
+                    if !current
+                        .as_ref()
+                        .is_some_and(|r| r.attempt == attempt && r.status == Status::Running)
+                    {
+                        return Err(refusal(conn, id.as_str(), attempt));
+                    }
                     let (due, can_complete) =
                         suspension_due(conn, id.as_str(), until_ms, &waiting_for, now_ms)?;
                     suspended_due = due;
