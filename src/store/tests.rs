@@ -477,3 +477,36 @@ async fn a_suspension_takes_the_signal_that_arrived_first() {
         "a stays buffered"
     );
 }
+
+#[tokio::test]
+async fn the_same_append_sent_again_answers_the_recorded_entry() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let step = |value: &str| NewEntry {
+        index: Some(1),
+        kind: EntryKind::Step,
+        name: Some("charge".into()),
+        value: Some(value.as_bytes().to_vec()),
+        content_type: None,
+        failure: None,
+        token: record.attempt_token.clone(),
+        effect: Effect::None,
+    };
+    let first = store
+        .append_entry(&record.id, 1, step("1"), T0)
+        .await
+        .unwrap();
+    // The answer was lost; the SDK sends the same append again.
+    let again = store
+        .append_entry(&record.id, 1, step("1"), T0 + 5)
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(store.read_journal(&record.id).await.unwrap().len(), 2);
+    // Another value at a taken index is still refused.
+    let other = store.append_entry(&record.id, 1, step("2"), T0 + 6).await;
+    assert!(
+        matches!(other, Err(StoreError::IndexMismatch { .. })),
+        "{other:?}"
+    );
+}

@@ -46,6 +46,9 @@ pub(super) fn append(
                         invocation_id: id.to_string(),
                         attempt,
                     }
+                } else if let Some(recorded) = same_append(conn, id.as_str(), attempt, &entry)? {
+                    // The same append again (its answer was lost): the recorded entry.
+                    return Ok(recorded);
                 } else {
                     StoreError::IndexMismatch {
                         invocation_id: id.to_string(),
@@ -71,6 +74,31 @@ pub(super) fn append(
     insert_entry(conn, id.as_str(), &stored)?;
     stored.completion = apply_effect(conn, id.as_str(), &stored, entry.effect, now_ms)?;
     Ok(stored)
+}
+
+/// The entry an attempt recorded at the index `entry` names, if `entry` is that same append
+/// sent again: same attempt, kind, name and failure, and the same value where the handler
+/// chose it (the gateway computes a sleep's wake time, so a retry cannot repeat it).
+fn same_append(
+    conn: &Connection,
+    id: &str,
+    attempt: u32,
+    entry: &NewEntry,
+) -> StoreResult<Option<StoredEntry>> {
+    let Some(index) = entry.index else {
+        return Ok(None);
+    };
+    let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.idx = ?2");
+    let Some(recorded) = query_one(conn, &sql, params![id, index], self::entry)? else {
+        return Ok(None);
+    };
+    let value_matches = entry.kind.is_command() || recorded.value == entry.value;
+    let same = recorded.attempt == attempt
+        && recorded.kind == entry.kind
+        && recorded.name == entry.name
+        && recorded.failure == entry.failure
+        && value_matches;
+    Ok(same.then_some(recorded))
 }
 
 /// Refuses a caller that is not the running attempt of the invocation or lacks its token.
