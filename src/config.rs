@@ -14,7 +14,7 @@ pub struct Config {
     pub database_url: String,
     /// How handlers reach this gateway; `http://{listen address}` when unset.
     pub advertised_url: Option<String>,
-    /// How long an `Idempotency-Key` keeps naming its invocation.
+    /// How long an `Idempotency-Key` keeps naming its invocation after the invocation ended.
     pub idempotency_retention: Duration,
     /// The largest request body the gateway accepts.
     pub max_body_bytes: usize,

@@ -212,7 +212,7 @@ async fn start(
         scope: format!("{service}/{handler}"),
         key,
         request_digest: request_digest(&service, &handler, &input_digest),
-        expires_at_ms: now_ms.saturating_add(state.idempotency_retention.as_millis() as i64),
+        retention_ms: i64::try_from(state.idempotency_retention.as_millis()).unwrap_or(i64::MAX),
     });
     // The creation and the start of its driver run in a task of their own: if this
     // caller goes away mid-way, the invocation still gets its driver.

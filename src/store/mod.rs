@@ -254,13 +254,14 @@ impl StoredCompletion {
     }
 }
 
-/// The idempotency claim of a new invocation: `(scope, key)` is unique while not expired.
+/// The idempotency claim of a new invocation: `(scope, key)` names it while it runs and
+/// for `retention_ms` after it ended.
 #[derive(Debug, Clone)]
 pub struct IdempotencyClaim {
     pub scope: String,
     pub key: String,
     pub request_digest: String,
-    pub expires_at_ms: i64,
+    pub retention_ms: i64,
 }
 
 #[derive(Debug, Clone)]

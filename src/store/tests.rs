@@ -17,6 +17,18 @@ async fn store() -> (SqliteStore, tempfile::TempDir) {
 
 /// A running invocation (attempt 1) of `wf/run`.
 async fn running(store: &SqliteStore) -> InvocationRecord {
+    match create(store, None, T0).await {
+        Created::New { record, .. } => record,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Creates an invocation of `wf/run`, with an idempotency claim if given.
+async fn create(
+    store: &SqliteStore,
+    idempotency: Option<IdempotencyClaim>,
+    now_ms: i64,
+) -> Created {
     let spec = HandlerSpec {
         name: "run".into(),
         path: None,
@@ -49,15 +61,12 @@ async fn running(store: &SqliteStore) -> InvocationRecord {
             },
             input: b"null".to_vec(),
             content_type: None,
-            idempotency: None,
-            now_ms: T0,
+            idempotency,
+            now_ms,
         })
         .await
         .unwrap();
-    match created {
-        Created::New { record, .. } => record,
-        other => panic!("{other:?}"),
-    }
+    created
 }
 
 async fn command(
@@ -509,4 +518,44 @@ async fn the_same_append_sent_again_answers_the_recorded_entry() {
         matches!(other, Err(StoreError::IndexMismatch { .. })),
         "{other:?}"
     );
+}
+
+#[tokio::test]
+async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after() {
+    let (store, _dir) = store().await;
+    let day = 24 * 3600 * 1000;
+    let claim = || IdempotencyClaim {
+        scope: "wf/run".into(),
+        key: "k".into(),
+        request_digest: "d".into(),
+        retention_ms: day,
+    };
+    let Created::New { record, .. } = create(&store, Some(claim()), T0).await else {
+        panic!("not new")
+    };
+    // Ten days of sleeping or backing off later, the key still names the same invocation.
+    let later = T0 + 10 * day;
+    assert_eq!(store.purge_idempotency_keys(later).await.unwrap(), 0);
+    assert!(
+        matches!(create(&store, Some(claim()), later).await, Created::Existing(r) if r.id == record.id)
+    );
+    let end = AttemptEnd::Completed {
+        output: b"1".to_vec(),
+        content_type: None,
+    };
+    store.end_attempt(&record.id, 1, end, later).await.unwrap();
+    // The retention counts from the end.
+    assert!(matches!(
+        create(&store, Some(claim()), later + day - 1).await,
+        Created::Existing(_)
+    ));
+    assert_eq!(
+        store.purge_idempotency_keys(later + day - 1).await.unwrap(),
+        0
+    );
+    assert_eq!(store.purge_idempotency_keys(later + day).await.unwrap(), 1);
+    assert!(matches!(
+        create(&store, Some(claim()), later + day).await,
+        Created::New { .. }
+    ));
 }

@@ -480,9 +480,17 @@ pub(super) fn insert_invocation(
     if let Some(claim) = &new.idempotency {
         execute(
             conn,
-            "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, expires_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![claim.scope, claim.key, claim.request_digest, id, claim.expires_at_ms],
+            "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, \
+             expires_at_ms, retention_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            // It expires only once the invocation has ended (see `end_attempt`).
+            params![
+                claim.scope,
+                claim.key,
+                claim.request_digest,
+                id,
+                i64::MAX,
+                claim.retention_ms
+            ],
         )?;
     }
     Ok((record, input))

@@ -977,6 +977,13 @@ impl Store for SqliteStore {
                         "DELETE FROM timers WHERE invocation_id = ?1",
                         [id.as_str()],
                     )?;
+                    // Its idempotency key names it for the retention period from now.
+                    execute(
+                        conn,
+                        "UPDATE idempotency_keys SET expires_at_ms = ?1 + retention_ms \
+                         WHERE invocation_id = ?2 AND retention_ms IS NOT NULL",
+                        params![now_ms, id.as_str()],
+                    )?;
                     Some(entry)
                 }
                 None => None,
