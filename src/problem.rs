@@ -32,9 +32,10 @@ pub enum ApiError {
     /// The egress refuses a call (no running invocation, a host outside the allow-list).
     #[error("{0}")]
     Forbidden(String),
-    /// The same `Idempotency-Key` was used before with a different request.
-    #[error("Idempotency-Key {key:?} was already used for a different request (invocation {invocation_id}); use a new key for a new request")]
-    IdempotencyKeyReused { key: String, invocation_id: String },
+    /// The same `Idempotency-Key` was used before with a different request. The problem
+    /// does not name that request's invocation: the key may be someone else's.
+    #[error("Idempotency-Key {key:?} was already used for a different request; use a new key for a new request")]
+    IdempotencyKeyReused { key: String },
     /// An append or another handler-facing call from an attempt that is no longer current.
     #[error("{0}")]
     Conflict(String),
@@ -215,8 +216,7 @@ impl ApiError {
                 ext.insert("known".into(), json!(known));
             }
             ApiError::InvocationPaused { invocation_id, .. }
-            | ApiError::WorkflowConflict { invocation_id, .. }
-            | ApiError::IdempotencyKeyReused { invocation_id, .. } => {
+            | ApiError::WorkflowConflict { invocation_id, .. } => {
                 ext.insert("invocation_id".into(), json!(invocation_id));
             }
             _ => {}

@@ -206,7 +206,9 @@ async fn an_idempotency_key_names_one_invocation_and_one_response() {
 
     let other = r#"{"order_id":"o-2","customer_id":"c-1","amount_cents":1}"#;
     let body = problem(call(other).await.unwrap(), 422, false, "order-o-1").await;
-    assert_eq!(body["invocation_id"], id.to_str().unwrap());
+    // The problem does not tell whose invocation the key names: it may be someone else's.
+    assert!(body.get("invocation_id").is_none(), "{body}");
+    assert!(!body.to_string().contains(id.to_str().unwrap()), "{body}");
     assert_eq!(gateway.invocation_count().await, 1);
     gateway.stop().await;
 }

@@ -717,8 +717,7 @@ fn api_errors() -> Vec<ApiError> {
         ApiError::UnsupportedMediaType("text/plain".into()),
         ApiError::Forbidden("not in the allow-list".into()),
         ApiError::IdempotencyKeyReused {
-            key: "k".into(),
-            invocation_id: SAMPLE_ID.into(),
+            key: "order-42".into(),
         },
         ApiError::Conflict("stale".into()),
         ApiError::Deployment {

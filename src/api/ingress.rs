@@ -252,11 +252,8 @@ async fn start(
                     listener: None,
                 }
             }
-            Created::KeyReused { invocation_id } => {
-                return Err(ApiError::IdempotencyKeyReused {
-                    key: key_text,
-                    invocation_id,
-                })
+            Created::KeyReused { .. } => {
+                return Err(ApiError::IdempotencyKeyReused { key: key_text })
             }
         })
     })
