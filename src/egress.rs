@@ -21,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use base64::Engine as _;
 use durin_protocol::{
-    EntryKind, RetryPolicy, HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_REPLAYED,
+    EntryKind, RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN, HEADER_INVOCATION_ID,
+    HEADER_REPLAYED,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -71,6 +72,9 @@ enum Slot {
 #[derive(Default)]
 struct AttemptCalls {
     attempt: u32,
+    /// The attempt's secret, checked against the store when the attempt was admitted; every
+    /// later call of the attempt must present it too.
+    token: String,
     /// Calls seen in this attempt per identity (method, URL, body digest). A recorded call
     /// of occurrence `k` is claimed by this attempt once its identity was seen `k + 1` times.
     occurrences: HashMap<(String, String, String), u32>,
@@ -126,38 +130,50 @@ impl EgressCalls {
         }
     }
 
-    fn is_current(&self, id: &InvocationId, attempt: u32) -> bool {
+    /// Whether `attempt` was admitted with `token` and has not ended.
+    fn is_current(&self, id: &InvocationId, attempt: u32, token: &str) -> bool {
         matches!(
             lock(&self.attempts).get(id),
-            Some(Slot::Running(calls)) if calls.attempt == attempt
+            Some(Slot::Running(calls)) if calls.attempt == attempt && same_secret(&calls.token, token)
         )
     }
 
-    /// Runs `f` on the state of `attempt`, starting it if it is newer than what is known;
-    /// `None` when the attempt is known to be over (or a newer one runs).
+    /// Starts keeping the state of `attempt`, which the store has just shown running with
+    /// `token`; false when the attempt is known to be over (or a newer one runs).
+    fn admit(&self, id: &InvocationId, attempt: u32, token: &str) -> bool {
+        let mut attempts = lock(&self.attempts);
+        let fresh = || {
+            Slot::Running(AttemptCalls {
+                attempt,
+                token: token.to_owned(),
+                ..AttemptCalls::default()
+            })
+        };
+        let slot = attempts.entry(id.clone()).or_insert_with(fresh);
+        match slot {
+            Slot::Running(calls) if calls.attempt == attempt => true,
+            Slot::Running(calls) if calls.attempt < attempt => {
+                *slot = fresh();
+                true
+            }
+            Slot::EndedThrough(ended) if *ended < attempt => {
+                *slot = fresh();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs `f` on the state of `attempt`; `None` when it is not the admitted, running one.
     fn with<T>(
         &self,
         id: &InvocationId,
         attempt: u32,
         f: impl FnOnce(&mut AttemptCalls) -> T,
     ) -> Option<T> {
-        let mut attempts = lock(&self.attempts);
-        let fresh = || {
-            Slot::Running(AttemptCalls {
-                attempt,
-                ..AttemptCalls::default()
-            })
-        };
-        let slot = attempts.entry(id.clone()).or_insert_with(fresh);
-        match slot {
-            Slot::Running(calls) if calls.attempt == attempt => {}
-            Slot::Running(calls) if calls.attempt < attempt => *slot = fresh(),
-            Slot::EndedThrough(ended) if *ended < attempt => *slot = fresh(),
-            _ => return None,
-        }
-        match slot {
-            Slot::Running(calls) => Some(f(calls)),
-            Slot::EndedThrough(_) => None,
+        match lock(&self.attempts).get_mut(id) {
+            Some(Slot::Running(calls)) if calls.attempt == attempt => Some(f(calls)),
+            _ => None,
         }
     }
 }
@@ -176,6 +192,15 @@ fn stale(id: &InvocationId, attempt: u32) -> ApiError {
     ApiError::Conflict(format!(
         "attempt {attempt} of invocation {id} has ended; only the current attempt may call out"
     ))
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -341,10 +366,26 @@ impl Egress {
         let body = axum::body::to_bytes(body, limit)
             .await
             .map_err(|_| ApiError::PayloadTooLarge { limit })?;
-        let attempt = match claimed_attempt.filter(|a| self.calls.is_current(&id, *a)) {
+        let token = parts
+            .headers
+            .get(HEADER_ATTEMPT_TOKEN)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Forbidden(
+                    "the egress only carries calls of a running attempt: send the Durin-Attempt-Token header your handler was given".into(),
+                )
+            })?
+            .to_owned();
+        let attempt = match claimed_attempt.filter(|a| self.calls.is_current(&id, *a, &token)) {
             // An earlier call of this attempt was checked, and the attempt has not ended.
             Some(attempt) => attempt,
-            None => self.running_attempt(&id, claimed_attempt).await?,
+            None => {
+                let attempt = self.running_attempt(&id, claimed_attempt, &token).await?;
+                if !self.calls.admit(&id, attempt, &token) {
+                    return Err(stale(&id, attempt));
+                }
+                attempt
+            }
         };
         let method = parts.method.as_str().to_owned();
         let url_text = url.to_string();
@@ -514,6 +555,7 @@ impl Egress {
         &self,
         id: &InvocationId,
         claimed: Option<u32>,
+        token: &str,
     ) -> Result<u32, ApiError> {
         let record = self
             .store
@@ -530,6 +572,11 @@ impl Egress {
             return Err(ApiError::Conflict(format!(
                 "attempt {claimed} of invocation {id} is not current (current attempt {})",
                 record.attempt
+            )));
+        }
+        if !same_secret(record.attempt_token.as_deref().unwrap_or_default(), token) {
+            return Err(ApiError::Forbidden(format!(
+                "the Durin-Attempt-Token does not belong to the running attempt of invocation {id}"
             )));
         }
         Ok(record.attempt)

@@ -271,6 +271,14 @@ async fn the_egress_is_not_an_open_proxy() {
         .send()
         .await
         .unwrap();
+    problem(r, 403, "Durin-Attempt-Token").await;
+    let r = http
+        .post(&charge)
+        .header("durin-invocation-id", unknown)
+        .header("durin-attempt-token", "guess")
+        .send()
+        .await
+        .unwrap();
     problem(r, 404, unknown).await;
     let r = http
         .post(&charge)
@@ -300,10 +308,23 @@ async fn the_egress_is_not_an_open_proxy() {
         .post(&charge)
         .header("durin-invocation-id", &id)
         .header("durin-attempt", "7")
+        .header("durin-attempt-token", "guess")
         .send()
         .await
         .unwrap();
     problem(r, 409, "attempt 7").await;
+    // The id of a running invocation and its current attempt are not enough: the egress
+    // wants the attempt's secret.
+    for token in [None, Some("guess")] {
+        let mut request = http
+            .post(&charge)
+            .header("durin-invocation-id", &id)
+            .header("durin-attempt", "1");
+        if let Some(token) = token {
+            request = request.header("durin-attempt-token", token);
+        }
+        problem(request.send().await.unwrap(), 403, "Durin-Attempt-Token").await;
+    }
     let r = http
         .post(&charge)
         .header("durin-invocation-id", &id)

@@ -22,7 +22,7 @@ for (const required of ['egress', 'payment', 'inventory', 'email']) {
 const stepDelayMs = Number(args['step-delay-ms'] || 0);
 
 // POST `url` through the egress: http://EGRESS/{scheme}/{host:port}/{path}.
-async function call(url, body, invocationId, attempt) {
+async function call(url, body, invocationId, attempt, token) {
   const target = new URL(url);
   const viaEgress = `${args.egress}/${target.protocol.replace(':', '')}/${target.host}${target.pathname}`;
   const response = await fetch(viaEgress, {
@@ -31,6 +31,8 @@ async function call(url, body, invocationId, attempt) {
       'content-type': 'application/json',
       'durin-invocation-id': invocationId,
       'durin-attempt': attempt,
+      // The attempt's secret: the egress carries only calls of the running attempt.
+      'durin-attempt-token': token,
     },
     body: JSON.stringify(body),
   });
@@ -43,10 +45,10 @@ async function call(url, body, invocationId, attempt) {
   return JSON.parse(text);
 }
 
-async function processOrder(order, invocationId, attempt) {
+async function processOrder(order, invocationId, attempt, token) {
   const step = async (url, body) => {
     await new Promise((resolve) => setTimeout(resolve, stepDelayMs));
-    return call(url, body, invocationId, attempt);
+    return call(url, body, invocationId, attempt, token);
   };
   const charge = await step(`${args.payment}/charge`, { order_id: order.order_id, amount_cents: order.amount_cents });
   const reservation = await step(`${args.inventory}/reserve`, { order_id: order.order_id });
@@ -76,7 +78,8 @@ const server = http.createServer((req, res) => {
       return answer(res, 422, { title: 'invalid order', status: 422, detail: String(error.message) }, 'application/problem+json');
     }
     try {
-      const output = await processOrder(order, req.headers['durin-invocation-id'], req.headers['durin-attempt']);
+      const output = await processOrder(
+        order, req.headers['durin-invocation-id'], req.headers['durin-attempt'], req.headers['durin-attempt-token']);
       answer(res, 200, output);
     } catch (error) {
       // A refusal (4xx) is final; anything else is worth another attempt (5xx).

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The tutorial's order workflow as a plain HTTP handler: no SDK, standard library only.
 
-Durin calls POST /order/process with the order and the headers Durin-Invocation-Id and
-Durin-Attempt. Every side effect is an outbound HTTP call sent through Durin's egress (in
-proxy form, with the invocation id), so Durin journals it: when Durin calls this handler
-again after a crash, calls that already happened are answered from the journal and only
-the missing ones go out.
+Durin calls POST /order/process with the order and the headers Durin-Invocation-Id,
+Durin-Attempt and Durin-Attempt-Token (the attempt's secret). Every side effect is an
+outbound HTTP call sent through Durin's egress (in proxy form, with the three headers), so
+Durin journals it: when Durin calls this handler again after a crash, calls that already
+happened are answered from the journal and only the missing ones go out.
 
     python3 order_handler.py --port 9080 --egress http://127.0.0.1:8081 \\
         --payment http://127.0.0.1:9101 --inventory http://127.0.0.1:9102 --email http://127.0.0.1:9103
@@ -27,7 +27,7 @@ class DownstreamError(Exception):
         self.status = status
 
 
-def call(url, body, invocation_id, attempt):
+def call(url, body, invocation_id, attempt, token):
     """POST url through the egress, in proxy form (the absolute URL is the request target)."""
     egress = urllib.parse.urlsplit(ARGS.egress)
     connection = http.client.HTTPConnection(egress.hostname, egress.port, timeout=60)
@@ -40,6 +40,8 @@ def call(url, body, invocation_id, attempt):
                 "content-type": "application/json",
                 "durin-invocation-id": invocation_id,
                 "durin-attempt": attempt,
+                # The attempt's secret: the egress carries only calls of the running attempt.
+                "durin-attempt-token": token,
             },
         )
         response = connection.getresponse()
@@ -51,10 +53,10 @@ def call(url, body, invocation_id, attempt):
     return json.loads(data)
 
 
-def process(order, invocation_id, attempt):
+def process(order, invocation_id, attempt, token):
     def step(url, body):
         time.sleep(ARGS.step_delay_ms / 1000)
-        return call(url, body, invocation_id, attempt)
+        return call(url, body, invocation_id, attempt, token)
 
     charge_request = {"order_id": order["order_id"], "amount_cents": order["amount_cents"]}
     if ARGS.charge_note:
@@ -96,7 +98,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(422, {"title": "invalid order", "status": 422, "detail": str(error)},
                                "application/problem+json")
         try:
-            output = process(order, self.headers["durin-invocation-id"], self.headers["durin-attempt"])
+            output = process(order, self.headers["durin-invocation-id"], self.headers["durin-attempt"],
+                             self.headers["durin-attempt-token"])
         except DownstreamError as error:
             # A refusal (4xx) is final; anything else is worth another attempt (5xx).
             status = 422 if 400 <= error.status < 500 else 503

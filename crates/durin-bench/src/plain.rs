@@ -33,6 +33,14 @@ pub const HANDLER_PATH: &str = "/order/process";
 /// handler that knows nothing of Durin but this contract.
 const HEADER_INVOCATION_ID: &str = "durin-invocation-id";
 const HEADER_ATTEMPT: &str = "durin-attempt";
+const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
+
+/// The attempt a call speaks for: its number and its secret, as Durin handed them over.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    number: &'a str,
+    token: &'a str,
+}
 
 /// One server of this process, stopped when dropped.
 pub struct Server {
@@ -155,6 +163,7 @@ impl Plain {
         };
         let invocation = header(HEADER_INVOCATION_ID)?;
         let attempt = header(HEADER_ATTEMPT)?;
+        let token = header(HEADER_ATTEMPT_TOKEN)?;
         let order: Value = serde_json::from_slice(body).map_err(|e| {
             (
                 StatusCode::BAD_REQUEST,
@@ -170,7 +179,11 @@ impl Plain {
                     "the order has no order_id".to_owned(),
                 )
             })?;
-        let (id, attempt) = (invocation.as_str(), attempt.as_str());
+        let id = invocation.as_str();
+        let attempt = Attempt {
+            number: &attempt,
+            token: &token,
+        };
 
         let charge = self
             .call(
@@ -216,7 +229,7 @@ impl Plain {
     async fn call(
         &self,
         invocation: &str,
-        attempt: &str,
+        attempt: Attempt<'_>,
         step: &str,
         body: Value,
         field: &str,
@@ -229,7 +242,8 @@ impl Plain {
             .http
             .post(&url)
             .header(HEADER_INVOCATION_ID, invocation)
-            .header(HEADER_ATTEMPT, attempt)
+            .header(HEADER_ATTEMPT, attempt.number)
+            .header(HEADER_ATTEMPT_TOKEN, attempt.token)
             .json(&body)
             .send()
             .await
