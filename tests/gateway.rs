@@ -251,14 +251,6 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
             .unwrap();
         problem(r, 400, false, "Idempotency-Key").await;
     }
-    let r = http
-        .post(format!("{url}/v1/send/order/process"))
-        .header("prefer", "wait=soon")
-        .body(ORDER)
-        .send()
-        .await
-        .unwrap();
-    problem(r, 400, false, "wait=soon").await;
 
     let unknown = "inv_0193a2b4c5d6e7f8091a2b3c4d5e6f70";
     let r = http
@@ -472,6 +464,31 @@ async fn redirects_are_not_followed() {
         0,
         "a redirect was followed"
     );
+    gateway.stop().await;
+}
+
+/// `Prefer` as RFC 7240 says: a preference that cannot be understood is ignored, an
+/// honoured wait is named in `Preference-Applied`, and answers that depend on it vary by it.
+#[tokio::test]
+async fn prefer_wait_is_honoured_said_and_ignored_when_unusable() {
+    let gateway = Gateway::start(|_| {}).await;
+    register(&gateway.url, &serve_order().await).await;
+    let send = |prefer: &'static str| {
+        client()
+            .post(format!("{}/v1/send/order/process", gateway.url))
+            .header("content-type", "application/json")
+            .header("prefer", prefer)
+            .body(ORDER)
+            .send()
+    };
+    let ignored = send("wait=soon").await.unwrap();
+    assert_eq!(ignored.status(), 202);
+    assert!(ignored.headers().get("preference-applied").is_none());
+    assert_eq!(ignored.headers()["vary"], "prefer");
+    let waited = send("respond-async, wait=10").await.unwrap();
+    assert_eq!(waited.status(), 200);
+    assert_eq!(waited.headers()["preference-applied"], "wait=10");
+    assert_eq!(waited.headers()["vary"], "prefer");
     gateway.stop().await;
 }
 

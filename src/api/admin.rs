@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::ingress::prefer_wait;
+use super::ingress::{prefer_wait, with_preference};
 use super::views::{DeploymentView, EntryView, InvocationView, JournalView};
 use super::{
     find_invocation, load_ended, parse_invocation_id, parse_json, wait_for_end, ApiBody, ApiPath,
@@ -110,7 +110,7 @@ pub async fn get_invocation(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
-    let wait = prefer_wait(&headers)?;
+    let wait = prefer_wait(&headers);
     let ended = match wait {
         Some(wait) => wait_for_end(&state, &id, Some(wait), None).await?,
         None => load_ended(&state, find_invocation(&state, &id).await?).await?,
@@ -121,7 +121,7 @@ pub async fn get_invocation(
         StatusCode::OK
     };
     let view = InvocationView::new(&ended.record, ended.output.as_ref());
-    Ok((status, Json(view)).into_response())
+    Ok(with_preference((status, Json(view)).into_response(), wait))
 }
 
 pub async fn get_journal(

@@ -45,37 +45,47 @@ pub async fn send(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let wait = prefer_wait(&headers)?;
+    let wait = prefer_wait(&headers);
     let started = start(&state, &service, &handler, &headers, &body).await?;
     let Some(wait) = wait else {
-        return Ok(accepted(&started.record, started.replayed));
+        return Ok(with_preference(
+            accepted(&started.record, started.replayed),
+            None,
+        ));
     };
     let ended = wait_for_end(&state, &started.record.id, Some(wait), started.listener).await?;
-    if !ended.record.status.is_final() {
-        return Ok(accepted(&ended.record, started.replayed));
-    }
-    Ok(ended_response(&ended, started.replayed))
+    let response = if ended.record.status.is_final() {
+        ended_response(&ended, started.replayed)
+    } else {
+        accepted(&ended.record, started.replayed)
+    };
+    Ok(with_preference(response, Some(wait)))
 }
 
-/// `Prefer: wait=N` (RFC 7240), capped at [`MAX_WAIT_SECONDS`].
-pub fn prefer_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
-    for value in headers.get_all("prefer") {
-        let value = value
-            .to_str()
-            .map_err(|_| ApiError::BadRequest("the Prefer header is not ASCII".into()))?;
-        for preference in value.split([',', ';']) {
-            let preference = preference.trim();
-            if let Some(seconds) = preference.strip_prefix("wait=") {
-                let seconds: u64 = seconds.trim().parse().map_err(|_| {
-                    ApiError::BadRequest(format!(
-                        "Prefer: wait={seconds} is not a whole number of seconds"
-                    ))
-                })?;
-                return Ok(Some(Duration::from_secs(seconds.min(MAX_WAIT_SECONDS))));
-            }
+/// Marks an answer that depends on `Prefer` (RFC 7240): `Vary: Prefer`, and
+/// `Preference-Applied: wait=N` when the wait was honoured.
+pub fn with_preference(mut response: Response, wait: Option<Duration>) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::VARY, HeaderValue::from_static("prefer"));
+    if let Some(wait) = wait {
+        if let Ok(value) = HeaderValue::from_str(&format!("wait={}", wait.as_secs())) {
+            headers.insert("preference-applied", value);
         }
     }
-    Ok(None)
+    response
+}
+
+/// `Prefer: wait=N` (RFC 7240), capped at [`MAX_WAIT_SECONDS`]. A preference that cannot be
+/// understood (not ASCII, not a whole number of seconds) is ignored, as the RFC asks.
+pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split([',', ';']))
+        .filter_map(|preference| preference.trim().strip_prefix("wait="))
+        .find_map(|seconds| seconds.trim().parse::<u64>().ok())
+        .map(|seconds| Duration::from_secs(seconds.min(MAX_WAIT_SECONDS)))
 }
 
 /// 202 with the invocation id and where to look for it.

@@ -12,7 +12,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::ingress::{accepted, content_type, ended_response, input_digest, prefer_wait};
+use super::ingress::{
+    accepted, content_type, ended_response, input_digest, prefer_wait, with_preference,
+};
 use super::views::InvocationView;
 use super::{load_ended, parse_json, wait_for_end, ApiBody, ApiPath, ApiQuery, AppState};
 use crate::ids::{parse_name, InvocationId};
@@ -67,7 +69,7 @@ pub async fn start(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let wait = prefer_wait(&headers)?;
+    let wait = prefer_wait(&headers);
     let new_run_after_end = match query.reuse.as_deref() {
         None => false,
         Some("after-end") => true,
@@ -210,13 +212,15 @@ async fn answer(
     wait: Option<std::time::Duration>,
 ) -> Result<Response, ApiError> {
     let Some(wait) = wait else {
-        return Ok(accepted(&record, replayed));
+        return Ok(with_preference(accepted(&record, replayed), None));
     };
     let ended = wait_for_end(state, &record.id, Some(wait), None).await?;
-    if !ended.record.status.is_final() {
-        return Ok(accepted(&ended.record, replayed));
-    }
-    Ok(ended_response(&ended, replayed))
+    let response = if ended.record.status.is_final() {
+        ended_response(&ended, replayed)
+    } else {
+        accepted(&ended.record, replayed)
+    };
+    Ok(with_preference(response, Some(wait)))
 }
 
 /// `GET /v1/workflows/{workflow}/{id}`: the latest run's status and output, like
@@ -226,7 +230,7 @@ pub async fn get(
     ApiPath((workflow, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let wait = prefer_wait(&headers)?;
+    let wait = prefer_wait(&headers);
     let run = find_run(&state, &workflow, &id).await?;
     let ended = match wait {
         Some(wait) => wait_for_end(&state, &run.id, Some(wait), None).await?,
@@ -244,5 +248,5 @@ pub async fn get(
             .headers_mut()
             .insert(header::CONTENT_LOCATION, location);
     }
-    Ok(response)
+    Ok(with_preference(response, wait))
 }
