@@ -16,6 +16,9 @@ pub struct Config {
     pub advertised_url: Option<String>,
     /// How long an `Idempotency-Key` keeps naming its invocation after the invocation ended.
     pub idempotency_retention: Duration,
+    /// How long `POST /v1/call` waits for the invocation to end before it answers `202` with
+    /// its `Location`.
+    pub call_wait: Duration,
     /// The largest request body the gateway accepts.
     pub max_body_bytes: usize,
     /// Retry policy of handlers that declare none.
@@ -48,6 +51,7 @@ impl Default for Config {
             database_url: "sqlite:durin.db".into(),
             advertised_url: None,
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
+            call_wait: Duration::from_secs(60),
             max_body_bytes: 1024 * 1024,
             retry_policy: RetryPolicy::default(),
             start_to_close: Duration::from_secs(60),
@@ -86,6 +90,8 @@ struct ConfigFile {
     advertised_url: Option<String>,
     #[serde(default, with = "humantime_serde")]
     idempotency_retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    call_wait: Option<Duration>,
     max_body_bytes: Option<usize>,
     retry_policy: Option<RetryPolicy>,
     #[serde(default, with = "humantime_serde")]
@@ -125,6 +131,9 @@ impl Config {
         }
         if let Some(v) = file.idempotency_retention {
             config.idempotency_retention = v;
+        }
+        if let Some(v) = file.call_wait {
+            config.call_wait = v;
         }
         if let Some(v) = file.max_body_bytes {
             config.max_body_bytes = v;

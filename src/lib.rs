@@ -169,6 +169,7 @@ pub async fn run_with_clock(
         state_cursors,
         http,
         idempotency_retention: config.idempotency_retention,
+        call_wait: config.call_wait,
         max_body_bytes: config.max_body_bytes,
         stopping: server_stop.clone(),
     };

@@ -492,6 +492,40 @@ async fn prefer_wait_is_honoured_said_and_ignored_when_unusable() {
     gateway.stop().await;
 }
 
+/// `POST /v1/call` waits at most `call_wait`; an invocation still running then is answered
+/// 202 with where to find it, and goes on.
+#[tokio::test]
+async fn a_call_that_outlasts_call_wait_answers_202_with_its_location() {
+    let gateway = Gateway::start(|config| config.call_wait = Duration::from_millis(200)).await;
+    let slow = Endpoint::new().service(Service::new("slow").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            ctx.run("nap", || async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                Ok(())
+            })
+            .await?;
+            Ok::<_, HandlerError>("rested")
+        },
+    ));
+    register(&gateway.url, &serve(slow.router()).await).await;
+    let r = gateway.post("/v1/call/slow/run", "{}").await;
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let view = client()
+        .get(format!("{}{location}", gateway.url))
+        .header("prefer", "wait=10")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "completed");
+    assert_eq!(view["output"], "rested");
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_terminal_error_goes_back_to_the_caller_without_retry() {
     let gateway = Gateway::start(|_| {}).await;

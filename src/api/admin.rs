@@ -112,7 +112,7 @@ pub async fn get_invocation(
     let id = parse_invocation_id(&id)?;
     let wait = prefer_wait(&headers);
     let ended = match wait {
-        Some(wait) => wait_for_end(&state, &id, Some(wait), None).await?,
+        Some(wait) => wait_for_end(&state, &id, wait, false, None).await?,
         None => load_ended(&state, find_invocation(&state, &id).await?).await?,
     };
     let status = if wait.is_some() && !ended.record.status.is_final() {

@@ -33,7 +33,19 @@ pub async fn call(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let started = start(&state, &service, &handler, &headers, &body).await?;
-    let ended = wait_for_end(&state, &started.record.id, None, started.listener).await?;
+    let ended = wait_for_end(
+        &state,
+        &started.record.id,
+        state.call_wait,
+        true,
+        started.listener,
+    )
+    .await?;
+    let status = ended.record.status;
+    if !status.is_final() && status != Status::Paused {
+        // Still running after `call_wait`: where to look for it.
+        return Ok(accepted(&ended.record, started.replayed));
+    }
     Ok(ended_response(&ended, started.replayed))
 }
 
@@ -53,7 +65,7 @@ pub async fn send(
             None,
         ));
     };
-    let ended = wait_for_end(&state, &started.record.id, Some(wait), started.listener).await?;
+    let ended = wait_for_end(&state, &started.record.id, wait, false, started.listener).await?;
     let response = if ended.record.status.is_final() {
         ended_response(&ended, started.replayed)
     } else {

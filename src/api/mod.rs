@@ -78,6 +78,8 @@ pub struct AppState {
     pub state_cursors: Arc<StateCursors>,
     pub http: reqwest::Client,
     pub idempotency_retention: Duration,
+    /// How long `POST /v1/call` waits for the end before it answers `202` with `Location`.
+    pub call_wait: Duration,
     pub max_body_bytes: usize,
     /// Cancelled when the server stops; long waits end with a 503 then.
     pub stopping: tokio_util::sync::CancellationToken,
@@ -247,21 +249,22 @@ pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {
 /// Hears the end of one invocation (see [`crate::engine::Waiters`]).
 pub type EndedListener = watch::Receiver<Option<Arc<Ended>>>;
 
-/// Waits until the invocation is final, or `timeout` passes; returns its latest state
-/// either way. Without a timeout it also returns when the invocation is paused, since a
-/// paused invocation waits for an operator. `listener`, when given, was taken before the
-/// invocation started, so the store need not be read first.
+/// Waits until the invocation is final (or paused, with `stop_on_pause`: a paused
+/// invocation waits for an operator), or `timeout` passes; returns its latest state either
+/// way. `listener`, when given, was taken before the invocation started, so the store need
+/// not be read first.
 pub async fn wait_for_end(
     state: &AppState,
     id: &InvocationId,
-    timeout: Option<Duration>,
+    timeout: Duration,
+    stop_on_pause: bool,
     listener: Option<EndedListener>,
 ) -> Result<Arc<Ended>, ApiError> {
     // A wake-up can come from another process (a later store), so poll now and then too.
     const POLL: Duration = Duration::from_secs(1);
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = Some(Instant::now() + timeout);
     let done = |record: &InvocationRecord| {
-        record.status.is_final() || (timeout.is_none() && record.status == Status::Paused)
+        record.status.is_final() || (stop_on_pause && record.status == Status::Paused)
     };
     let _release = ReleaseListener(state.engine.waiters(), id);
     let mut fresh = listener;

@@ -214,7 +214,7 @@ async fn answer(
     let Some(wait) = wait else {
         return Ok(with_preference(accepted(&record, replayed), None));
     };
-    let ended = wait_for_end(state, &record.id, Some(wait), None).await?;
+    let ended = wait_for_end(state, &record.id, wait, false, None).await?;
     let response = if ended.record.status.is_final() {
         ended_response(&ended, replayed)
     } else {
@@ -233,7 +233,7 @@ pub async fn get(
     let wait = prefer_wait(&headers);
     let run = find_run(&state, &workflow, &id).await?;
     let ended = match wait {
-        Some(wait) => wait_for_end(&state, &run.id, Some(wait), None).await?,
+        Some(wait) => wait_for_end(&state, &run.id, wait, false, None).await?,
         None => load_ended(&state, run).await?,
     };
     let status = if wait.is_some() && !ended.record.status.is_final() {
