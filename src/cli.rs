@@ -50,7 +50,8 @@ struct ServeArgs {
     #[arg(long, env = "DURIN_EGRESS_LISTEN")]
     egress_listen: Option<SocketAddr>,
     /// A host the egress may call (`host`, `host:port` or `*.domain`); repeat for more.
-    /// Without any, the egress calls any host for a running invocation.
+    /// Without any, the egress calls any public host for a running attempt; internal
+    /// addresses (loopback, private, link-local) only when named here.
     #[arg(long, env = "DURIN_EGRESS_ALLOW", value_delimiter = ',')]
     egress_allow: Vec<String>,
     /// PEM file of extra root certificates the egress trusts for HTTPS targets.

@@ -33,7 +33,8 @@ pub struct Config {
     pub deployments: Vec<DeploymentConfig>,
     /// Where the egress proxy listens; no egress when unset.
     pub egress_listen: Option<SocketAddr>,
-    /// Hosts the egress may call (`host`, `host:port`, `*.domain`); empty allows any.
+    /// Hosts the egress may call (`host`, `host:port`, `*.domain`); empty allows any public
+    /// host. Internal addresses are called only when named (not through `*.domain`).
     pub egress_allow: Vec<String>,
     /// Retries of one outbound call through the egress.
     pub egress_retry_policy: RetryPolicy,

@@ -11,6 +11,7 @@
 //! lost), and its response is journaled before the handler sees it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -286,6 +287,88 @@ fn hop_by_hop(name: &str) -> bool {
     ) || name.starts_with("durin-")
 }
 
+/// Whether `ip` is an address inside a network rather than on the internet: loopback,
+/// private, link-local (where cloud metadata services answer), shared (CGNAT),
+/// unspecified, multicast or broadcast. The egress calls these only when the allow-list
+/// names the host.
+fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || (a == 100 && (64..128).contains(&b))
+                || a == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first & 0xffc0) == 0xfec0 // site-local
+        }
+    }
+}
+
+/// Resolves the egress's target names, keeping internal addresses only for hosts the
+/// allow-list names: the check is made on the address the call connects to, so a public
+/// name that resolves to 127.0.0.1 (or is made to, later) reaches nothing inside.
+struct GuardedResolver {
+    /// Hosts named in the allow-list (wildcards excluded), lower case.
+    named: Vec<String>,
+}
+
+/// Marks the resolver's refusal, so that the egress can answer 403 for it.
+const INTERNAL_REFUSED: &str = "resolves only to internal addresses";
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_ascii_lowercase();
+        let named = self.named.contains(&host);
+        Box::pin(async move {
+            let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|address| named || !is_internal(address.ip()))
+                .collect();
+            if addresses.is_empty() {
+                return Err(format!(
+                    "{host} {INTERNAL_REFUSED} (loopback, private or link-local); name it in --egress-allow to let handlers call it"
+                )
+                .into());
+            }
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The hosts an allow-list names explicitly (`host` or `host:port`; not `*.domain`).
+fn named_hosts(allow: &[String]) -> Vec<String> {
+    allow
+        .iter()
+        .filter(|pattern| !pattern.starts_with("*."))
+        .map(|pattern| {
+            let pattern = pattern.to_ascii_lowercase();
+            // `[::1]:8080`, `host:8080`, `host`, `::1`
+            match pattern.strip_prefix('[') {
+                Some(rest) => rest.split(']').next().unwrap_or_default().to_owned(),
+                None if pattern.matches(':').count() == 1 => {
+                    pattern.split(':').next().unwrap_or_default().to_owned()
+                }
+                None => pattern,
+            }
+        })
+        .collect()
+}
+
 impl Egress {
     pub fn new(
         store: Arc<dyn Store>,
@@ -294,7 +377,11 @@ impl Egress {
         calls: Arc<EgressCalls>,
         config: EgressConfig,
     ) -> Result<Egress, reqwest::Error> {
-        let mut http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        let mut http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardedResolver {
+                named: named_hosts(&config.allow),
+            }));
         for root in &config.extra_roots {
             http = http.add_root_certificate(root.clone());
         }
@@ -312,7 +399,16 @@ impl Egress {
         Router::new().fallback(handle).with_state(self)
     }
 
+    /// Whether the allow-list lets handlers call `url`'s host. An internal address written
+    /// as an IP literal must be named; a name is checked again, on the addresses it
+    /// resolves to, when the call connects ([`GuardedResolver`]).
     fn allowed(&self, url: &reqwest::Url) -> bool {
+        let literal = url
+            .host_str()
+            .and_then(|host| host.trim_matches(['[', ']']).parse::<IpAddr>().ok());
+        if let Some(ip) = literal.filter(|ip| is_internal(*ip)) {
+            return named_hosts(&self.config.allow).contains(&ip.to_string());
+        }
         if self.config.allow.is_empty() {
             return true;
         }
@@ -614,6 +710,16 @@ impl Egress {
     ) -> Result<(u16, Vec<(String, String)>, Vec<u8>, bool), ApiError> {
         let method = reqwest::Method::from_bytes(method.as_str().as_bytes())
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // Headers the caller named in `Connection` are for the hop to the egress only
+        // (RFC 9110 §7.6.1).
+        let connection_options: Vec<String> = headers
+            .get_all(axum::http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|option| option.trim().to_ascii_lowercase())
+            .filter(|option| !option.is_empty())
+            .collect();
         let mut tries = 0;
         loop {
             tries += 1;
@@ -627,7 +733,10 @@ impl Egress {
                 .body(body.clone());
             for (name, value) in headers {
                 let name = name.as_str();
-                if !hop_by_hop(name) && name != "idempotency-key" {
+                if !hop_by_hop(name)
+                    && name != "idempotency-key"
+                    && !connection_options.iter().any(|option| option == name)
+                {
                     request = request.header(name, value.as_bytes());
                 }
             }
@@ -663,7 +772,13 @@ impl Egress {
                     }
                     (retry_after, format!("{url} answered {status}"))
                 }
-                Err(e) => (None, format!("could not call {url}: {e}")),
+                Err(e) => {
+                    let chain = crate::http::error_chain(&e);
+                    if chain.contains(INTERNAL_REFUSED) {
+                        return Err(ApiError::Forbidden(chain));
+                    }
+                    (None, format!("could not call {url}: {e}"))
+                }
             };
             match next_delay {
                 Some(delay) => {

@@ -16,6 +16,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::*;
 
+/// The downstreams of these tests listen on 127.0.0.1, which the egress calls only when
+/// the allow-list names it.
+const LOOPBACK: &[&str] = &["--egress-allow", "127.0.0.1"];
+
 fn python(script: &str) -> Command {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("examples/python")
@@ -157,7 +161,7 @@ async fn assert_charged_once(downstreams: &Downstreams, requests: u64) {
 async fn python_handler_killed_between_calls_resumes_from_the_journal() {
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let mut handler = start_handler(None, &egress, &downstreams, 600);
     register_plain(&gateway.url, &handler.url).await;
 
@@ -183,14 +187,14 @@ async fn python_handler_killed_between_calls_resumes_from_the_journal() {
 async fn gateway_killed_between_calls_resumes_without_repeating_the_charge() {
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
-    let (mut gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (mut gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 600);
     register_plain(&gateway.url, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
     wait_for_egress(&gateway.url, &id, "/charge").await;
     gateway.kill();
-    let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), &[]);
+    let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), LOOPBACK);
 
     let view = wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
@@ -207,7 +211,7 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
     // The payment service charges, then holds its answer for 3 s: Durin dies meanwhile.
     let downstreams = start_downstreams(3000);
     let home = GatewayHome::new();
-    let (mut gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (mut gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 0);
     register_plain(&gateway.url, &handler.url).await;
 
@@ -224,7 +228,7 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
         "the charge's answer must not be journaled yet"
     );
     gateway.kill();
-    let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), &[]);
+    let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), LOOPBACK);
 
     let view = wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
@@ -342,7 +346,7 @@ async fn the_egress_is_not_an_open_proxy() {
 async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 0);
     register_plain(&gateway.url, &handler.url).await;
     let response = client()
@@ -372,7 +376,7 @@ async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
 async fn a_changed_call_on_replay_pauses_the_invocation() {
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let mut handler = start_handler(None, &egress, &downstreams, 600);
     register_plain(&gateway.url, &handler.url).await;
 
@@ -416,7 +420,7 @@ async fn a_changed_call_on_replay_pauses_the_invocation() {
 async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
     let downstreams = start_downstreams_failing(0, 4);
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 0);
     register_plain(&gateway.url, &handler.url).await;
 
@@ -449,7 +453,7 @@ fn attempt_token(home: &GatewayHome, id: &str) -> String {
 async fn a_recorded_step_value_is_the_same_for_every_caller() {
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 5000);
     register_plain(&gateway.url, &handler.url).await;
     let id = send_order(&gateway.url, ORDER).await;
@@ -506,7 +510,7 @@ async fn a_recorded_step_value_is_the_same_for_every_caller() {
 async fn the_node_handler_runs_the_same_flow() {
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
-    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let mut command = Command::new("node");
     command
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/node/order_handler.js"))
@@ -575,7 +579,11 @@ async fn https_targets_are_called_by_durin() {
     };
     let home = GatewayHome::new();
     let ca_arg = ca_file.to_str().unwrap();
-    let (gateway, egress) = home.start_with_egress(None, None, &["--egress-ca-file", ca_arg]);
+    let (gateway, egress) = home.start_with_egress(
+        None,
+        None,
+        &["--egress-ca-file", ca_arg, "--egress-allow", "127.0.0.1"],
+    );
     let handler = start_handler(None, &egress, &downstreams, 0);
     register_plain(&gateway.url, &handler.url).await;
 
@@ -603,4 +611,53 @@ async fn https_targets_are_called_by_durin() {
         .unwrap();
     assert_eq!(payment["effects"], 1, "{payment}");
     assert_eq!(payment["requests"], 1, "{payment}");
+}
+
+/// The egress reaches nothing inside unless the allow-list names it: loopback, private and
+/// link-local addresses (cloud metadata) are refused, whether written as addresses or
+/// reached through a name that resolves to them; nothing reaches the downstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_refuses_internal_addresses_unless_named() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, &[]);
+    // A running invocation whose handler waits before its first call.
+    let handler = start_handler(None, &egress, &downstreams, 5000);
+    register_plain(&gateway.url, &handler.url).await;
+    let id = send_order(&gateway.url, ORDER).await;
+    let token = eventually(Duration::from_secs(10), "the attempt", || async {
+        let view = get_json(&format!("{}/v1/invocations/{id}", gateway.url)).await;
+        (view["status"] == "running").then(|| attempt_token(&home, &id))
+    })
+    .await;
+    let port = downstreams.payment.addr.port();
+    for target in [
+        format!("http/127.0.0.1:{port}/charge"),
+        format!("http/localhost:{port}/charge"),
+        "http/169.254.169.254/latest/meta-data/".to_owned(),
+        "http/[::1]:9/x".to_owned(),
+        "http/10.1.2.3:80/x".to_owned(),
+    ] {
+        let response = client()
+            .post(format!("{egress}/{target}"))
+            .header("durin-invocation-id", &id)
+            .header("durin-attempt", "1")
+            .header("durin-attempt-token", &token)
+            .json(&json!({"amount_cents": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{target}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["type"], "urn:durin:problem:egress-refused",
+            "{target}: {body}"
+        );
+    }
+    assert_eq!(stats(&downstreams.payment).await["requests"], 0);
+    assert_eq!(
+        journal(&gateway.url, &id).await.len(),
+        1,
+        "nothing was journaled"
+    );
 }
