@@ -43,6 +43,13 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080]
     #[arg(long, env = "DURIN_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Address of the admin API (deployments, invocations, journals) [default:
+    /// 127.0.0.1:9070]
+    #[arg(long, env = "DURIN_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// A token the admin API requires as `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "DURIN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// URL at which handlers reach this gateway [default: http://{listen}]
     #[arg(long, env = "DURIN_ADVERTISED_URL")]
     advertised_url: Option<String>,
@@ -110,6 +117,12 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             if let Some(listen) = args.listen {
                 config.listen = listen;
             }
+            if let Some(address) = args.admin_listen {
+                config.admin_listen = address;
+            }
+            if let Some(token) = args.admin_token {
+                config.admin_token = Some(token);
+            }
             if let Some(url) = args.advertised_url {
                 config.advertised_url = Some(url);
             }
@@ -122,12 +135,10 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             if let Some(file) = args.egress_ca_file {
                 config.egress_ca_file = Some(file);
             }
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            let listeners = crate::Listeners::bind(&config).await?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            crate::run(config, listener, shutdown).await
+            crate::run(config, listeners, shutdown).await
         }
     }
 }

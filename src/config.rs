@@ -10,6 +10,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Where the admin API listens (deployments, invocation lists, journals, resume).
+    pub admin_listen: SocketAddr,
+    /// A token the admin API requires (`Authorization: Bearer`); none when unset.
+    pub admin_token: Option<String>,
     /// `sqlite:PATH` (the default is `sqlite:durin.db`).
     pub database_url: String,
     /// How handlers reach this gateway; `http://{listen address}` when unset.
@@ -49,6 +53,8 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9070)),
+            admin_token: None,
             database_url: "sqlite:durin.db".into(),
             advertised_url: None,
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
@@ -87,6 +93,8 @@ pub struct DeploymentConfig {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    admin_token: Option<String>,
     database: Option<String>,
     advertised_url: Option<String>,
     #[serde(default, with = "humantime_serde")]
@@ -123,6 +131,12 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("config file {} is invalid: {e}", path.display()))?;
         if let Some(v) = file.listen {
             config.listen = v;
+        }
+        if let Some(v) = file.admin_listen {
+            config.admin_listen = v;
+        }
+        if let Some(v) = file.admin_token {
+            config.admin_token = Some(v);
         }
         if let Some(v) = file.database {
             config.database_url = v;

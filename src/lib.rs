@@ -34,22 +34,47 @@ use crate::store::{SqliteStore, Store};
 /// How often expired idempotency keys are forgotten.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Runs the gateway on `listener` until `shutdown` is cancelled, then drains.
+/// The gateway's two listeners: callers and handlers on `api`, operators on `admin`.
+pub struct Listeners {
+    pub api: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of `config`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let bind = |address| async move {
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
+        };
+        Ok(Listeners {
+            api: bind(config.listen).await?,
+            admin: bind(config.admin_listen).await?,
+        })
+    }
+}
+
+/// Runs the gateway on `listeners` until `shutdown` is cancelled, then drains.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_clock(config, listener, shutdown, Arc::new(SystemClock)).await
+    run_with_clock(config, listeners, shutdown, Arc::new(SystemClock)).await
 }
 
 /// [`run`] with the clock of the caller's choice (tests move a manual clock by hand).
 pub async fn run_with_clock(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        api: listener,
+        admin: admin_listener,
+    } = listeners;
     let local = listener.local_addr()?;
     let advertised_url = config.advertised_url.clone().unwrap_or_else(|| {
         let host = if local.ip().is_unspecified() {
@@ -173,12 +198,25 @@ pub async fn run_with_clock(
         max_body_bytes: config.max_body_bytes,
         stopping: server_stop.clone(),
     };
-    // Tests and scripts read this line to learn the port when listening on port 0.
+    // Tests and scripts read these lines to learn the ports when listening on port 0; the
+    // admin line comes first.
+    println!(
+        "durin admin listening on http://{}",
+        admin_listener.local_addr()?
+    );
     println!("durin listening on http://{local} (advertised as {advertised_url})");
     let listener = listener.tap_io(|stream| {
         // Answers are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
     });
+    let admin_server = tokio::spawn(
+        axum::serve(
+            admin_listener,
+            api::admin_router(state.clone(), config.admin_token.clone()),
+        )
+        .with_graceful_shutdown(server_stop.clone().cancelled_owned())
+        .into_future(),
+    );
     let server = tokio::spawn(
         axum::serve(listener, api::router(state))
             .with_graceful_shutdown(server_stop.clone().cancelled_owned())
@@ -189,6 +227,7 @@ pub async fn run_with_clock(
     scheduler.await?;
     server_stop.cancel();
     server.await??;
+    admin_server.await??;
     if let Some(egress_server) = egress_server {
         egress_server.await??;
     }

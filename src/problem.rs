@@ -29,6 +29,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// An admin request without the admin token.
+    #[error("the admin API needs Authorization: Bearer with the admin token (--admin-token)")]
+    Unauthorized,
     /// The egress refuses a call (no running invocation, a host outside the allow-list).
     #[error("{0}")]
     Forbidden(String),
@@ -124,6 +127,12 @@ impl ApiError {
                 false,
             ),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", false),
+            Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Admin token required",
+                false,
+            ),
             WorkflowConflict { .. } => (
                 StatusCode::CONFLICT,
                 "workflow-id-taken",
@@ -241,6 +250,9 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
         headers.insert(HEADER_ERROR_SOURCE, HeaderValue::from_static(self.source()));
+        if matches!(self, ApiError::Unauthorized) {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // A paused invocation waits for an operator; the rest passes in moments.
             let after = if matches!(self, ApiError::InvocationPaused { .. }) {

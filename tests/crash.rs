@@ -19,10 +19,10 @@ async fn handler_killed_between_steps_resumes_without_repeating_steps() {
     let gateway = home.start(None);
     let args = ["--step-delay-ms", "600", "--downstream", &downstream.url];
     let mut handler = start_order(None, &args);
-    register(&gateway.url, &handler.url).await;
+    register(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
-    wait_for_step(&gateway.url, &id, "charge_payment").await;
+    wait_for_step(&gateway.admin, &id, "charge_payment").await;
     // The handler is now waiting before reserve_inventory's side effect.
     handler.kill();
     let _handler = start_order(Some(handler.addr), &args);
@@ -31,7 +31,7 @@ async fn handler_killed_between_steps_resumes_without_repeating_steps() {
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["output"], ORDER_OUTPUT);
     assert!(view["attempt"].as_u64().unwrap() >= 2, "{view}");
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), order_journal_shape());
     assert_eq!(
         entries[1]["attempt"], 1,
@@ -59,7 +59,7 @@ async fn gateway_killed_between_steps_resumes_and_the_caller_reattaches() {
         None,
         &["--step-delay-ms", "600", "--downstream", &downstream.url],
     );
-    register(&gateway.url, &handler.url).await;
+    register(&gateway.admin, &handler.url).await;
 
     let url = format!("{}/v1/call/order/process", gateway.url);
     let caller = tokio::spawn(async move {
@@ -72,11 +72,11 @@ async fn gateway_killed_between_steps_resumes_and_the_caller_reattaches() {
             .await
     });
     let id = eventually(Duration::from_secs(10), "the invocation", || async {
-        let list = get_json(&format!("{}/v1/invocations", gateway.url)).await;
+        let list = get_json(&format!("{}/v1/invocations", gateway.admin)).await;
         list["invocations"][0]["id"].as_str().map(str::to_owned)
     })
     .await;
-    wait_for_step(&gateway.url, &id, "charge_payment").await;
+    wait_for_step(&gateway.admin, &id, "charge_payment").await;
     gateway.kill();
     assert!(
         caller.await.unwrap().is_err(),
@@ -97,7 +97,7 @@ async fn gateway_killed_between_steps_resumes_and_the_caller_reattaches() {
     assert_eq!(response.headers()["idempotent-replayed"], "true");
     assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
 
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), order_journal_shape());
     assert_eq!(downstream.requests("charge_payment").len(), 1);
     assert_eq!(downstream.requests("send_confirmation").len(), 1);
@@ -126,7 +126,7 @@ async fn gateway_killed_during_backoff_keeps_the_schedule() {
             "2000",
         ],
     );
-    register(&gateway.url, &handler.url).await;
+    register(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
     let invocation_url = format!("{}/v1/invocations/{id}", gateway.url);
@@ -172,7 +172,7 @@ async fn gateway_killed_during_backoff_keeps_the_schedule() {
     assert_eq!(downstream.requests("charge_payment").len(), 1);
     assert_eq!(downstream.requests("send_confirmation").len(), 1);
     assert_eq!(
-        shape(&journal(&gateway.url, &id).await),
+        shape(&journal(&gateway.admin, &id).await),
         order_journal_shape()
     );
 }
@@ -188,9 +188,9 @@ async fn sigterm_drains_and_a_restart_finishes_the_rest() {
         None,
         &["--step-delay-ms", "800", "--downstream", &downstream.url],
     );
-    register(&gateway.url, &handler.url).await;
+    register(&gateway.admin, &handler.url).await;
     let id = send_order(&gateway.url, ORDER).await;
-    wait_for_step(&gateway.url, &id, "charge_payment").await;
+    wait_for_step(&gateway.admin, &id, "charge_payment").await;
 
     let status = gateway.terminate(Duration::from_secs(5));
     assert!(status.success(), "durin exited with {status}");
@@ -200,7 +200,7 @@ async fn sigterm_drains_and_a_restart_finishes_the_rest() {
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["output"], ORDER_OUTPUT);
     assert_eq!(
-        shape(&journal(&gateway.url, &id).await),
+        shape(&journal(&gateway.admin, &id).await),
         order_journal_shape()
     );
     assert_eq!(downstream.requests("charge_payment").len(), 1);
@@ -218,7 +218,7 @@ async fn timers_fire_once_after_durin_is_killed_and_signals_are_delivered_once()
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
     let handler = start_order(None, &[]);
-    register(&gateway.url, &handler.url).await;
+    register(&gateway.admin, &handler.url).await;
     let http = client();
     let start = |id: &str, deadline: u64| {
         http.post(format!("{}/v1/workflows/approval/{id}", gateway.url))
@@ -231,7 +231,11 @@ async fn timers_fire_once_after_durin_is_killed_and_signals_are_delivered_once()
     assert_eq!(start("cancelled", 3600).await.unwrap().status(), 202);
     // Wait until every run is suspended on its timer, then kill Durin.
     eventually(Duration::from_secs(20), "runs to suspend", || async {
-        let list = get_json(&format!("{}/v1/invocations?status=suspended", gateway.url)).await;
+        let list = get_json(&format!(
+            "{}/v1/invocations?status=suspended",
+            gateway.admin
+        ))
+        .await;
         (list["invocations"].as_array().unwrap().len() == 4).then_some(())
     })
     .await;
@@ -270,7 +274,7 @@ async fn timers_fire_once_after_durin_is_killed_and_signals_are_delivered_once()
             (view["status"] == "completed").then_some(view)
         })
         .await;
-        let entries = journal(&gateway.url, view["id"].as_str().unwrap()).await;
+        let entries = journal(&gateway.admin, view["id"].as_str().unwrap()).await;
         let completions: Vec<&serde_json::Value> = entries
             .iter()
             .filter(|e| !e["completion"].is_null())
@@ -329,14 +333,14 @@ async fn a_signal_that_arrived_before_a_crash_and_the_suspension_is_not_lost() {
             .service(Service::new("gate").handler("run", gate))
             .serve(listener),
     );
-    register(&gateway.url, &handler_url).await;
+    register(&gateway.admin, &handler_url).await;
     let url = format!("{}/v1/workflows/gate/g-1", gateway.url);
     assert_eq!(
         client().post(&url).json(&1).send().await.unwrap().status(),
         202
     );
     let id = get_json(&url).await["id"].as_str().unwrap().to_owned();
-    wait_for_step_kind(&gateway.url, &id, "signal").await;
+    wait_for_step_kind(&gateway.admin, &id, "signal").await;
     let sent = client()
         .post(format!("{url}/signals/go"))
         .json(&"through")
@@ -355,7 +359,7 @@ async fn a_signal_that_arrived_before_a_crash_and_the_suspension_is_not_lost() {
     })
     .await;
     assert_eq!(done["output"], "through");
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     let waits: Vec<_> = entries.iter().filter(|e| e["kind"] == "signal").collect();
     assert_eq!(waits.len(), 1, "{entries:?}");
     assert_eq!(waits[0]["completion"]["value"], "through");

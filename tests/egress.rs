@@ -90,9 +90,9 @@ fn start_handler_noting(
 }
 
 /// Registers the Python handler as a plain deployment, declared inline.
-async fn register_plain(gateway: &str, handler: &str) {
+async fn register_plain(admin: &str, handler: &str) {
     let response = client()
-        .post(format!("{gateway}/v1/deployments"))
+        .post(format!("{admin}/v1/deployments"))
         .json(&json!({
             "url": handler,
             "services": [{"name": "order", "handlers": [{"name": "process"}]}]
@@ -163,10 +163,10 @@ async fn python_handler_killed_between_calls_resumes_from_the_journal() {
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let mut handler = start_handler(None, &egress, &downstreams, 600);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
-    wait_for_egress(&gateway.url, &id, "/charge").await;
+    wait_for_egress(&gateway.admin, &id, "/charge").await;
     handler.kill();
     let _handler = start_handler(Some(handler.addr), &egress, &downstreams, 600);
 
@@ -174,7 +174,7 @@ async fn python_handler_killed_between_calls_resumes_from_the_journal() {
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["output"], ORDER_OUTPUT);
     assert!(view["attempt"].as_u64().unwrap() >= 2);
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), plain_journal_shape(&downstreams));
     assert_eq!(entries[1]["attempt"], 1);
     assert_eq!(entries[1]["value"]["status"], 200);
@@ -189,10 +189,10 @@ async fn gateway_killed_between_calls_resumes_without_repeating_the_charge() {
     let home = GatewayHome::new();
     let (mut gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 600);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
-    wait_for_egress(&gateway.url, &id, "/charge").await;
+    wait_for_egress(&gateway.admin, &id, "/charge").await;
     gateway.kill();
     let (gateway, _) = home.start_with_egress(Some(gateway.addr), Some(&egress), LOOPBACK);
 
@@ -200,7 +200,7 @@ async fn gateway_killed_between_calls_resumes_without_repeating_the_charge() {
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["output"], ORDER_OUTPUT);
     assert_eq!(
-        shape(&journal(&gateway.url, &id).await),
+        shape(&journal(&gateway.admin, &id).await),
         plain_journal_shape(&downstreams)
     );
     assert_charged_once(&downstreams, 1).await;
@@ -213,7 +213,7 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
     let home = GatewayHome::new();
     let (mut gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 0);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
     eventually(Duration::from_secs(10), "the charge", || async {
@@ -221,7 +221,7 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
     })
     .await;
     assert!(
-        journal(&gateway.url, &id)
+        journal(&gateway.admin, &id)
             .await
             .iter()
             .all(|e| e["kind"] != "egress"),
@@ -234,7 +234,7 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["output"], ORDER_OUTPUT);
     assert_eq!(
-        shape(&journal(&gateway.url, &id).await),
+        shape(&journal(&gateway.admin, &id).await),
         plain_journal_shape(&downstreams)
     );
     // The call went out twice with the same key; the payment service charged once.
@@ -252,7 +252,7 @@ async fn the_egress_is_not_an_open_proxy() {
         &["--egress-allow", &allowed, "--egress-allow", "127.0.0.1:1"],
     );
     let handler = start_handler(None, &egress, &downstreams, 5000);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
     let charge = format!("{egress}/http/{allowed}/charge");
     let http = client();
     let problem = |response: reqwest::Response, status: u16, detail: &'static str| async move {
@@ -339,7 +339,7 @@ async fn the_egress_is_not_an_open_proxy() {
     problem(r, 413, "larger than").await;
     // Nothing of this reached the payment service or the journal.
     assert_eq!(stats(&downstreams.payment).await["requests"], 0);
-    assert_eq!(journal(&gateway.url, &id).await.len(), 1);
+    assert_eq!(journal(&gateway.admin, &id).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,7 +348,7 @@ async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 0);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
     let response = client()
         .post(format!("{}/v1/call/order/process", gateway.url))
         .header("content-type", "application/json")
@@ -378,10 +378,10 @@ async fn a_changed_call_on_replay_pauses_the_invocation() {
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let mut handler = start_handler(None, &egress, &downstreams, 600);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
-    wait_for_egress(&gateway.url, &id, "/charge").await;
+    wait_for_egress(&gateway.admin, &id, "/charge").await;
     handler.kill();
     let _handler = start_handler_noting(Some(handler.addr), &egress, &downstreams, 600, "v2");
 
@@ -406,7 +406,11 @@ async fn a_changed_call_on_replay_pauses_the_invocation() {
     // The fixed handler is deployed; resumed, the invocation finishes from its journal.
     drop(_handler);
     let _fixed = start_handler(Some(handler.addr), &egress, &downstreams, 0);
-    let resumed = client().post(format!("{url}/resume")).send().await.unwrap();
+    let resumed = client()
+        .post(format!("{}/v1/invocations/{id}/resume", gateway.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resumed.status(), 200);
     let view = wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
@@ -422,13 +426,13 @@ async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 0);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
     let view = wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
     assert!(view["attempt"].as_u64().unwrap() >= 2, "{view}");
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), plain_journal_shape(&downstreams));
     assert_eq!(entries[1]["value"]["status"], 200);
     // Four 503s (three tries of the first attempt, one of the second), then the charge;
@@ -455,7 +459,7 @@ async fn a_recorded_step_value_is_the_same_for_every_caller() {
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
     let handler = start_handler(None, &egress, &downstreams, 5000);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
     let id = send_order(&gateway.url, ORDER).await;
     let url = format!("{}/v1/contexts/{id}/steps/order-number", gateway.url);
     // Without the attempt's token, nothing is recorded.
@@ -496,7 +500,7 @@ async fn a_recorded_step_value_is_the_same_for_every_caller() {
     let first = answers[0].0.clone();
     assert!(answers.iter().all(|(v, _)| *v == first), "{answers:?}");
     assert_eq!(answers.iter().filter(|(_, replayed)| !replayed).count(), 1);
-    let steps: Vec<Value> = journal(&gateway.url, &id)
+    let steps: Vec<Value> = journal(&gateway.admin, &id)
         .await
         .into_iter()
         .filter(|e| e["kind"] == "step")
@@ -519,7 +523,7 @@ async fn the_node_handler_runs_the_same_flow() {
         .args(["--inventory", &downstreams.inventory.url])
         .args(["--email", &downstreams.email.url]);
     let handler = Proc::spawn(command, "order handler listening on ");
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
     let response = client()
         .post(format!("{}/v1/call/order/process", gateway.url))
         .header("content-type", "application/json")
@@ -534,7 +538,7 @@ async fn the_node_handler_runs_the_same_flow() {
         .to_owned();
     assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
     assert_eq!(
-        shape(&journal(&gateway.url, &id).await),
+        shape(&journal(&gateway.admin, &id).await),
         plain_journal_shape(&downstreams)
     );
     assert_charged_once(&downstreams, 1).await;
@@ -585,13 +589,13 @@ async fn https_targets_are_called_by_durin() {
         &["--egress-ca-file", ca_arg, "--egress-allow", "127.0.0.1"],
     );
     let handler = start_handler(None, &egress, &downstreams, 0);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
 
     let id = send_order(&gateway.url, ORDER).await;
     let view = wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed", "{view}");
     assert_eq!(view["output"], ORDER_OUTPUT);
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), plain_journal_shape(&downstreams));
     assert!(entries[1]["name"]
         .as_str()
@@ -623,7 +627,7 @@ async fn the_egress_refuses_internal_addresses_unless_named() {
     let (gateway, egress) = home.start_with_egress(None, None, &[]);
     // A running invocation whose handler waits before its first call.
     let handler = start_handler(None, &egress, &downstreams, 5000);
-    register_plain(&gateway.url, &handler.url).await;
+    register_plain(&gateway.admin, &handler.url).await;
     let id = send_order(&gateway.url, ORDER).await;
     let token = eventually(Duration::from_secs(10), "the attempt", || async {
         let view = get_json(&format!("{}/v1/invocations/{id}", gateway.url)).await;
@@ -656,7 +660,7 @@ async fn the_egress_refuses_internal_addresses_unless_named() {
     }
     assert_eq!(stats(&downstreams.payment).await["requests"], 0);
     assert_eq!(
-        journal(&gateway.url, &id).await.len(),
+        journal(&gateway.admin, &id).await.len(),
         1,
         "nothing was journaled"
     );

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 struct Gateway {
     url: String,
+    /// The admin API (deployments, invocation lists, journals, resume).
+    admin: String,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
@@ -37,12 +39,17 @@ impl Gateway {
             ..Config::default()
         };
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let listeners = durin::Listeners {
+            api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let url = format!("http://{}", listeners.api.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(durin::run(config, listener, shutdown.clone()));
+        let task = tokio::spawn(durin::run(config, listeners, shutdown.clone()));
         Gateway {
             url,
+            admin,
             shutdown,
             task,
             _dir: dir,
@@ -55,13 +62,12 @@ impl Gateway {
     }
 
     async fn post(&self, path: &str, body: &str) -> reqwest::Response {
-        client()
-            .post(format!("{}{path}", self.url))
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap()
+        post_json(&self.url, path, body).await
+    }
+
+    /// A `POST` to the admin API.
+    async fn admin_post(&self, path: &str, body: &str) -> reqwest::Response {
+        post_json(&self.admin, path, body).await
     }
 
     /// `POST /v1/send/...` (202); returns the invocation id.
@@ -74,11 +80,21 @@ impl Gateway {
     }
 
     async fn invocation_count(&self) -> usize {
-        support::get_json(&format!("{}/v1/invocations", self.url)).await["invocations"]
+        support::get_json(&format!("{}/v1/invocations", self.admin)).await["invocations"]
             .as_array()
             .unwrap()
             .len()
     }
+}
+
+async fn post_json(base: &str, path: &str, body: &str) -> reqwest::Response {
+    client()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
 }
 
 /// The invocation id of a 202 answer.
@@ -141,7 +157,7 @@ async fn problem(response: reqwest::Response, status: u16, retryable: bool, deta
 #[tokio::test]
 async fn the_order_workflow_runs_and_its_journal_reads_well() {
     let gateway = Gateway::start(|_| {}).await;
-    register(&gateway.url, &serve_order().await).await;
+    register(&gateway.admin, &serve_order().await).await;
     let response = gateway.post("/v1/call/order/process", ORDER).await;
     assert_eq!(response.status(), 200);
     let id = response.headers()["durin-invocation-id"]
@@ -149,7 +165,7 @@ async fn the_order_workflow_runs_and_its_journal_reads_well() {
         .unwrap()
         .to_owned();
     assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), support::order_journal_shape());
     assert_eq!(entries[0]["value"]["order_id"], "o-1");
     assert_eq!(entries[1]["value"], "charge_o-1");
@@ -168,7 +184,7 @@ async fn the_order_workflow_runs_and_its_journal_reads_well() {
 #[tokio::test]
 async fn an_idempotency_key_names_one_invocation_and_one_response() {
     let gateway = Gateway::start(|_| {}).await;
-    register(&gateway.url, &serve_order().await).await;
+    register(&gateway.admin, &serve_order().await).await;
     let call = |body: &'static str| {
         client()
             .post(format!("{}/v1/call/order/process", gateway.url))
@@ -216,8 +232,9 @@ async fn an_idempotency_key_names_one_invocation_and_one_response() {
 #[tokio::test]
 async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
     let gateway = Gateway::start(|c| c.max_body_bytes = 4096).await;
-    register(&gateway.url, &serve_order().await).await;
+    register(&gateway.admin, &serve_order().await).await;
     let url = &gateway.url;
+    let admin = &gateway.admin;
     let http = client();
 
     let r = gateway
@@ -260,7 +277,7 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
         .unwrap();
     problem(r, 404, false, unknown).await;
     let r = http
-        .get(format!("{url}/v1/invocations/{unknown}/journal"))
+        .get(format!("{admin}/v1/invocations/{unknown}/journal"))
         .send()
         .await
         .unwrap();
@@ -272,18 +289,20 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
         .unwrap();
     problem(r, 400, false, "32 hex digits").await;
     let r = http
-        .get(format!("{url}/v1/invocations?status=sleeping"))
+        .get(format!("{admin}/v1/invocations?status=sleeping"))
         .send()
         .await
         .unwrap();
     problem(r, 400, false, "unknown status").await;
 
-    let r = gateway.post("/v1/deployments", "{").await;
+    let r = gateway.admin_post("/v1/deployments", "{").await;
     problem(r, 400, false, "deployment is not valid").await;
-    let r = gateway.post("/v1/deployments", r#"{"uri": "x"}"#).await;
+    let r = gateway
+        .admin_post("/v1/deployments", r#"{"uri": "x"}"#)
+        .await;
     problem(r, 400, false, "unknown field").await;
     let r = gateway
-        .post("/v1/deployments", r#"{"url": "ftp://x"}"#)
+        .admin_post("/v1/deployments", r#"{"url": "ftp://x"}"#)
         .await;
     problem(r, 400, false, "http://").await;
     // A port nobody listens on: the gateway could not reach it, and may try again later.
@@ -291,19 +310,19 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
     let closed_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let r = gateway
-        .post("/v1/deployments", &json!({ "url": closed_url }).to_string())
+        .admin_post("/v1/deployments", &json!({ "url": closed_url }).to_string())
         .await;
     problem(r, 502, true, "/discover failed").await;
     let garbage = serve(axum::Router::new().route("/discover", get(|| async { "hello" }))).await;
     let r = gateway
-        .post("/v1/deployments", &json!({ "url": garbage }).to_string())
+        .admin_post("/v1/deployments", &json!({ "url": garbage }).to_string())
         .await;
     problem(r, 502, false, "not a discovery document").await;
 
     let r = http.get(format!("{url}/v1/nope")).send().await.unwrap();
     problem(r, 404, false, "no route").await;
     let r = http
-        .delete(format!("{url}/v1/deployments"))
+        .delete(format!("{admin}/v1/deployments"))
         .send()
         .await
         .unwrap();
@@ -365,7 +384,7 @@ async fn bad_input_gets_a_clear_problem_and_changes_nothing() {
     // Only the one good request created an invocation, and its journal is intact.
     assert_eq!(gateway.invocation_count().await, 1);
     assert_eq!(
-        shape(&journal(url, &id).await),
+        shape(&journal(admin, &id).await),
         support::order_journal_shape()
     );
     gateway.stop().await;
@@ -390,7 +409,7 @@ async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
             .route("/junk/run", post(|| async { "<html>garbage</html>" })),
     )
     .await;
-    register(&gateway.url, &url).await;
+    register(&gateway.admin, &url).await;
     let r = gateway.post("/v1/call/junk/run", "{}").await;
     assert_eq!(r.headers()["durin-error-source"], "handler");
     let header_id = r.headers()["durin-invocation-id"]
@@ -403,7 +422,7 @@ async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
     assert!(detail.contains("protocol violation"), "{detail}");
     assert!(detail.contains("<html>garbage</html>"), "{detail}");
     let id = body["invocation_id"].as_str().unwrap();
-    let entries = journal(&gateway.url, id).await;
+    let entries = journal(&gateway.admin, id).await;
     assert_eq!(
         shape(&entries),
         vec![("input".to_owned(), None), ("output".to_owned(), None)]
@@ -444,12 +463,12 @@ async fn redirects_are_not_followed() {
     .await;
     // Discovery: refused, not followed.
     let response = gateway
-        .post("/v1/deployments", &json!({ "url": url }).to_string())
+        .admin_post("/v1/deployments", &json!({ "url": url }).to_string())
         .await;
     assert_eq!(response.status(), 502, "{}", response.text().await.unwrap());
     // A plain handler: its 307 is a failed attempt, retried and then failed.
     let response = gateway
-        .post(
+        .admin_post(
             "/v1/deployments",
             &json!({"url": url, "services": [{"name": "moved", "handlers": [{"name": "run"}]}]})
                 .to_string(),
@@ -472,7 +491,7 @@ async fn redirects_are_not_followed() {
 #[tokio::test]
 async fn prefer_wait_is_honoured_said_and_ignored_when_unusable() {
     let gateway = Gateway::start(|_| {}).await;
-    register(&gateway.url, &serve_order().await).await;
+    register(&gateway.admin, &serve_order().await).await;
     let send = |prefer: &'static str| {
         client()
             .post(format!("{}/v1/send/order/process", gateway.url))
@@ -508,7 +527,7 @@ async fn a_call_that_outlasts_call_wait_answers_202_with_its_location() {
             Ok::<_, HandlerError>("rested")
         },
     ));
-    register(&gateway.url, &serve(slow.router()).await).await;
+    register(&gateway.admin, &serve(slow.router()).await).await;
     let r = gateway.post("/v1/call/slow/run", "{}").await;
     assert_eq!(r.status(), 202);
     let location = r.headers()["location"].to_str().unwrap().to_owned();
@@ -526,10 +545,45 @@ async fn a_call_that_outlasts_call_wait_answers_202_with_its_location() {
     gateway.stop().await;
 }
 
+/// The admin API is on its own listener, and with a token it answers only to a bearer of it;
+/// the main listener does not serve it at all.
+#[tokio::test]
+async fn the_admin_api_is_apart_and_behind_its_token() {
+    let gateway = Gateway::start(|config| config.admin_token = Some("s3cret-token".into())).await;
+    let deployments = |base: &str, authorization: Option<&str>| {
+        let mut request = client().get(format!("{base}/v1/deployments"));
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        request.send()
+    };
+    for authorization in [None, Some("Bearer guess"), Some("s3cret-token")] {
+        let r = deployments(&gateway.admin, authorization).await.unwrap();
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        problem(r, 401, false, "admin token").await;
+    }
+    let r = deployments(&gateway.admin, Some("Bearer s3cret-token"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = deployments(&gateway.url, Some("Bearer s3cret-token"))
+        .await
+        .unwrap();
+    problem(r, 404, false, "no route").await;
+    // Callers do not need the token.
+    let r = client()
+        .get(format!("{}/health", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_terminal_error_goes_back_to_the_caller_without_retry() {
     let gateway = Gateway::start(|_| {}).await;
-    register(&gateway.url, &serve_order().await).await;
+    register(&gateway.admin, &serve_order().await).await;
     let r = gateway
         .post(
             "/v1/call/order/process",
@@ -564,7 +618,7 @@ async fn retries_follow_the_policy_and_exhaustion_says_why() {
             async { Err::<(), _>(HandlerError::retryable("database is down")) }
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = gateway.post("/v1/call/flaky/run", "null").await;
     let body = problem(
         r,
@@ -601,7 +655,7 @@ async fn start_to_close_ends_a_hung_attempt_and_fences_it() {
             ctx.run("fast", || async { Ok(2) }).await
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = client()
         .post(format!("{}/v1/send/slow/run", gateway.url))
         .send()
@@ -614,7 +668,7 @@ async fn start_to_close_ends_a_hung_attempt_and_fences_it() {
     assert_eq!(view["output"], 2);
     // Give the stale first attempt time to try its append, then check it was refused.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(
         shape(&entries),
         vec![
@@ -666,7 +720,7 @@ async fn a_step_retries_by_its_own_policy_and_records_its_final_failure() {
             }
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
 
     let r = gateway.post("/v1/call/pay/run", "false").await;
     let body = problem(
@@ -677,7 +731,7 @@ async fn a_step_retries_by_its_own_policy_and_records_its_final_failure() {
     )
     .await;
     assert_eq!(runs.load(Ordering::SeqCst), 2);
-    let entries = journal(&gateway.url, body["invocation_id"].as_str().unwrap()).await;
+    let entries = journal(&gateway.admin, body["invocation_id"].as_str().unwrap()).await;
     assert_eq!(entries[1]["name"], "charge");
     assert!(entries[1]["failure"]["message"]
         .as_str()
@@ -709,7 +763,7 @@ async fn recorded_now_uuid_and_random_are_the_same_on_replay() {
             Ok(json!({"now": millis, "uuid": uuid, "random": random}))
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = gateway.post("/v1/call/ids/run", "null").await;
     assert_eq!(r.status(), 200);
     let id = r.headers()["durin-invocation-id"]
@@ -717,7 +771,7 @@ async fn recorded_now_uuid_and_random_are_the_same_on_replay() {
         .unwrap()
         .to_owned();
     let output: Value = r.json().await.unwrap();
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(entries[1]["kind"], "now");
     assert_eq!(entries[1]["attempt"], 1);
     assert_eq!(output["now"], entries[1]["value"]);
@@ -760,7 +814,7 @@ async fn non_determinism_pauses_with_both_sides_named_and_resume_continues() {
             }
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
     let id = {
         let r = client()
             .post(format!("{}/v1/send/shop/buy", gateway.url))
@@ -808,14 +862,14 @@ async fn non_determinism_pauses_with_both_sides_named_and_resume_continues() {
     renamed.store(false, Ordering::SeqCst);
     ship_ok.store(true, Ordering::SeqCst);
     let r = gateway
-        .post(&format!("/v1/invocations/{id}/resume"), "")
+        .admin_post(&format!("/v1/invocations/{id}/resume"), "")
         .await;
     assert_eq!(r.status(), 200);
     let view = support::wait_final(&gateway.url, &id).await;
     assert_eq!(view["status"], "completed");
     assert_eq!(view["output"], "shipped");
     let r = gateway
-        .post(&format!("/v1/invocations/{id}/resume"), "")
+        .admin_post(&format!("/v1/invocations/{id}/resume"), "")
         .await;
     problem(r, 409, false, "only a paused invocation").await;
     gateway.stop().await;
@@ -840,18 +894,18 @@ async fn invocations_stay_pinned_to_the_deployment_that_started_them() {
             },
         ))
     };
-    register(&gateway.url, &serve(version("v1", true).router()).await).await;
+    register(&gateway.admin, &serve(version("v1", true).router()).await).await;
     let first = gateway.send("/v1/send/greeter/hello", "null").await;
     eventually(Duration::from_secs(10), "backing-off", || async {
         (gateway.invocation(&first).await["status"] == "backing-off").then_some(())
     })
     .await;
-    register(&gateway.url, &serve(version("v2", false).router()).await).await;
+    register(&gateway.admin, &serve(version("v2", false).router()).await).await;
     let r = gateway.post("/v1/call/greeter/hello", "null").await;
     assert_eq!(r.json::<String>().await.unwrap(), "v2");
     let view = support::wait_final(&gateway.url, &first).await;
     assert_eq!(view["output"], "v1");
-    let deployments = support::get_json(&format!("{}/v1/deployments", gateway.url)).await;
+    let deployments = support::get_json(&format!("{}/v1/deployments", gateway.admin)).await;
     assert_eq!(deployments["deployments"].as_array().unwrap().len(), 2);
     gateway.stop().await;
 }
@@ -873,7 +927,7 @@ async fn a_recorded_value_of_another_type_pauses_the_invocation() {
                 .await
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = client()
         .post(format!("{}/v1/call/typed/run", gateway.url))
         .body("null")
@@ -904,7 +958,7 @@ async fn an_append_without_the_attempt_token_is_refused() {
             ctx.run("real", || async { Ok(1) }).await
         },
     ));
-    register(&gateway.url, &serve(endpoint.router()).await).await;
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
     let id = gateway.send("/v1/send/slow/run", "null").await;
     let forged = client()
         .post(format!("{}/v1/contexts/{id}/entries", gateway.url))
@@ -917,7 +971,7 @@ async fn an_append_without_the_attempt_token_is_refused() {
     problem(forged, 409, false, "attempt token does not belong").await;
     let view = support::wait_final(&gateway.url, &id).await;
     assert_eq!(view["output"], 1, "{view}");
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     assert_eq!(entries[1]["value"], 1);
     assert_eq!(entries.len(), 3);
     gateway.stop().await;

@@ -164,16 +164,52 @@ fn gateway_document_names_exactly_the_routes() {
     let doc = load("durin.yaml");
     check_references(&doc, &doc);
 
-    let routes: BTreeSet<(String, String)> = durin::api::ROUTES
-        .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
-        .collect();
+    let set = |list: &[(&str, &str)]| -> BTreeSet<(String, String)> {
+        list.iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect()
+    };
+    let (main, admin) = (set(durin::api::ROUTES), set(durin::api::ADMIN_ROUTES));
     assert_eq!(
-        routes.len(),
+        main.len(),
         durin::api::ROUTES.len(),
-        "durin::api::ROUTES lists a route twice"
+        "ROUTES lists a route twice"
     );
+    assert_eq!(
+        admin.len(),
+        durin::api::ADMIN_ROUTES.len(),
+        "ADMIN_ROUTES lists a route twice"
+    );
+    let routes: BTreeSet<(String, String)> = main.union(&admin).cloned().collect();
     let documented = documented_routes(&doc);
+    // Which listener serves a path is documented: the admin paths name the admin listener
+    // (port 9070) in their `servers`, the main listener's paths do not override it, and a
+    // path on both names both.
+    for (method, path) in &routes {
+        let servers: BTreeSet<String> = doc["paths"][path.as_str()]["servers"]
+            .as_sequence()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|server| server["url"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_else(|| ["http://127.0.0.1:8080".to_owned()].into());
+        let route = (method.clone(), path.clone());
+        let expected: BTreeSet<String> = [
+            main.contains(&route)
+                .then(|| "http://127.0.0.1:8080".to_owned()),
+            admin
+                .contains(&route)
+                .then(|| "http://127.0.0.1:9070".to_owned()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        assert_eq!(
+            servers, expected,
+            "{method} {path}: the documented listeners"
+        );
+    }
     let undocumented: Vec<_> = routes.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&routes).collect();
     assert!(
@@ -213,22 +249,52 @@ async fn gateway_serves_every_documented_route() {
         database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
         ..Config::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let listeners = durin::Listeners {
+        api: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let main = format!("http://{}", listeners.api.local_addr().unwrap());
+    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(durin::run(config, listener, shutdown.clone()));
+    let server = tokio::spawn(durin::run(config, listeners, shutdown.clone()));
     let http = reqwest::Client::new();
 
-    // Every route, plus two requests that must be refused by the router, so that the check
-    // below is known to be able to fail.
-    let mut requests: Vec<(String, String, Option<&str>)> = durin::api::ROUTES
-        .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string(), None))
-        .collect();
-    requests.push(("GET".into(), "/v1/nope".into(), Some(NO_ROUTE)));
-    requests.push(("DELETE".into(), "/health".into(), Some(METHOD_NOT_ALLOWED)));
+    // Every route on its listener, plus requests that must be refused by the router, so
+    // that the check below is known to be able to fail: among them every admin-only route
+    // on the main listener (whoever reaches it must not register a deployment or read a
+    // journal).
+    let on =
+        |base: &String, list: &[(&str, &str)]| -> Vec<(String, String, String, Option<&str>)> {
+            list.iter()
+                .map(|(m, p)| (base.clone(), m.to_string(), p.to_string(), None))
+                .collect()
+        };
+    let mut requests = on(&main, durin::api::ROUTES);
+    requests.extend(on(&admin, durin::api::ADMIN_ROUTES));
+    requests.push((
+        main.clone(),
+        "GET".into(),
+        "/v1/nope".into(),
+        Some(NO_ROUTE),
+    ));
+    requests.push((
+        main.clone(),
+        "DELETE".into(),
+        "/health".into(),
+        Some(METHOD_NOT_ALLOWED),
+    ));
+    for (method, path) in durin::api::ADMIN_ROUTES {
+        if !durin::api::ROUTES.contains(&(method, path)) {
+            requests.push((
+                main.clone(),
+                method.to_string(),
+                path.to_string(),
+                Some(NO_ROUTE),
+            ));
+        }
+    }
 
-    for (method, path, refusal) in requests {
+    for (base, method, path, refusal) in requests {
         let url = format!("{base}{}", fill(&path));
         let mut request = http.request(method.parse().unwrap(), &url);
         if method == "POST" {
@@ -746,6 +812,7 @@ fn api_errors() -> Vec<ApiError> {
             known: vec!["status".into()],
         },
         ApiError::Suspended("waits".into()),
+        ApiError::Unauthorized,
     ];
     for error in &errors {
         match error {
@@ -766,7 +833,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::ShuttingDown(_)
             | ApiError::WorkflowConflict { .. }
             | ApiError::UnknownQuery { .. }
-            | ApiError::Suspended(_) => {}
+            | ApiError::Suspended(_)
+            | ApiError::Unauthorized => {}
         }
     }
     errors

@@ -22,9 +22,9 @@ fn start_approval(durin: &str, port: u16) -> Proc {
     Proc::spawn(command, "approval handler listening on ")
 }
 
-async fn register_approval(gateway: &str, handler: &str) {
+async fn register_approval(admin: &str, handler: &str) {
     let response = client()
-        .post(format!("{gateway}/v1/deployments"))
+        .post(format!("{admin}/v1/deployments"))
         .json(&json!({
             "url": handler,
             "services": [{"name": "approval", "handlers": [{"name": "run"}]}],
@@ -56,7 +56,7 @@ async fn a_plain_workflow_waits_survives_a_killed_handler_and_takes_its_signal_o
     let home = GatewayHome::new();
     let gateway = home.start(None);
     let mut handler = start_approval(&gateway.url, 0);
-    register_approval(&gateway.url, &handler.url).await;
+    register_approval(&gateway.admin, &handler.url).await;
     let start = |id: &str, deadline: &str| {
         client()
             .post(format!("{}/v1/workflows/approval/{id}", gateway.url))
@@ -94,7 +94,7 @@ async fn a_plain_workflow_waits_survives_a_killed_handler_and_takes_its_signal_o
     assert_eq!(query("is_cancelled").await, json!(true));
     // Each recorded call was recorded once: the state writes of the first attempt were
     // not repeated by the second, which answered them from the journal.
-    let entries = journal(&gateway.url, &id).await;
+    let entries = journal(&gateway.admin, &id).await;
     let kinds: Vec<(String, Option<String>)> = shape(&entries);
     let expected: Vec<(String, Option<String>)> = [
         ("input", None),
@@ -123,7 +123,7 @@ async fn a_plain_handler_must_present_its_attempt_and_token() {
     let home = GatewayHome::new();
     let gateway = home.start(None);
     let handler = start_approval(&gateway.url, 0);
-    register_approval(&gateway.url, &handler.url).await;
+    register_approval(&gateway.admin, &handler.url).await;
     let started: Value = client()
         .post(format!("{}/v1/workflows/approval/t-1", gateway.url))
         .json(&json!({"request": "t-1", "deadline": "1h"}))
@@ -135,7 +135,7 @@ async fn a_plain_handler_must_present_its_attempt_and_token() {
         .unwrap();
     let id = started["invocation_id"].as_str().unwrap().to_owned();
     wait_status(&gateway.url, "t-1", "suspended").await;
-    let before = journal(&gateway.url, &id).await;
+    let before = journal(&gateway.admin, &id).await;
     for (attempt, token) in [(None, None), (Some("1"), None), (Some("1"), Some("guess"))] {
         let mut request = client().post(format!("{}/v1/contexts/{id}/signals/cancel", gateway.url));
         if let Some(attempt) = attempt {
@@ -156,7 +156,7 @@ async fn a_plain_handler_must_present_its_attempt_and_token() {
         );
     }
     assert_eq!(
-        journal(&gateway.url, &id).await,
+        journal(&gateway.admin, &id).await,
         before,
         "nothing was written"
     );
@@ -234,7 +234,7 @@ async fn plain_state_writes_replay_and_never_go_back() {
         .with_state(handler.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     let response = client()
-        .post(format!("{}/v1/deployments", gateway.url))
+        .post(format!("{}/v1/deployments", gateway.admin))
         .json(&json!({"url": url, "services": [{"name": "stages", "handlers": [{"name": "run"}]}]}))
         .send()
         .await
@@ -267,7 +267,7 @@ async fn plain_state_writes_replay_and_never_go_back() {
         .map(|(a, v, r, q)| ((*a).into(), (*v).into(), (*r).into(), json!(q)))
         .collect();
     assert_eq!(seen, expected);
-    let writes: Vec<Value> = journal(&gateway.url, &id)
+    let writes: Vec<Value> = journal(&gateway.admin, &id)
         .await
         .into_iter()
         .filter(|e| e["kind"] == "state")

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 struct World {
     gateway: String,
+    admin: String,
     clock: Arc<ManualClock>,
     _shutdown: tokio_util::sync::DropGuard,
     _dir: tempfile::TempDir,
@@ -33,12 +34,16 @@ async fn world() -> World {
         ..Config::default()
     };
     let clock = Arc::new(ManualClock::new(1_700_000_000_000));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let listeners = durin::Listeners {
+        api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let gateway = format!("http://{}", listeners.api.local_addr().unwrap());
+    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     tokio::spawn(durin::run_with_clock(
         config,
-        listener,
+        listeners,
         shutdown.clone(),
         Arc::clone(&clock) as Arc<dyn durin::clock::Clock>,
     ));
@@ -54,9 +59,10 @@ async fn world() -> World {
         .service(durin_sdk::Service::new("callback").handler("run", callback))
         .service(durin_sdk::Service::new("inbox").handler("run", inbox));
     tokio::spawn(endpoint.serve(handler));
-    register(&gateway, &handler_url).await;
+    register(&admin, &handler_url).await;
     World {
         gateway,
+        admin,
         clock,
         _shutdown: shutdown.drop_guard(),
         _dir: dir,
@@ -167,7 +173,7 @@ async fn a_cancel_signal_wins_the_race_once_and_bad_input_touches_nothing() {
     assert_eq!(post(&url, input).await.status(), 202);
     let view = suspended(&world, "b-1").await;
     let id = view["id"].as_str().unwrap().to_owned();
-    let journal_before = journal(&world.gateway, &id).await;
+    let journal_before = journal(&world.admin, &id).await;
 
     // Bad input: each a problem, none touches the journal.
     let bad = [
@@ -224,7 +230,7 @@ async fn a_cancel_signal_wins_the_race_once_and_bad_input_touches_nothing() {
         let problem: Value = response.json().await.unwrap();
         assert!(problem["retryable"].is_boolean(), "{problem}");
     }
-    assert_eq!(journal(&world.gateway, &id).await, journal_before);
+    assert_eq!(journal(&world.admin, &id).await, journal_before);
 
     // The cancel signal, sent twice with one key: delivered once.
     for duplicate in [false, true] {
@@ -298,7 +304,7 @@ async fn an_awakeable_is_resolved_once_from_outside_with_its_token() {
     // Durin does not write the token into the awakeable's journal entry (this workflow
     // chose to put it in its state, for the test).
     let run = get_json(&url).await;
-    let entries = journal(&world.gateway, run["id"].as_str().unwrap()).await;
+    let entries = journal(&world.admin, run["id"].as_str().unwrap()).await;
     let awakeable = entries.iter().find(|e| e["kind"] == "awakeable").unwrap();
     assert!(awakeable.get("value").is_none(), "{awakeable}");
     let resolve = format!("{}/v1/awakeables/{token}/resolve", world.gateway);
@@ -375,7 +381,7 @@ async fn signals_of_one_name_reach_their_waits_in_order_each_once() {
             .status(),
         409
     );
-    let entries = journal(&world.gateway, done["id"].as_str().unwrap()).await;
+    let entries = journal(&world.admin, done["id"].as_str().unwrap()).await;
     let taken: Vec<Value> = entries
         .iter()
         .filter(|e| e["kind"] == "signal")

@@ -17,6 +17,32 @@ use crate::problem::ApiError;
 use crate::registry;
 use crate::store::Status;
 
+/// Lets a request through only with `Authorization: Bearer {token}` (compared in constant
+/// time); otherwise a `401` problem.
+pub async fn require_token(
+    token: std::sync::Arc<String>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let same = presented.len() == token.len()
+        && presented
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
 /// `GET /health`: 200 when the server is up and its database answers.
 pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.store.ping().await?;

@@ -35,18 +35,14 @@ use crate::problem::ApiError;
 use crate::registry::Targets;
 use crate::store::{InvocationRecord, Status, Store};
 
-/// Every route, as `(method, path)` in the OpenAPI document's spelling; a test checks that
-/// this list, the router and `openapi/durin.yaml` agree.
+/// Every route of the main listener (callers and handlers), as `(method, path)` in the
+/// OpenAPI document's spelling; a test checks that this list, [`ADMIN_ROUTES`], the routers
+/// and `openapi/durin.yaml` agree.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
-    ("GET", "/v1/deployments"),
-    ("POST", "/v1/deployments"),
     ("POST", "/v1/call/{service}/{handler}"),
     ("POST", "/v1/send/{service}/{handler}"),
-    ("GET", "/v1/invocations"),
     ("GET", "/v1/invocations/{id}"),
-    ("GET", "/v1/invocations/{id}/journal"),
-    ("POST", "/v1/invocations/{id}/resume"),
     ("POST", "/v1/invocations/{id}/signals/{name}"),
     ("GET", "/v1/invocations/{id}/queries/{name}"),
     ("POST", "/v1/workflows/{workflow}/{id}"),
@@ -64,6 +60,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/contexts/{id}/awakeables/{name}/wait"),
     ("PUT", "/v1/contexts/{id}/state/{key}"),
     ("DELETE", "/v1/contexts/{id}/state/{key}"),
+];
+
+/// Every route of the admin listener (operators): what decides where callers' requests go
+/// and what reads everyone's journals is never open to whoever reaches the main listener.
+pub const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/v1/deployments"),
+    ("POST", "/v1/deployments"),
+    ("GET", "/v1/invocations"),
+    ("GET", "/v1/invocations/{id}"),
+    ("GET", "/v1/invocations/{id}/journal"),
+    ("POST", "/v1/invocations/{id}/resume"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -85,20 +93,14 @@ pub struct AppState {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
+/// The main listener: callers (ingress, workflows, signals, queries, awakeables) and
+/// handlers (the context API).
 pub fn router(state: AppState) -> Router {
-    let max_body = state.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/health", get(admin::health))
-        .route(
-            "/v1/deployments",
-            get(admin::list_deployments).post(admin::register_deployment),
-        )
         .route("/v1/call/{service}/{handler}", post(ingress::call))
         .route("/v1/send/{service}/{handler}", post(ingress::send))
-        .route("/v1/invocations", get(admin::list_invocations))
         .route("/v1/invocations/{id}", get(admin::get_invocation))
-        .route("/v1/invocations/{id}/journal", get(admin::get_journal))
-        .route("/v1/invocations/{id}/resume", post(admin::resume))
         .route(
             "/v1/invocations/{id}/signals/{name}",
             post(signals::to_invocation),
@@ -143,7 +145,39 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/contexts/{id}/state/{key}",
             put(context::set_state).delete(context::clear_state),
+        );
+    finish(router, state)
+}
+
+/// The admin listener: deployments, the list of invocations, journals, resume. With a
+/// token configured, every request must carry `Authorization: Bearer TOKEN`.
+pub fn admin_router(state: AppState, token: Option<String>) -> Router {
+    let router = Router::new()
+        .route("/health", get(admin::health))
+        .route(
+            "/v1/deployments",
+            get(admin::list_deployments).post(admin::register_deployment),
         )
+        .route("/v1/invocations", get(admin::list_invocations))
+        .route("/v1/invocations/{id}", get(admin::get_invocation))
+        .route("/v1/invocations/{id}/journal", get(admin::get_journal))
+        .route("/v1/invocations/{id}/resume", post(admin::resume));
+    let router = finish(router, state);
+    match token {
+        Some(token) => {
+            let token = Arc::new(token);
+            router.layer(axum::middleware::from_fn(move |request, next| {
+                admin::require_token(Arc::clone(&token), request, next)
+            }))
+        }
+        None => router,
+    }
+}
+
+/// What both listeners share: problems for unknown routes and methods, the body limit.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
+    let max_body = state.max_body_bytes;
+    router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

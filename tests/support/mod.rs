@@ -26,6 +26,8 @@ pub struct Proc {
     child: Child,
     pub url: String,
     pub addr: SocketAddr,
+    /// The admin API's URL, for a gateway (empty for other processes).
+    pub admin: String,
 }
 
 impl Proc {
@@ -82,7 +84,15 @@ impl Proc {
             .unwrap_or_default()
             .parse()
             .expect("address in ready line");
-        (Proc { child, url, addr }, found)
+        (
+            Proc {
+                child,
+                url,
+                addr,
+                admin: String::new(),
+            },
+            found,
+        )
     }
 
     /// `kill -9`.
@@ -168,17 +178,25 @@ maximum_attempts = 100
             .arg("--egress-listen")
             .arg(egress.map_or("127.0.0.1:0", |e| e.trim_start_matches("http://")))
             .args(args);
-        let (proc, mut found) = Proc::spawn_with(
+        let (mut proc, mut found) = Proc::spawn_with(
             command,
             "durin listening on ",
-            &["durin egress listening on "],
+            &["durin egress listening on ", "durin admin listening on "],
         );
+        proc.admin = found.remove(1);
         (proc, found.remove(0))
     }
 
-    /// Starts the real `durin` binary, on `listen` (a fixed address for a restart) or port 0.
+    /// Starts the real `durin` binary, on `listen` (a fixed address for a restart) or port 0;
+    /// its admin API on a port of its own.
     pub fn start(&self, listen: Option<SocketAddr>) -> Proc {
-        Proc::spawn(self.command(listen), "durin listening on ")
+        let (mut proc, mut found) = Proc::spawn_with(
+            self.command(listen),
+            "durin listening on ",
+            &["durin admin listening on "],
+        );
+        proc.admin = found.remove(0);
+        proc
     }
 
     fn command(&self, listen: Option<SocketAddr>) -> Command {
@@ -187,6 +205,8 @@ maximum_attempts = 100
             .arg("serve")
             .arg("--listen")
             .arg(listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string()))
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
             .arg("--database")
             .arg(self.db_url())
             .arg("--config")
@@ -312,9 +332,10 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-pub async fn register(gateway: &str, deployment: &str) {
+/// Registers a deployment through the admin API at `admin`.
+pub async fn register(admin: &str, deployment: &str) {
     let response = client()
-        .post(format!("{gateway}/v1/deployments"))
+        .post(format!("{admin}/v1/deployments"))
         .json(&serde_json::json!({ "url": deployment }))
         .send()
         .await

@@ -93,6 +93,14 @@ const DURIN_READY: &str = "durin listening on ";
 /// The ready line of Durin's egress, printed before the API's when `--egress-listen` is set.
 const EGRESS_READY: &str = "durin egress listening on ";
 
+/// The ready line of Durin's admin listener, where deployments are registered.
+const ADMIN_READY: &str = "durin admin listening on ";
+
+/// The admin URL of a Durin started by [`start_durin`] (its last ready line).
+fn admin_url(durin: &Service) -> &str {
+    durin.urls.last().map_or("", String::as_str)
+}
+
 /// The service name under which the plain handler is declared.
 const PLAIN_SERVICE: &str = "order_plain";
 
@@ -249,12 +257,20 @@ fn start_durin(setup: &Setup<'_>, scenario: &str, extra: &[&str]) -> Result<Serv
         "sqlite:{}",
         dir.join(format!("durin-{scenario}.db")).display()
     );
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--database", &database];
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--database",
+        &database,
+    ];
     args.extend_from_slice(extra);
     let ready: &[&'static str] = if extra.contains(&"--egress-listen") {
-        &[DURIN_READY, EGRESS_READY]
+        &[DURIN_READY, EGRESS_READY, ADMIN_READY]
     } else {
-        &[DURIN_READY]
+        &[DURIN_READY, ADMIN_READY]
     };
     Service::start(
         "durin",
@@ -278,6 +294,7 @@ fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
     )?;
     let target = Target {
         durin_url: durin.url(),
+        admin_url: admin_url(&durin),
         durin_pid: durin.pid(),
         handler_pid: Some(order.pid()),
         registration: serde_json::json!({ "url": order.url() }),
@@ -316,6 +333,7 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         .block_on(plain::handler(egress_url, downstream.addr))?;
     let target = Target {
         durin_url: durin.url(),
+        admin_url: admin_url(&durin),
         durin_pid: durin.pid(),
         handler_pid: None,
         registration: serde_json::json!({
@@ -352,6 +370,8 @@ async fn interruptible<T>(future: impl std::future::Future<Output = Result<T>>) 
 /// What one scenario measures.
 struct Target<'a> {
     durin_url: &'a str,
+    /// Where the handler is registered.
+    admin_url: &'a str,
     durin_pid: u32,
     /// The handler's own process; `None` when it runs inside this one.
     handler_pid: Option<u32>,
@@ -366,7 +386,7 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
     let (args, ticks_per_sec) = (setup.args, setup.ticks_per_sec);
     let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
     let client = load::client(max_concurrency.max(WARMUP_CONCURRENCY))?;
-    register(&client, target.durin_url, &target.registration).await?;
+    register(&client, target.admin_url, &target.registration).await?;
 
     let url = format!("{}{}", target.durin_url, target.call_path);
     load::smoke(&client, &url).await?;
@@ -443,7 +463,7 @@ fn ticks_to_s(ticks: u64, ticks_per_sec: u64) -> f64 {
 
 /// Registers a deployment with Durin: by URL alone (Durin discovers its handlers) or with
 /// its services declared inline.
-async fn register(
+pub(crate) async fn register(
     client: &reqwest::Client,
     durin: &str,
     registration: &serde_json::Value,

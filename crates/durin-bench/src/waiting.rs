@@ -479,9 +479,17 @@ fn start_durin(setup: &Setup<'_>, db: &Path, log: &str) -> Result<Service> {
     Service::start(
         "durin",
         &setup.bin_dir.join("durin"),
-        &["serve", "--listen", "127.0.0.1:0", "--database", &database],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--database",
+            &database,
+        ],
         setup.dir.join(log),
-        &[DURIN_READY],
+        &[DURIN_READY, crate::ADMIN_READY],
     )
 }
 
@@ -505,7 +513,7 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
     let client = crate::load::client(concurrency)?;
     crate::register(
         &client,
-        durin.url(),
+        crate::admin_url(&durin),
         &serde_json::json!({ "url": order.url() }),
     )
     .await?;
