@@ -121,7 +121,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
                 config.admin_listen = address;
             }
             if let Some(token) = args.admin_token {
-                config.admin_token = Some(token);
+                config.admin_token = Some(token.into());
             }
             if let Some(url) = args.advertised_url {
                 config.advertised_url = Some(url);

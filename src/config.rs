@@ -13,7 +13,7 @@ pub struct Config {
     /// Where the admin API listens (deployments, invocation lists, journals, resume).
     pub admin_listen: SocketAddr,
     /// A token the admin API requires (`Authorization: Bearer`); none when unset.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// `sqlite:PATH` (the default is `sqlite:durin.db`).
     pub database_url: String,
     /// How handlers reach this gateway; `http://{listen address}` when unset.
@@ -79,6 +79,35 @@ impl Default for Config {
     }
 }
 
+/// A secret from the configuration: its `Debug` form never shows it, so that logging a
+/// configuration leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(secret: &str) -> Secret {
+        Secret(secret.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Secret {
+        Secret(secret)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentConfig {
@@ -136,7 +165,7 @@ impl Config {
             config.admin_listen = v;
         }
         if let Some(v) = file.admin_token {
-            config.admin_token = Some(v);
+            config.admin_token = Some(Secret(v));
         }
         if let Some(v) = file.database {
             config.database_url = v;
@@ -194,6 +223,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_never_shows_in_a_debug_print() {
+        let config = Config {
+            admin_token: Some("hunter2".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
 
     #[test]
     fn file_overrides_defaults_and_unknown_keys_are_refused() {

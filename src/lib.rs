@@ -212,7 +212,10 @@ pub async fn run_with_clock(
     let admin_server = tokio::spawn(
         axum::serve(
             admin_listener,
-            api::admin_router(state.clone(), config.admin_token.clone()),
+            api::admin_router(
+                state.clone(),
+                config.admin_token.as_ref().map(|t| t.expose().to_owned()),
+            ),
         )
         .with_graceful_shutdown(server_stop.clone().cancelled_owned())
         .into_future(),
