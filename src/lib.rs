@@ -15,6 +15,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod problem;
 pub mod registry;
+pub mod signing;
 pub mod store;
 
 use std::future::IntoFuture;
@@ -93,6 +94,10 @@ pub async fn run_with_clock(
     let egress_calls = Arc::new(egress::EgressCalls::default());
     let state_cursors = Arc::new(api::StateCursors::default());
     let awakeables = AwakeableKey::new(store.gateway_secret("awakeables").await?);
+    let signer = Arc::new(
+        signing::RequestSigner::new(&store.gateway_secret("signing").await?)
+            .map_err(|e| anyhow::anyhow!("the signing key: {e}"))?,
+    );
     let engine = Arc::new(Engine::new(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -107,7 +112,10 @@ pub async fn run_with_clock(
             Arc::clone(&egress_calls) as Arc<dyn engine::AttemptObserver>,
             Arc::clone(&state_cursors) as Arc<dyn engine::AttemptObserver>,
         ],
-        awakeables.clone(),
+        engine::EngineKeys {
+            awakeables: awakeables.clone(),
+            signer: Arc::clone(&signer),
+        },
         shutdown.child_token(),
     ));
     // Discovery follows no redirect: a deployment is registered at the URL it was given.
@@ -191,6 +199,7 @@ pub async fn run_with_clock(
         engine: Arc::clone(&engine),
         clock,
         awakeables,
+        signer: Arc::clone(&signer),
         state_cursors,
         http,
         idempotency_retention: config.idempotency_retention,
@@ -200,6 +209,7 @@ pub async fn run_with_clock(
     };
     // Tests and scripts read these lines to learn the ports when listening on port 0; the
     // admin line comes first.
+    println!("durin signing key ed25519:{}", signer.public_key());
     println!(
         "durin admin listening on http://{}",
         admin_listener.local_addr()?

@@ -580,6 +580,29 @@ async fn the_admin_api_is_apart_and_behind_its_token() {
     gateway.stop().await;
 }
 
+/// A deployment that checks Durin's signature (with the key the admin API serves) runs
+/// Durin's invocations; the SDK's own test shows it refuses forged ones.
+#[tokio::test]
+async fn a_deployment_that_checks_signatures_runs_durins_invocations() {
+    let gateway = Gateway::start(|_| {}).await;
+    let key: Value = support::get_json(&format!("{}/v1/signing-key", gateway.admin)).await;
+    assert_eq!(key["algorithm"], "ed25519");
+    let args = order_example::Args {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        step_delay_ms: 0,
+        downstream: None,
+        step_retry_initial_ms: 20,
+    };
+    let endpoint = order_example::endpoint(args)
+        .verify_signatures(key["public_key"].as_str().unwrap())
+        .unwrap();
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/order/process", ORDER).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), ORDER_OUTPUT);
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_terminal_error_goes_back_to_the_caller_without_retry() {
     let gateway = Gateway::start(|_| {}).await;

@@ -13,7 +13,8 @@ use durin::store::HandlerProtocol;
 use durin_protocol::{
     AppendRequest, AppendResponse, Completion, Discovery, EntryKind, EntryRef, Failure,
     HandlerSpec, InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
-    HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_PROTOCOL, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_PROTOCOL, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use serde_json::{json, Value as Json};
 use serde_yaml_ng::Value as Yaml;
@@ -707,10 +708,14 @@ fn handler_protocol_document_matches_the_wire_types() {
         .filter(|p| p["in"].as_str() == Some("header"))
         .map(|p| p["name"].as_str().unwrap().to_owned())
         .collect();
-    let expected_headers: BTreeSet<String> =
-        [HEADER_INVOCATION_ID, HEADER_ATTEMPT, HEADER_PROTOCOL]
-            .map(str::to_owned)
-            .into();
+    let expected_headers: BTreeSet<String> = [
+        HEADER_INVOCATION_ID,
+        HEADER_ATTEMPT,
+        HEADER_PROTOCOL,
+        HEADER_SIGNATURE,
+    ]
+    .map(str::to_owned)
+    .into();
     assert_eq!(headers, expected_headers, "invocation request headers");
     let protocol = &schemas["Discovery"]["properties"]["protocol"];
     assert_eq!(

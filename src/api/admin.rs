@@ -43,6 +43,15 @@ pub async fn require_token(
     }
 }
 
+/// `GET /v1/signing-key`: the public key with which handlers check Durin's signature.
+pub async fn signing_key(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "algorithm": "ed25519",
+        "public_key": state.signer.public_key(),
+        "jwk": state.signer.public_jwk(),
+    }))
+}
+
 /// `GET /health`: 200 when the server is up and its database answers.
 pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.store.ping().await?;

@@ -72,6 +72,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/invocations/{id}"),
     ("GET", "/v1/invocations/{id}/journal"),
     ("POST", "/v1/invocations/{id}/resume"),
+    ("GET", "/v1/signing-key"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -82,6 +83,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub clock: Arc<dyn Clock>,
     pub awakeables: crate::journal::awakeable::AwakeableKey,
+    /// Signs requests to handlers; its public key is served to operators.
+    pub signer: Arc<crate::signing::RequestSigner>,
     /// Per running attempt: how often a plain handler wrote each state key.
     pub state_cursors: Arc<StateCursors>,
     pub http: reqwest::Client,
@@ -161,7 +164,8 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/invocations", get(admin::list_invocations))
         .route("/v1/invocations/{id}", get(admin::get_invocation))
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
-        .route("/v1/invocations/{id}/resume", post(admin::resume));
+        .route("/v1/invocations/{id}/resume", post(admin::resume))
+        .route("/v1/signing-key", get(admin::signing_key));
     let router = finish(router, state);
     match token {
         Some(token) => {

@@ -4,7 +4,7 @@
 
 use durin_protocol::{
     EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, HEADER_ATTEMPT,
-    HEADER_ATTEMPT_TOKEN, HEADER_INVOCATION_ID, HEADER_PROTOCOL,
+    HEADER_ATTEMPT_TOKEN, HEADER_INVOCATION_ID, HEADER_PROTOCOL, HEADER_SIGNATURE,
 };
 
 use super::Engine;
@@ -39,12 +39,9 @@ impl Engine {
             .start_to_close
             .unwrap_or(self.config.default_start_to_close);
         let endpoint = target.endpoint();
-        let request = match target.protocol {
-            HandlerProtocol::Sdk { version } => self
-                .http
-                .post(&endpoint)
-                .header(HEADER_PROTOCOL, version)
-                .json(&InvocationRequest {
+        let (request, body) = match target.protocol {
+            HandlerProtocol::Sdk { version } => {
+                let body = serde_json::to_vec(&InvocationRequest {
                     protocol: version,
                     invocation_id: record.id.to_string(),
                     attempt: record.attempt,
@@ -61,7 +58,15 @@ impl Engine {
                         self.config.advertised_url.trim_end_matches('/'),
                         record.id
                     ),
-                }),
+                })
+                .unwrap_or_default();
+                let request = self
+                    .http
+                    .post(&endpoint)
+                    .header(HEADER_PROTOCOL, version)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json");
+                (request, body)
+            }
             // A plain handler gets the caller's request as it came.
             HandlerProtocol::Plain => {
                 let request = self.http.post(&endpoint);
@@ -71,10 +76,22 @@ impl Engine {
                     }
                     None => request,
                 };
-                request.body(input.value.unwrap_or_default())
+                (request, input.value.unwrap_or_default())
             }
         };
+        let path = reqwest::Url::parse(&endpoint)
+            .map(|url| url.path().to_owned())
+            .unwrap_or_default();
+        let signature = self.signer.header(
+            self.clock.now_ms(),
+            &path,
+            record.id.as_str(),
+            &record.attempt.to_string(),
+            &body,
+        );
         let sent = request
+            .body(body)
+            .header(HEADER_SIGNATURE, signature)
             .header(HEADER_INVOCATION_ID, record.id.as_str())
             .header(HEADER_ATTEMPT, record.attempt)
             .header(

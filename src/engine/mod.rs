@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::ids::InvocationId;
 use crate::journal::awakeable::AwakeableKey;
 use crate::registry::Targets;
+use crate::signing::RequestSigner;
 use crate::store::{InvocationRecord, Store, StoreError, StoredEntry};
 
 pub struct EngineConfig {
@@ -37,6 +38,13 @@ pub struct EngineConfig {
     pub default_start_to_close: Duration,
     /// Attempts the scheduler runs at once.
     pub max_concurrent_attempts: usize,
+}
+
+/// The gateway's secrets the engine uses: the key of awakeable tokens and the signer of
+/// requests to handlers.
+pub struct EngineKeys {
+    pub awakeables: AwakeableKey,
+    pub signer: Arc<RequestSigner>,
 }
 
 /// Told when attempts end, so that per-attempt state kept elsewhere (the egress's call
@@ -61,6 +69,8 @@ pub struct Engine {
     targets: Arc<Targets>,
     observers: Vec<Arc<dyn AttemptObserver>>,
     awakeables: AwakeableKey,
+    /// Signs every request to a handler.
+    signer: Arc<RequestSigner>,
     /// Attempts in flight, so that a shutdown can wait for them.
     tracker: TaskTracker,
     /// Bounds the attempts the scheduler runs at once.
@@ -77,9 +87,10 @@ impl Engine {
         config: EngineConfig,
         targets: Arc<Targets>,
         observers: Vec<Arc<dyn AttemptObserver>>,
-        awakeables: AwakeableKey,
+        keys: EngineKeys,
         shutdown: CancellationToken,
     ) -> Engine {
+        let EngineKeys { awakeables, signer } = keys;
         let slots = Arc::new(Semaphore::new(config.max_concurrent_attempts.max(1)));
         Engine {
             store,
@@ -96,6 +107,7 @@ impl Engine {
             targets,
             observers,
             awakeables,
+            signer,
             tracker: TaskTracker::new(),
             slots,
             nudge: Notify::new(),

@@ -40,6 +40,27 @@ pub const HEADER_ATTEMPT: &str = "durin-attempt";
 pub const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
+/// Header by which Durin signs each request it sends to a handler:
+/// `t=<ms since the epoch>,v1=<base64url Ed25519 signature>` over [`signed_message`].
+pub const HEADER_SIGNATURE: &str = "durin-signature";
+
+/// What Durin's signature of a request to a handler covers: the time it signed, the
+/// request's path, the invocation id and attempt headers, and the body, so that none of
+/// them can be changed or the request sent to another handler.
+pub fn signed_message(
+    timestamp_ms: i64,
+    path: &str,
+    invocation_id: &str,
+    attempt: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut message =
+        format!("durin-signature-v1\n{timestamp_ms}\n{path}\n{invocation_id}\n{attempt}\n")
+            .into_bytes();
+    message.extend_from_slice(body);
+    message
+}
+
 /// Set (to `true`) on an answer of the context API or the egress that comes from the journal.
 pub const HEADER_REPLAYED: &str = "durin-replayed";
 /// Set (to `true`) on the context API's answer when the call suspended the attempt: a plain

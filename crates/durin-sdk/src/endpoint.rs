@@ -7,15 +7,19 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
 use durin_protocol::{
     Discovery, EntryKind, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind,
-    ServiceSpec, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ServiceSpec, HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -103,16 +107,41 @@ impl Service {
 #[derive(Default)]
 pub struct Endpoint {
     services: Vec<Service>,
+    /// Durin's public key: when set, a request without Durin's valid signature is refused.
+    verifier: Option<VerifyingKey>,
 }
 
 #[derive(Clone)]
 struct EndpointState {
     http: reqwest::Client,
+    verifier: Option<Arc<VerifyingKey>>,
 }
+
+/// How far a signature's time may be from this clock (a replay of an old request is
+/// refused).
+const SIGNATURE_TOLERANCE_MS: i64 = 5 * 60 * 1000;
 
 impl Endpoint {
     pub fn new() -> Endpoint {
         Endpoint::default()
+    }
+
+    /// Refuses every invocation request that does not carry Durin's signature under
+    /// `public_key` (what `durin serve` prints as `ed25519:…` and serves at
+    /// `GET /v1/signing-key` on its admin listener), so that a forged request, with a forged
+    /// journal or a `context_url` elsewhere, never reaches a handler.
+    pub fn verify_signatures(mut self, public_key: &str) -> Result<Endpoint, String> {
+        let encoded = public_key.trim().trim_start_matches("ed25519:");
+        let bytes: [u8; 32] = STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("{public_key:?} is not a base64 Ed25519 public key"))?;
+        self.verifier = Some(
+            VerifyingKey::from_bytes(&bytes)
+                .map_err(|e| format!("{public_key:?} is not an Ed25519 public key: {e}"))?,
+        );
+        Ok(self)
     }
 
     pub fn service(mut self, service: Service) -> Endpoint {
@@ -141,6 +170,7 @@ impl Endpoint {
         let discovery = Arc::new(self.discovery());
         let state = EndpointState {
             http: reqwest::Client::new(),
+            verifier: self.verifier.map(Arc::new),
         };
         let mut router = Router::new().route(
             "/discover",
@@ -154,9 +184,14 @@ impl Endpoint {
                 let path = spec.path.clone().unwrap_or_default();
                 router = router.route(
                     &path,
-                    post(move |state: State<EndpointState>, body: Bytes| {
-                        invoke(state, Arc::clone(&handler), body)
-                    }),
+                    post(
+                        move |state: State<EndpointState>,
+                              headers: HeaderMap,
+                              uri: Uri,
+                              body: Bytes| {
+                            invoke(state, Arc::clone(&handler), headers, uri, body)
+                        },
+                    ),
                 );
             }
         }
@@ -177,11 +212,72 @@ impl Endpoint {
     }
 }
 
+/// Checks Durin's signature of a request (see [`durin_protocol::signed_message`]).
+fn verify(
+    key: &VerifyingKey,
+    headers: &HeaderMap,
+    path: &str,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<(), String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| format!("no {name} header"))
+    };
+    let signature = header(HEADER_SIGNATURE)?;
+    let field = |name: &str| {
+        signature
+            .split(',')
+            .find_map(|part| part.trim().strip_prefix(name))
+            .ok_or_else(|| format!("{HEADER_SIGNATURE} has no {name}"))
+    };
+    let timestamp_ms: i64 = field("t=")?
+        .parse()
+        .map_err(|_| format!("{HEADER_SIGNATURE}: t is not a number"))?;
+    if (now_ms - timestamp_ms).abs() > SIGNATURE_TOLERANCE_MS {
+        return Err("the signature is more than 5 minutes away from this clock".into());
+    }
+    let bytes = URL_SAFE_NO_PAD
+        .decode(field("v1=")?)
+        .map_err(|_| format!("{HEADER_SIGNATURE}: v1 is not base64url"))?;
+    let signature = Signature::from_slice(&bytes)
+        .map_err(|_| format!("{HEADER_SIGNATURE}: v1 is not an Ed25519 signature"))?;
+    let message = durin_protocol::signed_message(
+        timestamp_ms,
+        path,
+        header(HEADER_INVOCATION_ID)?,
+        header(HEADER_ATTEMPT)?,
+        body,
+    );
+    key.verify(&message, &signature)
+        .map_err(|_| "the signature does not verify with Durin's public key".into())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 async fn invoke(
     State(state): State<EndpointState>,
     handler: BoxedHandler,
+    headers: HeaderMap,
+    uri: Uri,
     body: Bytes,
 ) -> Response {
+    if let Some(key) = &state.verifier {
+        if let Err(why) = verify(key, &headers, uri.path(), &body, now_ms()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                format!("not a request signed by Durin: {why}"),
+            )
+                .into_response();
+        }
+    }
     let mut request: InvocationRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -281,5 +377,91 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// With Durin's public key configured, only requests carrying Durin's valid signature
+    /// reach the handler: a forged one, a changed body, an old one are refused with 401.
+    #[tokio::test]
+    async fn only_requests_signed_by_durin_reach_the_handler() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let durin = SigningKey::from_bytes(&[7; 32]);
+        let public = STANDARD.encode(durin.verifying_key().to_bytes());
+        let ran = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = Arc::clone(&ran);
+        let router = Endpoint::new()
+            .service(
+                Service::new("s").handler("h", move |_ctx: Context, _: Value| {
+                    let count = Arc::clone(&count);
+                    async move {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, HandlerError>(1)
+                    }
+                }),
+            )
+            .verify_signatures(&format!("ed25519:{public}"))
+            .unwrap()
+            .router();
+        let body = serde_json::json!({
+            "protocol": PROTOCOL_VERSION, "invocation_id": "inv_x", "attempt": 1,
+            "attempt_token": "t", "service": "s", "handler": "h", "input": null,
+            "journal": [], "position_failures": 0,
+            "context_url": "http://127.0.0.1:1/v1/contexts/inv_x",
+        })
+        .to_string();
+        let sign = |t: i64, body: &str| {
+            let message = durin_protocol::signed_message(t, "/s/h", "inv_x", "1", body.as_bytes());
+            format!(
+                "t={t},v1={}",
+                URL_SAFE_NO_PAD.encode(durin.sign(&message).to_bytes())
+            )
+        };
+        let send = |signature: Option<String>, body: String| {
+            let router = router.clone();
+            async move {
+                let mut request = Request::post("/s/h")
+                    .header("content-type", "application/json")
+                    .header(HEADER_INVOCATION_ID, "inv_x")
+                    .header(HEADER_ATTEMPT, "1");
+                if let Some(signature) = signature {
+                    request = request.header(HEADER_SIGNATURE, signature);
+                }
+                router
+                    .oneshot(request.body(Body::from(body)).unwrap())
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        let now = now_ms();
+        assert_eq!(
+            send(Some(sign(now, &body)), body.clone()).await,
+            StatusCode::OK
+        );
+        assert_eq!(send(None, body.clone()).await, StatusCode::UNAUTHORIZED);
+        let changed = body.replace("contexts/inv_x", "contexts/inv_y");
+        assert_eq!(
+            send(Some(sign(now, &body)), changed).await,
+            StatusCode::UNAUTHORIZED
+        );
+        let old = now - 10 * 60 * 1000;
+        assert_eq!(
+            send(Some(sign(old, &body)), body.clone()).await,
+            StatusCode::UNAUTHORIZED
+        );
+        let other = SigningKey::from_bytes(&[8; 32]);
+        let message = durin_protocol::signed_message(now, "/s/h", "inv_x", "1", body.as_bytes());
+        let forged = format!(
+            "t={now},v1={}",
+            URL_SAFE_NO_PAD.encode(other.sign(&message).to_bytes())
+        );
+        assert_eq!(
+            send(Some(forged), body.clone()).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only the signed request ran"
+        );
     }
 }
