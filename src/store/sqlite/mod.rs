@@ -978,12 +978,14 @@ impl Store for SqliteStore {
                         [id.as_str()],
                     )?;
                     // Its idempotency key names it for the retention period from now.
-                    execute(
-                        conn,
-                        "UPDATE idempotency_keys SET expires_at_ms = ?1 + retention_ms \
-                         WHERE invocation_id = ?2 AND retention_ms IS NOT NULL",
-                        params![now_ms, id.as_str()],
-                    )?;
+                    if record.idempotency_key.is_some() {
+                        execute(
+                            conn,
+                            "UPDATE idempotency_keys SET expires_at_ms = ?1 + retention_ms \
+                             WHERE invocation_id = ?2 AND retention_ms IS NOT NULL",
+                            params![now_ms, id.as_str()],
+                        )?;
+                    }
                     Some(entry)
                 }
                 None => None,
