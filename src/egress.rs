@@ -179,6 +179,26 @@ impl EgressCalls {
     }
 }
 
+/// An occurrence a call holds while it is out; given back when dropped unless the call was
+/// journaled.
+struct OccurrenceHeld<'a> {
+    calls: &'a EgressCalls,
+    id: &'a InvocationId,
+    attempt: u32,
+    identity: &'a (String, String, String),
+    occurrence: u32,
+    journaled: bool,
+}
+
+impl Drop for OccurrenceHeld<'_> {
+    fn drop(&mut self) {
+        if !self.journaled {
+            self.calls
+                .release(self.id, self.attempt, self.identity, self.occurrence);
+        }
+    }
+}
+
 impl AttemptObserver for EgressCalls {
     fn attempt_ended(&self, id: &InvocationId, attempt: u32) {
         self.forget(id, attempt);
@@ -496,12 +516,21 @@ impl Egress {
                 occurrence
             })
             .ok_or_else(|| stale(&id, attempt))?;
+        // Gives the occurrence back unless the call ends up in the journal, also when the
+        // handler hangs up mid-call (this future is then dropped): its retry has the same
+        // identity and Idempotency-Key, so a downstream that honours the key applies it once.
+        let mut occurrence_held = OccurrenceHeld {
+            calls: &self.calls,
+            id: &id,
+            attempt,
+            identity: &identity,
+            occurrence,
+            journaled: false,
+        };
         let result = self
             .call(&id, attempt, &parts, url, body, &identity, occurrence)
             .await;
-        if !matches!(result, Ok((_, true))) {
-            self.calls.release(&id, attempt, &identity, occurrence);
-        }
+        occurrence_held.journaled = matches!(result, Ok((_, true)));
         result.map(|(response, _)| response)
     }
 

@@ -665,3 +665,57 @@ async fn the_egress_refuses_internal_addresses_unless_named() {
         "nothing was journaled"
     );
 }
+
+/// A handler that hangs up on an egress call (its own timeout) and sends it again gets the
+/// same occurrence, so the same Idempotency-Key: the payment service applies it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_caller_hung_up_keeps_its_idempotency_key() {
+    // The payment service holds its first answer for each key 1.5 s.
+    let downstreams = start_downstreams(1500);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
+    // The real handler waits a minute before its first call: the test plays its attempt.
+    let handler = start_handler(None, &egress, &downstreams, 60_000);
+    register_plain(&gateway.admin, &handler.url).await;
+    let id = send_order(&gateway.url, ORDER).await;
+    let token = eventually(Duration::from_secs(10), "the attempt", || async {
+        let view = get_json(&format!("{}/v1/invocations/{id}", gateway.url)).await;
+        (view["status"] == "running").then(|| attempt_token(&home, &id))
+    })
+    .await;
+    let charge = format!(
+        "{egress}/http/127.0.0.1:{}/charge",
+        downstreams.payment.addr.port()
+    );
+    let call = |timeout: Duration| {
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .unwrap()
+            .post(&charge)
+            .header("durin-invocation-id", &id)
+            .header("durin-attempt", "1")
+            .header("durin-attempt-token", &token)
+            .json(&json!({"order_id": "o-1", "amount_cents": 4999}))
+            .send()
+    };
+    // The handler gives up after 300 ms and hangs up.
+    assert!(call(Duration::from_millis(300)).await.is_err());
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let retried = call(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(retried.status(), 200);
+    let payment = stats(&downstreams.payment).await;
+    assert_eq!(payment["requests"], 2, "{payment}");
+    assert_eq!(payment["effects"], 1, "{payment}");
+    assert_eq!(
+        payment["keys"].as_object().unwrap().len(),
+        1,
+        "one key: {payment}"
+    );
+    let egress_entries = journal(&gateway.admin, &id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "egress")
+        .count();
+    assert_eq!(egress_entries, 1);
+}
