@@ -314,19 +314,35 @@ fn hop_by_hop(name: &str) -> bool {
 fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_multicast()
-                || (a == 100 && (64..128).contains(&b))
+                || (a == 100 && (64..128).contains(&b)) // shared (CGNAT)
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 198 && (18..20).contains(&b)) // benchmarking
+                || a >= 240 // reserved
                 || a == 0
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
+            }
+            let segments = v6.segments();
+            // NAT64 (64:ff9b::/96) and IPv4-compatible (::a.b.c.d) forms of an IPv4 address.
+            let embedded = std::net::Ipv4Addr::new(
+                (segments[6] >> 8) as u8,
+                segments[6] as u8,
+                (segments[7] >> 8) as u8,
+                segments[7] as u8,
+            );
+            let nat64 = segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            let compatible = segments[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+            if nat64 || compatible {
+                return is_internal(IpAddr::V4(embedded));
             }
             let first = v6.segments()[0];
             v6.is_loopback()
@@ -370,22 +386,68 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// Whether the allow-list `allow` lets handlers call `url`'s host. An internal address
+/// written as an IP literal must be named; a name is checked again, on the addresses it
+/// resolves to, when the call connects ([`GuardedResolver`]).
+fn allowed_by(allow: &[String], url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    let bare = host.trim_matches(['[', ']']).to_owned();
+    let port = url.port_or_known_default().unwrap_or(0);
+    // Entries that name this host decide alone (a wildcard does not widen them): `host`
+    // allows every port, `host:port` that port only.
+    let naming: Vec<String> = allow
+        .iter()
+        .filter(|pattern| !pattern.starts_with("*."))
+        .map(|pattern| pattern.to_ascii_lowercase())
+        .filter(|pattern| split_entry(pattern).0 == bare)
+        .collect();
+    if !naming.is_empty() {
+        return naming.iter().any(|pattern| {
+            let (_, named_port) = split_entry(pattern);
+            named_port.is_none_or(|p| p == port)
+        });
+    }
+    // An internal address is called only when named.
+    if bare.parse::<IpAddr>().is_ok_and(is_internal) {
+        return false;
+    }
+    if allow.is_empty() {
+        return true;
+    }
+    allow.iter().any(|pattern| {
+        let pattern = pattern.to_ascii_lowercase();
+        pattern
+            .strip_prefix("*.")
+            .is_some_and(|domain| host.ends_with(&format!(".{domain}")))
+    })
+}
+
+/// An allow-list entry's host (lower case, IPv6 without brackets) and port, if it names one:
+/// `[::1]:8080`, `host:8080`, `host`, `::1`.
+fn split_entry(pattern: &str) -> (String, Option<u16>) {
+    let pattern = pattern.to_ascii_lowercase();
+    match pattern.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
+            (
+                host.to_owned(),
+                after.strip_prefix(':').and_then(|p| p.parse().ok()),
+            )
+        }
+        None if pattern.matches(':').count() == 1 => {
+            let (host, port) = pattern.split_once(':').unwrap_or((&pattern, ""));
+            (host.to_owned(), port.parse().ok())
+        }
+        None => (pattern, None),
+    }
+}
+
 /// The hosts an allow-list names explicitly (`host` or `host:port`; not `*.domain`).
 fn named_hosts(allow: &[String]) -> Vec<String> {
     allow
         .iter()
         .filter(|pattern| !pattern.starts_with("*."))
-        .map(|pattern| {
-            let pattern = pattern.to_ascii_lowercase();
-            // `[::1]:8080`, `host:8080`, `host`, `::1`
-            match pattern.strip_prefix('[') {
-                Some(rest) => rest.split(']').next().unwrap_or_default().to_owned(),
-                None if pattern.matches(':').count() == 1 => {
-                    pattern.split(':').next().unwrap_or_default().to_owned()
-                }
-                None => pattern,
-            }
-        })
+        .map(|pattern| split_entry(pattern).0)
         .collect()
 }
 
@@ -397,7 +459,10 @@ impl Egress {
         calls: Arc<EgressCalls>,
         config: EgressConfig,
     ) -> Result<Egress, reqwest::Error> {
+        // No proxy from the environment: the address check is made on what the egress
+        // itself connects to.
         let mut http = reqwest::Client::builder()
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(GuardedResolver {
                 named: named_hosts(&config.allow),
@@ -423,24 +488,7 @@ impl Egress {
     /// as an IP literal must be named; a name is checked again, on the addresses it
     /// resolves to, when the call connects ([`GuardedResolver`]).
     fn allowed(&self, url: &reqwest::Url) -> bool {
-        let literal = url
-            .host_str()
-            .and_then(|host| host.trim_matches(['[', ']']).parse::<IpAddr>().ok());
-        if let Some(ip) = literal.filter(|ip| is_internal(*ip)) {
-            return named_hosts(&self.config.allow).contains(&ip.to_string());
-        }
-        if self.config.allow.is_empty() {
-            return true;
-        }
-        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let with_port = format!("{host}:{}", url.port_or_known_default().unwrap_or(0));
-        self.config.allow.iter().any(|pattern| {
-            let pattern = pattern.to_ascii_lowercase();
-            match pattern.strip_prefix("*.") {
-                Some(domain) => host.ends_with(&format!(".{domain}")),
-                None => pattern == host || pattern == with_port,
-            }
-        })
+        allowed_by(&self.config.allow, url)
     }
 
     async fn serve(&self, request: Request) -> Result<Response, ApiError> {
@@ -884,6 +932,35 @@ fn target_url(uri: &Uri) -> Result<reqwest::Url, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_are_called_only_on_the_ports_the_allow_list_names() {
+        let allowed = |allow: &[&str], url: &str| {
+            let allow: Vec<String> = allow.iter().map(|s| (*s).to_owned()).collect();
+            allowed_by(&allow, &reqwest::Url::parse(url).unwrap())
+        };
+        assert!(allowed(&["127.0.0.1:9101"], "http://127.0.0.1:9101/charge"));
+        assert!(!allowed(
+            &["127.0.0.1:9101"],
+            "http://127.0.0.1:9070/v1/deployments"
+        ));
+        assert!(allowed(&["127.0.0.1"], "http://127.0.0.1:9070/"));
+        assert!(!allowed(&[], "http://10.1.2.3/"));
+        assert!(!allowed(&[], "http://169.254.169.254/latest/"));
+        assert!(!allowed(&[], "http://[::ffff:127.0.0.1]:80/"));
+        assert!(!allowed(&[], "http://[64:ff9b::a01:203]/"));
+        assert!(!allowed(&[], "http://192.0.0.192/"));
+        assert!(allowed(&[], "http://93.184.216.34/"));
+        assert!(allowed(&[], "http://example.com/"));
+        assert!(allowed(&["[::1]:8080"], "http://[::1]:8080/"));
+        assert!(!allowed(&["[::1]:8080"], "http://[::1]:8081/"));
+        // A wildcard does not widen what an entry naming the host allows.
+        let corp = ["*.corp", "db.corp:5432"];
+        assert!(allowed(&corp, "http://db.corp:5432/"));
+        assert!(!allowed(&corp, "http://db.corp:9999/"));
+        assert!(allowed(&corp, "http://api.corp/"));
+        assert!(!allowed(&corp, "http://example.com/"));
+    }
 
     #[test]
     fn targets_in_proxy_and_explicit_form() {

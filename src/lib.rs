@@ -72,6 +72,13 @@ pub async fn run_with_clock(
     shutdown: CancellationToken,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<()> {
+    if config
+        .admin_token
+        .as_ref()
+        .is_some_and(|token| token.expose().trim().is_empty())
+    {
+        anyhow::bail!("the admin token is empty: give a real one, or none to leave the admin API open to whoever reaches its listener");
+    }
     let Listeners {
         api: listener,
         admin: admin_listener,

@@ -580,6 +580,27 @@ async fn the_admin_api_is_apart_and_behind_its_token() {
     gateway.stop().await;
 }
 
+/// An empty admin token would let everyone in: Durin refuses to start with one.
+#[tokio::test]
+async fn an_empty_admin_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+        admin_token: Some(" ".into()),
+        ..Config::default()
+    };
+    let listeners = durin::Listeners {
+        api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let ended = durin::run(config, listeners, CancellationToken::new()).await;
+    let error = ended.expect_err("Durin started with an empty admin token");
+    assert!(
+        error.to_string().contains("admin token is empty"),
+        "{error}"
+    );
+}
+
 /// A deployment that checks Durin's signature (with the key the admin API serves) runs
 /// Durin's invocations; the SDK's own test shows it refuses forged ones.
 #[tokio::test]

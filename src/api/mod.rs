@@ -300,7 +300,8 @@ pub async fn wait_for_end(
 ) -> Result<Arc<Ended>, ApiError> {
     // A wake-up can come from another process (a later store), so poll now and then too.
     const POLL: Duration = Duration::from_secs(1);
-    let deadline = Some(Instant::now() + timeout);
+    // A wait too long to represent has no deadline.
+    let deadline = Instant::now().checked_add(timeout);
     let done = |record: &InvocationRecord| {
         record.status.is_final() || (stop_on_pause && record.status == Status::Paused)
     };

@@ -46,7 +46,7 @@ pub const HEADER_SIGNATURE: &str = "durin-signature";
 
 /// What Durin's signature of a request to a handler covers: the time it signed, the
 /// request's path, the invocation id and attempt headers, and the body, so that none of
-/// them can be changed or the request sent to another handler.
+/// them can be changed or the request sent to another path. The host is not covered.
 pub fn signed_message(
     timestamp_ms: i64,
     path: &str,

@@ -236,7 +236,7 @@ fn verify(
     let timestamp_ms: i64 = field("t=")?
         .parse()
         .map_err(|_| format!("{HEADER_SIGNATURE}: t is not a number"))?;
-    if (now_ms - timestamp_ms).abs() > SIGNATURE_TOLERANCE_MS {
+    if now_ms.abs_diff(timestamp_ms) > SIGNATURE_TOLERANCE_MS.unsigned_abs() {
         return Err("the signature is more than 5 minutes away from this clock".into());
     }
     let bytes = URL_SAFE_NO_PAD
