@@ -20,6 +20,8 @@ pub struct Config {
     pub advertised_url: Option<String>,
     /// How long an `Idempotency-Key` keeps naming its invocation after the invocation ended.
     pub idempotency_retention: Duration,
+    /// How long an ended invocation (its journal, state and workflow id) is kept.
+    pub retention: Duration,
     /// How long `POST /v1/call` waits for the invocation to end before it answers `202` with
     /// its `Location`.
     pub call_wait: Duration,
@@ -59,6 +61,7 @@ impl Default for Config {
             advertised_url: None,
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
             call_wait: Duration::from_secs(60),
+            retention: Duration::from_secs(7 * 24 * 60 * 60),
             max_body_bytes: 1024 * 1024,
             retry_policy: RetryPolicy::default(),
             start_to_close: Duration::from_secs(60),
@@ -130,6 +133,8 @@ struct ConfigFile {
     idempotency_retention: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     call_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retention: Option<Duration>,
     max_body_bytes: Option<usize>,
     retry_policy: Option<RetryPolicy>,
     #[serde(default, with = "humantime_serde")]
@@ -178,6 +183,9 @@ impl Config {
         }
         if let Some(v) = file.call_wait {
             config.call_wait = v;
+        }
+        if let Some(v) = file.retention {
+            config.retention = v;
         }
         if let Some(v) = file.max_body_bytes {
             config.max_body_bytes = v;

@@ -32,8 +32,10 @@ use crate::engine::{Engine, EngineConfig};
 use crate::journal::awakeable::AwakeableKey;
 use crate::store::{SqliteStore, Store};
 
-/// How often expired idempotency keys are forgotten.
+/// How often expired idempotency keys and ended invocations are forgotten.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Ended invocations purged in one transaction.
+const PURGE_BATCH: u32 = 500;
 
 /// The gateway's two listeners: callers and handlers on `api`, operators on `admin`.
 pub struct Listeners {
@@ -144,9 +146,17 @@ pub async fn run_with_clock(
         tracing::info!(recovered, "attempts cut short by the last stop run again");
     }
     let scheduler = engine.start_scheduler();
-    tokio::spawn(purge_idempotency_keys(
+    tokio::spawn(purge(
         Arc::clone(&store),
         Arc::clone(&clock),
+        // An ended invocation is kept at least as long as its idempotency key names it.
+        i64::try_from(
+            config
+                .retention
+                .max(config.idempotency_retention)
+                .as_millis(),
+        )
+        .unwrap_or(i64::MAX),
         shutdown.clone(),
     ));
     // Cancelled after the drain; the servers stop then, waiting callers get a 503.
@@ -290,9 +300,12 @@ async fn register_until_done(
     }
 }
 
-async fn purge_idempotency_keys(
+/// Forgets, every [`PURGE_INTERVAL`], the idempotency keys whose retention ended and the
+/// ended invocations older than `retention_ms`.
+async fn purge(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    retention_ms: i64,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -304,6 +317,23 @@ async fn purge_idempotency_keys(
             Ok(0) => {}
             Ok(n) => tracing::debug!(n, "forgot expired idempotency keys"),
             Err(e) => tracing::warn!(error = %e, "could not purge idempotency keys"),
+        }
+        // Ended invocations past their retention, a batch per transaction so that the
+        // writer is never held long.
+        let cutoff = clock.now_ms().saturating_sub(retention_ms);
+        loop {
+            match store.purge_ended(cutoff, PURGE_BATCH).await {
+                Ok(n) if n == u64::from(PURGE_BATCH) => continue,
+                Ok(0) => break,
+                Ok(n) => {
+                    tracing::debug!(n, "purged ended invocations");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not purge ended invocations");
+                    break;
+                }
+            }
         }
     }
 }

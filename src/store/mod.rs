@@ -553,4 +553,8 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// Forgets idempotency keys whose retention ended; returns how many.
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64>;
+    /// Deletes up to `limit` invocations that ended before `ended_before_ms`, with
+    /// everything kept for them (journal, completions, signals, state, their workflow id);
+    /// returns how many.
+    async fn purge_ended(&self, ended_before_ms: i64, limit: u32) -> StoreResult<u64>;
 }

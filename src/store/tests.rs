@@ -559,3 +559,48 @@ async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_af
         Created::New { .. }
     ));
 }
+
+#[tokio::test]
+async fn ended_invocations_are_purged_after_their_retention_with_all_they_kept() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let state = NewEntry {
+        index: None,
+        kind: EntryKind::State,
+        name: Some("k".into()),
+        value: Some(br#"{"set":1}"#.to_vec()),
+        content_type: None,
+        failure: None,
+        token: record.attempt_token.clone(),
+        effect: Effect::State {
+            key: "k".into(),
+            value: Some(b"1".to_vec()),
+        },
+    };
+    store.append_entry(&record.id, 1, state, T0).await.unwrap();
+    let still_running = running(&store).await;
+    let end = AttemptEnd::Completed {
+        output: b"1".to_vec(),
+        content_type: None,
+    };
+    store
+        .end_attempt(&record.id, 1, end, T0 + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.purge_ended(T0 + 10, 100).await.unwrap(),
+        0,
+        "not before"
+    );
+    assert_eq!(store.purge_ended(T0 + 11, 100).await.unwrap(), 1);
+    assert!(store.get_invocation(&record.id).await.unwrap().is_none());
+    assert!(store.read_journal(&record.id).await.unwrap().is_empty());
+    assert!(store.read_state(&record.id).await.unwrap().is_empty());
+    // A running invocation is never purged.
+    assert_eq!(store.purge_ended(i64::MAX, 100).await.unwrap(), 0);
+    assert!(store
+        .get_invocation(&still_running.id)
+        .await
+        .unwrap()
+        .is_some());
+}

@@ -1024,6 +1024,41 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn purge_ended(&self, ended_before_ms: i64, limit: u32) -> StoreResult<u64> {
+        self.write(move |conn| {
+            let ended: Vec<String> = {
+                let mut statement = conn
+                    .prepare_cached(
+                        "SELECT id FROM invocations WHERE completed_at_ms IS NOT NULL \
+                         AND completed_at_ms < ?1 \
+                         AND status IN ('completed', 'failed', 'cancelled') \
+                         ORDER BY completed_at_ms LIMIT ?2",
+                    )
+                    .map_err(backend)?;
+                let rows = statement
+                    .query_map(params![ended_before_ms, limit], |row| row.get(0))
+                    .map_err(backend)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+            };
+            for id in &ended {
+                for sql in [
+                    "DELETE FROM journal WHERE invocation_id = ?1",
+                    "DELETE FROM completions WHERE invocation_id = ?1",
+                    "DELETE FROM timers WHERE invocation_id = ?1",
+                    "DELETE FROM signals WHERE invocation_id = ?1",
+                    "DELETE FROM state WHERE invocation_id = ?1",
+                    "DELETE FROM idempotency_keys WHERE invocation_id = ?1",
+                    "DELETE FROM workflows WHERE invocation_id = ?1",
+                    "DELETE FROM invocations WHERE id = ?1",
+                ] {
+                    execute(conn, sql, [id])?;
+                }
+            }
+            Ok(ended.len() as u64)
+        })
+        .await
+    }
+
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64> {
         self.write(move |conn| {
             let n = execute(
