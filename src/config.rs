@@ -20,6 +20,9 @@ pub struct Config {
     pub advertised_url: Option<String>,
     /// How long an `Idempotency-Key` keeps naming its invocation after the invocation ended.
     pub idempotency_retention: Duration,
+    /// How long a journal may grow (entries and bytes); an invocation is warned about from
+    /// 80 % of either.
+    pub journal_limits: crate::store::JournalLimits,
     /// How long an ended invocation (its journal, state and workflow id) is kept.
     pub retention: Duration,
     /// How long `POST /v1/call` waits for the invocation to end before it answers `202` with
@@ -62,6 +65,7 @@ impl Default for Config {
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
             call_wait: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 60 * 60),
+            journal_limits: crate::store::JournalLimits::default(),
             max_body_bytes: 1024 * 1024,
             retry_policy: RetryPolicy::default(),
             start_to_close: Duration::from_secs(60),
@@ -135,6 +139,8 @@ struct ConfigFile {
     call_wait: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     retention: Option<Duration>,
+    max_journal_entries: Option<u32>,
+    max_journal_bytes: Option<i64>,
     max_body_bytes: Option<usize>,
     retry_policy: Option<RetryPolicy>,
     #[serde(default, with = "humantime_serde")]
@@ -186,6 +192,12 @@ impl Config {
         }
         if let Some(v) = file.retention {
             config.retention = v;
+        }
+        if let Some(v) = file.max_journal_entries {
+            config.journal_limits.max_entries = v.max(2);
+        }
+        if let Some(v) = file.max_journal_bytes {
+            config.journal_limits.max_bytes = v.max(1);
         }
         if let Some(v) = file.max_body_bytes {
             config.max_body_bytes = v;

@@ -97,7 +97,8 @@ pub async fn run_with_clock(
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&config.database_url)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?,
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?
+            .with_journal_limits(config.journal_limits),
     );
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
@@ -221,6 +222,7 @@ pub async fn run_with_clock(
         http,
         idempotency_retention: config.idempotency_retention,
         call_wait: config.call_wait,
+        journal_limits: config.journal_limits,
         max_body_bytes: config.max_body_bytes,
         stopping: server_stop.clone(),
     };

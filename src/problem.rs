@@ -29,6 +29,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// An append past the journal's limits.
+    #[error("{0}")]
+    JournalFull(String),
     /// An admin request without the admin token.
     #[error("the admin API needs Authorization: Bearer with the admin token (--admin-token)")]
     Unauthorized,
@@ -90,6 +93,7 @@ impl From<StoreError> for ApiError {
             | StoreError::IndexMismatch { .. }
             | StoreError::WrongToken { .. }
             | StoreError::Ended { .. } => ApiError::Conflict(e.to_string()),
+            StoreError::JournalFull { .. } => ApiError::JournalFull(e.to_string()),
             StoreError::Backend(_) | StoreError::Closed => ApiError::Storage(e.to_string()),
         }
     }
@@ -127,6 +131,12 @@ impl ApiError {
                 false,
             ),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", false),
+            JournalFull(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "journal-full",
+                "Journal full",
+                false,
+            ),
             Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

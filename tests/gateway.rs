@@ -580,6 +580,33 @@ async fn the_admin_api_is_apart_and_behind_its_token() {
     gateway.stop().await;
 }
 
+/// A journal that reaches its limit takes no more entries: the handler's next step is
+/// refused, and the invocation fails saying why instead of growing without bound.
+#[tokio::test]
+async fn a_journal_at_its_limit_fails_the_invocation_with_a_clear_reason() {
+    let gateway = Gateway::start(|config| {
+        config.journal_limits = durin::store::JournalLimits {
+            max_entries: 3,
+            max_bytes: 1024 * 1024,
+        }
+    })
+    .await;
+    let endpoint = Endpoint::new().service(Service::new("long").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            for step in ["one", "two", "three", "four"] {
+                ctx.run(step, || async { Ok(1) }).await?;
+            }
+            Ok::<_, HandlerError>("done")
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/long/run", "{}").await;
+    let body = problem(r, 500, false, "journal").await;
+    assert!(body["detail"].as_str().unwrap().contains("full"), "{body}");
+    gateway.stop().await;
+}
+
 /// An empty admin token would let everyone in: Durin refuses to start with one.
 #[tokio::test]
 async fn an_empty_admin_token_is_refused_at_start() {

@@ -818,6 +818,7 @@ fn api_errors() -> Vec<ApiError> {
         },
         ApiError::Suspended("waits".into()),
         ApiError::Unauthorized,
+        ApiError::JournalFull("full".into()),
     ];
     for error in &errors {
         match error {
@@ -839,7 +840,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::WorkflowConflict { .. }
             | ApiError::UnknownQuery { .. }
             | ApiError::Suspended(_)
-            | ApiError::Unauthorized => {}
+            | ApiError::Unauthorized
+            | ApiError::JournalFull(_) => {}
         }
     }
     errors

@@ -132,7 +132,7 @@ pub async fn list_invocations(
         .list_invocations(status, limit)
         .await?
         .iter()
-        .map(|r| InvocationView::new(r, None))
+        .map(|r| InvocationView::new(r, None).warned(&state.journal_limits))
         .collect();
     Ok(Json(json!({ "invocations": invocations })))
 }
@@ -155,7 +155,8 @@ pub async fn get_invocation(
     } else {
         StatusCode::OK
     };
-    let view = InvocationView::new(&ended.record, ended.output.as_ref());
+    let view =
+        InvocationView::new(&ended.record, ended.output.as_ref()).warned(&state.journal_limits);
     Ok(with_preference((status, Json(view)).into_response(), wait))
 }
 
@@ -219,5 +220,7 @@ pub async fn resume(
             record.status
         ))
     })?;
-    Ok(Json(InvocationView::new(&resumed, None)))
+    Ok(Json(
+        InvocationView::new(&resumed, None).warned(&state.journal_limits),
+    ))
 }

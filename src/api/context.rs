@@ -116,6 +116,15 @@ pub async fn append(
         .store
         .append_entry(&id, caller.attempt, entry, now_ms)
         .await?;
+    let limits = state.journal_limits;
+    if stored.index + 1 == limits.max_entries * crate::store::JournalLimits::WARN_PERCENT / 100 {
+        tracing::warn!(
+            invocation = %id,
+            entries = stored.index + 1,
+            max_entries = limits.max_entries,
+            "the journal nears its limit; appends past it will be refused"
+        );
+    }
     Ok(Json(AppendResponse {
         index: stored.index,
         at_ms: stored.at_ms,

@@ -91,6 +91,8 @@ pub struct AppState {
     pub idempotency_retention: Duration,
     /// How long `POST /v1/call` waits for the end before it answers `202` with `Location`.
     pub call_wait: Duration,
+    /// How long a journal may grow; views warn from 80 % of it.
+    pub journal_limits: crate::store::JournalLimits,
     pub max_body_bytes: usize,
     /// Cancelled when the server stops; long waits end with a 503 then.
     pub stopping: tokio_util::sync::CancellationToken,

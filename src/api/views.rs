@@ -33,6 +33,12 @@ pub struct InvocationView {
     pub waiting_for: Vec<u32>,
     pub attempt: u32,
     pub journal_length: u32,
+    /// The bytes of the journal's values.
+    pub journal_bytes: i64,
+    /// Set when the journal nears one of its limits (80 %): an append past the limit is
+    /// refused, so a long-running workflow should start over with a fresh journal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_warning: Option<String>,
     pub created_at: String,
     pub modified_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,6 +56,14 @@ pub struct InvocationView {
 }
 
 impl InvocationView {
+    /// The view with a warning when the journal nears `limits`.
+    pub fn warned(mut self, limits: &crate::store::JournalLimits) -> InvocationView {
+        if !matches!(self.status, "completed" | "failed" | "cancelled") {
+            self.journal_warning = limits.warning(self.journal_length, self.journal_bytes);
+        }
+        self
+    }
+
     pub fn new(record: &InvocationRecord, output: Option<&StoredEntry>) -> InvocationView {
         InvocationView {
             id: record.id.to_string(),
@@ -65,6 +79,8 @@ impl InvocationView {
             },
             attempt: record.attempt,
             journal_length: record.journal_len,
+            journal_bytes: record.journal_bytes,
+            journal_warning: None,
             created_at: timestamp(record.created_at_ms),
             modified_at: timestamp(record.modified_at_ms),
             completed_at: record.completed_at_ms.map(timestamp),

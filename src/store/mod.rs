@@ -43,6 +43,12 @@ pub enum StoreError {
         invocation_id: String,
         status: Status,
     },
+    /// The journal has reached one of its limits (entries or bytes).
+    #[error("the journal of invocation {invocation_id} is full: {limit}")]
+    JournalFull {
+        invocation_id: String,
+        limit: String,
+    },
     /// An append from the current attempt number with the wrong attempt token.
     #[error(
         "the attempt token does not belong to attempt {attempt} of invocation {invocation_id}"
@@ -201,6 +207,8 @@ pub struct InvocationRecord {
     /// Attempts that failed since the journal last grew.
     pub position_failures: u32,
     pub journal_len: u32,
+    /// The bytes of the journal's values.
+    pub journal_bytes: i64,
     /// When the next attempt is due (pending, backing-off or suspended).
     pub next_run_at_ms: Option<i64>,
     pub last_error: Option<String>,
@@ -250,6 +258,46 @@ impl StoredCompletion {
                 .map(|v| serde_json::from_slice(v).unwrap_or(serde_json::Value::Null)),
             failure: self.failure.clone(),
             at_ms: self.at_ms,
+        }
+    }
+}
+
+/// How long a journal may grow: an append past either limit is refused, and the invocation
+/// is warned about from [`JournalLimits::WARN_PERCENT`] of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalLimits {
+    pub max_entries: u32,
+    pub max_bytes: i64,
+}
+
+impl JournalLimits {
+    pub const WARN_PERCENT: u32 = 80;
+
+    /// Why a journal of `entries` entries and `bytes` bytes deserves a warning, if it does.
+    pub fn warning(&self, entries: u32, bytes: i64) -> Option<String> {
+        let near = |used: f64, max: f64| used * 100.0 >= max * f64::from(Self::WARN_PERCENT);
+        if near(f64::from(entries), f64::from(self.max_entries)) {
+            return Some(format!(
+                "the journal holds {entries} of at most {} entries",
+                self.max_entries
+            ));
+        }
+        if near(bytes as f64, self.max_bytes as f64) {
+            return Some(format!(
+                "the journal holds {bytes} of at most {} bytes",
+                self.max_bytes
+            ));
+        }
+        None
+    }
+}
+
+impl Default for JournalLimits {
+    /// Temporal's order of magnitude: tens of thousands of events, tens of megabytes.
+    fn default() -> JournalLimits {
+        JournalLimits {
+            max_entries: 50_000,
+            max_bytes: 50 * 1024 * 1024,
         }
     }
 }

@@ -604,3 +604,54 @@ async fn ended_invocations_are_purged_after_their_retention_with_all_they_kept()
         .unwrap()
         .is_some());
 }
+
+#[tokio::test]
+async fn a_journal_past_its_limits_takes_no_more_entries() {
+    let (store, _dir) = store().await;
+    let store = store.with_journal_limits(JournalLimits {
+        max_entries: 3,
+        max_bytes: 1_000,
+    });
+    let record = running(&store).await;
+    let step = |name: &str, value: Vec<u8>| NewEntry {
+        index: None,
+        kind: EntryKind::Step,
+        name: Some(name.into()),
+        value: Some(value),
+        content_type: None,
+        failure: None,
+        token: record.attempt_token.clone(),
+        effect: Effect::None,
+    };
+    // The input is entry 0: two more fit.
+    store
+        .append_entry(&record.id, 1, step("a", b"1".to_vec()), T0)
+        .await
+        .unwrap();
+    let big = store
+        .append_entry(&record.id, 1, step("b", vec![b'x'; 2_000]), T0)
+        .await;
+    assert!(
+        matches!(big, Err(StoreError::JournalFull { .. })),
+        "{big:?}"
+    );
+    store
+        .append_entry(&record.id, 1, step("c", b"2".to_vec()), T0)
+        .await
+        .unwrap();
+    let full = store
+        .append_entry(&record.id, 1, step("d", b"3".to_vec()), T0)
+        .await;
+    assert!(
+        matches!(full, Err(StoreError::JournalFull { .. })),
+        "{full:?}"
+    );
+    let now = store.get_invocation(&record.id).await.unwrap().unwrap();
+    assert_eq!(now.journal_len, 3, "refused appends wrote nothing");
+    assert!(JournalLimits {
+        max_entries: 3,
+        max_bytes: 1_000
+    }
+    .warning(now.journal_len, now.journal_bytes)
+    .is_some());
+}

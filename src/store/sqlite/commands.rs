@@ -16,18 +16,31 @@ pub(super) fn append(
     attempt: u32,
     entry: NewEntry,
     now_ms: i64,
+    limits: JournalLimits,
 ) -> StoreResult<StoredEntry> {
+    let bytes = entry.value.as_ref().map_or(0, Vec::len) as i64
+        + entry.name.as_ref().map_or(0, String::len) as i64;
     let grown: Option<u32> = conn
         .prepare_cached(
-            "UPDATE invocations SET journal_len = journal_len + 1, position_failures = 0, \
-             modified_at_ms = ?1 \
+            "UPDATE invocations SET journal_len = journal_len + 1, \
+             journal_bytes = journal_bytes + ?6, position_failures = 0, modified_at_ms = ?1 \
              WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
              AND (?4 IS NULL OR journal_len = ?4) \
-             AND (?5 IS NULL OR attempt_token = ?5) RETURNING journal_len",
+             AND (?5 IS NULL OR attempt_token = ?5) \
+             AND journal_len < ?7 AND journal_bytes + ?6 <= ?8 RETURNING journal_len",
         )
         .map_err(backend)?
         .query_row(
-            params![now_ms, id.as_str(), attempt, entry.index, entry.token],
+            params![
+                now_ms,
+                id.as_str(),
+                attempt,
+                entry.index,
+                entry.token,
+                bytes,
+                limits.max_entries,
+                limits.max_bytes
+            ],
             |row| row.get(0),
         )
         .optional()
@@ -49,6 +62,21 @@ pub(super) fn append(
                 } else if let Some(recorded) = same_append(conn, id.as_str(), attempt, &entry)? {
                     // The same append again (its answer was lost): the recorded entry.
                     return Ok(recorded);
+                } else if let Some(full) = current.as_ref().and_then(|r| {
+                    let index_ok = entry.index.is_none_or(|i| i == r.journal_len);
+                    let limit = if r.journal_len >= limits.max_entries {
+                        Some(format!("{} entries at most", limits.max_entries))
+                    } else if r.journal_bytes + bytes > limits.max_bytes {
+                        Some(format!("{} bytes at most", limits.max_bytes))
+                    } else {
+                        None
+                    };
+                    limit.filter(|_| index_ok)
+                }) {
+                    StoreError::JournalFull {
+                        invocation_id: id.to_string(),
+                        limit: full,
+                    }
                 } else {
                     StoreError::IndexMismatch {
                         invocation_id: id.to_string(),
@@ -445,8 +473,8 @@ pub(super) fn insert_invocation(
     let sql = format!(
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
-         created_at_ms, modified_at_ms, attempt_token, workflow_id) \
-         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8) \
+         created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes) \
+         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9) \
          RETURNING {INVOCATION_COLUMNS}"
     );
     let record = query_one(
@@ -461,6 +489,7 @@ pub(super) fn insert_invocation(
             new.idempotency.as_ref().map(|c| c.key.as_str()),
             new_attempt_token(),
             workflow_id,
+            new.input.len() as i64,
         ],
         invocation,
     )?

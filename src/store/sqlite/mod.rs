@@ -58,6 +58,8 @@ type WriteOp = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
 
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteOp>,
+    /// How long a journal may grow.
+    limits: JournalLimits,
     readers: Arc<ReaderPool>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
@@ -138,6 +140,7 @@ impl SqliteStore {
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
+            limits: JournalLimits::default(),
             readers: Arc::new(ReaderPool {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -145,6 +148,12 @@ impl SqliteStore {
             }),
             _checkpointer: stop,
         })
+    }
+
+    /// The store with journals bounded by `limits`.
+    pub fn with_journal_limits(mut self, limits: JournalLimits) -> SqliteStore {
+        self.limits = limits;
+        self
     }
 
     /// Applies the embedded migrations (creating the file if needed).
@@ -759,6 +768,7 @@ impl Store for SqliteStore {
     }
 
     async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer> {
+        let limits = self.limits;
         self.write(move |conn| {
             let id = command.id.as_str();
             check_attempt(conn, id, command.attempt, &command.token)?;
@@ -781,7 +791,7 @@ impl Store for SqliteStore {
             let (entry, recorded) = match (found, command.new) {
                 (Some(entry), _) => (entry, true),
                 (None, Some(new)) => (
-                    append(conn, &command.id, command.attempt, new, now_ms)?,
+                    append(conn, &command.id, command.attempt, new, now_ms, limits)?,
                     false,
                 ),
                 (None, None) => {
@@ -802,7 +812,7 @@ impl Store for SqliteStore {
                     )?;
                     Some(match found {
                         Some(entry) => entry,
-                        None => append(conn, &command.id, command.attempt, new, now_ms)?,
+                        None => append(conn, &command.id, command.attempt, new, now_ms, limits)?,
                     })
                 }
                 None => None,
@@ -861,7 +871,8 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> StoreResult<StoredEntry> {
         let id = id.clone();
-        self.write(move |conn| append(conn, &id, attempt, entry, now_ms))
+        let limits = self.limits;
+        self.write(move |conn| append(conn, &id, attempt, entry, now_ms, limits))
             .await
     }
 
