@@ -12,7 +12,7 @@ use super::{Ended, Engine};
 use crate::ids::InvocationId;
 use crate::lifecycle::{self, pause};
 use crate::store::{
-    AttemptEnd, HandlerProtocol, InvocationRecord, Status, StoreError, StoredEntry,
+    AttemptEnd, Charge, HandlerProtocol, InvocationRecord, Status, StoreError, StoredEntry,
 };
 
 /// The longest pause between two tries of recording an attempt's end.
@@ -38,7 +38,7 @@ impl Engine {
                     let end = AttemptEnd::BackOff {
                         until_ms: self.clock.now_ms() + 1_000,
                         error: format!("the journal could not be read: {error}"),
-                        handler_failure: false,
+                        charged: Charge::Nobody,
                     };
                     self.record_end(&record, end).await;
                     return;
@@ -57,7 +57,7 @@ impl Engine {
                 AttemptEnd::BackOff {
                     until_ms: self.clock.now_ms() + 1_000,
                     error: format!("the store failed during the attempt: {error}"),
-                    handler_failure: false,
+                    charged: Charge::Nobody,
                 }
             }
         };

@@ -151,21 +151,22 @@ mod tests {
         match decide(9, &policy(3), retry(Some("charge"), Some(250)), NOW) {
             AttemptEnd::BackOff {
                 until_ms,
-                handler_failure,
+                charged,
                 error,
             } => {
                 assert_eq!(until_ms, NOW + 250);
-                assert!(!handler_failure);
+                assert_eq!(charged, crate::store::Charge::Step);
                 assert!(error.contains("charge"), "{error}");
             }
             other => panic!("{other:?}"),
         }
         match decide(0, &policy(3), retry(None, None), NOW) {
             AttemptEnd::BackOff {
-                until_ms,
-                handler_failure,
-                ..
-            } => assert_eq!((until_ms, handler_failure), (NOW + 100, true)),
+                until_ms, charged, ..
+            } => assert_eq!(
+                (until_ms, charged),
+                (NOW + 100, crate::store::Charge::Handler)
+            ),
             other => panic!("{other:?}"),
         }
         match decide(2, &policy(3), retry(None, None), NOW) {

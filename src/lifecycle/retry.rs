@@ -6,7 +6,7 @@ use std::time::Duration;
 use durin_protocol::{Failure, RetryPolicy};
 
 use super::after;
-use crate::store::AttemptEnd;
+use crate::store::{AttemptEnd, Charge};
 
 /// A handler-level failure (a crash, a timeout, a 5xx, a `retry` outcome), charged to the
 /// handler's policy. `delay_override` is the handler's own `Retry-After`.
@@ -22,7 +22,7 @@ pub(super) fn handler_failure(
         Some(delay) => AttemptEnd::BackOff {
             until_ms: after(now_ms, delay_override.unwrap_or(delay)),
             error,
-            handler_failure: true,
+            charged: Charge::Handler,
         },
         None => {
             let why = policy.exhausted_reason(error_type.as_deref());
@@ -51,6 +51,6 @@ pub(super) fn step_backoff(
     AttemptEnd::BackOff {
         until_ms: after(now_ms, Duration::from_millis(delay_ms)),
         error: format!("step {step:?} failed{kind}: {error}"),
-        handler_failure: false,
+        charged: Charge::Step,
     }
 }

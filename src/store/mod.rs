@@ -465,6 +465,18 @@ pub struct NewEntry {
     pub effect: Effect,
 }
 
+/// Whose retry budget a failed attempt uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// The handler's policy (a crash, a timeout, a 5xx, a `retry` outcome).
+    Handler,
+    /// The policy of the step that failed (counted in `position_failures`, which the SDK
+    /// reads): a crash never uses a step's budget.
+    Step,
+    /// Nobody's: the gateway failed (its store), not the handler.
+    Nobody,
+}
+
 /// How an attempt ended, as the invoker decided it.
 #[derive(Debug, Clone)]
 pub enum AttemptEnd {
@@ -477,11 +489,11 @@ pub enum AttemptEnd {
         /// The handler's own answer (body and content type), which goes back to the caller.
         body: Option<(Vec<u8>, Option<String>)>,
     },
-    /// Retry at `until_ms`. `handler_failure` counts it against the handler's policy.
+    /// Retry at `until_ms`, charged to `charged`'s retry budget.
     BackOff {
         until_ms: i64,
         error: String,
-        handler_failure: bool,
+        charged: Charge,
     },
     /// Waits for the commands at `waiting_for` (v2), or until `until_ms` (v1), whichever
     /// comes first; due at once when one of them has completed already.

@@ -655,3 +655,38 @@ async fn a_journal_past_its_limits_takes_no_more_entries() {
     .warning(now.journal_len, now.journal_bytes)
     .is_some());
 }
+
+#[tokio::test]
+async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    let back_off = |charged| AttemptEnd::BackOff {
+        until_ms: T0,
+        error: "boom".into(),
+        charged,
+    };
+    // A step failed, then the handler crashed, then the gateway's store failed.
+    let (after_step, _) = store
+        .end_attempt(&record.id, 1, back_off(Charge::Step), T0)
+        .await
+        .unwrap();
+    assert_eq!((after_step.position_failures, after_step.failures), (1, 0));
+    let second = store.claim_due(T0, 10).await.unwrap().remove(0);
+    let (after_crash, _) = store
+        .end_attempt(&record.id, second.attempt, back_off(Charge::Handler), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (after_crash.position_failures, after_crash.failures),
+        (1, 1)
+    );
+    let third = store.claim_due(T0, 10).await.unwrap().remove(0);
+    let (after_store, _) = store
+        .end_attempt(&record.id, third.attempt, back_off(Charge::Nobody), T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (after_store.position_failures, after_store.failures),
+        (1, 1)
+    );
+}

@@ -211,8 +211,8 @@ pub struct InvocationRequest {
     pub input: Value,
     /// Every entry recorded so far, after the input, in index order.
     pub journal: Vec<JournalEntry>,
-    /// Attempts that failed since the journal last grew; the SDK uses it to count the
-    /// attempts of the step that is failing.
+    /// Attempts whose step failed since the journal last grew (a crash or a timeout counts
+    /// for no step); the SDK uses it to count the attempts of the step that is failing.
     pub position_failures: u32,
     /// Base URL of this invocation's context API.
     pub context_url: String,

@@ -934,14 +934,15 @@ impl Store for SqliteStore {
                 AttemptEnd::BackOff {
                     until_ms,
                     error,
-                    handler_failure,
+                    charged,
                 } => (
                     "status = 'backing-off', next_run_at_ms = ?4, last_error = ?5, \
-                     failures = failures + ?6, position_failures = position_failures + 1",
+                     failures = failures + ?6, position_failures = position_failures + ?7",
                     vec![
                         (*until_ms).into(),
                         error.clone().into(),
-                        i64::from(*handler_failure).into(),
+                        i64::from(*charged == Charge::Handler).into(),
+                        i64::from(*charged == Charge::Step).into(),
                     ],
                 ),
                 AttemptEnd::Suspended { waiting_for, .. } => (
