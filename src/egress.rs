@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
 use crate::engine::{AttemptObserver, Ended, Engine};
-use crate::http::{hex, parse_retry_after, read_limited};
+use crate::http::{hex, parse_retry_after, read_limited, same_secret};
 use crate::ids::InvocationId;
 use crate::problem::ApiError;
 use crate::store::{AttemptEnd, Effect, NewEntry, Status, Store, StoreError};
@@ -213,15 +213,6 @@ fn stale(id: &InvocationId, attempt: u32) -> ApiError {
     ApiError::Conflict(format!(
         "attempt {attempt} of invocation {id} has ended; only the current attempt may call out"
     ))
-}
-
-/// Compares two secrets in time that does not depend on where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use durin_protocol::Failure;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::{parse_json, ApiBody, ApiPath, AppState};
+use super::{json_body, parse_json, ApiBody, ApiPath, AppState};
 use crate::http::json_value;
 use crate::problem::ApiError;
 use crate::store::StoreError;
@@ -21,11 +21,7 @@ pub async fn resolve(
     ApiPath(token): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let value: Value = if body.is_empty() {
-        Value::Null
-    } else {
-        parse_json("the awakeable's value", &body)?
-    };
+    let value = json_body("the awakeable's value", &body)?;
     complete(
         &state,
         &token,

@@ -21,7 +21,7 @@ use durin_protocol::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{parse_invocation_id, parse_json, ApiBody, ApiPath, ApiQuery, AppState};
+use super::{json_body, parse_invocation_id, parse_json, ApiBody, ApiPath, ApiQuery, AppState};
 use crate::engine::AttemptObserver;
 use crate::http::json_value;
 use crate::ids::InvocationId;
@@ -65,15 +65,6 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-/// The JSON of a body; an empty body is `null`.
-fn json_body(what: &str, body: &[u8]) -> Result<Value, ApiError> {
-    if body.is_empty() {
-        Ok(Value::Null)
-    } else {
-        parse_json(what, body)
-    }
 }
 
 fn to_bytes(value: &Value) -> Vec<u8> {

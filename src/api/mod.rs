@@ -282,6 +282,16 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
         .transpose()
 }
 
+/// The JSON of a body, with an error that says where it went wrong; an empty body is
+/// `null`.
+pub fn json_body(what: &str, body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    if body.is_empty() {
+        Ok(serde_json::Value::Null)
+    } else {
+        parse_json(what, body)
+    }
+}
+
 pub fn parse_invocation_id(id: &str) -> Result<InvocationId, ApiError> {
     InvocationId::parse(id).map_err(ApiError::BadRequest)
 }

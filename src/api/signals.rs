@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::workflows::find_run;
 use super::{
-    find_invocation, idempotency_key, parse_invocation_id, parse_json, ApiBody, ApiPath, AppState,
+    find_invocation, idempotency_key, json_body, parse_invocation_id, ApiBody, ApiPath, AppState,
 };
 use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
@@ -48,11 +48,7 @@ async fn send(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let name = parse_name("signal", name).map_err(ApiError::BadRequest)?;
-    let payload: serde_json::Value = if body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        parse_json("the signal payload", body)?
-    };
+    let payload = json_body("the signal payload", body)?;
     let signal = NewSignal {
         name: name.clone(),
         value: serde_json::to_vec(&payload).unwrap_or_default(),
