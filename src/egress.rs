@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::engine::{AttemptObserver, Ended, Engine};
+use crate::engine::{AttemptObserver, Engine};
 use crate::http::{hex, parse_retry_after, read_limited, same_secret};
 use crate::ids::InvocationId;
 use crate::problem::ApiError;
@@ -869,16 +869,9 @@ impl Egress {
         let end = AttemptEnd::Paused {
             reason: reason.clone(),
         };
-        match self
-            .store
-            .end_attempt(id, attempt, end, self.clock.now_ms())
-            .await
-        {
-            Ok((record, output)) => {
+        match self.engine.end_attempt(id, attempt, end).await {
+            Ok(_) => {
                 self.calls.forget(id, attempt);
-                self.engine
-                    .waiters()
-                    .finish(Arc::new(Ended { record, output }));
                 ApiError::Conflict(reason)
             }
             Err(StoreError::Fenced { .. }) => ApiError::Conflict(reason),

@@ -173,11 +173,13 @@ impl ApiError {
                 "Deployment could not be used",
                 *retryable,
             ),
+            // A handler that kept answering 429 may take the same request later (under
+            // a new Idempotency-Key: this invocation's end is final).
             InvocationFailed { status, .. } => (
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 "invocation-failed",
                 "Invocation failed",
-                false,
+                *status == 429,
             ),
             Downstream(_) => (
                 StatusCode::BAD_GATEWAY,

@@ -486,6 +486,46 @@ async fn redirects_are_not_followed() {
     gateway.stop().await;
 }
 
+/// A plain handler that keeps answering 429 is retried (after its `Retry-After`) until the
+/// policy is used up; the caller then gets a 429 problem marked retryable, not a 500 that
+/// says the request is hopeless.
+#[tokio::test]
+async fn a_handler_that_keeps_answering_429_fails_as_a_retryable_429() {
+    let gateway = Gateway::start(|config| config.retry_policy = fast_policy(3)).await;
+    let hits = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&hits);
+    let url = serve(axum::Router::new().route(
+        "/busy/run",
+        post(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "0")],
+                    "slow down",
+                )
+            }
+        }),
+    ))
+    .await;
+    let services = json!([{"name": "busy", "handlers": [{"name": "run"}]}]);
+    let response = gateway
+        .admin_post(
+            "/v1/deployments",
+            &json!({"url": url, "services": services}).to_string(),
+        )
+        .await;
+    assert!(response.status().is_success());
+    let r = gateway.post("/v1/call/busy/run", "{}").await;
+    let body = problem(r, 429, true, "all 3 attempts failed").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("slow down"),
+        "{body}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    gateway.stop().await;
+}
+
 /// `Prefer` as RFC 7240 says: a preference that cannot be understood is ignored, an
 /// honoured wait is named in `Preference-Applied`, and answers that depend on it vary by it.
 #[tokio::test]
@@ -1045,5 +1085,49 @@ async fn an_append_without_the_attempt_token_is_refused() {
     let entries = journal(&gateway.admin, &id).await;
     assert_eq!(entries[1]["value"], 1);
     assert_eq!(entries.len(), 3);
+    gateway.stop().await;
+}
+
+/// The SDK bounds what it accepts: a journal that outgrew its limit is refused with 413
+/// before the handler runs, and Durin pauses the invocation with a reason that says what
+/// to raise, instead of retrying the same request or failing the workflow.
+#[tokio::test]
+async fn a_request_above_the_sdks_bound_pauses_the_invocation() {
+    let gateway = Gateway::start(|_| {}).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&runs);
+    let endpoint = Endpoint::new()
+        .max_request_bytes(4096)
+        .service(
+            Service::new("big").handler("run", move |ctx: Context, _: Value| {
+                let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    ctx.run("blob", || async { Ok("x".repeat(8192)) }).await?;
+                    if first {
+                        return Err::<(), _>(HandlerError::retryable("once more"));
+                    }
+                    Ok(())
+                }
+            }),
+        );
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/big/run", "null").await;
+    let body = problem(r, 503, true, "as too large (413)").await;
+    let view = gateway
+        .invocation(body["invocation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(view["status"], "paused", "{view}");
+    assert!(
+        view["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("max_request_bytes"),
+        "{view}"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the second request never ran"
+    );
     gateway.stop().await;
 }

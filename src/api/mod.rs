@@ -301,8 +301,9 @@ pub type EndedListener = watch::Receiver<Option<Arc<Ended>>>;
 
 /// Waits until the invocation is final (or paused, with `stop_on_pause`: a paused
 /// invocation waits for an operator), or `timeout` passes; returns its latest state either
-/// way. `listener`, when given, was taken before the invocation started, so the store need
-/// not be read first.
+/// way. The end wakes the wait ([`Engine::end_attempt`] is the only way an attempt ends),
+/// so a waiting caller costs no store reads. `listener`, when given, was taken before the
+/// invocation started, so the store need not be read first.
 pub async fn wait_for_end(
     state: &AppState,
     id: &InvocationId,
@@ -310,44 +311,64 @@ pub async fn wait_for_end(
     stop_on_pause: bool,
     listener: Option<EndedListener>,
 ) -> Result<Arc<Ended>, ApiError> {
-    // A wake-up can come from another process (a later store), so poll now and then too.
-    const POLL: Duration = Duration::from_secs(1);
-    // A wait too long to represent has no deadline.
-    let deadline = Instant::now().checked_add(timeout);
     let done = |record: &InvocationRecord| {
         record.status.is_final() || (stop_on_pause && record.status == Status::Paused)
     };
     let _release = ReleaseListener(state.engine.waiters(), id);
-    let mut fresh = listener;
-    loop {
-        let (mut ended, check_store) = match fresh.take() {
-            Some(listener) => (listener, false),
-            None => (state.engine.waiters().listener(id), true),
-        };
-        let now = Instant::now();
-        let timed_out = deadline.is_some_and(|d| now >= d);
-        if check_store || timed_out {
+    let mut ended = match listener {
+        Some(listener) => listener,
+        None => {
+            // Listening first, then reading: an end in between is not missed.
+            let listener = state.engine.waiters().listener(id);
             let record = find_invocation(state, id).await?;
-            if done(&record) || timed_out {
+            if done(&record) {
                 return load_ended(state, record).await;
             }
+            listener
         }
-        let wake = deadline.map_or(POLL, |d| d.saturating_duration_since(now).min(POLL));
-        tokio::select! {
-            changed = tokio::time::timeout(wake, ended.changed()) => {
-                if let Ok(Ok(())) = changed {
-                    let value = ended.borrow().clone();
-                    if let Some(value) = value.filter(|e| done(&e.record)) {
-                        return Ok(value);
+    };
+    // A wait too long to represent has no deadline.
+    let deadline = Instant::now().checked_add(timeout);
+    let heard = async {
+        loop {
+            if ended.changed().await.is_err() {
+                // The sender is gone without a value for this wait: read the store.
+                return None;
+            }
+            let value = ended.borrow_and_update().clone();
+            match value {
+                // A pause ends only a wait that stops on pauses; the others listen
+                // again for the end that follows a resume.
+                Some(value) if done(&value.record) => return Some(value),
+                Some(_) => {
+                    ended = state.engine.waiters().listener(id);
+                    // Resumed and ended before this listener was taken: read the end.
+                    let record = find_invocation(state, id).await.ok();
+                    if record.as_ref().is_none_or(done) {
+                        return None;
                     }
                 }
-            }
-            _ = state.stopping.cancelled() => {
-                return Err(ApiError::ShuttingDown(format!(
-                    "Durin is restarting; invocation {id} goes on, re-attach with GET /v1/invocations/{id} or the same Idempotency-Key"
-                )));
+                None => {}
             }
         }
+    };
+    tokio::select! {
+        value = heard => match value {
+            Some(value) => Ok(value),
+            None => load_ended(state, find_invocation(state, id).await?).await,
+        },
+        () = sleep_until(deadline) => load_ended(state, find_invocation(state, id).await?).await,
+        () = state.stopping.cancelled() => Err(ApiError::ShuttingDown(format!(
+            "Durin is restarting; invocation {id} goes on, re-attach with GET /v1/invocations/{id} or the same Idempotency-Key"
+        ))),
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,6 +4,7 @@
 //! The engine never writes storage except through the store's fenced methods: an attempt
 //! that was fenced (a newer attempt, a pause) finds its end refused and leaves quietly.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -73,21 +74,9 @@ impl Engine {
         let id = &record.id;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self
-                .store
-                .end_attempt(id, record.attempt, end.clone(), self.clock.now_ms())
-                .await
-            {
-                Ok((ended, output)) => {
+            match self.end_attempt(id, record.attempt, end.clone()).await {
+                Ok(_) => {
                     self.attempt_recorded(id, record.attempt);
-                    if ended.status.is_final() || ended.status == Status::Paused {
-                        self.waiters.finish(std::sync::Arc::new(Ended {
-                            record: ended,
-                            output,
-                        }));
-                    } else if ended.next_run_at_ms.is_some() {
-                        self.nudge();
-                    }
                     return;
                 }
                 // The invocation changed under this attempt (a newer attempt, a pause):
@@ -155,6 +144,31 @@ impl Engine {
 }
 
 impl Engine {
+    /// Records the end of `attempt` (fenced by it) and tells who waits: the callers waiting
+    /// for the invocation when it ended or paused, the scheduler when it is due again. Every
+    /// end goes through here, so waiting callers are woken by the end itself and never poll
+    /// the store.
+    pub async fn end_attempt(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        end: AttemptEnd,
+    ) -> Result<InvocationRecord, StoreError> {
+        let (record, output) = self
+            .store
+            .end_attempt(id, attempt, end, self.clock.now_ms())
+            .await?;
+        if record.status.is_final() || record.status == Status::Paused {
+            self.waiters.finish(Arc::new(Ended {
+                record: record.clone(),
+                output,
+            }));
+        } else if record.next_run_at_ms.is_some() {
+            self.nudge();
+        }
+        Ok(record)
+    }
+
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {
         for observer in &self.observers {
             observer.attempt_recorded(id, attempt);

@@ -10,7 +10,7 @@ use durin_protocol::{
 use super::Engine;
 use crate::http::{error_chain, json_value, parse_retry_after, read_limited, snippet};
 use crate::ids::InvocationId;
-use crate::lifecycle::HandlerAnswer;
+use crate::lifecycle::{HandlerAnswer, Retryable};
 use crate::store::{HandlerProtocol, HandlerTarget, InvocationRecord, StoredEntry};
 
 /// The longest answer a handler may give, so that a runaway handler cannot exhaust memory.
@@ -89,6 +89,7 @@ impl Engine {
             &record.attempt.to_string(),
             &body,
         );
+        let request_bytes = body.len();
         let sent = request
             .body(body)
             .header(HEADER_SIGNATURE, signature)
@@ -104,22 +105,20 @@ impl Engine {
         let response = match sent {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {
-                return HandlerAnswer::Retry {
-                    error: format!(
+                return HandlerAnswer::Retry(Retryable::new(
+                    format!(
                         "attempt {} exceeded its start_to_close timeout of {}",
                         record.attempt,
                         humantime::format_duration(timeout)
                     ),
-                    error_type: Some("StartToCloseTimeout".into()),
-                    delay: None,
-                }
+                    Some("StartToCloseTimeout".into()),
+                ))
             }
             Err(e) => {
-                return HandlerAnswer::Retry {
-                    error: format!("could not call {endpoint}: {}", error_chain(&e)),
-                    error_type: None,
-                    delay: None,
-                }
+                return HandlerAnswer::Retry(Retryable::new(
+                    format!("could not call {endpoint}: {}", error_chain(&e)),
+                    None,
+                ))
             }
         };
         let status = response.status();
@@ -136,11 +135,10 @@ impl Engine {
         let body = match read_limited(response, MAX_HANDLER_RESPONSE_BYTES).await {
             Ok(body) => body,
             Err(error) => {
-                return HandlerAnswer::Retry {
-                    error: format!("reading the answer of {endpoint} failed: {error}"),
-                    error_type: None,
-                    delay: None,
-                }
+                return HandlerAnswer::Retry(Retryable::new(
+                    format!("reading the answer of {endpoint} failed: {error}"),
+                    None,
+                ))
             }
         };
         let plain = target.protocol == HandlerProtocol::Plain;
@@ -149,14 +147,18 @@ impl Engine {
         } else if status.is_success() {
             match serde_json::from_slice::<Outcome>(&body) {
                 Ok(outcome) => HandlerAnswer::Outcome(outcome),
-                Err(e) => HandlerAnswer::Retry {
-                    error: format!(
+                Err(e) => HandlerAnswer::Retry(Retryable::new(
+                    format!(
                         "protocol violation: {endpoint} answered {status} with a body that is not a Durin outcome ({e}): {}",
                         snippet(&body)
                     ),
-                    error_type: Some("ProtocolViolation".into()),
-                    delay: None,
-                },
+                    Some("ProtocolViolation".into()),
+                )),
+            }
+        } else if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE && !plain {
+            HandlerAnswer::RequestTooLarge {
+                deployment_id: target.deployment_id.clone(),
+                bytes: request_bytes,
             }
         } else if status.is_client_error()
             && status != reqwest::StatusCode::REQUEST_TIMEOUT
@@ -169,11 +171,15 @@ impl Engine {
             };
             HandlerAnswer::Terminal(failure, plain.then_some((body, content_type)))
         } else {
-            HandlerAnswer::Retry {
-                error: format!("handler answered {status}: {}", snippet(&body)),
-                error_type: None,
+            let throttled = status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            HandlerAnswer::Retry(Retryable {
                 delay: retry_after,
-            }
+                status: if throttled { 429 } else { 500 },
+                ..Retryable::new(
+                    format!("handler answered {status}: {}", snippet(&body)),
+                    None,
+                )
+            })
         }
     }
 }

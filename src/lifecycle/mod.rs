@@ -34,12 +34,34 @@ pub enum HandlerAnswer {
     Output(Vec<u8>, Option<String>),
     /// A terminal failure, with a plain handler's own answer.
     Terminal(Failure, Option<(Vec<u8>, Option<String>)>),
-    /// A crash, a timeout, a 5xx: retried under the handler's policy.
-    Retry {
-        error: String,
-        error_type: Option<String>,
-        delay: Option<Duration>,
-    },
+    /// A crash, a timeout, a 5xx, a 429: retried under the handler's policy.
+    Retry(Retryable),
+    /// An SDK deployment answered 413 to an invocation request of `bytes`.
+    RequestTooLarge { deployment_id: String, bytes: usize },
+}
+
+/// A failure the handler's retry policy may try again.
+#[derive(Debug)]
+pub struct Retryable {
+    pub error: String,
+    pub error_type: Option<String>,
+    /// The handler's own `Retry-After`.
+    pub delay: Option<Duration>,
+    /// What the caller gets when the policy is used up: the handler's 429 (too many
+    /// requests: the same request later may succeed), or 500.
+    pub status: u16,
+}
+
+impl Retryable {
+    /// A failure of Durin's call or of the handler, not an answer of its own.
+    pub fn new(error: String, error_type: Option<String>) -> Retryable {
+        Retryable {
+            error,
+            error_type,
+            delay: None,
+            status: 500,
+        }
+    }
 }
 
 /// How an attempt ends, given the handler's answer. `failures` counts the invocation's
@@ -52,11 +74,13 @@ pub fn decide(
 ) -> AttemptEnd {
     let outcome = match answer {
         HandlerAnswer::Terminal(failure, body) => return AttemptEnd::Failed { failure, body },
-        HandlerAnswer::Retry {
-            error,
-            error_type,
-            delay,
-        } => return retry::handler_failure(failures, policy, error, error_type, delay, now_ms),
+        HandlerAnswer::Retry(failure) => {
+            return retry::handler_failure(failures, policy, failure, now_ms)
+        }
+        HandlerAnswer::RequestTooLarge {
+            deployment_id,
+            bytes,
+        } => return pause::request_too_large(&deployment_id, bytes),
         HandlerAnswer::Output(output, content_type) => {
             return AttemptEnd::Completed {
                 output,
@@ -95,9 +119,10 @@ pub fn decide(
         } => retry::handler_failure(
             failures,
             policy,
-            error,
-            error_type,
-            retry_after_ms.map(Duration::from_millis),
+            Retryable {
+                delay: retry_after_ms.map(Duration::from_millis),
+                ..Retryable::new(error, error_type)
+            },
             now_ms,
         ),
         Outcome::Suspend {
@@ -107,9 +132,7 @@ pub fn decide(
             retry::handler_failure(
                 failures,
                 policy,
-                violation,
-                Some("ProtocolViolation".into()),
-                None,
+                Retryable::new(violation, Some("ProtocolViolation".into())),
                 now_ms,
             )
         }),

@@ -40,6 +40,16 @@ pub fn unreadable_journal(
     })
 }
 
+/// An SDK deployment refused the invocation request as too large (its journal outgrew the
+/// SDK's bound on what it accepts): retrying would only send it again.
+pub(super) fn request_too_large(deployment_id: &str, bytes: usize) -> AttemptEnd {
+    AttemptEnd::Paused {
+        reason: format!(
+            "deployment {deployment_id} refused the invocation request of {bytes} bytes as too large (413); raise its limit (Endpoint::max_request_bytes in the Rust SDK) and resume the invocation"
+        ),
+    }
+}
+
 /// The deployment the invocation is pinned to no longer serves its handler.
 pub fn deployment_gone(deployment_id: &str, service: &str, handler: &str) -> AttemptEnd {
     AttemptEnd::Paused {

@@ -5,19 +5,23 @@ use std::time::Duration;
 
 use durin_protocol::{Failure, RetryPolicy};
 
-use super::after;
+use super::{after, Retryable};
 use crate::store::{AttemptEnd, Charge};
 
-/// A handler-level failure (a crash, a timeout, a 5xx, a `retry` outcome), charged to the
-/// handler's policy. `delay_override` is the handler's own `Retry-After`.
+/// A handler-level failure (a crash, a timeout, a 5xx, a 429, a `retry` outcome), charged
+/// to the handler's policy.
 pub(super) fn handler_failure(
     failures: u32,
     policy: &RetryPolicy,
-    error: String,
-    error_type: Option<String>,
-    delay_override: Option<Duration>,
+    failure: Retryable,
     now_ms: i64,
 ) -> AttemptEnd {
+    let Retryable {
+        error,
+        error_type,
+        delay: delay_override,
+        status,
+    } = failure;
     match policy.next_delay(failures + 1, error_type.as_deref()) {
         Some(delay) => AttemptEnd::BackOff {
             until_ms: after(now_ms, delay_override.unwrap_or(delay)),
@@ -28,7 +32,7 @@ pub(super) fn handler_failure(
             let why = policy.exhausted_reason(error_type.as_deref());
             AttemptEnd::Failed {
                 failure: Failure {
-                    status: 500,
+                    status,
                     error_type,
                     message: format!("{why}; last error: {error}"),
                 },

@@ -104,11 +104,26 @@ impl Service {
 }
 
 /// The HTTP server of a set of services.
-#[derive(Default)]
 pub struct Endpoint {
     services: Vec<Service>,
     /// Durin's public key: when set, a request without Durin's valid signature is refused.
     verifier: Option<VerifyingKey>,
+    /// The largest invocation request accepted.
+    max_request_bytes: usize,
+}
+
+/// The default bound on an invocation request: above what Durin sends at its default
+/// limits (a 1 MiB input and a journal of at most 50 MiB, with its framing).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+impl Default for Endpoint {
+    fn default() -> Endpoint {
+        Endpoint {
+            services: Vec::new(),
+            verifier: None,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -142,6 +157,14 @@ impl Endpoint {
                 .map_err(|e| format!("{public_key:?} is not an Ed25519 public key: {e}"))?,
         );
         Ok(self)
+    }
+
+    /// Refuses invocation requests larger than `bytes` with `413` before reading them
+    /// further ([`DEFAULT_MAX_REQUEST_BYTES`] unless set). Durin pauses an invocation whose
+    /// request is refused so; raise the bound and resume it.
+    pub fn max_request_bytes(mut self, bytes: usize) -> Endpoint {
+        self.max_request_bytes = bytes;
+        self
     }
 
     pub fn service(mut self, service: Service) -> Endpoint {
@@ -196,9 +219,9 @@ impl Endpoint {
             }
         }
         // An invocation request carries the whole journal, which can be larger than axum's
-        // default 2 MB limit; the gateway bounds what it sends.
+        // default 2 MB limit.
         router
-            .layer(axum::extract::DefaultBodyLimit::disable())
+            .layer(axum::extract::DefaultBodyLimit::max(self.max_request_bytes))
             .with_state(state)
     }
 

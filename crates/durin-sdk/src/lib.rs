@@ -42,5 +42,5 @@ mod error;
 
 pub use context::{Awakeable, Context, RunOptions, Waitable};
 pub use durin_protocol::RetryPolicy;
-pub use endpoint::{Endpoint, HandlerOptions, Service};
+pub use endpoint::{Endpoint, HandlerOptions, Service, DEFAULT_MAX_REQUEST_BYTES};
 pub use error::HandlerError;
