@@ -63,6 +63,13 @@ pub enum ApiError {
         invocation_id: String,
         reason: String,
     },
+    /// The invocation's state does not allow the request (cancel an ended or paused
+    /// invocation, terminate an ended one).
+    #[error("{detail}")]
+    InvocationState {
+        detail: String,
+        invocation_id: String,
+    },
     /// A workflow id already names a run started with another input.
     #[error("{detail}")]
     WorkflowConflict {
@@ -141,6 +148,12 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "Admin token required",
+                false,
+            ),
+            InvocationState { .. } => (
+                StatusCode::CONFLICT,
+                "invocation-state",
+                "The invocation's state does not allow this",
                 false,
             ),
             WorkflowConflict { .. } => (
@@ -237,6 +250,7 @@ impl ApiError {
                 ext.insert("known".into(), json!(known));
             }
             ApiError::InvocationPaused { invocation_id, .. }
+            | ApiError::InvocationState { invocation_id, .. }
             | ApiError::WorkflowConflict { invocation_id, .. } => {
                 ext.insert("invocation_id".into(), json!(invocation_id));
             }
@@ -281,6 +295,7 @@ impl IntoResponse for ApiError {
             );
         }
         if let ApiError::InvocationPaused { invocation_id, .. }
+        | ApiError::InvocationState { invocation_id, .. }
         | ApiError::WorkflowConflict { invocation_id, .. } = &self
         {
             if let Ok(v) = HeaderValue::from_str(&format!("/v1/invocations/{invocation_id}")) {

@@ -558,6 +558,7 @@ fn entry_kinds() -> Vec<EntryKind> {
         EntryKind::Signal,
         EntryKind::Awakeable,
         EntryKind::State,
+        EntryKind::Cancel,
     ];
     for kind in &kinds {
         match kind {
@@ -571,7 +572,8 @@ fn entry_kinds() -> Vec<EntryKind> {
             | EntryKind::Sleep
             | EntryKind::Signal
             | EntryKind::Awakeable
-            | EntryKind::State => {}
+            | EntryKind::State
+            | EntryKind::Cancel => {}
             // Never stored or sent: what a reader makes of a kind it does not know.
             EntryKind::Unknown => {}
         }
@@ -657,6 +659,7 @@ fn handler_protocol_document_matches_the_wire_types() {
         "signal",
         "awakeable",
         "state",
+        "cancel",
     ]
     .map(str::to_owned)
     .into();
@@ -819,6 +822,10 @@ fn api_errors() -> Vec<ApiError> {
         ApiError::Suspended("waits".into()),
         ApiError::Unauthorized,
         ApiError::JournalFull("full".into()),
+        ApiError::InvocationState {
+            detail: "ended".into(),
+            invocation_id: SAMPLE_ID.into(),
+        },
     ];
     for error in &errors {
         match error {
@@ -841,7 +848,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::UnknownQuery { .. }
             | ApiError::Suspended(_)
             | ApiError::Unauthorized
-            | ApiError::JournalFull(_) => {}
+            | ApiError::JournalFull(_)
+            | ApiError::InvocationState { .. } => {}
         }
     }
     errors

@@ -5,6 +5,7 @@
 
 mod admin;
 mod awakeables;
+mod cancel;
 mod context;
 mod ingress;
 mod queries;
@@ -45,8 +46,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/invocations/{id}"),
     ("POST", "/v1/invocations/{id}/signals/{name}"),
     ("GET", "/v1/invocations/{id}/queries/{name}"),
+    ("POST", "/v1/invocations/{id}/cancel"),
     ("POST", "/v1/workflows/{workflow}/{id}"),
     ("GET", "/v1/workflows/{workflow}/{id}"),
+    ("POST", "/v1/workflows/{workflow}/{id}/cancel"),
     ("POST", "/v1/workflows/{workflow}/{id}/signal-with-start"),
     ("POST", "/v1/workflows/{workflow}/{id}/signals/{name}"),
     ("GET", "/v1/workflows/{workflow}/{id}/queries/{name}"),
@@ -72,6 +75,9 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/invocations/{id}"),
     ("GET", "/v1/invocations/{id}/journal"),
     ("POST", "/v1/invocations/{id}/resume"),
+    ("POST", "/v1/invocations/{id}/cancel"),
+    ("POST", "/v1/invocations/{id}/terminate"),
+    ("POST", "/v1/workflows/{workflow}/{id}/terminate"),
     ("GET", "/v1/signing-key"),
 ];
 
@@ -119,6 +125,14 @@ pub fn router(state: AppState) -> Router {
             post(workflows::start).get(workflows::get),
         )
         .route(
+            "/v1/invocations/{id}/cancel",
+            post(cancel::cancel_invocation),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/cancel",
+            post(cancel::cancel_workflow),
+        )
+        .route(
             "/v1/workflows/{workflow}/{id}/signal-with-start",
             post(workflows::signal_with_start),
         )
@@ -154,7 +168,8 @@ pub fn router(state: AppState) -> Router {
     finish(router, state)
 }
 
-/// The admin listener: deployments, the list of invocations, journals, resume. With a
+/// The admin listener: deployments, the list of invocations, journals, resume, cancel and
+/// terminate. With a
 /// token configured, every request must carry `Authorization: Bearer TOKEN`.
 pub fn admin_router(state: AppState, token: Option<String>) -> Router {
     let router = Router::new()
@@ -167,6 +182,18 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/invocations/{id}", get(admin::get_invocation))
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
+        .route(
+            "/v1/invocations/{id}/cancel",
+            post(cancel::cancel_invocation),
+        )
+        .route(
+            "/v1/invocations/{id}/terminate",
+            post(cancel::terminate_invocation),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/terminate",
+            post(cancel::terminate_workflow),
+        )
         .route("/v1/signing-key", get(admin::signing_key));
     let router = finish(router, state);
     match token {

@@ -13,7 +13,8 @@ use super::{Ended, Engine};
 use crate::ids::InvocationId;
 use crate::lifecycle::{self, pause};
 use crate::store::{
-    AttemptEnd, Charge, HandlerProtocol, InvocationRecord, Status, StoreError, StoredEntry,
+    AttemptEnd, CancelAnswer, Charge, HandlerProtocol, InvocationRecord, Status, StoreError,
+    StoredEntry,
 };
 
 /// The longest pause between two tries of recording an attempt's end.
@@ -138,6 +139,7 @@ impl Engine {
             record.failures,
             &policy,
             answer,
+            record.cancel_requested_at_ms.is_some(),
             self.clock.now_ms(),
         ))
     }
@@ -167,6 +169,35 @@ impl Engine {
             self.nudge();
         }
         Ok(record)
+    }
+
+    /// Asks to cancel an invocation (see [`crate::store::Store::cancel`]); the scheduler runs it at once.
+    pub async fn cancel(&self, id: &InvocationId) -> Result<CancelAnswer, StoreError> {
+        let answer = self.store.cancel(id, self.clock.now_ms()).await?;
+        if let CancelAnswer::Requested(_) = &answer {
+            self.nudge();
+        }
+        Ok(answer)
+    }
+
+    /// Ends an invocation at once (see [`crate::store::Store::terminate`]) and tells its waiting
+    /// callers; `false` when it had ended already.
+    pub async fn terminate(
+        &self,
+        id: &InvocationId,
+        reason: String,
+    ) -> Result<(InvocationRecord, bool), StoreError> {
+        let (record, output, terminated) = self
+            .store
+            .terminate(id, reason, self.clock.now_ms())
+            .await?;
+        if terminated {
+            self.waiters.finish(Arc::new(Ended {
+                record: record.clone(),
+                output,
+            }));
+        }
+        Ok((record, terminated))
     }
 
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {

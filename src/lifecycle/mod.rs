@@ -4,9 +4,11 @@
 //! [`AttemptEnd`]; it is pure, so each rule is tested without a handler or a store. The
 //! store carries the end out, fenced by the attempt. `retry.rs` (backoff or failure when
 //! attempts are used up), `suspend.rs` (waiting for commands), `pause.rs` (waiting for an
-//! operator: non-determinism, a journal the deployment cannot read, a deployment gone).
-//! Cancellation and continue-as-new will come here as files of their own.
+//! operator: non-determinism, a journal the deployment cannot read, a deployment gone),
+//! `cancel.rs` (a cancelled invocation's handler ends it). Continue-as-new will come here
+//! as a file of its own.
 
+mod cancel;
 pub mod pause;
 mod retry;
 mod suspend;
@@ -65,14 +67,16 @@ impl Retryable {
 }
 
 /// How an attempt ends, given the handler's answer. `failures` counts the invocation's
-/// earlier handler-level failures.
+/// earlier handler-level failures; `cancelling` says that someone cancelled it.
 pub fn decide(
     failures: u32,
     policy: &RetryPolicy,
     answer: HandlerAnswer,
+    cancelling: bool,
     now_ms: i64,
 ) -> AttemptEnd {
     let outcome = match answer {
+        HandlerAnswer::Terminal(failure, _) if cancelling => return cancel::ended(failure),
         HandlerAnswer::Terminal(failure, body) => return AttemptEnd::Failed { failure, body },
         HandlerAnswer::Retry(failure) => {
             return retry::handler_failure(failures, policy, failure, now_ms)
@@ -94,6 +98,9 @@ pub fn decide(
             output: serde_json::to_vec(&output).unwrap_or_default(),
             content_type: Some("application/json".into()),
         },
+        Outcome::Failure { failure } if cancelling && cancel::is_cancelled(&failure) => {
+            cancel::ended(failure)
+        }
         Outcome::Failure { failure } => AttemptEnd::Failed {
             failure: Failure {
                 status: if (400..600).contains(&failure.status) {
@@ -171,7 +178,7 @@ mod tests {
 
     #[test]
     fn a_step_backoff_is_not_charged_to_the_handler_and_its_retries_are() {
-        match decide(9, &policy(3), retry(Some("charge"), Some(250)), NOW) {
+        match decide(9, &policy(3), retry(Some("charge"), Some(250)), false, NOW) {
             AttemptEnd::BackOff {
                 until_ms,
                 charged,
@@ -183,7 +190,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match decide(0, &policy(3), retry(None, None), NOW) {
+        match decide(0, &policy(3), retry(None, None), false, NOW) {
             AttemptEnd::BackOff {
                 until_ms, charged, ..
             } => assert_eq!(
@@ -192,7 +199,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        match decide(2, &policy(3), retry(None, None), NOW) {
+        match decide(2, &policy(3), retry(None, None), false, NOW) {
             AttemptEnd::Failed { failure, .. } => {
                 assert!(
                     failure.message.starts_with("all 3 attempts failed"),
@@ -211,7 +218,7 @@ mod tests {
                 wake_at_ms,
             })
         };
-        match decide(0, &policy(3), suspend(vec![3, 4], None), NOW) {
+        match decide(0, &policy(3), suspend(vec![3, 4], None), false, NOW) {
             AttemptEnd::Suspended {
                 waiting_for,
                 until_ms,
@@ -219,13 +226,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Version 1: a wake time, capped at a year and a day.
-        match decide(0, &policy(3), suspend(vec![], Some(i64::MAX)), NOW) {
+        match decide(0, &policy(3), suspend(vec![], Some(i64::MAX)), false, NOW) {
             AttemptEnd::Suspended { until_ms, .. } => {
                 assert_eq!(until_ms, Some(after(NOW, MAX_DELAY)))
             }
             other => panic!("{other:?}"),
         }
-        match decide(0, &policy(3), suspend(vec![], None), NOW) {
+        match decide(0, &policy(3), suspend(vec![], None), false, NOW) {
             AttemptEnd::BackOff { error, .. } => assert!(error.contains("protocol violation")),
             other => panic!("{other:?}"),
         }
@@ -245,7 +252,7 @@ mod tests {
             },
             detail: None,
         });
-        match decide(0, &policy(3), answer, NOW) {
+        match decide(0, &policy(3), answer, false, NOW) {
             AttemptEnd::Paused { reason } => {
                 assert!(reason.contains(r#"step "reserve""#), "{reason}");
                 assert!(reason.contains(r#"step "charge""#), "{reason}");

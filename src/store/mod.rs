@@ -72,6 +72,7 @@ pub enum Status {
     Completed,
     Failed,
     Cancelled,
+    Terminated,
 }
 
 impl Status {
@@ -85,6 +86,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Terminated => "terminated",
         }
     }
 
@@ -98,13 +100,17 @@ impl Status {
             "completed" => Status::Completed,
             "failed" => Status::Failed,
             "cancelled" => Status::Cancelled,
+            "terminated" => Status::Terminated,
             _ => return None,
         })
     }
 
-    /// Completed, failed or cancelled: nothing will ever change it again.
+    /// Completed, failed, cancelled or terminated: nothing will ever change it again.
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+        matches!(
+            self,
+            Status::Completed | Status::Failed | Status::Cancelled | Status::Terminated
+        )
     }
 }
 
@@ -223,6 +229,8 @@ pub struct InvocationRecord {
     pub workflow_id: Option<String>,
     /// The journal indexes of the commands a suspended invocation waits for.
     pub waiting_for: Vec<u32>,
+    /// When someone asked to cancel it (its journal then holds a `cancel` entry).
+    pub cancel_requested_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -504,6 +512,25 @@ pub enum AttemptEnd {
     Paused {
         reason: String,
     },
+    /// The handler ended a cancelled invocation with its `Cancelled` error (after its
+    /// compensations).
+    Cancelled {
+        failure: Failure,
+    },
+}
+
+/// What a cancellation request found and did.
+#[derive(Debug, Clone)]
+pub enum CancelAnswer {
+    /// The `cancel` entry is in the journal and the invocation is due to run: its handler
+    /// sees the cancellation at its next await. A running attempt was fenced.
+    Requested(InvocationRecord),
+    /// An earlier request did the above; nothing was written.
+    AlreadyRequested(InvocationRecord),
+    /// It had ended; nothing was written.
+    Ended(InvocationRecord),
+    /// It is paused (waiting for an operator); nothing was written.
+    Paused(InvocationRecord),
 }
 
 #[async_trait]
@@ -602,6 +629,17 @@ pub trait Store: Send + Sync + 'static {
         end: AttemptEnd,
         now_ms: i64,
     ) -> StoreResult<(InvocationRecord, Option<StoredEntry>)>;
+    /// Asks to cancel an invocation: writes its `cancel` entry (completed, numbered after
+    /// the timers that were due) and makes it due, fencing a running attempt.
+    async fn cancel(&self, id: &InvocationId, now_ms: i64) -> StoreResult<CancelAnswer>;
+    /// Ends an invocation at once as `terminated`, with `reason`, fencing any attempt; no
+    /// more handler code runs for it. `false` with the record when it had ended already.
+    async fn terminate(
+        &self,
+        id: &InvocationId,
+        reason: String,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, bool)>;
     /// A paused invocation becomes pending again, optionally moved to another deployment.
     async fn resume(
         &self,

@@ -446,7 +446,11 @@ pub async fn wait_final(gateway: &str, id: &str) -> Value {
                 .await
                 .ok()?;
             let view: Value = response.json().await.ok()?;
-            matches!(view["status"].as_str(), Some("completed" | "failed")).then_some(view)
+            matches!(
+                view["status"].as_str(),
+                Some("completed" | "failed" | "cancelled" | "terminated")
+            )
+            .then_some(view)
         },
     )
     .await

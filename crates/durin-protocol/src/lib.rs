@@ -1,4 +1,4 @@
-//! Wire types of the Durin handler protocol, version 2 (version 1 is still spoken).
+//! Wire types of the Durin handler protocol, version 3 (versions 1 and 2 are still spoken).
 //!
 //! The gateway and every SDK speak this protocol, so it lives in its own crate with no
 //! dependency on either side. ARCHITECTURE.md describes the exchange in prose; this file is
@@ -18,7 +18,9 @@
 //! result is a [`Completion`], stored by the gateway when it arrives (possibly while no
 //! attempt runs) and delivered on the entry in the next invocation request. A handler that
 //! needs a result that has not arrived ends the attempt with [`Outcome::Suspend`], naming
-//! the entries it waits for. The version is negotiated: the deployment's discovery document
+//! the entries it waits for. Version 3 adds cancellation: a `cancel` entry the gateway
+//! writes, which the handler's next await receives as a terminal `Cancelled` error.
+//! The version is negotiated: the deployment's discovery document
 //! says which version it speaks, and the gateway speaks every version from
 //! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`].
 
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol version this crate describes.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version the gateway still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Header naming the invocation an attempt belongs to (`inv_…`).
@@ -283,6 +285,12 @@ pub enum EntryKind {
     /// Durable state (v2): `name` is the key, `value` `{"set": V}` or `{"clear": true}`.
     /// Queries read it without calling the handler.
     State,
+    /// A cancellation (v3), written by the gateway when someone cancelled the invocation;
+    /// its completion's `seq` orders it among the other completions. The handler's next
+    /// await at or after it (a command it asks for at this index, or a wait for commands
+    /// none of which completed before it) fails once with a terminal `Cancelled` error;
+    /// what the handler does after that (compensations) is journaled as usual.
+    Cancel,
     /// A kind this version does not know (a newer gateway or SDK): a reader must treat it
     /// as a retryable error, never as a terminal failure, so that rolling upgrades are safe.
     #[serde(other)]
@@ -303,6 +311,7 @@ impl EntryKind {
             EntryKind::Signal => "signal",
             EntryKind::Awakeable => "awakeable",
             EntryKind::State => "state",
+            EntryKind::Cancel => "cancel",
             EntryKind::Unknown => "unknown",
         }
     }
@@ -320,6 +329,7 @@ impl EntryKind {
             "signal" => EntryKind::Signal,
             "awakeable" => EntryKind::Awakeable,
             "state" => EntryKind::State,
+            "cancel" => EntryKind::Cancel,
             _ => return None,
         })
     }
@@ -328,7 +338,11 @@ impl EntryKind {
     pub fn appendable(self) -> bool {
         !matches!(
             self,
-            EntryKind::Input | EntryKind::Output | EntryKind::Egress | EntryKind::Unknown
+            EntryKind::Input
+                | EntryKind::Output
+                | EntryKind::Egress
+                | EntryKind::Cancel
+                | EntryKind::Unknown
         )
     }
 
@@ -344,6 +358,7 @@ impl EntryKind {
     pub fn since_version(self) -> u32 {
         match self {
             EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable | EntryKind::State => 2,
+            EntryKind::Cancel => 3,
             EntryKind::Unknown => u32::MAX,
             _ => 1,
         }

@@ -452,9 +452,32 @@ impl Context {
     /// slice. When several have completed, the one that completed first wins, on every
     /// replay. When none has, the attempt ends suspended and Durin calls the handler again
     /// when one completes: the handler holds nothing while it waits.
+    ///
+    /// When the invocation was cancelled while it waited, and none of `waitables` had
+    /// completed before that, this returns the terminal [`HandlerError::cancelled`] error.
     pub async fn first(&self, waitables: &[&Waitable]) -> Result<usize, HandlerError> {
         let decided = {
-            let state = self.lock();
+            let mut state = self.lock();
+            let cancel = state
+                .journal
+                .get(state.cursor)
+                .filter(|e| e.kind == EntryKind::Cancel)
+                .map(|e| e.completion.as_ref().map_or(0, |c| c.seq));
+            if let Some(cancel_seq) = cancel {
+                // What completed before the cancellation wins (every such completion came
+                // with the journal); otherwise the wait ends with the cancellation.
+                let before = waitables
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, w)| w.completion.as_ref().map(|c| (c.seq, i)))
+                    .filter(|(seq, _)| *seq < cancel_seq)
+                    .min();
+                if let Some((_, i)) = before {
+                    return Ok(i);
+                }
+                state.cursor += 1;
+                return Err(HandlerError::cancelled());
+            }
             first_decided(waitables, state.start_seq, &state.learned)
         };
         if let Some(i) = decided {
@@ -503,6 +526,12 @@ impl Context {
         let Some(entry) = state.journal.get(state.cursor).cloned() else {
             return Ok(Replayed::New);
         };
+        if entry.kind == EntryKind::Cancel {
+            // Someone cancelled the invocation here: this await gets the cancellation, once;
+            // what the handler does next is new.
+            state.cursor += 1;
+            return Err(HandlerError::cancelled());
+        }
         if entry.kind != kind || entry.name.as_deref() != name {
             let index = entry.index;
             state.abort = Some(Outcome::NonDeterminism {
@@ -652,7 +681,10 @@ impl Context {
         }
         match result {
             Ok(output) => {
-                if let Some(entry) = state.journal.get(state.cursor) {
+                // A cancellation after the last await came too late to be seen: the
+                // handler completed.
+                let rest = state.journal.get(state.cursor..).unwrap_or_default();
+                if let Some(entry) = rest.iter().find(|e| e.kind != EntryKind::Cancel) {
                     // The code finished without asking for entries the journal holds.
                     return Outcome::NonDeterminism {
                         index: entry.index,

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use durin_protocol::Failure;
 
+/// The error type of a cancellation.
+const CANCELLED: &str = "Cancelled";
+
 /// Why a handler or a step failed, and whether trying again may help.
 ///
 /// Any `std::error::Error` converts into a retryable `HandlerError` with `?`; use
@@ -70,6 +73,18 @@ impl HandlerError {
             *retry_after = Some(delay);
         }
         self
+    }
+
+    /// The error an await receives once when the invocation was cancelled: terminal, status
+    /// 409, type `Cancelled`. Propagate it (after compensations) to end the invocation as
+    /// cancelled.
+    pub fn cancelled() -> HandlerError {
+        HandlerError::terminal_with_status(409, "the invocation was cancelled").with_type(CANCELLED)
+    }
+
+    /// Whether this is the error of a cancellation ([`HandlerError::cancelled`]).
+    pub fn is_cancelled(&self) -> bool {
+        self.is_terminal() && self.error_type() == Some(CANCELLED)
     }
 
     pub fn is_terminal(&self) -> bool {

@@ -5,6 +5,8 @@
 //! waits `--step-delay-ms` first (so that a person can kill things mid-flow) and, when
 //! `--downstream URL` is given, performs its side effect as `POST {URL}/{step}` with an
 //! `Idempotency-Key` of `{invocation id}:{step}`, the way a payment API would be called.
+//! Cancelled (`POST /v1/invocations/{id}/cancel`), it compensates what it started, in
+//! reverse order: `release_inventory`, then `refund_payment`, and ends cancelled.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -102,21 +104,48 @@ async fn process(steps: Arc<Steps>, ctx: Context, order: Order) -> Result<String
                 .with_type("InvalidOrder"),
         );
     }
+    // A saga: each step's compensation is noted before the step runs (a step cut short by
+    // the cancellation may have had its effect), and a cancellation runs the noted ones in
+    // reverse order, each a journaled step of its own, before the order ends cancelled.
+    let mut compensations = Vec::new();
+    let result = run_steps(&steps, &ctx, &order, &mut compensations).await;
+    match result {
+        Err(error) if error.is_cancelled() => {
+            for (compensation, value) in compensations.into_iter().rev() {
+                ctx.run_with(compensation, steps.options(), || {
+                    steps.perform(&ctx, compensation, &order, value)
+                })
+                .await?;
+            }
+            Err(error)
+        }
+        other => other,
+    }
+}
+
+async fn run_steps(
+    steps: &Steps,
+    ctx: &Context,
+    order: &Order,
+    compensations: &mut Vec<(&'static str, String)>,
+) -> Result<String, HandlerError> {
+    compensations.push(("refund_payment", format!("refund_{}", order.order_id)));
     let charge = ctx
         .run_with("charge_payment", steps.options(), || {
             let value = format!("charge_{}", order.order_id);
-            steps.perform(&ctx, "charge_payment", &order, value)
+            steps.perform(ctx, "charge_payment", order, value)
         })
         .await?;
+    compensations.push(("release_inventory", format!("release_{}", order.order_id)));
     let reservation = ctx
         .run_with("reserve_inventory", steps.options(), || {
             let value = format!("reservation_{}", order.order_id);
-            steps.perform(&ctx, "reserve_inventory", &order, value)
+            steps.perform(ctx, "reserve_inventory", order, value)
         })
         .await?;
     ctx.run_with("send_confirmation", steps.options(), || {
         let value = format!("confirmation_{}", order.customer_id);
-        steps.perform(&ctx, "send_confirmation", &order, value)
+        steps.perform(ctx, "send_confirmation", order, value)
     })
     .await?;
     Ok(format!(

@@ -953,6 +953,11 @@ impl Store for SqliteStore {
                     "status = 'paused', last_error = ?4",
                     vec![reason.clone().into()],
                 ),
+                AttemptEnd::Cancelled { failure } => (
+                    "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = ?1, \
+                     failure = ?4",
+                    vec![to_json(failure)?.into()],
+                ),
             };
             let sql = format!(
                 "UPDATE invocations SET {set}, modified_at_ms = ?1 {fence} \
@@ -975,42 +980,107 @@ impl Store for SqliteStore {
                     let (value, content_type) = body.unzip();
                     Some((value, content_type.flatten(), Some(failure)))
                 }
+                AttemptEnd::Cancelled { failure } => Some((None, None, Some(failure))),
                 _ => None,
             };
             let output = match output {
-                Some((value, content_type, failure)) => {
-                    let entry = StoredEntry {
-                        index: record.journal_len - 1,
-                        kind: EntryKind::Output,
-                        name: None,
-                        value,
-                        content_type,
-                        failure,
-                        attempt,
-                        at_ms: now_ms,
-                        completion: None,
-                    };
-                    insert_entry(conn, id.as_str(), &entry)?;
-                    // Timers of an ended invocation will never be waited for.
-                    execute(
-                        conn,
-                        "DELETE FROM timers WHERE invocation_id = ?1",
-                        [id.as_str()],
-                    )?;
-                    // Its idempotency key names it for the retention period from now.
-                    if record.idempotency_key.is_some() {
-                        execute(
-                            conn,
-                            "UPDATE idempotency_keys SET expires_at_ms = ?1 + retention_ms \
-                             WHERE invocation_id = ?2 AND retention_ms IS NOT NULL",
-                            params![now_ms, id.as_str()],
-                        )?;
-                    }
-                    Some(entry)
-                }
+                Some((value, content_type, failure)) => Some(record_output(
+                    conn,
+                    &record,
+                    attempt,
+                    (value, content_type, failure),
+                    now_ms,
+                )?),
                 None => None,
             };
             Ok((record, output))
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: &InvocationId, now_ms: i64) -> StoreResult<CancelAnswer> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let record = fetch_invocation(conn, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if record.status.is_final() {
+                return Ok(CancelAnswer::Ended(record));
+            }
+            if record.cancel_requested_at_ms.is_some() {
+                return Ok(CancelAnswer::AlreadyRequested(record));
+            }
+            if record.status == Status::Paused {
+                return Ok(CancelAnswer::Paused(record));
+            }
+            // Timers due by now fired before the cancellation (completions are numbered in
+            // the order their events happened).
+            commands::fire_timers(conn, id.as_str(), now_ms, now_ms)?;
+            let index = record.journal_len;
+            insert_entry(
+                conn,
+                id.as_str(),
+                &StoredEntry {
+                    index,
+                    kind: EntryKind::Cancel,
+                    name: None,
+                    value: None,
+                    content_type: None,
+                    failure: None,
+                    attempt: record.attempt,
+                    at_ms: now_ms,
+                    completion: None,
+                },
+            )?;
+            commands::complete(conn, id.as_str(), index, None, None, now_ms)?;
+            // Pending and due now: a running attempt is fenced (its appends and its end
+            // are refused) and the next one replays up to the cancellation.
+            let sql = format!(
+                "UPDATE invocations SET journal_len = journal_len + 1, \
+                 cancel_requested_at_ms = ?1, status = 'pending', next_run_at_ms = ?1, \
+                 waiting_for = NULL, modified_at_ms = ?1 WHERE id = ?2 \
+                 RETURNING {INVOCATION_COLUMNS}"
+            );
+            let record = query_one(conn, &sql, params![now_ms, id.as_str()], invocation)?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            Ok(CancelAnswer::Requested(record))
+        })
+        .await
+    }
+
+    async fn terminate(
+        &self,
+        id: &InvocationId,
+        reason: String,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, bool)> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let record = fetch_invocation(conn, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if record.status.is_final() {
+                return Ok((record, None, false));
+            }
+            let failure = Failure {
+                status: 409,
+                error_type: Some("Terminated".into()),
+                message: reason,
+            };
+            let sql = format!(
+                "UPDATE invocations SET status = 'terminated', journal_len = journal_len + 1, \
+                 completed_at_ms = ?1, failure = ?2, next_run_at_ms = NULL, waiting_for = NULL, \
+                 modified_at_ms = ?1 WHERE id = ?3 RETURNING {INVOCATION_COLUMNS}"
+            );
+            let record = query_one(
+                conn,
+                &sql,
+                params![now_ms, to_json(&failure)?, id.as_str()],
+                invocation,
+            )?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            let attempt = record.attempt;
+            let output =
+                record_output(conn, &record, attempt, (None, None, Some(failure)), now_ms)?;
+            Ok((record, Some(output), true))
         })
         .await
     }
@@ -1051,7 +1121,7 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "SELECT id FROM invocations WHERE completed_at_ms IS NOT NULL \
                          AND completed_at_ms < ?1 \
-                         AND status IN ('completed', 'failed', 'cancelled') \
+                         AND status IN ('completed', 'failed', 'cancelled', 'terminated') \
                          ORDER BY completed_at_ms LIMIT ?2",
                     )
                     .map_err(backend)?;
@@ -1090,6 +1160,42 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// The output entry of an invocation that has just ended (its row already counts it in
+/// `journal_len`): its value or failure; its timers go, and its idempotency key names it
+/// for the retention period from now.
+fn record_output(
+    conn: &Connection,
+    record: &InvocationRecord,
+    attempt: u32,
+    (value, content_type, failure): (Option<Vec<u8>>, Option<String>, Option<Failure>),
+    now_ms: i64,
+) -> StoreResult<StoredEntry> {
+    let id = record.id.as_str();
+    let entry = StoredEntry {
+        index: record.journal_len - 1,
+        kind: EntryKind::Output,
+        name: None,
+        value,
+        content_type,
+        failure,
+        attempt,
+        at_ms: now_ms,
+        completion: None,
+    };
+    insert_entry(conn, id, &entry)?;
+    // Timers of an ended invocation will never be waited for.
+    execute(conn, "DELETE FROM timers WHERE invocation_id = ?1", [id])?;
+    if record.idempotency_key.is_some() {
+        execute(
+            conn,
+            "UPDATE idempotency_keys SET expires_at_ms = ?1 + retention_ms \
+             WHERE invocation_id = ?2 AND retention_ms IS NOT NULL",
+            params![now_ms, id],
+        )?;
+    }
+    Ok(entry)
 }
 
 #[cfg(test)]
