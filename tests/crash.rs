@@ -376,3 +376,63 @@ async fn wait_for_step_kind(gateway: &str, id: &str, kind: &str) {
     })
     .await
 }
+
+/// An order is cancelled mid-flow and Durin is killed while the compensations run. After
+/// a restart the cancellation goes on from the journal: each compensation happens under
+/// one key (the one in flight may be sent again, with the same key), the one not yet
+/// started happens once, the confirmation never, and the order ends cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_during_a_cancellation_compensates_once() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(
+        None,
+        &["--step-delay-ms", "600", "--downstream", &downstream.url],
+    );
+    register(&gateway.admin, &handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_step(&gateway.admin, &id, "charge_payment").await;
+    let response = client()
+        .post(format!("{}/v1/invocations/{id}/cancel", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    // The new attempt replays to the cancellation and starts `release_inventory` (600 ms
+    // before its side effect); Durin dies in the middle of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.kill();
+    let gateway = home.start(Some(gateway.addr));
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "cancelled", "{view}");
+    let entries = journal(&gateway.admin, &id).await;
+    let kinds: Vec<(String, Option<String>)> = shape(&entries);
+    let expected: Vec<(String, Option<String>)> = [
+        ("input", None),
+        ("step", Some("charge_payment")),
+        ("cancel", None),
+        ("step", Some("release_inventory")),
+        ("step", Some("refund_payment")),
+        ("output", None),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n.map(str::to_owned)))
+    .collect();
+    assert_eq!(kinds, expected, "{entries:#?}");
+    assert!(
+        entries[3]["attempt"].as_u64().unwrap() >= 3,
+        "the compensation was recorded after the restart: {entries:#?}"
+    );
+    assert_eq!(downstream.requests("charge_payment").len(), 1);
+    let release = downstream.requests("release_inventory");
+    assert!((1..=2).contains(&release.len()), "{release:?}");
+    assert_eq!(downstream.distinct_keys("release_inventory"), 1);
+    assert_eq!(downstream.requests("refund_payment").len(), 1);
+    // The step cut short by the cancellation may have had its effect, once; the
+    // compensation noted before it covers that.
+    assert!(downstream.requests("reserve_inventory").len() <= 1);
+    assert!(downstream.requests("send_confirmation").is_empty());
+}

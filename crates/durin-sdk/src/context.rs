@@ -740,6 +740,95 @@ mod tests {
         }
     }
 
+    /// A context replaying `entries` (`(kind, completion seq)` from index 1).
+    fn replaying(entries: &[(EntryKind, Option<u32>)]) -> Context {
+        let journal = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (kind, seq))| JournalEntry {
+                index: i as u32 + 1,
+                kind: *kind,
+                name: None,
+                value: (*kind == EntryKind::Sleep).then(|| serde_json::json!({"wake_at_ms": 1})),
+                failure: None,
+                attempt: 1,
+                at_ms: 0,
+                completion: seq.map(|seq| Completion {
+                    seq,
+                    value: None,
+                    failure: None,
+                    at_ms: 0,
+                }),
+            })
+            .collect();
+        let mut request = InvocationRequest {
+            protocol: durin_protocol::PROTOCOL_VERSION,
+            invocation_id: "inv_x".into(),
+            attempt: 2,
+            attempt_token: "t".into(),
+            service: "s".into(),
+            handler: "h".into(),
+            input: Value::Null,
+            journal,
+            position_failures: 0,
+            context_url: "http://127.0.0.1:1/v1/contexts/inv_x".into(),
+        };
+        Context::new(&mut request, reqwest::Client::new())
+    }
+
+    /// A cancellation reaches the handler's next await once, decided by the journal alone:
+    /// a wait whose command completed before the cancellation (a lower `seq`) gets its
+    /// result and the next await the cancellation; one that completed after it, or not
+    /// at all, gets the cancellation; after it, what the handler asks for is new.
+    #[tokio::test]
+    async fn a_cancellation_reaches_the_next_await_once_and_the_same_on_every_replay() {
+        for (timer_seq, cancel_seq, timer_wins) in
+            [(None, 1, false), (Some(1), 2, true), (Some(3), 2, false)]
+        {
+            let ctx = replaying(&[
+                (EntryKind::Sleep, timer_seq),
+                (EntryKind::Cancel, Some(cancel_seq)),
+            ]);
+            let timer = ctx
+                .timer(Duration::from_secs(1))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let waited = ctx.first(&[&timer]).await;
+            let cancelled = if timer_wins {
+                assert_eq!(waited.ok(), Some(0), "timer seq {timer_seq:?}");
+                ctx.replay(EntryKind::Step, Some("next")).err()
+            } else {
+                waited.err()
+            };
+            assert!(
+                cancelled.as_ref().is_some_and(HandlerError::is_cancelled),
+                "timer seq {timer_seq:?}, cancel seq {cancel_seq}: {cancelled:?}"
+            );
+            // Delivered once: the compensation that follows is a new step.
+            assert!(matches!(
+                ctx.replay(EntryKind::Step, Some("refund")),
+                Ok(Replayed::New)
+            ));
+        }
+        // A step the handler asks for at the cancellation is not run; the cancellation
+        // after the last await does not make a completed handler non-deterministic.
+        let ctx = replaying(&[(EntryKind::Cancel, Some(1))]);
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let step = ctx
+            .run("charge", || async {
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(1)
+            })
+            .await;
+        assert!(step.is_err_and(|e| e.is_cancelled()));
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        let ctx = replaying(&[(EntryKind::Cancel, Some(1))]);
+        assert!(matches!(
+            ctx.finish(Ok(Value::Null)),
+            Outcome::Output { .. }
+        ));
+    }
+
     #[test]
     fn the_first_completion_is_chosen_only_when_every_replay_agrees() {
         let none = std::collections::BTreeSet::new();
