@@ -83,6 +83,9 @@ pub enum ApiError {
     /// again from the top when what it waits for has arrived.
     #[error("{0}")]
     Suspended(String),
+    /// A plain handler's wait in an invocation that was cancelled before it completed.
+    #[error("{0}")]
+    Cancelled(String),
     /// The egress got no answer from a downstream; nothing was journaled.
     #[error("{0}")]
     Downstream(String),
@@ -172,6 +175,12 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "suspended",
                 "The attempt is suspended",
+                false,
+            ),
+            Cancelled(_) => (
+                StatusCode::CONFLICT,
+                "cancelled",
+                "The invocation was cancelled",
                 false,
             ),
             Forbidden(_) => (

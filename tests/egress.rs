@@ -719,3 +719,56 @@ async fn a_call_whose_caller_hung_up_keeps_its_idempotency_key() {
         .count();
     assert_eq!(egress_entries, 1);
 }
+
+/// The Python order handler, cancelled between its charge and its reservation: its
+/// running attempt is fenced (the egress refuses its next call), Durin calls it again with
+/// `Durin-Cancelled: true`, it compensates through the egress (release, then refund) and
+/// answers 409, and the order ends cancelled. Charged once, refunded once, never confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_python_order_compensates_and_ends_cancelled() {
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
+    let _handler = start_handler(None, &egress, &downstreams, 600);
+    register_plain(&gateway.admin, &_handler.url).await;
+
+    let id = send_order(&gateway.url, ORDER).await;
+    wait_for_egress(&gateway.admin, &id, "/charge").await;
+    let response = client()
+        .post(format!("{}/v1/invocations/{id}/cancel", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "cancelled", "{view}");
+    let entries = journal(&gateway.admin, &id).await;
+    let expected = vec![
+        ("input".to_owned(), None),
+        (
+            "egress".to_owned(),
+            Some(format!("POST {}/charge", downstreams.payment.url)),
+        ),
+        ("cancel".to_owned(), None),
+        (
+            "egress".to_owned(),
+            Some(format!("POST {}/release", downstreams.inventory.url)),
+        ),
+        (
+            "egress".to_owned(),
+            Some(format!("POST {}/refund", downstreams.payment.url)),
+        ),
+        ("output".to_owned(), None),
+    ];
+    assert_eq!(shape(&entries), expected, "{entries:#?}");
+    let payment = stats(&downstreams.payment).await;
+    assert_eq!(payment["paths"]["/charge"], 1, "{payment}");
+    assert_eq!(payment["paths"]["/refund"], 1, "{payment}");
+    let inventory = stats(&downstreams.inventory).await;
+    assert!(inventory["paths"].get("/reserve").is_none(), "{inventory}");
+    assert_eq!(inventory["paths"]["/release"], 1, "{inventory}");
+    assert_eq!(stats(&downstreams.email).await["requests"], 0);
+    let output = entries.last().unwrap();
+    assert_eq!(output["failure"]["status"], 409, "{output}");
+}

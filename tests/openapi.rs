@@ -826,6 +826,7 @@ fn api_errors() -> Vec<ApiError> {
             detail: "ended".into(),
             invocation_id: SAMPLE_ID.into(),
         },
+        ApiError::Cancelled("cancelled".into()),
     ];
     for error in &errors {
         match error {
@@ -849,7 +850,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::Suspended(_)
             | ApiError::Unauthorized
             | ApiError::JournalFull(_)
-            | ApiError::InvocationState { .. } => {}
+            | ApiError::InvocationState { .. }
+            | ApiError::Cancelled(_) => {}
         }
     }
     errors

@@ -275,3 +275,41 @@ async fn plain_state_writes_replay_and_never_go_back() {
         .collect();
     assert_eq!(writes, vec![json!("a"), json!("b"), json!("c")]);
 }
+
+/// A plain workflow cancelled while it waits: Durin calls it again, its wait answers the
+/// `cancelled` problem (the timer had not fired), it answers 409 and ends cancelled; its
+/// earlier state writes are not repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_workflow_cancelled_while_it_waits_ends_cancelled() {
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let handler = start_approval(&gateway.url, 0);
+    register_approval(&gateway.admin, &handler.url).await;
+    let started = client()
+        .post(format!("{}/v1/workflows/approval/c-1", gateway.url))
+        .json(&json!({"request": "c-1", "deadline": "1h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let view = wait_status(&gateway.url, "c-1", "suspended").await;
+    let id = view["id"].as_str().unwrap().to_owned();
+    let cancelled = client()
+        .post(format!("{}/v1/workflows/approval/c-1/cancel", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 202);
+    let view = wait_status(&gateway.url, "c-1", "cancelled").await;
+    assert_eq!(view["failure"]["status"], 409, "{view}");
+    let kinds: Vec<String> = journal(&gateway.admin, &id)
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["input", "state", "state", "signal", "sleep", "cancel", "output"],
+        "the state writes and the wait were not recorded again"
+    );
+}

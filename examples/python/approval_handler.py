@@ -10,7 +10,8 @@ It keeps its state where queries read it (`is_cancelled`, `status`), then waits 
 API: while the result has not arrived, Durin answers 409 with `Durin-Suspended: true`, this
 handler stops, and the workflow holds nothing (no connection, no thread) until the signal
 or the deadline; then Durin calls the handler again from the top, and every context call up
-to there answers from the journal.
+to there answers from the journal. Cancelled (`POST /v1/workflows/approval/req-7/cancel`),
+its wait answers the `cancelled` problem and it ends cancelled.
 
     python3 approval_handler.py --port 9091
 """
@@ -24,6 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Suspended(Exception):
     """Durin suspended this attempt: stop; Durin calls again when the result is there."""
+
+
+class Cancelled(Exception):
+    """Someone cancelled the workflow (POST .../cancel) before the wait's result arrived."""
 
 
 class Context:
@@ -55,6 +60,8 @@ class Context:
             connection.close()
         if response.getheader("durin-suspended") == "true":
             raise Suspended()
+        if response.status == 409 and b"urn:durin:problem:cancelled" in data:
+            raise Cancelled()
         if response.status >= 300:
             raise RuntimeError(f"{method} {path}: Durin answered {response.status}: {data[:300]!r}")
         return response.status, (json.loads(data) if data else None)
@@ -113,6 +120,9 @@ class Handler(BaseHTTPRequestHandler):
         except Suspended:
             # Whatever we answer now is ignored; 503 says "not done" to anyone else.
             return self.answer(503, {"title": "suspended", "status": 503}, "application/problem+json")
+        except Cancelled:
+            # Nothing to undo here; a 4xx after a cancellation ends the workflow cancelled.
+            return self.answer(409, {"title": "cancelled", "status": 409}, "application/problem+json")
         except (OSError, RuntimeError) as error:
             return self.answer(503, {"title": "Durin unreachable", "status": 503, "detail": str(error)},
                                "application/problem+json")

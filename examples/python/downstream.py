@@ -2,7 +2,8 @@
 """A downstream service of the order example: payment, inventory or email.
 
 Standard library only. Every POST is recorded; the payment role honours Idempotency-Key the
-way payment APIs do (the same key gets the same answer and charges once). GET /stats tells
+way payment APIs do (the same key gets the same answer and charges once). POST /refund and
+/release undo (the order example's compensations). GET /stats tells
 what happened, so that tests and people can check that nothing was charged twice.
 
     python3 downstream.py --role payment --port 9101
@@ -16,7 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOCK = threading.Lock()
-STATE = {"requests": 0, "effects": 0, "keys": {}, "answers": {}}
+STATE = {"requests": 0, "effects": 0, "keys": {}, "answers": {}, "paths": {}}
 
 
 def make_handler(role, hold_ms, fail_first):
@@ -41,7 +42,7 @@ def make_handler(role, hold_ms, fail_first):
             if self.path != "/stats":
                 return self.answer(404, {"error": "not found"})
             with LOCK:
-                self.answer(200, {k: STATE[k] for k in ("requests", "effects", "keys")})
+                self.answer(200, {k: STATE[k] for k in ("requests", "effects", "keys", "paths")})
 
         def do_POST(self):
             length = int(self.headers.get("content-length") or 0)
@@ -51,6 +52,7 @@ def make_handler(role, hold_ms, fail_first):
             with LOCK:
                 STATE["requests"] += 1
                 STATE["keys"][key] = STATE["keys"].get(key, 0) + 1
+                STATE["paths"][self.path] = STATE["paths"].get(self.path, 0) + 1
                 failing = STATE["requests"] <= fail_first
             if failing:
                 # An outage: nothing happens, and the caller may try again.
@@ -59,7 +61,9 @@ def make_handler(role, hold_ms, fail_first):
                 seen = key in STATE["answers"]
                 if not seen:
                     STATE["effects"] += 1
-                    if role == "payment":
+                    if self.path in ("/refund", "/release"):
+                        answer = {"undone": self.path[1:], "order_id": order_id}
+                    elif role == "payment":
                         answer = {"charge_id": f"charge_{order_id}", "amount_cents": request.get("amount_cents")}
                     elif role == "inventory":
                         answer = {"reservation_id": f"reservation_{order_id}"}

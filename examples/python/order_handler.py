@@ -5,7 +5,8 @@ Durin calls POST /order/process with the order and the headers Durin-Invocation-
 Durin-Attempt and Durin-Attempt-Token (the attempt's secret). Every side effect is an
 outbound HTTP call sent through Durin's egress (in proxy form, with the three headers), so
 Durin journals it: when Durin calls this handler again after a crash, calls that already
-happened are answered from the journal and only the missing ones go out.
+happened are answered from the journal and only the missing ones go out. A cancelled order
+(Durin calls again with Durin-Cancelled: true) is compensated: release, then refund.
 
     python3 order_handler.py --port 9080 --egress http://127.0.0.1:8081 \\
         --payment http://127.0.0.1:9101 --inventory http://127.0.0.1:9102 --email http://127.0.0.1:9103
@@ -67,6 +68,15 @@ def process(order, invocation_id, attempt, token):
     return f"order {order['order_id']} complete charge {charge['charge_id']} reservation {reservation['reservation_id']}"
 
 
+def compensate(order, invocation_id, attempt, token):
+    """The saga's other half, after a cancellation: undo what may have started, newest
+    first. Each undo goes through the egress too (journaled, answered from the journal on a
+    retry) and is harmless when there is nothing to undo."""
+    call(ARGS.inventory + "/release", {"order_id": order["order_id"]}, invocation_id, attempt, token)
+    call(ARGS.payment + "/refund", {"order_id": order["order_id"], "amount_cents": order["amount_cents"]},
+         invocation_id, attempt, token)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -97,9 +107,22 @@ class Handler(BaseHTTPRequestHandler):
             # 4xx: a terminal failure; Durin does not retry it.
             return self.answer(422, {"title": "invalid order", "status": 422, "detail": str(error)},
                                "application/problem+json")
+        ids = (self.headers["durin-invocation-id"], self.headers["durin-attempt"],
+               self.headers["durin-attempt-token"])
+        if self.headers.get("durin-cancelled") == "true":
+            # Someone cancelled the order (POST /v1/invocations/{id}/cancel): compensate, then
+            # answer a 4xx, which ends the invocation as cancelled.
+            try:
+                compensate(order, *ids)
+            except (DownstreamError, OSError) as error:
+                # Not undone yet: a 5xx makes Durin try again.
+                return self.answer(503, {"title": "compensation failed", "status": 503, "detail": str(error)},
+                                   "application/problem+json")
+            return self.answer(409, {"title": "order cancelled", "status": 409,
+                                     "detail": f"order {order['order_id']} was cancelled and compensated"},
+                               "application/problem+json")
         try:
-            output = process(order, self.headers["durin-invocation-id"], self.headers["durin-attempt"],
-                             self.headers["durin-attempt-token"])
+            output = process(order, *ids)
         except DownstreamError as error:
             # A refusal (4xx) is final; anything else is worth another attempt (5xx).
             status = 422 if 400 <= error.status < 500 else 503

@@ -205,7 +205,8 @@ fn replayed(mut response: Response, recorded: bool) -> Response {
     response
 }
 
-/// Runs a plain command; a suspension becomes the `suspended` problem.
+/// Runs a plain command; a suspension becomes the `suspended` problem, a wait after a
+/// cancellation the `cancelled` one.
 async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, ApiError> {
     let what = format!("{} {:?}", command.kind.as_str(), command.name);
     let id = command.id.clone();
@@ -213,6 +214,11 @@ async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, A
         .store
         .plain_command(command, state.clock.now_ms())
         .await?;
+    if answer.cancelled {
+        return Err(ApiError::Cancelled(format!(
+            "invocation {id} was cancelled before {what} completed: run your compensations (steps and calls still work), then answer with a 4xx (409) to end it as cancelled"
+        )));
+    }
     if answer.suspended {
         // It may already be due (a completion that arrived before the suspension).
         state.engine.nudge();

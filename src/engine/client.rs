@@ -4,7 +4,8 @@
 
 use durin_protocol::{
     EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, HEADER_ATTEMPT,
-    HEADER_ATTEMPT_TOKEN, HEADER_INVOCATION_ID, HEADER_PROTOCOL, HEADER_SIGNATURE,
+    HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED, HEADER_INVOCATION_ID, HEADER_PROTOCOL,
+    HEADER_SIGNATURE,
 };
 
 use super::Engine;
@@ -69,7 +70,10 @@ impl Engine {
             }
             // A plain handler gets the caller's request as it came.
             HandlerProtocol::Plain => {
-                let request = self.http.post(&endpoint);
+                let mut request = self.http.post(&endpoint);
+                if record.cancel_requested_at_ms.is_some() {
+                    request = request.header(HEADER_CANCELLED, "true");
+                }
                 let request = match &input.content_type {
                     Some(content_type) => {
                         request.header(reqwest::header::CONTENT_TYPE, content_type)

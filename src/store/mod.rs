@@ -408,6 +408,9 @@ pub struct PlainAnswer {
     pub recorded: bool,
     /// The attempt is now suspended: the handler must stop.
     pub suspended: bool,
+    /// A wait of a cancelled invocation for which nothing completed before the
+    /// cancellation: the handler gets the cancellation instead of waiting.
+    pub cancelled: bool,
 }
 
 /// What resolving an awakeable did.

@@ -40,6 +40,9 @@ pub const HEADER_ATTEMPT: &str = "durin-attempt";
 /// Header carrying the attempt's secret token: Durin sends it with every invocation, and
 /// appends through the context API must present it.
 pub const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
+/// Header `true` on a request to a plain handler whose invocation was cancelled: its waits
+/// answer the `cancelled` problem; it compensates and answers a `4xx` to end cancelled.
+pub const HEADER_CANCELLED: &str = "durin-cancelled";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
 /// Header by which Durin signs each request it sends to a handler:

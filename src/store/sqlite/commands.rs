@@ -261,6 +261,19 @@ pub(super) fn complete(
     })
 }
 
+/// The completion number of the invocation's cancellation, if someone cancelled it.
+pub(super) fn cancel_seq(conn: &Connection, id: &str) -> StoreResult<Option<u32>> {
+    conn.prepare_cached(
+        "SELECT c.seq FROM journal j JOIN completions c \
+         ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+         WHERE j.invocation_id = ?1 AND j.kind = 'cancel' ORDER BY j.idx LIMIT 1",
+    )
+    .map_err(backend)?
+    .query_row([id], |row| row.get(0))
+    .optional()
+    .map_err(backend)
+}
+
 /// Makes a suspended invocation due now if it waits for the command at `index`.
 pub(super) fn wake_if_waiting(
     conn: &Connection,

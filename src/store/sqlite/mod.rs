@@ -817,7 +817,19 @@ impl Store for SqliteStore {
                 }
                 None => None,
             };
+            // After a cancellation a wait gets only what completed before it.
+            let cancel_seq = commands::cancel_seq(conn, id)?;
+            let before_cancel = |e: &StoredEntry| {
+                e.completion
+                    .as_ref()
+                    .is_some_and(|c| cancel_seq.is_none_or(|seq| c.seq < seq))
+            };
+            let cancelled = command.suspend
+                && cancel_seq.is_some()
+                && !before_cancel(&entry)
+                && !also.as_ref().is_some_and(before_cancel);
             let suspended = command.suspend
+                && !cancelled
                 && entry.completion.is_none()
                 && also.as_ref().is_none_or(|e| e.completion.is_none());
             if suspended {
@@ -838,6 +850,7 @@ impl Store for SqliteStore {
                 also,
                 recorded,
                 suspended,
+                cancelled,
             })
         })
         .await
