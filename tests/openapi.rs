@@ -559,6 +559,8 @@ fn entry_kinds() -> Vec<EntryKind> {
         EntryKind::Awakeable,
         EntryKind::State,
         EntryKind::Cancel,
+        EntryKind::Call,
+        EntryKind::Send,
     ];
     for kind in &kinds {
         match kind {
@@ -573,7 +575,9 @@ fn entry_kinds() -> Vec<EntryKind> {
             | EntryKind::Signal
             | EntryKind::Awakeable
             | EntryKind::State
-            | EntryKind::Cancel => {}
+            | EntryKind::Cancel
+            | EntryKind::Call
+            | EntryKind::Send => {}
             // Never stored or sent: what a reader makes of a kind it does not know.
             EntryKind::Unknown => {}
         }
@@ -660,6 +664,8 @@ fn handler_protocol_document_matches_the_wire_types() {
         "awakeable",
         "state",
         "cancel",
+        "call",
+        "send",
     ]
     .map(str::to_owned)
     .into();

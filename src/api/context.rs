@@ -27,7 +27,7 @@ use crate::http::json_value;
 use crate::ids::InvocationId;
 use crate::journal::{self, MAX_NAME_BYTES};
 use crate::problem::ApiError;
-use crate::store::{Effect, NewEntry, PlainAnswer, PlainCommand, StoredEntry};
+use crate::store::{ChildStart, Effect, NewEntry, PlainAnswer, PlainCommand, StoredEntry};
 
 /// The attempt a handler-facing call speaks for: its number and its secret.
 struct Caller {
@@ -82,17 +82,30 @@ pub async fn append(
     let caller = caller(&headers)?;
     let request: AppendRequest = parse_json("the entry", &body)?;
     let now_ms = state.clock.now_ms();
-    let mut planned = journal::plan(
-        request.kind,
-        request.name.as_deref(),
-        request.value,
-        request.failure.is_some(),
-        now_ms,
-    )
-    .map_err(ApiError::BadRequest)?;
+    let mut planned = match request.kind {
+        EntryKind::Call | EntryKind::Send if request.failure.is_none() => {
+            plan_child(
+                &state,
+                request.kind,
+                request.name.as_deref(),
+                request.value,
+                now_ms,
+            )
+            .await?
+        }
+        _ => journal::plan(
+            request.kind,
+            request.name.as_deref(),
+            request.value,
+            request.failure.is_some(),
+            now_ms,
+        )
+        .map_err(ApiError::BadRequest)?,
+    };
     if let Effect::SignalWait { take_buffered } = &mut planned.effect {
         *take_buffered = request.awaited;
     }
+    let starts_child = matches!(planned.effect, Effect::StartChild(_));
     let entry = NewEntry {
         index: Some(request.index),
         kind: request.kind,
@@ -107,6 +120,10 @@ pub async fn append(
         .store
         .append_entry(&id, caller.attempt, entry, now_ms)
         .await?;
+    if starts_child {
+        // The child is due (now, or after a send's delay): the scheduler plans for it.
+        state.engine.nudge();
+    }
     let limits = state.journal_limits;
     if stored.index + 1 == limits.max_entries * crate::store::JournalLimits::WARN_PERCENT / 100 {
         tracing::warn!(
@@ -124,11 +141,47 @@ pub async fn append(
     }))
 }
 
-/// What the handler sees of an entry's value: an awakeable's token, a sleep's wake time.
+/// A `call` or `send`: the child, on the newest deployment that serves its handler, with
+/// its id recorded as the entry's value.
+async fn plan_child(
+    state: &AppState,
+    kind: EntryKind,
+    name: Option<&str>,
+    value: Option<Value>,
+    now_ms: i64,
+) -> Result<journal::Planned, ApiError> {
+    let child = journal::child::plan(kind, name, value).map_err(ApiError::BadRequest)?;
+    let target = state
+        .targets
+        .latest(&*state.store, &child.service, &child.handler)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no deployment serves {}/{}",
+                child.service, child.handler
+            ))
+        })?;
+    let id = InvocationId::generate();
+    Ok(journal::Planned {
+        value: Some(serde_json::json!({ "invocation_id": id.as_str() })),
+        effect: Effect::StartChild(Box::new(ChildStart {
+            id,
+            target,
+            input: to_bytes(&child.input),
+            due_ms: crate::lifecycle::after(now_ms, child.delay),
+            awaited: kind == EntryKind::Call,
+        })),
+    })
+}
+
+/// What the handler sees of an entry's value: an awakeable's token, a sleep's wake time,
+/// a child's invocation id.
 fn shown_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Option<Value> {
     match entry.kind {
         EntryKind::Awakeable => Some(awakeable_value(state, id, entry.index)),
-        EntryKind::Sleep => entry.value.as_deref().map(|v| json_value(Some(v))),
+        EntryKind::Sleep | EntryKind::Call | EntryKind::Send => {
+            entry.value.as_deref().map(|v| json_value(Some(v)))
+        }
         _ => None,
     }
 }

@@ -31,6 +31,15 @@ pub struct InvocationView {
     /// What a suspended invocation waits for: the journal indexes of its commands.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub waiting_for: Vec<u32>,
+    /// The invocation whose `call` or `send` started this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_invocation_id: Option<String>,
+    /// The parent's `call` entry, which this invocation's end completes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_index: Option<u32>,
+    /// When someone asked to cancel it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<String>,
     pub attempt: u32,
     pub journal_length: u32,
     /// The bytes of the journal's values.
@@ -58,7 +67,10 @@ pub struct InvocationView {
 impl InvocationView {
     /// The view with a warning when the journal nears `limits`.
     pub fn warned(mut self, limits: &crate::store::JournalLimits) -> InvocationView {
-        if !matches!(self.status, "completed" | "failed" | "cancelled") {
+        if !matches!(
+            self.status,
+            "completed" | "failed" | "cancelled" | "terminated"
+        ) {
             self.journal_warning = limits.warning(self.journal_length, self.journal_bytes);
         }
         self
@@ -77,6 +89,9 @@ impl InvocationView {
             } else {
                 Vec::new()
             },
+            parent_invocation_id: record.parent_invocation_id.clone(),
+            parent_index: record.parent_index,
+            cancel_requested_at: record.cancel_requested_at_ms.map(timestamp),
             attempt: record.attempt,
             journal_length: record.journal_len,
             journal_bytes: record.journal_bytes,

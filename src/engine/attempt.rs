@@ -165,7 +165,10 @@ impl Engine {
                 record: record.clone(),
                 output,
             }));
-        } else if record.next_run_at_ms.is_some() {
+        }
+        // Due again, or a child whose end may have woken its parent.
+        let parent_woken = record.status.is_final() && record.parent_index.is_some();
+        if record.next_run_at_ms.is_some() || parent_woken {
             self.nudge();
         }
         Ok(record)
@@ -180,24 +183,28 @@ impl Engine {
         Ok(answer)
     }
 
-    /// Ends an invocation at once (see [`crate::store::Store::terminate`]) and tells its waiting
-    /// callers; `false` when it had ended already.
+    /// Ends an invocation at once, with the children it waits for (see
+    /// [`crate::store::Store::terminate`]), and tells their waiting callers; `false` when it
+    /// had ended already.
     pub async fn terminate(
         &self,
         id: &InvocationId,
         reason: String,
     ) -> Result<(InvocationRecord, bool), StoreError> {
-        let (record, output, terminated) = self
+        let termination = self
             .store
             .terminate(id, reason, self.clock.now_ms())
             .await?;
-        if terminated {
+        for (record, output) in termination.ended {
+            if record.parent_index.is_some() {
+                self.nudge();
+            }
             self.waiters.finish(Arc::new(Ended {
-                record: record.clone(),
-                output,
+                record,
+                output: Some(output),
             }));
         }
-        Ok((record, terminated))
+        Ok((termination.record, termination.terminated))
     }
 
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {

@@ -4,9 +4,11 @@
 //! store carries out in the same transaction as the append (a timer to arm, a buffered
 //! signal to take, durable state to set). The logic returns data; only the store writes.
 //! Commands whose result arrives later (`sleep`, `signal`, `awakeable`) get a completion
-//! from the store; `awakeable.rs` makes and checks the tokens that resolve them.
+//! from the store; `awakeable.rs` makes and checks the tokens that resolve them; `child.rs`
+//! checks `call` and `send`, which start another invocation.
 
 pub mod awakeable;
+pub mod child;
 mod sleep;
 mod state;
 
@@ -87,6 +89,11 @@ pub fn plan(
             })
         }
         EntryKind::State => state::plan(name.unwrap_or_default(), value),
+        // Planned by `child::plan`, with the target the caller resolves.
+        EntryKind::Call | EntryKind::Send => Err(format!(
+            "a {} entry is planned with child::plan",
+            kind.as_str()
+        )),
         _ => Ok(Planned {
             value,
             effect: Effect::None,

@@ -177,7 +177,7 @@ pub struct DeploymentRecord {
 }
 
 /// Where and how to call one handler of one deployment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HandlerTarget {
     pub deployment_id: String,
     pub url: String,
@@ -231,6 +231,11 @@ pub struct InvocationRecord {
     pub waiting_for: Vec<u32>,
     /// When someone asked to cancel it (its journal then holds a `cancel` entry).
     pub cancel_requested_at_ms: Option<i64>,
+    /// The invocation whose `call` or `send` started it.
+    pub parent_invocation_id: Option<String>,
+    /// The parent's `call` entry, which this invocation's end completes (`None` for a
+    /// `send`).
+    pub parent_index: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -444,6 +449,21 @@ pub enum Effect {
         key: String,
         value: Option<Vec<u8>>,
     },
+    /// Starts a child invocation (a `call` or a `send`) in the same transaction as the
+    /// entry, so that it starts exactly once.
+    StartChild(Box<ChildStart>),
+}
+
+/// A child invocation a `call` or `send` entry starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildStart {
+    pub id: InvocationId,
+    pub target: HandlerTarget,
+    pub input: Vec<u8>,
+    /// When its first attempt is due (later than now for a delayed `send`).
+    pub due_ms: i64,
+    /// A `call`: the child's end completes the parent's entry.
+    pub awaited: bool,
 }
 #[derive(Debug)]
 pub enum Created {
@@ -520,6 +540,18 @@ pub enum AttemptEnd {
     Cancelled {
         failure: Failure,
     },
+}
+
+/// What a termination did.
+#[derive(Debug, Clone)]
+pub struct Termination {
+    /// The invocation, as it is now.
+    pub record: InvocationRecord,
+    /// False when it had ended already: nothing was written.
+    pub terminated: bool,
+    /// Every invocation it ended (it first, then its `call` children), with its output
+    /// entry.
+    pub ended: Vec<(InvocationRecord, StoredEntry)>,
 }
 
 /// What a cancellation request found and did.
@@ -633,16 +665,18 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<(InvocationRecord, Option<StoredEntry>)>;
     /// Asks to cancel an invocation: writes its `cancel` entry (completed, numbered after
-    /// the timers that were due) and makes it due, fencing a running attempt.
+    /// the timers that were due) and makes it due, fencing a running attempt. The children
+    /// its `call` entries wait for are cancelled with it; `send` children are left alone.
     async fn cancel(&self, id: &InvocationId, now_ms: i64) -> StoreResult<CancelAnswer>;
     /// Ends an invocation at once as `terminated`, with `reason`, fencing any attempt; no
-    /// more handler code runs for it. `false` with the record when it had ended already.
+    /// more handler code runs for it. The children its `call` entries wait for are
+    /// terminated with it; `send` children are left alone.
     async fn terminate(
         &self,
         id: &InvocationId,
         reason: String,
         now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, bool)>;
+    ) -> StoreResult<Termination>;
     /// A paused invocation becomes pending again, optionally moved to another deployment.
     async fn resume(
         &self,

@@ -294,6 +294,14 @@ pub enum EntryKind {
     /// none of which completed before it) fails once with a terminal `Cancelled` error;
     /// what the handler does after that (compensations) is journaled as usual.
     Cancel,
+    /// A call of another handler whose result the handler waits for (v3): appended with
+    /// `name` `"service/handler"` and `value` `{"input": V}`; the gateway starts the child
+    /// invocation in the same transaction, records `{"invocation_id"}` and completes the
+    /// entry with the child's output (or failure) when it ends.
+    Call,
+    /// A one-way start of another handler (v3): like `call` with an optional
+    /// `"delay_ms"` (a durable scheduled start), and no completion.
+    Send,
     /// A kind this version does not know (a newer gateway or SDK): a reader must treat it
     /// as a retryable error, never as a terminal failure, so that rolling upgrades are safe.
     #[serde(other)]
@@ -315,6 +323,8 @@ impl EntryKind {
             EntryKind::Awakeable => "awakeable",
             EntryKind::State => "state",
             EntryKind::Cancel => "cancel",
+            EntryKind::Call => "call",
+            EntryKind::Send => "send",
             EntryKind::Unknown => "unknown",
         }
     }
@@ -333,6 +343,8 @@ impl EntryKind {
             "awakeable" => EntryKind::Awakeable,
             "state" => EntryKind::State,
             "cancel" => EntryKind::Cancel,
+            "call" => EntryKind::Call,
+            "send" => EntryKind::Send,
             _ => return None,
         })
     }
@@ -353,7 +365,7 @@ impl EntryKind {
     pub fn is_command(self) -> bool {
         matches!(
             self,
-            EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable
+            EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable | EntryKind::Call
         )
     }
 
@@ -361,7 +373,7 @@ impl EntryKind {
     pub fn since_version(self) -> u32 {
         match self {
             EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable | EntryKind::State => 2,
-            EntryKind::Cancel => 3,
+            EntryKind::Cancel | EntryKind::Call | EntryKind::Send => 3,
             EntryKind::Unknown => u32::MAX,
             _ => 1,
         }

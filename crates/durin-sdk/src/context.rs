@@ -47,6 +47,11 @@ pub struct Waitable {
 }
 
 impl Waitable {
+    /// The invocation id of a child started with [`Context::call_waiter`].
+    pub fn invocation_id(&self) -> String {
+        invocation_id(self.info.as_ref())
+    }
+
     /// Whether its result has arrived.
     pub fn is_complete(&self) -> bool {
         self.completion.is_some()
@@ -86,6 +91,18 @@ fn first_decided(
     let all_known = waitables.iter().all(|w| w.completion.is_some());
     let no_gap = (start_seq + 1..seq).all(|s| learned.contains(&s));
     (waitables.len() == 1 || all_known || waitables[i].known_at_start || no_gap).then_some(i)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Value, HandlerError> {
+    serde_json::to_value(value)
+        .map_err(|e| HandlerError::terminal(format!("the input cannot be serialized: {e}")))
+}
+
+/// The child's id in what the gateway recorded for a `call` or `send`.
+fn invocation_id(info: Option<&Value>) -> String {
+    info.and_then(|v| v["invocation_id"].as_str())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// A callback from outside (see [`Context::awakeable`]).
@@ -375,6 +392,66 @@ impl Context {
             .await?;
         self.first(&[&waiter]).await?;
         waiter.value()
+    }
+
+    /// Calls `service/handler` with `input` as a child invocation and waits for its output
+    /// (its failure is a terminal error the handler may handle). The child starts exactly
+    /// once, with this entry; while it runs this invocation holds nothing (it suspends),
+    /// and a replay answers from the journal without calling it again.
+    pub async fn call<I: Serialize, O: DeserializeOwned>(
+        &self,
+        service: &str,
+        handler: &str,
+        input: &I,
+    ) -> Result<O, HandlerError> {
+        let child = self.call_waiter(service, handler, input).await?;
+        self.first(&[&child]).await?;
+        child.value()
+    }
+
+    /// Starts `service/handler` as a child invocation, to be waited for with
+    /// [`Context::first`] (raced against a timer, say). Its id is
+    /// [`Waitable::invocation_id`].
+    pub async fn call_waiter<I: Serialize>(
+        &self,
+        service: &str,
+        handler: &str,
+        input: &I,
+    ) -> Result<Waitable, HandlerError> {
+        let value = serde_json::json!({ "input": to_json(input)? });
+        self.command(
+            EntryKind::Call,
+            Some(&format!("{service}/{handler}")),
+            Some(value),
+            false,
+        )
+        .await
+    }
+
+    /// Starts `service/handler` with `input` and does not wait for it; with `delay`, it
+    /// starts that much later (a durable scheduled start). Returns the child's invocation
+    /// id, the same on every replay.
+    pub async fn send<I: Serialize>(
+        &self,
+        service: &str,
+        handler: &str,
+        input: &I,
+        delay: Option<Duration>,
+    ) -> Result<String, HandlerError> {
+        let name = format!("{service}/{handler}");
+        let info = match self.replay(EntryKind::Send, Some(&name))? {
+            Replayed::Recorded(entry) => entry.value,
+            Replayed::New => {
+                let mut value = serde_json::json!({ "input": to_json(input)? });
+                if let Some(delay) = delay {
+                    value["delay_ms"] = (delay.as_millis() as u64).into();
+                }
+                self.append(EntryKind::Send, Some(&name), Some(value), None)
+                    .await?
+                    .value
+            }
+        };
+        Ok(invocation_id(info.as_ref()))
     }
 
     /// A callback from outside: hand `awakeable.token` (or its `resolve_url`) to another

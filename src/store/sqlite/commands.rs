@@ -120,7 +120,9 @@ fn same_append(
     let Some(recorded) = query_one(conn, &sql, params![id, index], self::entry)? else {
         return Ok(None);
     };
-    let value_matches = entry.kind.is_command() || recorded.value == entry.value;
+    // The gateway chose these values (a wake time, a child's id): a retry cannot repeat them.
+    let value_matches =
+        entry.kind.is_command() || entry.kind == EntryKind::Send || recorded.value == entry.value;
     let same = recorded.attempt == attempt
         && recorded.kind == entry.kind
         && recorded.name == entry.name
@@ -194,7 +196,86 @@ pub(super) fn apply_effect(
             )?;
             Ok(None)
         }
+        Effect::StartChild(child) => {
+            insert_child(conn, &child, id, entry.index, now_ms)?;
+            Ok(None)
+        }
     }
+}
+
+/// Inserts a child invocation, pending and due at `child.due_ms`, with its input entry and
+/// its link to the parent's entry.
+fn insert_child(
+    conn: &Connection,
+    child: &ChildStart,
+    parent: &str,
+    parent_index: u32,
+    now_ms: i64,
+) -> StoreResult<()> {
+    execute(
+        conn,
+        "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+         failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
+         modified_at_ms, journal_bytes, parent_invocation_id, parent_index) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9)",
+        params![
+            child.id.as_str(),
+            child.target.service,
+            child.target.handler,
+            child.target.deployment_id,
+            child.due_ms,
+            now_ms,
+            child.input.len() as i64,
+            parent,
+            child.awaited.then_some(parent_index),
+        ],
+    )?;
+    insert_entry(
+        conn,
+        child.id.as_str(),
+        &input_entry(child.input.clone(), Some("application/json".into()), now_ms),
+    )
+}
+
+/// An invocation's entry 0.
+fn input_entry(value: Vec<u8>, content_type: Option<String>, now_ms: i64) -> StoredEntry {
+    StoredEntry {
+        index: 0,
+        kind: EntryKind::Input,
+        name: None,
+        value: Some(value),
+        content_type,
+        failure: None,
+        attempt: 0,
+        at_ms: now_ms,
+        completion: None,
+    }
+}
+
+/// When an invocation a parent's `call` started has ended: its output or failure completes
+/// the parent's entry (after the parent's timers due by then), and wakes the parent if it
+/// waits for it. Nothing when the parent has ended.
+pub(super) fn complete_parent(
+    conn: &Connection,
+    child: &InvocationRecord,
+    output: Option<&StoredEntry>,
+    now_ms: i64,
+) -> StoreResult<()> {
+    let (Some(parent), Some(index)) = (&child.parent_invocation_id, child.parent_index) else {
+        return Ok(());
+    };
+    let open = fetch_invocation(conn, parent)?.is_some_and(|p| !p.status.is_final());
+    if !open {
+        return Ok(());
+    }
+    fire_timers(conn, parent, now_ms, now_ms)?;
+    let (value, failure) = match child.status {
+        Status::Completed => (output.and_then(|o| o.value.clone()), None),
+        _ => (None, child.failure.clone()),
+    };
+    complete(conn, parent, index, value, failure, now_ms)?;
+    wake_if_waiting(conn, parent, index, now_ms)?;
+    Ok(())
 }
 
 /// Hands the oldest buffered signal named `name` to the wait at `index`, if there is one.
@@ -507,17 +588,7 @@ pub(super) fn insert_invocation(
         invocation,
     )?
     .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
-    let input = StoredEntry {
-        index: 0,
-        kind: EntryKind::Input,
-        name: None,
-        value: Some(new.input),
-        content_type: new.content_type,
-        failure: None,
-        attempt: 0,
-        at_ms: new.now_ms,
-        completion: None,
-    };
+    let input = input_entry(new.input, new.content_type, new.now_ms);
     insert_entry(conn, id, &input)?;
     if let Some(claim) = &new.idempotency {
         execute(
@@ -613,4 +684,113 @@ pub(super) fn insert_signal(
         duplicate: false,
         woke,
     })
+}
+
+/// Cancels an invocation (see [`Store::cancel`]) and, with it, the children its `call`
+/// entries wait for, in the caller's transaction.
+pub(super) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<CancelAnswer> {
+    let record = fetch_invocation(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if record.status.is_final() {
+        return Ok(CancelAnswer::Ended(record));
+    }
+    if record.cancel_requested_at_ms.is_some() {
+        return Ok(CancelAnswer::AlreadyRequested(record));
+    }
+    if record.status == Status::Paused {
+        return Ok(CancelAnswer::Paused(record));
+    }
+    // Timers due by now fired before the cancellation (completions are numbered in the
+    // order their events happened).
+    fire_timers(conn, id, now_ms, now_ms)?;
+    let index = record.journal_len;
+    insert_entry(
+        conn,
+        id,
+        &StoredEntry {
+            index,
+            kind: EntryKind::Cancel,
+            name: None,
+            value: None,
+            content_type: None,
+            failure: None,
+            attempt: record.attempt,
+            at_ms: now_ms,
+            completion: None,
+        },
+    )?;
+    complete(conn, id, index, None, None, now_ms)?;
+    // Pending and due now: a running attempt is fenced (its appends and its end are
+    // refused) and the next one replays up to the cancellation.
+    let sql = format!(
+        "UPDATE invocations SET journal_len = journal_len + 1, cancel_requested_at_ms = ?1, \
+         status = 'pending', next_run_at_ms = ?1, waiting_for = NULL, modified_at_ms = ?1 \
+         WHERE id = ?2 RETURNING {INVOCATION_COLUMNS}"
+    );
+    let record = query_one(conn, &sql, params![now_ms, id], invocation)?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    for child in awaited_children(conn, id)? {
+        cancel(conn, &child, now_ms)?;
+    }
+    Ok(CancelAnswer::Requested(record))
+}
+
+/// Terminates an invocation (see [`Store::terminate`]) and the children its `call`
+/// entries wait for; what it ended goes to `ended`. Returns the invocation's record.
+pub(super) fn terminate(
+    conn: &Connection,
+    id: &str,
+    reason: &str,
+    now_ms: i64,
+    ended: &mut Vec<(InvocationRecord, StoredEntry)>,
+) -> StoreResult<InvocationRecord> {
+    let record = fetch_invocation(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if record.status.is_final() {
+        return Ok(record);
+    }
+    let failure = Failure {
+        status: 409,
+        error_type: Some("Terminated".into()),
+        message: reason.to_owned(),
+    };
+    let sql = format!(
+        "UPDATE invocations SET status = 'terminated', journal_len = journal_len + 1, \
+         completed_at_ms = ?1, failure = ?2, next_run_at_ms = NULL, waiting_for = NULL, \
+         modified_at_ms = ?1 WHERE id = ?3 RETURNING {INVOCATION_COLUMNS}"
+    );
+    let record = query_one(
+        conn,
+        &sql,
+        params![now_ms, to_json(&failure)?, id],
+        invocation,
+    )?
+    .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let output = record_output(
+        conn,
+        &record,
+        record.attempt,
+        (None, None, Some(failure)),
+        now_ms,
+    )?;
+    complete_parent(conn, &record, Some(&output), now_ms)?;
+    ended.push((record.clone(), output));
+    let reason = format!("its parent {id} was terminated");
+    for child in awaited_children(conn, id)? {
+        terminate(conn, &child, &reason, now_ms, ended)?;
+    }
+    Ok(record)
+}
+
+/// The unfinished children whose end a `call` entry of `id` waits for.
+fn awaited_children(conn: &Connection, id: &str) -> StoreResult<Vec<String>> {
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT id FROM invocations WHERE parent_invocation_id = ?1 \
+             AND parent_index IS NOT NULL \
+             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated') ORDER BY id",
+        )
+        .map_err(backend)?;
+    let rows = statement
+        .query_map([id], |row| row.get(0))
+        .map_err(backend)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
 }

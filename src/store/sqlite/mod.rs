@@ -1006,6 +1006,9 @@ impl Store for SqliteStore {
                 )?),
                 None => None,
             };
+            if record.status.is_final() {
+                commands::complete_parent(conn, &record, output.as_ref(), now_ms)?;
+            }
             Ok((record, output))
         })
         .await
@@ -1013,51 +1016,8 @@ impl Store for SqliteStore {
 
     async fn cancel(&self, id: &InvocationId, now_ms: i64) -> StoreResult<CancelAnswer> {
         let id = id.clone();
-        self.write(move |conn| {
-            let record = fetch_invocation(conn, id.as_str())?
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            if record.status.is_final() {
-                return Ok(CancelAnswer::Ended(record));
-            }
-            if record.cancel_requested_at_ms.is_some() {
-                return Ok(CancelAnswer::AlreadyRequested(record));
-            }
-            if record.status == Status::Paused {
-                return Ok(CancelAnswer::Paused(record));
-            }
-            // Timers due by now fired before the cancellation (completions are numbered in
-            // the order their events happened).
-            commands::fire_timers(conn, id.as_str(), now_ms, now_ms)?;
-            let index = record.journal_len;
-            insert_entry(
-                conn,
-                id.as_str(),
-                &StoredEntry {
-                    index,
-                    kind: EntryKind::Cancel,
-                    name: None,
-                    value: None,
-                    content_type: None,
-                    failure: None,
-                    attempt: record.attempt,
-                    at_ms: now_ms,
-                    completion: None,
-                },
-            )?;
-            commands::complete(conn, id.as_str(), index, None, None, now_ms)?;
-            // Pending and due now: a running attempt is fenced (its appends and its end
-            // are refused) and the next one replays up to the cancellation.
-            let sql = format!(
-                "UPDATE invocations SET journal_len = journal_len + 1, \
-                 cancel_requested_at_ms = ?1, status = 'pending', next_run_at_ms = ?1, \
-                 waiting_for = NULL, modified_at_ms = ?1 WHERE id = ?2 \
-                 RETURNING {INVOCATION_COLUMNS}"
-            );
-            let record = query_one(conn, &sql, params![now_ms, id.as_str()], invocation)?
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            Ok(CancelAnswer::Requested(record))
-        })
-        .await
+        self.write(move |conn| commands::cancel(conn, id.as_str(), now_ms))
+            .await
     }
 
     async fn terminate(
@@ -1065,35 +1025,16 @@ impl Store for SqliteStore {
         id: &InvocationId,
         reason: String,
         now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, bool)> {
+    ) -> StoreResult<Termination> {
         let id = id.clone();
         self.write(move |conn| {
-            let record = fetch_invocation(conn, id.as_str())?
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            if record.status.is_final() {
-                return Ok((record, None, false));
-            }
-            let failure = Failure {
-                status: 409,
-                error_type: Some("Terminated".into()),
-                message: reason,
-            };
-            let sql = format!(
-                "UPDATE invocations SET status = 'terminated', journal_len = journal_len + 1, \
-                 completed_at_ms = ?1, failure = ?2, next_run_at_ms = NULL, waiting_for = NULL, \
-                 modified_at_ms = ?1 WHERE id = ?3 RETURNING {INVOCATION_COLUMNS}"
-            );
-            let record = query_one(
-                conn,
-                &sql,
-                params![now_ms, to_json(&failure)?, id.as_str()],
-                invocation,
-            )?
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            let attempt = record.attempt;
-            let output =
-                record_output(conn, &record, attempt, (None, None, Some(failure)), now_ms)?;
-            Ok((record, Some(output), true))
+            let mut ended = Vec::new();
+            let record = commands::terminate(conn, id.as_str(), &reason, now_ms, &mut ended)?;
+            Ok(Termination {
+                terminated: !ended.is_empty(),
+                record,
+                ended,
+            })
         })
         .await
     }
@@ -1178,7 +1119,7 @@ impl Store for SqliteStore {
 /// The output entry of an invocation that has just ended (its row already counts it in
 /// `journal_len`): its value or failure; its timers go, and its idempotency key names it
 /// for the retention period from now.
-fn record_output(
+pub(super) fn record_output(
     conn: &Connection,
     record: &InvocationRecord,
     attempt: u32,

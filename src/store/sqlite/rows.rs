@@ -11,7 +11,7 @@ pub(super) const INVOCATION_COLUMNS: &str =
     "id, service, handler, deployment_id, status, attempt, failures, \
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
     created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id, waiting_for, \
-    journal_bytes, cancel_requested_at_ms";
+    journal_bytes, cancel_requested_at_ms, parent_invocation_id, parent_index";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
@@ -45,6 +45,8 @@ pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<Invocati
             workflow_id: row.get(17).map_err(backend)?,
             journal_bytes: row.get(19).map_err(backend)?,
             cancel_requested_at_ms: row.get(20).map_err(backend)?,
+            parent_invocation_id: row.get(21).map_err(backend)?,
+            parent_index: row.get(22).map_err(backend)?,
             waiting_for: waiting_for
                 .map(|w| serde_json::from_str(&w))
                 .transpose()

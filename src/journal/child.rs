@@ -1,0 +1,111 @@
+//! `call` and `send`: another handler started with the entry, in the same transaction, so
+//! that it starts exactly once. A `call` is a command: the child's end completes it with
+//! the child's output or failure. A `send` is one-way and may be delayed (a durable
+//! scheduled start).
+
+use std::time::Duration;
+
+use durin_protocol::EntryKind;
+use serde_json::Value;
+
+use crate::ids::parse_name;
+
+/// The longest a `send` may be delayed (a year and a day, as a sleep).
+const MAX_DELAY: Duration = crate::lifecycle::MAX_DELAY;
+
+/// A child invocation an entry asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildRequest {
+    pub service: String,
+    pub handler: String,
+    pub input: Value,
+    /// How long after now it starts (zero for a `call`).
+    pub delay: Duration,
+}
+
+/// Checks a `call` or `send` entry: `name` is `"service/handler"`, `value`
+/// `{"input": V}` with, for a `send`, an optional `"delay_ms"`.
+pub fn plan(
+    kind: EntryKind,
+    name: Option<&str>,
+    value: Option<Value>,
+) -> Result<ChildRequest, String> {
+    let what = kind.as_str();
+    let (service, handler) = name
+        .and_then(|n| n.split_once('/'))
+        .ok_or_else(|| format!("a {what} entry is named \"service/handler\""))?;
+    let service = parse_name("service", service)?;
+    let handler = parse_name("handler", handler)?;
+    let mut fields = match value.unwrap_or(Value::Null) {
+        Value::Object(fields) => fields,
+        Value::Null => Default::default(),
+        _ => return Err(format!("a {what} entry's value is {{\"input\": ...}}")),
+    };
+    let input = fields.remove("input").unwrap_or(Value::Null);
+    let delay = match fields.remove("delay_ms") {
+        None => Duration::ZERO,
+        Some(_) if kind == EntryKind::Call => {
+            return Err("a call starts at once; delay a send instead".into())
+        }
+        Some(delay) => delay
+            .as_u64()
+            .map(Duration::from_millis)
+            .filter(|d| *d <= MAX_DELAY)
+            .ok_or_else(|| {
+                "delay_ms is a whole number of milliseconds up to a year and a day".to_owned()
+            })?,
+    };
+    if let Some(unknown) = fields.keys().next() {
+        return Err(format!("a {what} entry's value has no field {unknown:?}"));
+    }
+    Ok(ChildRequest {
+        service,
+        handler,
+        input,
+        delay,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn calls_and_sends_name_a_handler_and_carry_an_input() {
+        let call = plan(
+            EntryKind::Call,
+            Some("order/process"),
+            Some(json!({"input": 1})),
+        );
+        assert_eq!(
+            call,
+            Ok(ChildRequest {
+                service: "order".into(),
+                handler: "process".into(),
+                input: json!(1),
+                delay: Duration::ZERO
+            })
+        );
+        let send = plan(
+            EntryKind::Send,
+            Some("email/send"),
+            Some(json!({"input": null, "delay_ms": 1500})),
+        );
+        assert_eq!(send.map(|s| s.delay), Ok(Duration::from_millis(1500)));
+        for (kind, name, value) in [
+            (EntryKind::Call, Some("order"), json!({})),
+            (EntryKind::Call, Some("9/x"), json!({})),
+            (EntryKind::Call, None, json!({})),
+            (EntryKind::Call, Some("a/b"), json!({"delay_ms": 5})),
+            (EntryKind::Send, Some("a/b"), json!({"delay_ms": -5})),
+            (EntryKind::Send, Some("a/b"), json!({"inputs": 5})),
+            (EntryKind::Send, Some("a/b"), json!([1])),
+        ] {
+            assert!(
+                plan(kind, name, Some(value.clone())).is_err(),
+                "{name:?} {value}"
+            );
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Child invocations, in-process (`durin::run` on port 0, a real SQLite file) with a real
+//! SDK deployment: a `call` starts its child once and gives the parent its output or its
+//! failure; a `send` starts one later without waiting; parent and child link each other.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use durin::config::Config;
+use durin_sdk::{Context, Endpoint, HandlerError, Service};
+use serde_json::{json, Value};
+use support::{client, get_json, journal, register, wait_final};
+use tokio_util::sync::CancellationToken;
+
+async fn start_gateway(dir: &tempfile::TempDir) -> (String, String, CancellationToken) {
+    let config = Config {
+        database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+        drain_timeout: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let listeners = durin::Listeners {
+        api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let url = format!("http://{}", listeners.api.local_addr().unwrap());
+    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(durin::run(config, listeners, shutdown.clone()));
+    (url, admin, shutdown)
+}
+
+#[derive(Default)]
+struct Counts {
+    echo: AtomicU32,
+    note: AtomicU32,
+}
+
+fn endpoint(counts: Arc<Counts>) -> Endpoint {
+    let echo_counts = Arc::clone(&counts);
+    let note_counts = Arc::clone(&counts);
+    let children = Service::new("child")
+        .handler("echo", move |ctx: Context, text: String| {
+            let counts = Arc::clone(&echo_counts);
+            async move {
+                ctx.run("count", || async {
+                    counts.echo.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+                .await?;
+                Ok::<_, HandlerError>(format!("echo {text}"))
+            }
+        })
+        .handler("note", move |_ctx: Context, _: Value| {
+            let counts = Arc::clone(&note_counts);
+            async move {
+                counts.note.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .handler("refuse", |_ctx: Context, _: Value| async {
+            Err::<(), _>(
+                HandlerError::terminal_with_status(422, "card declined").with_type("Declined"),
+            )
+        });
+    let parent = Service::new("parent").handler("run", |ctx: Context, text: String| async move {
+        let echoed: String = ctx.call("child", "echo", &text).await?;
+        let refused = match ctx.call::<_, Value>("child", "refuse", &()).await {
+            Ok(_) => "accepted".to_owned(),
+            Err(e) => format!("{}: {}", e.error_type().unwrap_or_default(), e.message()),
+        };
+        let noted = ctx
+            .send("child", "note", &text, Some(Duration::from_millis(300)))
+            .await?;
+        Ok::<_, HandlerError>(json!({"echoed": echoed, "refused": refused, "noted": noted}))
+    });
+    Endpoint::new().service(children).service(parent)
+}
+
+#[tokio::test]
+async fn a_call_runs_its_child_once_and_a_send_starts_one_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let counts = Arc::new(Counts::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deployment = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(endpoint(Arc::clone(&counts)).serve(listener));
+    register(&admin, &deployment).await;
+
+    let started = Instant::now();
+    let response = client()
+        .post(format!("{url}/v1/call/parent/run"))
+        .json(&"hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let parent_id = response.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let output: Value = response.json().await.unwrap();
+    assert_eq!(output["echoed"], "echo hello");
+    assert_eq!(output["refused"], "Declined: card declined");
+    assert_eq!(counts.echo.load(Ordering::SeqCst), 1, "the child ran once");
+
+    // The parent's journal names each child and holds its result.
+    let entries = journal(&admin, &parent_id).await;
+    let calls: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "call").collect();
+    assert_eq!(calls.len(), 2, "{entries:#?}");
+    assert_eq!(calls[0]["name"], "child/echo");
+    let echo_id = calls[0]["value"]["invocation_id"].as_str().unwrap();
+    assert_eq!(
+        calls[0]["completion"]["value"], "echo hello",
+        "{:#?}",
+        calls[0]
+    );
+    assert_eq!(calls[1]["completion"]["failure"]["type"], "Declined");
+    let echo = get_json(&format!("{url}/v1/invocations/{echo_id}")).await;
+    assert_eq!(echo["status"], "completed");
+    assert_eq!(echo["parent_invocation_id"], parent_id.as_str());
+    assert_eq!(echo["parent_index"], calls[0]["index"]);
+
+    // The send did not hold the parent up; its child starts 300 ms after it was sent.
+    let sent = entries.iter().find(|e| e["kind"] == "send").unwrap();
+    let note_id = sent["value"]["invocation_id"].as_str().unwrap();
+    assert_eq!(output["noted"], note_id);
+    let note = wait_final(&url, note_id).await;
+    assert_eq!(note["status"], "completed", "{note}");
+    assert_eq!(note["parent_invocation_id"], parent_id.as_str());
+    assert!(
+        note.get("parent_index").is_none(),
+        "nobody waits for a send: {note}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(counts.note.load(Ordering::SeqCst), 1);
+    shutdown.cancel();
+}
+
+/// A call to a handler no deployment serves is refused before anything is written; the
+/// invocation fails with a reason that names it.
+#[tokio::test]
+async fn a_call_to_an_unknown_handler_fails_the_caller_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let endpoint = Endpoint::new().service(
+        Service::new("lonely").handler("run", |ctx: Context, _: Value| async move {
+            ctx.call::<_, Value>("nobody", "home", &1).await
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deployment = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(endpoint.serve(listener));
+    register(&admin, &deployment).await;
+    let response = client()
+        .post(format!("{url}/v1/call/lonely/run"))
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(status, 500, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no deployment serves nobody/home"),
+        "{problem}"
+    );
+    let list = get_json(&format!("{admin}/v1/invocations")).await;
+    assert_eq!(list["invocations"].as_array().unwrap().len(), 1, "{list}");
+    shutdown.cancel();
+}
+
+/// A parent cancelled or terminated while it waits for a child takes the child with it; a
+/// child it only sent goes on.
+#[tokio::test]
+async fn cancel_and_terminate_reach_the_children_a_parent_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let children = Service::new("slow").handler("nap", |ctx: Context, _: Value| async move {
+        ctx.sleep(Duration::from_secs(3600)).await?;
+        Ok::<_, HandlerError>("rested")
+    });
+    let parents = Service::new("boss").handler("run", |ctx: Context, _: Value| async move {
+        ctx.send("slow", "nap", &(), None).await?;
+        ctx.call::<_, String>("slow", "nap", &()).await
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deployment = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        Endpoint::new()
+            .service(children)
+            .service(parents)
+            .serve(listener),
+    );
+    register(&admin, &deployment).await;
+
+    for verb in ["cancel", "terminate"] {
+        let response = client()
+            .post(format!("{url}/v1/send/boss/run"))
+            .json(&())
+            .send()
+            .await
+            .unwrap();
+        let parent = response.json::<Value>().await.unwrap()["invocation_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (sent, called) = support::eventually(
+            Duration::from_secs(10),
+            "both children to sleep",
+            || async {
+                let entries = journal(&admin, &parent).await;
+                let id = |kind: &str| {
+                    entries
+                        .iter()
+                        .find(|e| e["kind"] == kind)
+                        .and_then(|e| e["value"]["invocation_id"].as_str())
+                        .map(str::to_owned)
+                };
+                let (sent, called) = (id("send")?, id("call")?);
+                let asleep = |child: &str| {
+                    let url = format!("{url}/v1/invocations/{child}");
+                    async move { get_json(&url).await["status"] == "suspended" }
+                };
+                (asleep(&sent).await && asleep(&called).await).then_some((sent, called))
+            },
+        )
+        .await;
+        let base = if verb == "cancel" { &url } else { &admin };
+        let answer = client()
+            .post(format!("{base}/v1/invocations/{parent}/{verb}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{verb}: {}", answer.status());
+        let ended = if verb == "cancel" {
+            "cancelled"
+        } else {
+            "terminated"
+        };
+        assert_eq!(wait_final(&url, &parent).await["status"], ended);
+        assert_eq!(wait_final(&url, &called).await["status"], ended, "{verb}");
+        let sent_view = get_json(&format!("{url}/v1/invocations/{sent}")).await;
+        assert_eq!(
+            sent_view["status"], "suspended",
+            "a sent child goes on: {sent_view}"
+        );
+    }
+    shutdown.cancel();
+}
