@@ -436,3 +436,105 @@ async fn gateway_killed_during_a_cancellation_compensates_once() {
     assert!(downstream.requests("reserve_inventory").len() <= 1);
     assert!(downstream.requests("send_confirmation").is_empty());
 }
+
+/// The children of `checkout/run` for `parent`, from the admin list.
+async fn children_of(admin: &str, parent: &str) -> Vec<serde_json::Value> {
+    let list = get_json(&format!("{admin}/v1/invocations")).await;
+    list["invocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["parent_invocation_id"] == parent)
+        .cloned()
+        .collect()
+}
+
+const CART: &str = r#"{"orders":[{"order_id":"o-1","customer_id":"c-1","amount_cents":4999},{"order_id":"o-2","customer_id":"c-1","amount_cents":100}]}"#;
+
+/// Durin is killed right after a parent's `call` entry is written, while its child runs,
+/// and again as soon as that child has ended. After each
+/// restart there is still exactly one child per call, each order's steps ran once, and
+/// the parent resumes and completes with both outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_around_a_child_call_starts_each_child_once() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(
+        None,
+        &["--step-delay-ms", "400", "--downstream", &downstream.url],
+    );
+    register(&gateway.admin, &handler.url).await;
+
+    let response = client()
+        .post(format!("{}/v1/send/checkout/run", gateway.url))
+        .header("content-type", "application/json")
+        .body(CART)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let parent = response.json::<serde_json::Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Killed just after the first call entry (its child is in its first step).
+    let admin = gateway.admin.clone();
+    eventually(Duration::from_secs(10), "the first call", || async {
+        let entries = journal(&admin, &parent).await;
+        entries.iter().any(|e| e["kind"] == "call").then_some(())
+    })
+    .await;
+    gateway.kill();
+    let mut gateway = home.start(Some(gateway.addr));
+    assert_eq!(children_of(&gateway.admin, &parent).await.len(), 1);
+
+    // Killed as soon as the first child has ended: its end completed the parent's entry
+    // and made the parent due in one transaction, so whether or not the parent had woken
+    // up yet, the restart finds it due.
+    let admin = gateway.admin.clone();
+    let first = eventually(
+        Duration::from_secs(20),
+        "the first child to end",
+        || async {
+            let children = children_of(&admin, &parent).await;
+            let first = children.first()?;
+            (first["status"] == "completed").then(|| first.clone())
+        },
+    )
+    .await;
+    gateway.kill();
+    let gateway = home.start(Some(gateway.addr));
+
+    let view = wait_final(&gateway.url, &parent).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(
+        view["output"],
+        "order o-1 complete charge charge_o-1 reservation reservation_o-1; \
+         order o-2 complete charge charge_o-2 reservation reservation_o-2"
+    );
+    let children = children_of(&gateway.admin, &parent).await;
+    let calls: Vec<_> = children
+        .iter()
+        .filter(|c| c["service"] == "order")
+        .collect();
+    assert_eq!(calls.len(), 2, "one child per call: {children:#?}");
+    assert_eq!(calls[0]["id"], first["id"]);
+    // The receipt was sent one way, once.
+    assert_eq!(
+        children
+            .iter()
+            .filter(|c| c["handler"] == "receipt")
+            .count(),
+        1
+    );
+    for step in ["charge_payment", "reserve_inventory", "send_confirmation"] {
+        assert_eq!(
+            downstream.distinct_keys(step),
+            2,
+            "{step}: one key per order"
+        );
+    }
+    assert_eq!(downstream.requests("charge_payment").len(), 2);
+}

@@ -191,6 +191,37 @@ pub fn endpoint(args: Args) -> Endpoint {
             process(Arc::clone(&steps), ctx, order)
         }))
         .service(Service::new("approval").handler("run", approval))
+        .service(Service::new("checkout").handler("run", checkout).handler(
+            "receipt",
+            |_ctx: Context, orders: usize| async move {
+                Ok::<_, HandlerError>(format!("receipt for {orders} orders"))
+            },
+        ))
+}
+
+/// The input of `checkout/run`: orders placed together.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cart {
+    pub orders: Vec<Order>,
+}
+
+/// A parent workflow (`checkout/run`): each order of the cart is a child invocation of
+/// `order/process`, started once and awaited in turn; the receipt is sent one way, a
+/// little later, as `checkout/receipt`.
+async fn checkout(ctx: Context, cart: Cart) -> Result<String, HandlerError> {
+    let mut done = Vec::new();
+    for order in &cart.orders {
+        let output: String = ctx.call("order", "process", order).await?;
+        done.push(output);
+    }
+    ctx.send(
+        "checkout",
+        "receipt",
+        &done.len(),
+        Some(Duration::from_millis(100)),
+    )
+    .await?;
+    Ok(done.join("; "))
 }
 
 /// Entry point of the `order` binary.
