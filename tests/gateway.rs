@@ -1131,3 +1131,80 @@ async fn a_request_above_the_sdks_bound_pauses_the_invocation() {
     );
     gateway.stop().await;
 }
+
+/// A workflow's code changes under a running invocation (the deployment's URL now serves
+/// new code): `ctx.patched` keeps the run recorded before the change on the old branch,
+/// while a new run takes the new one and journals the patch marker.
+#[tokio::test]
+async fn a_patch_changes_new_runs_and_leaves_recorded_ones_on_the_old_branch() {
+    let gateway = Gateway::start(|_| {}).await;
+    let new_code = Arc::new(AtomicBool::new(false));
+    let switch = Arc::clone(&new_code);
+    let endpoint = Endpoint::new().service(Service::new("pricing").handler(
+        "run",
+        move |ctx: Context, _: Value| {
+            let new_code = switch.load(Ordering::SeqCst);
+            async move {
+                let base: u32 = ctx.run("base", || async { Ok(100) }).await?;
+                let price = if new_code && ctx.patched("add-fee").await? {
+                    ctx.run("fee", || async { Ok(base + 5) }).await?
+                } else {
+                    base
+                };
+                let go: String = ctx.signal("go").await?;
+                Ok::<_, HandlerError>(format!("{go} {price}"))
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let old = gateway.send("/v1/send/pricing/run", "null").await;
+    eventually(Duration::from_secs(10), "the old run to wait", || async {
+        (gateway.invocation(&old).await["status"] == "suspended").then_some(())
+    })
+    .await;
+
+    new_code.store(true, Ordering::SeqCst);
+    let new = gateway.send("/v1/send/pricing/run", "null").await;
+    eventually(Duration::from_secs(10), "the new run to wait", || async {
+        (gateway.invocation(&new).await["status"] == "suspended").then_some(())
+    })
+    .await;
+    for id in [&old, &new] {
+        let r = gateway
+            .post(&format!("/v1/invocations/{id}/signals/go"), "\"paid\"")
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    let old_view = support::wait_final(&gateway.url, &old).await;
+    assert_eq!(old_view["output"], "paid 100", "{old_view}");
+    let new_view = support::wait_final(&gateway.url, &new).await;
+    assert_eq!(new_view["output"], "paid 105", "{new_view}");
+    let kinds = |entries: Vec<Value>| -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["kind"].as_str().unwrap(),
+                    e["name"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        kinds(journal(&gateway.admin, &old).await),
+        ["input ", "step base", "signal go", "output "]
+    );
+    assert_eq!(
+        kinds(journal(&gateway.admin, &new).await),
+        [
+            "input ",
+            "step base",
+            "patch add-fee",
+            "step fee",
+            "signal go",
+            "output "
+        ]
+    );
+    gateway.stop().await;
+}

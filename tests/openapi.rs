@@ -561,6 +561,7 @@ fn entry_kinds() -> Vec<EntryKind> {
         EntryKind::Cancel,
         EntryKind::Call,
         EntryKind::Send,
+        EntryKind::Patch,
     ];
     for kind in &kinds {
         match kind {
@@ -577,7 +578,8 @@ fn entry_kinds() -> Vec<EntryKind> {
             | EntryKind::State
             | EntryKind::Cancel
             | EntryKind::Call
-            | EntryKind::Send => {}
+            | EntryKind::Send
+            | EntryKind::Patch => {}
             // Never stored or sent: what a reader makes of a kind it does not know.
             EntryKind::Unknown => {}
         }
@@ -666,6 +668,7 @@ fn handler_protocol_document_matches_the_wire_types() {
         "cancel",
         "call",
         "send",
+        "patch",
     ]
     .map(str::to_owned)
     .into();

@@ -47,7 +47,10 @@ pub fn plan(
             return Err(format!("entry names must be 1 to {MAX_NAME_BYTES} bytes"));
         }
     }
-    let needs_name = matches!(kind, EntryKind::Step | EntryKind::Signal | EntryKind::State);
+    let needs_name = matches!(
+        kind,
+        EntryKind::Step | EntryKind::Signal | EntryKind::State | EntryKind::Patch
+    );
     if needs_name && name.is_none() {
         return Err(format!("a {} entry needs a name", kind.as_str()));
     }
@@ -89,6 +92,7 @@ pub fn plan(
             })
         }
         EntryKind::State => state::plan(name.unwrap_or_default(), value),
+        EntryKind::Patch if value.is_some() => Err("a patch entry carries no value".into()),
         // Planned by `child::plan`, with the target the caller resolves.
         EntryKind::Call | EntryKind::Send => Err(format!(
             "a {} entry is planned with child::plan",

@@ -302,6 +302,11 @@ pub enum EntryKind {
     /// A one-way start of another handler (v3): like `call` with an optional
     /// `"delay_ms"` (a durable scheduled start), and no completion.
     Send,
+    /// A patch marker (v3), `name` the patch: appended the first time code that asks
+    /// whether the patch applies runs live. A replay that finds it knows the run took the
+    /// new code; one that does not find it (a journal recorded before the patch) takes the
+    /// old branch.
+    Patch,
     /// A kind this version does not know (a newer gateway or SDK): a reader must treat it
     /// as a retryable error, never as a terminal failure, so that rolling upgrades are safe.
     #[serde(other)]
@@ -325,6 +330,7 @@ impl EntryKind {
             EntryKind::Cancel => "cancel",
             EntryKind::Call => "call",
             EntryKind::Send => "send",
+            EntryKind::Patch => "patch",
             EntryKind::Unknown => "unknown",
         }
     }
@@ -345,6 +351,7 @@ impl EntryKind {
             "cancel" => EntryKind::Cancel,
             "call" => EntryKind::Call,
             "send" => EntryKind::Send,
+            "patch" => EntryKind::Patch,
             _ => return None,
         })
     }
@@ -373,7 +380,7 @@ impl EntryKind {
     pub fn since_version(self) -> u32 {
         match self {
             EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable | EntryKind::State => 2,
-            EntryKind::Cancel | EntryKind::Call | EntryKind::Send => 3,
+            EntryKind::Cancel | EntryKind::Call | EntryKind::Send | EntryKind::Patch => 3,
             EntryKind::Unknown => u32::MAX,
             _ => 1,
         }

@@ -306,6 +306,53 @@ impl Context {
         Err(HandlerError::from_failure(failure))
     }
 
+    /// Whether the code change `patch` applies to this run: `true` when the code runs
+    /// live (a marker is journaled), and on replays of runs that went that way; `false`
+    /// when replaying a journal recorded before the patch. Branch on it to change a
+    /// workflow's code while old runs finish the old way:
+    ///
+    /// ```ignore
+    /// if ctx.patched("refund-fee").await? { new_code } else { old_code }
+    /// ```
+    ///
+    /// Once no run recorded before the patch is left, replace the call with
+    /// [`Context::deprecate_patch`] and drop the old branch; later, drop both.
+    pub async fn patched(&self, patch: &str) -> Result<bool, HandlerError> {
+        match self.peek_patch(patch)? {
+            Some(true) => Ok(true),
+            Some(false) => Ok(false),
+            None => {
+                self.append(EntryKind::Patch, Some(patch), None, None)
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Keeps replaying runs that passed [`Context::patched`]`(patch)` deterministic after
+    /// the old branch is gone: consumes the marker where one was recorded, records none.
+    pub fn deprecate_patch(&self, patch: &str) -> Result<(), HandlerError> {
+        self.peek_patch(patch).map(|_| ())
+    }
+
+    /// `Some(true)`: the marker of `patch` is at the cursor (consumed); `Some(false)`:
+    /// another recorded entry is (the journal predates the patch); `None`: the code runs
+    /// live.
+    fn peek_patch(&self, patch: &str) -> Result<Option<bool>, HandlerError> {
+        let mut state = self.lock();
+        if state.abort.is_some() {
+            return Err(HandlerError::abort("the attempt is ending"));
+        }
+        match state.journal.get(state.cursor) {
+            None => Ok(None),
+            Some(e) if e.kind == EntryKind::Patch && e.name.as_deref() == Some(patch) => {
+                state.cursor += 1;
+                Ok(Some(true))
+            }
+            Some(_) => Ok(Some(false)),
+        }
+    }
+
     /// The current time, recorded: a replay sees the same instant.
     pub async fn now(&self) -> Result<SystemTime, HandlerError> {
         let millis = self
@@ -904,6 +951,36 @@ mod tests {
             ctx.finish(Ok(Value::Null)),
             Outcome::Output { .. }
         ));
+    }
+
+    /// `patched` is false on a journal recorded before the patch (and consumes nothing),
+    /// true where the marker was recorded; `deprecate_patch` consumes a marker where there
+    /// is one and leaves other entries alone, so both kinds of journal keep replaying.
+    #[tokio::test]
+    async fn patches_follow_what_the_journal_recorded() {
+        let named = |kind: EntryKind, name: &str| {
+            let ctx = replaying(&[(kind, None)]);
+            ctx.lock().journal[0].name = Some(name.to_owned());
+            ctx
+        };
+        let before = named(EntryKind::Step, "next");
+        assert!(!before.patched("p").await.unwrap_or(true));
+        assert!(matches!(
+            before.replay(EntryKind::Step, Some("next")),
+            Ok(Replayed::Recorded(_))
+        ));
+        let after = named(EntryKind::Patch, "p");
+        assert!(after.patched("p").await.unwrap_or(false));
+        assert!(matches!(
+            after.replay(EntryKind::Step, Some("x")),
+            Ok(Replayed::New)
+        ));
+        for (kind, name) in [(EntryKind::Patch, "p"), (EntryKind::Step, "next")] {
+            let ctx = named(kind, name);
+            ctx.deprecate_patch("p").unwrap_or_else(|e| panic!("{e}"));
+            let consumed = ctx.lock().cursor == 1;
+            assert_eq!(consumed, kind == EntryKind::Patch);
+        }
     }
 
     #[test]
