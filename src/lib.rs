@@ -116,6 +116,7 @@ pub async fn run_with_clock(
             default_retry_policy: config.retry_policy.clone(),
             default_start_to_close: config.start_to_close,
             max_concurrent_attempts: config.max_concurrent_attempts,
+            journal_limits: config.journal_limits,
         },
         Arc::clone(&targets),
         vec![

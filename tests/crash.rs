@@ -437,16 +437,18 @@ async fn gateway_killed_during_a_cancellation_compensates_once() {
     assert!(downstream.requests("send_confirmation").is_empty());
 }
 
-/// The children of `checkout/run` for `parent`, from the admin list.
+/// The children of `parent`, from the admin list, oldest first (ids are time-ordered).
 async fn children_of(admin: &str, parent: &str) -> Vec<serde_json::Value> {
     let list = get_json(&format!("{admin}/v1/invocations")).await;
-    list["invocations"]
+    let mut children: Vec<serde_json::Value> = list["invocations"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|i| i["parent_invocation_id"] == parent)
         .cloned()
-        .collect()
+        .collect();
+    children.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    children
 }
 
 const CART: &str = r#"{"orders":[{"order_id":"o-1","customer_id":"c-1","amount_cents":4999},{"order_id":"o-2","customer_id":"c-1","amount_cents":100}]}"#;
@@ -537,4 +539,62 @@ async fn gateway_killed_around_a_child_call_starts_each_child_once() {
         );
     }
     assert_eq!(downstream.requests("charge_payment").len(), 2);
+}
+
+/// A subscription billed every 300 ms, two cycles per run, with Durin killed three times
+/// while it runs (around its continues-as-new). Afterwards: exactly one next run per
+/// continue-as-new, and each cycle charged under exactly one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_around_continue_as_new_starts_exactly_one_next_run() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(None, &["--downstream", &downstream.url]);
+    register(&gateway.admin, &handler.url).await;
+
+    let url = format!("{}/v1/workflows/subscription/sub-9", gateway.url);
+    let started = client()
+        .post(&url)
+        .json(&serde_json::json!({
+            "customer_id": "cy", "amount_cents": 10, "cycles": 6,
+            "cycles_per_run": 2, "period_ms": 300
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    for pause_ms in [450, 500, 350] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        gateway.kill();
+        gateway = home.start(Some(gateway.addr));
+    }
+    let url = format!("{}/v1/workflows/subscription/sub-9", gateway.url);
+    let ended = eventually(
+        Duration::from_secs(30),
+        "the subscription to end",
+        || async {
+            let view = get_json(&url).await;
+            (view["status"] == "completed").then_some(view)
+        },
+    )
+    .await;
+    assert_eq!(ended["output"], "cy billed 6 cycles");
+    let runs = get_json(&format!("{url}/runs")).await["runs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let statuses: Vec<&str> = runs.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        ["continued", "continued", "completed"],
+        "{runs:#?}"
+    );
+    assert_eq!(downstream.distinct_keys("charge_payment"), 6);
+    let charged: std::collections::BTreeSet<String> = downstream
+        .requests("charge_payment")
+        .into_iter()
+        .map(|e| e.key.rsplit(':').next().unwrap().to_owned())
+        .collect();
+    let expected: std::collections::BTreeSet<String> = (0..6).map(|c| format!("cy-{c}")).collect();
+    assert_eq!(charged, expected);
 }

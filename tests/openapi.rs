@@ -454,6 +454,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                 journal: vec![entry],
                 position_failures: 0,
                 context_url: "http://127.0.0.1:8080/v1/contexts/x".into(),
+                suggest_continue_as_new: true,
             }),
         ),
         (
@@ -479,6 +480,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                     failure: None,
                     at_ms: 5,
                 }),
+                suggest_continue_as_new: true,
             }),
         ),
         (
@@ -528,8 +530,11 @@ fn outcome_samples() -> Vec<Outcome> {
             },
             detail: Some("the value does not fit".into()),
         },
+        Outcome::ContinueAsNew {
+            input: json!({"cycle": 2}),
+        },
     ];
-    let mut seen = [false; 5];
+    let mut seen = [false; 6];
     for sample in &samples {
         let slot = match sample {
             Outcome::Output { .. } => 0,
@@ -537,6 +542,7 @@ fn outcome_samples() -> Vec<Outcome> {
             Outcome::Retry { .. } => 2,
             Outcome::Suspend { .. } => 3,
             Outcome::NonDeterminism { .. } => 4,
+            Outcome::ContinueAsNew { .. } => 5,
         };
         seen[slot] = true;
     }

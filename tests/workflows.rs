@@ -27,12 +27,17 @@ struct World {
 
 /// The gateway on a manual clock, with the order example (approval workflow) registered.
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+async fn world_with(configure: impl FnOnce(&mut Config)) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
         drain_timeout: Duration::from_secs(1),
         ..Config::default()
     };
+    configure(&mut config);
     let clock = Arc::new(ManualClock::new(1_700_000_000_000));
     let listeners = durin::Listeners {
         api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -388,4 +393,116 @@ async fn signals_of_one_name_reach_their_waits_in_order_each_once() {
         .map(|e| e["completion"]["value"].clone())
         .collect();
     assert_eq!(taken, vec![json!("a"), json!("b"), json!("c")]);
+}
+
+/// The tutorial's subscription: a month's durable sleep, a charge, and every three cycles
+/// the run continues as new under the same workflow id, so that each run's journal stays
+/// short. Seven months pass on the manual clock; three runs bill seven cycles, each cycle
+/// once, and the workflow's URL, queries and long-polls follow the latest run.
+#[tokio::test]
+async fn a_subscription_continues_as_new_and_its_id_follows_the_latest_run() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/subscription/sub-1", world.gateway);
+    let started = post(
+        &url,
+        json!({"customer_id": "ada", "amount_cents": 999, "cycles": 7, "cycles_per_run": 3}),
+    )
+    .await;
+    assert_eq!(started.status(), 202);
+    let waiting = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .header("prefer", "wait=60")
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    for cycle in 0..7u64 {
+        eventually(Duration::from_secs(20), "the month's sleep", || async {
+            let view = get_json(&url).await;
+            let cycles = get_json(&format!("{url}/queries/cycles")).await;
+            (view["status"] == "suspended" && cycles == json!(cycle)).then_some(())
+        })
+        .await;
+        world.clock.advance(30 * 24 * 3600 * 1000);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the long-poll followed the runs to the end")
+        .unwrap();
+    assert_eq!(ended["status"], "completed", "{ended}");
+    assert_eq!(ended["output"], "ada billed 7 cycles");
+
+    let runs = get_json(&format!("{url}/runs")).await["runs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let statuses: Vec<&str> = runs.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["continued", "continued", "completed"]);
+    let mut charges = Vec::new();
+    for run in &runs {
+        let entries = journal(&world.admin, run["id"].as_str().unwrap()).await;
+        assert!(
+            entries.len() <= 13,
+            "a run's journal stays short: {}",
+            entries.len()
+        );
+        charges.extend(
+            entries
+                .iter()
+                .filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with("charge_")))
+                .map(|e| e["name"].as_str().unwrap().to_owned()),
+        );
+        assert_eq!(run["workflow_id"], "sub-1");
+    }
+    let expected: Vec<String> = (0..7).map(|c| format!("charge_{c}")).collect();
+    assert_eq!(charges, expected, "each cycle billed once, in order");
+    let first = journal(&world.admin, runs[0]["id"].as_str().unwrap()).await;
+    assert_eq!(
+        first.last().unwrap()["value"]["continued_as"],
+        runs[1]["id"]
+    );
+}
+
+/// Near its journal's limit (80 % of 10 entries here) a run is told so, by the append that
+/// crosses it, and the subscription continues as new before the limit could fail it.
+#[tokio::test]
+async fn a_run_near_its_journal_limit_is_told_to_continue_as_new() {
+    let world = world_with(|config| config.journal_limits.max_entries = 10).await;
+    let url = format!("{}/v1/workflows/subscription/sub-2", world.gateway);
+    let started = post(
+        &url,
+        json!({"customer_id": "bob", "amount_cents": 5, "cycles": 4, "cycles_per_run": 100}),
+    )
+    .await;
+    assert_eq!(started.status(), 202);
+    for cycle in 0..4u64 {
+        eventually(Duration::from_secs(20), "the month's sleep", || async {
+            let view = get_json(&url).await;
+            let cycles = get_json(&format!("{url}/queries/cycles")).await;
+            (view["status"] == "suspended" && cycles == json!(cycle)).then_some(())
+        })
+        .await;
+        world.clock.advance(30 * 24 * 3600 * 1000);
+    }
+    let ended = eventually(Duration::from_secs(20), "the end", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(ended["output"], "bob billed 4 cycles");
+    let runs = get_json(&format!("{url}/runs")).await["runs"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(runs.len() >= 2, "the run continued as new: {runs:#?}");
+    for run in &runs {
+        assert!(run["journal_length"].as_u64().unwrap() <= 10, "{run}");
+    }
 }

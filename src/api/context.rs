@@ -138,6 +138,7 @@ pub async fn append(
         at_ms: stored.at_ms,
         value: shown_value(&state, &id, &stored),
         completion: stored.completion.as_ref().map(|c| c.to_wire()),
+        suggest_continue_as_new: limits.warning(stored.index + 1, 0).is_some(),
     }))
 }
 

@@ -50,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/workflows/{workflow}/{id}"),
     ("GET", "/v1/workflows/{workflow}/{id}"),
     ("POST", "/v1/workflows/{workflow}/{id}/cancel"),
+    ("GET", "/v1/workflows/{workflow}/{id}/runs"),
     ("POST", "/v1/workflows/{workflow}/{id}/signal-with-start"),
     ("POST", "/v1/workflows/{workflow}/{id}/signals/{name}"),
     ("GET", "/v1/workflows/{workflow}/{id}/queries/{name}"),
@@ -132,6 +133,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/workflows/{workflow}/{id}/cancel",
             post(cancel::cancel_workflow),
         )
+        .route("/v1/workflows/{workflow}/{id}/runs", get(workflows::runs))
         .route(
             "/v1/workflows/{workflow}/{id}/signal-with-start",
             post(workflows::signal_with_start),

@@ -69,7 +69,7 @@ impl InvocationView {
     pub fn warned(mut self, limits: &crate::store::JournalLimits) -> InvocationView {
         if !matches!(
             self.status,
-            "completed" | "failed" | "cancelled" | "terminated"
+            "completed" | "failed" | "cancelled" | "terminated" | "continued"
         ) {
             self.journal_warning = limits.warning(self.journal_length, self.journal_bytes);
         }

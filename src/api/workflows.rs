@@ -19,7 +19,9 @@ use super::views::InvocationView;
 use super::{load_ended, parse_json, wait_for_end, ApiBody, ApiPath, ApiQuery, AppState};
 use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
-use crate::store::{InvocationRecord, NewInvocation, NewSignal, NewWorkflowRun, WorkflowStarted};
+use crate::store::{
+    InvocationRecord, NewInvocation, NewSignal, NewWorkflowRun, Status, WorkflowStarted,
+};
 
 /// The handler a workflow runs.
 pub const RUN_HANDLER: &str = "run";
@@ -214,7 +216,7 @@ async fn answer(
     let Some(wait) = wait else {
         return Ok(with_preference(accepted(&record, replayed), None));
     };
-    let ended = wait_for_end(state, &record.id, wait, false, None).await?;
+    let ended = wait_for_runs(state, record, wait).await?;
     let response = if ended.record.status.is_final() {
         ended_response(&ended, replayed)
     } else {
@@ -233,7 +235,7 @@ pub async fn get(
     let wait = prefer_wait(&headers);
     let run = find_run(&state, &workflow, &id).await?;
     let ended = match wait {
-        Some(wait) => wait_for_end(&state, &run.id, wait, false, None).await?,
+        Some(wait) => wait_for_runs(&state, run, wait).await?,
         None => load_ended(&state, run).await?,
     };
     let status = if wait.is_some() && !ended.record.status.is_final() {
@@ -250,4 +252,46 @@ pub async fn get(
             .insert(header::CONTENT_LOCATION, location);
     }
     Ok(with_preference(response, wait))
+}
+
+/// Waits up to `wait` for the workflow's end, following runs that continue as new: the
+/// end of the last run, or the run current when the time is up.
+async fn wait_for_runs(
+    state: &AppState,
+    mut run: InvocationRecord,
+    wait: std::time::Duration,
+) -> Result<std::sync::Arc<crate::engine::Ended>, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ended = wait_for_end(state, &run.id, left, false, None).await?;
+        if ended.record.status != Status::Continued || left.is_zero() {
+            return Ok(ended);
+        }
+        let Some(workflow_id) = &ended.record.workflow_id else {
+            return Ok(ended);
+        };
+        run = find_run(state, &ended.record.service, workflow_id).await?;
+    }
+}
+
+/// `GET /v1/workflows/{workflow}/{id}/runs`: every run of the workflow id, oldest first
+/// (each that continued as new, then the next).
+pub async fn runs(
+    State(state): State<AppState>,
+    ApiPath((workflow, id)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let latest = find_run(&state, &workflow, &id).await?;
+    let runs = state
+        .store
+        .workflow_runs(
+            &latest.service,
+            latest.workflow_id.as_deref().unwrap_or(&id),
+        )
+        .await?;
+    let views: Vec<InvocationView> = runs
+        .iter()
+        .map(|run| InvocationView::new(run, None).warned(&state.journal_limits))
+        .collect();
+    Ok(Json(serde_json::json!({ "runs": views })).into_response())
 }

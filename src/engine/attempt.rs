@@ -135,13 +135,21 @@ impl Engine {
             .clone()
             .unwrap_or_else(|| self.config.default_retry_policy.clone());
         let answer = self.call_handler(record, &target, journal).await;
-        Ok(lifecycle::decide(
-            record.failures,
-            &policy,
-            answer,
-            record.cancel_requested_at_ms.is_some(),
-            self.clock.now_ms(),
-        ))
+        let facts = lifecycle::Facts {
+            failures: record.failures,
+            cancelling: record.cancel_requested_at_ms.is_some(),
+            workflow: record.workflow_id.is_some(),
+        };
+        let mut end = lifecycle::decide(facts, &policy, answer, self.clock.now_ms());
+        if let AttemptEnd::ContinuedAsNew { target: next, .. } = &mut end {
+            // The next run goes to the newest deployment: continuing as new is how a
+            // long-running workflow picks up new code.
+            *next = self
+                .targets
+                .latest(&*self.store, &record.service, &record.handler)
+                .await?;
+        }
+        Ok(end)
     }
 }
 

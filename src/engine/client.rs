@@ -54,6 +54,11 @@ impl Engine {
                         .map(|entry| wire_entry(self, &record.id, entry))
                         .collect(),
                     position_failures: record.position_failures,
+                    suggest_continue_as_new: self
+                        .config
+                        .journal_limits
+                        .warning(record.journal_len, record.journal_bytes)
+                        .is_some(),
                     context_url: format!(
                         "{}/v1/contexts/{}",
                         self.config.advertised_url.trim_end_matches('/'),

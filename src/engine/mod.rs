@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub default_start_to_close: Duration,
     /// Attempts the scheduler runs at once.
     pub max_concurrent_attempts: usize,
+    /// Past 80 % of these, a handler is told to continue as new.
+    pub journal_limits: crate::store::JournalLimits,
 }
 
 /// The gateway's secrets the engine uses: the key of awakeable tokens and the signer of

@@ -5,10 +5,11 @@
 //! store carries the end out, fenced by the attempt. `retry.rs` (backoff or failure when
 //! attempts are used up), `suspend.rs` (waiting for commands), `pause.rs` (waiting for an
 //! operator: non-determinism, a journal the deployment cannot read, a deployment gone),
-//! `cancel.rs` (a cancelled invocation's handler ends it). Continue-as-new will come here
-//! as a file of its own.
+//! `cancel.rs` (a cancelled invocation's handler ends it), `continue_as_new.rs` (a
+//! workflow's run hands over to its next run).
 
 mod cancel;
+mod continue_as_new;
 pub mod pause;
 mod retry;
 mod suspend;
@@ -66,15 +67,29 @@ impl Retryable {
     }
 }
 
-/// How an attempt ends, given the handler's answer. `failures` counts the invocation's
-/// earlier handler-level failures; `cancelling` says that someone cancelled it.
+/// What [`decide`] needs to know of the invocation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts {
+    /// Its earlier handler-level failures.
+    pub failures: u32,
+    /// Someone cancelled it.
+    pub cancelling: bool,
+    /// It is a workflow's run (which may continue as new).
+    pub workflow: bool,
+}
+
+/// How an attempt ends, given the handler's answer.
 pub fn decide(
-    failures: u32,
+    facts: Facts,
     policy: &RetryPolicy,
     answer: HandlerAnswer,
-    cancelling: bool,
     now_ms: i64,
 ) -> AttemptEnd {
+    let Facts {
+        failures,
+        cancelling,
+        workflow,
+    } = facts;
     let outcome = match answer {
         HandlerAnswer::Terminal(failure, _) if cancelling => return cancel::ended(failure),
         HandlerAnswer::Terminal(failure, body) => return AttemptEnd::Failed { failure, body },
@@ -149,6 +164,7 @@ pub fn decide(
             requested,
             detail,
         } => pause::non_determinism(index, &recorded, &requested, detail),
+        Outcome::ContinueAsNew { input } => continue_as_new::next_run(input, workflow),
     }
 }
 
@@ -158,6 +174,13 @@ mod tests {
     use durin_protocol::{EntryKind, EntryRef};
 
     const NOW: i64 = 1_000_000;
+
+    fn failed(failures: u32) -> Facts {
+        Facts {
+            failures,
+            ..Facts::default()
+        }
+    }
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -178,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_step_backoff_is_not_charged_to_the_handler_and_its_retries_are() {
-        match decide(9, &policy(3), retry(Some("charge"), Some(250)), false, NOW) {
+        match decide(failed(9), &policy(3), retry(Some("charge"), Some(250)), NOW) {
             AttemptEnd::BackOff {
                 until_ms,
                 charged,
@@ -190,7 +213,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match decide(0, &policy(3), retry(None, None), false, NOW) {
+        match decide(failed(0), &policy(3), retry(None, None), NOW) {
             AttemptEnd::BackOff {
                 until_ms, charged, ..
             } => assert_eq!(
@@ -199,7 +222,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        match decide(2, &policy(3), retry(None, None), false, NOW) {
+        match decide(failed(2), &policy(3), retry(None, None), NOW) {
             AttemptEnd::Failed { failure, .. } => {
                 assert!(
                     failure.message.starts_with("all 3 attempts failed"),
@@ -218,7 +241,7 @@ mod tests {
                 wake_at_ms,
             })
         };
-        match decide(0, &policy(3), suspend(vec![3, 4], None), false, NOW) {
+        match decide(failed(0), &policy(3), suspend(vec![3, 4], None), NOW) {
             AttemptEnd::Suspended {
                 waiting_for,
                 until_ms,
@@ -226,13 +249,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Version 1: a wake time, capped at a year and a day.
-        match decide(0, &policy(3), suspend(vec![], Some(i64::MAX)), false, NOW) {
+        match decide(failed(0), &policy(3), suspend(vec![], Some(i64::MAX)), NOW) {
             AttemptEnd::Suspended { until_ms, .. } => {
                 assert_eq!(until_ms, Some(after(NOW, MAX_DELAY)))
             }
             other => panic!("{other:?}"),
         }
-        match decide(0, &policy(3), suspend(vec![], None), false, NOW) {
+        match decide(failed(0), &policy(3), suspend(vec![], None), NOW) {
             AttemptEnd::BackOff { error, .. } => assert!(error.contains("protocol violation")),
             other => panic!("{other:?}"),
         }
@@ -252,7 +275,7 @@ mod tests {
             },
             detail: None,
         });
-        match decide(0, &policy(3), answer, false, NOW) {
+        match decide(failed(0), &policy(3), answer, NOW) {
             AttemptEnd::Paused { reason } => {
                 assert!(reason.contains(r#"step "reserve""#), "{reason}");
                 assert!(reason.contains(r#"step "charge""#), "{reason}");

@@ -73,6 +73,8 @@ pub enum Status {
     Failed,
     Cancelled,
     Terminated,
+    /// A workflow's run that continued as a new run (under the same workflow id).
+    Continued,
 }
 
 impl Status {
@@ -87,6 +89,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
             Status::Terminated => "terminated",
+            Status::Continued => "continued",
         }
     }
 
@@ -101,15 +104,21 @@ impl Status {
             "failed" => Status::Failed,
             "cancelled" => Status::Cancelled,
             "terminated" => Status::Terminated,
+            "continued" => Status::Continued,
             _ => return None,
         })
     }
 
-    /// Completed, failed, cancelled or terminated: nothing will ever change it again.
+    /// Completed, failed, cancelled, terminated or continued: nothing will ever change it
+    /// again.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Status::Completed | Status::Failed | Status::Cancelled | Status::Terminated
+            Status::Completed
+                | Status::Failed
+                | Status::Cancelled
+                | Status::Terminated
+                | Status::Continued
         )
     }
 }
@@ -540,6 +549,14 @@ pub enum AttemptEnd {
     Cancelled {
         failure: Failure,
     },
+    /// A workflow's run continues as a new run `next` with `input` and a fresh journal,
+    /// on `target` (the newest deployment serving the workflow) or, without one, on the
+    /// run's own deployment.
+    ContinuedAsNew {
+        input: Vec<u8>,
+        next: InvocationId,
+        target: Option<HandlerTarget>,
+    },
 }
 
 /// What a termination did.
@@ -621,6 +638,12 @@ pub trait Store: Send + Sync + 'static {
         workflow: &str,
         workflow_id: &str,
     ) -> StoreResult<Option<InvocationRecord>>;
+    /// The runs of a workflow id, oldest first (a run that continued as new, then the next).
+    async fn workflow_runs(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+    ) -> StoreResult<Vec<InvocationRecord>>;
     /// Stores a signal for the invocation and hands it to the oldest open wait of its name,
     /// if any, making the invocation due when that wait is what it is suspended on.
     async fn send_signal(

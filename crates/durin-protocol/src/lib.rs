@@ -221,6 +221,10 @@ pub struct InvocationRequest {
     pub position_failures: u32,
     /// Base URL of this invocation's context API.
     pub context_url: String,
+    /// Version 3: the journal has passed 80 % of one of its limits; a workflow that loops
+    /// should continue as new.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suggest_continue_as_new: bool,
 }
 
 /// One recorded entry.
@@ -428,6 +432,10 @@ pub struct AppendResponse {
     /// A command's result when it was already there (a buffered signal, a timer in the past).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<Completion>,
+    /// Version 3: this append took the journal past 80 % of its entry limit (see
+    /// [`InvocationRequest::suggest_continue_as_new`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suggest_continue_as_new: bool,
 }
 
 /// (kind, name) of an entry, as a non-determinism report names it.
@@ -467,6 +475,10 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wake_at_ms: Option<i64>,
     },
+    /// Version 3, for a workflow's run: end this run and start the next one under the same
+    /// workflow id with `input` and a fresh journal, in one transaction (a long-running
+    /// loop keeps its history short this way).
+    ContinueAsNew { input: Value },
     /// On replay the handler asked for an entry different from the recorded one.
     NonDeterminism {
         index: u32,

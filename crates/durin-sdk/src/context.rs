@@ -156,6 +156,8 @@ struct ReplayState {
     start_seq: u32,
     /// Completion numbers learned from appends during the attempt.
     learned: std::collections::BTreeSet<u32>,
+    /// Durin said the journal nears its limits (at the start, or in an append's answer).
+    suggest_continue_as_new: bool,
 }
 
 enum Replayed {
@@ -192,6 +194,7 @@ impl Context {
                     appended: false,
                     abort: None,
                     learned: Default::default(),
+                    suggest_continue_as_new: request.suggest_continue_as_new,
                 }),
             }),
         }
@@ -205,6 +208,27 @@ impl Context {
     /// The attempt number, from 1.
     pub fn attempt(&self) -> u32 {
         self.inner.attempt
+    }
+
+    /// True when the journal has passed 80 % of one of its limits: a workflow that loops
+    /// should [`Context::continue_as_new`] at its next convenient point. It is false while
+    /// the handler replays its journal, so that a replay takes the path it took before
+    /// (the journal was shorter then), and true once it runs past it.
+    pub fn suggest_continue_as_new(&self) -> bool {
+        let state = self.lock();
+        state.suggest_continue_as_new && state.cursor >= state.journal.len()
+    }
+
+    /// Ends this run of the workflow and starts the next one under the same workflow id,
+    /// with `input` and a fresh journal (Durin does both in one transaction, on the newest
+    /// deployment). Return what it returns: `return ctx.continue_as_new(&next);`. Only a
+    /// workflow's run (started with `POST /v1/workflows/...`) can continue as new.
+    pub fn continue_as_new<I: Serialize, T>(&self, input: &I) -> Result<T, HandlerError> {
+        let input = to_json(input)?;
+        self.lock()
+            .abort
+            .get_or_insert(Outcome::ContinueAsNew { input });
+        Err(HandlerError::abort("the run continues as new"))
     }
 
     /// Runs a journaled step with the default retry policy. See [`Context::run_with`].
@@ -750,6 +774,7 @@ impl Context {
                     if let Some(completion) = &answer.completion {
                         state.learned.insert(completion.seq);
                     }
+                    state.suggest_continue_as_new |= answer.suggest_continue_as_new;
                     return Ok(answer);
                 }
                 Ok(response) if response.status().is_server_error() => {
@@ -896,6 +921,7 @@ mod tests {
             journal,
             position_failures: 0,
             context_url: "http://127.0.0.1:1/v1/contexts/inv_x".into(),
+            suggest_continue_as_new: false,
         };
         Context::new(&mut request, reqwest::Client::new())
     }

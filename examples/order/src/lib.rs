@@ -4,7 +4,8 @@
 //! journaled steps: `charge_payment`, `reserve_inventory`, `send_confirmation`. Each step
 //! waits `--step-delay-ms` first (so that a person can kill things mid-flow) and, when
 //! `--downstream URL` is given, performs its side effect as `POST {URL}/{step}` with an
-//! `Idempotency-Key` of `{invocation id}:{step}`, the way a payment API would be called.
+//! `Idempotency-Key` of `{invocation id}:{step}:{order id}`, the way a payment API would be
+//! called.
 //! Cancelled (`POST /v1/invocations/{id}/cancel`), it compensates what it started, in
 //! reverse order: `release_inventory`, then `refund_payment`, and ends cancelled.
 
@@ -63,7 +64,10 @@ impl Steps {
             let response = self
                 .http
                 .post(format!("{}/{step}", downstream.trim_end_matches('/')))
-                .header("idempotency-key", format!("{}:{step}", ctx.invocation_id()))
+                .header(
+                    "idempotency-key",
+                    format!("{}:{step}:{}", ctx.invocation_id(), order.order_id),
+                )
                 .json(&serde_json::json!({
                     "order_id": order.order_id,
                     "customer_id": order.customer_id,
@@ -186,10 +190,16 @@ pub fn endpoint(args: Args) -> Endpoint {
         args,
         http: reqwest::Client::new(),
     });
+    let billing = Arc::clone(&steps);
     Endpoint::new()
         .service(Service::new("order").handler("process", move |ctx, order| {
             process(Arc::clone(&steps), ctx, order)
         }))
+        .service(
+            Service::new("subscription").handler("run", move |ctx, sub| {
+                subscription(Arc::clone(&billing), ctx, sub)
+            }),
+        )
         .service(Service::new("approval").handler("run", approval))
         .service(Service::new("checkout").handler("run", checkout).handler(
             "receipt",
@@ -197,6 +207,68 @@ pub fn endpoint(args: Args) -> Endpoint {
                 Ok::<_, HandlerError>(format!("receipt for {orders} orders"))
             },
         ))
+}
+
+/// The input of the tutorial's subscription workflow (`subscription/run`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Subscription {
+    pub customer_id: String,
+    pub amount_cents: u64,
+    /// Billing cycles done so far (0 for a new subscription).
+    #[serde(default)]
+    pub cycle: u32,
+    /// Cycles after which the subscription ends; `None` bills for ever.
+    #[serde(default)]
+    pub cycles: Option<u32>,
+    /// Cycles per run: the run then continues as new, so its journal stays short.
+    #[serde(default = "three")]
+    pub cycles_per_run: u32,
+    /// The billing period in milliseconds: 30 days unless given (a demo or a test makes
+    /// it short).
+    #[serde(default)]
+    pub period_ms: Option<u64>,
+}
+
+fn three() -> u32 {
+    3
+}
+
+/// The tutorial's subscription billing loop: sleeps 30 days (a durable timer), charges,
+/// and continues as new every `cycles_per_run` cycles (or when Durin suggests it), so a
+/// subscription billed for years never has a long journal. `cycles` is a query.
+async fn subscription(
+    steps: Arc<Steps>,
+    ctx: Context,
+    sub: Subscription,
+) -> Result<String, HandlerError> {
+    const MONTH: Duration = Duration::from_secs(30 * 24 * 3600);
+    let period = sub.period_ms.map_or(MONTH, Duration::from_millis);
+    let mut cycle = sub.cycle;
+    // Each run has its own state: the query answers from the first moment of every run.
+    ctx.set("cycles", &cycle).await?;
+    loop {
+        if sub.cycles.is_some_and(|n| cycle >= n) {
+            return Ok(format!("{} billed {cycle} cycles", sub.customer_id));
+        }
+        let this_run = cycle - sub.cycle;
+        if this_run >= sub.cycles_per_run.max(1) || ctx.suggest_continue_as_new() {
+            return ctx.continue_as_new(&Subscription { cycle, ..sub });
+        }
+        ctx.sleep(period).await?;
+        let order = Order {
+            order_id: format!("{}-{cycle}", sub.customer_id),
+            customer_id: sub.customer_id.clone(),
+            amount_cents: sub.amount_cents,
+        };
+        let step = format!("charge_{cycle}");
+        ctx.run_with(&step, steps.options(), || {
+            let value = format!("charge_{}", order.order_id);
+            steps.perform(&ctx, "charge_payment", &order, value)
+        })
+        .await?;
+        cycle += 1;
+        ctx.set("cycles", &cycle).await?;
+    }
 }
 
 /// The input of `checkout/run`: orders placed together.

@@ -212,28 +212,61 @@ fn insert_child(
     parent_index: u32,
     now_ms: i64,
 ) -> StoreResult<()> {
+    insert_pending(
+        conn,
+        Pending {
+            id: child.id.as_str(),
+            service: &child.target.service,
+            handler: &child.target.handler,
+            deployment_id: &child.target.deployment_id,
+            input: &child.input,
+            due_ms: child.due_ms,
+            workflow_id: None,
+            parent: Some((parent, child.awaited.then_some(parent_index))),
+        },
+        now_ms,
+    )
+}
+
+/// An invocation created pending by another one (a child, the next run of a workflow).
+pub(super) struct Pending<'a> {
+    pub id: &'a str,
+    pub service: &'a str,
+    pub handler: &'a str,
+    pub deployment_id: &'a str,
+    pub input: &'a [u8],
+    pub due_ms: i64,
+    pub workflow_id: Option<&'a str>,
+    /// The parent and, for a `call`, its entry.
+    pub parent: Option<(&'a str, Option<u32>)>,
+}
+
+/// Inserts an invocation that waits for the scheduler (attempt 0, due at `due_ms`), with
+/// its JSON input entry.
+pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -> StoreResult<()> {
     execute(
         conn,
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
-         modified_at_ms, journal_bytes, parent_invocation_id, parent_index) \
-         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9)",
+         modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
         params![
-            child.id.as_str(),
-            child.target.service,
-            child.target.handler,
-            child.target.deployment_id,
-            child.due_ms,
+            new.id,
+            new.service,
+            new.handler,
+            new.deployment_id,
+            new.due_ms,
             now_ms,
-            child.input.len() as i64,
-            parent,
-            child.awaited.then_some(parent_index),
+            new.input.len() as i64,
+            new.workflow_id,
+            new.parent.map(|(p, _)| p),
+            new.parent.and_then(|(_, index)| index),
         ],
     )?;
     insert_entry(
         conn,
-        child.id.as_str(),
-        &input_entry(child.input.clone(), Some("application/json".into()), now_ms),
+        new.id,
+        &input_entry(new.input.to_vec(), Some("application/json".into()), now_ms),
     )
 }
 
@@ -785,8 +818,7 @@ fn awaited_children(conn: &Connection, id: &str) -> StoreResult<Vec<String>> {
     let mut statement = conn
         .prepare_cached(
             "SELECT id FROM invocations WHERE parent_invocation_id = ?1 \
-             AND parent_index IS NOT NULL \
-             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated') ORDER BY id",
+             AND parent_index IS NOT NULL AND completed_at_ms IS NULL ORDER BY id",
         )
         .map_err(backend)?;
     let rows = statement

@@ -675,6 +675,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn workflow_runs(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+    ) -> StoreResult<Vec<InvocationRecord>> {
+        let keys = [workflow.to_owned(), workflow_id.to_owned()];
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {INVOCATION_COLUMNS} FROM invocations \
+                 WHERE service = ?1 AND workflow_id = ?2 ORDER BY id"
+            );
+            query_all(conn, &sql, keys, invocation)
+        })
+        .await
+    }
+
     async fn send_signal(
         &self,
         id: &InvocationId,
@@ -971,6 +987,11 @@ impl Store for SqliteStore {
                      failure = ?4",
                     vec![to_json(failure)?.into()],
                 ),
+                AttemptEnd::ContinuedAsNew { .. } => (
+                    "status = 'continued', journal_len = journal_len + 1, completed_at_ms = ?1, \
+                     last_error = NULL",
+                    vec![],
+                ),
             };
             let sql = format!(
                 "UPDATE invocations SET {set}, modified_at_ms = ?1 {fence} \
@@ -994,6 +1015,19 @@ impl Store for SqliteStore {
                     Some((value, content_type.flatten(), Some(failure)))
                 }
                 AttemptEnd::Cancelled { failure } => Some((None, None, Some(failure))),
+                AttemptEnd::ContinuedAsNew {
+                    input,
+                    next,
+                    target,
+                } => {
+                    continue_as_new(conn, &record, &input, &next, target.as_ref(), now_ms)?;
+                    let output = serde_json::json!({ "continued_as": next.as_str() });
+                    Some((
+                        Some(output.to_string().into_bytes()),
+                        Some("application/json".into()),
+                        None,
+                    ))
+                }
                 _ => None,
             };
             let output = match output {
@@ -1074,9 +1108,7 @@ impl Store for SqliteStore {
                 let mut statement = conn
                     .prepare_cached(
                         "SELECT id FROM invocations WHERE completed_at_ms IS NOT NULL \
-                         AND completed_at_ms < ?1 \
-                         AND status IN ('completed', 'failed', 'cancelled', 'terminated') \
-                         ORDER BY completed_at_ms LIMIT ?2",
+                         AND completed_at_ms < ?1 ORDER BY completed_at_ms LIMIT ?2",
                     )
                     .map_err(backend)?;
                 let rows = statement
@@ -1114,6 +1146,45 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Starts the next run of a workflow whose run `record` continues as new: pending and due
+/// now, with `input`, under the same workflow id, which names it from now on.
+fn continue_as_new(
+    conn: &Connection,
+    record: &InvocationRecord,
+    input: &[u8],
+    next: &InvocationId,
+    target: Option<&HandlerTarget>,
+    now_ms: i64,
+) -> StoreResult<()> {
+    let workflow_id = record.workflow_id.as_deref().ok_or_else(|| {
+        corrupt(format!(
+            "invocation {} continued as new without a workflow id",
+            record.id
+        ))
+    })?;
+    let deployment_id = target.map_or(record.deployment_id.as_str(), |t| &t.deployment_id);
+    commands::insert_pending(
+        conn,
+        commands::Pending {
+            id: next.as_str(),
+            service: &record.service,
+            handler: &record.handler,
+            deployment_id,
+            input,
+            due_ms: now_ms,
+            workflow_id: Some(workflow_id),
+            parent: None,
+        },
+        now_ms,
+    )?;
+    execute(
+        conn,
+        "UPDATE workflows SET invocation_id = ?1 WHERE workflow = ?2 AND workflow_id = ?3",
+        params![next.as_str(), record.service, workflow_id],
+    )?;
+    Ok(())
 }
 
 /// The output entry of an invocation that has just ended (its row already counts it in
