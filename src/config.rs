@@ -34,6 +34,14 @@ pub struct Config {
     pub retry_policy: RetryPolicy,
     /// Bound on one attempt of handlers that declare none.
     pub start_to_close: Duration,
+    /// Bound on a whole invocation (from its creation; a workflow run's execution timeout)
+    /// of handlers that declare none; none by default.
+    pub schedule_to_close: Option<Duration>,
+    /// Bound on how late an attempt may start after it was due, for handlers that declare
+    /// none; none by default.
+    pub schedule_to_start: Option<Duration>,
+    /// Heartbeat timeout of handlers that declare none; none by default.
+    pub heartbeat_timeout: Option<Duration>,
     /// How long a graceful shutdown waits for attempts in flight.
     pub drain_timeout: Duration,
     /// Attempts the scheduler runs at once; due invocations beyond it wait their turn.
@@ -69,6 +77,9 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             retry_policy: RetryPolicy::default(),
             start_to_close: Duration::from_secs(60),
+            schedule_to_close: None,
+            schedule_to_start: None,
+            heartbeat_timeout: None,
             drain_timeout: Duration::from_secs(10),
             max_concurrent_attempts: 1024,
             deployments: Vec::new(),
@@ -146,6 +157,12 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde")]
     start_to_close: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    schedule_to_close: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    schedule_to_start: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
     max_concurrent_attempts: Option<usize>,
     #[serde(default)]
@@ -210,6 +227,15 @@ impl Config {
         }
         if let Some(v) = file.start_to_close {
             config.start_to_close = v;
+        }
+        if let Some(v) = file.schedule_to_close {
+            config.schedule_to_close = Some(v);
+        }
+        if let Some(v) = file.schedule_to_start {
+            config.schedule_to_start = Some(v);
+        }
+        if let Some(v) = file.heartbeat_timeout {
+            config.heartbeat_timeout = Some(v);
         }
         if let Some(v) = file.drain_timeout {
             config.drain_timeout = v;

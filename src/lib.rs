@@ -108,6 +108,11 @@ pub async fn run_with_clock(
         signing::RequestSigner::new(&store.gateway_secret("signing").await?)
             .map_err(|e| anyhow::anyhow!("the signing key: {e}"))?,
     );
+    let timeouts = lifecycle::timeouts::TimeoutDefaults {
+        schedule_to_close: config.schedule_to_close,
+        schedule_to_start: config.schedule_to_start,
+        heartbeat: config.heartbeat_timeout,
+    };
     let engine = Arc::new(Engine::new(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -117,6 +122,7 @@ pub async fn run_with_clock(
             default_start_to_close: config.start_to_close,
             max_concurrent_attempts: config.max_concurrent_attempts,
             journal_limits: config.journal_limits,
+            timeouts,
         },
         Arc::clone(&targets),
         vec![
@@ -148,6 +154,7 @@ pub async fn run_with_clock(
         tracing::info!(recovered, "attempts cut short by the last stop run again");
     }
     let scheduler = engine.start_scheduler();
+    let deadlines = engine.start_deadlines();
     tokio::spawn(purge(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -224,6 +231,7 @@ pub async fn run_with_clock(
         idempotency_retention: config.idempotency_retention,
         call_wait: config.call_wait,
         journal_limits: config.journal_limits,
+        timeouts,
         max_body_bytes: config.max_body_bytes,
         stopping: server_stop.clone(),
     };
@@ -258,6 +266,7 @@ pub async fn run_with_clock(
     shutdown.cancelled().await;
     engine.drain(config.drain_timeout).await;
     scheduler.await?;
+    deadlines.await?;
     server_stop.cancel();
     server.await??;
     admin_server.await??;

@@ -598,3 +598,79 @@ async fn gateway_killed_around_continue_as_new_starts_exactly_one_next_run() {
     let expected: std::collections::BTreeSet<String> = (0..6).map(|c| format!("cy-{c}")).collect();
     assert_eq!(charged, expected);
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The handler's process freezes in the middle of a long step (SIGSTOP: its connection
+/// stays open, as when its machine is gone). The step sends a heartbeat per item and the
+/// handler declares a 1 s heartbeat_timeout: Durin ends the attempt within about a second
+/// (its start_to_close is 120 s), and once a handler is back, the next attempt goes on
+/// from the last item a heartbeat reported, so at most one item is processed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_handler_is_found_by_its_heartbeat_timeout_and_the_next_attempt_goes_on() {
+    let downstream = Downstream::start(&[]).await;
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let mut handler = start_order(None, &["--downstream", &downstream.url]);
+    register(&gateway.admin, &handler.url).await;
+
+    let response = client()
+        .post(format!("{}/v1/send/batch/run", gateway.url))
+        .json(&serde_json::json!({"items": 12, "item_ms": 150}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<serde_json::Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(Duration::from_secs(10), "four items", || async {
+        (downstream.requests("batch_item").len() >= 4).then_some(())
+    })
+    .await;
+    signal(handler.pid(), "STOP");
+    let frozen = std::time::Instant::now();
+    let url = format!("{}/v1/invocations/{id}", gateway.url);
+    let view = eventually(Duration::from_secs(10), "the attempt to end", || async {
+        let view = get_json(&url).await;
+        (view["attempt"].as_u64() >= Some(2)
+            || view["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("heartbeat")))
+        .then_some(view)
+    })
+    .await;
+    let found_after = frozen.elapsed();
+    assert!(
+        found_after < Duration::from_secs(5),
+        "found after {found_after:?}: {view}"
+    );
+    let done_before = downstream.requests("batch_item").len();
+    // The frozen process goes; a new one on the same address takes the next attempt.
+    signal(handler.pid(), "CONT");
+    handler.kill();
+    let _handler = start_order(Some(handler.addr), &["--downstream", &downstream.url]);
+
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    let output = view["output"].as_str().unwrap();
+    let from: usize = output.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        from >= 4 && from <= done_before,
+        "{output} (done before: {done_before})"
+    );
+    assert_eq!(downstream.distinct_keys("batch_item"), 12);
+    let processed = downstream.requests("batch_item").len();
+    assert!(
+        (12..=13).contains(&processed),
+        "at most the item in flight is processed twice: {processed}"
+    );
+}

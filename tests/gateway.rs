@@ -722,7 +722,7 @@ async fn retries_follow_the_policy_and_exhaustion_says_why() {
         "run",
         HandlerOptions {
             retry_policy: Some(fast_policy(3)),
-            start_to_close: None,
+            ..HandlerOptions::default()
         },
         move |_ctx: Context, _: Value| {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -755,6 +755,7 @@ async fn start_to_close_ends_a_hung_attempt_and_fences_it() {
         HandlerOptions {
             retry_policy: Some(fast_policy(3)),
             start_to_close: Some(Duration::from_millis(300)),
+            ..HandlerOptions::default()
         },
         |ctx: Context, _: Value| async move {
             if ctx.attempt() == 1 {
@@ -1206,5 +1207,44 @@ async fn a_patch_changes_new_runs_and_leaves_recorded_ones_on_the_old_branch() {
             "output "
         ]
     );
+    gateway.stop().await;
+}
+
+/// A step's own `start_to_close` bounds one try of it: a try that hangs fails as
+/// `StartToCloseTimeout` and the step's policy tries again, long before the handler's
+/// `start_to_close` would.
+#[tokio::test]
+async fn a_steps_start_to_close_ends_a_hung_try() {
+    let gateway = Gateway::start(|_| {}).await;
+    let tries = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&tries);
+    let endpoint = Endpoint::new().service(Service::new("hang").handler(
+        "run",
+        move |ctx: Context, _: Value| {
+            let counter = Arc::clone(&counter);
+            async move {
+                let options = RunOptions::retry_policy(fast_policy(3))
+                    .start_to_close(Duration::from_millis(200));
+                ctx.run_with("fetch", options, || async {
+                    if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    Ok("fetched".to_owned())
+                })
+                .await
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let started = std::time::Instant::now();
+    let r = gateway.post("/v1/call/hang/run", "null").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), "fetched");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(tries.load(Ordering::SeqCst), 2);
     gateway.stop().await;
 }

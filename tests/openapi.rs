@@ -407,6 +407,9 @@ fn samples() -> Vec<(&'static str, Json)> {
         path: Some("/order/process".into()),
         retry_policy: Some(policy.clone()),
         start_to_close: Some(std::time::Duration::from_secs(30)),
+        schedule_to_close: Some(std::time::Duration::from_secs(3600)),
+        schedule_to_start: Some(std::time::Duration::from_secs(60)),
+        heartbeat_timeout: Some(std::time::Duration::from_secs(10)),
     };
     let service = ServiceSpec {
         name: "order".into(),
@@ -455,6 +458,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                 position_failures: 0,
                 context_url: "http://127.0.0.1:8080/v1/contexts/x".into(),
                 suggest_continue_as_new: true,
+                heartbeat_details: Some(json!({"done": 3})),
             }),
         ),
         (

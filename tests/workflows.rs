@@ -62,7 +62,26 @@ async fn world_with(configure: impl FnOnce(&mut Config)) -> World {
     };
     let endpoint = order_example::endpoint(args)
         .service(durin_sdk::Service::new("callback").handler("run", callback))
-        .service(durin_sdk::Service::new("inbox").handler("run", inbox));
+        .service(durin_sdk::Service::new("inbox").handler("run", inbox))
+        .service(
+            durin_sdk::Service::new("bounded")
+                .handler_with(
+                    "run",
+                    durin_sdk::HandlerOptions {
+                        schedule_to_close: Some(Duration::from_secs(3600)),
+                        ..Default::default()
+                    },
+                    napper,
+                )
+                .handler_with(
+                    "punctual",
+                    durin_sdk::HandlerOptions {
+                        schedule_to_start: Some(Duration::from_secs(60)),
+                        ..Default::default()
+                    },
+                    napper,
+                ),
+        );
     tokio::spawn(endpoint.serve(handler));
     register(&admin, &handler_url).await;
     World {
@@ -81,6 +100,12 @@ async fn callback(ctx: durin_sdk::Context, _: Value) -> Result<Value, durin_sdk:
     ctx.set("token", &awakeable.token).await?;
     let value: Value = awakeable.wait(&ctx).await?;
     Ok(json!({ "resolved_with": value }))
+}
+
+/// Sleeps a day, then answers.
+async fn napper(ctx: durin_sdk::Context, _: Value) -> Result<String, durin_sdk::HandlerError> {
+    ctx.sleep(Duration::from_secs(24 * 3600)).await?;
+    Ok("rested".into())
 }
 
 /// A workflow that takes three signals of one name, one after the other.
@@ -483,12 +508,24 @@ async fn a_run_near_its_journal_limit_is_told_to_continue_as_new() {
     .await;
     assert_eq!(started.status(), 202);
     for cycle in 0..4u64 {
-        eventually(Duration::from_secs(20), "the month's sleep", || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
             let view = get_json(&url).await;
             let cycles = get_json(&format!("{url}/queries/cycles")).await;
-            (view["status"] == "suspended" && cycles == json!(cycle)).then_some(())
-        })
-        .await;
+            if view["status"] == "suspended" && cycles == json!(cycle) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                // Say what happened, run by run.
+                let runs = get_json(&format!("{url}/runs")).await;
+                let mut journals = Vec::new();
+                for run in runs["runs"].as_array().unwrap() {
+                    journals.push(journal(&world.admin, run["id"].as_str().unwrap()).await);
+                }
+                panic!("cycle {cycle}: {view:#}\nqueries: {cycles}\nruns: {runs:#}\njournals: {journals:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         world.clock.advance(30 * 24 * 3600 * 1000);
     }
     let ended = eventually(Duration::from_secs(20), "the end", || async {
@@ -505,4 +542,74 @@ async fn a_run_near_its_journal_limit_is_told_to_continue_as_new() {
     for run in &runs {
         assert!(run["journal_length"].as_u64().unwrap() <= 10, "{run}");
     }
+}
+
+/// `schedule_to_close` bounds the whole invocation, waits included: an hour into its day's
+/// sleep it fails, named after the timeout, and a waiting caller hears it. A
+/// `schedule_to_start` of a minute fails an attempt that could only start an hour after
+/// it was due (Durin was down, or the clock jumped), instead of running it late.
+#[tokio::test]
+async fn schedule_to_close_and_schedule_to_start_fail_what_is_too_late() {
+    let world = world().await;
+    let started = post(
+        &format!("{}/v1/send/bounded/run", world.gateway),
+        json!(null),
+    )
+    .await;
+    let bounded = started.json::<Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let started = post(
+        &format!("{}/v1/send/bounded/punctual", world.gateway),
+        json!(null),
+    )
+    .await;
+    let punctual = started.json::<Value>().await.unwrap()["invocation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for id in [&bounded, &punctual] {
+        eventually(Duration::from_secs(10), "the sleep", || async {
+            let view = get_json(&format!("{}/v1/invocations/{id}", world.gateway)).await;
+            (view["status"] == "suspended").then_some(())
+        })
+        .await;
+    }
+    let view = get_json(&format!("{}/v1/invocations/{bounded}", world.gateway)).await;
+    assert!(view["deadline"].is_string(), "{view}");
+    let waiting = {
+        let url = format!("{}/v1/invocations/{bounded}", world.gateway);
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .header("prefer", "wait=30")
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    // Two days later: the deadline (an hour) has passed, and the timer (a day) is an hour
+    // past due.
+    world.clock.advance(25 * 3600 * 1000);
+    let view = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the caller was woken")
+        .unwrap();
+    assert_eq!(view["status"], "failed", "{view}");
+    assert_eq!(view["failure"]["type"], "ScheduleToCloseTimeout", "{view}");
+    assert_eq!(view["failure"]["status"], 504);
+    let view = eventually(Duration::from_secs(10), "the late attempt", || async {
+        let view = get_json(&format!("{}/v1/invocations/{punctual}", world.gateway)).await;
+        (view["status"] == "failed").then_some(view)
+    })
+    .await;
+    assert_eq!(view["failure"]["type"], "ScheduleToStartTimeout", "{view}");
+    assert!(
+        view["failure"]["message"].as_str().unwrap().contains("1h"),
+        "{view}"
+    );
 }

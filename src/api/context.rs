@@ -167,10 +167,11 @@ async fn plan_child(
         value: Some(serde_json::json!({ "invocation_id": id.as_str() })),
         effect: Effect::StartChild(Box::new(ChildStart {
             id,
-            target,
             input: to_bytes(&child.input),
             due_ms: crate::lifecycle::after(now_ms, child.delay),
             awaited: kind == EntryKind::Call,
+            deadline_ms: state.timeouts.deadline(&target.spec, now_ms),
+            target,
         })),
     })
 }
@@ -661,4 +662,57 @@ impl AttemptObserver for StateCursors {
             attempts.remove(id);
         }
     }
+}
+
+/// `POST /v1/contexts/{id}/heartbeat`: the running attempt is alive and has got this far
+/// (the JSON body, `null` when empty). Fenced like an append; the next attempt receives
+/// the details of the last one (in its invocation request, or `GET` here).
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    let details = json_body("the heartbeat details", &body)?;
+    state
+        .store
+        .heartbeat(
+            &id,
+            caller.attempt,
+            caller.token,
+            Some(to_bytes(&details)),
+            state.clock.now_ms(),
+        )
+        .await?;
+    state.engine.heartbeat(&id, caller.attempt);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v1/contexts/{id}/heartbeat`: the details of the last heartbeat (of this attempt or
+/// an earlier one), for a plain handler to go on from where an earlier attempt got;
+/// `null` when there was none. Only the running attempt may read them.
+pub async fn last_heartbeat(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    let record = super::find_invocation(&state, &id).await?;
+    let current = record.status == crate::store::Status::Running
+        && record.attempt == caller.attempt
+        && record
+            .attempt_token
+            .as_deref()
+            .is_some_and(|t| crate::http::same_secret(t, &caller.token));
+    if !current {
+        return Err(ApiError::Conflict(format!(
+            "attempt {} with this token is not the running attempt of invocation {id}",
+            caller.attempt
+        )));
+    }
+    let details = state.store.heartbeat_details(&id).await?;
+    Ok(Json(json!({ "details": json_value(details.as_deref()) })).into_response())
 }

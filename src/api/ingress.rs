@@ -243,6 +243,7 @@ async fn start(
         .as_ref()
         .map(|c| c.key.clone())
         .unwrap_or_default();
+    let target_spec = target.spec.clone();
     let new = NewInvocation {
         id: InvocationId::generate(),
         target,
@@ -250,6 +251,7 @@ async fn start(
         content_type: Some(content_type.unwrap_or_else(|| "application/json".into())),
         idempotency,
         now_ms,
+        deadline_ms: state.timeouts.deadline(&target_spec, now_ms),
     };
 
     let created = tokio::spawn(async move {

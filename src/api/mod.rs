@@ -58,6 +58,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/awakeables/{token}/reject"),
     ("POST", "/v1/contexts/{id}/entries"),
     ("POST", "/v1/contexts/{id}/steps/{name}"),
+    ("POST", "/v1/contexts/{id}/heartbeat"),
+    ("GET", "/v1/contexts/{id}/heartbeat"),
     ("POST", "/v1/contexts/{id}/sleep/{name}"),
     ("POST", "/v1/contexts/{id}/signals/{name}"),
     ("POST", "/v1/contexts/{id}/awakeables/{name}"),
@@ -100,6 +102,8 @@ pub struct AppState {
     pub call_wait: Duration,
     /// How long a journal may grow; views warn from 80 % of it.
     pub journal_limits: crate::store::JournalLimits,
+    /// Timeouts of handlers that declare none.
+    pub timeouts: crate::lifecycle::timeouts::TimeoutDefaults,
     pub max_body_bytes: usize,
     /// Cancelled when the server stops; long waits end with a 503 then.
     pub stopping: tokio_util::sync::CancellationToken,
@@ -150,6 +154,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))
         .route("/v1/contexts/{id}/steps/{name}", post(context::record_step))
+        .route(
+            "/v1/contexts/{id}/heartbeat",
+            post(context::heartbeat).get(context::last_heartbeat),
+        )
         .route("/v1/contexts/{id}/sleep/{name}", post(context::sleep))
         .route(
             "/v1/contexts/{id}/signals/{name}",

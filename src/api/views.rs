@@ -40,6 +40,12 @@ pub struct InvocationView {
     /// When someone asked to cancel it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_requested_at: Option<String>,
+    /// When an attempt last sent a heartbeat.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_at: Option<String>,
+    /// When it fails if it has not ended (`schedule_to_close`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
     pub attempt: u32,
     pub journal_length: u32,
     /// The bytes of the journal's values.
@@ -92,6 +98,8 @@ impl InvocationView {
             parent_invocation_id: record.parent_invocation_id.clone(),
             parent_index: record.parent_index,
             cancel_requested_at: record.cancel_requested_at_ms.map(timestamp),
+            last_heartbeat_at: record.heartbeat_at_ms.map(timestamp),
+            deadline: record.deadline_ms.map(timestamp),
             attempt: record.attempt,
             journal_length: record.journal_len,
             journal_bytes: record.journal_bytes,

@@ -165,6 +165,8 @@ async fn start_run(
             ))
         })?;
     let (input_digest, content_type) = input_digest(target.protocol, content_type, body)?;
+    let now_ms = state.clock.now_ms();
+    let deadline_ms = state.timeouts.deadline(&target.spec, now_ms);
     let run = NewWorkflowRun {
         invocation: NewInvocation {
             id: InvocationId::generate(),
@@ -172,7 +174,8 @@ async fn start_run(
             input: body.to_vec(),
             content_type: Some(content_type.unwrap_or_else(|| "application/json".into())),
             idempotency: None,
-            now_ms: state.clock.now_ms(),
+            now_ms,
+            deadline_ms,
         },
         workflow_id,
         input_digest,

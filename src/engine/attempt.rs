@@ -48,6 +48,7 @@ impl Engine {
             },
         };
         let end = self.call(&record, journal).await;
+        self.heartbeats.forget(&id, record.attempt);
         // The handler has answered (or given up): its egress calls are over.
         for observer in &self.observers {
             observer.attempt_ended(&id, record.attempt);
@@ -129,6 +130,16 @@ impl Engine {
                 return Ok(paused);
             }
         }
+        // Started too late for what it was for: it fails instead of running.
+        if let (Some(limit), Some(due)) = (
+            self.config.timeouts.schedule_to_start(&target.spec),
+            record.scheduled_at_ms,
+        ) {
+            let late = self.clock.now_ms().saturating_sub(due);
+            if let Some(end) = lifecycle::timeouts::started_too_late(late, limit) {
+                return Ok(end);
+            }
+        }
         let policy = target
             .spec
             .retry_policy
@@ -141,13 +152,21 @@ impl Engine {
             workflow: record.workflow_id.is_some(),
         };
         let mut end = lifecycle::decide(facts, &policy, answer, self.clock.now_ms());
-        if let AttemptEnd::ContinuedAsNew { target: next, .. } = &mut end {
+        if let AttemptEnd::ContinuedAsNew {
+            target: next,
+            deadline_ms,
+            ..
+        } = &mut end
+        {
             // The next run goes to the newest deployment: continuing as new is how a
             // long-running workflow picks up new code.
             *next = self
                 .targets
                 .latest(&*self.store, &record.service, &record.handler)
-                .await?;
+                .await?
+                .map(Box::new);
+            let spec = next.as_ref().map_or(&target.spec, |t| &t.spec);
+            *deadline_ms = self.config.timeouts.deadline(spec, self.clock.now_ms());
         }
         Ok(end)
     }
@@ -204,15 +223,18 @@ impl Engine {
             .terminate(id, reason, self.clock.now_ms())
             .await?;
         for (record, output) in termination.ended {
-            if record.parent_index.is_some() {
-                self.nudge();
-            }
-            self.waiters.finish(Arc::new(Ended {
-                record,
-                output: Some(output),
-            }));
+            self.ended(record, Some(output));
         }
         Ok((termination.record, termination.terminated))
+    }
+
+    /// An invocation ended outside an attempt (terminated, timed out): its waiting callers
+    /// get it, and a parent it completed runs.
+    pub(super) fn ended(&self, record: InvocationRecord, output: Option<StoredEntry>) {
+        if record.parent_index.is_some() {
+            self.nudge();
+        }
+        self.waiters.finish(Arc::new(Ended { record, output }));
     }
 
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {

@@ -40,6 +40,19 @@ impl Engine {
             .start_to_close
             .unwrap_or(self.config.default_start_to_close);
         let endpoint = target.endpoint();
+        // What an earlier attempt's last heartbeat said, for this one to go on from.
+        let heartbeat_details = match record.heartbeat_at_ms {
+            Some(_) => match self.store.heartbeat_details(&record.id).await {
+                Ok(details) => details.map(|d| json_value(Some(&d))),
+                Err(error) => {
+                    return HandlerAnswer::Retry(Retryable::new(
+                        format!("the last heartbeat could not be read: {error}"),
+                        None,
+                    ))
+                }
+            },
+            None => None,
+        };
         let (request, body) = match target.protocol {
             HandlerProtocol::Sdk { version } => {
                 let body = serde_json::to_vec(&InvocationRequest {
@@ -54,6 +67,7 @@ impl Engine {
                         .map(|entry| wire_entry(self, &record.id, entry))
                         .collect(),
                     position_failures: record.position_failures,
+                    heartbeat_details,
                     suggest_continue_as_new: self
                         .config
                         .journal_limits
@@ -109,8 +123,24 @@ impl Engine {
                 record.attempt_token.as_deref().unwrap_or_default(),
             )
             .timeout(timeout)
-            .send()
-            .await;
+            .send();
+        let heartbeat_timeout = self.config.timeouts.heartbeat(&target.spec);
+        let sent = match heartbeat_timeout {
+            None => sent.await,
+            Some(limit) => tokio::select! {
+                sent = sent => sent,
+                silent = self.silence(record, limit) => {
+                    return HandlerAnswer::Retry(Retryable::new(
+                        format!(
+                            "attempt {} sent no heartbeat for {} (its heartbeat_timeout)",
+                            record.attempt,
+                            humantime::format_duration(silent)
+                        ),
+                        Some("HeartbeatTimeout".into()),
+                    ));
+                }
+            },
+        };
         let response = match sent {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {
@@ -189,6 +219,33 @@ impl Engine {
                     None,
                 )
             })
+        }
+    }
+}
+
+impl Engine {
+    /// Resolves once the attempt has gone `limit` without a heartbeat (counting from its
+    /// start), with how long it was silent.
+    async fn silence(
+        &self,
+        record: &InvocationRecord,
+        limit: std::time::Duration,
+    ) -> std::time::Duration {
+        let started = tokio::time::Instant::now();
+        let check = (limit / 4).clamp(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_secs(1),
+        );
+        loop {
+            tokio::time::sleep(check).await;
+            let last = self
+                .heartbeats
+                .last(&record.id, record.attempt)
+                .unwrap_or(started);
+            let silent = last.elapsed();
+            if silent >= limit {
+                return silent;
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 
 mod attempt;
 mod client;
+mod heartbeats;
 mod scheduler;
 mod waiters;
 
@@ -40,6 +41,8 @@ pub struct EngineConfig {
     pub max_concurrent_attempts: usize,
     /// Past 80 % of these, a handler is told to continue as new.
     pub journal_limits: crate::store::JournalLimits,
+    /// Timeouts of handlers that declare none.
+    pub timeouts: crate::lifecycle::timeouts::TimeoutDefaults,
 }
 
 /// The gateway's secrets the engine uses: the key of awakeable tokens and the signer of
@@ -68,6 +71,8 @@ pub struct Engine {
     http: reqwest::Client,
     config: EngineConfig,
     waiters: Waiters,
+    /// When running attempts last sent a heartbeat.
+    heartbeats: heartbeats::Heartbeats,
     targets: Arc<Targets>,
     observers: Vec<Arc<dyn AttemptObserver>>,
     awakeables: AwakeableKey,
@@ -106,6 +111,7 @@ impl Engine {
                 .unwrap_or_default(),
             config,
             waiters: Waiters::default(),
+            heartbeats: heartbeats::Heartbeats::default(),
             targets,
             observers,
             awakeables,
@@ -119,6 +125,34 @@ impl Engine {
 
     pub fn waiters(&self) -> &Waiters {
         &self.waiters
+    }
+
+    /// A running attempt sent a heartbeat (recorded in the store already).
+    pub fn heartbeat(&self, id: &InvocationId, attempt: u32) {
+        self.heartbeats.beat(id, attempt);
+    }
+
+    /// Every second, fails the invocations whose `schedule_to_close` deadline passed and
+    /// tells their waiting callers; stops with the shutdown token.
+    pub fn start_deadlines(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = engine.shutdown.cancelled() => return,
+                }
+                match engine.store.expire(engine.clock.now_ms(), 500).await {
+                    Ok(ended) => {
+                        for (record, output) in ended {
+                            tracing::info!(id = %record.id, "schedule_to_close timeout");
+                            engine.ended(record, Some(output));
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "could not expire deadlines"),
+                }
+            }
+        })
     }
 
     /// The scheduler looks for due invocations now (after a write that made one due).

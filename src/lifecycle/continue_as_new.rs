@@ -24,8 +24,9 @@ pub(super) fn next_run(input: Value, workflow: bool) -> AttemptEnd {
     AttemptEnd::ContinuedAsNew {
         input: serde_json::to_vec(&input).unwrap_or_default(),
         next: InvocationId::generate(),
-        // The engine resolves the newest deployment.
+        // The engine resolves the newest deployment and its deadline.
         target: None,
+        deadline_ms: None,
     }
 }
 

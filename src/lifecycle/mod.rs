@@ -6,13 +6,15 @@
 //! attempts are used up), `suspend.rs` (waiting for commands), `pause.rs` (waiting for an
 //! operator: non-determinism, a journal the deployment cannot read, a deployment gone),
 //! `cancel.rs` (a cancelled invocation's handler ends it), `continue_as_new.rs` (a
-//! workflow's run hands over to its next run).
+//! workflow's run hands over to its next run), `timeouts.rs` (schedule_to_close,
+//! schedule_to_start, heartbeats).
 
 mod cancel;
 mod continue_as_new;
 pub mod pause;
 mod retry;
 mod suspend;
+pub mod timeouts;
 
 use std::time::Duration;
 

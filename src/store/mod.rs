@@ -245,6 +245,13 @@ pub struct InvocationRecord {
     /// The parent's `call` entry, which this invocation's end completes (`None` for a
     /// `send`).
     pub parent_index: Option<u32>,
+    /// When it fails with `ScheduleToCloseTimeout` if it has not ended.
+    pub deadline_ms: Option<i64>,
+    /// When the current attempt was due.
+    pub scheduled_at_ms: Option<i64>,
+    /// The last heartbeat of an attempt (its details are read with
+    /// [`Store::heartbeat_details`]).
+    pub heartbeat_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -342,6 +349,8 @@ pub struct NewInvocation {
     pub content_type: Option<String>,
     pub idempotency: Option<IdempotencyClaim>,
     pub now_ms: i64,
+    /// When it fails if it has not ended (`schedule_to_close`).
+    pub deadline_ms: Option<i64>,
 }
 
 /// The start of a run of a workflow: `(workflow, workflow_id)` names one run at a time.
@@ -473,6 +482,8 @@ pub struct ChildStart {
     pub due_ms: i64,
     /// A `call`: the child's end completes the parent's entry.
     pub awaited: bool,
+    /// When it fails if it has not ended (`schedule_to_close`).
+    pub deadline_ms: Option<i64>,
 }
 #[derive(Debug)]
 pub enum Created {
@@ -555,7 +566,9 @@ pub enum AttemptEnd {
     ContinuedAsNew {
         input: Vec<u8>,
         next: InvocationId,
-        target: Option<HandlerTarget>,
+        target: Option<Box<HandlerTarget>>,
+        /// The next run's `schedule_to_close` deadline.
+        deadline_ms: Option<i64>,
     },
 }
 
@@ -700,6 +713,26 @@ pub trait Store: Send + Sync + 'static {
         reason: String,
         now_ms: i64,
     ) -> StoreResult<Termination>;
+    /// Records a heartbeat of the running `attempt` (fenced by it and its token), with its
+    /// details (JSON), which the next attempt receives.
+    async fn heartbeat(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        token: String,
+        details: Option<Vec<u8>>,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    /// The details of the last heartbeat.
+    async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>>;
+    /// Fails, with `ScheduleToCloseTimeout`, up to `limit` invocations whose deadline has
+    /// passed, as [`Store::terminate`] ends them (any attempt fenced, the children they wait
+    /// for terminated); returns what it ended.
+    async fn expire(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<(InvocationRecord, StoredEntry)>>;
     /// A paused invocation becomes pending again, optionally moved to another deployment.
     async fn resume(
         &self,

@@ -34,6 +34,9 @@ async fn create(
         path: None,
         retry_policy: None,
         start_to_close: None,
+        schedule_to_close: None,
+        schedule_to_start: None,
+        heartbeat_timeout: None,
     };
     let (deployment, _) = store
         .register_deployment(NewDeployment {
@@ -63,6 +66,7 @@ async fn create(
             content_type: None,
             idempotency,
             now_ms,
+            deadline_ms: None,
         })
         .await
         .unwrap();

@@ -115,6 +115,30 @@ pub struct HandlerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub start_to_close: Option<Duration>,
+    /// Bound on the whole invocation, every attempt and wait included, from its creation
+    /// (a workflow run's execution timeout); the gateway's default when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub schedule_to_close: Option<Duration>,
+    /// Bound on how late an attempt may start after it was due; the gateway's default
+    /// when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub schedule_to_start: Option<Duration>,
+    /// An attempt that sends no heartbeat for this long is ended (far sooner than
+    /// `start_to_close` for a handler that hangs); none when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// When and how often a failed attempt (of a handler or of one step) is tried again.
@@ -221,6 +245,10 @@ pub struct InvocationRequest {
     pub position_failures: u32,
     /// Base URL of this invocation's context API.
     pub context_url: String,
+    /// Version 3: the details of the last heartbeat of an earlier attempt, so that this one
+    /// can skip the work that one had done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_details: Option<Value>,
     /// Version 3: the journal has passed 80 % of one of its limits; a workflow that loops
     /// should continue as new.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -23,13 +23,23 @@ const APPEND_PATIENCE: Duration = Duration::from_secs(10);
 pub struct RunOptions {
     /// The step's retry policy; the SDK's default ([`RetryPolicy::default`]) when `None`.
     pub retry_policy: Option<RetryPolicy>,
+    /// Bound on one try of the step: past it the try fails (retryable, type
+    /// `StartToCloseTimeout`) and the step's policy decides what comes next.
+    pub start_to_close: Option<Duration>,
 }
 
 impl RunOptions {
     pub fn retry_policy(policy: RetryPolicy) -> RunOptions {
         RunOptions {
             retry_policy: Some(policy),
+            ..RunOptions::default()
         }
+    }
+
+    /// The same options with a bound on one try of the step.
+    pub fn start_to_close(mut self, limit: Duration) -> RunOptions {
+        self.start_to_close = Some(limit);
+        self
     }
 }
 
@@ -136,6 +146,9 @@ struct Inner {
     attempt: u32,
     attempt_token: String,
     entries_url: String,
+    heartbeat_url: String,
+    /// What the last heartbeat of an earlier attempt said.
+    heartbeat_details: Option<Value>,
     position_failures: u32,
     http: reqwest::Client,
     state: Mutex<ReplayState>,
@@ -180,6 +193,8 @@ impl Context {
                 attempt: request.attempt,
                 attempt_token: std::mem::take(&mut request.attempt_token),
                 entries_url: format!("{}/entries", request.context_url.trim_end_matches('/')),
+                heartbeat_url: format!("{}/heartbeat", request.context_url.trim_end_matches('/')),
+                heartbeat_details: request.heartbeat_details.take(),
                 position_failures: request.position_failures,
                 http,
                 state: Mutex::new(ReplayState {
@@ -266,7 +281,7 @@ impl Context {
                 }
                 self.decode(*entry)
             }
-            Replayed::New => match f().await {
+            Replayed::New => match self.try_step(name, &options, f).await {
                 Ok(value) => {
                     let json = serde_json::to_value(&value).map_err(|e| {
                         HandlerError::terminal(format!(
@@ -281,6 +296,64 @@ impl Context {
                 Err(error) => self.step_failed(name, options, error).await,
             },
         }
+    }
+
+    /// One try of a step, bounded by its `start_to_close`.
+    async fn try_step<T, F, Fut>(
+        &self,
+        name: &str,
+        options: &RunOptions,
+        f: F,
+    ) -> Result<T, HandlerError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>>,
+    {
+        let Some(limit) = options.start_to_close else {
+            return f().await;
+        };
+        match tokio::time::timeout(limit, f()).await {
+            Ok(result) => result,
+            Err(_) => Err(HandlerError::retryable(format!(
+                "step {name:?} exceeded its start_to_close timeout of {limit:?}"
+            ))
+            .with_type("StartToCloseTimeout")),
+        }
+    }
+
+    /// Tells Durin the attempt is alive and how far it got. A handler whose deployment
+    /// declares a `heartbeat_timeout` must call this more often than that, or Durin ends
+    /// the attempt (a hung handler is found far sooner than by `start_to_close`). The
+    /// next attempt gets the last `details` from [`Context::last_heartbeat_details`], so
+    /// a long step can skip what was done. A heartbeat is not journaled.
+    pub async fn heartbeat<D: Serialize>(&self, details: &D) -> Result<(), HandlerError> {
+        let response = self
+            .inner
+            .http
+            .post(&self.inner.heartbeat_url)
+            .header(HEADER_ATTEMPT, self.inner.attempt)
+            .header(HEADER_ATTEMPT_TOKEN, &self.inner.attempt_token)
+            .json(details)
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+                let detail = r.text().await.unwrap_or_default();
+                Err(self.end_attempt(format!("the gateway refused a heartbeat (409): {detail}")))
+            }
+            // A heartbeat that did not get through is not worth failing for: the next one
+            // may, and a silent attempt is ended by Durin anyway.
+            Ok(_) | Err(_) => Ok(()),
+        }
+    }
+
+    /// The details of the last heartbeat an earlier attempt sent, if any, as `D`.
+    pub fn last_heartbeat_details<D: DeserializeOwned>(&self) -> Option<D> {
+        self.inner
+            .heartbeat_details
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
     }
 
     async fn step_failed<T>(
@@ -922,6 +995,7 @@ mod tests {
             position_failures: 0,
             context_url: "http://127.0.0.1:1/v1/contexts/inv_x".into(),
             suggest_continue_as_new: false,
+            heartbeat_details: None,
         };
         Context::new(&mut request, reqwest::Client::new())
     }

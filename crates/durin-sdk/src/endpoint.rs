@@ -38,6 +38,13 @@ pub struct HandlerOptions {
     pub retry_policy: Option<RetryPolicy>,
     /// Bound on one attempt (the gateway's default when `None`).
     pub start_to_close: Option<Duration>,
+    /// Bound on the whole invocation from its creation, attempts and waits included (a
+    /// workflow run's execution timeout; the gateway's default when `None`).
+    pub schedule_to_close: Option<Duration>,
+    /// Bound on how late an attempt may start after it was due.
+    pub schedule_to_start: Option<Duration>,
+    /// An attempt that sends no [`crate::Context::heartbeat`] for this long is ended.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// A named group of handlers.
@@ -97,6 +104,9 @@ impl Service {
             path: Some(format!("/{}/{}", self.name, name)),
             retry_policy: options.retry_policy,
             start_to_close: options.start_to_close,
+            schedule_to_close: options.schedule_to_close,
+            schedule_to_start: options.schedule_to_start,
+            heartbeat_timeout: options.heartbeat_timeout,
         };
         self.handlers.push((spec, boxed));
         self

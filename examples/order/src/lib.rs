@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use durin_sdk::{Context, Endpoint, HandlerError, RetryPolicy, RunOptions, Service};
+use durin_sdk::{
+    Context, Endpoint, HandlerError, HandlerOptions, RetryPolicy, RunOptions, Service,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser, Debug, Clone)]
@@ -191,6 +193,7 @@ pub fn endpoint(args: Args) -> Endpoint {
         http: reqwest::Client::new(),
     });
     let billing = Arc::clone(&steps);
+    let batches = Arc::clone(&steps);
     Endpoint::new()
         .service(Service::new("order").handler("process", move |ctx, order| {
             process(Arc::clone(&steps), ctx, order)
@@ -200,6 +203,15 @@ pub fn endpoint(args: Args) -> Endpoint {
                 subscription(Arc::clone(&billing), ctx, sub)
             }),
         )
+        .service(Service::new("batch").handler_with(
+            "run",
+            HandlerOptions {
+                heartbeat_timeout: Some(Duration::from_secs(1)),
+                start_to_close: Some(Duration::from_secs(120)),
+                ..HandlerOptions::default()
+            },
+            move |ctx, job| batch(Arc::clone(&batches), ctx, job),
+        ))
         .service(Service::new("approval").handler("run", approval))
         .service(Service::new("checkout").handler("run", checkout).handler(
             "receipt",
@@ -269,6 +281,45 @@ async fn subscription(
         cycle += 1;
         ctx.set("cycles", &cycle).await?;
     }
+}
+
+/// The input of `batch/run`: items to process, each taking `item_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Batch {
+    pub items: u32,
+    pub item_ms: u64,
+}
+
+/// A long step that reports its progress (`batch/run`): it processes the items one by one
+/// (each a `POST {downstream}/batch_item` when `--downstream` is given) and sends a
+/// heartbeat after each. The handler declares a 1 s `heartbeat_timeout`: when it hangs,
+/// Durin ends the attempt after a second (not after `start_to_close`), and the next
+/// attempt starts after the last item a heartbeat reported done.
+async fn batch(steps: Arc<Steps>, ctx: Context, job: Batch) -> Result<String, HandlerError> {
+    let from: u32 = ctx.last_heartbeat_details().unwrap_or(0);
+    let done = ctx
+        .run("process", || async {
+            for item in from..job.items {
+                tokio::time::sleep(Duration::from_millis(job.item_ms)).await;
+                if let Some(downstream) = &steps.args.downstream {
+                    steps
+                        .http
+                        .post(format!("{}/batch_item", downstream.trim_end_matches('/')))
+                        .header(
+                            "idempotency-key",
+                            format!("{}:item-{item}", ctx.invocation_id()),
+                        )
+                        .send()
+                        .await?;
+                }
+                ctx.heartbeat(&(item + 1)).await?;
+            }
+            Ok(job.items)
+        })
+        .await?;
+    Ok(format!(
+        "processed {done} items, the last attempt from item {from}"
+    ))
 }
 
 /// The input of `checkout/run`: orders placed together.

@@ -221,6 +221,7 @@ fn insert_child(
             deployment_id: &child.target.deployment_id,
             input: &child.input,
             due_ms: child.due_ms,
+            deadline_ms: child.deadline_ms,
             workflow_id: None,
             parent: Some((parent, child.awaited.then_some(parent_index))),
         },
@@ -236,6 +237,7 @@ pub(super) struct Pending<'a> {
     pub deployment_id: &'a str,
     pub input: &'a [u8],
     pub due_ms: i64,
+    pub deadline_ms: Option<i64>,
     pub workflow_id: Option<&'a str>,
     /// The parent and, for a `call`, its entry.
     pub parent: Option<(&'a str, Option<u32>)>,
@@ -248,8 +250,9 @@ pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -
         conn,
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
-         modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index) \
-         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10)",
+         modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index, \
+         deadline_ms) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             new.id,
             new.service,
@@ -261,6 +264,7 @@ pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -
             new.workflow_id,
             new.parent.map(|(p, _)| p),
             new.parent.and_then(|(_, index)| index),
+            new.deadline_ms,
         ],
     )?;
     insert_entry(
@@ -600,8 +604,9 @@ pub(super) fn insert_invocation(
     let sql = format!(
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
-         created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes) \
-         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9) \
+         created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
+         deadline_ms, scheduled_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, ?5) \
          RETURNING {INVOCATION_COLUMNS}"
     );
     let record = query_one(
@@ -617,6 +622,7 @@ pub(super) fn insert_invocation(
             new_attempt_token(),
             workflow_id,
             new.input.len() as i64,
+            new.deadline_ms,
         ],
         invocation,
     )?
@@ -767,12 +773,22 @@ pub(super) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<Ca
     Ok(CancelAnswer::Requested(record))
 }
 
-/// Terminates an invocation (see [`Store::terminate`]) and the children its `call`
-/// entries wait for; what it ended goes to `ended`. Returns the invocation's record.
-pub(super) fn terminate(
+/// How [`end_now`] ends an invocation.
+pub(super) struct Ending {
+    /// `terminated`, or `failed` for a timeout.
+    pub status: Status,
+    pub failure: Failure,
+    /// The message of the children's own ending.
+    pub children: String,
+}
+
+/// Ends an invocation at once, fenced like any change of state, and terminates the
+/// children its `call` entries wait for (see [`Store::terminate`]); what it ended goes to
+/// `ended`. Returns the invocation's record (unchanged when it had ended).
+pub(super) fn end_now(
     conn: &Connection,
     id: &str,
-    reason: &str,
+    ending: &Ending,
     now_ms: i64,
     ended: &mut Vec<(InvocationRecord, StoredEntry)>,
 ) -> StoreResult<InvocationRecord> {
@@ -780,20 +796,20 @@ pub(super) fn terminate(
     if record.status.is_final() {
         return Ok(record);
     }
-    let failure = Failure {
-        status: 409,
-        error_type: Some("Terminated".into()),
-        message: reason.to_owned(),
-    };
     let sql = format!(
-        "UPDATE invocations SET status = 'terminated', journal_len = journal_len + 1, \
+        "UPDATE invocations SET status = ?4, journal_len = journal_len + 1, \
          completed_at_ms = ?1, failure = ?2, next_run_at_ms = NULL, waiting_for = NULL, \
          modified_at_ms = ?1 WHERE id = ?3 RETURNING {INVOCATION_COLUMNS}"
     );
     let record = query_one(
         conn,
         &sql,
-        params![now_ms, to_json(&failure)?, id],
+        params![
+            now_ms,
+            to_json(&ending.failure)?,
+            id,
+            ending.status.as_str()
+        ],
         invocation,
     )?
     .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
@@ -801,14 +817,22 @@ pub(super) fn terminate(
         conn,
         &record,
         record.attempt,
-        (None, None, Some(failure)),
+        (None, None, Some(ending.failure.clone())),
         now_ms,
     )?;
     complete_parent(conn, &record, Some(&output), now_ms)?;
     ended.push((record.clone(), output));
-    let reason = format!("its parent {id} was terminated");
+    let children = Ending {
+        status: Status::Terminated,
+        failure: Failure {
+            status: 409,
+            error_type: Some("Terminated".into()),
+            message: ending.children.clone(),
+        },
+        children: ending.children.clone(),
+    };
     for child in awaited_children(conn, id)? {
-        terminate(conn, &child, &reason, now_ms, ended)?;
+        end_now(conn, &child, &children, now_ms, ended)?;
     }
     Ok(record)
 }

@@ -560,8 +560,8 @@ impl Store for SqliteStore {
             };
             let sql = format!(
                 "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
-                 next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = ?1, \
-                 attempt_token = ?3 \
+                 scheduled_at_ms = next_run_at_ms, next_run_at_ms = NULL, waiting_for = NULL, \
+                 modified_at_ms = ?1, attempt_token = ?3 \
                  WHERE id = ?2 AND status IN ('pending', 'backing-off', 'suspended') \
                  RETURNING {INVOCATION_COLUMNS}"
             );
@@ -1019,8 +1019,22 @@ impl Store for SqliteStore {
                     input,
                     next,
                     target,
+                    deadline_ms,
                 } => {
-                    continue_as_new(conn, &record, &input, &next, target.as_ref(), now_ms)?;
+                    let next_run = commands::Pending {
+                        id: next.as_str(),
+                        service: &record.service,
+                        handler: &record.handler,
+                        deployment_id: target
+                            .as_ref()
+                            .map_or(record.deployment_id.as_str(), |t| &t.deployment_id),
+                        input: &input,
+                        due_ms: now_ms,
+                        deadline_ms,
+                        workflow_id: record.workflow_id.as_deref(),
+                        parent: None,
+                    };
+                    continue_as_new(conn, &record, next_run, now_ms)?;
                     let output = serde_json::json!({ "continued_as": next.as_str() });
                     Some((
                         Some(output.to_string().into_bytes()),
@@ -1063,12 +1077,99 @@ impl Store for SqliteStore {
         let id = id.clone();
         self.write(move |conn| {
             let mut ended = Vec::new();
-            let record = commands::terminate(conn, id.as_str(), &reason, now_ms, &mut ended)?;
+            let ending = commands::Ending {
+                status: Status::Terminated,
+                failure: Failure {
+                    status: 409,
+                    error_type: Some("Terminated".into()),
+                    message: reason,
+                },
+                children: format!("its parent {id} was terminated"),
+            };
+            let record = commands::end_now(conn, id.as_str(), &ending, now_ms, &mut ended)?;
             Ok(Termination {
                 terminated: !ended.is_empty(),
                 record,
                 ended,
             })
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        token: String,
+        details: Option<Vec<u8>>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let beat = execute(
+                conn,
+                "UPDATE invocations SET heartbeat_at_ms = ?1, heartbeat_details = ?2 \
+                 WHERE id = ?3 AND attempt = ?4 AND status = 'running' AND attempt_token = ?5",
+                params![now_ms, details, id.as_str(), attempt, token],
+            )?;
+            if beat == 1 {
+                Ok(())
+            } else {
+                commands::check_attempt(conn, id.as_str(), attempt, &token)?;
+                Err(refusal(conn, id.as_str(), attempt))
+            }
+        })
+        .await
+    }
+
+    async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>> {
+        let id = id.clone();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT heartbeat_details FROM invocations WHERE id = ?1")
+                .map_err(backend)?
+                .query_row([id.as_str()], |row| row.get(0))
+                .optional()
+                .map(Option::flatten)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn expire(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<(InvocationRecord, StoredEntry)>> {
+        self.write(move |conn| {
+            let due: Vec<(String, i64, i64)> = {
+                let mut statement = conn
+                    .prepare_cached(
+                        "SELECT id, created_at_ms, deadline_ms FROM invocations \
+                         WHERE deadline_ms IS NOT NULL AND completed_at_ms IS NULL \
+                         AND deadline_ms <= ?1 ORDER BY deadline_ms LIMIT ?2",
+                    )
+                    .map_err(backend)?;
+                let rows = statement
+                    .query_map(params![now_ms, limit], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
+                    .map_err(backend)?;
+                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+            };
+            let mut ended = Vec::new();
+            for (id, created_at_ms, deadline_ms) in due {
+                let failure = crate::lifecycle::timeouts::schedule_to_close_failure(
+                    created_at_ms,
+                    deadline_ms,
+                );
+                let ending = commands::Ending {
+                    status: Status::Failed,
+                    failure,
+                    children: format!("its parent {id} passed its schedule_to_close timeout"),
+                };
+                commands::end_now(conn, &id, &ending, now_ms, &mut ended)?;
+            }
+            Ok(ended)
         })
         .await
     }
@@ -1148,14 +1249,12 @@ impl Store for SqliteStore {
     }
 }
 
-/// Starts the next run of a workflow whose run `record` continues as new: pending and due
-/// now, with `input`, under the same workflow id, which names it from now on.
+/// Starts the next run of a workflow whose run `record` continues as new (`next`, pending
+/// and due now, under the same workflow id, which names it from now on).
 fn continue_as_new(
     conn: &Connection,
     record: &InvocationRecord,
-    input: &[u8],
-    next: &InvocationId,
-    target: Option<&HandlerTarget>,
+    next: commands::Pending<'_>,
     now_ms: i64,
 ) -> StoreResult<()> {
     let workflow_id = record.workflow_id.as_deref().ok_or_else(|| {
@@ -1164,25 +1263,12 @@ fn continue_as_new(
             record.id
         ))
     })?;
-    let deployment_id = target.map_or(record.deployment_id.as_str(), |t| &t.deployment_id);
-    commands::insert_pending(
-        conn,
-        commands::Pending {
-            id: next.as_str(),
-            service: &record.service,
-            handler: &record.handler,
-            deployment_id,
-            input,
-            due_ms: now_ms,
-            workflow_id: Some(workflow_id),
-            parent: None,
-        },
-        now_ms,
-    )?;
+    let next_id = next.id;
+    commands::insert_pending(conn, next, now_ms)?;
     execute(
         conn,
         "UPDATE workflows SET invocation_id = ?1 WHERE workflow = ?2 AND workflow_id = ?3",
-        params![next.as_str(), record.service, workflow_id],
+        params![next_id, record.service, workflow_id],
     )?;
     Ok(())
 }

@@ -11,7 +11,8 @@ pub(super) const INVOCATION_COLUMNS: &str =
     "id, service, handler, deployment_id, status, attempt, failures, \
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
     created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id, waiting_for, \
-    journal_bytes, cancel_requested_at_ms, parent_invocation_id, parent_index";
+    journal_bytes, cancel_requested_at_ms, parent_invocation_id, parent_index, deadline_ms, \
+    scheduled_at_ms, heartbeat_at_ms";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
@@ -47,6 +48,9 @@ pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<Invocati
             cancel_requested_at_ms: row.get(20).map_err(backend)?,
             parent_invocation_id: row.get(21).map_err(backend)?,
             parent_index: row.get(22).map_err(backend)?,
+            deadline_ms: row.get(23).map_err(backend)?,
+            scheduled_at_ms: row.get(24).map_err(backend)?,
+            heartbeat_at_ms: row.get(25).map_err(backend)?,
             waiting_for: waiting_for
                 .map(|w| serde_json::from_str(&w))
                 .transpose()
