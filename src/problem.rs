@@ -83,6 +83,16 @@ pub enum ApiError {
     /// again from the top when what it waits for has arrived.
     #[error("{0}")]
     Suspended(String),
+    /// An update the run's validator refused (nothing was journaled), or whose handler
+    /// failed; `status` is the handler's.
+    #[error("{message}")]
+    Update {
+        refused: bool,
+        status: u16,
+        error_type: Option<String>,
+        message: String,
+        update_id: String,
+    },
     /// A plain handler's wait in an invocation that was cancelled before it completed.
     #[error("{0}")]
     Cancelled(String),
@@ -177,6 +187,25 @@ impl ApiError {
                 "The attempt is suspended",
                 false,
             ),
+            Update {
+                refused, status, ..
+            } => (
+                StatusCode::from_u16(*status)
+                    .ok()
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .unwrap_or(StatusCode::BAD_REQUEST),
+                if *refused {
+                    "update-refused"
+                } else {
+                    "update-failed"
+                },
+                if *refused {
+                    "Update refused"
+                } else {
+                    "Update failed"
+                },
+                false,
+            ),
             Cancelled(_) => (
                 StatusCode::CONFLICT,
                 "cancelled",
@@ -237,7 +266,7 @@ impl ApiError {
 
     fn source(&self) -> &'static str {
         match self {
-            ApiError::InvocationFailed { .. } => "handler",
+            ApiError::InvocationFailed { .. } | ApiError::Update { .. } => "handler",
             _ => "gateway",
         }
     }
@@ -251,6 +280,16 @@ impl ApiError {
                 ..
             } => {
                 ext.insert("invocation_id".into(), json!(invocation_id));
+                if let Some(t) = error_type {
+                    ext.insert("error_type".into(), json!(t));
+                }
+            }
+            ApiError::Update {
+                update_id,
+                error_type,
+                ..
+            } => {
+                ext.insert("update_id".into(), json!(update_id));
                 if let Some(t) = error_type {
                     ext.insert("error_type".into(), json!(t));
                 }

@@ -459,6 +459,11 @@ fn samples() -> Vec<(&'static str, Json)> {
                 context_url: "http://127.0.0.1:8080/v1/contexts/x".into(),
                 suggest_continue_as_new: true,
                 heartbeat_details: Some(json!({"done": 3})),
+                updates: vec![durin_protocol::PendingUpdate {
+                    id: "upd_0193a2b4c5d6e7f8091a2b3c4d5e6f70".into(),
+                    name: "add".into(),
+                    input: json!(5),
+                }],
             }),
         ),
         (
@@ -572,6 +577,8 @@ fn entry_kinds() -> Vec<EntryKind> {
         EntryKind::Call,
         EntryKind::Send,
         EntryKind::Patch,
+        EntryKind::Update,
+        EntryKind::UpdateResult,
     ];
     for kind in &kinds {
         match kind {
@@ -589,7 +596,9 @@ fn entry_kinds() -> Vec<EntryKind> {
             | EntryKind::Cancel
             | EntryKind::Call
             | EntryKind::Send
-            | EntryKind::Patch => {}
+            | EntryKind::Patch
+            | EntryKind::Update
+            | EntryKind::UpdateResult => {}
             // Never stored or sent: what a reader makes of a kind it does not know.
             EntryKind::Unknown => {}
         }
@@ -679,6 +688,8 @@ fn handler_protocol_document_matches_the_wire_types() {
         "call",
         "send",
         "patch",
+        "update",
+        "update_result",
     ]
     .map(str::to_owned)
     .into();
@@ -846,6 +857,20 @@ fn api_errors() -> Vec<ApiError> {
             invocation_id: SAMPLE_ID.into(),
         },
         ApiError::Cancelled("cancelled".into()),
+        ApiError::Update {
+            refused: true,
+            status: 422,
+            error_type: Some("Invalid".into()),
+            message: "no".into(),
+            update_id: "upd_0193a2b4c5d6e7f8091a2b3c4d5e6f70".into(),
+        },
+        ApiError::Update {
+            refused: false,
+            status: 500,
+            error_type: None,
+            message: "failed".into(),
+            update_id: "upd_0193a2b4c5d6e7f8091a2b3c4d5e6f70".into(),
+        },
     ];
     for error in &errors {
         match error {
@@ -870,7 +895,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::Unauthorized
             | ApiError::JournalFull(_)
             | ApiError::InvocationState { .. }
-            | ApiError::Cancelled(_) => {}
+            | ApiError::Cancelled(_)
+            | ApiError::Update { .. } => {}
         }
     }
     errors

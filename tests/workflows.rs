@@ -63,6 +63,7 @@ async fn world_with(configure: impl FnOnce(&mut Config)) -> World {
     let endpoint = order_example::endpoint(args)
         .service(durin_sdk::Service::new("callback").handler("run", callback))
         .service(durin_sdk::Service::new("inbox").handler("run", inbox))
+        .service(durin_sdk::Service::new("counter").handler("run", counter))
         .service(
             durin_sdk::Service::new("bounded")
                 .handler_with(
@@ -100,6 +101,37 @@ async fn callback(ctx: durin_sdk::Context, _: Value) -> Result<Value, durin_sdk:
     ctx.set("token", &awakeable.token).await?;
     let value: Value = awakeable.wait(&ctx).await?;
     Ok(json!({ "resolved_with": value }))
+}
+
+/// A workflow that counts what its `add` updates add (positive numbers only) until a
+/// `stop` signal. The count lives in the handler's memory: replaying the updates rebuilds
+/// it, so the output shows that they replay.
+async fn counter(ctx: durin_sdk::Context, _: Value) -> Result<i64, durin_sdk::HandlerError> {
+    let count = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let total = Arc::clone(&count);
+    ctx.on_update(
+        "add",
+        |n: &i64| {
+            if *n > 0 {
+                Ok(())
+            } else {
+                Err(durin_sdk::HandlerError::terminal_with_status(
+                    422,
+                    format!("add takes a positive number, not {n}"),
+                ))
+            }
+        },
+        move |ctx: durin_sdk::Context, n: i64| {
+            let total = Arc::clone(&total);
+            async move {
+                let now = total.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n;
+                ctx.set("count", &now).await?;
+                Ok::<_, durin_sdk::HandlerError>(now)
+            }
+        },
+    );
+    ctx.signal::<Value>("stop").await?;
+    Ok(count.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 /// Sleeps a day, then answers.
@@ -612,4 +644,86 @@ async fn schedule_to_close_and_schedule_to_start_fail_what_is_too_late() {
         view["failure"]["message"].as_str().unwrap().contains("1h"),
         "{view}"
     );
+}
+
+/// Updates: validated before anything is journaled (a refusal leaves no trace), handled
+/// once under one `Idempotency-Key`, answered with their result, and replayed with the
+/// run (the count the run ends with is rebuilt from them).
+#[tokio::test]
+async fn updates_are_validated_handled_once_and_replayed() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/counter/c-1", world.gateway);
+    assert_eq!(post(&url, json!(null)).await.status(), 202);
+    let run = eventually(Duration::from_secs(10), "the run to wait", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "suspended").then_some(view)
+    })
+    .await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let update = |n: Value, key: Option<&'static str>| {
+        let url = format!("{url}/updates/add");
+        async move {
+            let mut request = client().post(url).json(&n);
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            (status, response.json::<Value>().await.unwrap(), replayed)
+        }
+    };
+    assert_eq!(update(json!(5), None).await, (200, json!(5), false));
+    let before = journal(&world.admin, &id).await.len();
+    let (status, problem, _) = update(json!(-1), None).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["type"], "urn:durin:problem:update-refused");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("positive"),
+        "{problem}"
+    );
+    let (status, problem, _) = update(json!("five"), None).await;
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(
+        journal(&world.admin, &id).await.len(),
+        before,
+        "a refusal journals nothing"
+    );
+
+    assert_eq!(
+        update(json!(2), Some("add-2")).await,
+        (200, json!(7), false)
+    );
+    assert_eq!(update(json!(2), Some("add-2")).await, (200, json!(7), true));
+    let unknown = client()
+        .post(format!("{url}/updates/nope"))
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let kinds: Vec<String> = journal(&world.admin, &id)
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "update").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(get_json(&format!("{url}/queries/count")).await, json!(7));
+
+    // The run replays its updates when it goes on, and ends with their sum.
+    let stop = post(&format!("{url}/signals/stop"), json!(null)).await;
+    assert_eq!(stop.status(), 202);
+    let ended = eventually(Duration::from_secs(10), "the run to end", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "completed").then_some(view)
+    })
+    .await;
+    assert_eq!(ended["output"], 7, "{ended}");
+    let (status, problem, _) = update(json!(1), None).await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["type"], "urn:durin:problem:invocation-state");
 }

@@ -102,9 +102,12 @@ pub async fn append(
         )
         .map_err(ApiError::BadRequest)?,
     };
-    if let Effect::SignalWait { take_buffered } = &mut planned.effect {
-        *take_buffered = request.awaited;
+    match &mut planned.effect {
+        Effect::SignalWait { take_buffered } => *take_buffered = request.awaited,
+        Effect::UpdateDone { failure, .. } => failure.clone_from(&request.failure),
+        _ => {}
     }
+    let finishes_update = matches!(planned.effect, Effect::UpdateDone { .. });
     let starts_child = matches!(planned.effect, Effect::StartChild(_));
     let entry = NewEntry {
         index: Some(request.index),
@@ -123,6 +126,9 @@ pub async fn append(
     if starts_child {
         // The child is due (now, or after a send's delay): the scheduler plans for it.
         state.engine.nudge();
+    }
+    if finishes_update {
+        state.engine.updates_changed(&id);
     }
     let limits = state.journal_limits;
     if stored.index + 1 == limits.max_entries * crate::store::JournalLimits::WARN_PERCENT / 100 {
@@ -715,4 +721,27 @@ pub async fn last_heartbeat(
     }
     let details = state.store.heartbeat_details(&id).await?;
     Ok(Json(json!({ "details": json_value(details.as_deref()) })).into_response())
+}
+
+/// `POST /v1/contexts/{id}/updates/{update_id}/refuse`: the running attempt's validator
+/// refused a pending update (body: a `Failure`, whose `4xx` status the update's caller
+/// gets). Fenced like an append; nothing is journaled.
+pub async fn refuse_update(
+    State(state): State<AppState>,
+    ApiPath((id, update_id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    let mut failure: durin_protocol::Failure = parse_json("the refusal", &body)?;
+    if !(400..500).contains(&failure.status) {
+        failure.status = 400;
+    }
+    state
+        .store
+        .refuse_update(&id, caller.attempt, caller.token, &update_id, failure)
+        .await?;
+    state.engine.updates_changed(&id);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -10,6 +10,7 @@ mod context;
 mod ingress;
 mod queries;
 mod signals;
+mod updates;
 mod views;
 mod workflows;
 
@@ -51,6 +52,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workflows/{workflow}/{id}"),
     ("POST", "/v1/workflows/{workflow}/{id}/cancel"),
     ("GET", "/v1/workflows/{workflow}/{id}/runs"),
+    ("POST", "/v1/workflows/{workflow}/{id}/updates/{name}"),
+    (
+        "GET",
+        "/v1/workflows/{workflow}/{id}/updates/{name}/{update_id}",
+    ),
     ("POST", "/v1/workflows/{workflow}/{id}/signal-with-start"),
     ("POST", "/v1/workflows/{workflow}/{id}/signals/{name}"),
     ("GET", "/v1/workflows/{workflow}/{id}/queries/{name}"),
@@ -59,6 +65,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/contexts/{id}/entries"),
     ("POST", "/v1/contexts/{id}/steps/{name}"),
     ("POST", "/v1/contexts/{id}/heartbeat"),
+    ("POST", "/v1/contexts/{id}/updates/{update_id}/refuse"),
     ("GET", "/v1/contexts/{id}/heartbeat"),
     ("POST", "/v1/contexts/{id}/sleep/{name}"),
     ("POST", "/v1/contexts/{id}/signals/{name}"),
@@ -139,6 +146,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/workflows/{workflow}/{id}/runs", get(workflows::runs))
         .route(
+            "/v1/workflows/{workflow}/{id}/updates/{name}",
+            post(updates::send),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/updates/{name}/{update_id}",
+            get(updates::get),
+        )
+        .route(
             "/v1/workflows/{workflow}/{id}/signal-with-start",
             post(workflows::signal_with_start),
         )
@@ -154,6 +169,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))
         .route("/v1/contexts/{id}/steps/{name}", post(context::record_step))
+        .route(
+            "/v1/contexts/{id}/updates/{update_id}/refuse",
+            post(context::refuse_update),
+        )
         .route(
             "/v1/contexts/{id}/heartbeat",
             post(context::heartbeat).get(context::last_heartbeat),

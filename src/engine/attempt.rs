@@ -188,6 +188,7 @@ impl Engine {
             .end_attempt(id, attempt, end, self.clock.now_ms())
             .await?;
         if record.status.is_final() || record.status == Status::Paused {
+            self.updates.changed(&record.id);
             self.waiters.finish(Arc::new(Ended {
                 record: record.clone(),
                 output,
@@ -234,6 +235,7 @@ impl Engine {
         if record.parent_index.is_some() {
             self.nudge();
         }
+        self.updates.changed(&record.id);
         self.waiters.finish(Arc::new(Ended { record, output }));
     }
 

@@ -53,6 +53,21 @@ impl Engine {
             },
             None => None,
         };
+        // A workflow run on an SDK deployment handles the updates sent to it at its waits.
+        let updates = match (target.protocol, &record.workflow_id) {
+            (HandlerProtocol::Sdk { version }, Some(_)) if version >= 3 => {
+                match self.store.pending_updates(&record.id).await {
+                    Ok(updates) => updates,
+                    Err(error) => {
+                        return HandlerAnswer::Retry(Retryable::new(
+                            format!("the pending updates could not be read: {error}"),
+                            None,
+                        ))
+                    }
+                }
+            }
+            _ => Vec::new(),
+        };
         let (request, body) = match target.protocol {
             HandlerProtocol::Sdk { version } => {
                 let body = serde_json::to_vec(&InvocationRequest {
@@ -68,6 +83,7 @@ impl Engine {
                         .collect(),
                     position_failures: record.position_failures,
                     heartbeat_details,
+                    updates,
                     suggest_continue_as_new: self
                         .config
                         .journal_limits

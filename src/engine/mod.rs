@@ -13,6 +13,7 @@ mod attempt;
 mod client;
 mod heartbeats;
 mod scheduler;
+mod updates;
 mod waiters;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use updates::UpdateWatch;
 pub use waiters::{Ended, Waiters};
 
 use crate::clock::Clock;
@@ -73,6 +75,8 @@ pub struct Engine {
     waiters: Waiters,
     /// When running attempts last sent a heartbeat.
     heartbeats: heartbeats::Heartbeats,
+    /// Callers waiting for their updates.
+    updates: updates::UpdateWatch,
     targets: Arc<Targets>,
     observers: Vec<Arc<dyn AttemptObserver>>,
     awakeables: AwakeableKey,
@@ -112,6 +116,7 @@ impl Engine {
             config,
             waiters: Waiters::default(),
             heartbeats: heartbeats::Heartbeats::default(),
+            updates: updates::UpdateWatch::default(),
             targets,
             observers,
             awakeables,
@@ -125,6 +130,16 @@ impl Engine {
 
     pub fn waiters(&self) -> &Waiters {
         &self.waiters
+    }
+
+    /// Where callers wait for the updates they sent.
+    pub fn updates(&self) -> &UpdateWatch {
+        &self.updates
+    }
+
+    /// An update of `run` may have changed (refused, done, or the run ended).
+    pub fn updates_changed(&self, run: &InvocationId) {
+        self.updates.changed(run);
     }
 
     /// A running attempt sent a heartbeat (recorded in the store already).

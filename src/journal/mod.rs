@@ -49,7 +49,12 @@ pub fn plan(
     }
     let needs_name = matches!(
         kind,
-        EntryKind::Step | EntryKind::Signal | EntryKind::State | EntryKind::Patch
+        EntryKind::Step
+            | EntryKind::Signal
+            | EntryKind::State
+            | EntryKind::Patch
+            | EntryKind::Update
+            | EntryKind::UpdateResult
     );
     if needs_name && name.is_none() {
         return Err(format!("a {} entry needs a name", kind.as_str()));
@@ -58,7 +63,7 @@ pub fn plan(
         // A wait for a name no one can send to would wait forever.
         crate::ids::parse_name("signal", name.unwrap_or_default())?;
     }
-    if has_failure && kind != EntryKind::Step {
+    if has_failure && !matches!(kind, EntryKind::Step | EntryKind::UpdateResult) {
         return Err(format!("a {} entry carries no failure", kind.as_str()));
     }
     match kind {
@@ -93,6 +98,34 @@ pub fn plan(
         }
         EntryKind::State => state::plan(name.unwrap_or_default(), value),
         EntryKind::Patch if value.is_some() => Err("a patch entry carries no value".into()),
+        EntryKind::Update => {
+            let id = value
+                .as_ref()
+                .and_then(|v| v["id"].as_str())
+                .filter(|id| id.starts_with("upd_"))
+                .ok_or("an update entry's value is {\"id\": \"upd_...\", \"input\": ...}")?
+                .to_owned();
+            Ok(Planned {
+                value,
+                effect: Effect::UpdateAccepted { id },
+            })
+        }
+        // The failure, when there is one, is the caller's to add (see `Effect::UpdateDone`).
+        EntryKind::UpdateResult => Ok(Planned {
+            effect: Effect::UpdateDone {
+                id: name.unwrap_or_default().to_owned(),
+                result: (!has_failure)
+                    .then(|| serde_json::to_vec(value.as_ref().unwrap_or(&Value::Null)))
+                    .transpose()
+                    .map_err(|e| e.to_string())?,
+                failure: None,
+            },
+            value: if has_failure {
+                None
+            } else {
+                Some(value.unwrap_or(Value::Null))
+            },
+        }),
         // Planned by `child::plan`, with the target the caller resolves.
         EntryKind::Call | EntryKind::Send => Err(format!(
             "a {} entry is planned with child::plan",

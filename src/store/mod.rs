@@ -470,6 +470,93 @@ pub enum Effect {
     /// Starts a child invocation (a `call` or a `send`) in the same transaction as the
     /// entry, so that it starts exactly once.
     StartChild(Box<ChildStart>),
+    /// The run accepted its pending update `id` (an `update` entry).
+    UpdateAccepted {
+        id: String,
+    },
+    /// The accepted update `id` has its result (an `update_result` entry).
+    UpdateDone {
+        id: String,
+        result: Option<Vec<u8>>,
+        failure: Option<Failure>,
+    },
+}
+
+/// Where an update sent to a workflow's run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateStatus {
+    /// Waiting for the run's next wait, where its SDK validates it.
+    Pending,
+    /// Accepted (journaled); its handler runs.
+    Accepted,
+    /// Its result is in `result` (or its handler's failure in `failure`).
+    Done,
+    /// The validator refused it (`failure`); nothing was journaled.
+    Refused,
+    /// The run ended before it handled the update.
+    Abandoned,
+}
+
+impl UpdateStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateStatus::Pending => "pending",
+            UpdateStatus::Accepted => "accepted",
+            UpdateStatus::Done => "done",
+            UpdateStatus::Refused => "refused",
+            UpdateStatus::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UpdateStatus> {
+        Some(match s {
+            "pending" => UpdateStatus::Pending,
+            "accepted" => UpdateStatus::Accepted,
+            "done" => UpdateStatus::Done,
+            "refused" => UpdateStatus::Refused,
+            "abandoned" => UpdateStatus::Abandoned,
+            _ => return None,
+        })
+    }
+
+    /// Nothing will change it again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, UpdateStatus::Pending | UpdateStatus::Accepted)
+    }
+}
+
+/// An update sent to a workflow's run.
+#[derive(Debug, Clone)]
+pub struct UpdateRecord {
+    pub invocation_id: InvocationId,
+    pub id: String,
+    pub name: String,
+    pub status: UpdateStatus,
+    pub result: Option<Vec<u8>>,
+    pub failure: Option<Failure>,
+}
+
+/// An update to send.
+#[derive(Debug, Clone)]
+pub struct NewUpdate {
+    pub id: String,
+    pub name: String,
+    pub input: Vec<u8>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What sending an update did.
+#[derive(Debug, Clone)]
+pub enum UpdateSent {
+    /// Stored (`new`), or the one its idempotency key names; `woke` when the run became due
+    /// to handle it.
+    Sent {
+        update: UpdateRecord,
+        new: bool,
+        woke: bool,
+    },
+    /// The run has ended: nothing was stored.
+    Ended(Box<InvocationRecord>),
 }
 
 /// A child invocation a `call` or `send` entry starts.
@@ -733,6 +820,30 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<(InvocationRecord, StoredEntry)>>;
+    /// Sends an update to a workflow's run: stored pending (or the one its idempotency key
+    /// names), and the run made due if it waits, so that its next wait handles it.
+    async fn send_update(
+        &self,
+        run: &InvocationId,
+        update: NewUpdate,
+        now_ms: i64,
+    ) -> StoreResult<UpdateSent>;
+    async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>>;
+    /// The run's pending updates, oldest first, as its next attempt receives them.
+    async fn pending_updates(
+        &self,
+        run: &InvocationId,
+    ) -> StoreResult<Vec<durin_protocol::PendingUpdate>>;
+    /// The running `attempt` refuses the pending update `id` (its validator said no):
+    /// fenced like an append; nothing is journaled.
+    async fn refuse_update(
+        &self,
+        run: &InvocationId,
+        attempt: u32,
+        token: String,
+        id: &str,
+        failure: Failure,
+    ) -> StoreResult<UpdateRecord>;
     /// A paused invocation becomes pending again, optionally moved to another deployment.
     async fn resume(
         &self,

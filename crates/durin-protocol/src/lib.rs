@@ -245,6 +245,12 @@ pub struct InvocationRequest {
     pub position_failures: u32,
     /// Base URL of this invocation's context API.
     pub context_url: String,
+    /// Version 3, for a workflow's run: updates sent to it and not yet accepted or refused,
+    /// oldest first. The SDK validates each at the run's next wait: it refuses one with
+    /// `POST {context_url}/updates/{id}/refuse`, or accepts it with an `update` entry, runs
+    /// its handler and appends an `update_result`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub updates: Vec<PendingUpdate>,
     /// Version 3: the details of the last heartbeat of an earlier attempt, so that this one
     /// can skip the work that one had done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +259,15 @@ pub struct InvocationRequest {
     /// should continue as new.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suggest_continue_as_new: bool,
+}
+
+/// An update waiting for a workflow's run to accept or refuse it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingUpdate {
+    /// `upd_` and 32 hex digits.
+    pub id: String,
+    pub name: String,
+    pub input: Value,
 }
 
 /// One recorded entry.
@@ -339,6 +354,12 @@ pub enum EntryKind {
     /// new code; one that does not find it (a journal recorded before the patch) takes the
     /// old branch.
     Patch,
+    /// An update the workflow accepted (v3), appended by the SDK at a wait: `name` the
+    /// update, `value` `{"id", "input"}`. The update's handler runs there, on every replay.
+    Update,
+    /// The result of an accepted update (v3): `name` its id, `value` the result or
+    /// `failure`; the caller that sent the update gets it.
+    UpdateResult,
     /// A kind this version does not know (a newer gateway or SDK): a reader must treat it
     /// as a retryable error, never as a terminal failure, so that rolling upgrades are safe.
     #[serde(other)]
@@ -363,6 +384,8 @@ impl EntryKind {
             EntryKind::Call => "call",
             EntryKind::Send => "send",
             EntryKind::Patch => "patch",
+            EntryKind::Update => "update",
+            EntryKind::UpdateResult => "update_result",
             EntryKind::Unknown => "unknown",
         }
     }
@@ -384,6 +407,8 @@ impl EntryKind {
             "call" => EntryKind::Call,
             "send" => EntryKind::Send,
             "patch" => EntryKind::Patch,
+            "update" => EntryKind::Update,
+            "update_result" => EntryKind::UpdateResult,
             _ => return None,
         })
     }
@@ -412,7 +437,12 @@ impl EntryKind {
     pub fn since_version(self) -> u32 {
         match self {
             EntryKind::Sleep | EntryKind::Signal | EntryKind::Awakeable | EntryKind::State => 2,
-            EntryKind::Cancel | EntryKind::Call | EntryKind::Send | EntryKind::Patch => 3,
+            EntryKind::Cancel
+            | EntryKind::Call
+            | EntryKind::Send
+            | EntryKind::Patch
+            | EntryKind::Update
+            | EntryKind::UpdateResult => 3,
             EntryKind::Unknown => u32::MAX,
             _ => 1,
         }

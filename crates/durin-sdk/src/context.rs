@@ -14,6 +14,17 @@ use serde_json::Value;
 
 use crate::error::{HandlerError, Kind};
 
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+type Validator = Arc<dyn Fn(&Value) -> Result<(), HandlerError> + Send + Sync>;
+type UpdateFn = Arc<dyn Fn(Context, Value) -> BoxFuture<Result<Value, HandlerError>> + Send + Sync>;
+
+/// A workflow's handler of one kind of update: its validator and its handler.
+#[derive(Clone)]
+struct UpdateHandler {
+    validate: Validator,
+    handle: UpdateFn,
+}
+
 /// How long an append keeps trying while the gateway cannot be reached (it may be
 /// restarting); after that the attempt ends and Durin retries it.
 const APPEND_PATIENCE: Duration = Duration::from_secs(10);
@@ -147,6 +158,9 @@ struct Inner {
     attempt_token: String,
     entries_url: String,
     heartbeat_url: String,
+    updates_url: String,
+    /// The workflow's update handlers, by name.
+    update_handlers: Mutex<std::collections::HashMap<String, UpdateHandler>>,
     /// What the last heartbeat of an earlier attempt said.
     heartbeat_details: Option<Value>,
     position_failures: u32,
@@ -171,6 +185,10 @@ struct ReplayState {
     learned: std::collections::BTreeSet<u32>,
     /// Durin said the journal nears its limits (at the start, or in an append's answer).
     suggest_continue_as_new: bool,
+    /// Updates sent to the run and not yet accepted or refused, oldest first.
+    pending_updates: std::collections::VecDeque<durin_protocol::PendingUpdate>,
+    /// An update's handler runs: waits inside it handle no other update.
+    in_update: bool,
 }
 
 enum Replayed {
@@ -195,6 +213,8 @@ impl Context {
                 entries_url: format!("{}/entries", request.context_url.trim_end_matches('/')),
                 heartbeat_url: format!("{}/heartbeat", request.context_url.trim_end_matches('/')),
                 heartbeat_details: request.heartbeat_details.take(),
+                updates_url: format!("{}/updates", request.context_url.trim_end_matches('/')),
+                update_handlers: Mutex::default(),
                 position_failures: request.position_failures,
                 http,
                 state: Mutex::new(ReplayState {
@@ -210,6 +230,8 @@ impl Context {
                     abort: None,
                     learned: Default::default(),
                     suggest_continue_as_new: request.suggest_continue_as_new,
+                    pending_updates: std::mem::take(&mut request.updates).into(),
+                    in_update: false,
                 }),
             }),
         }
@@ -677,6 +699,34 @@ impl Context {
     /// When the invocation was cancelled while it waited, and none of `waitables` had
     /// completed before that, this returns the terminal [`HandlerError::cancelled`] error.
     pub async fn first(&self, waitables: &[&Waitable]) -> Result<usize, HandlerError> {
+        // Updates handled while the run waited here, on every replay at the same place.
+        while let Some((name, id, input)) = self.recorded_update() {
+            self.run_update(&name, &id, input).await?;
+        }
+        if let Some(i) = self.decide(waitables)? {
+            return Ok(i);
+        }
+        // Live: the updates sent meanwhile are validated and handled now.
+        while let Some(update) = self.next_pending_update() {
+            if self.handle_update(update).await? {
+                if let Some(i) = self.decide(waitables)? {
+                    return Ok(i);
+                }
+            }
+        }
+        let waiting_for = waitables.iter().map(|w| w.index).collect();
+        self.lock().abort.get_or_insert(Outcome::Suspend {
+            waiting_for,
+            wake_at_ms: None,
+        });
+        Err(HandlerError::abort(
+            "the handler waits; the attempt is suspended",
+        ))
+    }
+
+    /// Which of `waitables` completed first, when every replay will answer the same, or the
+    /// cancellation that reached this wait.
+    fn decide(&self, waitables: &[&Waitable]) -> Result<Option<usize>, HandlerError> {
         let decided = {
             let mut state = self.lock();
             let cancel = state
@@ -694,24 +744,190 @@ impl Context {
                     .filter(|(seq, _)| *seq < cancel_seq)
                     .min();
                 if let Some((_, i)) = before {
-                    return Ok(i);
+                    return Ok(Some(i));
                 }
                 state.cursor += 1;
                 return Err(HandlerError::cancelled());
             }
             first_decided(waitables, state.start_seq, &state.learned)
         };
-        if let Some(i) = decided {
-            return Ok(i);
-        }
-        let waiting_for = waitables.iter().map(|w| w.index).collect();
-        self.lock().abort.get_or_insert(Outcome::Suspend {
-            waiting_for,
-            wake_at_ms: None,
+        Ok(decided)
+    }
+
+    /// Handles the updates of a workflow's run: `validate` sees each update's input first
+    /// and may refuse it with an error (its status, a `4xx`, goes back to the caller, and
+    /// nothing is journaled); an accepted update is journaled and `handle` runs it (it may
+    /// change state with [`Context::set`], run steps, and so on) at the run's wait where it
+    /// was accepted, on every replay; its output, or its failure, goes back to the caller
+    /// of `POST /v1/workflows/{workflow}/{id}/updates/{name}`. Register every update
+    /// handler at the start of the run. Updates are handled while the run waits
+    /// ([`Context::first`] and the waits built on it).
+    pub fn on_update<I, O, V, F, Fut>(&self, name: &str, validate: V, handle: F)
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        V: Fn(&I) -> Result<(), HandlerError> + Send + Sync + 'static,
+        F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
+    {
+        let parse = |input: &Value| {
+            I::deserialize(input).map_err(|e| {
+                HandlerError::terminal_with_status(
+                    400,
+                    format!("the update's input is not valid: {e}"),
+                )
+                .with_type("InvalidInput")
+            })
+        };
+        let validate = Arc::new(move |input: &Value| validate(&parse(input)?));
+        let handle = Arc::new(handle);
+        let handle = Arc::new(move |ctx: Context, input: Value| {
+            let handle = Arc::clone(&handle);
+            Box::pin(async move {
+                let input = parse(&input)?;
+                let output = handle(ctx, input).await?;
+                serde_json::to_value(output).map_err(|e| {
+                    HandlerError::terminal(format!("the update's output cannot be serialized: {e}"))
+                })
+            }) as BoxFuture<Result<Value, HandlerError>>
         });
-        Err(HandlerError::abort(
-            "the handler waits; the attempt is suspended",
+        self.inner
+            .update_handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), UpdateHandler { validate, handle });
+    }
+
+    /// The accepted update at the cursor (consumed), replayed.
+    fn recorded_update(&self) -> Option<(String, String, Value)> {
+        let mut state = self.lock();
+        if state.in_update || state.abort.is_some() {
+            return None;
+        }
+        let entry = state
+            .journal
+            .get(state.cursor)
+            .filter(|e| e.kind == EntryKind::Update)?
+            .clone();
+        state.cursor += 1;
+        let value = entry.value.unwrap_or(Value::Null);
+        Some((
+            entry.name.unwrap_or_default(),
+            value["id"].as_str().unwrap_or_default().to_owned(),
+            value["input"].clone(),
         ))
+    }
+
+    /// The next update to validate, when the run waits past its journal.
+    fn next_pending_update(&self) -> Option<durin_protocol::PendingUpdate> {
+        let mut state = self.lock();
+        if state.in_update || state.abort.is_some() || state.cursor < state.journal.len() {
+            return None;
+        }
+        state.pending_updates.pop_front()
+    }
+
+    /// Validates a pending update: refuses it, or accepts (journals) and runs it. `true`
+    /// when it ran.
+    async fn handle_update(
+        &self,
+        update: durin_protocol::PendingUpdate,
+    ) -> Result<bool, HandlerError> {
+        let handler = self
+            .inner
+            .update_handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&update.name)
+            .cloned();
+        let verdict = match &handler {
+            None => Err(HandlerError::terminal_with_status(
+                404,
+                format!("this workflow has no update named {:?}", update.name),
+            )
+            .with_type("UnknownUpdate")),
+            Some(handler) => (handler.validate)(&update.input),
+        };
+        if let Err(refusal) = verdict {
+            let mut failure = refusal.to_failure();
+            if !(400..500).contains(&failure.status) {
+                failure.status = 400;
+            }
+            self.refuse(&update.id, failure).await?;
+            return Ok(false);
+        }
+        let value = serde_json::json!({ "id": update.id, "input": update.input });
+        self.append(EntryKind::Update, Some(&update.name), Some(value), None)
+            .await?;
+        self.run_update(&update.name, &update.id, update.input)
+            .await?;
+        Ok(true)
+    }
+
+    /// Runs an accepted update's handler and records (or replays) its result.
+    async fn run_update(&self, name: &str, id: &str, input: Value) -> Result<(), HandlerError> {
+        let handler = self
+            .inner
+            .update_handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let result = match handler {
+            Some(handler) => {
+                self.lock().in_update = true;
+                let result = (handler.handle)(self.clone(), input).await;
+                self.lock().in_update = false;
+                result
+            }
+            None => Err(HandlerError::terminal_with_status(
+                404,
+                format!("this workflow has no update named {name:?}"),
+            )),
+        };
+        if let Err(error) = &result {
+            if error.kind == Kind::Abort {
+                return Err(error.clone());
+            }
+        }
+        match self.replay(EntryKind::UpdateResult, Some(id))? {
+            Replayed::Recorded(_) => Ok(()),
+            Replayed::New => {
+                let (value, failure) = match result {
+                    Ok(value) => (Some(value), None),
+                    Err(error) => (None, Some(error.to_failure())),
+                };
+                self.append(EntryKind::UpdateResult, Some(id), value, failure)
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// Tells Durin the update `id` is refused; nothing is journaled.
+    async fn refuse(&self, id: &str, failure: Failure) -> Result<(), HandlerError> {
+        let sent = self
+            .inner
+            .http
+            .post(format!("{}/{id}/refuse", self.inner.updates_url))
+            .header(HEADER_ATTEMPT, self.inner.attempt)
+            .header(HEADER_ATTEMPT_TOKEN, &self.inner.attempt_token)
+            .json(&failure)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => {
+                let status = r.status();
+                let detail = r.text().await.unwrap_or_default();
+                Err(self.end_attempt(format!(
+                    "the gateway did not take the refusal of update {id} ({status}): {detail}"
+                )))
+            }
+            Err(e) => Err(self.end_attempt(format!(
+                "the refusal of update {id} did not get through: {e}"
+            ))),
+        }
     }
 
     /// The recorded value of `entry` as the handler's type. A value that no longer fits
@@ -996,6 +1212,7 @@ mod tests {
             context_url: "http://127.0.0.1:1/v1/contexts/inv_x".into(),
             suggest_continue_as_new: false,
             heartbeat_details: None,
+            updates: Vec::new(),
         };
         Context::new(&mut request, reqwest::Client::new())
     }

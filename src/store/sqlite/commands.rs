@@ -200,6 +200,31 @@ pub(super) fn apply_effect(
             insert_child(conn, &child, id, entry.index, now_ms)?;
             Ok(None)
         }
+        // An update that is no longer pending (or accepted) is left as it is: the entry
+        // is the SDK's record either way.
+        Effect::UpdateAccepted { id: update } => {
+            execute(
+                conn,
+                "UPDATE updates SET status = 'accepted' \
+                 WHERE invocation_id = ?1 AND id = ?2 AND status = 'pending'",
+                params![id, update],
+            )?;
+            Ok(None)
+        }
+        Effect::UpdateDone {
+            id: update,
+            result,
+            failure,
+        } => {
+            let failure = failure.as_ref().map(to_json).transpose()?;
+            execute(
+                conn,
+                "UPDATE updates SET status = 'done', result = ?3, failure = ?4 \
+                 WHERE invocation_id = ?1 AND id = ?2 AND status = 'accepted'",
+                params![id, update, result, failure],
+            )?;
+            Ok(None)
+        }
     }
 }
 
@@ -379,6 +404,42 @@ pub(super) fn complete(
     })
 }
 
+/// Whether updates wait for the run to accept or refuse them.
+pub(super) fn has_pending_updates(conn: &Connection, id: &str) -> StoreResult<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM updates WHERE invocation_id = ?1 AND status = 'pending' LIMIT 1",
+    )
+    .map_err(backend)?
+    .query_row([id], |_| Ok(()))
+    .optional()
+    .map(|found| found.is_some())
+    .map_err(backend)
+}
+
+/// An update's row.
+pub(super) fn update_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoreResult<UpdateRecord>> {
+    let run: String = row.get(0)?;
+    let status: String = row.get(3)?;
+    let failure: Option<String> = row.get(5)?;
+    let result = (|| {
+        Ok(UpdateRecord {
+            invocation_id: InvocationId::parse(&run).map_err(corrupt)?,
+            id: row.get(1).map_err(backend)?,
+            name: row.get(2).map_err(backend)?,
+            status: UpdateStatus::parse(&status)
+                .ok_or_else(|| corrupt(format!("unknown update status {status:?}")))?,
+            result: row.get(4).map_err(backend)?,
+            failure: failure
+                .map(|f| serde_json::from_str(&f))
+                .transpose()
+                .map_err(backend)?,
+        })
+    })();
+    Ok(result)
+}
+
+pub(super) const UPDATE_COLUMNS: &str = "invocation_id, id, name, status, result, failure";
+
 /// The completion number of the invocation's cancellation, if someone cancelled it.
 pub(super) fn cancel_seq(conn: &Connection, id: &str) -> StoreResult<Option<u32>> {
     conn.prepare_cached(
@@ -450,6 +511,11 @@ pub(super) fn suspension_due(
     }
     let mut due = until_ms;
     let mut can_complete = until_ms.is_some();
+    // An update that came during the attempt is handled at once, by the next one.
+    if has_pending_updates(conn, id)? {
+        due = Some(now_ms);
+        can_complete = true;
+    }
     for index in waiting_for {
         let row: Option<(String, Option<u32>, Option<i64>)> = conn
             .prepare_cached(

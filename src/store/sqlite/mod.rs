@@ -1174,6 +1174,141 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn send_update(
+        &self,
+        run: &InvocationId,
+        update: NewUpdate,
+        now_ms: i64,
+    ) -> StoreResult<UpdateSent> {
+        let run = run.clone();
+        self.write(move |conn| {
+            let record = fetch_invocation(conn, run.as_str())?
+                .ok_or_else(|| StoreError::NotFound(run.to_string()))?;
+            let select = format!(
+                "SELECT {} FROM updates WHERE invocation_id = ?1 AND idempotency_key = ?2",
+                commands::UPDATE_COLUMNS
+            );
+            if let Some(key) = &update.idempotency_key {
+                if let Some(existing) = query_one(
+                    conn,
+                    &select,
+                    params![run.as_str(), key],
+                    commands::update_row,
+                )? {
+                    return Ok(UpdateSent::Sent {
+                        update: existing,
+                        new: false,
+                        woke: false,
+                    });
+                }
+            }
+            if record.status.is_final() {
+                return Ok(UpdateSent::Ended(Box::new(record)));
+            }
+            execute(
+                conn,
+                "INSERT INTO updates (invocation_id, id, name, input, idempotency_key, status, \
+                 created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+                params![
+                    run.as_str(),
+                    update.id,
+                    update.name,
+                    update.input,
+                    update.idempotency_key,
+                    now_ms
+                ],
+            )?;
+            // A waiting run handles it at once; a running attempt suspends into it.
+            let woke = record.status == Status::Suspended;
+            if woke {
+                execute(
+                    conn,
+                    "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 WHERE id = ?2",
+                    params![now_ms, run.as_str()],
+                )?;
+            }
+            Ok(UpdateSent::Sent {
+                update: UpdateRecord {
+                    invocation_id: run,
+                    id: update.id,
+                    name: update.name,
+                    status: UpdateStatus::Pending,
+                    result: None,
+                    failure: None,
+                },
+                new: true,
+                woke,
+            })
+        })
+        .await
+    }
+
+    async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>> {
+        let keys = [run.to_string(), id.to_owned()];
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {} FROM updates WHERE invocation_id = ?1 AND id = ?2",
+                commands::UPDATE_COLUMNS
+            );
+            query_one(conn, &sql, keys, commands::update_row)
+        })
+        .await
+    }
+
+    async fn pending_updates(
+        &self,
+        run: &InvocationId,
+    ) -> StoreResult<Vec<durin_protocol::PendingUpdate>> {
+        let run = run.to_string();
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id, name, input FROM updates WHERE invocation_id = ?1 \
+                     AND status = 'pending' ORDER BY created_at_ms, id",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map([run], |row| {
+                    let input: Vec<u8> = row.get(2)?;
+                    Ok(durin_protocol::PendingUpdate {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                        input: serde_json::from_slice(&input).unwrap_or_default(),
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn refuse_update(
+        &self,
+        run: &InvocationId,
+        attempt: u32,
+        token: String,
+        id: &str,
+        failure: Failure,
+    ) -> StoreResult<UpdateRecord> {
+        let (run, id) = (run.clone(), id.to_owned());
+        self.write(move |conn| {
+            commands::check_attempt(conn, run.as_str(), attempt, &token)?;
+            execute(
+                conn,
+                "UPDATE updates SET status = 'refused', failure = ?3 \
+                 WHERE invocation_id = ?1 AND id = ?2 AND status = 'pending'",
+                params![run.as_str(), id, to_json(&failure)?],
+            )?;
+            let sql = format!(
+                "SELECT {} FROM updates WHERE invocation_id = ?1 AND id = ?2",
+                commands::UPDATE_COLUMNS
+            );
+            query_one(conn, &sql, params![run.as_str(), id], commands::update_row)?
+                .ok_or_else(|| StoreError::NotFound(format!("update {id} of invocation {run}")))
+        })
+        .await
+    }
+
     async fn resume(
         &self,
         id: &InvocationId,
@@ -1224,6 +1359,7 @@ impl Store for SqliteStore {
                     "DELETE FROM timers WHERE invocation_id = ?1",
                     "DELETE FROM signals WHERE invocation_id = ?1",
                     "DELETE FROM state WHERE invocation_id = ?1",
+                    "DELETE FROM updates WHERE invocation_id = ?1",
                     "DELETE FROM idempotency_keys WHERE invocation_id = ?1",
                     "DELETE FROM workflows WHERE invocation_id = ?1",
                     "DELETE FROM invocations WHERE id = ?1",
@@ -1296,8 +1432,14 @@ pub(super) fn record_output(
         completion: None,
     };
     insert_entry(conn, id, &entry)?;
-    // Timers of an ended invocation will never be waited for.
+    // Timers of an ended invocation will never be waited for, nor its updates handled.
     execute(conn, "DELETE FROM timers WHERE invocation_id = ?1", [id])?;
+    execute(
+        conn,
+        "UPDATE updates SET status = 'abandoned' \
+         WHERE invocation_id = ?1 AND status IN ('pending', 'accepted')",
+        [id],
+    )?;
     if record.idempotency_key.is_some() {
         execute(
             conn,
