@@ -255,3 +255,155 @@ async fn cancel_and_terminate_reach_the_children_a_parent_waits_for() {
     }
     shutdown.cancel();
 }
+
+/// A plain handler (no SDK) calls a child through the context API: the first call starts
+/// it and suspends the attempt; Durin calls the handler again when the child has ended,
+/// and the same call answers the child's output. A send answers the same child id every
+/// time.
+#[tokio::test]
+async fn a_plain_handler_calls_and_sends_children_through_the_context_api() {
+    use axum::http::HeaderMap;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let counts = Arc::new(Counts::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sdk = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(endpoint(Arc::clone(&counts)).serve(listener));
+    register(&admin, &sdk).await;
+
+    let gateway = url.clone();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&attempts);
+    let plain = axum::Router::new().route(
+        "/plain/run",
+        axum::routing::post(move |headers: HeaderMap| {
+            let gateway = gateway.clone();
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+                let id = header("durin-invocation-id");
+                let context = |path: &str| {
+                    client()
+                        .post(format!("{gateway}/v1/contexts/{id}/{path}"))
+                        .header("durin-attempt", header("durin-attempt"))
+                        .header("durin-attempt-token", header("durin-attempt-token"))
+                };
+                let sent: Value = context("sends/note")
+                    .json(&json!({"service": "child", "handler": "note", "input": "x"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let called = context("calls/greet")
+                    .json(&json!({"service": "child", "handler": "echo", "input": "plain"}))
+                    .send()
+                    .await
+                    .unwrap();
+                if called.headers().contains_key("durin-suspended") {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                }
+                let called: Value = called.json().await.unwrap();
+                let answer = json!({"value": called["value"], "sent": sent["invocation_id"]});
+                (axum::http::StatusCode::OK, answer.to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, plain).await });
+    let registered = client()
+        .post(format!("{admin}/v1/deployments"))
+        .json(&json!({"url": plain_url, "services": [{"name": "plain", "handlers": [{"name": "run"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success());
+
+    let response = client()
+        .post(format!("{url}/v1/call/plain/run"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let output: Value = response.json().await.unwrap();
+    assert_eq!(output["value"], "echo plain", "{output}");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        2,
+        "suspended once, then answered"
+    );
+    assert_eq!(counts.echo.load(Ordering::SeqCst), 1, "one child");
+    let note = wait_final(&url, output["sent"].as_str().unwrap()).await;
+    assert_eq!(note["status"], "completed");
+    assert_eq!(counts.note.load(Ordering::SeqCst), 1, "one sent child");
+    shutdown.cancel();
+}
+
+/// A plain workflow continues as new through the context API: each run hands the next its
+/// input, the workflow id follows the runs, and the long-poll answers the last run's output.
+#[tokio::test]
+async fn a_plain_workflow_continues_as_new_through_the_context_api() {
+    use axum::http::HeaderMap;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let gateway = url.clone();
+    let plain = axum::Router::new().route(
+        "/looper/run",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let gateway = gateway.clone();
+            async move {
+                let input: Value = serde_json::from_slice(&body).unwrap();
+                let n = input["n"].as_u64().unwrap();
+                if n >= 3 {
+                    return (axum::http::StatusCode::OK, json!(n).to_string());
+                }
+                let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+                let next = client()
+                    .post(format!(
+                        "{gateway}/v1/contexts/{}/continue-as-new",
+                        header("durin-invocation-id")
+                    ))
+                    .header("durin-attempt", header("durin-attempt"))
+                    .header("durin-attempt-token", header("durin-attempt-token"))
+                    .json(&json!({"n": n + 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(next.status(), 200);
+                (axum::http::StatusCode::OK, "continued".to_owned())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, plain).await });
+    let registered = client()
+        .post(format!("{admin}/v1/deployments"))
+        .json(&json!({"url": plain_url, "services": [{"name": "looper", "handlers": [{"name": "run"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success());
+
+    let done = client()
+        .post(format!("{url}/v1/workflows/looper/l-1"))
+        .header("prefer", "wait=20")
+        .json(&json!({"n": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    assert_eq!(done.json::<Value>().await.unwrap(), json!(3));
+    let runs = get_json(&format!("{url}/v1/workflows/looper/l-1/runs")).await["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(runs, ["continued", "continued", "continued", "completed"]);
+    shutdown.cancel();
+}

@@ -696,17 +696,13 @@ pub async fn heartbeat(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `GET /v1/contexts/{id}/heartbeat`: the details of the last heartbeat (of this attempt or
-/// an earlier one), for a plain handler to go on from where an earlier attempt got;
-/// `null` when there was none. Only the running attempt may read them.
-pub async fn last_heartbeat(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let id = parse_invocation_id(&id)?;
-    let caller = caller(&headers)?;
-    let record = super::find_invocation(&state, &id).await?;
+/// The running invocation `id` when `caller` is its current attempt with its token.
+async fn running_attempt(
+    state: &AppState,
+    id: &InvocationId,
+    caller: &Caller,
+) -> Result<crate::store::InvocationRecord, ApiError> {
+    let record = super::find_invocation(state, id).await?;
     let current = record.status == crate::store::Status::Running
         && record.attempt == caller.attempt
         && record
@@ -719,6 +715,43 @@ pub async fn last_heartbeat(
             caller.attempt
         )));
     }
+    Ok(record)
+}
+
+/// `POST /v1/contexts/{id}/continue-as-new` (the next run's JSON input), for a plain
+/// handler of a workflow: ends this run as `continued` and starts the next under the same
+/// workflow id, with a fresh journal, in one transaction; answers `{"continued_as"}`. The
+/// handler must stop then (what it answers is ignored).
+pub async fn continue_as_new(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    let input = json_body("the next run's input", &body)?;
+    let record = running_attempt(&state, &id, &caller).await?;
+    if record.workflow_id.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "invocation {id} is not a workflow's run: only a run started with POST /v1/workflows/{{workflow}}/{{id}} continues as new"
+        )));
+    }
+    let next = state.engine.continue_as_new(&record, &input).await?;
+    Ok(Json(json!({ "continued_as": next.as_str() })).into_response())
+}
+
+/// `GET /v1/contexts/{id}/heartbeat`: the details of the last heartbeat (of this attempt or
+/// an earlier one), for a plain handler to go on from where an earlier attempt got;
+/// `null` when there was none. Only the running attempt may read them.
+pub async fn last_heartbeat(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    running_attempt(&state, &id, &caller).await?;
     let details = state.store.heartbeat_details(&id).await?;
     Ok(Json(json!({ "details": json_value(details.as_deref()) })).into_response())
 }
@@ -744,4 +777,126 @@ pub async fn refuse_update(
         .await?;
     state.engine.updates_changed(&id);
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The body of a plain handler's `calls/{name}` or `sends/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainChild {
+    service: String,
+    handler: String,
+    #[serde(default)]
+    input: Value,
+    /// A `send` only: start the child this much later.
+    delay_ms: Option<u64>,
+}
+
+/// A plain handler's `call` or `send` named `name`: the recorded one, or a new one whose
+/// child starts with it. Returns the answer and the child's id.
+async fn plain_child(
+    state: &AppState,
+    kind: EntryKind,
+    id: String,
+    name: String,
+    headers: &HeaderMap,
+    body: &[u8],
+    suspend: bool,
+) -> Result<(PlainAnswer, Value), ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(headers)?;
+    check_name(kind.as_str(), &name)?;
+    let child: PlainChild = parse_json("the child", body)?;
+    let mut value = json!({ "input": child.input });
+    if let Some(delay) = child.delay_ms {
+        value["delay_ms"] = delay.into();
+    }
+    let target = format!("{}/{}", child.service, child.handler);
+    // A recorded call is answered even when no deployment serves its handler any more.
+    let new = match plan_child(
+        state,
+        kind,
+        Some(&target),
+        Some(value),
+        state.clock.now_ms(),
+    )
+    .await
+    {
+        Ok(planned) => Some(new_entry(
+            kind,
+            Some(name.clone()),
+            planned.value.as_ref().map(to_bytes),
+            planned.effect,
+        )),
+        Err(ApiError::NotFound(_)) => None,
+        Err(other) => return Err(other),
+    };
+    let starts_child = new.is_some();
+    let answer = plain(
+        state,
+        PlainCommand {
+            id,
+            attempt: caller.attempt,
+            token: caller.token,
+            kind,
+            name: name.clone(),
+            key: None,
+            occurrence: 0,
+            new,
+            also: None,
+            suspend,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        ApiError::NotFound(_) => ApiError::NotFound(format!(
+            "no deployment serves {target}, and no {} named {name:?} was recorded",
+            kind.as_str()
+        )),
+        other => other,
+    })?;
+    if starts_child && !answer.recorded {
+        state.engine.nudge();
+    }
+    let child_id = json_value(answer.entry.value.as_deref())["invocation_id"].clone();
+    Ok((answer, child_id))
+}
+
+/// `POST /v1/contexts/{id}/calls/{name}` (`{"service", "handler", "input"}`), for plain
+/// handlers: the first time, starts the child with the entry; every time, answers
+/// `{"invocation_id", "value"}` (or `"failure"`) once the child has ended, and before that
+/// suspends the attempt.
+pub async fn call_child(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let (answer, child) =
+        plain_child(&state, EntryKind::Call, id, name, &headers, &body, true).await?;
+    let completion = answer.entry.completion.as_ref();
+    let body = match completion.and_then(|c| c.failure.clone()) {
+        Some(failure) => json!({ "invocation_id": child, "failure": failure }),
+        None => json!({
+            "invocation_id": child,
+            "value": json_value(completion.and_then(|c| c.value.as_deref())),
+        }),
+    };
+    Ok(replayed(Json(body).into_response(), answer.recorded))
+}
+
+/// `POST /v1/contexts/{id}/sends/{name}` (`{"service", "handler", "input", "delay_ms"?}`),
+/// for plain handlers: starts the child once (later, with `delay_ms`) and answers
+/// `{"invocation_id"}`, the same every time.
+pub async fn send_child(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let (answer, child) =
+        plain_child(&state, EntryKind::Send, id, name, &headers, &body, false).await?;
+    Ok(replayed(
+        Json(json!({ "invocation_id": child })).into_response(),
+        answer.recorded,
+    ))
 }

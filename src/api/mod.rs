@@ -65,6 +65,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/contexts/{id}/entries"),
     ("POST", "/v1/contexts/{id}/steps/{name}"),
     ("POST", "/v1/contexts/{id}/heartbeat"),
+    ("POST", "/v1/contexts/{id}/calls/{name}"),
+    ("POST", "/v1/contexts/{id}/continue-as-new"),
+    ("POST", "/v1/contexts/{id}/sends/{name}"),
     ("POST", "/v1/contexts/{id}/updates/{update_id}/refuse"),
     ("GET", "/v1/contexts/{id}/heartbeat"),
     ("POST", "/v1/contexts/{id}/sleep/{name}"),
@@ -169,6 +172,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))
         .route("/v1/contexts/{id}/steps/{name}", post(context::record_step))
+        .route("/v1/contexts/{id}/calls/{name}", post(context::call_child))
+        .route(
+            "/v1/contexts/{id}/continue-as-new",
+            post(context::continue_as_new),
+        )
+        .route("/v1/contexts/{id}/sends/{name}", post(context::send_child))
         .route(
             "/v1/contexts/{id}/updates/{update_id}/refuse",
             post(context::refuse_update),

@@ -194,9 +194,10 @@ impl Engine {
                 output,
             }));
         }
-        // Due again, or a child whose end may have woken its parent.
+        // Due again, a child whose end may have woken its parent, or a next run.
         let parent_woken = record.status.is_final() && record.parent_index.is_some();
-        if record.next_run_at_ms.is_some() || parent_woken {
+        let next_run = record.status == Status::Continued;
+        if record.next_run_at_ms.is_some() || parent_woken || next_run {
             self.nudge();
         }
         Ok(record)
@@ -227,6 +228,32 @@ impl Engine {
             self.ended(record, Some(output));
         }
         Ok((termination.record, termination.terminated))
+    }
+
+    /// Ends the running `record`'s attempt by continuing its workflow run as a new run with
+    /// `input` (for a plain handler, which asks through the context API); returns the next
+    /// run's id.
+    pub async fn continue_as_new(
+        &self,
+        record: &InvocationRecord,
+        input: &serde_json::Value,
+    ) -> Result<InvocationId, StoreError> {
+        let target = self
+            .targets
+            .latest(&*self.store, &record.service, &record.handler)
+            .await?;
+        let next = InvocationId::generate();
+        let deadline_ms = target
+            .as_ref()
+            .and_then(|t| self.config.timeouts.deadline(&t.spec, self.clock.now_ms()));
+        let end = AttemptEnd::ContinuedAsNew {
+            input: serde_json::to_vec(input).unwrap_or_default(),
+            next: next.clone(),
+            target: target.map(Box::new),
+            deadline_ms,
+        };
+        self.end_attempt(&record.id, record.attempt, end).await?;
+        Ok(next)
     }
 
     /// An invocation ended outside an attempt (terminated, timed out): its waiting callers

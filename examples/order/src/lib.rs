@@ -172,6 +172,33 @@ pub struct ApprovalRequest {
 /// query (durable state), and a timer as the approval deadline, raced against the signal.
 /// While it waits, the workflow holds no connection and no task: it is a row in Durin.
 async fn approval(ctx: Context, input: ApprovalRequest) -> Result<String, HandlerError> {
+    // The `note` update: a validated note for whoever approves (a query reads them all).
+    // The notes live in memory; replaying the accepted updates rebuilds them.
+    let notes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    ctx.on_update(
+        "note",
+        |note: &String| {
+            if note.trim().is_empty() || note.len() > 200 {
+                return Err(HandlerError::terminal_with_status(
+                    422,
+                    "a note is 1 to 200 characters",
+                ));
+            }
+            Ok(())
+        },
+        move |ctx: Context, note: String| {
+            let notes = Arc::clone(&notes);
+            async move {
+                let all = {
+                    let mut notes = notes.lock().unwrap_or_else(|e| e.into_inner());
+                    notes.push(note);
+                    notes.clone()
+                };
+                ctx.set("notes", &all).await?;
+                Ok::<_, HandlerError>(all)
+            }
+        },
+    );
     ctx.set("is_cancelled", &false).await?;
     ctx.set("status", &"waiting for the deadline").await?;
     let deadline = ctx.timer(Duration::from_secs(input.deadline_secs)).await?;
