@@ -74,6 +74,16 @@ impl IdempotencyKey {
     }
 }
 
+/// A workflow id: 1 to 255 visible ASCII characters, no `/`.
+pub fn parse_workflow_id(id: &str) -> Result<String, String> {
+    if id.is_empty() || id.len() > 255 || !id.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        return Err(format!(
+            "workflow id {id:?} is invalid: use 1 to 255 visible ASCII characters other than '/'"
+        ));
+    }
+    Ok(id.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -407,3 +407,102 @@ async fn a_plain_workflow_continues_as_new_through_the_context_api() {
     assert_eq!(runs, ["continued", "continued", "continued", "completed"]);
     shutdown.cancel();
 }
+
+/// Child workflows by id, with their parent-close policies: when the parent ends, a child
+/// it abandons goes on, one it terminates is terminated, one it cancels is cancelled; and
+/// a child workflow whose id names a run that goes on is not started: the parent gets a
+/// `WorkflowIdTaken` failure, journaled, so every replay agrees.
+#[tokio::test]
+async fn child_workflows_by_id_follow_their_parent_close_policy() {
+    use durin_sdk::ParentClose;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let workers = Service::new("worker").handler("run", |ctx: Context, _: Value| async move {
+        ctx.sleep(Duration::from_secs(3600)).await?;
+        Ok::<_, HandlerError>("rested")
+    });
+    let parents = Service::new("lead")
+        .handler("run", |ctx: Context, _: Value| async move {
+            for (id, policy) in [
+                ("w-1", ParentClose::Abandon),
+                ("w-2", ParentClose::Terminate),
+                ("w-3", ParentClose::Cancel),
+            ] {
+                ctx.start_workflow("worker", id, &(), policy).await?;
+            }
+            Ok::<_, HandlerError>("started")
+        })
+        .handler("again", |ctx: Context, _: Value| async move {
+            match ctx
+                .call_workflow::<_, Value>("worker", "w-1", &(), ParentClose::Cancel)
+                .await
+            {
+                Ok(_) => Ok::<_, HandlerError>("started".to_owned()),
+                Err(e) => Ok(format!(
+                    "{}: {}",
+                    e.error_type().unwrap_or_default(),
+                    e.message()
+                )),
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deployment = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        Endpoint::new()
+            .service(workers)
+            .service(parents)
+            .serve(listener),
+    );
+    register(&admin, &deployment).await;
+
+    let lead = client()
+        .post(format!("{url}/v1/call/lead/run"))
+        .json(&())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lead.status(), 200);
+    let lead_id = lead.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let run = |id: &'static str| {
+        let url = format!("{url}/v1/workflows/worker/{id}");
+        async move { get_json(&url).await }
+    };
+    let w2 = support::eventually(Duration::from_secs(10), "w-2 to be terminated", || async {
+        let view = run("w-2").await;
+        (view["status"] == "terminated").then_some(view)
+    })
+    .await;
+    assert_eq!(w2["parent_invocation_id"], lead_id.as_str());
+    assert!(
+        w2["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("closed"),
+        "{w2}"
+    );
+    support::eventually(Duration::from_secs(10), "w-3 to be cancelled", || async {
+        (run("w-3").await["status"] == "cancelled").then_some(())
+    })
+    .await;
+    let w1 = run("w-1").await;
+    assert_eq!(w1["status"], "suspended", "abandoned, it goes on: {w1}");
+
+    let again = client()
+        .post(format!("{url}/v1/call/lead/again"))
+        .json(&())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    let said: String = again.json().await.unwrap();
+    assert!(said.starts_with("WorkflowIdTaken: "), "{said}");
+    assert_eq!(
+        run("w-1").await["id"],
+        w1["id"],
+        "w-1 still names its first run"
+    );
+    shutdown.cancel();
+}

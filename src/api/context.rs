@@ -27,7 +27,9 @@ use crate::http::json_value;
 use crate::ids::InvocationId;
 use crate::journal::{self, MAX_NAME_BYTES};
 use crate::problem::ApiError;
-use crate::store::{ChildStart, Effect, NewEntry, PlainAnswer, PlainCommand, StoredEntry};
+use crate::store::{
+    ChildStart, ChildWorkflow, Effect, NewEntry, PlainAnswer, PlainCommand, StoredEntry,
+};
 
 /// The attempt a handler-facing call speaks for: its number and its secret.
 struct Caller {
@@ -169,14 +171,29 @@ async fn plan_child(
             ))
         })?;
     let id = InvocationId::generate();
+    let input = to_bytes(&child.input);
+    let workflow = match child.workflow_id {
+        Some(workflow_id) => Some(ChildWorkflow {
+            workflow_id,
+            input_digest: super::ingress::input_digest(
+                target.protocol,
+                Some("application/json".into()),
+                &input,
+            )?
+            .0,
+        }),
+        None => None,
+    };
     Ok(journal::Planned {
         value: Some(serde_json::json!({ "invocation_id": id.as_str() })),
         effect: Effect::StartChild(Box::new(ChildStart {
             id,
-            input: to_bytes(&child.input),
+            input,
             due_ms: crate::lifecycle::after(now_ms, child.delay),
             awaited: kind == EntryKind::Call,
             deadline_ms: state.timeouts.deadline(&target.spec, now_ms),
+            workflow,
+            parent_close: child.parent_close,
             target,
         })),
     })
@@ -893,10 +910,9 @@ pub async fn send_child(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let (answer, child) =
+    let (answer, _) =
         plain_child(&state, EntryKind::Send, id, name, &headers, &body, false).await?;
-    Ok(replayed(
-        Json(json!({ "invocation_id": child })).into_response(),
-        answer.recorded,
-    ))
+    // `{"invocation_id"}`, or a refusal recorded in its place.
+    let recorded = json_value(answer.entry.value.as_deref());
+    Ok(replayed(Json(recorded).into_response(), answer.recorded))
 }

@@ -28,12 +28,7 @@ pub const RUN_HANDLER: &str = "run";
 
 /// A workflow id: 1 to 255 visible ASCII characters, no `/`.
 pub fn parse_workflow_id(id: &str) -> Result<String, ApiError> {
-    if id.is_empty() || id.len() > 255 || !id.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
-        return Err(ApiError::BadRequest(format!(
-            "workflow id {id:?} is invalid: use 1 to 255 visible ASCII characters other than '/'"
-        )));
-    }
-    Ok(id.to_owned())
+    crate::ids::parse_workflow_id(id).map_err(ApiError::BadRequest)
 }
 
 /// The latest run of a workflow id, or a 404 that says how to start one.

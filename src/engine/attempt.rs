@@ -183,10 +183,13 @@ impl Engine {
         attempt: u32,
         end: AttemptEnd,
     ) -> Result<InvocationRecord, StoreError> {
-        let (record, output) = self
+        let (record, output, closed) = self
             .store
             .end_attempt(id, attempt, end, self.clock.now_ms())
             .await?;
+        for (child, child_output) in closed {
+            self.ended(child, Some(child_output));
+        }
         if record.status.is_final() || record.status == Status::Paused {
             self.updates.changed(&record.id);
             self.waiters.finish(Arc::new(Ended {

@@ -21,7 +21,12 @@ pub struct ChildRequest {
     pub input: Value,
     /// How long after now it starts (zero for a `call`).
     pub delay: Duration,
+    /// A child workflow: the workflow id its run takes (the handler is `run`).
+    pub workflow_id: Option<String>,
+    pub parent_close: ParentClose,
 }
+
+pub use crate::store::ParentClose;
 
 /// Checks a `call` or `send` entry: `name` is `"service/handler"`, `value`
 /// `{"input": V}` with, for a `send`, an optional `"delay_ms"`.
@@ -42,6 +47,22 @@ pub fn plan(
         _ => return Err(format!("a {what} entry's value is {{\"input\": ...}}")),
     };
     let input = fields.remove("input").unwrap_or(Value::Null);
+    let workflow_id = match fields.remove("workflow_id") {
+        None => None,
+        Some(Value::String(id)) if handler == "run" => Some(crate::ids::parse_workflow_id(&id)?),
+        Some(Value::String(_)) => {
+            return Err("a child workflow runs the handler \"run\" of its workflow".into())
+        }
+        Some(_) => return Err("workflow_id is a string".into()),
+    };
+    let parent_close = match fields.remove("parent_close") {
+        None if kind == EntryKind::Call => ParentClose::Cancel,
+        None => ParentClose::Abandon,
+        Some(Value::String(policy)) => ParentClose::parse(&policy).ok_or_else(|| {
+            format!("parent_close is terminate, cancel or abandon, not {policy:?}")
+        })?,
+        Some(_) => return Err("parent_close is a string".into()),
+    };
     let delay = match fields.remove("delay_ms") {
         None => Duration::ZERO,
         Some(_) if kind == EntryKind::Call => {
@@ -63,6 +84,8 @@ pub fn plan(
         handler,
         input,
         delay,
+        workflow_id,
+        parent_close,
     })
 }
 
@@ -84,7 +107,9 @@ mod tests {
                 service: "order".into(),
                 handler: "process".into(),
                 input: json!(1),
-                delay: Duration::ZERO
+                delay: Duration::ZERO,
+                workflow_id: None,
+                parent_close: ParentClose::Cancel,
             })
         );
         let send = plan(
@@ -93,6 +118,15 @@ mod tests {
             Some(json!({"input": null, "delay_ms": 1500})),
         );
         assert_eq!(send.map(|s| s.delay), Ok(Duration::from_millis(1500)));
+        let child = plan(
+            EntryKind::Call,
+            Some("billing/run"),
+            Some(json!({"workflow_id": "acct-1", "parent_close": "abandon"})),
+        );
+        assert_eq!(
+            child.map(|c| (c.workflow_id, c.parent_close)),
+            Ok((Some("acct-1".into()), ParentClose::Abandon))
+        );
         for (kind, name, value) in [
             (EntryKind::Call, Some("order"), json!({})),
             (EntryKind::Call, Some("9/x"), json!({})),
@@ -101,6 +135,17 @@ mod tests {
             (EntryKind::Send, Some("a/b"), json!({"delay_ms": -5})),
             (EntryKind::Send, Some("a/b"), json!({"inputs": 5})),
             (EntryKind::Send, Some("a/b"), json!([1])),
+            (EntryKind::Call, Some("a/b"), json!({"workflow_id": "w"})),
+            (
+                EntryKind::Call,
+                Some("a/run"),
+                json!({"workflow_id": "x/y"}),
+            ),
+            (
+                EntryKind::Call,
+                Some("a/run"),
+                json!({"parent_close": "explode"}),
+            ),
         ] {
             assert!(
                 plan(kind, name, Some(value.clone())).is_err(),

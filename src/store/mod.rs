@@ -470,6 +470,11 @@ pub enum Effect {
     /// Starts a child invocation (a `call` or a `send`) in the same transaction as the
     /// entry, so that it starts exactly once.
     StartChild(Box<ChildStart>),
+    /// A child workflow was not started (its id names a run that goes on): a `call`
+    /// completes with `failure` at once.
+    ChildRefused {
+        failure: Failure,
+    },
     /// The run accepted its pending update `id` (an `update` entry).
     UpdateAccepted {
         id: String,
@@ -559,6 +564,16 @@ pub enum UpdateSent {
     Ended(Box<InvocationRecord>),
 }
 
+pub use durin_protocol::ParentClose;
+
+/// A child workflow's run: the id it takes and its input's digest (as a start by id
+/// records it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildWorkflow {
+    pub workflow_id: String,
+    pub input_digest: String,
+}
+
 /// A child invocation a `call` or `send` entry starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildStart {
@@ -571,7 +586,11 @@ pub struct ChildStart {
     pub awaited: bool,
     /// When it fails if it has not ended (`schedule_to_close`).
     pub deadline_ms: Option<i64>,
+    /// A child workflow's run, by id.
+    pub workflow: Option<ChildWorkflow>,
+    pub parent_close: ParentClose,
 }
+
 #[derive(Debug)]
 pub enum Created {
     /// Created with its first attempt already started (running, attempt 1), so that the
@@ -670,6 +689,10 @@ pub struct Termination {
     /// entry.
     pub ended: Vec<(InvocationRecord, StoredEntry)>,
 }
+
+/// Invocations ended by another's end (children closed with their parent), with their
+/// output entries.
+pub type Closed = Vec<(InvocationRecord, StoredEntry)>;
 
 /// What a cancellation request found and did.
 #[derive(Debug, Clone)]
@@ -780,13 +803,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<StoredEntry>;
     /// Ends `attempt` as the invoker decided; returns the record and, when the invocation
     /// ended, its output entry.
+    /// Records how `attempt` ended (fenced by it). Returns the invocation, its output entry
+    /// when it ended, and the children its end closed (terminated by their
+    /// [`ParentClose`] policy) with their output entries.
     async fn end_attempt(
         &self,
         id: &InvocationId,
         attempt: u32,
         end: AttemptEnd,
         now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>)>;
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)>;
     /// Asks to cancel an invocation: writes its `cancel` entry (completed, numbered after
     /// the timers that were due) and makes it due, fencing a running attempt. The children
     /// its `call` entries wait for are cancelled with it; `send` children are left alone.

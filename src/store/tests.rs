@@ -670,13 +670,13 @@ async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next() {
         charged,
     };
     // A step failed, then the handler crashed, then the gateway's store failed.
-    let (after_step, _) = store
+    let (after_step, _, _) = store
         .end_attempt(&record.id, 1, back_off(Charge::Step), T0)
         .await
         .unwrap();
     assert_eq!((after_step.position_failures, after_step.failures), (1, 0));
     let second = store.claim_due(T0, 10).await.unwrap().remove(0);
-    let (after_crash, _) = store
+    let (after_crash, _, _) = store
         .end_attempt(&record.id, second.attempt, back_off(Charge::Handler), T0)
         .await
         .unwrap();
@@ -685,7 +685,7 @@ async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next() {
         (1, 1)
     );
     let third = store.claim_due(T0, 10).await.unwrap().remove(0);
-    let (after_store, _) = store
+    let (after_store, _, _) = store
         .end_attempt(&record.id, third.attempt, back_off(Charge::Nobody), T0)
         .await
         .unwrap();

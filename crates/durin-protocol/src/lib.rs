@@ -261,6 +261,37 @@ pub struct InvocationRequest {
     pub suggest_continue_as_new: bool,
 }
 
+/// What a child undergoes when its parent closes (ends), or is cancelled or terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParentClose {
+    /// Terminated with its parent (a cancellation of the parent cancels it).
+    Terminate,
+    /// Cancelled with its parent: it runs its compensations (the default of a `call`).
+    Cancel,
+    /// Goes on alone (the default of a `send`).
+    Abandon,
+}
+
+impl ParentClose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParentClose::Terminate => "terminate",
+            ParentClose::Cancel => "cancel",
+            ParentClose::Abandon => "abandon",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ParentClose> {
+        Some(match s {
+            "terminate" => ParentClose::Terminate,
+            "cancel" => ParentClose::Cancel,
+            "abandon" => ParentClose::Abandon,
+            _ => return None,
+        })
+    }
+}
+
 /// An update waiting for a workflow's run to accept or refuse it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingUpdate {

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use durin_protocol::ParentClose;
 use durin_protocol::{
     AppendRequest, AppendResponse, Completion, EntryKind, EntryRef, Failure, InvocationRequest,
     JournalEntry, Outcome, RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
@@ -592,6 +593,72 @@ impl Context {
             false,
         )
         .await
+    }
+
+    /// Calls the workflow `workflow` as a child run under `workflow_id` and waits for its
+    /// output. The id must not name a run that goes on (a terminal `409` error of type
+    /// `WorkflowIdTaken` otherwise); `parent_close` says what happens to the child when
+    /// this invocation is cancelled, terminated or ends first.
+    pub async fn call_workflow<I: Serialize, O: DeserializeOwned>(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+        input: &I,
+        parent_close: ParentClose,
+    ) -> Result<O, HandlerError> {
+        let value = serde_json::json!({
+            "input": to_json(input)?,
+            "workflow_id": workflow_id,
+            "parent_close": parent_close,
+        });
+        let child = self
+            .command(
+                EntryKind::Call,
+                Some(&format!("{workflow}/run")),
+                Some(value),
+                false,
+            )
+            .await?;
+        self.first(&[&child]).await?;
+        child.value()
+    }
+
+    /// Starts the workflow `workflow` as a child run under `workflow_id` without waiting
+    /// for it (it goes on alone unless `parent_close` says otherwise); returns its
+    /// invocation id.
+    pub async fn start_workflow<I: Serialize>(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+        input: &I,
+        parent_close: ParentClose,
+    ) -> Result<String, HandlerError> {
+        let name = format!("{workflow}/run");
+        let info = match self.replay(EntryKind::Send, Some(&name))? {
+            Replayed::Recorded(entry) => entry.value,
+            Replayed::New => {
+                let value = serde_json::json!({
+                    "input": to_json(input)?,
+                    "workflow_id": workflow_id,
+                    "parent_close": parent_close,
+                });
+                self.append(EntryKind::Send, Some(&name), Some(value), None)
+                    .await?
+                    .value
+            }
+        };
+        // Not started (its id names a run that goes on): the same on every replay.
+        if let Some(refused) = info
+            .as_ref()
+            .map(|v| &v["refused"])
+            .filter(|r| !r.is_null())
+        {
+            let failure: Failure = serde_json::from_value(refused.clone()).map_err(|e| {
+                HandlerError::terminal(format!("the recorded refusal is not a failure: {e}"))
+            })?;
+            return Err(HandlerError::from_failure(failure));
+        }
+        Ok(invocation_id(info.as_ref()))
     }
 
     /// Starts `service/handler` with `input` and does not wait for it; with `delay`, it

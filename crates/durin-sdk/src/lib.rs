@@ -40,7 +40,7 @@ mod context;
 mod endpoint;
 mod error;
 
-pub use context::{Awakeable, Context, RunOptions, Waitable};
+pub use context::{Awakeable, Context, ParentClose, RunOptions, Waitable};
 pub use durin_protocol::RetryPolicy;
 pub use endpoint::{Endpoint, HandlerOptions, Service, DEFAULT_MAX_REQUEST_BYTES};
 pub use error::HandlerError;

@@ -200,6 +200,10 @@ pub(super) fn apply_effect(
             insert_child(conn, &child, id, entry.index, now_ms)?;
             Ok(None)
         }
+        Effect::ChildRefused { failure } if entry.kind == EntryKind::Call => {
+            complete(conn, id, entry.index, None, Some(failure), now_ms).map(Some)
+        }
+        Effect::ChildRefused { .. } => Ok(None),
         // An update that is no longer pending (or accepted) is left as it is: the entry
         // is the SDK's record either way.
         Effect::UpdateAccepted { id: update } => {
@@ -247,11 +251,119 @@ fn insert_child(
             input: &child.input,
             due_ms: child.due_ms,
             deadline_ms: child.deadline_ms,
-            workflow_id: None,
+            workflow_id: child.workflow.as_ref().map(|w| w.workflow_id.as_str()),
             parent: Some((parent, child.awaited.then_some(parent_index))),
+            parent_close: Some(child.parent_close),
         },
         now_ms,
-    )
+    )?;
+    if let Some(workflow) = &child.workflow {
+        // The child workflow's run takes the id (it was free: see `check_workflow_id_free`).
+        execute(
+            conn,
+            "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
+             SET invocation_id = excluded.invocation_id, input_digest = excluded.input_digest",
+            params![
+                child.target.service,
+                workflow.workflow_id,
+                child.id.as_str(),
+                workflow.input_digest
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The run a child workflow's id names and that has not ended, if any (unless the append
+/// is one sent again: its entry is recorded, and the child took the id then).
+pub(super) fn taken_workflow_id(
+    conn: &Connection,
+    id: &str,
+    index: Option<u32>,
+    child: &ChildStart,
+) -> StoreResult<Option<String>> {
+    let Some(workflow) = &child.workflow else {
+        return Ok(None);
+    };
+    let recorded = match (index, fetch_invocation(conn, id)?) {
+        (Some(index), Some(record)) => index < record.journal_len,
+        _ => false,
+    };
+    if recorded {
+        return Ok(None);
+    }
+    let run: Option<String> = conn
+        .prepare_cached(
+            "SELECT w.invocation_id FROM workflows w JOIN invocations i ON i.id = w.invocation_id \
+             WHERE w.workflow = ?1 AND w.workflow_id = ?2 AND i.completed_at_ms IS NULL",
+        )
+        .map_err(backend)?
+        .query_row(params![child.target.service, workflow.workflow_id], |row| {
+            row.get(0)
+        })
+        .optional()
+        .map_err(backend)?;
+    Ok(run)
+}
+
+/// Applies the parent-close policies of the unfinished children of `parent`, which has
+/// just ended: `terminate` ends them at once (into `closed`), `cancel` cancels them (they
+/// compensate), `abandon` leaves them.
+pub(super) fn close_children(
+    conn: &Connection,
+    parent: &str,
+    now_ms: i64,
+    closed: &mut Vec<(InvocationRecord, StoredEntry)>,
+) -> StoreResult<()> {
+    for (child, policy) in open_children(conn, parent)? {
+        match policy {
+            ParentClose::Terminate => {
+                let ending = Ending {
+                    status: Status::Terminated,
+                    failure: Failure {
+                        status: 409,
+                        error_type: Some("Terminated".into()),
+                        message: format!("its parent {parent} closed"),
+                    },
+                    children: format!("its parent {parent} closed"),
+                };
+                end_now(conn, &child, &ending, now_ms, closed)?;
+            }
+            ParentClose::Cancel => {
+                cancel(conn, &child, now_ms)?;
+            }
+            ParentClose::Abandon => {}
+        }
+    }
+    Ok(())
+}
+
+/// The unfinished children of `parent` with their parent-close policy.
+fn open_children(conn: &Connection, parent: &str) -> StoreResult<Vec<(String, ParentClose)>> {
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT id, parent_close FROM invocations WHERE parent_invocation_id = ?1 \
+             AND completed_at_ms IS NULL ORDER BY id",
+        )
+        .map_err(backend)?;
+    let rows = statement
+        .query_map([parent], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
+        })
+        .map_err(backend)?;
+    let rows: Vec<(String, Option<String>)> =
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, policy)| {
+            let policy = policy
+                .as_deref()
+                .and_then(ParentClose::parse)
+                .unwrap_or(ParentClose::Abandon);
+            (id, policy)
+        })
+        .collect())
 }
 
 /// An invocation created pending by another one (a child, the next run of a workflow).
@@ -266,6 +378,7 @@ pub(super) struct Pending<'a> {
     pub workflow_id: Option<&'a str>,
     /// The parent and, for a `call`, its entry.
     pub parent: Option<(&'a str, Option<u32>)>,
+    pub parent_close: Option<ParentClose>,
 }
 
 /// Inserts an invocation that waits for the scheduler (attempt 0, due at `due_ms`), with
@@ -276,8 +389,8 @@ pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
          modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index, \
-         deadline_ms) \
-         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11)",
+         deadline_ms, parent_close) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             new.id,
             new.service,
@@ -290,6 +403,7 @@ pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -
             new.parent.map(|(p, _)| p),
             new.parent.and_then(|(_, index)| index),
             new.deadline_ms,
+            new.parent_close.map(ParentClose::as_str),
         ],
     )?;
     insert_entry(
@@ -833,8 +947,11 @@ pub(super) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<Ca
     );
     let record = query_one(conn, &sql, params![now_ms, id], invocation)?
         .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-    for child in awaited_children(conn, id)? {
-        cancel(conn, &child, now_ms)?;
+    // A cancelled parent cancels the children it does not abandon.
+    for (child, policy) in open_children(conn, id)? {
+        if policy != ParentClose::Abandon {
+            cancel(conn, &child, now_ms)?;
+        }
     }
     Ok(CancelAnswer::Requested(record))
 }
@@ -888,6 +1005,7 @@ pub(super) fn end_now(
     )?;
     complete_parent(conn, &record, Some(&output), now_ms)?;
     ended.push((record.clone(), output));
+    // A parent ended this way takes the children it does not abandon with it.
     let children = Ending {
         status: Status::Terminated,
         failure: Failure {
@@ -897,22 +1015,10 @@ pub(super) fn end_now(
         },
         children: ending.children.clone(),
     };
-    for child in awaited_children(conn, id)? {
-        end_now(conn, &child, &children, now_ms, ended)?;
+    for (child, policy) in open_children(conn, id)? {
+        if policy != ParentClose::Abandon {
+            end_now(conn, &child, &children, now_ms, ended)?;
+        }
     }
     Ok(record)
-}
-
-/// The unfinished children whose end a `call` entry of `id` waits for.
-fn awaited_children(conn: &Connection, id: &str) -> StoreResult<Vec<String>> {
-    let mut statement = conn
-        .prepare_cached(
-            "SELECT id FROM invocations WHERE parent_invocation_id = ?1 \
-             AND parent_index IS NOT NULL AND completed_at_ms IS NULL ORDER BY id",
-        )
-        .map_err(backend)?;
-    let rows = statement
-        .query_map([id], |row| row.get(0))
-        .map_err(backend)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(backend)
 }

@@ -901,8 +901,35 @@ impl Store for SqliteStore {
     ) -> StoreResult<StoredEntry> {
         let id = id.clone();
         let limits = self.limits;
-        self.write(move |conn| append(conn, &id, attempt, entry, now_ms, limits))
-            .await
+        self.write(move |conn| {
+            let mut entry = entry;
+            if let Effect::StartChild(child) = &entry.effect {
+                // A child workflow whose id names a run that goes on is not started: the
+                // entry records the refusal (a `call` completes with it), so every replay
+                // sees the same.
+                if let Some(run) =
+                    commands::taken_workflow_id(conn, id.as_str(), entry.index, child)?
+                {
+                    let failure = Failure {
+                        status: 409,
+                        error_type: Some("WorkflowIdTaken".into()),
+                        message: format!(
+                            "workflow {} id {:?} already names run {run}, which has not ended",
+                            child.target.service,
+                            child
+                                .workflow
+                                .as_ref()
+                                .map_or("", |w| w.workflow_id.as_str())
+                        ),
+                    };
+                    let value = serde_json::json!({ "invocation_id": null, "refused": failure });
+                    entry.value = Some(value.to_string().into_bytes());
+                    entry.effect = Effect::ChildRefused { failure };
+                }
+            }
+            append(conn, &id, attempt, entry, now_ms, limits)
+        })
+        .await
     }
 
     async fn end_attempt(
@@ -911,7 +938,7 @@ impl Store for SqliteStore {
         attempt: u32,
         end: AttemptEnd,
         now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>)> {
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
         let id = id.clone();
         self.write(move |conn| {
             // ?1 is the time and ?2, ?3 the fence; the rest depend on the end.
@@ -1033,6 +1060,7 @@ impl Store for SqliteStore {
                         deadline_ms,
                         workflow_id: record.workflow_id.as_deref(),
                         parent: None,
+                        parent_close: None,
                     };
                     continue_as_new(conn, &record, next_run, now_ms)?;
                     let output = serde_json::json!({ "continued_as": next.as_str() });
@@ -1054,10 +1082,12 @@ impl Store for SqliteStore {
                 )?),
                 None => None,
             };
+            let mut closed = Vec::new();
             if record.status.is_final() {
                 commands::complete_parent(conn, &record, output.as_ref(), now_ms)?;
+                commands::close_children(conn, id.as_str(), now_ms, &mut closed)?;
             }
-            Ok((record, output))
+            Ok((record, output, closed))
         })
         .await
     }
