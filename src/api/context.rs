@@ -806,6 +806,10 @@ struct PlainChild {
     input: Value,
     /// A `send` only: start the child this much later.
     delay_ms: Option<u64>,
+    /// A child workflow's run under this id (the handler is `run`).
+    workflow_id: Option<String>,
+    /// `terminate`, `cancel` or `abandon`.
+    parent_close: Option<String>,
 }
 
 /// A plain handler's `call` or `send` named `name`: the recorded one, or a new one whose
@@ -826,6 +830,12 @@ async fn plain_child(
     let mut value = json!({ "input": child.input });
     if let Some(delay) = child.delay_ms {
         value["delay_ms"] = delay.into();
+    }
+    if let Some(workflow_id) = child.workflow_id {
+        value["workflow_id"] = workflow_id.into();
+    }
+    if let Some(policy) = child.parent_close {
+        value["parent_close"] = policy.into();
     }
     let target = format!("{}/{}", child.service, child.handler);
     // A recorded call is answered even when no deployment serves its handler any more.
