@@ -1248,3 +1248,50 @@ async fn a_steps_start_to_close_ends_a_hung_try() {
     assert_eq!(tries.load(Ordering::SeqCst), 2);
     gateway.stop().await;
 }
+
+/// A step's own `schedule_to_close` bounds all its tries, across attempts: a step that
+/// keeps failing (its policy would try for ever) fails for good once it has tried for
+/// longer, named after the timeout, and the handler gets that failure.
+#[tokio::test]
+async fn a_steps_schedule_to_close_ends_its_retries() {
+    let gateway = Gateway::start(|_| {}).await;
+    let tries = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&tries);
+    let endpoint = Endpoint::new().service(Service::new("stubborn").handler(
+        "run",
+        move |ctx: Context, _: Value| {
+            let counter = Arc::clone(&counter);
+            async move {
+                let options = RunOptions::retry_policy(RetryPolicy {
+                    initial_interval: Duration::from_millis(50),
+                    maximum_interval: Duration::from_millis(50),
+                    maximum_attempts: None,
+                    ..RetryPolicy::default()
+                })
+                .schedule_to_close(Duration::from_millis(600));
+                let result = ctx
+                    .run_with("flaky", options, || async {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        Err::<u32, _>(HandlerError::retryable("still down"))
+                    })
+                    .await;
+                Ok::<_, HandlerError>(match result {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => e.error_type().unwrap_or_default().to_owned(),
+                })
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let started = std::time::Instant::now();
+    let r = gateway.post("/v1/call/stubborn/run", "null").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), "ScheduleToCloseTimeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(tries.load(Ordering::SeqCst) >= 3, "it was retried before");
+    gateway.stop().await;
+}

@@ -459,6 +459,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                 context_url: "http://127.0.0.1:8080/v1/contexts/x".into(),
                 suggest_continue_as_new: true,
                 heartbeat_details: Some(json!({"done": 3})),
+                position_since_ms: Some(1_764_438_000_000),
                 updates: vec![durin_protocol::PendingUpdate {
                     id: "upd_0193a2b4c5d6e7f8091a2b3c4d5e6f70".into(),
                     name: "add".into(),

@@ -24,6 +24,7 @@ impl Engine {
         target: &HandlerTarget,
         journal: Vec<StoredEntry>,
     ) -> HandlerAnswer {
+        let position_since_ms = journal.last().map(|e| e.at_ms);
         let mut entries = journal.into_iter();
         let Some(input) = entries.next().filter(|e| e.kind == EntryKind::Input) else {
             return HandlerAnswer::Terminal(
@@ -84,6 +85,7 @@ impl Engine {
                     position_failures: record.position_failures,
                     heartbeat_details,
                     updates,
+                    position_since_ms,
                     suggest_continue_as_new: self
                         .config
                         .journal_limits

@@ -251,6 +251,11 @@ pub struct InvocationRequest {
     /// its handler and appends an `update_result`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub updates: Vec<PendingUpdate>,
+    /// Version 3: when the journal's last entry was recorded (ms since the epoch): the
+    /// step after it has been trying since then, which bounds it by its own
+    /// `schedule_to_close`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position_since_ms: Option<i64>,
     /// Version 3: the details of the last heartbeat of an earlier attempt, so that this one
     /// can skip the work that one had done.
     #[serde(default, skip_serializing_if = "Option::is_none")]

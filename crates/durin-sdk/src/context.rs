@@ -38,6 +38,9 @@ pub struct RunOptions {
     /// Bound on one try of the step: past it the try fails (retryable, type
     /// `StartToCloseTimeout`) and the step's policy decides what comes next.
     pub start_to_close: Option<Duration>,
+    /// Bound on all the tries of the step, from its first: a failure past it is the
+    /// step's last (a terminal `ScheduleToCloseTimeout`), whatever its retry policy says.
+    pub schedule_to_close: Option<Duration>,
 }
 
 impl RunOptions {
@@ -51,6 +54,12 @@ impl RunOptions {
     /// The same options with a bound on one try of the step.
     pub fn start_to_close(mut self, limit: Duration) -> RunOptions {
         self.start_to_close = Some(limit);
+        self
+    }
+
+    /// The same options with a bound on all the tries of the step.
+    pub fn schedule_to_close(mut self, limit: Duration) -> RunOptions {
+        self.schedule_to_close = Some(limit);
         self
     }
 }
@@ -113,6 +122,14 @@ fn first_decided(
     let all_known = waitables.iter().all(|w| w.completion.is_some());
     let no_gap = (start_seq + 1..seq).all(|s| learned.contains(&s));
     (waitables.len() == 1 || all_known || waitables[i].known_at_start || no_gap).then_some(i)
+}
+
+/// Milliseconds since the epoch on this machine's clock.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Value, HandlerError> {
@@ -186,6 +203,9 @@ struct ReplayState {
     learned: std::collections::BTreeSet<u32>,
     /// Durin said the journal nears its limits (at the start, or in an append's answer).
     suggest_continue_as_new: bool,
+    /// When the journal last grew (ms since the epoch, Durin's clock): the next step has
+    /// been trying since then.
+    position_since_ms: Option<i64>,
     /// Updates sent to the run and not yet accepted or refused, oldest first.
     pending_updates: std::collections::VecDeque<durin_protocol::PendingUpdate>,
     /// An update's handler runs: waits inside it handle no other update.
@@ -231,6 +251,7 @@ impl Context {
                     abort: None,
                     learned: Default::default(),
                     suggest_continue_as_new: request.suggest_continue_as_new,
+                    position_since_ms: request.position_since_ms,
                     pending_updates: std::mem::take(&mut request.updates).into(),
                     in_update: false,
                 }),
@@ -394,6 +415,25 @@ impl Context {
                 self.inner.position_failures + 1
             }
         };
+        // Tried for longer than the step's schedule_to_close: this failure is its last.
+        let out_of_time = options.schedule_to_close.and_then(|limit| {
+            let since = self.lock().position_since_ms?;
+            let tried = now_ms().saturating_sub(since).max(0) as u64;
+            (Duration::from_millis(tried) >= limit).then_some(limit)
+        });
+        if let Some(limit) = out_of_time {
+            let failure = Failure {
+                status: 504,
+                error_type: Some("ScheduleToCloseTimeout".into()),
+                message: format!(
+                    "step {name:?} did not succeed within its schedule_to_close of {limit:?}; last error: {}",
+                    error.message
+                ),
+            };
+            self.append(EntryKind::Step, Some(name), None, Some(failure.clone()))
+                .await?;
+            return Err(HandlerError::from_failure(failure));
+        }
         let delay = match &error.kind {
             Kind::Retryable { retry_after } => policy
                 .next_delay(step_attempt, error.error_type())
@@ -1131,6 +1171,7 @@ impl Context {
                         state.learned.insert(completion.seq);
                     }
                     state.suggest_continue_as_new |= answer.suggest_continue_as_new;
+                    state.position_since_ms = Some(answer.at_ms);
                     return Ok(answer);
                 }
                 Ok(response) if response.status().is_server_error() => {
@@ -1280,6 +1321,7 @@ mod tests {
             suggest_continue_as_new: false,
             heartbeat_details: None,
             updates: Vec::new(),
+            position_since_ms: None,
         };
         Context::new(&mut request, reqwest::Client::new())
     }
