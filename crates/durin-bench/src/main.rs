@@ -65,6 +65,7 @@
 //! target/release/durin-bench --scenario waiting [--waiting-counts 10000,100000] [--waiting-concurrency 32]
 //! ```
 
+mod callers;
 mod load;
 mod plain;
 mod procs;
@@ -115,6 +116,8 @@ enum Scenarios {
     Both,
     /// waiting: N workflows sleeping on timers at once, kill -9 and restart of durin.
     Waiting,
+    /// callers: N callers long-polling sleeping workflows at once: Durin's CPU meanwhile.
+    Callers,
 }
 
 #[derive(Parser)]
@@ -146,6 +149,9 @@ struct Args {
     /// waiting: concurrent callers starting the workflows.
     #[arg(long, default_value_t = 32)]
     waiting_concurrency: usize,
+    /// callers: how many callers wait at once.
+    #[arg(long, default_value_t = 3000)]
+    callers: usize,
     /// Keep the scratch directory (SQLite databases and the children's logs).
     #[arg(long)]
     keep_dir: bool,
@@ -203,6 +209,11 @@ fn run(args: &Args) -> Result<()> {
     };
     if args.scenario == Scenarios::Waiting {
         return run_waiting(&setup, machine);
+    }
+    if args.scenario == Scenarios::Callers {
+        let report = runtime.block_on(interruptible(callers::measure(&setup, args.callers)))?;
+        callers::print(&report);
+        return Ok(());
     }
     let mut scenarios = Vec::new();
     if matches!(args.scenario, Scenarios::Sdk | Scenarios::Both) {
