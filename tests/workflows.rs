@@ -64,6 +64,7 @@ async fn world_with(configure: impl FnOnce(&mut Config)) -> World {
         .service(durin_sdk::Service::new("callback").handler("run", callback))
         .service(durin_sdk::Service::new("inbox").handler("run", inbox))
         .service(durin_sdk::Service::new("counter").handler("run", counter))
+        .service(durin_sdk::Service::new("gate").handler("run", gate))
         .service(
             durin_sdk::Service::new("bounded")
                 .handler_with(
@@ -132,6 +133,27 @@ async fn counter(ctx: durin_sdk::Context, _: Value) -> Result<i64, durin_sdk::Ha
     );
     ctx.signal::<Value>("stop").await?;
     Ok(count.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// A workflow whose `pass` update waits for an `open` signal before it answers (the first
+/// one waits; later ones find the gate open), and which itself waits for ever.
+async fn gate(ctx: durin_sdk::Context, _: Value) -> Result<(), durin_sdk::HandlerError> {
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    ctx.on_update(
+        "pass",
+        |_: &String| Ok(()),
+        move |ctx: durin_sdk::Context, who: String| {
+            let open = Arc::clone(&open);
+            async move {
+                if !open.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    ctx.signal::<Value>("open").await?;
+                }
+                Ok::<_, durin_sdk::HandlerError>(format!("{who} passed"))
+            }
+        },
+    );
+    ctx.signal::<Value>("never").await?;
+    Ok(())
 }
 
 /// Sleeps a day, then answers.
@@ -726,4 +748,63 @@ async fn updates_are_validated_handled_once_and_replayed() {
     let (status, problem, _) = update(json!(1), None).await;
     assert_eq!(status, 409, "{problem}");
     assert_eq!(problem["type"], "urn:durin:problem:invocation-state");
+}
+
+/// An update whose handler waits (here for a signal) holds the run at that wait; another
+/// update sent meanwhile waits its turn: the run does not spin, and both are answered
+/// once the first one's wait is over.
+#[tokio::test]
+async fn an_update_that_waits_holds_the_next_one_without_spinning() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/gate/g-1", world.gateway);
+    assert_eq!(post(&url, json!(null)).await.status(), 202);
+    let run = eventually(Duration::from_secs(10), "the run to wait", || async {
+        let view = get_json(&url).await;
+        (view["status"] == "suspended").then_some(view)
+    })
+    .await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    let send = |body: Value| {
+        let url = format!("{url}/updates/pass");
+        tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("prefer", "wait=20")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    let first = send(json!("first"));
+    eventually(
+        Duration::from_secs(10),
+        "the first update to wait",
+        || async {
+            let kinds: Vec<String> = journal(&world.admin, &id)
+                .await
+                .iter()
+                .map(|e| e["kind"].as_str().unwrap().to_owned())
+                .collect();
+            (kinds.contains(&"update".to_owned()) && get_json(&url).await["status"] == "suspended")
+                .then_some(())
+        },
+    )
+    .await;
+    let second = send(json!("second"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempts = get_json(&url).await["attempt"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = get_json(&url).await;
+    assert!(
+        later["attempt"].as_u64().unwrap() <= attempts + 1,
+        "the run spins: {attempts} then {later}"
+    );
+    let opened = post(&format!("{url}/signals/open"), json!(null)).await;
+    assert_eq!(opened.status(), 202);
+    assert_eq!(first.await.unwrap(), json!("first passed"));
+    assert_eq!(second.await.unwrap(), json!("second passed"));
 }

@@ -518,10 +518,14 @@ pub(super) fn complete(
     })
 }
 
-/// Whether updates wait for the run to accept or refuse them.
+/// Whether updates sent since the current attempt started wait for the run to accept or
+/// refuse them (the attempt was given the older ones: if it suspends without handling
+/// them, it waits inside an update, and they wait for its next wait).
 pub(super) fn has_pending_updates(conn: &Connection, id: &str) -> StoreResult<bool> {
     conn.prepare_cached(
-        "SELECT 1 FROM updates WHERE invocation_id = ?1 AND status = 'pending' LIMIT 1",
+        "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
+         WHERE u.invocation_id = ?1 AND u.status = 'pending' \
+         AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0) LIMIT 1",
     )
     .map_err(backend)?
     .query_row([id], |_| Ok(()))
@@ -785,8 +789,8 @@ pub(super) fn insert_invocation(
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
          created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
-         deadline_ms, scheduled_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, ?5) \
+         deadline_ms, scheduled_at_ms, attempt_started_at_ms) \
+         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, ?5, ?5) \
          RETURNING {INVOCATION_COLUMNS}"
     );
     let record = query_one(

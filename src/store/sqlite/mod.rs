@@ -560,7 +560,8 @@ impl Store for SqliteStore {
             };
             let sql = format!(
                 "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
-                 scheduled_at_ms = next_run_at_ms, next_run_at_ms = NULL, waiting_for = NULL, \
+                 scheduled_at_ms = next_run_at_ms, attempt_started_at_ms = ?1, \
+                 next_run_at_ms = NULL, waiting_for = NULL, \
                  modified_at_ms = ?1, attempt_token = ?3 \
                  WHERE id = ?2 AND status IN ('pending', 'backing-off', 'suspended') \
                  RETURNING {INVOCATION_COLUMNS}"
