@@ -674,3 +674,41 @@ async fn a_frozen_handler_is_found_by_its_heartbeat_timeout_and_the_next_attempt
         "at most the item in flight is processed twice: {processed}"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, and an attempt's events carry its
+/// invocation, attempt, service and handler as fields; the text format written to a file
+/// (not a terminal) has no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_with_the_attempt_or_plain_text_without_colours() {
+    // A step fails once, so that an attempt logs its backoff.
+    let downstream = Downstream::start(&[("charge_payment", 1)]).await;
+    let home = GatewayHome::new();
+    let json_logs = path_of(&home).join("json.log");
+    let mut gateway = home.start_logging(&["--log-format", "json"], &json_logs);
+    let handler = start_order(None, &["--downstream", &downstream.url]);
+    register(&gateway.admin, &handler.url).await;
+    let id = send_order(&gateway.url, ORDER).await;
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    gateway.kill();
+    let text = std::fs::read_to_string(&json_logs).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(!events.is_empty());
+    let attempt = events
+        .iter()
+        .find(|e| e["span"]["invocation"] == id.as_str())
+        .unwrap_or_else(|| panic!("no event of the attempt: {text}"));
+    assert_eq!(attempt["span"]["service"], "order");
+    assert_eq!(attempt["span"]["handler"], "process");
+    assert!(attempt["span"]["attempt"].as_u64().is_some(), "{attempt}");
+
+    let text_logs = path_of(&home).join("text.log");
+    let mut gateway = home.start_logging(&[], &text_logs);
+    assert!(gateway.terminate(Duration::from_secs(10)).success());
+    let text = std::fs::read_to_string(&text_logs).unwrap();
+    assert!(text.contains("stopped"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a file: {text:?}");
+}

@@ -28,6 +28,22 @@ impl Engine {
         record: InvocationRecord,
         journal: Option<Vec<StoredEntry>>,
     ) {
+        // Every event of the attempt carries these fields.
+        let span = tracing::info_span!(
+            "attempt",
+            invocation = %record.id,
+            attempt = record.attempt,
+            service = %record.service,
+            handler = %record.handler,
+        );
+        tracing::Instrument::instrument(self.run_attempt_in_span(record, journal), span).await
+    }
+
+    async fn run_attempt_in_span(
+        &self,
+        record: InvocationRecord,
+        journal: Option<Vec<StoredEntry>>,
+    ) {
         let id = record.id.clone();
         let journal = match journal {
             Some(journal) => journal,

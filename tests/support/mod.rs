@@ -43,7 +43,8 @@ impl Proc {
         ready_prefix: &str,
         others: &[&str],
     ) -> (Proc, Vec<String>) {
-        command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // stderr is inherited unless the caller redirected it.
+        command.stdout(Stdio::piped());
         let mut child = command.spawn().expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -185,6 +186,23 @@ maximum_attempts = 100
         );
         proc.admin = found.remove(1);
         (proc, found.remove(0))
+    }
+
+    /// Starts the real `durin` binary with `args` and `DURIN_LOG=info`, its logs (stderr)
+    /// going to the file `logs`.
+    pub fn start_logging(&self, args: &[&str], logs: &Path) -> Proc {
+        let mut command = self.command(None);
+        command
+            .args(args)
+            .env("DURIN_LOG", "info")
+            .stderr(std::fs::File::create(logs).expect("log file"));
+        let (mut proc, mut found) = Proc::spawn_with(
+            command,
+            "durin listening on ",
+            &["durin admin listening on "],
+        );
+        proc.admin = found.remove(0);
+        proc
     }
 
     /// Starts the real `durin` binary, on `listen` (a fixed address for a restart) or port 0;
