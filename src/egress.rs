@@ -881,10 +881,23 @@ impl Egress {
 }
 
 async fn handle(State(egress): State<Arc<Egress>>, request: Request) -> Response {
-    match egress.serve(request).await {
+    let response = match egress.serve(request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    let outcome = if response.headers().contains_key(HEADER_REPLAYED) {
+        "replayed"
+    } else if response
+        .headers()
+        .contains_key(crate::problem::HEADER_ERROR_SOURCE)
+        && response.status().is_server_error()
+    {
+        "failed"
+    } else {
+        "recorded"
+    };
+    metrics::counter!(crate::telemetry::EGRESS, "outcome" => outcome).increment(1);
+    response
 }
 
 /// The call's target: the absolute URI of a proxy-form request, or the explicit form

@@ -17,6 +17,7 @@ pub mod problem;
 pub mod registry;
 pub mod signing;
 pub mod store;
+pub mod telemetry;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -108,6 +109,8 @@ pub async fn run_with_clock(
         signing::RequestSigner::new(&store.gateway_secret("signing").await?)
             .map_err(|e| anyhow::anyhow!("the signing key: {e}"))?,
     );
+    // Metrics are recorded from the start (the recorder is the process's).
+    telemetry::handle();
     let timeouts = lifecycle::timeouts::TimeoutDefaults {
         schedule_to_close: config.schedule_to_close,
         schedule_to_start: config.schedule_to_start,

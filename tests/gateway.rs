@@ -1295,3 +1295,86 @@ async fn a_steps_schedule_to_close_ends_its_retries() {
     assert!(tries.load(Ordering::SeqCst) >= 3, "it was retried before");
     gateway.stop().await;
 }
+
+/// The value of `name{labels}` in a Prometheus text exposition (0 when absent).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| series.starts_with(&format!("{name}{{")) || *series == name)
+        .filter(|(series, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
+/// `/metrics` (admin listener only) moves with a known workload: three invocations of a
+/// handler whose first attempt fails, so three retries, six attempts, three completed, and
+/// their journal appends and group commits.
+#[tokio::test]
+async fn metrics_count_a_known_workload() {
+    let gateway = Gateway::start(|_| {}).await;
+    let endpoint = Endpoint::new().service(Service::new("metered").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            let n: u32 = ctx.run("one", || async { Ok(1) }).await?;
+            if ctx.attempt() == 1 {
+                return Err(HandlerError::retryable("first attempts fail"));
+            }
+            Ok::<_, HandlerError>(n)
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let scrape = || async {
+        let response = client()
+            .get(format!("{}/metrics", gateway.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        response.text().await.unwrap()
+    };
+    let before = scrape().await;
+    for _ in 0..3 {
+        let r = gateway.post("/v1/call/metered/run", "null").await;
+        assert_eq!(r.status(), 200);
+    }
+    let after = scrape().await;
+    let labels = [("service", "metered"), ("handler", "run")];
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    assert_eq!(moved("durin_attempts_total", &labels), 6.0, "{after}");
+    assert_eq!(moved("durin_invocations_started_total", &labels), 3.0);
+    assert_eq!(moved("durin_retries_total", &labels), 3.0);
+    let completed = [labels[0], labels[1], ("status", "completed")];
+    assert_eq!(moved("durin_invocations_ended_total", &completed), 3.0);
+    assert_eq!(
+        moved("durin_invocation_duration_seconds_count", &labels),
+        3.0
+    );
+    assert!(moved("durin_journal_appends_total", &[]) >= 3.0, "{after}");
+    assert!(
+        moved("durin_store_commit_seconds_count", &[]) >= 3.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("# TYPE durin_attempts_total counter"),
+        "{after}"
+    );
+    // Not on the main listener.
+    let main = client()
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(main.status(), 404);
+    gateway.stop().await;
+}

@@ -131,6 +131,20 @@ pub async fn list_invocations(
     Ok(Json(json!({ "invocations": invocations })))
 }
 
+/// `GET /metrics`: Prometheus' text format, with the invocations that have not ended by
+/// status.
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let counts = state.store.count_unfinished().await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::telemetry::render(&counts),
+    )
+        .into_response())
+}
+
 /// `GET /v1/invocations/{id}`; with `Prefer: wait=N` it long-polls and answers 202 when
 /// the invocation is still not finished after N seconds.
 pub async fn get_invocation(

@@ -92,6 +92,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/invocations/{id}/terminate"),
     ("POST", "/v1/workflows/{workflow}/{id}/terminate"),
     ("GET", "/v1/signing-key"),
+    ("GET", "/metrics"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -220,6 +221,7 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/invocations/{id}", get(admin::get_invocation))
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
+        .route("/metrics", get(admin::metrics))
         .route(
             "/v1/invocations/{id}/cancel",
             post(cancel::cancel_invocation),

@@ -45,6 +45,18 @@ impl Engine {
         journal: Option<Vec<StoredEntry>>,
     ) {
         let id = record.id.clone();
+        let labels = [
+            ("service", record.service.clone()),
+            ("handler", record.handler.clone()),
+        ];
+        metrics::counter!(crate::telemetry::ATTEMPTS, &labels).increment(1);
+        if record.attempt == 1 {
+            metrics::counter!(crate::telemetry::STARTED, &labels).increment(1);
+        }
+        if let Some(due) = record.scheduled_at_ms {
+            let late = self.clock.now_ms().saturating_sub(due).max(0);
+            metrics::histogram!(crate::telemetry::LAG).record(late as f64 / 1000.0);
+        }
         let journal = match journal {
             Some(journal) => journal,
             None => match self.store.read_journal(&id).await {
@@ -206,6 +218,7 @@ impl Engine {
         for (child, child_output) in closed {
             self.ended(child, Some(child_output));
         }
+        record_end_metrics(&record);
         if record.status.is_final() || record.status == Status::Paused {
             self.updates.changed(&record.id);
             self.waiters.finish(Arc::new(Ended {
@@ -278,6 +291,7 @@ impl Engine {
     /// An invocation ended outside an attempt (terminated, timed out): its waiting callers
     /// get it, and a parent it completed runs.
     pub(super) fn ended(&self, record: InvocationRecord, output: Option<StoredEntry>) {
+        record_end_metrics(&record);
         if record.parent_index.is_some() {
             self.nudge();
         }
@@ -300,5 +314,25 @@ impl Engine {
             "resolve_url": format!("{base}/v1/awakeables/{token}/resolve"),
             "reject_url": format!("{base}/v1/awakeables/{token}/reject"),
         })
+    }
+}
+
+/// Counts an invocation that ended (by its final status) or an attempt that backs off.
+fn record_end_metrics(record: &InvocationRecord) {
+    let labels = [
+        ("service", record.service.clone()),
+        ("handler", record.handler.clone()),
+    ];
+    if record.status == Status::BackingOff {
+        metrics::counter!(crate::telemetry::RETRIES, &labels).increment(1);
+    }
+    if record.status.is_final() {
+        let status = ("status", record.status.as_str().to_owned());
+        let with_status = [labels[0].clone(), labels[1].clone(), status];
+        metrics::counter!(crate::telemetry::ENDED, &with_status).increment(1);
+        if let Some(ended) = record.completed_at_ms {
+            let seconds = ended.saturating_sub(record.created_at_ms).max(0) as f64 / 1000.0;
+            metrics::histogram!(crate::telemetry::DURATION, &labels).record(seconds);
+        }
     }
 }

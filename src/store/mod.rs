@@ -879,6 +879,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<InvocationRecord>>;
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
+    /// How many invocations that have not ended are in each status.
+    async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Forgets idempotency keys whose retention ended; returns how many.
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64>;
     /// Deletes up to `limit` invocations that ended before `ended_before_ms`, with

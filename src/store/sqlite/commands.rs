@@ -101,6 +101,7 @@ pub(super) fn append(
     };
     insert_entry(conn, id.as_str(), &stored)?;
     stored.completion = apply_effect(conn, id.as_str(), &stored, entry.effect, now_ms)?;
+    metrics::counter!(crate::telemetry::APPENDS).increment(1);
     Ok(stored)
 }
 

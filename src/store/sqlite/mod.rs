@@ -302,6 +302,8 @@ fn write_loop(
 }
 
 fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
+    let started = std::time::Instant::now();
+    metrics::histogram!(crate::telemetry::BATCH).record(batch.len() as f64);
     if let Err(error) = execute(conn, "BEGIN IMMEDIATE", []) {
         // Dropping the ops tells each caller that its write was not committed.
         batch.clear();
@@ -336,6 +338,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
             }
         }
     };
+    metrics::histogram!(crate::telemetry::COMMIT).record(started.elapsed().as_secs_f64());
     for reply in replies {
         reply(error.as_ref());
     }
@@ -1360,6 +1363,22 @@ impl Store for SqliteStore {
                 params![now_ms, deployment_id, id.as_str()],
                 invocation,
             )
+        })
+        .await
+    }
+
+    async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT status, COUNT(*) FROM invocations WHERE completed_at_ms IS NULL \
+                     GROUP BY status",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)
         })
         .await
     }

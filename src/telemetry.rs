@@ -1,0 +1,92 @@
+//! Prometheus metrics: the recorder this process installs once, the names Durin records
+//! under, and the text served at `GET /metrics` on the admin listener.
+//!
+//! Counters and histograms are recorded where things happen (the engine, the store's
+//! writer, the egress) with the `metrics` crate's macros; gauges of the invocations by
+//! status are read from the store when scraped. Names follow Prometheus' conventions
+//! (`durin_` prefix, base units, `_total` for counters).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Attempts started, by service and handler.
+pub const ATTEMPTS: &str = "durin_attempts_total";
+/// Invocations whose first attempt started, by service and handler.
+pub const STARTED: &str = "durin_invocations_started_total";
+/// Invocations that ended, by service, handler and final status.
+pub const ENDED: &str = "durin_invocations_ended_total";
+/// Attempts that ended in a backoff (a retry to come), by service and handler.
+pub const RETRIES: &str = "durin_retries_total";
+/// From an invocation's creation to its end, by service and handler.
+pub const DURATION: &str = "durin_invocation_duration_seconds";
+/// How late an attempt started after it was due (the scheduler's lag).
+pub const LAG: &str = "durin_scheduler_lag_seconds";
+/// Journal entries appended.
+pub const APPENDS: &str = "durin_journal_appends_total";
+/// Writes committed together in one transaction (group commit).
+pub const BATCH: &str = "durin_store_batch_writes";
+/// How long one group commit took, from `BEGIN` to `COMMIT`.
+pub const COMMIT: &str = "durin_store_commit_seconds";
+/// Outbound calls through the egress, by outcome (`recorded`, `replayed`, `failed`).
+pub const EGRESS: &str = "durin_egress_calls_total";
+/// Invocations that have not ended, by status (a gauge read when scraped).
+pub const INVOCATIONS: &str = "durin_invocations";
+
+/// The process's Prometheus recorder, installed at the first call. In a process that runs
+/// several gateways (tests), they share it.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 300.0, 3600.0,
+                ])
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder already installed (a test harness): this one renders empty.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(ATTEMPTS, "Attempts started");
+    describe_counter!(STARTED, "Invocations whose first attempt started");
+    describe_counter!(ENDED, "Invocations that ended, by final status");
+    describe_counter!(RETRIES, "Attempts that ended in a backoff");
+    describe_histogram!(
+        DURATION,
+        Unit::Seconds,
+        "From an invocation's creation to its end"
+    );
+    describe_histogram!(
+        LAG,
+        Unit::Seconds,
+        "How late an attempt started after it was due"
+    );
+    describe_counter!(APPENDS, "Journal entries appended");
+    describe_histogram!(BATCH, "Writes committed together in one transaction");
+    describe_histogram!(
+        COMMIT,
+        Unit::Seconds,
+        "One group commit, from BEGIN to COMMIT"
+    );
+    describe_counter!(EGRESS, "Outbound calls through the egress, by outcome");
+    describe_gauge!(INVOCATIONS, "Invocations that have not ended, by status");
+}
+
+/// The text served at `GET /metrics`: the recorded metrics, then `counts` (invocations by
+/// status) as the `durin_invocations` gauge.
+pub fn render(counts: &[(String, u64)]) -> String {
+    for (status, count) in counts {
+        metrics::gauge!(INVOCATIONS, "status" => status.clone()).set(*count as f64);
+    }
+    handle().render()
+}
