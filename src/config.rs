@@ -42,6 +42,9 @@ pub struct Config {
     pub schedule_to_start: Option<Duration>,
     /// Heartbeat timeout of handlers that declare none; none by default.
     pub heartbeat_timeout: Option<Duration>,
+    /// What an invocation whose retry policy is used up does: fail (the default), or
+    /// pause for an operator to fix the cause and resume it.
+    pub on_retries_exhausted: RetriesExhausted,
     /// How long a graceful shutdown waits for attempts in flight.
     pub drain_timeout: Duration,
     /// Attempts the scheduler runs at once; due invocations beyond it wait their turn.
@@ -62,6 +65,17 @@ pub struct Config {
     pub egress_ca_file: Option<PathBuf>,
 }
 
+/// What an invocation whose retry policy is used up does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetriesExhausted {
+    /// It fails (its caller gets the last error).
+    #[default]
+    Fail,
+    /// It pauses: an operator fixes the cause and resumes it.
+    Pause,
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -80,6 +94,7 @@ impl Default for Config {
             schedule_to_close: None,
             schedule_to_start: None,
             heartbeat_timeout: None,
+            on_retries_exhausted: RetriesExhausted::Fail,
             drain_timeout: Duration::from_secs(10),
             max_concurrent_attempts: 1024,
             deployments: Vec::new(),
@@ -162,6 +177,7 @@ struct ConfigFile {
     schedule_to_start: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     heartbeat_timeout: Option<Duration>,
+    on_retries_exhausted: Option<RetriesExhausted>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
     max_concurrent_attempts: Option<usize>,
@@ -236,6 +252,9 @@ impl Config {
         }
         if let Some(v) = file.heartbeat_timeout {
             config.heartbeat_timeout = Some(v);
+        }
+        if let Some(v) = file.on_retries_exhausted {
+            config.on_retries_exhausted = v;
         }
         if let Some(v) = file.drain_timeout {
             config.drain_timeout = v;

@@ -126,6 +126,7 @@ pub async fn run_with_clock(
             max_concurrent_attempts: config.max_concurrent_attempts,
             journal_limits: config.journal_limits,
             timeouts,
+            pause_when_exhausted: config.on_retries_exhausted == config::RetriesExhausted::Pause,
         },
         Arc::clone(&targets),
         vec![

@@ -1378,3 +1378,183 @@ async fn metrics_count_a_known_workload() {
     assert_eq!(main.status(), 404);
     gateway.stop().await;
 }
+
+/// The operator's verbs on the admin listener: pause and resume, retry now, purge, and
+/// their bulk forms over a filter, each safe to repeat.
+#[tokio::test]
+async fn operators_pause_resume_retry_purge_and_act_in_bulk() {
+    let gateway = Gateway::start(|_| {}).await;
+    let endpoint = Endpoint::new()
+        .service(
+            Service::new("sleepy").handler("run", |ctx: Context, _: Value| async move {
+                ctx.sleep(Duration::from_secs(3600)).await?;
+                Ok::<_, HandlerError>("rested")
+            }),
+        )
+        .service(Service::new("later").handler_with(
+            "run",
+            HandlerOptions {
+                retry_policy: Some(RetryPolicy {
+                    initial_interval: Duration::from_secs(3600),
+                    maximum_interval: Duration::from_secs(3600),
+                    maximum_attempts: Some(5),
+                    ..RetryPolicy::default()
+                }),
+                ..HandlerOptions::default()
+            },
+            |ctx: Context, _: Value| async move {
+                if ctx.attempt() == 1 {
+                    return Err(HandlerError::retryable("not yet"));
+                }
+                Ok::<_, HandlerError>("now")
+            },
+        ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let status = |id: String| {
+        let gateway_url = gateway.url.clone();
+        async move {
+            support::get_json(&format!("{gateway_url}/v1/invocations/{id}")).await["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let wait_for = |id: String, wanted: &'static str| {
+        async move {
+            eventually(Duration::from_secs(10), wanted, || {
+                let id = id.clone();
+                async move { (status(id).await == wanted).then_some(()) }
+            })
+            .await
+        }
+    };
+    let admin = |path: String, body: Value| {
+        let admin = gateway.admin.clone();
+        async move {
+            let r = post_json(&admin, &path, &body.to_string()).await;
+            let code = r.status().as_u16();
+            (code, r.json::<Value>().await.unwrap())
+        }
+    };
+
+    // Pause and resume one.
+    let sleepy = gateway.send("/v1/send/sleepy/run", "null").await;
+    wait_for(sleepy.clone(), "suspended").await;
+    let (code, body) = admin(format!("/v1/invocations/{sleepy}/pause"), json!(null)).await;
+    assert_eq!((code, &body["pause"]), (200, &json!("done")), "{body}");
+    let (code, body) = admin(format!("/v1/invocations/{sleepy}/pause"), json!(null)).await;
+    assert_eq!(
+        (code, &body["pause"]),
+        (200, &json!("already-paused")),
+        "{body}"
+    );
+    assert_eq!(status(sleepy.clone()).await, "paused");
+    let (code, _) = admin(format!("/v1/invocations/{sleepy}/resume"), json!({})).await;
+    assert_eq!(code, 200);
+    wait_for(sleepy.clone(), "suspended").await;
+
+    // Retry now instead of in an hour.
+    let later = gateway.send("/v1/send/later/run", "null").await;
+    wait_for(later.clone(), "backing-off").await;
+    let (code, body) = admin(format!("/v1/invocations/{later}/retry-now"), json!(null)).await;
+    assert_eq!(code, 200, "{body}");
+    wait_for(later.clone(), "completed").await;
+    let (code, body) = admin(format!("/v1/invocations/{later}/retry-now"), json!(null)).await;
+    assert_eq!(
+        (code, &body["type"]),
+        (409, &json!("urn:durin:problem:invocation-state"))
+    );
+
+    // Purge: only what has ended.
+    let (code, _) = admin(format!("/v1/invocations/{sleepy}/purge"), json!(null)).await;
+    assert_eq!(code, 409);
+    let (code, body) = admin(format!("/v1/invocations/{later}/purge"), json!(null)).await;
+    assert_eq!((code, &body["purge"]), (200, &json!("purged")), "{body}");
+    let gone = client()
+        .get(format!("{}/v1/invocations/{later}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+
+    // In bulk: three more sleepers, paused, resumed and cancelled by a filter.
+    let mut ids = vec![sleepy.clone()];
+    for _ in 0..3 {
+        ids.push(gateway.send("/v1/send/sleepy/run", "null").await);
+    }
+    for id in &ids {
+        wait_for(id.clone(), "suspended").await;
+    }
+    let filter = json!({"service": "sleepy"});
+    let (code, body) = admin("/v1/invocations/bulk/pause".into(), filter.clone()).await;
+    assert_eq!(
+        (code, &body["selected"], &body["changed"]),
+        (200, &json!(4), &json!(4)),
+        "{body}"
+    );
+    let (_, body) = admin("/v1/invocations/bulk/pause".into(), filter.clone()).await;
+    assert_eq!(body["changed"], 0, "safe to repeat: {body}");
+    let (_, body) = admin(
+        "/v1/invocations/bulk/resume".into(),
+        json!({"status": "paused"}),
+    )
+    .await;
+    assert_eq!(body["changed"], 4, "{body}");
+    for id in &ids {
+        wait_for(id.clone(), "suspended").await;
+    }
+    let (_, body) = admin("/v1/invocations/bulk/cancel".into(), filter.clone()).await;
+    assert_eq!(body["changed"], 4, "{body}");
+    for id in &ids {
+        wait_for(id.clone(), "cancelled").await;
+    }
+    let (code, _) = admin("/v1/invocations/bulk/explode".into(), filter).await;
+    assert_eq!(code, 404);
+    gateway.stop().await;
+}
+
+/// With `on_retries_exhausted = "pause"`, an invocation whose retry policy is used up
+/// waits for an operator instead of failing; resumed, it gets its attempts back.
+#[tokio::test]
+async fn exhausted_retries_can_pause_instead_of_failing() {
+    let gateway = Gateway::start(|config| {
+        config.on_retries_exhausted = durin::config::RetriesExhausted::Pause;
+        config.retry_policy = fast_policy(2);
+    })
+    .await;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let fix = Arc::clone(&fixed);
+    let endpoint = Endpoint::new().service(Service::new("broken").handler(
+        "run",
+        move |_ctx: Context, _: Value| {
+            let fixed = fix.load(Ordering::SeqCst);
+            async move {
+                if fixed {
+                    Ok::<_, HandlerError>("fixed")
+                } else {
+                    Err(HandlerError::retryable("the database is down"))
+                }
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let id = gateway.send("/v1/send/broken/run", "null").await;
+    let view = eventually(Duration::from_secs(10), "the pause", || async {
+        let view = gateway.invocation(&id).await;
+        (view["status"] == "paused").then_some(view)
+    })
+    .await;
+    let reason = view["last_error"].as_str().unwrap();
+    assert!(
+        reason.contains("all 2 attempts failed") && reason.contains("resume"),
+        "{reason}"
+    );
+    fixed.store(true, Ordering::SeqCst);
+    let resumed = gateway
+        .admin_post(&format!("/v1/invocations/{id}/resume"), "")
+        .await;
+    assert_eq!(resumed.status(), 200);
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["output"], "fixed", "{view}");
+    gateway.stop().await;
+}

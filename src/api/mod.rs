@@ -8,6 +8,7 @@ mod awakeables;
 mod cancel;
 mod context;
 mod ingress;
+mod operate;
 mod queries;
 mod signals;
 mod updates;
@@ -93,6 +94,10 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/workflows/{workflow}/{id}/terminate"),
     ("GET", "/v1/signing-key"),
     ("GET", "/metrics"),
+    ("POST", "/v1/invocations/{id}/pause"),
+    ("POST", "/v1/invocations/{id}/retry-now"),
+    ("POST", "/v1/invocations/{id}/purge"),
+    ("POST", "/v1/invocations/bulk/{verb}"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -222,6 +227,10 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
         .route("/metrics", get(admin::metrics))
+        .route("/v1/invocations/{id}/pause", post(operate::pause))
+        .route("/v1/invocations/{id}/retry-now", post(operate::retry_now))
+        .route("/v1/invocations/{id}/purge", post(operate::purge))
+        .route("/v1/invocations/bulk/{verb}", post(operate::bulk))
         .route(
             "/v1/invocations/{id}/cancel",
             post(cancel::cancel_invocation),

@@ -178,6 +178,7 @@ impl Engine {
             failures: record.failures,
             cancelling: record.cancel_requested_at_ms.is_some(),
             workflow: record.workflow_id.is_some(),
+            pause_when_exhausted: self.config.pause_when_exhausted,
         };
         let mut end = lifecycle::decide(facts, &policy, answer, self.clock.now_ms());
         if let AttemptEnd::ContinuedAsNew {
@@ -260,6 +261,35 @@ impl Engine {
             self.ended(record, Some(output));
         }
         Ok((termination.record, termination.terminated))
+    }
+
+    /// Pauses an invocation for an operator (see [`crate::store::Store::pause`]); callers
+    /// waiting to hear of a pause hear it. `false` when it was paused already.
+    pub async fn pause(
+        &self,
+        id: &InvocationId,
+        reason: String,
+    ) -> Result<(InvocationRecord, bool), StoreError> {
+        let (record, paused) = self.store.pause(id, reason, self.clock.now_ms()).await?;
+        if paused {
+            self.waiters.finish(Arc::new(Ended {
+                record: record.clone(),
+                output: None,
+            }));
+        }
+        Ok((record, paused))
+    }
+
+    /// Runs an invocation that backs off now rather than at the end of its backoff.
+    pub async fn retry_now(
+        &self,
+        id: &InvocationId,
+    ) -> Result<(InvocationRecord, bool), StoreError> {
+        let (record, due) = self.store.retry_now(id, self.clock.now_ms()).await?;
+        if due {
+            self.nudge();
+        }
+        Ok((record, due))
     }
 
     /// Ends the running `record`'s attempt by continuing its workflow run as a new run with

@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub journal_limits: crate::store::JournalLimits,
     /// Timeouts of handlers that declare none.
     pub timeouts: crate::lifecycle::timeouts::TimeoutDefaults,
+    /// When a handler's retry policy is used up, pause the invocation instead of failing.
+    pub pause_when_exhausted: bool,
 }
 
 /// The gateway's secrets the engine uses: the key of awakeable tokens and the signer of

@@ -78,6 +78,8 @@ pub struct Facts {
     pub cancelling: bool,
     /// It is a workflow's run (which may continue as new).
     pub workflow: bool,
+    /// When the retry policy is used up, pause for an operator instead of failing.
+    pub pause_when_exhausted: bool,
 }
 
 /// How an attempt ends, given the handler's answer.
@@ -88,15 +90,15 @@ pub fn decide(
     now_ms: i64,
 ) -> AttemptEnd {
     let Facts {
-        failures,
         cancelling,
         workflow,
+        ..
     } = facts;
     let outcome = match answer {
         HandlerAnswer::Terminal(failure, _) if cancelling => return cancel::ended(failure),
         HandlerAnswer::Terminal(failure, body) => return AttemptEnd::Failed { failure, body },
         HandlerAnswer::Retry(failure) => {
-            return retry::handler_failure(failures, policy, failure, now_ms)
+            return retry::handler_failure(facts, policy, failure, now_ms)
         }
         HandlerAnswer::RequestTooLarge {
             deployment_id,
@@ -141,7 +143,7 @@ pub fn decide(
             retry_after_ms,
             ..
         } => retry::handler_failure(
-            failures,
+            facts,
             policy,
             Retryable {
                 delay: retry_after_ms.map(Duration::from_millis),
@@ -154,7 +156,7 @@ pub fn decide(
             wake_at_ms,
         } => suspend::suspend(waiting_for, wake_at_ms, now_ms).unwrap_or_else(|violation| {
             retry::handler_failure(
-                failures,
+                facts,
                 policy,
                 Retryable::new(violation, Some("ProtocolViolation".into())),
                 now_ms,

@@ -5,17 +5,18 @@ use std::time::Duration;
 
 use durin_protocol::{Failure, RetryPolicy};
 
-use super::{after, Retryable};
+use super::{after, Facts, Retryable};
 use crate::store::{AttemptEnd, Charge};
 
 /// A handler-level failure (a crash, a timeout, a 5xx, a 429, a `retry` outcome), charged
 /// to the handler's policy.
 pub(super) fn handler_failure(
-    failures: u32,
+    facts: Facts,
     policy: &RetryPolicy,
     failure: Retryable,
     now_ms: i64,
 ) -> AttemptEnd {
+    let failures = facts.failures;
     let Retryable {
         error,
         error_type,
@@ -27,6 +28,12 @@ pub(super) fn handler_failure(
             until_ms: after(now_ms, delay_override.unwrap_or(delay)),
             error,
             charged: Charge::Handler,
+        },
+        None if facts.pause_when_exhausted => AttemptEnd::Paused {
+            reason: format!(
+                "{}; last error: {error}; paused instead of failing (on_retries_exhausted = \"pause\"): fix the cause and resume it",
+                policy.exhausted_reason(error_type.as_deref())
+            ),
         },
         None => {
             let why = policy.exhausted_reason(error_type.as_deref());

@@ -690,6 +690,17 @@ pub struct Termination {
     pub ended: Vec<(InvocationRecord, StoredEntry)>,
 }
 
+/// Which invocations an operator's bulk verb reaches.
+#[derive(Debug, Clone, Default)]
+pub struct InvocationFilter {
+    pub service: Option<String>,
+    pub handler: Option<String>,
+    pub status: Option<Status>,
+    pub deployment_id: Option<String>,
+    /// Created before this instant (ms since the epoch).
+    pub created_before_ms: Option<i64>,
+}
+
 /// Invocations ended by another's end (children closed with their parent), with their
 /// output entries.
 pub type Closed = Vec<(InvocationRecord, StoredEntry)>;
@@ -879,6 +890,29 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<InvocationRecord>>;
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
+    /// Pauses an invocation that has not ended (fencing a running attempt): it runs no
+    /// attempt until resumed. `false` when it was paused already.
+    async fn pause(
+        &self,
+        id: &InvocationId,
+        reason: String,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, bool)>;
+    /// Makes an invocation that backs off due now. `false` when it was not backing off.
+    async fn retry_now(
+        &self,
+        id: &InvocationId,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, bool)>;
+    /// Deletes an ended invocation with everything kept for it; `false` when it has not
+    /// ended (nothing is deleted).
+    async fn purge(&self, id: &InvocationId) -> StoreResult<bool>;
+    /// The ids of up to `limit` invocations that `filter` selects, oldest first.
+    async fn select_invocations(
+        &self,
+        filter: InvocationFilter,
+        limit: u32,
+    ) -> StoreResult<Vec<InvocationId>>;
     /// How many invocations that have not ended are in each status.
     async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Forgets idempotency keys whose retention ended; returns how many.

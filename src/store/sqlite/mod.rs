@@ -1367,6 +1367,101 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn pause(
+        &self,
+        id: &InvocationId,
+        reason: String,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, bool)> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let sql = format!(
+                "UPDATE invocations SET status = 'paused', last_error = ?1, next_run_at_ms = NULL, \
+                 waiting_for = NULL, modified_at_ms = ?2 WHERE id = ?3 \
+                 AND status IN ('pending', 'running', 'backing-off', 'suspended') \
+                 RETURNING {INVOCATION_COLUMNS}"
+            );
+            match query_one(conn, &sql, params![reason, now_ms, id.as_str()], invocation)? {
+                Some(record) => Ok((record, true)),
+                None => fetch_invocation(conn, id.as_str())?
+                    .map(|record| (record, false))
+                    .ok_or_else(|| StoreError::NotFound(id.to_string())),
+            }
+        })
+        .await
+    }
+
+    async fn retry_now(
+        &self,
+        id: &InvocationId,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, bool)> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let sql = format!(
+                "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 \
+                 WHERE id = ?2 AND status = 'backing-off' RETURNING {INVOCATION_COLUMNS}"
+            );
+            match query_one(conn, &sql, params![now_ms, id.as_str()], invocation)? {
+                Some(record) => Ok((record, true)),
+                None => fetch_invocation(conn, id.as_str())?
+                    .map(|record| (record, false))
+                    .ok_or_else(|| StoreError::NotFound(id.to_string())),
+            }
+        })
+        .await
+    }
+
+    async fn purge(&self, id: &InvocationId) -> StoreResult<bool> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let ended = fetch_invocation(conn, id.as_str())?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?
+                .completed_at_ms
+                .is_some();
+            if ended {
+                delete_invocation(conn, id.as_str())?;
+            }
+            Ok(ended)
+        })
+        .await
+    }
+
+    async fn select_invocations(
+        &self,
+        filter: InvocationFilter,
+        limit: u32,
+    ) -> StoreResult<Vec<InvocationId>> {
+        self.read(move |conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id FROM invocations WHERE (?1 IS NULL OR service = ?1) \
+                     AND (?2 IS NULL OR handler = ?2) AND (?3 IS NULL OR status = ?3) \
+                     AND (?4 IS NULL OR deployment_id = ?4) \
+                     AND (?5 IS NULL OR created_at_ms < ?5) ORDER BY id LIMIT ?6",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map(
+                    params![
+                        filter.service,
+                        filter.handler,
+                        filter.status.map(Status::as_str),
+                        filter.deployment_id,
+                        filter.created_before_ms,
+                        limit
+                    ],
+                    |row| row.get::<_, String>(0),
+                )
+                .map_err(backend)?;
+            let ids: Vec<String> = rows.collect::<rusqlite::Result<_>>().map_err(backend)?;
+            ids.iter()
+                .map(|id| InvocationId::parse(id).map_err(corrupt))
+                .collect()
+        })
+        .await
+    }
+
     async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>> {
         self.read(|conn| {
             let mut statement = conn
@@ -1403,19 +1498,7 @@ impl Store for SqliteStore {
                 rows.collect::<rusqlite::Result<_>>().map_err(backend)?
             };
             for id in &ended {
-                for sql in [
-                    "DELETE FROM journal WHERE invocation_id = ?1",
-                    "DELETE FROM completions WHERE invocation_id = ?1",
-                    "DELETE FROM timers WHERE invocation_id = ?1",
-                    "DELETE FROM signals WHERE invocation_id = ?1",
-                    "DELETE FROM state WHERE invocation_id = ?1",
-                    "DELETE FROM updates WHERE invocation_id = ?1",
-                    "DELETE FROM idempotency_keys WHERE invocation_id = ?1",
-                    "DELETE FROM workflows WHERE invocation_id = ?1",
-                    "DELETE FROM invocations WHERE id = ?1",
-                ] {
-                    execute(conn, sql, [id])?;
-                }
+                delete_invocation(conn, id)?;
             }
             Ok(ended.len() as u64)
         })
@@ -1433,6 +1516,25 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Deletes an invocation with its journal, completions, timers, signals, state, updates,
+/// idempotency keys and workflow id.
+fn delete_invocation(conn: &Connection, id: &str) -> StoreResult<()> {
+    for sql in [
+        "DELETE FROM journal WHERE invocation_id = ?1",
+        "DELETE FROM completions WHERE invocation_id = ?1",
+        "DELETE FROM timers WHERE invocation_id = ?1",
+        "DELETE FROM signals WHERE invocation_id = ?1",
+        "DELETE FROM state WHERE invocation_id = ?1",
+        "DELETE FROM updates WHERE invocation_id = ?1",
+        "DELETE FROM idempotency_keys WHERE invocation_id = ?1",
+        "DELETE FROM workflows WHERE invocation_id = ?1",
+        "DELETE FROM invocations WHERE id = ?1",
+    ] {
+        execute(conn, sql, [id])?;
+    }
+    Ok(())
 }
 
 /// Starts the next run of a workflow whose run `record` continues as new (`next`, pending
