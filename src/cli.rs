@@ -54,6 +54,27 @@ enum Command {
     Serve(ServeArgs),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Invocations, over the admin API.
+    Invocations {
+        #[command(flatten)]
+        connection: crate::client::Connection,
+        #[command(subcommand)]
+        command: crate::client::Invocations,
+    },
+    /// Workflows by id.
+    Workflows {
+        #[command(flatten)]
+        connection: crate::client::Connection,
+        #[command(subcommand)]
+        command: crate::client::Workflows,
+    },
+    /// Deployments, over the admin API.
+    Deployments {
+        #[command(flatten)]
+        connection: crate::client::Connection,
+        #[command(subcommand)]
+        command: crate::client::Deployments,
+    },
 }
 
 #[derive(Args)]
@@ -117,12 +138,26 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_command(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("durin: {e:#}");
-            ExitCode::FAILURE
-        }
+    match cli.command {
+        Command::Invocations {
+            connection,
+            command,
+        } => runtime.block_on(crate::client::invocations(connection, command)),
+        Command::Workflows {
+            connection,
+            command,
+        } => runtime.block_on(crate::client::workflows(connection, command)),
+        Command::Deployments {
+            connection,
+            command,
+        } => runtime.block_on(crate::client::deployments(connection, command)),
+        command => match runtime.block_on(run_command(command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("durin: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -161,6 +196,9 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             crate::run(config, listeners, shutdown).await
+        }
+        Command::Invocations { .. } | Command::Workflows { .. } | Command::Deployments { .. } => {
+            anyhow::bail!("not a server command")
         }
     }
 }

@@ -1419,14 +1419,12 @@ async fn operators_pause_resume_retry_purge_and_act_in_bulk() {
                 .to_owned()
         }
     };
-    let wait_for = |id: String, wanted: &'static str| {
-        async move {
-            eventually(Duration::from_secs(10), wanted, || {
-                let id = id.clone();
-                async move { (status(id).await == wanted).then_some(()) }
-            })
-            .await
-        }
+    let wait_for = |id: String, wanted: &'static str| async move {
+        eventually(Duration::from_secs(10), wanted, || {
+            let id = id.clone();
+            async move { (status(id).await == wanted).then_some(()) }
+        })
+        .await
     };
     let admin = |path: String, body: Value| {
         let admin = gateway.admin.clone();

@@ -1,0 +1,490 @@
+//! `durin invocations|workflows|deployments ...`: the admin API (and, for workflows, the
+//! main listener) from a shell, with readable tables for people and `--output json` for
+//! scripts. Exit codes: 0 done, 1 Durin answered a problem (its type and detail go to
+//! stderr), 2 a usage error, 3 Durin could not be reached.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+/// Where Durin is, and how to show what it answers.
+#[derive(Args, Clone)]
+pub struct Connection {
+    /// The admin API.
+    #[arg(
+        long,
+        env = "DURIN_ADMIN_URL",
+        default_value = "http://127.0.0.1:9070",
+        global = true
+    )]
+    admin_url: String,
+    /// The admin token, when Durin requires one.
+    #[arg(long, env = "DURIN_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    admin_token: Option<String>,
+    /// The main listener (workflows).
+    #[arg(
+        long,
+        env = "DURIN_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Invocations {
+    /// The newest invocations (at most `--limit`).
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One invocation.
+    Get { id: String },
+    /// An invocation's journal.
+    Journal { id: String },
+    /// Cancel: the handler compensates and ends it.
+    Cancel { id: String },
+    /// End it at once, no more handler code.
+    Terminate {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Run no attempt until resumed.
+    Pause { id: String },
+    /// Resume a paused invocation, optionally on another deployment.
+    Resume {
+        id: String,
+        #[arg(long)]
+        deployment: Option<String>,
+    },
+    /// Run an invocation that backs off now.
+    RetryNow { id: String },
+    /// Delete an ended invocation now.
+    Purge { id: String },
+    /// Apply a verb to the invocations a filter selects.
+    Bulk {
+        /// cancel, terminate, pause, resume, retry-now or purge.
+        verb: String,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        handler: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        deployment: Option<String>,
+        /// Only invocations created longer ago than this ("1h", "7d").
+        #[arg(long)]
+        older_than: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Workflows {
+    /// The latest run of a workflow id.
+    Get { workflow: String, id: String },
+    /// Every run of a workflow id, oldest first.
+    Runs { workflow: String, id: String },
+    /// Cancel the latest run.
+    Cancel { workflow: String, id: String },
+    /// Terminate the latest run.
+    Terminate { workflow: String, id: String },
+    /// Send a signal (the payload is JSON).
+    Signal {
+        workflow: String,
+        id: String,
+        name: String,
+        #[arg(default_value = "null")]
+        payload: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Deployments {
+    /// The registered deployments.
+    List,
+    /// Register an SDK deployment (Durin asks `GET {url}/discover`).
+    Register {
+        #[arg(value_name = "URL")]
+        deployment: String,
+    },
+}
+
+/// What a command asks of Durin.
+struct Call {
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+    admin: bool,
+}
+
+pub async fn invocations(connection: Connection, command: Invocations) -> ExitCode {
+    let admin = &connection.admin_url;
+    let post = |path: String, body: Value| Call {
+        method: reqwest::Method::POST,
+        url: format!("{admin}{path}"),
+        body: Some(body),
+        admin: true,
+    };
+    let get = |path: String| Call {
+        method: reqwest::Method::GET,
+        url: format!("{admin}{path}"),
+        body: None,
+        admin: true,
+    };
+    let (call, show): (Call, fn(&Value)) = match command {
+        Invocations::List { status, limit } => {
+            let query = status.map(|s| format!("&status={s}")).unwrap_or_default();
+            (
+                get(format!("/v1/invocations?limit={limit}{query}")),
+                show_list,
+            )
+        }
+        Invocations::Get { id } => (get(format!("/v1/invocations/{id}")), show_object),
+        Invocations::Journal { id } => (get(format!("/v1/invocations/{id}/journal")), show_journal),
+        Invocations::Cancel { id } => (
+            post(format!("/v1/invocations/{id}/cancel"), json!(null)),
+            show_object,
+        ),
+        Invocations::Terminate { id, reason } => {
+            let body = reason.map_or(json!(null), |r| json!({ "reason": r }));
+            (
+                post(format!("/v1/invocations/{id}/terminate"), body),
+                show_object,
+            )
+        }
+        Invocations::Pause { id } => (
+            post(format!("/v1/invocations/{id}/pause"), json!(null)),
+            show_object,
+        ),
+        Invocations::Resume { id, deployment } => {
+            let body = deployment.map_or(json!({}), |d| json!({ "deployment_id": d }));
+            (
+                post(format!("/v1/invocations/{id}/resume"), body),
+                show_object,
+            )
+        }
+        Invocations::RetryNow { id } => (
+            post(format!("/v1/invocations/{id}/retry-now"), json!(null)),
+            show_object,
+        ),
+        Invocations::Purge { id } => (
+            post(format!("/v1/invocations/{id}/purge"), json!(null)),
+            show_object,
+        ),
+        Invocations::Bulk {
+            verb,
+            service,
+            handler,
+            status,
+            deployment,
+            older_than,
+        } => {
+            let mut filter = serde_json::Map::new();
+            for (key, value) in [
+                ("service", service),
+                ("handler", handler),
+                ("status", status),
+                ("deployment_id", deployment),
+                ("older_than", older_than),
+            ] {
+                if let Some(value) = value {
+                    filter.insert(key.into(), value.into());
+                }
+            }
+            (
+                post(
+                    format!("/v1/invocations/bulk/{verb}"),
+                    Value::Object(filter),
+                ),
+                show_object,
+            )
+        }
+    };
+    run(&connection, call, show).await
+}
+
+pub async fn workflows(connection: Connection, command: Workflows) -> ExitCode {
+    let (main, admin) = (&connection.url, &connection.admin_url);
+    let call =
+        |method: reqwest::Method, base: &str, path: String, body: Option<Value>, is_admin| Call {
+            method,
+            url: format!("{base}{path}"),
+            body,
+            admin: is_admin,
+        };
+    let (call, show): (Call, fn(&Value)) = match command {
+        Workflows::Get { workflow, id } => (
+            call(
+                reqwest::Method::GET,
+                main,
+                format!("/v1/workflows/{workflow}/{id}"),
+                None,
+                false,
+            ),
+            show_object,
+        ),
+        Workflows::Runs { workflow, id } => (
+            call(
+                reqwest::Method::GET,
+                main,
+                format!("/v1/workflows/{workflow}/{id}/runs"),
+                None,
+                false,
+            ),
+            show_list,
+        ),
+        Workflows::Cancel { workflow, id } => (
+            call(
+                reqwest::Method::POST,
+                main,
+                format!("/v1/workflows/{workflow}/{id}/cancel"),
+                Some(json!(null)),
+                false,
+            ),
+            show_object,
+        ),
+        Workflows::Terminate { workflow, id } => (
+            call(
+                reqwest::Method::POST,
+                admin,
+                format!("/v1/workflows/{workflow}/{id}/terminate"),
+                Some(json!(null)),
+                true,
+            ),
+            show_object,
+        ),
+        Workflows::Signal {
+            workflow,
+            id,
+            name,
+            payload,
+        } => {
+            let payload = match serde_json::from_str(&payload) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    eprintln!("durin: the payload is not JSON: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            (
+                call(
+                    reqwest::Method::POST,
+                    main,
+                    format!("/v1/workflows/{workflow}/{id}/signals/{name}"),
+                    Some(payload),
+                    false,
+                ),
+                show_object,
+            )
+        }
+    };
+    run(&connection, call, show).await
+}
+
+pub async fn deployments(connection: Connection, command: Deployments) -> ExitCode {
+    let admin = &connection.admin_url;
+    let (call, show): (Call, fn(&Value)) = match command {
+        Deployments::List => (
+            Call {
+                method: reqwest::Method::GET,
+                url: format!("{admin}/v1/deployments"),
+                body: None,
+                admin: true,
+            },
+            show_deployments,
+        ),
+        Deployments::Register { deployment } => (
+            Call {
+                method: reqwest::Method::POST,
+                url: format!("{admin}/v1/deployments"),
+                body: Some(json!({ "url": deployment })),
+                admin: true,
+            },
+            show_object,
+        ),
+    };
+    run(&connection, call, show).await
+}
+
+/// Sends `call`, prints the answer (`show` for a table), and says how it went.
+async fn run(connection: &Connection, call: Call, show: fn(&Value)) -> ExitCode {
+    let client = reqwest::Client::new();
+    let mut request = client.request(call.method, &call.url);
+    if call.admin {
+        if let Some(token) = &connection.admin_token {
+            request = request.bearer_auth(token);
+        }
+    }
+    if let Some(body) = &call.body {
+        request = request.json(body);
+    }
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("durin: cannot reach {}: {e}", call.url);
+            return ExitCode::from(3);
+        }
+    };
+    let status = response.status();
+    let body: Value = match response.bytes().await {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(e) => {
+            eprintln!("durin: the answer of {} could not be read: {e}", call.url);
+            return ExitCode::from(3);
+        }
+    };
+    if status.is_client_error() || status.is_server_error() {
+        if connection.output == Output::Json {
+            println!("{body:#}");
+        }
+        eprintln!(
+            "durin: {status}: {} ({})",
+            body["detail"].as_str().unwrap_or("no detail"),
+            body["type"].as_str().unwrap_or("no type")
+        );
+        return ExitCode::from(1);
+    }
+    match connection.output {
+        Output::Json => println!("{body:#}"),
+        Output::Table => show(&body),
+    }
+    ExitCode::SUCCESS
+}
+
+/// A list of invocations (`invocations` or `runs`) as a table.
+fn show_list(body: &Value) {
+    let items = body["invocations"]
+        .as_array()
+        .or(body["runs"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            vec![
+                text(&i["id"]),
+                format!("{}/{}", text(&i["service"]), text(&i["handler"])),
+                text(&i["status"]),
+                text(&i["attempt"]),
+                text(&i["created_at"]),
+            ]
+        })
+        .collect();
+    table(&["ID", "HANDLER", "STATUS", "ATTEMPT", "CREATED"], &rows);
+}
+
+fn show_journal(body: &Value) {
+    let rows: Vec<Vec<String>> = body["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let value = if e["failure"].is_null() {
+                e["value"].to_string()
+            } else {
+                format!("failure: {}", e["failure"])
+            };
+            vec![
+                text(&e["index"]),
+                text(&e["kind"]),
+                text(&e["name"]),
+                text(&e["attempt"]),
+                text(&e["at"]),
+                shorten(&value, 60),
+            ]
+        })
+        .collect();
+    table(&["INDEX", "KIND", "NAME", "ATTEMPT", "AT", "VALUE"], &rows);
+}
+
+fn show_deployments(body: &Value) {
+    let rows: Vec<Vec<String>> = body["deployments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|d| {
+            let services: Vec<String> = d["services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|s| text(&s["name"]))
+                .collect();
+            vec![
+                text(&d["id"]),
+                text(&d["url"]),
+                text(&d["protocol"]),
+                services.join(","),
+            ]
+        })
+        .collect();
+    table(&["ID", "URL", "PROTOCOL", "SERVICES"], &rows);
+}
+
+/// An object as `key: value` lines.
+fn show_object(body: &Value) {
+    match body.as_object() {
+        Some(map) => {
+            let width = map.keys().map(String::len).max().unwrap_or(0);
+            for (key, value) in map {
+                println!("{key:width$}  {}", shorten(&text(value), 200));
+            }
+        }
+        None => println!("{}", text(body)),
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        format!("{}…", text.chars().take(max).collect::<String>())
+    }
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
