@@ -131,6 +131,23 @@ pub async fn list_invocations(
     Ok(Json(json!({ "invocations": invocations })))
 }
 
+/// `GET /ui`: the web UI, one page embedded in the binary (no CDN, works offline), which
+/// reads and acts through this admin API.
+pub async fn ui() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Its own script and style only; nothing is fetched from elsewhere.
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("ui/index.html"),
+    )
+        .into_response()
+}
+
 /// `GET /metrics`: Prometheus' text format, with the invocations that have not ended by
 /// status.
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -94,6 +94,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/workflows/{workflow}/{id}/terminate"),
     ("GET", "/v1/signing-key"),
     ("GET", "/metrics"),
+    ("GET", "/ui"),
     ("POST", "/v1/invocations/{id}/pause"),
     ("POST", "/v1/invocations/{id}/retry-now"),
     ("POST", "/v1/invocations/{id}/purge"),
@@ -245,7 +246,7 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         )
         .route("/v1/signing-key", get(admin::signing_key));
     let router = finish(router, state);
-    match token {
+    let router = match token {
         Some(token) => {
             let token = Arc::new(token);
             router.layer(axum::middleware::from_fn(move |request, next| {
@@ -253,7 +254,10 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
             }))
         }
         None => router,
-    }
+    };
+    // The page itself holds no data and a browser cannot send a bearer token to open it:
+    // it asks for the token and sends it with every API call.
+    Router::new().route("/ui", get(admin::ui)).merge(router)
 }
 
 /// What both listeners share: problems for unknown routes and methods, the body limit.

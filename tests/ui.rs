@@ -1,0 +1,233 @@
+//! The web UI in a real browser: headless Chromium (Debian's `chromium`), driven over the
+//! DevTools protocol, against the real `durin` binary and the order example. It lists the
+//! invocations, opens one and reads its timeline, then pauses and resumes a waiting
+//! workflow with the page's buttons, and checks through the API that each click did it.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Headless Chromium with its DevTools endpoint on a port of its own.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+    port: u16,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--remote-debugging-port=0",
+                "--window-size=1200,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium (the Debian package `chromium`) must be installed for this test");
+        // Chromium writes the port it chose into its profile.
+        let started = Instant::now();
+        let port = loop {
+            let file = profile.path().join("DevToolsActivePort");
+            if let Some(port) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|text| text.lines().next().and_then(|p| p.trim().parse().ok()))
+            {
+                break port;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "chromium did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Browser {
+            child,
+            _profile: profile,
+            port,
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One page of the browser, spoken to over its DevTools websocket.
+struct Page {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next: u64,
+}
+
+impl Page {
+    async fn open(browser: &Browser) -> Page {
+        let targets: Vec<Value> = client()
+            .get(format!("http://127.0.0.1:{}/json/list", browser.port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let page = targets.iter().find(|t| t["type"] == "page").unwrap();
+        let url = page["webSocketDebuggerUrl"].as_str().unwrap();
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Page { socket, next: 1 }
+    }
+
+    /// Runs a DevTools command and returns its result.
+    async fn command(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next;
+        self.next += 1;
+        let message = json!({"id": id, "method": method, "params": params}).to_string();
+        self.socket.send(Message::text(message)).await.unwrap();
+        loop {
+            let message = self.socket.next().await.unwrap().unwrap();
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            if answer["id"] == id {
+                return answer["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `expression` in the page.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let result = self
+            .command(
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        result["result"]["value"].clone()
+    }
+
+    /// Evaluates `expression` until it is true.
+    async fn until(&mut self, expression: &str, what: &str) {
+        let started = Instant::now();
+        while self.eval(expression).await != json!(true) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_shows_the_timeline_and_its_buttons_pause_and_resume() {
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let handler = start_order(None, &[]);
+    register(&gateway.admin, &handler.url).await;
+    let order = send_order(&gateway.url, ORDER).await;
+    wait_final(&gateway.url, &order).await;
+    let started: Value = client()
+        .post(format!("{}/v1/workflows/approval/ui-1", gateway.url))
+        .json(&json!({"request": "ui-1", "deadline_secs": 3600}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let waiting = started["invocation_id"].as_str().unwrap().to_owned();
+    let status = |id: String| {
+        let url = format!("{}/v1/invocations/{id}", gateway.url);
+        async move { get_json(&url).await["status"].as_str().unwrap().to_owned() }
+    };
+    eventually(Duration::from_secs(10), "the workflow to wait", || async {
+        (status(waiting.clone()).await == "suspended").then_some(())
+    })
+    .await;
+
+    let browser = Browser::start();
+    let mut page = Page::open(&browser).await;
+    page.command(
+        "Page.navigate",
+        json!({"url": format!("{}/ui", gateway.admin)}),
+    )
+    .await;
+    // The list, then a click on the order: its timeline, step by step.
+    page.until(
+        &format!("document.querySelector('tr.row[data-id=\"{order}\"]') !== null"),
+        "the order in the list",
+    )
+    .await;
+    page.eval(&format!(
+        "document.querySelector('tr.row[data-id=\"{order}\"]').click()"
+    ))
+    .await;
+    page.until(
+        "document.querySelectorAll('#timeline li.entry').length === 5",
+        "the order's timeline",
+    )
+    .await;
+    let steps = page
+        .eval("[...document.querySelectorAll('#timeline li[data-kind=step]')].map(e => e.dataset.name)")
+        .await;
+    assert_eq!(
+        steps,
+        json!(["charge_payment", "reserve_inventory", "send_confirmation"])
+    );
+
+    // The waiting workflow: pause it with its button, then resume it.
+    page.eval(&format!("location.hash = '#/invocations/{waiting}'"))
+        .await;
+    page.until(
+        "document.getElementById('verb-pause') !== null",
+        "the pause button",
+    )
+    .await;
+    page.eval("document.getElementById('verb-pause').click()")
+        .await;
+    page.until(
+        "document.querySelector('.card .status').textContent === 'paused'",
+        "the page to show it paused",
+    )
+    .await;
+    assert_eq!(status(waiting.clone()).await, "paused");
+    page.eval("document.getElementById('verb-resume').click()")
+        .await;
+    page.until(
+        "document.querySelector('.card .status').textContent === 'suspended'",
+        "the page to show it waiting again",
+    )
+    .await;
+    assert_eq!(status(waiting.clone()).await, "suspended");
+    let timeline = page
+        .eval("document.getElementById('timeline').textContent")
+        .await;
+    assert!(
+        timeline
+            .as_str()
+            .unwrap()
+            .contains("wait for signal cancel"),
+        "{timeline}"
+    );
+}
