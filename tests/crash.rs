@@ -712,3 +712,95 @@ async fn logs_are_json_lines_with_the_attempt_or_plain_text_without_colours() {
     assert!(text.contains("stopped"), "{text}");
     assert!(!text.contains('\u{1b}'), "colour codes in a file: {text:?}");
 }
+
+/// A bulk cancel interrupted by `kill -9` of Durin: every invocation it reached is
+/// cancelled (its cancellation is one transaction), the others are untouched, and the
+/// same verb sent again after the restart finishes the job: every workflow ends cancelled,
+/// none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_cancel_cut_by_a_crash_is_finished_by_the_same_verb() {
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let handler = start_order(None, &[]);
+    register(&gateway.admin, &handler.url).await;
+    let count = 300;
+    for i in 0..count {
+        let started = client()
+            .post(format!("{}/v1/workflows/approval/bulk-{i}", gateway.url))
+            .json(&serde_json::json!({"request": format!("bulk-{i}"), "deadline_secs": 3600}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 202);
+    }
+    let admin = gateway.admin.clone();
+    let suspended = || {
+        let admin = admin.clone();
+        async move {
+            get_json(&format!(
+                "{admin}/v1/invocations?status=suspended&limit=1000"
+            ))
+            .await["invocations"]
+                .as_array()
+                .unwrap()
+                .len()
+        }
+    };
+    eventually(Duration::from_secs(60), "every run to wait", || async {
+        (suspended().await == count).then_some(())
+    })
+    .await;
+
+    // The bulk cancel goes out; Durin dies while it works through the runs.
+    let bulk = {
+        let admin = gateway.admin.clone();
+        tokio::spawn(async move {
+            client()
+                .post(format!("{admin}/v1/invocations/bulk/cancel"))
+                .json(&serde_json::json!({"service": "approval"}))
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gateway.kill();
+    let _ = bulk.await;
+    let gateway = home.start(Some(gateway.addr));
+    // The same verb again: what was cancelled is not changed again.
+    let again: serde_json::Value = client()
+        .post(format!("{}/v1/invocations/bulk/cancel", gateway.admin))
+        .json(&serde_json::json!({"service": "approval"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let changed = again["changed"].as_u64().unwrap() as usize;
+    assert!(changed <= count, "{again}");
+    let admin = gateway.admin.clone();
+    eventually(
+        Duration::from_secs(60),
+        "every run to end cancelled",
+        || async {
+            let list = get_json(&format!(
+                "{admin}/v1/invocations?status=cancelled&limit=1000"
+            ))
+            .await;
+            (list["invocations"].as_array().unwrap().len() == count).then_some(())
+        },
+    )
+    .await;
+    // Each run has exactly one cancel entry.
+    let list = get_json(&format!(
+        "{}/v1/invocations?status=cancelled&limit=1000",
+        gateway.admin
+    ))
+    .await;
+    for run in list["invocations"].as_array().unwrap().iter().take(20) {
+        let entries = journal(&gateway.admin, run["id"].as_str().unwrap()).await;
+        let cancels = entries.iter().filter(|e| e["kind"] == "cancel").count();
+        assert_eq!(cancels, 1, "{entries:#?}");
+    }
+    eprintln!("the second bulk cancel changed {changed} of {count}");
+}
