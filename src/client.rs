@@ -74,6 +74,12 @@ pub enum Invocations {
     RetryNow { id: String },
     /// Delete an ended invocation now.
     Purge { id: String },
+    /// Keep the journal up to entry `--from` and run again (paused or ended invocations).
+    Restart {
+        id: String,
+        #[arg(long)]
+        from: u32,
+    },
     /// Apply a verb to the invocations a filter selects.
     Bulk {
         /// cancel, terminate, pause, resume, retry-now or purge.
@@ -183,6 +189,13 @@ pub async fn invocations(connection: Connection, command: Invocations) -> ExitCo
         ),
         Invocations::Purge { id } => (
             post(format!("/v1/invocations/{id}/purge"), json!(null)),
+            show_object,
+        ),
+        Invocations::Restart { id, from } => (
+            post(
+                format!("/v1/invocations/{id}/restart"),
+                json!({ "from": from }),
+            ),
             show_object,
         ),
         Invocations::Bulk {

@@ -1556,3 +1556,111 @@ async fn exhausted_retries_can_pause_instead_of_failing() {
     assert_eq!(view["output"], "fixed", "{view}");
     gateway.stop().await;
 }
+
+/// Restart from a journal index: a failed invocation, once its cause is fixed, keeps its
+/// journal up to the chosen entry and runs again; what it keeps is replayed, not run again.
+#[tokio::test]
+async fn an_ended_invocation_restarts_from_a_journal_index() {
+    let gateway = Gateway::start(|_| {}).await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let charged = Arc::new(AtomicU32::new(0));
+    let (flag, count) = (Arc::clone(&broken), Arc::clone(&charged));
+    let endpoint = Endpoint::new().service(Service::new("flow").handler(
+        "run",
+        move |ctx: Context, _: Value| {
+            let (broken, charged) = (flag.load(Ordering::SeqCst), Arc::clone(&count));
+            async move {
+                let charge: String = ctx
+                    .run("charge", || async {
+                        charged.fetch_add(1, Ordering::SeqCst);
+                        Ok("charged".to_owned())
+                    })
+                    .await?;
+                ctx.set("stage", &"charged").await?;
+                let shipped: String = ctx
+                    .run("ship", || async move {
+                        if broken {
+                            Err(HandlerError::terminal("the carrier refused the parcel"))
+                        } else {
+                            Ok("shipped".to_owned())
+                        }
+                    })
+                    .await?;
+                Ok::<_, HandlerError>(format!("{charge} {shipped}"))
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/flow/run", "null").await;
+    assert_eq!(r.status(), 500);
+    let id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let restart = |from: Value| {
+        let (admin, id) = (gateway.admin.clone(), id.clone());
+        async move {
+            let r = post_json(
+                &admin,
+                &format!("/v1/invocations/{id}/restart"),
+                &json!({ "from": from }).to_string(),
+            )
+            .await;
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // Out of range: the output goes, so an ended invocation keeps at most up to `ship`.
+    let (code, body) = restart(json!(4)).await;
+    assert_eq!(code, 409, "{body}");
+    let before = journal(&gateway.admin, &id).await;
+    assert_eq!(before[3]["name"], "ship", "{before:#?}");
+
+    // The carrier is fixed; keep `charge` and the state write, run `ship` again.
+    broken.store(false, Ordering::SeqCst);
+    let (code, body) = restart(json!(2)).await;
+    assert_eq!(code, 200, "{body}");
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"], "charged shipped");
+    assert_eq!(
+        charged.load(Ordering::SeqCst),
+        1,
+        "the kept step was replayed"
+    );
+    let after = journal(&gateway.admin, &id).await;
+    assert_eq!(
+        shape(&after),
+        shape(&before),
+        "the same entries, the failure replaced"
+    );
+    assert!(after[3]["failure"].is_null(), "{after:#?}");
+    let stage = support::get_json(&format!(
+        "{}/v1/invocations/{id}/queries/stage",
+        gateway.url
+    ))
+    .await;
+    assert_eq!(stage, "charged");
+
+    // Something that runs cannot restart.
+    let sleepy = Endpoint::new().service(Service::new("nap").handler(
+        "run",
+        |ctx: Context, _: Value| async move {
+            ctx.sleep(Duration::from_secs(3600)).await?;
+            Ok::<_, HandlerError>(())
+        },
+    ));
+    register(&gateway.admin, &serve(sleepy.router()).await).await;
+    let napping = gateway.send("/v1/send/nap/run", "null").await;
+    eventually(Duration::from_secs(10), "the nap", || async {
+        (gateway.invocation(&napping).await["status"] == "suspended").then_some(())
+    })
+    .await;
+    let r = post_json(
+        &gateway.admin,
+        &format!("/v1/invocations/{napping}/restart"),
+        r#"{"from": 1}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 409);
+    gateway.stop().await;
+}

@@ -98,6 +98,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/invocations/{id}/pause"),
     ("POST", "/v1/invocations/{id}/retry-now"),
     ("POST", "/v1/invocations/{id}/purge"),
+    ("POST", "/v1/invocations/{id}/restart"),
     ("POST", "/v1/invocations/bulk/{verb}"),
 ];
 
@@ -231,6 +232,7 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/invocations/{id}/pause", post(operate::pause))
         .route("/v1/invocations/{id}/retry-now", post(operate::retry_now))
         .route("/v1/invocations/{id}/purge", post(operate::purge))
+        .route("/v1/invocations/{id}/restart", post(operate::restart))
         .route("/v1/invocations/bulk/{verb}", post(operate::bulk))
         .route(
             "/v1/invocations/{id}/cancel",

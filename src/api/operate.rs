@@ -53,6 +53,36 @@ pub async fn retry_now(
     Ok(Json(answer(&record, "retry", true, "")))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestartRequest {
+    /// The last journal entry kept.
+    from: u32,
+}
+
+/// `POST /v1/invocations/{id}/restart` with `{"from": N}`: a paused or ended invocation
+/// keeps its journal up to entry N and runs again, replaying up to there.
+pub async fn restart(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiBody(body): ApiBody,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let request: RestartRequest = super::parse_json("the restart request", &body)?;
+    match state
+        .engine
+        .restart(&id, request.from)
+        .await
+        .map_err(not_found(&id))?
+    {
+        Ok(record) => Ok(Json(answer(&record, "restart", true, ""))),
+        Err(why) => Err(ApiError::InvocationState {
+            detail: format!("invocation {id} cannot restart: {why}"),
+            invocation_id: id.to_string(),
+        }),
+    }
+}
+
 /// `POST /v1/invocations/{id}/purge`: deletes an ended invocation, its journal and
 /// everything kept for it, before its retention ends.
 pub async fn purge(

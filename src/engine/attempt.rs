@@ -280,6 +280,20 @@ impl Engine {
         Ok((record, paused))
     }
 
+    /// Restarts a paused or ended invocation from journal entry `from` (see
+    /// [`crate::store::Store::restart`]); the scheduler runs it at once.
+    pub async fn restart(
+        &self,
+        id: &InvocationId,
+        from: u32,
+    ) -> Result<Result<InvocationRecord, String>, StoreError> {
+        let restarted = self.store.restart(id, from, self.clock.now_ms()).await?;
+        if restarted.is_ok() {
+            self.nudge();
+        }
+        Ok(restarted)
+    }
+
     /// Runs an invocation that backs off now rather than at the end of its backoff.
     pub async fn retry_now(
         &self,

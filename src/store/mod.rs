@@ -904,6 +904,17 @@ pub trait Store: Send + Sync + 'static {
         id: &InvocationId,
         now_ms: i64,
     ) -> StoreResult<(InvocationRecord, bool)>;
+    /// Restarts a paused or ended invocation from journal entry `from`: the entries after it
+    /// go (with their completions and timers; the signals their waits took are buffered
+    /// again; the durable state is rebuilt from the entries kept), and the invocation runs
+    /// again, replaying up to there. Refused (`Err(reason)` inside `Ok`) when it would run
+    /// or start something twice.
+    async fn restart(
+        &self,
+        id: &InvocationId,
+        from: u32,
+        now_ms: i64,
+    ) -> StoreResult<Result<InvocationRecord, String>>;
     /// Deletes an ended invocation with everything kept for it; `false` when it has not
     /// ended (nothing is deleted).
     async fn purge(&self, id: &InvocationId) -> StoreResult<bool>;

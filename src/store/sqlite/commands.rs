@@ -1027,3 +1027,127 @@ pub(super) fn end_now(
     }
     Ok(record)
 }
+
+/// See [`Store::restart`]. Every check comes before the first write.
+pub(super) fn restart(
+    conn: &Connection,
+    id: &str,
+    from: u32,
+    now_ms: i64,
+) -> StoreResult<Result<InvocationRecord, String>> {
+    let record = fetch_invocation(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let refuse = |why: String| Ok(Err(why));
+    if !(record.status.is_final() || record.status == Status::Paused) {
+        return refuse(format!(
+            "invocation {id} is {}: pause it first, then restart it",
+            record.status
+        ));
+    }
+    if record.status == Status::Continued {
+        return refuse(format!(
+            "invocation {id} continued as new; its workflow id names a later run"
+        ));
+    }
+    if record.parent_index.is_some() && record.status.is_final() {
+        return refuse(format!(
+            "invocation {id} gave its result to its parent {}; restart the parent instead",
+            record.parent_invocation_id.as_deref().unwrap_or_default()
+        ));
+    }
+    // An ended invocation's last entry is its output, which goes.
+    let last = record
+        .journal_len
+        .saturating_sub(if record.status.is_final() { 2 } else { 1 });
+    if from == 0 || from > last {
+        return refuse(format!(
+            "a restart keeps entries 0 to N, with N from 1 to {last}, not {from}"
+        ));
+    }
+    // Entries that started something the replay would start again.
+    let started: Option<(u32, String)> = conn
+        .prepare_cached(
+            "SELECT idx, kind FROM journal WHERE invocation_id = ?1 AND idx > ?2 \
+             AND kind IN ('call', 'send', 'update', 'update_result') ORDER BY idx LIMIT 1",
+        )
+        .map_err(backend)?
+        .query_row(params![id, from], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    if let Some((index, kind)) = started {
+        return refuse(format!(
+            "entry {index} (a {kind}) comes after entry {from}: a restart from there would start it again"
+        ));
+    }
+    for sql in [
+        "DELETE FROM journal WHERE invocation_id = ?1 AND idx > ?2",
+        "DELETE FROM completions WHERE invocation_id = ?1 AND idx > ?2",
+        "DELETE FROM timers WHERE invocation_id = ?1 AND idx > ?2",
+        "UPDATE signals SET consumed_by = NULL WHERE invocation_id = ?1 AND consumed_by > ?2",
+    ] {
+        execute(conn, sql, params![id, from])?;
+    }
+    execute(conn, "DELETE FROM state WHERE invocation_id = ?1", [id])?;
+    // The durable state as the entries kept left it.
+    let writes: Vec<(String, Option<Vec<u8>>)> = {
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT name, value FROM journal WHERE invocation_id = ?1 AND kind = 'state' \
+                 ORDER BY idx",
+            )
+            .map_err(backend)?;
+        let rows = statement
+            .query_map([id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)?
+    };
+    for (key, value) in writes {
+        let op: serde_json::Value = value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .unwrap_or_default();
+        let kept = op.get("set").map(|v| v.to_string().into_bytes());
+        execute(
+            conn,
+            "INSERT INTO state (invocation_id, key, value) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
+            params![id, key, kept],
+        )?;
+    }
+    let cancel_kept: bool = conn
+        .prepare_cached("SELECT 1 FROM journal WHERE invocation_id = ?1 AND kind = 'cancel'")
+        .map_err(backend)?
+        .query_row([id], |_| Ok(()))
+        .optional()
+        .map_err(backend)?
+        .is_some();
+    let sql = format!(
+        "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, modified_at_ms = ?1, \
+         journal_len = ?3 + 1, \
+         journal_bytes = (SELECT COALESCE(SUM(COALESCE(LENGTH(value), 0) + COALESCE(LENGTH(name), 0)), 0) \
+             FROM journal WHERE invocation_id = ?2), \
+         completed_at_ms = NULL, failure = NULL, waiting_for = NULL, failures = 0, \
+         position_failures = 0, last_error = ?4, \
+         cancel_requested_at_ms = CASE WHEN ?5 THEN cancel_requested_at_ms ELSE NULL END \
+         WHERE id = ?2 RETURNING {INVOCATION_COLUMNS}"
+    );
+    let record = query_one(
+        conn,
+        &sql,
+        params![
+            now_ms,
+            id,
+            from,
+            format!("restarted from entry {from} by an operator"),
+            cancel_kept
+        ],
+        invocation,
+    )?
+    .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    // Its idempotency key names it again for as long as it runs.
+    execute(
+        conn,
+        "UPDATE idempotency_keys SET expires_at_ms = ?2 WHERE invocation_id = ?1",
+        params![id, i64::MAX],
+    )?;
+    Ok(Ok(record))
+}

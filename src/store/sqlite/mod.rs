@@ -1412,6 +1412,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn restart(
+        &self,
+        id: &InvocationId,
+        from: u32,
+        now_ms: i64,
+    ) -> StoreResult<Result<InvocationRecord, String>> {
+        let id = id.clone();
+        self.write(move |conn| commands::restart(conn, id.as_str(), from, now_ms))
+            .await
+    }
+
     async fn purge(&self, id: &InvocationId) -> StoreResult<bool> {
         let id = id.clone();
         self.write(move |conn| {
