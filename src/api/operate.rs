@@ -175,38 +175,44 @@ pub async fn bulk(
 }
 
 /// Applies one bulk verb; whether it changed the invocation. An invocation the verb does
-/// not apply to (already ended, not paused...) is left as it is.
+/// not apply to (already ended, not paused...), or that went meanwhile, is left as it is;
+/// a failure of the store stops the request (sending it again finishes the job).
 async fn apply(state: &AppState, verb: &str, id: &InvocationId) -> Result<bool, ApiError> {
     let changed = match verb {
-        "cancel" => matches!(
-            state.engine.cancel(id).await,
-            Ok(CancelAnswer::Requested(_))
-        ),
+        "cancel" => state
+            .engine
+            .cancel(id)
+            .await
+            .map(|answer| matches!(answer, CancelAnswer::Requested(_))),
         "terminate" => state
             .engine
             .terminate(id, "terminated by an operator (bulk)".into())
             .await
-            .is_ok_and(|(_, terminated)| terminated),
+            .map(|(_, terminated)| terminated),
         "pause" => state
             .engine
             .pause(id, "paused by an operator (bulk)".into())
             .await
-            .is_ok_and(|(_, paused)| paused),
+            .map(|(_, paused)| paused),
         "resume" => {
             let resumed = state
                 .store
                 .resume(id, None, state.clock.now_ms())
-                .await?
-                .is_some();
-            if resumed {
+                .await
+                .map(|record| record.is_some());
+            if matches!(resumed, Ok(true)) {
                 state.engine.nudge();
             }
             resumed
         }
-        "retry-now" => state.engine.retry_now(id).await.is_ok_and(|(_, due)| due),
-        _ => state.store.purge(id).await.unwrap_or(false),
+        "retry-now" => state.engine.retry_now(id).await.map(|(_, due)| due),
+        _ => state.store.purge(id).await,
     };
-    Ok(changed)
+    match changed {
+        Ok(changed) => Ok(changed),
+        Err(StoreError::NotFound(_)) => Ok(false),
+        Err(error) => Err(error.into()),
+    }
 }
 
 fn answer(
