@@ -17,7 +17,7 @@ use super::workflows::find_run;
 use super::{json_body, parse_invocation_id, ApiBody, ApiPath, AppState};
 use crate::ids::InvocationId;
 use crate::problem::ApiError;
-use crate::store::{CancelAnswer, InvocationRecord, Status, StoreError};
+use crate::store::{CancelAnswer, InvocationRecord, Status};
 
 /// The longest termination reason kept.
 const MAX_REASON_BYTES: usize = 1024;
@@ -61,7 +61,7 @@ pub async fn terminate_workflow(
 }
 
 async fn cancel(state: &AppState, id: &InvocationId) -> Result<Response, ApiError> {
-    let answer = state.engine.cancel(id).await.map_err(not_found(id))?;
+    let answer = state.engine.cancel(id).await?;
     let (record, said) = match answer {
         CancelAnswer::Requested(record) => (record, "requested"),
         CancelAnswer::AlreadyRequested(record) => (record, "already-requested"),
@@ -119,11 +119,7 @@ async fn terminate(state: &AppState, id: &InvocationId, body: &[u8]) -> Result<R
         Some(reason) => format!("terminated by an operator: {reason}"),
         None => "terminated by an operator".to_owned(),
     };
-    let (record, terminated) = state
-        .engine
-        .terminate(id, reason)
-        .await
-        .map_err(not_found(id))?;
+    let (record, terminated) = state.engine.terminate(id, reason).await?;
     if terminated || record.status == Status::Terminated {
         let said = if terminated {
             "terminated"
@@ -139,13 +135,6 @@ async fn terminate(state: &AppState, id: &InvocationId, body: &[u8]) -> Result<R
         ),
         invocation_id: id.to_string(),
     })
-}
-
-fn not_found(id: &InvocationId) -> impl FnOnce(StoreError) -> ApiError + '_ {
-    move |error| match error {
-        StoreError::NotFound(_) => ApiError::NotFound(format!("invocation {id} not found")),
-        other => other.into(),
-    }
 }
 
 fn answer_with(status: StatusCode, record: &InvocationRecord, what: &str, said: &str) -> Response {

@@ -545,12 +545,23 @@ pub async fn wait_awakeable(
         )),
         other => other,
     })?;
-    let completion = answer.entry.completion.as_ref();
-    let body = match completion.and_then(|c| c.failure.clone()) {
-        Some(failure) => json!({ "failure": failure }),
-        None => json!({ "value": json_value(completion.and_then(|c| c.value.as_deref())) }),
-    };
+    let body = Value::Object(completion_body(&answer.entry));
     Ok(replayed(Json(body).into_response(), answer.recorded))
+}
+
+/// A completed command's result as a plain handler gets it: `{"value"}`, or `{"failure"}`
+/// when it failed (a rejected awakeable, a child that did not complete).
+fn completion_body(entry: &StoredEntry) -> serde_json::Map<String, Value> {
+    let completion = entry.completion.as_ref();
+    let mut body = serde_json::Map::new();
+    match completion.and_then(|c| c.failure.clone()) {
+        Some(failure) => body.insert("failure".into(), json!(failure)),
+        None => body.insert(
+            "value".into(),
+            json_value(completion.and_then(|c| c.value.as_deref())),
+        ),
+    };
+    body
 }
 
 /// `PUT /v1/contexts/{id}/state/{key}` (JSON body) sets a key of the durable state that
@@ -813,7 +824,7 @@ struct PlainChild {
 }
 
 /// A plain handler's `call` or `send` named `name`: the recorded one, or a new one whose
-/// child starts with it. Returns the answer and the child's id.
+/// child starts with it.
 async fn plain_child(
     state: &AppState,
     kind: EntryKind,
@@ -822,7 +833,7 @@ async fn plain_child(
     headers: &HeaderMap,
     body: &[u8],
     suspend: bool,
-) -> Result<(PlainAnswer, Value), ApiError> {
+) -> Result<PlainAnswer, ApiError> {
     let id = parse_invocation_id(&id)?;
     let caller = caller(headers)?;
     check_name(kind.as_str(), &name)?;
@@ -884,8 +895,7 @@ async fn plain_child(
     if starts_child && !answer.recorded {
         state.engine.nudge();
     }
-    let child_id = json_value(answer.entry.value.as_deref())["invocation_id"].clone();
-    Ok((answer, child_id))
+    Ok(answer)
 }
 
 /// `POST /v1/contexts/{id}/calls/{name}` (`{"service", "handler", "input"}`), for plain
@@ -898,17 +908,14 @@ pub async fn call_child(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let (answer, child) =
-        plain_child(&state, EntryKind::Call, id, name, &headers, &body, true).await?;
-    let completion = answer.entry.completion.as_ref();
-    let body = match completion.and_then(|c| c.failure.clone()) {
-        Some(failure) => json!({ "invocation_id": child, "failure": failure }),
-        None => json!({
-            "invocation_id": child,
-            "value": json_value(completion.and_then(|c| c.value.as_deref())),
-        }),
-    };
-    Ok(replayed(Json(body).into_response(), answer.recorded))
+    let answer = plain_child(&state, EntryKind::Call, id, name, &headers, &body, true).await?;
+    let mut body = completion_body(&answer.entry);
+    let child = json_value(answer.entry.value.as_deref())["invocation_id"].clone();
+    body.insert("invocation_id".into(), child);
+    Ok(replayed(
+        Json(Value::Object(body)).into_response(),
+        answer.recorded,
+    ))
 }
 
 /// `POST /v1/contexts/{id}/sends/{name}` (`{"service", "handler", "input", "delay_ms"?}`),
@@ -920,8 +927,7 @@ pub async fn send_child(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let (answer, _) =
-        plain_child(&state, EntryKind::Send, id, name, &headers, &body, false).await?;
+    let answer = plain_child(&state, EntryKind::Send, id, name, &headers, &body, false).await?;
     // `{"invocation_id"}`, or a refusal recorded in its place.
     let recorded = json_value(answer.entry.value.as_deref());
     Ok(replayed(Json(recorded).into_response(), answer.recorded))

@@ -28,8 +28,7 @@ pub async fn pause(
     let (record, paused) = state
         .engine
         .pause(&id, "paused by an operator".into())
-        .await
-        .map_err(not_found(&id))?;
+        .await?;
     if !paused && record.status != Status::Paused {
         return Err(state_error(&id, record.status, "pause"));
     }
@@ -42,7 +41,7 @@ pub async fn retry_now(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_invocation_id(&id)?;
-    let (record, due) = state.engine.retry_now(&id).await.map_err(not_found(&id))?;
+    let (record, due) = state.engine.retry_now(&id).await?;
     if !due {
         return Err(state_error(
             &id,
@@ -69,12 +68,7 @@ pub async fn restart(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_invocation_id(&id)?;
     let request: RestartRequest = super::parse_json("the restart request", &body)?;
-    match state
-        .engine
-        .restart(&id, request.from)
-        .await
-        .map_err(not_found(&id))?
-    {
+    match state.engine.restart(&id, request.from).await? {
         Ok(record) => Ok(Json(answer(&record, "restart", true, ""))),
         Err(why) => Err(ApiError::InvocationState {
             detail: format!("invocation {id} cannot restart: {why}"),
@@ -91,7 +85,7 @@ pub async fn purge(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_invocation_id(&id)?;
     let record = super::find_invocation(&state, &id).await?;
-    if !state.store.purge(&id).await.map_err(not_found(&id))? {
+    if !state.store.purge(&id).await? {
         return Err(state_error(&id, record.status, "purge (it has not ended)"));
     }
     Ok(Json(
@@ -234,12 +228,5 @@ fn state_error(id: &InvocationId, status: Status, what: &str) -> ApiError {
     ApiError::InvocationState {
         detail: format!("invocation {id} is {status}: cannot {what}"),
         invocation_id: id.to_string(),
-    }
-}
-
-fn not_found(id: &InvocationId) -> impl FnOnce(StoreError) -> ApiError + '_ {
-    move |error| match error {
-        StoreError::NotFound(_) => ApiError::NotFound(format!("invocation {id} not found")),
-        other => other.into(),
     }
 }

@@ -320,15 +320,7 @@ pub(super) fn close_children(
     for (child, policy) in open_children(conn, parent)? {
         match policy {
             ParentClose::Terminate => {
-                let ending = Ending {
-                    status: Status::Terminated,
-                    failure: Failure {
-                        status: 409,
-                        error_type: Some("Terminated".into()),
-                        message: format!("its parent {parent} closed"),
-                    },
-                    children: format!("its parent {parent} closed"),
-                };
+                let ending = Ending::terminated(format!("its parent {parent} closed"));
                 end_now(conn, &child, &ending, now_ms, closed)?;
             }
             ParentClose::Cancel => {
@@ -970,6 +962,22 @@ pub(super) struct Ending {
     pub children: String,
 }
 
+impl Ending {
+    /// `terminated` (status 409, type `Terminated`) with `message`, which the children
+    /// it takes along get too.
+    pub fn terminated(message: String) -> Ending {
+        Ending {
+            status: Status::Terminated,
+            failure: Failure {
+                status: 409,
+                error_type: Some("Terminated".into()),
+                message: message.clone(),
+            },
+            children: message,
+        }
+    }
+}
+
 /// Ends an invocation at once, fenced like any change of state, and terminates the
 /// children its `call` entries wait for (see [`Store::terminate`]); what it ended goes to
 /// `ended`. Returns the invocation's record (unchanged when it had ended).
@@ -1011,15 +1019,7 @@ pub(super) fn end_now(
     complete_parent(conn, &record, Some(&output), now_ms)?;
     ended.push((record.clone(), output));
     // A parent ended this way takes the children it does not abandon with it.
-    let children = Ending {
-        status: Status::Terminated,
-        failure: Failure {
-            status: 409,
-            error_type: Some("Terminated".into()),
-            message: ending.children.clone(),
-        },
-        children: ending.children.clone(),
-    };
+    let children = Ending::terminated(ending.children.clone());
     for (child, policy) in open_children(conn, id)? {
         if policy != ParentClose::Abandon {
             end_now(conn, &child, &children, now_ms, ended)?;

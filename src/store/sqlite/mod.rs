@@ -1112,13 +1112,8 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let mut ended = Vec::new();
             let ending = commands::Ending {
-                status: Status::Terminated,
-                failure: Failure {
-                    status: 409,
-                    error_type: Some("Terminated".into()),
-                    message: reason,
-                },
                 children: format!("its parent {id} was terminated"),
+                ..commands::Ending::terminated(reason)
             };
             let record = commands::end_now(conn, id.as_str(), &ending, now_ms, &mut ended)?;
             Ok(Termination {
@@ -1381,12 +1376,12 @@ impl Store for SqliteStore {
                  AND status IN ('pending', 'running', 'backing-off', 'suspended') \
                  RETURNING {INVOCATION_COLUMNS}"
             );
-            match query_one(conn, &sql, params![reason, now_ms, id.as_str()], invocation)? {
-                Some(record) => Ok((record, true)),
-                None => fetch_invocation(conn, id.as_str())?
-                    .map(|record| (record, false))
-                    .ok_or_else(|| StoreError::NotFound(id.to_string())),
-            }
+            changed_or_current(
+                conn,
+                id.as_str(),
+                &sql,
+                params![reason, now_ms, id.as_str()],
+            )
         })
         .await
     }
@@ -1402,12 +1397,7 @@ impl Store for SqliteStore {
                 "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 \
                  WHERE id = ?2 AND status = 'backing-off' RETURNING {INVOCATION_COLUMNS}"
             );
-            match query_one(conn, &sql, params![now_ms, id.as_str()], invocation)? {
-                Some(record) => Ok((record, true)),
-                None => fetch_invocation(conn, id.as_str())?
-                    .map(|record| (record, false))
-                    .ok_or_else(|| StoreError::NotFound(id.to_string())),
-            }
+            changed_or_current(conn, id.as_str(), &sql, params![now_ms, id.as_str()])
         })
         .await
     }
@@ -1526,6 +1516,22 @@ impl Store for SqliteStore {
             Ok(n as u64)
         })
         .await
+    }
+}
+
+/// Runs `sql`, an `UPDATE ... RETURNING` of invocation `id` guarded by the states it
+/// applies to: the changed record and `true`, or the record as it is and `false`.
+fn changed_or_current(
+    conn: &Connection,
+    id: &str,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> StoreResult<(InvocationRecord, bool)> {
+    match query_one(conn, sql, params, invocation)? {
+        Some(record) => Ok((record, true)),
+        None => fetch_invocation(conn, id)?
+            .map(|record| (record, false))
+            .ok_or_else(|| StoreError::NotFound(id.to_owned())),
     }
 }
 
