@@ -32,22 +32,8 @@ pub struct CallersReport {
 pub async fn measure(setup: &Setup<'_>, callers: usize) -> Result<CallersReport> {
     eprintln!("durin-bench: scenario callers, {callers} waiting callers");
     let load_before = procs::loadavg1();
-    let database = format!("sqlite:{}", setup.dir.join("durin-callers.db").display());
-    let durin = Service::start(
-        "durin",
-        &setup.bin_dir.join("durin"),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--database",
-            &database,
-        ],
-        setup.dir.join("durin-callers.log"),
-        &[crate::DURIN_READY, crate::ADMIN_READY],
-    )?;
+    let durin = crate::start_durin(setup, "callers", &[])?;
+
     let order = Service::start(
         "order",
         &setup.bin_dir.join("order"),

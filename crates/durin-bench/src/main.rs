@@ -263,11 +263,14 @@ struct Setup<'a> {
 /// Starts Durin on a fresh database named after `scenario`, with `extra` arguments to
 /// `durin serve`; when they include `--egress-listen`, it also waits for the egress.
 fn start_durin(setup: &Setup<'_>, scenario: &str, extra: &[&str]) -> Result<Service> {
-    let dir = setup.dir;
-    let database = format!(
-        "sqlite:{}",
-        dir.join(format!("durin-{scenario}.db")).display()
-    );
+    let db = setup.dir.join(format!("durin-{scenario}.db"));
+    start_durin_on(setup, &db, &format!("durin-{scenario}.log"), extra)
+}
+
+/// Starts Durin on the SQLite file `db`, logging to `log` in the scratch directory, with
+/// `extra` arguments to `durin serve` (see [`start_durin`]).
+fn start_durin_on(setup: &Setup<'_>, db: &Path, log: &str, extra: &[&str]) -> Result<Service> {
+    let database = format!("sqlite:{}", db.display());
     let mut args = vec![
         "serve",
         "--listen",
@@ -287,7 +290,7 @@ fn start_durin(setup: &Setup<'_>, scenario: &str, extra: &[&str]) -> Result<Serv
         "durin",
         &setup.bin_dir.join("durin"),
         &args,
-        dir.join(format!("durin-{scenario}.log")),
+        setup.dir.join(log),
         ready,
     )
 }

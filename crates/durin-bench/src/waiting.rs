@@ -63,7 +63,7 @@ use rusqlite::{params, Connection, OpenFlags};
 
 use crate::procs::{self, Service};
 use crate::report::Machine;
-use crate::{Setup, DURIN_READY};
+use crate::Setup;
 
 /// The workflow service of the order example that sleeps on a timer.
 const WORKFLOW: &str = "approval";
@@ -473,26 +473,6 @@ impl Db {
     }
 }
 
-/// Starts Durin on `db`, logging to `log` in the scratch directory.
-fn start_durin(setup: &Setup<'_>, db: &Path, log: &str) -> Result<Service> {
-    let database = format!("sqlite:{}", db.display());
-    Service::start(
-        "durin",
-        &setup.bin_dir.join("durin"),
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--database",
-            &database,
-        ],
-        setup.dir.join(log),
-        &[DURIN_READY, crate::ADMIN_READY],
-    )
-}
-
 /// Measures one N; see the module documentation.
 pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport> {
     let concurrency = setup.args.waiting_concurrency;
@@ -502,7 +482,7 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
     let db = Db {
         path: setup.dir.join(format!("durin-{label}.db")),
     };
-    let durin = start_durin(setup, &db.path, &format!("durin-{label}.log"))?;
+    let durin = crate::start_durin_on(setup, &db.path, &format!("durin-{label}.log"), &[])?;
     let order = Service::start(
         "order",
         &setup.bin_dir.join("order"),
@@ -613,7 +593,7 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
     }
     eprintln!("durin-bench:   killed durin with {suspended} runs suspended; restarting it");
     let restart = Instant::now();
-    let durin = start_durin(setup, &db.path, &format!("durin-{label}-restart.log"))?;
+    let durin = crate::start_durin_on(setup, &db.path, &format!("durin-{label}-restart.log"), &[])?;
     let restart_to_ready_ms = restart.elapsed().as_secs_f64() * 1e3;
 
     // RSS of the restarted gateway with all still sleeping, just before the first timer.
