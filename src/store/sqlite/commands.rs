@@ -189,12 +189,7 @@ pub(super) fn apply_effect(
             bind_buffered_signal(conn, id, entry.index, &name, now_ms)
         }
         Effect::State { key, value } => {
-            execute(
-                conn,
-                "INSERT INTO state (invocation_id, key, value) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
-                params![id, key, value],
-            )?;
+            put_state(conn, id, &key, value.as_deref())?;
             Ok(None)
         }
         Effect::StartChild(child) => {
@@ -260,19 +255,44 @@ fn insert_child(
     )?;
     if let Some(workflow) = &child.workflow {
         // The child workflow's run takes the id (it was free: see `check_workflow_id_free`).
-        execute(
+        take_workflow_id(
             conn,
-            "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
-             SET invocation_id = excluded.invocation_id, input_digest = excluded.input_digest",
-            params![
-                child.target.service,
-                workflow.workflow_id,
-                child.id.as_str(),
-                workflow.input_digest
-            ],
+            &child.target.service,
+            &workflow.workflow_id,
+            child.id.as_str(),
+            &workflow.input_digest,
         )?;
     }
+    Ok(())
+}
+
+/// Points the workflow id `workflow_id` of `workflow` at the run `invocation`, started
+/// with an input of digest `input_digest`.
+pub(super) fn take_workflow_id(
+    conn: &Connection,
+    workflow: &str,
+    workflow_id: &str,
+    invocation: &str,
+    input_digest: &str,
+) -> StoreResult<()> {
+    execute(
+        conn,
+        "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
+         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
+         SET invocation_id = excluded.invocation_id, input_digest = excluded.input_digest",
+        params![workflow, workflow_id, invocation, input_digest],
+    )?;
+    Ok(())
+}
+
+/// Sets the state `key` of invocation `id` to `value` (`None` clears it).
+fn put_state(conn: &Connection, id: &str, key: &str, value: Option<&[u8]>) -> StoreResult<()> {
+    execute(
+        conn,
+        "INSERT INTO state (invocation_id, key, value) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
+        params![id, key, value],
+    )?;
     Ok(())
 }
 
@@ -1106,12 +1126,7 @@ pub(super) fn restart(
             .and_then(|v| serde_json::from_slice(v).ok())
             .unwrap_or_default();
         let kept = op.get("set").map(|v| v.to_string().into_bytes());
-        execute(
-            conn,
-            "INSERT INTO state (invocation_id, key, value) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
-            params![id, key, kept],
-        )?;
+        put_state(conn, id, &key, kept.as_deref())?;
     }
     let cancel_kept: bool = conn
         .prepare_cached("SELECT 1 FROM journal WHERE invocation_id = ?1 AND kind = 'cancel'")

@@ -640,17 +640,12 @@ impl Store for SqliteStore {
             }
             let now_ms = run.invocation.now_ms;
             let (record, input) = insert_invocation(conn, run.invocation, Some(&run.workflow_id))?;
-            execute(
+            take_workflow_id(
                 conn,
-                "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
-                 SET invocation_id = excluded.invocation_id, input_digest = excluded.input_digest",
-                params![
-                    workflow,
-                    run.workflow_id,
-                    record.id.as_str(),
-                    run.input_digest
-                ],
+                &workflow,
+                &run.workflow_id,
+                record.id.as_str(),
+                &run.input_digest,
             )?;
             if let Some(signal) = run.signal {
                 insert_signal(conn, record.id.as_str(), signal, now_ms)?;
