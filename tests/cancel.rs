@@ -11,47 +11,28 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use durin::config::Config;
 use serde_json::{json, Value};
-use support::{client, journal, register, send_order, shape, wait_final, Downstream, ORDER};
-use tokio_util::sync::CancellationToken;
+use support::{
+    client, journal, register, send_order, shape, wait_final, Downstream, InProcess, ORDER,
+};
 
-struct Gateway {
-    url: String,
-    admin: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
+/// The in-process gateway, with the requests these tests make.
+struct Gateway(InProcess);
+
+impl std::ops::Deref for Gateway {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.0
+    }
 }
 
 impl Gateway {
     async fn start() -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
-            drain_timeout: Duration::from_secs(1),
-            ..Config::default()
-        };
-        let listeners = durin::Listeners {
-            api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
-        let url = format!("http://{}", listeners.api.local_addr().unwrap());
-        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(durin::run(config, listeners, shutdown.clone()));
-        Gateway {
-            url,
-            admin,
-            shutdown,
-            task,
-            _dir: dir,
-        }
+        Gateway(InProcess::start(|_| {}).await)
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        self.0.stop().await;
     }
 
     async fn post(&self, base: &str, path: &str, body: Value) -> (u16, Value) {

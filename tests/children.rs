@@ -11,28 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use durin::config::Config;
 use durin_sdk::{Context, Endpoint, HandlerError, Service};
 use serde_json::{json, Value};
-use support::{client, get_json, journal, register, wait_final};
-use tokio_util::sync::CancellationToken;
-
-async fn start_gateway(dir: &tempfile::TempDir) -> (String, String, CancellationToken) {
-    let config = Config {
-        database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
-        drain_timeout: Duration::from_secs(1),
-        ..Config::default()
-    };
-    let listeners = durin::Listeners {
-        api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    };
-    let url = format!("http://{}", listeners.api.local_addr().unwrap());
-    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(durin::run(config, listeners, shutdown.clone()));
-    (url, admin, shutdown)
-}
+use support::{client, get_json, journal, register, wait_final, InProcess};
 
 #[derive(Default)]
 struct Counts {
@@ -83,8 +64,8 @@ fn endpoint(counts: Arc<Counts>) -> Endpoint {
 
 #[tokio::test]
 async fn a_call_runs_its_child_once_and_a_send_starts_one_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
     let counts = Arc::new(Counts::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let deployment = format!("http://{}", listener.local_addr().unwrap());
@@ -138,15 +119,15 @@ async fn a_call_runs_its_child_once_and_a_send_starts_one_later() {
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(counts.note.load(Ordering::SeqCst), 1);
-    shutdown.cancel();
+    server.stop().await;
 }
 
 /// A call to a handler no deployment serves is refused before anything is written; the
 /// invocation fails with a reason that names it.
 #[tokio::test]
 async fn a_call_to_an_unknown_handler_fails_the_caller_clearly() {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
     let endpoint = Endpoint::new().service(
         Service::new("lonely").handler("run", |ctx: Context, _: Value| async move {
             ctx.call::<_, Value>("nobody", "home", &1).await
@@ -174,15 +155,15 @@ async fn a_call_to_an_unknown_handler_fails_the_caller_clearly() {
     );
     let list = get_json(&format!("{admin}/v1/invocations")).await;
     assert_eq!(list["invocations"].as_array().unwrap().len(), 1, "{list}");
-    shutdown.cancel();
+    server.stop().await;
 }
 
 /// A parent cancelled or terminated while it waits for a child takes the child with it; a
 /// child it only sent goes on.
 #[tokio::test]
 async fn cancel_and_terminate_reach_the_children_a_parent_waits_for() {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
     let children = Service::new("slow").handler("nap", |ctx: Context, _: Value| async move {
         ctx.sleep(Duration::from_secs(3600)).await?;
         Ok::<_, HandlerError>("rested")
@@ -253,7 +234,7 @@ async fn cancel_and_terminate_reach_the_children_a_parent_waits_for() {
             "a sent child goes on: {sent_view}"
         );
     }
-    shutdown.cancel();
+    server.stop().await;
 }
 
 /// A plain handler (no SDK) calls a child through the context API: the first call starts
@@ -263,8 +244,8 @@ async fn cancel_and_terminate_reach_the_children_a_parent_waits_for() {
 #[tokio::test]
 async fn a_plain_handler_calls_and_sends_children_through_the_context_api() {
     use axum::http::HeaderMap;
-    let dir = tempfile::tempdir().unwrap();
-    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
     let counts = Arc::new(Counts::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sdk = format!("http://{}", listener.local_addr().unwrap());
@@ -340,7 +321,7 @@ async fn a_plain_handler_calls_and_sends_children_through_the_context_api() {
     let note = wait_final(&url, output["sent"].as_str().unwrap()).await;
     assert_eq!(note["status"], "completed");
     assert_eq!(counts.note.load(Ordering::SeqCst), 1, "one sent child");
-    shutdown.cancel();
+    server.stop().await;
 }
 
 /// A plain workflow continues as new through the context API: each run hands the next its
@@ -348,8 +329,8 @@ async fn a_plain_handler_calls_and_sends_children_through_the_context_api() {
 #[tokio::test]
 async fn a_plain_workflow_continues_as_new_through_the_context_api() {
     use axum::http::HeaderMap;
-    let dir = tempfile::tempdir().unwrap();
-    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
     let gateway = url.clone();
     let plain = axum::Router::new().route(
         "/looper/run",
@@ -405,7 +386,7 @@ async fn a_plain_workflow_continues_as_new_through_the_context_api() {
         .map(|r| r["status"].as_str().unwrap().to_owned())
         .collect::<Vec<_>>();
     assert_eq!(runs, ["continued", "continued", "continued", "completed"]);
-    shutdown.cancel();
+    server.stop().await;
 }
 
 /// Child workflows by id, with their parent-close policies: when the parent ends, a child
@@ -415,8 +396,8 @@ async fn a_plain_workflow_continues_as_new_through_the_context_api() {
 #[tokio::test]
 async fn child_workflows_by_id_follow_their_parent_close_policy() {
     use durin_sdk::ParentClose;
-    let dir = tempfile::tempdir().unwrap();
-    let (url, admin, shutdown) = start_gateway(&dir).await;
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
     let workers = Service::new("worker").handler("run", |ctx: Context, _: Value| async move {
         ctx.sleep(Duration::from_secs(3600)).await?;
         Ok::<_, HandlerError>("rested")
@@ -504,5 +485,5 @@ async fn child_workflows_by_id_follow_their_parent_close_policy() {
         w1["id"],
         "w-1 still names its first run"
     );
-    shutdown.cancel();
+    server.stop().await;
 }

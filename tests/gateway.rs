@@ -17,48 +17,32 @@ use durin::config::Config;
 use durin_protocol::RetryPolicy;
 use durin_sdk::{Context, Endpoint, HandlerError, HandlerOptions, RunOptions, Service};
 use serde_json::{json, Value};
-use support::{client, eventually, journal, register, shape, ORDER, ORDER_OUTPUT};
+use support::{client, eventually, journal, register, shape, InProcess, ORDER, ORDER_OUTPUT};
 use tokio_util::sync::CancellationToken;
 
-struct Gateway {
-    url: String,
-    /// The admin API (deployments, invocation lists, journals, resume).
-    admin: String,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
+/// The in-process gateway (retrying fast), with the requests these tests make.
+struct Gateway(InProcess);
+
+impl std::ops::Deref for Gateway {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.0
+    }
 }
 
 impl Gateway {
     async fn start(configure: impl FnOnce(&mut Config)) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config {
-            database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
-            retry_policy: fast_policy(5),
-            drain_timeout: Duration::from_secs(1),
-            ..Config::default()
-        };
-        configure(&mut config);
-        let listeners = durin::Listeners {
-            api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
-        let url = format!("http://{}", listeners.api.local_addr().unwrap());
-        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(durin::run(config, listeners, shutdown.clone()));
-        Gateway {
-            url,
-            admin,
-            shutdown,
-            task,
-            _dir: dir,
-        }
+        Gateway(
+            InProcess::start(|config| {
+                config.retry_policy = fast_policy(5);
+                configure(config);
+            })
+            .await,
+        )
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
+        self.0.stop().await;
     }
 
     async fn post(&self, path: &str, body: &str) -> reqwest::Response {

@@ -133,6 +133,50 @@ impl Drop for Proc {
     }
 }
 
+/// The gateway in this test's process (`durin::run` on port 0, its SQLite file in a
+/// directory of its own), with `configure` applied to a config that drains in 1 s.
+pub struct InProcess {
+    pub url: String,
+    /// The admin API (deployments, invocation lists, journals, operator verbs).
+    pub admin: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    pub async fn start(configure: impl FnOnce(&mut durin::config::Config)) -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = durin::config::Config {
+            database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+            drain_timeout: Duration::from_secs(1),
+            ..durin::config::Config::default()
+        };
+        configure(&mut config);
+        let listeners = durin::Listeners {
+            api: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let url = format!("http://{}", listeners.api.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(durin::run(config, listeners, shutdown.clone()));
+        InProcess {
+            url,
+            admin,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Shuts the gateway down and checks that it ended without an error.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// A directory with the gateway's database and configuration.
 pub struct GatewayHome {
     pub dir: tempfile::TempDir,
