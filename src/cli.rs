@@ -113,6 +113,10 @@ struct ServeArgs {
     /// PEM file of extra root certificates the egress trusts for HTTPS targets.
     #[arg(long, env = "DURIN_EGRESS_CA_FILE")]
     egress_ca_file: Option<PathBuf>,
+    /// Base URL of an OTLP/HTTP collector (e.g. `http://127.0.0.1:4318`) to send traces to
+    /// (JSON, to `/v1/traces`); without one, no trace is exported.
+    #[arg(long, env = "DURIN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -188,6 +192,9 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if !args.egress_allow.is_empty() {
                 config.egress_allow = args.egress_allow;
+            }
+            if let Some(endpoint) = args.otlp_endpoint {
+                config.otlp_endpoint = Some(endpoint);
             }
             if let Some(file) = args.egress_ca_file {
                 config.egress_ca_file = Some(file);

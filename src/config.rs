@@ -63,6 +63,9 @@ pub struct Config {
     /// A PEM file of extra root certificates the egress trusts for HTTPS targets (a private
     /// CA), beside the bundled public roots.
     pub egress_ca_file: Option<PathBuf>,
+    /// Base URL of an OTLP/HTTP collector (`http://collector:4318`) to export traces to;
+    /// none exports nothing.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// What an invocation whose retry policy is used up does.
@@ -108,6 +111,7 @@ impl Default for Config {
             },
             egress_call_timeout: Duration::from_secs(30),
             egress_ca_file: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -189,6 +193,7 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde")]
     egress_call_timeout: Option<Duration>,
     egress_ca_file: Option<PathBuf>,
+    otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -280,6 +285,9 @@ impl Config {
         }
         if let Some(v) = file.egress_ca_file {
             config.egress_ca_file = Some(v);
+        }
+        if let Some(v) = file.otlp_endpoint {
+            config.otlp_endpoint = Some(v);
         }
         Ok(config)
     }

@@ -34,6 +34,7 @@ use crate::http::{hex, parse_retry_after, read_limited, same_secret};
 use crate::ids::InvocationId;
 use crate::problem::ApiError;
 use crate::store::{AttemptEnd, Effect, NewEntry, Status, Store, StoreError};
+use crate::traces::{InvocationTrace, TRACEPARENT};
 
 pub struct EgressConfig {
     /// Hosts the egress may call: `host`, `host:port` or `*.domain`; empty allows any.
@@ -82,6 +83,8 @@ struct AttemptCalls {
     /// The egress entries of the journal, read once per attempt (entries added later come
     /// from this attempt and are claimed already).
     recorded: Option<Arc<Vec<(u32, EgressRecord)>>>,
+    /// The trace the invocation belongs to.
+    trace: Option<InvocationTrace>,
 }
 
 impl EgressCalls {
@@ -141,12 +144,13 @@ impl EgressCalls {
 
     /// Starts keeping the state of `attempt`, which the store has just shown running with
     /// `token`; false when the attempt is known to be over (or a newer one runs).
-    fn admit(&self, id: &InvocationId, attempt: u32, token: &str) -> bool {
+    fn admit(&self, id: &InvocationId, attempt: u32, token: &str, trace: InvocationTrace) -> bool {
         let mut attempts = lock(&self.attempts);
         let fresh = || {
             Slot::Running(AttemptCalls {
                 attempt,
                 token: token.to_owned(),
+                trace: Some(trace),
                 ..AttemptCalls::default()
             })
         };
@@ -535,8 +539,8 @@ impl Egress {
             // An earlier call of this attempt was checked, and the attempt has not ended.
             Some(attempt) => attempt,
             None => {
-                let attempt = self.running_attempt(&id, claimed_attempt, &token).await?;
-                if !self.calls.admit(&id, attempt, &token) {
+                let (attempt, trace) = self.running_attempt(&id, claimed_attempt, &token).await?;
+                if !self.calls.admit(&id, attempt, &token, trace) {
                     return Err(stale(&id, attempt));
                 }
                 attempt
@@ -566,10 +570,37 @@ impl Egress {
             occurrence,
             journaled: false,
         };
+        // The call's span hangs under the attempt's (or under the span the handler sent).
+        let span = self
+            .calls
+            .with(&id, attempt, |calls| calls.trace)
+            .flatten()
+            .and_then(|trace| {
+                let sent = parts.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+                self.engine
+                    .traces()
+                    .egress(&trace, &id, attempt, sent, &method, &url_text)
+            });
+        let traceparent = span.as_ref().map(|span| span.traceparent.as_str());
         let result = self
-            .call(&id, attempt, &parts, url, body, &identity, occurrence)
+            .call(
+                &id,
+                attempt,
+                &parts,
+                url,
+                body,
+                &identity,
+                occurrence,
+                traceparent,
+            )
             .await;
         occurrence_held.journaled = matches!(result, Ok((_, true)));
+        if let Some(span) = span {
+            match &result {
+                Ok((response, _)) => span.end(Some(response.status().as_u16()), outcome(response)),
+                Err(_) => span.end(None, "failed"),
+            }
+        }
         result.map(|(response, _)| response)
     }
 
@@ -585,6 +616,7 @@ impl Egress {
         body: bytes::Bytes,
         identity: &(String, String, String),
         occurrence: u32,
+        traceparent: Option<&str>,
     ) -> Result<(Response, bool), ApiError> {
         let (method, url_text, body_digest) = identity.clone();
         let id = id.clone();
@@ -661,7 +693,14 @@ impl Egress {
                 format!("durin-{}", &hex(&hasher.finalize())[..40])
             });
         let (status, headers, response_body, settled) = self
-            .send(&parts.method, &url, &parts.headers, &idempotency_key, body)
+            .send(
+                &parts.method,
+                &url,
+                &parts.headers,
+                &idempotency_key,
+                traceparent,
+                body,
+            )
             .await?;
         if !settled {
             // The downstream kept failing in a way that may pass: the handler gets the last
@@ -720,7 +759,7 @@ impl Egress {
         id: &InvocationId,
         claimed: Option<u32>,
         token: &str,
-    ) -> Result<u32, ApiError> {
+    ) -> Result<(u32, InvocationTrace), ApiError> {
         let record = self
             .store
             .get_invocation(id)
@@ -743,7 +782,7 @@ impl Egress {
                 "the Durin-Attempt-Token does not belong to the running attempt of invocation {id}"
             )));
         }
-        Ok(record.attempt)
+        Ok((record.attempt, InvocationTrace::of(&record)))
     }
 
     /// The egress calls in the invocation's journal, with their indexes.
@@ -774,6 +813,7 @@ impl Egress {
         url: &reqwest::Url,
         headers: &HeaderMap,
         idempotency_key: &str,
+        traceparent: Option<&str>,
         body: bytes::Bytes,
     ) -> Result<(u16, Vec<(String, String)>, Vec<u8>, bool), ApiError> {
         let method = reqwest::Method::from_bytes(method.as_str().as_bytes())
@@ -799,10 +839,16 @@ impl Egress {
                 .timeout(self.config.call_timeout)
                 .header("idempotency-key", idempotency_key)
                 .body(body.clone());
+            if let Some(traceparent) = traceparent {
+                request = request.header(TRACEPARENT, traceparent);
+            }
             for (name, value) in headers {
                 let name = name.as_str();
+                // Durin's own `traceparent` replaces the handler's.
+                let replaced = traceparent.is_some() && name == TRACEPARENT;
                 if !hop_by_hop(name)
                     && name != "idempotency-key"
+                    && !replaced
                     && !connection_options.iter().any(|option| option == name)
                 {
                     request = request.header(name, value.as_bytes());
@@ -885,7 +931,14 @@ async fn handle(State(egress): State<Arc<Egress>>, request: Request) -> Response
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    let outcome = if response.headers().contains_key(HEADER_REPLAYED) {
+    metrics::counter!(crate::telemetry::EGRESS, "outcome" => outcome(&response)).increment(1);
+    response
+}
+
+/// What became of a call, from the egress's answer: `replayed` from the journal, `failed`
+/// (the egress's own 5xx problem), or `recorded`.
+fn outcome(response: &Response) -> &'static str {
+    if response.headers().contains_key(HEADER_REPLAYED) {
         "replayed"
     } else if response
         .headers()
@@ -895,9 +948,7 @@ async fn handle(State(egress): State<Arc<Egress>>, request: Request) -> Response
         "failed"
     } else {
         "recorded"
-    };
-    metrics::counter!(crate::telemetry::EGRESS, "outcome" => outcome).increment(1);
-    response
+    }
 }
 
 /// The call's target: the absolute URI of a proxy-form request, or the explicit form

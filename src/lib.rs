@@ -19,6 +19,7 @@ pub mod registry;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
+pub mod traces;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -112,6 +113,11 @@ pub async fn run_with_clock(
     );
     // Metrics are recorded from the start (the recorder is the process's).
     telemetry::handle();
+    let traces = match &config.otlp_endpoint {
+        Some(endpoint) => traces::Traces::otlp(endpoint)
+            .map_err(|e| anyhow::anyhow!("the OTLP endpoint {endpoint}: {e}"))?,
+        None => traces::Traces::off(),
+    };
     let timeouts = lifecycle::timeouts::TimeoutDefaults {
         schedule_to_close: config.schedule_to_close,
         schedule_to_start: config.schedule_to_start,
@@ -128,6 +134,7 @@ pub async fn run_with_clock(
             journal_limits: config.journal_limits,
             timeouts,
             pause_when_exhausted: config.on_retries_exhausted == config::RetriesExhausted::Pause,
+            traces: traces.clone(),
         },
         Arc::clone(&targets),
         vec![
@@ -277,6 +284,10 @@ pub async fn run_with_clock(
     admin_server.await??;
     if let Some(egress_server) = egress_server {
         egress_server.await??;
+    }
+    // The last spans go out before the process ends (the exporter blocks on its thread).
+    if traces.enabled() {
+        tokio::task::spawn_blocking(move || traces.shutdown()).await?;
     }
     tracing::info!("stopped");
     Ok(())

@@ -252,6 +252,7 @@ async fn start(
         idempotency,
         now_ms,
         deadline_ms: state.timeouts.deadline(&target_spec, now_ms),
+        traceparent: super::traceparent(headers),
     };
 
     let created = tokio::spawn(async move {

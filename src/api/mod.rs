@@ -350,6 +350,18 @@ pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Api
         .map_err(|e| ApiError::BadRequest(format!("{what} is not valid: {e}")))
 }
 
+/// The caller's W3C `traceparent`, when it is one (W3C Trace Context: an invalid one is
+/// ignored, not refused); the invocation's trace continues it.
+pub fn traceparent(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(crate::traces::TRACEPARENT)?.to_str().ok()?;
+    let parsed = crate::traces::parse_traceparent(value)?;
+    Some(crate::traces::format_traceparent(
+        parsed.trace_id,
+        parsed.span_id,
+        parsed.sampled,
+    ))
+}
+
 /// The `Idempotency-Key` of a request, checked.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     headers

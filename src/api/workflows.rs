@@ -79,8 +79,8 @@ pub async fn start(
     let content_type = content_type(&headers)?;
     let (record, replayed) = start_run(
         &state,
-        &workflow,
-        &id,
+        super::traceparent(&headers),
+        (&workflow, &id),
         content_type,
         &body,
         new_run_after_end,
@@ -127,8 +127,8 @@ pub async fn signal_with_start(
     let input = serde_json::to_vec(&request.input).unwrap_or_default();
     let (record, replayed) = start_run(
         &state,
-        &workflow,
-        &id,
+        super::traceparent(&headers),
+        (&workflow, &id),
         Some("application/json".into()),
         &input,
         true,
@@ -141,8 +141,8 @@ pub async fn signal_with_start(
 
 async fn start_run(
     state: &AppState,
-    workflow: &str,
-    id: &str,
+    traceparent: Option<String>,
+    (workflow, id): (&str, &str),
     content_type: Option<String>,
     body: &[u8],
     new_run_after_end: bool,
@@ -171,6 +171,7 @@ async fn start_run(
             idempotency: None,
             now_ms,
             deadline_ms,
+            traceparent,
         },
         workflow_id,
         input_digest,

@@ -75,6 +75,8 @@ impl Engine {
                 }
             },
         };
+        let started_ms = self.clock.now_ms();
+        let known = journal.len();
         let end = self.call(&record, journal).await;
         self.heartbeats.forget(&id, record.attempt);
         // The handler has answered (or given up): its egress calls are over.
@@ -95,31 +97,82 @@ impl Engine {
         if let AttemptEnd::BackOff { error, .. } = &end {
             tracing::info!(%id, attempt = record.attempt, %error, "attempt failed; backing off");
         }
-        self.record_end(&record, end).await;
+        let error = end.error().map(str::to_owned);
+        let ended = self.record_end(&record, end).await;
+        if let (true, Some((status, recorded))) = (self.config.traces.enabled(), ended) {
+            let error = error.filter(|_| recorded);
+            self.trace_attempt(
+                &record,
+                started_ms,
+                known,
+                status.as_str(),
+                error.as_deref(),
+            )
+            .await;
+        }
+    }
+
+    /// Exports the span of an attempt that ended, with a span for each entry it appended
+    /// (read back from the journal: they came through the context API or the egress).
+    async fn trace_attempt(
+        &self,
+        record: &InvocationRecord,
+        started_ms: i64,
+        known: usize,
+        outcome: &str,
+        error: Option<&str>,
+    ) {
+        let appended = match self.store.read_journal(&record.id).await {
+            Ok(journal) => journal
+                .into_iter()
+                .skip(known)
+                .filter(|entry| entry.attempt == record.attempt)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        self.config.traces.attempt(
+            record,
+            started_ms,
+            self.clock.now_ms(),
+            outcome,
+            error,
+            &appended,
+        );
     }
 
     /// Records how an attempt ended, trying again while the store fails (the handler's
-    /// outcome is never thrown away), until it is recorded or fenced.
-    async fn record_end(&self, record: &InvocationRecord, end: AttemptEnd) {
+    /// outcome is never thrown away), until it is recorded or fenced. Returns the
+    /// invocation's status after the attempt and whether this end is what made it so
+    /// (`false`: something else changed it first, such as a plain handler's suspension);
+    /// `None` when it is left to the next start, or the invocation is gone.
+    async fn record_end(
+        &self,
+        record: &InvocationRecord,
+        end: AttemptEnd,
+    ) -> Option<(Status, bool)> {
         let id = &record.id;
         let mut pause = Duration::from_millis(50);
         loop {
             match self.end_attempt(id, record.attempt, end.clone()).await {
-                Ok(_) => {
+                Ok(ended) => {
                     self.attempt_recorded(id, record.attempt);
-                    return;
+                    return Some((ended.status, true));
                 }
                 // The invocation changed under this attempt (a newer attempt, a pause):
                 // whoever changed it scheduled what comes next.
-                Err(StoreError::Fenced { .. }) | Err(StoreError::NotFound(_)) => {
+                Err(StoreError::Fenced { status, .. }) => {
                     self.attempt_recorded(id, record.attempt);
-                    return;
+                    return Some((status, false));
+                }
+                Err(StoreError::NotFound(_)) => {
+                    self.attempt_recorded(id, record.attempt);
+                    return None;
                 }
                 Err(error) => {
                     tracing::error!(%id, %error, "could not record the end of an attempt; trying again");
                     if self.shutdown.is_cancelled() {
                         // Left running in the store: recovered at the next start.
-                        return;
+                        return None;
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_END_RETRY);
@@ -220,6 +273,9 @@ impl Engine {
             self.ended(child, Some(child_output));
         }
         record_end_metrics(&record);
+        if record.status.is_final() {
+            self.config.traces.invocation(&record);
+        }
         if record.status.is_final() || record.status == Status::Paused {
             self.updates.changed(&record.id);
             self.waiters.finish(Arc::new(Ended {
@@ -336,6 +392,7 @@ impl Engine {
     /// get it, and a parent it completed runs.
     pub(super) fn ended(&self, record: InvocationRecord, output: Option<StoredEntry>) {
         record_end_metrics(&record);
+        self.config.traces.invocation(&record);
         if record.parent_index.is_some() {
             self.nudge();
         }

@@ -131,6 +131,11 @@ impl Engine {
             &body,
         );
         let request_bytes = body.len();
+        // The handler's spans hang under the attempt's.
+        let request = match self.config.traces.handler_traceparent(record) {
+            Some(traceparent) => request.header(crate::traces::TRACEPARENT, traceparent),
+            None => request,
+        };
         let sent = request
             .body(body)
             .header(HEADER_SIGNATURE, signature)

@@ -47,6 +47,8 @@ pub struct EngineConfig {
     pub timeouts: crate::lifecycle::timeouts::TimeoutDefaults,
     /// When a handler's retry policy is used up, pause the invocation instead of failing.
     pub pause_when_exhausted: bool,
+    /// Where the spans of invocations, attempts and entries go.
+    pub traces: crate::traces::Traces,
 }
 
 /// The gateway's secrets the engine uses: the key of awakeable tokens and the signer of
@@ -128,6 +130,10 @@ impl Engine {
             nudge: Notify::new(),
             shutdown,
         }
+    }
+
+    pub fn traces(&self) -> &crate::traces::Traces {
+        &self.config.traces
     }
 
     pub fn waiters(&self) -> &Waiters {

@@ -252,6 +252,8 @@ pub struct InvocationRecord {
     /// The last heartbeat of an attempt (its details are read with
     /// [`Store::heartbeat_details`]).
     pub heartbeat_at_ms: Option<i64>,
+    /// The W3C `traceparent` its trace continues (see [`crate::traces`]).
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -351,6 +353,8 @@ pub struct NewInvocation {
     pub now_ms: i64,
     /// When it fails if it has not ended (`schedule_to_close`).
     pub deadline_ms: Option<i64>,
+    /// The caller's W3C `traceparent`, checked.
+    pub traceparent: Option<String>,
 }
 
 /// The start of a run of a workflow: `(workflow, workflow_id)` names one run at a time.
@@ -676,6 +680,22 @@ pub enum AttemptEnd {
         /// The next run's `schedule_to_close` deadline.
         deadline_ms: Option<i64>,
     },
+}
+
+impl AttemptEnd {
+    /// The error (or the reason for a pause) the attempt ended with.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            AttemptEnd::Failed { failure, .. } | AttemptEnd::Cancelled { failure } => {
+                Some(&failure.message)
+            }
+            AttemptEnd::BackOff { error, .. } => Some(error),
+            AttemptEnd::Paused { reason } => Some(reason),
+            AttemptEnd::Completed { .. }
+            | AttemptEnd::Suspended { .. }
+            | AttemptEnd::ContinuedAsNew { .. } => None,
+        }
+    }
 }
 
 /// What a termination did.

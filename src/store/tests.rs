@@ -67,6 +67,7 @@ async fn create(
             idempotency,
             now_ms,
             deadline_ms: None,
+            traceparent: None,
         })
         .await
         .unwrap();

@@ -193,7 +193,7 @@ pub(super) fn apply_effect(
             Ok(None)
         }
         Effect::StartChild(child) => {
-            insert_child(conn, &child, id, entry.index, now_ms)?;
+            insert_child(conn, &child, id, entry, now_ms)?;
             Ok(None)
         }
         Effect::ChildRefused { failure } if entry.kind == EntryKind::Call => {
@@ -234,9 +234,21 @@ fn insert_child(
     conn: &Connection,
     child: &ChildStart,
     parent: &str,
-    parent_index: u32,
+    entry: &StoredEntry,
     now_ms: i64,
 ) -> StoreResult<()> {
+    let parent_index = entry.index;
+    // The child's trace hangs under the parent's attempt that started it.
+    let parent_trace: Option<String> = conn
+        .query_row(
+            "SELECT traceparent FROM invocations WHERE id = ?1",
+            params![parent],
+            |row| row.get(0),
+        )
+        .map_err(backend)?;
+    let traceparent = InvocationId::parse(parent)
+        .map(|p| crate::traces::child_traceparent(&p, parent_trace.as_deref(), entry.attempt))
+        .ok();
     insert_pending(
         conn,
         Pending {
@@ -250,6 +262,7 @@ fn insert_child(
             workflow_id: child.workflow.as_ref().map(|w| w.workflow_id.as_str()),
             parent: Some((parent, child.awaited.then_some(parent_index))),
             parent_close: Some(child.parent_close),
+            traceparent,
         },
         now_ms,
     )?;
@@ -392,6 +405,8 @@ pub(super) struct Pending<'a> {
     /// The parent and, for a `call`, its entry.
     pub parent: Option<(&'a str, Option<u32>)>,
     pub parent_close: Option<ParentClose>,
+    /// The W3C `traceparent` its trace continues.
+    pub traceparent: Option<String>,
 }
 
 /// Inserts an invocation that waits for the scheduler (attempt 0, due at `due_ms`), with
@@ -402,8 +417,9 @@ pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
          modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index, \
-         deadline_ms, parent_close) \
-         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         deadline_ms, parent_close, traceparent) \
+         VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
+         ?13)",
         params![
             new.id,
             new.service,
@@ -417,6 +433,7 @@ pub(super) fn insert_pending(conn: &Connection, new: Pending<'_>, now_ms: i64) -
             new.parent.and_then(|(_, index)| index),
             new.deadline_ms,
             new.parent_close.map(ParentClose::as_str),
+            new.traceparent,
         ],
     )?;
     insert_entry(
@@ -802,8 +819,9 @@ pub(super) fn insert_invocation(
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
          created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
-         deadline_ms, scheduled_at_ms, attempt_started_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, ?5, ?5) \
+         deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent) \
+         VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, ?5, ?5, \
+         ?11) \
          RETURNING {INVOCATION_COLUMNS}"
     );
     let record = query_one(
@@ -820,6 +838,7 @@ pub(super) fn insert_invocation(
             workflow_id,
             new.input.len() as i64,
             new.deadline_ms,
+            new.traceparent,
         ],
         invocation,
     )?

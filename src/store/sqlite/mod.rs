@@ -1060,6 +1060,7 @@ impl Store for SqliteStore {
                         workflow_id: record.workflow_id.as_deref(),
                         parent: None,
                         parent_close: None,
+                        traceparent: record.traceparent.clone(),
                     };
                     continue_as_new(conn, &record, next_run, now_ms)?;
                     let output = serde_json::json!({ "continued_as": next.as_str() });

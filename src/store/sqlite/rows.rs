@@ -12,7 +12,7 @@ pub(super) const INVOCATION_COLUMNS: &str =
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
     created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id, waiting_for, \
     journal_bytes, cancel_requested_at_ms, parent_invocation_id, parent_index, deadline_ms, \
-    scheduled_at_ms, heartbeat_at_ms";
+    scheduled_at_ms, heartbeat_at_ms, traceparent";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
@@ -51,6 +51,7 @@ pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<Invocati
             deadline_ms: row.get(23).map_err(backend)?,
             scheduled_at_ms: row.get(24).map_err(backend)?,
             heartbeat_at_ms: row.get(25).map_err(backend)?,
+            traceparent: row.get(26).map_err(backend)?,
             waiting_for: waiting_for
                 .map(|w| serde_json::from_str(&w))
                 .transpose()
