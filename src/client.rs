@@ -47,6 +47,12 @@ pub enum Invocations {
     List {
         #[arg(long)]
         status: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        handler: Option<String>,
+        #[arg(long)]
+        deployment: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -79,6 +85,9 @@ pub enum Invocations {
         id: String,
         #[arg(long)]
         from: u32,
+        /// Makes the restart safe to send again: the same key restarts it once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Apply a verb to the invocations a filter selects.
     Bulk {
@@ -100,6 +109,16 @@ pub enum Invocations {
 
 #[derive(Subcommand)]
 pub enum Workflows {
+    /// The newest runs of workflows (at most `--limit`), over the admin API.
+    List {
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// The latest run of a workflow id.
     Get { workflow: String, id: String },
     /// Every run of a workflow id, oldest first.
@@ -135,6 +154,8 @@ struct Call {
     url: String,
     body: Option<Value>,
     admin: bool,
+    /// Sent as `Idempotency-Key`.
+    idempotency_key: Option<String>,
 }
 
 pub async fn invocations(connection: Connection, command: Invocations) -> ExitCode {
@@ -144,20 +165,31 @@ pub async fn invocations(connection: Connection, command: Invocations) -> ExitCo
         url: format!("{admin}{path}"),
         body: Some(body),
         admin: true,
+        idempotency_key: None,
     };
     let get = |path: String| Call {
         method: reqwest::Method::GET,
         url: format!("{admin}{path}"),
         body: None,
         admin: true,
+        idempotency_key: None,
     };
     let (call, show): (Call, fn(&Value)) = match command {
-        Invocations::List { status, limit } => {
-            let query = status.map(|s| format!("&status={s}")).unwrap_or_default();
-            (
-                get(format!("/v1/invocations?limit={limit}{query}")),
-                show_list,
-            )
+        Invocations::List {
+            status,
+            service,
+            handler,
+            deployment,
+            limit,
+        } => {
+            let query = list_query(&[
+                ("status", status),
+                ("service", service),
+                ("handler", handler),
+                ("deployment_id", deployment),
+                ("limit", Some(limit.to_string())),
+            ]);
+            (get(format!("/v1/invocations?{query}")), show_list)
         }
         Invocations::Get { id } => (get(format!("/v1/invocations/{id}")), show_object),
         Invocations::Journal { id } => (get(format!("/v1/invocations/{id}/journal")), show_journal),
@@ -191,11 +223,18 @@ pub async fn invocations(connection: Connection, command: Invocations) -> ExitCo
             post(format!("/v1/invocations/{id}/purge"), json!(null)),
             show_object,
         ),
-        Invocations::Restart { id, from } => (
-            post(
-                format!("/v1/invocations/{id}/restart"),
-                json!({ "from": from }),
-            ),
+        Invocations::Restart {
+            id,
+            from,
+            idempotency_key,
+        } => (
+            Call {
+                idempotency_key,
+                ..post(
+                    format!("/v1/invocations/{id}/restart"),
+                    json!({ "from": from }),
+                )
+            },
             show_object,
         ),
         Invocations::Bulk {
@@ -238,8 +277,31 @@ pub async fn workflows(connection: Connection, command: Workflows) -> ExitCode {
             url: format!("{base}{path}"),
             body,
             admin: is_admin,
+            idempotency_key: None,
         };
     let (call, show): (Call, fn(&Value)) = match command {
+        Workflows::List {
+            workflow,
+            status,
+            limit,
+        } => {
+            let query = list_query(&[
+                ("workflows_only", Some("true".into())),
+                ("service", workflow),
+                ("status", status),
+                ("limit", Some(limit.to_string())),
+            ]);
+            (
+                call(
+                    reqwest::Method::GET,
+                    admin,
+                    format!("/v1/invocations?{query}"),
+                    None,
+                    true,
+                ),
+                show_runs,
+            )
+        }
         Workflows::Get { workflow, id } => (
             call(
                 reqwest::Method::GET,
@@ -317,6 +379,7 @@ pub async fn deployments(connection: Connection, command: Deployments) -> ExitCo
                 url: format!("{admin}/v1/deployments"),
                 body: None,
                 admin: true,
+                idempotency_key: None,
             },
             show_deployments,
         ),
@@ -326,6 +389,7 @@ pub async fn deployments(connection: Connection, command: Deployments) -> ExitCo
                 url: format!("{admin}/v1/deployments"),
                 body: Some(json!({ "url": deployment })),
                 admin: true,
+                idempotency_key: None,
             },
             show_object,
         ),
@@ -344,6 +408,9 @@ async fn run(connection: &Connection, call: Call, show: fn(&Value)) -> ExitCode 
     }
     if let Some(body) = &call.body {
         request = request.json(body);
+    }
+    if let Some(key) = &call.idempotency_key {
+        request = request.header("idempotency-key", key);
     }
     let response = match request.send().await {
         Ok(response) => response,
@@ -399,6 +466,45 @@ fn show_list(body: &Value) {
         })
         .collect();
     table(&["ID", "HANDLER", "STATUS", "ATTEMPT", "CREATED"], &rows);
+}
+
+/// Runs of workflows: the workflow and its id first.
+fn show_runs(body: &Value) {
+    let rows: Vec<Vec<String>> = body["invocations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            vec![
+                text(&i["service"]),
+                text(&i["workflow_id"]),
+                text(&i["id"]),
+                text(&i["status"]),
+                text(&i["created_at"]),
+            ]
+        })
+        .collect();
+    table(
+        &["WORKFLOW", "WORKFLOW ID", "RUN", "STATUS", "CREATED"],
+        &rows,
+    );
+}
+
+/// A query string of the parameters that are set, encoded.
+fn list_query(pairs: &[(&str, Option<String>)]) -> String {
+    let Ok(mut query) = reqwest::Url::parse("http://query/") else {
+        return String::new();
+    };
+    {
+        let mut builder = query.query_pairs_mut();
+        for (name, value) in pairs {
+            if let Some(value) = value {
+                builder.append_pair(name, value);
+            }
+        }
+    }
+    query.query().unwrap_or_default().to_owned()
 }
 
 fn show_journal(body: &Value) {

@@ -79,6 +79,49 @@ async fn the_command_line_lists_reads_and_acts_with_exit_codes_that_say_what_hap
         },
     )
     .await;
+    // Workflows are listed by their id; a filter keeps the order out of the list.
+    let runs = durin(&gateway, &["workflows", "list", "--workflow", "approval"]);
+    assert!(runs.status.success(), "{runs:?}");
+    let text = stdout(&runs);
+    assert!(text.starts_with("WORKFLOW"), "{text}");
+    assert!(
+        text.contains("approval") && text.contains("cli-1"),
+        "{text}"
+    );
+    assert!(!text.contains(&id), "an order is no workflow: {text}");
+    let none = durin(
+        &gateway,
+        &[
+            "workflows",
+            "list",
+            "--workflow",
+            "order",
+            "--output",
+            "json",
+        ],
+    );
+    let none: Value = serde_json::from_slice(&none.stdout).unwrap();
+    assert_eq!(none["invocations"], serde_json::json!([]));
+    let orders = durin(
+        &gateway,
+        &[
+            "invocations",
+            "list",
+            "--service",
+            "order",
+            "--output",
+            "json",
+        ],
+    );
+    let orders: Value = serde_json::from_slice(&orders.stdout).unwrap();
+    let listed: Vec<&str> = orders["invocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [id.as_str()]);
+
     let signal = durin(
         &gateway,
         &[
@@ -112,6 +155,28 @@ async fn the_command_line_lists_reads_and_acts_with_exit_codes_that_say_what_hap
     );
     assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("not-found"));
+    // A restart sent twice with one key restarts once.
+    let restart = |gateway: &Proc| {
+        let out = durin(
+            gateway,
+            &[
+                "invocations",
+                "restart",
+                &id,
+                "--from",
+                "1",
+                "--idempotency-key",
+                "cli-restart-1",
+                "--output",
+                "json",
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["restart"].clone()
+    };
+    assert_eq!(restart(&gateway), "done");
+    wait_final(&gateway.url, &id).await;
+    assert_eq!(restart(&gateway), "already-restarted");
     let cannot = durin(&gateway, &["invocations", "purge", &id, "--output", "json"]);
     assert_eq!(
         cannot.status.code(),

@@ -804,3 +804,219 @@ async fn a_bulk_cancel_cut_by_a_crash_is_finished_by_the_same_verb() {
     }
     eprintln!("the second bulk cancel changed {changed} of {count}");
 }
+
+/// `POST {admin}/v1/invocations/{id}/restart` with `{"from": from}` and an
+/// `Idempotency-Key`; the answer's status and body, or the error of a request cut short.
+async fn restart_with_key(
+    admin: &str,
+    id: &str,
+    from: u32,
+    key: &str,
+) -> reqwest::Result<(u16, serde_json::Value)> {
+    let response = client()
+        .post(format!("{admin}/v1/invocations/{id}/restart"))
+        .header("idempotency-key", key)
+        .json(&serde_json::json!({ "from": from }))
+        .send()
+        .await?;
+    let code = response.status().as_u16();
+    Ok((code, response.json().await?))
+}
+
+/// How many requests of `step` the downstream got under each idempotency key.
+fn effects_by_key(downstream: &Downstream, step: &str) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for effect in downstream.requests(step) {
+        *counts.entry(effect.key).or_default() += 1;
+    }
+    counts
+}
+
+/// Operator restarts cut by `kill -9` of Durin and sent again with the same
+/// `Idempotency-Key`s after the restart: every order is restarted exactly once. 100 orders
+/// fail for good (the downstream refuses `reserve_inventory`); once it accepts again, one
+/// restart per order from entry 1 (keeping `charge_payment`) goes out with a key per order,
+/// 8 at a time, and Durin dies once 30 were answered, with the next ones in flight (done
+/// or not, their answers lost). The handler dies with it, so that no step it had started
+/// outlives the crash: a step the crash cut short would run again and look like a second
+/// restart. Sent again, each restart that was done answers "already-restarted" and the
+/// others are done; sent a third time, once all completed, none changes anything.
+/// `charge_payment` ran once per order, and the steps after entry 1 once per restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_cut_by_a_crash_and_sent_again_restart_each_invocation_once() {
+    const COUNT: usize = 100;
+    const KILL_AFTER: usize = 30;
+    const SENDERS: usize = 8;
+    // No restarted run reaches its first side effect (reserve_inventory's, after this
+    // delay) before the kill; checked below.
+    const STEP_DELAY_MS: &str = "2000";
+    let downstream = Downstream::start(&[]).await;
+    downstream.refuse("reserve_inventory", true);
+    let home = GatewayHome::new();
+    let mut gateway = home.start(None);
+    let args = [
+        "--step-delay-ms",
+        STEP_DELAY_MS,
+        "--downstream",
+        &downstream.url,
+    ];
+    let mut handler = start_order(None, &args);
+    register(&gateway.admin, &handler.url).await;
+    let order =
+        |i: usize| format!(r#"{{"order_id":"o-{i}","customer_id":"c-{i}","amount_cents":4999}}"#);
+    let mut ids = Vec::new();
+    for i in 0..COUNT {
+        ids.push(send_order(&gateway.url, &order(i)).await);
+    }
+    for id in &ids {
+        let view = wait_final(&gateway.url, id).await;
+        assert_eq!(view["status"], "failed", "{view}");
+    }
+    assert_eq!(downstream.requests("reserve_inventory").len(), COUNT);
+    downstream.refuse("reserve_inventory", false);
+    let key = |id: &str| format!("restart-{id}");
+
+    // The restarts go out from SENDERS tasks at once, each order's with its own key; Durin
+    // is killed once KILL_AFTER were answered, with up to SENDERS of them in flight.
+    struct Progress {
+        answered: Vec<String>,
+        first: Option<std::time::Instant>,
+        reached: Option<tokio::sync::oneshot::Sender<std::time::Instant>>,
+    }
+    let (reached, kill_now) = tokio::sync::oneshot::channel();
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress {
+        answered: Vec::new(),
+        first: None,
+        reached: Some(reached),
+    }));
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..SENDERS {
+        let (admin, ids) = (gateway.admin.clone(), ids.clone());
+        let (progress, next) = (
+            std::sync::Arc::clone(&progress),
+            std::sync::Arc::clone(&next),
+        );
+        senders.push(tokio::spawn(async move {
+            while let Some(id) = ids.get(next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) {
+                // An error: the request was cut by the kill, or Durin is gone.
+                let Ok((code, body)) = restart_with_key(&admin, id, 1, &key(id)).await else {
+                    return;
+                };
+                assert_eq!((code, &body["restart"]), (200, &"done".into()), "{body}");
+                let mut progress = progress.lock().unwrap();
+                let first = *progress.first.get_or_insert_with(std::time::Instant::now);
+                progress.answered.push(id.clone());
+                if progress.answered.len() >= KILL_AFTER {
+                    if let Some(reached) = progress.reached.take() {
+                        let _ = reached.send(first);
+                    }
+                }
+            }
+        }));
+    }
+    let first_answer = kill_now.await.unwrap();
+    gateway.kill();
+    handler.kill();
+    let kill_after = first_answer.elapsed();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let answered = progress.lock().unwrap().answered.clone();
+    assert!(
+        (KILL_AFTER..COUNT).contains(&answered.len()),
+        "the kill came after all the restarts were answered: {}",
+        answered.len()
+    );
+    assert_eq!(
+        (
+            downstream.requests("reserve_inventory").len(),
+            downstream.requests("send_confirmation").len()
+        ),
+        (COUNT, 0),
+        "a restarted run reached a side effect before the kill ({kill_after:?} after the first \
+         answer), so a step cut by the crash could run twice: raise STEP_DELAY_MS"
+    );
+
+    let _handler = start_order(Some(handler.addr), &args);
+    let gateway = home.start(Some(gateway.addr));
+    // Every restart again, with its key: what was done is not done again.
+    let mut changed = 0;
+    for id in &ids {
+        let (code, body) = restart_with_key(&gateway.admin, id, 1, &key(id))
+            .await
+            .unwrap();
+        assert_eq!(code, 200, "{body}");
+        match body["restart"].as_str() {
+            Some("done") => {
+                assert!(
+                    !answered.contains(id),
+                    "{id} was restarted before the kill and again: {body}"
+                );
+                changed += 1;
+            }
+            Some("already-restarted") => {}
+            _ => panic!("{body}"),
+        }
+    }
+    let cut = COUNT - answered.len() - changed;
+    assert!(
+        cut <= SENDERS,
+        "only the requests in flight at the kill can be done unanswered: {cut}"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let view = wait_final(&gateway.url, id).await;
+        assert_eq!(view["status"], "completed", "{view}");
+        assert_eq!(
+            view["output"],
+            format!("order o-{i} complete charge charge_o-{i} reservation reservation_o-{i}")
+        );
+    }
+    // And once more, now that they all completed again: nothing changes.
+    for id in &ids {
+        let (code, body) = restart_with_key(&gateway.admin, id, 1, &key(id))
+            .await
+            .unwrap();
+        assert_eq!(
+            (code, &body["restart"], &body["status"]),
+            (200, &"already-restarted".into(), &"completed".into()),
+            "{body}"
+        );
+    }
+
+    // Side effects per idempotency key: charge_payment (kept by the restart) once per
+    // order; reserve_inventory refused once, then once for the one restart;
+    // send_confirmation once.
+    let (charges, reservations, confirmations) = (
+        effects_by_key(&downstream, "charge_payment"),
+        effects_by_key(&downstream, "reserve_inventory"),
+        effects_by_key(&downstream, "send_confirmation"),
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let step_key = |step: &str| format!("{id}:{step}:o-{i}");
+        assert_eq!(
+            (
+                charges.get(&step_key("charge_payment")),
+                reservations.get(&step_key("reserve_inventory")),
+                confirmations.get(&step_key("send_confirmation")),
+            ),
+            (Some(&1), Some(&2), Some(&1)),
+            "order {i} ({id})"
+        );
+        let entries = journal(&gateway.admin, id).await;
+        assert_eq!(shape(&entries), order_journal_shape(), "{entries:#?}");
+        assert_eq!(
+            entries[1]["attempt"], 1,
+            "charge_payment was kept: {entries:#?}"
+        );
+    }
+    assert_eq!(
+        (charges.len(), reservations.len(), confirmations.len()),
+        (COUNT, COUNT, COUNT)
+    );
+    eprintln!(
+        "restarts answered before the kill: {} of {COUNT} (the kill came {kill_after:?} after \
+         the first answer); done but unanswered: {cut}; the repeat changed {changed}",
+        answered.len()
+    );
+}

@@ -1495,6 +1495,116 @@ async fn operators_pause_resume_retry_purge_and_act_in_bulk() {
     gateway.stop().await;
 }
 
+/// A restart with an `Idempotency-Key` is safe to repeat: the same key again (its answer
+/// was lost) changes nothing, even once the restarted invocation completed; a new key
+/// restarts it again. The kept step never runs again; the steps after it run once per
+/// restart.
+#[tokio::test]
+async fn a_restart_sent_again_with_its_idempotency_key_restarts_once() {
+    let gateway = Gateway::start(|_| {}).await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let charged = Arc::new(AtomicU32::new(0));
+    let shipped = Arc::new(AtomicU32::new(0));
+    let (flag, charges, ships) = (
+        Arc::clone(&broken),
+        Arc::clone(&charged),
+        Arc::clone(&shipped),
+    );
+    let endpoint = Endpoint::new().service(Service::new("parcel").handler(
+        "run",
+        move |ctx: Context, _: Value| {
+            let (flag, charges, ships) =
+                (Arc::clone(&flag), Arc::clone(&charges), Arc::clone(&ships));
+            async move {
+                ctx.run("charge", || async {
+                    charges.fetch_add(1, Ordering::SeqCst);
+                    Ok("charged".to_owned())
+                })
+                .await?;
+                let shipped: String = ctx
+                    .run("ship", || async {
+                        ships.fetch_add(1, Ordering::SeqCst);
+                        if flag.load(Ordering::SeqCst) {
+                            Err(HandlerError::terminal("the carrier refused the parcel"))
+                        } else {
+                            Ok("shipped".to_owned())
+                        }
+                    })
+                    .await?;
+                Ok::<_, HandlerError>(shipped)
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/parcel/run", "null").await;
+    assert_eq!(r.status(), 500);
+    let id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let restart = |key: &'static str| {
+        let (admin, id) = (gateway.admin.clone(), id.clone());
+        async move {
+            let r = client()
+                .post(format!("{admin}/v1/invocations/{id}/restart"))
+                .header("idempotency-key", key)
+                .json(&json!({"from": 1}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let counts = || {
+        (
+            charged.load(Ordering::SeqCst),
+            shipped.load(Ordering::SeqCst),
+        )
+    };
+    assert_eq!(counts(), (1, 1));
+    broken.store(false, Ordering::SeqCst);
+
+    let (code, body) = restart("restart-1").await;
+    assert_eq!((code, &body["restart"]), (200, &json!("done")), "{body}");
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["output"], "shipped", "{view}");
+    assert_eq!(counts(), (1, 2), "charge kept, ship run again");
+    let journal_before = journal(&gateway.admin, &id).await;
+
+    // The answer was lost; the operator sends the same restart again.
+    let (code, body) = restart("restart-1").await;
+    assert_eq!(
+        (code, &body["restart"], &body["status"]),
+        (200, &json!("already-restarted"), &json!("completed")),
+        "{body}"
+    );
+    assert_eq!(body["invocation_id"], id.as_str(), "{body}");
+    assert_eq!(body["invocation"]["status"], "completed", "{body}");
+    assert_eq!(gateway.invocation(&id).await["status"], "completed");
+    assert_eq!(journal(&gateway.admin, &id).await, journal_before);
+    assert_eq!(counts(), (1, 2), "nothing ran again");
+
+    // A new key is a new restart.
+    let (code, body) = restart("restart-2").await;
+    assert_eq!((code, &body["restart"]), (200, &json!("done")), "{body}");
+    let view = support::wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(counts(), (1, 3));
+
+    // A key that is not one is a problem, and changes nothing.
+    let r = client()
+        .post(format!("{}/v1/invocations/{id}/restart", gateway.admin))
+        .header("idempotency-key", "two words")
+        .json(&json!({"from": 1}))
+        .send()
+        .await
+        .unwrap();
+    problem(r, 400, false, "Idempotency-Key").await;
+    assert_eq!(gateway.invocation(&id).await["status"], "completed");
+    assert_eq!(counts(), (1, 3));
+    gateway.stop().await;
+}
+
 /// With `on_retries_exhausted = "pause"`, an invocation whose retry policy is used up
 /// waits for an operator instead of failing; resumed, it gets its attempts back.
 #[tokio::test]

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::problem::ApiError;
 use crate::registry;
-use crate::store::Status;
+use crate::store::{InvocationFilter, Status};
 
 /// Lets a request through only with `Authorization: Bearer {token}` (compared in constant
 /// time); otherwise a `401` problem.
@@ -103,9 +103,16 @@ pub async fn list_deployments(
 pub struct ListQuery {
     status: Option<String>,
     limit: Option<u32>,
+    service: Option<String>,
+    handler: Option<String>,
+    deployment_id: Option<String>,
+    /// Only runs of workflows.
+    #[serde(default)]
+    workflows_only: bool,
 }
 
-/// `GET /v1/invocations?status=&limit=`: newest first.
+/// `GET /v1/invocations?status=&service=&handler=&deployment_id=&workflows_only=&limit=`:
+/// newest first.
 pub async fn list_invocations(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ListQuery>,
@@ -123,7 +130,17 @@ pub async fn list_invocations(
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let invocations: Vec<InvocationView> = state
         .store
-        .list_invocations(status, limit)
+        .list_invocations(
+            InvocationFilter {
+                service: query.service,
+                handler: query.handler,
+                status,
+                deployment_id: query.deployment_id,
+                created_before_ms: None,
+                workflows_only: query.workflows_only,
+            },
+            limit,
+        )
         .await?
         .iter()
         .map(|r| InvocationView::new(r, None).warned(&state.journal_limits))

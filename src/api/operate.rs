@@ -1,10 +1,11 @@
 //! Operator verbs on the admin listener, one invocation at a time and in bulk: pause
-//! (resume is in `admin.rs`), retry now (skip the backoff), purge (delete an ended
-//! invocation), and `POST /v1/invocations/bulk/{verb}` for those, cancel, terminate and
-//! resume, over the invocations a filter selects. Each is safe to repeat and says what it
-//! did.
+//! (resume is in `admin.rs`), retry now (skip the backoff), restart from a journal entry
+//! (safe to repeat with an `Idempotency-Key`), purge (delete an ended invocation), and
+//! `POST /v1/invocations/bulk/{verb}` for those (but restart), cancel, terminate and resume,
+//! over the invocations a filter selects. Each is safe to repeat and says what it did.
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -60,16 +61,25 @@ struct RestartRequest {
 }
 
 /// `POST /v1/invocations/{id}/restart` with `{"from": N}`: a paused or ended invocation
-/// keeps its journal up to entry N and runs again, replaying up to there.
+/// keeps its journal up to entry N and runs again, replaying up to there. With an
+/// `Idempotency-Key`, safe to repeat: the key of the invocation's last restart changes
+/// nothing (`"restart": "already-restarted"`), whatever its status now.
 pub async fn restart(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_invocation_id(&id)?;
+    let key = super::idempotency_key(&headers)?;
     let request: RestartRequest = super::parse_json("the restart request", &body)?;
-    match state.engine.restart(&id, request.from).await? {
-        Ok(record) => Ok(Json(answer(&record, "restart", true, ""))),
+    match state.engine.restart(&id, request.from, key).await? {
+        Ok((record, restarted)) => Ok(Json(answer(
+            &record,
+            "restart",
+            restarted,
+            "already-restarted",
+        ))),
         Err(why) => Err(ApiError::InvocationState {
             detail: format!("invocation {id} cannot restart: {why}"),
             invocation_id: id.to_string(),
@@ -104,6 +114,9 @@ struct BulkFilter {
     /// Only invocations created more than this long ago (`"1h"`, `"7d"`).
     #[serde(default, with = "humantime_serde")]
     older_than: Option<std::time::Duration>,
+    /// Only runs of workflows.
+    #[serde(default)]
+    workflows_only: bool,
 }
 
 /// `POST /v1/invocations/bulk/{verb}` with a filter: applies `verb` (`cancel`,
@@ -150,6 +163,7 @@ pub async fn bulk(
                 status,
                 deployment_id: filter.deployment_id,
                 created_before_ms,
+                workflows_only: filter.workflows_only,
             },
             BULK_LIMIT,
         )

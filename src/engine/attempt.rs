@@ -337,14 +337,19 @@ impl Engine {
     }
 
     /// Restarts a paused or ended invocation from journal entry `from` (see
-    /// [`crate::store::Store::restart`]); the scheduler runs it at once.
+    /// [`crate::store::Store::restart`]); the scheduler runs it at once. `false` when `key`
+    /// is the last restart's: nothing changed.
     pub async fn restart(
         &self,
         id: &InvocationId,
         from: u32,
-    ) -> Result<Result<InvocationRecord, String>, StoreError> {
-        let restarted = self.store.restart(id, from, self.clock.now_ms()).await?;
-        if restarted.is_ok() {
+        key: Option<String>,
+    ) -> Result<Result<(InvocationRecord, bool), String>, StoreError> {
+        let restarted = self
+            .store
+            .restart(id, from, key, self.clock.now_ms())
+            .await?;
+        if matches!(restarted, Ok((_, true))) {
             self.nudge();
         }
         Ok(restarted)

@@ -719,6 +719,8 @@ pub struct InvocationFilter {
     pub deployment_id: Option<String>,
     /// Created before this instant (ms since the epoch).
     pub created_before_ms: Option<i64>,
+    /// Only runs of workflows.
+    pub workflows_only: bool,
 }
 
 /// Invocations ended by another's end (children closed with their parent), with their
@@ -768,10 +770,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>>;
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>>;
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>>;
-    /// Invocations, newest first, at most `limit`, optionally only those with `status`.
+    /// Invocations that `filter` selects, newest first, at most `limit`.
     async fn list_invocations(
         &self,
-        status: Option<Status>,
+        filter: InvocationFilter,
         limit: u32,
     ) -> StoreResult<Vec<InvocationRecord>>;
     /// Invocations whose attempt was running when the gateway stopped become due at once
@@ -928,13 +930,17 @@ pub trait Store: Send + Sync + 'static {
     /// go (with their completions and timers; the signals their waits took are buffered
     /// again; the durable state is rebuilt from the entries kept), and the invocation runs
     /// again, replaying up to there. Refused (`Err(reason)` inside `Ok`) when it would run
-    /// or start something twice.
+    /// or start something twice. `key` (the request's `Idempotency-Key`) is kept as the
+    /// last restart's: a restart with the key of the last one changes nothing, whatever
+    /// the invocation's status now, and answers it with `false`; a restart with another
+    /// key or none runs as above (`true`) and keeps its key (or none).
     async fn restart(
         &self,
         id: &InvocationId,
         from: u32,
+        key: Option<String>,
         now_ms: i64,
-    ) -> StoreResult<Result<InvocationRecord, String>>;
+    ) -> StoreResult<Result<(InvocationRecord, bool), String>>;
     /// Deletes an ended invocation with everything kept for it; `false` when it has not
     /// ended (nothing is deleted).
     async fn purge(&self, id: &InvocationId) -> StoreResult<bool>;

@@ -695,3 +695,95 @@ async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next() {
         (1, 1)
     );
 }
+
+/// Runs the current attempt of `record` to its end: a `ship` step, then its output.
+async fn ship_and_complete(store: &SqliteStore, record: &InvocationRecord, now_ms: i64) {
+    command(
+        store,
+        record,
+        EntryKind::Step,
+        Some("ship"),
+        Effect::None,
+        now_ms,
+    )
+    .await;
+    let end = AttemptEnd::Completed {
+        output: b"1".to_vec(),
+        content_type: None,
+    };
+    let (ended, _, _) = store
+        .end_attempt(&record.id, record.attempt, end, now_ms)
+        .await
+        .unwrap();
+    assert_eq!((ended.status, ended.journal_len), (Status::Completed, 4));
+}
+
+/// A restart sent again with its `Idempotency-Key` (its answer was lost) changes nothing,
+/// while the invocation runs again and after it ended again; a restart with another key,
+/// or none, restarts it again, and a refused one does not take the key.
+#[tokio::test]
+async fn a_restart_sent_again_with_its_key_changes_nothing() {
+    let (store, _dir) = store().await;
+    let record = running(&store).await;
+    command(
+        &store,
+        &record,
+        EntryKind::Step,
+        Some("charge"),
+        Effect::None,
+        T0,
+    )
+    .await;
+    ship_and_complete(&store, &record, T0).await;
+    let restart = |key: Option<&str>, now_ms: i64| {
+        store.restart(&record.id, 1, key.map(str::to_owned), now_ms)
+    };
+    // Claims the restarted run's attempt and runs it to its end.
+    let run_again = |now_ms: i64| {
+        let store = &store;
+        async move {
+            let claimed = store.claim_due(now_ms, 10).await.unwrap();
+            assert_eq!(claimed.len(), 1, "{claimed:?}");
+            ship_and_complete(store, &claimed[0], now_ms).await;
+        }
+    };
+
+    let (restarted, changed) = restart(Some("r-1"), T0 + 1).await.unwrap().unwrap();
+    assert!(changed);
+    assert_eq!(
+        (restarted.status, restarted.journal_len),
+        (Status::Pending, 2)
+    );
+    // Sent again while it waits to run: unchanged, where a new restart is refused (and
+    // does not take the key of the last one).
+    let (again, changed) = restart(Some("r-1"), T0 + 2).await.unwrap().unwrap();
+    assert!(!changed);
+    assert_eq!(
+        (again.status, again.modified_at_ms),
+        (Status::Pending, T0 + 1)
+    );
+    assert!(restart(Some("r-other"), T0 + 2).await.unwrap().is_err());
+    assert!(restart(None, T0 + 2).await.unwrap().is_err());
+    let (_, changed) = restart(Some("r-1"), T0 + 2).await.unwrap().unwrap();
+    assert!(!changed);
+
+    // Sent again once it ran to its end again: still nothing changes.
+    run_again(T0 + 3).await;
+    let (again, changed) = restart(Some("r-1"), T0 + 4).await.unwrap().unwrap();
+    assert!(!changed);
+    assert_eq!((again.status, again.journal_len), (Status::Completed, 4));
+    assert_eq!(store.read_journal(&record.id).await.unwrap().len(), 4);
+    assert!(store.claim_due(T0 + 5, 10).await.unwrap().is_empty());
+
+    // A new key restarts it again; so does a restart without a key, which forgets the
+    // last key, so that the same key then restarts it once more.
+    for key in [Some("r-2"), None, Some("r-2")] {
+        let (restarted, changed) = restart(key, T0 + 6).await.unwrap().unwrap();
+        assert!(changed, "{key:?}");
+        assert_eq!(
+            (restarted.status, restarted.journal_len),
+            (Status::Pending, 2)
+        );
+        run_again(T0 + 7).await;
+    }
+}

@@ -4,7 +4,7 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -313,13 +313,15 @@ pub struct Effect {
     pub at: Instant,
 }
 
-/// The service the order steps call for their side effects; it records every request and
-/// answers 503 to the first `fail_first[step]` requests of a step.
+/// The service the order steps call for their side effects; it records every request,
+/// answers 503 to the first `fail_first[step]` requests of a step, and 409 to every
+/// request of a step it refuses (see [`Downstream::refuse`]).
 #[derive(Clone, Default)]
 pub struct Downstream {
     pub url: String,
     effects: Arc<Mutex<HashMap<String, Vec<Effect>>>>,
     fail_first: Arc<Mutex<HashMap<String, u32>>>,
+    refused: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Downstream {
@@ -336,6 +338,17 @@ impl Downstream {
             .with_state(downstream.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         downstream
+    }
+
+    /// Refuses (409, which the order example takes as a failure for good) every request of
+    /// `step` from now on, or, with `false`, none any more.
+    pub fn refuse(&self, step: &str, refused: bool) {
+        let mut steps = self.refused.lock().unwrap();
+        if refused {
+            steps.insert(step.to_owned());
+        } else {
+            steps.remove(step);
+        }
     }
 
     /// Requests received for `step`, failed ones included.
@@ -377,6 +390,9 @@ async fn record_effect(
             key,
             at: Instant::now(),
         });
+    if downstream.refused.lock().unwrap().contains(&step) {
+        return StatusCode::CONFLICT;
+    }
     let mut fail_first = downstream.fail_first.lock().unwrap();
     match fail_first.get_mut(&step) {
         Some(n) if *n > 0 => {

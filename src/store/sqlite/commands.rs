@@ -1072,9 +1072,22 @@ pub(super) fn restart(
     conn: &Connection,
     id: &str,
     from: u32,
+    key: Option<&str>,
     now_ms: i64,
-) -> StoreResult<Result<InvocationRecord, String>> {
+) -> StoreResult<Result<(InvocationRecord, bool), String>> {
     let record = fetch_invocation(conn, id)?.ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if let Some(key) = key {
+        // The last restart sent again (its answer was lost): it was done, whatever became
+        // of the invocation since.
+        let last: Option<String> = conn
+            .prepare_cached("SELECT restart_key FROM invocations WHERE id = ?1")
+            .map_err(backend)?
+            .query_row([id], |row| row.get(0))
+            .map_err(backend)?;
+        if last.as_deref() == Some(key) {
+            return Ok(Ok((record, false)));
+        }
+    }
     let refuse = |why: String| Ok(Err(why));
     if !(record.status.is_final() || record.status == Status::Paused) {
         return refuse(format!(
@@ -1161,7 +1174,8 @@ pub(super) fn restart(
              FROM journal WHERE invocation_id = ?2), \
          completed_at_ms = NULL, failure = NULL, waiting_for = NULL, failures = 0, \
          position_failures = 0, last_error = ?4, \
-         cancel_requested_at_ms = CASE WHEN ?5 THEN cancel_requested_at_ms ELSE NULL END \
+         cancel_requested_at_ms = CASE WHEN ?5 THEN cancel_requested_at_ms ELSE NULL END, \
+         restart_key = ?6 \
          WHERE id = ?2 RETURNING {INVOCATION_COLUMNS}"
     );
     let record = query_one(
@@ -1172,7 +1186,8 @@ pub(super) fn restart(
             id,
             from,
             format!("restarted from entry {from} by an operator"),
-            cancel_kept
+            cancel_kept,
+            key
         ],
         invocation,
     )?
@@ -1183,5 +1198,5 @@ pub(super) fn restart(
         "UPDATE idempotency_keys SET expires_at_ms = ?2 WHERE invocation_id = ?1",
         params![id, i64::MAX],
     )?;
-    Ok(Ok(record))
+    Ok(Ok((record, true)))
 }

@@ -65,6 +65,24 @@ pub struct SqliteStore {
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
+/// The condition of an [`InvocationFilter`], on parameters 1 to 6 (see `filter_params`).
+const FILTER: &str = "(?1 IS NULL OR service = ?1) AND (?2 IS NULL OR handler = ?2) \
+     AND (?3 IS NULL OR status = ?3) AND (?4 IS NULL OR deployment_id = ?4) \
+     AND (?5 IS NULL OR created_at_ms < ?5) AND (?6 = 0 OR workflow_id IS NOT NULL)";
+
+/// The parameters of [`FILTER`], then `limit` (parameter 7).
+fn filter_params(filter: &InvocationFilter, limit: u32) -> impl rusqlite::Params + '_ {
+    (
+        &filter.service,
+        &filter.handler,
+        filter.status.map(Status::as_str),
+        &filter.deployment_id,
+        filter.created_before_ms,
+        filter.workflows_only,
+        limit,
+    )
+}
+
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Backend(Box::new(e))
 }
@@ -514,20 +532,15 @@ impl Store for SqliteStore {
 
     async fn list_invocations(
         &self,
-        status: Option<Status>,
+        filter: InvocationFilter,
         limit: u32,
     ) -> StoreResult<Vec<InvocationRecord>> {
         self.read(move |conn| {
             let sql = format!(
-                "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE (?1 IS NULL OR status = ?1) \
-                 ORDER BY id DESC LIMIT ?2"
+                "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE {FILTER} \
+                 ORDER BY id DESC LIMIT ?7"
             );
-            query_all(
-                conn,
-                &sql,
-                params![status.map(Status::as_str), limit],
-                invocation,
-            )
+            query_all(conn, &sql, filter_params(&filter, limit), invocation)
         })
         .await
     }
@@ -1402,10 +1415,11 @@ impl Store for SqliteStore {
         &self,
         id: &InvocationId,
         from: u32,
+        key: Option<String>,
         now_ms: i64,
-    ) -> StoreResult<Result<InvocationRecord, String>> {
+    ) -> StoreResult<Result<(InvocationRecord, bool), String>> {
         let id = id.clone();
-        self.write(move |conn| commands::restart(conn, id.as_str(), from, now_ms))
+        self.write(move |conn| commands::restart(conn, id.as_str(), from, key.as_deref(), now_ms))
             .await
     }
 
@@ -1431,25 +1445,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<InvocationId>> {
         self.read(move |conn| {
             let mut statement = conn
-                .prepare_cached(
-                    "SELECT id FROM invocations WHERE (?1 IS NULL OR service = ?1) \
-                     AND (?2 IS NULL OR handler = ?2) AND (?3 IS NULL OR status = ?3) \
-                     AND (?4 IS NULL OR deployment_id = ?4) \
-                     AND (?5 IS NULL OR created_at_ms < ?5) ORDER BY id LIMIT ?6",
-                )
+                .prepare_cached(&format!(
+                    "SELECT id FROM invocations WHERE {FILTER} ORDER BY id LIMIT ?7"
+                ))
                 .map_err(backend)?;
             let rows = statement
-                .query_map(
-                    params![
-                        filter.service,
-                        filter.handler,
-                        filter.status.map(Status::as_str),
-                        filter.deployment_id,
-                        filter.created_before_ms,
-                        limit
-                    ],
-                    |row| row.get::<_, String>(0),
-                )
+                .query_map(filter_params(&filter, limit), |row| row.get::<_, String>(0))
                 .map_err(backend)?;
             let ids: Vec<String> = rows.collect::<rusqlite::Result<_>>().map_err(backend)?;
             ids.iter()
