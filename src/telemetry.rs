@@ -32,6 +32,13 @@ pub const COMMIT: &str = "durin_store_commit_seconds";
 pub const EGRESS: &str = "durin_egress_calls_total";
 /// Invocations that have not ended, by status (a gauge read when scraped).
 pub const INVOCATIONS: &str = "durin_invocations";
+/// Suspended invocations by the kind of command they wait for (a gauge read when scraped).
+pub const WAITING: &str = "durin_invocations_waiting";
+
+/// The statuses of invocations that have not ended, each reported (0 when none).
+const UNFINISHED: [&str; 5] = ["pending", "running", "suspended", "backing-off", "paused"];
+/// The kinds of waits, each reported (0 when none).
+const WAITS: [&str; 5] = ["sleep", "signal", "awakeable", "call", "none"];
 
 /// The process's Prometheus recorder, installed at the first call. In a process that runs
 /// several gateways (tests), they share it.
@@ -80,13 +87,33 @@ fn describe() {
     );
     describe_counter!(EGRESS, "Outbound calls through the egress, by outcome");
     describe_gauge!(INVOCATIONS, "Invocations that have not ended, by status");
+    describe_gauge!(
+        WAITING,
+        "Suspended invocations by the kind of command they wait for"
+    );
 }
 
-/// The text served at `GET /metrics`: the recorded metrics, then `counts` (invocations by
-/// status) as the `durin_invocations` gauge.
-pub fn render(counts: &[(String, u64)]) -> String {
-    for (status, count) in counts {
-        metrics::gauge!(INVOCATIONS, "status" => status.clone()).set(*count as f64);
-    }
+/// The text served at `GET /metrics`: the recorded metrics, with `counts` (invocations by
+/// status) as the `durin_invocations` gauge and `waiting` (suspended invocations by kind of
+/// wait) as `durin_invocations_waiting`. A status or kind missing from them is 0.
+pub fn render(counts: &[(String, u64)], waiting: &[(String, u64)]) -> String {
+    gauges(INVOCATIONS, "status", &UNFINISHED, counts);
+    gauges(WAITING, "wait", &WAITS, waiting);
     handle().render()
+}
+
+fn gauges(
+    name: &'static str,
+    label: &'static str,
+    known: &[&'static str],
+    values: &[(String, u64)],
+) {
+    for key in known {
+        if !values.iter().any(|(k, _)| k == key) {
+            metrics::gauge!(name, label => *key).set(0.0);
+        }
+    }
+    for (key, value) in values {
+        metrics::gauge!(name, label => key.clone()).set(*value as f64);
+    }
 }

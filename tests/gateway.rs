@@ -1301,16 +1301,22 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn metrics_count_a_known_workload() {
     let gateway = Gateway::start(|_| {}).await;
-    let endpoint = Endpoint::new().service(Service::new("metered").handler(
-        "run",
-        |ctx: Context, _: Value| async move {
-            let n: u32 = ctx.run("one", || async { Ok(1) }).await?;
-            if ctx.attempt() == 1 {
-                return Err(HandlerError::retryable("first attempts fail"));
-            }
-            Ok::<_, HandlerError>(n)
-        },
-    ));
+    let endpoint = Endpoint::new()
+        .service(
+            Service::new("metered").handler("run", |ctx: Context, _: Value| async move {
+                let n: u32 = ctx.run("one", || async { Ok(1) }).await?;
+                if ctx.attempt() == 1 {
+                    return Err(HandlerError::retryable("first attempts fail"));
+                }
+                Ok::<_, HandlerError>(n)
+            }),
+        )
+        .service(
+            Service::new("napper").handler("run", |ctx: Context, _: Value| async move {
+                ctx.sleep(Duration::from_secs(3600)).await?;
+                Ok::<_, HandlerError>("rested")
+            }),
+        );
     register(&gateway.admin, &serve(endpoint.router()).await).await;
     let scrape = || async {
         let response = client()
@@ -1352,6 +1358,34 @@ async fn metrics_count_a_known_workload() {
     assert!(
         after.contains("# TYPE durin_attempts_total counter"),
         "{after}"
+    );
+    // Waiting invocations by kind of wait: none sleep yet (reported as 0), then two.
+    assert!(
+        after.contains("durin_invocations_waiting{wait=\"sleep\"} 0\n"),
+        "{after}"
+    );
+    for _ in 0..2 {
+        let id = gateway.send("/v1/send/napper/run", "null").await;
+        eventually(Duration::from_secs(10), "the nap", || {
+            let gateway = &gateway;
+            let id = id.clone();
+            async move { (gateway.invocation(&id).await["status"] == "suspended").then_some(()) }
+        })
+        .await;
+    }
+    let napping = scrape().await;
+    assert_eq!(
+        sample(&napping, "durin_invocations_waiting", &[("wait", "sleep")]),
+        2.0,
+        "{napping}"
+    );
+    assert_eq!(
+        sample(&napping, "durin_invocations_waiting", &[("wait", "signal")]),
+        0.0
+    );
+    assert_eq!(
+        sample(&napping, "durin_invocations", &[("status", "suspended")]),
+        2.0
     );
     // Not on the main listener.
     let main = client()

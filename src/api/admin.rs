@@ -169,12 +169,13 @@ pub async fn ui() -> Response {
 /// status.
 pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let counts = state.store.count_unfinished().await?;
+    let waiting = state.store.count_waiting().await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::telemetry::render(&counts),
+        crate::telemetry::render(&counts, &waiting),
     )
         .into_response())
 }

@@ -952,6 +952,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<InvocationId>>;
     /// How many invocations that have not ended are in each status.
     async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// How many suspended invocations wait for each kind of command (`sleep`, `signal`,
+    /// `awakeable`, `call`; `none` for a suspension that names no command); one that waits
+    /// for several kinds counts once under each.
+    async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Forgets idempotency keys whose retention ended; returns how many.
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64>;
     /// Deletes up to `limit` invocations that ended before `ended_before_ms`, with

@@ -1476,6 +1476,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.read(|conn| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT j.kind, COUNT(DISTINCT i.id) FROM invocations i \
+                     JOIN json_each(i.waiting_for) w \
+                     JOIN journal j ON j.invocation_id = i.id AND j.idx = w.value \
+                     WHERE i.status = 'suspended' GROUP BY j.kind \
+                     UNION ALL \
+                     SELECT 'none', COUNT(*) FROM invocations WHERE status = 'suspended' \
+                     AND (waiting_for IS NULL OR json_array_length(waiting_for) = 0)",
+                )
+                .map_err(backend)?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)
+        })
+        .await
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await
