@@ -53,6 +53,30 @@ impl Seen {
     }
 }
 
+/// A route that notes the `traceparent` it got as `who`'s and answers `answer`.
+fn noting(seen: &Seen, who: &'static str, answer: &'static str) -> axum::routing::MethodRouter {
+    let seen = seen.clone();
+    post(move |headers: HeaderMap| {
+        let seen = seen.clone();
+        async move {
+            seen.note(who, &headers);
+            answer
+        }
+    })
+}
+
+/// Registers the plain handlers `handlers` of `service` at `url`.
+async fn register_plain(admin: &str, url: &str, service: &str, handlers: &[&str]) {
+    let handlers: Vec<Value> = handlers.iter().map(|h| json!({"name": h})).collect();
+    let registered = client()
+        .post(format!("{admin}/v1/deployments"))
+        .json(&json!({"url": url, "services": [{"name": service, "handlers": handlers}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success());
+}
+
 async fn serve(router: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -107,16 +131,7 @@ async fn an_invocations_spans_form_one_trace_under_its_callers_span() {
     .await;
     let downstream = serve(axum::Router::new().route(
         "/charge",
-        post({
-            let seen = seen.clone();
-            move |headers: HeaderMap| {
-                let seen = seen.clone();
-                async move {
-                    seen.note("downstream", &headers);
-                    r#"{"charged":true}"#
-                }
-            }
-        }),
+        noting(&seen, "downstream", r#"{"charged":true}"#),
     ))
     .await;
 
@@ -194,28 +209,10 @@ async fn an_invocations_spans_form_one_trace_under_its_callers_span() {
                     }
                 }),
             )
-            .route(
-                "/traced/child",
-                post({
-                    let seen = seen.clone();
-                    move |headers: HeaderMap| {
-                        let seen = seen.clone();
-                        async move {
-                            seen.note("child", &headers);
-                            r#""ok""#
-                        }
-                    }
-                }),
-            ),
+            .route("/traced/child", noting(&seen, "child", r#""ok""#)),
     )
     .await;
-    let registered = client()
-        .post(format!("{admin}/v1/deployments"))
-        .json(&json!({"url": handler, "services": [{"name": "traced", "handlers": [{"name": "run"}, {"name": "child"}]}]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(registered.status().is_success());
+    register_plain(&admin, &handler, "traced", &["run", "child"]).await;
 
     let response = client()
         .post(format!("{url}/v1/call/traced/run"))
@@ -379,27 +376,9 @@ async fn an_invocations_spans_form_one_trace_under_its_callers_span() {
 async fn without_a_collector_no_trace_context_is_made_up() {
     let seen = Seen::default();
     let server = InProcess::start(|_| {}).await;
-    let handler = serve(axum::Router::new().route(
-        "/quiet/run",
-        post({
-            let seen = seen.clone();
-            move |headers: HeaderMap| {
-                let seen = seen.clone();
-                async move {
-                    seen.note("handler", &headers);
-                    r#""ok""#
-                }
-            }
-        }),
-    ))
-    .await;
-    let registered = client()
-        .post(format!("{}/v1/deployments", server.admin))
-        .json(&json!({"url": handler, "services": [{"name": "quiet", "handlers": [{"name": "run"}]}]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(registered.status().is_success());
+    let handler =
+        serve(axum::Router::new().route("/quiet/run", noting(&seen, "handler", r#""ok""#))).await;
+    register_plain(&server.admin, &handler, "quiet", &["run"]).await;
     let response = client()
         .post(format!("{}/v1/call/quiet/run", server.url))
         .json(&json!({}))

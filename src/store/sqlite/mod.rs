@@ -65,6 +65,15 @@ pub struct SqliteStore {
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
+/// The `(name, count)` rows of a counting query.
+fn counts(conn: &Connection, sql: &str) -> StoreResult<Vec<(String, u64)>> {
+    let mut statement = conn.prepare_cached(sql).map_err(backend)?;
+    let rows = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))
+        .map_err(backend)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(backend)
+}
+
 /// The condition of an [`InvocationFilter`], on parameters 1 to 6 (see `filter_params`).
 const FILTER: &str = "(?1 IS NULL OR service = ?1) AND (?2 IS NULL OR handler = ?2) \
      AND (?3 IS NULL OR status = ?3) AND (?4 IS NULL OR deployment_id = ?4) \
@@ -1462,37 +1471,27 @@ impl Store for SqliteStore {
 
     async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>> {
         self.read(|conn| {
-            let mut statement = conn
-                .prepare_cached(
-                    "SELECT status, COUNT(*) FROM invocations WHERE completed_at_ms IS NULL \
-                     GROUP BY status",
-                )
-                .map_err(backend)?;
-            let rows = statement
-                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))
-                .map_err(backend)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(backend)
+            counts(
+                conn,
+                "SELECT status, COUNT(*) FROM invocations WHERE completed_at_ms IS NULL \
+                 GROUP BY status",
+            )
         })
         .await
     }
 
     async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>> {
         self.read(|conn| {
-            let mut statement = conn
-                .prepare_cached(
-                    "SELECT j.kind, COUNT(DISTINCT i.id) FROM invocations i \
-                     JOIN json_each(i.waiting_for) w \
-                     JOIN journal j ON j.invocation_id = i.id AND j.idx = w.value \
-                     WHERE i.status = 'suspended' GROUP BY j.kind \
-                     UNION ALL \
-                     SELECT 'none', COUNT(*) FROM invocations WHERE status = 'suspended' \
-                     AND (waiting_for IS NULL OR json_array_length(waiting_for) = 0)",
-                )
-                .map_err(backend)?;
-            let rows = statement
-                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))
-                .map_err(backend)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(backend)
+            counts(
+                conn,
+                "SELECT j.kind, COUNT(DISTINCT i.id) FROM invocations i \
+                 JOIN json_each(i.waiting_for) w \
+                 JOIN journal j ON j.invocation_id = i.id AND j.idx = w.value \
+                 WHERE i.status = 'suspended' GROUP BY j.kind \
+                 UNION ALL \
+                 SELECT 'none', COUNT(*) FROM invocations WHERE status = 'suspended' \
+                 AND (waiting_for IS NULL OR json_array_length(waiting_for) = 0)",
+            )
         })
         .await
     }
