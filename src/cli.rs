@@ -169,7 +169,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Migrate(args) => {
             let config = args.config()?;
-            crate::store::SqliteStore::migrate(&config.database_url).await?;
+            crate::store::migrate(&config.database_url).await?;
             println!("migrations applied to {}", config.database_url);
             Ok(())
         }

@@ -33,7 +33,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::awakeable::AwakeableKey;
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 
 /// How often expired idempotency keys and ended invocations are forgotten.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
@@ -97,12 +97,9 @@ pub async fn run_with_clock(
         };
         format!("http://{host}:{}", local.port())
     });
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.database_url)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?
-            .with_journal_limits(config.journal_limits),
-    );
+    let store = store::open(&config.database_url, config.journal_limits)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?;
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
     let state_cursors = Arc::new(api::StateCursors::default());

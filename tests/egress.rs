@@ -440,8 +440,32 @@ async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
     assert_charged_once(&downstreams, 5).await;
 }
 
-/// The secret token of the current attempt of invocation `id`, from the gateway's database.
+/// The secret token of the current attempt of invocation `id`, from the gateway's database
+/// (its SQLite file, or its PostgreSQL schema).
 fn attempt_token(home: &GatewayHome, id: &str) -> String {
+    let url = home.db_url();
+    if url.starts_with("postgres") {
+        let id = id.to_owned();
+        return std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let pool = sqlx::PgPool::connect(&url).await.unwrap();
+                let token: String =
+                    sqlx::query_scalar("SELECT attempt_token FROM invocations WHERE id = $1")
+                        .bind(&id)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                pool.close().await;
+                token
+            })
+        })
+        .join()
+        .unwrap();
+    }
     let db = rusqlite::Connection::open(path_of(home).join("durin.db")).unwrap();
     db.query_row(
         "SELECT attempt_token FROM invocations WHERE id = ?1",

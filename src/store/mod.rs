@@ -5,6 +5,7 @@
 //! that is no longer the current one is refused with [`StoreError::Fenced`] and writes nothing.
 //! Nothing outside `store/` knows which database is underneath.
 
+mod postgres;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -12,7 +13,27 @@ mod tests;
 use async_trait::async_trait;
 use durin_protocol::{Completion, EntryKind, Failure, HandlerSpec, ServiceSpec};
 
+pub use postgres::{is_postgres_url, PostgresStore};
 pub use sqlite::SqliteStore;
+
+/// Opens the store `url` names: `postgres://...` (or `postgresql://...`) a PostgreSQL
+/// database, anything else a SQLite file (`sqlite:durin.db`).
+pub async fn open(url: &str, limits: JournalLimits) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(if is_postgres_url(url) {
+        std::sync::Arc::new(PostgresStore::open(url).await?.with_journal_limits(limits))
+    } else {
+        std::sync::Arc::new(SqliteStore::open(url).await?.with_journal_limits(limits))
+    })
+}
+
+/// Applies the migrations of the store `url` names (see [`open`]).
+pub async fn migrate(url: &str) -> StoreResult<()> {
+    if is_postgres_url(url) {
+        PostgresStore::migrate(url).await
+    } else {
+        SqliteStore::migrate(url).await
+    }
+}
 
 use crate::ids::InvocationId;
 

@@ -1,6 +1,7 @@
-//! Store behaviours the engine relies on, on a real SQLite file: the scheduler's claims and
-//! due times, commands and their completions, signals and awakeables. Written against the
-//! `Store` trait, so that the PostgreSQL store can run the same story.
+//! The conformance suite: store behaviours the engine relies on (the scheduler's claims and
+//! due times, commands and their completions, signals and awakeables, fencing,
+//! idempotency, purges, restarts), each run against a real SQLite file and a real
+//! PostgreSQL database (a schema of its own on the server `DURIN_TEST_POSTGRES` names).
 #![allow(clippy::unwrap_used)]
 
 use durin_protocol::{EntryKind, HandlerSpec, ServiceSpec};
@@ -9,14 +10,103 @@ use super::*;
 
 const T0: i64 = 1_700_000_000_000;
 
-async fn store() -> (SqliteStore, tempfile::TempDir) {
+/// A SQLite store in a directory of its own (kept as long as the guard lives).
+async fn sqlite(limits: JournalLimits) -> (Box<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("durin.db").display());
-    (SqliteStore::open(&url).await.unwrap(), dir)
+    let store = SqliteStore::open(&url).await.unwrap();
+    (Box::new(store.with_journal_limits(limits)), dir)
+}
+
+/// A PostgreSQL store in a schema of its own, on the server `DURIN_TEST_POSTGRES`
+/// names (`postgres://postgres@127.0.0.1:5432/test` by default); the schema is dropped
+/// when the test passes.
+async fn postgres(limits: JournalLimits) -> (Box<dyn Store>, String) {
+    let server = std::env::var("DURIN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&server).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let url = format!("{server}?options=-c%20search_path%3D{schema}");
+    let store = PostgresStore::open(&url).await.unwrap();
+    (Box::new(store.with_journal_limits(limits)), schema)
+}
+
+async fn drop_schema(schema: &str) {
+    let server = std::env::var("DURIN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let admin = sqlx::PgPool::connect(&server).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
+/// A second node on a database that a node uses is refused with a reason, until nodes
+/// share work with leases; the first keeps working.
+#[tokio::test]
+async fn a_second_node_on_one_postgres_database_is_refused() {
+    let (first, schema) = postgres(JournalLimits::default()).await;
+    let server = std::env::var("DURIN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = format!("{server}?options=-c%20search_path%3D{schema}");
+    let refused = PostgresStore::open(&url).await.err().unwrap();
+    assert!(
+        refused.to_string().contains("another Durin node"),
+        "{refused}"
+    );
+    first.ping().await.unwrap();
+    drop(first);
+    drop_schema(&schema).await;
+}
+
+/// The journal limits a behaviour names, or the default ones.
+macro_rules! limits {
+    () => {
+        JournalLimits::default()
+    };
+    ($limits:expr) => {
+        $limits
+    };
+}
+
+/// Runs each behaviour against both stores: `name` or `name => journal limits`.
+macro_rules! conformance {
+    ($($name:ident $(=> $limits:expr)?),* $(,)?) => {
+        mod sqlite_store {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let limits = limits!($($limits)?);
+                    let (store, _dir) = sqlite(limits).await;
+                    super::$name(&*store).await;
+                }
+            )*
+        }
+        mod postgres_store {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let limits = limits!($($limits)?);
+                    let (store, schema) = postgres(limits).await;
+                    super::$name(&*store).await;
+                    drop(store);
+                    drop_schema(&schema).await;
+                }
+            )*
+        }
+    };
 }
 
 /// A running invocation (attempt 1) of `wf/run`.
-async fn running(store: &SqliteStore) -> InvocationRecord {
+async fn running(store: &dyn Store) -> InvocationRecord {
     match create(store, None, T0).await {
         Created::New { record, .. } => record,
         other => panic!("{other:?}"),
@@ -24,11 +114,7 @@ async fn running(store: &SqliteStore) -> InvocationRecord {
 }
 
 /// Creates an invocation of `wf/run`, with an idempotency claim if given.
-async fn create(
-    store: &SqliteStore,
-    idempotency: Option<IdempotencyClaim>,
-    now_ms: i64,
-) -> Created {
+async fn create(store: &dyn Store, idempotency: Option<IdempotencyClaim>, now_ms: i64) -> Created {
     let spec = HandlerSpec {
         name: "run".into(),
         path: None,
@@ -75,7 +161,7 @@ async fn create(
 }
 
 async fn command(
-    store: &SqliteStore,
+    store: &dyn Store,
     record: &InvocationRecord,
     kind: EntryKind,
     name: Option<&str>,
@@ -107,7 +193,7 @@ fn signal(name: &str, value: &str, key: Option<&str>) -> NewSignal {
 }
 
 async fn suspend(
-    store: &SqliteStore,
+    store: &dyn Store,
     record: &InvocationRecord,
     waiting_for: Vec<u32>,
     now_ms: i64,
@@ -123,13 +209,11 @@ async fn suspend(
         .0
 }
 
-#[tokio::test]
-async fn a_timer_is_claimed_when_due_and_not_before_and_fires_once() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_timer_is_claimed_when_due_and_not_before_and_fires_once(store: &dyn Store) {
+    let record = running(store).await;
     let wake = T0 + 30 * 24 * 3600 * 1000;
     let timer = command(
-        &store,
+        store,
         &record,
         EntryKind::Sleep,
         None,
@@ -138,7 +222,7 @@ async fn a_timer_is_claimed_when_due_and_not_before_and_fires_once() {
     )
     .await;
     assert_eq!(timer.completion, None);
-    let suspended = suspend(&store, &record, vec![timer.index], T0).await;
+    let suspended = suspend(store, &record, vec![timer.index], T0).await;
     assert_eq!(suspended.status, Status::Suspended);
     assert_eq!(suspended.next_run_at_ms, Some(wake));
     assert_eq!(store.next_due().await.unwrap(), Some(wake));
@@ -159,12 +243,10 @@ async fn a_timer_is_claimed_when_due_and_not_before_and_fires_once() {
     assert_eq!(store.next_due().await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn a_signal_that_arrives_while_the_attempt_runs_is_not_lost() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_signal_that_arrives_while_the_attempt_runs_is_not_lost(store: &dyn Store) {
+    let record = running(store).await;
     let wait = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("approve"),
@@ -180,7 +262,7 @@ async fn a_signal_that_arrives_while_the_attempt_runs_is_not_lost() {
         .await
         .unwrap();
     assert!(!sent.woke, "the attempt still runs");
-    let suspended = suspend(&store, &record, vec![wait.index], T0 + 2).await;
+    let suspended = suspend(store, &record, vec![wait.index], T0 + 2).await;
     assert_eq!(
         suspended.next_run_at_ms,
         Some(T0 + 2),
@@ -190,10 +272,8 @@ async fn a_signal_that_arrives_while_the_attempt_runs_is_not_lost() {
     assert_eq!(claimed.len(), 1);
 }
 
-#[tokio::test]
-async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait(store: &dyn Store) {
+    let record = running(store).await;
     for (value, key) in [("1", "k1"), ("2", "k2"), ("1", "k1")] {
         store
             .send_signal(&record.id, signal("step", value, Some(key)), T0)
@@ -202,7 +282,7 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
     }
     // Two buffered (the third was a retry); the first wait takes the first.
     let first = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("step"),
@@ -214,7 +294,7 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
     .await;
     assert_eq!(first.completion.unwrap().value, Some(b"1".to_vec()));
     let second = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("step"),
@@ -226,7 +306,7 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
     .await;
     assert_eq!(second.completion.unwrap().value, Some(b"2".to_vec()));
     let third = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("step"),
@@ -237,7 +317,7 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
     )
     .await;
     assert_eq!(third.completion, None, "nothing left in the buffer");
-    let suspended = suspend(&store, &record, vec![third.index], T0).await;
+    let suspended = suspend(store, &record, vec![third.index], T0).await;
     assert_eq!(suspended.next_run_at_ms, None, "nothing to wake it yet");
     let sent = store
         .send_signal(&record.id, signal("step", "3", None), T0 + 9)
@@ -248,20 +328,10 @@ async fn signals_are_buffered_delivered_in_order_once_and_wake_their_wait() {
     assert_eq!(again.next_run_at_ms, Some(T0 + 9));
 }
 
-#[tokio::test]
-async fn an_awakeable_completes_once_and_an_ended_invocation_takes_nothing() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
-    let awakeable = command(
-        &store,
-        &record,
-        EntryKind::Awakeable,
-        None,
-        Effect::None,
-        T0,
-    )
-    .await;
-    suspend(&store, &record, vec![awakeable.index], T0).await;
+async fn an_awakeable_completes_once_and_an_ended_invocation_takes_nothing(store: &dyn Store) {
+    let record = running(store).await;
+    let awakeable = command(store, &record, EntryKind::Awakeable, None, Effect::None, T0).await;
+    suspend(store, &record, vec![awakeable.index], T0).await;
     let first = store
         .resolve_awakeable(&record.id, awakeable.index, Ok(b"\"yes\"".to_vec()), T0 + 1)
         .await
@@ -309,10 +379,8 @@ async fn an_awakeable_completes_once_and_an_ended_invocation_takes_nothing() {
     assert!(matches!(wrong, Err(StoreError::NotFound(_))));
 }
 
-#[tokio::test]
-async fn an_attempt_cut_short_by_a_crash_is_due_again_at_start() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn an_attempt_cut_short_by_a_crash_is_due_again_at_start(store: &dyn Store) {
+    let record = running(store).await;
     assert!(
         store.claim_due(T0 + 10, 10).await.unwrap().is_empty(),
         "running is not due"
@@ -326,12 +394,10 @@ async fn an_attempt_cut_short_by_a_crash_is_due_again_at_start() {
     );
 }
 
-#[tokio::test]
-async fn a_wait_that_lost_a_race_takes_no_later_signal() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_wait_that_lost_a_race_takes_no_later_signal(store: &dyn Store) {
+    let record = running(store).await;
     let lost = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("x"),
@@ -342,7 +408,7 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
     )
     .await;
     let timer = command(
-        &store,
+        store,
         &record,
         EntryKind::Sleep,
         None,
@@ -352,11 +418,11 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
         T0,
     )
     .await;
-    suspend(&store, &record, vec![lost.index, timer.index], T0).await;
+    suspend(store, &record, vec![lost.index, timer.index], T0).await;
     // The timer wins; the next attempt waits for x again with a new wait.
     let next = store.claim_due(T0 + 10, 10).await.unwrap().remove(0);
     let again = command(
-        &store,
+        store,
         &next,
         EntryKind::Signal,
         Some("x"),
@@ -366,7 +432,7 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
         T0 + 11,
     )
     .await;
-    suspend(&store, &next, vec![again.index], T0 + 11).await;
+    suspend(store, &next, vec![again.index], T0 + 11).await;
     let sent = store
         .send_signal(&record.id, signal("x", "1", None), T0 + 12)
         .await
@@ -387,12 +453,10 @@ async fn a_wait_that_lost_a_race_takes_no_later_signal() {
     );
 }
 
-#[tokio::test]
-async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered(store: &dyn Store) {
+    let record = running(store).await;
     let wait = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("x"),
@@ -403,7 +467,7 @@ async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered() {
     )
     .await;
     let timer = command(
-        &store,
+        store,
         &record,
         EntryKind::Sleep,
         None,
@@ -413,7 +477,7 @@ async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered() {
         T0,
     )
     .await;
-    suspend(&store, &record, vec![wait.index, timer.index], T0).await;
+    suspend(store, &record, vec![wait.index, timer.index], T0).await;
     // The deadline passed at T0 + 10; the signal comes at T0 + 50, before any claim: the
     // deadline won, and the signal waits for the next wait.
     let sent = store
@@ -432,7 +496,7 @@ async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered() {
         "the lost wait took nothing"
     );
     let again = command(
-        &store,
+        store,
         &next,
         EntryKind::Signal,
         Some("x"),
@@ -445,12 +509,10 @@ async fn a_wait_gets_only_its_first_event_and_later_signals_stay_buffered() {
     assert_eq!(again.completion.unwrap().value, Some(b"1".to_vec()));
 }
 
-#[tokio::test]
-async fn a_suspension_takes_the_signal_that_arrived_first() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_suspension_takes_the_signal_that_arrived_first(store: &dyn Store) {
+    let record = running(store).await;
     let a = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("a"),
@@ -461,7 +523,7 @@ async fn a_suspension_takes_the_signal_that_arrived_first() {
     )
     .await;
     let b = command(
-        &store,
+        store,
         &record,
         EntryKind::Signal,
         Some("b"),
@@ -480,7 +542,7 @@ async fn a_suspension_takes_the_signal_that_arrived_first() {
         .send_signal(&record.id, signal("a", "2", None), T0 + 2)
         .await
         .unwrap();
-    suspend(&store, &record, vec![a.index, b.index], T0 + 3).await;
+    suspend(store, &record, vec![a.index, b.index], T0 + 3).await;
     let journal = store.read_journal(&record.id).await.unwrap();
     assert!(
         journal[b.index as usize].completion.is_some(),
@@ -492,10 +554,8 @@ async fn a_suspension_takes_the_signal_that_arrived_first() {
     );
 }
 
-#[tokio::test]
-async fn the_same_append_sent_again_answers_the_recorded_entry() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn the_same_append_sent_again_answers_the_recorded_entry(store: &dyn Store) {
+    let record = running(store).await;
     let step = |value: &str| NewEntry {
         index: Some(1),
         kind: EntryKind::Step,
@@ -525,9 +585,9 @@ async fn the_same_append_sent_again_answers_the_recorded_entry() {
     );
 }
 
-#[tokio::test]
-async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after() {
-    let (store, _dir) = store().await;
+async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after(
+    store: &dyn Store,
+) {
     let day = 24 * 3600 * 1000;
     let claim = || IdempotencyClaim {
         scope: "wf/run".into(),
@@ -535,14 +595,14 @@ async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_af
         request_digest: "d".into(),
         retention_ms: day,
     };
-    let Created::New { record, .. } = create(&store, Some(claim()), T0).await else {
+    let Created::New { record, .. } = create(store, Some(claim()), T0).await else {
         panic!("not new")
     };
     // Ten days of sleeping or backing off later, the key still names the same invocation.
     let later = T0 + 10 * day;
     assert_eq!(store.purge_idempotency_keys(later).await.unwrap(), 0);
     assert!(
-        matches!(create(&store, Some(claim()), later).await, Created::Existing(r) if r.id == record.id)
+        matches!(create(store, Some(claim()), later).await, Created::Existing(r) if r.id == record.id)
     );
     let end = AttemptEnd::Completed {
         output: b"1".to_vec(),
@@ -551,7 +611,7 @@ async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_af
     store.end_attempt(&record.id, 1, end, later).await.unwrap();
     // The retention counts from the end.
     assert!(matches!(
-        create(&store, Some(claim()), later + day - 1).await,
+        create(store, Some(claim()), later + day - 1).await,
         Created::Existing(_)
     ));
     assert_eq!(
@@ -560,15 +620,13 @@ async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_af
     );
     assert_eq!(store.purge_idempotency_keys(later + day).await.unwrap(), 1);
     assert!(matches!(
-        create(&store, Some(claim()), later + day).await,
+        create(store, Some(claim()), later + day).await,
         Created::New { .. }
     ));
 }
 
-#[tokio::test]
-async fn ended_invocations_are_purged_after_their_retention_with_all_they_kept() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn ended_invocations_are_purged_after_their_retention_with_all_they_kept(store: &dyn Store) {
+    let record = running(store).await;
     let state = NewEntry {
         index: None,
         kind: EntryKind::State,
@@ -583,7 +641,7 @@ async fn ended_invocations_are_purged_after_their_retention_with_all_they_kept()
         },
     };
     store.append_entry(&record.id, 1, state, T0).await.unwrap();
-    let still_running = running(&store).await;
+    let still_running = running(store).await;
     let end = AttemptEnd::Completed {
         output: b"1".to_vec(),
         content_type: None,
@@ -610,14 +668,8 @@ async fn ended_invocations_are_purged_after_their_retention_with_all_they_kept()
         .is_some());
 }
 
-#[tokio::test]
-async fn a_journal_past_its_limits_takes_no_more_entries() {
-    let (store, _dir) = store().await;
-    let store = store.with_journal_limits(JournalLimits {
-        max_entries: 3,
-        max_bytes: 1_000,
-    });
-    let record = running(&store).await;
+async fn a_journal_past_its_limits_takes_no_more_entries(store: &dyn Store) {
+    let record = running(store).await;
     let step = |name: &str, value: Vec<u8>| NewEntry {
         index: None,
         kind: EntryKind::Step,
@@ -661,10 +713,8 @@ async fn a_journal_past_its_limits_takes_no_more_entries() {
     .is_some());
 }
 
-#[tokio::test]
-async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next(store: &dyn Store) {
+    let record = running(store).await;
     let back_off = |charged| AttemptEnd::BackOff {
         until_ms: T0,
         error: "boom".into(),
@@ -697,7 +747,7 @@ async fn a_crash_does_not_use_the_budget_of_the_step_that_comes_next() {
 }
 
 /// Runs the current attempt of `record` to its end: a `ship` step, then its output.
-async fn ship_and_complete(store: &SqliteStore, record: &InvocationRecord, now_ms: i64) {
+async fn ship_and_complete(store: &dyn Store, record: &InvocationRecord, now_ms: i64) {
     command(
         store,
         record,
@@ -721,12 +771,10 @@ async fn ship_and_complete(store: &SqliteStore, record: &InvocationRecord, now_m
 /// A restart sent again with its `Idempotency-Key` (its answer was lost) changes nothing,
 /// while the invocation runs again and after it ended again; a restart with another key,
 /// or none, restarts it again, and a refused one does not take the key.
-#[tokio::test]
-async fn a_restart_sent_again_with_its_key_changes_nothing() {
-    let (store, _dir) = store().await;
-    let record = running(&store).await;
+async fn a_restart_sent_again_with_its_key_changes_nothing(store: &dyn Store) {
+    let record = running(store).await;
     command(
-        &store,
+        store,
         &record,
         EntryKind::Step,
         Some("charge"),
@@ -734,18 +782,15 @@ async fn a_restart_sent_again_with_its_key_changes_nothing() {
         T0,
     )
     .await;
-    ship_and_complete(&store, &record, T0).await;
+    ship_and_complete(store, &record, T0).await;
     let restart = |key: Option<&str>, now_ms: i64| {
         store.restart(&record.id, 1, key.map(str::to_owned), now_ms)
     };
     // Claims the restarted run's attempt and runs it to its end.
-    let run_again = |now_ms: i64| {
-        let store = &store;
-        async move {
-            let claimed = store.claim_due(now_ms, 10).await.unwrap();
-            assert_eq!(claimed.len(), 1, "{claimed:?}");
-            ship_and_complete(store, &claimed[0], now_ms).await;
-        }
+    let run_again = |now_ms: i64| async move {
+        let claimed = store.claim_due(now_ms, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1, "{claimed:?}");
+        ship_and_complete(store, &claimed[0], now_ms).await;
     };
 
     let (restarted, changed) = restart(Some("r-1"), T0 + 1).await.unwrap().unwrap();
@@ -786,4 +831,24 @@ async fn a_restart_sent_again_with_its_key_changes_nothing() {
         );
         run_again(T0 + 7).await;
     }
+}
+
+conformance! {
+    a_timer_is_claimed_when_due_and_not_before_and_fires_once,
+    a_signal_that_arrives_while_the_attempt_runs_is_not_lost,
+    signals_are_buffered_delivered_in_order_once_and_wake_their_wait,
+    an_awakeable_completes_once_and_an_ended_invocation_takes_nothing,
+    an_attempt_cut_short_by_a_crash_is_due_again_at_start,
+    a_wait_that_lost_a_race_takes_no_later_signal,
+    a_wait_gets_only_its_first_event_and_later_signals_stay_buffered,
+    a_suspension_takes_the_signal_that_arrived_first,
+    the_same_append_sent_again_answers_the_recorded_entry,
+    an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,
+    ended_invocations_are_purged_after_their_retention_with_all_they_kept,
+    a_journal_past_its_limits_takes_no_more_entries => JournalLimits {
+        max_entries: 3,
+        max_bytes: 1_000,
+    },
+    a_crash_does_not_use_the_budget_of_the_step_that_comes_next,
+    a_restart_sent_again_with_its_key_changes_nothing,
 }

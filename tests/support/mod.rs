@@ -148,7 +148,8 @@ impl InProcess {
     pub async fn start(configure: impl FnOnce(&mut durin::config::Config)) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         let mut config = durin::config::Config {
-            database_url: format!("sqlite:{}", dir.path().join("durin.db").display()),
+            database_url: postgres_database()
+                .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("durin.db").display())),
             drain_timeout: Duration::from_secs(1),
             ..durin::config::Config::default()
         };
@@ -180,6 +181,41 @@ impl InProcess {
 /// A directory with the gateway's database and configuration.
 pub struct GatewayHome {
     pub dir: tempfile::TempDir,
+    /// With `DURIN_TEST_STORE=postgres`, the database URL (a schema of its own).
+    postgres: Option<String>,
+}
+
+/// With `DURIN_TEST_STORE=postgres`, the URL of a new, empty schema on the PostgreSQL
+/// server `DURIN_TEST_POSTGRES` names (`postgres://postgres@127.0.0.1:5432/test` by
+/// default), so that the end-to-end tests run on the PostgreSQL store; `None` otherwise
+/// (a SQLite file).
+pub fn postgres_database() -> Option<String> {
+    if std::env::var("DURIN_TEST_STORE").ok()? != "postgres" {
+        return None;
+    }
+    let server = std::env::var("DURIN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+    // On a thread of its own: the caller may be inside a runtime already.
+    let create = {
+        let (server, schema) = (server.clone(), schema.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let pool = sqlx::PgPool::connect(&server).await.unwrap();
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            });
+        })
+    };
+    create.join().expect("create the test schema");
+    Some(format!("{server}?options=-c%20search_path%3D{schema}"))
 }
 
 impl GatewayHome {
@@ -198,11 +234,17 @@ maximum_attempts = 100
 "#,
         )
         .expect("write config");
-        GatewayHome { dir }
+        GatewayHome {
+            dir,
+            postgres: postgres_database(),
+        }
     }
 
     pub fn db_url(&self) -> String {
-        format!("sqlite:{}", self.dir.path().join("durin.db").display())
+        match &self.postgres {
+            Some(url) => url.clone(),
+            None => format!("sqlite:{}", self.dir.path().join("durin.db").display()),
+        }
     }
 
     pub fn config(&self) -> PathBuf {

@@ -1,0 +1,1451 @@
+//! What a write does to a journal in the PostgreSQL store: appends (fenced by the attempt
+//! and its token), the effects of commands (timers, signal waits, state), completions
+//! numbered in the order their events happened, signals and their binding to waits,
+//! suspensions, and new invocations. Every function runs inside the caller's transaction;
+//! each mirrors the function of the same name in `../sqlite/commands.rs`.
+//!
+//! Where SQLite's one writer makes a read and the write it decides safe, the invocation's
+//! row is locked first (`FOR UPDATE`, see [`lock_invocation`]): the functions that number
+//! completions, fire timers, bind signals or wake an invocation take that lock themselves
+//! (taking it again in the same transaction costs nothing), so that two nodes writing to one
+//! invocation take turns, and always lock the invocation before anything of its own.
+
+use durin_protocol::{EntryKind, Failure};
+use futures_util::future::BoxFuture;
+use sqlx::postgres::PgRow;
+use sqlx::PgConnection;
+
+use super::rows::*;
+use super::*;
+
+/// Locks the row of invocation `id` until the end of the transaction (nothing when there
+/// is no such invocation), so that what a write numbers or takes from it (completion
+/// numbers, timers, buffered signals) is not numbered or taken by another node meanwhile.
+async fn lock_row(conn: &mut PgConnection, id: &str) -> StoreResult<()> {
+    sqlx::query("SELECT id FROM invocations WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(())
+}
+
+/// Appends `entry` for `attempt` at the next free index (which must be `entry.index` when
+/// that is given), inside the caller's transaction.
+pub(super) async fn append(
+    conn: &mut PgConnection,
+    id: &InvocationId,
+    attempt: u32,
+    entry: NewEntry,
+    now_ms: i64,
+    limits: JournalLimits,
+) -> StoreResult<StoredEntry> {
+    let bytes = entry.value.as_ref().map_or(0, Vec::len) as i64
+        + entry.name.as_ref().map_or(0, String::len) as i64;
+    let grown = sqlx::query(
+        "UPDATE invocations SET journal_len = journal_len + 1, \
+         journal_bytes = journal_bytes + $6, position_failures = 0, modified_at_ms = $1 \
+         WHERE id = $2 AND attempt = $3 AND status = 'running' \
+         AND ($4::BIGINT IS NULL OR journal_len = $4) \
+         AND ($5::TEXT IS NULL OR attempt_token = $5) \
+         AND journal_len < $7 AND journal_bytes + $6 <= $8 RETURNING journal_len",
+    )
+    .bind(now_ms)
+    .bind(id.as_str())
+    .bind(i64::from(attempt))
+    .bind(entry.index.map(i64::from))
+    .bind(entry.token.as_deref())
+    .bind(bytes)
+    .bind(i64::from(limits.max_entries))
+    .bind(limits.max_bytes)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let grown = grown.as_ref().map(|row| get_u32(row, 0)).transpose()?;
+    let Some(journal_len) = grown else {
+        let refused = refusal(conn, id.as_str(), attempt).await;
+        return Err(match refused {
+            StoreError::Fenced {
+                current_attempt,
+                status: Status::Running,
+                ..
+            } if current_attempt == attempt => {
+                let current = fetch_invocation(conn, id.as_str()).await?;
+                let token = current.as_ref().and_then(|r| r.attempt_token.clone());
+                if entry.token.is_some() && entry.token != token {
+                    StoreError::WrongToken {
+                        invocation_id: id.to_string(),
+                        attempt,
+                    }
+                } else if let Some(recorded) =
+                    same_append(conn, id.as_str(), attempt, &entry).await?
+                {
+                    // The same append again (its answer was lost): the recorded entry.
+                    return Ok(recorded);
+                } else if let Some(full) = current.as_ref().and_then(|r| {
+                    let index_ok = entry.index.is_none_or(|i| i == r.journal_len);
+                    let limit = if r.journal_len >= limits.max_entries {
+                        Some(format!("{} entries at most", limits.max_entries))
+                    } else if r.journal_bytes + bytes > limits.max_bytes {
+                        Some(format!("{} bytes at most", limits.max_bytes))
+                    } else {
+                        None
+                    };
+                    limit.filter(|_| index_ok)
+                }) {
+                    StoreError::JournalFull {
+                        invocation_id: id.to_string(),
+                        limit: full,
+                    }
+                } else {
+                    StoreError::IndexMismatch {
+                        invocation_id: id.to_string(),
+                        requested: entry.index.unwrap_or_default(),
+                        expected: current.map(|r| r.journal_len).unwrap_or_default(),
+                    }
+                }
+            }
+            other => other,
+        });
+    };
+    let mut stored = StoredEntry {
+        index: journal_len - 1,
+        kind: entry.kind,
+        name: entry.name,
+        value: entry.value,
+        content_type: entry.content_type,
+        failure: entry.failure,
+        attempt,
+        at_ms: now_ms,
+        completion: None,
+    };
+    insert_entry(conn, id.as_str(), &stored).await?;
+    stored.completion = apply_effect(conn, id.as_str(), &stored, entry.effect, now_ms).await?;
+    metrics::counter!(crate::telemetry::APPENDS).increment(1);
+    Ok(stored)
+}
+
+/// The entry an attempt recorded at the index `entry` names, if `entry` is that same append
+/// sent again: same attempt, kind, name and failure, and the same value where the handler
+/// chose it (the gateway computes a sleep's wake time, so a retry cannot repeat it).
+async fn same_append(
+    conn: &mut PgConnection,
+    id: &str,
+    attempt: u32,
+    entry: &NewEntry,
+) -> StoreResult<Option<StoredEntry>> {
+    let Some(index) = entry.index else {
+        return Ok(None);
+    };
+    let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = $1 AND j.idx = $2");
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(i64::from(index))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let Some(recorded) = row.as_ref().map(self::entry).transpose()? else {
+        return Ok(None);
+    };
+    // The gateway chose these values (a wake time, a child's id): a retry cannot repeat them.
+    let value_matches =
+        entry.kind.is_command() || entry.kind == EntryKind::Send || recorded.value == entry.value;
+    let same = recorded.attempt == attempt
+        && recorded.kind == entry.kind
+        && recorded.name == entry.name
+        && recorded.failure == entry.failure
+        && value_matches;
+    Ok(same.then_some(recorded))
+}
+
+/// Refuses a caller that is not the running attempt of the invocation or lacks its token.
+/// The invocation stays locked: what the caller writes next is written by that attempt.
+pub(super) async fn check_attempt(
+    conn: &mut PgConnection,
+    id: &str,
+    attempt: u32,
+    token: &str,
+) -> StoreResult<()> {
+    let current = lock_invocation(conn, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if current.attempt != attempt || current.status != Status::Running {
+        return Err(StoreError::Fenced {
+            invocation_id: id.to_owned(),
+            attempt,
+            current_attempt: current.attempt,
+            status: current.status,
+        });
+    }
+    if current.attempt_token.as_deref() != Some(token) {
+        return Err(StoreError::WrongToken {
+            invocation_id: id.to_owned(),
+            attempt,
+        });
+    }
+    Ok(())
+}
+
+/// Carries out what an appended entry does besides being journaled; returns the entry's
+/// completion when it is complete at once.
+async fn apply_effect(
+    conn: &mut PgConnection,
+    id: &str,
+    entry: &StoredEntry,
+    effect: Effect,
+    now_ms: i64,
+) -> StoreResult<Option<StoredCompletion>> {
+    match effect {
+        Effect::None => Ok(None),
+        Effect::Timer { wake_at_ms } if wake_at_ms <= now_ms => {
+            complete(conn, id, entry.index, None, None, now_ms)
+                .await
+                .map(Some)
+        }
+        Effect::Timer { wake_at_ms } => {
+            sqlx::query("INSERT INTO timers (invocation_id, idx, wake_at_ms) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(i64::from(entry.index))
+                .bind(wake_at_ms)
+                .execute(&mut *conn)
+                .await
+                .map_err(backend)?;
+            Ok(None)
+        }
+        Effect::SignalWait {
+            take_buffered: false,
+        } => Ok(None),
+        Effect::SignalWait {
+            take_buffered: true,
+        } => {
+            let name = entry.name.clone().unwrap_or_default();
+            bind_buffered_signal(conn, id, entry.index, &name, now_ms).await
+        }
+        Effect::State { key, value } => {
+            put_state(conn, id, &key, value.as_deref()).await?;
+            Ok(None)
+        }
+        Effect::StartChild(child) => {
+            insert_child(conn, &child, id, entry, now_ms).await?;
+            Ok(None)
+        }
+        Effect::ChildRefused { failure } if entry.kind == EntryKind::Call => {
+            complete(conn, id, entry.index, None, Some(failure), now_ms)
+                .await
+                .map(Some)
+        }
+        Effect::ChildRefused { .. } => Ok(None),
+        // An update that is no longer pending (or accepted) is left as it is: the entry
+        // is the SDK's record either way.
+        Effect::UpdateAccepted { id: update } => {
+            sqlx::query(
+                "UPDATE updates SET status = 'accepted' \
+                 WHERE invocation_id = $1 AND id = $2 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(update)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+            Ok(None)
+        }
+        Effect::UpdateDone {
+            id: update,
+            result,
+            failure,
+        } => {
+            let failure = failure.as_ref().map(to_json).transpose()?;
+            sqlx::query(
+                "UPDATE updates SET status = 'done', result = $3, failure = $4 \
+                 WHERE invocation_id = $1 AND id = $2 AND status = 'accepted'",
+            )
+            .bind(id)
+            .bind(update)
+            .bind(result)
+            .bind(failure)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Inserts a child invocation, pending and due at `child.due_ms`, with its input entry and
+/// its link to the parent's entry.
+async fn insert_child(
+    conn: &mut PgConnection,
+    child: &ChildStart,
+    parent: &str,
+    entry: &StoredEntry,
+    now_ms: i64,
+) -> StoreResult<()> {
+    let parent_index = entry.index;
+    // The child's trace hangs under the parent's attempt that started it. (The append
+    // that starts the child holds the parent's row already: locking it again is free.)
+    let row = sqlx::query("SELECT traceparent FROM invocations WHERE id = $1 FOR UPDATE")
+        .bind(parent)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let parent_trace: Option<String> = get(&row, 0)?;
+    let traceparent = InvocationId::parse(parent)
+        .map(|p| crate::traces::child_traceparent(&p, parent_trace.as_deref(), entry.attempt))
+        .ok();
+    insert_pending(
+        conn,
+        Pending {
+            id: child.id.as_str(),
+            service: &child.target.service,
+            handler: &child.target.handler,
+            deployment_id: &child.target.deployment_id,
+            input: &child.input,
+            due_ms: child.due_ms,
+            deadline_ms: child.deadline_ms,
+            workflow_id: child.workflow.as_ref().map(|w| w.workflow_id.as_str()),
+            parent: Some((parent, child.awaited.then_some(parent_index))),
+            parent_close: Some(child.parent_close),
+            traceparent,
+        },
+        now_ms,
+    )
+    .await?;
+    if let Some(workflow) = &child.workflow {
+        // The child workflow's run takes the id (it was free: see `check_workflow_id_free`).
+        take_workflow_id(
+            conn,
+            &child.target.service,
+            &workflow.workflow_id,
+            child.id.as_str(),
+            &workflow.input_digest,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Points the workflow id `workflow_id` of `workflow` at the run `invocation`, started
+/// with an input of digest `input_digest`.
+pub(super) async fn take_workflow_id(
+    conn: &mut PgConnection,
+    workflow: &str,
+    workflow_id: &str,
+    invocation: &str,
+    input_digest: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
+         SET invocation_id = excluded.invocation_id, input_digest = excluded.input_digest",
+    )
+    .bind(workflow)
+    .bind(workflow_id)
+    .bind(invocation)
+    .bind(input_digest)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// Sets the state `key` of invocation `id` to `value` (`None` clears it).
+async fn put_state(
+    conn: &mut PgConnection,
+    id: &str,
+    key: &str,
+    value: Option<&[u8]>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO state (invocation_id, key, value) VALUES ($1, $2, $3) \
+         ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(id)
+    .bind(key)
+    .bind(value)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// The run a child workflow's id names and that has not ended, if any (unless the append
+/// is one sent again: its entry is recorded, and the child took the id then). The parent
+/// `id` stays locked for the append that follows.
+pub(super) async fn taken_workflow_id(
+    conn: &mut PgConnection,
+    id: &str,
+    index: Option<u32>,
+    child: &ChildStart,
+) -> StoreResult<Option<String>> {
+    let Some(workflow) = &child.workflow else {
+        return Ok(None);
+    };
+    let recorded = match (index, lock_invocation(conn, id).await?) {
+        (Some(index), Some(record)) => index < record.journal_len,
+        _ => false,
+    };
+    if recorded {
+        return Ok(None);
+    }
+    // The workflow id, locked (it may name no run yet) as `start_workflow` locks it: two
+    // parents starting a child under one new id, on any nodes, take turns.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+        .bind(&child.target.service)
+        .bind(&workflow.workflow_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let row = sqlx::query(
+        "SELECT w.invocation_id FROM workflows w JOIN invocations i ON i.id = w.invocation_id \
+         WHERE w.workflow = $1 AND w.workflow_id = $2 AND i.completed_at_ms IS NULL",
+    )
+    .bind(&child.target.service)
+    .bind(&workflow.workflow_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    row.as_ref().map(|row| get(row, 0)).transpose()
+}
+
+/// Applies the parent-close policies of the unfinished children of `parent`, which has
+/// just ended: `terminate` ends them at once (into `closed`), `cancel` cancels them (they
+/// compensate), `abandon` leaves them.
+pub(super) async fn close_children(
+    conn: &mut PgConnection,
+    parent: &str,
+    now_ms: i64,
+    closed: &mut Vec<(InvocationRecord, StoredEntry)>,
+) -> StoreResult<()> {
+    for (child, policy) in open_children(conn, parent).await? {
+        match policy {
+            ParentClose::Terminate => {
+                let ending = Ending::terminated(format!("its parent {parent} closed"));
+                end_now_boxed(conn, &child, &ending, now_ms, closed).await?;
+            }
+            ParentClose::Cancel => {
+                cancel_boxed(conn, &child, now_ms).await?;
+            }
+            ParentClose::Abandon => {}
+        }
+    }
+    Ok(())
+}
+
+/// The unfinished children of `parent` with their parent-close policy.
+async fn open_children(
+    conn: &mut PgConnection,
+    parent: &str,
+) -> StoreResult<Vec<(String, ParentClose)>> {
+    let rows = sqlx::query(
+        "SELECT id, parent_close FROM invocations WHERE parent_invocation_id = $1 \
+         AND completed_at_ms IS NULL ORDER BY id",
+    )
+    .bind(parent)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(backend)?;
+    rows.iter()
+        .map(|row| {
+            let id: String = get(row, 0)?;
+            let policy: Option<String> = get(row, 1)?;
+            let policy = policy
+                .as_deref()
+                .and_then(ParentClose::parse)
+                .unwrap_or(ParentClose::Abandon);
+            Ok((id, policy))
+        })
+        .collect()
+}
+
+/// An invocation created pending by another one (a child, the next run of a workflow).
+pub(super) struct Pending<'a> {
+    pub id: &'a str,
+    pub service: &'a str,
+    pub handler: &'a str,
+    pub deployment_id: &'a str,
+    pub input: &'a [u8],
+    pub due_ms: i64,
+    pub deadline_ms: Option<i64>,
+    pub workflow_id: Option<&'a str>,
+    /// The parent and, for a `call`, its entry.
+    pub parent: Option<(&'a str, Option<u32>)>,
+    pub parent_close: Option<ParentClose>,
+    /// The W3C `traceparent` its trace continues.
+    pub traceparent: Option<String>,
+}
+
+/// Inserts an invocation that waits for the scheduler (attempt 0, due at `due_ms`), with
+/// its JSON input entry.
+pub(super) async fn insert_pending(
+    conn: &mut PgConnection,
+    new: Pending<'_>,
+    now_ms: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+         failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
+         modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index, \
+         deadline_ms, parent_close, traceparent) \
+         VALUES ($1, $2, $3, $4, 'pending', 0, 0, 0, 1, $5, $6, $6, $7, $8, $9, $10, $11, $12, \
+         $13)",
+    )
+    .bind(new.id)
+    .bind(new.service)
+    .bind(new.handler)
+    .bind(new.deployment_id)
+    .bind(new.due_ms)
+    .bind(now_ms)
+    .bind(new.input.len() as i64)
+    .bind(new.workflow_id)
+    .bind(new.parent.map(|(p, _)| p))
+    .bind(new.parent.and_then(|(_, index)| index).map(i64::from))
+    .bind(new.deadline_ms)
+    .bind(new.parent_close.map(ParentClose::as_str))
+    .bind(new.traceparent.as_deref())
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    insert_entry(
+        conn,
+        new.id,
+        &input_entry(new.input.to_vec(), Some("application/json".into()), now_ms),
+    )
+    .await
+}
+
+/// An invocation's entry 0.
+fn input_entry(value: Vec<u8>, content_type: Option<String>, now_ms: i64) -> StoredEntry {
+    StoredEntry {
+        index: 0,
+        kind: EntryKind::Input,
+        name: None,
+        value: Some(value),
+        content_type,
+        failure: None,
+        attempt: 0,
+        at_ms: now_ms,
+        completion: None,
+    }
+}
+
+/// When an invocation a parent's `call` started has ended: its output or failure completes
+/// the parent's entry (after the parent's timers due by then), and wakes the parent if it
+/// waits for it. Nothing when the parent has ended. The parent is locked first.
+pub(super) async fn complete_parent(
+    conn: &mut PgConnection,
+    child: &InvocationRecord,
+    output: Option<&StoredEntry>,
+    now_ms: i64,
+) -> StoreResult<()> {
+    let (Some(parent), Some(index)) = (&child.parent_invocation_id, child.parent_index) else {
+        return Ok(());
+    };
+    let open = lock_invocation(conn, parent)
+        .await?
+        .is_some_and(|p| !p.status.is_final());
+    if !open {
+        return Ok(());
+    }
+    fire_timers(conn, parent, now_ms, now_ms).await?;
+    let (value, failure) = match child.status {
+        Status::Completed => (output.and_then(|o| o.value.clone()), None),
+        _ => (None, child.failure.clone()),
+    };
+    complete(conn, parent, index, value, failure, now_ms).await?;
+    wake_if_waiting(conn, parent, index, now_ms).await?;
+    Ok(())
+}
+
+/// Hands the oldest buffered signal named `name` to the wait at `index`, if there is one.
+/// Timers that were due when the signal arrived fire first, so that completions are
+/// numbered in the order their events happened. The signal taken is locked, so that no
+/// other wait takes it.
+async fn bind_buffered_signal(
+    conn: &mut PgConnection,
+    id: &str,
+    index: u32,
+    name: &str,
+    now_ms: i64,
+) -> StoreResult<Option<StoredCompletion>> {
+    // The invocation before its signal, as every write locks them.
+    lock_row(conn, id).await?;
+    let row = sqlx::query(
+        "SELECT seq, value, at_ms FROM signals WHERE invocation_id = $1 AND name = $2 \
+         AND consumed_by IS NULL ORDER BY seq LIMIT 1 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let seq = get_u32(&row, 0)?;
+    let value: Option<Vec<u8>> = get(&row, 1)?;
+    let arrived_at_ms: i64 = get(&row, 2)?;
+    fire_timers(conn, id, arrived_at_ms, now_ms).await?;
+    sqlx::query("UPDATE signals SET consumed_by = $1 WHERE invocation_id = $2 AND seq = $3")
+        .bind(i64::from(index))
+        .bind(id)
+        .bind(i64::from(seq))
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    complete(conn, id, index, value, None, now_ms)
+        .await
+        .map(Some)
+}
+
+/// Writes the completion of the command at `index` (the next in order of arrival). The
+/// invocation is locked first, so that no other node numbers a completion of it meanwhile.
+pub(super) async fn complete(
+    conn: &mut PgConnection,
+    id: &str,
+    index: u32,
+    value: Option<Vec<u8>>,
+    failure: Option<Failure>,
+    now_ms: i64,
+) -> StoreResult<StoredCompletion> {
+    lock_row(conn, id).await?;
+    let row =
+        sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM completions WHERE invocation_id = $1")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend)?;
+    let seq = get_u32(&row, 0)?;
+    let failure_json = failure.as_ref().map(to_json).transpose()?;
+    sqlx::query(
+        "INSERT INTO completions (invocation_id, idx, seq, value, failure, at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(i64::from(index))
+    .bind(i64::from(seq))
+    .bind(value.as_deref())
+    .bind(failure_json)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(StoredCompletion {
+        seq,
+        value,
+        failure,
+        at_ms: now_ms,
+    })
+}
+
+/// Whether updates sent since the current attempt started wait for the run to accept or
+/// refuse them (the attempt was given the older ones: if it suspends without handling
+/// them, it waits inside an update, and they wait for its next wait).
+async fn has_pending_updates(conn: &mut PgConnection, id: &str) -> StoreResult<bool> {
+    let found = sqlx::query(
+        "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
+         WHERE u.invocation_id = $1 AND u.status = 'pending' \
+         AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0) LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(found.is_some())
+}
+
+pub(super) const UPDATE_COLUMNS: &str = "invocation_id, id, name, status, result, failure";
+
+/// An update's row (of [`UPDATE_COLUMNS`]), checked.
+pub(super) fn update_row(row: &PgRow) -> StoreResult<UpdateRecord> {
+    let run: String = get(row, 0)?;
+    let status: String = get(row, 3)?;
+    let failure: Option<String> = get(row, 5)?;
+    Ok(UpdateRecord {
+        invocation_id: InvocationId::parse(&run).map_err(corrupt)?,
+        id: get(row, 1)?,
+        name: get(row, 2)?,
+        status: UpdateStatus::parse(&status)
+            .ok_or_else(|| corrupt(format!("unknown update status {status:?}")))?,
+        result: get(row, 4)?,
+        failure: failure
+            .map(|f| serde_json::from_str(&f))
+            .transpose()
+            .map_err(backend)?,
+    })
+}
+
+/// The completion number of the invocation's cancellation, if someone cancelled it.
+pub(super) async fn cancel_seq(conn: &mut PgConnection, id: &str) -> StoreResult<Option<u32>> {
+    let row = sqlx::query(
+        "SELECT c.seq FROM journal j JOIN completions c \
+         ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+         WHERE j.invocation_id = $1 AND j.kind = 'cancel' ORDER BY j.idx LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    row.as_ref().map(|row| get_u32(row, 0)).transpose()
+}
+
+/// Makes a suspended invocation due now if it waits for the command at `index` (read
+/// locked, so that it is still suspended when it is made due).
+pub(super) async fn wake_if_waiting(
+    conn: &mut PgConnection,
+    id: &str,
+    index: u32,
+    now_ms: i64,
+) -> StoreResult<bool> {
+    let row = sqlx::query("SELECT status, waiting_for FROM invocations WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let status: String = get(&row, 0)?;
+    let waiting_for: Option<String> = get(&row, 1)?;
+    let waits: Vec<u32> = waiting_for
+        .map(|w| serde_json::from_str(&w))
+        .transpose()
+        .map_err(backend)?
+        .unwrap_or_default();
+    if status != Status::Suspended.as_str() || !waits.contains(&index) {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE invocations SET next_run_at_ms = LEAST(COALESCE(next_run_at_ms, $1), $1), \
+         modified_at_ms = $1 WHERE id = $2",
+    )
+    .bind(now_ms)
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(true)
+}
+
+/// Where a suspension leaves the invocation: due now when a command it waits for has
+/// completed (or a waited timer is due), else at the first waited timer (`until_ms` for a
+/// version 1 handler), else when a completion wakes it. `None` for the due time and
+/// `false` when it waits for nothing that can ever complete.
+pub(super) async fn suspension_due(
+    conn: &mut PgConnection,
+    id: &str,
+    until_ms: Option<i64>,
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<(Option<i64>, bool)> {
+    // A wait takes a signal only while someone waits for it (when it is appended, or now),
+    // so a wait that lost a race and is never waited for again takes nothing; and only the
+    // first event of a wait is delivered: nothing is bound once one of the commands it
+    // waits for has completed (or its timer is due before the signal came).
+    let race = race_state(conn, id, waiting_for, now_ms).await?;
+    if !race.decided {
+        if let Some((index, name, arrived_at_ms)) = first_buffered(conn, id, waiting_for).await? {
+            if race.first_due_timer.is_none_or(|due| arrived_at_ms < due) {
+                bind_buffered_signal(conn, id, index, &name, now_ms).await?;
+            }
+        }
+    }
+    let mut due = until_ms;
+    let mut can_complete = until_ms.is_some();
+    // An update that came during the attempt is handled at once, by the next one.
+    if has_pending_updates(conn, id).await? {
+        due = Some(now_ms);
+        can_complete = true;
+    }
+    for index in waiting_for {
+        let row = sqlx::query(
+            "SELECT j.kind, c.seq, t.wake_at_ms FROM journal j \
+             LEFT JOIN completions c ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+             LEFT JOIN timers t ON t.invocation_id = j.invocation_id AND t.idx = j.idx \
+             WHERE j.invocation_id = $1 AND j.idx = $2",
+        )
+        .bind(id)
+        .bind(i64::from(*index))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            continue;
+        };
+        let kind: String = get(&row, 0)?;
+        let completed = get_opt_u32(&row, 1)?;
+        let wake_at: Option<i64> = get(&row, 2)?;
+        if !EntryKind::parse(&kind).is_some_and(EntryKind::is_command) {
+            continue;
+        }
+        can_complete = true;
+        let at = if completed.is_some() {
+            Some(now_ms)
+        } else {
+            wake_at
+        };
+        due = match (due, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((due, can_complete))
+}
+
+/// Where a wait for the first of `waiting_for` stands.
+struct RaceState {
+    /// One of the commands has completed: the wait is decided.
+    decided: bool,
+    /// The earliest wake time of a waited timer that has not fired.
+    first_due_timer: Option<i64>,
+}
+
+async fn race_state(
+    conn: &mut PgConnection,
+    id: &str,
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<RaceState> {
+    let mut state = RaceState {
+        decided: false,
+        first_due_timer: None,
+    };
+    for index in waiting_for {
+        let row = sqlx::query(
+            "SELECT c.seq, t.wake_at_ms FROM journal j \
+             LEFT JOIN completions c ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+             LEFT JOIN timers t ON t.invocation_id = j.invocation_id AND t.idx = j.idx \
+             WHERE j.invocation_id = $1 AND j.idx = $2",
+        )
+        .bind(id)
+        .bind(i64::from(*index))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+        let row: Option<(Option<u32>, Option<i64>)> = match row {
+            Some(row) => Some((get_opt_u32(&row, 0)?, get(&row, 1)?)),
+            None => None,
+        };
+        match row {
+            Some((Some(_), _)) => state.decided = true,
+            Some((None, Some(wake_at))) if wake_at <= now_ms => {
+                state.first_due_timer =
+                    Some(state.first_due_timer.map_or(wake_at, |t| t.min(wake_at)));
+            }
+            _ => {}
+        }
+    }
+    Ok(state)
+}
+
+/// The buffered signal that arrived first among those the open waits of `waiting_for` can
+/// take, with the wait that takes it (the lowest index of its name): `(index, name,
+/// arrived at)`.
+async fn first_buffered(
+    conn: &mut PgConnection,
+    id: &str,
+    waiting_for: &[u32],
+) -> StoreResult<Option<(u32, String, i64)>> {
+    let mut sorted = waiting_for.to_vec();
+    sorted.sort_unstable();
+    let mut best: Option<(u32, u32, String, i64)> = None;
+    for index in sorted {
+        let row = sqlx::query(
+            "SELECT j.name FROM journal j WHERE j.invocation_id = $1 AND j.idx = $2 \
+             AND j.kind = 'signal' AND NOT EXISTS (SELECT 1 FROM completions c \
+             WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx)",
+        )
+        .bind(id)
+        .bind(i64::from(index))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else { continue };
+        let name: String = get(&row, 0)?;
+        let buffered = sqlx::query(
+            "SELECT seq, at_ms FROM signals WHERE invocation_id = $1 AND name = $2 \
+             AND consumed_by IS NULL ORDER BY seq LIMIT 1",
+        )
+        .bind(id)
+        .bind(&name)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+        if let Some(buffered) = buffered {
+            let seq = get_u32(&buffered, 0)?;
+            let at_ms: i64 = get(&buffered, 1)?;
+            if best.as_ref().is_none_or(|(best_seq, ..)| seq < *best_seq) {
+                best = Some((seq, index, name, at_ms));
+            }
+        }
+    }
+    Ok(best.map(|(_, index, name, at_ms)| (index, name, at_ms)))
+}
+
+/// Fires the invocation's timers due by `by_ms`: each gets its completion (at `now_ms`), in
+/// order of their wake times. The invocation is locked first, so that no other node fires
+/// the same timers meanwhile.
+pub(super) async fn fire_timers(
+    conn: &mut PgConnection,
+    id: &str,
+    by_ms: i64,
+    now_ms: i64,
+) -> StoreResult<()> {
+    lock_row(conn, id).await?;
+    let rows = sqlx::query(
+        "SELECT idx FROM timers WHERE invocation_id = $1 AND wake_at_ms <= $2 \
+         ORDER BY wake_at_ms, idx",
+    )
+    .bind(id)
+    .bind(by_ms)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let due: Vec<u32> = rows
+        .iter()
+        .map(|row| get_u32(row, 0))
+        .collect::<StoreResult<_>>()?;
+    for index in due {
+        complete(conn, id, index, None, None, now_ms).await?;
+        sqlx::query("DELETE FROM timers WHERE invocation_id = $1 AND idx = $2")
+            .bind(id)
+            .bind(i64::from(index))
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Inserts a new invocation, running its first attempt, with its input entry and its
+/// idempotency claim.
+pub(super) async fn insert_invocation(
+    conn: &mut PgConnection,
+    new: NewInvocation,
+    workflow_id: Option<&str>,
+) -> StoreResult<(InvocationRecord, StoredEntry)> {
+    let id = new.id.as_str();
+    let sql = format!(
+        "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+         failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
+         created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
+         deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent) \
+         VALUES ($1, $2, $3, $4, 'running', 1, 0, 0, 1, NULL, $6, $5, $5, $7, $8, $9, $10, $5, $5, \
+         $11) \
+         RETURNING {INVOCATION_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(&new.target.service)
+        .bind(&new.target.handler)
+        .bind(&new.target.deployment_id)
+        .bind(new.now_ms)
+        .bind(new.idempotency.as_ref().map(|c| c.key.as_str()))
+        .bind(new_attempt_token())
+        .bind(workflow_id)
+        .bind(new.input.len() as i64)
+        .bind(new.deadline_ms)
+        .bind(new.traceparent.as_deref())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let record = row
+        .as_ref()
+        .map(invocation)
+        .transpose()?
+        .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
+    let input = input_entry(new.input, new.content_type, new.now_ms);
+    insert_entry(conn, id, &input).await?;
+    if let Some(claim) = &new.idempotency {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, \
+             expires_at_ms, retention_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&claim.scope)
+        .bind(&claim.key)
+        .bind(&claim.request_digest)
+        .bind(id)
+        // It expires only once the invocation has ended (see `end_attempt`).
+        .bind(i64::MAX)
+        .bind(claim.retention_ms)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    }
+    Ok((record, input))
+}
+
+/// The sequence number of the invocation's signal sent with idempotency key `key`.
+pub(super) async fn signal_seq(
+    conn: &mut PgConnection,
+    id: &str,
+    key: &str,
+) -> StoreResult<Option<u32>> {
+    let row =
+        sqlx::query("SELECT seq FROM signals WHERE invocation_id = $1 AND idempotency_key = $2")
+            .bind(id)
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?;
+    row.as_ref().map(|row| get_u32(row, 0)).transpose()
+}
+
+/// Stores a signal and hands it to the oldest open wait of its name. The invocation is
+/// locked first: signals sent to it at once from several nodes are numbered (and checked
+/// for their idempotency key) one after the other.
+pub(super) async fn insert_signal(
+    conn: &mut PgConnection,
+    id: &str,
+    signal: NewSignal,
+    now_ms: i64,
+) -> StoreResult<SignalSent> {
+    let record = lock_invocation(conn, id).await?;
+    if let Some(key) = &signal.idempotency_key {
+        if let Some(seq) = signal_seq(conn, id, key).await? {
+            return Ok(SignalSent {
+                seq,
+                duplicate: true,
+                woke: false,
+            });
+        }
+    }
+    let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 FROM signals WHERE invocation_id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let seq = get_u32(&row, 0)?;
+    // The oldest wait for this name that a suspended attempt waits for; otherwise the
+    // signal is buffered until a wait takes it.
+    let waiting_for: Vec<u32> = match record {
+        Some(record) if record.status == Status::Suspended => record.waiting_for,
+        _ => Vec::new(),
+    };
+    let open_waits: Vec<u32> = if waiting_for.is_empty() {
+        Vec::new()
+    } else {
+        let rows = sqlx::query(
+            "SELECT j.idx FROM journal j WHERE j.invocation_id = $1 AND j.kind = 'signal' \
+             AND j.name = $2 AND NOT EXISTS (SELECT 1 FROM completions c \
+             WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx) ORDER BY j.idx",
+        )
+        .bind(id)
+        .bind(&signal.name)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| get_u32(row, 0))
+            .collect::<StoreResult<_>>()?
+    };
+    // Only the first event of a wait is delivered: when a command it waits for has
+    // completed, or a waited timer was due before this signal came, the signal stays
+    // buffered for a later wait.
+    let race = race_state(conn, id, &waiting_for, now_ms).await?;
+    let open_wait = open_waits
+        .into_iter()
+        .find(|i| waiting_for.contains(i))
+        .filter(|_| !race.decided && race.first_due_timer.is_none());
+    sqlx::query(
+        "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, consumed_by, at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(i64::from(seq))
+    .bind(&signal.name)
+    .bind(signal.value.as_slice())
+    .bind(signal.idempotency_key.as_deref())
+    .bind(open_wait.map(i64::from))
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let mut woke = false;
+    if let Some(index) = open_wait {
+        complete(conn, id, index, Some(signal.value), None, now_ms).await?;
+        woke = wake_if_waiting(conn, id, index, now_ms).await?;
+    }
+    Ok(SignalSent {
+        seq,
+        duplicate: false,
+        woke,
+    })
+}
+
+/// Cancels an invocation (see [`Store::cancel`]) and, with it, the children its `call`
+/// entries wait for, in the caller's transaction.
+pub(super) async fn cancel(
+    conn: &mut PgConnection,
+    id: &str,
+    now_ms: i64,
+) -> StoreResult<CancelAnswer> {
+    cancel_boxed(conn, id, now_ms).await
+}
+
+/// [`cancel`], boxed: it cancels children, which cancel theirs.
+fn cancel_boxed<'a>(
+    conn: &'a mut PgConnection,
+    id: &'a str,
+    now_ms: i64,
+) -> BoxFuture<'a, StoreResult<CancelAnswer>> {
+    Box::pin(async move {
+        let record = lock_invocation(conn, id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if record.status.is_final() {
+            return Ok(CancelAnswer::Ended(record));
+        }
+        if record.cancel_requested_at_ms.is_some() {
+            return Ok(CancelAnswer::AlreadyRequested(record));
+        }
+        if record.status == Status::Paused {
+            return Ok(CancelAnswer::Paused(record));
+        }
+        // Timers due by now fired before the cancellation (completions are numbered in the
+        // order their events happened).
+        fire_timers(conn, id, now_ms, now_ms).await?;
+        let index = record.journal_len;
+        insert_entry(
+            conn,
+            id,
+            &StoredEntry {
+                index,
+                kind: EntryKind::Cancel,
+                name: None,
+                value: None,
+                content_type: None,
+                failure: None,
+                attempt: record.attempt,
+                at_ms: now_ms,
+                completion: None,
+            },
+        )
+        .await?;
+        complete(conn, id, index, None, None, now_ms).await?;
+        // Pending and due now: a running attempt is fenced (its appends and its end are
+        // refused) and the next one replays up to the cancellation.
+        let sql = format!(
+            "UPDATE invocations SET journal_len = journal_len + 1, cancel_requested_at_ms = $1, \
+             status = 'pending', next_run_at_ms = $1, waiting_for = NULL, modified_at_ms = $1 \
+             WHERE id = $2 RETURNING {INVOCATION_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?;
+        let record = row
+            .as_ref()
+            .map(invocation)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        // A cancelled parent cancels the children it does not abandon.
+        for (child, policy) in open_children(conn, id).await? {
+            if policy != ParentClose::Abandon {
+                cancel_boxed(conn, &child, now_ms).await?;
+            }
+        }
+        Ok(CancelAnswer::Requested(record))
+    })
+}
+
+/// How [`end_now`] ends an invocation.
+pub(super) struct Ending {
+    /// `terminated`, or `failed` for a timeout.
+    pub status: Status,
+    pub failure: Failure,
+    /// The message of the children's own ending.
+    pub children: String,
+}
+
+impl Ending {
+    /// `terminated` (status 409, type `Terminated`) with `message`, which the children
+    /// it takes along get too.
+    pub fn terminated(message: String) -> Ending {
+        Ending {
+            status: Status::Terminated,
+            failure: Failure {
+                status: 409,
+                error_type: Some("Terminated".into()),
+                message: message.clone(),
+            },
+            children: message,
+        }
+    }
+}
+
+/// Ends an invocation at once, fenced like any change of state, and terminates the
+/// children its `call` entries wait for (see [`Store::terminate`]); what it ended goes to
+/// `ended`. Returns the invocation's record (unchanged when it had ended).
+pub(super) async fn end_now(
+    conn: &mut PgConnection,
+    id: &str,
+    ending: &Ending,
+    now_ms: i64,
+    ended: &mut Vec<(InvocationRecord, StoredEntry)>,
+) -> StoreResult<InvocationRecord> {
+    end_now_boxed(conn, id, ending, now_ms, ended).await
+}
+
+/// [`end_now`], boxed: it ends children, which end theirs.
+fn end_now_boxed<'a>(
+    conn: &'a mut PgConnection,
+    id: &'a str,
+    ending: &'a Ending,
+    now_ms: i64,
+    ended: &'a mut Vec<(InvocationRecord, StoredEntry)>,
+) -> BoxFuture<'a, StoreResult<InvocationRecord>> {
+    Box::pin(async move {
+        let record = lock_invocation(conn, id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        if record.status.is_final() {
+            return Ok(record);
+        }
+        let sql = format!(
+            "UPDATE invocations SET status = $4, journal_len = journal_len + 1, \
+             completed_at_ms = $1, failure = $2, next_run_at_ms = NULL, waiting_for = NULL, \
+             modified_at_ms = $1 WHERE id = $3 RETURNING {INVOCATION_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(to_json(&ending.failure)?)
+            .bind(id)
+            .bind(ending.status.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?;
+        let record = row
+            .as_ref()
+            .map(invocation)
+            .transpose()?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+        let output = record_output(
+            conn,
+            &record,
+            record.attempt,
+            (None, None, Some(ending.failure.clone())),
+            now_ms,
+        )
+        .await?;
+        complete_parent(conn, &record, Some(&output), now_ms).await?;
+        ended.push((record.clone(), output));
+        // A parent ended this way takes the children it does not abandon with it.
+        let children = Ending::terminated(ending.children.clone());
+        for (child, policy) in open_children(conn, id).await? {
+            if policy != ParentClose::Abandon {
+                end_now_boxed(conn, &child, &children, now_ms, ended).await?;
+            }
+        }
+        Ok(record)
+    })
+}
+
+/// See [`Store::restart`]. Every check comes before the first write; the invocation is
+/// locked from the first.
+pub(super) async fn restart(
+    conn: &mut PgConnection,
+    id: &str,
+    from: u32,
+    key: Option<&str>,
+    now_ms: i64,
+) -> StoreResult<Result<(InvocationRecord, bool), String>> {
+    let record = lock_invocation(conn, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if let Some(key) = key {
+        // The last restart sent again (its answer was lost): it was done, whatever became
+        // of the invocation since.
+        let row = sqlx::query("SELECT restart_key FROM invocations WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend)?;
+        let last: Option<String> = get(&row, 0)?;
+        if last.as_deref() == Some(key) {
+            return Ok(Ok((record, false)));
+        }
+    }
+    let refuse = |why: String| Ok(Err(why));
+    if !(record.status.is_final() || record.status == Status::Paused) {
+        return refuse(format!(
+            "invocation {id} is {}: pause it first, then restart it",
+            record.status
+        ));
+    }
+    if record.status == Status::Continued {
+        return refuse(format!(
+            "invocation {id} continued as new; its workflow id names a later run"
+        ));
+    }
+    if record.parent_index.is_some() && record.status.is_final() {
+        return refuse(format!(
+            "invocation {id} gave its result to its parent {}; restart the parent instead",
+            record.parent_invocation_id.as_deref().unwrap_or_default()
+        ));
+    }
+    // An ended invocation's last entry is its output, which goes.
+    let last = record
+        .journal_len
+        .saturating_sub(if record.status.is_final() { 2 } else { 1 });
+    if from == 0 || from > last {
+        return refuse(format!(
+            "a restart keeps entries 0 to N, with N from 1 to {last}, not {from}"
+        ));
+    }
+    // Entries that started something the replay would start again.
+    let row = sqlx::query(
+        "SELECT idx, kind FROM journal WHERE invocation_id = $1 AND idx > $2 \
+         AND kind IN ('call', 'send', 'update', 'update_result') ORDER BY idx LIMIT 1",
+    )
+    .bind(id)
+    .bind(i64::from(from))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let started: Option<(u32, String)> = match row {
+        Some(row) => Some((get_u32(&row, 0)?, get(&row, 1)?)),
+        None => None,
+    };
+    if let Some((index, kind)) = started {
+        return refuse(format!(
+            "entry {index} (a {kind}) comes after entry {from}: a restart from there would start it again"
+        ));
+    }
+    for sql in [
+        "DELETE FROM journal WHERE invocation_id = $1 AND idx > $2",
+        "DELETE FROM completions WHERE invocation_id = $1 AND idx > $2",
+        "DELETE FROM timers WHERE invocation_id = $1 AND idx > $2",
+        "UPDATE signals SET consumed_by = NULL WHERE invocation_id = $1 AND consumed_by > $2",
+    ] {
+        sqlx::query(sql)
+            .bind(id)
+            .bind(i64::from(from))
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+    }
+    sqlx::query("DELETE FROM state WHERE invocation_id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    // The durable state as the entries kept left it.
+    let rows = sqlx::query(
+        "SELECT name, value FROM journal WHERE invocation_id = $1 AND kind = 'state' \
+         ORDER BY idx",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(backend)?;
+    let writes: Vec<(String, Option<Vec<u8>>)> = rows
+        .iter()
+        .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+        .collect::<StoreResult<_>>()?;
+    for (key, value) in writes {
+        let op: serde_json::Value = value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .unwrap_or_default();
+        let kept = op.get("set").map(|v| v.to_string().into_bytes());
+        put_state(conn, id, &key, kept.as_deref()).await?;
+    }
+    let cancel_kept =
+        sqlx::query("SELECT 1 FROM journal WHERE invocation_id = $1 AND kind = 'cancel' LIMIT 1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?
+            .is_some();
+    // `LENGTH` counts a name's characters, as SQLite's does (`append` counts its bytes).
+    let sql = format!(
+        "UPDATE invocations SET status = 'pending', next_run_at_ms = $1, modified_at_ms = $1, \
+         journal_len = $3 + 1, \
+         journal_bytes = (SELECT COALESCE(SUM(COALESCE(LENGTH(value), 0) \
+             + COALESCE(LENGTH(name), 0)), 0)::BIGINT \
+             FROM journal WHERE invocation_id = $2), \
+         completed_at_ms = NULL, failure = NULL, waiting_for = NULL, failures = 0, \
+         position_failures = 0, last_error = $4, \
+         cancel_requested_at_ms = CASE WHEN $5 THEN cancel_requested_at_ms ELSE NULL END, \
+         restart_key = $6 \
+         WHERE id = $2 RETURNING {INVOCATION_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(now_ms)
+        .bind(id)
+        .bind(i64::from(from))
+        .bind(format!("restarted from entry {from} by an operator"))
+        .bind(cancel_kept)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let record = row
+        .as_ref()
+        .map(invocation)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    // Its idempotency key names it again for as long as it runs.
+    sqlx::query("UPDATE idempotency_keys SET expires_at_ms = $2 WHERE invocation_id = $1")
+        .bind(id)
+        .bind(i64::MAX)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(Ok((record, true)))
+}
+
+/// The output entry of an invocation that has just ended (its last index, which the end
+/// reserved), and what ends with it: its timers, its unhandled updates, and the hold of its
+/// idempotency key, which now expires after its retention (mirrors `record_output` of
+/// `../sqlite/mod.rs`).
+pub(super) async fn record_output(
+    conn: &mut PgConnection,
+    record: &InvocationRecord,
+    attempt: u32,
+    output: (Option<Vec<u8>>, Option<String>, Option<Failure>),
+    now_ms: i64,
+) -> StoreResult<StoredEntry> {
+    let (value, content_type, failure) = output;
+    let id = record.id.as_str();
+    let entry = StoredEntry {
+        index: record.journal_len - 1,
+        kind: EntryKind::Output,
+        name: None,
+        value,
+        content_type,
+        failure,
+        attempt,
+        at_ms: now_ms,
+        completion: None,
+    };
+    insert_entry(conn, id, &entry).await?;
+    // Timers of an ended invocation will never be waited for, nor its updates handled.
+    sqlx::query("DELETE FROM timers WHERE invocation_id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    sqlx::query(
+        "UPDATE updates SET status = 'abandoned' \
+         WHERE invocation_id = $1 AND status IN ('pending', 'accepted')",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    if record.idempotency_key.is_some() {
+        sqlx::query(
+            "UPDATE idempotency_keys SET expires_at_ms = $1 + retention_ms \
+             WHERE invocation_id = $2 AND retention_ms IS NOT NULL",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    }
+    Ok(entry)
+}

@@ -1,0 +1,251 @@
+//! The PostgreSQL store: several Durin nodes share one database, which is the source of
+//! truth (`--database postgres://...`).
+//!
+//! Writes are group-committed, as in the SQLite store: every write is an async closure
+//! sent to one of [`WRITERS`] writer tasks (the one its routing key, an invocation id,
+//! hashes to, so that the writes of one invocation keep their order); a writer takes what
+//! has queued up (up to [`MAX_BATCH`]), runs it in one transaction, commits once and only
+//! then answers each caller. Each write runs under a savepoint of its own: one that fails
+//! (a failed statement, a fence) is rolled back to its savepoint and leaves its
+//! neighbours' writes in the batch. Reads run on the pool.
+//!
+//! What SQLite gets from its one writer, PostgreSQL gets from row locks: a write that reads
+//! an invocation before it changes it reads it `FOR UPDATE`, and every fenced change
+//! re-checks its fence (attempt, status) in the `UPDATE` itself.
+//!
+//! This file holds the pool, the group commit and the migrations; `rows.rs` the row
+//! mappings and shared statements; `commands.rs` what a write does to a journal; `store.rs`
+//! the `Store` methods.
+
+use std::hash::{Hash, Hasher};
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, PgConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+mod commands;
+mod rows;
+mod store;
+
+/// The most writes one transaction carries.
+const MAX_BATCH: usize = 256;
+/// Writer tasks, each with a connection of its own for its batches.
+const WRITERS: usize = 4;
+/// Connections for reads, beside the writers'.
+const READERS: u32 = 8;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// After the batch's commit (or its failure), hands the caller its result.
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// One write: runs inside the batch's transaction, under a savepoint; the flag is true when
+/// it failed, so that its savepoint is rolled back.
+type WriteOp = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (Reply, bool)> + Send>;
+
+pub struct PostgresStore {
+    pool: PgPool,
+    writers: Vec<mpsc::Sender<WriteOp>>,
+    /// How long a journal may grow.
+    limits: JournalLimits,
+    /// Holds the database's node lock for as long as the store lives (see [`open`]).
+    _node_lock: PgConnection,
+}
+
+fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+fn corrupt(what: String) -> StoreError {
+    StoreError::Backend(what.into())
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` and applies the embedded migrations.
+    pub async fn open(url: &str) -> StoreResult<PostgresStore> {
+        // Statements are not logged one by one (the store's own errors are).
+        let options = PgConnectOptions::from_str(url)
+            .map_err(backend)?
+            .disable_statement_logging();
+        let pool = PgPoolOptions::new()
+            .max_connections(READERS + WRITERS as u32)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await
+            .map_err(backend)?;
+        MIGRATOR.run(&pool).await.map_err(backend)?;
+        // One node per database (and schema) until nodes share work with leases: a second
+        // one would take the first one's running attempts for crashed ones at its start.
+        let mut node_lock = options.connect().await.map_err(backend)?;
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('durin-node:' || current_schema()))",
+        )
+        .fetch_one(&mut node_lock)
+        .await
+        .map_err(backend)?;
+        if !locked {
+            return Err(corrupt(
+                "another Durin node is using this database; one node per database for now (several nodes on one database need leases, which this version does not have)".into(),
+            ));
+        }
+        let writers = (0..WRITERS)
+            .map(|_| {
+                let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
+                tokio::spawn(write_loop(pool.clone(), queue));
+                writes
+            })
+            .collect();
+        Ok(PostgresStore {
+            pool,
+            writers,
+            limits: JournalLimits::default(),
+            _node_lock: node_lock,
+        })
+    }
+
+    /// Applies the embedded migrations.
+    pub async fn migrate(url: &str) -> StoreResult<()> {
+        let options = PgConnectOptions::from_str(url).map_err(backend)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(backend)?;
+        MIGRATOR.run(&pool).await.map_err(backend)?;
+        pool.close().await;
+        Ok(())
+    }
+
+    /// The store with journals bounded by `limits`.
+    pub fn with_journal_limits(mut self, limits: JournalLimits) -> PostgresStore {
+        self.limits = limits;
+        self
+    }
+
+    /// Runs `f` inside the next group-committed transaction of the writer that `key` (an
+    /// invocation id, or any text) routes to, and returns its result once the transaction
+    /// is committed. An error of `f` rolls back what `f` wrote, and only that.
+    async fn write<T, F>(&self, key: &str, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op: WriteOp = Box::new(move |conn| {
+            Box::pin(async move {
+                let result = f(conn).await;
+                let failed = result.is_err();
+                let reply: Reply = Box::new(move |commit_error: Option<&StoreError>| {
+                    let result = match commit_error {
+                        Some(e) if !failed => Err(StoreError::Backend(e.to_string().into())),
+                        _ => result,
+                    };
+                    let _ = tx.send(result);
+                });
+                (reply, failed)
+            })
+        });
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let writer = &self.writers[hasher.finish() as usize % self.writers.len()];
+        writer.send(op).await.map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Backend("the write was not committed".into()))?
+    }
+
+    /// A connection of the pool for reads, outside any transaction of the writers.
+    async fn reader(&self) -> StoreResult<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        self.pool.acquire().await.map_err(backend)
+    }
+}
+
+async fn write_loop(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&pool, &mut batch).await;
+    }
+}
+
+async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
+    let started = std::time::Instant::now();
+    metrics::histogram!(crate::telemetry::BATCH).record(batch.len() as f64);
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn,
+        Err(error) => {
+            // Dropping the ops tells each caller that its write was not committed.
+            batch.clear();
+            tracing::error!(%error, "no connection for a write transaction");
+            return;
+        }
+    };
+    if let Err(error) = run(&mut conn, "BEGIN").await {
+        batch.clear();
+        tracing::error!(%error, "could not begin a write transaction");
+        return;
+    }
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut broken = None;
+    for op in batch.drain(..) {
+        if broken.is_some() {
+            // Dropping the op tells its caller that its write was not committed.
+            continue;
+        }
+        if let Err(error) = run(&mut conn, "SAVEPOINT write").await {
+            broken = Some(error);
+            continue;
+        }
+        let (reply, failed) = op(&mut conn).await;
+        let end = if failed {
+            "ROLLBACK TO SAVEPOINT write"
+        } else {
+            "RELEASE SAVEPOINT write"
+        };
+        if let Err(error) = run(&mut conn, end).await {
+            broken = Some(error);
+        }
+        replies.push(reply);
+    }
+    let error = match broken {
+        Some(error) => {
+            let _ = run(&mut conn, "ROLLBACK").await;
+            Some(error)
+        }
+        None => match run(&mut conn, "COMMIT").await {
+            Ok(()) => None,
+            Err(error) => {
+                tracing::error!(%error, "commit failed");
+                let _ = run(&mut conn, "ROLLBACK").await;
+                Some(error)
+            }
+        },
+    };
+    if error.is_some() {
+        // The connection may be broken (the server restarted): the pool makes a new one.
+        conn.detach();
+    }
+    metrics::histogram!(crate::telemetry::COMMIT).record(started.elapsed().as_secs_f64());
+    for reply in replies {
+        reply(error.as_ref());
+    }
+}
+
+async fn run(conn: &mut PgConnection, sql: &str) -> StoreResult<()> {
+    sqlx::query(sql).execute(conn).await.map_err(backend)?;
+    Ok(())
+}
