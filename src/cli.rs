@@ -117,6 +117,10 @@ struct ServeArgs {
     /// (JSON, to `/v1/traces`); without one, no trace is exported.
     #[arg(long, env = "DURIN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// This node's name among the nodes of one PostgreSQL database [default: its
+    /// advertised URL]; a node restarted under the same id takes its attempts back at once.
+    #[arg(long, env = "DURIN_NODE_ID")]
+    node_id: Option<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -195,6 +199,9 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if let Some(endpoint) = args.otlp_endpoint {
                 config.otlp_endpoint = Some(endpoint);
+            }
+            if let Some(node_id) = args.node_id {
+                config.node_id = Some(node_id);
             }
             if let Some(file) = args.egress_ca_file {
                 config.egress_ca_file = Some(file);

@@ -66,6 +66,13 @@ pub struct Config {
     /// Base URL of an OTLP/HTTP collector (`http://collector:4318`) to export traces to;
     /// none exports nothing.
     pub otlp_endpoint: Option<String>,
+    /// This node's name among the nodes of one PostgreSQL database; by default its
+    /// advertised URL. A node restarted under the same id takes its unfinished attempts
+    /// back at once.
+    pub node_id: Option<String>,
+    /// How long an attempt a node claimed stays its own without a renewal (PostgreSQL):
+    /// the longest another node waits to take over the work of a node that died.
+    pub lease: Duration,
 }
 
 /// What an invocation whose retry policy is used up does.
@@ -112,6 +119,8 @@ impl Default for Config {
             egress_call_timeout: Duration::from_secs(30),
             egress_ca_file: None,
             otlp_endpoint: None,
+            node_id: None,
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -194,6 +203,9 @@ struct ConfigFile {
     egress_call_timeout: Option<Duration>,
     egress_ca_file: Option<PathBuf>,
     otlp_endpoint: Option<String>,
+    node_id: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    lease: Option<Duration>,
 }
 
 impl Config {
@@ -288,6 +300,15 @@ impl Config {
         }
         if let Some(v) = file.otlp_endpoint {
             config.otlp_endpoint = Some(v);
+        }
+        if let Some(v) = file.node_id {
+            config.node_id = Some(v);
+        }
+        if let Some(v) = file.lease {
+            if v < Duration::from_secs(1) {
+                anyhow::bail!("config file {}: lease must be at least 1s", path.display());
+            }
+            config.lease = v;
         }
         Ok(config)
     }

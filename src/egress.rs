@@ -692,6 +692,17 @@ impl Egress {
                 hasher.update(occurrence.to_be_bytes());
                 format!("durin-{}", &hex(&hasher.finalize())[..40])
             });
+        if self.store.shared() {
+            // Another node may have taken the attempt over (this one was frozen past its
+            // lease, or cut off): it must still be the running one before anything goes
+            // out, whatever this node remembers.
+            let token = parts
+                .headers
+                .get(HEADER_ATTEMPT_TOKEN)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            self.running_attempt(&id, Some(attempt), token).await?;
+        }
         let (status, headers, response_body, settled) = self
             .send(
                 &parts.method,

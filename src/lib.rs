@@ -67,7 +67,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_with_clock(config, listeners, shutdown, Arc::new(SystemClock)).await
+    serve(config, listeners, shutdown, None).await
 }
 
 /// [`run`] with the clock of the caller's choice (tests move a manual clock by hand).
@@ -76,6 +76,17 @@ pub async fn run_with_clock(
     listeners: Listeners,
     shutdown: CancellationToken,
     clock: Arc<dyn Clock>,
+) -> anyhow::Result<()> {
+    serve(config, listeners, shutdown, Some(clock)).await
+}
+
+/// Runs the gateway with `clock`, or by default the store's database clock (PostgreSQL:
+/// every node compares due times with the database's clock) or the system's.
+async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    clock: Option<Arc<dyn Clock>>,
 ) -> anyhow::Result<()> {
     if config
         .admin_token
@@ -97,9 +108,21 @@ pub async fn run_with_clock(
         };
         format!("http://{host}:{}", local.port())
     });
-    let store = store::open(&config.database_url, config.journal_limits)
+    // A node is named by its advertised URL unless told otherwise: restarted on the same
+    // address, it takes its own unfinished attempts back at once.
+    let node = store::NodeOptions {
+        node_id: config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| advertised_url.clone()),
+        lease: config.lease,
+    };
+    let store = store::open(&config.database_url, config.journal_limits, node)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?;
+    let clock: Arc<dyn Clock> = clock
+        .or_else(|| store.database_clock())
+        .unwrap_or_else(|| Arc::new(SystemClock));
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
     let state_cursors = Arc::new(api::StateCursors::default());
@@ -164,6 +187,7 @@ pub async fn run_with_clock(
     }
     let scheduler = engine.start_scheduler();
     let deadlines = engine.start_deadlines();
+    let cluster_events = engine.start_cluster_events();
     tokio::spawn(purge(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -276,6 +300,9 @@ pub async fn run_with_clock(
     engine.drain(config.drain_timeout).await;
     scheduler.await?;
     deadlines.await?;
+    if let Some(cluster_events) = cluster_events {
+        cluster_events.await?;
+    }
     server_stop.cancel();
     server.await??;
     admin_server.await??;

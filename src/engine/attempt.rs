@@ -13,8 +13,8 @@ use super::{Ended, Engine};
 use crate::ids::InvocationId;
 use crate::lifecycle::{self, pause};
 use crate::store::{
-    AttemptEnd, CancelAnswer, Charge, HandlerProtocol, InvocationRecord, Status, StoreError,
-    StoredEntry,
+    AttemptEnd, CancelAnswer, Charge, ClusterEvent, HandlerProtocol, InvocationRecord, Status,
+    StoreError, StoredEntry,
 };
 
 /// The longest pause between two tries of recording an attempt's end.
@@ -75,6 +75,22 @@ impl Engine {
                 }
             },
         };
+        // A node that was frozen past its leases may have lost this attempt to another.
+        if !self.store.lease_held() {
+            match self.store.get_invocation(&id).await {
+                Ok(Some(now)) if now.attempt == record.attempt && now.status == Status::Running => {
+                }
+                Ok(_) => {
+                    tracing::warn!(%id, attempt = record.attempt, "attempt taken over by another node; not run");
+                    self.attempt_recorded(&id, record.attempt);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%id, %error, "cannot check the lease of an attempt; not run");
+                    return;
+                }
+            }
+        }
         let started_ms = self.clock.now_ms();
         let known = journal.len();
         let end = self.call(&record, journal).await;
@@ -277,11 +293,10 @@ impl Engine {
             self.config.traces.invocation(&record);
         }
         if record.status.is_final() || record.status == Status::Paused {
-            self.updates.changed(&record.id);
-            self.waiters.finish(Arc::new(Ended {
+            self.finish(Ended {
                 record: record.clone(),
                 output,
-            }));
+            });
         }
         // Due again, a child whose end may have woken its parent, or a next run.
         let parent_woken = record.status.is_final() && record.parent_index.is_some();
@@ -328,10 +343,10 @@ impl Engine {
     ) -> Result<(InvocationRecord, bool), StoreError> {
         let (record, paused) = self.store.pause(id, reason, self.clock.now_ms()).await?;
         if paused {
-            self.waiters.finish(Arc::new(Ended {
+            self.finish(Ended {
                 record: record.clone(),
                 output: None,
-            }));
+            });
         }
         Ok((record, paused))
     }
@@ -401,8 +416,16 @@ impl Engine {
         if record.parent_index.is_some() {
             self.nudge();
         }
-        self.updates.changed(&record.id);
-        self.waiters.finish(Arc::new(Ended { record, output }));
+        self.finish(Ended { record, output });
+    }
+
+    /// Hands an invocation that ended (or paused) to the callers waiting for it and its
+    /// updates, here and, through the store, on the other nodes.
+    fn finish(&self, ended: Ended) {
+        let id = ended.record.id.clone();
+        self.updates.changed(&id);
+        self.waiters.finish(Arc::new(ended));
+        self.store.broadcast(ClusterEvent::Ended(id));
     }
 
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {

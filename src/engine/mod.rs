@@ -32,7 +32,7 @@ use crate::ids::InvocationId;
 use crate::journal::awakeable::AwakeableKey;
 use crate::registry::Targets;
 use crate::signing::RequestSigner;
-use crate::store::{InvocationRecord, Store, StoreError, StoredEntry};
+use crate::store::{ClusterEvent, InvocationRecord, Store, StoreError, StoredEntry};
 
 pub struct EngineConfig {
     /// Base URL of this gateway as handlers reach it (for the context API).
@@ -145,9 +145,74 @@ impl Engine {
         &self.updates
     }
 
-    /// An update of `run` may have changed (refused, done, or the run ended).
+    /// An update of `run` may have changed (refused, done, or the run ended): its callers
+    /// here and on the other nodes look again.
     pub fn updates_changed(&self, run: &InvocationId) {
         self.updates.changed(run);
+        self.store
+            .broadcast(ClusterEvent::UpdateChanged(run.clone()));
+    }
+
+    /// Hears what the other nodes on the store tell (nothing, on a store no other node
+    /// shares): an invocation ended there answers the callers waiting for it here; stops
+    /// with the shutdown token.
+    pub fn start_cluster_events(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let mut events = self.store.cluster_events()?;
+        let engine = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => event,
+                        None => return,
+                    },
+                    _ = engine.shutdown.cancelled() => return,
+                };
+                match event {
+                    ClusterEvent::Ended(id) => engine.ended_elsewhere(&id).await,
+                    ClusterEvent::UpdateChanged(run) => engine.updates.changed(&run),
+                    ClusterEvent::Resync => {
+                        for id in engine.waiters.ids() {
+                            engine.ended_elsewhere(&id).await;
+                        }
+                        for run in engine.updates.runs() {
+                            engine.updates.changed(&run);
+                        }
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Answers the callers waiting here for `id` if it has ended (or paused), as another
+    /// node said; reads it from the store only when someone here waits.
+    async fn ended_elsewhere(&self, id: &InvocationId) {
+        if !self.waiters.waits_for(id) {
+            return;
+        }
+        self.updates.changed(id);
+        let record = match self.store.get_invocation(id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%id, %error, "could not read an invocation another node ended");
+                return;
+            }
+        };
+        if !(record.status.is_final() || record.status == crate::store::Status::Paused) {
+            return;
+        }
+        let output = match record.journal_len.checked_sub(1) {
+            Some(last) if record.status.is_final() => match self.store.read_entry(id, last).await {
+                Ok(entry) => entry.filter(|e| e.kind == durin_protocol::EntryKind::Output),
+                Err(error) => {
+                    tracing::warn!(%id, %error, "could not read the output of an invocation another node ended");
+                    return;
+                }
+            },
+            _ => None,
+        };
+        self.waiters.finish(Arc::new(Ended { record, output }));
     }
 
     /// A running attempt sent a heartbeat (recorded in the store already).

@@ -31,6 +31,16 @@ impl UpdateWatch {
         }
     }
 
+    /// The runs whose updates callers here wait for.
+    pub fn runs(&self) -> Vec<InvocationId> {
+        self.runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Forgets `run` when nobody listens any more.
     pub fn release(&self, run: &InvocationId) {
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());

@@ -41,6 +41,24 @@ impl Waiters {
         }
     }
 
+    /// Whether a caller here waits for `id`.
+    pub fn waits_for(&self, id: &InvocationId) -> bool {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// The invocations callers here wait for.
+    pub fn ids(&self) -> Vec<InvocationId> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn finish(&self, ended: Arc<Ended>) {
         let sender = self
             .waiters

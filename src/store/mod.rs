@@ -16,11 +16,41 @@ use durin_protocol::{Completion, EntryKind, Failure, HandlerSpec, ServiceSpec};
 pub use postgres::{is_postgres_url, PostgresStore};
 pub use sqlite::SqliteStore;
 
+/// How this process takes part in a cluster of nodes on one PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Unique among the nodes of one database; a restarted node with the same id takes its
+    /// own unfinished attempts back at once instead of waiting for their leases to expire.
+    pub node_id: String,
+    /// How long a claimed attempt stays this node's without a renewal (at least 300 ms;
+    /// renewed every third of it).
+    pub lease: std::time::Duration,
+}
+
+impl Default for NodeOptions {
+    /// A node id of its own (`node-<uuid>`), and leases of 10 s.
+    fn default() -> NodeOptions {
+        NodeOptions {
+            node_id: format!("node-{}", uuid::Uuid::new_v4().simple()),
+            lease: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
 /// Opens the store `url` names: `postgres://...` (or `postgresql://...`) a PostgreSQL
-/// database, anything else a SQLite file (`sqlite:durin.db`).
-pub async fn open(url: &str, limits: JournalLimits) -> StoreResult<std::sync::Arc<dyn Store>> {
+/// database, which this process uses as node `node` (see [`NodeOptions`]), anything else a
+/// SQLite file (`sqlite:durin.db`), which one process uses alone (`node` is ignored).
+pub async fn open(
+    url: &str,
+    limits: JournalLimits,
+    node: NodeOptions,
+) -> StoreResult<std::sync::Arc<dyn Store>> {
     Ok(if is_postgres_url(url) {
-        std::sync::Arc::new(PostgresStore::open(url).await?.with_journal_limits(limits))
+        std::sync::Arc::new(
+            PostgresStore::open(url, node)
+                .await?
+                .with_journal_limits(limits),
+        )
     } else {
         std::sync::Arc::new(SqliteStore::open(url).await?.with_journal_limits(limits))
     })
@@ -797,12 +827,16 @@ pub trait Store: Send + Sync + 'static {
         filter: InvocationFilter,
         limit: u32,
     ) -> StoreResult<Vec<InvocationRecord>>;
-    /// Invocations whose attempt was running when the gateway stopped become due at once
-    /// (their attempt is fenced by the next one); returns how many. Called at start.
+    /// Invocations whose attempt was running when this node last stopped become due at once
+    /// (their attempt is fenced by the next one); returns how many. Called at start. On a
+    /// database that several nodes share, only the attempts leased to this node's id (its
+    /// previous life) are taken: other nodes' are left to their leases.
     async fn recover_running(&self, now_ms: i64) -> StoreResult<u64>;
     /// Claims up to `limit` due invocations, oldest due first: fires their timers that are
     /// due and starts their next attempt (which fences every earlier one), in one
-    /// transaction. Nothing that is not due is claimed.
+    /// transaction. Nothing that is not due is claimed. On a database that several nodes
+    /// share, running invocations whose lease expired (their node died or froze) are
+    /// claimed too, and every claimed attempt is leased to this node.
     async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>>;
     /// The earliest due time of any waiting invocation.
     async fn next_due(&self) -> StoreResult<Option<i64>>;
@@ -983,4 +1017,45 @@ pub trait Store: Send + Sync + 'static {
     /// everything kept for them (journal, completions, signals, state, their workflow id);
     /// returns how many.
     async fn purge_ended(&self, ended_before_ms: i64, limit: u32) -> StoreResult<u64>;
+
+    /// Whether other nodes may write this store too (PostgreSQL): what this node remembers
+    /// of an attempt must then be checked in the store before it acts on the attempt's
+    /// behalf outside the store (an egress call).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Whether this node's leases are known to be live: its last renewal succeeded less than
+    /// the lease time (minus a margin) ago, by this process's monotonic clock. A node that was
+    /// frozen (SIGSTOP) past its lease sees `false` until its next renewal, and must check the
+    /// store before acting for an attempt it thinks it runs.
+    fn lease_held(&self) -> bool {
+        true
+    }
+    /// A clock that follows the database's (PostgreSQL's `clock_timestamp()`), so that every
+    /// node compares due times with one clock; `None` for a store without one.
+    fn database_clock(&self) -> Option<std::sync::Arc<dyn crate::clock::Clock>> {
+        None
+    }
+
+    /// Tells the other nodes on this store, if any, that `event` happened here (a nudge:
+    /// see [`ClusterEvent`]).
+    fn broadcast(&self, _event: ClusterEvent) {}
+    /// What the other nodes on this store tell this one; `None` for a store that no other
+    /// node shares, or when taken already (it is taken once).
+    fn cluster_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>> {
+        None
+    }
+}
+
+/// What one node tells the others that share its store. Only a nudge: each node reads
+/// what changed from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// The invocation ended or paused: its waiting callers may be answered.
+    Ended(InvocationId),
+    /// An update of this run may have changed (refused, done, or the run ended).
+    UpdateChanged(InvocationId),
+    /// Events may have been missed (the connection that brings them was made again):
+    /// check what this node waits for.
+    Resync,
 }

@@ -18,12 +18,17 @@ async fn sqlite(limits: JournalLimits) -> (Box<dyn Store>, tempfile::TempDir) {
     (Box::new(store.with_journal_limits(limits)), dir)
 }
 
-/// A PostgreSQL store in a schema of its own, on the server `DURIN_TEST_POSTGRES`
-/// names (`postgres://postgres@127.0.0.1:5432/test` by default); the schema is dropped
-/// when the test passes.
-async fn postgres(limits: JournalLimits) -> (Box<dyn Store>, String) {
-    let server = std::env::var("DURIN_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+/// The PostgreSQL server `DURIN_TEST_POSTGRES` names
+/// (`postgres://postgres@127.0.0.1:5432/test` by default).
+fn postgres_server() -> String {
+    std::env::var("DURIN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A new schema of its own on the test server: its name and the URL of a database that
+/// uses it.
+async fn postgres_schema() -> (String, String) {
+    let server = postgres_server();
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&server).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
@@ -32,14 +37,22 @@ async fn postgres(limits: JournalLimits) -> (Box<dyn Store>, String) {
         .unwrap();
     admin.close().await;
     let url = format!("{server}?options=-c%20search_path%3D{schema}");
-    let store = PostgresStore::open(&url).await.unwrap();
+    (schema, url)
+}
+
+/// A PostgreSQL store in a schema of its own, on the server `DURIN_TEST_POSTGRES`
+/// names (`postgres://postgres@127.0.0.1:5432/test` by default); the schema is dropped
+/// when the test passes.
+async fn postgres(limits: JournalLimits) -> (Box<dyn Store>, String) {
+    let (schema, url) = postgres_schema().await;
+    let store = PostgresStore::open(&url, NodeOptions::default())
+        .await
+        .unwrap();
     (Box::new(store.with_journal_limits(limits)), schema)
 }
 
 async fn drop_schema(schema: &str) {
-    let server = std::env::var("DURIN_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let admin = sqlx::PgPool::connect(&server).await.unwrap();
+    let admin = sqlx::PgPool::connect(&postgres_server()).await.unwrap();
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&admin)
         .await
@@ -47,22 +60,311 @@ async fn drop_schema(schema: &str) {
     admin.close().await;
 }
 
-/// A second node on a database that a node uses is refused with a reason, until nodes
-/// share work with leases; the first keeps working.
+/// Node `id` with leases of `lease_ms`.
+fn node(id: &str, lease_ms: u64) -> NodeOptions {
+    NodeOptions {
+        node_id: id.into(),
+        lease: std::time::Duration::from_millis(lease_ms),
+    }
+}
+
+/// Opens node `id` on `url`, waiting (at most 10 s) for the database to end the session of
+/// the node's previous life, which frees its node id.
+async fn reopen(url: &str, id: &str, lease_ms: u64) -> PostgresStore {
+    for _ in 0..100 {
+        match PostgresStore::open(url, node(id, lease_ms)).await {
+            Ok(store) => return store,
+            Err(e) if e.to_string().contains("node id") => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("node {id} could not start again");
+}
+
+/// A second process with a node id that a live node has is refused with a reason; a node
+/// with another id shares the database, and the first keeps working.
 #[tokio::test]
-async fn a_second_node_on_one_postgres_database_is_refused() {
-    let (first, schema) = postgres(JournalLimits::default()).await;
-    let server = std::env::var("DURIN_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let url = format!("{server}?options=-c%20search_path%3D{schema}");
-    let refused = PostgresStore::open(&url).await.err().unwrap();
+async fn a_second_node_with_the_same_id_on_one_postgres_database_is_refused() {
+    let (schema, url) = postgres_schema().await;
+    let first = PostgresStore::open(&url, node("n1", 10_000)).await.unwrap();
+    let refused = PostgresStore::open(&url, node("n1", 10_000))
+        .await
+        .err()
+        .unwrap();
     assert!(
-        refused.to_string().contains("another Durin node"),
+        refused
+            .to_string()
+            .contains("another Durin node with node id"),
         "{refused}"
     );
+    let second = PostgresStore::open(&url, node("n2", 10_000)).await.unwrap();
     first.ping().await.unwrap();
+    second.ping().await.unwrap();
+    let record = running(&first).await;
+    assert_eq!(
+        second
+            .get_invocation(&record.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempt,
+        1
+    );
     drop(first);
+    drop(second);
     drop_schema(&schema).await;
+}
+
+/// Node A's attempts (one it claimed, one it created) stay A's while A renews its leases,
+/// past the lease time; once A stops renewing (it froze), node B claims them after their
+/// leases expired, with the next attempt, and A's writes for its old attempts are fenced.
+#[tokio::test]
+async fn an_attempt_whose_lease_expired_is_taken_over_by_another_node() {
+    let (schema, url) = postgres_schema().await;
+    let mut a = PostgresStore::open(&url, node("a", 1_000)).await.unwrap();
+    let b = PostgresStore::open(&url, node("b", 1_000)).await.unwrap();
+    let created = running(&a).await;
+    let backing_off = running(&a).await;
+    let back_off = AttemptEnd::BackOff {
+        until_ms: T0,
+        error: "retry".into(),
+        charged: Charge::Nobody,
+    };
+    a.end_attempt(&backing_off.id, 1, back_off, T0)
+        .await
+        .unwrap();
+    let claimed = a.claim_due(T0 + 1, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((&claimed[0].id, claimed[0].attempt), (&backing_off.id, 2));
+    assert!(
+        b.claim_due(T0 + 1, 10).await.unwrap().is_empty(),
+        "A's leases live"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert!(a.lease_held());
+    assert!(
+        b.claim_due(T0 + 2, 10).await.unwrap().is_empty(),
+        "A renewed its leases"
+    );
+
+    a.stop_renewing();
+    let stopped = std::time::Instant::now();
+    let mut taken = Vec::new();
+    while taken.len() < 2 && stopped.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        taken.extend(b.claim_due(T0 + 3, 10).await.unwrap());
+    }
+    assert!(
+        stopped.elapsed() > std::time::Duration::from_millis(300),
+        "not before the leases expired"
+    );
+    assert!(!a.lease_held(), "A knows that its leases may have expired");
+    let mut taken: Vec<_> = taken
+        .iter()
+        .map(|r| (r.id.to_string(), r.attempt, r.status.as_str()))
+        .collect();
+    taken.sort();
+    let mut expected = vec![
+        (created.id.to_string(), 2, "running"),
+        (backing_off.id.to_string(), 3, "running"),
+    ];
+    expected.sort();
+    assert_eq!(taken, expected);
+    assert!(
+        b.claim_due(T0 + 4, 10).await.unwrap().is_empty(),
+        "B's leases live"
+    );
+
+    // A, back from its freeze, writes for the attempts it thinks it runs: fenced.
+    let entry = NewEntry {
+        index: None,
+        kind: EntryKind::Step,
+        name: Some("step".into()),
+        value: Some(b"1".to_vec()),
+        content_type: None,
+        failure: None,
+        token: claimed[0].attempt_token.clone(),
+        effect: Effect::None,
+    };
+    let refused = a
+        .append_entry(&backing_off.id, 2, entry, T0 + 5)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            refused,
+            StoreError::Fenced {
+                attempt: 2,
+                current_attempt: 3,
+                status: Status::Running,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    let completed = AttemptEnd::Completed {
+        output: b"1".to_vec(),
+        content_type: None,
+    };
+    let ended = a
+        .end_attempt(&created.id, 1, completed, T0 + 5)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            ended,
+            StoreError::Fenced {
+                attempt: 1,
+                current_attempt: 2,
+                ..
+            }
+        ),
+        "{ended}"
+    );
+    // B's attempt writes.
+    let current = b.get_invocation(&backing_off.id).await.unwrap().unwrap();
+    command(
+        &b,
+        &current,
+        EntryKind::Step,
+        Some("step"),
+        Effect::None,
+        T0 + 6,
+    )
+    .await;
+    drop(a);
+    drop(b);
+    drop_schema(&schema).await;
+}
+
+/// A write that holds a row of a node's running invocation locked does not hold up the
+/// node's lease renewals (which skip it, then renew it one at a time, or at the next
+/// tick), and the row's lease is renewed once the lock is gone.
+#[tokio::test]
+async fn a_lease_renewal_does_not_wait_behind_a_locked_row() {
+    let (schema, url) = postgres_schema().await;
+    let a = PostgresStore::open(&url, node("a", 1_000)).await.unwrap();
+    let b = PostgresStore::open(&url, node("b", 1_000)).await.unwrap();
+    let locked = running(&a).await;
+    let free = running(&a).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut writer = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM invocations WHERE id = $1 FOR UPDATE")
+        .bind(locked.id.as_str())
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert!(a.lease_held(), "the renewals went on");
+    writer.commit().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(a.lease_held());
+    assert!(
+        b.claim_due(T0 + 1, 10).await.unwrap().is_empty(),
+        "both leases were renewed"
+    );
+    let leases: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT id, lease_expires_at_ms - {} FROM invocations ORDER BY id",
+        "(extract(epoch from clock_timestamp()) * 1000)::BIGINT"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut expected = vec![locked.id.to_string(), free.id.to_string()];
+    expected.sort();
+    assert_eq!(
+        leases.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        expected
+    );
+    for (id, left) in leases {
+        assert!(left > 300, "{id} has {left} ms of its lease left");
+    }
+    pool.close().await;
+    drop(a);
+    drop(b);
+    drop_schema(&schema).await;
+}
+
+/// A node restarted with its id takes back at once the attempts its previous life ran (and
+/// those running before leases, which have no owner); another node's stay that node's.
+#[tokio::test]
+async fn a_restarted_node_recovers_its_own_attempts_and_leaves_another_nodes() {
+    let (schema, url) = postgres_schema().await;
+    let n1 = PostgresStore::open(&url, node("n1", 10_000)).await.unwrap();
+    let n2 = PostgresStore::open(&url, node("n2", 10_000)).await.unwrap();
+    let mine = running(&n1).await;
+    let before_leases = running(&n1).await;
+    let theirs = running(&n2).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query(
+        "UPDATE invocations SET lease_owner = NULL, lease_expires_at_ms = NULL WHERE id = $1",
+    )
+    .bind(before_leases.id.as_str())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    drop(n1);
+
+    let n1 = reopen(&url, "n1", 10_000).await;
+    assert_eq!(n1.recover_running(T0 + 10).await.unwrap(), 2);
+    for id in [&mine.id, &before_leases.id] {
+        let record = n1.get_invocation(id).await.unwrap().unwrap();
+        assert_eq!(
+            (record.status, record.next_run_at_ms),
+            (Status::Pending, Some(T0 + 10))
+        );
+    }
+    let other = n1.get_invocation(&theirs.id).await.unwrap().unwrap();
+    assert_eq!((other.status, other.attempt), (Status::Running, 1));
+    let mut claimed: Vec<_> = n1
+        .claim_due(T0 + 10, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id.to_string(), r.attempt))
+        .collect();
+    claimed.sort();
+    let mut expected = vec![(mine.id.to_string(), 2), (before_leases.id.to_string(), 2)];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    // n2's attempt still writes.
+    command(
+        &n2,
+        &theirs,
+        EntryKind::Step,
+        Some("step"),
+        Effect::None,
+        T0 + 11,
+    )
+    .await;
+    drop(n1);
+    drop(n2);
+    drop_schema(&schema).await;
+}
+
+/// An open PostgreSQL store holds its leases and follows the database's clock; a SQLite
+/// store, which one process uses alone, always holds them and has no clock of its own.
+#[tokio::test]
+async fn a_node_holds_its_leases_and_follows_the_database_clock() {
+    let (schema, url) = postgres_schema().await;
+    let store = PostgresStore::open(&url, NodeOptions::default())
+        .await
+        .unwrap();
+    assert!(store.lease_held());
+    let clock = store.database_clock().unwrap();
+    let skew = clock.now_ms() - crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    assert!(skew.abs() < 1_000, "{skew} ms from the system clock");
+    drop(store);
+    drop_schema(&schema).await;
+
+    let (sqlite, _dir) = sqlite(JournalLimits::default()).await;
+    assert!(sqlite.lease_held());
+    assert!(sqlite.database_clock().is_none());
 }
 
 /// The journal limits a behaviour names, or the default ones.

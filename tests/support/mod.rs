@@ -193,6 +193,11 @@ pub fn postgres_database() -> Option<String> {
     if std::env::var("DURIN_TEST_STORE").ok()? != "postgres" {
         return None;
     }
+    Some(new_postgres_schema())
+}
+
+/// The URL of a new, empty schema on the PostgreSQL server `DURIN_TEST_POSTGRES` names.
+pub fn new_postgres_schema() -> String {
     let server = std::env::var("DURIN_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
@@ -215,7 +220,7 @@ pub fn postgres_database() -> Option<String> {
         })
     };
     create.join().expect("create the test schema");
-    Some(format!("{server}?options=-c%20search_path%3D{schema}"))
+    format!("{server}?options=-c%20search_path%3D{schema}")
 }
 
 impl GatewayHome {
@@ -238,6 +243,19 @@ maximum_attempts = 100
             dir,
             postgres: postgres_database(),
         }
+    }
+
+    /// A home for several nodes on one PostgreSQL schema of its own, whose attempts are
+    /// leased for `lease` (`"2s"`).
+    pub fn cluster(lease: &str) -> GatewayHome {
+        let home = GatewayHome {
+            postgres: Some(new_postgres_schema()),
+            ..GatewayHome::new()
+        };
+        let config = std::fs::read_to_string(home.config()).expect("read config");
+        std::fs::write(home.config(), format!("lease = \"{lease}\"\n{config}"))
+            .expect("write config");
+        home
     }
 
     pub fn db_url(&self) -> String {

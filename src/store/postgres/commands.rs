@@ -916,21 +916,23 @@ pub(super) async fn fire_timers(
     Ok(())
 }
 
-/// Inserts a new invocation, running its first attempt, with its input entry and its
-/// idempotency claim.
+/// Inserts a new invocation, running its first attempt (leased to this node), with its
+/// input entry and its idempotency claim.
 pub(super) async fn insert_invocation(
     conn: &mut PgConnection,
     new: NewInvocation,
     workflow_id: Option<&str>,
+    lease: &Lease,
 ) -> StoreResult<(InvocationRecord, StoredEntry)> {
     let id = new.id.as_str();
     let sql = format!(
         "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
          failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
          created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
-         deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent) \
+         deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent, lease_owner, \
+         lease_expires_at_ms) \
          VALUES ($1, $2, $3, $4, 'running', 1, 0, 0, 1, NULL, $6, $5, $5, $7, $8, $9, $10, $5, $5, \
-         $11) \
+         $11, $12, {DB_NOW_MS} + $13) \
          RETURNING {INVOCATION_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -945,6 +947,8 @@ pub(super) async fn insert_invocation(
         .bind(new.input.len() as i64)
         .bind(new.deadline_ms)
         .bind(new.traceparent.as_deref())
+        .bind(&*lease.owner)
+        .bind(lease.ms)
         .fetch_optional(&mut *conn)
         .await
         .map_err(backend)?;

@@ -13,12 +13,20 @@
 //! an invocation before it changes it reads it `FOR UPDATE`, and every fenced change
 //! re-checks its fence (attempt, status) in the `UPDATE` itself.
 //!
-//! This file holds the pool, the group commit and the migrations; `rows.rs` the row
-//! mappings and shared statements; `commands.rs` what a write does to a journal; `store.rs`
-//! the `Store` methods.
+//! Several nodes share one database: each running attempt is leased to the node that
+//! started it, which renews its leases while it lives; an attempt whose lease expired is
+//! claimed by another node with the next attempt number, which fences the old one (see
+//! `lease.rs`). Every lease time is the database's clock, which [`Store::database_clock`]
+//! follows, so that every node compares due times with one clock too.
+//!
+//! This file holds the pool, the group commit and the migrations; `lease.rs` the node's
+//! session (its node-id lock and its lease renewals); `clock.rs` the database's clock;
+//! `rows.rs` the row mappings and shared statements; `commands.rs` what a write does to a
+//! journal; `store.rs` the `Store` methods.
 
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -28,9 +36,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
+mod clock;
 mod commands;
+mod lease;
+mod notify;
 mod rows;
 mod store;
+
+use clock::DB_NOW_MS;
+use lease::Lease;
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 256;
@@ -52,8 +66,16 @@ pub struct PostgresStore {
     writers: Vec<mpsc::Sender<WriteOp>>,
     /// How long a journal may grow.
     limits: JournalLimits,
-    /// Holds the database's node lock for as long as the store lives (see [`open`]).
-    _node_lock: PgConnection,
+    /// This node's id and lease time.
+    lease: Lease,
+    /// When this node's leases were last renewed.
+    renewals: Arc<lease::Renewals>,
+    clock: Arc<clock::DatabaseClock>,
+    /// What this node tells the other nodes, and hears from them.
+    notifications: notify::Notifications,
+    /// Stops the lease renewals (and ends the node's session, with its node-id lock) when
+    /// sent to or dropped with the store.
+    _stop_renewals: Option<oneshot::Sender<()>>,
 }
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -70,8 +92,11 @@ pub fn is_postgres_url(url: &str) -> bool {
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` and applies the embedded migrations.
-    pub async fn open(url: &str) -> StoreResult<PostgresStore> {
+    /// Connects to the database at `url` as node `node`, applies the embedded migrations,
+    /// takes the node-id lock (refused while another live process has `node.node_id`) and
+    /// starts renewing the node's leases, until the store is dropped.
+    pub async fn open(url: &str, node: NodeOptions) -> StoreResult<PostgresStore> {
+        let lease = Lease::new(&node)?;
         // Statements are not logged one by one (the store's own errors are).
         let options = PgConnectOptions::from_str(url)
             .map_err(backend)?
@@ -83,20 +108,18 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         MIGRATOR.run(&pool).await.map_err(backend)?;
-        // One node per database (and schema) until nodes share work with leases: a second
-        // one would take the first one's running attempts for crashed ones at its start.
-        let mut node_lock = options.connect().await.map_err(backend)?;
-        let locked: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_lock(hashtext('durin-node:' || current_schema()))",
-        )
-        .fetch_one(&mut node_lock)
-        .await
-        .map_err(backend)?;
-        if !locked {
-            return Err(corrupt(
-                "another Durin node is using this database; one node per database for now (several nodes on one database need leases, which this version does not have)".into(),
-            ));
-        }
+        let renewals = Arc::new(lease::Renewals::new(&lease));
+        let clock = Arc::new(clock::DatabaseClock::default());
+        let session = lease::start(&options, &lease, &renewals, &clock).await?;
+        let (stop_renewals, stop) = oneshot::channel();
+        tokio::spawn(lease::renew_loop(
+            session,
+            options,
+            lease.clone(),
+            Arc::clone(&renewals),
+            Arc::clone(&clock),
+            stop,
+        ));
         let writers = (0..WRITERS)
             .map(|_| {
                 let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
@@ -104,11 +127,16 @@ impl PostgresStore {
                 writes
             })
             .collect();
+        let notifications = notify::Notifications::start(&pool);
         Ok(PostgresStore {
+            notifications,
             pool,
             writers,
             limits: JournalLimits::default(),
-            _node_lock: node_lock,
+            lease,
+            renewals,
+            clock,
+            _stop_renewals: Some(stop_renewals),
         })
     }
 
@@ -129,6 +157,15 @@ impl PostgresStore {
     pub fn with_journal_limits(mut self, limits: JournalLimits) -> PostgresStore {
         self.limits = limits;
         self
+    }
+
+    /// Stops renewing this node's leases, as if it froze: they expire and other nodes claim
+    /// its attempts. It ends the node's session too, which frees its node id.
+    #[cfg(test)]
+    pub(crate) fn stop_renewing(&mut self) {
+        if let Some(stop) = self._stop_renewals.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// Runs `f` inside the next group-committed transaction of the writer that `key` (an

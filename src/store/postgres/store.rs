@@ -164,6 +164,7 @@ impl Store for PostgresStore {
 
     async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created> {
         let key = new.id.to_string();
+        let lease = self.lease.clone();
         self.write(&key, move |conn| {
             Box::pin(async move {
                 if let Some(claim) = &new.idempotency {
@@ -207,7 +208,7 @@ impl Store for PostgresStore {
                             .map_err(backend)?;
                     }
                 }
-                let (record, input) = insert_invocation(conn, new, None).await?;
+                let (record, input) = insert_invocation(conn, new, None, &lease).await?;
                 Ok(Created::New {
                     record,
                     input: Box::new(input),
@@ -262,13 +263,18 @@ impl Store for PostgresStore {
     }
 
     async fn recover_running(&self, now_ms: i64) -> StoreResult<u64> {
+        let owner = self.lease.owner.clone();
         self.write("recover", move |conn| {
             Box::pin(async move {
+                // This node's previous life's attempts, and those running before leases
+                // (no owner); other nodes' are theirs until their leases expire.
                 let done = sqlx::query(
                     "UPDATE invocations SET status = 'pending', next_run_at_ms = $1, \
-                     modified_at_ms = $1 WHERE status = 'running'",
+                     modified_at_ms = $1 WHERE status = 'running' \
+                     AND (lease_owner = $2 OR lease_owner IS NULL)",
                 )
                 .bind(now_ms)
+                .bind(&*owner)
                 .execute(conn)
                 .await
                 .map_err(backend)?;
@@ -279,36 +285,56 @@ impl Store for PostgresStore {
     }
 
     async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>> {
+        let lease = self.lease.clone();
         self.write("claim", move |conn| {
             Box::pin(async move {
-                // Rows another transaction holds (being claimed or written) are skipped.
-                let due = sqlx::query(
-                    "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
-                     AND next_run_at_ms <= $1 \
-                     AND status IN ('pending', 'backing-off', 'suspended') \
-                     ORDER BY next_run_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
-                )
-                .bind(now_ms)
+                // Rows another transaction holds (being claimed, written or renewed) are
+                // skipped. First the attempts whose lease expired (their node died or
+                // froze), by the database's clock, then the due invocations.
+                let mut ids: Vec<String> = sqlx::query_scalar(&format!(
+                    "SELECT id FROM invocations WHERE status = 'running' \
+                     AND lease_expires_at_ms < (SELECT {DB_NOW_MS}) \
+                     ORDER BY lease_expires_at_ms LIMIT $1 FOR UPDATE SKIP LOCKED"
+                ))
                 .bind(i64::from(limit))
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(backend)?;
+                let left = i64::from(limit) - ids.len() as i64;
+                if left > 0 {
+                    let due: Vec<String> = sqlx::query_scalar(
+                        "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
+                         AND next_run_at_ms <= $1 \
+                         AND status IN ('pending', 'backing-off', 'suspended') \
+                         ORDER BY next_run_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    )
+                    .bind(now_ms)
+                    .bind(left)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(backend)?;
+                    ids.extend(due);
+                }
+                // The new attempt (attempt + 1 fences the old one), leased to this node.
                 let sql = format!(
                     "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
-                     scheduled_at_ms = next_run_at_ms, attempt_started_at_ms = $1, \
-                     next_run_at_ms = NULL, waiting_for = NULL, \
-                     modified_at_ms = $1, attempt_token = $3 \
-                     WHERE id = $2 AND status IN ('pending', 'backing-off', 'suspended') \
+                     scheduled_at_ms = COALESCE(next_run_at_ms, $1), \
+                     attempt_started_at_ms = $1, next_run_at_ms = NULL, waiting_for = NULL, \
+                     modified_at_ms = $1, attempt_token = $3, \
+                     lease_owner = $4, lease_expires_at_ms = {DB_NOW_MS} + $5 \
+                     WHERE id = $2 AND (status IN ('pending', 'backing-off', 'suspended') \
+                     OR (status = 'running' AND lease_expires_at_ms < {DB_NOW_MS})) \
                      RETURNING {INVOCATION_COLUMNS}"
                 );
-                let mut claimed = Vec::with_capacity(due.len());
-                for row in &due {
-                    let id: String = get(row, 0)?;
-                    fire_timers(conn, &id, now_ms, now_ms).await?;
+                let mut claimed = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    fire_timers(conn, id, now_ms, now_ms).await?;
                     let row = sqlx::query(&sql)
                         .bind(now_ms)
-                        .bind(&id)
+                        .bind(id)
                         .bind(new_attempt_token())
+                        .bind(&*lease.owner)
+                        .bind(lease.ms)
                         .fetch_optional(&mut *conn)
                         .await
                         .map_err(backend)?;
@@ -342,6 +368,7 @@ impl Store for PostgresStore {
 
     async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted> {
         let key = format!("{}/{}", run.invocation.target.service, run.workflow_id);
+        let lease = self.lease.clone();
         self.write(&key, move |conn| {
             Box::pin(async move {
                 let workflow = run.invocation.target.service.clone();
@@ -395,7 +422,7 @@ impl Store for PostgresStore {
                 }
                 let now_ms = run.invocation.now_ms;
                 let (record, input) =
-                    insert_invocation(conn, run.invocation, Some(&run.workflow_id)).await?;
+                    insert_invocation(conn, run.invocation, Some(&run.workflow_id), &lease).await?;
                 take_workflow_id(
                     conn,
                     &workflow,
@@ -1223,6 +1250,26 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn broadcast(&self, event: ClusterEvent) {
+        self.notifications.broadcast(&event);
+    }
+
+    fn cluster_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>> {
+        self.notifications.events()
+    }
+
+    fn lease_held(&self) -> bool {
+        self.renewals.held()
+    }
+
+    fn database_clock(&self) -> Option<std::sync::Arc<dyn crate::clock::Clock>> {
+        Some(self.clock.clone())
     }
 
     async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64> {
