@@ -79,6 +79,8 @@ struct AttemptCalls {
     token: String,
     /// Calls seen in this attempt per identity (method, URL, body digest). A recorded call
     /// of occurrence `k` is claimed by this attempt once its identity was seen `k + 1` times.
+    /// Unused on a store that other nodes share: the store counts the attempt's calls,
+    /// whichever node's egress they reach (`Store::take_occurrence`).
     occurrences: HashMap<(String, String, String), u32>,
     /// The egress entries of the journal, read once per attempt (entries added later come
     /// from this attempt and are claimed already).
@@ -184,7 +186,7 @@ impl EgressCalls {
 }
 
 /// An occurrence a call holds while it is out; given back when dropped unless the call was
-/// journaled.
+/// journaled (or the occurrence was given back already).
 struct OccurrenceHeld<'a> {
     calls: &'a EgressCalls,
     id: &'a InvocationId,
@@ -192,15 +194,76 @@ struct OccurrenceHeld<'a> {
     identity: &'a (String, String, String),
     occurrence: u32,
     journaled: bool,
+    /// On a store that other nodes share, the occurrence was taken in the store: the store
+    /// and the identity's digest, to give it back there.
+    shared: Option<(Arc<dyn Store>, String)>,
+}
+
+impl OccurrenceHeld<'_> {
+    /// Gives the occurrence taken in a shared store back now, before the handler hears of
+    /// the call, so that its retry, through any node, takes it again.
+    async fn give_back_to_store(&mut self) {
+        if let Some((store, digest)) = self.shared.take() {
+            self.journaled = true;
+            // On a task of its own, so that it is done even if the handler hangs up now.
+            let (id, attempt, occurrence) = (self.id.clone(), self.attempt, self.occurrence);
+            let given_back = tokio::spawn(async move {
+                give_back(&*store, &id, attempt, &digest, occurrence).await;
+            });
+            let _ = given_back.await;
+        }
+    }
 }
 
 impl Drop for OccurrenceHeld<'_> {
     fn drop(&mut self) {
-        if !self.journaled {
-            self.calls
-                .release(self.id, self.attempt, self.identity, self.occurrence);
+        if self.journaled {
+            return;
+        }
+        match self.shared.take() {
+            None => self
+                .calls
+                .release(self.id, self.attempt, self.identity, self.occurrence),
+            // The handler hung up mid-call (this guard is dropped with the call's future):
+            // the store is written from a task of its own.
+            Some((store, digest)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (id, attempt, occurrence) =
+                        (self.id.clone(), self.attempt, self.occurrence);
+                    runtime.spawn(async move {
+                        give_back(&*store, &id, attempt, &digest, occurrence).await;
+                    });
+                }
+            }
         }
     }
+}
+
+/// Gives an occurrence back in a shared store; a failure is logged (the call's retry then
+/// takes the next occurrence, and so another `Idempotency-Key`).
+async fn give_back(
+    store: &dyn Store,
+    id: &InvocationId,
+    attempt: u32,
+    digest: &str,
+    occurrence: u32,
+) {
+    if let Err(error) = store
+        .give_back_occurrence(id, attempt, digest, occurrence)
+        .await
+    {
+        tracing::warn!(%error, invocation_id = %id, attempt, occurrence, "could not give an egress call's occurrence back");
+    }
+}
+
+/// The digest under which a shared store counts a call identity (method, URL, body digest).
+fn identity_digest(method: &str, url: &str, body_digest: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [method, url, body_digest] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    hex(&hasher.finalize())
 }
 
 impl AttemptObserver for EgressCalls {
@@ -550,15 +613,31 @@ impl Egress {
         let url_text = url.to_string();
         let body_digest = hex(&Sha256::digest(&body));
         let identity = (method.clone(), url_text.clone(), body_digest.clone());
-        let occurrence = self
-            .calls
-            .with(&id, attempt, |calls| {
-                let n = calls.occurrences.entry(identity.clone()).or_default();
-                let occurrence = *n;
-                *n += 1;
-                occurrence
-            })
-            .ok_or_else(|| stale(&id, attempt))?;
+        // On a store that other nodes share, the attempt's calls may reach their egresses
+        // too (a handler behind a load balancer): the occurrence is counted in the store.
+        let shared = if self.store.shared() {
+            let digest = identity_digest(&method, &url_text, &body_digest);
+            self.store
+                .take_occurrence(&id, attempt, &digest)
+                .await?
+                .map(|occurrence| (occurrence, digest))
+        } else {
+            None
+        };
+        let (occurrence, shared) = match shared {
+            Some((occurrence, digest)) => (occurrence, Some((Arc::clone(&self.store), digest))),
+            None => (
+                self.calls
+                    .with(&id, attempt, |calls| {
+                        let n = calls.occurrences.entry(identity.clone()).or_default();
+                        let occurrence = *n;
+                        *n += 1;
+                        occurrence
+                    })
+                    .ok_or_else(|| stale(&id, attempt))?,
+                None,
+            ),
+        };
         // Gives the occurrence back unless the call ends up in the journal, also when the
         // handler hangs up mid-call (this future is then dropped): its retry has the same
         // identity and Idempotency-Key, so a downstream that honours the key applies it once.
@@ -569,6 +648,7 @@ impl Egress {
             identity: &identity,
             occurrence,
             journaled: false,
+            shared,
         };
         // The call's span hangs under the attempt's (or under the span the handler sent).
         let span = self
@@ -595,6 +675,9 @@ impl Egress {
             )
             .await;
         occurrence_held.journaled = matches!(result, Ok((_, true)));
+        if !occurrence_held.journaled {
+            occurrence_held.give_back_to_store().await;
+        }
         if let Some(span) = span {
             match &result {
                 Ok((response, _)) => span.end(Some(response.status().as_u16()), outcome(response)),
@@ -645,22 +728,42 @@ impl Egress {
         if let Some((_, record)) = exact {
             return Ok((record.response(true), true));
         }
-        let diverged = self
-            .calls
-            .with(&id, attempt, |calls| {
-                recorded
-                    .iter()
+        let diverged = if self.store.shared() {
+            // The attempt's calls are counted in the store, whichever node they reached;
+            // read only when a recorded call has this method and URL.
+            let same_target: Vec<&(u32, EgressRecord)> = recorded
+                .iter()
+                .filter(|(_, r)| r.method == method && r.url == url_text)
+                .collect();
+            if same_target.is_empty() {
+                None
+            } else {
+                let seen = self.store.occurrences_seen(&id, attempt).await?;
+                same_target
+                    .into_iter()
                     .find(|(_, r)| {
-                        let seen = calls
-                            .occurrences
-                            .get(&(r.method.clone(), r.url.clone(), r.body_digest.clone()))
-                            .copied()
-                            .unwrap_or(0);
-                        r.method == method && r.url == url_text && seen <= r.occurrence
+                        let digest = identity_digest(&r.method, &r.url, &r.body_digest);
+                        seen.get(&digest).copied().unwrap_or(0) <= r.occurrence
                     })
                     .cloned()
-            })
-            .ok_or_else(|| stale(&id, attempt))?;
+            }
+        } else {
+            self.calls
+                .with(&id, attempt, |calls| {
+                    recorded
+                        .iter()
+                        .find(|(_, r)| {
+                            let seen = calls
+                                .occurrences
+                                .get(&(r.method.clone(), r.url.clone(), r.body_digest.clone()))
+                                .copied()
+                                .unwrap_or(0);
+                            r.method == method && r.url == url_text && seen <= r.occurrence
+                        })
+                        .cloned()
+                })
+                .ok_or_else(|| stale(&id, attempt))?
+        };
         if let Some((index, other)) = diverged {
             return Err(self
                 .pause(

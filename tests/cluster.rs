@@ -422,3 +422,42 @@ async fn a_caller_on_one_node_hears_an_end_on_another_at_once() {
         waited.as_millis()
     );
 }
+
+/// One `Idempotency-Key` sent to two nodes at once, many times over: one invocation, and
+/// every answer names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_invocation() {
+    let home = GatewayHome::cluster("2s");
+    let handler = start_order(None, &[]);
+    let nodes = [home.start(None), home.start(None)];
+    register(&nodes[0].admin, &handler.url).await;
+    for round in 0..10 {
+        let key = format!("race-{round}");
+        let sends = (0..8).map(|i| {
+            let (url, key) = (nodes[i % 2].url.clone(), key.clone());
+            async move {
+                let response = client()
+                    .post(format!("{url}/v1/send/order/process"))
+                    .header("idempotency-key", key)
+                    .header("content-type", "application/json")
+                    .body(ORDER)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202);
+                let body: Value = response.json().await.unwrap();
+                body["invocation_id"].as_str().unwrap().to_owned()
+            }
+        });
+        let mut ids = futures_util::future::join_all(sends).await;
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "round {round}: {ids:?}");
+    }
+    let db = database(&home).await;
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM invocations")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(total, 10);
+    db.close().await;
+}

@@ -1024,6 +1024,40 @@ pub trait Store: Send + Sync + 'static {
     fn shared(&self) -> bool {
         false
     }
+    /// The egress's occurrence of a call of the running `attempt` whose identity (method,
+    /// URL, body digest) has the digest `identity`: how many calls of it the attempt made
+    /// before, through any node, counting this one as made. Fenced like an append (the
+    /// attempt must be the running one). `None` for a store that no other node writes: the
+    /// egress counts in memory.
+    async fn take_occurrence(
+        &self,
+        _id: &InvocationId,
+        _attempt: u32,
+        _identity: &str,
+    ) -> StoreResult<Option<u32>> {
+        Ok(None)
+    }
+    /// Gives back `occurrence` (taken by [`Store::take_occurrence`]) of a call that left
+    /// nothing in the journal, if it is still the latest of its identity; an earlier one
+    /// stays used.
+    async fn give_back_occurrence(
+        &self,
+        _id: &InvocationId,
+        _attempt: u32,
+        _identity: &str,
+        _occurrence: u32,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+    /// How many calls of each identity (by digest) `attempt` has made, as
+    /// [`Store::take_occurrence`] counts them; empty for a store that keeps no count.
+    async fn occurrences_seen(
+        &self,
+        _id: &InvocationId,
+        _attempt: u32,
+    ) -> StoreResult<std::collections::HashMap<String, u32>> {
+        Ok(std::collections::HashMap::new())
+    }
     /// Whether this node's leases are known to be live: its last renewal succeeded less than
     /// the lease time (minus a margin) ago, by this process's monotonic clock. A node that was
     /// frozen (SIGSTOP) past its lease sees `false` until its next renewal, and must check the

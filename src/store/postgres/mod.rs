@@ -38,6 +38,7 @@ use super::*;
 
 mod clock;
 mod commands;
+mod egress;
 mod lease;
 mod notify;
 mod rows;

@@ -1285,6 +1285,55 @@ impl Store for PostgresStore {
         })
         .await
     }
+
+    async fn take_occurrence(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        identity: &str,
+    ) -> StoreResult<Option<u32>> {
+        let (id, identity) = (id.clone(), identity.to_owned());
+        self.write(&id.to_string(), move |conn| {
+            Box::pin(async move {
+                super::egress::take_occurrence(conn, id.as_str(), attempt, &identity)
+                    .await
+                    .map(Some)
+            })
+        })
+        .await
+    }
+
+    async fn give_back_occurrence(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        identity: &str,
+        occurrence: u32,
+    ) -> StoreResult<()> {
+        let (id, identity) = (id.clone(), identity.to_owned());
+        self.write(&id.to_string(), move |conn| {
+            Box::pin(async move {
+                super::egress::give_back_occurrence(
+                    conn,
+                    id.as_str(),
+                    attempt,
+                    &identity,
+                    occurrence,
+                )
+                .await
+            })
+        })
+        .await
+    }
+
+    async fn occurrences_seen(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+    ) -> StoreResult<std::collections::HashMap<String, u32>> {
+        let mut conn = self.reader().await?;
+        super::egress::occurrences_seen(&mut conn, id.as_str(), attempt).await
+    }
 }
 
 async fn read_entry(
@@ -1334,7 +1383,7 @@ async fn changed_or_current(
 }
 
 /// Deletes an invocation with its journal, completions, timers, signals, state, updates,
-/// idempotency keys and workflow id.
+/// idempotency keys, workflow id and egress occurrences.
 async fn delete_invocation(conn: &mut PgConnection, id: &str) -> StoreResult<()> {
     for sql in [
         "DELETE FROM journal WHERE invocation_id = $1",
@@ -1345,6 +1394,7 @@ async fn delete_invocation(conn: &mut PgConnection, id: &str) -> StoreResult<()>
         "DELETE FROM updates WHERE invocation_id = $1",
         "DELETE FROM idempotency_keys WHERE invocation_id = $1",
         "DELETE FROM workflows WHERE invocation_id = $1",
+        "DELETE FROM egress_occurrences WHERE invocation_id = $1",
         "DELETE FROM invocations WHERE id = $1",
     ] {
         sqlx::query(sql)
