@@ -105,7 +105,10 @@ async fn postgres_restarted_under_load_loses_and_repeats_nothing() {
     sender.await.unwrap();
     let refused = unavailable.load(Ordering::SeqCst);
     println!("sends answered 503 with Retry-After while PostgreSQL restarted: {refused}");
-    assert!(refused > 0, "no send met the restart: the test did not test it");
+    assert!(
+        refused > 0,
+        "no send met the restart: the test did not test it"
+    );
     let db = sqlx::PgPool::connect(&home.db_url()).await.unwrap();
     eventually(Duration::from_secs(120), "every order to complete", || {
         let db = db.clone();

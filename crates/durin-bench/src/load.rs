@@ -1,6 +1,8 @@
 //! The load generator: a fixed number of requests sent by a fixed number of concurrent
 //! callers, each waiting for its answer before sending the next (a closed loop, like oha
-//! `-n N -c C`, which is what the Restate anchor figures were measured with).
+//! `-n N -c C`, which is what the Restate anchor figures were measured with). With several
+//! Durin nodes, the callers are spread round-robin over them: caller i always calls node
+//! i mod N.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -122,21 +124,23 @@ pub async fn smoke(client: &reqwest::Client, url: &str) -> Result<()> {
     }
 }
 
-/// Sends `requests` requests from `concurrency` concurrent callers.
+/// Sends `requests` requests from `concurrency` concurrent callers, caller i to
+/// `urls[i % urls.len()]`.
 pub async fn run(
     client: &reqwest::Client,
-    url: &str,
+    urls: &[String],
     requests: usize,
     concurrency: usize,
 ) -> Result<LevelResult> {
+    anyhow::ensure!(!urls.is_empty(), "no URL to send the requests to");
     // Callers claim request numbers from a shared counter, so exactly `requests` are sent
     // however unevenly the callers progress.
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.clamp(1, requests.max(1)) {
+    for caller in 0..concurrency.clamp(1, requests.max(1)) {
         let client = client.clone();
-        let url = url.to_owned();
+        let url = urls[caller % urls.len()].clone();
         let next = Arc::clone(&next);
         tasks.spawn(async move {
             let mut outcomes = Vec::new();

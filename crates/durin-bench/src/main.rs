@@ -56,6 +56,19 @@
 //! the load generator, so the handler column there is this whole process, and the load
 //! generator has no column of its own.
 //!
+//! order3 runs on SQLite by default. With `--store postgres --database-url URL` it runs on
+//! that PostgreSQL database instead, with `--nodes N` Durin nodes sharing it (default 1):
+//! each node is its own `durin serve` on its own ports with its own `--node-id`
+//! (`bench-node-1`, ...), started one after the other; the order deployment is registered
+//! once, on the first node's admin listener; the checked request goes to every node; and
+//! the callers (of the warm-up too) are spread round-robin over the nodes' main listeners,
+//! caller i to node i mod N, so that at c=1 every request goes to the first node. Durin's
+//! CPU and RSS are then the sums over all nodes, and one more figure is reported per level:
+//! the CPU of every PostgreSQL process on this machine (`postgres`, its backends included,
+//! whatever their database) per invocation. The bench neither creates nor empties the
+//! database: drop and recreate it before each run, so that runs start equal. Only order3
+//! (`--scenario sdk`) runs on PostgreSQL. The output on SQLite is as it always was.
+//!
 //! All children are killed when the benchmark ends, fails or is interrupted with Ctrl-C,
 //! and the scratch directory (databases and the children's logs) is removed unless
 //! `--keep-dir` is given.
@@ -63,6 +76,8 @@
 //! ```text
 //! cargo build --release -p durin -p order-example -p durin-bench && target/release/durin-bench
 //! target/release/durin-bench --scenario waiting [--waiting-counts 10000,100000] [--waiting-concurrency 32]
+//! target/release/durin-bench --scenario sdk --store postgres \
+//!     --database-url postgres://postgres@127.0.0.1:5432/durin_bench --nodes 3
 //! ```
 
 mod callers;
@@ -120,6 +135,15 @@ enum Scenarios {
     Callers,
 }
 
+/// Where Durin keeps its state.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Store {
+    /// A fresh SQLite file per scenario, in the scratch directory.
+    Sqlite,
+    /// The PostgreSQL database of `--database-url` (order3 only).
+    Postgres,
+}
+
 #[derive(Parser)]
 #[command(
     name = "durin-bench",
@@ -152,6 +176,19 @@ struct Args {
     /// callers: how many callers wait at once.
     #[arg(long, default_value_t = 3000)]
     callers: usize,
+    /// Where Durin keeps its state; postgres needs --database-url and runs order3 only
+    /// (`--scenario sdk`).
+    #[arg(long, value_enum, default_value_t = Store::Sqlite)]
+    store: Store,
+    /// The PostgreSQL database of `--store postgres`, e.g.
+    /// `postgres://postgres@127.0.0.1:5432/durin_bench`. The bench does not empty it: drop and
+    /// recreate it before each run.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Durin nodes sharing the database (more than one only with `--store postgres`); the
+    /// callers are spread round-robin over them.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// Keep the scratch directory (SQLite databases and the children's logs).
     #[arg(long)]
     keep_dir: bool,
@@ -180,6 +217,29 @@ fn run(args: &Args) -> Result<()> {
     }
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs one or more levels, each at least 1");
+    }
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    match args.store {
+        Store::Sqlite if args.nodes > 1 => {
+            bail!("--nodes above 1 needs --store postgres: nodes cannot share a SQLite file")
+        }
+        Store::Sqlite if args.database_url.is_some() => {
+            bail!("--database-url is for --store postgres")
+        }
+        Store::Sqlite => {}
+        Store::Postgres => {
+            if args.scenario != Scenarios::Sdk {
+                bail!("--store postgres runs order3 only: give --scenario sdk");
+            }
+            match &args.database_url {
+                Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                }
+                Some(url) => bail!("--database-url {url:?} is not a postgres:// URL"),
+                None => bail!("--store postgres needs --database-url postgres://..."),
+            }
+        }
     }
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
@@ -270,7 +330,11 @@ fn start_durin(setup: &Setup<'_>, scenario: &str, extra: &[&str]) -> Result<Serv
 /// Starts Durin on the SQLite file `db`, logging to `log` in the scratch directory, with
 /// `extra` arguments to `durin serve` (see [`start_durin`]).
 fn start_durin_on(setup: &Setup<'_>, db: &Path, log: &str, extra: &[&str]) -> Result<Service> {
-    let database = format!("sqlite:{}", db.display());
+    start_durin_at(setup, &format!("sqlite:{}", db.display()), log, extra)
+}
+
+/// Starts Durin on the database URL `database` (see [`start_durin_on`]).
+fn start_durin_at(setup: &Setup<'_>, database: &str, log: &str, extra: &[&str]) -> Result<Service> {
     let mut args = vec![
         "serve",
         "--listen",
@@ -278,7 +342,7 @@ fn start_durin_on(setup: &Setup<'_>, db: &Path, log: &str, extra: &[&str]) -> Re
         "--admin-listen",
         "127.0.0.1:0",
         "--database",
-        &database,
+        database,
     ];
     args.extend_from_slice(extra);
     let ready: &[&'static str] = if extra.contains(&"--egress-listen") {
@@ -295,10 +359,36 @@ fn start_durin_on(setup: &Setup<'_>, db: &Path, log: &str, extra: &[&str]) -> Re
     )
 }
 
-/// order3: Durin and the SDK example, each in its own process.
+/// The Durin nodes of order3: one on a fresh SQLite file, or `--nodes` on the PostgreSQL
+/// database, started one after the other (the first applies the migrations).
+fn start_sdk_nodes(setup: &Setup<'_>) -> Result<Vec<Service>> {
+    let args = setup.args;
+    match (args.store, &args.database_url) {
+        (Store::Postgres, Some(url)) => (1..=args.nodes)
+            .map(|i| {
+                let node_id = format!("bench-node-{i}");
+                start_durin_at(
+                    setup,
+                    url,
+                    &format!("durin-sdk-node-{i}.log"),
+                    &["--node-id", &node_id],
+                )
+            })
+            .collect(),
+        _ => Ok(vec![start_durin(setup, "sdk", &[])?]),
+    }
+}
+
+/// order3: Durin (one node or several) and the SDK example, each in its own process.
 fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
-    eprintln!("durin-bench: scenario order3 (SDK)");
-    let durin = start_durin(setup, "sdk", &[])?;
+    let args = setup.args;
+    let postgres_nodes = (args.store == Store::Postgres).then_some(args.nodes);
+    match postgres_nodes {
+        None => eprintln!("durin-bench: scenario order3 (SDK)"),
+        Some(n) => eprintln!("durin-bench: scenario order3 (SDK) on PostgreSQL, {n} node(s)"),
+    }
+    let nodes = start_sdk_nodes(setup)?;
+    let durin = nodes.first().context("no durin node")?;
     let order = Service::start(
         "order",
         &setup.bin_dir.join("order"),
@@ -307,21 +397,31 @@ fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         &["order service listening on "],
     )?;
     let target = Target {
-        durin_url: durin.url(),
-        admin_url: admin_url(&durin),
-        durin_pid: durin.pid(),
+        durin_urls: nodes.iter().map(|n| n.url().to_owned()).collect(),
+        admin_url: admin_url(durin),
+        durin_pids: nodes.iter().map(Service::pid).collect(),
         handler_pid: Some(order.pid()),
         registration: serde_json::json!({ "url": order.url() }),
         call_path: "/v1/call/order/process",
+        postgres: postgres_nodes.is_some(),
     };
     let levels = setup
         .runtime
         .block_on(interruptible(measure(setup, &target)))?;
-    // `durin` and `order` are dropped here, which stops them before the next scenario.
+    let mut description =
+        "the SDK example `order` in its own process, three steps journaled through the context API"
+            .to_owned();
+    if let Some(n) = postgres_nodes {
+        description.push_str(&format!(
+            "; on PostgreSQL, {n} durin node(s) on one database, callers round-robin over them"
+        ));
+    }
+    // `nodes` and `order` are dropped here, which stops them before the next scenario.
     Ok(ScenarioReport {
         scenario: "order3",
-        description: "the SDK example `order` in its own process, three steps journaled through the context API".to_owned(),
+        description,
         handler_in_process: false,
+        postgres_nodes,
         levels,
     })
 }
@@ -346,9 +446,9 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         .runtime
         .block_on(plain::handler(egress_url, downstream.addr))?;
     let target = Target {
-        durin_url: durin.url(),
+        durin_urls: vec![durin.url().to_owned()],
         admin_url: admin_url(&durin),
-        durin_pid: durin.pid(),
+        durin_pids: vec![durin.pid()],
         handler_pid: None,
         registration: serde_json::json!({
             "url": format!("http://{}", handler.addr),
@@ -358,6 +458,7 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
             }],
         }),
         call_path: "/v1/call/order_plain/process",
+        postgres: false,
     };
     let levels = setup
         .runtime
@@ -368,6 +469,7 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
             "a plain handler without an SDK ({PLAIN_SERVICE}), three side effects as HTTP calls through the egress; handler and downstream run inside this bench process"
         ),
         handler_in_process: true,
+        postgres_nodes: None,
         levels,
     })
 }
@@ -383,16 +485,20 @@ async fn interruptible<T>(future: impl std::future::Future<Output = Result<T>>) 
 
 /// What one scenario measures.
 struct Target<'a> {
-    durin_url: &'a str,
-    /// Where the handler is registered.
+    /// The main listener of every Durin node; the callers are spread round-robin over them.
+    durin_urls: Vec<String>,
+    /// Where the handler is registered (the first node's admin listener).
     admin_url: &'a str,
-    durin_pid: u32,
+    /// Every Durin node's process, whose CPU times are summed.
+    durin_pids: Vec<u32>,
     /// The handler's own process; `None` when it runs inside this one.
     handler_pid: Option<u32>,
     /// The body of `POST /v1/deployments` that registers the handler.
     registration: serde_json::Value,
     /// The path under Durin that starts one order.
     call_path: &'static str,
+    /// Whether the PostgreSQL server's CPU is read too.
+    postgres: bool,
 }
 
 /// Registers the handler, checks one call, warms up, and measures every level.
@@ -402,14 +508,22 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
     let client = load::client(max_concurrency.max(WARMUP_CONCURRENCY))?;
     register(&client, target.admin_url, &target.registration).await?;
 
-    let url = format!("{}{}", target.durin_url, target.call_path);
-    load::smoke(&client, &url).await?;
+    let urls: Vec<String> = target
+        .durin_urls
+        .iter()
+        .map(|durin| format!("{durin}{}", target.call_path))
+        .collect();
+    // Every node gets a checked request: the deployment registered on the first one must
+    // be known to all.
+    for url in &urls {
+        load::smoke(&client, url).await?;
+    }
     if args.warmup > 0 {
         eprintln!(
             "durin-bench: warm-up, {} requests at c={WARMUP_CONCURRENCY}",
             args.warmup
         );
-        let warmup = load::run(&client, &url, args.warmup, WARMUP_CONCURRENCY).await?;
+        let warmup = load::run(&client, &urls, args.warmup, WARMUP_CONCURRENCY).await?;
         if let Some(e) = &warmup.first_error {
             eprintln!(
                 "durin-bench: warm-up had {} errors, the first: {e}",
@@ -428,8 +542,10 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
         eprintln!("durin-bench: c={concurrency}, {requests} requests");
         let load_before = procs::loadavg1();
         let cpu_before = cpu_snapshot(target)?;
-        let result = load::run(&client, &url, requests, concurrency).await?;
+        let postgres_before = postgres_snapshot(target);
+        let result = load::run(&client, &urls, requests, concurrency).await?;
         let cpu_after = cpu_snapshot(target)?;
+        let postgres_after = postgres_snapshot(target);
         if let Some(e) = &result.first_error {
             eprintln!(
                 "durin-bench: c={concurrency} had {} errors, the first: {e}",
@@ -451,7 +567,17 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
                 own
             },
             loadgen_cpu_s: target.handler_pid.is_some().then_some(own),
-            durin_rss_mib: procs::rss_mib(target.durin_pid),
+            postgres_cpu_s: postgres_cpu_s(
+                postgres_before.as_ref(),
+                postgres_after.as_ref(),
+                concurrency,
+                ticks_per_sec,
+            ),
+            durin_rss_mib: target
+                .durin_pids
+                .iter()
+                .map(|&pid| procs::rss_mib(pid))
+                .sum(),
             load_before,
             load_after: procs::loadavg1(),
             result,
@@ -460,15 +586,43 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
     Ok(levels)
 }
 
-/// CPU ticks so far of Durin, the handler (this process when it runs inside it), and this
-/// process, in that order.
+/// CPU ticks so far of Durin (all its nodes), the handler (this process when it runs inside
+/// it), and this process, in that order.
 fn cpu_snapshot(target: &Target<'_>) -> Result<[u64; 3]> {
     let own = procs::cpu_ticks(std::process::id())?;
     let handler = match target.handler_pid {
         Some(pid) => procs::cpu_ticks(pid)?,
         None => own,
     };
-    Ok([procs::cpu_ticks(target.durin_pid)?, handler, own])
+    let mut durin = 0;
+    for &pid in &target.durin_pids {
+        durin += procs::cpu_ticks(pid)?;
+    }
+    Ok([durin, handler, own])
+}
+
+/// CPU time so far of the PostgreSQL server, when the target uses it and it runs here.
+fn postgres_snapshot(target: &Target<'_>) -> Option<procs::PostgresCpu> {
+    target.postgres.then(procs::postgres_cpu).flatten()
+}
+
+/// PostgreSQL's CPU seconds between two snapshots of a level; `None` without them, or when
+/// a server started or stopped in between (its counts started again), which is said.
+fn postgres_cpu_s(
+    before: Option<&procs::PostgresCpu>,
+    after: Option<&procs::PostgresCpu>,
+    concurrency: usize,
+    ticks_per_sec: u64,
+) -> Option<f64> {
+    let (before, after) = before.zip(after)?;
+    let ticks = before.ticks_until(after);
+    if ticks.is_none() {
+        eprintln!(
+            "durin-bench: c={concurrency}: a PostgreSQL server started or stopped during the level (postmasters {:?}, then {:?}): no PostgreSQL CPU figure",
+            before.postmasters, after.postmasters
+        );
+    }
+    ticks.map(|ticks| ticks_to_s(ticks, ticks_per_sec))
 }
 
 fn ticks_to_s(ticks: u64, ticks_per_sec: u64) -> f64 {

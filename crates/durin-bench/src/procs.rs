@@ -204,11 +204,95 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
 /// command name (field 2) may contain spaces and parentheses, so fields are counted from
 /// the last `)`, after which the state is field 3.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let [utime, stime, _, _] = parse_times(stat)?;
+    Some(utime + stime)
+}
+
+/// utime, stime, cutime and cstime (fields 14 to 17 of proc(5)) of a `/proc/PID/stat` line.
+fn parse_times(stat: &str) -> Option<[u64; 4]> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     let mut fields = after_name.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    let mut times = [0; 4];
+    for time in &mut times {
+        *time = fields.next()?.parse().ok()?;
+    }
+    Some(times)
+}
+
+/// The command name (field 2) of a `/proc/PID/stat` line, without its parentheses.
+fn parse_comm(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
+/// The CPU time so far of the PostgreSQL servers on this machine, see [`postgres_cpu`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresCpu {
+    pub ticks: u64,
+    /// The pids of the postmasters (the `postgres` processes whose parent is not one), in
+    /// ascending order: two readings compare only when these are the same, since a server
+    /// restarted between them starts its counts again.
+    pub postmasters: Vec<u32>,
+}
+
+impl PostgresCpu {
+    /// The ticks from `self` to `later`; `None` when a server started or stopped between the
+    /// two readings.
+    pub fn ticks_until(&self, later: &PostgresCpu) -> Option<u64> {
+        (self.postmasters == later.postmasters).then(|| later.ticks.saturating_sub(self.ticks))
+    }
+}
+
+/// CPU ticks so far of every PostgreSQL server process on this machine (command name
+/// `postgres`: the postmaster, its background processes and every backend, whatever its
+/// database), or `None` when there is none. A process's own user + system time is counted
+/// while it lives, and its reaped children's (cutime + cstime) with it, so a backend that
+/// ends between two readings is still counted, in its postmaster's figure. Only a server
+/// on this machine can be read: a remote one gives `None`.
+pub fn postgres_cpu() -> Option<PostgresCpu> {
+    // (pid, parent, ticks) of every `postgres` process.
+    let mut processes = Vec::new();
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between the listing and the read: it is then skipped.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if parse_comm(&stat) != Some("postgres") {
+            continue;
+        }
+        if let (Some(parent), Some(times)) = (parse_parent(&stat), parse_times(&stat)) {
+            processes.push((pid, parent, times.iter().sum::<u64>()));
+        }
+    }
+    if processes.is_empty() {
+        return None;
+    }
+    let pids: std::collections::HashSet<u32> = processes.iter().map(|p| p.0).collect();
+    let mut postmasters: Vec<u32> = processes
+        .iter()
+        .filter(|p| !pids.contains(&p.1))
+        .map(|p| p.0)
+        .collect();
+    postmasters.sort_unstable();
+    Some(PostgresCpu {
+        ticks: processes.iter().map(|p| p.2).sum(),
+        postmasters,
+    })
+}
+
+/// The parent pid (field 4) of a `/proc/PID/stat` line.
+fn parse_parent(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Resident memory of a process in MiB, from `VmRSS` in `/proc/PID/status`.
@@ -252,6 +336,32 @@ mod tests {
     fn parses_cpu_ticks_after_a_tricky_command_name() {
         let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194304 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn parses_the_command_name_and_the_children_times() {
+        let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194304 100 0 0 0 250 75 7 3 20 0 3 0";
+        assert_eq!(parse_comm(stat), Some("a) b (c)"));
+        assert_eq!(parse_parent(stat), Some(1));
+        assert_eq!(parse_times(stat), Some([250, 75, 7, 3]));
+    }
+
+    #[test]
+    fn postgres_ticks_compare_only_within_one_server() {
+        let before = PostgresCpu {
+            ticks: 100,
+            postmasters: vec![7],
+        };
+        let after = PostgresCpu {
+            ticks: 250,
+            postmasters: vec![7],
+        };
+        let restarted = PostgresCpu {
+            ticks: 300,
+            postmasters: vec![9],
+        };
+        assert_eq!(before.ticks_until(&after), Some(150));
+        assert_eq!(before.ticks_until(&restarted), None);
     }
 
     #[test]

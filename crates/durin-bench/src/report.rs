@@ -52,6 +52,9 @@ pub struct ScenarioReport {
     /// Whether the handler runs inside this bench process, so that its CPU figure is this
     /// whole process, load generator included.
     pub handler_in_process: bool,
+    /// How many Durin nodes shared a PostgreSQL database; `None` on SQLite (one node), whose
+    /// output has no PostgreSQL figures.
+    pub postgres_nodes: Option<usize>,
     pub levels: Vec<Level>,
 }
 
@@ -67,6 +70,10 @@ pub struct Level {
     /// CPU seconds of this load generator; `None` when it shares its process with the
     /// handler and so has no figure of its own.
     pub loadgen_cpu_s: Option<f64>,
+    /// CPU seconds of every PostgreSQL process on this machine; `None` on SQLite, or when no
+    /// PostgreSQL process could be read here.
+    pub postgres_cpu_s: Option<f64>,
+    /// Durin's RSS; with several nodes, their sum.
     pub durin_rss_mib: Option<f64>,
     pub load_before: Option<f64>,
     pub load_after: Option<f64>,
@@ -137,8 +144,17 @@ pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
 
 fn print_table(scenario: &ScenarioReport) {
     println!("{}: {}", scenario.scenario, scenario.description);
+    // The PostgreSQL column is there only on PostgreSQL, so the SQLite table is unchanged.
+    let postgres = scenario.postgres_nodes.is_some();
+    let postgres_column = |value: &str| {
+        if postgres {
+            format!(" {value:>11}")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11} {:>11}",
+        "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11}{} {:>11}",
         "c",
         "n",
         "ok/s",
@@ -154,12 +170,13 @@ fn print_table(scenario: &ScenarioReport) {
             "handler µs/i"
         },
         "bench µs/i",
+        postgres_column("pg µs/i"),
         "load 1m"
     );
     for level in &scenario.levels {
         let r = &level.result;
         println!(
-            "{:>5} {:>6} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11} {:>11}",
+            "{:>5} {:>6} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11}{} {:>11}",
             level.concurrency,
             level.requests,
             level.throughput(),
@@ -176,6 +193,12 @@ fn print_table(scenario: &ScenarioReport) {
                     .and_then(|cpu| level.per_invocation_us(cpu)),
                 0
             ),
+            postgres_column(&fmt(
+                level
+                    .postgres_cpu_s
+                    .and_then(|cpu| level.per_invocation_us(cpu)),
+                0
+            )),
             format!(
                 "{}->{}",
                 fmt(level.load_before, 2),
@@ -184,6 +207,9 @@ fn print_table(scenario: &ScenarioReport) {
         );
     }
     println!("µs/i: CPU microseconds per successful invocation (user+system); durin includes its egress; load 1m: load average before->after the level");
+    if let Some(nodes) = scenario.postgres_nodes {
+        println!("durin µs/i: the sum of its {nodes} node(s); pg µs/i: every PostgreSQL process on this machine (postmaster, background processes, all backends of any database)");
+    }
     if scenario.handler_in_process {
         println!("hdl+bench µs/i: this whole bench process, where the plain handler, the downstream and the load generator share one runtime; they are not measured apart, so bench µs/i is '-'");
     }
@@ -278,7 +304,7 @@ fn print_targets(scenario: &str, levels: &[Level]) {
 fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> serde_json::Value {
     let r = &level.result;
     let ms3 = |d: Option<Duration>| d.map(|d| round3(ms(d)));
-    serde_json::json!({
+    let mut line = serde_json::json!({
         "system": "durin",
         "version": env!("CARGO_PKG_VERSION"),
         "scenario": scenario.scenario,
@@ -310,5 +336,23 @@ fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> ser
         "loadavg1_after": level.load_after,
         "cores": machine.cores,
         "clk_tck": machine.ticks_per_sec,
-    })
+    });
+    // On PostgreSQL only, so that the SQLite lines keep their fields.
+    if let (Some(nodes), Some(fields)) = (scenario.postgres_nodes, line.as_object_mut()) {
+        fields.insert("store".to_owned(), "postgres".into());
+        fields.insert("nodes".to_owned(), nodes.into());
+        fields.insert(
+            "postgres_cpu_s".to_owned(),
+            level.postgres_cpu_s.map(round3).into(),
+        );
+        fields.insert(
+            "postgres_cpu_us_per_inv".to_owned(),
+            level
+                .postgres_cpu_s
+                .and_then(|cpu| level.per_invocation_us(cpu))
+                .map(f64::round)
+                .into(),
+        );
+    }
+    line
 }
