@@ -6,6 +6,7 @@
 //! Nothing outside `store/` knows which database is underneath.
 
 mod postgres;
+mod shared;
 mod sqlite;
 #[cfg(test)]
 mod tests;

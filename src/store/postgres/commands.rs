@@ -17,6 +17,7 @@ use sqlx::PgConnection;
 
 use super::rows::*;
 use super::*;
+pub(super) use crate::store::shared::{Ending, Pending};
 
 /// Locks the row of invocation `id` until the end of the transaction (nothing when there
 /// is no such invocation), so that what a write numbers or takes from it (completion
@@ -455,23 +456,6 @@ async fn open_children(
             Ok((id, policy))
         })
         .collect()
-}
-
-/// An invocation created pending by another one (a child, the next run of a workflow).
-pub(super) struct Pending<'a> {
-    pub id: &'a str,
-    pub service: &'a str,
-    pub handler: &'a str,
-    pub deployment_id: &'a str,
-    pub input: &'a [u8],
-    pub due_ms: i64,
-    pub deadline_ms: Option<i64>,
-    pub workflow_id: Option<&'a str>,
-    /// The parent and, for a `call`, its entry.
-    pub parent: Option<(&'a str, Option<u32>)>,
-    pub parent_close: Option<ParentClose>,
-    /// The W3C `traceparent` its trace continues.
-    pub traceparent: Option<String>,
 }
 
 /// Inserts an invocation that waits for the scheduler (attempt 0, due at `due_ms`), with
@@ -1152,31 +1136,6 @@ fn cancel_boxed<'a>(
         }
         Ok(CancelAnswer::Requested(record))
     })
-}
-
-/// How [`end_now`] ends an invocation.
-pub(super) struct Ending {
-    /// `terminated`, or `failed` for a timeout.
-    pub status: Status,
-    pub failure: Failure,
-    /// The message of the children's own ending.
-    pub children: String,
-}
-
-impl Ending {
-    /// `terminated` (status 409, type `Terminated`) with `message`, which the children
-    /// it takes along get too.
-    pub fn terminated(message: String) -> Ending {
-        Ending {
-            status: Status::Terminated,
-            failure: Failure {
-                status: 409,
-                error_type: Some("Terminated".into()),
-                message: message.clone(),
-            },
-            children: message,
-        }
-    }
 }
 
 /// Ends an invocation at once, fenced like any change of state, and terminates the

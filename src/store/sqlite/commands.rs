@@ -7,6 +7,7 @@ use durin_protocol::{EntryKind, Failure};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::*;
+pub(super) use crate::store::shared::{Ending, Pending};
 
 /// Appends `entry` for `attempt` at the next free index (which must be `entry.index` when
 /// that is given), inside the caller's transaction.
@@ -390,23 +391,6 @@ fn open_children(conn: &Connection, parent: &str) -> StoreResult<Vec<(String, Pa
             (id, policy)
         })
         .collect())
-}
-
-/// An invocation created pending by another one (a child, the next run of a workflow).
-pub(super) struct Pending<'a> {
-    pub id: &'a str,
-    pub service: &'a str,
-    pub handler: &'a str,
-    pub deployment_id: &'a str,
-    pub input: &'a [u8],
-    pub due_ms: i64,
-    pub deadline_ms: Option<i64>,
-    pub workflow_id: Option<&'a str>,
-    /// The parent and, for a `call`, its entry.
-    pub parent: Option<(&'a str, Option<u32>)>,
-    pub parent_close: Option<ParentClose>,
-    /// The W3C `traceparent` its trace continues.
-    pub traceparent: Option<String>,
 }
 
 /// Inserts an invocation that waits for the scheduler (attempt 0, due at `due_ms`), with
@@ -990,31 +974,6 @@ pub(super) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> StoreResult<Ca
         }
     }
     Ok(CancelAnswer::Requested(record))
-}
-
-/// How [`end_now`] ends an invocation.
-pub(super) struct Ending {
-    /// `terminated`, or `failed` for a timeout.
-    pub status: Status,
-    pub failure: Failure,
-    /// The message of the children's own ending.
-    pub children: String,
-}
-
-impl Ending {
-    /// `terminated` (status 409, type `Terminated`) with `message`, which the children
-    /// it takes along get too.
-    pub fn terminated(message: String) -> Ending {
-        Ending {
-            status: Status::Terminated,
-            failure: Failure {
-                status: 409,
-                error_type: Some("Terminated".into()),
-                message: message.clone(),
-            },
-            children: message,
-        }
-    }
 }
 
 /// Ends an invocation at once, fenced like any change of state, and terminates the

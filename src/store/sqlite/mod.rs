@@ -27,6 +27,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
+use crate::store::shared;
 
 mod commands;
 mod rows;
@@ -931,21 +932,8 @@ impl Store for SqliteStore {
                 if let Some(run) =
                     commands::taken_workflow_id(conn, id.as_str(), entry.index, child)?
                 {
-                    let failure = Failure {
-                        status: 409,
-                        error_type: Some("WorkflowIdTaken".into()),
-                        message: format!(
-                            "workflow {} id {:?} already names run {run}, which has not ended",
-                            child.target.service,
-                            child
-                                .workflow
-                                .as_ref()
-                                .map_or("", |w| w.workflow_id.as_str())
-                        ),
-                    };
-                    let value = serde_json::json!({ "invocation_id": null, "refused": failure });
-                    entry.value = Some(value.to_string().into_bytes());
-                    entry.effect = Effect::ChildRefused { failure };
+                    let child = child.clone();
+                    shared::refuse_taken_workflow_id(&mut entry, &child, &run);
                 }
             }
             append(conn, &id, attempt, entry, now_ms, limits)
@@ -1053,46 +1041,26 @@ impl Store for SqliteStore {
             else {
                 return Err(refusal(conn, id.as_str(), attempt));
             };
-            let output = match end {
-                AttemptEnd::Completed {
-                    output,
-                    content_type,
-                } => Some((Some(output), content_type, None)),
-                AttemptEnd::Failed { failure, body } => {
-                    let (value, content_type) = body.unzip();
-                    Some((value, content_type.flatten(), Some(failure)))
-                }
-                AttemptEnd::Cancelled { failure } => Some((None, None, Some(failure))),
-                AttemptEnd::ContinuedAsNew {
+            let output = match shared::recorded(end) {
+                shared::Recorded::Output(output) => Some(output),
+                shared::Recorded::ContinuedAsNew {
                     input,
                     next,
                     target,
                     deadline_ms,
                 } => {
-                    let next_run = commands::Pending {
-                        id: next.as_str(),
-                        service: &record.service,
-                        handler: &record.handler,
-                        deployment_id: target
-                            .as_ref()
-                            .map_or(record.deployment_id.as_str(), |t| &t.deployment_id),
-                        input: &input,
-                        due_ms: now_ms,
+                    let next_run = shared::next_run(
+                        &record,
+                        &input,
+                        &next,
+                        target.as_deref(),
                         deadline_ms,
-                        workflow_id: record.workflow_id.as_deref(),
-                        parent: None,
-                        parent_close: None,
-                        traceparent: record.traceparent.clone(),
-                    };
+                        now_ms,
+                    );
                     continue_as_new(conn, &record, next_run, now_ms)?;
-                    let output = serde_json::json!({ "continued_as": next.as_str() });
-                    Some((
-                        Some(output.to_string().into_bytes()),
-                        Some("application/json".into()),
-                        None,
-                    ))
+                    Some(shared::continued_output(&next))
                 }
-                _ => None,
+                shared::Recorded::Nothing => None,
             };
             let output = match output {
                 Some((value, content_type, failure)) => Some(record_output(
