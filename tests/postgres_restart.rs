@@ -1,4 +1,4 @@
-//! PostgreSQL restarted under load, with two Durin nodes on it: callers get retry-safe
+//! PostgreSQL stopped for 8 s and started again under load, with two Durin nodes on it: callers get retry-safe
 //! problems while it is down (503 with `Retry-After`), the nodes reconnect by themselves,
 //! and every order completes with each side effect applied once. It restarts the server
 //! on 127.0.0.1:5432, so it is a test file of its own (cargo runs test files one at a
@@ -94,13 +94,20 @@ async fn postgres_restarted_under_load_loses_and_repeats_nothing() {
         .unwrap()
         .unwrap()
         .file_name();
-    let restarted = std::process::Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect"])
-        .arg(&version)
-        .args(["main", "restart"])
-        .status()
-        .unwrap();
-    assert!(restarted.success(), "pg_ctlcluster restart failed");
+    // Down for 8 s: longer than a node waits for a connection (5 s), so that callers meet
+    // the outage, not only a short pause.
+    let cluster = |action: &str| {
+        let done = std::process::Command::new("pg_ctlcluster")
+            .args(["--skip-systemctl-redirect"])
+            .arg(&version)
+            .args(["main", action])
+            .status()
+            .unwrap();
+        assert!(done.success(), "pg_ctlcluster {action} failed");
+    };
+    cluster("stop");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cluster("start");
 
     sender.await.unwrap();
     let refused = unavailable.load(Ordering::SeqCst);

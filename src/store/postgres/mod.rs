@@ -104,7 +104,8 @@ impl PostgresStore {
             .disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(READERS + WRITERS as u32)
-            .acquire_timeout(Duration::from_secs(10))
+            // While the database is away, a caller waits this long, then gets a retryable 503.
+            .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.clone())
             .await
             .map_err(backend)?;
