@@ -461,3 +461,47 @@ async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_invocation() {
     assert_eq!(total, 10);
     db.close().await;
 }
+
+/// A workflow started on one node waits for a signal; the signal sent to another node wakes
+/// it there at once, and the caller on the first node hears the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_sent_to_another_node_wakes_the_workflow() {
+    let home = GatewayHome::cluster("2s");
+    let handler = start_order(None, &[]);
+    let (first, second) = (home.start(None), home.start(None));
+    register(&first.admin, &handler.url).await;
+    let started = client()
+        .post(format!("{}/v1/workflows/approval/a-1", first.url))
+        .json(&json!({"request": "a-1", "deadline_secs": 3600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    eventually(Duration::from_secs(10), "the run to wait", || {
+        let url = first.url.clone();
+        async move {
+            let view = get_json(&format!("{url}/v1/workflows/approval/a-1")).await;
+            (view["status"] == "suspended").then_some(())
+        }
+    })
+    .await;
+    let sent = Instant::now();
+    let signalled = client()
+        .post(format!("{}/v1/workflows/approval/a-1/signals/cancel", second.url))
+        .json(&json!("no"))
+        .send()
+        .await
+        .unwrap();
+    assert!(signalled.status().is_success(), "{}", signalled.status());
+    let ended = client()
+        .get(format!("{}/v1/workflows/approval/a-1", first.url))
+        .header("prefer", "wait=30")
+        .send()
+        .await
+        .unwrap();
+    let waited = sent.elapsed();
+    let view: Value = ended.json().await.unwrap();
+    assert_eq!(view["status"], "completed", "{view}");
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    println!("the run ended {} ms after the signal", waited.as_millis());
+}
