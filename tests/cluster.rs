@@ -487,7 +487,10 @@ async fn a_signal_sent_to_another_node_wakes_the_workflow() {
     .await;
     let sent = Instant::now();
     let signalled = client()
-        .post(format!("{}/v1/workflows/approval/a-1/signals/cancel", second.url))
+        .post(format!(
+            "{}/v1/workflows/approval/a-1/signals/cancel",
+            second.url
+        ))
         .json(&json!("no"))
         .send()
         .await
