@@ -82,6 +82,9 @@ impl Engine {
                 }
                 Ok(_) => {
                     tracing::warn!(%id, attempt = record.attempt, "attempt taken over by another node; not run");
+                    for observer in &self.observers {
+                        observer.attempt_ended(&id, record.attempt);
+                    }
                     self.attempt_recorded(&id, record.attempt);
                     return;
                 }
