@@ -482,15 +482,7 @@ pub async fn load_ended(
     state: &AppState,
     record: InvocationRecord,
 ) -> Result<Arc<Ended>, ApiError> {
-    let output = if record.status.is_final() {
-        state
-            .store
-            .read_entry(&record.id, record.journal_len.saturating_sub(1))
-            .await?
-    } else {
-        None
-    };
-    Ok(Arc::new(Ended { record, output }))
+    Ok(Arc::new(state.engine.load_ended(record).await?))
 }
 
 /// Forgets the waiters' entry of an invocation when the last waiter leaves, so that waits

@@ -202,17 +202,26 @@ impl Engine {
         if !(record.status.is_final() || record.status == crate::store::Status::Paused) {
             return;
         }
-        let output = match record.journal_len.checked_sub(1) {
-            Some(last) if record.status.is_final() => match self.store.read_entry(id, last).await {
-                Ok(entry) => entry.filter(|e| e.kind == durin_protocol::EntryKind::Output),
-                Err(error) => {
-                    tracing::warn!(%id, %error, "could not read the output of an invocation another node ended");
-                    return;
-                }
-            },
-            _ => None,
+        let ended = match self.load_ended(record).await {
+            Ok(ended) => ended,
+            Err(error) => {
+                tracing::warn!(%id, %error, "could not read the output of an invocation another node ended");
+                return;
+            }
         };
-        self.waiters.finish(Arc::new(Ended { record, output }));
+        self.waiters.finish(Arc::new(ended));
+    }
+
+    /// `record` as its waiters receive it: with its output entry when it has ended.
+    pub async fn load_ended(&self, record: InvocationRecord) -> Result<Ended, StoreError> {
+        let output = if record.status.is_final() {
+            self.store
+                .read_entry(&record.id, record.journal_len.saturating_sub(1))
+                .await?
+        } else {
+            None
+        };
+        Ok(Ended { record, output })
     }
 
     /// A running attempt sent a heartbeat (recorded in the store already).

@@ -158,13 +158,7 @@ pub(super) async fn fetch_invocation(
     conn: &mut PgConnection,
     id: &str,
 ) -> StoreResult<Option<InvocationRecord>> {
-    let sql = format!("SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = $1");
-    let row = sqlx::query(&sql)
-        .bind(id)
-        .fetch_optional(conn)
-        .await
-        .map_err(backend)?;
-    row.as_ref().map(invocation).transpose()
+    select_invocation(conn, id, "").await
 }
 
 /// The invocation `id`, locked until the end of the transaction: what a write decides from
@@ -173,7 +167,15 @@ pub(super) async fn lock_invocation(
     conn: &mut PgConnection,
     id: &str,
 ) -> StoreResult<Option<InvocationRecord>> {
-    let sql = format!("SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = $1 FOR UPDATE");
+    select_invocation(conn, id, " FOR UPDATE").await
+}
+
+async fn select_invocation(
+    conn: &mut PgConnection,
+    id: &str,
+    lock: &str,
+) -> StoreResult<Option<InvocationRecord>> {
+    let sql = format!("SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = $1{lock}");
     let row = sqlx::query(&sql)
         .bind(id)
         .fetch_optional(conn)

@@ -107,12 +107,9 @@ impl Store for PostgresStore {
     async fn list_deployments(&self) -> StoreResult<Vec<DeploymentRecord>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id");
-            let rows = sqlx::query(&sql).fetch_all(conn).await.map_err(backend)?;
-            rows.iter().map(deployment).collect()
-        }
-        .await
+        let sql = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments ORDER BY id");
+        let rows = sqlx::query(&sql).fetch_all(conn).await.map_err(backend)?;
+        rows.iter().map(deployment).collect()
     }
 
     async fn latest_handler(
@@ -122,20 +119,17 @@ impl Store for PostgresStore {
     ) -> StoreResult<Option<HandlerTarget>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!(
-                "{TARGET_SELECT} WHERE h.service = $1 AND h.handler = $2 \
-                     ORDER BY h.deployment_id DESC LIMIT 1"
-            );
-            let row = sqlx::query(&sql)
-                .bind(service)
-                .bind(handler)
-                .fetch_optional(conn)
-                .await
-                .map_err(backend)?;
-            row.as_ref().map(target).transpose()
-        }
-        .await
+        let sql = format!(
+            "{TARGET_SELECT} WHERE h.service = $1 AND h.handler = $2 \
+                 ORDER BY h.deployment_id DESC LIMIT 1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(service)
+            .bind(handler)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(target).transpose()
     }
 
     async fn deployment_handler(
@@ -146,21 +140,18 @@ impl Store for PostgresStore {
     ) -> StoreResult<Option<HandlerTarget>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!(
-                "{TARGET_SELECT} WHERE h.deployment_id = $1 AND h.service = $2 \
-                     AND h.handler = $3"
-            );
-            let row = sqlx::query(&sql)
-                .bind(deployment_id)
-                .bind(service)
-                .bind(handler)
-                .fetch_optional(conn)
-                .await
-                .map_err(backend)?;
-            row.as_ref().map(target).transpose()
-        }
-        .await
+        let sql = format!(
+            "{TARGET_SELECT} WHERE h.deployment_id = $1 AND h.service = $2 \
+                 AND h.handler = $3"
+        );
+        let row = sqlx::query(&sql)
+            .bind(deployment_id)
+            .bind(service)
+            .bind(handler)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(target).transpose()
     }
 
     async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created> {
@@ -226,16 +217,13 @@ impl Store for PostgresStore {
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = $1 ORDER BY j.idx");
-            let rows = sqlx::query(&sql)
-                .bind(id.as_str())
-                .fetch_all(conn)
-                .await
-                .map_err(backend)?;
-            rows.iter().map(entry).collect()
-        }
-        .await
+        let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = $1 ORDER BY j.idx");
+        let rows = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(entry).collect()
     }
 
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>> {
@@ -249,18 +237,15 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<InvocationRecord>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!(
-                "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE {FILTER} \
-                     ORDER BY id DESC LIMIT $7"
-            );
-            let rows = filtered(&sql, &filter, limit)
-                .fetch_all(conn)
-                .await
-                .map_err(backend)?;
-            rows.iter().map(invocation).collect()
-        }
-        .await
+        let sql = format!(
+            "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE {FILTER} \
+                 ORDER BY id DESC LIMIT $7"
+        );
+        let rows = filtered(&sql, &filter, limit)
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(invocation).collect()
     }
 
     async fn recover_running(&self, now_ms: i64) -> StoreResult<u64> {
@@ -352,19 +337,16 @@ impl Store for PostgresStore {
     async fn next_due(&self) -> StoreResult<Option<i64>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            sqlx::query(
-                "SELECT MIN(next_run_at_ms) FROM invocations \
-                     WHERE next_run_at_ms IS NOT NULL \
-                     AND status IN ('pending', 'backing-off', 'suspended')",
-            )
-            .fetch_one(conn)
-            .await
-            .map_err(backend)?
-            .try_get(0)
-            .map_err(backend)
-        }
+        sqlx::query(
+            "SELECT MIN(next_run_at_ms) FROM invocations \
+                 WHERE next_run_at_ms IS NOT NULL \
+                 AND status IN ('pending', 'backing-off', 'suspended')",
+        )
+        .fetch_one(conn)
         .await
+        .map_err(backend)?
+        .try_get(0)
+        .map_err(backend)
     }
 
     async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted> {
@@ -451,21 +433,18 @@ impl Store for PostgresStore {
     ) -> StoreResult<Option<InvocationRecord>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!(
-                "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = \
-                     (SELECT invocation_id FROM workflows WHERE workflow = $1 \
-                     AND workflow_id = $2)"
-            );
-            let row = sqlx::query(&sql)
-                .bind(workflow)
-                .bind(workflow_id)
-                .fetch_optional(conn)
-                .await
-                .map_err(backend)?;
-            row.as_ref().map(invocation).transpose()
-        }
-        .await
+        let sql = format!(
+            "SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = \
+                 (SELECT invocation_id FROM workflows WHERE workflow = $1 \
+                 AND workflow_id = $2)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(workflow)
+            .bind(workflow_id)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(invocation).transpose()
     }
 
     async fn workflow_runs(
@@ -475,20 +454,17 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<InvocationRecord>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!(
-                "SELECT {INVOCATION_COLUMNS} FROM invocations \
-                     WHERE service = $1 AND workflow_id = $2 ORDER BY id"
-            );
-            let rows = sqlx::query(&sql)
-                .bind(workflow)
-                .bind(workflow_id)
-                .fetch_all(conn)
-                .await
-                .map_err(backend)?;
-            rows.iter().map(invocation).collect()
-        }
-        .await
+        let sql = format!(
+            "SELECT {INVOCATION_COLUMNS} FROM invocations \
+                 WHERE service = $1 AND workflow_id = $2 ORDER BY id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(workflow)
+            .bind(workflow_id)
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(invocation).collect()
     }
 
     async fn send_signal(
@@ -576,18 +552,15 @@ impl Store for PostgresStore {
     async fn read_state(&self, id: &InvocationId) -> StoreResult<Vec<(String, Option<Vec<u8>>)>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let rows =
-                sqlx::query("SELECT key, value FROM state WHERE invocation_id = $1 ORDER BY key")
-                    .bind(id.as_str())
-                    .fetch_all(conn)
-                    .await
-                    .map_err(backend)?;
-            rows.iter()
-                .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
-                .collect()
-        }
-        .await
+        let rows =
+            sqlx::query("SELECT key, value FROM state WHERE invocation_id = $1 ORDER BY key")
+                .bind(id.as_str())
+                .fetch_all(conn)
+                .await
+                .map_err(backend)?;
+        rows.iter()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .collect()
     }
 
     async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer> {
@@ -851,18 +824,15 @@ impl Store for PostgresStore {
     async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let row = sqlx::query("SELECT heartbeat_details FROM invocations WHERE id = $1")
-                .bind(id.as_str())
-                .fetch_optional(conn)
-                .await
-                .map_err(backend)?;
-            Ok(match row {
-                Some(row) => get(&row, 0)?,
-                None => None,
-            })
-        }
-        .await
+        let row = sqlx::query("SELECT heartbeat_details FROM invocations WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        Ok(match row {
+            Some(row) => get(&row, 0)?,
+            None => None,
+        })
     }
 
     async fn expire(
@@ -990,27 +960,24 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<durin_protocol::PendingUpdate>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let rows = sqlx::query(
-                "SELECT id, name, input FROM updates WHERE invocation_id = $1 \
-                     AND status = 'pending' ORDER BY created_at_ms, id",
-            )
-            .bind(run.as_str())
-            .fetch_all(conn)
-            .await
-            .map_err(backend)?;
-            rows.iter()
-                .map(|row| {
-                    let input: Vec<u8> = get(row, 2)?;
-                    Ok(durin_protocol::PendingUpdate {
-                        id: get(row, 0)?,
-                        name: get(row, 1)?,
-                        input: serde_json::from_slice(&input).unwrap_or_default(),
-                    })
-                })
-                .collect()
-        }
+        let rows = sqlx::query(
+            "SELECT id, name, input FROM updates WHERE invocation_id = $1 \
+                 AND status = 'pending' ORDER BY created_at_ms, id",
+        )
+        .bind(run.as_str())
+        .fetch_all(conn)
         .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let input: Vec<u8> = get(row, 2)?;
+                Ok(durin_protocol::PendingUpdate {
+                    id: get(row, 0)?,
+                    name: get(row, 1)?,
+                    input: serde_json::from_slice(&input).unwrap_or_default(),
+                })
+            })
+            .collect()
     }
 
     async fn refuse_update(
@@ -1165,17 +1132,14 @@ impl Store for PostgresStore {
     ) -> StoreResult<Vec<InvocationId>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            let sql = format!("SELECT id FROM invocations WHERE {FILTER} ORDER BY id LIMIT $7");
-            let rows = filtered(&sql, &filter, limit)
-                .fetch_all(conn)
-                .await
-                .map_err(backend)?;
-            rows.iter()
-                .map(|row| InvocationId::parse(&get::<String>(row, 0)?).map_err(corrupt))
-                .collect()
-        }
-        .await
+        let sql = format!("SELECT id FROM invocations WHERE {FILTER} ORDER BY id LIMIT $7");
+        let rows = filtered(&sql, &filter, limit)
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|row| InvocationId::parse(&get::<String>(row, 0)?).map_err(corrupt))
+            .collect()
     }
 
     async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>> {
@@ -1206,14 +1170,11 @@ impl Store for PostgresStore {
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
-        async move {
-            sqlx::query("SELECT 1")
-                .execute(conn)
-                .await
-                .map_err(backend)?;
-            Ok(())
-        }
-        .await
+        sqlx::query("SELECT 1")
+            .execute(conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn purge_ended(&self, ended_before_ms: i64, limit: u32) -> StoreResult<u64> {
