@@ -34,7 +34,7 @@ use crate::http::{hex, parse_retry_after, read_limited, same_secret};
 use crate::ids::InvocationId;
 use crate::problem::ApiError;
 use crate::store::{AttemptEnd, Effect, NewEntry, Status, Store, StoreError};
-use crate::traces::{InvocationTrace, TRACEPARENT};
+use crate::trace_context::{InvocationTrace, TRACEPARENT};
 
 pub struct EgressConfig {
     /// Hosts the egress may call: `host`, `host:port` or `*.domain`; empty allows any.
@@ -896,7 +896,7 @@ impl Egress {
                 "the Durin-Attempt-Token does not belong to the running attempt of invocation {id}"
             )));
         }
-        Ok((record.attempt, InvocationTrace::of(&record)))
+        Ok((record.attempt, crate::traces::trace_of(&record)))
     }
 
     /// The egress calls in the invocation's journal, with their indexes.

@@ -19,6 +19,7 @@ pub mod registry;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
+pub mod trace_context;
 pub mod traces;
 
 use std::future::IntoFuture;

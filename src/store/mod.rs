@@ -304,7 +304,7 @@ pub struct InvocationRecord {
     /// The last heartbeat of an attempt (its details are read with
     /// [`Store::heartbeat_details`]).
     pub heartbeat_at_ms: Option<i64>,
-    /// The W3C `traceparent` its trace continues (see [`crate::traces`]).
+    /// The W3C `traceparent` its trace continues (see [`crate::trace_context`]).
     pub traceparent: Option<String>,
 }
 

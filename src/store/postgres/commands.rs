@@ -291,7 +291,9 @@ async fn insert_child(
         .map_err(backend)?;
     let parent_trace: Option<String> = get(&row, 0)?;
     let traceparent = InvocationId::parse(parent)
-        .map(|p| crate::traces::child_traceparent(&p, parent_trace.as_deref(), entry.attempt))
+        .map(|p| {
+            crate::trace_context::child_traceparent(&p, parent_trace.as_deref(), entry.attempt)
+        })
         .ok();
     insert_pending(
         conn,

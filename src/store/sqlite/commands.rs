@@ -248,7 +248,9 @@ fn insert_child(
         )
         .map_err(backend)?;
     let traceparent = InvocationId::parse(parent)
-        .map(|p| crate::traces::child_traceparent(&p, parent_trace.as_deref(), entry.attempt))
+        .map(|p| {
+            crate::trace_context::child_traceparent(&p, parent_trace.as_deref(), entry.attempt)
+        })
         .ok();
     insert_pending(
         conn,
