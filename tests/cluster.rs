@@ -38,6 +38,9 @@ async fn count(db: &sqlx::PgPool, sql: &str, bind: &str) -> i64 {
 /// survivors take over the dead node's attempts within the lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_load_is_taken_over_and_nothing_runs_twice() {
+    if !require("postgres") {
+        return;
+    }
     const ORDERS: usize = 2_000;
     let home = GatewayHome::cluster("2s");
     let downstream = Downstream::start(&[]).await;
@@ -188,6 +191,9 @@ async fn a_node_killed_mid_load_is_taken_over_and_nothing_runs_twice() {
 /// gets the old attempt's late append, end and egress call, and refuses each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_node_cannot_write_or_call_out_for_an_attempt_taken_over() {
+    if !require("postgres") {
+        return;
+    }
     let home = GatewayHome::cluster("2s");
     let calls = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let downstream = {
@@ -399,6 +405,9 @@ fn signal(process: &Proc, which: &str) {
 /// second node (it took it in), the caller long-polls the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_on_one_node_hears_an_end_on_another_at_once() {
+    if !require("postgres") {
+        return;
+    }
     let home = GatewayHome::cluster("2s");
     let handler = start_order(None, &["--step-delay-ms", "300"]);
     let (waiting, running) = (home.start(None), home.start(None));
@@ -427,6 +436,9 @@ async fn a_caller_on_one_node_hears_an_end_on_another_at_once() {
 /// every answer names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_invocation() {
+    if !require("postgres") {
+        return;
+    }
     let home = GatewayHome::cluster("2s");
     let handler = start_order(None, &[]);
     let nodes = [home.start(None), home.start(None)];
@@ -466,6 +478,9 @@ async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_invocation() {
 /// it there at once, and the caller on the first node hears the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_sent_to_another_node_wakes_the_workflow() {
+    if !require("postgres") {
+        return;
+    }
     let home = GatewayHome::cluster("2s");
     let handler = start_order(None, &[]);
     let (first, second) = (home.start(None), home.start(None));

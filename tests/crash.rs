@@ -14,6 +14,9 @@ use support::*;
 /// recorded step is not run again, and the order completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_killed_between_steps_resumes_without_repeating_steps() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let gateway = home.start(None);
@@ -52,6 +55,9 @@ async fn handler_killed_between_steps_resumes_without_repeating_steps() {
 /// gets the output; no completed step runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_between_steps_resumes_and_the_caller_reattaches() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
@@ -114,6 +120,9 @@ async fn gateway_killed_between_steps_resumes_and_the_caller_reattaches() {
 /// from scratch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_during_backoff_keeps_the_schedule() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[("reserve_inventory", 1)]).await;
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
@@ -181,6 +190,9 @@ async fn gateway_killed_during_backoff_keeps_the_schedule() {
 /// flight; a restart finishes it, and no completed step runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_a_restart_finishes_the_rest() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
@@ -215,6 +227,9 @@ async fn sigterm_drains_and_a_restart_finishes_the_rest() {
 /// Idempotency-Key after the restart and delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_fire_once_after_durin_is_killed_and_signals_are_delivered_once() {
+    if !require_store() {
+        return;
+    }
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
     let handler = start_order(None, &[]);
@@ -310,6 +325,9 @@ fn chrono_ms(text: &str) -> i64 {
 /// the signal is durable, the attempt is run again after the restart, and the wait gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_that_arrived_before_a_crash_and_the_suspension_is_not_lost() {
+    if !require_store() {
+        return;
+    }
     use durin_sdk::{Context, Endpoint, HandlerError, Service};
 
     async fn gate(ctx: Context, _: serde_json::Value) -> Result<String, HandlerError> {
@@ -383,6 +401,9 @@ async fn wait_for_step_kind(gateway: &str, id: &str, kind: &str) {
 /// started happens once, the confirmation never, and the order ends cancelled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_during_a_cancellation_compensates_once() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
@@ -459,6 +480,9 @@ const CART: &str = r#"{"orders":[{"order_id":"o-1","customer_id":"c-1","amount_c
 /// the parent resumes and completes with both outputs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_around_a_child_call_starts_each_child_once() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
@@ -546,6 +570,9 @@ async fn gateway_killed_around_a_child_call_starts_each_child_once() {
 /// continue-as-new, and each cycle charged under exactly one key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_around_continue_as_new_starts_exactly_one_next_run() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
@@ -615,6 +642,9 @@ fn signal(pid: u32, signal: &str) {
 /// from the last item a heartbeat reported, so at most one item is processed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_handler_is_found_by_its_heartbeat_timeout_and_the_next_attempt_goes_on() {
+    if !require_store() {
+        return;
+    }
     let downstream = Downstream::start(&[]).await;
     let home = GatewayHome::new();
     let gateway = home.start(None);
@@ -680,6 +710,9 @@ async fn a_frozen_handler_is_found_by_its_heartbeat_timeout_and_the_next_attempt
 /// (not a terminal) has no colour codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_json_lines_with_the_attempt_or_plain_text_without_colours() {
+    if !require_store() {
+        return;
+    }
     // A step fails once, so that an attempt logs its backoff.
     let downstream = Downstream::start(&[("charge_payment", 1)]).await;
     let home = GatewayHome::new();
@@ -719,6 +752,9 @@ async fn logs_are_json_lines_with_the_attempt_or_plain_text_without_colours() {
 /// none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_cancel_cut_by_a_crash_is_finished_by_the_same_verb() {
+    if !require_store() {
+        return;
+    }
     let home = GatewayHome::new();
     let mut gateway = home.start(None);
     let handler = start_order(None, &[]);
@@ -844,6 +880,9 @@ fn effects_by_key(downstream: &Downstream, step: &str) -> std::collections::Hash
 /// `charge_payment` ran once per order, and the steps after entry 1 once per restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_cut_by_a_crash_and_sent_again_restart_each_invocation_once() {
+    if !require_store() {
+        return;
+    }
     const COUNT: usize = 100;
     const KILL_AFTER: usize = 30;
     const SENDERS: usize = 8;

@@ -20,6 +20,11 @@ use support::*;
 /// the allow-list names it.
 const LOOPBACK: &[&str] = &["--egress-allow", "127.0.0.1"];
 
+/// Whether these tests can run: Python 3 (the handler and the downstreams) and the store.
+fn ready() -> bool {
+    require("python3") && require_store()
+}
+
 fn python(script: &str) -> Command {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("examples/python")
@@ -159,6 +164,9 @@ async fn assert_charged_once(downstreams: &Downstreams, requests: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_handler_killed_between_calls_resumes_from_the_journal() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -185,6 +193,9 @@ async fn python_handler_killed_between_calls_resumes_from_the_journal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_between_calls_resumes_without_repeating_the_charge() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (mut gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -208,6 +219,9 @@ async fn gateway_killed_between_calls_resumes_without_repeating_the_charge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
+    if !ready() {
+        return;
+    }
     // The payment service charges, then holds its answer for 3 s: Durin dies meanwhile.
     let downstreams = start_downstreams(3000);
     let home = GatewayHome::new();
@@ -243,6 +257,9 @@ async fn gateway_killed_after_the_charge_but_before_its_journal_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_is_not_an_open_proxy() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let allowed = downstreams.payment.addr.to_string();
     let home = GatewayHome::new();
@@ -344,6 +361,9 @@ async fn the_egress_is_not_an_open_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -374,6 +394,9 @@ async fn a_plain_handlers_terminal_failure_goes_back_as_it_was() {
 /// call and the handler's call are named, the invocation is paused, nothing is charged again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_call_on_replay_pauses_the_invocation() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -422,6 +445,9 @@ async fn a_changed_call_on_replay_pauses_the_invocation() {
 /// journaled, and the next attempt makes the same call with the same key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_is_not_journaled_and_the_call_is_made_again() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams_failing(0, 4);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -479,6 +505,9 @@ fn attempt_token(home: &GatewayHome, id: &str) -> String {
 /// included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_step_value_is_the_same_for_every_caller() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -536,6 +565,9 @@ async fn a_recorded_step_value_is_the_same_for_every_caller() {
 /// The same contract from Node.js (no packages): an order completes through the egress.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_handler_runs_the_same_flow() {
+    if !(ready() && require("node")) {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
@@ -572,6 +604,9 @@ async fn the_node_handler_runs_the_same_flow() {
 /// trusting a private CA given with --egress-ca-file) and journals it like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_targets_are_called_by_durin() {
+    if !ready() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -646,6 +681,9 @@ async fn https_targets_are_called_by_durin() {
 /// reached through a name that resolves to them; nothing reaches the downstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_refuses_internal_addresses_unless_named() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, &[]);
@@ -694,6 +732,9 @@ async fn the_egress_refuses_internal_addresses_unless_named() {
 /// same occurrence, so the same Idempotency-Key: the payment service applies it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_caller_hung_up_keeps_its_idempotency_key() {
+    if !ready() {
+        return;
+    }
     // The payment service holds its first answer for each key 1.5 s.
     let downstreams = start_downstreams(1500);
     let home = GatewayHome::new();
@@ -750,6 +791,9 @@ async fn a_call_whose_caller_hung_up_keeps_its_idempotency_key() {
 /// answers 409, and the order ends cancelled. Charged once, refunded once, never confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_python_order_compensates_and_ends_cancelled() {
+    if !ready() {
+        return;
+    }
     let downstreams = start_downstreams(0);
     let home = GatewayHome::new();
     let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);

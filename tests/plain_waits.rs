@@ -53,6 +53,9 @@ async fn wait_status(gateway: &str, id: &str, status: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_workflow_waits_survives_a_killed_handler_and_takes_its_signal_once() {
+    if !(require("python3") && require_store()) {
+        return;
+    }
     let home = GatewayHome::new();
     let gateway = home.start(None);
     let mut handler = start_approval(&gateway.url, 0);
@@ -120,6 +123,9 @@ async fn a_plain_workflow_waits_survives_a_killed_handler_and_takes_its_signal_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_handler_must_present_its_attempt_and_token() {
+    if !(require("python3") && require_store()) {
+        return;
+    }
     let home = GatewayHome::new();
     let gateway = home.start(None);
     let handler = start_approval(&gateway.url, 0);
@@ -167,6 +173,9 @@ async fn a_plain_handler_must_present_its_attempt_and_token() {
 /// back to an earlier value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_state_writes_replay_and_never_go_back() {
+    if !(require("python3") && require_store()) {
+        return;
+    }
     use axum::http::{HeaderMap, StatusCode};
     use std::sync::{Arc, Mutex};
 
@@ -281,6 +290,9 @@ async fn plain_state_writes_replay_and_never_go_back() {
 /// earlier state writes are not repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_workflow_cancelled_while_it_waits_ends_cancelled() {
+    if !(require("python3") && require_store()) {
+        return;
+    }
     let home = GatewayHome::new();
     let gateway = home.start(None);
     let handler = start_approval(&gateway.url, 0);

@@ -141,6 +141,9 @@ impl Page {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_shows_the_timeline_and_its_buttons_pause_and_resume() {
+    if !(require("chromium") && require_store()) {
+        return;
+    }
     let home = GatewayHome::new();
     let gateway = home.start(None);
     let handler = start_order(None, &[]);

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,14 +142,19 @@ pub struct InProcess {
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     _dir: tempfile::TempDir,
+    /// With `DURIN_TEST_STORE=postgres`, its schema, dropped with the gateway.
+    _schema: Option<PostgresSchema>,
 }
 
 impl InProcess {
     pub async fn start(configure: impl FnOnce(&mut durin::config::Config)) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
+        let schema = PostgresSchema::for_store();
         let mut config = durin::config::Config {
-            database_url: postgres_database()
-                .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("durin.db").display())),
+            database_url: schema.as_ref().map_or_else(
+                || format!("sqlite:{}", dir.path().join("durin.db").display()),
+                |schema| schema.url.clone(),
+            ),
             drain_timeout: Duration::from_secs(1),
             ..durin::config::Config::default()
         };
@@ -168,6 +173,7 @@ impl InProcess {
             shutdown,
             task,
             _dir: dir,
+            _schema: schema,
         }
     }
 
@@ -181,36 +187,51 @@ impl InProcess {
 /// A directory with the gateway's database and configuration.
 pub struct GatewayHome {
     pub dir: tempfile::TempDir,
-    /// With `DURIN_TEST_STORE=postgres`, the database URL (a schema of its own).
-    postgres: Option<String>,
+    /// With `DURIN_TEST_STORE=postgres`, or for a cluster, its PostgreSQL schema (dropped
+    /// with the home).
+    schema: Option<PostgresSchema>,
 }
 
 /// With `DURIN_TEST_STORE=postgres`, the URL of a new, empty schema on the PostgreSQL
 /// server `DURIN_TEST_POSTGRES` names (`postgres://postgres@127.0.0.1:5432/test` by
 /// default), so that the end-to-end tests run on the PostgreSQL store; `None` otherwise
 /// (a SQLite file).
+///
+/// Nothing drops it: [`PostgresSchema::for_store`] is the same with a guard that does.
 pub fn postgres_database() -> Option<String> {
-    if std::env::var("DURIN_TEST_STORE").ok()? != "postgres" {
-        return None;
-    }
-    Some(new_postgres_schema())
+    postgres_store_wanted().then(new_postgres_schema)
 }
 
 /// The URL of a new, empty schema on the PostgreSQL server `DURIN_TEST_POSTGRES` names.
+///
+/// Nothing drops it: [`PostgresSchema`] is the same schema with a guard that does.
 pub fn new_postgres_schema() -> String {
-    let server = std::env::var("DURIN_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    create_schema(&test_postgres_server()).1
+}
+
+/// The PostgreSQL server of the tests: `DURIN_TEST_POSTGRES`, or
+/// `postgres://postgres@127.0.0.1:5432/test`.
+pub fn test_postgres_server() -> String {
+    std::env::var("DURIN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Creates a new, empty schema `e2e_…` on `server`; returns its name and the URL of a
+/// database that uses it.
+fn create_schema(server: &str) -> (String, String) {
     let schema = format!("e2e_{}", uuid::Uuid::new_v4().simple());
     // On a thread of its own: the caller may be inside a runtime already.
     let create = {
-        let (server, schema) = (server.clone(), schema.clone());
+        let (server, schema) = (server.to_owned(), schema.clone());
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let pool = sqlx::PgPool::connect(&server).await.unwrap();
+                let pool = sqlx::PgPool::connect(&server).await.unwrap_or_else(|e| {
+                    panic!("PostgreSQL is not reachable at {server} (DURIN_TEST_POSTGRES): {e}")
+                });
                 sqlx::query(&format!("CREATE SCHEMA {schema}"))
                     .execute(&pool)
                     .await
@@ -220,12 +241,255 @@ pub fn new_postgres_schema() -> String {
         })
     };
     create.join().expect("create the test schema");
-    format!("{server}?options=-c%20search_path%3D{schema}")
+    let url = format!("{server}?options=-c%20search_path%3D{schema}");
+    (schema, url)
+}
+
+/// A new, empty PostgreSQL schema of a test's own, dropped with everything in it when the
+/// guard goes (also when the test fails): best effort, a schema that cannot be dropped is
+/// one line on stderr.
+pub struct PostgresSchema {
+    pub name: String,
+    /// The URL of a database that uses the schema.
+    pub url: String,
+    server: String,
+}
+
+impl PostgresSchema {
+    /// A schema on the server `DURIN_TEST_POSTGRES` names.
+    pub fn new() -> PostgresSchema {
+        PostgresSchema::on(&test_postgres_server())
+    }
+
+    /// A schema on the server at `server` (a URL).
+    pub fn on(server: &str) -> PostgresSchema {
+        let (name, url) = create_schema(server);
+        PostgresSchema {
+            name,
+            url,
+            server: server.to_owned(),
+        }
+    }
+
+    /// With `DURIN_TEST_STORE=postgres`, a schema for the end-to-end tests' store (see
+    /// [`postgres_database`]); `None` otherwise (a SQLite file).
+    pub fn for_store() -> Option<PostgresSchema> {
+        postgres_store_wanted().then(PostgresSchema::new)
+    }
+}
+
+impl Drop for PostgresSchema {
+    fn drop(&mut self) {
+        if let Err(e) = drop_schema(&self.server, &self.name) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "could not drop the test schema {} on {}: {e}",
+                self.name,
+                self.server
+            );
+        }
+    }
+}
+
+/// `DROP SCHEMA … CASCADE`, on a thread and a runtime of its own (it runs in `Drop`, maybe
+/// inside the test's runtime). Sessions that still hold locks in the schema (a gateway
+/// that was not stopped, in a transaction its blocked runtime cannot finish) are ended
+/// after 2 s, and the drop is tried again.
+fn drop_schema(server: &str, schema: &str) -> Result<(), String> {
+    let (server, schema) = (server.to_owned(), schema.to_owned());
+    let dropping = std::thread::spawn(move || -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            use sqlx::Connection;
+            let mut conn = tokio::time::timeout(
+                Duration::from_secs(10),
+                sqlx::PgConnection::connect(&server),
+            )
+            .await
+            .map_err(|_| "no connection within 10 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+            sqlx::query("SET lock_timeout = '2s'")
+                .execute(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .execute(&mut conn)
+                    .await;
+                let e = match dropped {
+                    Ok(_) => break,
+                    Err(e) => e,
+                };
+                let locked = e
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|code| code == "55P03");
+                if !locked || tries == 5 {
+                    return Err(e.to_string());
+                }
+                sqlx::query(
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                     JOIN pg_class c ON c.oid = l.relation \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+                )
+                .bind(&schema)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            let _ = conn.close().await;
+            Ok(())
+        })
+    });
+    dropping
+        .join()
+        .unwrap_or_else(|_| Err("the dropping thread panicked".into()))
+}
+
+// What the tests need from the machine. A test that needs PostgreSQL, Python 3, Node.js or
+// Chromium and does not find it says so in one line on stderr and returns early (it passes,
+// skipped); with `DURIN_REQUIRE_ALL=1` (CI) it fails with that line instead.
+
+/// Whether `DURIN_REQUIRE_ALL=1`: a missing dependency fails the test instead of skipping it.
+pub fn require_all() -> bool {
+    std::env::var("DURIN_REQUIRE_ALL").is_ok_and(|value| value == "1")
+}
+
+/// This test cannot run because `missing` (what is missing and why): writes one line on
+/// stderr (past the test harness's capture, so that `cargo test` shows it) and returns
+/// `false`, for `if !… { return; }`; with `DURIN_REQUIRE_ALL=1` it panics with that line.
+#[track_caller]
+pub fn skip(missing: &str) -> bool {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned();
+    if require_all() {
+        panic!("{test}: {missing}; with DURIN_REQUIRE_ALL=1 that is a failure");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {missing}; set DURIN_REQUIRE_ALL=1 to fail instead"
+    );
+    false
+}
+
+/// Whether this test can use `dependency`: `"postgres"` (the server `DURIN_TEST_POSTGRES`
+/// names, see [`postgres_available`]) or a program that must answer `--version`
+/// (`"python3"`, `"node"`, `"chromium"`). If not, [`skip`]: `if !require("python3") {
+/// return; }`.
+#[track_caller]
+pub fn require(dependency: &str) -> bool {
+    let found = if dependency == "postgres" {
+        postgres_reachable()
+    } else {
+        program_runs(dependency)
+    };
+    match found {
+        Ok(()) => true,
+        Err(missing) => skip(&missing),
+    }
+}
+
+/// Whether the end-to-end tests' store is there: always on SQLite, and with
+/// `DURIN_TEST_STORE=postgres` when [`require`]`("postgres")` is.
+#[track_caller]
+pub fn require_store() -> bool {
+    !postgres_store_wanted() || require("postgres")
+}
+
+/// Whether the PostgreSQL server `DURIN_TEST_POSTGRES` names
+/// (`postgres://postgres@127.0.0.1:5432/test` by default) takes a connection within 5 s;
+/// asked once per test binary. Says nothing: see [`require`].
+pub fn postgres_available() -> bool {
+    postgres_reachable().is_ok()
+}
+
+fn postgres_store_wanted() -> bool {
+    std::env::var("DURIN_TEST_STORE").is_ok_and(|store| store == "postgres")
+}
+
+fn postgres_reachable() -> Result<(), String> {
+    static REACHABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REACHABLE
+        .get_or_init(|| {
+            let server = test_postgres_server();
+            let probe = {
+                let server = server.clone();
+                std::thread::spawn(move || -> Result<(), String> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    runtime.block_on(async {
+                        use sqlx::Connection;
+                        let conn = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            sqlx::PgConnection::connect(&server),
+                        )
+                        .await
+                        .map_err(|_| "no connection within 5 s".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                        let _ = conn.close().await;
+                        Ok(())
+                    })
+                })
+            };
+            probe
+                .join()
+                .unwrap_or_else(|_| Err("the probe panicked".into()))
+                .map_err(|e| {
+                    format!("PostgreSQL is not reachable at {server} (DURIN_TEST_POSTGRES): {e}")
+                })
+        })
+        .clone()
+}
+
+/// Whether `program --version` runs and succeeds; asked once per program and test binary.
+fn program_runs(program: &str) -> Result<(), String> {
+    static FOUND: std::sync::OnceLock<Mutex<HashMap<String, Result<(), String>>>> =
+        std::sync::OnceLock::new();
+    let found = FOUND.get_or_init(Default::default);
+    if let Some(known) = found.lock().unwrap().get(program) {
+        return known.clone();
+    }
+    let ran = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let result = match ran {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!(
+            "{program} is missing (`{program} --version`: {status})"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("{program} is missing (not found on PATH)"))
+        }
+        Err(e) => Err(format!("{program} is missing (cannot run it: {e})")),
+    };
+    found
+        .lock()
+        .unwrap()
+        .insert(program.to_owned(), result.clone());
+    result
 }
 
 impl GatewayHome {
     /// A home whose config retries quickly, so that crash tests do not wait long.
     pub fn new() -> GatewayHome {
+        GatewayHome::with_schema(PostgresSchema::for_store())
+    }
+
+    /// A home on `schema`, or on a SQLite file in its directory.
+    fn with_schema(schema: Option<PostgresSchema>) -> GatewayHome {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             dir.path().join("durin.toml"),
@@ -239,19 +503,18 @@ maximum_attempts = 100
 "#,
         )
         .expect("write config");
-        GatewayHome {
-            dir,
-            postgres: postgres_database(),
-        }
+        GatewayHome { dir, schema }
     }
 
     /// A home for several nodes on one PostgreSQL schema of its own, whose attempts are
     /// leased for `lease` (`"2s"`).
     pub fn cluster(lease: &str) -> GatewayHome {
-        let home = GatewayHome {
-            postgres: Some(new_postgres_schema()),
-            ..GatewayHome::new()
-        };
+        GatewayHome::cluster_on(PostgresSchema::new(), lease)
+    }
+
+    /// Like [`GatewayHome::cluster`], on `schema` (of any server); the home drops it.
+    pub fn cluster_on(schema: PostgresSchema, lease: &str) -> GatewayHome {
+        let home = GatewayHome::with_schema(Some(schema));
         let config = std::fs::read_to_string(home.config()).expect("read config");
         std::fs::write(home.config(), format!("lease = \"{lease}\"\n{config}"))
             .expect("write config");
@@ -259,8 +522,8 @@ maximum_attempts = 100
     }
 
     pub fn db_url(&self) -> String {
-        match &self.postgres {
-            Some(url) => url.clone(),
+        match &self.schema {
+            Some(schema) => schema.url.clone(),
             None => format!("sqlite:{}", self.dir.path().join("durin.db").display()),
         }
     }
