@@ -3,11 +3,13 @@
 //!
 //! The key is an Ed25519 key of this gateway, made at first start and kept in the store;
 //! its public half is printed at start and served on the admin API. The signature covers
-//! [`durin_protocol::signed_message`] and travels in `Durin-Signature`. This module
-//! imports nothing of the gateway.
+//! [`durin_protocol::signed_message`] (version 2: the path, every `Durin-*` header sent,
+//! the attempt token and `Durin-Cancelled` included, and the body) and travels in
+//! `Durin-Signature`. This module imports nothing of the gateway.
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+use durin_protocol::{SignedHeaders, SIGNATURE_VERSION};
 use ed25519_dalek::{Signer, SigningKey};
 
 pub struct RequestSigner {
@@ -26,20 +28,19 @@ impl RequestSigner {
         })
     }
 
-    /// The `Durin-Signature` value of a request.
+    /// The `Durin-Signature` value of a request (`t=…,v2=…`): it covers the path, every
+    /// `Durin-*` header the request carries (`headers`) and the body.
     pub fn header(
         &self,
         timestamp_ms: i64,
         path: &str,
-        invocation_id: &str,
-        attempt: &str,
+        headers: &SignedHeaders<'_>,
         body: &[u8],
     ) -> String {
-        let message =
-            durin_protocol::signed_message(timestamp_ms, path, invocation_id, attempt, body);
+        let message = durin_protocol::signed_message(timestamp_ms, path, headers, body);
         let signature = self.key.sign(&message);
         format!(
-            "t={timestamp_ms},v1={}",
+            "t={timestamp_ms},{SIGNATURE_VERSION}={}",
             URL_SAFE_NO_PAD.encode(signature.to_bytes())
         )
     }

@@ -1792,3 +1792,103 @@ async fn an_ended_invocation_restarts_from_a_journal_index() {
     assert_eq!(r.status(), 409);
     gateway.stop().await;
 }
+
+/// Several nodes on one PostgreSQL database: an attempt runs on the node that took the
+/// call, while its handler sends every heartbeat through the other node. The heartbeats
+/// count: the attempt outlives its 1 s heartbeat_timeout for as long as they come
+/// (each one is accepted, so the attempt was still the current one), and once they stop
+/// (the handler hangs) the timeout ends it and the next attempt completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_sent_through_another_node_keep_the_attempt_alive() {
+    if !support::require("postgres") {
+        return;
+    }
+    const BEATS: u32 = 10;
+    const EVERY: Duration = Duration::from_millis(200);
+    // Dropped, with everything in it, at the end.
+    let schema = support::PostgresSchema::new();
+    let database = schema.url.clone();
+    let runner = {
+        let database = database.clone();
+        Gateway::start(move |config| config.database_url = database).await
+    };
+    let other = Gateway::start(move |config| config.database_url = database).await;
+
+    let beats = Arc::new(std::sync::Mutex::new(Vec::<u16>::new()));
+    let first_started = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let second_started = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let context = format!("{}/v1/contexts", other.url);
+    let handler = {
+        let (beats, first, second) = (
+            Arc::clone(&beats),
+            Arc::clone(&first_started),
+            Arc::clone(&second_started),
+        );
+        serve(axum::Router::new().route(
+            "/beat/run",
+            post(move |headers: axum::http::HeaderMap| {
+                let (beats, first, second) = (beats.clone(), first.clone(), second.clone());
+                let context = context.clone();
+                async move {
+                    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+                    let (id, attempt) = (header("durin-invocation-id"), header("durin-attempt"));
+                    if attempt != "1" {
+                        second
+                            .lock()
+                            .unwrap()
+                            .get_or_insert_with(std::time::Instant::now);
+                        return "done";
+                    }
+                    *first.lock().unwrap() = Some(std::time::Instant::now());
+                    for i in 0..BEATS {
+                        let status = client()
+                            .post(format!("{context}/{id}/heartbeat"))
+                            .header("durin-attempt", &attempt)
+                            .header("durin-attempt-token", header("durin-attempt-token"))
+                            .json(&json!({ "beat": i }))
+                            .send()
+                            .await
+                            .unwrap()
+                            .status();
+                        beats.lock().unwrap().push(status.as_u16());
+                        tokio::time::sleep(EVERY).await;
+                    }
+                    // Hangs: only the heartbeat timeout ends this attempt.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    "too late"
+                }
+            }),
+        ))
+        .await
+    };
+    let services = json!([{"name": "beat", "handlers": [{
+        "name": "run", "heartbeat_timeout": "1s", "start_to_close": "120s"
+    }]}]);
+    let response = runner
+        .admin_post(
+            "/v1/deployments",
+            &json!({"url": handler, "services": services}).to_string(),
+        )
+        .await;
+    assert!(response.status().is_success());
+    // Taken by `runner`, which runs its first attempt.
+    let id = runner.send("/v1/send/beat/run", "{}").await;
+    let view = support::wait_final(&runner.url, &id).await;
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["attempt"], 2, "{view}");
+    assert_eq!(
+        *beats.lock().unwrap(),
+        vec![204; BEATS as usize],
+        "every heartbeat through the other node was the current attempt's"
+    );
+    let first = first_started.lock().unwrap().unwrap();
+    let second = second_started.lock().unwrap().unwrap();
+    let lived = second - first;
+    assert!(
+        lived >= EVERY * BEATS && lived < Duration::from_secs(10),
+        "the first attempt lived {lived:?}"
+    );
+    runner.stop().await;
+    other.stop().await;
+    drop(schema);
+}

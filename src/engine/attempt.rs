@@ -113,11 +113,11 @@ impl Engine {
                 }
             }
         };
-        if let AttemptEnd::BackOff { error, .. } = &end {
-            tracing::info!(%id, attempt = record.attempt, %error, "attempt failed; backing off");
-        }
+        let backing_off = matches!(end, AttemptEnd::BackOff { .. });
         let error = end.error().map(str::to_owned);
         let ended = self.record_end(&record, end).await;
+        self.log_end(&record, ended, backing_off, error.as_deref())
+            .await;
         if let (true, Some((status, recorded))) = (self.config.traces.enabled(), ended) {
             let error = error.filter(|_| recorded);
             self.trace_attempt(
@@ -128,6 +128,73 @@ impl Engine {
                 error.as_deref(),
             )
             .await;
+        }
+    }
+
+    /// Logs how an attempt ended, as the store has it: a failure that backs off as a
+    /// failure; an attempt that was fenced as what it is. A plain handler whose wait
+    /// suspended the attempt (through the context API) answers anything, often a `503`,
+    /// which is ignored: the attempt is suspended, not failed. An attempt fenced by
+    /// something else (a cancellation, a pause, a newer attempt) is superseded.
+    async fn log_end(
+        &self,
+        record: &InvocationRecord,
+        ended: Option<(Status, bool)>,
+        backing_off: bool,
+        error: Option<&str>,
+    ) {
+        let (id, attempt) = (&record.id, record.attempt);
+        match ended {
+            Some((_, true)) if backing_off => {
+                let error = error.unwrap_or_default();
+                tracing::info!(%id, attempt, %error, "attempt failed; backing off");
+            }
+            // The handler completed, but a signal came during the attempt that no wait
+            // took: the run runs again to see it (see `lifecycle::end`).
+            Some((Status::BackingOff, true)) => {
+                tracing::info!(
+                    %id,
+                    attempt,
+                    "completion deferred: a signal came while the attempt ran; running again"
+                );
+            }
+            Some((Status::Suspended, recorded)) => {
+                if !tracing::enabled!(tracing::Level::DEBUG) {
+                    return;
+                }
+                // What it waits for, read only when it is logged.
+                let waiting = match self.store.get_invocation(id).await {
+                    Ok(Some(now)) if now.attempt == attempt && now.status == Status::Suspended => {
+                        Some(now)
+                    }
+                    _ => None,
+                };
+                let waiting_for = waiting
+                    .as_ref()
+                    .map(|now| format!("{:?}", now.waiting_for))
+                    .unwrap_or_default();
+                let until_ms = waiting.and_then(|now| now.next_run_at_ms);
+                // `recorded` false: the handler's answer came after its wait had suspended
+                // the attempt, and was ignored.
+                tracing::debug!(
+                    %id,
+                    attempt,
+                    entries = %waiting_for,
+                    until_ms,
+                    answer_ignored = !recorded,
+                    "attempt suspended, waiting for its commands"
+                );
+            }
+            Some((status, false)) => {
+                tracing::debug!(
+                    %id,
+                    attempt,
+                    status = status.as_str(),
+                    answer = error.unwrap_or_default(),
+                    "attempt superseded; its answer is ignored"
+                );
+            }
+            _ => {}
         }
     }
 

@@ -3,16 +3,14 @@
 //! plain one) and what its answer means, before any policy is applied.
 
 use durin_protocol::{
-    EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, HEADER_ATTEMPT,
-    HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED, HEADER_INVOCATION_ID, HEADER_PROTOCOL,
-    HEADER_SIGNATURE,
+    EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, SignedHeaders, HEADER_SIGNATURE,
 };
 
 use super::Engine;
 use crate::http::{error_chain, json_value, parse_retry_after, read_limited, snippet};
 use crate::ids::InvocationId;
 use crate::lifecycle::{HandlerAnswer, Retryable};
-use crate::store::{HandlerProtocol, HandlerTarget, InvocationRecord, StoredEntry};
+use crate::store::{HandlerProtocol, HandlerTarget, InvocationRecord, Status, StoredEntry};
 
 /// The longest answer a handler may give, so that a runaway handler cannot exhaust memory.
 const MAX_HANDLER_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -101,16 +99,12 @@ impl Engine {
                 let request = self
                     .http
                     .post(&endpoint)
-                    .header(HEADER_PROTOCOL, version)
                     .header(reqwest::header::CONTENT_TYPE, "application/json");
                 (request, body)
             }
             // A plain handler gets the caller's request as it came.
             HandlerProtocol::Plain => {
-                let mut request = self.http.post(&endpoint);
-                if record.cancel_requested_at_ms.is_some() {
-                    request = request.header(HEADER_CANCELLED, "true");
-                }
+                let request = self.http.post(&endpoint);
                 let request = match &input.content_type {
                     Some(content_type) => {
                         request.header(reqwest::header::CONTENT_TYPE, content_type)
@@ -123,31 +117,50 @@ impl Engine {
         let path = reqwest::Url::parse(&endpoint)
             .map(|url| url.path().to_owned())
             .unwrap_or_default();
-        let signature = self.signer.header(
-            self.clock.now_ms(),
-            &path,
-            record.id.as_str(),
-            &record.attempt.to_string(),
-            &body,
-        );
+        // Every `Durin-*` header the handler gets is signed with the body: a replayed
+        // request cannot be turned into a cancellation or given another token.
+        let attempt = record.attempt.to_string();
+        let protocol = match target.protocol {
+            HandlerProtocol::Sdk { version } => version.to_string(),
+            HandlerProtocol::Plain => String::new(),
+        };
+        // A plain handler learns of a cancellation here; an SDK one from its journal.
+        let cancelled =
+            target.protocol == HandlerProtocol::Plain && record.cancel_requested_at_ms.is_some();
+        let headers = SignedHeaders {
+            invocation_id: record.id.as_str(),
+            attempt: &attempt,
+            attempt_token: record.attempt_token.as_deref().unwrap_or_default(),
+            cancelled: if cancelled { "true" } else { "" },
+            protocol: &protocol,
+        };
+        let signature = self
+            .signer
+            .header(self.clock.now_ms(), &path, &headers, &body);
         let request_bytes = body.len();
         // The handler's spans hang under the attempt's.
         let request = match self.config.traces.handler_traceparent(record) {
             Some(traceparent) => request.header(crate::traces::TRACEPARENT, traceparent),
             None => request,
         };
+        // Exactly the headers signed: an empty one is absent (and signed as empty).
+        let request = headers
+            .pairs()
+            .into_iter()
+            .filter(|(_, value)| !value.is_empty())
+            .fold(request, |request, (name, value)| {
+                request.header(name, value)
+            });
         let sent = request
             .body(body)
             .header(HEADER_SIGNATURE, signature)
-            .header(HEADER_INVOCATION_ID, record.id.as_str())
-            .header(HEADER_ATTEMPT, record.attempt)
-            .header(
-                HEADER_ATTEMPT_TOKEN,
-                record.attempt_token.as_deref().unwrap_or_default(),
-            )
             .timeout(timeout)
             .send();
         let heartbeat_timeout = self.config.timeouts.heartbeat(&target.spec);
+        if heartbeat_timeout.is_some() {
+            // Forgotten when the attempt is over (`attempt.rs`).
+            self.heartbeats.watch(&record.id, record.attempt);
+        }
         let sent = match heartbeat_timeout {
             None => sent.await,
             Some(limit) => tokio::select! {
@@ -249,6 +262,12 @@ impl Engine {
 impl Engine {
     /// Resolves once the attempt has gone `limit` without a heartbeat (counting from its
     /// start), with how long it was silent.
+    ///
+    /// A heartbeat sent through this node is in memory. One sent through another node (on
+    /// a store several nodes share) is only in the store, as the invocation's
+    /// `heartbeat_at_ms`: when the attempt has been silent here for `limit`, the store is
+    /// read (once per deadline, never per heartbeat), and a heartbeat recorded since the
+    /// last read (heartbeats are fenced, so it is this attempt's) moves the deadline.
     async fn silence(
         &self,
         record: &InvocationRecord,
@@ -259,17 +278,79 @@ impl Engine {
             std::time::Duration::from_millis(10),
             std::time::Duration::from_secs(1),
         );
+        let mut remote = RemoteHeartbeat::new(record.heartbeat_at_ms, started);
         loop {
             tokio::time::sleep(check).await;
-            let last = self
+            let here = self
                 .heartbeats
                 .last(&record.id, record.attempt)
                 .unwrap_or(started);
+            let last = remote.last.map_or(here, |there| there.max(here));
+            if last.elapsed() < limit {
+                continue;
+            }
+            let reading = tokio::time::Instant::now();
+            let stored = match self.store.get_invocation(&record.id).await {
+                Ok(Some(now)) if now.attempt == record.attempt && now.status == Status::Running => {
+                    now.heartbeat_at_ms
+                }
+                // Ended or fenced meanwhile: its end will be refused anyway.
+                Ok(_) => None,
+                Err(error) => {
+                    tracing::warn!(id = %record.id, %error, "could not read the last heartbeat from the store; counting only this node's");
+                    None
+                }
+            };
+            let now_ms = self.clock.now_ms();
+            let there = remote.read(stored, reading, now_ms);
+            let last = there.map_or(last, |there| there.max(last));
             let silent = last.elapsed();
             if silent >= limit {
                 return silent;
             }
         }
+    }
+}
+
+/// The heartbeats of an attempt that the store shows, as its watchdog has read them.
+struct RemoteHeartbeat {
+    /// `heartbeat_at_ms` as last read (at the start, from the claim: an earlier attempt's).
+    seen_ms: Option<i64>,
+    /// When the last read began: a heartbeat it did not see was recorded after.
+    read_at: tokio::time::Instant,
+    /// When this attempt's last heartbeat in the store was sent, on this node's clock.
+    last: Option<tokio::time::Instant>,
+}
+
+impl RemoteHeartbeat {
+    fn new(seen_ms: Option<i64>, started: tokio::time::Instant) -> RemoteHeartbeat {
+        RemoteHeartbeat {
+            seen_ms,
+            read_at: started,
+            last: None,
+        }
+    }
+
+    /// A read that began at `reading` found `stored` (`now_ms` on the gateway's clock when
+    /// it answered); returns when this attempt's last heartbeat in the store was sent.
+    /// A value other than the one seen last is a heartbeat recorded since that read, by
+    /// this attempt; its time is `heartbeat_at_ms` (another node's clock), kept between that
+    /// read and now so that a skewed clock cannot stretch the deadline further.
+    fn read(
+        &mut self,
+        stored: Option<i64>,
+        reading: tokio::time::Instant,
+        now_ms: i64,
+    ) -> Option<tokio::time::Instant> {
+        if let Some(at_ms) = stored.filter(|at| Some(*at) != self.seen_ms) {
+            let now = tokio::time::Instant::now();
+            let age = std::time::Duration::from_millis(now_ms.saturating_sub(at_ms).max(0) as u64);
+            let sent = now.checked_sub(age).unwrap_or(self.read_at);
+            self.last = Some(sent.clamp(self.read_at, now));
+            self.seen_ms = Some(at_ms);
+        }
+        self.read_at = reading;
+        self.last
     }
 }
 
@@ -289,5 +370,45 @@ fn wire_entry(engine: &Engine, id: &InvocationId, entry: StoredEntry) -> Journal
         attempt: entry.attempt,
         at_ms: entry.at_ms,
         completion: entry.completion.as_ref().map(|c| c.to_wire()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// What the watchdog takes from the store: only a heartbeat recorded since its last
+    /// read (not the earlier attempt's it was claimed with), dated by its timestamp but
+    /// never before the read that missed it nor after now, whatever the other clock says.
+    #[test]
+    fn a_heartbeat_in_the_store_counts_from_when_it_was_sent() {
+        let ago = |secs| {
+            Instant::now()
+                .checked_sub(Duration::from_secs(secs))
+                .unwrap_or_else(Instant::now)
+        };
+        let mut remote = RemoteHeartbeat::new(Some(1_000), ago(20));
+        // Reads that began 10 s ago found the earlier attempt's heartbeat, or none.
+        assert_eq!(remote.read(Some(1_000), ago(10), 50_000), None);
+        assert_eq!(remote.read(None, ago(10), 50_000), None);
+
+        // Recorded 2 s ago by the gateway's clock.
+        let sent = remote.read(Some(48_000), Instant::now(), 50_000);
+        let age = sent.map(|sent| sent.elapsed()).unwrap_or_default();
+        assert!(
+            age >= Duration::from_secs(2) && age < Duration::from_secs(3),
+            "{age:?}"
+        );
+        // The same value again moves nothing.
+        let before = ago(5);
+        assert_eq!(remote.read(Some(48_000), before, 90_000), sent);
+        // Recorded by a node whose clock is far behind: not before the read that missed it.
+        let sent = remote.read(Some(2_000), Instant::now(), 90_000);
+        assert_eq!(sent, Some(before));
+        // Far ahead: now, not later.
+        let sent = remote.read(Some(999_000), Instant::now(), 90_000);
+        assert!(sent.is_some_and(|sent| sent.elapsed() < Duration::from_secs(1)));
     }
 }

@@ -224,7 +224,9 @@ impl Engine {
         Ok(Ended { record, output })
     }
 
-    /// A running attempt sent a heartbeat (recorded in the store already).
+    /// A running attempt sent a heartbeat (recorded in the store already). Kept in memory
+    /// only when this node runs that attempt under a heartbeat timeout; the watchdog of an
+    /// attempt another node runs finds it in the store.
     pub fn heartbeat(&self, id: &InvocationId, attempt: u32) {
         self.heartbeats.beat(id, attempt);
     }

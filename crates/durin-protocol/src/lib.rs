@@ -46,22 +46,91 @@ pub const HEADER_CANCELLED: &str = "durin-cancelled";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
 /// Header by which Durin signs each request it sends to a handler:
-/// `t=<ms since the epoch>,v1=<base64url Ed25519 signature>` over [`signed_message`].
+/// `t=<ms since the epoch>,v2=<base64url Ed25519 signature>` over [`signed_message`].
+/// Version 1 (`v1=`, which covered neither the attempt token nor `Durin-Cancelled`) is no
+/// longer sent: a verifier that looks for `v1=` refuses every request rather than accept
+/// one whose unsigned headers were changed.
 pub const HEADER_SIGNATURE: &str = "durin-signature";
+/// The field of [`HEADER_SIGNATURE`] that carries the signature: its version.
+pub const SIGNATURE_VERSION: &str = "v2";
 
-/// What Durin's signature of a request to a handler covers: the time it signed, the
-/// request's path, the invocation id and attempt headers, and the body, so that none of
-/// them can be changed or the request sent to another path. The host is not covered.
+/// The request headers Durin's signature covers, in the order [`signed_message`] lists
+/// them: every `Durin-*` header Durin sends to a handler, except the signature itself.
+pub const SIGNED_HEADERS: [&str; 5] = [
+    HEADER_INVOCATION_ID,
+    HEADER_ATTEMPT,
+    HEADER_ATTEMPT_TOKEN,
+    HEADER_CANCELLED,
+    HEADER_PROTOCOL,
+];
+
+/// The values of the [`SIGNED_HEADERS`] of a request, empty for a header it does not
+/// carry (a plain handler gets no `Durin-Protocol`, and `Durin-Cancelled` only once its
+/// invocation was cancelled). Durin sends exactly the non-empty ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SignedHeaders<'a> {
+    pub invocation_id: &'a str,
+    pub attempt: &'a str,
+    pub attempt_token: &'a str,
+    pub cancelled: &'a str,
+    pub protocol: &'a str,
+}
+
+impl<'a> SignedHeaders<'a> {
+    /// The values a request carries: `get(name)` is the value of the header `name` (one of
+    /// [`SIGNED_HEADERS`]), `None` when it is absent.
+    pub fn read(mut get: impl FnMut(&'static str) -> Option<&'a str>) -> SignedHeaders<'a> {
+        SignedHeaders {
+            invocation_id: get(HEADER_INVOCATION_ID).unwrap_or_default(),
+            attempt: get(HEADER_ATTEMPT).unwrap_or_default(),
+            attempt_token: get(HEADER_ATTEMPT_TOKEN).unwrap_or_default(),
+            cancelled: get(HEADER_CANCELLED).unwrap_or_default(),
+            protocol: get(HEADER_PROTOCOL).unwrap_or_default(),
+        }
+    }
+
+    /// Each header with its value, in the order of [`SIGNED_HEADERS`].
+    pub fn pairs(&self) -> [(&'static str, &'a str); 5] {
+        [
+            (HEADER_INVOCATION_ID, self.invocation_id),
+            (HEADER_ATTEMPT, self.attempt),
+            (HEADER_ATTEMPT_TOKEN, self.attempt_token),
+            (HEADER_CANCELLED, self.cancelled),
+            (HEADER_PROTOCOL, self.protocol),
+        ]
+    }
+}
+
+/// What Durin's signature (version 2) of a request to a handler covers: the time it
+/// signed, the request's path, every `Durin-*` header it sends ([`SIGNED_HEADERS`], one
+/// `name:value` line each, in that order, the value empty when the header is absent) and
+/// the body. None of them can be changed, added or removed (a replayed request cannot be
+/// turned into a cancellation or given another attempt's token), nor the request sent to
+/// another path. The host is not covered. The bytes are
+///
+/// ```text
+/// durin-signature-v2\n{t}\n{path}\n
+/// durin-invocation-id:{value}\n
+/// durin-attempt:{value}\n
+/// durin-attempt-token:{value}\n
+/// durin-cancelled:{value}\n
+/// durin-protocol:{value}\n
+/// {body}
+/// ```
 pub fn signed_message(
     timestamp_ms: i64,
     path: &str,
-    invocation_id: &str,
-    attempt: &str,
+    headers: &SignedHeaders<'_>,
     body: &[u8],
 ) -> Vec<u8> {
-    let mut message =
-        format!("durin-signature-v1\n{timestamp_ms}\n{path}\n{invocation_id}\n{attempt}\n")
-            .into_bytes();
+    let mut message = format!("durin-signature-v2\n{timestamp_ms}\n{path}\n");
+    for (name, value) in headers.pairs() {
+        message.push_str(name);
+        message.push(':');
+        message.push_str(value);
+        message.push('\n');
+    }
+    let mut message = message.into_bytes();
     message.extend_from_slice(body);
     message
 }
@@ -636,5 +705,39 @@ mod tests {
                 .unwrap();
         assert_eq!(policy.initial_interval, Duration::from_millis(250));
         assert_eq!(policy.backoff_coefficient, 2.0);
+    }
+
+    /// The signed bytes, exactly as the handler protocol documents them (verifiers in
+    /// other languages build the same), with each signed header in the documented order.
+    #[test]
+    fn the_signed_message_lists_every_durin_header_in_order() {
+        let headers = SignedHeaders {
+            invocation_id: "inv_x",
+            attempt: "2",
+            attempt_token: "tok",
+            cancelled: "true",
+            protocol: "",
+        };
+        assert_eq!(
+            headers.pairs().map(|(name, _)| name),
+            SIGNED_HEADERS,
+            "pairs() follows SIGNED_HEADERS"
+        );
+        let message = signed_message(17, "/order/process", &headers, b"{}");
+        assert_eq!(
+            String::from_utf8(message).unwrap_or_default(),
+            "durin-signature-v2\n17\n/order/process\ndurin-invocation-id:inv_x\n\
+             durin-attempt:2\ndurin-attempt-token:tok\ndurin-cancelled:true\n\
+             durin-protocol:\n{}"
+        );
+        let read = SignedHeaders::read(|name| {
+            headers
+                .pairs()
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .filter(|v| !v.is_empty())
+        });
+        assert_eq!(read, headers);
     }
 }

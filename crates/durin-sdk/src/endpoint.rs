@@ -16,8 +16,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use durin_protocol::{
     Discovery, EntryKind, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind,
-    ServiceSpec, HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    ServiceSpec, SignedHeaders, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SIGNATURE_VERSION, SIGNED_HEADERS,
 };
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
@@ -245,7 +245,10 @@ impl Endpoint {
     }
 }
 
-/// Checks Durin's signature of a request (see [`durin_protocol::signed_message`]).
+/// Checks Durin's signature of a request (version 2, see
+/// [`durin_protocol::signed_message`]): its time, path, body and every `Durin-*` header it
+/// carries, so that a request whose `Durin-Cancelled` or `Durin-Attempt-Token` was
+/// added, removed or changed is refused like a forged one.
 fn verify(
     key: &VerifyingKey,
     headers: &HeaderMap,
@@ -253,37 +256,51 @@ fn verify(
     body: &[u8],
     now_ms: i64,
 ) -> Result<(), String> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| format!("no {name} header"))
+    // A signed header sent twice could be read one way here and another by the handler.
+    let single = |name: &'static str| -> Result<Option<&str>, String> {
+        let mut values = headers.get_all(name).iter();
+        let value = values.next();
+        if values.next().is_some() {
+            return Err(format!("{name} appears more than once"));
+        }
+        value
+            .map(|v| v.to_str().map_err(|_| format!("{name} is not text")))
+            .transpose()
     };
-    let signature = header(HEADER_SIGNATURE)?;
+    let signature =
+        single(HEADER_SIGNATURE)?.ok_or_else(|| format!("no {HEADER_SIGNATURE} header"))?;
     let field = |name: &str| {
-        signature
-            .split(',')
-            .find_map(|part| part.trim().strip_prefix(name))
-            .ok_or_else(|| format!("{HEADER_SIGNATURE} has no {name}"))
+        signature.split(',').find_map(|part| {
+            let (key, value) = part.trim().split_once('=')?;
+            (key == name).then_some(value)
+        })
     };
-    let timestamp_ms: i64 = field("t=")?
+    let timestamp_ms: i64 = field("t")
+        .ok_or_else(|| format!("{HEADER_SIGNATURE} has no t"))?
         .parse()
         .map_err(|_| format!("{HEADER_SIGNATURE}: t is not a number"))?;
+    let Some(encoded) = field(SIGNATURE_VERSION) else {
+        return Err(match field("v1") {
+            Some(_) => format!(
+                "{HEADER_SIGNATURE} is of version 1, from a Durin older than this SDK, which checks version 2 (it covers every Durin-* header): upgrade Durin"
+            ),
+            None => format!("{HEADER_SIGNATURE} has no {SIGNATURE_VERSION}"),
+        });
+    };
     if now_ms.abs_diff(timestamp_ms) > SIGNATURE_TOLERANCE_MS.unsigned_abs() {
         return Err("the signature is more than 5 minutes away from this clock".into());
     }
     let bytes = URL_SAFE_NO_PAD
-        .decode(field("v1=")?)
-        .map_err(|_| format!("{HEADER_SIGNATURE}: v1 is not base64url"))?;
-    let signature = Signature::from_slice(&bytes)
-        .map_err(|_| format!("{HEADER_SIGNATURE}: v1 is not an Ed25519 signature"))?;
-    let message = durin_protocol::signed_message(
-        timestamp_ms,
-        path,
-        header(HEADER_INVOCATION_ID)?,
-        header(HEADER_ATTEMPT)?,
-        body,
-    );
+        .decode(encoded)
+        .map_err(|_| format!("{HEADER_SIGNATURE}: {SIGNATURE_VERSION} is not base64url"))?;
+    let signature = Signature::from_slice(&bytes).map_err(|_| {
+        format!("{HEADER_SIGNATURE}: {SIGNATURE_VERSION} is not an Ed25519 signature")
+    })?;
+    for name in SIGNED_HEADERS {
+        single(name)?;
+    }
+    let signed = SignedHeaders::read(|name| single(name).ok().flatten());
+    let message = durin_protocol::signed_message(timestamp_ms, path, &signed, body);
     key.verify(&message, &signature)
         .map_err(|_| "the signature does not verify with Durin's public key".into())
 }
@@ -413,9 +430,12 @@ mod tests {
     }
 
     /// With Durin's public key configured, only requests carrying Durin's valid signature
-    /// reach the handler: a forged one, a changed body, an old one are refused with 401.
+    /// reach the handler: a forged one, a changed body, an old one, one signed with
+    /// version 1 only, and one whose `Durin-*` headers were changed (made a cancellation,
+    /// given another token or none, a header sent twice) are refused with 401.
     #[tokio::test]
     async fn only_requests_signed_by_durin_reach_the_handler() {
+        use durin_protocol::{HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED};
         use ed25519_dalek::{Signer, SigningKey};
         let durin = SigningKey::from_bytes(&[7; 32]);
         let public = STANDARD.encode(durin.verifying_key().to_bytes());
@@ -441,60 +461,136 @@ mod tests {
             "context_url": "http://127.0.0.1:1/v1/contexts/inv_x",
         })
         .to_string();
-        let sign = |t: i64, body: &str| {
-            let message = durin_protocol::signed_message(t, "/s/h", "inv_x", "1", body.as_bytes());
+        let protocol = PROTOCOL_VERSION.to_string();
+        // What Durin sends, each header signed.
+        let genuine = SignedHeaders {
+            invocation_id: "inv_x",
+            attempt: "1",
+            attempt_token: "t",
+            cancelled: "",
+            protocol: &protocol,
+        };
+        let sign_with = |key: &SigningKey, t: i64, headers: &SignedHeaders<'_>, body: &str| {
+            let message = durin_protocol::signed_message(t, "/s/h", headers, body.as_bytes());
             format!(
-                "t={t},v1={}",
-                URL_SAFE_NO_PAD.encode(durin.sign(&message).to_bytes())
+                "t={t},v2={}",
+                URL_SAFE_NO_PAD.encode(key.sign(&message).to_bytes())
             )
         };
-        let send = |signature: Option<String>, body: String| {
+        // The headers a request carries: the non-empty ones.
+        let carried = |headers: &SignedHeaders<'_>| -> Vec<(&'static str, String)> {
+            headers
+                .pairs()
+                .into_iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(name, value)| (name, value.to_owned()))
+                .collect()
+        };
+        let send = |signature: Option<String>,
+                    headers: Vec<(&'static str, String)>,
+                    body: String| {
             let router = router.clone();
             async move {
-                let mut request = Request::post("/s/h")
-                    .header("content-type", "application/json")
-                    .header(HEADER_INVOCATION_ID, "inv_x")
-                    .header(HEADER_ATTEMPT, "1");
+                let mut request = Request::post("/s/h").header("content-type", "application/json");
+                for (name, value) in headers {
+                    request = request.header(name, value);
+                }
                 if let Some(signature) = signature {
                     request = request.header(HEADER_SIGNATURE, signature);
                 }
-                router
+                let response = router
                     .oneshot(request.body(Body::from(body)).unwrap())
                     .await
-                    .unwrap()
-                    .status()
+                    .unwrap();
+                let status = response.status();
+                let text = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&text).into_owned())
             }
         };
+        let refused = |(status, text): (StatusCode, String), why: &str| {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+            assert!(text.contains(why), "{text:?} does not say {why:?}");
+        };
         let now = now_ms();
-        assert_eq!(
-            send(Some(sign(now, &body)), body.clone()).await,
-            StatusCode::OK
+        let signature = sign_with(&durin, now, &genuine, &body);
+        let sent = carried(&genuine);
+
+        let (status, text) = send(Some(signature.clone()), sent.clone(), body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        refused(
+            send(None, sent.clone(), body.clone()).await,
+            "no durin-signature",
         );
-        assert_eq!(send(None, body.clone()).await, StatusCode::UNAUTHORIZED);
         let changed = body.replace("contexts/inv_x", "contexts/inv_y");
-        assert_eq!(
-            send(Some(sign(now, &body)), changed).await,
-            StatusCode::UNAUTHORIZED
+        refused(
+            send(Some(signature.clone()), sent.clone(), changed).await,
+            "does not verify",
         );
-        let old = now - 10 * 60 * 1000;
-        assert_eq!(
-            send(Some(sign(old, &body)), body.clone()).await,
-            StatusCode::UNAUTHORIZED
+        let old = sign_with(&durin, now - 10 * 60 * 1000, &genuine, &body);
+        refused(
+            send(Some(old), sent.clone(), body.clone()).await,
+            "5 minutes",
         );
-        let other = SigningKey::from_bytes(&[8; 32]);
-        let message = durin_protocol::signed_message(now, "/s/h", "inv_x", "1", body.as_bytes());
-        let forged = format!(
+        let forged = sign_with(&SigningKey::from_bytes(&[8; 32]), now, &genuine, &body);
+        refused(
+            send(Some(forged), sent.clone(), body.clone()).await,
+            "does not verify",
+        );
+
+        // The genuine request replayed as a cancellation, with another token or none.
+        let cancelled = SignedHeaders {
+            cancelled: "true",
+            ..genuine
+        };
+        for altered in [
+            cancelled,
+            SignedHeaders {
+                attempt_token: "stolen",
+                ..genuine
+            },
+            SignedHeaders {
+                attempt_token: "",
+                ..genuine
+            },
+        ] {
+            refused(
+                send(Some(signature.clone()), carried(&altered), body.clone()).await,
+                "does not verify",
+            );
+        }
+        // A signed header sent twice: a second token, a cancellation said twice.
+        let mut second_token = carried(&genuine);
+        second_token.push((HEADER_ATTEMPT_TOKEN, "stolen".to_owned()));
+        let mut cancelled_twice = carried(&cancelled);
+        cancelled_twice.push((HEADER_CANCELLED, "true".to_owned()));
+        for twice in [second_token, cancelled_twice] {
+            refused(
+                send(Some(signature.clone()), twice, body.clone()).await,
+                "appears more than once",
+            );
+        }
+        // A request Durin signed as a cancellation passes with the header it was signed with.
+        let (status, text) = send(
+            Some(sign_with(&durin, now, &cancelled, &body)),
+            carried(&cancelled),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+
+        // Version 1 (the invocation id, attempt and body only) is refused, saying why.
+        let v1 = format!("durin-signature-v1\n{now}\n/s/h\ninv_x\n1\n{body}");
+        let v1 = format!(
             "t={now},v1={}",
-            URL_SAFE_NO_PAD.encode(other.sign(&message).to_bytes())
+            URL_SAFE_NO_PAD.encode(durin.sign(v1.as_bytes()).to_bytes())
         );
-        assert_eq!(
-            send(Some(forged), body.clone()).await,
-            StatusCode::UNAUTHORIZED
-        );
+        refused(send(Some(v1), sent, body.clone()).await, "version 1");
         assert_eq!(
             ran.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "only the signed request ran"
+            2,
+            "only the requests Durin signed as they are ran"
         );
     }
 }
