@@ -198,8 +198,10 @@ pub async fn get_invocation(
     } else {
         StatusCode::OK
     };
-    let view =
-        InvocationView::new(&ended.record, ended.output.as_ref()).warned(&state.journal_limits);
+    let view = InvocationView::new(&ended.record, ended.output.as_ref())
+        .warned(&state.journal_limits)
+        .with_unconsumed(&ended.record, &*state.store)
+        .await?;
     Ok(with_preference((status, Json(view)).into_response(), wait))
 }
 

@@ -68,9 +68,36 @@ pub struct InvocationView {
     pub output: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// The signals an ended run ended without taking (none is ever dropped silently).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unconsumed_signals: Vec<SignalView>,
+}
+
+/// A signal an invocation holds: its number among the invocation's signals, and its name.
+#[derive(Serialize)]
+pub struct SignalView {
+    pub seq: u32,
+    pub name: String,
 }
 
 impl InvocationView {
+    /// The view of an ended run with the signals it ended without taking.
+    pub async fn with_unconsumed(
+        mut self,
+        record: &InvocationRecord,
+        store: &dyn crate::store::Store,
+    ) -> Result<InvocationView, crate::store::StoreError> {
+        if record.status.is_final() {
+            self.unconsumed_signals = store
+                .unconsumed_signals(&record.id)
+                .await?
+                .into_iter()
+                .map(|(seq, name)| SignalView { seq, name })
+                .collect();
+        }
+        Ok(self)
+    }
+
     /// The view with a warning when the journal nears `limits`.
     pub fn warned(mut self, limits: &crate::store::JournalLimits) -> InvocationView {
         if !matches!(
@@ -118,6 +145,7 @@ impl InvocationView {
                 .filter(|entry| entry.failure.is_none())
                 .map(|entry| json_value(entry.value.as_deref())),
             failure: record.failure.clone(),
+            unconsumed_signals: Vec::new(),
         }
     }
 }

@@ -242,8 +242,10 @@ pub async fn get(
     } else {
         StatusCode::OK
     };
-    let view =
-        InvocationView::new(&ended.record, ended.output.as_ref()).warned(&state.journal_limits);
+    let view = InvocationView::new(&ended.record, ended.output.as_ref())
+        .warned(&state.journal_limits)
+        .with_unconsumed(&ended.record, &*state.store)
+        .await?;
     let mut response = (status, Json(view)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/invocations/{}", ended.record.id)) {
         response

@@ -64,6 +64,73 @@ impl AwakeableKey {
     }
 }
 
+impl dyn crate::store::Store {
+    /// Resolves (`Ok`) or rejects (`Err`) the awakeable at entry `index` of `id`, once:
+    /// timers due by now fire first, and a suspended invocation waiting for it becomes due.
+    pub async fn resolve_awakeable(
+        &self,
+        id: &InvocationId,
+        index: u32,
+        result: Result<Vec<u8>, durin_protocol::Failure>,
+        now_ms: i64,
+    ) -> crate::store::StoreResult<crate::store::Resolved> {
+        let id = id.to_string();
+        self.write(&id.clone(), move |tx| {
+            Box::pin(async move { resolve(tx, &id, index, result, now_ms).await })
+        })
+        .await
+    }
+}
+
+async fn resolve(
+    tx: &mut dyn crate::store::tables::Tx,
+    id: &str,
+    index: u32,
+    result: Result<Vec<u8>, durin_protocol::Failure>,
+    now_ms: i64,
+) -> crate::store::StoreResult<crate::store::Resolved> {
+    use crate::store::{Resolved, StoreError};
+    let record = tx
+        .lock_invocation(id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let entry = tx
+        .entry(id, index)
+        .await?
+        .filter(|e| e.kind == durin_protocol::EntryKind::Awakeable)
+        .ok_or_else(|| StoreError::NotFound(format!("{id} awakeable {index}")))?;
+    if let Some(completion) = entry.completion {
+        return Ok(Resolved {
+            completion,
+            first: false,
+            woke: false,
+        });
+    }
+    if record.status.is_final() {
+        return Err(StoreError::Ended {
+            invocation_id: id.to_owned(),
+            status: record.status,
+        });
+    }
+    let (value, failure) = match result {
+        Ok(value) => (Some(value), None),
+        Err(failure) => (None, Some(failure)),
+    };
+    let bytes = value.as_ref().map_or(0, Vec::len) as i64;
+    // Timers that were due before this callback came first.
+    super::sleep::fire_timers(tx, id, now_ms, now_ms).await?;
+    let completion = super::completion::complete(tx, id, index, value, failure, now_ms).await?;
+    if bytes > 0 {
+        tx.add_bytes(id, bytes).await?;
+    }
+    let woke = super::completion::wake_if_waiting(tx, id, index, now_ms).await?;
+    Ok(Resolved {
+        completion,
+        first: true,
+        woke,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

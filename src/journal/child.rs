@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::ids::parse_name;
 
 /// The longest a `send` may be delayed (a year and a day, as a sleep).
-const MAX_DELAY: Duration = crate::lifecycle::MAX_DELAY;
+const MAX_DELAY: Duration = super::MAX_DELAY;
 
 /// A child invocation an entry asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +87,155 @@ pub fn plan(
         workflow_id,
         parent_close,
     })
+}
+
+/// Refuses, in `entry`, a child workflow whose id names a run that has not ended: the
+/// entry records the refusal instead (a `call` completes with it), so that every replay
+/// sees the same. Nothing changes for an append sent again (its child took the id then).
+/// Both the SDK's appends and plain handlers' calls go through here.
+pub async fn refuse_if_taken(
+    tx: &mut dyn crate::store::tables::Tx,
+    parent: &str,
+    entry: &mut crate::store::NewEntry,
+) -> crate::store::StoreResult<()> {
+    let crate::store::Effect::StartChild(child) = &entry.effect else {
+        return Ok(());
+    };
+    let Some(workflow) = &child.workflow else {
+        return Ok(());
+    };
+    let recorded = match (entry.index, tx.invocation(parent).await?) {
+        (Some(index), Some(record)) => index < record.journal_len,
+        _ => false,
+    };
+    if recorded {
+        return Ok(());
+    }
+    tx.lock_workflow_id(&child.target.service, &workflow.workflow_id)
+        .await?;
+    let Some((run, _)) = tx
+        .workflow_run(&child.target.service, &workflow.workflow_id)
+        .await?
+    else {
+        return Ok(());
+    };
+    let live = tx
+        .invocation(&run)
+        .await?
+        .is_some_and(|r| r.completed_at_ms.is_none());
+    if !live {
+        return Ok(());
+    }
+    let failure = durin_protocol::Failure {
+        status: 409,
+        error_type: Some("WorkflowIdTaken".into()),
+        message: format!(
+            "workflow {} id {:?} already names run {run}, which has not ended",
+            child.target.service, workflow.workflow_id
+        ),
+    };
+    let value = serde_json::json!({ "invocation_id": null, "refused": failure });
+    entry.value = Some(value.to_string().into_bytes());
+    entry.effect = crate::store::Effect::ChildRefused { failure };
+    Ok(())
+}
+
+/// Inserts a child invocation, pending and due at `child.due_ms`, with its input entry and
+/// its link to the parent's entry; a child workflow's run takes its id (which
+/// [`refuse_if_taken`] found free).
+pub async fn insert(
+    tx: &mut dyn crate::store::tables::Tx,
+    child: &crate::store::ChildStart,
+    parent: &str,
+    entry: &crate::store::StoredEntry,
+    now_ms: i64,
+) -> crate::store::StoreResult<()> {
+    // The child's trace hangs under the parent's attempt that started it.
+    let parent_trace = tx.invocation(parent).await?.and_then(|p| p.traceparent);
+    let traceparent = crate::ids::InvocationId::parse(parent)
+        .map(|p| {
+            crate::trace_context::child_traceparent(&p, parent_trace.as_deref(), entry.attempt)
+        })
+        .ok();
+    let pending = crate::store::tables::Pending {
+        id: child.id.as_str(),
+        service: &child.target.service,
+        handler: &child.target.handler,
+        deployment_id: &child.target.deployment_id,
+        input: &child.input,
+        due_ms: child.due_ms,
+        deadline_ms: child.deadline_ms,
+        workflow_id: child.workflow.as_ref().map(|w| w.workflow_id.as_str()),
+        parent: Some((parent, child.awaited.then_some(entry.index))),
+        parent_close: Some(child.parent_close),
+        traceparent,
+    };
+    insert_pending(tx, &pending, now_ms).await?;
+    if let Some(workflow) = &child.workflow {
+        tx.take_workflow_id(
+            &child.target.service,
+            &workflow.workflow_id,
+            child.id.as_str(),
+            &workflow.input_digest,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// When an invocation a parent's `call` started has ended: its output or failure completes
+/// the parent's entry (after the parent's timers due by then), and wakes the parent if it
+/// waits for it. Nothing when the parent has ended.
+pub async fn complete_parent(
+    tx: &mut dyn crate::store::tables::Tx,
+    child: &crate::store::InvocationRecord,
+    output: Option<&crate::store::StoredEntry>,
+    now_ms: i64,
+) -> crate::store::StoreResult<()> {
+    let (Some(parent), Some(index)) = (&child.parent_invocation_id, child.parent_index) else {
+        return Ok(());
+    };
+    let open = tx
+        .lock_invocation(parent)
+        .await?
+        .is_some_and(|p| !p.status.is_final());
+    if !open {
+        return Ok(());
+    }
+    super::sleep::fire_timers(tx, parent, now_ms, now_ms).await?;
+    let (value, failure) = match child.status {
+        crate::store::Status::Completed => (output.and_then(|o| o.value.clone()), None),
+        _ => (None, child.failure.clone()),
+    };
+    let bytes = value.as_ref().map_or(0, Vec::len) as i64;
+    super::completion::complete(tx, parent, index, value, failure, now_ms).await?;
+    if bytes > 0 {
+        tx.add_bytes(parent, bytes).await?;
+    }
+    super::completion::wake_if_waiting(tx, parent, index, now_ms).await?;
+    Ok(())
+}
+
+/// Inserts an invocation that waits for the scheduler (a child, or the next run of a
+/// workflow), with its JSON input entry, and counts its input.
+pub async fn insert_pending(
+    tx: &mut dyn crate::store::tables::Tx,
+    new: &crate::store::tables::Pending<'_>,
+    now_ms: i64,
+) -> crate::store::StoreResult<()> {
+    tx.insert_pending(new, now_ms).await?;
+    let input = crate::store::StoredEntry {
+        index: 0,
+        kind: EntryKind::Input,
+        name: None,
+        value: Some(new.input.to_vec()),
+        content_type: Some("application/json".into()),
+        failure: None,
+        attempt: 0,
+        at_ms: now_ms,
+        completion: None,
+    };
+    tx.insert_entry(new.id, &input).await
 }
 
 #[cfg(test)]

@@ -7,15 +7,23 @@
 //! from the store; `awakeable.rs` makes and checks the tokens that resolve them; `child.rs`
 //! checks `call` and `send`, which start another invocation.
 
+pub mod append;
 pub mod awakeable;
 pub mod child;
-mod sleep;
+pub mod completion;
+pub mod plain;
+pub mod signal;
+pub mod sleep;
 mod state;
+pub mod update;
 
 use durin_protocol::EntryKind;
 use serde_json::Value;
 
 use crate::store::Effect;
+
+/// The longest delay of a retry, a timer or a delayed start: a year and a day.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 60 * 60);
 
 /// The longest entry name (a step, a signal, a state key).
 pub const MAX_NAME_BYTES: usize = 256;

@@ -38,3 +38,18 @@ pub(super) fn plan(value: Option<Value>, now_ms: i64) -> Result<Planned, String>
         effect: Effect::Timer { wake_at_ms },
     })
 }
+
+/// Fires the invocation's timers due by `by_ms`: each gets its completion (at `now_ms`), in
+/// order of their wake times.
+pub async fn fire_timers(
+    tx: &mut dyn crate::store::tables::Tx,
+    id: &str,
+    by_ms: i64,
+    now_ms: i64,
+) -> crate::store::StoreResult<()> {
+    for index in tx.due_timers(id, by_ms).await? {
+        super::completion::complete(tx, id, index, None, None, now_ms).await?;
+        tx.delete_timer(id, index).await?;
+    }
+    Ok(())
+}

@@ -23,3 +23,68 @@ pub(super) fn ended(failure: Failure) -> AttemptEnd {
         },
     }
 }
+
+impl dyn crate::store::Store {
+    /// Asks to cancel an invocation (see [`request`]).
+    pub async fn cancel(
+        &self,
+        id: &crate::ids::InvocationId,
+        now_ms: i64,
+    ) -> crate::store::StoreResult<crate::store::CancelAnswer> {
+        let id = id.to_string();
+        self.write(&id.clone(), move |tx| {
+            Box::pin(async move { request(tx, &id, now_ms).await })
+        })
+        .await
+    }
+}
+
+/// Cancels an invocation and, with it, the children it does not abandon, in one
+/// transaction: the timers due by now fire, the `cancel` entry and its completion are
+/// written, and the invocation becomes pending and due, which fences a running attempt
+/// (the next one replays up to the cancellation). At most once per invocation; never for
+/// an ended or paused one.
+pub async fn request(
+    tx: &mut dyn crate::store::tables::Tx,
+    id: &str,
+    now_ms: i64,
+) -> crate::store::StoreResult<crate::store::CancelAnswer> {
+    use crate::store::{CancelAnswer, ParentClose, Status, StoreError, StoredEntry};
+    let record = tx
+        .lock_invocation(id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if record.status.is_final() {
+        return Ok(CancelAnswer::Ended(record));
+    }
+    if record.cancel_requested_at_ms.is_some() {
+        return Ok(CancelAnswer::AlreadyRequested(record));
+    }
+    if record.status == Status::Paused {
+        return Ok(CancelAnswer::Paused(record));
+    }
+    // Timers due by now fired before the cancellation (completions are numbered in the
+    // order their events happened).
+    crate::journal::sleep::fire_timers(tx, id, now_ms, now_ms).await?;
+    let index = record.journal_len;
+    let entry = StoredEntry {
+        index,
+        kind: durin_protocol::EntryKind::Cancel,
+        name: None,
+        value: None,
+        content_type: None,
+        failure: None,
+        attempt: record.attempt,
+        at_ms: now_ms,
+        completion: None,
+    };
+    tx.insert_entry(id, &entry).await?;
+    crate::journal::completion::complete(tx, id, index, None, None, now_ms).await?;
+    let record = tx.mark_cancelled(id, now_ms).await?;
+    for (child, policy) in tx.open_children(id).await? {
+        if policy != ParentClose::Abandon {
+            Box::pin(request(tx, &child, now_ms)).await?;
+        }
+    }
+    Ok(CancelAnswer::Requested(record))
+}

@@ -9,11 +9,16 @@
 //! workflow's run hands over to its next run), `timeouts.rs` (schedule_to_close,
 //! schedule_to_start, heartbeats).
 
-mod cancel;
-mod continue_as_new;
+pub mod cancel;
+pub mod claim;
+pub mod continue_as_new;
+pub mod end;
 pub mod pause;
+pub mod restart;
 mod retry;
-mod suspend;
+pub mod start;
+pub mod suspend;
+pub mod terminate;
 pub mod timeouts;
 
 use std::time::Duration;
@@ -23,7 +28,7 @@ use durin_protocol::{Failure, Outcome, RetryPolicy};
 use crate::store::AttemptEnd;
 
 /// The longest delay a handler can ask for (`Retry-After`, a step's backoff, a suspension).
-pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+pub use crate::journal::MAX_DELAY;
 
 /// `now + delay`, with the delay capped at [`MAX_DELAY`].
 pub fn after(now_ms: i64, delay: Duration) -> i64 {

@@ -6,8 +6,8 @@
 //! Nothing outside `store/` knows which database is underneath.
 
 mod postgres;
-mod shared;
 mod sqlite;
+pub mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -16,6 +16,29 @@ use durin_protocol::{Completion, EntryKind, Failure, HandlerSpec, ServiceSpec};
 
 pub use postgres::{is_postgres_url, PostgresStore};
 pub use sqlite::SqliteStore;
+
+impl dyn Store {
+    /// Runs `rule` inside one transaction (see [`Store::transact`]) and returns what it
+    /// returned once the transaction is durable.
+    pub async fn write<T, F>(&self, key: &str, rule: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'t> FnOnce(
+                &'t mut dyn tables::Tx,
+            ) -> futures_util::future::BoxFuture<'t, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        let erased: TxFn = Box::new(move |tx| {
+            Box::pin(async move { rule(tx).await.map(|value| Box::new(value) as TxOutput) })
+        });
+        let output = self.transact(key, erased).await?;
+        output
+            .downcast::<T>()
+            .map(|value| *value)
+            .map_err(|_| StoreError::Backend("a rule's result changed type".into()))
+    }
+}
 
 /// How this process takes part in a cluster of nodes on one PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -793,8 +816,25 @@ pub enum CancelAnswer {
     Paused(InvocationRecord),
 }
 
+/// What a rule run by [`Store::transact`] returns, its type erased.
+pub type TxOutput = Box<dyn std::any::Any + Send>;
+/// A rule over the tables, run inside one transaction.
+pub type TxFn = Box<
+    dyn for<'t> FnOnce(
+            &'t mut dyn tables::Tx,
+        ) -> futures_util::future::BoxFuture<'t, StoreResult<TxOutput>>
+        + Send,
+>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Runs `rule` inside the backend's next group-committed transaction (the one of the
+    /// writer `key` routes to, where there are several) and answers once it is durable. A
+    /// rule that fails writes nothing. Use [`Store::write`](trait.Store.html#method.write)
+    /// on `dyn Store`, which keeps the result's type.
+    async fn transact(&self, key: &str, rule: TxFn) -> StoreResult<TxOutput>;
+    /// How long a journal may grow.
+    fn journal_limits(&self) -> JournalLimits;
     /// Records a deployment, or returns the newest one with the same URL and services.
     /// The flag is true when a new deployment was created.
     async fn register_deployment(
@@ -816,9 +856,6 @@ pub trait Store: Send + Sync + 'static {
         handler: &str,
     ) -> StoreResult<Option<HandlerTarget>>;
 
-    /// Creates an invocation with its input entry and its first attempt started, unless its
-    /// idempotency key is taken.
-    async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created>;
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>>;
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>>;
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>>;
@@ -833,17 +870,9 @@ pub trait Store: Send + Sync + 'static {
     /// database that several nodes share, only the attempts leased to this node's id (its
     /// previous life) are taken: other nodes' are left to their leases.
     async fn recover_running(&self, now_ms: i64) -> StoreResult<u64>;
-    /// Claims up to `limit` due invocations, oldest due first: fires their timers that are
-    /// due and starts their next attempt (which fences every earlier one), in one
-    /// transaction. Nothing that is not due is claimed. On a database that several nodes
-    /// share, running invocations whose lease expired (their node died or froze) are
-    /// claimed too, and every claimed attempt is leased to this node.
-    async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>>;
     /// The earliest due time of any waiting invocation.
     async fn next_due(&self) -> StoreResult<Option<i64>>;
 
-    /// Starts or finds the run a workflow id names.
-    async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted>;
     /// The latest run of a workflow id.
     async fn find_workflow(
         &self,
@@ -856,109 +885,21 @@ pub trait Store: Send + Sync + 'static {
         workflow: &str,
         workflow_id: &str,
     ) -> StoreResult<Vec<InvocationRecord>>;
-    /// Stores a signal for the invocation and hands it to the oldest open wait of its name,
-    /// if any, making the invocation due when that wait is what it is suspended on.
-    async fn send_signal(
-        &self,
-        id: &InvocationId,
-        signal: NewSignal,
-        now_ms: i64,
-    ) -> StoreResult<SignalSent>;
-    /// Completes the awakeable at journal `index` with a value or a rejection, once.
-    async fn resolve_awakeable(
-        &self,
-        id: &InvocationId,
-        index: u32,
-        result: Result<Vec<u8>, Failure>,
-        now_ms: i64,
-    ) -> StoreResult<Resolved>;
+    /// The signals of an invocation that no wait took, in order: `(seq, name)`. A run
+    /// that ended lists here what it ended without consuming.
+    async fn unconsumed_signals(&self, id: &InvocationId) -> StoreResult<Vec<(u32, String)>>;
     /// The durable state of an invocation: every key with its value (`None` when cleared).
     async fn read_state(&self, id: &InvocationId) -> StoreResult<Vec<(String, Option<Vec<u8>>)>>;
-    /// A named command of a plain handler (which has no cursor into its journal): the
-    /// recorded entry of `kind` named `name` (and, when given, with the value `key`), else
-    /// `new` appended. When `suspend` is set and the entry has no completion, the attempt
-    /// ends suspended waiting for it, in the same transaction. Fenced like an append.
-    async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer>;
     /// A secret of this gateway, made (32 random bytes) the first time it is asked for.
     async fn gateway_secret(&self, name: &str) -> StoreResult<Vec<u8>>;
-    /// Appends an entry for `attempt`, durably, at the next free index (which must be
-    /// `entry.index` when that is given).
-    async fn append_entry(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        entry: NewEntry,
-        now_ms: i64,
-    ) -> StoreResult<StoredEntry>;
-    /// Ends `attempt` as the invoker decided; returns the record and, when the invocation
-    /// ended, its output entry.
-    /// Records how `attempt` ended (fenced by it). Returns the invocation, its output entry
-    /// when it ended, and the children its end closed (terminated by their
-    /// [`ParentClose`] policy) with their output entries.
-    async fn end_attempt(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        end: AttemptEnd,
-        now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)>;
-    /// Asks to cancel an invocation: writes its `cancel` entry (completed, numbered after
-    /// the timers that were due) and makes it due, fencing a running attempt. The children
-    /// its `call` entries wait for are cancelled with it; `send` children are left alone.
-    async fn cancel(&self, id: &InvocationId, now_ms: i64) -> StoreResult<CancelAnswer>;
-    /// Ends an invocation at once as `terminated`, with `reason`, fencing any attempt; no
-    /// more handler code runs for it. The children its `call` entries wait for are
-    /// terminated with it; `send` children are left alone.
-    async fn terminate(
-        &self,
-        id: &InvocationId,
-        reason: String,
-        now_ms: i64,
-    ) -> StoreResult<Termination>;
-    /// Records a heartbeat of the running `attempt` (fenced by it and its token), with its
-    /// details (JSON), which the next attempt receives.
-    async fn heartbeat(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        token: String,
-        details: Option<Vec<u8>>,
-        now_ms: i64,
-    ) -> StoreResult<()>;
     /// The details of the last heartbeat.
     async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>>;
-    /// Fails, with `ScheduleToCloseTimeout`, up to `limit` invocations whose deadline has
-    /// passed, as [`Store::terminate`] ends them (any attempt fenced, the children they wait
-    /// for terminated); returns what it ended.
-    async fn expire(
-        &self,
-        now_ms: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<(InvocationRecord, StoredEntry)>>;
-    /// Sends an update to a workflow's run: stored pending (or the one its idempotency key
-    /// names), and the run made due if it waits, so that its next wait handles it.
-    async fn send_update(
-        &self,
-        run: &InvocationId,
-        update: NewUpdate,
-        now_ms: i64,
-    ) -> StoreResult<UpdateSent>;
     async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>>;
     /// The run's pending updates, oldest first, as its next attempt receives them.
     async fn pending_updates(
         &self,
         run: &InvocationId,
     ) -> StoreResult<Vec<durin_protocol::PendingUpdate>>;
-    /// The running `attempt` refuses the pending update `id` (its validator said no):
-    /// fenced like an append; nothing is journaled.
-    async fn refuse_update(
-        &self,
-        run: &InvocationId,
-        attempt: u32,
-        token: String,
-        id: &str,
-        failure: Failure,
-    ) -> StoreResult<UpdateRecord>;
     /// A paused invocation becomes pending again, optionally moved to another deployment.
     async fn resume(
         &self,
@@ -982,21 +923,6 @@ pub trait Store: Send + Sync + 'static {
         id: &InvocationId,
         now_ms: i64,
     ) -> StoreResult<(InvocationRecord, bool)>;
-    /// Restarts a paused or ended invocation from journal entry `from`: the entries after it
-    /// go (with their completions and timers; the signals their waits took are buffered
-    /// again; the durable state is rebuilt from the entries kept), and the invocation runs
-    /// again, replaying up to there. Refused (`Err(reason)` inside `Ok`) when it would run
-    /// or start something twice. `key` (the request's `Idempotency-Key`) is kept as the
-    /// last restart's: a restart with the key of the last one changes nothing, whatever
-    /// the invocation's status now, and answers it with `false`; a restart with another
-    /// key or none runs as above (`true`) and keeps its key (or none).
-    async fn restart(
-        &self,
-        id: &InvocationId,
-        from: u32,
-        key: Option<String>,
-        now_ms: i64,
-    ) -> StoreResult<Result<(InvocationRecord, bool), String>>;
     /// Deletes an ended invocation with everything kept for it; `false` when it has not
     /// ended (nothing is deleted).
     async fn purge(&self, id: &InvocationId) -> StoreResult<bool>;

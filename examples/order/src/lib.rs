@@ -8,6 +8,7 @@
 //! called.
 //! Cancelled (`POST /v1/invocations/{id}/cancel`), it compensates what it started, in
 //! reverse order: `release_inventory`, then `refund_payment`, and ends cancelled.
+//! `tally/run` consumes `add` signals and continues as new every few of them.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -240,6 +241,7 @@ pub fn endpoint(args: Args) -> Endpoint {
             move |ctx, job| batch(Arc::clone(&batches), ctx, job),
         ))
         .service(Service::new("approval").handler("run", approval))
+        .service(Service::new("tally").handler("run", tally))
         .service(Service::new("checkout").handler("run", checkout).handler(
             "receipt",
             |_ctx: Context, orders: usize| async move {
@@ -307,6 +309,56 @@ async fn subscription(
         .await?;
         cycle += 1;
         ctx.set("cycles", &cycle).await?;
+    }
+}
+
+/// The input of `tally/run`: the keys consumed by the earlier runs of the workflow id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Counter {
+    /// Keys of the `add` signals consumed so far, in order (empty for a new workflow).
+    #[serde(default)]
+    pub consumed: Vec<String>,
+    /// `add` signals per run: the run then continues as new with what it consumed.
+    #[serde(default = "three")]
+    pub per_run: u32,
+}
+
+/// The payload of a `tally/run` `add` signal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Add {
+    pub key: String,
+}
+
+/// What `tally/run` answers on `finish`: every key it consumed, across its runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Counted {
+    pub consumed: Vec<String>,
+}
+
+/// A loop over signals that continues as new (`tally/run`): it waits for the first of an
+/// `add` signal (`{"key"}`) and a `finish` signal; each `add` appends its key to
+/// `consumed` (also the `consumed` query), and after `per_run` of them the run continues
+/// as new with the keys so far; `finish` ends the workflow with `{"consumed": [...]}`.
+/// Every signal it is sent is consumed once, whichever run it reaches: the storm test
+/// (`tests/storm.rs`) counts them.
+async fn tally(ctx: Context, input: Counter) -> Result<Counted, HandlerError> {
+    let mut consumed = input.consumed;
+    let per_run = input.per_run.max(1);
+    ctx.set("consumed", &consumed).await?;
+    let mut this_run = 0;
+    loop {
+        if this_run >= per_run {
+            return ctx.continue_as_new(&Counter { consumed, per_run });
+        }
+        let add = ctx.signal_waiter("add").await?;
+        let finish = ctx.signal_waiter("finish").await?;
+        if ctx.first(&[&add, &finish]).await? != 0 {
+            return Ok(Counted { consumed });
+        }
+        let Add { key } = add.value()?;
+        consumed.push(key);
+        ctx.set("consumed", &consumed).await?;
+        this_run += 1;
     }
 }
 

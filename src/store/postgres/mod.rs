@@ -37,12 +37,12 @@ use tokio::sync::{mpsc, oneshot};
 use super::*;
 
 mod clock;
-mod commands;
 mod egress;
 mod lease;
 mod notify;
 mod rows;
 mod store;
+mod tables;
 
 use clock::DB_NOW_MS;
 use lease::Lease;

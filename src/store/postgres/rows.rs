@@ -237,8 +237,3 @@ pub(super) async fn latest_deployment(
         .map_err(backend)?;
     row.as_ref().map(deployment).transpose()
 }
-
-/// A fresh attempt token: 122 random bits.
-pub(super) fn new_attempt_token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}

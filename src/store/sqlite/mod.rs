@@ -21,19 +21,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use durin_protocol::{EntryKind, Failure};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
-use crate::store::shared;
 
-mod commands;
 mod rows;
+mod tables;
 
-use commands::*;
 use rows::*;
+use tables::SqliteTx;
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -55,7 +53,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// One write: runs inside the batch's transaction; the flag is true when it failed in a way
 /// that must roll the batch back.
-type WriteOp = Box<dyn FnOnce(&Connection) -> (Reply, bool) + Send>;
+type WriteOp = Box<dyn FnOnce(&mut SqliteTx) -> (Reply, bool) + Send>;
 
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteOp>,
@@ -159,7 +157,7 @@ impl SqliteStore {
         let writer_restart = Arc::clone(&restart);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
-            .spawn(move || write_loop(writer, queue, writer_restart))
+            .spawn(move || write_loop(SqliteTx { conn: writer }, queue, writer_restart))
             .map_err(backend)?;
         let (stop, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -208,6 +206,15 @@ impl SqliteStore {
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.write_tx(move |tx| f(&tx.conn)).await
+    }
+
+    /// As [`SqliteStore::write`], with the tables of the transaction.
+    async fn write_tx<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteTx) -> StoreResult<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let op: WriteOp = Box::new(move |conn| {
@@ -297,7 +304,7 @@ fn checkpoint_loop(
 }
 
 fn write_loop(
-    conn: Connection,
+    mut tx: SqliteTx,
     mut queue: mpsc::Receiver<WriteOp>,
     restart: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -310,8 +317,9 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        commit_batch(&conn, &mut batch);
+        commit_batch(&mut tx, &mut batch);
         if restart.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            let conn = &tx.conn;
             // Between two batches, no write is in progress: finish copying the log and
             // make the next write start it over (truncated to `journal_size_limit`). It
             // waits only for reads in flight, which are short.
@@ -329,10 +337,10 @@ fn write_loop(
     }
 }
 
-fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
+fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
     let started = std::time::Instant::now();
     metrics::histogram!(crate::telemetry::BATCH).record(batch.len() as f64);
-    if let Err(error) = execute(conn, "BEGIN IMMEDIATE", []) {
+    if let Err(error) = execute(&tx.conn, "BEGIN IMMEDIATE", []) {
         // Dropping the ops tells each caller that its write was not committed.
         batch.clear();
         tracing::error!(%error, "could not begin a write transaction");
@@ -345,12 +353,13 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
             // Dropping the op tells its caller that its write was not committed.
             continue;
         }
-        let (reply, poisons) = op(conn);
+        let (reply, poisons) = op(tx);
         // Some errors (disk full, I/O) make SQLite roll the transaction back by itself;
         // running the rest would commit them one by one, so the batch stops here.
-        poisoned |= poisons || conn.is_autocommit();
+        poisoned |= poisons || tx.conn.is_autocommit();
         replies.push(reply);
     }
+    let conn = &tx.conn;
     let error = if poisoned {
         let _ = execute(conn, "ROLLBACK", []);
         Some(StoreError::Backend(
@@ -375,8 +384,27 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<WriteOp>) {
 const TARGET_SELECT: &str = "SELECT h.deployment_id, d.url, d.protocol, h.service, h.handler, \
      h.spec FROM handlers h JOIN deployments d ON d.id = h.deployment_id";
 
+/// Runs a rule over the tables of the SQLite store to its end: every table method
+/// completes at once (a direct call into SQLite), so the rule never waits.
+fn run_now<T>(rule: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    use futures_util::FutureExt;
+    rule.now_or_never().unwrap_or_else(|| {
+        Err(corrupt(
+            "a rule waited for something outside the store".into(),
+        ))
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
+    async fn transact(&self, _key: &str, rule: TxFn) -> StoreResult<TxOutput> {
+        self.write_tx(move |tx| run_now(rule(tx))).await
+    }
+
+    fn journal_limits(&self) -> JournalLimits {
+        self.limits
+    }
+
     async fn register_deployment(
         &self,
         new: NewDeployment,
@@ -470,52 +498,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created> {
-        self.write(move |conn| {
-            if let Some(claim) = &new.idempotency {
-                let seen = conn
-                    .prepare_cached(
-                        "SELECT request_digest, invocation_id, expires_at_ms FROM idempotency_keys \
-                         WHERE scope = ?1 AND key = ?2",
-                    )
-                    .map_err(backend)?
-                    .query_row([&claim.scope, &claim.key], |row| {
-                        Ok((
-                            row.get::<_, String>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, i64>(2)?,
-                        ))
-                    })
-                    .optional()
-                    .map_err(backend)?;
-                if let Some((digest, invocation_id, expires_at_ms)) = seen {
-                    if expires_at_ms > new.now_ms {
-                        if digest != claim.request_digest {
-                            return Ok(Created::KeyReused { invocation_id });
-                        }
-                        return match fetch_invocation(conn, &invocation_id)? {
-                            Some(record) => Ok(Created::Existing(record)),
-                            None => Err(corrupt(format!(
-                                "idempotency key names missing invocation {invocation_id}"
-                            ))),
-                        };
-                    }
-                    execute(
-                        conn,
-                        "DELETE FROM idempotency_keys WHERE scope = ?1 AND key = ?2",
-                        [&claim.scope, &claim.key],
-                    )?;
-                }
-            }
-            let (record, input) = insert_invocation(conn, new, None)?;
-            Ok(Created::New {
-                record,
-                input: Box::new(input),
-            })
-        })
-        .await
-    }
-
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>> {
         let id = id.clone();
         self.read(move |conn| fetch_invocation(conn, id.as_str()))
@@ -568,47 +550,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>> {
-        self.write(move |conn| {
-            let due: Vec<String> = {
-                let mut statement = conn
-                    .prepare_cached(
-                        "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
-                         AND next_run_at_ms <= ?1 \
-                         AND status IN ('pending', 'backing-off', 'suspended') \
-                         ORDER BY next_run_at_ms LIMIT ?2",
-                    )
-                    .map_err(backend)?;
-                let rows = statement
-                    .query_map(params![now_ms, limit], |row| row.get(0))
-                    .map_err(backend)?;
-                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
-            };
-            let sql = format!(
-                "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
-                 scheduled_at_ms = next_run_at_ms, attempt_started_at_ms = ?1, \
-                 next_run_at_ms = NULL, waiting_for = NULL, \
-                 modified_at_ms = ?1, attempt_token = ?3 \
-                 WHERE id = ?2 AND status IN ('pending', 'backing-off', 'suspended') \
-                 RETURNING {INVOCATION_COLUMNS}"
-            );
-            let mut claimed = Vec::with_capacity(due.len());
-            for id in due {
-                fire_timers(conn, &id, now_ms, now_ms)?;
-                if let Some(record) = query_one(
-                    conn,
-                    &sql,
-                    params![now_ms, id, new_attempt_token()],
-                    invocation,
-                )? {
-                    claimed.push(record);
-                }
-            }
-            Ok(claimed)
-        })
-        .await
-    }
-
     async fn next_due(&self) -> StoreResult<Option<i64>> {
         self.read(|conn| {
             conn.prepare_cached(
@@ -618,65 +559,6 @@ impl Store for SqliteStore {
             .map_err(backend)?
             .query_row([], |row| row.get(0))
             .map_err(backend)
-        })
-        .await
-    }
-
-    async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted> {
-        self.write(move |conn| {
-            let workflow = run.invocation.target.service.clone();
-            let seen: Option<(String, String)> = conn
-                .prepare_cached(
-                    "SELECT invocation_id, input_digest FROM workflows \
-                     WHERE workflow = ?1 AND workflow_id = ?2",
-                )
-                .map_err(backend)?
-                .query_row(params![workflow, run.workflow_id], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
-                })
-                .optional()
-                .map_err(backend)?;
-            if let Some((invocation_id, digest)) = seen {
-                let record = fetch_invocation(conn, &invocation_id)?.ok_or_else(|| {
-                    corrupt(format!("workflow names missing invocation {invocation_id}"))
-                })?;
-                let ended = record.status.is_final();
-                // A retry of a signal-with-start whose signal the last run received already
-                // answers that run, even when it has ended since.
-                if let Some(key) = run.signal.as_ref().and_then(|s| s.idempotency_key.as_ref()) {
-                    if signal_seq(conn, &invocation_id, key)?.is_some() {
-                        return Ok(WorkflowStarted::Existing(record));
-                    }
-                }
-                if !(ended && run.new_run_after_end) {
-                    // Signal-with-start delivers to a run that has not ended, whatever
-                    // its input.
-                    if let (Some(signal), false) = (run.signal, ended) {
-                        insert_signal(conn, &invocation_id, signal, run.invocation.now_ms)?;
-                        return Ok(WorkflowStarted::Existing(record));
-                    }
-                    if digest == run.input_digest {
-                        return Ok(WorkflowStarted::Existing(record));
-                    }
-                    return Ok(WorkflowStarted::Conflict(record));
-                }
-            }
-            let now_ms = run.invocation.now_ms;
-            let (record, input) = insert_invocation(conn, run.invocation, Some(&run.workflow_id))?;
-            take_workflow_id(
-                conn,
-                &workflow,
-                &run.workflow_id,
-                record.id.as_str(),
-                &run.input_digest,
-            )?;
-            if let Some(signal) = run.signal {
-                insert_signal(conn, record.id.as_str(), signal, now_ms)?;
-            }
-            Ok(WorkflowStarted::New {
-                record,
-                input: Box::new(input),
-            })
         })
         .await
     }
@@ -713,78 +595,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn send_signal(
-        &self,
-        id: &InvocationId,
-        signal: NewSignal,
-        now_ms: i64,
-    ) -> StoreResult<SignalSent> {
+    async fn unconsumed_signals(&self, id: &InvocationId) -> StoreResult<Vec<(u32, String)>> {
         let id = id.clone();
-        self.write(move |conn| {
-            let record = fetch_invocation(conn, id.as_str())?
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            if record.status.is_final() {
-                // A retry of a signal that was delivered before the end is no error.
-                if let Some(key) = &signal.idempotency_key {
-                    if let Some(seq) = signal_seq(conn, id.as_str(), key)? {
-                        return Ok(SignalSent {
-                            seq,
-                            duplicate: true,
-                            woke: false,
-                        });
-                    }
-                }
-                return Err(StoreError::Ended {
-                    invocation_id: id.to_string(),
-                    status: record.status,
-                });
-            }
-            insert_signal(conn, id.as_str(), signal, now_ms)
-        })
-        .await
-    }
-
-    async fn resolve_awakeable(
-        &self,
-        id: &InvocationId,
-        index: u32,
-        result: Result<Vec<u8>, Failure>,
-        now_ms: i64,
-    ) -> StoreResult<Resolved> {
-        let id = id.clone();
-        self.write(move |conn| {
-            let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.idx = ?2");
-            let entry = query_one(conn, &sql, params![id.as_str(), index], entry)?
-                .filter(|e| e.kind == EntryKind::Awakeable)
-                .ok_or_else(|| StoreError::NotFound(format!("{id} awakeable {index}")))?;
-            if let Some(completion) = entry.completion {
-                return Ok(Resolved {
-                    completion,
-                    first: false,
-                    woke: false,
-                });
-            }
-            let record = fetch_invocation(conn, id.as_str())?
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            if record.status.is_final() {
-                return Err(StoreError::Ended {
-                    invocation_id: id.to_string(),
-                    status: record.status,
-                });
-            }
-            let (value, failure) = match result {
-                Ok(value) => (Some(value), None),
-                Err(failure) => (None, Some(failure)),
-            };
-            // Timers that were due before this callback came first.
-            fire_timers(conn, id.as_str(), now_ms, now_ms)?;
-            let completion = complete(conn, id.as_str(), index, value, failure, now_ms)?;
-            let woke = wake_if_waiting(conn, id.as_str(), index, now_ms)?;
-            Ok(Resolved {
-                completion,
-                first: true,
-                woke,
-            })
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT seq, name FROM signals WHERE invocation_id = ?1 \
+                 AND consumed_by IS NULL ORDER BY seq",
+                [id.as_str()],
+                |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+            )
         })
         .await
     }
@@ -801,95 +621,6 @@ impl Store for SqliteStore {
                 .query_map([id.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<_>>().map_err(backend)
-        })
-        .await
-    }
-
-    async fn plain_command(&self, command: PlainCommand, now_ms: i64) -> StoreResult<PlainAnswer> {
-        let limits = self.limits;
-        self.write(move |conn| {
-            let id = command.id.as_str();
-            check_attempt(conn, id, command.attempt, &command.token)?;
-            let sql = format!(
-                "{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.kind = ?2 AND j.name = ?3 \
-                 AND (?4 IS NULL OR j.value = ?4) ORDER BY j.idx LIMIT 1 OFFSET ?5"
-            );
-            let found = query_one(
-                conn,
-                &sql,
-                params![
-                    id,
-                    command.kind.as_str(),
-                    command.name,
-                    command.key,
-                    command.occurrence
-                ],
-                entry,
-            )?;
-            let (entry, recorded) = match (found, command.new) {
-                (Some(entry), _) => (entry, true),
-                (None, Some(new)) => (
-                    append(conn, &command.id, command.attempt, new, now_ms, limits)?,
-                    false,
-                ),
-                (None, None) => {
-                    return Err(StoreError::NotFound(format!(
-                        "{} {:?} of invocation {id}",
-                        command.kind.as_str(),
-                        command.name
-                    )))
-                }
-            };
-            let also = match command.also {
-                Some((name, new)) => {
-                    let found = query_one(
-                        conn,
-                        &sql,
-                        params![id, new.kind.as_str(), name, None::<Vec<u8>>, 0],
-                        self::entry,
-                    )?;
-                    Some(match found {
-                        Some(entry) => entry,
-                        None => append(conn, &command.id, command.attempt, new, now_ms, limits)?,
-                    })
-                }
-                None => None,
-            };
-            // After a cancellation a wait gets only what completed before it.
-            let cancel_seq = commands::cancel_seq(conn, id)?;
-            let before_cancel = |e: &StoredEntry| {
-                e.completion
-                    .as_ref()
-                    .is_some_and(|c| cancel_seq.is_none_or(|seq| c.seq < seq))
-            };
-            let cancelled = command.suspend
-                && cancel_seq.is_some()
-                && !before_cancel(&entry)
-                && !also.as_ref().is_some_and(before_cancel);
-            let suspended = command.suspend
-                && !cancelled
-                && entry.completion.is_none()
-                && also.as_ref().is_none_or(|e| e.completion.is_none());
-            if suspended {
-                let waiting_for: Vec<u32> = [Some(entry.index), also.as_ref().map(|e| e.index)]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                let (due, _) = suspension_due(conn, id, None, &waiting_for, now_ms)?;
-                execute(
-                    conn,
-                    "UPDATE invocations SET status = 'suspended', next_run_at_ms = ?1, \
-                     waiting_for = ?2, modified_at_ms = ?3 WHERE id = ?4",
-                    params![due, to_json(&waiting_for)?, now_ms, id],
-                )?;
-            }
-            Ok(PlainAnswer {
-                entry,
-                also,
-                recorded,
-                suspended,
-                cancelled,
-            })
         })
         .await
     }
@@ -914,229 +645,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_entry(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        entry: NewEntry,
-        now_ms: i64,
-    ) -> StoreResult<StoredEntry> {
-        let id = id.clone();
-        let limits = self.limits;
-        self.write(move |conn| {
-            let mut entry = entry;
-            if let Effect::StartChild(child) = &entry.effect {
-                // A child workflow whose id names a run that goes on is not started: the
-                // entry records the refusal (a `call` completes with it), so every replay
-                // sees the same.
-                if let Some(run) =
-                    commands::taken_workflow_id(conn, id.as_str(), entry.index, child)?
-                {
-                    let child = child.clone();
-                    shared::refuse_taken_workflow_id(&mut entry, &child, &run);
-                }
-            }
-            append(conn, &id, attempt, entry, now_ms, limits)
-        })
-        .await
-    }
-
-    async fn end_attempt(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        end: AttemptEnd,
-        now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
-        let id = id.clone();
-        self.write(move |conn| {
-            // ?1 is the time and ?2, ?3 the fence; the rest depend on the end.
-            let fence = "WHERE id = ?2 AND attempt = ?3 AND status = 'running'";
-            let mut suspended_due = None;
-            let end = match end {
-                AttemptEnd::Suspended {
-                    until_ms,
-                    waiting_for,
-                } => {
-                    // A refused suspension writes nothing: the fence first, then the
-                    // bindings and the due time.
-                    let current = fetch_invocation(conn, id.as_str())?;
-                    if !current
-                        .as_ref()
-                        .is_some_and(|r| r.attempt == attempt && r.status == Status::Running)
-                    {
-                        return Err(refusal(conn, id.as_str(), attempt));
-                    }
-                    let (due, can_complete) =
-                        suspension_due(conn, id.as_str(), until_ms, &waiting_for, now_ms)?;
-                    suspended_due = due;
-                    if can_complete {
-                        AttemptEnd::Suspended {
-                            until_ms,
-                            waiting_for,
-                        }
-                    } else {
-                        AttemptEnd::Paused {
-                            reason: format!(
-                                "the handler suspended waiting for {waiting_for:?}, which are not commands of its journal, so nothing could ever wake it; fix the handler and resume the invocation"
-                            ),
-                        }
-                    }
-                }
-                other => other,
-            };
-            let (set, extra): (&str, Vec<rusqlite::types::Value>) = match &end {
-                AttemptEnd::Completed { .. } => (
-                    "status = 'completed', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                     last_error = NULL",
-                    vec![],
-                ),
-                AttemptEnd::Failed { failure, .. } => (
-                    "status = 'failed', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                     failure = ?4",
-                    vec![to_json(failure)?.into()],
-                ),
-                AttemptEnd::BackOff {
-                    until_ms,
-                    error,
-                    charged,
-                } => (
-                    "status = 'backing-off', next_run_at_ms = ?4, last_error = ?5, \
-                     failures = failures + ?6, position_failures = position_failures + ?7",
-                    vec![
-                        (*until_ms).into(),
-                        error.clone().into(),
-                        i64::from(*charged == Charge::Handler).into(),
-                        i64::from(*charged == Charge::Step).into(),
-                    ],
-                ),
-                AttemptEnd::Suspended { waiting_for, .. } => (
-                    "status = 'suspended', next_run_at_ms = ?4, waiting_for = ?5",
-                    vec![suspended_due.into(), to_json(waiting_for)?.into()],
-                ),
-                AttemptEnd::Paused { reason } => (
-                    "status = 'paused', last_error = ?4",
-                    vec![reason.clone().into()],
-                ),
-                AttemptEnd::Cancelled { failure } => (
-                    "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                     failure = ?4",
-                    vec![to_json(failure)?.into()],
-                ),
-                AttemptEnd::ContinuedAsNew { .. } => (
-                    "status = 'continued', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                     last_error = NULL",
-                    vec![],
-                ),
-            };
-            let sql = format!(
-                "UPDATE invocations SET {set}, modified_at_ms = ?1 {fence} \
-                 RETURNING {INVOCATION_COLUMNS}"
-            );
-            let mut values: Vec<rusqlite::types::Value> =
-                vec![now_ms.into(), id.as_str().to_owned().into(), attempt.into()];
-            values.extend(extra);
-            let Some(record) =
-                query_one(conn, &sql, rusqlite::params_from_iter(values), invocation)?
-            else {
-                return Err(refusal(conn, id.as_str(), attempt));
-            };
-            let output = match shared::recorded(end) {
-                shared::Recorded::Output(output) => Some(output),
-                shared::Recorded::ContinuedAsNew {
-                    input,
-                    next,
-                    target,
-                    deadline_ms,
-                } => {
-                    let next_run = shared::next_run(
-                        &record,
-                        &input,
-                        &next,
-                        target.as_deref(),
-                        deadline_ms,
-                        now_ms,
-                    );
-                    continue_as_new(conn, &record, next_run, now_ms)?;
-                    Some(shared::continued_output(&next))
-                }
-                shared::Recorded::Nothing => None,
-            };
-            let output = match output {
-                Some((value, content_type, failure)) => Some(record_output(
-                    conn,
-                    &record,
-                    attempt,
-                    (value, content_type, failure),
-                    now_ms,
-                )?),
-                None => None,
-            };
-            let mut closed = Vec::new();
-            if record.status.is_final() {
-                commands::complete_parent(conn, &record, output.as_ref(), now_ms)?;
-                commands::close_children(conn, id.as_str(), now_ms, &mut closed)?;
-            }
-            Ok((record, output, closed))
-        })
-        .await
-    }
-
-    async fn cancel(&self, id: &InvocationId, now_ms: i64) -> StoreResult<CancelAnswer> {
-        let id = id.clone();
-        self.write(move |conn| commands::cancel(conn, id.as_str(), now_ms))
-            .await
-    }
-
-    async fn terminate(
-        &self,
-        id: &InvocationId,
-        reason: String,
-        now_ms: i64,
-    ) -> StoreResult<Termination> {
-        let id = id.clone();
-        self.write(move |conn| {
-            let mut ended = Vec::new();
-            let ending = commands::Ending {
-                children: format!("its parent {id} was terminated"),
-                ..commands::Ending::terminated(reason)
-            };
-            let record = commands::end_now(conn, id.as_str(), &ending, now_ms, &mut ended)?;
-            Ok(Termination {
-                terminated: !ended.is_empty(),
-                record,
-                ended,
-            })
-        })
-        .await
-    }
-
-    async fn heartbeat(
-        &self,
-        id: &InvocationId,
-        attempt: u32,
-        token: String,
-        details: Option<Vec<u8>>,
-        now_ms: i64,
-    ) -> StoreResult<()> {
-        let id = id.clone();
-        self.write(move |conn| {
-            let beat = execute(
-                conn,
-                "UPDATE invocations SET heartbeat_at_ms = ?1, heartbeat_details = ?2 \
-                 WHERE id = ?3 AND attempt = ?4 AND status = 'running' AND attempt_token = ?5",
-                params![now_ms, details, id.as_str(), attempt, token],
-            )?;
-            if beat == 1 {
-                Ok(())
-            } else {
-                commands::check_attempt(conn, id.as_str(), attempt, &token)?;
-                Err(refusal(conn, id.as_str(), attempt))
-            }
-        })
-        .await
-    }
-
     async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>> {
         let id = id.clone();
         self.read(move |conn| {
@@ -1150,122 +658,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn expire(
-        &self,
-        now_ms: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<(InvocationRecord, StoredEntry)>> {
-        self.write(move |conn| {
-            let due: Vec<(String, i64, i64)> = {
-                let mut statement = conn
-                    .prepare_cached(
-                        "SELECT id, created_at_ms, deadline_ms FROM invocations \
-                         WHERE deadline_ms IS NOT NULL AND completed_at_ms IS NULL \
-                         AND deadline_ms <= ?1 ORDER BY deadline_ms LIMIT ?2",
-                    )
-                    .map_err(backend)?;
-                let rows = statement
-                    .query_map(params![now_ms, limit], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                    })
-                    .map_err(backend)?;
-                rows.collect::<rusqlite::Result<_>>().map_err(backend)?
-            };
-            let mut ended = Vec::new();
-            for (id, created_at_ms, deadline_ms) in due {
-                let failure = crate::lifecycle::timeouts::schedule_to_close_failure(
-                    created_at_ms,
-                    deadline_ms,
-                );
-                let ending = commands::Ending {
-                    status: Status::Failed,
-                    failure,
-                    children: format!("its parent {id} passed its schedule_to_close timeout"),
-                };
-                commands::end_now(conn, &id, &ending, now_ms, &mut ended)?;
-            }
-            Ok(ended)
-        })
-        .await
-    }
-
-    async fn send_update(
-        &self,
-        run: &InvocationId,
-        update: NewUpdate,
-        now_ms: i64,
-    ) -> StoreResult<UpdateSent> {
-        let run = run.clone();
-        self.write(move |conn| {
-            let record = fetch_invocation(conn, run.as_str())?
-                .ok_or_else(|| StoreError::NotFound(run.to_string()))?;
-            let select = format!(
-                "SELECT {} FROM updates WHERE invocation_id = ?1 AND idempotency_key = ?2",
-                commands::UPDATE_COLUMNS
-            );
-            if let Some(key) = &update.idempotency_key {
-                if let Some(existing) = query_one(
-                    conn,
-                    &select,
-                    params![run.as_str(), key],
-                    commands::update_row,
-                )? {
-                    return Ok(UpdateSent::Sent {
-                        update: existing,
-                        new: false,
-                        woke: false,
-                    });
-                }
-            }
-            if record.status.is_final() {
-                return Ok(UpdateSent::Ended(Box::new(record)));
-            }
-            execute(
-                conn,
-                "INSERT INTO updates (invocation_id, id, name, input, idempotency_key, status, \
-                 created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
-                params![
-                    run.as_str(),
-                    update.id,
-                    update.name,
-                    update.input,
-                    update.idempotency_key,
-                    now_ms
-                ],
-            )?;
-            // A waiting run handles it at once; a running attempt suspends into it.
-            let woke = record.status == Status::Suspended;
-            if woke {
-                execute(
-                    conn,
-                    "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 WHERE id = ?2",
-                    params![now_ms, run.as_str()],
-                )?;
-            }
-            Ok(UpdateSent::Sent {
-                update: UpdateRecord {
-                    invocation_id: run,
-                    id: update.id,
-                    name: update.name,
-                    status: UpdateStatus::Pending,
-                    result: None,
-                    failure: None,
-                },
-                new: true,
-                woke,
-            })
-        })
-        .await
-    }
-
     async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>> {
         let keys = [run.to_string(), id.to_owned()];
         self.read(move |conn| {
             let sql = format!(
                 "SELECT {} FROM updates WHERE invocation_id = ?1 AND id = ?2",
-                commands::UPDATE_COLUMNS
+                tables::UPDATE_COLUMNS
             );
-            query_one(conn, &sql, keys, commands::update_row)
+            query_one(conn, &sql, keys, tables::update_row)
         })
         .await
     }
@@ -1293,33 +693,6 @@ impl Store for SqliteStore {
                 })
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<_>>().map_err(backend)
-        })
-        .await
-    }
-
-    async fn refuse_update(
-        &self,
-        run: &InvocationId,
-        attempt: u32,
-        token: String,
-        id: &str,
-        failure: Failure,
-    ) -> StoreResult<UpdateRecord> {
-        let (run, id) = (run.clone(), id.to_owned());
-        self.write(move |conn| {
-            commands::check_attempt(conn, run.as_str(), attempt, &token)?;
-            execute(
-                conn,
-                "UPDATE updates SET status = 'refused', failure = ?3 \
-                 WHERE invocation_id = ?1 AND id = ?2 AND status = 'pending'",
-                params![run.as_str(), id, to_json(&failure)?],
-            )?;
-            let sql = format!(
-                "SELECT {} FROM updates WHERE invocation_id = ?1 AND id = ?2",
-                commands::UPDATE_COLUMNS
-            );
-            query_one(conn, &sql, params![run.as_str(), id], commands::update_row)?
-                .ok_or_else(|| StoreError::NotFound(format!("update {id} of invocation {run}")))
         })
         .await
     }
@@ -1386,18 +759,6 @@ impl Store for SqliteStore {
             changed_or_current(conn, id.as_str(), &sql, params![now_ms, id.as_str()])
         })
         .await
-    }
-
-    async fn restart(
-        &self,
-        id: &InvocationId,
-        from: u32,
-        key: Option<String>,
-        now_ms: i64,
-    ) -> StoreResult<Result<(InvocationRecord, bool), String>> {
-        let id = id.clone();
-        self.write(move |conn| commands::restart(conn, id.as_str(), from, key.as_deref(), now_ms))
-            .await
     }
 
     async fn purge(&self, id: &InvocationId) -> StoreResult<bool> {
@@ -1537,72 +898,6 @@ fn delete_invocation(conn: &Connection, id: &str) -> StoreResult<()> {
         execute(conn, sql, [id])?;
     }
     Ok(())
-}
-
-/// Starts the next run of a workflow whose run `record` continues as new (`next`, pending
-/// and due now, under the same workflow id, which names it from now on).
-fn continue_as_new(
-    conn: &Connection,
-    record: &InvocationRecord,
-    next: commands::Pending<'_>,
-    now_ms: i64,
-) -> StoreResult<()> {
-    let workflow_id = record.workflow_id.as_deref().ok_or_else(|| {
-        corrupt(format!(
-            "invocation {} continued as new without a workflow id",
-            record.id
-        ))
-    })?;
-    let next_id = next.id;
-    commands::insert_pending(conn, next, now_ms)?;
-    execute(
-        conn,
-        "UPDATE workflows SET invocation_id = ?1 WHERE workflow = ?2 AND workflow_id = ?3",
-        params![next_id, record.service, workflow_id],
-    )?;
-    Ok(())
-}
-
-/// The output entry of an invocation that has just ended (its row already counts it in
-/// `journal_len`): its value or failure; its timers go, and its idempotency key names it
-/// for the retention period from now.
-pub(super) fn record_output(
-    conn: &Connection,
-    record: &InvocationRecord,
-    attempt: u32,
-    (value, content_type, failure): (Option<Vec<u8>>, Option<String>, Option<Failure>),
-    now_ms: i64,
-) -> StoreResult<StoredEntry> {
-    let id = record.id.as_str();
-    let entry = StoredEntry {
-        index: record.journal_len - 1,
-        kind: EntryKind::Output,
-        name: None,
-        value,
-        content_type,
-        failure,
-        attempt,
-        at_ms: now_ms,
-        completion: None,
-    };
-    insert_entry(conn, id, &entry)?;
-    // Timers of an ended invocation will never be waited for, nor its updates handled.
-    execute(conn, "DELETE FROM timers WHERE invocation_id = ?1", [id])?;
-    execute(
-        conn,
-        "UPDATE updates SET status = 'abandoned' \
-         WHERE invocation_id = ?1 AND status IN ('pending', 'accepted')",
-        [id],
-    )?;
-    if record.idempotency_key.is_some() {
-        execute(
-            conn,
-            "UPDATE idempotency_keys SET expires_at_ms = ?1 + retention_ms \
-             WHERE invocation_id = ?2 AND retention_ms IS NOT NULL",
-            params![now_ms, id],
-        )?;
-    }
-    Ok(entry)
 }
 
 #[cfg(test)]

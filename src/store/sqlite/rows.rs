@@ -188,20 +188,6 @@ pub(super) fn fetch_invocation(
     query_one(conn, &sql, [id], invocation)
 }
 
-/// Explains why a fenced write matched no row: no such invocation, or not its attempt.
-pub(super) fn refusal(conn: &Connection, id: &str, attempt: u32) -> StoreError {
-    match fetch_invocation(conn, id) {
-        Ok(None) => StoreError::NotFound(id.to_owned()),
-        Ok(Some(record)) => StoreError::Fenced {
-            invocation_id: id.to_owned(),
-            attempt,
-            current_attempt: record.attempt,
-            status: record.status,
-        },
-        Err(e) => e,
-    }
-}
-
 pub(super) fn insert_entry(conn: &Connection, id: &str, entry: &StoredEntry) -> StoreResult<()> {
     let failure = entry.failure.as_ref().map(to_json).transpose()?;
     execute(
@@ -234,9 +220,4 @@ pub(super) fn latest_deployment(
         [url],
         deployment,
     )
-}
-
-/// A fresh attempt token: 122 random bits.
-pub(super) fn new_attempt_token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
 }

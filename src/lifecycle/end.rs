@@ -1,0 +1,233 @@
+//! An attempt's end, recorded: fenced by the attempt, in one transaction with everything
+//! the end implies (the suspension's bindings and due time, the output entry, the next
+//! run of a workflow that continues as new, the parent's completion, the children's
+//! parent-close policies).
+//!
+//! A run does not complete while a signal that arrived during its last attempt waits in
+//! its buffer: that attempt could not have seen it, so the completion is deferred and the
+//! run runs again at once (as Temporal runs a workflow task again when new events came
+//! during it). A run that fails, is cancelled or is terminated ends with its buffered
+//! signals unconsumed, and its view lists them; a run that continues as new hands them to
+//! its next run.
+
+use durin_protocol::Failure;
+
+use crate::ids::InvocationId;
+use crate::store::tables::{refusal, Tx};
+use crate::store::{
+    AttemptEnd, Charge, Closed, InvocationRecord, ParentClose, Store, StoreError, StoreResult,
+    StoredEntry,
+};
+
+use super::terminate::{end_now, Ending};
+
+impl dyn Store {
+    /// Records how `attempt` ended (see [`end_attempt`]).
+    pub async fn end_attempt(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        end: AttemptEnd,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
+        let id = id.to_string();
+        self.write(&id.clone(), move |tx| {
+            Box::pin(async move { end_attempt(tx, &id, attempt, end, now_ms).await })
+        })
+        .await
+    }
+}
+
+/// The value, content type and failure of an output entry.
+pub type Output = (Option<Vec<u8>>, Option<String>, Option<Failure>);
+
+/// Records how `attempt` ended, fenced by it: a stale attempt changes nothing.
+pub async fn end_attempt(
+    tx: &mut dyn Tx,
+    id: &str,
+    attempt: u32,
+    end: AttemptEnd,
+    now_ms: i64,
+) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
+    // A run that continues as new moves its workflow id: the id's lock first, then the
+    // run's (the order every rule takes them in). A completion and a suspension read the
+    // signals and commands of the run before they write: under the run's lock, so that a
+    // signal sent meanwhile either comes before (and is seen) or after (and finds the run
+    // ended or suspended). Any other end is fenced by its own update.
+    let locks = match &end {
+        AttemptEnd::ContinuedAsNew { .. } => {
+            let current = tx
+                .invocation(id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+            if let Some(workflow_id) = &current.workflow_id {
+                tx.lock_workflow_id(&current.service, workflow_id).await?;
+            }
+            true
+        }
+        AttemptEnd::Completed { .. } | AttemptEnd::Suspended { .. } => true,
+        _ => false,
+    };
+    if locks {
+        let current = tx.lock_invocation(id).await?;
+        if !current
+            .as_ref()
+            .is_some_and(|r| r.attempt == attempt && r.status == crate::store::Status::Running)
+        {
+            // A refused end writes nothing.
+            return Err(refusal(tx, id, attempt).await);
+        }
+    }
+    let mut suspended_due = None;
+    let end = match end {
+        AttemptEnd::Suspended {
+            until_ms,
+            waiting_for,
+        } => {
+            let (due, can_complete) =
+                crate::journal::completion::suspension_due(tx, id, until_ms, &waiting_for, now_ms)
+                    .await?;
+            suspended_due = due;
+            if can_complete {
+                AttemptEnd::Suspended {
+                    until_ms,
+                    waiting_for,
+                }
+            } else {
+                AttemptEnd::Paused {
+                    reason: format!(
+                        "the handler suspended waiting for {waiting_for:?}, which are not commands of its journal, so nothing could ever wake it; fix the handler and resume the invocation"
+                    ),
+                }
+            }
+        }
+        AttemptEnd::Completed { .. } => {
+            let unseen = tx.signals_during_attempt(id, attempt).await?;
+            if unseen.is_empty() {
+                end
+            } else {
+                AttemptEnd::BackOff {
+                    until_ms: now_ms,
+                    error: format!(
+                        "completion deferred: {} signal(s) ({}) arrived while the attempt ran and no wait took them; the run runs again to see them",
+                        unseen.len(),
+                        unseen.join(", ")
+                    ),
+                    charged: Charge::Nobody,
+                }
+            }
+        }
+        other => other,
+    };
+    let output = match &end {
+        AttemptEnd::Completed {
+            output,
+            content_type,
+        } => Some((Some(output.clone()), content_type.clone(), None)),
+        AttemptEnd::Failed { failure, body } => {
+            let (value, content_type) = body.clone().unzip();
+            Some((value, content_type.flatten(), Some(failure.clone())))
+        }
+        AttemptEnd::Cancelled { failure } => Some((None, None, Some(failure.clone()))),
+        AttemptEnd::ContinuedAsNew { next, .. } => Some(super::continue_as_new::output(next)),
+        AttemptEnd::BackOff { .. } | AttemptEnd::Suspended { .. } | AttemptEnd::Paused { .. } => {
+            None
+        }
+    };
+    let output_bytes = output
+        .as_ref()
+        .and_then(|(value, ..)| value.as_ref())
+        .map_or(0, Vec::len) as i64;
+    let Some(record) = tx
+        .record_end(id, attempt, &end, suspended_due, output_bytes, now_ms)
+        .await?
+    else {
+        return Err(refusal(tx, id, attempt).await);
+    };
+    if let AttemptEnd::ContinuedAsNew {
+        input,
+        next,
+        target,
+        deadline_ms,
+    } = end
+    {
+        super::continue_as_new::start_next_run(
+            tx,
+            &record,
+            &input,
+            &next,
+            target.as_deref(),
+            deadline_ms,
+            now_ms,
+        )
+        .await?;
+    }
+    let output = match output {
+        Some(output) => Some(record_output(tx, &record, attempt, output, now_ms).await?),
+        None => None,
+    };
+    let mut closed = Vec::new();
+    if record.status.is_final() {
+        // A run that continued as new leaves its parent's call to its next run.
+        if record.status != crate::store::Status::Continued {
+            crate::journal::child::complete_parent(tx, &record, output.as_ref(), now_ms).await?;
+        }
+        close_children(tx, id, now_ms, &mut closed).await?;
+    }
+    Ok((record, output, closed))
+}
+
+/// The output entry of an invocation that has just ended (its row already counts it in
+/// `journal_len`): its value or failure; its timers go, its unhandled updates are
+/// abandoned, and its idempotency key names it for the retention period from now.
+pub async fn record_output(
+    tx: &mut dyn Tx,
+    record: &InvocationRecord,
+    attempt: u32,
+    (value, content_type, failure): Output,
+    now_ms: i64,
+) -> StoreResult<StoredEntry> {
+    let id = record.id.as_str();
+    let entry = StoredEntry {
+        index: record.journal_len - 1,
+        kind: durin_protocol::EntryKind::Output,
+        name: None,
+        value,
+        content_type,
+        failure,
+        attempt,
+        at_ms: now_ms,
+        completion: None,
+    };
+    tx.insert_entry(id, &entry).await?;
+    tx.delete_timers(id).await?;
+    tx.abandon_updates(id).await?;
+    if record.idempotency_key.is_some() {
+        tx.hold_idempotency_keys(id, Some(now_ms)).await?;
+    }
+    Ok(entry)
+}
+
+/// Applies the parent-close policies of the unfinished children of `parent`, which has
+/// just ended: `terminate` ends them at once (into `closed`), `cancel` cancels them (they
+/// compensate), `abandon` leaves them.
+pub async fn close_children(
+    tx: &mut dyn Tx,
+    parent: &str,
+    now_ms: i64,
+    closed: &mut Closed,
+) -> StoreResult<()> {
+    for (child, policy) in tx.open_children(parent).await? {
+        match policy {
+            ParentClose::Terminate => {
+                let ending = Ending::terminated(format!("its parent {parent} closed"));
+                end_now(tx, &child, &ending, now_ms, closed).await?;
+            }
+            ParentClose::Cancel => {
+                super::cancel::request(tx, &child, now_ms).await?;
+            }
+            ParentClose::Abandon => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Start: a new invocation, its first attempt running at once (once per idempotency
+//! key), and a workflow's run, once per workflow id (with signal-with-start).
+//!
+//! Everything that reads or moves a workflow id (a start, a signal-with-start, a
+//! continue-as-new, a child workflow, a restart) takes the id's lock first, so that an id
+//! names one live run at a time under any concurrency, on every node.
+
+use crate::store::tables::{KeyScope, Tx};
+use crate::store::{
+    Created, NewInvocation, NewWorkflowRun, Store, StoreError, StoreResult, StoredEntry,
+    WorkflowStarted,
+};
+
+impl dyn Store {
+    /// See [`create`].
+    pub async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created> {
+        let key = new.id.to_string();
+        self.write(&key, move |tx| {
+            Box::pin(async move { create(tx, new).await })
+        })
+        .await
+    }
+
+    /// See [`start_workflow`].
+    pub async fn start_workflow(&self, run: NewWorkflowRun) -> StoreResult<WorkflowStarted> {
+        let key = format!("{}/{}", run.invocation.target.service, run.workflow_id);
+        let max_bytes = self.journal_limits().max_bytes;
+        self.write(&key, move |tx| {
+            Box::pin(async move { start_workflow(tx, run, max_bytes).await })
+        })
+        .await
+    }
+}
+
+/// Creates an invocation running its first attempt, unless its idempotency key names one
+/// that has not expired (the same request: that one; another request: a refusal).
+pub async fn create(tx: &mut dyn Tx, new: NewInvocation) -> StoreResult<Created> {
+    if let Some(claim) = &new.idempotency {
+        tx.lock_idempotency_key(&claim.scope, &claim.key).await?;
+        if let Some((digest, invocation_id, expires_at_ms)) =
+            tx.idempotency_key(&claim.scope, &claim.key).await?
+        {
+            if expires_at_ms > new.now_ms {
+                if digest != claim.request_digest {
+                    return Ok(Created::KeyReused { invocation_id });
+                }
+                return match tx.invocation(&invocation_id).await? {
+                    Some(record) => Ok(Created::Existing(record)),
+                    None => Err(StoreError::Backend(
+                        format!("idempotency key names missing invocation {invocation_id}").into(),
+                    )),
+                };
+            }
+            tx.delete_idempotency_key(&claim.scope, &claim.key).await?;
+        }
+    }
+    let (record, input) = insert_running(tx, new, None).await?;
+    Ok(Created::New {
+        record,
+        input: Box::new(input),
+    })
+}
+
+/// Inserts a new invocation, running its first attempt, with its input entry and its
+/// idempotency claim.
+async fn insert_running(
+    tx: &mut dyn Tx,
+    new: NewInvocation,
+    workflow_id: Option<&str>,
+) -> StoreResult<(crate::store::InvocationRecord, StoredEntry)> {
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let record = tx.insert_running(&new, workflow_id, &token).await?;
+    let input = StoredEntry {
+        index: 0,
+        kind: durin_protocol::EntryKind::Input,
+        name: None,
+        value: Some(new.input),
+        content_type: new.content_type,
+        failure: None,
+        attempt: 0,
+        at_ms: new.now_ms,
+        completion: None,
+    };
+    tx.insert_entry(record.id.as_str(), &input).await?;
+    if let Some(claim) = &new.idempotency {
+        // It expires only once the invocation has ended (see `record_output`).
+        tx.insert_idempotency_key(claim, record.id.as_str()).await?;
+    }
+    Ok((record, input))
+}
+
+/// Starts a run of a workflow by id: a new run when the id names none (or, with
+/// `new_run_after_end`, one that ended); otherwise the run it names (the same input, or a
+/// signal-with-start, which delivers its signal to a run that has not ended) or a conflict.
+pub async fn start_workflow(
+    tx: &mut dyn Tx,
+    run: NewWorkflowRun,
+    max_bytes: i64,
+) -> StoreResult<WorkflowStarted> {
+    let workflow = run.invocation.target.service.clone();
+    tx.lock_workflow_id(&workflow, &run.workflow_id).await?;
+    let scope = KeyScope::Workflow {
+        workflow: &workflow,
+        workflow_id: &run.workflow_id,
+    };
+    // A signal-with-start sent again whose signal a run of this id received already
+    // answers the run the id names, even when it has ended since.
+    let duplicate_signal = match run.signal.as_ref().and_then(|s| s.idempotency_key.as_ref()) {
+        Some(key) => tx.signal_by_key(scope, key).await?.is_some(),
+        None => false,
+    };
+    if let Some((invocation_id, digest)) = tx.workflow_run(&workflow, &run.workflow_id).await? {
+        let record = tx.lock_invocation(&invocation_id).await?.ok_or_else(|| {
+            StoreError::Backend(format!("workflow names missing invocation {invocation_id}").into())
+        })?;
+        if duplicate_signal {
+            return Ok(WorkflowStarted::Existing(record));
+        }
+        let ended = record.status.is_final();
+        if !(ended && run.new_run_after_end) {
+            if let (Some(signal), false) = (run.signal, ended) {
+                crate::journal::signal::insert(
+                    tx,
+                    &record,
+                    signal,
+                    max_bytes,
+                    run.invocation.now_ms,
+                )
+                .await?;
+                let record = tx.invocation(&invocation_id).await?.unwrap_or(record);
+                return Ok(WorkflowStarted::Existing(record));
+            }
+            if digest == run.input_digest {
+                return Ok(WorkflowStarted::Existing(record));
+            }
+            return Ok(WorkflowStarted::Conflict(record));
+        }
+    }
+    let now_ms = run.invocation.now_ms;
+    let (record, input) = insert_running(tx, run.invocation, Some(&run.workflow_id)).await?;
+    tx.take_workflow_id(
+        &workflow,
+        &run.workflow_id,
+        record.id.as_str(),
+        &run.input_digest,
+    )
+    .await?;
+    if let Some(signal) = run.signal.filter(|_| !duplicate_signal) {
+        crate::journal::signal::insert(tx, &record, signal, max_bytes, now_ms).await?;
+    }
+    Ok(WorkflowStarted::New {
+        record,
+        input: Box::new(input),
+    })
+}

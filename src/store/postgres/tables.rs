@@ -1,0 +1,1276 @@
+//! The tables of the PostgreSQL store: each method one or two statements on the writer's
+//! connection, inside the batch's transaction. Locks are explicit: an invocation's row
+//! (`FOR UPDATE`) and a workflow id (a transaction-scoped advisory lock), which the rules
+//! take in that order: the workflow id first.
+
+use async_trait::async_trait;
+use durin_protocol::{EntryKind, Failure};
+use sqlx::postgres::PgRow;
+use sqlx::PgConnection;
+
+use super::lease::Lease;
+use super::rows::*;
+use super::{backend, corrupt, DB_NOW_MS};
+use crate::store::tables::*;
+use crate::store::*;
+
+/// A writer's connection inside the batch's transaction, and this node's lease, which the
+/// first attempt of a new invocation takes.
+pub(super) struct PgTx<'c> {
+    pub(super) conn: &'c mut PgConnection,
+    pub(super) lease: Lease,
+}
+
+pub(super) const UPDATE_COLUMNS: &str = "invocation_id, id, name, status, result, failure";
+
+/// An update's row.
+pub(super) fn update_row(row: &PgRow) -> StoreResult<UpdateRecord> {
+    let run: String = get(row, 0)?;
+    let status: String = get(row, 3)?;
+    let failure: Option<String> = get(row, 5)?;
+    Ok(UpdateRecord {
+        invocation_id: InvocationId::parse(&run).map_err(corrupt)?,
+        id: get(row, 1)?,
+        name: get(row, 2)?,
+        status: UpdateStatus::parse(&status)
+            .ok_or_else(|| corrupt(format!("unknown update status {status:?}")))?,
+        result: get(row, 4)?,
+        failure: failure
+            .map(|f| serde_json::from_str(&f))
+            .transpose()
+            .map_err(backend)?,
+    })
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl PgTx<'_> {
+    async fn execute(&mut self, query: Query<'_>) -> StoreResult<u64> {
+        Ok(query
+            .execute(&mut *self.conn)
+            .await
+            .map_err(backend)?
+            .rows_affected())
+    }
+
+    async fn optional(&mut self, query: Query<'_>) -> StoreResult<Option<PgRow>> {
+        query.fetch_optional(&mut *self.conn).await.map_err(backend)
+    }
+
+    async fn all(&mut self, query: Query<'_>) -> StoreResult<Vec<PgRow>> {
+        query.fetch_all(&mut *self.conn).await.map_err(backend)
+    }
+
+    async fn returning(&mut self, query: Query<'_>) -> StoreResult<Option<InvocationRecord>> {
+        self.optional(query)
+            .await?
+            .as_ref()
+            .map(invocation)
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl Invocations for PgTx<'_> {
+    async fn invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>> {
+        fetch_invocation(self.conn, id).await
+    }
+
+    async fn lock_invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>> {
+        lock_invocation(self.conn, id).await
+    }
+
+    async fn insert_running(
+        &mut self,
+        new: &NewInvocation,
+        workflow_id: Option<&str>,
+        token: &str,
+    ) -> StoreResult<InvocationRecord> {
+        let sql = format!(
+            "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+             failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
+             created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
+             deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent, lease_owner, \
+             lease_expires_at_ms) \
+             VALUES ($1, $2, $3, $4, 'running', 1, 0, 0, 1, NULL, $6, $5, $5, $7, $8, $9, $10, \
+             $5, $5, $11, $12, {DB_NOW_MS} + $13) \
+             RETURNING {INVOCATION_COLUMNS}"
+        );
+        let owner = self.lease.owner.clone();
+        let lease_ms = self.lease.ms;
+        self.returning(
+            sqlx::query(&sql)
+                .bind(new.id.as_str())
+                .bind(&new.target.service)
+                .bind(&new.target.handler)
+                .bind(&new.target.deployment_id)
+                .bind(new.now_ms)
+                .bind(new.idempotency.as_ref().map(|c| c.key.as_str()))
+                .bind(token)
+                .bind(workflow_id)
+                .bind(new.input.len() as i64)
+                .bind(new.deadline_ms)
+                .bind(new.traceparent.as_deref())
+                .bind(&*owner)
+                .bind(lease_ms),
+        )
+        .await?
+        .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))
+    }
+
+    async fn insert_pending(&mut self, new: &Pending<'_>, now_ms: i64) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+                 failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
+                 modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, \
+                 parent_index, deadline_ms, parent_close, traceparent) \
+                 VALUES ($1, $2, $3, $4, 'pending', 0, 0, 0, 1, $5, $6, $6, $7, $8, $9, $10, \
+                 $11, $12, $13)",
+            )
+            .bind(new.id)
+            .bind(new.service)
+            .bind(new.handler)
+            .bind(new.deployment_id)
+            .bind(new.due_ms)
+            .bind(now_ms)
+            .bind(new.input.len() as i64)
+            .bind(new.workflow_id)
+            .bind(new.parent.map(|(p, _)| p))
+            .bind(new.parent.and_then(|(_, index)| index).map(i64::from))
+            .bind(new.deadline_ms)
+            .bind(new.parent_close.map(ParentClose::as_str))
+            .bind(new.traceparent.as_deref()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn grow_journal(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        index: Option<u32>,
+        token: Option<&str>,
+        bytes: i64,
+        max_entries: u32,
+        max_bytes: i64,
+        now_ms: i64,
+    ) -> StoreResult<Option<u32>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "UPDATE invocations SET journal_len = journal_len + 1, \
+                     journal_bytes = journal_bytes + $6, position_failures = 0, \
+                     modified_at_ms = $1 \
+                     WHERE id = $2 AND attempt = $3 AND status = 'running' \
+                     AND ($4::BIGINT IS NULL OR journal_len = $4) \
+                     AND ($5::TEXT IS NULL OR attempt_token = $5) \
+                     AND journal_len < $7 AND journal_bytes + $6 <= $8 RETURNING journal_len",
+                )
+                .bind(now_ms)
+                .bind(id)
+                .bind(i64::from(attempt))
+                .bind(index.map(i64::from))
+                .bind(token)
+                .bind(bytes)
+                .bind(i64::from(max_entries))
+                .bind(max_bytes),
+            )
+            .await?;
+        row.as_ref().map(|row| get_u32(row, 0)).transpose()
+    }
+
+    async fn add_bytes(&mut self, id: &str, bytes: i64) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("UPDATE invocations SET journal_bytes = journal_bytes + $2 WHERE id = $1")
+                .bind(id)
+                .bind(bytes),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn record_end(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        end: &AttemptEnd,
+        suspended_due: Option<i64>,
+        output_bytes: i64,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        // $1 is the time, $2 and $3 the fence, $4 the output's bytes; the rest depend on
+        // the end.
+        let set = match end {
+            AttemptEnd::Completed { .. } => {
+                "status = 'completed', journal_len = journal_len + 1, completed_at_ms = $1, \
+                 journal_bytes = journal_bytes + $4, last_error = NULL"
+            }
+            AttemptEnd::Failed { .. } => {
+                "status = 'failed', journal_len = journal_len + 1, completed_at_ms = $1, \
+                 journal_bytes = journal_bytes + $4, failure = $5"
+            }
+            AttemptEnd::BackOff { .. } => {
+                "status = 'backing-off', next_run_at_ms = $5, last_error = $6, \
+                 failures = failures + $7, position_failures = position_failures + $8"
+            }
+            AttemptEnd::Suspended { .. } => {
+                "status = 'suspended', next_run_at_ms = $5, waiting_for = $6"
+            }
+            AttemptEnd::Paused { .. } => "status = 'paused', last_error = $5",
+            AttemptEnd::Cancelled { .. } => {
+                "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = $1, \
+                 journal_bytes = journal_bytes + $4, failure = $5"
+            }
+            AttemptEnd::ContinuedAsNew { .. } => {
+                "status = 'continued', journal_len = journal_len + 1, completed_at_ms = $1, \
+                 journal_bytes = journal_bytes + $4, last_error = NULL"
+            }
+        };
+        let sql = format!(
+            "UPDATE invocations SET {set}, modified_at_ms = $1 \
+             WHERE id = $2 AND attempt = $3 AND status = 'running' AND $4::BIGINT IS NOT NULL \
+             RETURNING {INVOCATION_COLUMNS}"
+        );
+        let query = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(id)
+            .bind(i64::from(attempt))
+            .bind(output_bytes);
+        let query = match end {
+            AttemptEnd::Failed { failure, .. } | AttemptEnd::Cancelled { failure } => {
+                query.bind(to_json(failure)?)
+            }
+            AttemptEnd::BackOff {
+                until_ms,
+                error,
+                charged,
+            } => query
+                .bind(*until_ms)
+                .bind(error.clone())
+                .bind(i64::from(*charged == Charge::Handler))
+                .bind(i64::from(*charged == Charge::Step)),
+            AttemptEnd::Suspended { waiting_for, .. } => {
+                query.bind(suspended_due).bind(to_json(waiting_for)?)
+            }
+            AttemptEnd::Paused { reason } => query.bind(reason.clone()),
+            AttemptEnd::Completed { .. } | AttemptEnd::ContinuedAsNew { .. } => query,
+        };
+        self.returning(query).await
+    }
+
+    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
+        // Rows another transaction holds (being claimed, written or renewed) are skipped.
+        // First the attempts whose lease expired (their node died or froze), by the
+        // database's clock, then the due invocations.
+        let expired = self
+            .all(
+                sqlx::query(&format!(
+                    "SELECT id FROM invocations WHERE status = 'running' \
+                     AND lease_expires_at_ms < (SELECT {DB_NOW_MS}) \
+                     ORDER BY lease_expires_at_ms LIMIT $1 FOR UPDATE SKIP LOCKED"
+                ))
+                .bind(i64::from(limit)),
+            )
+            .await?;
+        let mut ids = expired
+            .iter()
+            .map(|row| get(row, 0))
+            .collect::<StoreResult<Vec<String>>>()?;
+        let left = i64::from(limit) - ids.len() as i64;
+        if left > 0 {
+            let due = self
+                .all(
+                    sqlx::query(
+                        "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
+                         AND next_run_at_ms <= $1 \
+                         AND status IN ('pending', 'backing-off', 'suspended') \
+                         ORDER BY next_run_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    )
+                    .bind(now_ms)
+                    .bind(left),
+                )
+                .await?;
+            for row in &due {
+                ids.push(get(row, 0)?);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn start_attempt(
+        &mut self,
+        id: &str,
+        token: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        // The new attempt (attempt + 1 fences the old one), leased to this node.
+        let sql = format!(
+            "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
+             scheduled_at_ms = COALESCE(next_run_at_ms, $1), \
+             attempt_started_at_ms = $1, next_run_at_ms = NULL, waiting_for = NULL, \
+             modified_at_ms = $1, attempt_token = $3, \
+             lease_owner = $4, lease_expires_at_ms = {DB_NOW_MS} + $5 \
+             WHERE id = $2 AND (status IN ('pending', 'backing-off', 'suspended') \
+             OR (status = 'running' AND lease_expires_at_ms < {DB_NOW_MS})) \
+             RETURNING {INVOCATION_COLUMNS}"
+        );
+        let owner = self.lease.owner.clone();
+        let lease_ms = self.lease.ms;
+        self.returning(
+            sqlx::query(&sql)
+                .bind(now_ms)
+                .bind(id)
+                .bind(token)
+                .bind(&*owner)
+                .bind(lease_ms),
+        )
+        .await
+    }
+
+    async fn record_heartbeat(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        token: &str,
+        details: Option<&[u8]>,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let beat = self
+            .execute(
+                sqlx::query(
+                    "UPDATE invocations SET heartbeat_at_ms = $1, heartbeat_details = $2 \
+                     WHERE id = $3 AND attempt = $4 AND status = 'running' \
+                     AND attempt_token = $5",
+                )
+                .bind(now_ms)
+                .bind(details)
+                .bind(id)
+                .bind(i64::from(attempt))
+                .bind(token),
+            )
+            .await?;
+        Ok(beat == 1)
+    }
+
+    async fn set_suspended(
+        &mut self,
+        id: &str,
+        due_ms: Option<i64>,
+        waiting_for: &[u32],
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE invocations SET status = 'suspended', next_run_at_ms = $1, \
+                 waiting_for = $2, modified_at_ms = $3 WHERE id = $4",
+            )
+            .bind(due_ms)
+            .bind(to_json(&waiting_for)?)
+            .bind(now_ms)
+            .bind(id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn wake(&mut self, id: &str, now_ms: i64) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE invocations SET next_run_at_ms = LEAST(COALESCE(next_run_at_ms, $1), $1), \
+                 modified_at_ms = $1 WHERE id = $2",
+            )
+            .bind(now_ms)
+            .bind(id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn wake_suspended(&mut self, id: &str, now_ms: i64) -> StoreResult<bool> {
+        let n = self
+            .execute(
+                sqlx::query(
+                    "UPDATE invocations SET next_run_at_ms = $1, modified_at_ms = $1 \
+                     WHERE id = $2 AND status = 'suspended'",
+                )
+                .bind(now_ms)
+                .bind(id),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn mark_cancelled(&mut self, id: &str, now_ms: i64) -> StoreResult<InvocationRecord> {
+        let sql = format!(
+            "UPDATE invocations SET journal_len = journal_len + 1, cancel_requested_at_ms = $1, \
+             status = 'pending', next_run_at_ms = $1, waiting_for = NULL, modified_at_ms = $1 \
+             WHERE id = $2 RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.returning(sqlx::query(&sql).bind(now_ms).bind(id))
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    async fn mark_ended(
+        &mut self,
+        id: &str,
+        status: Status,
+        failure: &Failure,
+        output_bytes: i64,
+        now_ms: i64,
+    ) -> StoreResult<InvocationRecord> {
+        let sql = format!(
+            "UPDATE invocations SET status = $4, journal_len = journal_len + 1, \
+             journal_bytes = journal_bytes + $5, completed_at_ms = $1, failure = $2, \
+             next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = $1 WHERE id = $3 \
+             RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.returning(
+            sqlx::query(&sql)
+                .bind(now_ms)
+                .bind(to_json(failure)?)
+                .bind(id)
+                .bind(status.as_str())
+                .bind(output_bytes),
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    async fn mark_restarted(
+        &mut self,
+        id: &str,
+        from: u32,
+        reason: &str,
+        keep_cancel: bool,
+        key: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<InvocationRecord> {
+        // `LENGTH` counts a name's characters, as SQLite's does (`append` counts its bytes).
+        let sql = format!(
+            "UPDATE invocations SET status = 'pending', next_run_at_ms = $1, modified_at_ms = $1, \
+             journal_len = $3 + 1, \
+             journal_bytes = (SELECT COALESCE(SUM(COALESCE(LENGTH(value), 0) \
+                 + COALESCE(LENGTH(name), 0)), 0)::BIGINT \
+                 FROM journal WHERE invocation_id = $2), \
+             completed_at_ms = NULL, failure = NULL, waiting_for = NULL, failures = 0, \
+             position_failures = 0, last_error = $4, \
+             cancel_requested_at_ms = CASE WHEN $5 THEN cancel_requested_at_ms ELSE NULL END, \
+             restart_key = $6 \
+             WHERE id = $2 RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.returning(
+            sqlx::query(&sql)
+                .bind(now_ms)
+                .bind(id)
+                .bind(i64::from(from))
+                .bind(reason)
+                .bind(keep_cancel)
+                .bind(key),
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    async fn restart_key(&mut self, id: &str) -> StoreResult<Option<String>> {
+        let row = self
+            .optional(sqlx::query("SELECT restart_key FROM invocations WHERE id = $1").bind(id))
+            .await?;
+        Ok(row.as_ref().map(|r| get(r, 0)).transpose()?.flatten())
+    }
+
+    async fn inherit_parent(&mut self, from: &str, to: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE invocations AS n SET parent_invocation_id = o.parent_invocation_id, \
+                 parent_index = o.parent_index, parent_close = o.parent_close \
+                 FROM invocations AS o WHERE o.id = $1 AND n.id = $2",
+            )
+            .bind(from)
+            .bind(to),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn open_children(&mut self, parent: &str) -> StoreResult<Vec<(String, ParentClose)>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT id, parent_close FROM invocations WHERE parent_invocation_id = $1 \
+                     AND completed_at_ms IS NULL ORDER BY id",
+                )
+                .bind(parent),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let policy: Option<String> = get(row, 1)?;
+                let policy = policy
+                    .as_deref()
+                    .and_then(ParentClose::parse)
+                    .unwrap_or(ParentClose::Abandon);
+                Ok((get(row, 0)?, policy))
+            })
+            .collect()
+    }
+
+    async fn past_deadline(
+        &mut self,
+        now_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<(String, i64, i64)>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT id, created_at_ms, deadline_ms FROM invocations \
+                     WHERE deadline_ms IS NOT NULL AND completed_at_ms IS NULL \
+                     AND deadline_ms <= $1 ORDER BY deadline_ms LIMIT $2 \
+                     FOR UPDATE SKIP LOCKED",
+                )
+                .bind(now_ms)
+                .bind(i64::from(limit)),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?, get(row, 2)?)))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Journal for PgTx<'_> {
+    async fn insert_entry(&mut self, id: &str, entry: &StoredEntry) -> StoreResult<()> {
+        insert_entry(self.conn, id, entry).await
+    }
+
+    async fn entry(&mut self, id: &str, index: u32) -> StoreResult<Option<StoredEntry>> {
+        let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = $1 AND j.idx = $2");
+        let row = self
+            .optional(sqlx::query(&sql).bind(id).bind(i64::from(index)))
+            .await?;
+        row.as_ref().map(entry).transpose()
+    }
+
+    async fn find_entry(
+        &mut self,
+        id: &str,
+        kind: EntryKind,
+        name: &str,
+        key: Option<&[u8]>,
+        occurrence: u32,
+    ) -> StoreResult<Option<StoredEntry>> {
+        let sql = format!(
+            "{ENTRY_SELECT} WHERE j.invocation_id = $1 AND j.kind = $2 AND j.name = $3 \
+             AND ($4::BYTEA IS NULL OR j.value = $4) ORDER BY j.idx LIMIT 1 OFFSET $5"
+        );
+        let row = self
+            .optional(
+                sqlx::query(&sql)
+                    .bind(id)
+                    .bind(kind.as_str())
+                    .bind(name)
+                    .bind(key)
+                    .bind(i64::from(occurrence)),
+            )
+            .await?;
+        row.as_ref().map(entry).transpose()
+    }
+
+    async fn command(&mut self, id: &str, index: u32) -> StoreResult<Option<CommandRow>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT j.kind, c.seq, t.wake_at_ms FROM journal j \
+                     LEFT JOIN completions c ON c.invocation_id = j.invocation_id \
+                     AND c.idx = j.idx \
+                     LEFT JOIN timers t ON t.invocation_id = j.invocation_id AND t.idx = j.idx \
+                     WHERE j.invocation_id = $1 AND j.idx = $2",
+                )
+                .bind(id)
+                .bind(i64::from(index)),
+            )
+            .await?;
+        row.as_ref()
+            .map(|row| {
+                let kind: String = get(row, 0)?;
+                Ok(CommandRow {
+                    kind: EntryKind::parse(&kind),
+                    completed: get_opt_u32(row, 1)?,
+                    wake_at_ms: get(row, 2)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn open_signal_waits(&mut self, id: &str, name: &str) -> StoreResult<Vec<u32>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT j.idx FROM journal j WHERE j.invocation_id = $1 \
+                     AND j.kind = 'signal' AND j.name = $2 AND NOT EXISTS (SELECT 1 FROM \
+                     completions c WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx) \
+                     ORDER BY j.idx",
+                )
+                .bind(id)
+                .bind(name),
+            )
+            .await?;
+        rows.iter().map(|row| get_u32(row, 0)).collect()
+    }
+
+    async fn open_signal_wait(&mut self, id: &str, index: u32) -> StoreResult<Option<String>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT j.name FROM journal j WHERE j.invocation_id = $1 AND j.idx = $2 \
+                     AND j.kind = 'signal' AND NOT EXISTS (SELECT 1 FROM completions c \
+                     WHERE c.invocation_id = j.invocation_id AND c.idx = j.idx)",
+                )
+                .bind(id)
+                .bind(i64::from(index)),
+            )
+            .await?;
+        row.as_ref().map(|row| get(row, 0)).transpose()
+    }
+
+    async fn first_start_after(
+        &mut self,
+        id: &str,
+        from: u32,
+    ) -> StoreResult<Option<(u32, String)>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT idx, kind FROM journal WHERE invocation_id = $1 AND idx > $2 \
+                     AND kind IN ('call', 'send', 'update', 'update_result') \
+                     ORDER BY idx LIMIT 1",
+                )
+                .bind(id)
+                .bind(i64::from(from)),
+            )
+            .await?;
+        row.as_ref()
+            .map(|row| Ok((get_u32(row, 0)?, get(row, 1)?)))
+            .transpose()
+    }
+
+    async fn truncate(&mut self, id: &str, from: u32) -> StoreResult<()> {
+        for sql in [
+            "DELETE FROM journal WHERE invocation_id = $1 AND idx > $2",
+            "DELETE FROM completions WHERE invocation_id = $1 AND idx > $2",
+            "DELETE FROM timers WHERE invocation_id = $1 AND idx > $2",
+            "UPDATE signals SET consumed_by = NULL WHERE invocation_id = $1 AND consumed_by > $2",
+        ] {
+            self.execute(sqlx::query(sql).bind(id).bind(i64::from(from)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn state_entries(&mut self, id: &str) -> StoreResult<Vec<(String, Option<Vec<u8>>)>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT name, value FROM journal WHERE invocation_id = $1 \
+                     AND kind = 'state' ORDER BY idx",
+                )
+                .bind(id),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .collect()
+    }
+
+    async fn has_cancel(&mut self, id: &str) -> StoreResult<bool> {
+        Ok(self
+            .optional(
+                sqlx::query(
+                    "SELECT 1 FROM journal WHERE invocation_id = $1 AND kind = 'cancel' LIMIT 1",
+                )
+                .bind(id),
+            )
+            .await?
+            .is_some())
+    }
+}
+
+#[async_trait]
+impl Completions for PgTx<'_> {
+    async fn next_completion_seq(&mut self, id: &str) -> StoreResult<u32> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM completions WHERE invocation_id = $1",
+                )
+                .bind(id),
+            )
+            .await?;
+        row.as_ref().map_or(Ok(1), |row| get_u32(row, 0))
+    }
+
+    async fn insert_completion(
+        &mut self,
+        id: &str,
+        index: u32,
+        completion: &StoredCompletion,
+    ) -> StoreResult<()> {
+        let failure = completion.failure.as_ref().map(to_json).transpose()?;
+        self.execute(
+            sqlx::query(
+                "INSERT INTO completions (invocation_id, idx, seq, value, failure, at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(i64::from(index))
+            .bind(i64::from(completion.seq))
+            .bind(&completion.value)
+            .bind(failure)
+            .bind(completion.at_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn cancel_seq(&mut self, id: &str) -> StoreResult<Option<u32>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT c.seq FROM journal j JOIN completions c \
+                     ON c.invocation_id = j.invocation_id AND c.idx = j.idx \
+                     WHERE j.invocation_id = $1 AND j.kind = 'cancel' ORDER BY j.idx LIMIT 1",
+                )
+                .bind(id),
+            )
+            .await?;
+        row.as_ref().map(|row| get_u32(row, 0)).transpose()
+    }
+
+    async fn insert_timer(&mut self, id: &str, index: u32, wake_at_ms: i64) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("INSERT INTO timers (invocation_id, idx, wake_at_ms) VALUES ($1, $2, $3)")
+                .bind(id)
+                .bind(i64::from(index))
+                .bind(wake_at_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn due_timers(&mut self, id: &str, by_ms: i64) -> StoreResult<Vec<u32>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT idx FROM timers WHERE invocation_id = $1 AND wake_at_ms <= $2 \
+                     ORDER BY wake_at_ms, idx",
+                )
+                .bind(id)
+                .bind(by_ms),
+            )
+            .await?;
+        rows.iter().map(|row| get_u32(row, 0)).collect()
+    }
+
+    async fn delete_timer(&mut self, id: &str, index: u32) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("DELETE FROM timers WHERE invocation_id = $1 AND idx = $2")
+                .bind(id)
+                .bind(i64::from(index)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_timers(&mut self, id: &str) -> StoreResult<()> {
+        self.execute(sqlx::query("DELETE FROM timers WHERE invocation_id = $1").bind(id))
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Signals for PgTx<'_> {
+    async fn signal_by_key(
+        &mut self,
+        scope: KeyScope<'_>,
+        key: &str,
+    ) -> StoreResult<Option<(String, u32)>> {
+        let row = match scope {
+            KeyScope::Invocation(id) => {
+                self.optional(
+                    sqlx::query(
+                        "SELECT invocation_id, seq FROM signals \
+                         WHERE invocation_id = $1 AND idempotency_key = $2",
+                    )
+                    .bind(id)
+                    .bind(key),
+                )
+                .await?
+            }
+            KeyScope::Workflow {
+                workflow,
+                workflow_id,
+            } => {
+                self.optional(
+                    sqlx::query(
+                        "SELECT s.invocation_id, s.seq FROM signals s \
+                         JOIN invocations i ON i.id = s.invocation_id \
+                         WHERE s.idempotency_key = $1 AND i.service = $2 \
+                         AND i.workflow_id = $3 LIMIT 1",
+                    )
+                    .bind(key)
+                    .bind(workflow)
+                    .bind(workflow_id),
+                )
+                .await?
+            }
+        };
+        row.as_ref()
+            .map(|row| Ok((get(row, 0)?, get_u32(row, 1)?)))
+            .transpose()
+    }
+
+    async fn next_signal_seq(&mut self, id: &str) -> StoreResult<u32> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM signals WHERE invocation_id = $1",
+                )
+                .bind(id),
+            )
+            .await?;
+        row.as_ref().map_or(Ok(1), |row| get_u32(row, 0))
+    }
+
+    async fn insert_signal(
+        &mut self,
+        id: &str,
+        seq: u32,
+        name: &str,
+        value: &[u8],
+        key: Option<&str>,
+        consumed_by: Option<u32>,
+        during_attempt: Option<u32>,
+        at_ms: i64,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, \
+                 consumed_by, during_attempt, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(id)
+            .bind(i64::from(seq))
+            .bind(name)
+            .bind(value)
+            .bind(key)
+            .bind(consumed_by.map(i64::from))
+            .bind(during_attempt.map(i64::from))
+            .bind(at_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn signals_during_attempt(&mut self, id: &str, attempt: u32) -> StoreResult<Vec<String>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT '\"' || name || '\" (#' || seq::TEXT || ')' FROM signals \
+                     WHERE invocation_id = $1 AND consumed_by IS NULL AND during_attempt = $2 \
+                     ORDER BY seq",
+                )
+                .bind(id)
+                .bind(i64::from(attempt)),
+            )
+            .await?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
+    async fn oldest_buffered(
+        &mut self,
+        id: &str,
+        name: &str,
+    ) -> StoreResult<Option<BufferedSignal>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT seq, value, at_ms FROM signals WHERE invocation_id = $1 \
+                     AND name = $2 AND consumed_by IS NULL ORDER BY seq LIMIT 1",
+                )
+                .bind(id)
+                .bind(name),
+            )
+            .await?;
+        row.as_ref()
+            .map(|row| {
+                Ok(BufferedSignal {
+                    seq: get_u32(row, 0)?,
+                    value: get(row, 1)?,
+                    at_ms: get(row, 2)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn consume_signal(&mut self, id: &str, seq: u32, index: u32) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE signals SET consumed_by = $1 WHERE invocation_id = $2 AND seq = $3",
+            )
+            .bind(i64::from(index))
+            .bind(id)
+            .bind(i64::from(seq)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn buffered(&mut self, id: &str) -> StoreResult<(u32, i64)> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT COUNT(*), COALESCE(SUM(COALESCE(LENGTH(value), 0) \
+                     + OCTET_LENGTH(name)), 0)::BIGINT \
+                     FROM signals WHERE invocation_id = $1 AND consumed_by IS NULL",
+                )
+                .bind(id),
+            )
+            .await?;
+        row.as_ref()
+            .map_or(Ok((0, 0)), |row| Ok((get_u32(row, 0)?, get(row, 1)?)))
+    }
+
+    async fn move_buffered(&mut self, from: &str, to: &str) -> StoreResult<(u32, i64)> {
+        let moved = self.buffered(from).await?;
+        if moved.0 == 0 {
+            return Ok(moved);
+        }
+        self.execute(
+            sqlx::query(
+                "INSERT INTO signals (invocation_id, seq, name, value, idempotency_key, \
+                 consumed_by, during_attempt, at_ms) \
+                 SELECT $2, (SELECT COALESCE(MAX(seq), 0) FROM signals WHERE invocation_id = $2) \
+                 + ROW_NUMBER() OVER (ORDER BY seq), name, value, idempotency_key, NULL, NULL, \
+                 at_ms FROM signals WHERE invocation_id = $1 AND consumed_by IS NULL",
+            )
+            .bind(from)
+            .bind(to),
+        )
+        .await?;
+        self.execute(
+            sqlx::query("DELETE FROM signals WHERE invocation_id = $1 AND consumed_by IS NULL")
+                .bind(from),
+        )
+        .await?;
+        Ok(moved)
+    }
+}
+
+#[async_trait]
+impl Workflows for PgTx<'_> {
+    async fn lock_workflow_id(&mut self, workflow: &str, workflow_id: &str) -> StoreResult<()> {
+        // Held until the transaction ends, on every node; also while the id names no run.
+        self.execute(
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+                .bind(workflow)
+                .bind(workflow_id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn workflow_run(
+        &mut self,
+        workflow: &str,
+        workflow_id: &str,
+    ) -> StoreResult<Option<(String, String)>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT invocation_id, input_digest FROM workflows \
+                     WHERE workflow = $1 AND workflow_id = $2",
+                )
+                .bind(workflow)
+                .bind(workflow_id),
+            )
+            .await?;
+        row.as_ref()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .transpose()
+    }
+
+    async fn take_workflow_id(
+        &mut self,
+        workflow: &str,
+        workflow_id: &str,
+        invocation: &str,
+        input_digest: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO workflows (workflow, workflow_id, invocation_id, input_digest) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (workflow, workflow_id) DO UPDATE \
+                 SET invocation_id = excluded.invocation_id, \
+                 input_digest = excluded.input_digest",
+            )
+            .bind(workflow)
+            .bind(workflow_id)
+            .bind(invocation)
+            .bind(input_digest),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn point_workflow_id(
+        &mut self,
+        workflow: &str,
+        workflow_id: &str,
+        invocation: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE workflows SET invocation_id = $1 WHERE workflow = $2 AND workflow_id = $3",
+            )
+            .bind(invocation)
+            .bind(workflow)
+            .bind(workflow_id),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl State for PgTx<'_> {
+    async fn put_state(&mut self, id: &str, key: &str, value: Option<&[u8]>) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO state (invocation_id, key, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (invocation_id, key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(id)
+            .bind(key)
+            .bind(value),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_state(&mut self, id: &str) -> StoreResult<()> {
+        self.execute(sqlx::query("DELETE FROM state WHERE invocation_id = $1").bind(id))
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Updates for PgTx<'_> {
+    async fn update(&mut self, run: &str, id: &str) -> StoreResult<Option<UpdateRecord>> {
+        let sql =
+            format!("SELECT {UPDATE_COLUMNS} FROM updates WHERE invocation_id = $1 AND id = $2");
+        let row = self.optional(sqlx::query(&sql).bind(run).bind(id)).await?;
+        row.as_ref().map(update_row).transpose()
+    }
+
+    async fn update_by_key(
+        &mut self,
+        scope: KeyScope<'_>,
+        key: &str,
+    ) -> StoreResult<Option<UpdateRecord>> {
+        let row = match scope {
+            KeyScope::Invocation(run) => {
+                let sql = format!(
+                    "SELECT {UPDATE_COLUMNS} FROM updates \
+                     WHERE invocation_id = $1 AND idempotency_key = $2"
+                );
+                self.optional(sqlx::query(&sql).bind(run).bind(key)).await?
+            }
+            KeyScope::Workflow {
+                workflow,
+                workflow_id,
+            } => {
+                self.optional(
+                    sqlx::query(
+                        "SELECT u.invocation_id, u.id, u.name, u.status, u.result, u.failure \
+                         FROM updates u JOIN invocations i ON i.id = u.invocation_id \
+                         WHERE u.idempotency_key = $1 AND i.service = $2 \
+                         AND i.workflow_id = $3 LIMIT 1",
+                    )
+                    .bind(key)
+                    .bind(workflow)
+                    .bind(workflow_id),
+                )
+                .await?
+            }
+        };
+        row.as_ref().map(update_row).transpose()
+    }
+
+    async fn insert_update(
+        &mut self,
+        run: &str,
+        id: &str,
+        name: &str,
+        input: &[u8],
+        key: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO updates (invocation_id, id, name, input, idempotency_key, status, \
+                 created_at_ms) VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
+            )
+            .bind(run)
+            .bind(id)
+            .bind(name)
+            .bind(input)
+            .bind(key)
+            .bind(now_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn set_update_status(
+        &mut self,
+        run: &str,
+        id: &str,
+        from: UpdateStatus,
+        to: UpdateStatus,
+        result: Option<&[u8]>,
+        failure: Option<&Failure>,
+    ) -> StoreResult<()> {
+        let failure = failure.map(to_json).transpose()?;
+        self.execute(
+            sqlx::query(
+                "UPDATE updates SET status = $4, result = COALESCE($5, result), \
+                 failure = COALESCE($6, failure) \
+                 WHERE invocation_id = $1 AND id = $2 AND status = $3",
+            )
+            .bind(run)
+            .bind(id)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(result)
+            .bind(failure),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn updates_since_attempt(&mut self, run: &str) -> StoreResult<bool> {
+        Ok(self
+            .optional(
+                sqlx::query(
+                    "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
+                     WHERE u.invocation_id = $1 AND u.status = 'pending' \
+                     AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0) LIMIT 1",
+                )
+                .bind(run),
+            )
+            .await?
+            .is_some())
+    }
+
+    async fn abandon_updates(&mut self, run: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE updates SET status = 'abandoned' \
+                 WHERE invocation_id = $1 AND status IN ('pending', 'accepted')",
+            )
+            .bind(run),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyKeys for PgTx<'_> {
+    async fn lock_idempotency_key(&mut self, scope: &str, key: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+                .bind(scope)
+                .bind(key),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn idempotency_key(
+        &mut self,
+        scope: &str,
+        key: &str,
+    ) -> StoreResult<Option<(String, String, i64)>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT request_digest, invocation_id, expires_at_ms FROM idempotency_keys \
+                     WHERE scope = $1 AND key = $2",
+                )
+                .bind(scope)
+                .bind(key),
+            )
+            .await?;
+        row.as_ref()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?, get(row, 2)?)))
+            .transpose()
+    }
+
+    async fn delete_idempotency_key(&mut self, scope: &str, key: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
+                .bind(scope)
+                .bind(key),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_idempotency_key(
+        &mut self,
+        claim: &IdempotencyClaim,
+        invocation: &str,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO idempotency_keys (scope, key, request_digest, invocation_id, \
+                 expires_at_ms, retention_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&claim.scope)
+            .bind(&claim.key)
+            .bind(&claim.request_digest)
+            .bind(invocation)
+            .bind(i64::MAX)
+            .bind(claim.retention_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn hold_idempotency_keys(
+        &mut self,
+        invocation: &str,
+        from_ms: Option<i64>,
+    ) -> StoreResult<()> {
+        let query = match from_ms {
+            Some(now_ms) => sqlx::query(
+                "UPDATE idempotency_keys SET expires_at_ms = $1 + retention_ms \
+                 WHERE invocation_id = $2 AND retention_ms IS NOT NULL",
+            )
+            .bind(now_ms)
+            .bind(invocation),
+            None => sqlx::query(
+                "UPDATE idempotency_keys SET expires_at_ms = $1 WHERE invocation_id = $2",
+            )
+            .bind(i64::MAX)
+            .bind(invocation),
+        };
+        self.execute(query).await?;
+        Ok(())
+    }
+}
