@@ -5,7 +5,7 @@
 use durin_protocol::Failure;
 
 use crate::ids::InvocationId;
-use crate::store::tables::{KeyScope, Tx};
+use crate::store::tables::{lock_with_workflow_id, KeyScope, Tx};
 use crate::store::{
     InvocationRecord, NewUpdate, Status, Store, StoreError, StoreResult, UpdateRecord, UpdateSent,
     UpdateStatus,
@@ -61,19 +61,9 @@ impl dyn Store {
 /// continued as new, the run its workflow id names now. The workflow id is locked first,
 /// so that no run of it continues as new meanwhile.
 pub async fn receiving_run(tx: &mut dyn Tx, id: &str) -> StoreResult<InvocationRecord> {
-    let first = tx
-        .invocation(id)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-    if let Some(workflow_id) = &first.workflow_id {
-        tx.lock_workflow_id(&first.service, workflow_id).await?;
-    }
-    let record = tx
-        .lock_invocation(id)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-    if let (Status::Continued, Some(workflow_id)) = (record.status, &first.workflow_id) {
-        if let Some((current, _)) = tx.workflow_run(&first.service, workflow_id).await? {
+    let record = lock_with_workflow_id(tx, id).await?;
+    if let (Status::Continued, Some(workflow_id)) = (record.status, &record.workflow_id) {
+        if let Some((current, _)) = tx.workflow_run(&record.service, workflow_id).await? {
             if current != id {
                 return tx
                     .lock_invocation(&current)

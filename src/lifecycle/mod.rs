@@ -13,6 +13,7 @@ pub mod cancel;
 pub mod claim;
 pub mod continue_as_new;
 pub mod end;
+pub mod operate;
 pub mod pause;
 pub mod restart;
 mod retry;

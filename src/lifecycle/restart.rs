@@ -3,8 +3,8 @@
 //! to the buffer; the durable state is rebuilt from the entries kept).
 
 use crate::ids::InvocationId;
-use crate::store::tables::Tx;
-use crate::store::{InvocationRecord, Status, Store, StoreError, StoreResult};
+use crate::store::tables::{lock_with_workflow_id, Tx};
+use crate::store::{InvocationRecord, Status, Store, StoreResult};
 
 impl dyn Store {
     /// See [`restart`]. `Ok(Err(why))` when it is refused.
@@ -32,17 +32,7 @@ pub async fn restart(
     key: Option<&str>,
     now_ms: i64,
 ) -> StoreResult<Result<(InvocationRecord, bool), String>> {
-    let first = tx
-        .invocation(id)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-    if let Some(workflow_id) = &first.workflow_id {
-        tx.lock_workflow_id(&first.service, workflow_id).await?;
-    }
-    let record = tx
-        .lock_invocation(id)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    let record = lock_with_workflow_id(tx, id).await?;
     if let Some(key) = key {
         // The last restart sent again (its answer was lost): it was done, whatever became
         // of the invocation since.

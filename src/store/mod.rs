@@ -900,32 +900,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         run: &InvocationId,
     ) -> StoreResult<Vec<durin_protocol::PendingUpdate>>;
-    /// A paused invocation becomes pending again, optionally moved to another deployment.
-    async fn resume(
-        &self,
-        id: &InvocationId,
-        deployment_id: Option<String>,
-        now_ms: i64,
-    ) -> StoreResult<Option<InvocationRecord>>;
     /// Checks that the database answers.
     async fn ping(&self) -> StoreResult<()>;
-    /// Pauses an invocation that has not ended (fencing a running attempt): it runs no
-    /// attempt until resumed. `false` when it was paused already.
-    async fn pause(
-        &self,
-        id: &InvocationId,
-        reason: String,
-        now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, bool)>;
-    /// Makes an invocation that backs off due now. `false` when it was not backing off.
-    async fn retry_now(
-        &self,
-        id: &InvocationId,
-        now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, bool)>;
-    /// Deletes an ended invocation with everything kept for it; `false` when it has not
-    /// ended (nothing is deleted).
-    async fn purge(&self, id: &InvocationId) -> StoreResult<bool>;
     /// The ids of up to `limit` invocations that `filter` selects, oldest first.
     async fn select_invocations(
         &self,
@@ -938,12 +914,6 @@ pub trait Store: Send + Sync + 'static {
     /// `awakeable`, `call`; `none` for a suspension that names no command); one that waits
     /// for several kinds counts once under each.
     async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>>;
-    /// Forgets idempotency keys whose retention ended; returns how many.
-    async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64>;
-    /// Deletes up to `limit` invocations that ended before `ended_before_ms`, with
-    /// everything kept for them (journal, completions, signals, state, their workflow id);
-    /// returns how many.
-    async fn purge_ended(&self, ended_before_ms: i64, limit: u32) -> StoreResult<u64>;
 
     /// Whether other nodes may write this store too (PostgreSQL): what this node remembers
     /// of an attempt must then be checked in the store before it acts on the attempt's

@@ -165,6 +165,33 @@ pub trait Invocations: Send {
     /// Gives `to` (the next run of `from`) the parent, the parent's entry and the
     /// parent-close policy of `from`.
     async fn inherit_parent(&mut self, from: &str, to: &str) -> StoreResult<()>;
+    /// Pauses an invocation that has not ended (fencing a running attempt); `None` when
+    /// it was not in a state that pauses.
+    async fn mark_paused(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>>;
+    /// Makes a paused invocation pending and due, optionally on another deployment.
+    async fn mark_resumed(
+        &mut self,
+        id: &str,
+        deployment_id: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>>;
+    /// Makes a backing-off invocation due at `now_ms`.
+    async fn retry_backoff_now(
+        &mut self,
+        id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>>;
+    /// Ended invocations that ended before `before_ms`, oldest first (locked; rows another
+    /// transaction holds are skipped).
+    async fn ended_before(&mut self, before_ms: i64, limit: u32) -> StoreResult<Vec<String>>;
+    /// Deletes an invocation with everything kept for it (journal, completions, timers,
+    /// signals, state, updates, idempotency keys, workflow id, egress bookkeeping).
+    async fn delete_invocation(&mut self, id: &str) -> StoreResult<()>;
     /// The idempotency key of the invocation's last restart.
     async fn restart_key(&mut self, id: &str) -> StoreResult<Option<String>>;
     /// The unfinished children of `parent` with their parent-close policy.
@@ -365,6 +392,8 @@ pub trait IdempotencyKeys: Send {
         claim: &super::IdempotencyClaim,
         invocation: &str,
     ) -> StoreResult<()>;
+    /// Deletes the keys that expired by `now_ms`: how many.
+    async fn delete_expired_keys(&mut self, now_ms: i64) -> StoreResult<u64>;
     /// The invocation's keys expire `retention` after `now_ms` (it ended), or never
     /// (`None`: it runs again).
     async fn hold_idempotency_keys(
@@ -390,6 +419,22 @@ impl<T> Tx for T where
         + Updates
         + IdempotencyKeys
 {
+}
+
+/// Locks the workflow id of invocation `id` when it is a workflow's run, then the
+/// invocation: the order every rule takes them in, so that two rules never wait for each
+/// other in the opposite order.
+pub async fn lock_with_workflow_id(tx: &mut dyn Tx, id: &str) -> StoreResult<InvocationRecord> {
+    let first = tx
+        .invocation(id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+    if let Some(workflow_id) = &first.workflow_id {
+        tx.lock_workflow_id(&first.service, workflow_id).await?;
+    }
+    tx.lock_invocation(id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_owned()))
 }
 
 /// Why a fenced write matched no row: no such invocation, or not its attempt.

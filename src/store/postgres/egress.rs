@@ -233,7 +233,7 @@ mod tests {
             .end_attempt(id, 2, end, T0 + 2)
             .await
             .unwrap();
-        assert!(store.purge(id).await.unwrap());
+        assert!((&store as &dyn Store).purge(id).await.unwrap());
         assert!(rows(&store, id).await.is_empty());
 
         drop(store);

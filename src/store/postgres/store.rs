@@ -383,104 +383,6 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn resume(
-        &self,
-        id: &InvocationId,
-        deployment_id: Option<String>,
-        now_ms: i64,
-    ) -> StoreResult<Option<InvocationRecord>> {
-        let id = id.clone();
-        self.write(&id.to_string(), move |conn| {
-            Box::pin(async move {
-                let sql = format!(
-                    "UPDATE invocations SET status = 'pending', next_run_at_ms = $1, \
-                     modified_at_ms = $1, deployment_id = COALESCE($2, deployment_id), \
-                     failures = 0, position_failures = 0 \
-                     WHERE id = $3 AND status = 'paused' RETURNING {INVOCATION_COLUMNS}"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(now_ms)
-                    .bind(deployment_id)
-                    .bind(id.as_str())
-                    .fetch_optional(conn)
-                    .await
-                    .map_err(backend)?;
-                row.as_ref().map(invocation).transpose()
-            })
-        })
-        .await
-    }
-
-    async fn pause(
-        &self,
-        id: &InvocationId,
-        reason: String,
-        now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, bool)> {
-        let id = id.clone();
-        self.write(&id.to_string(), move |conn| {
-            Box::pin(async move {
-                let sql = format!(
-                    "UPDATE invocations SET status = 'paused', last_error = $1, \
-                     next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = $2 \
-                     WHERE id = $3 AND status IN ('pending', 'running', 'backing-off', \
-                     'suspended') RETURNING {INVOCATION_COLUMNS}"
-                );
-                let changed = sqlx::query(&sql)
-                    .bind(reason)
-                    .bind(now_ms)
-                    .bind(id.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(backend)?;
-                changed_or_current(conn, id.as_str(), changed).await
-            })
-        })
-        .await
-    }
-
-    async fn retry_now(
-        &self,
-        id: &InvocationId,
-        now_ms: i64,
-    ) -> StoreResult<(InvocationRecord, bool)> {
-        let id = id.clone();
-        self.write(&id.to_string(), move |conn| {
-            Box::pin(async move {
-                let sql = format!(
-                    "UPDATE invocations SET next_run_at_ms = $1, modified_at_ms = $1 \
-                     WHERE id = $2 AND status = 'backing-off' RETURNING {INVOCATION_COLUMNS}"
-                );
-                let changed = sqlx::query(&sql)
-                    .bind(now_ms)
-                    .bind(id.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(backend)?;
-                changed_or_current(conn, id.as_str(), changed).await
-            })
-        })
-        .await
-    }
-
-    async fn purge(&self, id: &InvocationId) -> StoreResult<bool> {
-        let id = id.clone();
-        self.write(&id.to_string(), move |conn| {
-            Box::pin(async move {
-                let ended = lock_invocation(conn, id.as_str())
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?
-                    .completed_at_ms
-                    .is_some();
-                if ended {
-                    delete_invocation(conn, id.as_str()).await?;
-                }
-                Ok(ended)
-            })
-        })
-        .await
-    }
-
     async fn select_invocations(
         &self,
         filter: InvocationFilter,
@@ -533,29 +435,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn purge_ended(&self, ended_before_ms: i64, limit: u32) -> StoreResult<u64> {
-        self.write("purge", move |conn| {
-            Box::pin(async move {
-                let ended = sqlx::query(
-                    "SELECT id FROM invocations WHERE completed_at_ms IS NOT NULL \
-                     AND completed_at_ms < $1 ORDER BY completed_at_ms LIMIT $2 \
-                     FOR UPDATE SKIP LOCKED",
-                )
-                .bind(ended_before_ms)
-                .bind(i64::from(limit))
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(backend)?;
-                for row in &ended {
-                    let id: String = get(row, 0)?;
-                    delete_invocation(conn, &id).await?;
-                }
-                Ok(ended.len() as u64)
-            })
-        })
-        .await
-    }
-
     fn shared(&self) -> bool {
         true
     }
@@ -574,20 +453,6 @@ impl Store for PostgresStore {
 
     fn database_clock(&self) -> Option<std::sync::Arc<dyn crate::clock::Clock>> {
         Some(self.clock.clone())
-    }
-
-    async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64> {
-        self.write("purge", move |conn| {
-            Box::pin(async move {
-                let done = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at_ms <= $1")
-                    .bind(now_ms)
-                    .execute(conn)
-                    .await
-                    .map_err(backend)?;
-                Ok(done.rows_affected())
-            })
-        })
-        .await
     }
 
     async fn take_occurrence(
@@ -668,44 +533,4 @@ async fn get_update(
         .await
         .map_err(backend)?;
     row.as_ref().map(update_row).transpose()
-}
-
-/// The changed record of a guarded `UPDATE ... RETURNING` of invocation `id` and `true`,
-/// or, when it matched no row, the record as it is and `false`.
-async fn changed_or_current(
-    conn: &mut PgConnection,
-    id: &str,
-    changed: Option<sqlx::postgres::PgRow>,
-) -> StoreResult<(InvocationRecord, bool)> {
-    match changed {
-        Some(row) => Ok((invocation(&row)?, true)),
-        None => fetch_invocation(conn, id)
-            .await?
-            .map(|record| (record, false))
-            .ok_or_else(|| StoreError::NotFound(id.to_owned())),
-    }
-}
-
-/// Deletes an invocation with its journal, completions, timers, signals, state, updates,
-/// idempotency keys, workflow id and egress occurrences.
-async fn delete_invocation(conn: &mut PgConnection, id: &str) -> StoreResult<()> {
-    for sql in [
-        "DELETE FROM journal WHERE invocation_id = $1",
-        "DELETE FROM completions WHERE invocation_id = $1",
-        "DELETE FROM timers WHERE invocation_id = $1",
-        "DELETE FROM signals WHERE invocation_id = $1",
-        "DELETE FROM state WHERE invocation_id = $1",
-        "DELETE FROM updates WHERE invocation_id = $1",
-        "DELETE FROM idempotency_keys WHERE invocation_id = $1",
-        "DELETE FROM workflows WHERE invocation_id = $1",
-        "DELETE FROM egress_occurrences WHERE invocation_id = $1",
-        "DELETE FROM invocations WHERE id = $1",
-    ] {
-        sqlx::query(sql)
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map_err(backend)?;
-    }
-    Ok(())
 }

@@ -474,6 +474,84 @@ impl Invocations for PgTx<'_> {
         .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
+    async fn mark_paused(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let sql = format!(
+            "UPDATE invocations SET status = 'paused', last_error = $1, \
+             next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = $2 \
+             WHERE id = $3 AND status IN ('pending', 'running', 'backing-off', \
+             'suspended') RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.returning(sqlx::query(&sql).bind(reason).bind(now_ms).bind(id))
+            .await
+    }
+
+    async fn mark_resumed(
+        &mut self,
+        id: &str,
+        deployment_id: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let sql = format!(
+            "UPDATE invocations SET status = 'pending', next_run_at_ms = $1, \
+             modified_at_ms = $1, deployment_id = COALESCE($2, deployment_id), \
+             failures = 0, position_failures = 0 \
+             WHERE id = $3 AND status = 'paused' RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.returning(sqlx::query(&sql).bind(now_ms).bind(deployment_id).bind(id))
+            .await
+    }
+
+    async fn retry_backoff_now(
+        &mut self,
+        id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let sql = format!(
+            "UPDATE invocations SET next_run_at_ms = $1, modified_at_ms = $1 \
+             WHERE id = $2 AND status = 'backing-off' RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.returning(sqlx::query(&sql).bind(now_ms).bind(id))
+            .await
+    }
+
+    async fn ended_before(&mut self, before_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
+        let rows = self
+            .all(
+                sqlx::query(
+                    "SELECT id FROM invocations WHERE completed_at_ms IS NOT NULL \
+                     AND completed_at_ms < $1 ORDER BY completed_at_ms LIMIT $2 \
+                     FOR UPDATE SKIP LOCKED",
+                )
+                .bind(before_ms)
+                .bind(i64::from(limit)),
+            )
+            .await?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
+    async fn delete_invocation(&mut self, id: &str) -> StoreResult<()> {
+        for sql in [
+            "DELETE FROM journal WHERE invocation_id = $1",
+            "DELETE FROM completions WHERE invocation_id = $1",
+            "DELETE FROM timers WHERE invocation_id = $1",
+            "DELETE FROM signals WHERE invocation_id = $1",
+            "DELETE FROM state WHERE invocation_id = $1",
+            "DELETE FROM updates WHERE invocation_id = $1",
+            "DELETE FROM idempotency_keys WHERE invocation_id = $1",
+            "DELETE FROM workflows WHERE invocation_id = $1",
+            "DELETE FROM egress_occurrences WHERE invocation_id = $1",
+            "DELETE FROM invocations WHERE id = $1",
+        ] {
+            self.execute(sqlx::query(sql).bind(id)).await?;
+        }
+        Ok(())
+    }
+
     async fn restart_key(&mut self, id: &str) -> StoreResult<Option<String>> {
         let row = self
             .optional(sqlx::query("SELECT restart_key FROM invocations WHERE id = $1").bind(id))
@@ -1250,6 +1328,13 @@ impl IdempotencyKeys for PgTx<'_> {
         )
         .await?;
         Ok(())
+    }
+
+    async fn delete_expired_keys(&mut self, now_ms: i64) -> StoreResult<u64> {
+        self.execute(
+            sqlx::query("DELETE FROM idempotency_keys WHERE expires_at_ms <= $1").bind(now_ms),
+        )
+        .await
     }
 
     async fn hold_idempotency_keys(

@@ -387,6 +387,73 @@ impl Invocations for SqliteTx {
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
+    async fn mark_paused(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let sql = format!(
+            "UPDATE invocations SET status = 'paused', last_error = ?1, next_run_at_ms = NULL, \
+             waiting_for = NULL, modified_at_ms = ?2 WHERE id = ?3 \
+             AND status IN ('pending', 'running', 'backing-off', 'suspended') \
+             RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.invocation_returning(&sql, params![reason, now_ms, id])
+    }
+
+    async fn mark_resumed(
+        &mut self,
+        id: &str,
+        deployment_id: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let sql = format!(
+            "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, \
+             modified_at_ms = ?1, deployment_id = COALESCE(?2, deployment_id), \
+             failures = 0, position_failures = 0 \
+             WHERE id = ?3 AND status = 'paused' RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.invocation_returning(&sql, params![now_ms, deployment_id, id])
+    }
+
+    async fn retry_backoff_now(
+        &mut self,
+        id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<InvocationRecord>> {
+        let sql = format!(
+            "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 \
+             WHERE id = ?2 AND status = 'backing-off' RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.invocation_returning(&sql, params![now_ms, id])
+    }
+
+    async fn ended_before(&mut self, before_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
+        self.all(
+            "SELECT id FROM invocations WHERE completed_at_ms IS NOT NULL \
+             AND completed_at_ms < ?1 ORDER BY completed_at_ms LIMIT ?2",
+            params![before_ms, limit],
+        )
+    }
+
+    async fn delete_invocation(&mut self, id: &str) -> StoreResult<()> {
+        for sql in [
+            "DELETE FROM journal WHERE invocation_id = ?1",
+            "DELETE FROM completions WHERE invocation_id = ?1",
+            "DELETE FROM timers WHERE invocation_id = ?1",
+            "DELETE FROM signals WHERE invocation_id = ?1",
+            "DELETE FROM state WHERE invocation_id = ?1",
+            "DELETE FROM updates WHERE invocation_id = ?1",
+            "DELETE FROM idempotency_keys WHERE invocation_id = ?1",
+            "DELETE FROM workflows WHERE invocation_id = ?1",
+            "DELETE FROM invocations WHERE id = ?1",
+        ] {
+            execute(&self.conn, sql, [id])?;
+        }
+        Ok(())
+    }
+
     async fn restart_key(&mut self, id: &str) -> StoreResult<Option<String>> {
         Ok(self
             .one::<Option<String>>("SELECT restart_key FROM invocations WHERE id = ?1", [id])?
@@ -999,6 +1066,15 @@ impl IdempotencyKeys for SqliteTx {
             ],
         )?;
         Ok(())
+    }
+
+    async fn delete_expired_keys(&mut self, now_ms: i64) -> StoreResult<u64> {
+        let n = execute(
+            &self.conn,
+            "DELETE FROM idempotency_keys WHERE expires_at_ms <= ?1",
+            [now_ms],
+        )?;
+        Ok(n as u64)
     }
 
     async fn hold_idempotency_keys(
