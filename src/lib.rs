@@ -5,7 +5,6 @@
 
 pub mod api;
 pub mod cli;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod egress;
@@ -19,8 +18,6 @@ pub mod registry;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
-pub mod trace_context;
-pub mod traces;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -135,9 +132,9 @@ async fn serve(
     // Metrics are recorded from the start (the recorder is the process's).
     telemetry::handle();
     let traces = match &config.otlp_endpoint {
-        Some(endpoint) => traces::Traces::otlp(endpoint)
+        Some(endpoint) => telemetry::traces::Traces::otlp(endpoint)
             .map_err(|e| anyhow::anyhow!("the OTLP endpoint {endpoint}: {e}"))?,
-        None => traces::Traces::off(),
+        None => telemetry::traces::Traces::off(),
     };
     let timeouts = lifecycle::timeouts::TimeoutDefaults {
         schedule_to_close: config.schedule_to_close,

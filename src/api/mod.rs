@@ -353,9 +353,12 @@ pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Api
 /// The caller's W3C `traceparent`, when it is one (W3C Trace Context: an invalid one is
 /// ignored, not refused); the invocation's trace continues it.
 pub fn traceparent(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(crate::traces::TRACEPARENT)?.to_str().ok()?;
-    let parsed = crate::traces::parse_traceparent(value)?;
-    Some(crate::traces::format_traceparent(
+    let value = headers
+        .get(crate::telemetry::traces::TRACEPARENT)?
+        .to_str()
+        .ok()?;
+    let parsed = crate::telemetry::traces::parse_traceparent(value)?;
+    Some(crate::telemetry::traces::format_traceparent(
         parsed.trace_id,
         parsed.span_id,
         parsed.sampled,

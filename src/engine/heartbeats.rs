@@ -3,7 +3,7 @@
 //! handler), far sooner than `start_to_close`. Only the attempts this node runs under a
 //! heartbeat timeout are watched, and only while they run; a heartbeat of any other attempt
 //! (one another node runs, on a store several nodes share) is only in the store, where the
-//! watchdog of the attempt's node looks before it ends the attempt (`client.rs`). The
+//! watchdog of the attempt's node looks before it ends the attempt (`invoke.rs`). The
 //! details of a heartbeat are in the store, for the next attempt; only the time is kept
 //! here.
 

@@ -10,8 +10,8 @@
 //! [`Engine::nudge`] only makes the scheduler look sooner; correctness never depends on it.
 
 mod attempt;
-mod client;
 mod heartbeats;
+mod invoke;
 mod scheduler;
 mod updates;
 mod waiters;
@@ -48,7 +48,7 @@ pub struct EngineConfig {
     /// When a handler's retry policy is used up, pause the invocation instead of failing.
     pub pause_when_exhausted: bool,
     /// Where the spans of invocations, attempts and entries go.
-    pub traces: crate::traces::Traces,
+    pub traces: crate::telemetry::traces::Traces,
 }
 
 /// The gateway's secrets the engine uses: the key of awakeable tokens and the signer of
@@ -132,7 +132,7 @@ impl Engine {
         }
     }
 
-    pub fn traces(&self) -> &crate::traces::Traces {
+    pub fn traces(&self) -> &crate::telemetry::traces::Traces {
         &self.config.traces
     }
 

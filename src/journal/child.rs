@@ -154,7 +154,11 @@ pub async fn insert(
     let parent_trace = tx.invocation(parent).await?.and_then(|p| p.traceparent);
     let traceparent = crate::ids::InvocationId::parse(parent)
         .map(|p| {
-            crate::trace_context::child_traceparent(&p, parent_trace.as_deref(), entry.attempt)
+            crate::telemetry::trace_context::child_traceparent(
+                &p,
+                parent_trace.as_deref(),
+                entry.attempt,
+            )
         })
         .ok();
     let pending = crate::store::tables::Pending {

@@ -327,7 +327,7 @@ pub struct InvocationRecord {
     /// The last heartbeat of an attempt (its details are read with
     /// [`Store::heartbeat_details`]).
     pub heartbeat_at_ms: Option<i64>,
-    /// The W3C `traceparent` its trace continues (see [`crate::trace_context`]).
+    /// The W3C `traceparent` its trace continues (see [`crate::telemetry::trace_context`]).
     pub traceparent: Option<String>,
 }
 
@@ -815,6 +815,11 @@ pub enum CancelAnswer {
     /// It is paused (waiting for an operator); nothing was written.
     Paused(InvocationRecord),
 }
+
+/// The metric of the writes committed together in one transaction (group commit).
+pub const BATCH_METRIC: &str = "durin_store_batch_writes";
+/// The metric of how long one group commit took, from `BEGIN` to `COMMIT`.
+pub const COMMIT_METRIC: &str = "durin_store_commit_seconds";
 
 /// What a rule run by [`Store::transact`] returns, its type erased.
 pub type TxOutput = Box<dyn std::any::Any + Send>;

@@ -21,8 +21,9 @@
 //!
 //! This file holds the pool, the group commit and the migrations; `lease.rs` the node's
 //! session (its node-id lock and its lease renewals); `clock.rs` the database's clock;
-//! `rows.rs` the row mappings and shared statements; `commands.rs` what a write does to a
-//! journal; `store.rs` the `Store` methods.
+//! `rows.rs` the row mappings and shared statements; `tables.rs` the tables (SQL only, with
+//! their locks; the rules that use them are in `lifecycle/` and `journal/`); `store.rs` the
+//! reads and the `Store` methods that are no rule of a primitive.
 
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
@@ -223,7 +224,7 @@ async fn write_loop(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
 
 async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
     let started = std::time::Instant::now();
-    metrics::histogram!(crate::telemetry::BATCH).record(batch.len() as f64);
+    metrics::histogram!(crate::store::BATCH_METRIC).record(batch.len() as f64);
     let mut conn = match pool.acquire().await {
         Ok(conn) => conn,
         Err(error) => {
@@ -278,7 +279,7 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
         // The connection may be broken (the server restarted): the pool makes a new one.
         conn.detach();
     }
-    metrics::histogram!(crate::telemetry::COMMIT).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::store::COMMIT_METRIC).record(started.elapsed().as_secs_f64());
     for reply in replies {
         reply(error.as_ref());
     }

@@ -12,9 +12,10 @@
 //! schema is applied with `sqlx::migrate!` when the store opens. Reads use a small pool of
 //! read-only connections on tokio's blocking threads, which WAL lets run beside the writer.
 //!
-//! This file holds the connections, the group commit and the `Store` methods; `rows.rs`
-//! the row mappings and shared statements; `commands.rs` what a write does to a journal
-//! (appends, commands and their completions, signals, suspensions).
+//! This file holds the connections, the group commit, the reads and the `Store` methods
+//! that are no rule of a primitive; `tables.rs` the tables (SQL only; the rules that use
+//! them are in `lifecycle/` and `journal/`); `rows.rs` the row mappings and shared
+//! statements.
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -339,7 +340,7 @@ fn write_loop(
 
 fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
     let started = std::time::Instant::now();
-    metrics::histogram!(crate::telemetry::BATCH).record(batch.len() as f64);
+    metrics::histogram!(crate::store::BATCH_METRIC).record(batch.len() as f64);
     if let Err(error) = execute(&tx.conn, "BEGIN IMMEDIATE", []) {
         // Dropping the ops tells each caller that its write was not committed.
         batch.clear();
@@ -375,7 +376,7 @@ fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
             }
         }
     };
-    metrics::histogram!(crate::telemetry::COMMIT).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::store::COMMIT_METRIC).record(started.elapsed().as_secs_f64());
     for reply in replies {
         reply(error.as_ref());
     }

@@ -1,5 +1,7 @@
 //! The `durin` command line.
 
+pub mod admin_client;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,23 +59,23 @@ enum Command {
     /// Invocations, over the admin API.
     Invocations {
         #[command(flatten)]
-        connection: crate::client::Connection,
+        connection: admin_client::Connection,
         #[command(subcommand)]
-        command: crate::client::Invocations,
+        command: admin_client::Invocations,
     },
     /// Workflows by id.
     Workflows {
         #[command(flatten)]
-        connection: crate::client::Connection,
+        connection: admin_client::Connection,
         #[command(subcommand)]
-        command: crate::client::Workflows,
+        command: admin_client::Workflows,
     },
     /// Deployments, over the admin API.
     Deployments {
         #[command(flatten)]
-        connection: crate::client::Connection,
+        connection: admin_client::Connection,
         #[command(subcommand)]
-        command: crate::client::Deployments,
+        command: admin_client::Deployments,
     },
 }
 
@@ -150,15 +152,15 @@ pub fn main() -> ExitCode {
         Command::Invocations {
             connection,
             command,
-        } => runtime.block_on(crate::client::invocations(connection, command)),
+        } => runtime.block_on(admin_client::invocations(connection, command)),
         Command::Workflows {
             connection,
             command,
-        } => runtime.block_on(crate::client::workflows(connection, command)),
+        } => runtime.block_on(admin_client::workflows(connection, command)),
         Command::Deployments {
             connection,
             command,
-        } => runtime.block_on(crate::client::deployments(connection, command)),
+        } => runtime.block_on(admin_client::deployments(connection, command)),
         command => match runtime.block_on(run_command(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

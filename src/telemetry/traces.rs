@@ -22,7 +22,7 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::ids::InvocationId;
 use crate::store::{InvocationRecord, StoredEntry};
-pub use crate::trace_context::*;
+pub use crate::telemetry::trace_context::*;
 
 /// Where spans go, or nowhere.
 #[derive(Clone, Default)]

@@ -5,6 +5,12 @@
 //! writer, the egress) with the `metrics` crate's macros; gauges of the invocations by
 //! status are read from the store when scraped. Names follow Prometheus' conventions
 //! (`durin_` prefix, base units, `_total` for counters).
+//!
+//! `traces.rs` exports OpenTelemetry traces; `trace_context.rs` is the W3C `traceparent`
+//! and the ids derived from an invocation.
+
+pub mod trace_context;
+pub mod traces;
 
 use std::sync::OnceLock;
 
@@ -25,9 +31,9 @@ pub const LAG: &str = "durin_scheduler_lag_seconds";
 /// Journal entries appended.
 pub const APPENDS: &str = "durin_journal_appends_total";
 /// Writes committed together in one transaction (group commit).
-pub const BATCH: &str = "durin_store_batch_writes";
+pub const BATCH: &str = crate::store::BATCH_METRIC;
 /// How long one group commit took, from `BEGIN` to `COMMIT`.
-pub const COMMIT: &str = "durin_store_commit_seconds";
+pub const COMMIT: &str = crate::store::COMMIT_METRIC;
 /// Outbound calls through the egress, by outcome (`recorded`, `replayed`, `failed`).
 pub const EGRESS: &str = "durin_egress_calls_total";
 /// Invocations that have not ended, by status (a gauge read when scraped).

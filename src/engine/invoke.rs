@@ -140,7 +140,7 @@ impl Engine {
         let request_bytes = body.len();
         // The handler's spans hang under the attempt's.
         let request = match self.config.traces.handler_traceparent(record) {
-            Some(traceparent) => request.header(crate::traces::TRACEPARENT, traceparent),
+            Some(traceparent) => request.header(crate::telemetry::traces::TRACEPARENT, traceparent),
             None => request,
         };
         // Exactly the headers signed: an empty one is absent (and signed as empty).
