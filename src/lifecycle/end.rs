@@ -101,17 +101,34 @@ pub async fn end_attempt(
                 }
             }
         }
-        AttemptEnd::Completed { .. } => {
-            let unseen = tx.signals_during_attempt(id, attempt).await?;
-            if unseen.is_empty() {
+        AttemptEnd::Completed { .. } | AttemptEnd::ContinuedAsNew { .. } => {
+            // A run that continues as new hands its signals over; one that completes
+            // must not leave behind a signal it could not have seen.
+            let signals = if matches!(end, AttemptEnd::Completed { .. }) {
+                tx.signals_during_attempt(id, attempt).await?
+            } else {
+                Vec::new()
+            };
+            let updates = tx.updates_since_attempt(id).await?;
+            if signals.is_empty() && !updates {
                 end
             } else {
+                let mut unseen = Vec::new();
+                if !signals.is_empty() {
+                    unseen.push(format!(
+                        "{} signal(s) ({})",
+                        signals.len(),
+                        signals.join(", ")
+                    ));
+                }
+                if updates {
+                    unseen.push("updates".to_owned());
+                }
                 AttemptEnd::BackOff {
                     until_ms: now_ms,
                     error: format!(
-                        "completion deferred: {} signal(s) ({}) arrived while the attempt ran and no wait took them; the run runs again to see them",
-                        unseen.len(),
-                        unseen.join(", ")
+                        "completion deferred: {} arrived while the attempt ran and were not handled; the run runs again to see them",
+                        unseen.join(" and ")
                     ),
                     charged: Charge::Nobody,
                 }

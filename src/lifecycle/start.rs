@@ -7,8 +7,8 @@
 
 use crate::store::tables::{KeyScope, Tx};
 use crate::store::{
-    Created, NewInvocation, NewWorkflowRun, Store, StoreError, StoreResult, StoredEntry,
-    WorkflowStarted,
+    Created, InvocationRecord, NewInvocation, NewWorkflowRun, Status, Store, StoreError,
+    StoreResult, StoredEntry, WorkflowStarted,
 };
 
 impl dyn Store {
@@ -67,7 +67,7 @@ async fn insert_running(
     tx: &mut dyn Tx,
     new: NewInvocation,
     workflow_id: Option<&str>,
-) -> StoreResult<(crate::store::InvocationRecord, StoredEntry)> {
+) -> StoreResult<(InvocationRecord, StoredEntry)> {
     let token = uuid::Uuid::new_v4().simple().to_string();
     let record = tx.insert_running(&new, workflow_id, &token).await?;
     let input = StoredEntry {
@@ -146,7 +146,13 @@ pub async fn start_workflow(
     )
     .await?;
     if let Some(signal) = run.signal.filter(|_| !duplicate_signal) {
-        crate::journal::signal::insert(tx, &record, signal, max_bytes, now_ms).await?;
+        // The run's first attempt has not called its handler yet: the signal is there
+        // before it starts, not during it.
+        let before_start = InvocationRecord {
+            status: Status::Pending,
+            ..record.clone()
+        };
+        crate::journal::signal::insert(tx, &before_start, signal, max_bytes, now_ms).await?;
     }
     Ok(WorkflowStarted::New {
         record,

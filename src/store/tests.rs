@@ -1734,8 +1734,14 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
         .send_update(&run.id, update("u3", "k3"), T0 + 3)
         .await
         .unwrap();
+    // An update that came during the attempt holds its continue-as-new: the run runs
+    // again to handle it; the next attempt, which had it and did not handle it, goes on.
     let next = InvocationId::generate();
-    end(store, &run, continued(&next), T0 + 4).await;
+    let held = end(store, &run, continued(&next), T0 + 4).await;
+    assert_eq!(held.status, Status::BackingOff, "{held:?}");
+    assert!(held.last_error.unwrap_or_default().contains("updates"));
+    let again = claim_one(store, T0 + 5).await;
+    end(store, &again, continued(&next), T0 + 6).await;
     assert_eq!(
         store
             .get_update(&run.id, "u3")
@@ -1747,7 +1753,7 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
     );
     // The key of an update to the first run is known to the next one.
     let UpdateSent::Sent { new, update, .. } = store
-        .send_update(&next, update("u4", "k"), T0 + 5)
+        .send_update(&next, update("u4", "k"), T0 + 7)
         .await
         .unwrap()
     else {
