@@ -54,7 +54,7 @@ pub async fn end_attempt(
     // signals and commands of the run before they write: under the run's lock, so that a
     // signal sent meanwhile either comes before (and is seen) or after (and finds the run
     // ended or suspended). Any other end is fenced by its own update.
-    let locks = match &end {
+    match &end {
         AttemptEnd::ContinuedAsNew { .. } => {
             let current = tx
                 .invocation(id)
@@ -63,20 +63,21 @@ pub async fn end_attempt(
             if let Some(workflow_id) = &current.workflow_id {
                 tx.lock_workflow_id(&current.service, workflow_id).await?;
             }
-            true
+            tx.lock_row(id).await?;
         }
-        AttemptEnd::Completed { .. } | AttemptEnd::Suspended { .. } => true,
-        _ => false,
-    };
-    if locks {
-        let current = tx.lock_invocation(id).await?;
-        if !current
-            .as_ref()
-            .is_some_and(|r| r.attempt == attempt && r.status == crate::store::Status::Running)
-        {
-            // A refused end writes nothing.
-            return Err(refusal(tx, id, attempt).await);
+        AttemptEnd::Completed { .. } => tx.lock_row(id).await?,
+        AttemptEnd::Suspended { .. } => {
+            // A suspension binds signals before its fenced update: a refused one writes
+            // nothing.
+            let current = tx.lock_invocation(id).await?;
+            if !current
+                .as_ref()
+                .is_some_and(|r| r.attempt == attempt && r.status == crate::store::Status::Running)
+            {
+                return Err(refusal(tx, id, attempt).await);
+            }
         }
+        _ => {}
     }
     let mut suspended_due = None;
     let end = match end {
@@ -104,22 +105,15 @@ pub async fn end_attempt(
         AttemptEnd::Completed { .. } | AttemptEnd::ContinuedAsNew { .. } => {
             // A run that continues as new hands its signals over; one that completes
             // must not leave behind a signal it could not have seen.
-            let signals = if matches!(end, AttemptEnd::Completed { .. }) {
-                tx.signals_during_attempt(id, attempt).await?
-            } else {
-                Vec::new()
-            };
-            let updates = tx.updates_since_attempt(id).await?;
-            if signals.is_empty() && !updates {
+            // (A fenced end reads this for nothing: its update below is refused.)
+            let (signals, updates) = tx.unseen_arrivals(id, attempt).await?;
+            let signals = signals.filter(|_| matches!(end, AttemptEnd::Completed { .. }));
+            if signals.is_none() && !updates {
                 end
             } else {
                 let mut unseen = Vec::new();
-                if !signals.is_empty() {
-                    unseen.push(format!(
-                        "{} signal(s) ({})",
-                        signals.len(),
-                        signals.join(", ")
-                    ));
+                if let Some(signals) = signals {
+                    unseen.push(format!("signals {signals}"));
                 }
                 if updates {
                     unseen.push("updates".to_owned());

@@ -68,6 +68,9 @@ pub trait Invocations: Send {
     async fn invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>>;
     /// The invocation, locked until the transaction ends (PostgreSQL `FOR UPDATE`).
     async fn lock_invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>>;
+    /// Locks the invocation's row until the transaction ends, reading nothing (SQLite:
+    /// nothing to do under its one writer).
+    async fn lock_row(&mut self, id: &str) -> StoreResult<()>;
     /// Inserts a new invocation whose first attempt runs on this node, with no entry.
     async fn insert_running(
         &mut self,
@@ -284,9 +287,14 @@ pub trait Signals: Send {
         during_attempt: Option<u32>,
         at_ms: i64,
     ) -> StoreResult<()>;
-    /// The signals that arrived while `attempt` ran and that no wait took: `"name"
-    /// (#seq)`, in order.
-    async fn signals_during_attempt(&mut self, id: &str, attempt: u32) -> StoreResult<Vec<String>>;
+    /// What arrived while `attempt` ran and was not handled, in one read: the signals no
+    /// wait took (`"name" (#seq)`, in order, comma-separated; `None` when there are none),
+    /// and whether updates sent since the attempt started are pending.
+    async fn unseen_arrivals(
+        &mut self,
+        id: &str,
+        attempt: u32,
+    ) -> StoreResult<(Option<String>, bool)>;
     /// The oldest signal named `name` that no wait took.
     async fn oldest_buffered(
         &mut self,

@@ -80,6 +80,12 @@ impl Invocations for PgTx<'_> {
         lock_invocation(self.conn, id).await
     }
 
+    async fn lock_row(&mut self, id: &str) -> StoreResult<()> {
+        self.execute(sqlx::query("SELECT 1 FROM invocations WHERE id = $1 FOR UPDATE").bind(id))
+            .await?;
+        Ok(())
+    }
+
     async fn insert_running(
         &mut self,
         new: &NewInvocation,
@@ -952,19 +958,28 @@ impl Signals for PgTx<'_> {
         Ok(())
     }
 
-    async fn signals_during_attempt(&mut self, id: &str, attempt: u32) -> StoreResult<Vec<String>> {
-        let rows = self
-            .all(
+    async fn unseen_arrivals(
+        &mut self,
+        id: &str,
+        attempt: u32,
+    ) -> StoreResult<(Option<String>, bool)> {
+        let row = self
+            .optional(
                 sqlx::query(
-                    "SELECT '\"' || name || '\" (#' || seq::TEXT || ')' FROM signals \
-                     WHERE invocation_id = $1 AND consumed_by IS NULL AND during_attempt = $2 \
-                     ORDER BY seq",
+                    "SELECT (SELECT string_agg('\"' || name || '\" (#' || seq::TEXT || ')', ', ' \
+                     ORDER BY seq) FROM signals WHERE invocation_id = $1 \
+                     AND consumed_by IS NULL AND during_attempt = $2), \
+                     EXISTS (SELECT 1 FROM updates u JOIN invocations i \
+                     ON i.id = u.invocation_id WHERE u.invocation_id = $1 \
+                     AND u.status = 'pending' \
+                     AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))",
                 )
                 .bind(id)
                 .bind(i64::from(attempt)),
             )
             .await?;
-        rows.iter().map(|row| get(row, 0)).collect()
+        row.as_ref()
+            .map_or(Ok((None, false)), |row| Ok((get(row, 0)?, get(row, 1)?)))
     }
 
     async fn oldest_buffered(

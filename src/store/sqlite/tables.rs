@@ -83,6 +83,11 @@ impl Invocations for SqliteTx {
         fetch_invocation(&self.conn, id)
     }
 
+    async fn lock_row(&mut self, _id: &str) -> StoreResult<()> {
+        // The one writer runs one rule at a time.
+        Ok(())
+    }
+
     async fn insert_running(
         &mut self,
         new: &NewInvocation,
@@ -774,13 +779,23 @@ impl Signals for SqliteTx {
         Ok(())
     }
 
-    async fn signals_during_attempt(&mut self, id: &str, attempt: u32) -> StoreResult<Vec<String>> {
-        self.all(
-            "SELECT '\"' || name || '\" (#' || seq || ')' FROM signals \
-             WHERE invocation_id = ?1 AND consumed_by IS NULL AND during_attempt = ?2 \
-             ORDER BY seq",
+    async fn unseen_arrivals(
+        &mut self,
+        id: &str,
+        attempt: u32,
+    ) -> StoreResult<(Option<String>, bool)> {
+        Ok(query_one(
+            &self.conn,
+            "SELECT (SELECT group_concat('\"' || name || '\" (#' || seq || ')', ', ') \
+             FROM (SELECT name, seq FROM signals WHERE invocation_id = ?1 \
+             AND consumed_by IS NULL AND during_attempt = ?2 ORDER BY seq)), \
+             EXISTS (SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
+             WHERE u.invocation_id = ?1 AND u.status = 'pending' \
+             AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))",
             params![id, attempt],
-        )
+            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+        )?
+        .unwrap_or((None, false)))
     }
 
     async fn oldest_buffered(
