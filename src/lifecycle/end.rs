@@ -50,10 +50,12 @@ pub async fn end_attempt(
     now_ms: i64,
 ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
     // A run that continues as new moves its workflow id: the id's lock first, then the
-    // run's (the order every rule takes them in). A completion and a suspension read the
-    // signals and commands of the run before they write: under the run's lock, so that a
-    // signal sent meanwhile either comes before (and is seen) or after (and finds the run
-    // ended or suspended). Any other end is fenced by its own update.
+    // run's (the order every rule takes them in); it and a suspension read the run's
+    // signals, updates and commands before they write, under the run's lock, so that
+    // what is sent meanwhile comes before (and is seen) or after (and finds the run
+    // handed over or suspended). A completion is written first (its fenced update takes
+    // the run's lock) and checked after (see `defer_if_unseen`); any other end is fenced
+    // by its own update.
     match &end {
         AttemptEnd::ContinuedAsNew { .. } => {
             let current = tx
@@ -65,7 +67,6 @@ pub async fn end_attempt(
             }
             tx.lock_row(id).await?;
         }
-        AttemptEnd::Completed { .. } => tx.lock_row(id).await?,
         AttemptEnd::Suspended { .. } => {
             // A suspension binds signals before its fenced update: a refused one writes
             // nothing.
@@ -102,30 +103,13 @@ pub async fn end_attempt(
                 }
             }
         }
-        AttemptEnd::Completed { .. } | AttemptEnd::ContinuedAsNew { .. } => {
-            // A run that continues as new hands its signals over; one that completes
-            // must not leave behind a signal it could not have seen.
-            // (A fenced end reads this for nothing: its update below is refused.)
-            let (signals, updates) = tx.unseen_arrivals(id, attempt).await?;
-            let signals = signals.filter(|_| matches!(end, AttemptEnd::Completed { .. }));
-            if signals.is_none() && !updates {
-                end
+        AttemptEnd::ContinuedAsNew { .. } => {
+            // Its signals go to the next run; updates that came during the attempt hold it.
+            let (_, updates) = tx.unseen_arrivals(id, attempt).await?;
+            if updates {
+                deferred(now_ms, "updates")
             } else {
-                let mut unseen = Vec::new();
-                if let Some(signals) = signals {
-                    unseen.push(format!("signals {signals}"));
-                }
-                if updates {
-                    unseen.push("updates".to_owned());
-                }
-                AttemptEnd::BackOff {
-                    until_ms: now_ms,
-                    error: format!(
-                        "completion deferred: {} arrived while the attempt ran and were not handled; the run runs again to see them",
-                        unseen.join(" and ")
-                    ),
-                    charged: Charge::Nobody,
-                }
+                end
             }
         }
         other => other,
@@ -155,6 +139,11 @@ pub async fn end_attempt(
     else {
         return Err(refusal(tx, id, attempt).await);
     };
+    if let AttemptEnd::Completed { .. } = &end {
+        if let Some(reopened) = defer_if_unseen(tx, id, attempt, output_bytes, now_ms).await? {
+            return Ok((reopened, None, Vec::new()));
+        }
+    }
     if let AttemptEnd::ContinuedAsNew {
         input,
         next,
@@ -186,6 +175,45 @@ pub async fn end_attempt(
         close_children(tx, id, now_ms, &mut closed).await?;
     }
     Ok((record, output, closed))
+}
+
+/// The end of an attempt whose run runs again at once to see what arrived during it.
+fn deferred(now_ms: i64, unseen: &str) -> AttemptEnd {
+    AttemptEnd::BackOff {
+        until_ms: now_ms,
+        error: format!(
+            "completion deferred: {unseen} arrived while the attempt ran and were not handled; the run runs again to see them"
+        ),
+        charged: Charge::Nobody,
+    }
+}
+
+/// After a completion was written (its update holds the run's row, so nothing can be sent
+/// to the run from here to the commit): when signals or updates came during the attempt
+/// and were not handled, the run is reopened, due at once, instead; `None` when nothing
+/// holds the completion.
+async fn defer_if_unseen(
+    tx: &mut dyn Tx,
+    id: &str,
+    attempt: u32,
+    output_bytes: i64,
+    now_ms: i64,
+) -> StoreResult<Option<InvocationRecord>> {
+    let (signals, updates) = tx.unseen_arrivals(id, attempt).await?;
+    let mut unseen = Vec::new();
+    if let Some(signals) = signals {
+        unseen.push(format!("signals {signals}"));
+    }
+    if updates {
+        unseen.push("updates".to_owned());
+    }
+    if unseen.is_empty() {
+        return Ok(None);
+    }
+    let AttemptEnd::BackOff { error, .. } = deferred(now_ms, &unseen.join(" and ")) else {
+        return Ok(None);
+    };
+    tx.reopen(id, output_bytes, &error, now_ms).await.map(Some)
 }
 
 /// The output entry of an invocation that has just ended (its row already counts it in

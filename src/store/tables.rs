@@ -130,6 +130,15 @@ pub trait Invocations: Send {
         details: Option<&[u8]>,
         now_ms: i64,
     ) -> StoreResult<bool>;
+    /// Undoes, in the transaction that wrote it, the completion of the invocation (with
+    /// `output_bytes`): it backs off, due at `now_ms`, charged to nobody, with `error`.
+    async fn reopen(
+        &mut self,
+        id: &str,
+        output_bytes: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<InvocationRecord>;
     /// Suspends the running invocation (a plain handler's wait).
     async fn set_suspended(
         &mut self,

@@ -301,6 +301,23 @@ impl Invocations for SqliteTx {
         Ok(beat == 1)
     }
 
+    async fn reopen(
+        &mut self,
+        id: &str,
+        output_bytes: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> StoreResult<InvocationRecord> {
+        let sql = format!(
+            "UPDATE invocations SET status = 'backing-off', journal_len = journal_len - 1, \
+             journal_bytes = journal_bytes - ?2, completed_at_ms = NULL, next_run_at_ms = ?3, \
+             last_error = ?4, modified_at_ms = ?3 WHERE id = ?1 AND status = 'completed' \
+             RETURNING {INVOCATION_COLUMNS}"
+        );
+        self.invocation_returning(&sql, params![id, output_bytes, now_ms, error])?
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
     async fn set_suspended(
         &mut self,
         id: &str,
