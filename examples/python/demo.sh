@@ -1,16 +1,158 @@
 #!/usr/bin/env bash
-# Starts the payment, inventory and email services, the Python order handler (each call
-# waits STEP_DELAY_MS, default 3000) and Durin with its egress. Ctrl-C stops them all.
+# The set-up of docs/without-sdk.md: builds durin, starts the payment, inventory and email
+# services (127.0.0.1:9101, 9102, 9103), the Python order handler (127.0.0.1:9090; each
+# call waits STEP_DELAY_MS, default 3000) and Durin (callers 127.0.0.1:8080, operators
+# 127.0.0.1:9070, its egress 127.0.0.1:8081) with the handler declared inline
+# (examples/python/durin.toml), and stays in the foreground until Ctrl-C, which stops them
+# all. Uses the same ports as examples/order/demo.sh: run one of the two at a time.
+#
+# Each process id goes to a file in target/demo-python/ (payment.pid, inventory.pid,
+# email.pid, order_handler.pid, durin.pid), so that the tutorial kills the handler by its
+# id. When one ends, the script says so and keeps the others running; it ends once none
+# runs. What you start again in another terminal is not this script's: stop it there.
+# Durin's database is durin-plain.db in the repository's root (rm -f durin-plain.db* to
+# start from nothing).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/../.."
+
+step_delay_ms=${STEP_DELAY_MS:-3000}
+admin_listen=${DURIN_ADMIN_LISTEN:-127.0.0.1:9070}
+run_dir=target/demo-python
+
+say() { printf 'demo: %s\n' "$*"; }
+
+for tool in curl python3; do
+  if ! command -v "$tool" >/dev/null; then
+    say "$tool is missing: this script needs it"
+    exit 1
+  fi
+done
+
+say "building durin (cargo build; the first time takes a few minutes)..."
 cargo build -q -p durin
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-python3 "$here/downstream.py" --role payment --port 9101 & pids+=($!)
-python3 "$here/downstream.py" --role inventory --port 9102 & pids+=($!)
-python3 "$here/downstream.py" --role email --port 9103 & pids+=($!)
-python3 "$here/order_handler.py" --port 9090 --egress http://127.0.0.1:8081 \
-  --payment http://127.0.0.1:9101 --inventory http://127.0.0.1:9102 --email http://127.0.0.1:9103 \
-  --step-delay-ms "${STEP_DELAY_MS:-3000}" & pids+=($!)
-target/debug/durin serve --config examples/python/durin.toml
+mkdir -p "$run_dir"
+
+# The processes this script started: a label, a pid file name, the command, and the pid
+# (emptied once the process has ended).
+labels=() files=() commands=() pids=()
+
+# start LABEL FILE COMMAND...: runs COMMAND in the background and writes its pid to FILE.
+start() {
+  local label=$1 file=$2
+  shift 2
+  "$@" 2>&3 &
+  labels+=("$label")
+  files+=("$file")
+  commands+=("$*")
+  pids+=("$!")
+  echo "$!" >"$run_dir/$file.pid"
+}
+
+# What an exit status means: "exit status N" or "killed by SIGNAME".
+how() {
+  if (($1 > 128)); then
+    echo "killed by SIG$(kill -l $(($1 - 128)) 2>/dev/null || echo "nal $(($1 - 128))")"
+  else
+    echo "exit status $1"
+  fi
+}
+
+# The processes still running, as "the order service (pid N), ..." (empty when none).
+still_running() {
+  local i out=""
+  for i in "${!pids[@]}"; do
+    [[ -n ${pids[$i]} ]] && out+="${out:+, }${labels[$i]} (pid ${pids[$i]})"
+  done
+  echo "$out"
+}
+
+# On the way out (Ctrl-C, or a failure): stop what still runs and wait for it.
+stop_all() {
+  local i pid
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    [[ -z $pid ]] && continue
+    kill "$pid" 2>/dev/null || true
+  done
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    [[ -z $pid ]] && continue
+    wait "$pid" 2>/dev/null || true
+    rm -f "$run_dir/${files[$i]}.pid"
+    pids[$i]=""
+  done
+}
+trap stop_all EXIT
+trap 'echo; say "stopping $(still_running)..."; stop_all; say "stopped"; exit 0' INT TERM
+
+# Notes the processes that have ended since the last look; fails when one had.
+reap() {
+  local i pid status ended=0
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    [[ -z $pid ]] && continue
+    kill -0 "$pid" 2>/dev/null && continue
+    status=0
+    wait "$pid" 2>/dev/null || status=$?
+    pids[$i]=""
+    rm -f "$run_dir/${files[$i]}.pid"
+    ended=1
+    say "${labels[$i]} (pid $pid) has ended: $(how "$status")."
+    if [[ -n $(still_running) ]]; then
+      say "still running: $(still_running)."
+      say "to start ${labels[$i]} again, in another terminal: ${commands[$i]} &"
+    fi
+  done
+  return $ended
+}
+
+# The children write to the terminal's stderr (fd 3); the script's own stderr goes nowhere
+# once they run, so that bash's note of a killed child ("line N: PID Killed") does not
+# repeat what the script says about it in its words.
+exec 3>&2
+say "starting the payment, inventory and email services on 127.0.0.1:9101, 9102 and 9103"
+start "the payment service" payment python3 examples/python/downstream.py --role payment --port 9101
+start "the inventory service" inventory \
+  python3 examples/python/downstream.py --role inventory --port 9102
+start "the email service" email python3 examples/python/downstream.py --role email --port 9103
+say "starting the Python order handler on http://127.0.0.1:9090 (each call waits $step_delay_ms ms)"
+start "the order handler" order_handler \
+  python3 examples/python/order_handler.py --port 9090 --egress http://127.0.0.1:8081 \
+  --payment http://127.0.0.1:9101 --inventory http://127.0.0.1:9102 \
+  --email http://127.0.0.1:9103 --step-delay-ms "$step_delay_ms"
+say "starting Durin: callers on http://127.0.0.1:8080, operators on http://$admin_listen," \
+  "its egress on http://127.0.0.1:8081, database durin-plain.db"
+start "Durin" durin target/debug/durin serve --config examples/python/durin.toml
+exec 2>/dev/null
+
+# Ready once Durin lists the handler among its deployments (it declares it at start).
+auth=()
+if [[ -n ${DURIN_ADMIN_TOKEN:-} ]]; then auth=(-H "authorization: Bearer $DURIN_ADMIN_TOKEN"); fi
+ready=""
+for _ in $(seq 1 300); do
+  if curl -sf ${auth[@]+"${auth[@]}"} "http://$admin_listen/v1/deployments" 2>/dev/null |
+    grep -q "http://127.0.0.1:9090"; then
+    ready=1
+    break
+  fi
+  if ! reap; then
+    say "could not start them all (see the messages above: a port in use?); stopping"
+    exit 1
+  fi
+  sleep 0.2
+done
+if [[ -z $ready ]]; then
+  say "Durin has not registered the handler within 60 s; going on anyway."
+fi
+
+say "ready: $(still_running) run; their ids are in $run_dir/."
+say "follow docs/without-sdk.md in another terminal. Ctrl-C here stops them all."
+
+while [[ -n $(still_running) ]]; do
+  reap || true
+  [[ -z $(still_running) ]] && break
+  sleep 0.5
+done
+say "nothing this script started runs any more, so it ends; what you started in another" \
+  "terminal still runs there."
