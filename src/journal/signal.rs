@@ -121,6 +121,9 @@ pub async fn insert(
     )
     .await?;
     tx.add_bytes(id, bytes).await?;
+    if let Some(attempt) = during_attempt {
+        tx.note_arrival(id, attempt).await?;
+    }
     let mut woke = false;
     if let Some(index) = open_wait {
         complete(tx, id, index, Some(signal.value), None, now_ms).await?;

@@ -106,6 +106,10 @@ pub async fn send(
         now_ms,
     )
     .await?;
+    if record.status == Status::Running {
+        // The running attempt may not complete without handling it.
+        tx.note_arrival(run, record.attempt).await?;
+    }
     let woke = record.status == Status::Suspended;
     if woke {
         tx.wake_suspended(run, now_ms).await?;

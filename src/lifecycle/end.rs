@@ -53,9 +53,9 @@ pub async fn end_attempt(
     // run's (the order every rule takes them in); it and a suspension read the run's
     // signals, updates and commands before they write, under the run's lock, so that
     // what is sent meanwhile comes before (and is seen) or after (and finds the run
-    // handed over or suspended). A completion is written first (its fenced update takes
-    // the run's lock) and checked after (see `defer_if_unseen`); any other end is fenced
-    // by its own update.
+    // handed over or suspended). A completion's fenced update also refuses when an arrival
+    // was noted during the attempt (see below); any other end is fenced by its own
+    // update.
     match &end {
         AttemptEnd::ContinuedAsNew { .. } => {
             let current = tx
@@ -133,17 +133,46 @@ pub async fn end_attempt(
         .as_ref()
         .and_then(|(value, ..)| value.as_ref())
         .map_or(0, Vec::len) as i64;
-    let Some(record) = tx
-        .record_end(id, attempt, &end, suspended_due, output_bytes, now_ms)
-        .await?
-    else {
-        return Err(refusal(tx, id, attempt).await);
-    };
-    if let AttemptEnd::Completed { .. } = &end {
-        if let Some(reopened) = defer_if_unseen(tx, id, attempt, output_bytes, now_ms).await? {
-            return Ok((reopened, None, Vec::new()));
+    // A completion is written unless a signal or an update arrived during the attempt
+    // (noted on the run's row, which the update reads after any writer of it committed).
+    let completes = matches!(end, AttemptEnd::Completed { .. });
+    let written = tx
+        .record_end(
+            id,
+            attempt,
+            &end,
+            suspended_due,
+            output_bytes,
+            completes,
+            now_ms,
+        )
+        .await?;
+    let record = match written {
+        Some(record) => record,
+        None if completes => {
+            // Fenced, or something arrived: under the run's lock, what arrived, and
+            // whether nothing handled it.
+            let current = tx.lock_invocation(id).await?;
+            if !current
+                .as_ref()
+                .is_some_and(|r| r.attempt == attempt && r.status == crate::store::Status::Running)
+            {
+                return Err(refusal(tx, id, attempt).await);
+            }
+            if let Some(unseen) = unseen(tx, id, attempt).await? {
+                let backoff = deferred(now_ms, &unseen);
+                let record = tx
+                    .record_end(id, attempt, &backoff, None, 0, false, now_ms)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+                return Ok((record, None, Vec::new()));
+            }
+            tx.record_end(id, attempt, &end, None, output_bytes, false, now_ms)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?
         }
-    }
+        None => return Err(refusal(tx, id, attempt).await),
+    };
     if let AttemptEnd::ContinuedAsNew {
         input,
         next,
@@ -188,17 +217,9 @@ fn deferred(now_ms: i64, unseen: &str) -> AttemptEnd {
     }
 }
 
-/// After a completion was written (its update holds the run's row, so nothing can be sent
-/// to the run from here to the commit): when signals or updates came during the attempt
-/// and were not handled, the run is reopened, due at once, instead; `None` when nothing
-/// holds the completion.
-async fn defer_if_unseen(
-    tx: &mut dyn Tx,
-    id: &str,
-    attempt: u32,
-    output_bytes: i64,
-    now_ms: i64,
-) -> StoreResult<Option<InvocationRecord>> {
+/// What arrived during `attempt` and was not handled (signals no wait took, updates
+/// pending since it started), described; `None` when nothing.
+async fn unseen(tx: &mut dyn Tx, id: &str, attempt: u32) -> StoreResult<Option<String>> {
     let (signals, updates) = tx.unseen_arrivals(id, attempt).await?;
     let mut unseen = Vec::new();
     if let Some(signals) = signals {
@@ -207,13 +228,7 @@ async fn defer_if_unseen(
     if updates {
         unseen.push("updates".to_owned());
     }
-    if unseen.is_empty() {
-        return Ok(None);
-    }
-    let AttemptEnd::BackOff { error, .. } = deferred(now_ms, &unseen.join(" and ")) else {
-        return Ok(None);
-    };
-    tx.reopen(id, output_bytes, &error, now_ms).await.map(Some)
+    Ok((!unseen.is_empty()).then(|| unseen.join(" and ")))
 }
 
 /// The output entry of an invocation that has just ended (its row already counts it in

@@ -96,9 +96,11 @@ pub trait Invocations: Send {
     ) -> StoreResult<Option<u32>>;
     /// Adds `bytes` to what the invocation holds (completions, buffered signals).
     async fn add_bytes(&mut self, id: &str, bytes: i64) -> StoreResult<()>;
-    /// Records how `attempt` ended, fenced by it (`None` when the fence did not match). An
-    /// end that ends the invocation reserves the output entry's index and counts
-    /// `output_bytes`.
+    /// Records how `attempt` ended, fenced by it (`None` when the fence did not match, or,
+    /// with `unless_arrivals`, when a signal or an update arrived during the attempt: see
+    /// [`Invocations::note_arrival`]). An end that ends the invocation reserves the output
+    /// entry's index and counts `output_bytes`.
+    #[allow(clippy::too_many_arguments)]
     async fn record_end(
         &mut self,
         id: &str,
@@ -106,8 +108,13 @@ pub trait Invocations: Send {
         end: &AttemptEnd,
         suspended_due: Option<i64>,
         output_bytes: i64,
+        unless_arrivals: bool,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>>;
+    /// Notes on the invocation's row that a signal or an update arrived while `attempt`
+    /// ran, so that the attempt's completion looks (a write to the row: on PostgreSQL a
+    /// completion waiting for the row sees it).
+    async fn note_arrival(&mut self, id: &str, attempt: u32) -> StoreResult<()>;
     /// Up to `limit` invocations an attempt may start now, oldest due first: due ones and,
     /// on a database several nodes share, running ones whose lease expired; locked (rows
     /// another transaction holds are skipped).
@@ -130,15 +137,6 @@ pub trait Invocations: Send {
         details: Option<&[u8]>,
         now_ms: i64,
     ) -> StoreResult<bool>;
-    /// Undoes, in the transaction that wrote it, the completion of the invocation (with
-    /// `output_bytes`): it backs off, due at `now_ms`, charged to nobody, with `error`.
-    async fn reopen(
-        &mut self,
-        id: &str,
-        output_bytes: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> StoreResult<InvocationRecord>;
     /// Suspends the running invocation (a plain handler's wait).
     async fn set_suspended(
         &mut self,

@@ -196,6 +196,7 @@ impl Invocations for SqliteTx {
         end: &AttemptEnd,
         suspended_due: Option<i64>,
         output_bytes: i64,
+        unless_arrivals: bool,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
         // ?1 is the time, ?2 and ?3 the fence, ?4 the output's bytes; the rest depend on
@@ -244,9 +245,14 @@ impl Invocations for SqliteTx {
                 vec![],
             ),
         };
+        let arrivals = if unless_arrivals {
+            " AND COALESCE(arrived_during_attempt, -1) <> ?3"
+        } else {
+            ""
+        };
         let sql = format!(
             "UPDATE invocations SET {set}, modified_at_ms = ?1 \
-             WHERE id = ?2 AND attempt = ?3 AND status = 'running' AND ?4 = ?4 \
+             WHERE id = ?2 AND attempt = ?3 AND status = 'running' AND ?4 = ?4{arrivals} \
              RETURNING {INVOCATION_COLUMNS}"
         );
         let mut values: Vec<rusqlite::types::Value> = vec![
@@ -301,21 +307,13 @@ impl Invocations for SqliteTx {
         Ok(beat == 1)
     }
 
-    async fn reopen(
-        &mut self,
-        id: &str,
-        output_bytes: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> StoreResult<InvocationRecord> {
-        let sql = format!(
-            "UPDATE invocations SET status = 'backing-off', journal_len = journal_len - 1, \
-             journal_bytes = journal_bytes - ?2, completed_at_ms = NULL, next_run_at_ms = ?3, \
-             last_error = ?4, modified_at_ms = ?3 WHERE id = ?1 AND status = 'completed' \
-             RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![id, output_bytes, now_ms, error])?
-            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    async fn note_arrival(&mut self, id: &str, attempt: u32) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "UPDATE invocations SET arrived_during_attempt = ?2 WHERE id = ?1",
+            params![id, attempt],
+        )?;
+        Ok(())
     }
 
     async fn set_suspended(
