@@ -180,7 +180,7 @@ fn listening(port: u16) -> bool {
     .is_ok()
 }
 
-/// The scratch repository: links to the binaries and to `demo.sh`, the config with this
+/// The scratch repository: links to the binaries, to `demo.sh` and what it sources, the config with this
 /// test's order port, and the note-taking `cargo`.
 fn lay_out(root: &Path, repo: &Path, order_port: u16) {
     let dir = |path: &str| std::fs::create_dir_all(root.join(path)).unwrap();
@@ -195,6 +195,10 @@ fn lay_out(root: &Path, repo: &Path, order_port: u16) {
     link(
         &repo.join("examples/order/demo.sh"),
         "examples/order/demo.sh",
+    );
+    link(
+        &repo.join("examples/demo-processes.sh"),
+        "examples/demo-processes.sh",
     );
 
     let config = std::fs::read_to_string(repo.join("examples/durin.toml")).unwrap();
