@@ -53,10 +53,14 @@ pub async fn claim_due(
     let mut claimed = Vec::with_capacity(ids.len());
     for id in ids {
         crate::journal::sleep::fire_timers(tx, &id, now_ms, now_ms).await?;
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        if let Some(record) = tx.start_attempt(&id, &token, now_ms).await? {
+        if let Some(record) = tx.start_attempt(&id, &attempt_token(), now_ms).await? {
             claimed.push(record);
         }
     }
     Ok(claimed)
+}
+
+/// A fresh attempt token, the secret an attempt's appends present: 122 random bits.
+pub fn attempt_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }

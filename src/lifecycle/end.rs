@@ -13,7 +13,7 @@
 use durin_protocol::Failure;
 
 use crate::ids::InvocationId;
-use crate::store::tables::{refusal, Tx};
+use crate::store::tables::{lock_with_workflow_id, refusal, Tx};
 use crate::store::{
     AttemptEnd, Charge, Closed, InvocationRecord, ParentClose, Store, StoreError, StoreResult,
     StoredEntry,
@@ -58,14 +58,7 @@ pub async fn end_attempt(
     // update.
     match &end {
         AttemptEnd::ContinuedAsNew { .. } => {
-            let current = tx
-                .invocation(id)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
-            if let Some(workflow_id) = &current.workflow_id {
-                tx.lock_workflow_id(&current.service, workflow_id).await?;
-            }
-            tx.lock_row(id).await?;
+            lock_with_workflow_id(tx, id).await?;
         }
         AttemptEnd::Suspended { .. } => {
             // A suspension binds signals before its fenced update: a refused one writes

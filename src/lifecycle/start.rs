@@ -68,7 +68,7 @@ async fn insert_running(
     new: NewInvocation,
     workflow_id: Option<&str>,
 ) -> StoreResult<(InvocationRecord, StoredEntry)> {
-    let token = uuid::Uuid::new_v4().simple().to_string();
+    let token = super::claim::attempt_token();
     let record = tx.insert_running(&new, workflow_id, &token).await?;
     let input = StoredEntry {
         index: 0,

@@ -68,9 +68,6 @@ pub trait Invocations: Send {
     async fn invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>>;
     /// The invocation, locked until the transaction ends (PostgreSQL `FOR UPDATE`).
     async fn lock_invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>>;
-    /// Locks the invocation's row until the transaction ends, reading nothing (SQLite:
-    /// nothing to do under its one writer).
-    async fn lock_row(&mut self, id: &str) -> StoreResult<()>;
     /// Inserts a new invocation whose first attempt runs on this node, with no entry.
     async fn insert_running(
         &mut self,

@@ -1442,34 +1442,52 @@ async fn continue_as_new_hands_unconsumed_signals_and_keys_to_the_next_run(store
     );
 }
 
-/// A child workflow whose run continues as new hands its parent's call to its next run:
-/// the parent gets the last run's result, and the next run keeps the parent-close policy.
-async fn a_child_that_continues_as_new_answers_its_parent_from_its_last_run(store: &dyn Store) {
-    let target = target(store).await;
-    let parent = running(store).await;
-    let child_id = InvocationId::generate();
-    let call = NewEntry {
+/// A `call` of the child workflow `wf` id `workflow_id` (invocation `id`), by the attempt
+/// holding `token` (`None`: a writer inside the gateway).
+fn child_call(
+    target: &HandlerTarget,
+    id: &InvocationId,
+    workflow_id: &str,
+    token: Option<String>,
+    parent_close: ParentClose,
+) -> NewEntry {
+    NewEntry {
         index: None,
         kind: EntryKind::Call,
         name: Some("wf/run".into()),
         value: Some(b"{}".to_vec()),
         content_type: None,
         failure: None,
-        token: parent.attempt_token.clone(),
+        token,
         effect: Effect::StartChild(Box::new(ChildStart {
-            id: child_id.clone(),
+            id: id.clone(),
             target: target.clone(),
             input: b"{}".to_vec(),
             due_ms: T0,
             awaited: true,
             deadline_ms: None,
             workflow: Some(ChildWorkflow {
-                workflow_id: "child-1".into(),
+                workflow_id: workflow_id.into(),
                 input_digest: "d".into(),
             }),
-            parent_close: ParentClose::Terminate,
+            parent_close,
         })),
-    };
+    }
+}
+
+/// A child workflow whose run continues as new hands its parent's call to its next run:
+/// the parent gets the last run's result, and the next run keeps the parent-close policy.
+async fn a_child_that_continues_as_new_answers_its_parent_from_its_last_run(store: &dyn Store) {
+    let target = target(store).await;
+    let parent = running(store).await;
+    let child_id = InvocationId::generate();
+    let call = child_call(
+        &target,
+        &child_id,
+        "child-1",
+        parent.attempt_token.clone(),
+        ParentClose::Terminate,
+    );
     let call = store
         .append_entry(&parent.id, parent.attempt, call, T0)
         .await
@@ -1514,28 +1532,6 @@ async fn a_workflow_id_names_one_live_run(store: &dyn Store) {
     let target = target(store).await;
     let live = started(start(store, "w3", None, T0).await);
     let parent = running(store).await;
-    let child = |id: &InvocationId| NewEntry {
-        index: None,
-        kind: EntryKind::Call,
-        name: Some("wf/run".into()),
-        value: Some(b"{}".to_vec()),
-        content_type: None,
-        failure: None,
-        token: None,
-        effect: Effect::StartChild(Box::new(ChildStart {
-            id: id.clone(),
-            target: target.clone(),
-            input: b"{}".to_vec(),
-            due_ms: T0,
-            awaited: true,
-            deadline_ms: None,
-            workflow: Some(ChildWorkflow {
-                workflow_id: "w3".into(),
-                input_digest: "d".into(),
-            }),
-            parent_close: ParentClose::Abandon,
-        })),
-    };
     let answer = store
         .plain_command(
             PlainCommand {
@@ -1546,7 +1542,13 @@ async fn a_workflow_id_names_one_live_run(store: &dyn Store) {
                 name: "wf/run".into(),
                 key: None,
                 occurrence: 0,
-                new: Some(child(&InvocationId::generate())),
+                new: Some(child_call(
+                    &target,
+                    &InvocationId::generate(),
+                    "w3",
+                    None,
+                    ParentClose::Abandon,
+                )),
                 also: None,
                 suspend: false,
             },

@@ -80,12 +80,6 @@ impl Invocations for PgTx<'_> {
         lock_invocation(self.conn, id).await
     }
 
-    async fn lock_row(&mut self, id: &str) -> StoreResult<()> {
-        self.execute(sqlx::query("SELECT 1 FROM invocations WHERE id = $1 FOR UPDATE").bind(id))
-            .await?;
-        Ok(())
-    }
-
     async fn insert_running(
         &mut self,
         new: &NewInvocation,
@@ -207,16 +201,16 @@ impl Invocations for PgTx<'_> {
         unless_arrivals: bool,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        // $1 is the time, $2 and $3 the fence, $4 the output's bytes; the rest depend on
-        // the end.
+        // $1 is the time, $2 and $3 the fence, $4 the output's bytes (0 for an end that
+        // does not end the invocation); the rest depend on the end.
         let set = match end {
             AttemptEnd::Completed { .. } => {
                 "status = 'completed', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 journal_bytes = journal_bytes + $4, last_error = NULL"
+                 last_error = NULL"
             }
             AttemptEnd::Failed { .. } => {
                 "status = 'failed', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 journal_bytes = journal_bytes + $4, failure = $5"
+                 failure = $5"
             }
             AttemptEnd::BackOff { .. } => {
                 "status = 'backing-off', next_run_at_ms = $5, last_error = $6, \
@@ -228,11 +222,11 @@ impl Invocations for PgTx<'_> {
             AttemptEnd::Paused { .. } => "status = 'paused', last_error = $5",
             AttemptEnd::Cancelled { .. } => {
                 "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 journal_bytes = journal_bytes + $4, failure = $5"
+                 failure = $5"
             }
             AttemptEnd::ContinuedAsNew { .. } => {
                 "status = 'continued', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 journal_bytes = journal_bytes + $4, last_error = NULL"
+                 last_error = NULL"
             }
         };
         let arrivals = if unless_arrivals {
@@ -241,8 +235,8 @@ impl Invocations for PgTx<'_> {
             ""
         };
         let sql = format!(
-            "UPDATE invocations SET {set}, modified_at_ms = $1 \
-             WHERE id = $2 AND attempt = $3 AND status = 'running' AND $4::BIGINT IS NOT NULL\
+            "UPDATE invocations SET {set}, journal_bytes = journal_bytes + $4, \
+             modified_at_ms = $1 WHERE id = $2 AND attempt = $3 AND status = 'running'\
              {arrivals} RETURNING {INVOCATION_COLUMNS}"
         );
         let query = sqlx::query(&sql)

@@ -83,11 +83,6 @@ impl Invocations for SqliteTx {
         fetch_invocation(&self.conn, id)
     }
 
-    async fn lock_row(&mut self, _id: &str) -> StoreResult<()> {
-        // The one writer runs one rule at a time.
-        Ok(())
-    }
-
     async fn insert_running(
         &mut self,
         new: &NewInvocation,
@@ -199,17 +194,17 @@ impl Invocations for SqliteTx {
         unless_arrivals: bool,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        // ?1 is the time, ?2 and ?3 the fence, ?4 the output's bytes; the rest depend on
-        // the end.
+        // ?1 is the time, ?2 and ?3 the fence, ?4 the output's bytes (0 for an end that
+        // does not end the invocation); the rest depend on the end.
         let (set, extra): (&str, Vec<rusqlite::types::Value>) = match end {
             AttemptEnd::Completed { .. } => (
                 "status = 'completed', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                 journal_bytes = journal_bytes + ?4, last_error = NULL",
+                 last_error = NULL",
                 vec![],
             ),
             AttemptEnd::Failed { failure, .. } => (
                 "status = 'failed', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                 journal_bytes = journal_bytes + ?4, failure = ?5",
+                 failure = ?5",
                 vec![to_json(failure)?.into()],
             ),
             AttemptEnd::BackOff {
@@ -236,12 +231,12 @@ impl Invocations for SqliteTx {
             ),
             AttemptEnd::Cancelled { failure } => (
                 "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                 journal_bytes = journal_bytes + ?4, failure = ?5",
+                 failure = ?5",
                 vec![to_json(failure)?.into()],
             ),
             AttemptEnd::ContinuedAsNew { .. } => (
                 "status = 'continued', journal_len = journal_len + 1, completed_at_ms = ?1, \
-                 journal_bytes = journal_bytes + ?4, last_error = NULL",
+                 last_error = NULL",
                 vec![],
             ),
         };
@@ -251,8 +246,8 @@ impl Invocations for SqliteTx {
             ""
         };
         let sql = format!(
-            "UPDATE invocations SET {set}, modified_at_ms = ?1 \
-             WHERE id = ?2 AND attempt = ?3 AND status = 'running' AND ?4 = ?4{arrivals} \
+            "UPDATE invocations SET {set}, journal_bytes = journal_bytes + ?4, \
+             modified_at_ms = ?1 WHERE id = ?2 AND attempt = ?3 AND status = 'running'{arrivals} \
              RETURNING {INVOCATION_COLUMNS}"
         );
         let mut values: Vec<rusqlite::types::Value> = vec![
