@@ -47,8 +47,20 @@ pub struct Config {
     pub on_retries_exhausted: RetriesExhausted,
     /// How long a graceful shutdown waits for attempts in flight.
     pub drain_timeout: Duration,
-    /// Attempts the scheduler runs at once; due invocations beyond it wait their turn.
+    /// How long a client has to send a request's head, on every listener; also the
+    /// longest a keep-alive connection stays idle.
+    pub header_read_timeout: Duration,
+    /// How long a request body may stop flowing before the request is cut.
+    pub body_read_timeout: Duration,
+    /// Attempts that run at once on this node; due invocations and new first attempts
+    /// beyond it wait their turn, in arrival order.
     pub max_concurrent_attempts: usize,
+    /// First attempts of new invocations that may wait for a slot, each with its caller's
+    /// request held open; past it, a caller that would wait gets a 503 with `Retry-After`.
+    pub max_queued_attempts: usize,
+    /// Invocations created due (not queued) because the queue was full, from callers that
+    /// do not wait (`send`, a start without `Prefer: wait`); past it, they get a 503 too.
+    pub max_pending_starts: u64,
     /// Deployments registered at start.
     pub deployments: Vec<DeploymentConfig>,
     /// Where the egress proxy listens; no egress when unset.
@@ -106,7 +118,11 @@ impl Default for Config {
             heartbeat_timeout: None,
             on_retries_exhausted: RetriesExhausted::Fail,
             drain_timeout: Duration::from_secs(10),
-            max_concurrent_attempts: 1024,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            max_concurrent_attempts: 256,
+            max_queued_attempts: 10_000,
+            max_pending_starts: 100_000,
             deployments: Vec::new(),
             egress_listen: None,
             egress_allow: Vec::new(),
@@ -193,7 +209,13 @@ struct ConfigFile {
     on_retries_exhausted: Option<RetriesExhausted>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_read_timeout: Option<Duration>,
     max_concurrent_attempts: Option<usize>,
+    max_queued_attempts: Option<usize>,
+    max_pending_starts: Option<u64>,
     #[serde(default)]
     deployments: Vec<DeploymentConfig>,
     egress_listen: Option<SocketAddr>,
@@ -276,8 +298,20 @@ impl Config {
         if let Some(v) = file.drain_timeout {
             config.drain_timeout = v;
         }
+        if let Some(v) = file.header_read_timeout {
+            config.header_read_timeout = v;
+        }
+        if let Some(v) = file.body_read_timeout {
+            config.body_read_timeout = v;
+        }
         if let Some(v) = file.max_concurrent_attempts {
             config.max_concurrent_attempts = v.max(1);
+        }
+        if let Some(v) = file.max_queued_attempts {
+            config.max_queued_attempts = v;
+        }
+        if let Some(v) = file.max_pending_starts {
+            config.max_pending_starts = v;
         }
         config.deployments = file.deployments;
         if let Some(v) = file.egress_listen {

@@ -15,15 +15,14 @@ pub mod journal;
 pub mod lifecycle;
 pub mod problem;
 pub mod registry;
+pub mod server;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -148,7 +147,11 @@ async fn serve(
             advertised_url: advertised_url.clone(),
             default_retry_policy: config.retry_policy.clone(),
             default_start_to_close: config.start_to_close,
-            max_concurrent_attempts: config.max_concurrent_attempts,
+            admission: engine::AdmissionLimits {
+                max_concurrent_attempts: config.max_concurrent_attempts,
+                max_queued_attempts: config.max_queued_attempts,
+                max_pending_starts: config.max_pending_starts,
+            },
             journal_limits: config.journal_limits,
             timeouts,
             pause_when_exhausted: config.on_retries_exhausted == config::RetriesExhausted::Pause,
@@ -201,6 +204,10 @@ async fn serve(
     ));
     // Cancelled after the drain; the servers stop then, waiting callers get a 503.
     let server_stop = CancellationToken::new();
+    let read_timeouts = server::ReadTimeouts {
+        header: config.header_read_timeout,
+        body: config.body_read_timeout,
+    };
     let egress_server = match config.egress_listen {
         Some(address) => {
             let listener = TcpListener::bind(address)
@@ -234,17 +241,14 @@ async fn serve(
                 "durin egress listening on http://{}",
                 listener.local_addr()?
             );
-            let listener = listener.tap_io(|stream| {
-                let _ = stream.set_nodelay(true);
-            });
             // Attempts draining at a shutdown still need the egress: it stops with the
             // main server, after the drain.
-            let stop = server_stop.clone();
-            Some(tokio::spawn(
-                axum::serve(listener, egress.router())
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .into_future(),
-            ))
+            Some(tokio::spawn(server::serve(
+                listener,
+                egress.router(),
+                read_timeouts,
+                server_stop.clone(),
+            )))
         }
         None => None,
     };
@@ -274,26 +278,21 @@ async fn serve(
         admin_listener.local_addr()?
     );
     println!("durin listening on http://{local} (advertised as {advertised_url})");
-    let listener = listener.tap_io(|stream| {
-        // Answers are small and latency matters more than packet count.
-        let _ = stream.set_nodelay(true);
-    });
-    let admin_server = tokio::spawn(
-        axum::serve(
-            admin_listener,
-            api::admin_router(
-                state.clone(),
-                config.admin_token.as_ref().map(|t| t.expose().to_owned()),
-            ),
-        )
-        .with_graceful_shutdown(server_stop.clone().cancelled_owned())
-        .into_future(),
-    );
-    let server = tokio::spawn(
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(server_stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let admin_server = tokio::spawn(server::serve(
+        admin_listener,
+        api::admin_router(
+            state.clone(),
+            config.admin_token.as_ref().map(|t| t.expose().to_owned()),
+        ),
+        read_timeouts,
+        server_stop.clone(),
+    ));
+    let server = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        read_timeouts,
+        server_stop.clone(),
+    ));
     shutdown.cancelled().await;
     engine.drain(config.drain_timeout).await;
     scheduler.await?;
@@ -302,10 +301,10 @@ async fn serve(
         cluster_events.await?;
     }
     server_stop.cancel();
-    server.await??;
-    admin_server.await??;
+    server.await?;
+    admin_server.await?;
     if let Some(egress_server) = egress_server {
-        egress_server.await??;
+        egress_server.await?;
     }
     // The last spans go out before the process ends (the exporter blocks on its thread).
     if traces.enabled() {

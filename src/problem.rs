@@ -103,6 +103,12 @@ pub enum ApiError {
     Storage(String),
     #[error("{0}")]
     ShuttingDown(String),
+    /// Too much work waits already: the caller should come back after `retry_after`.
+    #[error("{detail}")]
+    Overloaded {
+        detail: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl From<StoreError> for ApiError {
@@ -256,6 +262,12 @@ impl ApiError {
                 "Durin is shutting down",
                 true,
             ),
+            Overloaded { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Durin is at capacity",
+                true,
+            ),
         }
     }
 
@@ -329,12 +341,12 @@ impl IntoResponse for ApiError {
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // A paused invocation waits for an operator; the rest passes in moments.
-            let after = if matches!(self, ApiError::InvocationPaused { .. }) {
-                "30"
-            } else {
-                "1"
+            let after = match &self {
+                ApiError::InvocationPaused { .. } => 30,
+                ApiError::Overloaded { retry_after, .. } => retry_after.as_secs().max(1),
+                _ => 1,
             };
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(after));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(after));
         }
         if let ApiError::Suspended(_) = &self {
             headers.insert(

@@ -842,6 +842,10 @@ fn api_errors() -> Vec<ApiError> {
         ApiError::Downstream("no answer".into()),
         ApiError::Storage("gone".into()),
         ApiError::ShuttingDown("stopping".into()),
+        ApiError::Overloaded {
+            detail: "too much waits".into(),
+            retry_after: std::time::Duration::from_secs(1),
+        },
         ApiError::WorkflowConflict {
             detail: "another input".into(),
             invocation_id: SAMPLE_ID.into(),
@@ -890,6 +894,7 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::Downstream(_)
             | ApiError::Storage(_)
             | ApiError::ShuttingDown(_)
+            | ApiError::Overloaded { .. }
             | ApiError::WorkflowConflict { .. }
             | ApiError::UnknownQuery { .. }
             | ApiError::Suspended(_)

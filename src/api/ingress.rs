@@ -10,7 +10,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::{wait_for_end, ApiBody, ApiPath, AppState, EndedListener};
-use crate::engine::Ended;
+use crate::engine::{Admitted, Caller, Ended};
 use crate::http::hex;
 use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
@@ -32,7 +32,7 @@ pub async fn call(
     headers: HeaderMap,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
-    let started = start(&state, &service, &handler, &headers, &body).await?;
+    let started = start(&state, &service, &handler, &headers, &body, Caller::Waits).await?;
     let ended = wait_for_end(
         &state,
         &started.record.id,
@@ -58,7 +58,12 @@ pub async fn send(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let wait = prefer_wait(&headers);
-    let started = start(&state, &service, &handler, &headers, &body).await?;
+    let caller = if wait.is_some() {
+        Caller::Waits
+    } else {
+        Caller::HandsOver
+    };
+    let started = start(&state, &service, &handler, &headers, &body, caller).await?;
     let Some(wait) = wait else {
         return Ok(with_preference(
             accepted(&started.record, started.replayed),
@@ -207,13 +212,14 @@ struct Started {
 }
 
 /// Checks the request and creates the invocation, or finds the one its idempotency key
-/// names.
+/// names; refused (503) when admission turns `caller` away.
 async fn start(
     state: &AppState,
     service: &str,
     handler: &str,
     headers: &HeaderMap,
     body: &[u8],
+    caller: Caller,
 ) -> Result<Started, ApiError> {
     let service = parse_name("service", service).map_err(ApiError::BadRequest)?;
     let handler = parse_name("handler", handler).map_err(ApiError::BadRequest)?;
@@ -229,6 +235,7 @@ async fn start(
             ))
         })?;
     let (input_digest, content_type) = input_digest(target.protocol, content_type, body)?;
+    let admitted = super::admit(state, caller).await?;
     let now_ms = state.clock.now_ms();
     let idempotency = key.map(|key| IdempotencyClaim {
         scope: format!("{service}/{handler}"),
@@ -253,6 +260,7 @@ async fn start(
         now_ms,
         deadline_ms: state.timeouts.deadline(&target_spec, now_ms),
         traceparent: super::traceparent(headers),
+        run_now: admitted == Admitted::Queue,
     };
 
     let created = tokio::spawn(async move {
@@ -261,7 +269,7 @@ async fn start(
         Ok::<_, ApiError>(match created {
             Created::New { record, input } => {
                 let listener = state.engine.waiters().listener(&record.id);
-                state.engine.run_started(record.clone(), vec![*input]);
+                state.engine.run_created(record.clone(), *input);
                 Started {
                     record,
                     replayed: false,

@@ -350,6 +350,35 @@ pub fn parse_json<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Api
         .map_err(|e| ApiError::BadRequest(format!("{what} is not valid: {e}")))
 }
 
+/// Admission for a request that would create work: how its first attempt runs, or a 503
+/// with `Retry-After` when too much work waits already (nothing is written then).
+pub async fn admit(
+    state: &AppState,
+    caller: crate::engine::Caller,
+) -> Result<crate::engine::Admitted, ApiError> {
+    state.engine.admit(caller).await.map_err(|busy| {
+        let limits = state.engine.admission().limits();
+        let detail = match caller {
+            crate::engine::Caller::Waits => format!(
+                "{} new invocations already wait for one of {} attempt slots (max_queued_attempts); nothing was created, try again after {} s (or send it with POST /v1/send without Prefer: wait, which queues it in the store)",
+                busy.queued,
+                limits.max_concurrent_attempts,
+                busy.retry_after.as_secs().max(1),
+            ),
+            crate::engine::Caller::HandsOver => format!(
+                "{} invocations already wait in the store for their first attempt (max_pending_starts {}); nothing was created, try again after {} s",
+                limits.max_pending_starts,
+                limits.max_pending_starts,
+                busy.retry_after.as_secs().max(1),
+            ),
+        };
+        ApiError::Overloaded {
+            detail,
+            retry_after: busy.retry_after,
+        }
+    })
+}
+
 /// The caller's W3C `traceparent`, when it is one (W3C Trace Context: an invalid one is
 /// ignored, not refused); the invocation's trace continues it.
 pub fn traceparent(headers: &HeaderMap) -> Option<String> {

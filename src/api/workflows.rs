@@ -5,6 +5,7 @@
 //! `?reuse=after-end` starts a new run when the last one has ended. Signals, queries and
 //! awakeables reach a run by its workflow id (see `signals.rs`, `queries.rs`).
 
+use crate::engine::{Admitted, Caller};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -85,6 +86,11 @@ pub async fn start(
         &body,
         new_run_after_end,
         None,
+        if wait.is_some() {
+            Caller::Waits
+        } else {
+            Caller::HandsOver
+        },
     )
     .await?;
     answer(&state, record, replayed, wait).await
@@ -133,12 +139,16 @@ pub async fn signal_with_start(
         &input,
         true,
         Some(signal),
+        Caller::HandsOver,
     )
     .await?;
     state.engine.nudge();
     Ok(accepted(&record, replayed))
 }
 
+/// Starts a run, or finds the one the id names; refused (503) when admission turns
+/// `caller` away.
+#[allow(clippy::too_many_arguments)]
 async fn start_run(
     state: &AppState,
     traceparent: Option<String>,
@@ -147,6 +157,7 @@ async fn start_run(
     body: &[u8],
     new_run_after_end: bool,
     signal: Option<NewSignal>,
+    caller: Caller,
 ) -> Result<(InvocationRecord, bool), ApiError> {
     let workflow = parse_name("workflow", workflow).map_err(ApiError::BadRequest)?;
     let workflow_id = parse_workflow_id(id)?;
@@ -160,6 +171,7 @@ async fn start_run(
             ))
         })?;
     let (input_digest, content_type) = input_digest(target.protocol, content_type, body)?;
+    let admitted = super::admit(state, caller).await?;
     let now_ms = state.clock.now_ms();
     let deadline_ms = state.timeouts.deadline(&target.spec, now_ms);
     let run = NewWorkflowRun {
@@ -172,6 +184,7 @@ async fn start_run(
             now_ms,
             deadline_ms,
             traceparent,
+            run_now: admitted == Admitted::Queue,
         },
         workflow_id,
         input_digest,
@@ -184,9 +197,7 @@ async fn start_run(
         let state = task_state;
         let started = state.store.start_workflow(run).await?;
         if let WorkflowStarted::New { record, input } = &started {
-            state
-                .engine
-                .run_started(record.clone(), vec![(**input).clone()]);
+            state.engine.run_created(record.clone(), (**input).clone());
         }
         Ok::<_, ApiError>(started)
     })

@@ -123,6 +123,13 @@ struct ServeArgs {
     /// advertised URL]; a node restarted under the same id takes its attempts back at once.
     #[arg(long, env = "DURIN_NODE_ID")]
     node_id: Option<String>,
+    /// Attempts that run at once on this node [default: 256]
+    #[arg(long, env = "DURIN_MAX_CONCURRENT_ATTEMPTS")]
+    max_concurrent_attempts: Option<usize>,
+    /// New first attempts that may wait for a slot with their callers' requests open;
+    /// past it, callers that wait get a 503 with Retry-After [default: 10000]
+    #[arg(long, env = "DURIN_MAX_QUEUED_ATTEMPTS")]
+    max_queued_attempts: Option<usize>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -201,6 +208,12 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             }
             if let Some(endpoint) = args.otlp_endpoint {
                 config.otlp_endpoint = Some(endpoint);
+            }
+            if let Some(n) = args.max_concurrent_attempts {
+                config.max_concurrent_attempts = n.max(1);
+            }
+            if let Some(n) = args.max_queued_attempts {
+                config.max_queued_attempts = n;
             }
             if let Some(node_id) = args.node_id {
                 config.node_id = Some(node_id);

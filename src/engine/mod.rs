@@ -9,6 +9,7 @@
 //! time, and recovery after a crash is the scheduler finding rows that are overdue.
 //! [`Engine::nudge`] only makes the scheduler look sooner; correctness never depends on it.
 
+mod admission;
 mod attempt;
 mod heartbeats;
 mod invoke;
@@ -20,10 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use durin_protocol::RetryPolicy;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use admission::{Admission, Admitted, Busy, Caller, Limits as AdmissionLimits};
 pub use updates::UpdateWatch;
 pub use waiters::{Ended, Waiters};
 
@@ -39,8 +41,8 @@ pub struct EngineConfig {
     pub advertised_url: String,
     pub default_retry_policy: RetryPolicy,
     pub default_start_to_close: Duration,
-    /// Attempts the scheduler runs at once.
-    pub max_concurrent_attempts: usize,
+    /// Attempts that run at once, and the work that may wait for them.
+    pub admission: admission::Limits,
     /// Past 80 % of these, a handler is told to continue as new.
     pub journal_limits: crate::store::JournalLimits,
     /// Timeouts of handlers that declare none.
@@ -88,8 +90,8 @@ pub struct Engine {
     signer: Arc<RequestSigner>,
     /// Attempts in flight, so that a shutdown can wait for them.
     tracker: TaskTracker,
-    /// Bounds the attempts the scheduler runs at once.
-    slots: Arc<Semaphore>,
+    /// Bounds the attempts that run at once and the first attempts that wait for them.
+    admission: Admission,
     /// Wakes the scheduler when something may have become due.
     nudge: Notify,
     shutdown: CancellationToken,
@@ -106,7 +108,7 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Engine {
         let EngineKeys { awakeables, signer } = keys;
-        let slots = Arc::new(Semaphore::new(config.max_concurrent_attempts.max(1)));
+        let admission = Admission::new(config.admission);
         Engine {
             store,
             clock,
@@ -126,7 +128,7 @@ impl Engine {
             awakeables,
             signer,
             tracker: TaskTracker::new(),
-            slots,
+            admission,
             nudge: Notify::new(),
             shutdown,
         }
@@ -270,17 +272,56 @@ impl Engine {
         tokio::spawn(scheduler::run(Arc::clone(self)))
     }
 
+    /// Who may create work now, and how (see [`Admission`]).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Whether a request that would create work is let in, and whether its first attempt
+    /// runs here (queued for a slot) or is left to the scheduler; asked before anything is
+    /// written.
+    pub async fn admit(&self, caller: Caller) -> Result<Admitted, Busy> {
+        let store = &self.store;
+        self.admission
+            .admit(caller, || async move {
+                store.count_pending().await.unwrap_or_else(|error| {
+                    tracing::warn!(%error, "could not count the pending starts; refusing");
+                    u64::MAX
+                })
+            })
+            .await
+    }
+
+    /// Runs the first attempt of an invocation ingress has just created: at once (after
+    /// its turn for a slot) when it was created running, by the scheduler when it was
+    /// created due.
+    pub fn run_created(self: &Arc<Self>, record: InvocationRecord, input: StoredEntry) {
+        if record.status == crate::store::Status::Running {
+            self.run_started(record, vec![input]);
+        } else {
+            self.nudge();
+        }
+    }
+
     /// Runs the first attempt of an invocation the store created already started (attempt
-    /// 1, running), with its journal in hand, so that it costs no further read or write.
+    /// 1, running), with its journal in hand, so that it costs no further read or write. It
+    /// waits for a slot in arrival order first.
     pub fn run_started(self: &Arc<Self>, record: InvocationRecord, journal: Vec<StoredEntry>) {
-        // During a shutdown the invocation stays running in the store; the next start
-        // recovers it.
+        // During a shutdown the invocation stays running in the store (also one still in
+        // the queue); the next start recovers it.
         if self.shutdown.is_cancelled() {
             return;
         }
         let engine = Arc::clone(self);
-        self.tracker
-            .spawn(async move { engine.run_attempt(record, Some(journal)).await });
+        self.tracker.spawn(async move {
+            let Some(slot) = engine.admission.queue_for_slot(&engine.shutdown).await else {
+                return;
+            };
+            // Boxed: the attempt's state is allocated once it runs, so that a task still
+            // in the queue is small.
+            Box::pin(engine.run_attempt(record, Some(journal))).await;
+            drop(slot);
+        });
     }
 
     /// Waits for attempts in flight to finish, at most `timeout`. What is left is

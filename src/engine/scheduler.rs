@@ -24,13 +24,13 @@ pub(super) async fn run(engine: Arc<Engine>) {
         }
         // Wait for a free slot before claiming: a claimed invocation starts at once.
         let first = tokio::select! {
-            permit = Arc::clone(&engine.slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
+            permit = engine.admission.slot() => match permit {
+                Some(permit) => permit,
+                None => return,
             },
             _ = engine.shutdown.cancelled() => return,
         };
-        let limit = (1 + engine.slots.available_permits()).min(BATCH);
+        let limit = (1 + engine.admission.free_slots()).min(BATCH);
         let claimed = match engine
             .store
             .claim_due(engine.clock.now_ms(), limit as u32)
@@ -49,9 +49,9 @@ pub(super) async fn run(engine: Arc<Engine>) {
         for record in claimed {
             let permit = match first.take() {
                 Some(permit) => permit,
-                None => match Arc::clone(&engine.slots).acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => return,
+                None => match engine.admission.slot().await {
+                    Some(permit) => permit,
+                    None => return,
                 },
             };
             let runner = Arc::clone(&engine);

@@ -173,6 +173,7 @@ pub async fn insert(
         parent: Some((parent, child.awaited.then_some(entry.index))),
         parent_close: Some(child.parent_close),
         traceparent,
+        idempotency_key: None,
     };
     insert_pending(tx, &pending, now_ms).await?;
     if let Some(workflow) = &child.workflow {

@@ -75,6 +75,7 @@ pub async fn start_next_run(
         parent: None,
         parent_close: None,
         traceparent: record.traceparent.clone(),
+        idempotency_key: None,
     };
     crate::journal::child::insert_pending(tx, &pending, now_ms).await?;
     tx.inherit_parent(record.id.as_str(), next.as_str()).await?;

@@ -61,15 +61,36 @@ pub async fn create(tx: &mut dyn Tx, new: NewInvocation) -> StoreResult<Created>
     })
 }
 
-/// Inserts a new invocation, running its first attempt, with its input entry and its
-/// idempotency claim.
+/// Inserts a new invocation with its input entry and its idempotency claim: running its
+/// first attempt, or (when `new.run_now` is false) due now for the scheduler.
 async fn insert_running(
     tx: &mut dyn Tx,
     new: NewInvocation,
     workflow_id: Option<&str>,
 ) -> StoreResult<(InvocationRecord, StoredEntry)> {
-    let token = super::claim::attempt_token();
-    let record = tx.insert_running(&new, workflow_id, &token).await?;
+    let record = if new.run_now {
+        let token = super::claim::attempt_token();
+        tx.insert_running(&new, workflow_id, &token).await?
+    } else {
+        let pending = crate::store::tables::Pending {
+            id: new.id.as_str(),
+            service: &new.target.service,
+            handler: &new.target.handler,
+            deployment_id: &new.target.deployment_id,
+            input: &new.input,
+            due_ms: new.now_ms,
+            deadline_ms: new.deadline_ms,
+            workflow_id,
+            parent: None,
+            parent_close: None,
+            traceparent: new.traceparent.clone(),
+            idempotency_key: new.idempotency.as_ref().map(|c| c.key.as_str()),
+        };
+        tx.insert_pending(&pending, new.now_ms).await?;
+        tx.invocation(new.id.as_str())
+            .await?
+            .ok_or_else(|| StoreError::Backend("a new invocation could not be read".into()))?
+    };
     let input = StoredEntry {
         index: 0,
         kind: durin_protocol::EntryKind::Input,

@@ -430,6 +430,10 @@ pub struct NewInvocation {
     pub deadline_ms: Option<i64>,
     /// The caller's W3C `traceparent`, checked.
     pub traceparent: Option<String>,
+    /// Created with its first attempt running, for this node to run at once (`true`), or
+    /// due now, for the scheduler to claim when a slot is free (`false`: admission's queue
+    /// was full).
+    pub run_now: bool,
 }
 
 /// The start of a run of a workflow: `(workflow, workflow_id)` names one run at a time.
@@ -915,6 +919,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<InvocationId>>;
     /// How many invocations that have not ended are in each status.
     async fn count_unfinished(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// How many invocations wait for their first attempt (status `pending`).
+    async fn count_pending(&self) -> StoreResult<u64>;
     /// How many suspended invocations wait for each kind of command (`sleep`, `signal`,
     /// `awakeable`, `call`; `none` for a suspension that names no command); one that waits
     /// for several kinds counts once under each.

@@ -478,4 +478,6 @@ pub struct Pending<'a> {
     pub parent_close: Option<ParentClose>,
     /// The W3C `traceparent` its trace continues.
     pub traceparent: Option<String>,
+    /// The `Idempotency-Key` of the request that created it, shown in its view.
+    pub idempotency_key: Option<&'a str>,
 }

@@ -560,6 +560,7 @@ async fn create(store: &dyn Store, idempotency: Option<IdempotencyClaim>, now_ms
             now_ms,
             deadline_ms: None,
             traceparent: None,
+            run_now: true,
         })
         .await
         .unwrap();
@@ -1270,6 +1271,7 @@ async fn start(
                 now_ms,
                 deadline_ms: None,
                 traceparent: None,
+                run_now: true,
             },
             workflow_id: workflow_id.into(),
             input_digest: "d".into(),

@@ -3,7 +3,12 @@
 //! `-n N -c C`, which is what the Restate anchor figures were measured with). With several
 //! Durin nodes, the callers are spread round-robin over them: caller i always calls node
 //! i mod N.
+//!
+//! Past saturation Durin's admission control may refuse a call with 503 and a
+//! `Retry-After` header: such an answer is expected, so its latency is counted like any
+//! answer's, but it is not a success; the answers other than 200 are counted per status.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,15 +23,22 @@ pub const ORDER_BODY: &str = r#"{"order_id":"bench-1","customer_id":"cust-1","am
 pub const EXPECTED_RESULT: &str =
     "order bench-1 complete charge charge_bench-1 reservation reservation_bench-1";
 
+/// The status with which admission control refuses a call it has no room for.
+pub const REFUSED: u16 = 503;
+
 /// What one run of `requests` requests at one concurrency produced.
+#[derive(Default)]
 pub struct LevelResult {
     /// Latencies of all requests that got an answer, successful or not, sorted ascending.
     pub latencies: Vec<Duration>,
+    /// 200 answers with the expected body.
     pub ok: usize,
     /// 200 answers whose body was not the expected result.
     pub bad_body: usize,
-    /// Answers with a status other than 200.
-    pub bad_status: usize,
+    /// The answers with a status other than 200, counted per status.
+    pub by_status: BTreeMap<u16, usize>,
+    /// The 503 answers that carried a `Retry-After` header.
+    pub refused_with_retry_after: usize,
     /// Connection failures, timeouts, and bodies that could not be read.
     pub transport: usize,
     /// From just before the first request to just after the last answer.
@@ -36,8 +48,29 @@ pub struct LevelResult {
 }
 
 impl LevelResult {
+    /// Every request that did not succeed: bad bodies, other statuses than 200 (503
+    /// refusals included) and transport errors.
     pub fn errors(&self) -> usize {
-        self.bad_body + self.bad_status + self.transport
+        self.bad_body + self.bad_status() + self.transport
+    }
+
+    /// The answers with a status other than 200, whatever the status.
+    pub fn bad_status(&self) -> usize {
+        self.by_status.values().sum()
+    }
+
+    /// The answers refused with 503, with or without `Retry-After`.
+    pub fn refused_503(&self) -> usize {
+        self.by_status.get(&REFUSED).copied().unwrap_or(0)
+    }
+
+    /// Counts one answer with `status` (not 200); `retry_after` says whether it carried a
+    /// `Retry-After` header, which is noted for 503 only.
+    pub fn count_status(&mut self, status: u16, retry_after: bool) {
+        *self.by_status.entry(status).or_insert(0) += 1;
+        if status == REFUSED && retry_after {
+            self.refused_with_retry_after += 1;
+        }
     }
 
     /// Latency at quantile `q` (0..=1) by the nearest-rank method.
@@ -49,6 +82,7 @@ impl LevelResult {
         Some(self.latencies[rank.clamp(1, self.latencies.len()) - 1])
     }
 
+    /// The mean latency of the answers; `None` without any.
     pub fn mean(&self) -> Option<Duration> {
         let n = u32::try_from(self.latencies.len())
             .ok()
@@ -61,13 +95,24 @@ impl LevelResult {
 enum Outcome {
     Ok,
     BadBody(String),
-    BadStatus(String),
+    /// An answer with a status other than 200.
+    BadStatus {
+        status: u16,
+        /// Whether the answer carried a `Retry-After` header.
+        retry_after: bool,
+        error: String,
+    },
+    /// No answer: the connection failed (refused, reset, out of file descriptors), timed
+    /// out, or the body could not be read.
     Transport(String),
 }
 
 /// The HTTP client shared by all callers of a run. One client with a large enough idle pool
 /// keeps one keep-alive connection per caller, so connection setup is not measured after
-/// the first request of each caller.
+/// the first request of each caller. The client sets no limit on the connections it opens
+/// (only on those it keeps idle), so `max_concurrency` callers, 5,000 too, get a
+/// connection each, as far as the open-file limit allows (checked before a run, see
+/// `main.rs`); a connection that cannot be opened fails its request as a transport error.
 pub fn client(max_concurrency: usize) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .pool_max_idle_per_host(max_concurrency.max(1))
@@ -92,16 +137,20 @@ async fn call(client: &reqwest::Client, url: &str) -> Outcome {
         Err(e) => return Outcome::Transport(format!("{e:#}")),
     };
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .contains_key(reqwest::header::RETRY_AFTER);
     // The body is always read, also on failures, so the connection can be reused.
     let body = match response.bytes().await {
         Ok(body) => body,
         Err(e) => return Outcome::Transport(format!("reading the body: {e:#}")),
     };
     if status != reqwest::StatusCode::OK {
-        return Outcome::BadStatus(format!(
-            "status {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
+        return Outcome::BadStatus {
+            status: status.as_u16(),
+            retry_after,
+            error: format!("status {status}: {}", String::from_utf8_lossy(&body)),
+        };
     }
     // Parsing rather than comparing bytes keeps the check independent of JSON formatting.
     match serde_json::from_slice::<serde_json::Value>(&body) {
@@ -118,7 +167,7 @@ async fn call(client: &reqwest::Client, url: &str) -> Outcome {
 pub async fn smoke(client: &reqwest::Client, url: &str) -> Result<()> {
     match call(client, url).await {
         Outcome::Ok => Ok(()),
-        Outcome::BadBody(e) | Outcome::BadStatus(e) | Outcome::Transport(e) => {
+        Outcome::BadBody(e) | Outcome::BadStatus { error: e, .. } | Outcome::Transport(e) => {
             anyhow::bail!("the first order3 call to {url} failed: {e}")
         }
     }
@@ -154,12 +203,7 @@ pub async fn run(
     }
     let mut result = LevelResult {
         latencies: Vec::with_capacity(requests),
-        ok: 0,
-        bad_body: 0,
-        bad_status: 0,
-        transport: 0,
-        wall: Duration::ZERO,
-        first_error: None,
+        ..LevelResult::default()
     };
     while let Some(joined) = tasks.join_next().await {
         for (latency, outcome) in joined.context("a load-generating task failed")? {
@@ -172,9 +216,14 @@ pub async fn run(
                     result.bad_body += 1;
                     Some(e)
                 }
-                Outcome::BadStatus(e) => {
-                    result.bad_status += 1;
-                    Some(e)
+                // A refusal (503) is an answer: its latency is counted, but it is no success.
+                Outcome::BadStatus {
+                    status,
+                    retry_after,
+                    error,
+                } => {
+                    result.count_status(status, retry_after);
+                    Some(error)
                 }
                 Outcome::Transport(e) => {
                     result.transport += 1;
@@ -203,15 +252,36 @@ mod tests {
         let result = LevelResult {
             latencies: (1..=100).map(Duration::from_millis).collect(),
             ok: 100,
-            bad_body: 0,
-            bad_status: 0,
-            transport: 0,
             wall: Duration::from_secs(1),
-            first_error: None,
+            ..LevelResult::default()
         };
         assert_eq!(result.percentile(0.5), Some(Duration::from_millis(50)));
         assert_eq!(result.percentile(0.99), Some(Duration::from_millis(99)));
         assert_eq!(result.percentile(1.0), Some(Duration::from_millis(100)));
         assert_eq!(result.percentile(0.0), Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn counts_answers_per_status_and_refusals_with_retry_after() {
+        let mut result = LevelResult {
+            ok: 5,
+            bad_body: 1,
+            transport: 2,
+            ..LevelResult::default()
+        };
+        result.count_status(503, true);
+        result.count_status(503, false);
+        result.count_status(503, true);
+        result.count_status(500, false);
+        // Retry-After is noted for refusals only.
+        result.count_status(429, true);
+        assert_eq!(
+            result.by_status.iter().collect::<Vec<_>>(),
+            [(&429, &1), (&500, &1), (&503, &3)]
+        );
+        assert_eq!(result.refused_503(), 3);
+        assert_eq!(result.refused_with_retry_after, 2);
+        assert_eq!(result.bad_status(), 5);
+        assert_eq!(result.errors(), 1 + 5 + 2);
     }
 }

@@ -69,6 +69,33 @@
 //! database: drop and recreate it before each run, so that runs start equal. Only order3
 //! (`--scenario sdk`) runs on PostgreSQL. The output on SQLite is as it always was.
 //!
+//! **Past saturation** (`--overload`): shorthand for the concurrency levels `64,2000,5000`
+//! (unless `--concurrency` is given) with 30,000 requests per level (unless `--requests` is
+//! given; a level needs more requests than callers, or the callers are cut to the request
+//! count). It shows what Durin does beyond the callers it can serve: how throughput
+//! (successful calls per second) and latency (p50, p99, max) hold up, which calls it
+//! refuses (admission control answers 503 with a `Retry-After` header: such an answer's
+//! latency is counted, but it is no success), and what the load does to its memory. For
+//! these reasons, every level of order3 and order3-egress, with `--overload` or not,
+//! reports:
+//!
+//! - the answers other than 200 per status (`errors_by_status` in the JSON line, e.g.
+//!   `{"503": 1200}`, in the table's `errors` cell as `503:1200`), `refused_503`, and
+//!   `refused_with_retry_after` (the 503s with a `Retry-After` header); transport errors
+//!   (no answer: a connection refused or reset, a timeout) stay `errors_transport`;
+//! - Durin's RSS (summed over its nodes) just before the level (`durin_rss_before_mib`),
+//!   its peak during the level, sampled every 100 ms (`durin_rss_peak_mib`), just after it
+//!   (`durin_rss_mib`, as always), and after a settle time of `--settle-secs` (default 5,
+//!   0 reads at once) without load (`durin_rss_after_mib`). The CPU figures of a level end
+//!   with its last answer, before the settle time. Each level's callers have connections of
+//!   their own, closed when the level ends, so that the RSS after the settle time is not
+//!   what their idle connections hold.
+//!
+//! Each caller holds a connection of its own, in this process and in Durin (which inherits
+//! this process's limits), so before the levels run the bench checks that the soft limit
+//! on open files (`ulimit -n`) is at least the largest level plus 100, and stops with an
+//! error otherwise.
+//!
 //! All children are killed when the benchmark ends, fails or is interrupted with Ctrl-C,
 //! and the scratch directory (databases and the children's logs) is removed unless
 //! `--keep-dir` is given.
@@ -78,6 +105,7 @@
 //! target/release/durin-bench --scenario waiting [--waiting-counts 10000,100000] [--waiting-concurrency 32]
 //! target/release/durin-bench --scenario sdk --store postgres \
 //!     --database-url postgres://postgres@127.0.0.1:5432/durin_bench --nodes 3
+//! target/release/durin-bench --scenario sdk --overload [--settle-secs 5]
 //! ```
 
 mod callers;
@@ -99,6 +127,27 @@ use crate::report::{Level, Machine, ScenarioReport};
 /// At c=1 requests are sequential, so the request count is capped to keep the run short;
 /// 500 samples are plenty for a p99.
 const MAX_REQUESTS_AT_C1: usize = 500;
+
+/// Requests per level unless `--requests` or `--overload` says otherwise.
+const DEFAULT_REQUESTS: usize = 2000;
+
+/// Requests per level with `--overload`, unless `--requests` is given: more than the
+/// largest overload level, so that every caller gets requests to send.
+const OVERLOAD_REQUESTS: usize = 30_000;
+
+/// Concurrency levels unless `--concurrency` or `--overload` says otherwise.
+const DEFAULT_LEVELS: [usize; 3] = [1, 64, 256];
+
+/// Concurrency levels with `--overload`, unless `--concurrency` is given: one level Durin
+/// serves, and two well past saturation.
+const OVERLOAD_LEVELS: [usize; 3] = [64, 2000, 5000];
+
+/// Open files needed beyond one per caller: the listeners, the database, the logs, the
+/// connections to the handler.
+const FD_HEADROOM: u64 = 100;
+
+/// How often Durin's RSS is sampled during a level, for its peak.
+const RSS_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Concurrency of the warm-up, as in the Restate anchor's `run.sh`.
 const WARMUP_CONCURRENCY: usize = 16;
@@ -157,12 +206,20 @@ struct Args {
     /// Which scenarios to run.
     #[arg(long, value_enum, default_value_t = Scenarios::Both)]
     scenario: Scenarios,
-    /// Requests per concurrency level (at c=1 at most 500).
-    #[arg(long, default_value_t = 2000)]
-    requests: usize,
-    /// Concurrency levels, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
-    concurrency: Vec<usize>,
+    /// Requests per concurrency level (at c=1 at most 500) [default: 2000; 30000 with
+    /// --overload]
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Concurrency levels, comma-separated [default: 1,64,256; 64,2000,5000 with --overload]
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Option<Vec<usize>>,
+    /// Past saturation: the levels 64,2000,5000 with 30000 requests each, unless
+    /// --concurrency or --requests is given.
+    #[arg(long)]
+    overload: bool,
+    /// Seconds to wait after each level before reading Durin's RSS again (0: at once).
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
     /// Warm-up requests (sent at c=16, not reported); 0 skips the warm-up.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
@@ -194,6 +251,26 @@ struct Args {
     keep_dir: bool,
 }
 
+impl Args {
+    /// The concurrency levels: `--concurrency`, or those of `--overload`, or the default.
+    fn levels(&self) -> &[usize] {
+        match &self.concurrency {
+            Some(levels) => levels,
+            None if self.overload => &OVERLOAD_LEVELS,
+            None => &DEFAULT_LEVELS,
+        }
+    }
+
+    /// The requests per level: `--requests`, or those of `--overload`, or the default.
+    fn requests(&self) -> usize {
+        match self.requests {
+            Some(requests) => requests,
+            None if self.overload => OVERLOAD_REQUESTS,
+            None => DEFAULT_REQUESTS,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -212,10 +289,10 @@ fn run(args: &Args) -> Result<()> {
     if args.waiting_concurrency == 0 {
         bail!("--waiting-concurrency must be at least 1");
     }
-    if args.requests == 0 {
+    if args.requests() == 0 {
         bail!("--requests must be at least 1");
     }
-    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+    if args.levels().is_empty() || args.levels().contains(&0) {
         bail!("--concurrency needs one or more levels, each at least 1");
     }
     if args.nodes == 0 {
@@ -249,6 +326,14 @@ fn run(args: &Args) -> Result<()> {
             .context("this executable has no parent directory; pass --bin-dir")?
             .to_path_buf(),
     };
+    if matches!(
+        args.scenario,
+        Scenarios::Sdk | Scenarios::Egress | Scenarios::Both
+    ) {
+        let largest = args.levels().iter().copied().max().unwrap_or(1);
+        check_open_files(largest, procs::open_files_limits()?)?;
+        warn_of_clamped_levels(args.levels(), args.requests());
+    }
     let machine = Machine::now();
 
     // Declared before every child and server so that it is dropped after them, also on an
@@ -285,6 +370,36 @@ fn run(args: &Args) -> Result<()> {
     let machine = machine.finish();
     report::print(&machine, &scenarios);
     Ok(())
+}
+
+/// Fails unless the soft limit on open files (`soft`, `hard` from
+/// [`procs::open_files_limits`]) leaves one per caller of the largest level and
+/// [`FD_HEADROOM`] more, so that a large level does not fail midway with transport errors.
+fn check_open_files(largest: usize, (soft, hard): (u64, u64)) -> Result<()> {
+    let needed = u64::try_from(largest)
+        .unwrap_or(u64::MAX)
+        .saturating_add(FD_HEADROOM);
+    if soft >= needed {
+        return Ok(());
+    }
+    let raise = if hard >= needed {
+        format!("raise it with `ulimit -n {needed}` (the hard limit is {hard})")
+    } else {
+        format!("the hard limit is {hard} too: raise both (as root, `ulimit -Hn {needed}`) or give lower levels")
+    };
+    bail!(
+        "the open-file limit (ulimit -n) is {soft}, below the {needed} that {largest} callers need (a connection each, here and in durin, which inherits the limit, plus {FD_HEADROOM}): {raise}"
+    )
+}
+
+/// Says on stderr which levels above one caller have fewer requests than callers, and so
+/// run with as many callers as requests (see [`load::run`]).
+fn warn_of_clamped_levels(levels: &[usize], requests: usize) {
+    for &concurrency in levels.iter().filter(|&&c| c > 1 && c > requests) {
+        eprintln!(
+            "durin-bench: c={concurrency} has only {requests} requests: it runs with {requests} callers (give --requests above {concurrency})"
+        );
+    }
 }
 
 /// The waiting scenario, once per count. When a count fails, the figures of the counts
@@ -504,7 +619,7 @@ struct Target<'a> {
 /// Registers the handler, checks one call, warms up, and measures every level.
 async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
     let (args, ticks_per_sec) = (setup.args, setup.ticks_per_sec);
-    let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
+    let max_concurrency = args.levels().iter().copied().max().unwrap_or(1);
     let client = load::client(max_concurrency.max(WARMUP_CONCURRENCY))?;
     register(&client, target.admin_url, &target.registration).await?;
 
@@ -533,19 +648,31 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
     }
 
     let mut levels = Vec::new();
-    for &concurrency in &args.concurrency {
+    let settle = std::time::Duration::from_secs(args.settle_secs);
+    for &concurrency in args.levels() {
         let requests = if concurrency == 1 {
-            args.requests.min(MAX_REQUESTS_AT_C1)
+            args.requests().min(MAX_REQUESTS_AT_C1)
         } else {
-            args.requests
+            args.requests()
         };
         eprintln!("durin-bench: c={concurrency}, {requests} requests");
         let load_before = procs::loadavg1();
+        let rss_before = procs::rss_sum_mib(&target.durin_pids);
+        let rss_peak = procs::RssPeak::start(target.durin_pids.clone(), RSS_SAMPLE_INTERVAL);
         let cpu_before = cpu_snapshot(target)?;
         let postgres_before = postgres_snapshot(target);
-        let result = load::run(&client, &urls, requests, concurrency).await?;
+        // Each level's callers connect anew and leave when it ends, as a burst of callers
+        // would: what Durin keeps after the settle time is not their open connections.
+        let callers = load::client(concurrency)?;
+        let result = load::run(&callers, &urls, requests, concurrency).await;
+        drop(callers);
+        // The CPU figures end with the level's last answer, before the settle time.
         let cpu_after = cpu_snapshot(target)?;
         let postgres_after = postgres_snapshot(target);
+        let rss_end = procs::rss_sum_mib(&target.durin_pids);
+        let rss_peak = procs::max_of(rss_peak.stop().await, rss_end);
+        let load_after = procs::loadavg1();
+        let result = result?;
         if let Some(e) = &result.first_error {
             eprintln!(
                 "durin-bench: c={concurrency} had {} errors, the first: {e}",
@@ -573,17 +700,33 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
                 concurrency,
                 ticks_per_sec,
             ),
-            durin_rss_mib: target
-                .durin_pids
-                .iter()
-                .map(|&pid| procs::rss_mib(pid))
-                .sum(),
+            durin_rss_mib: rss_end,
+            durin_rss_before_mib: rss_before,
+            durin_rss_peak_mib: rss_peak,
+            durin_rss_after_mib: settled_rss(target, settle, concurrency).await,
+            settle_secs: args.settle_secs,
             load_before,
-            load_after: procs::loadavg1(),
+            load_after,
             result,
         });
     }
     Ok(levels)
+}
+
+/// Durin's RSS after `settle` without load (at once when it is zero), summed over its nodes.
+async fn settled_rss(
+    target: &Target<'_>,
+    settle: std::time::Duration,
+    concurrency: usize,
+) -> Option<f64> {
+    if !settle.is_zero() {
+        eprintln!(
+            "durin-bench: c={concurrency} done, settling {}s before reading durin's RSS",
+            settle.as_secs()
+        );
+        tokio::time::sleep(settle).await;
+    }
+    procs::rss_sum_mib(&target.durin_pids)
 }
 
 /// CPU ticks so far of Durin (all its nodes), the handler (this process when it runs inside
@@ -648,4 +791,62 @@ pub(crate) async fn register(
         bail!("registering {registration} with durin answered {status}: {body}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arguments of a command line, as clap parses them.
+    fn parse(line: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("durin-bench").chain(line.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn levels_and_requests_by_default_and_with_overload() {
+        let plain = parse(&[]);
+        assert_eq!(
+            (plain.levels(), plain.requests()),
+            (&[1, 64, 256][..], 2000)
+        );
+        assert_eq!(plain.settle_secs, 5);
+        let overload = parse(&["--overload"]);
+        assert_eq!(
+            (overload.levels(), overload.requests()),
+            (&[64, 2000, 5000][..], 30_000)
+        );
+    }
+
+    #[test]
+    fn explicit_levels_and_requests_win_over_overload() {
+        let levels = parse(&["--overload", "--concurrency", "64,600"]);
+        assert_eq!(
+            (levels.levels(), levels.requests()),
+            (&[64, 600][..], 30_000)
+        );
+        let requests = parse(&["--overload", "--requests", "9000", "--settle-secs", "0"]);
+        assert_eq!(
+            (requests.levels(), requests.requests()),
+            (&[64, 2000, 5000][..], 9000)
+        );
+        assert_eq!(requests.settle_secs, 0);
+    }
+
+    #[test]
+    fn open_files_must_cover_the_largest_level() {
+        assert!(check_open_files(5000, (20_000, 20_000)).is_ok());
+        assert!(check_open_files(5000, (5100, 5100)).is_ok());
+        assert!(check_open_files(5000, (u64::MAX, u64::MAX)).is_ok());
+        let raise = check_open_files(5000, (1024, 20_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            raise.contains("is 1024") && raise.contains("ulimit -n 5100"),
+            "{raise}"
+        );
+        let hard = check_open_files(5000, (1024, 4096))
+            .unwrap_err()
+            .to_string();
+        assert!(hard.contains("hard limit is 4096 too"), "{hard}");
+    }
 }

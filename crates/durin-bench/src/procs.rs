@@ -303,6 +303,78 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The summed RSS of several processes in MiB (Durin's nodes); `None` when one of them
+/// cannot be read.
+pub fn rss_sum_mib(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|&pid| rss_mib(pid)).sum()
+}
+
+/// The largest summed RSS of some processes, sampled by a tokio task at a fixed interval
+/// from [`RssPeak::start`] until [`RssPeak::stop`]. Dropping it without `stop` (a level
+/// that failed) drops the sender too, which ends the task as well.
+pub struct RssPeak {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Option<f64>>,
+}
+
+impl RssPeak {
+    /// Starts sampling the summed RSS of `pids` every `every`, the first sample at once.
+    pub fn start(pids: Vec<u32>, every: Duration) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            // A late tick (the runtime is busy with the callers) is taken late, not caught up.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut peak = None;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return peak,
+                    _ = interval.tick() => peak = max_of(peak, rss_sum_mib(&pids)),
+                }
+            }
+        });
+        RssPeak { stop, task }
+    }
+
+    /// Stops the sampling and returns the largest sample; `None` when none could be read.
+    pub async fn stop(self) -> Option<f64> {
+        // The task ends on the message, or has ended already if it panicked.
+        let _ = self.stop.send(());
+        self.task.await.ok().flatten()
+    }
+}
+
+/// The larger of two optional figures; either when the other is missing.
+pub fn max_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The soft and hard limits on open files of this process (`ulimit -n` and `ulimit -Hn`),
+/// which the children inherit, from `/proc/self/limits`; `u64::MAX` stands for unlimited.
+/// The workspace forbids unsafe code, so `getrlimit` is out of reach.
+pub fn open_files_limits() -> Result<(u64, u64)> {
+    let path = "/proc/self/limits";
+    let limits = fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+    parse_open_files_limits(&limits)
+        .ok_or_else(|| anyhow!("no \"Max open files\" line in {path}: {limits:?}"))
+}
+
+/// The soft and hard limits of the `Max open files` line of a `/proc/PID/limits` text.
+fn parse_open_files_limits(limits: &str) -> Option<(u64, u64)> {
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    let mut values = rest.split_whitespace();
+    let mut limit = || match values.next()? {
+        "unlimited" => Some(u64::MAX),
+        value => value.parse().ok(),
+    };
+    Some((limit()?, limit()?))
+}
+
 /// Clock ticks per second for `/proc/PID/stat`. The workspace forbids unsafe code and
 /// libc is not a dependency, so this asks `getconf CLK_TCK`; if that fails it assumes
 /// 100, which is the value on every Linux architecture in common use.
@@ -362,6 +434,46 @@ mod tests {
         };
         assert_eq!(before.ticks_until(&after), Some(150));
         assert_eq!(before.ticks_until(&restarted), None);
+    }
+
+    #[test]
+    fn the_larger_of_two_optional_figures() {
+        assert_eq!(max_of(Some(1.0), Some(2.5)), Some(2.5));
+        assert_eq!(max_of(Some(3.0), None), Some(3.0));
+        assert_eq!(max_of(None, Some(4.0)), Some(4.0));
+        assert_eq!(max_of(None, None), None);
+    }
+
+    #[tokio::test]
+    async fn samples_the_peak_rss_of_this_process() {
+        let peak = RssPeak::start(vec![std::process::id()], Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(peak.stop().await.is_some_and(|mib| mib > 0.0));
+    }
+
+    #[test]
+    fn parses_the_open_files_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            1024                 20000                files     \n\
+                      Max locked memory         8388608              8388608              bytes     \n";
+        assert_eq!(parse_open_files_limits(limits), Some((1024, 20000)));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(
+            parse_open_files_limits(unlimited),
+            Some((u64::MAX, u64::MAX))
+        );
+        assert_eq!(
+            parse_open_files_limits("Max processes 10 10 processes\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn reads_own_open_files_limits() {
+        let (soft, hard) = open_files_limits().unwrap();
+        assert!(soft <= hard);
     }
 
     #[test]

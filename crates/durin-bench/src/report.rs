@@ -73,8 +73,16 @@ pub struct Level {
     /// CPU seconds of every PostgreSQL process on this machine; `None` on SQLite, or when no
     /// PostgreSQL process could be read here.
     pub postgres_cpu_s: Option<f64>,
-    /// Durin's RSS; with several nodes, their sum.
+    /// Durin's RSS just after the level; with several nodes, their sum (as the three below).
     pub durin_rss_mib: Option<f64>,
+    /// Durin's RSS just before the level.
+    pub durin_rss_before_mib: Option<f64>,
+    /// The largest of Durin's RSS sampled during the level and just after it.
+    pub durin_rss_peak_mib: Option<f64>,
+    /// Durin's RSS after `settle_secs` without load following the level.
+    pub durin_rss_after_mib: Option<f64>,
+    /// How long the bench waited after the level before reading `durin_rss_after_mib`.
+    pub settle_secs: u64,
     pub load_before: Option<f64>,
     pub load_after: Option<f64>,
 }
@@ -106,6 +114,58 @@ fn ms(d: Duration) -> f64 {
 /// Formats an optional figure with `decimals` decimals, or `-` when it is missing.
 fn fmt(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// The width of the table's `errors` cell; a longer breakdown goes on a line of its own.
+const ERRORS_WIDTH: usize = 9;
+
+/// The failures of a level for the table: `0`, or the count per status other than 200
+/// (`503:1200`), then `body:N` for 200s with another body and `tx:N` for transport errors,
+/// separated by spaces.
+fn errors_cell(r: &LevelResult) -> String {
+    let mut parts: Vec<String> = r
+        .by_status
+        .iter()
+        .map(|(status, count)| format!("{status}:{count}"))
+        .collect();
+    if r.bad_body > 0 {
+        parts.push(format!("body:{}", r.bad_body));
+    }
+    if r.transport > 0 {
+        parts.push(format!("tx:{}", r.transport));
+    }
+    if parts.is_empty() {
+        "0".to_owned()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// The `errors` cell of a level's row, and the breakdown for a line of its own below the
+/// row when it is wider than the cell: then the cell holds the total.
+fn errors_in_row(r: &LevelResult) -> (String, Option<String>) {
+    let cell = errors_cell(r);
+    if cell.chars().count() <= ERRORS_WIDTH {
+        (cell, None)
+    } else {
+        (r.errors().to_string(), Some(cell))
+    }
+}
+
+/// Durin's RSS before, at the peak of, and after a level, in whole MiB: `15/327/40`, `-`
+/// for a figure that could not be read.
+fn rss_cell(level: &Level) -> String {
+    format!(
+        "{}/{}/{}",
+        fmt(level.durin_rss_before_mib, 0),
+        fmt(level.durin_rss_peak_mib, 0),
+        fmt(level.durin_rss_after_mib, 0)
+    )
+}
+
+/// Rounds to one decimal for the JSON output, for MiB.
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
 }
 
 /// Rounds to three decimals for the JSON output, as `bench.sh` does for milliseconds.
@@ -154,7 +214,7 @@ fn print_table(scenario: &ScenarioReport) {
         }
     };
     println!(
-        "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11}{} {:>11}",
+        "{:>5} {:>6} {:>8} {:>7} {:>7} {:>7} {:>8} {:>ERRORS_WIDTH$} {:>14} {:>10} {:>14} {:>10}{} {:>10}",
         "c",
         "n",
         "ok/s",
@@ -163,6 +223,7 @@ fn print_table(scenario: &ScenarioReport) {
         "p99 ms",
         "max ms",
         "errors",
+        "RSS MiB b/p/a",
         "durin µs/i",
         if scenario.handler_in_process {
             "hdl+bench µs/i"
@@ -175,8 +236,9 @@ fn print_table(scenario: &ScenarioReport) {
     );
     for level in &scenario.levels {
         let r = &level.result;
+        let (errors, breakdown) = errors_in_row(r);
         println!(
-            "{:>5} {:>6} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>6} {:>11} {:>14} {:>11}{} {:>11}",
+            "{:>5} {:>6} {:>8.1} {:>7} {:>7} {:>7} {:>8} {:>ERRORS_WIDTH$} {:>14} {:>10} {:>14} {:>10}{} {:>10}",
             level.concurrency,
             level.requests,
             level.throughput(),
@@ -184,7 +246,8 @@ fn print_table(scenario: &ScenarioReport) {
             fmt(r.percentile(0.95).map(ms), 2),
             fmt(r.percentile(0.99).map(ms), 2),
             fmt(r.latencies.last().copied().map(ms), 2),
-            r.errors(),
+            errors,
+            rss_cell(level),
             fmt(level.per_invocation_us(level.durin_cpu_s), 0),
             fmt(level.per_invocation_us(level.handler_cpu_s), 0),
             fmt(
@@ -205,8 +268,26 @@ fn print_table(scenario: &ScenarioReport) {
                 fmt(level.load_after, 2)
             ),
         );
+        if let Some(breakdown) = breakdown {
+            println!("{:>13} {breakdown}", "errors:");
+        }
     }
     println!("µs/i: CPU microseconds per successful invocation (user+system); durin includes its egress; load 1m: load average before->after the level");
+    let settle = scenario.levels.first().map_or(0, |l| l.settle_secs);
+    println!("errors: answers per HTTP status other than 200 (503: refused by admission control; counted in the latencies, not in ok/s), body: 200s with another body, tx: no answer (connection failed, timeout)");
+    println!("RSS MiB b/p/a: durin's RSS just before the level / its peak during it (sampled every 100 ms) / after {settle} s without load");
+    for level in scenario
+        .levels
+        .iter()
+        .filter(|l| l.result.refused_503() > 0)
+    {
+        println!(
+            "c={}: {} answers 503, {} of them with Retry-After",
+            level.concurrency,
+            level.result.refused_503(),
+            level.result.refused_with_retry_after
+        );
+    }
     if let Some(nodes) = scenario.postgres_nodes {
         println!("durin µs/i: the sum of its {nodes} node(s); pg µs/i: every PostgreSQL process on this machine (postmaster, background processes, all backends of any database)");
     }
@@ -317,7 +398,14 @@ fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> ser
         "max_ms": ms3(r.latencies.last().copied()),
         "mean_ms": ms3(r.mean()),
         "errors": r.errors(),
-        "errors_status": r.bad_status,
+        "errors_status": r.bad_status(),
+        "errors_by_status": r
+            .by_status
+            .iter()
+            .map(|(status, &count)| (status.to_string(), serde_json::Value::from(count)))
+            .collect::<serde_json::Map<_, _>>(),
+        "refused_503": r.refused_503(),
+        "refused_with_retry_after": r.refused_with_retry_after,
         "errors_body": r.bad_body,
         "errors_transport": r.transport,
         "duration_s": round3(r.wall.as_secs_f64()),
@@ -331,7 +419,11 @@ fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> ser
             .and_then(|cpu| level.per_invocation_us(cpu))
             .map(f64::round),
         "handler_in_bench_process": scenario.handler_in_process,
-        "durin_rss_mib": level.durin_rss_mib.map(|v| (v * 10.0).round() / 10.0),
+        "durin_rss_mib": level.durin_rss_mib.map(round1),
+        "durin_rss_before_mib": level.durin_rss_before_mib.map(round1),
+        "durin_rss_peak_mib": level.durin_rss_peak_mib.map(round1),
+        "durin_rss_after_mib": level.durin_rss_after_mib.map(round1),
+        "settle_s": level.settle_secs,
         "loadavg1_before": level.load_before,
         "loadavg1_after": level.load_after,
         "cores": machine.cores,
@@ -355,4 +447,103 @@ fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> ser
         );
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A level of `result` with RSS figures and nothing else of interest.
+    fn level(result: LevelResult, rss: [Option<f64>; 3]) -> Level {
+        Level {
+            concurrency: 5000,
+            requests: 30_000,
+            result,
+            durin_cpu_s: 1.0,
+            handler_cpu_s: 1.0,
+            loadgen_cpu_s: None,
+            postgres_cpu_s: None,
+            durin_rss_mib: rss[1],
+            durin_rss_before_mib: rss[0],
+            durin_rss_peak_mib: rss[1],
+            durin_rss_after_mib: rss[2],
+            settle_secs: 5,
+            load_before: None,
+            load_after: None,
+        }
+    }
+
+    #[test]
+    fn errors_cell_shows_the_statuses_or_zero() {
+        let mut r = LevelResult::default();
+        assert_eq!(errors_in_row(&r), ("0".to_owned(), None));
+        for _ in 0..1200 {
+            r.count_status(503, true);
+        }
+        assert_eq!(errors_in_row(&r), ("503:1200".to_owned(), None));
+        r.count_status(500, false);
+        r.transport = 3;
+        r.bad_body = 2;
+        // Too wide for the cell: the total there, the breakdown on a line of its own.
+        assert_eq!(
+            errors_in_row(&r),
+            (
+                "1206".to_owned(),
+                Some("500:1 503:1200 body:2 tx:3".to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn rss_cell_in_whole_mib() {
+        let full = level(
+            LevelResult::default(),
+            [Some(15.2), Some(327.5), Some(40.0)],
+        );
+        assert_eq!(rss_cell(&full), "15/328/40");
+        let missing = level(LevelResult::default(), [Some(15.0), None, None]);
+        assert_eq!(rss_cell(&missing), "15/-/-");
+    }
+
+    #[test]
+    fn json_line_has_the_statuses_and_the_rss_figures() {
+        let mut result = LevelResult {
+            latencies: vec![Duration::from_millis(5); 4],
+            ok: 1,
+            wall: Duration::from_secs(1),
+            ..LevelResult::default()
+        };
+        result.count_status(503, true);
+        result.count_status(503, false);
+        result.count_status(500, false);
+        let scenario = ScenarioReport {
+            scenario: "order3",
+            description: String::new(),
+            handler_in_process: false,
+            postgres_nodes: None,
+            levels: Vec::new(),
+        };
+        let machine = Machine {
+            cores: 2,
+            ticks_per_sec: 100,
+            load_before: None,
+            load_after: None,
+        };
+        let level = level(result, [Some(15.04), Some(327.46), Some(40.0)]);
+        let line = json_line(&machine, &scenario, &level);
+        assert_eq!(
+            line["errors_by_status"],
+            serde_json::json!({"500": 1, "503": 2})
+        );
+        assert_eq!(line["refused_503"], 2);
+        assert_eq!(line["refused_with_retry_after"], 1);
+        assert_eq!(line["errors"], 3);
+        assert_eq!(line["errors_status"], 3);
+        assert_eq!(line["throughput_per_s"], 1.0);
+        assert_eq!(line["durin_rss_before_mib"], 15.0);
+        assert_eq!(line["durin_rss_peak_mib"], 327.5);
+        assert_eq!(line["durin_rss_mib"], 327.5);
+        assert_eq!(line["durin_rss_after_mib"], 40.0);
+        assert_eq!(line["settle_s"], 5);
+    }
 }

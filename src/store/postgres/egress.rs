@@ -155,6 +155,7 @@ mod tests {
                 now_ms: T0,
                 deadline_ms: None,
                 traceparent: None,
+                run_now: true,
             })
             .await
             .unwrap();

@@ -410,6 +410,16 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn count_pending(&self) -> StoreResult<u64> {
+        let mut conn = self.reader().await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM invocations WHERE status = 'pending'")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend)?;
+        Ok(n.max(0) as u64)
+    }
+
     async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>> {
         let mut conn = self.reader().await?;
         counts(

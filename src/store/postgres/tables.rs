@@ -124,9 +124,9 @@ impl Invocations for PgTx<'_> {
                 "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
                  failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
                  modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, \
-                 parent_index, deadline_ms, parent_close, traceparent) \
+                 parent_index, deadline_ms, parent_close, traceparent, idempotency_key) \
                  VALUES ($1, $2, $3, $4, 'pending', 0, 0, 0, 1, $5, $6, $6, $7, $8, $9, $10, \
-                 $11, $12, $13)",
+                 $11, $12, $13, $14)",
             )
             .bind(new.id)
             .bind(new.service)
@@ -140,7 +140,8 @@ impl Invocations for PgTx<'_> {
             .bind(new.parent.and_then(|(_, index)| index).map(i64::from))
             .bind(new.deadline_ms)
             .bind(new.parent_close.map(ParentClose::as_str))
-            .bind(new.traceparent.as_deref()),
+            .bind(new.traceparent.as_deref())
+            .bind(new.idempotency_key),
         )
         .await?;
         Ok(())

@@ -731,6 +731,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn count_pending(&self) -> StoreResult<u64> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM invocations WHERE status = 'pending'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>> {
         self.read(|conn| {
             counts(

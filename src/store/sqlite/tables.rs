@@ -122,9 +122,9 @@ impl Invocations for SqliteTx {
             "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
              failures, position_failures, journal_len, next_run_at_ms, created_at_ms, \
              modified_at_ms, journal_bytes, workflow_id, parent_invocation_id, parent_index, \
-             deadline_ms, parent_close, traceparent) \
+             deadline_ms, parent_close, traceparent, idempotency_key) \
              VALUES (?1, ?2, ?3, ?4, 'pending', 0, 0, 0, 1, ?5, ?6, ?6, ?7, ?8, ?9, ?10, ?11, \
-             ?12, ?13)",
+             ?12, ?13, ?14)",
             params![
                 new.id,
                 new.service,
@@ -139,6 +139,7 @@ impl Invocations for SqliteTx {
                 new.deadline_ms,
                 new.parent_close.map(ParentClose::as_str),
                 new.traceparent,
+                new.idempotency_key,
             ],
         )?;
         Ok(())
