@@ -318,6 +318,7 @@ impl Engine {
             cancelling: record.cancel_requested_at_ms.is_some(),
             workflow: record.workflow_id.is_some(),
             pause_when_exhausted: self.config.pause_when_exhausted,
+            jitter: jitter(&record.id, record.attempt),
         };
         let mut end = lifecycle::decide(facts, &policy, answer, self.clock.now_ms());
         if let AttemptEnd::ContinuedAsNew {
@@ -533,5 +534,35 @@ fn record_end_metrics(record: &InvocationRecord) {
             let seconds = ended.saturating_sub(record.created_at_ms).max(0) as f64 / 1000.0;
             metrics::histogram!(crate::telemetry::DURATION, &labels).record(seconds);
         }
+    }
+}
+
+/// A number in 0..1000 fixed by the invocation and the attempt (FNV-1a), which spreads the
+/// backoffs of attempts that failed together (see [`lifecycle::Facts::jitter`]).
+fn jitter(id: &crate::ids::InvocationId, attempt: u32) -> u16 {
+    let hash = id
+        .as_str()
+        .bytes()
+        .chain(attempt.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    (hash % 1000) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_that_fail_together_get_spread_backoffs() {
+        let values: std::collections::BTreeSet<u16> = (0..1000)
+            .map(|_| jitter(&crate::ids::InvocationId::generate(), 1))
+            .collect();
+        assert!(values.iter().all(|v| *v < 1000));
+        // 1,000 invocations over 1,000 values: far from all on one.
+        assert!(values.len() > 400, "{} distinct values", values.len());
+        let id = crate::ids::InvocationId::generate();
+        assert_eq!(jitter(&id, 3), jitter(&id, 3));
     }
 }

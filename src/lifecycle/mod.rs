@@ -86,6 +86,10 @@ pub struct Facts {
     pub workflow: bool,
     /// When the retry policy is used up, pause for an operator instead of failing.
     pub pause_when_exhausted: bool,
+    /// How much of the last fifth of a policy's backoff to leave out, in thousandths
+    /// (0..1000): attempts that failed together (a handler restarting under load) come
+    /// back spread out instead of all at once. 0 keeps the policy's delay as it is.
+    pub jitter: u16,
 }
 
 /// How an attempt ends, given the handler's answer.

@@ -25,7 +25,10 @@ pub(super) fn handler_failure(
     } = failure;
     match policy.next_delay(failures + 1, error_type.as_deref()) {
         Some(delay) => AttemptEnd::BackOff {
-            until_ms: after(now_ms, delay_override.unwrap_or(delay)),
+            until_ms: after(
+                now_ms,
+                delay_override.unwrap_or_else(|| jittered(delay, facts.jitter)),
+            ),
             error,
             charged: Charge::Handler,
         },
@@ -49,6 +52,15 @@ pub(super) fn handler_failure(
     }
 }
 
+/// The share of a backoff left out to spread retries: up to a fifth of it.
+const JITTER_SHARE: f64 = 0.2;
+
+/// `delay` less `jitter` thousandths of its last fifth (see [`Facts::jitter`]).
+pub(super) fn jittered(delay: Duration, jitter: u16) -> Duration {
+    let cut = JITTER_SHARE * f64::from(jitter.min(999)) / 1000.0;
+    delay.mul_f64(1.0 - cut)
+}
+
 /// A step that failed and may try again: the SDK applied the step's own policy, so the
 /// handler's is not charged.
 pub(super) fn step_backoff(
@@ -63,5 +75,22 @@ pub(super) fn step_backoff(
         until_ms: after(now_ms, Duration::from_millis(delay_ms)),
         error: format!("step {step:?} failed{kind}: {error}"),
         charged: Charge::Step,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_shortens_a_backoff_by_at_most_a_fifth() {
+        let second = Duration::from_secs(1);
+        assert_eq!(jittered(second, 0), second);
+        assert_eq!(jittered(second, 500), Duration::from_millis(900));
+        let most = jittered(second, u16::MAX);
+        assert!(
+            most >= Duration::from_millis(800) && most < second,
+            "{most:?}"
+        );
     }
 }
