@@ -9,6 +9,7 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -324,4 +325,114 @@ async fn a_plain_workflow_cancelled_while_it_waits_ends_cancelled() {
         ["input", "state", "state", "signal", "sleep", "cancel", "output"],
         "the state writes and the wait were not recorded again"
     );
+}
+
+/// A plain handler written in this test: it counts its runs (the costly work before its
+/// wait), then waits for the signal `go` raced against a timer of the input's `timeout`
+/// through the context API, and answers which came first; a suspension ends its attempt.
+#[derive(Clone, Default)]
+struct Racer {
+    gateway: Arc<std::sync::OnceLock<String>>,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn race(
+    axum::extract::State(racer): axum::extract::State<Racer>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    racer.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let input: Value = serde_json::from_slice(&body).unwrap();
+    let timeout = input["timeout"].as_str().unwrap();
+    let answer = client()
+        .post(format!(
+            "{}/v1/contexts/{}/signals/go?timeout={timeout}",
+            racer.gateway.get().unwrap(),
+            header("durin-invocation-id"),
+        ))
+        .header("durin-attempt", header("durin-attempt"))
+        .header("durin-attempt-token", header("durin-attempt-token"))
+        .send()
+        .await
+        .unwrap();
+    match answer.status().as_u16() {
+        200 => (
+            axum::http::StatusCode::OK,
+            axum::Json(json!({ "signal": answer.json::<Value>().await.unwrap() })),
+        ),
+        204 => (
+            axum::http::StatusCode::OK,
+            axum::Json(json!({ "timed_out": true })),
+        ),
+        // Suspended: the attempt ends, Durin calls again when something has arrived.
+        _ => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(Value::Null),
+        ),
+    }
+}
+
+/// A signal buffered before a wait with a timeout answers the wait at once, in the
+/// attempt that waits (plain-http.md: "at once"), also with a zero timeout, which looks at
+/// what is buffered without waiting; with nothing buffered a zero timeout answers 204 at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_with_a_timeout_takes_a_buffered_signal_at_once() {
+    if !require_store() {
+        return;
+    }
+    let racer = Racer::default();
+    let app = axum::Router::new()
+        .route("/run", axum::routing::post(race))
+        .with_state(racer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    racer.gateway.set(gateway.url.clone()).unwrap();
+    let response = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&json!({
+            "url": handler,
+            "services": [{"name": "racer", "handlers": [{"name": "run", "path": "/run"}]}],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+
+    let outcomes = [
+        ("buffered-1h", "1h", true, json!({ "signal": "ready" })),
+        ("buffered-0s", "0s", true, json!({ "signal": "ready" })),
+        ("empty-0s", "0s", false, json!({ "timed_out": true })),
+    ];
+    for (id, timeout, buffered, expected) in outcomes {
+        let runs_before = racer.runs.load(std::sync::atomic::Ordering::SeqCst);
+        let input = json!({ "timeout": timeout });
+        let request = if buffered {
+            // The signal is there before the run starts.
+            client()
+                .post(format!(
+                    "{}/v1/workflows/racer/{id}/signal-with-start",
+                    gateway.url
+                ))
+                .json(&json!({ "input": input, "signal": {"name": "go", "payload": "ready"} }))
+        } else {
+            client()
+                .post(format!("{}/v1/workflows/racer/{id}", gateway.url))
+                .json(&input)
+        };
+        let started: Value = request.send().await.unwrap().json().await.unwrap();
+        let run = started["invocation_id"].as_str().unwrap().to_owned();
+        let view = wait_final(&gateway.url, &run).await;
+        assert_eq!(view["status"], "completed", "{id}: {view}");
+        assert_eq!(view["output"], expected, "{id}: {view}");
+        assert_eq!(
+            racer.runs.load(std::sync::atomic::Ordering::SeqCst) - runs_before,
+            1,
+            "{id}: the work before the wait ran again"
+        );
+    }
 }

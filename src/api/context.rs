@@ -452,9 +452,11 @@ pub async fn wait_signal(
                 EntryKind::Signal,
                 Some(name),
                 Some(value),
-                // Without a timeout the handler waits for the signal alone.
+                // A buffered signal came before the wait began, so before its timer: it
+                // is taken at once, also when the wait has a timeout (even `0s`, which
+                // looks at what is buffered without waiting).
                 Effect::SignalWait {
-                    take_buffered: timeout.is_none(),
+                    take_buffered: true,
                 },
             )),
             also: timeout,

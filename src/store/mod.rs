@@ -538,10 +538,11 @@ pub enum Effect {
     Timer {
         wake_at_ms: i64,
     },
-    /// A wait for the next signal named like the entry. With `take_buffered` (the handler
-    /// waits for it alone, right away) it takes the oldest buffered signal at once;
-    /// otherwise (it may be raced against other commands) a signal is bound only when the
-    /// attempt suspends on it, so that the first event of the race wins.
+    /// A wait for the next signal named like the entry. With `take_buffered` (the SDK
+    /// waiting for it alone, or a plain handler's wait, raced at most against its own
+    /// timer, which is recorded after it) it takes the oldest buffered signal at once;
+    /// otherwise (the SDK may race it against other commands) a signal is bound only when
+    /// the attempt suspends on it, so that the first event of the race wins.
     SignalWait {
         take_buffered: bool,
     },
