@@ -531,6 +531,13 @@ async fn a_subscription_continues_as_new_and_its_id_follows_the_latest_run() {
         .clone();
     let statuses: Vec<&str> = runs.iter().map(|r| r["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["continued", "continued", "completed"]);
+    // Each run names the one it became and the one it came from.
+    for pair in runs.windows(2) {
+        assert_eq!(pair[0]["continued_as"], pair[1]["id"], "{runs:?}");
+        assert_eq!(pair[1]["continued_from"], pair[0]["id"], "{runs:?}");
+    }
+    assert!(runs[0].get("continued_from").is_none(), "{runs:?}");
+    assert!(runs[2].get("continued_as").is_none(), "{runs:?}");
     let mut charges = Vec::new();
     for run in &runs {
         let entries = journal(&world.admin, run["id"].as_str().unwrap()).await;

@@ -71,6 +71,12 @@ pub struct InvocationView {
     /// The signals an ended run ended without taking (none is ever dropped silently).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unconsumed_signals: Vec<SignalView>,
+    /// In a workflow's runs listing: the run this one continued as new into, and the one
+    /// it continued from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continued_as: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continued_from: Option<String>,
 }
 
 /// A signal an invocation holds: its number among the invocation's signals, and its name.
@@ -146,6 +152,8 @@ impl InvocationView {
                 .map(|entry| json_value(entry.value.as_deref())),
             failure: record.failure.clone(),
             unconsumed_signals: Vec::new(),
+            continued_as: None,
+            continued_from: None,
         }
     }
 }

@@ -301,9 +301,17 @@ pub async fn runs(
             latest.workflow_id.as_deref().unwrap_or(&id),
         )
         .await?;
-    let views: Vec<InvocationView> = runs
+    let mut views: Vec<InvocationView> = runs
         .iter()
         .map(|run| InvocationView::new(run, None).warned(&state.journal_limits))
         .collect();
+    // Oldest first: a run that continued as new is followed by the run it became (a run
+    // started anew after one ended, `reuse=after-end`, is not linked).
+    for i in 1..views.len() {
+        if runs[i - 1].status == crate::store::Status::Continued {
+            views[i - 1].continued_as = Some(views[i].id.clone());
+            views[i].continued_from = Some(views[i - 1].id.clone());
+        }
+    }
     Ok(Json(serde_json::json!({ "runs": views })).into_response())
 }
