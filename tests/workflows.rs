@@ -474,6 +474,40 @@ async fn signals_of_one_name_reach_their_waits_in_order_each_once() {
     assert_eq!(taken, vec![json!("a"), json!("b"), json!("c")]);
 }
 
+/// A signal-with-start says what it did: started a run (`duplicate: false`, no
+/// `Idempotent-Replayed`), gave the signal to the run the id names (`duplicate: false`,
+/// `Idempotent-Replayed: true`), or found its signal stored already (`duplicate: true`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_with_start_says_whether_it_was_a_duplicate() {
+    let world = world().await;
+    let url = format!("{}/v1/workflows/inbox/i-2/signal-with-start", world.gateway);
+    let send = |key: &'static str, payload: &'static str| {
+        let url = url.clone();
+        async move {
+            let answer = client()
+                .post(url)
+                .header("idempotency-key", key)
+                .json(&json!({"input": null, "signal": {"name": "msg", "payload": payload}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 202);
+            let replayed = answer.headers().contains_key("idempotent-replayed");
+            let body: Value = answer.json().await.unwrap();
+            (
+                body["duplicate"].clone(),
+                replayed,
+                body["invocation_id"].clone(),
+            )
+        }
+    };
+    let (duplicate, replayed, run) = send("k-1", "a").await;
+    assert_eq!((duplicate, replayed), (json!(false), false));
+    assert_eq!(send("k-1", "a").await, (json!(true), true, run.clone()));
+    assert_eq!(send("k-2", "b").await, (json!(false), true, run.clone()));
+    assert_eq!(send("k-2", "b").await, (json!(true), true, run));
+}
+
 /// The tutorial's subscription: a month's durable sleep, a charge, and every three cycles
 /// the run continues as new under the same workflow id, so that each run's journal stays
 /// short. Seven months pass on the manual clock; three runs bill seven cycles, each cycle

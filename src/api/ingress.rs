@@ -107,16 +107,20 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
 
 /// 202 with the invocation id and where to look for it.
 pub fn accepted(record: &InvocationRecord, replayed: bool) -> Response {
+    accepted_with(record, replayed, serde_json::Map::new())
+}
+
+/// [`accepted`] with more fields in its body.
+pub fn accepted_with(
+    record: &InvocationRecord,
+    replayed: bool,
+    mut fields: serde_json::Map<String, serde_json::Value>,
+) -> Response {
     let location = format!("/v1/invocations/{}", record.id);
-    let mut response = (
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "invocation_id": record.id.as_str(),
-            "status": record.status.as_str(),
-            "location": location,
-        })),
-    )
-        .into_response();
+    fields.insert("invocation_id".into(), json!(record.id.as_str()));
+    fields.insert("status".into(), json!(record.status.as_str()));
+    fields.insert("location".into(), json!(location));
+    let mut response = (StatusCode::ACCEPTED, Json(fields)).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
     }

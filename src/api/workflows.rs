@@ -78,7 +78,7 @@ pub async fn start(
         }
     };
     let content_type = content_type(&headers)?;
-    let (record, replayed) = start_run(
+    let (record, started) = start_run(
         &state,
         super::traceparent(&headers),
         (&workflow, &id),
@@ -93,7 +93,7 @@ pub async fn start(
         },
     )
     .await?;
-    answer(&state, record, replayed, wait).await
+    answer(&state, record, started != Run::New, wait).await
 }
 
 #[derive(Deserialize)]
@@ -131,7 +131,7 @@ pub async fn signal_with_start(
         idempotency_key: super::idempotency_key(&headers)?,
     };
     let input = serde_json::to_vec(&request.input).unwrap_or_default();
-    let (record, replayed) = start_run(
+    let (record, started) = start_run(
         &state,
         super::traceparent(&headers),
         (&workflow, &id),
@@ -143,7 +143,26 @@ pub async fn signal_with_start(
     )
     .await?;
     state.engine.nudge();
-    Ok(accepted(&record, replayed))
+    // Like a signal's answer: whether this request stored the signal or found it stored.
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "duplicate".into(),
+        Value::Bool(started == Run::DuplicateSignal),
+    );
+    Ok(super::ingress::accepted_with(
+        &record,
+        started != Run::New,
+        fields,
+    ))
+}
+
+/// What a start found: a new run, the run the id names, or (signal-with-start) the run
+/// that already received this signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    New,
+    Existing,
+    DuplicateSignal,
 }
 
 /// Starts a run, or finds the one the id names; refused (503) when admission turns
@@ -158,7 +177,7 @@ async fn start_run(
     new_run_after_end: bool,
     signal: Option<NewSignal>,
     caller: Caller,
-) -> Result<(InvocationRecord, bool), ApiError> {
+) -> Result<(InvocationRecord, Run), ApiError> {
     let workflow = parse_name("workflow", workflow).map_err(ApiError::BadRequest)?;
     let workflow_id = parse_workflow_id(id)?;
     let target = state
@@ -204,8 +223,9 @@ async fn start_run(
     .await
     .map_err(|e| ApiError::Storage(format!("the workflow could not be started: {e}")))??;
     match started {
-        WorkflowStarted::New { record, .. } => Ok((record, false)),
-        WorkflowStarted::Existing(record) => Ok((record, true)),
+        WorkflowStarted::New { record, .. } => Ok((record, Run::New)),
+        WorkflowStarted::Existing(record) => Ok((record, Run::Existing)),
+        WorkflowStarted::DuplicateSignal(record) => Ok((record, Run::DuplicateSignal)),
         WorkflowStarted::Conflict(record) => Err(ApiError::WorkflowConflict {
             detail: format!(
                 "workflow {} id {id:?} already names run {} ({}), started with another input; use another id, or reuse=after-end once it has ended",

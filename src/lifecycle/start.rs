@@ -135,7 +135,7 @@ pub async fn start_workflow(
             StoreError::Backend(format!("workflow names missing invocation {invocation_id}").into())
         })?;
         if duplicate_signal {
-            return Ok(WorkflowStarted::Existing(record));
+            return Ok(WorkflowStarted::DuplicateSignal(record));
         }
         let ended = record.status.is_final();
         if !(ended && run.new_run_after_end) {

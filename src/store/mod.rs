@@ -458,8 +458,11 @@ pub enum WorkflowStarted {
         input: Box<StoredEntry>,
     },
     /// The id names a run started with the same input (or a running one, for
-    /// signal-with-start).
+    /// signal-with-start, which now holds the signal).
     Existing(InvocationRecord),
+    /// A signal-with-start sent again: the run the id names received its signal (the same
+    /// `Idempotency-Key`) already, and nothing new was stored.
+    DuplicateSignal(InvocationRecord),
     /// The id names a run started with another input.
     Conflict(InvocationRecord),
 }
