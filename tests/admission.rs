@@ -236,22 +236,47 @@ async fn past_the_bound_callers_are_refused_and_queued_work_runs_in_arrival_orde
     let gateway = home.start(None);
     register_plain(&gateway.admin, &handler.url).await;
     let (pending, calls) = fill(&gateway, &handler).await;
+    // The last queued call is terminated while it waits for its slot: it never runs.
+    let listed = get_json(&format!("{}/v1/invocations?limit=100", gateway.admin)).await;
+    let last_queued = listed["invocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|view| view["idempotency_key"] == "call-5")
+        .and_then(|view| view["id"].as_str())
+        .unwrap()
+        .to_owned();
+    let terminated = client()
+        .post(format!(
+            "{}/v1/invocations/{last_queued}/terminate",
+            gateway.admin
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(terminated.status().is_success(), "{}", terminated.status());
 
     handler.open.send(true).unwrap();
     for (i, task) in calls.into_iter().enumerate() {
+        let n = i as u64 + 1;
         let answer = task.await.unwrap().unwrap();
+        if n == 5 {
+            assert_ne!(answer.status(), 200, "a terminated call answered 200");
+            continue;
+        }
         assert_eq!(answer.status(), 200);
         let output: Value = answer.json().await.unwrap();
-        assert_eq!(output, json!({ "done": i as u64 + 1 }));
+        assert_eq!(output, json!({ "done": n }));
     }
     for id in &pending {
         let view = wait_final(&gateway.url, id).await;
         assert_eq!(view["status"], "completed", "{view}");
     }
     let arrivals = handler.arrivals();
-    // The queued calls ran in the order they came, before the sends the store took later.
-    assert_eq!(arrivals[SLOTS..SLOTS + QUEUE], [3, 4, 5], "{arrivals:?}");
-    let mut sends: Vec<u64> = arrivals[SLOTS + QUEUE..].to_vec();
+    // The queued calls ran in the order they came, before the sends the store took later;
+    // the terminated one never ran.
+    assert_eq!(arrivals[SLOTS..SLOTS + QUEUE - 1], [3, 4], "{arrivals:?}");
+    let mut sends: Vec<u64> = arrivals[SLOTS + QUEUE - 1..].to_vec();
     sends.sort_unstable();
     assert_eq!(sends, [11, 12, 13, 14], "{arrivals:?}");
     // Nothing refused was created or run.

@@ -180,10 +180,15 @@ impl Admission {
 
     /// A slot, waited for in arrival order by a first attempt; `None` when `stop` comes
     /// first.
-    pub async fn queue_for_slot(
-        &self,
-        stop: &tokio_util::sync::CancellationToken,
-    ) -> Option<OwnedSemaphorePermit> {
+    pub async fn queue_for_slot(&self, stop: &tokio_util::sync::CancellationToken) -> Option<Slot> {
+        // A free slot means that nobody waits (a released slot goes to the first waiter).
+        if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
+            metrics::histogram!(WAIT).record(0.0);
+            return Some(Slot {
+                _permit: permit,
+                waited: false,
+            });
+        }
         let waiting = Queued::enter(&self.queued);
         let since = std::time::Instant::now();
         let permit = tokio::select! {
@@ -192,13 +197,24 @@ impl Admission {
         };
         drop(waiting);
         metrics::histogram!(WAIT).record(since.elapsed().as_secs_f64());
-        permit
+        permit.map(|permit| Slot {
+            _permit: permit,
+            waited: true,
+        })
     }
 
     /// A slot for the scheduler, which waits in the same line.
     pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
         Arc::clone(&self.slots).acquire_owned().await.ok()
     }
+}
+
+/// A slot held by a first attempt: given back when dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// It had to wait in the queue: what the attempt knew of its invocation when it was
+    /// created may have changed meanwhile (a cancellation, a termination).
+    pub waited: bool,
 }
 
 /// Counts one queued first attempt for as long as it lives (also when its task is

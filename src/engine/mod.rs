@@ -34,7 +34,7 @@ use crate::ids::InvocationId;
 use crate::journal::awakeable::AwakeableKey;
 use crate::registry::Targets;
 use crate::signing::RequestSigner;
-use crate::store::{ClusterEvent, InvocationRecord, Store, StoreError, StoredEntry};
+use crate::store::{ClusterEvent, InvocationRecord, Status, Store, StoreError, StoredEntry};
 
 pub struct EngineConfig {
     /// Base URL of this gateway as handlers reach it (for the context API).
@@ -296,7 +296,7 @@ impl Engine {
     /// its turn for a slot) when it was created running, by the scheduler when it was
     /// created due.
     pub fn run_created(self: &Arc<Self>, record: InvocationRecord, input: StoredEntry) {
-        if record.status == crate::store::Status::Running {
+        if record.status == Status::Running {
             self.run_started(record, vec![input]);
         } else {
             self.nudge();
@@ -317,9 +317,26 @@ impl Engine {
             let Some(slot) = engine.admission.queue_for_slot(&engine.shutdown).await else {
                 return;
             };
+            // After a wait in the queue, the invocation is read again: it may have been
+            // cancelled (the attempt must see it) or ended (terminated: nothing to run).
+            let (record, journal) = if slot.waited {
+                match engine.store.get_invocation(&record.id).await {
+                    Ok(Some(now))
+                        if now.status == Status::Running && now.attempt == record.attempt =>
+                    {
+                        (now, None)
+                    }
+                    Ok(_) => return,
+                    // The attempt reads the journal itself; a store that fails there too
+                    // ends it as a retry.
+                    Err(_) => (record, None),
+                }
+            } else {
+                (record, Some(journal))
+            };
             // Boxed: the attempt's state is allocated once it runs, so that a task still
             // in the queue is small.
-            Box::pin(engine.run_attempt(record, Some(journal))).await;
+            Box::pin(engine.run_attempt(record, journal)).await;
             drop(slot);
         });
     }
