@@ -52,14 +52,15 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long a request body may stop flowing before the request is cut.
     pub body_read_timeout: Duration,
-    /// Attempts that run at once on this node; due invocations and new first attempts
-    /// beyond it wait their turn, in arrival order.
+    /// Attempts that run at once on this node (an eighth kept for invocations under way);
+    /// new first attempts beyond it wait their turn, in arrival order.
     pub max_concurrent_attempts: usize,
     /// First attempts of new invocations that may wait for a slot, each with its caller's
     /// request held open; past it, a caller that would wait gets a 503 with `Retry-After`.
     pub max_queued_attempts: usize,
-    /// Invocations created due (not queued) because the queue was full, from callers that
-    /// do not wait (`send`, a start without `Prefer: wait`); past it, they get a 503 too.
+    /// Invocations waiting in the store for their first attempt (status `pending`: sends
+    /// created due because the queue was full, children, next runs); past it, a caller
+    /// that does not wait (`send`, a start without `Prefer: wait`) gets a 503 too.
     pub max_pending_starts: u64,
     /// Deployments registered at start.
     pub deployments: Vec<DeploymentConfig>,

@@ -51,8 +51,13 @@ pub async fn serve(
                 Ok((stream, _)) => stream,
                 Err(error) => {
                     // Per-connection failures (reset before accept) pass; running out of
-                    // file descriptors passes too, after a pause, as connections close.
-                    tracing::debug!(%error, "accept failed");
+                    // file descriptors (EMFILE, ENFILE) passes too, after a pause, as
+                    // connections close, but an operator must hear of it.
+                    if matches!(error.raw_os_error(), Some(23 | 24)) {
+                        tracing::warn!(%error, "cannot accept connections: out of file descriptors");
+                    } else {
+                        tracing::debug!(%error, "accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }

@@ -367,7 +367,7 @@ pub async fn admit(
             ),
             crate::engine::Caller::HandsOver => format!(
                 "{} invocations already wait in the store for their first attempt (max_pending_starts {}); nothing was created, try again after {} s",
-                limits.max_pending_starts,
+                busy.pending.unwrap_or(limits.max_pending_starts),
                 limits.max_pending_starts,
                 busy.retry_after.as_secs().max(1),
             ),

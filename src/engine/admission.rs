@@ -3,7 +3,9 @@
 //! Every attempt, whether the scheduler claimed it or ingress has just created it, runs
 //! under one of `max_concurrent_attempts` slots. A first attempt created by a request
 //! waits for its slot in a FIFO queue (tokio's semaphore is fair), in the same line as the
-//! scheduler, so work runs in the order it arrived whatever the load. Past
+//! scheduler, so new work runs in the order it arrived whatever the load; an eighth of the
+//! slots is the scheduler's alone, so that invocations under way (due in the store) are
+//! not starved by a line of new ones. Past
 //! `max_queued_attempts` waiting first attempts, ingress refuses callers that would wait
 //! for an answer with a 503 and `Retry-After` before it writes anything ([`Admission::admit`]),
 //! and creates the work of callers that do not wait (`send`, a start without
@@ -35,13 +37,14 @@ const PENDING_FRESH: Duration = Duration::from_millis(100);
 /// The bounds of [`Admission`].
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Attempts that run at once on this node.
+    /// Attempts that run at once on this node, an eighth of them (rounded down) kept for
+    /// the scheduler.
     pub max_concurrent_attempts: usize,
     /// First attempts of new invocations that may wait for a slot in memory, each with
     /// its caller's request held open.
     pub max_queued_attempts: usize,
-    /// Invocations created as due rows because the queue was full, not yet claimed (in
-    /// the whole store).
+    /// Invocations waiting in the store for their first attempt (status `pending`, in the
+    /// whole store): sends created due because the queue was full, children, next runs.
     pub max_pending_starts: u64,
 }
 
@@ -75,11 +78,19 @@ impl Caller {
 #[derive(Debug, Clone, Copy)]
 pub struct Busy {
     pub retry_after: Duration,
+    /// First attempts waiting for a slot.
     pub queued: usize,
+    /// For a caller that hands work over: the invocations waiting in the store.
+    pub pending: Option<u64>,
 }
 
 pub struct Admission {
+    /// The slots new first attempts and the scheduler share, in one fair line.
     slots: Arc<Semaphore>,
+    /// The slots kept for the scheduler (an eighth of them), so that invocations already
+    /// under way (a timer, a signal, a retry, a child, a send left in the store) go on
+    /// while new callers queue.
+    reserved: Arc<Semaphore>,
     queued: AtomicUsize,
     limits: Limits,
     /// The last count of pending starts and when it was read, plus those deferred since.
@@ -94,8 +105,11 @@ struct PendingCount {
 
 impl Admission {
     pub fn new(limits: Limits) -> Admission {
+        let total = limits.max_concurrent_attempts.max(1);
+        let reserved = total / 8;
         Admission {
-            slots: Arc::new(Semaphore::new(limits.max_concurrent_attempts.max(1))),
+            slots: Arc::new(Semaphore::new(total - reserved)),
+            reserved: Arc::new(Semaphore::new(reserved)),
             queued: AtomicUsize::new(0),
             limits,
             pending: std::sync::Mutex::new(PendingCount::default()),
@@ -111,11 +125,6 @@ impl Admission {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Slots free now.
-    pub fn free_slots(&self) -> usize {
-        self.slots.available_permits()
-    }
-
     /// Decides for a request that would create work, before anything is written.
     /// `pending_starts` counts the due rows made by [`Admitted::Defer`]; it is asked only
     /// when the queue is full and the caller hands work over.
@@ -125,15 +134,18 @@ impl Admission {
         Fut: std::future::Future<Output = u64>,
     {
         let queued = self.queued();
+        let mut pending = None;
         let admitted = if queued < self.limits.max_queued_attempts {
             Some(Admitted::Queue)
-        } else if caller == Caller::HandsOver
-            && self.pending_starts(pending_starts).await < self.limits.max_pending_starts
-        {
-            if let Ok(mut pending) = self.pending.lock() {
-                pending.count += 1;
-            }
-            Some(Admitted::Defer)
+        } else if caller == Caller::HandsOver {
+            let count = self.pending_starts(pending_starts).await;
+            pending = Some(count);
+            (count < self.limits.max_pending_starts).then(|| {
+                if let Ok(mut pending) = self.pending.lock() {
+                    pending.count += 1;
+                }
+                Admitted::Defer
+            })
         } else {
             None
         };
@@ -148,6 +160,7 @@ impl Admission {
                 Err(Busy {
                     retry_after: RETRY_AFTER,
                     queued,
+                    pending,
                 })
             }
         }
@@ -203,9 +216,33 @@ impl Admission {
         })
     }
 
-    /// A slot for the scheduler, which waits in the same line.
-    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.slots).acquire_owned().await.ok()
+    /// Slots for the scheduler to claim as many due invocations, at most `max`: the free
+    /// ones (its reserved ones first); when none is free, the first to come of its
+    /// reserved ones or of its place in the shared line. `None` when the semaphores closed.
+    pub async fn scheduler_slots(&self, max: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+        let mut slots = Vec::new();
+        for pool in [&self.reserved, &self.slots] {
+            while slots.len() < max {
+                match Arc::clone(pool).try_acquire_owned() {
+                    Ok(permit) => slots.push(permit),
+                    Err(_) => break,
+                }
+            }
+        }
+        if slots.is_empty() {
+            let reserve = self.reserved_slots() > 0;
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.reserved).acquire_owned(), if reserve => permit.ok()?,
+                permit = Arc::clone(&self.slots).acquire_owned() => permit.ok()?,
+            };
+            slots.push(permit);
+        }
+        Some(slots)
+    }
+
+    /// How many slots only the scheduler uses.
+    pub fn reserved_slots(&self) -> usize {
+        self.limits.max_concurrent_attempts.max(1) / 8
     }
 }
 
@@ -312,6 +349,38 @@ mod tests {
         }
         let order = order.lock().map(|o| o.clone()).unwrap_or_default();
         assert_eq!(order, (0..20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn the_scheduler_keeps_an_eighth_of_the_slots_and_claims_no_more_than_it_holds() {
+        let admission = Arc::new(Admission::new(Limits {
+            max_concurrent_attempts: 16,
+            max_queued_attempts: 100,
+            max_pending_starts: 0,
+        }));
+        let stop = tokio_util::sync::CancellationToken::new();
+        // New first attempts take the 14 shared slots and a 15th waits in the line.
+        let mut held = Vec::new();
+        for _ in 0..14 {
+            held.push(admission.queue_for_slot(&stop).await);
+        }
+        let waiter = {
+            let (admission, stop) = (Arc::clone(&admission), stop.clone());
+            tokio::spawn(async move { admission.queue_for_slot(&stop).await.is_some() })
+        };
+        while admission.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The scheduler still gets its two, at once, and no more than asked for.
+        let slots = admission.scheduler_slots(256).await.unwrap_or_default();
+        assert_eq!(slots.len(), 2);
+        // With every slot taken, the scheduler waits too.
+        let more =
+            tokio::time::timeout(Duration::from_millis(50), admission.scheduler_slots(256)).await;
+        assert!(more.is_err(), "the scheduler got a slot nobody had freed");
+        drop(slots);
+        drop(held);
+        assert_eq!(waiter.await.ok(), Some(true));
     }
 
     #[tokio::test]

@@ -22,15 +22,16 @@ pub(super) async fn run(engine: Arc<Engine>) {
         if engine.shutdown.is_cancelled() {
             return;
         }
-        // Wait for a free slot before claiming: a claimed invocation starts at once.
-        let first = tokio::select! {
-            permit = engine.admission.slot() => match permit {
-                Some(permit) => permit,
+        // Slots before the claim, and a claim of no more rows than slots: a claimed
+        // invocation starts at once.
+        let slots = tokio::select! {
+            slots = engine.admission.scheduler_slots(BATCH) => match slots {
+                Some(slots) => slots,
                 None => return,
             },
             _ = engine.shutdown.cancelled() => return,
         };
-        let limit = (1 + engine.admission.free_slots()).min(BATCH);
+        let limit = slots.len();
         let claimed = match engine
             .store
             .claim_due(engine.clock.now_ms(), limit as u32)
@@ -39,28 +40,20 @@ pub(super) async fn run(engine: Arc<Engine>) {
             Ok(claimed) => claimed,
             Err(error) => {
                 tracing::error!(%error, "could not claim due invocations");
-                drop(first);
+                drop(slots);
                 pause(&engine, STORE_RETRY).await;
                 continue;
             }
         };
         let full = claimed.len() == limit;
-        let mut first = Some(first);
-        for record in claimed {
-            let permit = match first.take() {
-                Some(permit) => permit,
-                None => match engine.admission.slot().await {
-                    Some(permit) => permit,
-                    None => return,
-                },
-            };
+        // The slots left over (fewer rows were due) go back here.
+        for (record, slot) in claimed.into_iter().zip(slots) {
             let runner = Arc::clone(&engine);
             engine.tracker.spawn(async move {
                 runner.run_attempt(record, None).await;
-                drop(permit);
+                drop(slot);
             });
         }
-        drop(first);
         if full {
             continue;
         }

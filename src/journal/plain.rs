@@ -51,6 +51,13 @@ pub async fn command(
         (Some(entry), _) => (entry, true),
         (None, Some(mut new)) => {
             refuse_if_taken(tx, id, &mut new).await?;
+            // A new wait of a cancelled invocation gets the cancellation, not a buffered
+            // signal: the signal stays buffered (and listed if the run ends without it).
+            if let crate::store::Effect::SignalWait { take_buffered } = &mut new.effect {
+                if tx.cancel_seq(id).await?.is_some() {
+                    *take_buffered = false;
+                }
+            }
             (
                 append(tx, id, command.attempt, new, now_ms, limits).await?,
                 false,
