@@ -116,6 +116,7 @@ impl Admission {
         }
     }
 
+    /// The bounds it was made with.
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -126,8 +127,9 @@ impl Admission {
     }
 
     /// Decides for a request that would create work, before anything is written.
-    /// `pending_starts` counts the due rows made by [`Admitted::Defer`]; it is asked only
-    /// when the queue is full and the caller hands work over.
+    /// `pending_starts` counts the invocations waiting in the store for their first attempt
+    /// (those [`Admitted::Defer`] made among them); it is asked only when the queue is full
+    /// and the caller hands work over.
     pub async fn admit<F, Fut>(&self, caller: Caller, pending_starts: F) -> Result<Admitted, Busy>
     where
         F: FnOnce() -> Fut,
