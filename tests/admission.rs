@@ -86,23 +86,6 @@ fn bounded_home() -> GatewayHome {
     home
 }
 
-async fn register_plain(admin: &str, handler: &str) {
-    let answer = client()
-        .post(format!("{admin}/v1/deployments"))
-        .json(&json!({
-            "url": handler,
-            "services": [{ "name": "held", "handlers": [{ "name": "work", "path": "/work" }] }],
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        answer.status().is_success(),
-        "{}",
-        answer.text().await.unwrap()
-    );
-}
-
 /// The `durin_admission_queued` gauge of the gateway's `/metrics`.
 async fn queued(admin: &str) -> u64 {
     let text = client()
@@ -234,7 +217,12 @@ async fn past_the_bound_callers_are_refused_and_queued_work_runs_in_arrival_orde
     let handler = Handler::start().await;
     let home = bounded_home();
     let gateway = home.start(None);
-    register_plain(&gateway.admin, &handler.url).await;
+    register_plain(
+        &gateway.admin,
+        &handler.url,
+        json!([{ "name": "held", "handlers": [{ "name": "work", "path": "/work" }] }]),
+    )
+    .await;
     let (pending, calls) = fill(&gateway, &handler).await;
     // The last queued call is terminated while it waits for its slot: it never runs.
     let listed = get_json(&format!("{}/v1/invocations?limit=100", gateway.admin)).await;
@@ -302,7 +290,12 @@ async fn accepted_work_survives_kill_9_while_queued() {
     let handler = Handler::start().await;
     let home = bounded_home();
     let mut gateway = home.start(None);
-    register_plain(&gateway.admin, &handler.url).await;
+    register_plain(
+        &gateway.admin,
+        &handler.url,
+        json!([{ "name": "held", "handlers": [{ "name": "work", "path": "/work" }] }]),
+    )
+    .await;
     let (pending, calls) = fill(&gateway, &handler).await;
 
     gateway.kill();

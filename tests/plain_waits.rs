@@ -24,20 +24,12 @@ fn start_approval(durin: &str, port: u16) -> Proc {
 }
 
 async fn register_approval(admin: &str, handler: &str) {
-    let response = client()
-        .post(format!("{admin}/v1/deployments"))
-        .json(&json!({
-            "url": handler,
-            "services": [{"name": "approval", "handlers": [{"name": "run"}]}],
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "{}",
-        response.text().await.unwrap()
-    );
+    register_plain(
+        admin,
+        handler,
+        json!([{"name": "approval", "handlers": [{"name": "run"}]}]),
+    )
+    .await;
 }
 
 async fn run_view(gateway: &str, id: &str) -> Value {
@@ -392,16 +384,12 @@ async fn a_wait_with_a_timeout_takes_a_buffered_signal_at_once() {
     let home = GatewayHome::new();
     let gateway = home.start(None);
     racer.gateway.set(gateway.url.clone()).unwrap();
-    let response = client()
-        .post(format!("{}/v1/deployments", gateway.admin))
-        .json(&json!({
-            "url": handler,
-            "services": [{"name": "racer", "handlers": [{"name": "run", "path": "/run"}]}],
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
+    register_plain(
+        &gateway.admin,
+        &handler,
+        json!([{"name": "racer", "handlers": [{"name": "run", "path": "/run"}]}]),
+    )
+    .await;
 
     let outcomes = [
         ("buffered-1h", "1h", true, json!({ "signal": "ready" })),

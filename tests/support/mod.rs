@@ -735,9 +735,22 @@ pub fn client() -> reqwest::Client {
 
 /// Registers a deployment through the admin API at `admin`.
 pub async fn register(admin: &str, deployment: &str) {
+    register_body(admin, &serde_json::json!({ "url": deployment })).await
+}
+
+/// Registers a plain deployment whose `services` (a JSON array) are declared inline.
+pub async fn register_plain(admin: &str, deployment: &str, services: serde_json::Value) {
+    register_body(
+        admin,
+        &serde_json::json!({ "url": deployment, "services": services }),
+    )
+    .await
+}
+
+async fn register_body(admin: &str, body: &serde_json::Value) {
     let response = client()
         .post(format!("{admin}/v1/deployments"))
-        .json(&serde_json::json!({ "url": deployment }))
+        .json(body)
         .send()
         .await
         .unwrap();
