@@ -261,12 +261,16 @@ async fn past_the_bound_callers_are_refused_and_queued_work_runs_in_arrival_orde
         assert_eq!(view["status"], "completed", "{view}");
     }
     let arrivals = handler.arrivals();
-    // The queued calls ran in the order they came, before the sends the store took later;
-    // the terminated one never ran.
-    assert_eq!(arrivals[SLOTS..SLOTS + QUEUE - 1], [3, 4], "{arrivals:?}");
-    let mut sends: Vec<u64> = arrivals[SLOTS + QUEUE - 1..].to_vec();
+    // The queued calls ran in the order they came; the terminated one never ran. The sends
+    // the store holds run when the scheduler gets slots, and the scheduler may have taken
+    // its place in the line (on its idle poll) before a queued call did.
+    let after_slots = &arrivals[SLOTS..];
+    let calls: Vec<u64> = after_slots.iter().copied().filter(|n| *n < 10).collect();
+    assert_eq!(calls, [3, 4], "{arrivals:?}");
+    let mut sends: Vec<u64> = after_slots.iter().copied().filter(|n| *n > 10).collect();
     sends.sort_unstable();
     assert_eq!(sends, [11, 12, 13, 14], "{arrivals:?}");
+    assert_eq!(after_slots.len(), 6, "{arrivals:?}");
     // Nothing refused was created or run.
     assert!(
         !arrivals.iter().any(|n| *n >= 100),
