@@ -424,3 +424,343 @@ async fn a_wait_with_a_timeout_takes_a_buffered_signal_at_once() {
         );
     }
 }
+
+/// A plain handler that races signals, an awakeable, a timer and a child call with
+/// `first`, after reading a step before its costly work.
+#[derive(Clone, Default)]
+struct FirstOf {
+    gateway: Arc<std::sync::OnceLock<String>>,
+    /// Per workflow id: every answer `first` gave, as (status, Durin-Replayed, body).
+    answers: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<(u16, String, Value)>>>>,
+    /// Per workflow id: how many times the costly work before the race ran.
+    work: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+    /// Per workflow id: the awakeable's token.
+    tokens: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+}
+
+async fn first_of(
+    axum::extract::State(app): axum::extract::State<FirstOf>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    use axum::http::StatusCode;
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let gateway = app.gateway.get().unwrap().clone();
+    let context = format!("{gateway}/v1/contexts/{}", header("durin-invocation-id"));
+    let input: Value = serde_json::from_slice(&body).unwrap();
+    let workflow = input["id"].as_str().unwrap().to_owned();
+    let with_attempt = |request: reqwest::RequestBuilder| {
+        request
+            .header("durin-attempt", header("durin-attempt"))
+            .header("durin-attempt-token", header("durin-attempt-token"))
+    };
+    // The costly work runs only when its step is not recorded.
+    let step = with_attempt(client().get(format!("{context}/steps/work")))
+        .send()
+        .await
+        .unwrap();
+    let work = match step.status().as_u16() {
+        204 => {
+            *app.work
+                .lock()
+                .unwrap()
+                .entry(workflow.clone())
+                .or_default() += 1;
+            let recorded = with_attempt(client().post(format!("{context}/steps/work")))
+                .json(&json!({"worked": true}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(recorded.headers()["durin-replayed"], "false");
+            recorded.json::<Value>().await.unwrap()
+        }
+        200 => {
+            assert_eq!(step.headers()["durin-replayed"], "true");
+            step.json::<Value>().await.unwrap()
+        }
+        other => panic!("GET steps/work answered {other}"),
+    };
+    assert_eq!(work, json!({"worked": true}));
+    // The awakeable is created, and its token handed over, before the race.
+    let awakeable: Value = with_attempt(client().post(format!("{context}/awakeables/callback")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    app.tokens.lock().unwrap().insert(
+        workflow.clone(),
+        awakeable["token"].as_str().unwrap().to_owned(),
+    );
+    let members = json!([
+        {"signal": "go", "key": "go-a"},
+        {"signal": "stop"},
+        {"awakeable": "callback"},
+        {"sleep": "deadline", "duration": input["deadline"]},
+        {"call": "helper", "service": "firsts", "handler": "child", "input": {"id": workflow}},
+    ]);
+    let answer = with_attempt(client().post(format!("{context}/first")))
+        .json(&json!({ "of": members }))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    let replayed = answer
+        .headers()
+        .get("durin-replayed")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let suspended = answer.headers().contains_key("durin-suspended");
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    app.answers
+        .lock()
+        .unwrap()
+        .entry(workflow.clone())
+        .or_default()
+        .push((status, replayed.clone(), body.clone()));
+    if suspended {
+        return (StatusCode::ACCEPTED, axum::Json(Value::Null));
+    }
+    assert_eq!(status, 200, "{body}");
+    if replayed == "false" {
+        // As if the process died after the race: the next attempt replays it.
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(Value::Null));
+    }
+    (StatusCode::OK, axum::Json(body))
+}
+
+/// The child the race calls: it waits for its signal `release`.
+async fn first_child(
+    axum::extract::State(app): axum::extract::State<FirstOf>,
+    headers: axum::http::HeaderMap,
+) -> (axum::http::StatusCode, axum::Json<Value>) {
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let answer = client()
+        .post(format!(
+            "{}/v1/contexts/{}/signals/release",
+            app.gateway.get().unwrap(),
+            header("durin-invocation-id")
+        ))
+        .header("durin-attempt", header("durin-attempt"))
+        .header("durin-attempt-token", header("durin-attempt-token"))
+        .send()
+        .await
+        .unwrap();
+    match answer.status().as_u16() {
+        200 => (
+            axum::http::StatusCode::OK,
+            axum::Json(json!({"released": answer.json::<Value>().await.unwrap()})),
+        ),
+        _ => (axum::http::StatusCode::ACCEPTED, axum::Json(Value::Null)),
+    }
+}
+
+/// `first` answers whichever of two signals, an awakeable, a timer and a child call
+/// completes first, the same on the replay; a signal buffered before the race answers it
+/// in the attempt that waits; a recorded step is read before the costly work, which runs
+/// once per run; bad races are refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_handler_waits_for_the_first_of_several_commands() {
+    if !require_store() {
+        return;
+    }
+    let app = FirstOf::default();
+    let router = axum::Router::new()
+        .route("/first", axum::routing::post(first_of))
+        .route("/child", axum::routing::post(first_child))
+        .with_state(app.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    app.gateway.set(gateway.url.clone()).unwrap();
+    register_plain(
+        &gateway.admin,
+        &handler,
+        json!([{"name": "firsts", "handlers": [
+            {"name": "run", "path": "/first",
+             "retry_policy": {"initial_interval": "50ms", "maximum_attempts": 10}},
+            {"name": "child", "path": "/child"}]}]),
+    )
+    .await;
+    let start = |id: &'static str, deadline: &'static str| {
+        let gateway = gateway.url.clone();
+        async move {
+            let started: Value = client()
+                .post(format!("{gateway}/v1/workflows/firsts/{id}"))
+                .json(&json!({"id": id, "deadline": deadline}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            started["invocation_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let suspended_once = |id: &'static str| {
+        let app = app.clone();
+        async move {
+            eventually(Duration::from_secs(30), "the race to suspend", || async {
+                let answers = app.answers.lock().unwrap();
+                answers.get(id).is_some_and(|a| a[0].0 == 409).then_some(())
+            })
+            .await
+        }
+    };
+    let signal = |id: &'static str, name: &'static str, payload: Value| {
+        let gateway = gateway.url.clone();
+        async move {
+            let response = client()
+                .post(format!("{gateway}/v1/workflows/firsts/{id}/signals/{name}"))
+                .json(&payload)
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_success(), "{response:?}");
+        }
+    };
+
+    // The second signal wins; the first signal's wait is still open, and takes nothing.
+    let run = start("by-signal", "1h").await;
+    suspended_once("by-signal").await;
+    signal("by-signal", "stop", json!("halt")).await;
+    let view = wait_final(&gateway.url, &run).await;
+    assert_eq!(
+        view["output"],
+        json!({"index": 1, "kind": "signal", "name": "stop", "value": "halt"}),
+        "{view}"
+    );
+
+    // The awakeable, resolved through its URL.
+    let run = start("by-awakeable", "1h").await;
+    suspended_once("by-awakeable").await;
+    let token = app.tokens.lock().unwrap()["by-awakeable"].clone();
+    let resolved = client()
+        .post(format!("{}/v1/awakeables/{token}/resolve", gateway.url))
+        .json(&json!({"ok": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resolved.status().is_success());
+    let view = wait_final(&gateway.url, &run).await;
+    assert_eq!(
+        view["output"],
+        json!({"index": 2, "kind": "awakeable", "name": "callback", "value": {"ok": 1}}),
+        "{view}"
+    );
+
+    // The timer.
+    let run = start("by-timer", "300ms").await;
+    let view = wait_final(&gateway.url, &run).await;
+    let output = &view["output"];
+    assert_eq!(output["index"], 3, "{view}");
+    assert_eq!(output["kind"], "sleep");
+    assert!(
+        output["value"]["fired_at_ms"].as_i64().unwrap()
+            >= output["value"]["wake_at_ms"].as_i64().unwrap()
+    );
+
+    // The child call, once the child got its own signal.
+    let run = start("by-child", "1h").await;
+    suspended_once("by-child").await;
+    let child = eventually(Duration::from_secs(30), "the child to start", || async {
+        journal(&gateway.admin, &run)
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "call")
+            .and_then(|e| e["value"]["invocation_id"].as_str().map(str::to_owned))
+    })
+    .await;
+    let released = client()
+        .post(format!(
+            "{}/v1/invocations/{child}/signals/release",
+            gateway.url
+        ))
+        .json(&json!("now"))
+        .send()
+        .await
+        .unwrap();
+    assert!(released.status().is_success());
+    let view = wait_final(&gateway.url, &run).await;
+    assert_eq!(
+        view["output"],
+        json!({"index": 4, "kind": "call", "name": "helper", "invocation_id": child,
+               "value": {"released": "now"}}),
+        "{view}"
+    );
+
+    // A signal there before the race: answered in the attempt that waits.
+    let started: Value = client()
+        .post(format!(
+            "{}/v1/workflows/firsts/buffered/signal-with-start",
+            gateway.url
+        ))
+        .json(&json!({"input": {"id": "buffered", "deadline": "0s"},
+                      "signal": {"name": "go", "payload": "early"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run = started["invocation_id"].as_str().unwrap().to_owned();
+    let view = wait_final(&gateway.url, &run).await;
+    assert_eq!(
+        view["output"],
+        json!({"index": 0, "kind": "signal", "name": "go", "value": "early"}),
+        "{view}"
+    );
+
+    // Every run: each attempt after the race was decided got the same answer, from the
+    // journal; the costly work ran once although each run's handler ran at least twice.
+    let answers = app.answers.lock().unwrap().clone();
+    for id in ["by-signal", "by-awakeable", "by-timer", "by-child", "buffered"] {
+        let ok: Vec<&(u16, String, Value)> =
+            answers[id].iter().filter(|(status, ..)| *status == 200).collect();
+        assert!(answers[id].len() >= 2, "{id}: {:?}", answers[id]);
+        assert_eq!(ok.last().unwrap().1, "true", "{id}: {:?}", answers[id]);
+        assert!(ok.iter().all(|a| a.2 == ok[0].2), "{id}: {:?}", answers[id]);
+        assert_eq!(app.work.lock().unwrap()[id], 1, "{id}: the work ran again");
+    }
+    // The buffered signal answered in the attempt that waited, fresh, then replayed.
+    let buffered: Vec<(u16, &str)> = answers["buffered"]
+        .iter()
+        .map(|(status, replayed, _)| (*status, replayed.as_str()))
+        .collect();
+    assert_eq!(buffered, [(200, "false"), (200, "true")]);
+
+    // Refusals: nothing to wait for, a member twice, two kinds in one, a field of another kind.
+    let run = start("refusals", "1h").await;
+    suspended_once("refusals").await;
+    let record = get_json(&format!("{}/v1/invocations/{run}", gateway.url)).await;
+    assert_eq!(record["status"], "suspended", "{record}");
+    for (of, says) in [
+        (json!([]), "1 to 16"),
+        (json!([{"signal": "a"}, {"signal": "a"}]), "twice"),
+        (json!([{"signal": "a", "sleep": "b"}]), "one of"),
+        (json!([{"sleep": "b", "key": "k"}]), "key does not go"),
+        (
+            json!([{"call": "c", "service": "firsts"}]),
+            "needs service and handler",
+        ),
+        (json!([{"timer": "t"}]), "unknown field"),
+    ] {
+        let refused = client()
+            .post(format!("{}/v1/contexts/{run}/first", gateway.url))
+            .header("durin-attempt", "1")
+            .header("durin-attempt-token", "x")
+            .json(&json!({ "of": of }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400, "{of}");
+        let problem: Value = refused.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().contains(says),
+            "{of}: {problem}"
+        );
+    }
+}

@@ -28,7 +28,8 @@ use crate::ids::InvocationId;
 use crate::journal::{self, MAX_NAME_BYTES};
 use crate::problem::ApiError;
 use crate::store::{
-    ChildStart, ChildWorkflow, Effect, NewEntry, PlainAnswer, PlainCommand, StoredEntry,
+    ChildStart, ChildWorkflow, Effect, NamedCommand, NewEntry, PlainAnswer, PlainCommand,
+    StoredEntry,
 };
 
 /// The attempt a handler-facing call speaks for: its number and its secret.
@@ -230,31 +231,51 @@ pub async fn record_step(
     let caller = caller(&headers)?;
     check_name("step", &name)?;
     let value = json_body("the step value", &body)?;
-    let answer = plain(
-        &state,
-        PlainCommand {
-            id,
-            attempt: caller.attempt,
-            token: caller.token,
-            kind: EntryKind::Step,
-            name: name.clone(),
-            key: None,
-            occurrence: 0,
-            also: None,
-            new: Some(new_entry(
-                EntryKind::Step,
-                Some(name),
-                Some(to_bytes(&value)),
-                Effect::None,
-            )),
-            suspend: false,
-        },
-    )
-    .await?;
+    let new = new_entry(
+        EntryKind::Step,
+        Some(name.clone()),
+        Some(to_bytes(&value)),
+        Effect::None,
+    );
+    let command = NamedCommand::named(EntryKind::Step, name, Some(new));
+    let answer = plain(&state, once(id, caller, command)).await?;
     Ok(replayed(
-        Json(json_value(answer.entry.value.as_deref())).into_response(),
-        answer.recorded,
+        Json(json_value(answer.entry().value.as_deref())).into_response(),
+        answer.recorded(),
     ))
+}
+
+/// `GET /v1/contexts/{id}/steps/{name}`: the value recorded as step `name`
+/// (`Durin-Replayed: true`), or `204` when there is none yet; records nothing. A handler
+/// reads a step before it does costly work, and does the work only when it is not there.
+pub async fn read_step(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    check_name("step", &name)?;
+    let command = NamedCommand::named(EntryKind::Step, name, None);
+    match plain(&state, once(id, caller, command)).await {
+        Ok(answer) => Ok(replayed(
+            Json(json_value(answer.entry().value.as_deref())).into_response(),
+            true,
+        )),
+        Err(ApiError::NotFound(_)) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(other) => Err(other),
+    }
+}
+
+/// `command` alone, recorded when new, never waited for.
+fn once(id: InvocationId, caller: Caller, command: NamedCommand) -> PlainCommand {
+    PlainCommand {
+        id,
+        attempt: caller.attempt,
+        token: caller.token,
+        commands: vec![command],
+        suspend: false,
+    }
 }
 
 fn new_entry(
@@ -286,7 +307,12 @@ fn replayed(mut response: Response, recorded: bool) -> Response {
 /// Runs a plain command; a suspension becomes the `suspended` problem, a wait after a
 /// cancellation the `cancelled` one.
 async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, ApiError> {
-    let what = format!("{} {:?}", command.kind.as_str(), command.name);
+    let what = command
+        .commands
+        .iter()
+        .map(|c| format!("{} {:?}", c.kind.as_str(), c.name))
+        .collect::<Vec<_>>()
+        .join(" or ");
     let id = command.id.clone();
     let answer = state
         .store
@@ -317,6 +343,83 @@ struct PlainSleep {
     wake_at_ms: Option<i64>,
 }
 
+/// The durable timer `name`, recorded as `sleep` asks when it is new.
+fn sleep_command(
+    state: &AppState,
+    name: String,
+    sleep: PlainSleep,
+) -> Result<NamedCommand, ApiError> {
+    check_name("sleep", &name)?;
+    let duration_ms = match (sleep.duration, sleep.duration_ms) {
+        (Some(d), None) => Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        (None, ms) => ms,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give one of duration, duration_ms and wake_at_ms".into(),
+            ))
+        }
+    };
+    let mut value = serde_json::Map::new();
+    if let Some(ms) = duration_ms {
+        value.insert("duration_ms".into(), ms.into());
+    }
+    if let Some(at) = sleep.wake_at_ms {
+        value.insert("wake_at_ms".into(), at.into());
+    }
+    let planned = journal::plan(
+        EntryKind::Sleep,
+        None,
+        Some(Value::Object(value)),
+        false,
+        state.clock.now_ms(),
+    )
+    .map_err(ApiError::BadRequest)?;
+    let new = new_entry(
+        EntryKind::Sleep,
+        Some(name.clone()),
+        planned.value.as_ref().map(to_bytes),
+        planned.effect,
+    );
+    Ok(NamedCommand::named(EntryKind::Sleep, name, Some(new)))
+}
+
+/// A fired timer as a plain handler gets it.
+fn sleep_value(entry: &StoredEntry) -> Value {
+    let wake_at = json_value(entry.value.as_deref())["wake_at_ms"].clone();
+    let fired_at = entry.completion.as_ref().map(|c| c.at_ms);
+    json!({"wake_at_ms": wake_at, "fired_at_ms": fired_at})
+}
+
+/// The wait for the next signal `name`, told apart from other waits of that name by `key`.
+fn signal_command(name: String, key: &str) -> Result<NamedCommand, ApiError> {
+    crate::ids::parse_name("signal", &name).map_err(ApiError::BadRequest)?;
+    check_name("wait key", &key)?;
+    let value = to_bytes(&json!({ "key": key }));
+    let new = new_entry(
+        EntryKind::Signal,
+        Some(name.clone()),
+        Some(value.clone()),
+        // Buffered signals are taken by the wait as a whole (see `journal::plain`).
+        Effect::SignalWait {
+            take_buffered: false,
+        },
+    );
+    Ok(NamedCommand {
+        kind: EntryKind::Signal,
+        name,
+        key: Some(value),
+        occurrence: 0,
+        new: Some(new),
+    })
+}
+
+/// The awakeable `name`, created when new.
+fn awakeable_command(name: String) -> Result<NamedCommand, ApiError> {
+    check_name("awakeable", &name)?;
+    let new = new_entry(EntryKind::Awakeable, Some(name.clone()), None, Effect::None);
+    Ok(NamedCommand::named(EntryKind::Awakeable, name, Some(new)))
+}
+
 /// `POST /v1/contexts/{id}/sleep/{name}` `{"duration": "30s"}` (or `duration_ms`,
 /// `wake_at_ms`): a durable timer named `name`. Answers `{"wake_at_ms", "fired_at_ms"}`
 /// once it fired; before that, suspends the attempt.
@@ -328,62 +431,24 @@ pub async fn sleep(
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
-    check_name("sleep", &name)?;
     let request: PlainSleep = parse_json("the sleep", &body)?;
-    let duration_ms = match (request.duration, request.duration_ms) {
-        (Some(d), None) => Some(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-        (None, ms) => ms,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "give one of duration, duration_ms and wake_at_ms".into(),
-            ))
-        }
-    };
-    let value = json!({"duration_ms": duration_ms, "wake_at_ms": request.wake_at_ms});
-    let value = Value::Object(
-        value
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    );
-    let planned = journal::plan(
-        EntryKind::Sleep,
-        None,
-        Some(value),
-        false,
-        state.clock.now_ms(),
-    )
-    .map_err(ApiError::BadRequest)?;
-    let answer = plain(
-        &state,
-        PlainCommand {
-            id,
-            attempt: caller.attempt,
-            token: caller.token,
-            kind: EntryKind::Sleep,
-            name: name.clone(),
-            key: None,
-            occurrence: 0,
-            also: None,
-            new: Some(new_entry(
-                EntryKind::Sleep,
-                Some(name),
-                planned.value.as_ref().map(to_bytes),
-                planned.effect,
-            )),
-            suspend: true,
-        },
-    )
-    .await?;
-    let wake_at = json_value(answer.entry.value.as_deref())["wake_at_ms"].clone();
-    let fired_at = answer.entry.completion.as_ref().map(|c| c.at_ms);
+    let command = sleep_command(&state, name, request)?;
+    let answer = plain(&state, wait(id, caller, vec![command])).await?;
     Ok(replayed(
-        Json(json!({"wake_at_ms": wake_at, "fired_at_ms": fired_at})).into_response(),
-        answer.recorded,
+        Json(sleep_value(answer.entry())).into_response(),
+        answer.recorded(),
     ))
+}
+
+/// A wait for the first of `commands` to complete.
+fn wait(id: InvocationId, caller: Caller, commands: Vec<NamedCommand>) -> PlainCommand {
+    PlainCommand {
+        id,
+        attempt: caller.attempt,
+        token: caller.token,
+        commands,
+        suspend: true,
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -408,74 +473,32 @@ pub async fn wait_signal(
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
-    crate::ids::parse_name("signal", &name).map_err(ApiError::BadRequest)?;
     let key = query.key.unwrap_or_else(|| name.clone());
-    check_name("wait key", &key)?;
-    let timeout = match &query.timeout {
-        Some(text) => {
-            let duration = humantime::parse_duration(text).map_err(|e| {
-                ApiError::BadRequest(format!("timeout={text:?} is not a duration like 30s: {e}"))
-            })?;
-            let value =
-                json!({ "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX) });
-            let planned = journal::plan(
-                EntryKind::Sleep,
-                None,
-                Some(value),
-                false,
-                state.clock.now_ms(),
-            )
-            .map_err(ApiError::BadRequest)?;
-            let timer_name = format!("signal:{key}");
-            let timer = new_entry(
-                EntryKind::Sleep,
-                Some(timer_name.clone()),
-                planned.value.as_ref().map(to_bytes),
-                planned.effect,
-            );
-            Some((timer_name, timer))
-        }
-        None => None,
-    };
-    let value = to_bytes(&json!({ "key": key }));
-    let answer = plain(
-        &state,
-        PlainCommand {
-            id,
-            attempt: caller.attempt,
-            token: caller.token,
-            kind: EntryKind::Signal,
-            name: name.clone(),
-            key: Some(value.clone()),
-            occurrence: 0,
-            new: Some(new_entry(
-                EntryKind::Signal,
-                Some(name),
-                Some(value),
-                // A buffered signal came before the wait began, so before its timer: it
-                // is taken at once, also when the wait has a timeout (even `0s`, which
-                // looks at what is buffered without waiting).
-                Effect::SignalWait {
-                    take_buffered: true,
-                },
-            )),
-            also: timeout,
-            suspend: true,
-        },
-    )
-    .await?;
-    let signal = answer.entry.completion.as_ref();
-    let timer = answer.also.as_ref().and_then(|e| e.completion.as_ref());
-    let response = match (signal, timer) {
-        (Some(s), Some(t)) if t.seq < s.seq => StatusCode::NO_CONTENT.into_response(),
-        (None, Some(_)) => StatusCode::NO_CONTENT.into_response(),
-        (s, _) => Json(
-            s.map(|c| json_value(c.value.as_deref()))
-                .unwrap_or(Value::Null),
-        )
+    let mut commands = vec![signal_command(name, &key)?];
+    if let Some(text) = &query.timeout {
+        let duration = humantime::parse_duration(text).map_err(|e| {
+            ApiError::BadRequest(format!("timeout={text:?} is not a duration like 30s: {e}"))
+        })?;
+        let timer = PlainSleep {
+            duration: Some(duration),
+            duration_ms: None,
+            wake_at_ms: None,
+        };
+        commands.push(sleep_command(&state, format!("signal:{key}"), timer)?);
+    }
+    let answer = plain(&state, wait(id, caller, commands)).await?;
+    let response = match answer.first_completed() {
+        Some(0) => Json(json_value(
+            answer
+                .entry()
+                .completion
+                .as_ref()
+                .and_then(|c| c.value.as_deref()),
+        ))
         .into_response(),
+        _ => StatusCode::NO_CONTENT.into_response(),
     };
-    Ok(replayed(response, answer.recorded))
+    Ok(replayed(response, answer.recorded()))
 }
 
 /// `POST /v1/contexts/{id}/awakeables/{name}`: creates the awakeable `name` (or finds it)
@@ -488,31 +511,11 @@ pub async fn create_awakeable(
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
-    check_name("awakeable", &name)?;
-    let answer = plain(
-        &state,
-        PlainCommand {
-            id: id.clone(),
-            attempt: caller.attempt,
-            token: caller.token,
-            kind: EntryKind::Awakeable,
-            name: name.clone(),
-            key: None,
-            occurrence: 0,
-            also: None,
-            new: Some(new_entry(
-                EntryKind::Awakeable,
-                Some(name),
-                None,
-                Effect::None,
-            )),
-            suspend: false,
-        },
-    )
-    .await?;
-    let mut value = awakeable_value(&state, &id, answer.entry.index);
-    value["completed"] = json!(answer.entry.completion.is_some());
-    Ok(replayed(Json(value).into_response(), answer.recorded))
+    let command = awakeable_command(name)?;
+    let answer = plain(&state, once(id.clone(), caller, command)).await?;
+    let mut value = awakeable_value(&state, &id, answer.entry().index);
+    value["completed"] = json!(answer.entry().completion.is_some());
+    Ok(replayed(Json(value).into_response(), answer.recorded()))
 }
 
 /// `POST /v1/contexts/{id}/awakeables/{name}/wait`: answers `{"value"}` or `{"failure"}`
@@ -525,30 +528,17 @@ pub async fn wait_awakeable(
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
     check_name("awakeable", &name)?;
-    let answer = plain(
-        &state,
-        PlainCommand {
-            id,
-            attempt: caller.attempt,
-            token: caller.token,
-            kind: EntryKind::Awakeable,
-            name: name.clone(),
-            key: None,
-            occurrence: 0,
-            new: None,
-            also: None,
-            suspend: true,
-        },
-    )
-    .await
-    .map_err(|e| match e {
-        ApiError::NotFound(_) => ApiError::NotFound(format!(
-            "awakeable {name:?} was not created: POST .../awakeables/{name} first"
-        )),
-        other => other,
-    })?;
-    let body = Value::Object(completion_body(&answer.entry));
-    Ok(replayed(Json(body).into_response(), answer.recorded))
+    let command = NamedCommand::named(EntryKind::Awakeable, name.clone(), None);
+    let answer = plain(&state, wait(id, caller, vec![command]))
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => ApiError::NotFound(format!(
+                "awakeable {name:?} was not created: POST .../awakeables/{name} first"
+            )),
+            other => other,
+        })?;
+    let body = Value::Object(completion_body(answer.entry()));
+    Ok(replayed(Json(body).into_response(), answer.recorded()))
 }
 
 /// A completed command's result as a plain handler gets it: `{"value"}`, or `{"failure"}`
@@ -608,36 +598,28 @@ async fn write_state(
     // The k-th write of this key in the attempt is the k-th recorded one: a handler that
     // runs again from the top replays its writes instead of repeating them.
     let occurrence = state.state_cursors.reserve(&id, caller.attempt, &key);
-    let answer = plain(
-        &state,
-        PlainCommand {
-            id: id.clone(),
-            attempt: caller.attempt,
-            token: caller.token,
-            kind: EntryKind::State,
-            name: key.clone(),
-            key: None,
-            occurrence,
-            new: Some(new_entry(
-                EntryKind::State,
-                Some(key.clone()),
-                planned.value.as_ref().map(to_bytes),
-                planned.effect,
-            )),
-            also: None,
-            suspend: false,
-        },
-    )
-    .await
-    .inspect_err(|_| {
-        state
-            .state_cursors
-            .give_back(&id, caller.attempt, &key, occurrence)
-    })?;
+    let new = new_entry(
+        EntryKind::State,
+        Some(key.clone()),
+        planned.value.as_ref().map(to_bytes),
+        planned.effect,
+    );
+    let command = NamedCommand {
+        occurrence,
+        ..NamedCommand::named(EntryKind::State, key.clone(), Some(new))
+    };
+    let attempt = caller.attempt;
+    let answer = plain(&state, once(id.clone(), caller, command))
+        .await
+        .inspect_err(|_| {
+            state
+                .state_cursors
+                .give_back(&id, attempt, &key, occurrence)
+        })?;
     // What this point of the handler recorded (on a replay, the first run's value).
-    let recorded = json_value(answer.entry.value.as_deref());
+    let recorded = json_value(answer.entry().value.as_deref());
     let value = recorded.get("set").cloned().unwrap_or(Value::Null);
-    Ok(replayed(Json(value).into_response(), answer.recorded))
+    Ok(replayed(Json(value).into_response(), answer.recorded()))
 }
 
 /// Per running attempt of a plain handler: how many times it wrote each state key. Kept in
@@ -826,20 +808,16 @@ struct PlainChild {
 }
 
 /// A plain handler's `call` or `send` named `name`: the recorded one, or a new one whose
-/// child starts with it.
-async fn plain_child(
+/// child starts with it (`new` is `None` when no deployment serves the child's handler:
+/// a recorded call is answered even then). Also answers the `not found` to give when
+/// neither is there.
+async fn child_command(
     state: &AppState,
     kind: EntryKind,
-    id: String,
     name: String,
-    headers: &HeaderMap,
-    body: &[u8],
-    suspend: bool,
-) -> Result<PlainAnswer, ApiError> {
-    let id = parse_invocation_id(&id)?;
-    let caller = caller(headers)?;
+    child: PlainChild,
+) -> Result<(NamedCommand, ApiError), ApiError> {
     check_name(kind.as_str(), &name)?;
-    let child: PlainChild = parse_json("the child", body)?;
     let mut value = json!({ "input": child.input });
     if let Some(delay) = child.delay_ms {
         value["delay_ms"] = delay.into();
@@ -851,7 +829,6 @@ async fn plain_child(
         value["parent_close"] = policy.into();
     }
     let target = format!("{}/{}", child.service, child.handler);
-    // A recorded call is answered even when no deployment serves its handler any more.
     let new = match plan_child(
         state,
         kind,
@@ -870,34 +847,62 @@ async fn plain_child(
         Err(ApiError::NotFound(_)) => None,
         Err(other) => return Err(other),
     };
-    let starts_child = new.is_some();
-    let answer = plain(
-        state,
-        PlainCommand {
-            id,
-            attempt: caller.attempt,
-            token: caller.token,
-            kind,
-            name: name.clone(),
-            key: None,
-            occurrence: 0,
-            new,
-            also: None,
-            suspend,
-        },
-    )
-    .await
-    .map_err(|e| match e {
-        ApiError::NotFound(_) => ApiError::NotFound(format!(
-            "no deployment serves {target}, and no {} named {name:?} was recorded",
-            kind.as_str()
-        )),
-        other => other,
-    })?;
-    if starts_child && !answer.recorded {
+    let missing = ApiError::NotFound(format!(
+        "no deployment serves {target}, and no {} named {name:?} was recorded",
+        kind.as_str()
+    ));
+    Ok((NamedCommand::named(kind, name, new), missing))
+}
+
+/// Runs `command` and starts the children it records.
+async fn plain_with_children(
+    state: &AppState,
+    command: PlainCommand,
+) -> Result<PlainAnswer, ApiError> {
+    let starts: Vec<bool> = command
+        .commands
+        .iter()
+        .map(|c| {
+            c.new
+                .as_ref()
+                .is_some_and(|new| matches!(new.effect, Effect::StartChild(_)))
+        })
+        .collect();
+    let answer = plain(state, command).await?;
+    let started = starts
+        .iter()
+        .zip(&answer.entries)
+        .any(|(starts, (_, recorded))| *starts && !recorded);
+    if started {
         state.engine.nudge();
     }
     Ok(answer)
+}
+
+/// A plain handler's `call` or `send` named `name`.
+async fn plain_child(
+    state: &AppState,
+    kind: EntryKind,
+    id: String,
+    name: String,
+    headers: &HeaderMap,
+    body: &[u8],
+    suspend: bool,
+) -> Result<PlainAnswer, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(headers)?;
+    let child: PlainChild = parse_json("the child", body)?;
+    let (command, missing) = child_command(state, kind, name, child).await?;
+    let command = PlainCommand {
+        suspend,
+        ..once(id, caller, command)
+    };
+    plain_with_children(state, command)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => missing,
+            other => other,
+        })
 }
 
 /// `POST /v1/contexts/{id}/calls/{name}` (`{"service", "handler", "input"}`), for plain
@@ -911,13 +916,19 @@ pub async fn call_child(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let answer = plain_child(&state, EntryKind::Call, id, name, &headers, &body, true).await?;
-    let mut body = completion_body(&answer.entry);
-    let child = json_value(answer.entry.value.as_deref())["invocation_id"].clone();
-    body.insert("invocation_id".into(), child);
     Ok(replayed(
-        Json(Value::Object(body)).into_response(),
-        answer.recorded,
+        Json(Value::Object(call_body(answer.entry()))).into_response(),
+        answer.recorded(),
     ))
+}
+
+/// A child call's result as a plain handler gets it: `{"invocation_id", "value"}` (or
+/// `"failure"`).
+fn call_body(entry: &StoredEntry) -> serde_json::Map<String, Value> {
+    let mut body = completion_body(entry);
+    let child = json_value(entry.value.as_deref())["invocation_id"].clone();
+    body.insert("invocation_id".into(), child);
+    body
 }
 
 /// `POST /v1/contexts/{id}/sends/{name}` (`{"service", "handler", "input", "delay_ms"?}`),
@@ -931,6 +942,173 @@ pub async fn send_child(
 ) -> Result<Response, ApiError> {
     let answer = plain_child(&state, EntryKind::Send, id, name, &headers, &body, false).await?;
     // `{"invocation_id"}`, or a refusal recorded in its place.
-    let recorded = json_value(answer.entry.value.as_deref());
-    Ok(replayed(Json(recorded).into_response(), answer.recorded))
+    let recorded = json_value(answer.entry().value.as_deref());
+    Ok(replayed(Json(recorded).into_response(), answer.recorded()))
+}
+
+/// The most commands one `first` waits for.
+pub const MAX_FIRST: usize = 16;
+
+/// The body of `first`: the commands raced.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct First {
+    of: Vec<Member>,
+}
+
+/// One command of a `first`, named by the field of its kind: `signal` (with `key`),
+/// `awakeable`, `sleep` (with `duration`, `duration_ms` or `wake_at_ms`) or `call` (with
+/// the fields of `calls/{name}`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Member {
+    signal: Option<String>,
+    key: Option<String>,
+    awakeable: Option<String>,
+    sleep: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    duration: Option<Duration>,
+    duration_ms: Option<i64>,
+    wake_at_ms: Option<i64>,
+    call: Option<String>,
+    service: Option<String>,
+    handler: Option<String>,
+    input: Option<Value>,
+    workflow_id: Option<String>,
+    parent_close: Option<String>,
+}
+
+impl Member {
+    /// The member's kind and name, when it names exactly one, and the fields it gives
+    /// that its kind does not take.
+    fn kind(&self) -> Result<(EntryKind, &str), String> {
+        let named: Vec<(EntryKind, &str)> = [
+            (EntryKind::Signal, &self.signal),
+            (EntryKind::Awakeable, &self.awakeable),
+            (EntryKind::Sleep, &self.sleep),
+            (EntryKind::Call, &self.call),
+        ]
+        .into_iter()
+        .filter_map(|(kind, name)| name.as_deref().map(|n| (kind, n)))
+        .collect();
+        let [(kind, name)] = named[..] else {
+            return Err("each member names one of signal, awakeable, sleep and call".into());
+        };
+        let given = [
+            ("key", self.key.is_some(), EntryKind::Signal),
+            ("duration", self.duration.is_some(), EntryKind::Sleep),
+            ("duration_ms", self.duration_ms.is_some(), EntryKind::Sleep),
+            ("wake_at_ms", self.wake_at_ms.is_some(), EntryKind::Sleep),
+            ("service", self.service.is_some(), EntryKind::Call),
+            ("handler", self.handler.is_some(), EntryKind::Call),
+            ("input", self.input.is_some(), EntryKind::Call),
+            ("workflow_id", self.workflow_id.is_some(), EntryKind::Call),
+            ("parent_close", self.parent_close.is_some(), EntryKind::Call),
+        ];
+        if let Some((field, ..)) = given.iter().find(|(_, set, k)| *set && *k != kind) {
+            return Err(format!(
+                "{field} does not go with a {} member ({name:?})",
+                kind.as_str()
+            ));
+        }
+        Ok((kind, name))
+    }
+
+    async fn command(self, state: &AppState) -> Result<(NamedCommand, Option<ApiError>), ApiError> {
+        let (kind, name) = self.kind().map_err(ApiError::BadRequest)?;
+        let name = name.to_owned();
+        Ok(match kind {
+            EntryKind::Signal => {
+                let key = self.key.unwrap_or_else(|| name.clone());
+                (signal_command(name, &key)?, None)
+            }
+            EntryKind::Awakeable => (awakeable_command(name)?, None),
+            EntryKind::Sleep => {
+                let sleep = PlainSleep {
+                    duration: self.duration,
+                    duration_ms: self.duration_ms,
+                    wake_at_ms: self.wake_at_ms,
+                };
+                (sleep_command(state, name, sleep)?, None)
+            }
+            _ => {
+                let (Some(service), Some(handler)) = (self.service, self.handler) else {
+                    return Err(ApiError::BadRequest(format!(
+                        "the call member {name:?} needs service and handler"
+                    )));
+                };
+                let child = PlainChild {
+                    service,
+                    handler,
+                    input: self.input.unwrap_or_default(),
+                    delay_ms: None,
+                    workflow_id: self.workflow_id,
+                    parent_close: self.parent_close,
+                };
+                let (command, missing) = child_command(state, kind, name, child).await?;
+                (command, Some(missing))
+            }
+        })
+    }
+}
+
+/// `POST /v1/contexts/{id}/first` `{"of": [members]}`: waits for the first of up to 16
+/// signals, awakeables, timers and child calls, each the same command as the single call
+/// of its kind and name (recorded here when new). Answers `{"index", "kind", "name", ...}`
+/// with the result of the one that completed first, the same on every later attempt;
+/// before any has, suspends the attempt on all of them.
+pub async fn first(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    let request: First = parse_json("the wait", &body)?;
+    if request.of.is_empty() || request.of.len() > MAX_FIRST {
+        return Err(ApiError::BadRequest(format!(
+            "of lists 1 to {MAX_FIRST} members, not {}",
+            request.of.len()
+        )));
+    }
+    let mut commands: Vec<NamedCommand> = Vec::with_capacity(request.of.len());
+    let mut missing = None;
+    for member in request.of {
+        let (command, not_found) = member.command(&state).await?;
+        if commands
+            .iter()
+            .any(|c| c.kind == command.kind && c.name == command.name && c.key == command.key)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "the {} member {:?} is listed twice",
+                command.kind.as_str(),
+                command.name
+            )));
+        }
+        missing = missing.or(not_found);
+        commands.push(command);
+    }
+    let answer = plain_with_children(&state, wait(id, caller, commands))
+        .await
+        .map_err(|e| match (e, missing) {
+            (ApiError::NotFound(_), Some(missing)) => missing,
+            (other, _) => other,
+        })?;
+    let index = answer.first_completed().ok_or_else(|| {
+        ApiError::Storage("the journal answered a wait with nothing completed".into())
+    })?;
+    let entry = &answer.entries[index].0;
+    let mut body = match entry.kind {
+        EntryKind::Call => call_body(entry),
+        EntryKind::Sleep => serde_json::Map::from_iter([("value".into(), sleep_value(entry))]),
+        _ => completion_body(entry),
+    };
+    body.insert("index".into(), index.into());
+    body.insert("kind".into(), entry.kind.as_str().into());
+    body.insert("name".into(), entry.name.clone().unwrap_or_default().into());
+    Ok(replayed(
+        Json(Value::Object(body)).into_response(),
+        answer.recorded(),
+    ))
 }

@@ -65,6 +65,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/awakeables/{token}/reject"),
     ("POST", "/v1/contexts/{id}/entries"),
     ("POST", "/v1/contexts/{id}/steps/{name}"),
+    ("GET", "/v1/contexts/{id}/steps/{name}"),
+    ("POST", "/v1/contexts/{id}/first"),
     ("POST", "/v1/contexts/{id}/heartbeat"),
     ("POST", "/v1/contexts/{id}/calls/{name}"),
     ("POST", "/v1/contexts/{id}/continue-as-new"),
@@ -179,7 +181,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/awakeables/{token}/resolve", post(awakeables::resolve))
         .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))
-        .route("/v1/contexts/{id}/steps/{name}", post(context::record_step))
+        .route(
+            "/v1/contexts/{id}/steps/{name}",
+            post(context::record_step).get(context::read_step),
+        )
+        .route("/v1/contexts/{id}/first", post(context::first))
         .route("/v1/contexts/{id}/calls/{name}", post(context::call_child))
         .route(
             "/v1/contexts/{id}/continue-as-new",

@@ -1,11 +1,14 @@
 //! A plain handler's command through the context API: found by name (and key and
 //! occurrence) instead of a cursor, recorded when new, and, for a wait with no result
-//! yet, the attempt's suspension in the same transaction.
+//! yet, the attempt's suspension in the same transaction. A wait may name several
+//! commands (a signal and its timeout, or the members of a race): it answers the one that
+//! completed first.
 
 use super::completion::suspension_due;
+use super::signal;
 use crate::store::tables::Tx;
 use crate::store::{
-    JournalLimits, PlainAnswer, PlainCommand, Store, StoreError, StoreResult, StoredEntry,
+    Effect, JournalLimits, PlainAnswer, PlainCommand, Store, StoreError, StoreResult, StoredEntry,
 };
 
 use super::append::{append, check_attempt};
@@ -27,9 +30,11 @@ impl dyn Store {
     }
 }
 
-/// Finds the command, records it when it is new (a child workflow whose id is taken is
-/// recorded as refused, as for the SDK), and suspends the attempt when it waits for
-/// something that has not completed.
+/// Finds the commands, records those that are new (a child workflow whose id is taken is
+/// recorded as refused, as for the SDK), and, for a wait, answers the one that completed
+/// first or suspends the attempt on all of them. A signal buffered before the wait began
+/// came first, unless a waited timer fell due before it arrived: the one that arrived
+/// first is taken at once, and only one (the others stay buffered).
 pub async fn command(
     tx: &mut dyn Tx,
     command: PlainCommand,
@@ -38,77 +43,109 @@ pub async fn command(
 ) -> StoreResult<PlainAnswer> {
     let id = command.id.as_str();
     check_attempt(tx, id, command.attempt, &command.token).await?;
-    let found = tx
-        .find_entry(
-            id,
-            command.kind,
-            &command.name,
-            command.key.as_deref(),
-            command.occurrence,
-        )
-        .await?;
-    let (entry, recorded) = match (found, command.new) {
-        (Some(entry), _) => (entry, true),
-        (None, Some(mut new)) => {
-            refuse_if_taken(tx, id, &mut new).await?;
-            // A new wait of a cancelled invocation gets the cancellation, not a buffered
-            // signal: the signal stays buffered (and listed if the run ends without it).
-            if let crate::store::Effect::SignalWait { take_buffered } = &mut new.effect {
-                if tx.cancel_seq(id).await?.is_some() {
+    // Timers are recorded last: a signal buffered before the wait began came before a
+    // timer that the wait starts, even one that is due at once.
+    let mut found = Vec::with_capacity(command.commands.len());
+    let mut timers = Vec::new();
+    for (position, named) in command.commands.into_iter().enumerate() {
+        let entry = tx
+            .find_entry(
+                id,
+                named.kind,
+                &named.name,
+                named.key.as_deref(),
+                named.occurrence,
+            )
+            .await?;
+        found.push(match (entry, named.new) {
+            (Some(entry), _) => Some((entry, true)),
+            (None, Some(new)) if matches!(new.effect, Effect::Timer { .. }) => {
+                timers.push((position, new));
+                None
+            }
+            (None, Some(mut new)) => {
+                refuse_if_taken(tx, id, &mut new).await?;
+                // Buffered signals are taken below, once the wait's other commands are
+                // recorded, so that the one that arrived first wins.
+                if let Effect::SignalWait { take_buffered } = &mut new.effect {
                     *take_buffered = false;
                 }
+                let entry = append(tx, id, command.attempt, new, now_ms, limits).await?;
+                Some((entry, false))
             }
-            (
-                append(tx, id, command.attempt, new, now_ms, limits).await?,
-                false,
-            )
-        }
-        (None, None) => {
-            return Err(StoreError::NotFound(format!(
-                "{} {:?} of invocation {id}",
-                command.kind.as_str(),
-                command.name
-            )))
-        }
-    };
-    let also = match command.also {
-        Some((name, new)) => {
-            let found = tx.find_entry(id, new.kind, &name, None, 0).await?;
-            Some(match found {
-                Some(entry) => entry,
-                None => append(tx, id, command.attempt, new, now_ms, limits).await?,
-            })
-        }
-        None => None,
-    };
-    // After a cancellation a wait gets only what completed before it.
+            (None, None) => {
+                return Err(StoreError::NotFound(format!(
+                    "{} {:?} of invocation {id}",
+                    named.kind.as_str(),
+                    named.name
+                )))
+            }
+        });
+    }
+    // After a cancellation a wait gets only what completed before it, and a new wait
+    // takes no buffered signal (it stays buffered, and listed if the run ends without it).
     let cancel_seq = tx.cancel_seq(id).await?;
+    let mut recorded: Vec<(StoredEntry, bool)> = found.iter().flatten().cloned().collect();
+    let undecided = recorded.iter().all(|(e, _)| e.completion.is_none());
+    if command.suspend && undecided && cancel_seq.is_none() {
+        let waiting_for: Vec<u32> = recorded.iter().map(|(e, _)| e.index).collect();
+        take_first_buffered(tx, id, &mut recorded, &waiting_for, now_ms).await?;
+    }
+    let mut recorded = recorded.into_iter();
+    for slot in found.iter_mut().filter(|slot| slot.is_some()) {
+        *slot = recorded.next();
+    }
+    for (position, new) in timers {
+        found[position] = Some((
+            append(tx, id, command.attempt, new, now_ms, limits).await?,
+            false,
+        ));
+    }
+    let entries: Vec<(StoredEntry, bool)> = found.into_iter().flatten().collect();
+    let waiting_for: Vec<u32> = entries.iter().map(|(e, _)| e.index).collect();
     let before_cancel = |e: &StoredEntry| {
         e.completion
             .as_ref()
             .is_some_and(|c| cancel_seq.is_none_or(|seq| c.seq < seq))
     };
-    let cancelled = command.suspend
-        && cancel_seq.is_some()
-        && !before_cancel(&entry)
-        && !also.as_ref().is_some_and(before_cancel);
-    let suspended = command.suspend
-        && !cancelled
-        && entry.completion.is_none()
-        && also.as_ref().is_none_or(|e| e.completion.is_none());
+    let cancelled =
+        command.suspend && cancel_seq.is_some() && !entries.iter().any(|(e, _)| before_cancel(e));
+    let suspended =
+        command.suspend && !cancelled && entries.iter().all(|(e, _)| e.completion.is_none());
     if suspended {
-        let waiting_for: Vec<u32> = [Some(entry.index), also.as_ref().map(|e| e.index)]
-            .into_iter()
-            .flatten()
-            .collect();
         let (due, _) = suspension_due(tx, id, None, &waiting_for, now_ms).await?;
         tx.set_suspended(id, due, &waiting_for, now_ms).await?;
     }
     Ok(PlainAnswer {
-        entry,
-        also,
-        recorded,
+        entries,
         suspended,
         cancelled,
     })
+}
+
+/// Hands the buffered signal that arrived first among those the waits of `waiting_for`
+/// take to its wait, unless a waited timer fell due before it arrived (the timer came
+/// first; it fires when the attempt has suspended).
+async fn take_first_buffered(
+    tx: &mut dyn Tx,
+    id: &str,
+    entries: &mut [(StoredEntry, bool)],
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<()> {
+    let Some((index, name, arrived_at_ms)) = signal::first_buffered(tx, id, waiting_for).await?
+    else {
+        return Ok(());
+    };
+    let race = signal::race_state(tx, id, waiting_for, now_ms).await?;
+    // A signal there when a timer of the wait falls due in the same millisecond was there
+    // first: `?timeout=0s` looks at what is buffered.
+    if race.first_due_timer.is_some_and(|due| due < arrived_at_ms) {
+        return Ok(());
+    }
+    let completion = signal::bind_buffered(tx, id, index, &name, now_ms).await?;
+    if let Some((entry, _)) = entries.iter_mut().find(|(e, _)| e.index == index) {
+        entry.completion = completion;
+    }
+    Ok(())
 }

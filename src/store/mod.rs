@@ -493,6 +493,15 @@ pub struct PlainCommand {
     pub id: InvocationId,
     pub attempt: u32,
     pub token: String,
+    /// Found by name, or recorded when new, in this order; a wait waits for whichever of
+    /// them completes first (one command, or a signal and its timeout, or a race).
+    pub commands: Vec<NamedCommand>,
+    pub suspend: bool,
+}
+
+/// One command of a [`PlainCommand`], identified by its kind, name, key and occurrence.
+#[derive(Debug, Clone)]
+pub struct NamedCommand {
     pub kind: EntryKind,
     pub name: String,
     /// The recorded entry must have this value too (a wait's own key).
@@ -502,24 +511,54 @@ pub struct PlainCommand {
     pub occurrence: u32,
     /// Appended when no entry matches; `None` means "it must exist already".
     pub new: Option<NewEntry>,
-    /// A second command found or recorded with the first and waited for with it (the
-    /// timeout of a wait): a suspension waits for whichever completes first.
-    pub also: Option<(String, NewEntry)>,
-    pub suspend: bool,
+}
+
+impl NamedCommand {
+    /// The command `kind` named `name` (occurrence 0, no key), recorded as `new` if absent.
+    pub fn named(kind: EntryKind, name: String, new: Option<NewEntry>) -> Self {
+        Self {
+            kind,
+            name,
+            key: None,
+            occurrence: 0,
+            new,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct PlainAnswer {
-    pub entry: StoredEntry,
-    /// The entry of [`PlainCommand::also`].
-    pub also: Option<StoredEntry>,
-    /// The entry was in the journal before this call.
-    pub recorded: bool,
+    /// The entries of [`PlainCommand::commands`], in their order, each with whether it
+    /// was in the journal before this call.
+    pub entries: Vec<(StoredEntry, bool)>,
     /// The attempt is now suspended: the handler must stop.
     pub suspended: bool,
     /// A wait of a cancelled invocation for which nothing completed before the
     /// cancellation: the handler gets the cancellation instead of waiting.
     pub cancelled: bool,
+}
+
+impl PlainAnswer {
+    /// The first command's entry.
+    pub fn entry(&self) -> &StoredEntry {
+        &self.entries[0].0
+    }
+
+    /// Every command was in the journal before this call: the answer is a replay.
+    pub fn recorded(&self) -> bool {
+        self.entries.iter().all(|(_, recorded)| *recorded)
+    }
+
+    /// The position of the command that completed first (the lowest completion number),
+    /// if one has.
+    pub fn first_completed(&self) -> Option<usize> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (entry, _))| entry.completion.as_ref().map(|c| (c.seq, i)))
+            .min()
+            .map(|(_, i)| i)
+    }
 }
 
 /// What resolving an awakeable did.

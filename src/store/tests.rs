@@ -1540,18 +1540,17 @@ async fn a_workflow_id_names_one_live_run(store: &dyn Store) {
                 id: parent.id.clone(),
                 attempt: parent.attempt,
                 token: parent.attempt_token.clone().unwrap(),
-                kind: EntryKind::Call,
-                name: "wf/run".into(),
-                key: None,
-                occurrence: 0,
-                new: Some(child_call(
-                    &target,
-                    &InvocationId::generate(),
-                    "w3",
-                    None,
-                    ParentClose::Abandon,
-                )),
-                also: None,
+                commands: vec![NamedCommand::named(
+                    EntryKind::Call,
+                    "wf/run".into(),
+                    Some(child_call(
+                        &target,
+                        &InvocationId::generate(),
+                        "w3",
+                        None,
+                        ParentClose::Abandon,
+                    )),
+                )],
                 suspend: false,
             },
             T0 + 1,
@@ -1559,12 +1558,13 @@ async fn a_workflow_id_names_one_live_run(store: &dyn Store) {
         .await
         .unwrap();
     let recorded: serde_json::Value =
-        serde_json::from_slice(answer.entry.value.as_deref().unwrap()).unwrap();
+        serde_json::from_slice(answer.entry().value.as_deref().unwrap()).unwrap();
     assert_eq!(recorded["refused"]["type"], "WorkflowIdTaken", "{recorded}");
     assert_eq!(
         answer
-            .entry
+            .entry()
             .completion
+            .clone()
             .and_then(|c| c.failure)
             .map(|f| f.status),
         Some(409)
