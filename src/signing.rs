@@ -3,13 +3,14 @@
 //!
 //! The key is an Ed25519 key of this gateway, made at first start and kept in the store;
 //! its public half is printed at start and served on the admin API. The signature covers
-//! [`durin_protocol::signed_message`] (version 2: the path, every `Durin-*` header sent,
-//! the attempt token and `Durin-Cancelled` included, and the body) and travels in
+//! [`durin_protocol::signed_message`] (version 3: the path, every `Durin-*` header sent,
+//! the attempt token, `Durin-Cancelled` and `Durin-Workflow-Id` included, and the body)
+//! and travels in
 //! `Durin-Signature`. This module imports nothing of the gateway.
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use durin_protocol::{SignedHeaders, SIGNATURE_VERSION};
+use durin_protocol::SIGNATURE_VERSION;
 use ed25519_dalek::{Signer, SigningKey};
 
 pub struct RequestSigner {
@@ -28,13 +29,13 @@ impl RequestSigner {
         })
     }
 
-    /// The `Durin-Signature` value of a request (`t=…,v2=…`): it covers the path, every
-    /// `Durin-*` header the request carries (`headers`) and the body.
+    /// The `Durin-Signature` value of a request (`t=…,v3=…`): it covers the path, every
+    /// `Durin-*` header the request carries (`headers`, names in lower case) and the body.
     pub fn header(
         &self,
         timestamp_ms: i64,
         path: &str,
-        headers: &SignedHeaders<'_>,
+        headers: &[(&str, &str)],
         body: &[u8],
     ) -> String {
         let message = durin_protocol::signed_message(timestamp_ms, path, headers, body);

@@ -442,6 +442,24 @@ async fn first_of(
     axum::extract::State(app): axum::extract::State<FirstOf>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, &'static str); 1],
+    axum::Json<Value>,
+) {
+    let (status, body) = first_of_answer(app, headers, body).await;
+    let suspended = if status == axum::http::StatusCode::ACCEPTED {
+        "true"
+    } else {
+        "false"
+    };
+    (status, [("durin-suspended", suspended)], body)
+}
+
+async fn first_of_answer(
+    app: FirstOf,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
 ) -> (axum::http::StatusCode, axum::Json<Value>) {
     use axum::http::StatusCode;
     let header = |name: &str| headers[name].to_str().unwrap().to_owned();
@@ -520,6 +538,7 @@ async fn first_of(
         .or_default()
         .push((status, replayed.clone(), body.clone()));
     if suspended {
+        // The documented answer of a suspended attempt.
         return (StatusCode::ACCEPTED, axum::Json(Value::Null));
     }
     assert_eq!(status, 200, "{body}");
@@ -717,9 +736,17 @@ async fn a_plain_handler_waits_for_the_first_of_several_commands() {
     // Every run: each attempt after the race was decided got the same answer, from the
     // journal; the costly work ran once although each run's handler ran at least twice.
     let answers = app.answers.lock().unwrap().clone();
-    for id in ["by-signal", "by-awakeable", "by-timer", "by-child", "buffered"] {
-        let ok: Vec<&(u16, String, Value)> =
-            answers[id].iter().filter(|(status, ..)| *status == 200).collect();
+    for id in [
+        "by-signal",
+        "by-awakeable",
+        "by-timer",
+        "by-child",
+        "buffered",
+    ] {
+        let ok: Vec<&(u16, String, Value)> = answers[id]
+            .iter()
+            .filter(|(status, ..)| *status == 200)
+            .collect();
         assert!(answers[id].len() >= 2, "{id}: {:?}", answers[id]);
         assert_eq!(ok.last().unwrap().1, "true", "{id}: {:?}", answers[id]);
         assert!(ok.iter().all(|a| a.2 == ok[0].2), "{id}: {:?}", answers[id]);
@@ -763,4 +790,59 @@ async fn a_plain_handler_waits_for_the_first_of_several_commands() {
             "{of}: {problem}"
         );
     }
+}
+
+/// A plain handler that answers `Durin-Suspended: true` when no wait suspended it is
+/// retried, and fails when its attempts run out, the error saying why; the documented
+/// answer of a real suspension is taken as one (the other tests' handlers answer it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_answer_without_a_suspension_is_retried() {
+    if !require_store() {
+        return;
+    }
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = Arc::clone(&attempts);
+    let router = axum::Router::new().route(
+        "/liar",
+        axum::routing::post(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                (
+                    axum::http::StatusCode::ACCEPTED,
+                    [("durin-suspended", "true")],
+                    "",
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    register_plain(
+        &gateway.admin,
+        &handler,
+        json!([{"name": "liar", "handlers": [{"name": "run", "path": "/liar",
+            "retry_policy": {"initial_interval": "50ms", "maximum_attempts": 2}}]}]),
+    )
+    .await;
+    let started: Value = client()
+        .post(format!("{}/v1/send/liar/run", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["invocation_id"].as_str().unwrap().to_owned();
+    let view = wait_final(&gateway.url, &id).await;
+    assert_eq!(view["status"], "failed", "{view}");
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let text = view.to_string();
+    assert!(
+        text.contains("no wait suspended attempt 2"),
+        "the failure says why: {text}"
+    );
 }

@@ -16,7 +16,9 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use durin_protocol::{SignedHeaders, HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED, HEADER_SIGNATURE};
+use durin_protocol::{
+    HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED, HEADER_SIGNATURE, HEADER_WORKFLOW_ID,
+};
 use durin_sdk::{Context, Endpoint, HandlerError, Service};
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde_json::{json, Value};
@@ -62,11 +64,16 @@ fn signed_by_durin(key: &VerifyingKey, request: &Received, headers: &HeaderMap) 
         .split(',')
         .filter_map(|part| part.trim().split_once('='))
         .collect();
-    let (Some(t), Some(v2)) = (fields.get("t"), fields.get("v2")) else {
+    let (Some(t), Some(v3)) = (fields.get("t"), fields.get("v3")) else {
         return false;
     };
-    let signature = Signature::from_slice(&URL_SAFE_NO_PAD.decode(v2).unwrap()).unwrap();
-    let signed = SignedHeaders::read(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    let signature = Signature::from_slice(&URL_SAFE_NO_PAD.decode(v3).unwrap()).unwrap();
+    // Every Durin-* header but the signature, whatever its name.
+    let signed: Vec<(&str, &str)> = headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("durin-") && *name != HEADER_SIGNATURE)
+        .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+        .collect();
     let message =
         durin_protocol::signed_message(t.parse().unwrap(), &request.path, &signed, &request.body);
     key.verify(&message, &signature).is_ok()
@@ -82,7 +89,8 @@ fn altered(request: &Received, change: impl FnOnce(&mut HeaderMap)) -> HeaderMap
 /// A plain handler gets `Durin-Cancelled: true` under Durin's signature once its invocation
 /// is cancelled: both requests verify as they came, while the first replayed with
 /// `Durin-Cancelled` added, the second with it removed, or either with the other's attempt
-/// token, do not. The signature is of version 2 (`v1=` is no longer sent).
+/// token, do not. The signature is of version 3 (`v1=` and `v2=` are no longer sent). A
+/// workflow's run is told its workflow id, under the signature too.
 #[tokio::test]
 async fn a_plain_handler_tells_durins_cancellation_from_a_replay_made_one() {
     let gateway = InProcess::start(|_| {}).await;
@@ -165,7 +173,10 @@ async fn a_plain_handler_tells_durins_cancellation_from_a_replay_made_one() {
     for request in [first, second] {
         let signature = request.headers[HEADER_SIGNATURE].to_str().unwrap();
         assert!(
-            signature.starts_with("t=") && signature.contains(",v2=") && !signature.contains("v1="),
+            signature.starts_with("t=")
+                && signature.contains(",v3=")
+                && !signature.contains("v1=")
+                && !signature.contains("v2="),
             "{signature}"
         );
         assert!(signed_by_durin(&key, request, &request.headers));
@@ -192,6 +203,42 @@ async fn a_plain_handler_tells_durins_cancellation_from_a_replay_made_one() {
         );
     });
     assert!(!signed_by_durin(&key, second, &other_token));
+    assert_eq!(
+        first.headers.get(HEADER_WORKFLOW_ID),
+        None,
+        "not a workflow"
+    );
+    let added = altered(first, |h| {
+        h.insert("durin-anything", HeaderValue::from_static("x"));
+    });
+    assert!(
+        !signed_by_durin(&key, first, &added),
+        "a Durin-* header added"
+    );
+
+    // A workflow's run: its id comes signed.
+    let response = client()
+        .post(format!("{}/v1/workflows/job/w-7", gateway.url))
+        .json(&json!({"job": 8}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    let run = eventually(Duration::from_secs(10), "the run's first attempt", || {
+        let log = Arc::clone(&log);
+        async move { log.lock().unwrap().get(2).cloned() }
+    })
+    .await;
+    assert_eq!(run.headers[HEADER_WORKFLOW_ID], "w-7");
+    assert!(signed_by_durin(&key, &run, &run.headers));
+    let other_workflow = altered(&run, |h| {
+        h.insert(HEADER_WORKFLOW_ID, HeaderValue::from_static("w-8"));
+    });
+    assert!(!signed_by_durin(&key, &run, &other_workflow));
+    let no_workflow = altered(&run, |h| {
+        h.remove(HEADER_WORKFLOW_ID);
+    });
+    assert!(!signed_by_durin(&key, &run, &no_workflow));
     gateway.stop().await;
 }
 

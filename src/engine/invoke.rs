@@ -133,7 +133,9 @@ impl Engine {
             attempt_token: record.attempt_token.as_deref().unwrap_or_default(),
             cancelled: if cancelled { "true" } else { "" },
             protocol: &protocol,
+            workflow_id: record.workflow_id.as_deref().unwrap_or_default(),
         };
+        let headers = headers.carried();
         let signature = self
             .signer
             .header(self.clock.now_ms(), &path, &headers, &body);
@@ -143,14 +145,10 @@ impl Engine {
             Some(traceparent) => request.header(crate::telemetry::traces::TRACEPARENT, traceparent),
             None => request,
         };
-        // Exactly the headers signed: an empty one is absent (and signed as empty).
-        let request = headers
-            .pairs()
-            .into_iter()
-            .filter(|(_, value)| !value.is_empty())
-            .fold(request, |request, (name, value)| {
-                request.header(name, value)
-            });
+        // Exactly the headers signed.
+        let request = headers.into_iter().fold(request, |request, (name, value)| {
+            request.header(name, value)
+        });
         let sent = request
             .body(body)
             .header(HEADER_SIGNATURE, signature)
@@ -207,6 +205,12 @@ impl Engine {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
+        // A plain handler says that a wait suspended it and it stopped; when one did, the
+        // store has the attempt suspended already and this answer changes nothing.
+        let says_suspended = response
+            .headers()
+            .get(durin_protocol::HEADER_SUSPENDED)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
         let body = match read_limited(response, MAX_HANDLER_RESPONSE_BYTES).await {
             Ok(body) => body,
             Err(error) => {
@@ -217,7 +221,15 @@ impl Engine {
             }
         };
         let plain = target.protocol == HandlerProtocol::Plain;
-        if status.is_success() && plain {
+        if plain && says_suspended {
+            HandlerAnswer::Retry(Retryable::new(
+                format!(
+                    "the handler answered {status} with Durin-Suspended: true, but no wait suspended attempt {}: a handler stops so only after a context call answered 409 with Durin-Suspended: true",
+                    record.attempt
+                ),
+                Some("NotSuspended".into()),
+            ))
+        } else if status.is_success() && plain {
             HandlerAnswer::Output(body, content_type)
         } else if status.is_success() {
             match serde_json::from_slice::<Outcome>(&body) {

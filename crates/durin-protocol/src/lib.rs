@@ -45,28 +45,32 @@ pub const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
 pub const HEADER_CANCELLED: &str = "durin-cancelled";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
+/// Header naming the workflow id of a run started as a workflow
+/// (`POST /v1/workflows/{workflow}/{id}`); absent for other invocations.
+pub const HEADER_WORKFLOW_ID: &str = "durin-workflow-id";
 /// Header by which Durin signs each request it sends to a handler:
-/// `t=<ms since the epoch>,v2=<base64url Ed25519 signature>` over [`signed_message`].
-/// Version 1 (`v1=`, which covered neither the attempt token nor `Durin-Cancelled`) is no
-/// longer sent: a verifier that looks for `v1=` refuses every request rather than accept
-/// one whose unsigned headers were changed.
+/// `t=<ms since the epoch>,v3=<base64url Ed25519 signature>` over [`signed_message`].
+/// Versions 1 and 2, which listed a fixed set of headers (version 2 could not cover
+/// `Durin-Workflow-Id`), are no longer sent: a verifier that looks for them refuses every
+/// request rather than accept one whose unsigned headers were changed.
 pub const HEADER_SIGNATURE: &str = "durin-signature";
 /// The field of [`HEADER_SIGNATURE`] that carries the signature: its version.
-pub const SIGNATURE_VERSION: &str = "v2";
+pub const SIGNATURE_VERSION: &str = "v3";
 
-/// The request headers Durin's signature covers, in the order [`signed_message`] lists
-/// them: every `Durin-*` header Durin sends to a handler, except the signature itself.
-pub const SIGNED_HEADERS: [&str; 5] = [
+/// The `Durin-*` headers Durin sends to a handler, besides the signature.
+pub const SIGNED_HEADERS: [&str; 6] = [
     HEADER_INVOCATION_ID,
     HEADER_ATTEMPT,
     HEADER_ATTEMPT_TOKEN,
     HEADER_CANCELLED,
     HEADER_PROTOCOL,
+    HEADER_WORKFLOW_ID,
 ];
 
-/// The values of the [`SIGNED_HEADERS`] of a request, empty for a header it does not
-/// carry (a plain handler gets no `Durin-Protocol`, and `Durin-Cancelled` only once its
-/// invocation was cancelled). Durin sends exactly the non-empty ones.
+/// The values of the [`SIGNED_HEADERS`] of a request Durin sends, empty for a header it
+/// does not carry (a plain handler gets no `Durin-Protocol`, `Durin-Cancelled` only once
+/// its invocation was cancelled, `Durin-Workflow-Id` only for a workflow's run). Durin
+/// sends exactly the non-empty ones.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SignedHeaders<'a> {
     pub invocation_id: &'a str,
@@ -74,57 +78,53 @@ pub struct SignedHeaders<'a> {
     pub attempt_token: &'a str,
     pub cancelled: &'a str,
     pub protocol: &'a str,
+    pub workflow_id: &'a str,
 }
 
 impl<'a> SignedHeaders<'a> {
-    /// The values a request carries: `get(name)` is the value of the header `name` (one of
-    /// [`SIGNED_HEADERS`]), `None` when it is absent.
-    pub fn read(mut get: impl FnMut(&'static str) -> Option<&'a str>) -> SignedHeaders<'a> {
-        SignedHeaders {
-            invocation_id: get(HEADER_INVOCATION_ID).unwrap_or_default(),
-            attempt: get(HEADER_ATTEMPT).unwrap_or_default(),
-            attempt_token: get(HEADER_ATTEMPT_TOKEN).unwrap_or_default(),
-            cancelled: get(HEADER_CANCELLED).unwrap_or_default(),
-            protocol: get(HEADER_PROTOCOL).unwrap_or_default(),
-        }
-    }
-
-    /// Each header with its value, in the order of [`SIGNED_HEADERS`].
-    pub fn pairs(&self) -> [(&'static str, &'a str); 5] {
+    /// The headers a request carries, each with its value: the non-empty ones, in the
+    /// order of [`SIGNED_HEADERS`].
+    pub fn carried(&self) -> Vec<(&'static str, &'a str)> {
         [
             (HEADER_INVOCATION_ID, self.invocation_id),
             (HEADER_ATTEMPT, self.attempt),
             (HEADER_ATTEMPT_TOKEN, self.attempt_token),
             (HEADER_CANCELLED, self.cancelled),
             (HEADER_PROTOCOL, self.protocol),
+            (HEADER_WORKFLOW_ID, self.workflow_id),
         ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .collect()
     }
 }
 
-/// What Durin's signature (version 2) of a request to a handler covers: the time it
-/// signed, the request's path, every `Durin-*` header it sends ([`SIGNED_HEADERS`], one
-/// `name:value` line each, in that order, the value empty when the header is absent) and
-/// the body. None of them can be changed, added or removed (a replayed request cannot be
-/// turned into a cancellation or given another attempt's token), nor the request sent to
-/// another path. The host is not covered. The bytes are
+/// What Durin's signature (version 3) of a request to a handler covers: the time it
+/// signed, the request's path, **every `Durin-*` header the request carries** except the
+/// signature (`headers`: lower-case names with their values, one `name:value` line each,
+/// sorted by name) and the body. None of them can be changed, added or removed (a
+/// replayed request cannot be turned into a cancellation, given another attempt's token
+/// or another workflow id), nor the request sent to another path. The host and other
+/// headers are not covered. The bytes are
 ///
 /// ```text
-/// durin-signature-v2\n{t}\n{path}\n
-/// durin-invocation-id:{value}\n
-/// durin-attempt:{value}\n
-/// durin-attempt-token:{value}\n
-/// durin-cancelled:{value}\n
-/// durin-protocol:{value}\n
+/// durin-signature-v3\n{t}\n{path}\n
+/// {name}:{value}\n      for each Durin-* header, sorted by name
 /// {body}
 /// ```
+///
+/// A verifier passes every `Durin-*` header it received (refusing one received twice),
+/// whatever its name, so a header added on the way fails the check.
 pub fn signed_message(
     timestamp_ms: i64,
     path: &str,
-    headers: &SignedHeaders<'_>,
+    headers: &[(&str, &str)],
     body: &[u8],
 ) -> Vec<u8> {
-    let mut message = format!("durin-signature-v2\n{timestamp_ms}\n{path}\n");
-    for (name, value) in headers.pairs() {
+    let mut sorted: Vec<(&str, &str)> = headers.to_vec();
+    sorted.sort_unstable();
+    let mut message = format!("durin-signature-v3\n{timestamp_ms}\n{path}\n");
+    for (name, value) in sorted {
         message.push_str(name);
         message.push(':');
         message.push_str(value);
@@ -708,36 +708,32 @@ mod tests {
     }
 
     /// The signed bytes, exactly as the handler protocol documents them (verifiers in
-    /// other languages build the same), with each signed header in the documented order.
+    /// other languages build the same): every header carried, sorted by name.
     #[test]
-    fn the_signed_message_lists_every_durin_header_in_order() {
+    fn the_signed_message_lists_every_durin_header_sorted() {
         let headers = SignedHeaders {
             invocation_id: "inv_x",
             attempt: "2",
             attempt_token: "tok",
             cancelled: "true",
             protocol: "",
+            workflow_id: "order-7",
         };
-        assert_eq!(
-            headers.pairs().map(|(name, _)| name),
-            SIGNED_HEADERS,
-            "pairs() follows SIGNED_HEADERS"
-        );
-        let message = signed_message(17, "/order/process", &headers, b"{}");
+        let carried = headers.carried();
+        assert_eq!(carried.len(), 5, "the empty protocol is not carried");
+        let message = signed_message(17, "/order/process", &carried, b"{}");
         assert_eq!(
             String::from_utf8(message).unwrap_or_default(),
-            "durin-signature-v2\n17\n/order/process\ndurin-invocation-id:inv_x\n\
-             durin-attempt:2\ndurin-attempt-token:tok\ndurin-cancelled:true\n\
-             durin-protocol:\n{}"
+            "durin-signature-v3\n17\n/order/process\ndurin-attempt:2\n\
+             durin-attempt-token:tok\ndurin-cancelled:true\ndurin-invocation-id:inv_x\n\
+             durin-workflow-id:order-7\n{}"
         );
-        let read = SignedHeaders::read(|name| {
-            headers
-                .pairs()
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| *v)
-                .filter(|v| !v.is_empty())
-        });
-        assert_eq!(read, headers);
+        let mut reversed = carried.clone();
+        reversed.reverse();
+        assert_eq!(
+            signed_message(17, "/p", &reversed, b""),
+            signed_message(17, "/p", &carried, b""),
+            "the order received does not matter"
+        );
     }
 }

@@ -16,8 +16,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use durin_protocol::{
     Discovery, EntryKind, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind,
-    ServiceSpec, SignedHeaders, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    SIGNATURE_VERSION, SIGNED_HEADERS,
+    ServiceSpec, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SIGNATURE_VERSION,
 };
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
@@ -245,10 +244,10 @@ impl Endpoint {
     }
 }
 
-/// Checks Durin's signature of a request (version 2, see
+/// Checks Durin's signature of a request (version 3, see
 /// [`durin_protocol::signed_message`]): its time, path, body and every `Durin-*` header it
-/// carries, so that a request whose `Durin-Cancelled` or `Durin-Attempt-Token` was
-/// added, removed or changed is refused like a forged one.
+/// carries, so that a request whose `Durin-Cancelled`, `Durin-Attempt-Token` or
+/// `Durin-Workflow-Id` was added, removed or changed is refused like a forged one.
 fn verify(
     key: &VerifyingKey,
     headers: &HeaderMap,
@@ -257,18 +256,29 @@ fn verify(
     now_ms: i64,
 ) -> Result<(), String> {
     // A signed header sent twice could be read one way here and another by the handler.
-    let single = |name: &'static str| -> Result<Option<&str>, String> {
+    let mut carried: Vec<(&str, &str)> = Vec::new();
+    let mut signature = None;
+    for name in headers.keys() {
+        let name = name.as_str();
+        if !name.starts_with("durin-") {
+            continue;
+        }
         let mut values = headers.get_all(name).iter();
-        let value = values.next();
+        let value = values
+            .next()
+            .map(|v| v.to_str().map_err(|_| format!("{name} is not text")))
+            .transpose()?
+            .unwrap_or_default();
         if values.next().is_some() {
             return Err(format!("{name} appears more than once"));
         }
-        value
-            .map(|v| v.to_str().map_err(|_| format!("{name} is not text")))
-            .transpose()
-    };
-    let signature =
-        single(HEADER_SIGNATURE)?.ok_or_else(|| format!("no {HEADER_SIGNATURE} header"))?;
+        if name == HEADER_SIGNATURE {
+            signature = Some(value);
+        } else {
+            carried.push((name, value));
+        }
+    }
+    let signature = signature.ok_or_else(|| format!("no {HEADER_SIGNATURE} header"))?;
     let field = |name: &str| {
         signature.split(',').find_map(|part| {
             let (key, value) = part.trim().split_once('=')?;
@@ -280,9 +290,10 @@ fn verify(
         .parse()
         .map_err(|_| format!("{HEADER_SIGNATURE}: t is not a number"))?;
     let Some(encoded) = field(SIGNATURE_VERSION) else {
-        return Err(match field("v1") {
-            Some(_) => format!(
-                "{HEADER_SIGNATURE} is of version 1, from a Durin older than this SDK, which checks version 2 (it covers every Durin-* header): upgrade Durin"
+        return Err(match ["v1", "v2"].into_iter().find(|v| field(v).is_some()) {
+            Some(old) => format!(
+                "{HEADER_SIGNATURE} is of version {}, from a Durin older than this SDK, which checks version 3 (it covers every Durin-* header): upgrade Durin",
+                &old[1..]
             ),
             None => format!("{HEADER_SIGNATURE} has no {SIGNATURE_VERSION}"),
         });
@@ -296,11 +307,7 @@ fn verify(
     let signature = Signature::from_slice(&bytes).map_err(|_| {
         format!("{HEADER_SIGNATURE}: {SIGNATURE_VERSION} is not an Ed25519 signature")
     })?;
-    for name in SIGNED_HEADERS {
-        single(name)?;
-    }
-    let signed = SignedHeaders::read(|name| single(name).ok().flatten());
-    let message = durin_protocol::signed_message(timestamp_ms, path, &signed, body);
+    let message = durin_protocol::signed_message(timestamp_ms, path, &carried, body);
     key.verify(&message, &signature)
         .map_err(|_| "the signature does not verify with Durin's public key".into())
 }
@@ -435,7 +442,7 @@ mod tests {
     /// given another token or none, a header sent twice) are refused with 401.
     #[tokio::test]
     async fn only_requests_signed_by_durin_reach_the_handler() {
-        use durin_protocol::{HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED};
+        use durin_protocol::{SignedHeaders, HEADER_ATTEMPT_TOKEN, HEADER_CANCELLED};
         use ed25519_dalek::{Signer, SigningKey};
         let durin = SigningKey::from_bytes(&[7; 32]);
         let public = STANDARD.encode(durin.verifying_key().to_bytes());
@@ -469,20 +476,21 @@ mod tests {
             attempt_token: "t",
             cancelled: "",
             protocol: &protocol,
+            workflow_id: "",
         };
         let sign_with = |key: &SigningKey, t: i64, headers: &SignedHeaders<'_>, body: &str| {
-            let message = durin_protocol::signed_message(t, "/s/h", headers, body.as_bytes());
+            let message =
+                durin_protocol::signed_message(t, "/s/h", &headers.carried(), body.as_bytes());
             format!(
-                "t={t},v2={}",
+                "t={t},v3={}",
                 URL_SAFE_NO_PAD.encode(key.sign(&message).to_bytes())
             )
         };
         // The headers a request carries: the non-empty ones.
         let carried = |headers: &SignedHeaders<'_>| -> Vec<(&'static str, String)> {
             headers
-                .pairs()
+                .carried()
                 .into_iter()
-                .filter(|(_, value)| !value.is_empty())
                 .map(|(name, value)| (name, value.to_owned()))
                 .collect()
         };
@@ -554,6 +562,10 @@ mod tests {
                 attempt_token: "",
                 ..genuine
             },
+            SignedHeaders {
+                workflow_id: "someone-else",
+                ..genuine
+            },
         ] {
             refused(
                 send(Some(signature.clone()), carried(&altered), body.clone()).await,
@@ -586,7 +598,23 @@ mod tests {
             "t={now},v1={}",
             URL_SAFE_NO_PAD.encode(durin.sign(v1.as_bytes()).to_bytes())
         );
-        refused(send(Some(v1), sent, body.clone()).await, "version 1");
+        refused(
+            send(Some(v1), sent.clone(), body.clone()).await,
+            "version 1",
+        );
+        // Version 2 (a fixed list of headers) is refused too.
+        let v2 = signature.replace("v3=", "v2=");
+        refused(
+            send(Some(v2), sent.clone(), body.clone()).await,
+            "version 2",
+        );
+        // A Durin-* header added on the way, whatever its name, fails the check.
+        let mut added = sent;
+        added.push(("durin-anything", "x".to_owned()));
+        refused(
+            send(Some(signature.clone()), added, body.clone()).await,
+            "does not verify",
+        );
         assert_eq!(
             ran.load(std::sync::atomic::Ordering::SeqCst),
             2,
