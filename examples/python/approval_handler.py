@@ -93,10 +93,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def answer(self, status, body, content_type="application/json"):
+    def answer(self, status, body, content_type="application/json", headers=()):
         data = json.dumps(body).encode()
         try:
             self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(data)))
             self.end_headers()
@@ -118,8 +120,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             output = run(Context(self.headers), request)
         except Suspended:
-            # Whatever we answer now is ignored; 503 says "not done" to anyone else.
-            return self.answer(503, {"title": "suspended", "status": 503}, "application/problem+json")
+            # The documented answer of a suspended attempt: Durin logs it as a suspension.
+            return self.answer(202, None, headers=[("durin-suspended", "true")])
         except Cancelled:
             # Nothing to undo here; a 4xx after a cancellation ends the workflow cancelled.
             return self.answer(409, {"title": "cancelled", "status": 409}, "application/problem+json")
