@@ -425,13 +425,16 @@ async fn a_wait_with_a_timeout_takes_a_buffered_signal_at_once() {
     }
 }
 
+/// An answer of `first`: its status, `Durin-Replayed` and body.
+type Answer = (u16, String, Value);
+
 /// A plain handler that races signals, an awakeable, a timer and a child call with
 /// `first`, after reading a step before its costly work.
 #[derive(Clone, Default)]
 struct FirstOf {
     gateway: Arc<std::sync::OnceLock<String>>,
     /// Per workflow id: every answer `first` gave, as (status, Durin-Replayed, body).
-    answers: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<(u16, String, Value)>>>>,
+    answers: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<Answer>>>>,
     /// Per workflow id: how many times the costly work before the race ran.
     work: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
     /// Per workflow id: the awakeable's token.
@@ -743,7 +746,7 @@ async fn a_plain_handler_waits_for_the_first_of_several_commands() {
         "by-child",
         "buffered",
     ] {
-        let ok: Vec<&(u16, String, Value)> = answers[id]
+        let ok: Vec<&Answer> = answers[id]
             .iter()
             .filter(|(status, ..)| *status == 200)
             .collect();

@@ -393,7 +393,7 @@ fn sleep_value(entry: &StoredEntry) -> Value {
 /// The wait for the next signal `name`, told apart from other waits of that name by `key`.
 fn signal_command(name: String, key: &str) -> Result<NamedCommand, ApiError> {
     crate::ids::parse_name("signal", &name).map_err(ApiError::BadRequest)?;
-    check_name("wait key", &key)?;
+    check_name("wait key", key)?;
     let value = to_bytes(&json!({ "key": key }));
     let new = new_entry(
         EntryKind::Signal,
