@@ -849,3 +849,210 @@ async fn a_suspended_answer_without_a_suspension_is_retried() {
         "the failure says why: {text}"
     );
 }
+
+/// A plain workflow that keeps a running total: each `add` update (received at an update
+/// wait raced against the signal `done`) is refused when negative, else added to the
+/// state `total` and answered with the new total; `done` ends the run with the total.
+#[derive(Clone, Default)]
+struct Adder {
+    gateway: Arc<std::sync::OnceLock<String>>,
+    /// Every answer of `first`, in order: (attempt, kind, Durin-Replayed).
+    waits: Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+}
+
+async fn adder(
+    axum::extract::State(app): axum::extract::State<Adder>,
+    headers: axum::http::HeaderMap,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, &'static str); 1],
+    axum::Json<Value>,
+) {
+    use axum::http::StatusCode;
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let context = format!(
+        "{}/v1/contexts/{}",
+        app.gateway.get().unwrap(),
+        header("durin-invocation-id")
+    );
+    let attempt = header("durin-attempt");
+    let call = |path: String, body: Value| {
+        client()
+            .post(format!("{context}/{path}"))
+            .header("durin-attempt", header("durin-attempt"))
+            .header("durin-attempt-token", header("durin-attempt-token"))
+            .json(&body)
+    };
+    let mut total = 0_i64;
+    for i in 1.. {
+        let members = json!([{"update": "add", "key": format!("add-{i}")}, {"signal": "done"}]);
+        let answer = call("first".into(), json!({ "of": members }))
+            .send()
+            .await
+            .unwrap();
+        if answer.headers().contains_key("durin-suspended") {
+            return (
+                StatusCode::ACCEPTED,
+                [("durin-suspended", "true")],
+                axum::Json(Value::Null),
+            );
+        }
+        assert_eq!(answer.status(), 200);
+        let replayed = answer.headers()["durin-replayed"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let won: Value = answer.json().await.unwrap();
+        app.waits.lock().unwrap().push((
+            attempt.clone(),
+            won["kind"].as_str().unwrap().to_owned(),
+            replayed,
+        ));
+        if won["kind"] == "signal" {
+            return (
+                StatusCode::OK,
+                [("durin-suspended", "false")],
+                axum::Json(json!({ "total": total })),
+            );
+        }
+        assert_eq!(won["kind"], "update", "{won}");
+        assert_eq!(won["name"], "add", "{won}");
+        let update = &won["value"];
+        let update_id = update["update_id"].as_str().unwrap();
+        let amount = update["input"].as_i64().unwrap();
+        if amount < 0 {
+            let refused = call(
+                format!("updates/{update_id}/refuse"),
+                json!({"status": 422, "message": "only positive amounts"}),
+            )
+            .send()
+            .await
+            .unwrap();
+            assert_eq!(refused.status(), 204);
+            continue;
+        }
+        total += amount;
+        let set = client()
+            .put(format!("{context}/state/total"))
+            .header("durin-attempt", header("durin-attempt"))
+            .header("durin-attempt-token", header("durin-attempt-token"))
+            .json(&total)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(set.status(), 200);
+        let answered = call(
+            format!("updates/{update_id}/result"),
+            json!({ "value": total }),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(answered.status(), 200);
+        assert_eq!(answered.json::<Value>().await.unwrap()["value"], total);
+    }
+    unreachable!()
+}
+
+/// Updates reach a plain workflow: each is answered with the handler's result, a refused
+/// one with the validator's 4xx, a retry with the same `Idempotency-Key` with the same
+/// answer; every attempt replays the updates before it from the journal; the run ends with
+/// the total of the accepted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_workflow_validates_accepts_and_answers_updates() {
+    if !require_store() {
+        return;
+    }
+    let app = Adder::default();
+    let router = axum::Router::new()
+        .route("/adder", axum::routing::post(adder))
+        .with_state(app.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    app.gateway.set(gateway.url.clone()).unwrap();
+    register_plain(
+        &gateway.admin,
+        &handler,
+        json!([{"name": "adder", "handlers": [{"name": "run", "path": "/adder"}]}]),
+    )
+    .await;
+    let started: Value = client()
+        .post(format!("{}/v1/workflows/adder/a-1", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let run = started["invocation_id"].as_str().unwrap().to_owned();
+    let update = |amount: i64, key: Option<&'static str>| {
+        let gateway = gateway.url.clone();
+        async move {
+            let mut request = client()
+                .post(format!("{gateway}/v1/workflows/adder/a-1/updates/add"))
+                .header("prefer", "wait=20")
+                .json(&amount);
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(update(5, Some("first")).await, (200, json!(5)));
+    let (status, refused) = update(-1, None).await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused.to_string().contains("only positive amounts"),
+        "{refused}"
+    );
+    assert_eq!(update(7, None).await, (200, json!(12)));
+    // The same key: the same update, answered again, not added twice.
+    assert_eq!(update(5, Some("first")).await, (200, json!(5)));
+    let total = get_json(&format!(
+        "{}/v1/workflows/adder/a-1/queries/total",
+        gateway.url
+    ))
+    .await;
+    assert_eq!(total, json!(12));
+    let done = client()
+        .post(format!(
+            "{}/v1/workflows/adder/a-1/signals/done",
+            gateway.url
+        ))
+        .json(&json!(null))
+        .send()
+        .await
+        .unwrap();
+    assert!(done.status().is_success());
+    let view = wait_final(&gateway.url, &run).await;
+    assert_eq!(view["output"], json!({"total": 12}), "{view}");
+    // Each update woke the suspended run with the update bound to its wait; every
+    // attempt replayed the waits before it from the journal, the last one all four.
+    let waits = app.waits.lock().unwrap().clone();
+    let last_attempt = waits.last().unwrap().0.clone();
+    let last: Vec<(&str, &str)> = waits
+        .iter()
+        .filter(|(attempt, ..)| *attempt == last_attempt)
+        .map(|(_, kind, replayed)| (kind.as_str(), replayed.as_str()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            ("update", "true"),
+            ("update", "true"),
+            ("update", "true"),
+            ("signal", "true")
+        ],
+        "{waits:?}"
+    );
+    assert_eq!(
+        last_attempt, "5",
+        "one attempt per update and one for the signal: {waits:?}"
+    );
+}

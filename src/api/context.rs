@@ -28,8 +28,8 @@ use crate::ids::InvocationId;
 use crate::journal::{self, MAX_NAME_BYTES};
 use crate::problem::ApiError;
 use crate::store::{
-    ChildStart, ChildWorkflow, Effect, NamedCommand, NewEntry, PlainAnswer, PlainCommand,
-    StoredEntry,
+    plain_update_signal, ChildStart, ChildWorkflow, Effect, NamedCommand, NewEntry, PlainAnswer,
+    PlainCommand, StoredEntry,
 };
 
 /// The attempt a handler-facing call speaks for: its number and its secret.
@@ -393,6 +393,20 @@ fn sleep_value(entry: &StoredEntry) -> Value {
 /// The wait for the next signal `name`, told apart from other waits of that name by `key`.
 fn signal_command(name: String, key: &str) -> Result<NamedCommand, ApiError> {
     crate::ids::parse_name("signal", &name).map_err(ApiError::BadRequest)?;
+    signal_wait(name, key)
+}
+
+/// The wait for the next update `name` sent to this workflow's run: a wait for the signal
+/// that carries it to plain handlers.
+fn update_command(name: &str, key: Option<String>) -> Result<NamedCommand, ApiError> {
+    crate::ids::parse_name("update", name).map_err(ApiError::BadRequest)?;
+    let signal = plain_update_signal(name);
+    let key = key.unwrap_or_else(|| signal.clone());
+    signal_wait(signal, &key)
+}
+
+/// The wait for the next signal `name` (already checked) with its `key`.
+fn signal_wait(name: String, key: &str) -> Result<NamedCommand, ApiError> {
     check_name("wait key", key)?;
     let value = to_bytes(&json!({ "key": key }));
     let new = new_entry(
@@ -791,6 +805,77 @@ pub async fn refuse_update(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The body of a plain handler's answer to an update.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateAnswer {
+    value: Option<Value>,
+    failure: Option<durin_protocol::Failure>,
+}
+
+/// `POST /v1/contexts/{id}/updates/{update_id}/result` (`{"value"}` or `{"failure"}`), for
+/// plain handlers: answers an update the handler received at an update wait. The first
+/// time, the answer is journaled (an `update_result` entry) and the update's caller gets
+/// it; every later time, in any attempt, the recorded answer is answered back
+/// (`Durin-Replayed: true`) and nothing changes.
+pub async fn answer_update(
+    State(state): State<AppState>,
+    ApiPath((id, update_id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Result<Response, ApiError> {
+    let id = parse_invocation_id(&id)?;
+    let caller = caller(&headers)?;
+    let answer: UpdateAnswer = parse_json("the update's answer", &body)?;
+    let failure = match (&answer.value, answer.failure) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "an update's answer has a value or a failure, not both".into(),
+            ))
+        }
+        (_, Some(mut failure)) => {
+            if !(400..600).contains(&failure.status) {
+                failure.status = 500;
+            }
+            Some(failure)
+        }
+        (_, None) => None,
+    };
+    let value = answer.value.unwrap_or(Value::Null);
+    if state.store.get_update(&id, &update_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "invocation {id} has no update {update_id:?}"
+        )));
+    }
+    let result = failure.is_none().then(|| to_bytes(&value));
+    let new = NewEntry {
+        failure: failure.clone(),
+        ..new_entry(
+            EntryKind::UpdateResult,
+            Some(update_id.clone()),
+            result.clone(),
+            Effect::UpdateAnswered {
+                id: update_id.clone(),
+                result,
+                failure,
+            },
+        )
+    };
+    let command = NamedCommand::named(EntryKind::UpdateResult, update_id, Some(new));
+    let answer = plain(&state, once(id.clone(), caller, command)).await?;
+    state.engine.updates_changed(&id);
+    let entry = answer.entry();
+    let mut body = serde_json::Map::new();
+    match &entry.failure {
+        Some(failure) => body.insert("failure".into(), json!(failure)),
+        None => body.insert("value".into(), json_value(entry.value.as_deref())),
+    };
+    Ok(replayed(
+        Json(Value::Object(body)).into_response(),
+        answer.recorded(),
+    ))
+}
+
 /// The body of a plain handler's `calls/{name}` or `sends/{name}`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -963,6 +1048,8 @@ struct First {
 #[serde(deny_unknown_fields)]
 struct Member {
     signal: Option<String>,
+    /// The next update of this name sent to the workflow's run.
+    update: Option<String>,
     key: Option<String>,
     awakeable: Option<String>,
     sleep: Option<String>,
@@ -981,34 +1068,39 @@ struct Member {
 impl Member {
     /// The member's kind and name, when it names exactly one, and the fields it gives
     /// that its kind does not take.
-    fn kind(&self) -> Result<(EntryKind, &str), String> {
-        let named: Vec<(EntryKind, &str)> = [
-            (EntryKind::Signal, &self.signal),
-            (EntryKind::Awakeable, &self.awakeable),
-            (EntryKind::Sleep, &self.sleep),
-            (EntryKind::Call, &self.call),
+    fn kind(&self) -> Result<(&'static str, &str), String> {
+        let named: Vec<(&'static str, &str)> = [
+            ("signal", &self.signal),
+            ("update", &self.update),
+            ("awakeable", &self.awakeable),
+            ("sleep", &self.sleep),
+            ("call", &self.call),
         ]
         .into_iter()
         .filter_map(|(kind, name)| name.as_deref().map(|n| (kind, n)))
         .collect();
         let [(kind, name)] = named[..] else {
-            return Err("each member names one of signal, awakeable, sleep and call".into());
+            return Err(
+                "each member names one of signal, update, awakeable, sleep and call".into(),
+            );
         };
-        let given = [
-            ("key", self.key.is_some(), EntryKind::Signal),
-            ("duration", self.duration.is_some(), EntryKind::Sleep),
-            ("duration_ms", self.duration_ms.is_some(), EntryKind::Sleep),
-            ("wake_at_ms", self.wake_at_ms.is_some(), EntryKind::Sleep),
-            ("service", self.service.is_some(), EntryKind::Call),
-            ("handler", self.handler.is_some(), EntryKind::Call),
-            ("input", self.input.is_some(), EntryKind::Call),
-            ("workflow_id", self.workflow_id.is_some(), EntryKind::Call),
-            ("parent_close", self.parent_close.is_some(), EntryKind::Call),
+        let given: [(&str, bool, &[&str]); 9] = [
+            ("key", self.key.is_some(), &["signal", "update"]),
+            ("duration", self.duration.is_some(), &["sleep"]),
+            ("duration_ms", self.duration_ms.is_some(), &["sleep"]),
+            ("wake_at_ms", self.wake_at_ms.is_some(), &["sleep"]),
+            ("service", self.service.is_some(), &["call"]),
+            ("handler", self.handler.is_some(), &["call"]),
+            ("input", self.input.is_some(), &["call"]),
+            ("workflow_id", self.workflow_id.is_some(), &["call"]),
+            ("parent_close", self.parent_close.is_some(), &["call"]),
         ];
-        if let Some((field, ..)) = given.iter().find(|(_, set, k)| *set && *k != kind) {
+        if let Some((field, ..)) = given
+            .iter()
+            .find(|(_, set, kinds)| *set && !kinds.contains(&kind))
+        {
             return Err(format!(
-                "{field} does not go with a {} member ({name:?})",
-                kind.as_str()
+                "{field} does not go with a {kind} member ({name:?})"
             ));
         }
         Ok((kind, name))
@@ -1018,12 +1110,13 @@ impl Member {
         let (kind, name) = self.kind().map_err(ApiError::BadRequest)?;
         let name = name.to_owned();
         Ok(match kind {
-            EntryKind::Signal => {
+            "signal" => {
                 let key = self.key.unwrap_or_else(|| name.clone());
                 (signal_command(name, &key)?, None)
             }
-            EntryKind::Awakeable => (awakeable_command(name)?, None),
-            EntryKind::Sleep => {
+            "update" => (update_command(&name, self.key)?, None),
+            "awakeable" => (awakeable_command(name)?, None),
+            "sleep" => {
                 let sleep = PlainSleep {
                     duration: self.duration,
                     duration_ms: self.duration_ms,
@@ -1045,7 +1138,7 @@ impl Member {
                     workflow_id: self.workflow_id,
                     parent_close: self.parent_close,
                 };
-                let (command, missing) = child_command(state, kind, name, child).await?;
+                let (command, missing) = child_command(state, EntryKind::Call, name, child).await?;
                 (command, Some(missing))
             }
         })
@@ -1104,9 +1197,15 @@ pub async fn first(
         EntryKind::Sleep => serde_json::Map::from_iter([("value".into(), sleep_value(entry))]),
         _ => completion_body(entry),
     };
+    let name = entry.name.clone().unwrap_or_default();
+    // An update comes as the signal that carries it: `{"update_id", "name", "input"}`.
+    let (kind, name) = match name.strip_prefix(&plain_update_signal("")) {
+        Some(update) if entry.kind == EntryKind::Signal => ("update", update.to_owned()),
+        _ => (entry.kind.as_str(), name),
+    };
     body.insert("index".into(), index.into());
-    body.insert("kind".into(), entry.kind.as_str().into());
-    body.insert("name".into(), entry.name.clone().unwrap_or_default().into());
+    body.insert("kind".into(), kind.into());
+    body.insert("name".into(), name.into());
     Ok(replayed(
         Json(Value::Object(body)).into_response(),
         answer.recorded(),

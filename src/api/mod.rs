@@ -72,6 +72,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/contexts/{id}/continue-as-new"),
     ("POST", "/v1/contexts/{id}/sends/{name}"),
     ("POST", "/v1/contexts/{id}/updates/{update_id}/refuse"),
+    ("POST", "/v1/contexts/{id}/updates/{update_id}/result"),
     ("GET", "/v1/contexts/{id}/heartbeat"),
     ("POST", "/v1/contexts/{id}/sleep/{name}"),
     ("POST", "/v1/contexts/{id}/signals/{name}"),
@@ -195,6 +196,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/contexts/{id}/updates/{update_id}/refuse",
             post(context::refuse_update),
+        )
+        .route(
+            "/v1/contexts/{id}/updates/{update_id}/result",
+            post(context::answer_update),
         )
         .route(
             "/v1/contexts/{id}/heartbeat",

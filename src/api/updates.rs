@@ -45,22 +45,27 @@ pub async fn send(
             &run.handler,
         )
         .await?;
-    if !target
-        .is_some_and(|t| matches!(t.protocol, HandlerProtocol::Sdk { version } if version >= 3))
-    {
-        return Err(ApiError::InvocationState {
-            detail: format!(
-                "run {} of workflow {workflow} is on a deployment that does not handle updates (an SDK speaking protocol 3 does); signal it instead",
-                run.id
-            ),
-            invocation_id: run.id.to_string(),
-        });
-    }
+    // An SDK validates and runs updates at its waits from protocol 3 on; a plain handler
+    // takes them at its update waits (`first` with an `update` member).
+    let plain = match target.map(|t| t.protocol) {
+        Some(HandlerProtocol::Plain) => true,
+        Some(HandlerProtocol::Sdk { version }) if version >= 3 => false,
+        _ => {
+            return Err(ApiError::InvocationState {
+                detail: format!(
+                    "run {} of workflow {workflow} is on a deployment that does not handle updates (an SDK speaking protocol 3 does, and a plain handler); signal it instead",
+                    run.id
+                ),
+                invocation_id: run.id.to_string(),
+            })
+        }
+    };
     let update = NewUpdate {
         id: format!("upd_{}", uuid::Uuid::now_v7().simple()),
         name,
         input: serde_json::to_vec(&input).unwrap_or_default(),
         idempotency_key: key,
+        plain,
     };
     let sent = state
         .store

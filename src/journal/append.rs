@@ -248,6 +248,31 @@ async fn apply_effect(
             .await?;
             Ok(None)
         }
+        Effect::UpdateAnswered {
+            id: update,
+            result,
+            failure,
+        } => {
+            tx.set_update_status(
+                id,
+                &update,
+                UpdateStatus::Pending,
+                UpdateStatus::Accepted,
+                None,
+                None,
+            )
+            .await?;
+            tx.set_update_status(
+                id,
+                &update,
+                UpdateStatus::Accepted,
+                UpdateStatus::Done,
+                result.as_deref(),
+                failure.as_ref(),
+            )
+            .await?;
+            Ok(None)
+        }
         Effect::UpdateDone {
             id: update,
             result,

@@ -7,8 +7,8 @@ use durin_protocol::Failure;
 use crate::ids::InvocationId;
 use crate::store::tables::{lock_with_workflow_id, KeyScope, Tx};
 use crate::store::{
-    InvocationRecord, NewUpdate, Status, Store, StoreError, StoreResult, UpdateRecord, UpdateSent,
-    UpdateStatus,
+    plain_update_signal, InvocationRecord, NewSignal, NewUpdate, Status, Store, StoreError,
+    StoreResult, UpdateRecord, UpdateSent, UpdateStatus,
 };
 
 impl dyn Store {
@@ -20,8 +20,9 @@ impl dyn Store {
         now_ms: i64,
     ) -> StoreResult<UpdateSent> {
         let run = run.to_string();
+        let max_bytes = self.journal_limits().max_bytes;
         self.write(&run.clone(), move |tx| {
-            Box::pin(async move { send(tx, &run, update, now_ms).await })
+            Box::pin(async move { send(tx, &run, update, max_bytes, now_ms).await })
         })
         .await
     }
@@ -76,11 +77,14 @@ pub async fn receiving_run(tx: &mut dyn Tx, id: &str) -> StoreResult<InvocationR
 }
 
 /// Stores an update once per key; a suspended run becomes due to handle it at once (a
-/// running attempt suspends into it).
+/// running attempt suspends into it). A plain handler's run gets it as a signal for its
+/// update waits instead: a run suspended on one wakes, another waits until it waits for
+/// updates.
 pub async fn send(
     tx: &mut dyn Tx,
     run: &str,
     update: NewUpdate,
+    max_bytes: i64,
     now_ms: i64,
 ) -> StoreResult<UpdateSent> {
     let record = receiving_run(tx, run).await?;
@@ -106,14 +110,31 @@ pub async fn send(
         now_ms,
     )
     .await?;
-    if record.status == Status::Running {
-        // The running attempt may not complete without handling it.
-        tx.note_arrival(run, record.attempt).await?;
-    }
-    let woke = record.status == Status::Suspended;
-    if woke {
-        tx.wake_suspended(run, now_ms).await?;
-    }
+    let woke = if update.plain {
+        let value = serde_json::json!({
+            "update_id": update.id,
+            "name": update.name,
+            "input": crate::http::json_value(Some(&update.input)),
+        });
+        let signal = NewSignal {
+            name: plain_update_signal(&update.name),
+            value: serde_json::to_vec(&value).unwrap_or_default(),
+            idempotency_key: None,
+        };
+        super::signal::insert(tx, &record, signal, max_bytes, now_ms)
+            .await?
+            .woke
+    } else {
+        if record.status == Status::Running {
+            // The running attempt may not complete without handling it.
+            tx.note_arrival(run, record.attempt).await?;
+        }
+        let woke = record.status == Status::Suspended;
+        if woke {
+            tx.wake_suspended(run, now_ms).await?;
+        }
+        woke
+    };
     Ok(UpdateSent::Sent {
         update: UpdateRecord {
             invocation_id: record.id.clone(),

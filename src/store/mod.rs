@@ -611,6 +611,12 @@ pub enum Effect {
         result: Option<Vec<u8>>,
         failure: Option<Failure>,
     },
+    /// A plain handler answered the update `id` it received: accepted and done at once.
+    UpdateAnswered {
+        id: String,
+        result: Option<Vec<u8>>,
+        failure: Option<Failure>,
+    },
 }
 
 /// Where an update sent to a workflow's run stands.
@@ -674,6 +680,16 @@ pub struct NewUpdate {
     pub name: String,
     pub input: Vec<u8>,
     pub idempotency_key: Option<String>,
+    /// The run is a plain handler's: the update is delivered to its update waits as the
+    /// signal [`plain_update_signal`] names, with `{"update_id", "name", "input"}`.
+    pub plain: bool,
+}
+
+/// The signal that carries update `name` to a plain handler's waits (`first` with an
+/// `update` member). Signal names sent by callers cannot contain `:`, so nobody else can
+/// send it.
+pub fn plain_update_signal(name: &str) -> String {
+    format!("update:{name}")
 }
 
 /// What sending an update did.
