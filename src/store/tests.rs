@@ -1699,6 +1699,7 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
         name: "set".into(),
         input: b"{}".to_vec(),
         idempotency_key: Some(key.into()),
+        plain: false,
     };
     let UpdateSent::Sent { new, .. } = store
         .send_update(&run.id, update("u1", "k"), T0 + 1)
