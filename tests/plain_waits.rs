@@ -762,6 +762,20 @@ async fn a_plain_handler_waits_for_the_first_of_several_commands() {
         .collect();
     assert_eq!(buffered, [(200, "false"), (200, "true")]);
 
+    // Reading a step of an invocation that does not exist is a 404, not "no step".
+    let unknown = client()
+        .get(format!(
+            "{}/v1/contexts/inv_{}/steps/work",
+            gateway.url,
+            "0".repeat(32)
+        ))
+        .header("durin-attempt", "1")
+        .header("durin-attempt-token", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
     // Refusals: nothing to wait for, a member twice, two kinds in one, a field of another kind.
     let run = start("refusals", "1h").await;
     suspended_once("refusals").await;

@@ -257,12 +257,16 @@ pub async fn read_step(
     let caller = caller(&headers)?;
     check_name("step", &name)?;
     let command = NamedCommand::named(EntryKind::Step, name, None);
-    match plain(&state, once(id, caller, command)).await {
+    match plain(&state, once(id.clone(), caller, command)).await {
         Ok(answer) => Ok(replayed(
             Json(json_value(answer.entry().value.as_deref())).into_response(),
             true,
         )),
-        Err(ApiError::NotFound(_)) => Ok(StatusCode::NO_CONTENT.into_response()),
+        // No such step, or no such invocation (a 404 of its own).
+        Err(ApiError::NotFound(_)) => {
+            super::find_invocation(&state, &id).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
         Err(other) => Err(other),
     }
 }
