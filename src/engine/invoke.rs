@@ -251,10 +251,19 @@ impl Engine {
             && status != reqwest::StatusCode::REQUEST_TIMEOUT
             && status != reqwest::StatusCode::TOO_MANY_REQUESTS
         {
+            // A problem document says what went wrong in its own words; anything else is
+            // quoted.
+            let (error_type, message) = problem_words(&body, content_type.as_deref())
+                .unwrap_or_else(|| {
+                    (
+                        None,
+                        format!("handler answered {status}: {}", snippet(&body)),
+                    )
+                });
             let failure = Failure {
                 status: status.as_u16(),
-                error_type: None,
-                message: format!("handler answered {status}: {}", snippet(&body)),
+                error_type,
+                message,
             };
             HandlerAnswer::Terminal(failure, plain.then_some((body, content_type)))
         } else {
@@ -385,6 +394,29 @@ fn wire_entry(engine: &Engine, id: &InvocationId, entry: StoredEntry) -> Journal
     }
 }
 
+/// The `type` (unless `about:blank`) and the `detail` (or else the `title`) of a handler's
+/// answer that is a JSON problem document, as a failure's type and message.
+fn problem_words(body: &[u8], content_type: Option<&str>) -> Option<(Option<String>, String)> {
+    let json = content_type.is_some_and(|t| {
+        let t = t.trim().to_ascii_lowercase();
+        t.starts_with("application/problem+json") || t.starts_with("application/json")
+    });
+    if !json {
+        return None;
+    }
+    let problem: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = |field: &str| {
+        problem[field]
+            .as_str()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+    };
+    let message = text("detail").or_else(|| text("title"))?;
+    let error_type = text("type").filter(|t| t != "about:blank");
+    Some((error_type, message))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +454,31 @@ mod tests {
         // Far ahead: now, not later.
         let sent = remote.read(Some(999_000), Instant::now(), 90_000);
         assert!(sent.is_some_and(|sent| sent.elapsed() < Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_problem_document_gives_its_type_and_detail() {
+        let problem = br#"{"type": "urn:shop:out-of-stock", "title": "Out of stock", "detail": "no more red shoes"}"#;
+        assert_eq!(
+            problem_words(problem, Some("application/problem+json")),
+            Some((
+                Some("urn:shop:out-of-stock".into()),
+                "no more red shoes".into()
+            ))
+        );
+        let title_only = br#"{"type": "about:blank", "title": "not a valid thing"}"#;
+        assert_eq!(
+            problem_words(title_only, Some("application/json; charset=utf-8")),
+            Some((None, "not a valid thing".into()))
+        );
+        assert_eq!(problem_words(b"plain words", Some("text/plain")), None);
+        assert_eq!(
+            problem_words(br#"{"x": 1}"#, Some("application/json")),
+            None
+        );
+        assert_eq!(
+            problem_words(b"{oops", Some("application/problem+json")),
+            None
+        );
     }
 }
