@@ -954,3 +954,160 @@ async fn every_problem_the_code_produces_is_documented() {
         "the Problem schema's enum (right) names types the code never produces (left)"
     );
 }
+
+/// Whether the concrete or templated `path` fits the template `route` (`{…}` matches any
+/// one segment, on either side).
+fn fits(route: &str, path: &str) -> bool {
+    let (route, path): (Vec<&str>, Vec<&str>) =
+        (route.split('/').collect(), path.split('/').collect());
+    route.len() == path.len()
+        && route
+            .iter()
+            .zip(&path)
+            .all(|(r, p)| r == p || r.starts_with('{') || p.starts_with('{'))
+}
+
+/// Every `METHOD /v1/...` that `text` names (the query left out).
+fn named_routes(text: &str) -> BTreeSet<(String, String)> {
+    let mut found = BTreeSet::new();
+    for method in ["GET", "POST", "PUT", "DELETE"] {
+        let needle = format!("{method} /v1/");
+        let mut rest = text;
+        while let Some(at) = rest.find(&needle) {
+            let path: String = rest[at + method.len() + 1..]
+                .chars()
+                .take_while(|c| !c.is_whitespace() && !matches!(c, '`' | ')' | '?' | ',' | '"'))
+                .collect();
+            found.insert((method.to_owned(), path.trim_end_matches('.').to_owned()));
+            rest = &rest[at + needle.len()..];
+        }
+    }
+    found
+}
+
+/// The rows of the context calls' table of `plain-http.md` §5: `(method, path under
+/// /v1/contexts/{id}/, its answer cell, its "may suspend" cell)`.
+fn context_calls(text: &str) -> Vec<(String, String, String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // | `METHOD path` ... | body | answer | may suspend |
+            let call = cells.get(1)?.strip_prefix('`')?;
+            let (method, rest) = call.split_once(' ')?;
+            if !["GET", "POST", "PUT", "DELETE"].contains(&method) || cells.len() < 6 {
+                return None;
+            }
+            let path = rest.split(['`', '?']).next()?.to_owned();
+            Some((
+                method.to_owned(),
+                path,
+                cells[3].to_owned(),
+                cells[4].to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// `openapi/plain-http.md` (the plain contract in prose), `durin.yaml` and the code agree:
+/// every route the prose names is documented and served; every context call of its table is
+/// too, answering what the table says (`200`, or `204` where it says so) and, when the table
+/// says it may suspend, documenting the `409` that carries `Durin-Suspended`; every
+/// `Durin-*` header the prose names is documented in the YAML documents; and every header
+/// Durin sends to a plain handler or answers it with is named in the prose.
+#[test]
+fn the_plain_contract_agrees_with_the_gateway_document_and_the_code() {
+    let prose = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("openapi/plain-http.md"),
+    )
+    .unwrap();
+    let doc = load("durin.yaml");
+    let documented = documented_routes(&doc);
+    let served: Vec<(&str, &str)> = durin::api::ROUTES
+        .iter()
+        .chain(durin::api::ADMIN_ROUTES)
+        .copied()
+        .collect();
+    let find = |method: &str, path: &str| -> String {
+        assert!(
+            served.iter().any(|(m, r)| *m == method && fits(r, path)),
+            "plain-http.md names {method} {path}, which Durin does not serve"
+        );
+        documented
+            .iter()
+            .find(|(m, r)| m == method && fits(r, path))
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| {
+                panic!("plain-http.md names {method} {path}, which durin.yaml does not document")
+            })
+    };
+    // `POST {gateway}/v1/contexts/...`: the gateway's address left out.
+    let named = named_routes(&prose.replace("{gateway}", ""));
+    assert!(named.len() >= 10, "too few routes found: {named:?}");
+    for (method, path) in &named {
+        find(method, path);
+    }
+
+    let calls = context_calls(&prose);
+    assert!(calls.len() >= 14, "the context calls' table: {calls:?}");
+    for (method, path, answer, suspends) in &calls {
+        let route = find(method, &format!("/v1/contexts/{{id}}/{path}"));
+        let status = if answer.contains("`204`") { 204 } else { 200 };
+        assert!(
+            documents_status(&doc, method, &route, status),
+            "{method} {route}: the table answers {status}, durin.yaml does not document it"
+        );
+        if suspends.starts_with("yes") {
+            let conflict = deref(&doc, &operation(&doc, method, &route)["responses"]["409"]);
+            assert!(
+                !keys(&conflict["headers"]).is_empty()
+                    && conflict["headers"]["Durin-Suspended"].is_mapping(),
+                "{method} {route} may suspend: its 409 must carry Durin-Suspended"
+            );
+        }
+    }
+
+    let yaml_text = ["durin.yaml", "handler-protocol.yaml"]
+        .map(|name| {
+            std::fs::read_to_string(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("openapi")
+                    .join(name),
+            )
+            .unwrap()
+            .to_ascii_lowercase()
+        })
+        .join("\n");
+    let mut headers = BTreeSet::new();
+    let mut rest = prose.as_str();
+    while let Some(at) = rest.find("Durin-") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        if name.len() > "Durin-".len() && !name.ends_with('-') {
+            headers.insert(name.to_ascii_lowercase());
+        }
+        rest = &rest[at + "Durin-".len()..];
+    }
+    for header in &headers {
+        assert!(
+            yaml_text.contains(header.as_str()),
+            "plain-http.md names the header {header}, which neither YAML document does"
+        );
+    }
+    for sent in [
+        durin_protocol::HEADER_INVOCATION_ID,
+        durin_protocol::HEADER_ATTEMPT,
+        durin_protocol::HEADER_ATTEMPT_TOKEN,
+        durin_protocol::HEADER_CANCELLED,
+        durin_protocol::HEADER_WORKFLOW_ID,
+        durin_protocol::HEADER_SIGNATURE,
+        durin_protocol::HEADER_SUSPENDED,
+        durin_protocol::HEADER_REPLAYED,
+    ] {
+        assert!(
+            headers.contains(sent),
+            "Durin sends or answers {sent}, which plain-http.md does not name"
+        );
+    }
+}
