@@ -29,7 +29,7 @@ use crate::journal::{self, MAX_NAME_BYTES};
 use crate::problem::ApiError;
 use crate::store::{
     plain_update_signal, ChildStart, ChildWorkflow, Effect, NamedCommand, NewEntry, PlainAnswer,
-    PlainCommand, StoredEntry,
+    PlainCommand, StoredEntry, UpdateStatus,
 };
 
 /// The attempt a handler-facing call speaks for: its number and its secret.
@@ -846,9 +846,18 @@ pub async fn answer_update(
         (_, None) => None,
     };
     let value = answer.value.unwrap_or(Value::Null);
-    if state.store.get_update(&id, &update_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!(
-            "invocation {id} has no update {update_id:?}"
+    let update = state
+        .store
+        .get_update(&id, &update_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("invocation {id} has no update {update_id:?}"))
+        })?;
+    // Its caller got the refusal: an answer would go to nobody. (A replayed answer finds
+    // the update done.)
+    if update.status == UpdateStatus::Refused {
+        return Err(ApiError::Conflict(format!(
+            "update {update_id} was refused; it cannot be answered as well"
         )));
     }
     let result = failure.is_none().then(|| to_bytes(&value));

@@ -208,7 +208,15 @@ fn answer(
                 update_id: update.id.clone(),
             });
         }
-        UpdateStatus::Abandoned => return Err(ended(run)),
+        UpdateStatus::Abandoned => {
+            return Err(ApiError::InvocationState {
+                detail: format!(
+                    "run {} ended before it handled the update; nothing was done",
+                    run.id
+                ),
+                invocation_id: run.id.to_string(),
+            })
+        }
         UpdateStatus::Pending | UpdateStatus::Accepted => (
             StatusCode::ACCEPTED,
             Json(json!({
