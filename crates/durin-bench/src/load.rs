@@ -23,6 +23,41 @@ pub const ORDER_BODY: &str = r#"{"order_id":"bench-1","customer_id":"cust-1","am
 pub const EXPECTED_RESULT: &str =
     "order bench-1 complete charge charge_bench-1 reservation reservation_bench-1";
 
+/// How the result of an order3 call is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Exactly [`EXPECTED_RESULT`]: the Rust SDK example and the plain handler derive their
+    /// ids from the order.
+    Exact,
+    /// The shape of [`EXPECTED_RESULT`], `order bench-1 complete charge {id} reservation {id}`,
+    /// with ids of the handler's own making (the TypeScript example draws them at random).
+    Shape,
+}
+
+impl Expected {
+    /// Whether `result`, the JSON string a call answered, is the expected one.
+    pub fn matches(self, result: &str) -> bool {
+        match self {
+            Expected::Exact => result == EXPECTED_RESULT,
+            Expected::Shape => result
+                .strip_prefix("order bench-1 complete charge ")
+                .and_then(|rest| rest.split_once(" reservation "))
+                .is_some_and(|(charge, reservation)| {
+                    let id = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
+                    id(charge) && id(reservation)
+                }),
+        }
+    }
+
+    /// What is expected, for the error of a call whose body did not match.
+    fn describe(self) -> String {
+        match self {
+            Expected::Exact => format!("{EXPECTED_RESULT:?}"),
+            Expected::Shape => "\"order bench-1 complete charge {id} reservation {id}\"".to_owned(),
+        }
+    }
+}
+
 /// The status with which admission control refuses a call it has no room for.
 pub const REFUSED: u16 = 503;
 
@@ -125,7 +160,7 @@ pub fn client(max_concurrency: usize) -> Result<reqwest::Client> {
 }
 
 /// Sends one order3 request and classifies the answer.
-async fn call(client: &reqwest::Client, url: &str) -> Outcome {
+async fn call(client: &reqwest::Client, url: &str, expected: Expected) -> Outcome {
     let response = match client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -154,18 +189,19 @@ async fn call(client: &reqwest::Client, url: &str) -> Outcome {
     }
     // Parsing rather than comparing bytes keeps the check independent of JSON formatting.
     match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(serde_json::Value::String(s)) if s == EXPECTED_RESULT => Outcome::Ok,
+        Ok(serde_json::Value::String(s)) if expected.matches(&s) => Outcome::Ok,
         _ => Outcome::BadBody(format!(
-            "body {:?}, expected {EXPECTED_RESULT:?} as a JSON string",
-            String::from_utf8_lossy(&body)
+            "body {:?}, expected {} as a JSON string",
+            String::from_utf8_lossy(&body),
+            expected.describe()
         )),
     }
 }
 
 /// Sends one request and fails unless it succeeds with exactly the expected body, so a
 /// broken setup stops the run before any figures are printed.
-pub async fn smoke(client: &reqwest::Client, url: &str) -> Result<()> {
-    match call(client, url).await {
+pub async fn smoke(client: &reqwest::Client, url: &str, expected: Expected) -> Result<()> {
+    match call(client, url, expected).await {
         Outcome::Ok => Ok(()),
         Outcome::BadBody(e) | Outcome::BadStatus { error: e, .. } | Outcome::Transport(e) => {
             anyhow::bail!("the first order3 call to {url} failed: {e}")
@@ -174,12 +210,13 @@ pub async fn smoke(client: &reqwest::Client, url: &str) -> Result<()> {
 }
 
 /// Sends `requests` requests from `concurrency` concurrent callers, caller i to
-/// `urls[i % urls.len()]`.
+/// `urls[i % urls.len()]`, and checks each result against `expected`.
 pub async fn run(
     client: &reqwest::Client,
     urls: &[String],
     requests: usize,
     concurrency: usize,
+    expected: Expected,
 ) -> Result<LevelResult> {
     anyhow::ensure!(!urls.is_empty(), "no URL to send the requests to");
     // Callers claim request numbers from a shared counter, so exactly `requests` are sent
@@ -195,7 +232,7 @@ pub async fn run(
             let mut outcomes = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < requests {
                 let sent = Instant::now();
-                let outcome = call(&client, &url).await;
+                let outcome = call(&client, &url, expected).await;
                 outcomes.push((sent.elapsed(), outcome));
             }
             outcomes
@@ -259,6 +296,25 @@ mod tests {
         assert_eq!(result.percentile(0.99), Some(Duration::from_millis(99)));
         assert_eq!(result.percentile(1.0), Some(Duration::from_millis(100)));
         assert_eq!(result.percentile(0.0), Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn checks_the_result_exactly_or_by_its_shape() {
+        assert!(Expected::Exact.matches(EXPECTED_RESULT));
+        assert!(Expected::Shape.matches(EXPECTED_RESULT));
+        let drawn = "order bench-1 complete charge ch_0f3a-11 reservation rs_9b2c-7";
+        assert!(!Expected::Exact.matches(drawn));
+        assert!(Expected::Shape.matches(drawn));
+        for wrong in [
+            "",
+            "order bench-2 complete charge a reservation b",
+            "order bench-1 complete charge  reservation b",
+            "order bench-1 complete charge a reservation ",
+            "order bench-1 complete charge a b reservation c",
+            "order bench-1 complete charge a",
+        ] {
+            assert!(!Expected::Shape.matches(wrong), "{wrong:?}");
+        }
     }
 
     #[test]

@@ -1,9 +1,18 @@
 //! `durin-bench`: the "order3" benchmark of DESIGN.md section 6, measured against a release
-//! build of Durin, in two scenarios that run the same order workflow (three side effects,
-//! no delays) in the two ways DESIGN.md section 1 makes durable:
+//! build of Durin, in scenarios that run the same order workflow (three side effects, no
+//! delays) in the two ways DESIGN.md section 1 makes durable, with the SDKs of three
+//! languages and without any:
 //!
-//! - **order3** (`--scenario sdk`): the `order` example, written with the SDK, in a process
-//!   of its own; its three steps are journaled through the context API.
+//! - **order3** (`--scenario sdk`): the `order` example, written with the Rust SDK, in a
+//!   process of its own; its three steps are journaled through the context API.
+//! - **order3-python** (`--scenario python-sdk`): `order/process3` of the Python SDK's
+//!   example (`sdks/python/examples/order.py`), three `ctx.step`s and no egress call, run by
+//!   `python3 -B` in a process of its own.
+//! - **order3-typescript** (`--scenario ts-sdk`): `order/order3` of the TypeScript SDK's
+//!   example, the same three steps, run by `node` from its build
+//!   (`sdks/typescript/dist/examples/order.js`). The bench does not run npm: when that file
+//!   is missing it stops before starting anything and says to run
+//!   `cd sdks/typescript && npm ci && npm run build`.
 //! - **order3-egress** (`--scenario egress`): the same workflow as a plain HTTP handler
 //!   without any SDK, served inside this bench process together with the downstream it
 //!   calls (see `plain.rs`); its three side effects are outbound HTTP calls that Durin's
@@ -11,7 +20,22 @@
 //!   holding only the downstream, and the handler is registered with its services declared
 //!   inline, as a plain handler in any language would be.
 //!
-//! A third scenario, **waiting** (`--scenario waiting`, not part of the default `both`),
+//! The Python and TypeScript examples are started with `--port 0 --durin URL` (the gateway
+//! of their context API), their address read from their line `order handler listening on
+//! http://127.0.0.1:PORT`, and they are registered as plain handlers with their services
+//! declared inline (`{"name": "order", "handlers": [{"name": "order3"}]}`, `process3` in
+//! Python); they are called at `POST /v1/call/order/order3` (`.../process3`) with the same
+//! order body as the others. Their results are checked by shape (`order bench-1
+//! complete charge {id} reservation {id}`), since they make up their own ids; the Rust
+//! example's and the plain handler's exactly. The SDKs are found under `--sdks-dir`
+//! (default: the `sdks` directory of the repository this bench was built from), the
+//! interpreters as `--python` (default `python3`) and `--node` (default `node`).
+//!
+//! `--scenario sdks` runs order3, order3-python, order3-typescript and order3-egress one
+//! after the other, to compare the SDKs with each other and with the plain egress path in
+//! one run.
+//!
+//! Another scenario, **waiting** (`--scenario waiting`, not part of the default `both`),
 //! measures what N workflows sleeping on timers at once cost: for each N of
 //! `--waiting-counts` (default `10000,100000`), on a fresh database, durin and `order`
 //! process, it starts N runs of the order example's approval workflow (`approval/run`)
@@ -30,28 +54,33 @@
 //! before it are still printed. One N takes about 1.5 times the time to start its runs,
 //! plus 10 s, plus the time to fire them all.
 //!
-//! By default order3 and order3-egress both run, SDK first. Each scenario starts its own
-//! `durin serve` on a fresh SQLite file in a shared scratch directory, on port 0 (the ports
-//! are read from the "listening on" lines) and registers its handler. order3 and
-//! order3-egress then send one checked request, warm up (200 requests at c=16 by default,
-//! not reported), and, for each concurrency level C, send N requests to
-//! `POST /v1/call/{service}/process` from C concurrent callers on keep-alive connections
+//! By default (`--scenario both`) order3 and order3-egress run, SDK first. Each scenario
+//! starts its own `durin serve` on a fresh SQLite file in a shared scratch directory, on
+//! port 0 (the ports are read from the "listening on" lines) and registers its handler.
+//! Every order3 scenario then sends one checked request, warms up (200 requests at c=16 by
+//! default, not reported), and, for each concurrency level C, sends N requests to
+//! `POST /v1/call/{service}/{handler}` from C concurrent callers on keep-alive connections
 //! (a closed loop, like `oha -n N -c C` in `shared/bench/restate/bench.sh`, whose figures
 //! for Restate are the reference). At c=1 at most 500 requests are sent, to keep the run
 //! short. The processes of a scenario are stopped before the next one starts, so they do
-//! not compete for the cores.
+//! not compete for the cores. When a scenario fails, the figures of those before it are
+//! still printed, and the bench then exits with the error.
 //!
-//! Output of order3 and order3-egress, all on stdout: per scenario a human-readable table and the DESIGN.md targets
-//! next to the measured figures; then, when both ran, one side-by-side line per level; then
-//! one JSON object per scenario and level, each on a line of its own starting with `{`
-//! (select them with `grep '^{'`). The JSON fields are those of `bench.sh` (`system`,
-//! `scenario` = `order3` or `order3-egress`, `n`, `concurrency`, `throughput_per_s`,
+//! Output of the order3 scenarios, all on stdout: per scenario a human-readable table and
+//! the DESIGN.md targets next to the measured figures; then, when more than one ran, one
+//! side-by-side line per level (throughput, p50, p99, Durin's and the handler's CPU per
+//! invocation, errors: each scenario's figure in the order they ran, separated by `vs`,
+//! then the ratios of the others' to the first's); then one JSON object per scenario and
+//! level, each on a line of its own starting with `{` (select them with `grep '^{'`). The
+//! JSON fields are those of `bench.sh` (`system`, `scenario` = `order3`, `order3-python`,
+//! `order3-typescript` or `order3-egress`, `n`, `concurrency`, `throughput_per_s`,
 //! `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `errors`, `mean_ms`, `duration_s`) plus CPU,
 //! memory and load figures. Progress goes to stderr.
 //!
 //! CPU per invocation is the user+system time of a process during a level (from
 //! `/proc/PID/stat`) divided by the successful requests of that level; it is reported for
-//! Durin (including its egress), the handler, and this load generator, which all share the
+//! Durin (including its egress), the handler (the `order` process, or the python3 or node
+//! process of an SDK example, all its threads), and this load generator, which all share the
 //! machine's cores. In order3-egress the handler and the downstream share this process with
 //! the load generator, so the handler column there is this whole process, and the load
 //! generator has no column of its own.
@@ -76,7 +105,7 @@
 //! (successful calls per second) and latency (p50, p99, max) hold up, which calls it
 //! refuses (admission control answers 503 with a `Retry-After` header: such an answer's
 //! latency is counted, but it is no success), and what the load does to its memory. For
-//! these reasons, every level of order3 and order3-egress, with `--overload` or not,
+//! these reasons, every level of every order3 scenario, with `--overload` or not,
 //! reports:
 //!
 //! - the answers other than 200 per status (`errors_by_status` in the JSON line, e.g.
@@ -102,6 +131,8 @@
 //!
 //! ```text
 //! cargo build --release -p durin -p order-example -p durin-bench && target/release/durin-bench
+//! (cd sdks/typescript && npm ci && npm run build)   # for ts-sdk and sdks
+//! target/release/durin-bench --scenario sdks --concurrency 1,64 --requests 3000
 //! target/release/durin-bench --scenario waiting [--waiting-counts 10000,100000] [--waiting-concurrency 32]
 //! target/release/durin-bench --scenario sdk --store postgres \
 //!     --database-url postgres://postgres@127.0.0.1:5432/durin_bench --nodes 3
@@ -121,6 +152,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
+use crate::load::Expected;
 use crate::procs::{ScratchDir, Service};
 use crate::report::{Level, Machine, ScenarioReport};
 
@@ -169,15 +201,30 @@ fn admin_url(durin: &Service) -> &str {
 /// The service name under which the plain handler is declared.
 const PLAIN_SERVICE: &str = "order_plain";
 
+/// The ready line of the SDK examples in other languages.
+const EXAMPLE_READY: &str = "order handler listening on ";
+
+/// The service of order3 in the SDK examples in other languages (its handler is
+/// [`Example::handler`]).
+const EXAMPLE_SERVICE: &str = "order";
+
 /// Which scenarios to run.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenarios {
-    /// order3: the SDK example in its own process.
+    /// order3: the Rust SDK example in its own process.
     Sdk,
     /// order3-egress: a plain handler without an SDK, calling out through the egress.
     Egress,
     /// order3 and order3-egress, SDK first (not `waiting`).
     Both,
+    /// order3-python: the Python SDK example's `order/process3`, run by python3.
+    PythonSdk,
+    /// order3-typescript: the TypeScript SDK example's `order/order3`, run by node (build it
+    /// first: `cd sdks/typescript && npm ci && npm run build`).
+    TsSdk,
+    /// order3 with each SDK and through the egress, one after the other: sdk, python-sdk,
+    /// ts-sdk, egress.
+    Sdks,
     /// waiting: N workflows sleeping on timers at once, kill -9 and restart of durin.
     Waiting,
     /// callers: N callers long-polling sleeping workflows at once: Durin's CPU meanwhile.
@@ -196,7 +243,7 @@ enum Store {
 #[derive(Parser)]
 #[command(
     name = "durin-bench",
-    about = "Runs the order3 benchmark against release builds of durin and the order example, with the SDK and through the egress"
+    about = "Runs the order3 benchmark against release builds of durin and the order example: with the Rust, Python and TypeScript SDKs, and through the egress"
 )]
 struct Args {
     /// Directory holding the `durin` and `order` binaries [default: the directory of this
@@ -249,9 +296,169 @@ struct Args {
     /// Keep the scratch directory (SQLite databases and the children's logs).
     #[arg(long)]
     keep_dir: bool,
+    /// The directory of the SDKs in other languages (python-sdk, ts-sdk, sdks) [default: the
+    /// `sdks` directory of the repository this bench was built from]
+    #[arg(long)]
+    sdks_dir: Option<PathBuf>,
+    /// The Python interpreter of python-sdk.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// The Node.js of ts-sdk.
+    #[arg(long, default_value = "node")]
+    node: PathBuf,
+}
+
+/// One way of running order3, each a scenario of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order3 {
+    /// order3: the Rust SDK example `order`.
+    Rust,
+    /// order3-python or order3-typescript: an SDK example in another language.
+    Example(Example),
+    /// order3-egress: the plain handler in this process, through the egress.
+    Egress,
+}
+
+impl Order3 {
+    /// The scenario's name in the report and the JSON lines.
+    fn name(self) -> &'static str {
+        match self {
+            Order3::Rust => "order3",
+            Order3::Example(example) => example.scenario(),
+            Order3::Egress => "order3-egress",
+        }
+    }
+}
+
+impl Scenarios {
+    /// The order3 scenarios to run, in their order; none for `waiting` and `callers`.
+    fn order3(self) -> &'static [Order3] {
+        const PYTHON: Order3 = Order3::Example(Example::Python);
+        const TYPESCRIPT: Order3 = Order3::Example(Example::TypeScript);
+        match self {
+            Scenarios::Sdk => &[Order3::Rust],
+            Scenarios::Egress => &[Order3::Egress],
+            Scenarios::Both => &[Order3::Rust, Order3::Egress],
+            Scenarios::PythonSdk => &[PYTHON],
+            Scenarios::TsSdk => &[TYPESCRIPT],
+            Scenarios::Sdks => &[Order3::Rust, PYTHON, TYPESCRIPT, Order3::Egress],
+            Scenarios::Waiting | Scenarios::Callers => &[],
+        }
+    }
+}
+
+/// The order example of an SDK in another language than Rust. Each serves order3 (three
+/// `ctx.step`s, no egress call) as a plain handler, `order/process3` in Python and
+/// `order/order3` in TypeScript, prints `order handler listening
+/// on http://127.0.0.1:PORT` once it listens, and takes `--port` (0: any free one) and
+/// `--durin` (the gateway, for its context API).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Example {
+    /// `sdks/python/examples/order.py`, run by `python3 -B` (no bytecode written into the
+    /// repository).
+    Python,
+    /// `sdks/typescript/dist/examples/order.js`, the build of `examples/order.ts`, run by
+    /// `node`.
+    TypeScript,
+}
+
+impl Example {
+    /// The scenario's name in the report and the JSON lines.
+    fn scenario(self) -> &'static str {
+        match self {
+            Example::Python => "order3-python",
+            Example::TypeScript => "order3-typescript",
+        }
+    }
+
+    /// The handler of order3 in the example's service `order`: the Python example calls it
+    /// `process3` (next to its `process`), the TypeScript one `order3`.
+    fn handler(self) -> &'static str {
+        match self {
+            Example::Python => "process3",
+            Example::TypeScript => "order3",
+        }
+    }
+
+    /// The path under Durin that calls order3.
+    fn call_path(self) -> &'static str {
+        match self {
+            Example::Python => "/v1/call/order/process3",
+            Example::TypeScript => "/v1/call/order/order3",
+        }
+    }
+
+    /// The name of the child process, and of its log in the scratch directory.
+    fn process_name(self) -> &'static str {
+        match self {
+            Example::Python => "order-python",
+            Example::TypeScript => "order-typescript",
+        }
+    }
+
+    /// The interpreter that runs the example.
+    fn interpreter(self, args: &Args) -> PathBuf {
+        match self {
+            Example::Python => args.python.clone(),
+            Example::TypeScript => args.node.clone(),
+        }
+    }
+
+    /// The example's script under the `sdks` directory.
+    fn script(self, sdks: &Path) -> PathBuf {
+        match self {
+            Example::Python => sdks.join("python/examples/order.py"),
+            Example::TypeScript => sdks.join("typescript/dist/examples/order.js"),
+        }
+    }
+
+    /// The arguments of the interpreter: the script, then the flags.
+    fn arguments(self, sdks: &Path, durin: &str) -> Vec<String> {
+        let script = self.script(sdks).display().to_string();
+        let mut arguments = match self {
+            Example::Python => vec!["-B".to_owned(), script],
+            Example::TypeScript => vec![script],
+        };
+        arguments.extend(["--port", "0", "--durin", durin].map(str::to_owned));
+        arguments
+    }
+
+    /// Fails unless the example can be run: the TypeScript one must have been built (the
+    /// bench does not run npm), the Python one must be there.
+    fn check(self, sdks: &Path) -> Result<()> {
+        let script = self.script(sdks);
+        if script.is_file() {
+            return Ok(());
+        }
+        match self {
+            Example::TypeScript => bail!(
+                "{} is missing: the TypeScript SDK is not built; build it with `cd {} && npm ci && npm run build`, then run the bench again",
+                script.display(),
+                sdks.join("typescript").display()
+            ),
+            Example::Python => bail!(
+                "{} is missing: give the sdks directory of the repository with --sdks-dir",
+                script.display()
+            ),
+        }
+    }
 }
 
 impl Args {
+    /// The `sdks` directory of the SDKs in other languages: `--sdks-dir`, or that of the
+    /// repository this bench was built from.
+    fn sdks_dir(&self) -> PathBuf {
+        self.sdks_dir.clone().unwrap_or_else(|| {
+            // This crate is crates/durin-bench of the repository.
+            let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+            crate_dir
+                .ancestors()
+                .nth(2)
+                .unwrap_or(crate_dir)
+                .join("sdks")
+        })
+    }
+
     /// The concurrency levels: `--concurrency`, or those of `--overload`, or the default.
     fn levels(&self) -> &[usize] {
         match &self.concurrency {
@@ -326,13 +533,17 @@ fn run(args: &Args) -> Result<()> {
             .context("this executable has no parent directory; pass --bin-dir")?
             .to_path_buf(),
     };
-    if matches!(
-        args.scenario,
-        Scenarios::Sdk | Scenarios::Egress | Scenarios::Both
-    ) {
+    let order3 = args.scenario.order3();
+    if !order3.is_empty() {
         let largest = args.levels().iter().copied().max().unwrap_or(1);
         check_open_files(largest, procs::open_files_limits()?)?;
         warn_of_clamped_levels(args.levels(), args.requests());
+    }
+    // Before anything starts, so that a missing build does not end the run halfway.
+    for run in order3 {
+        if let Order3::Example(example) = run {
+            example.check(&args.sdks_dir())?;
+        }
     }
     let machine = Machine::now();
 
@@ -360,16 +571,28 @@ fn run(args: &Args) -> Result<()> {
         callers::print(&report);
         return Ok(());
     }
+    // One scenario after the other, each stopping its processes before the next starts.
+    // When one fails, the figures of those before it are still printed.
     let mut scenarios = Vec::new();
-    if matches!(args.scenario, Scenarios::Sdk | Scenarios::Both) {
-        scenarios.push(sdk_scenario(&setup)?);
+    let mut failure = None;
+    for &run in order3 {
+        let report = match run {
+            Order3::Rust => sdk_scenario(&setup),
+            Order3::Example(example) => example_scenario(&setup, example),
+            Order3::Egress => egress_scenario(&setup),
+        };
+        match report {
+            Ok(report) => scenarios.push(report),
+            Err(e) => {
+                failure = Some(e.context(format!("scenario {}", run.name())));
+                break;
+            }
+        }
     }
-    if matches!(args.scenario, Scenarios::Egress | Scenarios::Both) {
-        scenarios.push(egress_scenario(&setup)?);
+    if !scenarios.is_empty() {
+        report::print(&machine.finish(), &scenarios);
     }
-    let machine = machine.finish();
-    report::print(&machine, &scenarios);
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// Fails unless the soft limit on open files (`soft`, `hard` from
@@ -519,6 +742,7 @@ fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         registration: serde_json::json!({ "url": order.url() }),
         call_path: "/v1/call/order/process",
         postgres: postgres_nodes.is_some(),
+        expected: Expected::Exact,
     };
     let levels = setup
         .runtime
@@ -537,6 +761,61 @@ fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         description,
         handler_in_process: false,
         postgres_nodes,
+        levels,
+    })
+}
+
+/// order3-python and order3-typescript: Durin, and an SDK example in another language in a
+/// process of its own, registered as a plain handler with its services declared inline.
+fn example_scenario(setup: &Setup<'_>, example: Example) -> Result<ScenarioReport> {
+    let scenario = example.scenario();
+    eprintln!("durin-bench: scenario {scenario}");
+    let durin = start_durin(setup, scenario, &[])?;
+    let sdks = setup.args.sdks_dir();
+    let arguments = example.arguments(&sdks, durin.url());
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let name = example.process_name();
+    let handler = Service::start(
+        name,
+        &example.interpreter(setup.args),
+        &arguments,
+        setup.dir.join(format!("{name}.log")),
+        &[EXAMPLE_READY],
+    )?;
+    let target = Target {
+        durin_urls: vec![durin.url().to_owned()],
+        admin_url: admin_url(&durin),
+        durin_pids: vec![durin.pid()],
+        handler_pid: Some(handler.pid()),
+        registration: serde_json::json!({
+            "url": handler.url(),
+            "services": [{
+                "name": EXAMPLE_SERVICE,
+                "handlers": [{ "name": example.handler() }],
+            }],
+        }),
+        call_path: example.call_path(),
+        postgres: false,
+        // The examples make up their own charge and reservation ids.
+        expected: Expected::Shape,
+    };
+    let levels = setup
+        .runtime
+        .block_on(interruptible(measure(setup, &target)))?;
+    let (language, interpreter) = match example {
+        Example::Python => ("Python", "python3"),
+        Example::TypeScript => ("TypeScript", "node"),
+    };
+    // `durin` and `handler` are dropped here, which stops them before the next scenario.
+    Ok(ScenarioReport {
+        scenario,
+        description: format!(
+            "the {language} SDK example ({}) in its own {interpreter} process, `{EXAMPLE_SERVICE}/{}`: three steps journaled through the context API, registered as a plain handler",
+            example.script(Path::new("sdks")).display(),
+            example.handler()
+        ),
+        handler_in_process: false,
+        postgres_nodes: None,
         levels,
     })
 }
@@ -574,6 +853,7 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         }),
         call_path: "/v1/call/order_plain/process",
         postgres: false,
+        expected: Expected::Exact,
     };
     let levels = setup
         .runtime
@@ -614,6 +894,8 @@ struct Target<'a> {
     call_path: &'static str,
     /// Whether the PostgreSQL server's CPU is read too.
     postgres: bool,
+    /// How the result of a call is checked.
+    expected: Expected,
 }
 
 /// Registers the handler, checks one call, warms up, and measures every level.
@@ -631,14 +913,21 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
     // Every node gets a checked request: the deployment registered on the first one must
     // be known to all.
     for url in &urls {
-        load::smoke(&client, url).await?;
+        load::smoke(&client, url, target.expected).await?;
     }
     if args.warmup > 0 {
         eprintln!(
             "durin-bench: warm-up, {} requests at c={WARMUP_CONCURRENCY}",
             args.warmup
         );
-        let warmup = load::run(&client, &urls, args.warmup, WARMUP_CONCURRENCY).await?;
+        let warmup = load::run(
+            &client,
+            &urls,
+            args.warmup,
+            WARMUP_CONCURRENCY,
+            target.expected,
+        )
+        .await?;
         if let Some(e) = &warmup.first_error {
             eprintln!(
                 "durin-bench: warm-up had {} errors, the first: {e}",
@@ -664,7 +953,7 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
         // Each level's callers connect anew and leave when it ends, as a burst of callers
         // would: what Durin keeps after the settle time is not their open connections.
         let callers = load::client(concurrency)?;
-        let result = load::run(&callers, &urls, requests, concurrency).await;
+        let result = load::run(&callers, &urls, requests, concurrency, target.expected).await;
         drop(callers);
         // The CPU figures end with the level's last answer, before the settle time.
         let cpu_after = cpu_snapshot(target)?;
@@ -830,6 +1119,91 @@ mod tests {
             (&[64, 2000, 5000][..], 9000)
         );
         assert_eq!(requests.settle_secs, 0);
+    }
+
+    #[test]
+    fn the_order3_scenarios_of_each_choice() {
+        let python = Order3::Example(Example::Python);
+        let typescript = Order3::Example(Example::TypeScript);
+        let order3 = |scenario: &str| parse(&["--scenario", scenario]).scenario.order3();
+        assert_eq!(order3("sdk"), [Order3::Rust]);
+        assert_eq!(order3("both"), [Order3::Rust, Order3::Egress]);
+        assert_eq!(order3("python-sdk"), [python]);
+        assert_eq!(order3("ts-sdk"), [typescript]);
+        assert_eq!(
+            order3("sdks"),
+            [Order3::Rust, python, typescript, Order3::Egress]
+        );
+        assert!(order3("waiting").is_empty());
+        let names: Vec<&str> = order3("sdks").iter().map(|r| r.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "order3",
+                "order3-python",
+                "order3-typescript",
+                "order3-egress"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_examples_are_started_with_port_0_and_the_gateway() {
+        let sdks = Path::new("/repo/sdks");
+        let durin = "http://127.0.0.1:4000";
+        assert_eq!(
+            Example::Python.arguments(sdks, durin),
+            [
+                "-B",
+                "/repo/sdks/python/examples/order.py",
+                "--port",
+                "0",
+                "--durin",
+                durin
+            ]
+        );
+        assert_eq!(
+            Example::TypeScript.arguments(sdks, durin),
+            [
+                "/repo/sdks/typescript/dist/examples/order.js",
+                "--port",
+                "0",
+                "--durin",
+                durin
+            ]
+        );
+        assert_eq!(
+            (Example::Python.handler(), Example::Python.call_path()),
+            ("process3", "/v1/call/order/process3")
+        );
+        assert_eq!(
+            (
+                Example::TypeScript.handler(),
+                Example::TypeScript.call_path()
+            ),
+            ("order3", "/v1/call/order/order3")
+        );
+        let args = parse(&["--python", "/usr/bin/python3.12"]);
+        assert_eq!(
+            Example::Python.interpreter(&args),
+            Path::new("/usr/bin/python3.12")
+        );
+        assert_eq!(Example::TypeScript.interpreter(&args), Path::new("node"));
+    }
+
+    #[test]
+    fn an_unbuilt_typescript_sdk_is_refused_with_the_build_command() {
+        let sdks = Path::new("/nonexistent/sdks");
+        let error = Example::TypeScript.check(sdks).unwrap_err().to_string();
+        assert!(
+            error.contains("/nonexistent/sdks/typescript/dist/examples/order.js is missing")
+                && error.contains("`cd /nonexistent/sdks/typescript && npm ci && npm run build`"),
+            "{error}"
+        );
+        // This repository's SDKs, by default.
+        let repository = parse(&[]).sdks_dir();
+        assert!(repository.ends_with("sdks") && repository.is_absolute());
+        assert!(Example::Python.check(&repository).is_ok());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The child processes under test (`durin` and `order`), their scratch directory, and the
-//! figures read about them (and about this process) from `/proc`.
+//! The child processes under test (`durin`, `order`, and the SDK examples that `python3` and
+//! `node` run), their scratch directory, and the figures read about them (and about this
+//! process) from `/proc`.
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
@@ -50,10 +51,14 @@ impl Service {
             .stderr(log_file)
             .spawn()
             .with_context(|| {
-                format!(
-                    "cannot start {} (build it with `cargo build --release -p durin -p order-example`, or pass --bin-dir)",
-                    program.display()
-                )
+                // A bare name (`python3`, `node`) is looked up on the PATH; a path is one of
+                // the binaries this workspace builds.
+                let hint = if program.components().count() > 1 {
+                    "build it with `cargo build --release -p durin -p order-example`, or pass --bin-dir"
+                } else {
+                    "is it installed and on the PATH?"
+                };
+                format!("cannot start {} ({hint})", program.display())
             })?;
         let stdout = child.stdout.take();
         // From here on the guard owns the child, so every early return below kills it.

@@ -1,5 +1,5 @@
 //! Turning measured levels into the tables, the DESIGN.md comparison, the side-by-side
-//! lines of the two scenarios, and the JSON lines.
+//! lines of the scenarios that ran, and the JSON lines.
 
 use std::time::Duration;
 
@@ -45,7 +45,8 @@ impl Machine {
 
 /// The measured levels of one scenario.
 pub struct ScenarioReport {
-    /// `order3` or `order3-egress`, also the `scenario` of the JSON lines.
+    /// `order3`, `order3-python`, `order3-typescript` or `order3-egress`, also the
+    /// `scenario` of the JSON lines.
     pub scenario: &'static str,
     /// One line on how the handler is written and run.
     pub description: String,
@@ -173,8 +174,8 @@ fn round3(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
-/// Prints, per scenario, the table and the targets; then the side-by-side lines when both
-/// scenarios ran; then one JSON line per scenario and level; all on stdout.
+/// Prints, per scenario, the table and the targets; then the side-by-side lines when more
+/// than one scenario ran; then one JSON line per scenario and level; all on stdout.
 pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
     println!(
         "durin {}: {} cores; load average (1 min) {} before, {} after; CPU from /proc at {} ticks/s",
@@ -190,9 +191,11 @@ pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
         println!();
         print_targets(scenario.scenario, &scenario.levels);
     }
-    if let [sdk, egress] = scenarios {
+    if scenarios.len() > 1 {
         println!();
-        print_side_by_side(sdk, egress);
+        for line in side_by_side(scenarios) {
+            println!("{line}");
+        }
     }
     println!();
     for scenario in scenarios {
@@ -296,45 +299,80 @@ fn print_table(scenario: &ScenarioReport) {
     }
 }
 
-/// One line per concurrency level measured in both scenarios: the egress figures next to
-/// the SDK's, and their ratios.
-fn print_side_by_side(sdk: &ScenarioReport, egress: &ScenarioReport) {
-    println!(
-        "side by side, {} vs {} (ratio = {}/{}):",
-        sdk.scenario, egress.scenario, egress.scenario, sdk.scenario
-    );
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".to_owned(),
+/// A heading, then one line per concurrency level of the first scenario: each figure of
+/// every scenario that measured the level, separated by `vs`, and the ratios of the others'
+/// to the first's. With two scenarios (order3 and order3-egress) a figure reads `3100 vs
+/// 1500 (0.48x)`; with four, `3100 vs 450 vs 900 vs 1500 (0.15x 0.29x 0.48x)`. A note
+/// follows when a scenario's handler runs inside the bench process.
+fn side_by_side(scenarios: &[ScenarioReport]) -> Vec<String> {
+    let Some((first, others)) = scenarios.split_first() else {
+        return Vec::new();
     };
-    for s in &sdk.levels {
-        let Some(e) = level_at(&egress.levels, s.concurrency) else {
-            continue;
-        };
-        let s_durin = s.per_invocation_us(s.durin_cpu_s);
-        let e_durin = e.per_invocation_us(e.durin_cpu_s);
-        println!(
-            "  c={:<3}  ok/s {:.0} vs {:.0} ({})  p50 {} vs {} ms ({})  p99 {} vs {} ms ({})  durin µs/i {} vs {} ({})  errors {} vs {}",
-            s.concurrency,
-            s.throughput(),
-            e.throughput(),
-            ratio(Some(e.throughput()), Some(s.throughput())),
-            fmt(s.p50_ms(), 2),
-            fmt(e.p50_ms(), 2),
-            ratio(e.p50_ms(), s.p50_ms()),
-            fmt(s.result.percentile(0.99).map(ms), 2),
-            fmt(e.result.percentile(0.99).map(ms), 2),
-            ratio(
-                e.result.percentile(0.99).map(ms),
-                s.result.percentile(0.99).map(ms)
-            ),
-            fmt(s_durin, 0),
-            fmt(e_durin, 0),
-            ratio(e_durin, s_durin),
-            s.result.errors(),
-            e.result.errors(),
-        );
+    let names: Vec<&str> = scenarios.iter().map(|s| s.scenario).collect();
+    let ratios = if others.len() == 1 {
+        format!("ratio = {}/{}", others[0].scenario, first.scenario)
+    } else {
+        format!("ratios = each of the others/{}", first.scenario)
+    };
+    let mut lines = vec![format!("side by side, {} ({ratios}):", names.join(" vs "))];
+    for level in &first.levels {
+        let levels: Vec<&Level> = scenarios
+            .iter()
+            .filter_map(|s| level_at(&s.levels, level.concurrency))
+            .collect();
+        // (label, decimals, the figure of a level)
+        type Figure = (&'static str, usize, fn(&Level) -> Option<f64>);
+        let figures: [Figure; 5] = [
+            ("ok/s", 0, |l| Some(l.throughput())),
+            ("p50 ms", 2, Level::p50_ms),
+            ("p99 ms", 2, |l| l.result.percentile(0.99).map(ms)),
+            ("durin µs/i", 0, |l| l.per_invocation_us(l.durin_cpu_s)),
+            ("handler µs/i", 0, |l| l.per_invocation_us(l.handler_cpu_s)),
+        ];
+        let mut line = format!("  c={:<3}", level.concurrency);
+        for (label, decimals, figure) in figures {
+            let values: Vec<Option<f64>> = levels.iter().map(|l| figure(l)).collect();
+            line.push_str(&format!("  {label} {}", vs(&values, decimals)));
+        }
+        let errors: Vec<String> = levels
+            .iter()
+            .map(|l| l.result.errors().to_string())
+            .collect();
+        line.push_str(&format!("  errors {}", errors.join(" vs ")));
+        lines.push(line);
     }
+    let in_process: Vec<&str> = scenarios
+        .iter()
+        .filter(|s| s.handler_in_process)
+        .map(|s| s.scenario)
+        .collect();
+    if !in_process.is_empty() {
+        lines.push(format!(
+            "  handler µs/i of {}: this whole bench process (handler, downstream and load generator)",
+            in_process.join(", ")
+        ));
+    }
+    lines
+}
+
+/// Figures side by side, `a vs b vs c`, then the ratios of the others to the first,
+/// `(0.50x 2.00x)`; `-` for a figure or a ratio that is missing.
+fn vs(values: &[Option<f64>], decimals: usize) -> String {
+    let figures: Vec<String> = values.iter().map(|&v| fmt(v, decimals)).collect();
+    let Some((&first, others)) = values.split_first() else {
+        return String::new();
+    };
+    if others.is_empty() {
+        return figures.join(" vs ");
+    }
+    let ratios: Vec<String> = others
+        .iter()
+        .map(|&other| match (other, first) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".to_owned(),
+        })
+        .collect();
+    format!("{} ({})", figures.join(" vs "), ratios.join(" "))
 }
 
 fn level_at(levels: &[Level], concurrency: usize) -> Option<&Level> {
@@ -471,6 +509,66 @@ mod tests {
             load_before: None,
             load_after: None,
         }
+    }
+
+    /// A scenario named `name` with one level at 64 callers: `ok` successes in one second,
+    /// each taking `p50_ms`, and `durin_cpu_s` of Durin's CPU.
+    fn scenario(name: &'static str, ok: usize, p50_ms: u64, durin_cpu_s: f64) -> ScenarioReport {
+        let result = LevelResult {
+            latencies: vec![Duration::from_millis(p50_ms); ok],
+            ok,
+            wall: Duration::from_secs(1),
+            ..LevelResult::default()
+        };
+        let mut level = level(result, [None; 3]);
+        level.concurrency = 64;
+        level.durin_cpu_s = durin_cpu_s;
+        ScenarioReport {
+            scenario: name,
+            description: String::new(),
+            handler_in_process: name == "order3-egress",
+            postgres_nodes: None,
+            levels: vec![level],
+        }
+    }
+
+    #[test]
+    fn side_by_side_of_two_and_of_four_scenarios() {
+        let sdk = scenario("order3", 1000, 10, 0.3);
+        let egress = scenario("order3-egress", 500, 20, 0.6);
+        assert_eq!(
+            side_by_side(&[sdk, egress]),
+            [
+                "side by side, order3 vs order3-egress (ratio = order3-egress/order3):",
+                "  c=64   ok/s 1000 vs 500 (0.50x)  p50 ms 10.00 vs 20.00 (2.00x)  p99 ms 10.00 vs 20.00 (2.00x)  durin µs/i 300 vs 1200 (4.00x)  handler µs/i 1000 vs 2000 (2.00x)  errors 0 vs 0",
+                "  handler µs/i of order3-egress: this whole bench process (handler, downstream and load generator)",
+            ]
+        );
+        let all = [
+            scenario("order3", 1000, 10, 0.3),
+            scenario("order3-python", 250, 40, 0.3),
+            scenario("order3-typescript", 500, 20, 0.3),
+            scenario("order3-egress", 500, 20, 0.6),
+        ];
+        let lines = side_by_side(&all);
+        assert_eq!(
+            lines[0],
+            "side by side, order3 vs order3-python vs order3-typescript vs order3-egress (ratios = each of the others/order3):"
+        );
+        assert!(
+            lines[1].starts_with("  c=64   ok/s 1000 vs 250 vs 500 vs 500 (0.25x 0.50x 0.50x)  p50 ms 10.00 vs 40.00 vs 20.00 vs 20.00 (4.00x 2.00x 2.00x)"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].ends_with("errors 0 vs 0 vs 0 vs 0"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines.len(), 3);
+        // A scenario alone has nothing to stand beside.
+        assert_eq!(vs(&[Some(1.0)], 0), "1");
+        assert_eq!(vs(&[None, Some(2.0)], 1), "- vs 2.0 (-)");
     }
 
     #[test]
