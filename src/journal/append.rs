@@ -190,6 +190,26 @@ pub async fn check_attempt(
     Ok(())
 }
 
+/// An accepted update is done: its result (or failure) goes to its caller.
+async fn finish_update(
+    tx: &mut dyn Tx,
+    id: &str,
+    update: &str,
+    result: Option<Vec<u8>>,
+    failure: Option<durin_protocol::Failure>,
+) -> StoreResult<Option<StoredCompletion>> {
+    tx.set_update_status(
+        id,
+        update,
+        UpdateStatus::Accepted,
+        UpdateStatus::Done,
+        result.as_deref(),
+        failure.as_ref(),
+    )
+    .await?;
+    Ok(None)
+}
+
 /// Carries out what an appended entry does besides being journaled; returns the entry's
 /// completion when it is complete at once.
 async fn apply_effect(
@@ -262,32 +282,12 @@ async fn apply_effect(
                 None,
             )
             .await?;
-            tx.set_update_status(
-                id,
-                &update,
-                UpdateStatus::Accepted,
-                UpdateStatus::Done,
-                result.as_deref(),
-                failure.as_ref(),
-            )
-            .await?;
-            Ok(None)
+            finish_update(tx, id, &update, result, failure).await
         }
         Effect::UpdateDone {
             id: update,
             result,
             failure,
-        } => {
-            tx.set_update_status(
-                id,
-                &update,
-                UpdateStatus::Accepted,
-                UpdateStatus::Done,
-                result.as_deref(),
-                failure.as_ref(),
-            )
-            .await?;
-            Ok(None)
-        }
+        } => finish_update(tx, id, &update, result, failure).await,
     }
 }
