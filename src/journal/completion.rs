@@ -60,16 +60,7 @@ pub async fn suspension_due(
     now_ms: i64,
 ) -> crate::store::StoreResult<(Option<i64>, bool)> {
     use super::signal;
-    let race = signal::race_state(tx, id, waiting_for, now_ms).await?;
-    if !race.decided {
-        if let Some((index, name, arrived_at_ms)) =
-            signal::first_buffered(tx, id, waiting_for).await?
-        {
-            if race.first_due_timer.is_none_or(|due| arrived_at_ms < due) {
-                signal::bind_buffered(tx, id, index, &name, now_ms).await?;
-            }
-        }
-    }
+    signal::take_first_buffered(tx, id, waiting_for, now_ms).await?;
     let mut due = until_ms;
     let mut can_complete = until_ms.is_some();
     // An update that came during the attempt is handled at once, by the next one.

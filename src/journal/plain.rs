@@ -89,7 +89,13 @@ pub async fn command(
     let undecided = recorded.iter().all(|(e, _)| e.completion.is_none());
     if command.suspend && undecided && cancel_seq.is_none() {
         let waiting_for: Vec<u32> = recorded.iter().map(|(e, _)| e.index).collect();
-        take_first_buffered(tx, id, &mut recorded, &waiting_for, now_ms).await?;
+        if let Some((index, completion)) =
+            signal::take_first_buffered(tx, id, &waiting_for, now_ms).await?
+        {
+            if let Some((entry, _)) = recorded.iter_mut().find(|(e, _)| e.index == index) {
+                entry.completion = Some(completion);
+            }
+        }
     }
     let mut recorded = recorded.into_iter();
     for slot in found.iter_mut().filter(|slot| slot.is_some()) {
@@ -121,31 +127,4 @@ pub async fn command(
         suspended,
         cancelled,
     })
-}
-
-/// Hands the buffered signal that arrived first among those the waits of `waiting_for`
-/// take to its wait, unless a waited timer fell due before it arrived (the timer came
-/// first; it fires when the attempt has suspended).
-async fn take_first_buffered(
-    tx: &mut dyn Tx,
-    id: &str,
-    entries: &mut [(StoredEntry, bool)],
-    waiting_for: &[u32],
-    now_ms: i64,
-) -> StoreResult<()> {
-    let Some((index, name, arrived_at_ms)) = signal::first_buffered(tx, id, waiting_for).await?
-    else {
-        return Ok(());
-    };
-    let race = signal::race_state(tx, id, waiting_for, now_ms).await?;
-    // A signal there when a timer of the wait falls due in the same millisecond was there
-    // first: `?timeout=0s` looks at what is buffered.
-    if race.first_due_timer.is_some_and(|due| due < arrived_at_ms) {
-        return Ok(());
-    }
-    let completion = signal::bind_buffered(tx, id, index, &name, now_ms).await?;
-    if let Some((entry, _)) = entries.iter_mut().find(|(e, _)| e.index == index) {
-        entry.completion = completion;
-    }
-    Ok(())
 }

@@ -189,6 +189,30 @@ pub async fn race_state(
     Ok(state)
 }
 
+/// Hands the buffered signal that arrived first among those the open waits of
+/// `waiting_for` take to its wait, unless one of the commands has completed or a waited
+/// timer fell due before the signal arrived (the timer came first; it fires when the
+/// scheduler gets to it). Answers the wait's index and its completion.
+pub async fn take_first_buffered(
+    tx: &mut dyn Tx,
+    id: &str,
+    waiting_for: &[u32],
+    now_ms: i64,
+) -> StoreResult<Option<(u32, StoredCompletion)>> {
+    let race = race_state(tx, id, waiting_for, now_ms).await?;
+    if race.decided {
+        return Ok(None);
+    }
+    let Some((index, name, arrived_at_ms)) = first_buffered(tx, id, waiting_for).await? else {
+        return Ok(None);
+    };
+    if race.first_due_timer.is_some_and(|due| due <= arrived_at_ms) {
+        return Ok(None);
+    }
+    let completion = bind_buffered(tx, id, index, &name, now_ms).await?;
+    Ok(completion.map(|completion| (index, completion)))
+}
+
 /// The buffered signal that arrived first among those the open waits of `waiting_for` can
 /// take, with the wait that takes it (the lowest index of its name): `(index, name,
 /// arrived at)`.
