@@ -25,31 +25,35 @@ const QUEUE: usize = 3;
 const PENDING: usize = 4;
 
 /// A plain handler that records each input it gets (its `n`) and answers it once the gate
-/// is open.
+/// lets its arrival through: the gate holds how many requests, in arrival order, may answer.
 #[derive(Clone)]
 struct Held {
     arrivals: Arc<Mutex<Vec<u64>>>,
-    gate: watch::Receiver<bool>,
+    gate: watch::Receiver<usize>,
 }
 
 async fn work(State(held): State<Held>, body: axum::body::Bytes) -> axum::Json<Value> {
     let input: Value = serde_json::from_slice(&body).unwrap_or_default();
     let n = input["n"].as_u64().unwrap_or(u64::MAX);
-    held.arrivals.lock().unwrap().push(n);
+    let place = {
+        let mut arrivals = held.arrivals.lock().unwrap();
+        arrivals.push(n);
+        arrivals.len() - 1
+    };
     let mut gate = held.gate.clone();
-    let _ = gate.wait_for(|open| *open).await;
+    let _ = gate.wait_for(|through| place < *through).await;
     axum::Json(json!({ "done": n }))
 }
 
 struct Handler {
     url: String,
     arrivals: Arc<Mutex<Vec<u64>>>,
-    open: watch::Sender<bool>,
+    open: watch::Sender<usize>,
 }
 
 impl Handler {
     async fn start() -> Handler {
-        let (open, gate) = watch::channel(false);
+        let (open, gate) = watch::channel(0);
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let app = axum::Router::new()
             .route("/work", axum::routing::post(work))
@@ -69,6 +73,25 @@ impl Handler {
 
     fn arrivals(&self) -> Vec<u64> {
         self.arrivals.lock().unwrap().clone()
+    }
+
+    /// Lets every request answer, those held now and those to come.
+    fn open_all(&self) {
+        self.open.send(usize::MAX).unwrap();
+    }
+
+    /// Lets the held requests answer one at a time, in arrival order, each once the
+    /// request that took the slot freed before it has arrived, until `total` have answered:
+    /// one slot frees at a time, so the order of arrivals is the order Durin gave slots.
+    async fn let_go_one_by_one(&self, total: usize) {
+        for through in 1..=total {
+            self.open.send(through).unwrap();
+            let expected = (through + SLOTS).min(total);
+            eventually(Duration::from_secs(10), "the next arrival", || async {
+                (self.arrivals().len() >= expected).then_some(())
+            })
+            .await;
+        }
     }
 }
 
@@ -244,7 +267,9 @@ async fn past_the_bound_callers_are_refused_and_queued_work_runs_in_arrival_orde
         .unwrap();
     assert!(terminated.status().is_success(), "{}", terminated.status());
 
-    handler.open.send(true).unwrap();
+    handler
+        .let_go_one_by_one(SLOTS + (QUEUE - 1) + PENDING)
+        .await;
     for (i, task) in calls.into_iter().enumerate() {
         let n = i as u64 + 1;
         let answer = task.await.unwrap().unwrap();
@@ -263,7 +288,8 @@ async fn past_the_bound_callers_are_refused_and_queued_work_runs_in_arrival_orde
     let arrivals = handler.arrivals();
     // The queued calls ran in the order they came; the terminated one never ran. The sends
     // the store holds run when the scheduler gets slots, and the scheduler may have taken
-    // its place in the line (on its idle poll) before a queued call did.
+    // its place in the line (on its idle poll) before a queued call did. Slots were freed
+    // one at a time, so the order of arrivals is the order in which slots were given.
     let after_slots = &arrivals[SLOTS..];
     let calls: Vec<u64> = after_slots.iter().copied().filter(|n| *n < 10).collect();
     assert_eq!(calls, [3, 4], "{arrivals:?}");
@@ -308,7 +334,7 @@ async fn accepted_work_survives_kill_9_while_queued() {
         assert!(task.await.unwrap().is_err());
     }
     let gateway = home.start(None);
-    handler.open.send(true).unwrap();
+    handler.open_all();
     // Each call, sent again with its key, answers its own output.
     for n in 1..=(SLOTS + QUEUE) as u64 {
         let answer = call(&gateway.url, n).await.unwrap().unwrap();
