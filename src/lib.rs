@@ -15,6 +15,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod problem;
 pub mod registry;
+pub mod replay;
 pub mod server;
 pub mod signing;
 pub mod store;
@@ -123,6 +124,7 @@ async fn serve(
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
     let state_cursors = Arc::new(api::StateCursors::default());
+    let replays = Arc::new(replay::Replays::default());
     let awakeables = AwakeableKey::new(store.gateway_secret("awakeables").await?);
     let signer = Arc::new(
         signing::RequestSigner::new(&store.gateway_secret("signing").await?)
@@ -229,6 +231,7 @@ async fn serve(
                 Arc::clone(&clock),
                 Arc::clone(&engine),
                 egress_calls,
+                Arc::clone(&replays),
                 egress::EgressConfig {
                     allow: config.egress_allow.clone(),
                     max_body_bytes: config.max_body_bytes,
@@ -262,6 +265,7 @@ async fn serve(
         awakeables,
         signer: Arc::clone(&signer),
         state_cursors,
+        replays,
         http,
         idempotency_retention: config.idempotency_retention,
         call_wait: config.call_wait,

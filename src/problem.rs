@@ -103,6 +103,10 @@ pub enum ApiError {
     Storage(String),
     #[error("{0}")]
     ShuttingDown(String),
+    /// A deployment that could not replay what its handlers run (verification): nothing
+    /// was registered; `report` is the replay's.
+    #[error("{detail}")]
+    DeploymentDiverged { detail: String, report: Value },
     /// Too much work waits already: the caller should come back after `retry_after`.
     #[error("{detail}")]
     Overloaded {
@@ -262,6 +266,12 @@ impl ApiError {
                 "Durin is shutting down",
                 true,
             ),
+            DeploymentDiverged { .. } => (
+                StatusCode::CONFLICT,
+                "deployment-diverged",
+                "The deployment cannot continue what runs",
+                false,
+            ),
             Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -305,6 +315,9 @@ impl ApiError {
                 if let Some(t) = error_type {
                     ext.insert("error_type".into(), json!(t));
                 }
+            }
+            ApiError::DeploymentDiverged { report, .. } => {
+                ext.insert("report".into(), report.clone());
             }
             ApiError::UnknownQuery { known, .. } => {
                 ext.insert("known".into(), json!(known));

@@ -113,6 +113,35 @@ pub async fn register(
     url: &str,
     inline: Option<Vec<ServiceSpec>>,
 ) -> Result<(DeploymentRecord, bool), ApiError> {
+    let described = describe(http, url, inline).await?;
+    record(store, targets, clock, described).await
+}
+
+/// Records a deployment [`describe`] described.
+pub async fn record(
+    store: &dyn Store,
+    targets: &Targets,
+    clock: &dyn Clock,
+    (url, protocol, services): (String, HandlerProtocol, Vec<ServiceSpec>),
+) -> Result<(DeploymentRecord, bool), ApiError> {
+    let deployment = NewDeployment {
+        url,
+        protocol,
+        services,
+        now_ms: clock.now_ms(),
+    };
+    let registered = store.register_deployment(deployment).await?;
+    targets.forget_latest();
+    Ok(registered)
+}
+
+/// What a deployment at `url` serves and how it is called: its inline services (plain),
+/// or its discovery document (SDK), checked, without recording anything.
+pub async fn describe(
+    http: &reqwest::Client,
+    url: &str,
+    inline: Option<Vec<ServiceSpec>>,
+) -> Result<(String, HandlerProtocol, Vec<ServiceSpec>), ApiError> {
     let url = parse_deployment_url(url)?;
     let (protocol, services) = match inline {
         Some(services) => {
@@ -138,15 +167,7 @@ pub async fn register(
             (HandlerProtocol::Sdk { version }, discovery.services)
         }
     };
-    let deployment = NewDeployment {
-        url,
-        protocol,
-        services,
-        now_ms: clock.now_ms(),
-    };
-    let registered = store.register_deployment(deployment).await?;
-    targets.forget_latest();
-    Ok(registered)
+    Ok((url, protocol, services))
 }
 
 async fn discover(http: &reqwest::Client, url: &str) -> Result<Discovery, ApiError> {

@@ -465,6 +465,7 @@ fn samples() -> Vec<(&'static str, Json)> {
                     name: "add".into(),
                     input: json!(5),
                 }],
+                replay: true,
             }),
         ),
         (
@@ -543,8 +544,15 @@ fn outcome_samples() -> Vec<Outcome> {
         Outcome::ContinueAsNew {
             input: json!({"cycle": 2}),
         },
+        Outcome::ReplayEnd {
+            index: 4,
+            next: EntryRef {
+                kind: EntryKind::Step,
+                name: Some("notify".into()),
+            },
+        },
     ];
-    let mut seen = [false; 6];
+    let mut seen = [false; 7];
     for sample in &samples {
         let slot = match sample {
             Outcome::Output { .. } => 0,
@@ -553,6 +561,7 @@ fn outcome_samples() -> Vec<Outcome> {
             Outcome::Suspend { .. } => 3,
             Outcome::NonDeterminism { .. } => 4,
             Outcome::ContinueAsNew { .. } => 5,
+            Outcome::ReplayEnd { .. } => 6,
         };
         seen[slot] = true;
     }
@@ -876,6 +885,10 @@ fn api_errors() -> Vec<ApiError> {
             message: "failed".into(),
             update_id: "upd_0193a2b4c5d6e7f8091a2b3c4d5e6f70".into(),
         },
+        ApiError::DeploymentDiverged {
+            detail: "1 of the 2 recorded runs replayed diverge".into(),
+            report: json!({"replayed": 1, "diverged": 1, "failed": 0}),
+        },
     ];
     for error in &errors {
         match error {
@@ -902,7 +915,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::JournalFull(_)
             | ApiError::InvocationState { .. }
             | ApiError::Cancelled(_)
-            | ApiError::Update { .. } => {}
+            | ApiError::Update { .. }
+            | ApiError::DeploymentDiverged { .. } => {}
         }
     }
     errors

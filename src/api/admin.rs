@@ -58,6 +58,27 @@ struct RegisterRequest {
     url: String,
     /// Declared inline: a plain HTTP deployment, not asked for `/discover`.
     services: Option<Vec<durin_protocol::ServiceSpec>>,
+    /// Replay recent journals of its handlers against it first, and refuse it when one
+    /// diverges: `true`, or `{"sample": N}` invocations per handler.
+    verify: Option<Verify>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Verify {
+    On(bool),
+    Sample { sample: u32 },
+}
+
+impl Verify {
+    /// Invocations per handler to replay, if any.
+    fn sample(&self) -> Option<u32> {
+        match self {
+            Verify::On(false) => None,
+            Verify::On(true) => Some(crate::replay::verify::DEFAULT_SAMPLE),
+            Verify::Sample { sample } => Some(*sample),
+        }
+    }
 }
 
 /// `POST /v1/deployments {"url", "services"?}`: records a deployment, discovering its
@@ -68,21 +89,58 @@ pub async fn register_deployment(
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
     let request: RegisterRequest = parse_json("the deployment", &body)?;
-    let (deployment, created) = registry::register(
-        &*state.store,
-        &state.targets,
-        &*state.clock,
-        &state.http,
-        &request.url,
-        request.services,
-    )
-    .await?;
+    let described = registry::describe(&state.http, &request.url, request.services).await?;
+    let verification = match request.verify.as_ref().and_then(Verify::sample) {
+        Some(sample) => Some(verify(&state, &described, sample).await?),
+        None => None,
+    };
+    let (deployment, created) =
+        registry::record(&*state.store, &state.targets, &*state.clock, described).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(DeploymentView::from(deployment))).into_response())
+    let mut view = serde_json::to_value(DeploymentView::from(deployment))
+        .map_err(|e| ApiError::Storage(e.to_string()))?;
+    if let (Some(report), Some(view)) = (verification, view.as_object_mut()) {
+        view.insert("verification".into(), report);
+    }
+    Ok((status, Json(view)).into_response())
+}
+
+/// Replays up to `sample` recent journals of each handler the described deployment serves
+/// against it; the report, or the refusal when one diverged.
+async fn verify(
+    state: &AppState,
+    (url, protocol, services): &(
+        String,
+        crate::store::HandlerProtocol,
+        Vec<durin_protocol::ServiceSpec>,
+    ),
+    sample: u32,
+) -> Result<serde_json::Value, ApiError> {
+    let candidate = crate::replay::Candidate {
+        deployment_id: String::new(),
+        url: url.clone(),
+        protocol: *protocol,
+        services: services.clone(),
+    };
+    let histories = crate::replay::verify::sample(&*state.store, &candidate, sample).await?;
+    let report =
+        crate::replay::replay_all(&state.engine, &state.replays, &candidate, &histories).await;
+    let value = serde_json::to_value(&report).map_err(|e| ApiError::Storage(e.to_string()))?;
+    if report.diverged > 0 {
+        return Err(ApiError::DeploymentDiverged {
+            detail: format!(
+                "{} of the {} recorded runs replayed diverge on the deployment at {url}: it was not registered, and runs keep the deployments they run on (the report says where each diverged)",
+                report.diverged,
+                report.histories.len()
+            ),
+            report: value,
+        });
+    }
+    Ok(value)
 }
 
 pub async fn list_deployments(

@@ -318,10 +318,16 @@ async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, A
         .collect::<Vec<_>>()
         .join(" or ");
     let id = command.id.clone();
-    let answer = state
-        .store
-        .plain_command(command, state.clock.now_ms())
-        .await?;
+    // A replay's handler: its recording answers, and nothing is written.
+    let answer = match state.replays.find(&command.id, &command.token) {
+        Some(session) => session.plain(&command)?,
+        None => {
+            state
+                .store
+                .plain_command(command, state.clock.now_ms())
+                .await?
+        }
+    };
     if answer.cancelled {
         return Err(ApiError::Cancelled(format!(
             "invocation {id} was cancelled before {what} completed: run your compensations (steps and calls still work), then answer with a 4xx (409) to end it as cancelled"
@@ -712,6 +718,9 @@ pub async fn heartbeat(
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
     let details = json_body("the heartbeat details", &body)?;
+    if state.replays.find(&id, &caller.token).is_some() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     state
         .store
         .heartbeat(
@@ -761,6 +770,9 @@ pub async fn continue_as_new(
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
     let input = json_body("the next run's input", &body)?;
+    if let Some(session) = state.replays.find(&id, &caller.token) {
+        return Err(session.continue_as_new());
+    }
     let record = running_attempt(&state, &id, &caller).await?;
     if record.workflow_id.is_none() {
         return Err(ApiError::BadRequest(format!(
@@ -781,6 +793,10 @@ pub async fn last_heartbeat(
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
+    if state.replays.find(&id, &caller.token).is_some() {
+        // A replay runs as the recording's next attempt, which has no heartbeat of its own.
+        return Ok(Json(json!({ "details": null })).into_response());
+    }
     running_attempt(&state, &id, &caller).await?;
     let details = state.store.heartbeat_details(&id).await?;
     Ok(Json(json!({ "details": json_value(details.as_deref()) })).into_response())
@@ -800,6 +816,9 @@ pub async fn refuse_update(
     let mut failure: durin_protocol::Failure = parse_json("the refusal", &body)?;
     if !(400..500).contains(&failure.status) {
         failure.status = 400;
+    }
+    if state.replays.find(&id, &caller.token).is_some() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
     state
         .store

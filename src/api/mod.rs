@@ -10,6 +10,7 @@ mod context;
 mod ingress;
 mod operate;
 mod queries;
+mod replays;
 mod signals;
 mod updates;
 mod views;
@@ -103,6 +104,9 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/invocations/{id}/purge"),
     ("POST", "/v1/invocations/{id}/restart"),
     ("POST", "/v1/invocations/bulk/{verb}"),
+    ("GET", "/v1/invocations/{id}/history"),
+    ("GET", "/v1/workflows/{workflow}/{id}/history"),
+    ("POST", "/v1/replays"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -117,6 +121,8 @@ pub struct AppState {
     pub signer: Arc<crate::signing::RequestSigner>,
     /// Per running attempt: how often a plain handler wrote each state key.
     pub state_cursors: Arc<StateCursors>,
+    /// Replays under way, whose plain handlers' context calls their recordings answer.
+    pub replays: Arc<crate::replay::Replays>,
     pub http: reqwest::Client,
     pub idempotency_retention: Duration,
     /// How long `POST /v1/call` waits for the end before it answers `202` with `Location`.
@@ -238,6 +244,15 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route("/v1/invocations", get(admin::list_invocations))
         .route("/v1/invocations/{id}", get(admin::get_invocation))
         .route("/v1/invocations/{id}/journal", get(admin::get_journal))
+        .route(
+            "/v1/invocations/{id}/history",
+            get(replays::invocation_history),
+        )
+        .route(
+            "/v1/workflows/{workflow}/{id}/history",
+            get(replays::workflow_history),
+        )
+        .route("/v1/replays", post(replays::replay))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
         .route("/metrics", get(admin::metrics))
         .route("/v1/invocations/{id}/pause", post(operate::pause))

@@ -1,7 +1,8 @@
 //! `durin invocations|workflows|deployments ...`: the admin API (and, for workflows, the
 //! main listener) from a shell, with readable tables for people and `--output json` for
 //! scripts. Exit codes: 0 done, 1 Durin answered a problem (its type and detail go to
-//! stderr), 2 a usage error, 3 Durin could not be reached.
+//! stderr), 2 a usage error, 3 Durin could not be reached; `durin replay` adds 4 (a
+//! history diverged) and 5 (a history could not be replayed).
 
 use std::process::ExitCode;
 
@@ -60,6 +61,8 @@ pub enum Invocations {
     Get { id: String },
     /// An invocation's journal.
     Journal { id: String },
+    /// An invocation's history (JSON Lines, for `durin replay`), on stdout.
+    History { id: String },
     /// Cancel: the handler compensates and ends it.
     Cancel { id: String },
     /// End it at once, no more handler code.
@@ -123,6 +126,9 @@ pub enum Workflows {
     Get { workflow: String, id: String },
     /// Every run of a workflow id, oldest first.
     Runs { workflow: String, id: String },
+    /// The history of every run of a workflow id (JSON Lines, for `durin replay`), on
+    /// stdout.
+    History { workflow: String, id: String },
     /// Cancel the latest run.
     Cancel { workflow: String, id: String },
     /// Terminate the latest run.
@@ -145,7 +151,28 @@ pub enum Deployments {
     Register {
         #[arg(value_name = "URL")]
         deployment: String,
+        /// Replay recent journals of its handlers against it first; refuse it when one
+        /// diverges.
+        #[arg(long)]
+        verify: bool,
+        /// With `--verify`: invocations per handler to replay.
+        #[arg(long, requires = "verify")]
+        sample: Option<u32>,
     },
+}
+
+/// `durin replay`: replays history files against a deployment, through Durin's admin API.
+#[derive(Args)]
+pub struct Replay {
+    #[command(flatten)]
+    connection: Connection,
+    /// A history file (from `durin invocations history` or `workflows history`); may be
+    /// given several times.
+    #[arg(long, required = true)]
+    history: Vec<std::path::PathBuf>,
+    /// The deployment's URL: a registered one, or an SDK deployment Durin can discover.
+    #[arg(long)]
+    deployment: String,
 }
 
 /// What a command asks of Durin.
@@ -193,6 +220,9 @@ pub async fn invocations(connection: Connection, command: Invocations) -> ExitCo
         }
         Invocations::Get { id } => (get(format!("/v1/invocations/{id}")), show_object),
         Invocations::Journal { id } => (get(format!("/v1/invocations/{id}/journal")), show_journal),
+        Invocations::History { id } => {
+            return export(&connection, get(format!("/v1/invocations/{id}/history"))).await
+        }
         Invocations::Cancel { id } => (
             post(format!("/v1/invocations/{id}/cancel"), json!(null)),
             show_object,
@@ -322,6 +352,16 @@ pub async fn workflows(connection: Connection, command: Workflows) -> ExitCode {
             ),
             show_list,
         ),
+        Workflows::History { workflow, id } => {
+            let call = call(
+                reqwest::Method::GET,
+                admin,
+                format!("/v1/workflows/{workflow}/{id}/history"),
+                None,
+                true,
+            );
+            return export(&connection, call).await;
+        }
         Workflows::Cancel { workflow, id } => (
             call(
                 reqwest::Method::POST,
@@ -383,22 +423,40 @@ pub async fn deployments(connection: Connection, command: Deployments) -> ExitCo
             },
             show_deployments,
         ),
-        Deployments::Register { deployment } => (
-            Call {
-                method: reqwest::Method::POST,
-                url: format!("{admin}/v1/deployments"),
-                body: Some(json!({ "url": deployment })),
-                admin: true,
-                idempotency_key: None,
-            },
-            show_object,
-        ),
+        Deployments::Register {
+            deployment,
+            verify,
+            sample,
+        } => {
+            let mut body = json!({ "url": deployment });
+            if verify {
+                body["verify"] = match sample {
+                    Some(sample) => json!({ "sample": sample }),
+                    None => json!(true),
+                };
+            }
+            (
+                Call {
+                    method: reqwest::Method::POST,
+                    url: format!("{admin}/v1/deployments"),
+                    body: Some(body),
+                    admin: true,
+                    idempotency_key: None,
+                },
+                show_object,
+            )
+        }
     };
     run(&connection, call, show).await
 }
 
-/// Sends `call`, prints the answer (`show` for a table), and says how it went.
-async fn run(connection: &Connection, call: Call, show: fn(&Value)) -> ExitCode {
+/// Sends `call` (with `raw`, a body of its own type, instead of its JSON one) and returns
+/// the answer's status and bytes, or the exit code of Durin out of reach.
+async fn send(
+    connection: &Connection,
+    call: Call,
+    raw: Option<(Vec<u8>, &'static str)>,
+) -> Result<(reqwest::StatusCode, Vec<u8>), ExitCode> {
     let client = reqwest::Client::new();
     let mut request = client.request(call.method, &call.url);
     if call.admin {
@@ -409,41 +467,180 @@ async fn run(connection: &Connection, call: Call, show: fn(&Value)) -> ExitCode 
     if let Some(body) = &call.body {
         request = request.json(body);
     }
+    if let Some((bytes, content_type)) = raw {
+        request = request
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(bytes);
+    }
     if let Some(key) = &call.idempotency_key {
         request = request.header("idempotency-key", key);
     }
-    let response = match request.send().await {
-        Ok(response) => response,
-        Err(e) => {
-            eprintln!("durin: cannot reach {}: {e}", call.url);
-            return ExitCode::from(3);
-        }
-    };
+    let response = request.send().await.map_err(|e| {
+        eprintln!("durin: cannot reach {}: {e}", call.url);
+        ExitCode::from(3)
+    })?;
     let status = response.status();
-    let body: Value = match response.bytes().await {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+    match response.bytes().await {
+        Ok(bytes) => Ok((status, bytes.to_vec())),
         Err(e) => {
             eprintln!("durin: the answer of {} could not be read: {e}", call.url);
-            return ExitCode::from(3);
+            Err(ExitCode::from(3))
         }
+    }
+}
+
+/// A problem Durin answered: on stderr (and stdout for scripts), exit code 1.
+fn problem(connection: &Connection, status: reqwest::StatusCode, body: &[u8]) -> ExitCode {
+    let body: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+    if connection.output == Output::Json {
+        println!("{body:#}");
+    }
+    eprintln!(
+        "durin: {status}: {} ({})",
+        body["detail"].as_str().unwrap_or("no detail"),
+        body["type"].as_str().unwrap_or("no type")
+    );
+    ExitCode::from(1)
+}
+
+/// Sends `call`, prints the answer (`show` for a table), and says how it went.
+async fn run(connection: &Connection, call: Call, show: fn(&Value)) -> ExitCode {
+    let (status, bytes) = match send(connection, call, None).await {
+        Ok(answer) => answer,
+        Err(code) => return code,
     };
     if status.is_client_error() || status.is_server_error() {
-        if connection.output == Output::Json {
-            println!("{body:#}");
-        }
-        eprintln!(
-            "durin: {status}: {} ({})",
-            body["detail"].as_str().unwrap_or("no detail"),
-            body["type"].as_str().unwrap_or("no type")
-        );
-        return ExitCode::from(1);
+        return problem(connection, status, &bytes);
     }
+    let body: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     match connection.output {
         Output::Json => println!("{body:#}"),
         Output::Table => show(&body),
     }
     ExitCode::SUCCESS
+}
+
+/// Sends `call` and writes the answer (a history file) to stdout as it came.
+async fn export(connection: &Connection, call: Call) -> ExitCode {
+    use std::io::Write;
+    let (status, bytes) = match send(connection, call, None).await {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    if status.is_client_error() || status.is_server_error() {
+        return problem(connection, status, &bytes);
+    }
+    match std::io::stdout().write_all(&bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("durin: cannot write the history: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `durin replay`: 0 when every history replayed, 4 when one diverged, 5 when one could
+/// not be replayed (and none diverged).
+pub async fn replay(command: Replay) -> ExitCode {
+    let mut text = Vec::new();
+    for file in &command.history {
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                text.extend_from_slice(&bytes);
+                if !bytes.ends_with(b"\n") {
+                    text.push(b'\n');
+                }
+            }
+            Err(e) => {
+                eprintln!("durin: cannot read {}: {e}", file.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let connection = &command.connection;
+    let query = list_query(&[("deployment", Some(command.deployment.clone()))]);
+    let call = Call {
+        method: reqwest::Method::POST,
+        url: format!("{}/v1/replays?{query}", connection.admin_url),
+        body: None,
+        admin: true,
+        idempotency_key: None,
+    };
+    let (status, bytes) = match send(connection, call, Some((text, "application/jsonl"))).await {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    if !status.is_success() {
+        return problem(connection, status, &bytes);
+    }
+    let report: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    match connection.output {
+        Output::Json => println!("{report:#}"),
+        Output::Table => show_report(&report),
+    }
+    if report["diverged"].as_u64().unwrap_or(0) > 0 {
+        ExitCode::from(4)
+    } else if report["failed"].as_u64().unwrap_or(0) > 0 {
+        ExitCode::from(5)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A replay report: one row per history, then the divergences with both sides.
+fn show_report(report: &Value) {
+    let histories = report["histories"].as_array().cloned().unwrap_or_default();
+    let rows: Vec<Vec<String>> = histories
+        .iter()
+        .map(|h| {
+            let detail = match h["result"].as_str() {
+                Some("replayed") => match h["next"].as_str() {
+                    Some(next) => format!("{} (next: {next})", text(&h["reached"])),
+                    None => text(&h["reached"]),
+                },
+                Some("diverged") => format!("at entry {}", text(&h["divergence"]["index"])),
+                _ => text(&h["error"]),
+            };
+            vec![
+                text(&h["invocation_id"]),
+                format!("{}/{}", text(&h["service"]), text(&h["handler"])),
+                text(&h["status"]),
+                text(&h["result"]),
+                shorten(&detail, 80),
+            ]
+        })
+        .collect();
+    table(
+        &["INVOCATION", "HANDLER", "RECORDED", "RESULT", "WHERE"],
+        &rows,
+    );
+    for h in histories.iter().filter(|h| h["result"] == "diverged") {
+        let d = &h["divergence"];
+        println!();
+        println!(
+            "{} diverged at entry {}:",
+            text(&h["invocation_id"]),
+            text(&d["index"])
+        );
+        println!("  recorded:  {}", text(&d["recorded"]));
+        println!("  requested: {}", text(&d["requested"]));
+        if !d["detail"].is_null() {
+            println!("  detail:    {}", text(&d["detail"]));
+        }
+        if let Some(patches) = h["patches"].as_array() {
+            let names: Vec<String> = patches.iter().map(text).collect();
+            println!("  patches in the recording: {}", names.join(", "));
+        }
+    }
+    println!(
+        "\n{} replayed, {} diverged, {} failed (deployment {})",
+        text(&report["replayed"]),
+        text(&report["diverged"]),
+        text(&report["failed"]),
+        text(&report["deployment"]["url"])
+    );
 }
 
 /// A list of invocations (`invocations` or `runs`) as a table.

@@ -77,6 +77,9 @@ enum Command {
         #[command(subcommand)]
         command: admin_client::Deployments,
     },
+    /// Replay recorded histories against a deployment, with no side effect, through the
+    /// admin API: exit code 0 when all replayed, 4 when one diverged, 5 when one failed.
+    Replay(admin_client::Replay),
 }
 
 #[derive(Args)]
@@ -168,6 +171,7 @@ pub fn main() -> ExitCode {
             connection,
             command,
         } => runtime.block_on(admin_client::deployments(connection, command)),
+        Command::Replay(command) => runtime.block_on(admin_client::replay(command)),
         command => match runtime.block_on(run_command(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -226,7 +230,10 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             crate::run(config, listeners, shutdown).await
         }
-        Command::Invocations { .. } | Command::Workflows { .. } | Command::Deployments { .. } => {
+        Command::Invocations { .. }
+        | Command::Workflows { .. }
+        | Command::Deployments { .. }
+        | Command::Replay(_) => {
             anyhow::bail!("not a server command")
         }
     }

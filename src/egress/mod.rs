@@ -68,6 +68,8 @@ pub struct Egress {
     clock: Arc<dyn Clock>,
     engine: Arc<Engine>,
     calls: Arc<EgressCalls>,
+    /// Replays under way: their calls are answered from their recordings, never sent.
+    replays: Arc<crate::replay::Replays>,
     http: reqwest::Client,
     config: EgressConfig,
 }

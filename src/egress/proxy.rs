@@ -27,6 +27,7 @@ impl Egress {
         clock: Arc<dyn Clock>,
         engine: Arc<Engine>,
         calls: Arc<EgressCalls>,
+        replays: Arc<crate::replay::Replays>,
         config: EgressConfig,
     ) -> Result<Egress, reqwest::Error> {
         // No proxy from the environment: the address check is made on what the egress
@@ -45,6 +46,7 @@ impl Egress {
             clock,
             engine,
             calls,
+            replays,
             http: http.build()?,
             config,
         })
@@ -110,6 +112,9 @@ impl Egress {
                 )
             })?
             .to_owned();
+        if let Some(session) = self.replays.find(&id, &token) {
+            return replayed_call(&session, parts.method.as_str(), url.as_str(), &body);
+        }
         let attempt = match claimed_attempt.filter(|a| self.calls.is_current(&id, *a, &token)) {
             // An earlier call of this attempt was checked, and the attempt has not ended.
             Some(attempt) => attempt,
@@ -550,6 +555,66 @@ impl Egress {
             Err(e) => e.into(),
         }
     }
+}
+
+/// A call of a replayed handler: answered from the recording when it was recorded (the
+/// same method, URL, body and occurrence), and otherwise never sent: the replay notes a
+/// divergence (a recorded call to the same target that the code no longer makes the same
+/// way, or any new call after a recording that ended) or the recording's frontier.
+fn replayed_call(
+    session: &crate::replay::Session,
+    method: &str,
+    url: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let body_digest = hex(&Sha256::digest(body));
+    let identity = (method.to_owned(), url.to_owned(), body_digest.clone());
+    let occurrence = session.egress_occurrence(&identity);
+    let recorded: Vec<(u32, EgressRecord)> = session
+        .entries()
+        .iter()
+        .filter(|e| e.kind == EntryKind::Egress)
+        .filter_map(|e| {
+            serde_json::from_slice::<EgressRecord>(e.value.as_deref()?)
+                .ok()
+                .map(|r| (e.index, r))
+        })
+        .collect();
+    let exact = recorded.iter().find(|(_, r)| {
+        r.method == method
+            && r.url == url
+            && r.body_digest == body_digest
+            && r.occurrence == occurrence
+    });
+    if let Some((_, record)) = exact {
+        return Ok(record.response(true));
+    }
+    let instead = recorded
+        .iter()
+        .find(|(_, r)| {
+            let seen =
+                session.egress_seen(&(r.method.clone(), r.url.clone(), r.body_digest.clone()));
+            r.method == method && r.url == url && seen <= r.occurrence
+        })
+        .map(|(index, r)| {
+            (
+                *index,
+                format!(
+                    "egress {} {} (body digest {}, occurrence {})",
+                    r.method,
+                    r.url,
+                    &r.body_digest[..12.min(r.body_digest.len())],
+                    r.occurrence
+                ),
+            )
+        });
+    Err(session.beyond(
+        format!(
+            "egress {method} {url} (body digest {}, occurrence {occurrence})",
+            &body_digest[..12]
+        ),
+        instead,
+    ))
 }
 
 pub(super) async fn handle(State(egress): State<Arc<Egress>>, request: Request) -> Response {

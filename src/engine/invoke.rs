@@ -22,6 +22,29 @@ impl Engine {
         target: &HandlerTarget,
         journal: Vec<StoredEntry>,
     ) -> HandlerAnswer {
+        self.invoke(record, target, journal, false).await
+    }
+
+    /// Calls the handler to replay `journal`, a recording, with no side effect: an SDK
+    /// handler gets the request marked `replay` (protocol 4), a plain one the caller's
+    /// request as it came, whose context calls and egress calls the replay answers. No
+    /// heartbeat is watched and nothing is read from the store.
+    pub async fn replay_handler(
+        &self,
+        record: &InvocationRecord,
+        target: &HandlerTarget,
+        journal: Vec<StoredEntry>,
+    ) -> HandlerAnswer {
+        self.invoke(record, target, journal, true).await
+    }
+
+    async fn invoke(
+        &self,
+        record: &InvocationRecord,
+        target: &HandlerTarget,
+        journal: Vec<StoredEntry>,
+        replay: bool,
+    ) -> HandlerAnswer {
         let position_since_ms = journal.last().map(|e| e.at_ms);
         let mut entries = journal.into_iter();
         let Some(input) = entries.next().filter(|e| e.kind == EntryKind::Input) else {
@@ -40,7 +63,7 @@ impl Engine {
             .unwrap_or(self.config.default_start_to_close);
         let endpoint = target.endpoint();
         // What an earlier attempt's last heartbeat said, for this one to go on from.
-        let heartbeat_details = match record.heartbeat_at_ms {
+        let heartbeat_details = match record.heartbeat_at_ms.filter(|_| !replay) {
             Some(_) => match self.store.heartbeat_details(&record.id).await {
                 Ok(details) => details.map(|d| json_value(Some(&d))),
                 Err(error) => {
@@ -54,7 +77,7 @@ impl Engine {
         };
         // A workflow run on an SDK deployment handles the updates sent to it at its waits.
         let updates = match (target.protocol, &record.workflow_id) {
-            (HandlerProtocol::Sdk { version }, Some(_)) if version >= 3 => {
+            (HandlerProtocol::Sdk { version }, Some(_)) if version >= 3 && !replay => {
                 match self.store.pending_updates(&record.id).await {
                     Ok(updates) => updates,
                     Err(error) => {
@@ -94,6 +117,7 @@ impl Engine {
                         self.config.advertised_url.trim_end_matches('/'),
                         record.id
                     ),
+                    replay,
                 })
                 .unwrap_or_default();
                 let request = self
@@ -141,7 +165,12 @@ impl Engine {
             .header(self.clock.now_ms(), &path, &headers, &body);
         let request_bytes = body.len();
         // The handler's spans hang under the attempt's.
-        let request = match self.config.traces.handler_traceparent(record) {
+        let traceparent = self
+            .config
+            .traces
+            .handler_traceparent(record)
+            .filter(|_| !replay);
+        let request = match traceparent {
             Some(traceparent) => request.header(crate::telemetry::traces::TRACEPARENT, traceparent),
             None => request,
         };
@@ -154,7 +183,11 @@ impl Engine {
             .header(HEADER_SIGNATURE, signature)
             .timeout(timeout)
             .send();
-        let heartbeat_timeout = self.config.timeouts.heartbeat(&target.spec);
+        let heartbeat_timeout = self
+            .config
+            .timeouts
+            .heartbeat(&target.spec)
+            .filter(|_| !replay);
         if heartbeat_timeout.is_some() {
             // Forgotten when the attempt is over (`attempt.rs`).
             self.heartbeats.watch(&record.id, record.attempt);

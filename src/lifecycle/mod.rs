@@ -179,6 +179,19 @@ pub fn decide(
             detail,
         } => pause::non_determinism(index, &recorded, &requested, detail),
         Outcome::ContinueAsNew { input } => continue_as_new::next_run(input, workflow),
+        // Only a replay asks for it; an attempt answered so is retried.
+        Outcome::ReplayEnd { index, next } => retry::handler_failure(
+            facts,
+            policy,
+            Retryable::new(
+                format!(
+                    "protocol violation: the handler answered replay_end (at index {index}, {}) to an attempt that is not a replay",
+                    next.kind.as_str()
+                ),
+                Some("ProtocolViolation".into()),
+            ),
+            now_ms,
+        ),
     }
 }
 

@@ -20,6 +20,10 @@
 //! needs a result that has not arrived ends the attempt with [`Outcome::Suspend`], naming
 //! the entries it waits for. Version 3 adds cancellation: a `cancel` entry the gateway
 //! writes, which the handler's next await receives as a terminal `Cancelled` error.
+//! Version 4 adds replay: a request marked [`InvocationRequest::replay`] is answered from
+//! its journal alone, and where the handler would go beyond it (run a step, append
+//! anything) it ends with [`Outcome::ReplayEnd`] instead, so that a recorded history can be
+//! replayed against new code with no side effect.
 //! The version is negotiated: the deployment's discovery document
 //! says which version it speaks, and the gateway speaks every version from
 //! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`].
@@ -30,7 +34,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol version this crate describes.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The first version that can replay a history without side effects.
+pub const REPLAY_PROTOCOL_VERSION: u32 = 4;
 /// The oldest version the gateway still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Header naming the invocation an attempt belongs to (`inv_…`).
@@ -333,6 +339,11 @@ pub struct InvocationRequest {
     /// should continue as new.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suggest_continue_as_new: bool,
+    /// Version 4: replay only. The journal is a recording: the handler answers from it and
+    /// does nothing new (no step runs, nothing is appended, no heartbeat is sent); where it
+    /// would, it ends with [`Outcome::ReplayEnd`] naming what it would have done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
 }
 
 /// What a child undergoes when its parent closes (ends), or is cancelled or terminated.
@@ -652,6 +663,10 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
+    /// Version 4, only in answer to a replay: the handler replayed the journal to its end
+    /// and would now do `next` at journal index `index` (run a step, wait for a new
+    /// command, ...), which a replay never does.
+    ReplayEnd { index: u32, next: EntryRef },
 }
 
 #[cfg(test)]

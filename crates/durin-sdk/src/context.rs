@@ -182,6 +182,8 @@ struct Inner {
     /// What the last heartbeat of an earlier attempt said.
     heartbeat_details: Option<Value>,
     position_failures: u32,
+    /// A replay of a recorded history: nothing new runs or is appended.
+    replay_only: bool,
     http: reqwest::Client,
     state: Mutex<ReplayState>,
 }
@@ -237,6 +239,7 @@ impl Context {
                 updates_url: format!("{}/updates", request.context_url.trim_end_matches('/')),
                 update_handlers: Mutex::default(),
                 position_failures: request.position_failures,
+                replay_only: request.replay,
                 http,
                 state: Mutex::new(ReplayState {
                     start_seq: journal
@@ -371,6 +374,9 @@ impl Context {
     /// next attempt gets the last `details` from [`Context::last_heartbeat_details`], so
     /// a long step can skip what was done. A heartbeat is not journaled.
     pub async fn heartbeat<D: Serialize>(&self, details: &D) -> Result<(), HandlerError> {
+        if self.inner.replay_only {
+            return Ok(());
+        }
         let response = self
             .inner
             .http
@@ -1068,6 +1074,9 @@ impl Context {
             return Err(HandlerError::abort("the attempt is ending"));
         }
         let Some(entry) = state.journal.get(state.cursor).cloned() else {
+            if self.inner.replay_only {
+                return Err(replay_end(&mut state, kind, name));
+            }
             return Ok(Replayed::New);
         };
         if entry.kind == EntryKind::Cancel {
@@ -1140,7 +1149,17 @@ impl Context {
         &self,
         mut request: AppendRequest,
     ) -> Result<AppendResponse, HandlerError> {
-        let index = self.lock().next_index;
+        let index = {
+            let mut state = self.lock();
+            if self.inner.replay_only {
+                return Err(replay_end(
+                    &mut state,
+                    request.kind,
+                    request.name.as_deref(),
+                ));
+            }
+            state.next_index
+        };
         request.index = index;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(50);
@@ -1268,6 +1287,23 @@ impl Context {
     }
 }
 
+/// A replay reached the end of its journal where the handler would do `kind` `name`: the
+/// attempt ends with [`Outcome::ReplayEnd`] and nothing runs.
+fn replay_end(state: &mut ReplayState, kind: EntryKind, name: Option<&str>) -> HandlerError {
+    let index = state.next_index;
+    state.abort.get_or_insert(Outcome::ReplayEnd {
+        index,
+        next: EntryRef {
+            kind,
+            name: name.map(str::to_owned),
+        },
+    });
+    HandlerError::abort(format!(
+        "the replay ends at journal index {index}: the handler would now do {} {name:?}",
+        kind.as_str()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1322,6 +1358,7 @@ mod tests {
             heartbeat_details: None,
             updates: Vec::new(),
             position_since_ms: None,
+            replay: false,
         };
         Context::new(&mut request, reqwest::Client::new())
     }

@@ -1,0 +1,248 @@
+//! A replay under way: the recording a replayed attempt reads instead of the store. A plain
+//! handler being replayed calls the context API and the egress as it always does, with the
+//! invocation id it was given (the recorded one) and its attempt's token (the replay's own):
+//! the token finds the replay, whose recording answers. Nothing is written, and nothing the
+//! recording lacks is done: the handler is told to stop there, and the replay notes why.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use durin_protocol::EntryKind;
+
+use crate::ids::InvocationId;
+use crate::problem::ApiError;
+use crate::store::{NamedCommand, PlainAnswer, PlainCommand, StoredEntry};
+
+/// Why a replay stopped before the handler's own end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// The handler reached the end of a recording that had not ended (the point where the
+    /// run is now): it would do `next`, which the replay does not do.
+    Frontier { next: String },
+    /// The handler continued its run as new (which the replay does not do).
+    ContinuedAsNew,
+    /// The handler asked for something other than what was recorded.
+    Diverged {
+        index: u32,
+        recorded: String,
+        requested: String,
+        detail: Option<String>,
+    },
+}
+
+/// One replayed attempt of one history.
+pub struct Session {
+    pub id: InvocationId,
+    pub token: String,
+    /// The recorded entries after the input, without the output.
+    entries: Vec<StoredEntry>,
+    /// The recording ended: whatever goes beyond it is a divergence, not its frontier.
+    ended: bool,
+    /// The index of the output, or of the next entry of a recording that had not ended.
+    end_index: u32,
+    stop: Mutex<Option<Stop>>,
+    /// Egress calls per identity (method, URL, body digest) so far, as the egress counts
+    /// them for an attempt.
+    egress: Mutex<HashMap<(String, String, String), u32>>,
+}
+
+impl Session {
+    /// A replay of `entries` (the whole recording, from the input) as `token`.
+    pub fn new(id: InvocationId, token: String, entries: &[StoredEntry]) -> Session {
+        let ended = entries.last().is_some_and(|e| e.kind == EntryKind::Output);
+        let end_index = if ended {
+            entries.len() as u32 - 1
+        } else {
+            entries.len() as u32
+        };
+        Session {
+            id,
+            token,
+            entries: entries
+                .iter()
+                .filter(|e| !matches!(e.kind, EntryKind::Input | EntryKind::Output))
+                .cloned()
+                .collect(),
+            ended,
+            end_index,
+            stop: Mutex::default(),
+            egress: Mutex::default(),
+        }
+    }
+
+    /// The recorded entries after the input, without the output.
+    pub fn entries(&self) -> &[StoredEntry] {
+        &self.entries
+    }
+
+    /// Why the handler was stopped, if it was.
+    pub fn stopped(&self) -> Option<Stop> {
+        lock(&self.stop).clone()
+    }
+
+    /// Notes that the handler asked for `requested`, which the recording does not hold,
+    /// and returns the answer that stops it. A recorded entry of the same kind and name
+    /// that it did not reach (`instead`) makes it a divergence even where the recording had
+    /// not ended.
+    pub fn beyond(&self, requested: String, instead: Option<(u32, String)>) -> ApiError {
+        let stop = match instead {
+            Some((index, recorded)) => Stop::Diverged {
+                index,
+                recorded,
+                requested: requested.clone(),
+                detail: None,
+            },
+            None if self.ended => Stop::Diverged {
+                index: self.end_index,
+                recorded: "output (the recorded run ended here)".into(),
+                requested: requested.clone(),
+                detail: None,
+            },
+            None => Stop::Frontier {
+                next: requested.clone(),
+            },
+        };
+        let diverged = matches!(stop, Stop::Diverged { .. });
+        lock(&self.stop).get_or_insert(stop);
+        ApiError::Suspended(format!(
+            "replay of invocation {}: the recording does not hold {requested}{}; nothing was recorded or sent: stop now",
+            self.id,
+            if diverged { " (a divergence)" } else { " (its end)" }
+        ))
+    }
+
+    /// Notes that the handler would continue its run as new here, and returns the answer
+    /// that stops it.
+    pub fn continue_as_new(&self) -> ApiError {
+        lock(&self.stop).get_or_insert(Stop::ContinuedAsNew);
+        ApiError::Suspended(format!(
+            "replay of invocation {}: the run would continue as new here; nothing was recorded: stop now",
+            self.id
+        ))
+    }
+
+    /// A plain handler's command, answered from the recording as `journal::plain` answers
+    /// it from the journal: found by kind, name, key and occurrence; a wait gets the
+    /// command that completed first. A command the recording does not hold, or a wait for
+    /// which nothing had arrived, stops the handler.
+    pub fn plain(&self, command: &PlainCommand) -> Result<PlainAnswer, ApiError> {
+        let mut entries = Vec::with_capacity(command.commands.len());
+        for named in &command.commands {
+            match (self.find(named), &named.new) {
+                (Some(entry), _) => entries.push((entry.clone(), true)),
+                (None, None) => {
+                    return Err(ApiError::NotFound(format!(
+                        "{} {:?} of invocation {}",
+                        named.kind.as_str(),
+                        named.name,
+                        self.id
+                    )))
+                }
+                (None, Some(_)) => return Err(self.beyond(describe_named(named), None)),
+            }
+        }
+        let cancel_seq = self
+            .entries
+            .iter()
+            .find(|e| e.kind == EntryKind::Cancel)
+            .and_then(|e| e.completion.as_ref().map(|c| c.seq));
+        let before_cancel = |e: &StoredEntry| {
+            e.completion
+                .as_ref()
+                .is_some_and(|c| cancel_seq.is_none_or(|seq| c.seq < seq))
+        };
+        let cancelled = command.suspend
+            && cancel_seq.is_some()
+            && !entries.iter().any(|(e, _)| before_cancel(e));
+        if command.suspend && !cancelled && entries.iter().all(|(e, _)| e.completion.is_none()) {
+            let waits = command
+                .commands
+                .iter()
+                .map(describe_named)
+                .collect::<Vec<_>>()
+                .join(" or ");
+            return Err(self.beyond(format!("the completion of {waits}"), None));
+        }
+        Ok(PlainAnswer {
+            entries,
+            suspended: false,
+            cancelled,
+        })
+    }
+
+    fn find(&self, named: &NamedCommand) -> Option<&StoredEntry> {
+        self.entries
+            .iter()
+            .filter(|e| {
+                e.kind == named.kind
+                    && e.name.as_deref() == Some(named.name.as_str())
+                    && named
+                        .key
+                        .as_deref()
+                        .is_none_or(|key| e.value.as_deref() == Some(key))
+            })
+            .nth(named.occurrence as usize)
+    }
+
+    /// The occurrence of this egress call (method, URL, body digest) in the replay.
+    pub fn egress_occurrence(&self, identity: &(String, String, String)) -> u32 {
+        let mut seen = lock(&self.egress);
+        let n = seen.entry(identity.clone()).or_default();
+        *n += 1;
+        *n - 1
+    }
+
+    /// How many calls of `identity` the replay has made.
+    pub fn egress_seen(&self, identity: &(String, String, String)) -> u32 {
+        lock(&self.egress).get(identity).copied().unwrap_or(0)
+    }
+}
+
+fn describe_named(named: &NamedCommand) -> String {
+    let what = format!("{} {:?}", named.kind.as_str(), named.name);
+    if named.occurrence > 0 {
+        format!("{what} (write {})", named.occurrence + 1)
+    } else {
+        what
+    }
+}
+
+/// The replays under way, by invocation id and token.
+#[derive(Default)]
+pub struct Replays {
+    sessions: Mutex<HashMap<(InvocationId, String), Arc<Session>>>,
+}
+
+impl Replays {
+    /// The replay this call belongs to, if it is one.
+    pub fn find(&self, id: &InvocationId, token: &str) -> Option<Arc<Session>> {
+        let sessions = lock(&self.sessions);
+        if sessions.is_empty() {
+            return None;
+        }
+        sessions.get(&(id.clone(), token.to_owned())).cloned()
+    }
+
+    /// Opens `session` until the returned guard is dropped.
+    pub fn open(&self, session: Arc<Session>) -> Open<'_> {
+        let key = (session.id.clone(), session.token.clone());
+        lock(&self.sessions).insert(key.clone(), session);
+        Open { replays: self, key }
+    }
+}
+
+/// A replay's session, open while this lives.
+pub struct Open<'a> {
+    replays: &'a Replays,
+    key: (InvocationId, String),
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        lock(&self.replays.sessions).remove(&self.key);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
