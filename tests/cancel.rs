@@ -57,6 +57,7 @@ async fn serve_order(step_delay_ms: u64, downstream: &Downstream) -> String {
         step_delay_ms,
         downstream: Some(downstream.url.clone()),
         step_retry_initial_ms: 20,
+        reserve_first: false,
     };
     tokio::spawn(order_example::endpoint(args).serve(listener));
     url

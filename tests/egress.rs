@@ -840,3 +840,126 @@ async fn a_cancelled_python_order_compensates_and_ends_cancelled() {
     let output = entries.last().unwrap();
     assert_eq!(output["failure"]["status"], 409, "{output}");
 }
+
+/// What each downstream has received, by path, and in all.
+async fn received(downstreams: &Downstreams) -> Vec<Value> {
+    let mut seen = Vec::new();
+    for service in [
+        &downstreams.payment,
+        &downstreams.inventory,
+        &downstreams.email,
+    ] {
+        let stats = stats(service).await;
+        seen.push(json!({ "requests": stats["requests"], "paths": stats["paths"] }));
+    }
+    seen
+}
+
+/// Registers the Python handler at `handler` as `POST /v1/deployments` with `verify`.
+async fn register_plain_verified(admin: &str, handler: &str) -> reqwest::Response {
+    client()
+        .post(format!("{admin}/v1/deployments"))
+        .json(&json!({
+            "url": handler,
+            "services": [{"name": "order", "handlers": [{"name": "process"}]}],
+            "verify": true
+        }))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A plain Python handler replays a completed order through the egress: every call is
+/// answered from the recording, none reaches a downstream. A changed handler (its charge
+/// request gains a note) is caught at the charge, named on both sides, never sent, and
+/// refused when it asks to be registered with `verify`; the unchanged one is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_python_handler_is_caught_at_the_egress_and_nothing_is_sent() {
+    if !ready() {
+        return;
+    }
+    let downstreams = start_downstreams(0);
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
+    let handler = start_handler(None, &egress, &downstreams, 0);
+    register_plain(&gateway.admin, &handler.url).await;
+    let id = send_order(&gateway.url, ORDER).await;
+    assert_eq!(wait_final(&gateway.url, &id).await["status"], "completed");
+    let history = client()
+        .get(format!("{}/v1/invocations/{id}/history", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let before = received(&downstreams).await;
+    let replay = |deployment: String| {
+        let (admin, history) = (gateway.admin.clone(), history.clone());
+        async move {
+            let answer = client()
+                .post(format!("{admin}/v1/replays"))
+                .query(&[("deployment", deployment)])
+                .body(history)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+            answer.json::<Value>().await.unwrap()
+        }
+    };
+
+    // The code that recorded it: the three calls come from the journal, the same output.
+    let report = replay(handler.url.clone()).await;
+    assert_eq!(report["replayed"], 1, "{report:#}");
+    assert_eq!(report["histories"][0]["reached"], "end", "{report:#}");
+    assert_eq!(
+        received(&downstreams).await,
+        before,
+        "a replay reached a downstream"
+    );
+
+    // The changed code, registered beside it: caught at its first call.
+    let changed = start_handler_noting(None, &egress, &downstreams, 0, "v2");
+    let refused = register_plain_verified(&gateway.admin, &changed.url).await;
+    assert_eq!(refused.status(), 409);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:durin:problem:deployment-diverged");
+    let divergence = &problem["report"]["histories"][0]["divergence"];
+    let charge = format!("egress POST {}/charge", downstreams.payment.url);
+    assert_eq!(divergence["index"], 1, "{problem:#}");
+    assert!(
+        divergence["recorded"]
+            .as_str()
+            .unwrap()
+            .starts_with(&charge),
+        "{problem:#}"
+    );
+    assert!(
+        divergence["requested"]
+            .as_str()
+            .unwrap()
+            .starts_with(&charge),
+        "{problem:#}"
+    );
+    assert_ne!(divergence["recorded"], divergence["requested"]);
+    assert_eq!(
+        received(&downstreams).await,
+        before,
+        "a replay reached a downstream"
+    );
+    let deployments = get_json(&format!("{}/v1/deployments", gateway.admin)).await;
+    assert_eq!(deployments["deployments"].as_array().unwrap().len(), 1);
+
+    // The unchanged code at another address proves itself and is taken.
+    let again = start_handler(None, &egress, &downstreams, 0);
+    let taken = register_plain_verified(&gateway.admin, &again.url).await;
+    assert_eq!(taken.status(), 201);
+    let deployment: Value = taken.json().await.unwrap();
+    assert_eq!(deployment["verification"]["replayed"], 1, "{deployment:#}");
+    assert_eq!(
+        received(&downstreams).await,
+        before,
+        "a replay reached a downstream"
+    );
+}

@@ -628,6 +628,7 @@ async fn serve_order(admin: &str) {
         step_delay_ms: 0,
         downstream: None,
         step_retry_initial_ms: 20,
+        reserve_first: false,
     };
     tokio::spawn(order_example::endpoint(args).serve(order));
     register(admin, &order_url).await;

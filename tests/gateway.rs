@@ -113,6 +113,7 @@ async fn serve_order() -> String {
         step_delay_ms: 0,
         downstream: None,
         step_retry_initial_ms: 20,
+        reserve_first: false,
     };
     serve(order_example::endpoint(args).router()).await
 }
@@ -664,6 +665,7 @@ async fn a_deployment_that_checks_signatures_runs_durins_invocations() {
         step_delay_ms: 0,
         downstream: None,
         step_retry_initial_ms: 20,
+        reserve_first: false,
     };
     let endpoint = order_example::endpoint(args)
         .verify_signatures(key["public_key"].as_str().unwrap())

@@ -112,6 +112,37 @@ async fn a_plain_workflow_waits_survives_a_killed_handler_and_takes_its_signal_o
     assert_eq!(start("p-2", "300ms").await.unwrap().status(), 202);
     let done = wait_status(&gateway.url, "p-2", "completed").await;
     assert_eq!(done["output"], "request p-2 approved");
+
+    // Both runs replay against the handler: its state writes, its signal wait and its
+    // timer are answered from the recordings, and nothing is written to the journals.
+    let mut histories = String::new();
+    for workflow_id in ["p-1", "p-2"] {
+        let history = client()
+            .get(format!(
+                "{}/v1/workflows/approval/{workflow_id}/history",
+                gateway.admin
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(history.status(), 200);
+        histories.push_str(&history.text().await.unwrap());
+    }
+    let report: Value = client()
+        .post(format!("{}/v1/replays", gateway.admin))
+        .query(&[("deployment", _handler.url.as_str())])
+        .body(histories)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["replayed"], 2, "{report:#}");
+    for replayed in report["histories"].as_array().unwrap() {
+        assert_eq!(replayed["reached"], "end", "{report:#}");
+    }
+    assert_eq!(journal(&gateway.admin, &id).await, entries);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

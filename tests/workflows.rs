@@ -59,6 +59,7 @@ async fn world_with(configure: impl FnOnce(&mut Config)) -> World {
         step_delay_ms: 0,
         downstream: None,
         step_retry_initial_ms: 10,
+        reserve_first: false,
     };
     let endpoint = order_example::endpoint(args)
         .service(durin_sdk::Service::new("callback").handler("run", callback))

@@ -36,6 +36,11 @@ pub struct Args {
     /// First retry interval of a failing step, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub step_retry_initial_ms: u64,
+    /// Reserve the inventory before charging the payment: a build whose change breaks
+    /// what runs (orders recorded by the usual build cannot replay on it), to see
+    /// `durin replay` and a verified registration refuse it.
+    #[arg(long)]
+    pub reserve_first: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,20 +141,31 @@ async fn run_steps(
     order: &Order,
     compensations: &mut Vec<(&'static str, String)>,
 ) -> Result<String, HandlerError> {
-    compensations.push(("refund_payment", format!("refund_{}", order.order_id)));
-    let charge = ctx
-        .run_with("charge_payment", steps.options(), || {
+    let refund = ("refund_payment", format!("refund_{}", order.order_id));
+    let release = ("release_inventory", format!("release_{}", order.order_id));
+    let charge = || {
+        ctx.run_with("charge_payment", steps.options(), || {
             let value = format!("charge_{}", order.order_id);
             steps.perform(ctx, "charge_payment", order, value)
         })
-        .await?;
-    compensations.push(("release_inventory", format!("release_{}", order.order_id)));
-    let reservation = ctx
-        .run_with("reserve_inventory", steps.options(), || {
+    };
+    let reserve = || {
+        ctx.run_with("reserve_inventory", steps.options(), || {
             let value = format!("reservation_{}", order.order_id);
             steps.perform(ctx, "reserve_inventory", order, value)
         })
-        .await?;
+    };
+    let (charge, reservation) = if steps.args.reserve_first {
+        compensations.push(release);
+        let reservation = reserve().await?;
+        compensations.push(refund);
+        (charge().await?, reservation)
+    } else {
+        compensations.push(refund);
+        let charge = charge().await?;
+        compensations.push(release);
+        (charge, reserve().await?)
+    };
     ctx.run_with("send_confirmation", steps.options(), || {
         let value = format!("confirmation_{}", order.customer_id);
         steps.perform(ctx, "send_confirmation", order, value)
