@@ -1118,4 +1118,29 @@ async fn a_plain_workflow_validates_accepts_and_answers_updates() {
             }
         }
     }
+
+    // The run replays: its update waits, its answers and its signal come from the
+    // recording, and nothing is written.
+    let recorded = journal(&gateway.admin, &run).await;
+    let history = client()
+        .get(format!("{}/v1/workflows/adder/a-1/history", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let report: Value = client()
+        .post(format!("{}/v1/replays", gateway.admin))
+        .query(&[("deployment", handler.as_str())])
+        .body(history)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["replayed"], 1, "{report:#}");
+    assert_eq!(report["histories"][0]["reached"], "end", "{report:#}");
+    assert_eq!(journal(&gateway.admin, &run).await, recorded);
 }

@@ -2,7 +2,9 @@
 //! no side effect (the steps count their runs, and no replay adds one); a deployment whose
 //! code reorders two steps diverges, is named where and how, and is refused when it asks to
 //! be verified; the same change behind `ctx.patched` replays and is registered. Through the
-//! admin API and through `durin replay`, whose exit codes a CI reads.
+//! admin API and through `durin replay`, whose exit codes a CI reads. The order example's
+//! recorded histories (`examples/order/histories/`) replay against its code, so a change
+//! to it that breaks what runs fails `cargo test`.
 
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -319,5 +321,48 @@ async fn a_reordered_deployment_is_refused_where_it_diverges_and_the_patched_one
         .filter_map(|e| e["name"].as_str())
         .collect();
     assert_eq!(names, ["charge-first", "charge", "reserve", "ship"]);
+    gateway.stop().await;
+}
+
+/// The histories kept with the order example replay against its code as it is now: a
+/// completed order, an approval cancelled by its signal, and one still waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_examples_recorded_histories_replay_against_its_code() {
+    let gateway = InProcess::start(|_| {}).await;
+    let args = order_example::Args {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        step_delay_ms: 0,
+        downstream: None,
+        step_retry_initial_ms: 20,
+        reserve_first: false,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let order = format!("http://{}", listener.local_addr().unwrap());
+    let router = order_example::endpoint(args).router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/order/histories");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "approval-cancelled.jsonl",
+            "approval-waiting.jsonl",
+            "order-7001.jsonl"
+        ]
+    );
+    let reached = ["end", "frontier", "end"];
+    for (file, reached) in files.iter().zip(reached) {
+        let report = replay(&gateway, &order, &std::fs::read_to_string(file).unwrap()).await;
+        assert_eq!(report["replayed"], 1, "{}: {report:#}", file.display());
+        assert_eq!(report["histories"][0]["reached"], reached, "{report:#}");
+    }
     gateway.stop().await;
 }

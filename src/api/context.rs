@@ -817,7 +817,8 @@ pub async fn refuse_update(
     if !(400..500).contains(&failure.status) {
         failure.status = 400;
     }
-    if state.replays.find(&id, &caller.token).is_some() {
+    if let Some(session) = state.replays.find(&id, &caller.token) {
+        session.refuse_update(&update_id);
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     state
@@ -865,16 +866,23 @@ pub async fn answer_update(
         (_, None) => None,
     };
     let value = answer.value.unwrap_or(Value::Null);
-    let update = state
-        .store
-        .get_update(&id, &update_id)
-        .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("invocation {id} has no update {update_id:?}"))
-        })?;
     // Its caller got the refusal: an answer would go to nobody. (A replayed answer finds
-    // the update done.)
-    if update.status == UpdateStatus::Refused {
+    // the update done.) A replay knows what it refused; the store may not know the
+    // invocation at all.
+    let refused = match state.replays.find(&id, &caller.token) {
+        Some(session) => session.refused(&update_id),
+        None => {
+            let update = state
+                .store
+                .get_update(&id, &update_id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("invocation {id} has no update {update_id:?}"))
+                })?;
+            update.status == UpdateStatus::Refused
+        }
+    };
+    if refused {
         return Err(ApiError::Conflict(format!(
             "update {update_id} was refused; it cannot be answered as well"
         )));

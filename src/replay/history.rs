@@ -2,14 +2,14 @@
 //! line names the invocation (`{"history": {...}}`), each following line is one journal
 //! entry with its completion (`{"entry": {...}}`), from the input (index 0) to the output
 //! when it ended. A file may hold several histories (a workflow's runs), each from its own
-//! `history` line. Values that are JSON (as every SDK value is) are written as JSON; other
-//! bytes (a plain handler's input, or a body that would not come back byte for byte) as
+//! `history` line. Values that are JSON on one line (as every SDK value is) are written as
+//! they are; other bytes (a plain handler's form input, JSON over several lines) as
 //! base64, so that a replay sends exactly what was recorded.
 
 use base64::Engine as _;
 use durin_protocol::{EntryKind, Failure};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::store::{InvocationRecord, StoredCompletion, StoredEntry};
 
@@ -45,45 +45,36 @@ pub struct History {
     pub entries: Vec<StoredEntry>,
 }
 
-/// Bytes as they are written: JSON when they are JSON that comes back the same, otherwise
-/// base64.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Bytes {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    value: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    value_base64: Option<String>,
+/// Bytes as they are written: as they are when they are JSON on one line (so that the
+/// file stays JSON Lines and the bytes come back exactly), otherwise base64.
+type Written = (Option<Box<RawValue>>, Option<String>);
+
+fn write_bytes(bytes: Option<&[u8]>) -> Written {
+    let Some(bytes) = bytes else {
+        return (None, None);
+    };
+    let one_line = std::str::from_utf8(bytes)
+        .ok()
+        .filter(|text| !text.contains(['\n', '\r']))
+        .and_then(|text| RawValue::from_string(text.to_owned()).ok());
+    match one_line {
+        Some(value) => (Some(value), None),
+        None => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    }
 }
 
-impl Bytes {
-    fn of(bytes: Option<&[u8]>) -> Bytes {
-        let Some(bytes) = bytes else {
-            return Bytes::default();
-        };
-        match serde_json::from_slice::<Value>(bytes) {
-            Ok(value) if serde_json::to_vec(&value).is_ok_and(|again| again == bytes) => Bytes {
-                value: Some(value),
-                value_base64: None,
-            },
-            _ => Bytes {
-                value: None,
-                value_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-            },
-        }
-    }
-
-    fn bytes(self, what: &str) -> Result<Option<Vec<u8>>, String> {
-        match (self.value, self.value_base64) {
-            (Some(_), Some(_)) => Err(format!("{what} has both value and value_base64")),
-            (Some(value), None) => serde_json::to_vec(&value)
-                .map(Some)
-                .map_err(|e| format!("{what}: {e}")),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map(Some)
-                .map_err(|e| format!("{what}: value_base64 is not base64: {e}")),
-            (None, None) => Ok(None),
-        }
+fn read_bytes(what: &str, (value, base64): Written) -> Result<Option<Vec<u8>>, String> {
+    match (value, base64) {
+        (Some(_), Some(_)) => Err(format!("{what} has both value and value_base64")),
+        (Some(value), None) => Ok(Some(value.get().as_bytes().to_vec())),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map(Some)
+            .map_err(|e| format!("{what}: value_base64 is not base64: {e}")),
+        (None, None) => Ok(None),
     }
 }
 
@@ -94,8 +85,10 @@ struct EntryLine {
     kind: EntryKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
-    #[serde(flatten)]
-    value: Bytes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     content_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,8 +102,10 @@ struct EntryLine {
 #[derive(Debug, Serialize, Deserialize)]
 struct CompletionLine {
     seq: u32,
-    #[serde(flatten)]
-    value: Bytes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failure: Option<Failure>,
     at_ms: i64,
@@ -154,20 +149,26 @@ impl History {
         };
         push(&Line::History(self.header.clone()));
         for entry in &self.entries {
+            let (value, value_base64) = write_bytes(entry.value.as_deref());
             push(&Line::Entry(EntryLine {
                 index: entry.index,
                 kind: entry.kind,
                 name: entry.name.clone(),
-                value: Bytes::of(entry.value.as_deref()),
+                value,
+                value_base64,
                 content_type: entry.content_type.clone(),
                 failure: entry.failure.clone(),
                 attempt: entry.attempt,
                 at_ms: entry.at_ms,
-                completion: entry.completion.as_ref().map(|c| CompletionLine {
-                    seq: c.seq,
-                    value: Bytes::of(c.value.as_deref()),
-                    failure: c.failure.clone(),
-                    at_ms: c.at_ms,
+                completion: entry.completion.as_ref().map(|c| {
+                    let (value, value_base64) = write_bytes(c.value.as_deref());
+                    CompletionLine {
+                        seq: c.seq,
+                        value,
+                        value_base64,
+                        failure: c.failure.clone(),
+                        at_ms: c.at_ms,
+                    }
                 }),
             }));
         }
@@ -220,7 +221,7 @@ impl History {
                         index: entry.index,
                         kind: entry.kind,
                         name: entry.name,
-                        value: entry.value.bytes(&what)?,
+                        value: read_bytes(&what, (entry.value, entry.value_base64))?,
                         content_type: entry.content_type,
                         failure: entry.failure,
                         attempt: entry.attempt,
@@ -228,7 +229,7 @@ impl History {
                         completion: match entry.completion {
                             Some(c) => Some(StoredCompletion {
                                 seq: c.seq,
-                                value: c.value.bytes(&what)?,
+                                value: read_bytes(&what, (c.value, c.value_base64))?,
                                 failure: c.failure,
                                 at_ms: c.at_ms,
                             }),
@@ -306,15 +307,17 @@ mod tests {
         let history = History {
             header,
             entries: vec![
-                // Not JSON, and JSON that would not come back the same: both base64.
+                // Not JSON, and JSON on two lines: both base64; JSON with spaces as it is.
                 entry(0, EntryKind::Input, Some(b"amount=5")),
-                entry(1, EntryKind::Step, Some(b"{ \"id\": 1 }")),
+                entry(1, EntryKind::Step, Some(b"{ \"z\": 1,\n \"a\": 2 }")),
                 waited,
                 entry(3, EntryKind::Output, Some(br#"{"ok":true}"#)),
             ],
         };
         let text = history.to_jsonl();
         assert!(text.contains(r#""value":{"ok":true}"#), "{text}");
+        assert_eq!(text.matches("value_base64").count(), 2, "{text}");
+        assert_eq!(text.lines().count(), 5, "{text}");
         let again = History::parse_all(&format!("{text}\n{text}")).unwrap();
         assert_eq!(again.len(), 2);
         assert_eq!(again[0].entries, history.entries);

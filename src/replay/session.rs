@@ -44,6 +44,9 @@ pub struct Session {
     /// Egress calls per identity (method, URL, body digest) so far, as the egress counts
     /// them for an attempt.
     egress: Mutex<HashMap<(String, String, String), u32>>,
+    /// The updates the handler refused in this replay (a refusal is not journaled: the
+    /// store knows it, and a replay repeats it).
+    refused: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Session {
@@ -67,6 +70,7 @@ impl Session {
             end_index,
             stop: Mutex::default(),
             egress: Mutex::default(),
+            refused: Mutex::default(),
         }
     }
 
@@ -182,6 +186,16 @@ impl Session {
                         .is_none_or(|key| e.value.as_deref() == Some(key))
             })
             .nth(named.occurrence as usize)
+    }
+
+    /// Notes that the handler refused `update_id` (nothing is written).
+    pub fn refuse_update(&self, update_id: &str) {
+        lock(&self.refused).insert(update_id.to_owned());
+    }
+
+    /// Whether the handler refused `update_id` in this replay.
+    pub fn refused(&self, update_id: &str) -> bool {
+        lock(&self.refused).contains(update_id)
     }
 
     /// The occurrence of this egress call (method, URL, body digest) in the replay.
