@@ -234,3 +234,207 @@ async fn the_web_ui_shows_the_timeline_and_its_buttons_pause_and_resume() {
         "{timeline}"
     );
 }
+
+/// Sets the value of the input `id` in the page.
+async fn fill(page: &mut Page, id: &str, value: &str) {
+    page.eval(&format!(
+        "document.getElementById('{id}').value = {}",
+        json!(value)
+    ))
+    .await;
+}
+
+/// The timeline as a picture: a lane per attempt with a dot per entry, waits as spans (open
+/// while they wait), a workflow's runs chained across continue-as-new; a replay against a
+/// build that reorders two steps rings the entry where it diverged, and the deployments
+/// page refuses that build when it is registered with verification, showing the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_is_drawn_and_a_replay_rings_where_new_code_diverges() {
+    if !(require("chromium") && require_store()) {
+        return;
+    }
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    // The charge fails twice first: the order takes three attempts.
+    let downstream = Downstream::start(&[("charge_payment", 2)]).await;
+    let handler = start_order(
+        None,
+        &[
+            "--downstream",
+            &downstream.url,
+            "--step-retry-initial-ms",
+            "20",
+        ],
+    );
+    register(&gateway.admin, &handler.url).await;
+    let reordered = start_order(None, &["--reserve-first"]);
+    let order = send_order(&gateway.url, ORDER).await;
+    wait_final(&gateway.url, &order).await;
+    let start = |workflow: &str, id: &str, input: Value| {
+        let url = format!("{}/v1/workflows/{workflow}/{id}", gateway.url);
+        async move {
+            let started: Value = client()
+                .post(url)
+                .json(&input)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            started["invocation_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let waiting = start(
+        "approval",
+        "ui-2",
+        json!({"request": "ui-2", "deadline_secs": 3600}),
+    )
+    .await;
+    // A tally that continues as new after one signal: two runs of one workflow id.
+    let first_run = start("tally", "ui-3", json!({"per_run": 1})).await;
+    let signalled = client()
+        .post(format!(
+            "{}/v1/workflows/tally/ui-3/signals/add",
+            gateway.url
+        ))
+        .json(&json!({"key": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(signalled.status().is_success());
+    let runs = eventually(Duration::from_secs(10), "the second run", || async {
+        let runs = get_json(&format!("{}/v1/workflows/tally/ui-3/runs", gateway.url)).await;
+        let ids: Vec<String> = runs["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect();
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(runs[0], first_run);
+    eventually(Duration::from_secs(10), "the approval to wait", || async {
+        let view = get_json(&format!("{}/v1/invocations/{waiting}", gateway.url)).await;
+        (view["status"] == "suspended").then_some(())
+    })
+    .await;
+
+    let browser = Browser::start();
+    let mut page = Page::open(&browser).await;
+    page.command(
+        "Page.navigate",
+        json!({"url": format!("{}/ui#/invocations/{order}", gateway.admin)}),
+    )
+    .await;
+    page.until(
+        "document.getElementById('timeline-picture') !== null",
+        "the order's picture",
+    )
+    .await;
+    // Durin's lane (the input) and one per attempt, the two that failed recording
+    // nothing; a dot per entry, no wait.
+    let drawn = page
+        .eval(
+            "(() => { const p = document.getElementById('timeline-picture'); \
+             return [p.dataset.lanes, p.dataset.waits, p.querySelectorAll('circle.dot').length, \
+             [...p.querySelectorAll('g.attempt.empty')].map(g => g.dataset.attempt)]; })()",
+        )
+        .await;
+    assert_eq!(drawn, json!(["4", "0", 5, ["1", "2"]]));
+
+    // Replayed against the build that reserves first: diverged at entry 1, ringed.
+    fill(&mut page, "replay-deployment", &reordered.url).await;
+    page.eval("document.getElementById('replay-run').click()")
+        .await;
+    page.until(
+        "document.getElementById('replay-result') !== null",
+        "the replay's result",
+    )
+    .await;
+    assert_eq!(
+        page.eval("document.getElementById('replay-result').textContent")
+            .await,
+        json!("diverged")
+    );
+    let report = page
+        .eval("document.getElementById('replay-report').textContent")
+        .await;
+    let report = report.as_str().unwrap();
+    assert!(
+        report.contains("recorded: step \"charge_payment\""),
+        "{report}"
+    );
+    assert!(
+        report.contains("requested: step \"reserve_inventory\""),
+        "{report}"
+    );
+    assert_eq!(
+        page.eval("[...document.querySelectorAll('#timeline-picture circle.diverged')].map(c => c.dataset.index)")
+            .await,
+        json!(["1"])
+    );
+    // Against the code that recorded it: replayed, nothing ringed.
+    fill(&mut page, "replay-deployment", &handler.url).await;
+    page.eval("document.getElementById('replay-run').click()")
+        .await;
+    page.until(
+        "document.getElementById('replay-result') !== null && document.getElementById('replay-result').textContent === 'replayed'",
+        "the replay against the recording's code",
+    )
+    .await;
+    assert_eq!(
+        page.eval("document.querySelectorAll('#timeline-picture circle.diverged').length")
+            .await,
+        json!(0)
+    );
+
+    // The waiting approval: its timer and its signal wait are open spans.
+    page.eval(&format!("location.hash = '#/invocations/{waiting}'"))
+        .await;
+    page.until(
+        "document.getElementById('timeline-picture') !== null && document.getElementById('timeline-picture').dataset.waits === '2'",
+        "the approval's waits",
+    )
+    .await;
+    assert_eq!(
+        page.eval("document.querySelectorAll('#timeline-picture rect.wait.open').length")
+            .await,
+        json!(2)
+    );
+
+    // The first tally run links to the next one.
+    page.eval(&format!("location.hash = '#/invocations/{first_run}'"))
+        .await;
+    page.until(
+        &format!(
+            "document.querySelector('#runs a[data-run=\"{}\"]') !== null",
+            runs[1]
+        ),
+        "the link to the next run",
+    )
+    .await;
+
+    // The deployments page refuses the reordered build, with the report.
+    page.eval("location.hash = '#/deployments'").await;
+    page.until(
+        "document.getElementById('register-url') !== null",
+        "the registration form",
+    )
+    .await;
+    fill(&mut page, "register-url", &reordered.url).await;
+    page.eval("document.getElementById('register-run').click()")
+        .await;
+    page.until(
+        "document.getElementById('register-refused') !== null",
+        "the refusal",
+    )
+    .await;
+    let diverged = page
+        .eval("document.querySelectorAll('#register-result tr[data-result=diverged]').length")
+        .await;
+    assert!(diverged.as_u64().unwrap() >= 1, "{diverged}");
+    let deployments = get_json(&format!("{}/v1/deployments", gateway.admin)).await;
+    assert_eq!(deployments["deployments"].as_array().unwrap().len(), 1);
+}

@@ -106,6 +106,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/invocations/bulk/{verb}"),
     ("GET", "/v1/invocations/{id}/history"),
     ("GET", "/v1/workflows/{workflow}/{id}/history"),
+    ("GET", "/v1/workflows/{workflow}/{id}/runs"),
     ("POST", "/v1/replays"),
 ];
 
@@ -253,6 +254,7 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
             get(replays::workflow_history),
         )
         .route("/v1/replays", post(replays::replay))
+        .route("/v1/workflows/{workflow}/{id}/runs", get(workflows::runs))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
         .route("/metrics", get(admin::metrics))
         .route("/v1/invocations/{id}/pause", post(operate::pause))
