@@ -94,7 +94,9 @@ impl Targets {
         Ok(found)
     }
 
-    fn forget_latest(&self) {
+    /// Forgets which deployment is the newest for each handler (one was registered or
+    /// activated).
+    pub fn forget_latest(&self) {
         lock(&self.latest).clear();
     }
 }
@@ -114,21 +116,25 @@ pub async fn register(
     inline: Option<Vec<ServiceSpec>>,
 ) -> Result<(DeploymentRecord, bool), ApiError> {
     let described = describe(http, url, inline).await?;
-    record(store, targets, clock, described).await
+    record(store, targets, clock, described, true).await
 }
 
-/// Records a deployment [`describe`] described.
+/// Records a deployment [`describe`] described, `active` or not (new invocations go only
+/// to active deployments). Registering the newest deployment at its URL again changes
+/// nothing, except that registering it active activates it.
 pub async fn record(
     store: &dyn Store,
     targets: &Targets,
     clock: &dyn Clock,
     (url, protocol, services): (String, HandlerProtocol, Vec<ServiceSpec>),
+    active: bool,
 ) -> Result<(DeploymentRecord, bool), ApiError> {
     let deployment = NewDeployment {
         url,
         protocol,
         services,
         now_ms: clock.now_ms(),
+        active,
     };
     let registered = store.register_deployment(deployment).await?;
     targets.forget_latest();

@@ -321,6 +321,45 @@ async fn a_reordered_deployment_is_refused_where_it_diverges_and_the_patched_one
         .filter_map(|e| e["name"].as_str())
         .collect();
     assert_eq!(names, ["charge-first", "charge", "reserve", "ship"]);
+
+    // By choice, the reordered code is registered inactive instead (all three orders
+    // diverge on it now, the patched one at its patch marker): no new order goes to it
+    // until it is activated.
+    let kept: Value = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&json!({ "url": reordered, "verify": { "on_divergence": "inactive" } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["active"], false, "{kept:#}");
+    assert_eq!(kept["verification"]["diverged"], 3, "{kept:#}");
+    let id = send_order(&gateway, 4, false).await;
+    status_is(&gateway, &id, "completed").await;
+    let view = get_json(&format!("{}/v1/invocations/{id}", gateway.url)).await;
+    assert_eq!(
+        view["deployment_id"], deployment["id"],
+        "an inactive deployment took an order"
+    );
+    let activated = client()
+        .post(format!(
+            "{}/v1/deployments/{}/activate",
+            gateway.admin,
+            kept["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(activated.status(), 200);
+    let id = send_order(&gateway, 5, false).await;
+    status_is(&gateway, &id, "completed").await;
+    let view = get_json(&format!("{}/v1/invocations/{id}", gateway.url)).await;
+    assert_eq!(view["deployment_id"], kept["id"]);
+    // The reordered code took that order: it charged first.
+    let journal = get_json(&format!("{}/v1/invocations/{id}/journal", gateway.admin)).await;
+    assert_eq!(journal["entries"][1]["name"], "charge");
     gateway.stop().await;
 }
 

@@ -437,4 +437,33 @@ async fn the_timeline_is_drawn_and_a_replay_rings_where_new_code_diverges() {
     assert!(diverged.as_u64().unwrap() >= 1, "{diverged}");
     let deployments = get_json(&format!("{}/v1/deployments", gateway.admin)).await;
     assert_eq!(deployments["deployments"].as_array().unwrap().len(), 1);
+
+    // Kept inactive instead, then activated with its button.
+    page.eval("document.getElementById('register-inactive').checked = true")
+        .await;
+    page.eval("document.getElementById('register-run').click()")
+        .await;
+    page.until(
+        "document.getElementById('register-done') !== null",
+        "the inactive registration",
+    )
+    .await;
+    let kept =
+        get_json(&format!("{}/v1/deployments", gateway.admin)).await["deployments"][1].clone();
+    assert_eq!(kept["active"], false, "{kept}");
+    let button = format!("activate-{}", kept["id"].as_str().unwrap());
+    page.until(
+        &format!("document.getElementById('{button}') !== null"),
+        "the activate button",
+    )
+    .await;
+    page.eval(&format!(
+        "window.confirm = () => true; document.getElementById('{button}').click()"
+    ))
+    .await;
+    eventually(Duration::from_secs(10), "the activation", || async {
+        let listed = get_json(&format!("{}/v1/deployments", gateway.admin)).await;
+        (listed["deployments"][1]["active"] == true).then_some(())
+    })
+    .await;
 }

@@ -67,16 +67,41 @@ struct RegisterRequest {
 #[serde(untagged)]
 enum Verify {
     On(bool),
-    Sample { sample: u32 },
+    With(VerifyOptions),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyOptions {
+    #[serde(default = "default_sample")]
+    sample: u32,
+    #[serde(default)]
+    on_divergence: OnDivergence,
+}
+
+fn default_sample() -> u32 {
+    crate::replay::verify::DEFAULT_SAMPLE
+}
+
+/// What a verification that found a divergence does with the deployment.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum OnDivergence {
+    /// Registers nothing: 409 with the report.
+    #[default]
+    Refuse,
+    /// Registers it inactive: no new invocation goes to it until it is activated; runs
+    /// can be resumed onto it by hand.
+    Inactive,
 }
 
 impl Verify {
-    /// Invocations per handler to replay, if any.
-    fn sample(&self) -> Option<u32> {
+    /// Invocations per handler to replay, and what a divergence does, if it verifies.
+    fn options(&self) -> Option<(u32, OnDivergence)> {
         match self {
             Verify::On(false) => None,
-            Verify::On(true) => Some(crate::replay::verify::DEFAULT_SAMPLE),
-            Verify::Sample { sample } => Some(*sample),
+            Verify::On(true) => Some((default_sample(), OnDivergence::Refuse)),
+            Verify::With(options) => Some((options.sample, options.on_divergence)),
         }
     }
 }
@@ -90,12 +115,21 @@ pub async fn register_deployment(
 ) -> Result<Response, ApiError> {
     let request: RegisterRequest = parse_json("the deployment", &body)?;
     let described = registry::describe(&state.http, &request.url, request.services).await?;
-    let verification = match request.verify.as_ref().and_then(Verify::sample) {
-        Some(sample) => Some(verify(&state, &described, sample).await?),
-        None => None,
+    let (verification, active) = match request.verify.as_ref().and_then(Verify::options) {
+        Some((sample, on_divergence)) => {
+            let (report, diverged) = verify(&state, &described, sample, on_divergence).await?;
+            (Some(report), !diverged)
+        }
+        None => (None, true),
     };
-    let (deployment, created) =
-        registry::record(&*state.store, &state.targets, &*state.clock, described).await?;
+    let (deployment, created) = registry::record(
+        &*state.store,
+        &state.targets,
+        &*state.clock,
+        described,
+        active,
+    )
+    .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -110,7 +144,8 @@ pub async fn register_deployment(
 }
 
 /// Replays up to `sample` recent journals of each handler the described deployment serves
-/// against it; the report, or the refusal when one diverged.
+/// against it; the report and whether one diverged, or the refusal when one diverged and
+/// `on_divergence` refuses.
 async fn verify(
     state: &AppState,
     (url, protocol, services): &(
@@ -119,7 +154,8 @@ async fn verify(
         Vec<durin_protocol::ServiceSpec>,
     ),
     sample: u32,
-) -> Result<serde_json::Value, ApiError> {
+    on_divergence: OnDivergence,
+) -> Result<(serde_json::Value, bool), ApiError> {
     let candidate = crate::replay::Candidate {
         deployment_id: String::new(),
         url: url.clone(),
@@ -130,7 +166,7 @@ async fn verify(
     let report =
         crate::replay::replay_all(&state.engine, &state.replays, &candidate, &histories).await;
     let value = serde_json::to_value(&report).map_err(|e| ApiError::Storage(e.to_string()))?;
-    if report.diverged > 0 {
+    if report.diverged > 0 && on_divergence == OnDivergence::Refuse {
         return Err(ApiError::DeploymentDiverged {
             detail: format!(
                 "{} of the {} recorded runs replayed diverge on the deployment at {url}: it was not registered, and runs keep the deployments they run on (the report says where each diverged)",
@@ -140,7 +176,22 @@ async fn verify(
             report: value,
         });
     }
-    Ok(value)
+    Ok((value, report.diverged > 0))
+}
+
+/// `POST /v1/deployments/{id}/activate`: new invocations of its handlers may go to it
+/// (the newest active deployment that serves a handler gets them). Answers the deployment.
+pub async fn activate_deployment(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let deployment = state
+        .store
+        .activate_deployment(&id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("deployment {id} not found")))?;
+    state.targets.forget_latest();
+    Ok(Json(DeploymentView::from(deployment)).into_response())
 }
 
 pub async fn list_deployments(

@@ -108,6 +108,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workflows/{workflow}/{id}/history"),
     ("GET", "/v1/workflows/{workflow}/{id}/runs"),
     ("POST", "/v1/replays"),
+    ("POST", "/v1/deployments/{id}/activate"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -254,6 +255,10 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
             get(replays::workflow_history),
         )
         .route("/v1/replays", post(replays::replay))
+        .route(
+            "/v1/deployments/{id}/activate",
+            post(admin::activate_deployment),
+        )
         .route("/v1/workflows/{workflow}/{id}/runs", get(workflows::runs))
         .route("/v1/invocations/{id}/resume", post(admin::resume))
         .route("/metrics", get(admin::metrics))

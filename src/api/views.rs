@@ -219,6 +219,8 @@ pub struct DeploymentView {
     pub protocol: String,
     pub created_at: String,
     pub services: Vec<ServiceSpec>,
+    /// New invocations may go to it (false: registered inactive, see its activation).
+    pub active: bool,
 }
 
 impl From<DeploymentRecord> for DeploymentView {
@@ -229,6 +231,7 @@ impl From<DeploymentRecord> for DeploymentView {
             protocol: d.protocol.to_text(),
             created_at: timestamp(d.created_at_ms),
             services: d.services,
+            active: d.active,
         }
     }
 }

@@ -158,6 +158,15 @@ pub enum Deployments {
         /// With `--verify`: invocations per handler to replay.
         #[arg(long, requires = "verify")]
         sample: Option<u32>,
+        /// With `--verify`: register it inactive when a run diverges, instead of refusing
+        /// it (no new invocation goes to it until `durin deployments activate`).
+        #[arg(long, requires = "verify")]
+        inactive_on_divergence: bool,
+    },
+    /// Let new invocations go to a deployment registered inactive.
+    Activate {
+        #[arg(value_name = "DEPLOYMENT_ID")]
+        id: String,
     },
 }
 
@@ -427,13 +436,17 @@ pub async fn deployments(connection: Connection, command: Deployments) -> ExitCo
             deployment,
             verify,
             sample,
+            inactive_on_divergence,
         } => {
             let mut body = json!({ "url": deployment });
             if verify {
-                body["verify"] = match sample {
-                    Some(sample) => json!({ "sample": sample }),
-                    None => json!(true),
-                };
+                let mut options = json!({
+                    "on_divergence": if inactive_on_divergence { "inactive" } else { "refuse" }
+                });
+                if let Some(sample) = sample {
+                    options["sample"] = json!(sample);
+                }
+                body["verify"] = options;
             }
             (
                 Call {
@@ -446,6 +459,16 @@ pub async fn deployments(connection: Connection, command: Deployments) -> ExitCo
                 show_object,
             )
         }
+        Deployments::Activate { id } => (
+            Call {
+                method: reqwest::Method::POST,
+                url: format!("{admin}/v1/deployments/{id}/activate"),
+                body: Some(json!(null)),
+                admin: true,
+                idempotency_key: None,
+            },
+            show_object,
+        ),
     };
     run(&connection, call, show).await
 }

@@ -249,6 +249,8 @@ pub struct NewDeployment {
     pub protocol: HandlerProtocol,
     pub services: Vec<ServiceSpec>,
     pub now_ms: i64,
+    /// New invocations may go to it (false: registered inactive, until activated).
+    pub active: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +260,8 @@ pub struct DeploymentRecord {
     pub protocol: HandlerProtocol,
     pub services: Vec<ServiceSpec>,
     pub created_at_ms: i64,
+    /// New invocations of its handlers go to it when it is the newest active one.
+    pub active: bool,
 }
 
 /// Where and how to call one handler of one deployment.
@@ -910,7 +914,10 @@ pub trait Store: Send + Sync + 'static {
         deployment: NewDeployment,
     ) -> StoreResult<(DeploymentRecord, bool)>;
     async fn list_deployments(&self) -> StoreResult<Vec<DeploymentRecord>>;
-    /// The handler in the newest deployment that serves it.
+    /// Makes the deployment `id` active (new invocations may go to it); `None` when there
+    /// is no such deployment.
+    async fn activate_deployment(&self, id: &str) -> StoreResult<Option<DeploymentRecord>>;
+    /// The handler in the newest active deployment that serves it.
     async fn latest_handler(
         &self,
         service: &str,

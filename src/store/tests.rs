@@ -540,6 +540,7 @@ async fn create(store: &dyn Store, idempotency: Option<IdempotencyClaim>, now_ms
                 handlers: vec![spec.clone()],
             }],
             now_ms: T0,
+            active: true,
         })
         .await
         .unwrap();
@@ -1768,7 +1769,89 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
     assert_eq!(update.id, "u1");
 }
 
+/// The deployment new invocations of `wf/run` go to.
+async fn latest(store: &dyn Store) -> String {
+    store
+        .latest_handler("wf", "run")
+        .await
+        .unwrap()
+        .unwrap()
+        .deployment_id
+}
+
+/// An inactive deployment takes no new invocation until it is activated; registering the
+/// same deployment again active activates it too.
+async fn new_invocations_go_to_the_newest_active_deployment(store: &dyn Store) {
+    let spec = HandlerSpec {
+        name: "run".into(),
+        path: None,
+        retry_policy: None,
+        start_to_close: None,
+        schedule_to_close: None,
+        schedule_to_start: None,
+        heartbeat_timeout: None,
+    };
+    let deployment = |url: &str, active: bool| NewDeployment {
+        url: url.into(),
+        protocol: HandlerProtocol::Sdk { version: 4 },
+        services: vec![ServiceSpec {
+            name: "wf".into(),
+            kind: Default::default(),
+            handlers: vec![spec.clone()],
+        }],
+        now_ms: T0,
+        active,
+    };
+    let (old, _) = store
+        .register_deployment(deployment("http://127.0.0.1:1", true))
+        .await
+        .unwrap();
+    let (new, created) = store
+        .register_deployment(deployment("http://127.0.0.1:2", false))
+        .await
+        .unwrap();
+    assert!(created && !new.active);
+    assert_eq!(latest(store).await, old.id);
+    // Pinned runs can still be sent to it.
+    assert!(store
+        .deployment_handler(&new.id, "wf", "run")
+        .await
+        .unwrap()
+        .is_some());
+    let listed = store.list_deployments().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|d| d.active).collect::<Vec<_>>(),
+        [true, false]
+    );
+    let activated = store.activate_deployment(&new.id).await.unwrap().unwrap();
+    assert!(activated.active);
+    assert_eq!(latest(store).await, new.id);
+    assert!(store
+        .activate_deployment("dp_none")
+        .await
+        .unwrap()
+        .is_none());
+    // The same deployment registered inactive stays as it is; registered active, it is
+    // activated.
+    let (third, _) = store
+        .register_deployment(deployment("http://127.0.0.1:3", false))
+        .await
+        .unwrap();
+    let (again, created) = store
+        .register_deployment(deployment("http://127.0.0.1:3", false))
+        .await
+        .unwrap();
+    assert!(!created && !again.active);
+    let (again, created) = store
+        .register_deployment(deployment("http://127.0.0.1:3", true))
+        .await
+        .unwrap();
+    assert!(!created && again.active && again.id == third.id);
+    assert_eq!(latest(store).await, third.id);
+}
+
 conformance! {
+    new_invocations_go_to_the_newest_active_deployment,
     a_timer_is_claimed_when_due_and_not_before_and_fires_once,
     a_signal_that_arrives_while_the_attempt_runs_is_not_lost,
     signals_are_buffered_delivered_in_order_once_and_wake_their_wait,

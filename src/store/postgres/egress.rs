@@ -141,6 +141,7 @@ mod tests {
                     handlers: vec![spec],
                 }],
                 now_ms: T0,
+                active: true,
             })
             .await
             .unwrap();

@@ -116,7 +116,7 @@ pub(super) fn entry(row: &PgRow) -> StoreResult<StoredEntry> {
     })
 }
 
-pub(super) const DEPLOYMENT_COLUMNS: &str = "id, url, protocol, services, created_at_ms";
+pub(super) const DEPLOYMENT_COLUMNS: &str = "id, url, protocol, services, created_at_ms, active";
 
 pub(super) fn deployment(row: &PgRow) -> StoreResult<DeploymentRecord> {
     let protocol: String = get(row, 2)?;
@@ -128,6 +128,7 @@ pub(super) fn deployment(row: &PgRow) -> StoreResult<DeploymentRecord> {
             .ok_or_else(|| corrupt(format!("unknown protocol {protocol:?}")))?,
         services: serde_json::from_str(&services).map_err(backend)?,
         created_at_ms: get(row, 4)?,
+        active: get(row, 5)?,
     })
 }
 

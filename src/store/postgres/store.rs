@@ -70,21 +70,31 @@ impl Store for PostgresStore {
                     .execute(&mut *conn)
                     .await
                     .map_err(backend)?;
-                if let Some(record) = latest_deployment(conn, &new.url).await? {
+                if let Some(mut record) = latest_deployment(conn, &new.url).await? {
                     if record.services == new.services && record.protocol == new.protocol {
+                        // The same deployment: registering it active activates it.
+                        if new.active && !record.active {
+                            sqlx::query("UPDATE deployments SET active = TRUE WHERE id = $1")
+                                .bind(&record.id)
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(backend)?;
+                            record.active = true;
+                        }
                         return Ok((record, false));
                     }
                 }
                 let id = crate::ids::new_deployment_id();
                 sqlx::query(
-                    "INSERT INTO deployments (id, url, protocol, services, created_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO deployments (id, url, protocol, services, created_at_ms, active) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .bind(&id)
                 .bind(&new.url)
                 .bind(new.protocol.to_text())
                 .bind(to_json(&new.services)?)
                 .bind(new.now_ms)
+                .bind(new.active)
                 .execute(&mut *conn)
                 .await
                 .map_err(backend)?;
@@ -109,6 +119,7 @@ impl Store for PostgresStore {
                     protocol: new.protocol,
                     services: new.services,
                     created_at_ms: new.now_ms,
+                    active: new.active,
                 };
                 Ok((record, true))
             })
@@ -124,6 +135,27 @@ impl Store for PostgresStore {
         rows.iter().map(deployment).collect()
     }
 
+    async fn activate_deployment(&self, id: &str) -> StoreResult<Option<DeploymentRecord>> {
+        let id = id.to_owned();
+        self.write(&id.clone(), move |conn| {
+            Box::pin(async move {
+                sqlx::query("UPDATE deployments SET active = TRUE WHERE id = $1")
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(backend)?;
+                let sql = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE id = $1");
+                let row = sqlx::query(&sql)
+                    .bind(&id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(backend)?;
+                row.as_ref().map(deployment).transpose()
+            })
+        })
+        .await
+    }
+
     async fn latest_handler(
         &self,
         service: &str,
@@ -132,7 +164,7 @@ impl Store for PostgresStore {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;
         let sql = format!(
-            "{TARGET_SELECT} WHERE h.service = $1 AND h.handler = $2 \
+            "{TARGET_SELECT} WHERE h.service = $1 AND h.handler = $2 AND d.active \
                  ORDER BY h.deployment_id DESC LIMIT 1"
         );
         let row = sqlx::query(&sql)

@@ -411,22 +411,32 @@ impl Store for SqliteStore {
         new: NewDeployment,
     ) -> StoreResult<(DeploymentRecord, bool)> {
         self.write(move |conn| {
-            if let Some(record) = latest_deployment(conn, &new.url)? {
+            if let Some(mut record) = latest_deployment(conn, &new.url)? {
                 if record.services == new.services && record.protocol == new.protocol {
+                    // The same deployment: registering it active activates it.
+                    if new.active && !record.active {
+                        execute(
+                            conn,
+                            "UPDATE deployments SET active = 1 WHERE id = ?1",
+                            params![record.id],
+                        )?;
+                        record.active = true;
+                    }
                     return Ok((record, false));
                 }
             }
             let id = crate::ids::new_deployment_id();
             execute(
                 conn,
-                "INSERT INTO deployments (id, url, protocol, services, created_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO deployments (id, url, protocol, services, created_at_ms, active) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     id,
                     new.url,
                     new.protocol.to_text(),
                     to_json(&new.services)?,
-                    new.now_ms
+                    new.now_ms,
+                    new.active
                 ],
             )?;
             for service in &new.services {
@@ -445,6 +455,7 @@ impl Store for SqliteStore {
                 protocol: new.protocol,
                 services: new.services,
                 created_at_ms: new.now_ms,
+                active: new.active,
             };
             Ok((record, true))
         })
@@ -455,8 +466,28 @@ impl Store for SqliteStore {
         self.read(|conn| {
             query_all(
                 conn,
-                "SELECT id, url, protocol, services, created_at_ms FROM deployments ORDER BY id",
+                "SELECT id, url, protocol, services, created_at_ms, active FROM deployments \
+                 ORDER BY id",
                 [],
+                deployment,
+            )
+        })
+        .await
+    }
+
+    async fn activate_deployment(&self, id: &str) -> StoreResult<Option<DeploymentRecord>> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            execute(
+                conn,
+                "UPDATE deployments SET active = 1 WHERE id = ?1",
+                params![id],
+            )?;
+            query_one(
+                conn,
+                "SELECT id, url, protocol, services, created_at_ms, active FROM deployments \
+                 WHERE id = ?1",
+                [&id],
                 deployment,
             )
         })
@@ -471,7 +502,7 @@ impl Store for SqliteStore {
         let (service, handler) = (service.to_owned(), handler.to_owned());
         self.read(move |conn| {
             let sql = format!(
-                "{TARGET_SELECT} WHERE h.service = ?1 AND h.handler = ?2 \
+                "{TARGET_SELECT} WHERE h.service = ?1 AND h.handler = ?2 AND d.active \
                  ORDER BY h.deployment_id DESC LIMIT 1"
             );
             query_one(conn, &sql, [service, handler], target)

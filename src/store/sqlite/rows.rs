@@ -116,6 +116,7 @@ pub(super) fn deployment(row: &Row<'_>) -> rusqlite::Result<StoreResult<Deployme
                 .ok_or_else(|| corrupt(format!("unknown protocol {protocol:?}")))?,
             services: serde_json::from_str(&services).map_err(backend)?,
             created_at_ms: row.get(4).map_err(backend)?,
+            active: row.get(5).map_err(backend)?,
         })
     })();
     Ok(record)
@@ -215,7 +216,7 @@ pub(super) fn latest_deployment(
 ) -> StoreResult<Option<DeploymentRecord>> {
     query_one(
         conn,
-        "SELECT id, url, protocol, services, created_at_ms FROM deployments \
+        "SELECT id, url, protocol, services, created_at_ms, active FROM deployments \
          WHERE url = ?1 ORDER BY id DESC LIMIT 1",
         [url],
         deployment,
