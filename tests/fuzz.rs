@@ -67,6 +67,9 @@ struct Operation {
     parameters: Vec<(String, String, Value, Option<String>, bool)>,
     /// The JSON schema of the body, when the operation takes JSON.
     body: Option<Value>,
+    /// The body's media type and the document's example of it, when the operation takes
+    /// something else (a history file): what a conforming request sends.
+    raw_body: Option<(String, Vec<u8>)>,
     /// Whether the body is required (`requestBody.required`).
     body_required: bool,
 }
@@ -155,6 +158,17 @@ fn operations(doc: &Value) -> Vec<Operation> {
             let body_required = operation
                 .get("requestBody")
                 .is_some_and(|b| b["required"] == true);
+            let raw_body = operation
+                .get("requestBody")
+                .and_then(|b| b["content"].as_object())
+                .filter(|content| !content.contains_key("application/json"))
+                .and_then(|content| {
+                    content.iter().find_map(|(media, c)| {
+                        c["example"]
+                            .as_str()
+                            .map(|example| (media.clone(), example.as_bytes().to_vec()))
+                    })
+                });
             operations.push(Operation {
                 listeners: listeners.clone(),
                 method: method.to_uppercase(),
@@ -162,6 +176,7 @@ fn operations(doc: &Value) -> Vec<Operation> {
                 parameters,
                 body,
                 body_required,
+                raw_body,
             });
         }
     }
@@ -336,7 +351,7 @@ fn narrowed(name: &str, schema: &Value) -> Option<Value> {
         // Not a constraint: a deployment's URL is asked for `/discover` when it comes
         // without services, and a drawn host would be looked up and connected to (for up
         // to 10 s). Loopback hosts answer at once; the paths and ports still vary.
-        "url" => json!({
+        "url" | "deployment" => json!({
             "type": "string",
             "pattern": "^https?://(127[.]0[.]0[.]1|localhost|\\[::1\\]):[1-9][0-9]{0,3}(/[a-z0-9._~-]{1,12}){0,3}/?$"
         }),
@@ -566,7 +581,7 @@ fn requests(operation: Operation, conforming: bool) -> BoxedStrategy<Drawn> {
                 proptest::option::weighted(0.8, json).boxed()
             }
         }
-        (None, true) => Just(None).boxed(),
+        (None, true) => Just(operation.raw_body.clone().map(|(_, body)| body)).boxed(),
     };
     let content_type = if conforming {
         // Set below, with the body.
@@ -603,8 +618,11 @@ fn requests(operation: Operation, conforming: bool) -> BoxedStrategy<Drawn> {
                 target = format!("{target}?{}", query.join("&"));
             }
             let body = (operation.method != "GET").then_some(body).flatten();
+            let raw_type = operation.raw_body.as_ref().map(|(media, _)| media.as_str());
             let content_type = match conforming {
-                true => body.as_ref().map(|_| "application/json"),
+                true => body
+                    .as_ref()
+                    .map(|_| raw_type.unwrap_or("application/json")),
                 false => content_type,
             };
             Drawn {
