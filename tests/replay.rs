@@ -31,6 +31,9 @@ enum Version {
     /// Notifies the customer after shipping: a completed run cannot have ended the way it
     /// did, and a replay must not notify anyone to find that out.
     Extended,
+    /// Sends a receipt after shipping, in runs that pass the patch `receipt`: runs that
+    /// ended before it take the old branch.
+    Receipt,
 }
 
 /// Every run of a step's body, in every version: what a replay must never add to.
@@ -60,7 +63,7 @@ async fn order(
     input: Value,
 ) -> Result<Value, HandlerError> {
     let charge_first = match version {
-        Version::First | Version::Extended => false,
+        Version::First | Version::Extended | Version::Receipt => false,
         Version::Reordered => true,
         Version::Patched => ctx.patched("charge-first").await?,
     };
@@ -77,6 +80,11 @@ async fn order(
     effects.step(&ctx, "ship").await?;
     if let Version::Extended = version {
         effects.step(&ctx, "notify").await?;
+    }
+    if let Version::Receipt = version {
+        if ctx.patched("receipt").await? {
+            effects.step(&ctx, "receipt").await?;
+        }
     }
     Ok(json!({ "order": input["order"], "shipped": true }))
 }
@@ -242,6 +250,31 @@ async fn histories_replay_against_the_code_that_recorded_them_and_nothing_runs_a
     assert_eq!(report["histories"][1]["reached"], "frontier", "{report:#}");
     assert_eq!(effects.count(), 5, "a replay ran a step");
 
+    // The same addition behind a patch: the completed run takes the old branch at its
+    // end, and is replayed; twice in a row, the same.
+    let receipt = serve(Version::Receipt, &effects).await;
+    for _ in 0..2 {
+        let report = replay(&gateway, &receipt, &history).await;
+        assert_eq!(report["replayed"], 2, "{report:#}");
+        assert_eq!(report["histories"][0]["reached"], "end", "{report:#}");
+    }
+    assert_eq!(effects.count(), 5, "a replay ran a step");
+
+    // A history of more than the 1 MiB a request body may usually have is taken.
+    let mut big: Vec<Value> = history
+        .lines()
+        .take(2)
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    big[0]["history"]["status"] = json!("running");
+    big.push(
+        json!({"entry": {"index": 1, "kind": "step", "name": "reserve",
+        "value": "x".repeat(1_500_000), "attempt": 1, "at_ms": 1}}),
+    );
+    let big: String = big.iter().map(|line| format!("{line}\n")).collect();
+    let report = replay(&gateway, &first, &big).await;
+    assert_eq!(report["replayed"], 1, "{report:#}");
+
     // The waiting order goes on as if nothing happened.
     let waiting = histories[1]["invocation_id"].as_str().unwrap();
     let signalled = client()
@@ -403,5 +436,173 @@ async fn the_order_examples_recorded_histories_replay_against_its_code() {
         assert_eq!(report["replayed"], 1, "{}: {report:#}", file.display());
         assert_eq!(report["histories"][0]["reached"], reached, "{report:#}");
     }
+    gateway.stop().await;
+}
+
+/// A run Durin ended (its retries used up) binds nothing: the same code replays to where
+/// it was cut, and a verification leaves such runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_durin_failed_replays_to_where_it_was_cut() {
+    let gateway = InProcess::start(|config| {
+        config.retry_policy = durin_protocol::RetryPolicy {
+            initial_interval: Duration::from_millis(10),
+            maximum_attempts: Some(2),
+            ..durin_protocol::RetryPolicy::default()
+        };
+    })
+    .await;
+    let tries = Effects::default();
+    let counted = tries.clone();
+    let endpoint = Endpoint::new().service(Service::new("flaky").handler(
+        "run",
+        move |ctx: Context, _: Value| {
+            let tries = counted.clone();
+            async move {
+                let id: String = ctx.run("id", || async { Ok("a".to_owned()) }).await?;
+                tries.0.fetch_add(1, Ordering::SeqCst);
+                Err::<Value, _>(HandlerError::retryable(format!("down after {id}")))
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, endpoint.router()).await });
+    register(&gateway.admin, &url).await;
+    let answer: Value = client()
+        .post(format!("{}/v1/send/flaky/run", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = answer["invocation_id"].as_str().unwrap().to_owned();
+    status_is(&gateway, &id, "failed").await;
+    assert_eq!(tries.count(), 2);
+    let history = client()
+        .get(format!("{}/v1/invocations/{id}/history", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let report = replay(&gateway, &url, &history).await;
+    assert_eq!(report["replayed"], 1, "{report:#}");
+    // The SDK failed again where the run was cut: the replay reached its end there.
+    assert_eq!(
+        tries.count(),
+        3,
+        "the handler's own code ran, its steps did not"
+    );
+    let verified = register_verified(&gateway, &url).await;
+    assert!(verified.status().is_success());
+    let deployment: Value = verified.json().await.unwrap();
+    assert_eq!(
+        deployment["verification"]["histories"],
+        json!([]),
+        "{deployment:#}"
+    );
+    gateway.stop().await;
+}
+
+/// A plain handler (a Rust axum one here, through the context API) that records steps
+/// `a` and `b`, and a later version that records only `b`: it finds `b` by name, but the
+/// recorded `a` it skipped is a divergence.
+#[derive(Clone)]
+struct Stepper {
+    gateway: String,
+    steps: &'static [&'static str],
+}
+
+async fn stepper(
+    axum::extract::State(app): axum::extract::State<Stepper>,
+    headers: axum::http::HeaderMap,
+) -> axum::Json<Value> {
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    for step in app.steps {
+        let answer = client()
+            .post(format!(
+                "{}/v1/contexts/{}/steps/{step}",
+                app.gateway,
+                header("durin-invocation-id")
+            ))
+            .header("durin-attempt", header("durin-attempt"))
+            .header("durin-attempt-token", header("durin-attempt-token"))
+            .json(&json!(step))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{}", answer.status());
+    }
+    axum::Json(json!("done"))
+}
+
+async fn serve_stepper(gateway: &str, steps: &'static [&'static str]) -> String {
+    let app = axum::Router::new()
+        .route("/steps", axum::routing::post(stepper))
+        .with_state(Stepper {
+            gateway: gateway.to_owned(),
+            steps,
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_handler_that_skips_a_recorded_step_diverges_there() {
+    let gateway = InProcess::start(|_| {}).await;
+    let declare = |url: &str, verify: bool| {
+        json!({
+            "url": url,
+            "services": [{"name": "plain", "handlers": [{"name": "run", "path": "/steps"}]}],
+            "verify": verify
+        })
+    };
+    let both = serve_stepper(&gateway.url, &["a", "b"]).await;
+    let registered = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&declare(&both, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let answer: Value = client()
+        .post(format!("{}/v1/send/plain/run", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = answer["invocation_id"].as_str().unwrap().to_owned();
+    status_is(&gateway, &id, "completed").await;
+
+    let only_b = serve_stepper(&gateway.url, &["b"]).await;
+    let refused = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&declare(&only_b, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let problem: Value = refused.json().await.unwrap();
+    let divergence = &problem["report"]["histories"][0]["divergence"];
+    assert_eq!(divergence["index"], 1, "{problem:#}");
+    assert_eq!(divergence["recorded"], "step \"a\"", "{problem:#}");
+    let taken = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&declare(
+            &serve_stepper(&gateway.url, &["a", "b"]).await,
+            true,
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status(), 201);
     gateway.stop().await;
 }

@@ -166,17 +166,21 @@ async fn verify(
     let report =
         crate::replay::replay_all(&state.engine, &state.replays, &candidate, &histories).await;
     let value = serde_json::to_value(&report).map_err(|e| ApiError::Storage(e.to_string()))?;
-    if report.diverged > 0 && on_divergence == OnDivergence::Refuse {
+    // A run it could not replay (its code failed on it, or cannot replay at all) proves
+    // nothing either.
+    let unproven = report.diverged + report.failed;
+    if unproven > 0 && on_divergence == OnDivergence::Refuse {
         return Err(ApiError::DeploymentDiverged {
             detail: format!(
-                "{} of the {} recorded runs replayed diverge on the deployment at {url}: it was not registered, and runs keep the deployments they run on (the report says where each diverged)",
+                "of the {} recorded runs replayed on the deployment at {url}, {} diverge and {} could not be replayed: it was not registered, and runs keep the deployments they run on (the report says where each diverged or why it failed)",
+                report.histories.len(),
                 report.diverged,
-                report.histories.len()
+                report.failed
             ),
             report: value,
         });
     }
-    Ok((value, report.diverged > 0))
+    Ok((value, unproven > 0))
 }
 
 /// `POST /v1/deployments/{id}/activate`: new invocations of its handlers may go to it

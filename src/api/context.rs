@@ -84,6 +84,11 @@ pub async fn append(
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
     let request: AppendRequest = parse_json("the entry", &body)?;
+    if let Some(session) = state.replays.find(&id, &caller.token) {
+        // An SDK that replays appends nothing; one that does anyway is stopped here.
+        let name = request.name.as_deref().unwrap_or_default();
+        return Err(session.beyond(format!("{} {name:?}", request.kind.as_str()), None));
+    }
     let now_ms = state.clock.now_ms();
     let mut planned = match request.kind {
         EntryKind::Call | EntryKind::Send if request.failure.is_none() => {
@@ -204,7 +209,7 @@ async fn plan_child(
 /// a child's invocation id.
 fn shown_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Option<Value> {
     match entry.kind {
-        EntryKind::Awakeable => Some(awakeable_value(state, id, entry.index)),
+        EntryKind::Awakeable => Some(awakeable_value(state, id, entry)),
         EntryKind::Sleep | EntryKind::Call | EntryKind::Send => {
             entry.value.as_deref().map(|v| json_value(Some(v)))
         }
@@ -212,8 +217,13 @@ fn shown_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Opti
     }
 }
 
-fn awakeable_value(state: &AppState, id: &InvocationId, index: u32) -> Value {
-    state.engine.awakeable_value(id, index)
+/// An awakeable's token and URLs: computed from the gateway's key (a journal stores none),
+/// or, in a replay, as the recording's gateway gave them to the handler.
+fn awakeable_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Value {
+    match entry.value.as_deref() {
+        Some(recorded) => json_value(Some(recorded)),
+        None => state.engine.awakeable_value(id, entry.index),
+    }
 }
 
 /// `POST /v1/contexts/{id}/steps/{name}`, for handlers without an SDK: the first time, the
@@ -256,6 +266,16 @@ pub async fn read_step(
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
     check_name("step", &name)?;
+    if let Some(session) = state.replays.find(&id, &caller.token) {
+        // What the recording lacks is not done: the handler stops here instead of
+        // running the step's work.
+        let command = NamedCommand::named(EntryKind::Step, name, None);
+        let answer = session.plain(&once(id, caller, command))?;
+        return Ok(replayed(
+            Json(json_value(answer.entry().value.as_deref())).into_response(),
+            true,
+        ));
+    }
     let command = NamedCommand::named(EntryKind::Step, name, None);
     match plain(&state, once(id.clone(), caller, command)).await {
         Ok(answer) => Ok(replayed(
@@ -537,7 +557,7 @@ pub async fn create_awakeable(
     let caller = caller(&headers)?;
     let command = awakeable_command(name)?;
     let answer = plain(&state, once(id.clone(), caller, command)).await?;
-    let mut value = awakeable_value(&state, &id, answer.entry().index);
+    let mut value = awakeable_value(&state, &id, answer.entry());
     value["completed"] = json!(answer.entry().completion.is_some());
     Ok(replayed(Json(value).into_response(), answer.recorded()))
 }
@@ -620,8 +640,13 @@ async fn write_state(
     let planned = journal::plan(EntryKind::State, Some(&key), Some(op), false, 0)
         .map_err(ApiError::BadRequest)?;
     // The k-th write of this key in the attempt is the k-th recorded one: a handler that
-    // runs again from the top replays its writes instead of repeating them.
-    let occurrence = state.state_cursors.reserve(&id, caller.attempt, &key);
+    // runs again from the top replays its writes instead of repeating them. A replay
+    // counts its own, never the running attempt's.
+    let session = state.replays.find(&id, &caller.token);
+    let occurrence = match &session {
+        Some(session) => session.state_occurrence(&key),
+        None => state.state_cursors.reserve(&id, caller.attempt, &key),
+    };
     let new = new_entry(
         EntryKind::State,
         Some(key.clone()),
@@ -636,9 +661,11 @@ async fn write_state(
     let answer = plain(&state, once(id.clone(), caller, command))
         .await
         .inspect_err(|_| {
-            state
-                .state_cursors
-                .give_back(&id, attempt, &key, occurrence)
+            if session.is_none() {
+                state
+                    .state_cursors
+                    .give_back(&id, attempt, &key, occurrence)
+            }
         })?;
     // What this point of the handler recorded (on a replay, the first run's value).
     let recorded = json_value(answer.entry().value.as_deref());
@@ -902,8 +929,11 @@ pub async fn answer_update(
         )
     };
     let command = NamedCommand::named(EntryKind::UpdateResult, update_id, Some(new));
+    let replaying = state.replays.find(&id, &caller.token).is_some();
     let answer = plain(&state, once(id.clone(), caller, command)).await?;
-    state.engine.updates_changed(&id);
+    if !replaying {
+        state.engine.updates_changed(&id);
+    }
     let entry = answer.entry();
     let mut body = serde_json::Map::new();
     match &entry.failure {

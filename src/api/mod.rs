@@ -237,6 +237,12 @@ pub fn router(state: AppState) -> Router {
 /// terminate. With a
 /// token configured, every request must carry `Authorization: Bearer TOKEN`.
 pub fn admin_router(state: AppState, token: Option<String>) -> Router {
+    // A history file holds a whole journal (up to `max_journal_bytes`, its values in
+    // base64 or JSON), more than a request body usually may.
+    let history_limit = usize::try_from(state.journal_limits.max_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .max(state.max_body_bytes);
     let router = Router::new()
         .route("/health", get(admin::health))
         .route(
@@ -254,7 +260,13 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
             "/v1/workflows/{workflow}/{id}/history",
             get(replays::workflow_history),
         )
-        .route("/v1/replays", post(replays::replay))
+        .route(
+            "/v1/replays",
+            post(replays::replay).layer::<_, std::convert::Infallible>((
+                DefaultBodyLimit::max(history_limit),
+                axum::Extension(BodyLimit(history_limit)),
+            )),
+        )
         .route(
             "/v1/deployments/{id}/activate",
             post(admin::activate_deployment),

@@ -53,9 +53,10 @@ fn write_bytes(bytes: Option<&[u8]>) -> Written {
     let Some(bytes) = bytes else {
         return (None, None);
     };
+    // `null` would read back as no value, and a raw value loses surrounding whitespace.
     let one_line = std::str::from_utf8(bytes)
         .ok()
-        .filter(|text| !text.contains(['\n', '\r']))
+        .filter(|text| !text.contains(['\n', '\r']) && text.trim() == *text && *text != "null")
         .and_then(|text| RawValue::from_string(text.to_owned()).ok());
     match one_line {
         Some(value) => (Some(value), None),
@@ -255,6 +256,13 @@ impl History {
             .filter(|entry| entry.kind == EntryKind::Output)
     }
 
+    /// Whether the recording ended by the handler's own answer (see [`handler_end`]): code
+    /// that goes beyond it then diverges; beyond an end Durin wrote it only goes on.
+    pub fn handler_ended(&self) -> bool {
+        self.output()
+            .is_some_and(|output| handler_end(&self.header.status, output.failure.as_ref()))
+    }
+
     /// The patch markers the recording holds: the patches its run went through.
     pub fn patches(&self) -> Vec<String> {
         self.entries
@@ -262,6 +270,25 @@ impl History {
             .filter(|e| e.kind == EntryKind::Patch)
             .filter_map(|e| e.name.clone())
             .collect()
+    }
+}
+
+/// Whether an end with `status` (and `failure`) is the handler's own answer: an output, a
+/// continue-as-new, a cancellation it answered, or a failure it answered (a `4xx` but
+/// `429`). A `5xx` or `429` failure (its retries used up), a timeout and a termination are
+/// Durin's: the run was cut where it stood.
+pub fn handler_end(status: &str, failure: Option<&Failure>) -> bool {
+    match status {
+        "completed" | "continued" | "cancelled" => true,
+        "failed" => failure.is_some_and(|f| {
+            (400..500).contains(&f.status)
+                && f.status != 429
+                && !f
+                    .error_type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with("Timeout"))
+        }),
+        _ => false,
     }
 }
 
@@ -307,17 +334,22 @@ mod tests {
         let history = History {
             header,
             entries: vec![
-                // Not JSON, and JSON on two lines: both base64; JSON with spaces as it is.
+                // Not JSON, JSON on two lines, null and JSON with a space around it: all
+                // base64; JSON with spaces inside as it is.
                 entry(0, EntryKind::Input, Some(b"amount=5")),
                 entry(1, EntryKind::Step, Some(b"{ \"z\": 1,\n \"a\": 2 }")),
                 waited,
-                entry(3, EntryKind::Output, Some(br#"{"ok":true}"#)),
+                entry(3, EntryKind::Step, Some(b"null")),
+                entry(4, EntryKind::Step, Some(b" 7")),
+                entry(5, EntryKind::Step, Some(b"{ \"b\": 1, \"a\": 2 }")),
+                entry(6, EntryKind::Output, Some(br#"{"ok":true}"#)),
             ],
         };
         let text = history.to_jsonl();
         assert!(text.contains(r#""value":{"ok":true}"#), "{text}");
-        assert_eq!(text.matches("value_base64").count(), 2, "{text}");
-        assert_eq!(text.lines().count(), 5, "{text}");
+        assert!(text.contains(r#""value":{ "b": 1, "a": 2 }"#), "{text}");
+        assert_eq!(text.matches("value_base64").count(), 4, "{text}");
+        assert_eq!(text.lines().count(), 8, "{text}");
         let again = History::parse_all(&format!("{text}\n{text}")).unwrap();
         assert_eq!(again.len(), 2);
         assert_eq!(again[0].entries, history.entries);

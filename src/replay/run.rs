@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use durin_protocol::{EntryKind, EntryRef, Outcome, ServiceSpec, REPLAY_PROTOCOL_VERSION};
+use durin_protocol::{EntryKind, EntryRef, Failure, Outcome, ServiceSpec, REPLAY_PROTOCOL_VERSION};
 use serde::Serialize;
 
 use super::history::History;
@@ -215,20 +215,32 @@ pub async fn replay(
         Ok(id) => id,
         Err(error) => return result.failed(format!("the history's invocation id: {error}")),
     };
+    if header.attempts == u32::MAX {
+        return result.failed("the history's attempts are out of range".into());
+    }
     let token = crate::lifecycle::claim::attempt_token();
     let record = attempt_record(history, id.clone(), token.clone(), &target);
+    let session = Arc::new(Session::new(
+        id,
+        token,
+        &history.entries,
+        history.handler_ended(),
+    ));
+    // An SDK gets the output too when the handler ended the run: code that asks for more
+    // there diverges at it, and a patch check there takes the old branch. An end Durin
+    // wrote is left out: the code may go on where the run was cut.
     let journal: Vec<StoredEntry> = history
         .entries
         .iter()
-        .filter(|e| e.kind != EntryKind::Output)
+        .filter(|e| e.kind != EntryKind::Output || history.handler_ended())
         .cloned()
         .collect();
-    let session = Arc::new(Session::new(id, token, &history.entries));
     let answer = {
         let _open = replays.open(Arc::clone(&session));
         engine.replay_handler(&record, &target, journal).await
     };
-    judge(history, &session, answer, result)
+    let plain = target.protocol == HandlerProtocol::Plain;
+    judge(history, &session, answer, plain, result)
 }
 
 /// The attempt a replay makes: the recorded invocation's next, with a token of its own.
@@ -250,7 +262,7 @@ fn attempt_record(
         handler: header.handler.clone(),
         deployment_id: target.deployment_id.clone(),
         status: Status::Running,
-        attempt: header.attempts + 1,
+        attempt: header.attempts.saturating_add(1),
         failures: 0,
         position_failures: 0,
         journal_len: history.entries.len() as u32,
@@ -298,24 +310,50 @@ fn recorded_end(output: &StoredEntry) -> String {
     }
 }
 
+/// Whether the recorded run was failing where it stood: backing off, or failed by Durin
+/// when its retries were used up.
+fn recorded_failing(history: &History) -> bool {
+    match history.header.status.as_str() {
+        "backing-off" => true,
+        "failed" => !history.handler_ended(),
+        _ => false,
+    }
+}
+
 /// What the handler's answer, and where the replay stopped it, say of the recording.
 fn judge(
     history: &History,
     session: &Session,
     answer: HandlerAnswer,
+    plain: bool,
     result: Replayed,
 ) -> Replayed {
-    let output = history.output();
-    let end_index = output.map_or(history.entries.len() as u32, |o| o.index);
-    // The handler ended with `ended`: as recorded, or not.
-    let ended = |result: Replayed, same: bool, ended: String| match output {
-        Some(output) if !same => result.diverged(Divergence {
-            index: end_index,
-            recorded: recorded_end(output),
-            requested: ended,
-            detail: None,
-        }),
-        _ => result.reached("end", None),
+    // The recorded end binds only when the handler gave it.
+    let output = history.output().filter(|_| history.handler_ended());
+    let end_index = history
+        .output()
+        .map_or(history.entries.len() as u32, |o| o.index);
+    let cancelling = history.entries.iter().any(|e| e.kind == EntryKind::Cancel);
+    // The handler ended with `ended`: as recorded, or not. A plain handler must also have
+    // asked for every recorded entry on its way.
+    let ended = |result: Replayed, same: bool, ended: String| {
+        if let Some((index, recorded)) = session.first_unused().filter(|_| plain) {
+            return result.diverged(Divergence {
+                index,
+                recorded,
+                requested: ended,
+                detail: None,
+            });
+        }
+        match output {
+            Some(output) if !same => result.diverged(Divergence {
+                index: end_index,
+                recorded: recorded_end(output),
+                requested: ended,
+                detail: None,
+            }),
+            _ => result.reached("end", None),
+        }
     };
     let continued = history.header.status == Status::Continued.as_str();
     match session.stopped() {
@@ -355,7 +393,11 @@ fn judge(
             detail,
         }) => result.diverged(Divergence {
             index,
-            recorded: describe(&recorded),
+            // The recorded end says what it was.
+            recorded: match history.output() {
+                Some(end) if recorded.kind == EntryKind::Output => recorded_end(end),
+                _ => describe(&recorded),
+            },
             requested: describe(&requested),
             detail,
         }),
@@ -371,9 +413,12 @@ fn judge(
             ended(result, same, format!("output {value}"))
         }
         HandlerAnswer::Outcome(Outcome::Failure { failure }) => {
-            let same = output
-                .and_then(|o| o.failure.as_ref())
-                .is_some_and(|f| f.status == failure.status && f.error_type == failure.error_type);
+            // A cancelled run ends as the engine ends it (`lifecycle::decide`).
+            let same = output.and_then(|o| o.failure.as_ref()).is_some_and(|f| {
+                let cancelled = |f: &Failure| f.error_type.as_deref() == Some("Cancelled");
+                (f.status == failure.status && f.error_type == failure.error_type)
+                    || (cancelling && cancelled(f) && cancelled(&failure))
+            });
             ended(
                 result,
                 same,
@@ -399,14 +444,29 @@ fn judge(
             )
         }
         HandlerAnswer::Terminal(failure, _) => {
-            let same = output
-                .and_then(|o| o.failure.as_ref())
-                .is_some_and(|f| f.status == failure.status);
+            // After a cancellation any 4xx of a plain handler ends it as cancelled.
+            let same = output.and_then(|o| o.failure.as_ref()).is_some_and(|f| {
+                if cancelling {
+                    f.error_type.as_deref() == Some("Cancelled")
+                } else {
+                    f.status == failure.status
+                }
+            });
             ended(
                 result,
                 same,
                 format!("failure {}: {}", failure.status, failure.message),
             )
+        }
+        // A run that was failing when it was recorded (backing off, or failed when its
+        // retries were used up) fails again where it stood: that is where it is.
+        HandlerAnswer::Outcome(Outcome::Retry { error, .. }) if recorded_failing(history) => result
+            .reached(
+                "frontier",
+                Some(format!("a retry: the handler failed: {error}")),
+            ),
+        HandlerAnswer::Retry(retryable) if recorded_failing(history) => {
+            result.reached("frontier", Some(format!("a retry: {}", retryable.error)))
         }
         HandlerAnswer::Outcome(Outcome::Retry { error, .. }) => {
             result.failed(format!("the handler failed: {error}"))

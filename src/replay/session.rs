@@ -36,7 +36,9 @@ pub struct Session {
     pub token: String,
     /// The recorded entries after the input, without the output.
     entries: Vec<StoredEntry>,
-    /// The recording ended: whatever goes beyond it is a divergence, not its frontier.
+    /// The recording ended by the handler's own answer: whatever goes beyond it is a
+    /// divergence, not its frontier. (An end Durin wrote, a timeout or retries used up,
+    /// binds nothing: the code may well go on where the run was cut.)
     ended: bool,
     /// The index of the output, or of the next entry of a recording that had not ended.
     end_index: u32,
@@ -47,17 +49,29 @@ pub struct Session {
     /// The updates the handler refused in this replay (a refusal is not journaled: the
     /// store knows it, and a replay repeats it).
     refused: Mutex<std::collections::HashSet<String>>,
+    /// The positions in `entries` the handler asked for (a recorded entry it never asks
+    /// for is a divergence too).
+    used: Mutex<std::collections::BTreeSet<usize>>,
+    /// Writes per state key so far, as the running attempt counts them.
+    state_writes: Mutex<HashMap<String, u32>>,
 }
 
 impl Session {
-    /// A replay of `entries` (the whole recording, from the input) as `token`.
-    pub fn new(id: InvocationId, token: String, entries: &[StoredEntry]) -> Session {
-        let ended = entries.last().is_some_and(|e| e.kind == EntryKind::Output);
-        let end_index = if ended {
+    /// A replay of `entries` (the whole recording, from the input) as `token`; `binding_end`:
+    /// the recording ended by the handler's own answer.
+    pub fn new(
+        id: InvocationId,
+        token: String,
+        entries: &[StoredEntry],
+        binding_end: bool,
+    ) -> Session {
+        let has_output = entries.last().is_some_and(|e| e.kind == EntryKind::Output);
+        let end_index = if has_output {
             entries.len() as u32 - 1
         } else {
             entries.len() as u32
         };
+        let ended = has_output && binding_end;
         Session {
             id,
             token,
@@ -71,12 +85,40 @@ impl Session {
             stop: Mutex::default(),
             egress: Mutex::default(),
             refused: Mutex::default(),
+            used: Mutex::default(),
+            state_writes: Mutex::default(),
         }
     }
 
     /// The recorded entries after the input, without the output.
     pub fn entries(&self) -> &[StoredEntry] {
         &self.entries
+    }
+
+    /// Notes that the handler asked for the recorded entry at journal index `index`.
+    pub fn use_entry(&self, index: u32) {
+        if let Some(position) = self.entries.iter().position(|e| e.index == index) {
+            lock(&self.used).insert(position);
+        }
+    }
+
+    /// The first recorded entry the handler did not ask for (a cancellation, which Durin
+    /// wrote, aside), as a report names it.
+    pub fn first_unused(&self) -> Option<(u32, String)> {
+        let used = lock(&self.used);
+        self.entries
+            .iter()
+            .enumerate()
+            .find(|(position, e)| e.kind != EntryKind::Cancel && !used.contains(position))
+            .map(|(_, e)| (e.index, describe_entry(e)))
+    }
+
+    /// The occurrence of this write of the state `key` in the replay.
+    pub fn state_occurrence(&self, key: &str) -> u32 {
+        let mut writes = lock(&self.state_writes);
+        let n = writes.entry(key.to_owned()).or_default();
+        *n += 1;
+        *n - 1
     }
 
     /// Why the handler was stopped, if it was.
@@ -89,7 +131,8 @@ impl Session {
     /// that it did not reach (`instead`) makes it a divergence even where the recording had
     /// not ended.
     pub fn beyond(&self, requested: String, instead: Option<(u32, String)>) -> ApiError {
-        let stop = match instead {
+        // A recorded entry it skipped is where it went another way.
+        let stop = match instead.or_else(|| self.first_unused()) {
             Some((index, recorded)) => Stop::Diverged {
                 index,
                 recorded,
@@ -132,17 +175,14 @@ impl Session {
     pub fn plain(&self, command: &PlainCommand) -> Result<PlainAnswer, ApiError> {
         let mut entries = Vec::with_capacity(command.commands.len());
         for named in &command.commands {
-            match (self.find(named), &named.new) {
-                (Some(entry), _) => entries.push((entry.clone(), true)),
-                (None, None) => {
-                    return Err(ApiError::NotFound(format!(
-                        "{} {:?} of invocation {}",
-                        named.kind.as_str(),
-                        named.name,
-                        self.id
-                    )))
+            match self.find(named) {
+                Some((position, entry)) => {
+                    lock(&self.used).insert(position);
+                    entries.push((entry.clone(), true));
                 }
-                (None, Some(_)) => return Err(self.beyond(describe_named(named), None)),
+                // What it lacks is never done: also a read (of a step) stops the handler,
+                // so that it does not do the step's work instead.
+                None => return Err(self.beyond(describe_named(named), None)),
             }
         }
         let cancel_seq = self
@@ -174,10 +214,11 @@ impl Session {
         })
     }
 
-    fn find(&self, named: &NamedCommand) -> Option<&StoredEntry> {
+    fn find(&self, named: &NamedCommand) -> Option<(usize, &StoredEntry)> {
         self.entries
             .iter()
-            .filter(|e| {
+            .enumerate()
+            .filter(|(_, e)| {
                 e.kind == named.kind
                     && e.name.as_deref() == Some(named.name.as_str())
                     && named
@@ -209,6 +250,15 @@ impl Session {
     /// How many calls of `identity` the replay has made.
     pub fn egress_seen(&self, identity: &(String, String, String)) -> u32 {
         lock(&self.egress).get(identity).copied().unwrap_or(0)
+    }
+}
+
+/// A recorded entry as a report names it: `step "charge"`, `egress POST http://…`.
+pub fn describe_entry(entry: &StoredEntry) -> String {
+    match &entry.name {
+        Some(name) if entry.kind == EntryKind::Egress => format!("egress {name}"),
+        Some(name) => format!("{} {name:?}", entry.kind.as_str()),
+        None => entry.kind.as_str().to_owned(),
     }
 }
 

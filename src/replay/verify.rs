@@ -2,9 +2,9 @@
 //! it would serve are replayed against it, runs that have not ended first, and a
 //! divergence refuses it.
 
-use super::history::History;
+use super::history::{handler_end, History};
 use super::run::Candidate;
-use crate::store::{InvocationFilter, InvocationRecord, Status, Store, StoreResult};
+use crate::store::{InvocationFilter, InvocationRecord, Store, StoreResult};
 
 /// How many invocations of each handler a verification replays unless told otherwise.
 pub const DEFAULT_SAMPLE: u32 = 20;
@@ -15,8 +15,8 @@ const LOOKED_AT: u32 = 500;
 /// The histories a verification of `candidate` replays: for each handler it serves, up to
 /// `per_handler` of its newest invocations that recorded something, those still going on
 /// (running, waiting, paused) first, then those that ended by the handler's own answer
-/// (completed, failed, cancelled, continued as new). Terminated runs are left out: their
-/// end was Durin's, not the code's.
+/// (see [`handler_end`]). Runs Durin ended (terminated, timed out, retries used up) are
+/// left out: the code did not choose that end.
 pub async fn sample(
     store: &dyn Store,
     candidate: &Candidate,
@@ -34,7 +34,11 @@ pub async fn sample(
                 .list_invocations(filter, LOOKED_AT)
                 .await?
                 .into_iter()
-                .filter(|r| r.journal_len > 1 && r.status != Status::Terminated)
+                .filter(|r| {
+                    r.journal_len > 1
+                        && (!r.status.is_final()
+                            || handler_end(r.status.as_str(), r.failure.as_ref()))
+                })
                 .collect();
             // Newest first within each group; the sort is stable.
             listed.sort_by_key(|r| r.status.is_final());

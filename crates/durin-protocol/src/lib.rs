@@ -49,6 +49,11 @@ pub const HEADER_ATTEMPT_TOKEN: &str = "durin-attempt-token";
 /// Header `true` on a request to a plain handler whose invocation was cancelled: its waits
 /// answer the `cancelled` problem; it compensates and answers a `4xx` to end cancelled.
 pub const HEADER_CANCELLED: &str = "durin-cancelled";
+/// Header `true` on a request by which Durin replays a recording (`POST /v1/replays`, a
+/// verified registration): whatever the handler asks for is answered from the recording,
+/// and what the recording lacks is refused, never done; work the handler does on its own
+/// (not through Durin) should be skipped.
+pub const HEADER_REPLAY: &str = "durin-replay";
 /// Header carrying the protocol version on an invocation request.
 pub const HEADER_PROTOCOL: &str = "durin-protocol";
 /// Header naming the workflow id of a run started as a workflow
@@ -64,12 +69,13 @@ pub const HEADER_SIGNATURE: &str = "durin-signature";
 pub const SIGNATURE_VERSION: &str = "v3";
 
 /// The `Durin-*` headers Durin sends to a handler, besides the signature.
-pub const SIGNED_HEADERS: [&str; 6] = [
+pub const SIGNED_HEADERS: [&str; 7] = [
     HEADER_INVOCATION_ID,
     HEADER_ATTEMPT,
     HEADER_ATTEMPT_TOKEN,
     HEADER_CANCELLED,
     HEADER_PROTOCOL,
+    HEADER_REPLAY,
     HEADER_WORKFLOW_ID,
 ];
 
@@ -84,6 +90,7 @@ pub struct SignedHeaders<'a> {
     pub attempt_token: &'a str,
     pub cancelled: &'a str,
     pub protocol: &'a str,
+    pub replay: &'a str,
     pub workflow_id: &'a str,
 }
 
@@ -97,6 +104,7 @@ impl<'a> SignedHeaders<'a> {
             (HEADER_ATTEMPT_TOKEN, self.attempt_token),
             (HEADER_CANCELLED, self.cancelled),
             (HEADER_PROTOCOL, self.protocol),
+            (HEADER_REPLAY, self.replay),
             (HEADER_WORKFLOW_ID, self.workflow_id),
         ]
         .into_iter()
@@ -732,6 +740,7 @@ mod tests {
             attempt_token: "tok",
             cancelled: "true",
             protocol: "",
+            replay: "",
             workflow_id: "order-7",
         };
         let carried = headers.carried();

@@ -1248,8 +1248,12 @@ impl Context {
             Ok(output) => {
                 // A cancellation after the last await came too late to be seen: the
                 // handler completed.
+                // A replay's journal ends with the recorded output (version 4).
                 let rest = state.journal.get(state.cursor..).unwrap_or_default();
-                if let Some(entry) = rest.iter().find(|e| e.kind != EntryKind::Cancel) {
+                if let Some(entry) = rest
+                    .iter()
+                    .find(|e| !matches!(e.kind, EntryKind::Cancel | EntryKind::Output))
+                {
                     // The code finished without asking for entries the journal holds.
                     return Outcome::NonDeterminism {
                         index: entry.index,

@@ -476,6 +476,7 @@ mod tests {
             attempt_token: "t",
             cancelled: "",
             protocol: &protocol,
+            replay: "",
             workflow_id: "",
         };
         let sign_with = |key: &SigningKey, t: i64, headers: &SignedHeaders<'_>, body: &str| {
