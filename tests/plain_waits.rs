@@ -704,6 +704,37 @@ async fn a_plain_handler_waits_for_the_first_of_several_commands() {
         json!({"index": 2, "kind": "awakeable", "name": "callback", "value": {"ok": 1}}),
         "{view}"
     );
+    // Its history holds the token the handler was given (another Durin, replaying it,
+    // could not derive it), and replays.
+    let history = client()
+        .get(format!("{}/v1/invocations/{run}/history", gateway.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let awakeable: Value = history
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .find(|line| line["entry"]["kind"] == "awakeable")
+        .unwrap();
+    assert_eq!(
+        awakeable["entry"]["value"]["token"],
+        json!(token),
+        "{history}"
+    );
+    let report: Value = client()
+        .post(format!("{}/v1/replays", gateway.admin))
+        .query(&[("deployment", handler.as_str())])
+        .body(history)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["replayed"], 1, "{report:#}");
 
     // The timer.
     let run = start("by-timer", "300ms").await;

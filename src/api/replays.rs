@@ -8,9 +8,12 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{parse_invocation_id, ApiBody, ApiPath, ApiQuery, AppState};
+use crate::ids::InvocationId;
 use crate::problem::ApiError;
 use crate::registry;
 use crate::replay::{replay_all, Candidate, History};
+use crate::store::StoredEntry;
+use durin_protocol::EntryKind;
 
 /// The media type of a history file.
 pub const HISTORY_CONTENT_TYPE: &str = "application/jsonl";
@@ -31,7 +34,7 @@ pub async fn invocation_history(
 ) -> Result<Response, ApiError> {
     let id = parse_invocation_id(&id)?;
     let record = super::find_invocation(&state, &id).await?;
-    let entries = state.store.read_journal(&id).await?;
+    let entries = with_awakeables(&state, &id, state.store.read_journal(&id).await?);
     Ok(jsonl(History::of(&record, entries).to_jsonl()))
 }
 
@@ -51,10 +54,28 @@ pub async fn workflow_history(
     }
     let mut text = String::new();
     for run in runs {
-        let entries = state.store.read_journal(&run.id).await?;
+        let entries = with_awakeables(&state, &run.id, state.store.read_journal(&run.id).await?);
         text.push_str(&History::of(&run, entries).to_jsonl());
     }
     Ok(jsonl(text))
+}
+
+/// The journal with each awakeable's token and URLs as this gateway gave them to the
+/// handler (a journal stores none: they derive from the gateway's key, which another
+/// Durin replaying the history does not have).
+fn with_awakeables(
+    state: &AppState,
+    id: &InvocationId,
+    mut entries: Vec<StoredEntry>,
+) -> Vec<StoredEntry> {
+    for entry in entries
+        .iter_mut()
+        .filter(|e| e.kind == EntryKind::Awakeable && e.value.is_none())
+    {
+        let value = state.engine.awakeable_value(id, entry.index);
+        entry.value = serde_json::to_vec(&value).ok();
+    }
+    entries
 }
 
 #[derive(Deserialize)]
