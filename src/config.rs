@@ -64,6 +64,8 @@ pub struct Config {
     pub max_pending_starts: u64,
     /// Deployments registered at start.
     pub deployments: Vec<DeploymentConfig>,
+    /// Webhook sources (`POST /v1/webhooks/{source}`).
+    pub webhooks: Vec<crate::webhooks::SourceConfig>,
     /// Where the egress proxy listens; no egress when unset.
     pub egress_listen: Option<SocketAddr>,
     /// Hosts the egress may call (`host`, `host:port`, `*.domain`); empty allows any public
@@ -125,6 +127,7 @@ impl Default for Config {
             max_queued_attempts: 10_000,
             max_pending_starts: 100_000,
             deployments: Vec::new(),
+            webhooks: Vec::new(),
             egress_listen: None,
             egress_allow: Vec::new(),
             egress_retry_policy: RetryPolicy {
@@ -219,6 +222,8 @@ struct ConfigFile {
     max_pending_starts: Option<u64>,
     #[serde(default)]
     deployments: Vec<DeploymentConfig>,
+    #[serde(default)]
+    webhooks: Vec<crate::webhooks::SourceConfig>,
     egress_listen: Option<SocketAddr>,
     egress_allow: Option<Vec<String>>,
     egress_retry_policy: Option<RetryPolicy>,
@@ -315,6 +320,7 @@ impl Config {
             config.max_pending_starts = v;
         }
         config.deployments = file.deployments;
+        config.webhooks = file.webhooks;
         if let Some(v) = file.egress_listen {
             config.egress_listen = Some(v);
         }

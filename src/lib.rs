@@ -20,6 +20,7 @@ pub mod server;
 pub mod signing;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +116,11 @@ async fn serve(
             .unwrap_or_else(|| advertised_url.clone()),
         lease: config.lease,
     };
+    // A source that cannot work stops Durin before anything starts.
+    let webhooks = Arc::new(
+        webhooks::Webhooks::new(&config.webhooks)
+            .map_err(|e| anyhow::anyhow!("the config's webhooks: {e}"))?,
+    );
     let store = store::open(&config.database_url, config.journal_limits, node)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?;
@@ -266,6 +272,7 @@ async fn serve(
         signer: Arc::clone(&signer),
         state_cursors,
         replays,
+        webhooks: Arc::clone(&webhooks),
         http,
         idempotency_retention: config.idempotency_retention,
         call_wait: config.call_wait,
@@ -291,9 +298,12 @@ async fn serve(
         read_timeouts,
         server_stop.clone(),
     ));
+    let main_router = api::router(state);
+    // A webhook is served as the request a caller would have sent, by this router.
+    webhooks.serve_through(main_router.clone());
     let server = tokio::spawn(server::serve(
         listener,
-        api::router(state),
+        main_router,
         read_timeouts,
         server_stop.clone(),
     ));
@@ -307,6 +317,7 @@ async fn serve(
     server_stop.cancel();
     server.await?;
     admin_server.await?;
+    webhooks.stop();
     if let Some(egress_server) = egress_server {
         egress_server.await?;
     }

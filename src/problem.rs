@@ -103,6 +103,9 @@ pub enum ApiError {
     Storage(String),
     #[error("{0}")]
     ShuttingDown(String),
+    /// A webhook delivery whose signature does not hold (or is too old): nothing was done.
+    #[error("{0}")]
+    WebhookRefused(String),
     /// A deployment that could not replay what its handlers run (verification): nothing
     /// was registered; `report` is the replay's.
     #[error("{detail}")]
@@ -265,6 +268,12 @@ impl ApiError {
                 "shutting-down",
                 "Durin is shutting down",
                 true,
+            ),
+            WebhookRefused(_) => (
+                StatusCode::UNAUTHORIZED,
+                "webhook-refused",
+                "Webhook signature refused",
+                false,
             ),
             DeploymentDiverged { .. } => (
                 StatusCode::CONFLICT,

@@ -889,6 +889,7 @@ fn api_errors() -> Vec<ApiError> {
             detail: "1 of the 2 recorded runs replayed diverge".into(),
             report: json!({"replayed": 1, "diverged": 1, "failed": 0}),
         },
+        ApiError::WebhookRefused("the signature does not match".into()),
     ];
     for error in &errors {
         match error {
@@ -916,7 +917,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::InvocationState { .. }
             | ApiError::Cancelled(_)
             | ApiError::Update { .. }
-            | ApiError::DeploymentDiverged { .. } => {}
+            | ApiError::DeploymentDiverged { .. }
+            | ApiError::WebhookRefused(_) => {}
         }
     }
     errors

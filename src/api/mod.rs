@@ -14,6 +14,7 @@ mod replays;
 mod signals;
 mod updates;
 mod views;
+mod webhooks;
 mod workflows;
 
 pub use context::StateCursors;
@@ -81,6 +82,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/contexts/{id}/awakeables/{name}/wait"),
     ("PUT", "/v1/contexts/{id}/state/{key}"),
     ("DELETE", "/v1/contexts/{id}/state/{key}"),
+    ("POST", "/v1/webhooks/{source}"),
 ];
 
 /// Every route of the admin listener (operators): what decides where callers' requests go
@@ -109,6 +111,8 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workflows/{workflow}/{id}/runs"),
     ("POST", "/v1/replays"),
     ("POST", "/v1/deployments/{id}/activate"),
+    ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{source}/deliveries"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -125,6 +129,8 @@ pub struct AppState {
     pub state_cursors: Arc<StateCursors>,
     /// Replays under way, whose plain handlers' context calls their recordings answer.
     pub replays: Arc<crate::replay::Replays>,
+    /// The webhook sources the config declares.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     pub http: reqwest::Client,
     pub idempotency_retention: Duration,
     /// How long `POST /v1/call` waits for the end before it answers `202` with `Location`.
@@ -187,6 +193,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/workflows/{workflow}/{id}/queries/{name}",
             get(queries::of_workflow),
         )
+        .route("/v1/webhooks/{source}", post(webhooks::receive))
         .route("/v1/awakeables/{token}/resolve", post(awakeables::resolve))
         .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))
@@ -259,6 +266,11 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
         .route(
             "/v1/workflows/{workflow}/{id}/history",
             get(replays::workflow_history),
+        )
+        .route("/v1/webhooks", get(webhooks::list))
+        .route(
+            "/v1/webhooks/{source}/deliveries",
+            get(webhooks::deliveries),
         )
         .route(
             "/v1/replays",

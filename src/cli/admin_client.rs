@@ -170,6 +170,96 @@ pub enum Deployments {
     },
 }
 
+#[derive(Subcommand)]
+pub enum Webhooks {
+    /// The webhook sources and their recent deliveries' outcomes.
+    List,
+    /// A source's recent deliveries, newest first.
+    Deliveries { source: String },
+}
+
+pub async fn webhooks(connection: Connection, command: Webhooks) -> ExitCode {
+    let admin = &connection.admin_url;
+    let get = |path: String| Call {
+        method: reqwest::Method::GET,
+        url: format!("{admin}{path}"),
+        body: None,
+        admin: true,
+        idempotency_key: None,
+    };
+    let (call, show): (Call, fn(&Value)) = match command {
+        Webhooks::List => (get("/v1/webhooks".into()), show_sources),
+        Webhooks::Deliveries { source } => (
+            get(format!("/v1/webhooks/{source}/deliveries")),
+            show_deliveries,
+        ),
+    };
+    run(&connection, call, show).await
+}
+
+fn show_sources(body: &Value) {
+    let rows: Vec<Vec<String>> = body["sources"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let recent = &s["recent"];
+            vec![
+                text(&s["source"]),
+                text(&s["url"]),
+                text(&recent["accepted"]),
+                text(&recent["duplicate"]),
+                text(&recent["ignored"]),
+                text(&recent["refused"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SOURCE",
+            "URL",
+            "ACCEPTED",
+            "DUPLICATE",
+            "IGNORED",
+            "REFUSED",
+        ],
+        &rows,
+    );
+}
+
+fn show_deliveries(body: &Value) {
+    let rows: Vec<Vec<String>> = body["deliveries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|d| {
+            vec![
+                text(&d["at_ms"]),
+                text(&d["outcome"]),
+                text(&d["status"]),
+                text(&d["event_id"]),
+                text(&d["event_type"]),
+                text(&d["invocation_id"]),
+                shorten(&text(&d["reason"]), 60),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AT_MS",
+            "OUTCOME",
+            "STATUS",
+            "EVENT",
+            "TYPE",
+            "INVOCATION",
+            "REASON",
+        ],
+        &rows,
+    );
+}
+
 /// `durin replay`: replays history files against a deployment, through Durin's admin API.
 #[derive(Args)]
 pub struct Replay {

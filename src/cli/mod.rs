@@ -77,6 +77,13 @@ enum Command {
         #[command(subcommand)]
         command: admin_client::Deployments,
     },
+    /// Webhook sources and their deliveries, over the admin API.
+    Webhooks {
+        #[command(flatten)]
+        connection: admin_client::Connection,
+        #[command(subcommand)]
+        command: admin_client::Webhooks,
+    },
     /// Replay recorded histories against a deployment, with no side effect, through the
     /// admin API: exit code 0 when all replayed, 4 when one diverged, 5 when one failed.
     Replay(admin_client::Replay),
@@ -172,6 +179,10 @@ pub fn main() -> ExitCode {
             command,
         } => runtime.block_on(admin_client::deployments(connection, command)),
         Command::Replay(command) => runtime.block_on(admin_client::replay(command)),
+        Command::Webhooks {
+            connection,
+            command,
+        } => runtime.block_on(admin_client::webhooks(connection, command)),
         command => match runtime.block_on(run_command(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -233,7 +244,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Invocations { .. }
         | Command::Workflows { .. }
         | Command::Deployments { .. }
-        | Command::Replay(_) => {
+        | Command::Replay(_)
+        | Command::Webhooks { .. } => {
             anyhow::bail!("not a server command")
         }
     }
