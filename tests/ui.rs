@@ -467,3 +467,74 @@ async fn the_timeline_is_drawn_and_a_replay_rings_where_new_code_diverges() {
     })
     .await;
 }
+
+/// The webhooks page lists each source's deliveries: an accepted one linked to the
+/// invocation it started, and a refused one with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhooks_page_lists_each_sources_deliveries() {
+    if !(require("chromium") && require_store()) {
+        return;
+    }
+    let home = GatewayHome::new();
+    let config = std::fs::read_to_string(home.config()).unwrap();
+    std::fs::write(
+        home.config(),
+        format!(
+            "{config}\n[[webhooks]]\nsource = \"github\"\nscheme = \"github\"\nsecrets = [\"gh\"]\n\n[[webhooks.routes]]\nsend = \"order/process\"\n"
+        ),
+    )
+    .unwrap();
+    let gateway = home.start(None);
+    let handler = start_order(None, &[]);
+    register(&gateway.admin, &handler.url).await;
+    let body = ORDER.as_bytes().to_vec();
+    let deliver = |signature: String| {
+        client()
+            .post(format!("{}/v1/webhooks/github", gateway.url))
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", "d-7")
+            .header("x-hub-signature-256", signature)
+            .body(body.clone())
+            .send()
+    };
+    let accepted: Value = deliver(durin::webhooks::verify::sign::github("gh", &body))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let invocation = accepted["invocation_id"].as_str().unwrap().to_owned();
+    let refused = deliver("sha256=00".into()).await.unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let browser = Browser::start();
+    let mut page = Page::open(&browser).await;
+    page.command(
+        "Page.navigate",
+        json!({"url": format!("{}/ui#/webhooks", gateway.admin)}),
+    )
+    .await;
+    page.until(
+        "document.querySelectorAll('[data-source=github] tr[data-outcome]').length === 2",
+        "the two deliveries",
+    )
+    .await;
+    let rows = page
+        .eval(
+            "[...document.querySelectorAll('[data-source=github] tr[data-outcome]')].map(r => r.dataset.outcome)",
+        )
+        .await;
+    assert_eq!(rows, json!(["refused", "accepted"]));
+    let link = page
+        .eval("document.querySelector('[data-source=github] tr[data-outcome=accepted] a').textContent")
+        .await;
+    assert_eq!(link, json!(invocation));
+    let reason = page
+        .eval("document.querySelector('[data-source=github] tr[data-outcome=refused]').textContent")
+        .await;
+    assert!(
+        reason.as_str().unwrap().contains("does not match"),
+        "{reason}"
+    );
+}
