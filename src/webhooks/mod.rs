@@ -28,8 +28,8 @@ use verify::Scheme;
 /// How many deliveries each source remembers for operators.
 const KEPT_DELIVERIES: usize = 200;
 
-/// A source as the config file declares it (`[[webhooks]]`).
-#[derive(Debug, Clone, Deserialize)]
+/// A source as the config file declares it (`[[webhooks]]`). Its `Debug` hides the secrets.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     /// The name in `POST /v1/webhooks/{source}`.
@@ -51,6 +51,17 @@ pub struct SourceConfig {
     /// Where events go, the first whose `type` matches.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("source", &self.source)
+            .field("scheme", &self.scheme)
+            .field("secrets", &format!("{} redacted", self.secrets.len()))
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where an event goes.
@@ -474,10 +485,32 @@ impl Webhooks {
             })?),
             None => None,
         };
+        // An id the scheme does not sign (a header of GitHub's, none at all) could be
+        // changed by whoever replays a captured delivery: such deliveries are told apart
+        // by their signed body instead.
+        let signed_id = match &source.event_id {
+            Some(Place::Pointer(_)) => true,
+            Some(Place::Header(name)) => {
+                matches!(source.scheme, Scheme::StandardWebhooks) && name == "webhook-id"
+            }
+            None => false,
+        };
+        let usable = |id: &str| {
+            !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic())
+        };
+        let dedup_key = match &event_id {
+            Some(id) if signed_id && usable(id) => id.clone(),
+            _ => {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(&body);
+                let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                format!("sha256-{hex}")
+            }
+        };
         let request = route_request(
             route,
             workflow_id.as_deref(),
-            event_id.as_deref(),
+            Some(dedup_key.as_str()),
             &source.name,
             headers,
             body,
@@ -501,7 +534,12 @@ impl Webhooks {
             .await
             .unwrap_or_default();
         let answered: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let duplicate = replayed || answered["duplicate"] == true;
+        // A signal (with start or not) says whether it was one; a start or a send is
+        // replayed when it was.
+        let duplicate = match route.action {
+            Action::Signal { .. } => answered["duplicate"] == true,
+            _ => replayed,
+        };
         source.note(Delivery {
             at_ms: now_ms,
             outcome: match (status.is_success(), duplicate) {

@@ -66,13 +66,28 @@ fn mac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
 
 /// Whether one of `candidates` (signatures as sent) is the MAC of `parts` under one of
 /// `keys`, compared in constant time.
+/// Each MAC is computed once per key (never once per candidate: a header full of
+/// candidates must not cost a MAC of the body each), and only candidates of a MAC's
+/// length, at most [`MAX_CANDIDATES`] of them, are looked at.
 fn any_matches(keys: &[Vec<u8>], parts: &[&[u8]], candidates: &[Vec<u8>]) -> bool {
+    let candidates: Vec<&Vec<u8>> = candidates
+        .iter()
+        .filter(|c| c.len() == 32)
+        .take(MAX_CANDIDATES)
+        .collect();
+    if candidates.is_empty() {
+        return false;
+    }
     keys.iter().any(|key| {
+        let mac = mac(key, parts);
         candidates
             .iter()
-            .any(|candidate| mac(key, parts).verify_slice(candidate).is_ok())
+            .any(|candidate| mac.clone().verify_slice(candidate).is_ok())
     })
 }
+
+/// Signatures a delivery may carry at once (one per secret the provider rotates).
+const MAX_CANDIDATES: usize = 8;
 
 fn timestamp(name: &str, value: &str) -> Result<i64, Refused> {
     value
@@ -106,14 +121,24 @@ impl Scheme {
     pub fn keys(&self, secrets: &[String]) -> Result<Vec<Vec<u8>>, String> {
         secrets
             .iter()
-            .map(|secret| match self {
-                Scheme::StandardWebhooks => {
+            .map(|secret| {
+                if secret.trim().is_empty() {
+                    return Err("an empty secret would let anyone sign".to_owned());
+                }
+                Ok(secret)
+            })
+            .map(|secret| match (self, secret?) {
+                (Scheme::StandardWebhooks, secret) => {
                     let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
                     base64::engine::general_purpose::STANDARD
                         .decode(encoded)
                         .map_err(|e| format!("a Standard Webhooks secret is whsec_<base64>: {e}"))
+                        .and_then(|key| match key.is_empty() {
+                            true => Err("an empty secret would let anyone sign".to_owned()),
+                            false => Ok(key),
+                        })
                 }
-                _ => Ok(secret.as_bytes().to_vec()),
+                (_, secret) => Ok(secret.as_bytes().to_vec()),
             })
             .collect()
     }
