@@ -217,13 +217,8 @@ fn shown_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Opti
     }
 }
 
-/// An awakeable's token and URLs: computed from the gateway's key (a journal stores none),
-/// or, in a replay, as the recording's gateway gave them to the handler.
 fn awakeable_value(state: &AppState, id: &InvocationId, entry: &StoredEntry) -> Value {
-    match entry.value.as_deref() {
-        Some(recorded) => json_value(Some(recorded)),
-        None => state.engine.awakeable_value(id, entry.index),
-    }
+    state.engine.awakeable_shown(id, entry)
 }
 
 /// `POST /v1/contexts/{id}/steps/{name}`, for handlers without an SDK: the first time, the

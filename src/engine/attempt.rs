@@ -505,6 +505,19 @@ impl Engine {
         }
     }
 
+    /// What the awakeable `entry` shows its handler: computed from the gateway's key (a
+    /// journal stores none), or, in a replayed history, as the recording's gateway gave it.
+    pub fn awakeable_shown(
+        &self,
+        id: &InvocationId,
+        entry: &crate::store::StoredEntry,
+    ) -> serde_json::Value {
+        match entry.value.as_deref() {
+            Some(recorded) => crate::http::json_value(Some(recorded)),
+            None => self.awakeable_value(id, entry.index),
+        }
+    }
+
     /// What an awakeable's entry shows its handler: the token and where to complete it.
     pub fn awakeable_value(&self, id: &InvocationId, index: u32) -> serde_json::Value {
         let token = self.awakeables.token(id, index);

@@ -412,11 +412,9 @@ impl RemoteHeartbeat {
 /// A journal entry as a handler receives it: completions attached, an awakeable with its
 /// token (computed here, never stored).
 fn wire_entry(engine: &Engine, id: &InvocationId, entry: StoredEntry) -> JournalEntry {
-    let value = match (entry.kind, entry.value.as_deref()) {
-        // A journal stores no awakeable value; a replayed history holds the one its
-        // gateway gave the handler.
-        (EntryKind::Awakeable, None) => Some(engine.awakeable_value(id, entry.index)),
-        (_, value) => value.map(|v| json_value(Some(v))),
+    let value = match entry.kind {
+        EntryKind::Awakeable => Some(engine.awakeable_shown(id, &entry)),
+        _ => entry.value.as_deref().map(|v| json_value(Some(v))),
     };
     JournalEntry {
         index: entry.index,

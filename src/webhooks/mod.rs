@@ -503,8 +503,7 @@ impl Webhooks {
             _ => {
                 use sha2::Digest;
                 let digest = sha2::Sha256::digest(&body);
-                let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-                format!("sha256-{hex}")
+                format!("sha256-{}", crate::http::hex(&digest[..16]))
             }
         };
         let request = route_request(

@@ -250,10 +250,7 @@ impl Scheme {
 /// Signatures as each provider makes them, for tests and for the documentation's examples.
 pub mod sign {
     use super::*;
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
+    use crate::http::hex;
 
     /// `webhook-signature` of Standard Webhooks for `secret` (`whsec_…`).
     pub fn standard_webhooks(secret: &str, id: &str, at_s: i64, body: &[u8]) -> String {
