@@ -66,6 +66,8 @@ pub struct Config {
     pub deployments: Vec<DeploymentConfig>,
     /// Webhook sources (`POST /v1/webhooks/{source}`).
     pub webhooks: Vec<crate::webhooks::SourceConfig>,
+    /// Schedules by id (`[schedules.nightly]`), set at start; the config manages them.
+    pub schedules: std::collections::BTreeMap<String, crate::schedules::ScheduleSpec>,
     /// Where the egress proxy listens; no egress when unset.
     pub egress_listen: Option<SocketAddr>,
     /// Hosts the egress may call (`host`, `host:port`, `*.domain`); empty allows any public
@@ -128,6 +130,7 @@ impl Default for Config {
             max_pending_starts: 100_000,
             deployments: Vec::new(),
             webhooks: Vec::new(),
+            schedules: std::collections::BTreeMap::new(),
             egress_listen: None,
             egress_allow: Vec::new(),
             egress_retry_policy: RetryPolicy {
@@ -224,6 +227,8 @@ struct ConfigFile {
     deployments: Vec<DeploymentConfig>,
     #[serde(default)]
     webhooks: Vec<crate::webhooks::SourceConfig>,
+    #[serde(default)]
+    schedules: std::collections::BTreeMap<String, crate::schedules::ScheduleSpec>,
     egress_listen: Option<SocketAddr>,
     egress_allow: Option<Vec<String>>,
     egress_retry_policy: Option<RetryPolicy>,
@@ -321,6 +326,7 @@ impl Config {
         }
         config.deployments = file.deployments;
         config.webhooks = file.webhooks;
+        config.schedules = file.schedules;
         if let Some(v) = file.egress_listen {
             config.egress_listen = Some(v);
         }

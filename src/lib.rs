@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod problem;
 pub mod registry;
 pub mod replay;
+pub mod schedules;
 pub mod server;
 pub mod signing;
 pub mod store;
@@ -194,7 +195,19 @@ async fn serve(
     if recovered > 0 {
         tracing::info!(recovered, "attempts cut short by the last stop run again");
     }
+    let schedules = Arc::new(schedules::Schedules::new(
+        Arc::clone(&store),
+        Arc::clone(&engine),
+        Arc::clone(&targets),
+        Arc::clone(&clock),
+        timeouts,
+    ));
+    schedules
+        .sync_config(&config.schedules)
+        .await
+        .map_err(|e| anyhow::anyhow!("the config's schedules: {e}"))?;
     let scheduler = engine.start_scheduler();
+    tokio::spawn(Arc::clone(&schedules).run(shutdown.clone()));
     let deadlines = engine.start_deadlines();
     let cluster_events = engine.start_cluster_events();
     tokio::spawn(purge(
@@ -273,6 +286,7 @@ async fn serve(
         state_cursors,
         replays,
         webhooks: Arc::clone(&webhooks),
+        schedules,
         http,
         idempotency_retention: config.idempotency_retention,
         call_wait: config.call_wait,

@@ -309,13 +309,10 @@ pub(super) fn input_digest(
     Ok(match protocol {
         HandlerProtocol::Sdk { .. } => (json_input_digest(content_type.as_deref(), body)?, None),
         // A plain handler takes any body; the digest covers its bytes and their type.
-        HandlerProtocol::Plain => {
-            let mut hasher = Sha256::new();
-            hasher.update(content_type.as_deref().unwrap_or_default().as_bytes());
-            hasher.update([0]);
-            hasher.update(body);
-            (hex(&hasher.finalize()), content_type)
-        }
+        HandlerProtocol::Plain => (
+            crate::lifecycle::start::bytes_digest(content_type.as_deref(), body),
+            content_type,
+        ),
     })
 }
 
@@ -349,8 +346,7 @@ fn json_input_digest(content_type: Option<&str>, body: &[u8]) -> Result<String, 
         serde_json::from_slice(body)
             .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?
     };
-    // serde_json's maps are sorted by key, so this is a canonical form of the value.
-    Ok(hex(&Sha256::digest(input.to_string().as_bytes())))
+    Ok(crate::lifecycle::start::json_digest(&input))
 }
 
 fn request_digest(service: &str, handler: &str, input_digest: &str) -> String {

@@ -11,6 +11,7 @@ mod ingress;
 mod operate;
 mod queries;
 mod replays;
+mod schedules;
 mod signals;
 mod updates;
 mod views;
@@ -113,6 +114,14 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/deployments/{id}/activate"),
     ("GET", "/v1/webhooks"),
     ("GET", "/v1/webhooks/{source}/deliveries"),
+    ("GET", "/v1/schedules"),
+    ("GET", "/v1/schedules/{id}"),
+    ("PUT", "/v1/schedules/{id}"),
+    ("DELETE", "/v1/schedules/{id}"),
+    ("POST", "/v1/schedules/{id}/pause"),
+    ("POST", "/v1/schedules/{id}/unpause"),
+    ("POST", "/v1/schedules/{id}/trigger"),
+    ("POST", "/v1/schedules/{id}/backfill"),
 ];
 
 /// What every request handler can reach. Cheap to clone.
@@ -131,6 +140,8 @@ pub struct AppState {
     pub replays: Arc<crate::replay::Replays>,
     /// The webhook sources the config declares.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Schedules: the admin API's operations on them.
+    pub schedules: Arc<crate::schedules::Schedules>,
     pub http: reqwest::Client,
     pub idempotency_retention: Duration,
     /// How long `POST /v1/call` waits for the end before it answers `202` with `Location`.
@@ -268,6 +279,17 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
             get(replays::workflow_history),
         )
         .route("/v1/webhooks", get(webhooks::list))
+        .route("/v1/schedules", get(schedules::list))
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get)
+                .put(schedules::put)
+                .delete(schedules::delete),
+        )
+        .route("/v1/schedules/{id}/pause", post(schedules::pause))
+        .route("/v1/schedules/{id}/unpause", post(schedules::unpause))
+        .route("/v1/schedules/{id}/trigger", post(schedules::trigger))
+        .route("/v1/schedules/{id}/backfill", post(schedules::backfill))
         .route(
             "/v1/webhooks/{source}/deliveries",
             get(webhooks::deliveries),

@@ -5,6 +5,8 @@
 //! continue-as-new, a child workflow, a restart) takes the id's lock first, so that an id
 //! names one live run at a time under any concurrency, on every node.
 
+use sha2::{Digest, Sha256};
+
 use crate::store::tables::{KeyScope, Tx};
 use crate::store::{
     Created, InvocationRecord, NewInvocation, NewWorkflowRun, Status, Store, StoreError,
@@ -179,4 +181,19 @@ pub async fn start_workflow(
         record,
         input: Box::new(input),
     })
+}
+
+/// The digest of an SDK handler's JSON input: of its value, not its bytes (serde_json's
+/// maps are sorted by key, so whitespace and key order do not make a start look new).
+pub fn json_digest(input: &serde_json::Value) -> String {
+    crate::http::hex(&Sha256::digest(input.to_string().as_bytes()))
+}
+
+/// The digest of a plain handler's input: of its bytes and their type.
+pub fn bytes_digest(content_type: Option<&str>, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(content_type.unwrap_or_default().as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    crate::http::hex(&hasher.finalize())
 }

@@ -253,6 +253,19 @@ pub struct NewDeployment {
     pub active: bool,
 }
 
+/// A schedule as stored: its spec and its state as JSON, which the rules in `schedules/`
+/// read and write; the store only keeps them and finds the due ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleRow {
+    pub id: String,
+    /// Who manages it: `api` (the admin API, the CLI) or `config` (the config file).
+    pub source: String,
+    pub spec: String,
+    pub state: String,
+    /// When it is next looked at; `None` while it has nothing to do (paused).
+    pub due_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct DeploymentRecord {
     pub id: String,
@@ -991,6 +1004,13 @@ pub trait Store: Send + Sync + 'static {
     /// `awakeable`, `call`; `none` for a suspension that names no command); one that waits
     /// for several kinds counts once under each.
     async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// Every schedule, by id.
+    async fn list_schedules(&self) -> StoreResult<Vec<ScheduleRow>>;
+    async fn get_schedule(&self, id: &str) -> StoreResult<Option<ScheduleRow>>;
+    /// The ids of up to `limit` schedules due by `now_ms`, the most overdue first.
+    async fn due_schedules(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>>;
+    /// The earliest time a schedule is due.
+    async fn next_schedule_due(&self) -> StoreResult<Option<i64>>;
 
     /// Whether other nodes may write this store too (PostgreSQL): what this node remembers
     /// of an attempt must then be checked in the store before it acts on the attempt's

@@ -415,9 +415,28 @@ pub trait IdempotencyKeys: Send {
     ) -> StoreResult<()>;
 }
 
+/// The `schedules` table.
+#[async_trait]
+pub trait Schedules: Send {
+    /// The schedule, locked until the transaction ends (PostgreSQL `FOR UPDATE`).
+    async fn lock_schedule(&mut self, id: &str) -> StoreResult<Option<super::ScheduleRow>>;
+    /// Inserts the schedule, or replaces the one with its id.
+    async fn put_schedule(&mut self, row: &super::ScheduleRow) -> StoreResult<()>;
+    /// Whether there was one to delete.
+    async fn delete_schedule(&mut self, id: &str) -> StoreResult<bool>;
+}
+
 /// Every table, in one transaction.
 pub trait Tx:
-    Invocations + Journal + Completions + Signals + Workflows + State + Updates + IdempotencyKeys
+    Invocations
+    + Journal
+    + Completions
+    + Signals
+    + Workflows
+    + State
+    + Updates
+    + IdempotencyKeys
+    + Schedules
 {
 }
 
@@ -430,6 +449,7 @@ impl<T> Tx for T where
         + State
         + Updates
         + IdempotencyKeys
+        + Schedules
 {
 }
 

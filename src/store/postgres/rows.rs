@@ -238,3 +238,16 @@ pub(super) async fn latest_deployment(
         .map_err(backend)?;
     row.as_ref().map(deployment).transpose()
 }
+
+/// The columns of a schedule, in [`schedule`]'s order.
+pub(super) const SCHEDULE_COLUMNS: &str = "id, source, spec, state, due_ms";
+
+pub(super) fn schedule(row: &PgRow) -> StoreResult<ScheduleRow> {
+    Ok(ScheduleRow {
+        id: get(row, 0)?,
+        source: get(row, 1)?,
+        spec: get(row, 2)?,
+        state: get(row, 3)?,
+        due_ms: get(row, 4)?,
+    })
+}

@@ -467,6 +467,52 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn list_schedules(&self) -> StoreResult<Vec<ScheduleRow>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id");
+        let rows = sqlx::query(&sql).fetch_all(conn).await.map_err(backend)?;
+        rows.iter().map(schedule).collect()
+    }
+
+    async fn get_schedule(&self, id: &str) -> StoreResult<Option<ScheduleRow>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(schedule).transpose()
+    }
+
+    async fn due_schedules(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let rows = sqlx::query(
+            "SELECT id FROM schedules WHERE due_ms IS NOT NULL AND due_ms <= $1 \
+             ORDER BY due_ms LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(conn)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
+    async fn next_schedule_due(&self) -> StoreResult<Option<i64>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        sqlx::query("SELECT MIN(due_ms) FROM schedules WHERE due_ms IS NOT NULL")
+            .fetch_one(conn)
+            .await
+            .map_err(backend)?
+            .try_get(0)
+            .map_err(backend)
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;

@@ -1294,6 +1294,43 @@ impl Updates for PgTx<'_> {
 }
 
 #[async_trait]
+impl Schedules for PgTx<'_> {
+    async fn lock_schedule(&mut self, id: &str) -> StoreResult<Option<ScheduleRow>> {
+        let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = $1 FOR UPDATE");
+        self.optional(sqlx::query(&sql).bind(id))
+            .await?
+            .as_ref()
+            .map(schedule)
+            .transpose()
+    }
+
+    async fn put_schedule(&mut self, row: &ScheduleRow) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO schedules (id, source, spec, state, due_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE \
+                 SET source = excluded.source, spec = excluded.spec, \
+                 state = excluded.state, due_ms = excluded.due_ms",
+            )
+            .bind(&row.id)
+            .bind(&row.source)
+            .bind(&row.spec)
+            .bind(&row.state)
+            .bind(row.due_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_schedule(&mut self, id: &str) -> StoreResult<bool> {
+        Ok(self
+            .execute(sqlx::query("DELETE FROM schedules WHERE id = $1").bind(id))
+            .await?
+            > 0)
+    }
+}
+
+#[async_trait]
 impl IdempotencyKeys for PgTx<'_> {
     async fn lock_idempotency_key(&mut self, scope: &str, key: &str) -> StoreResult<()> {
         self.execute(

@@ -795,6 +795,54 @@ impl Store for SqliteStore {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await
     }
+
+    async fn list_schedules(&self) -> StoreResult<Vec<ScheduleRow>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id"),
+                [],
+                schedule,
+            )
+        })
+        .await
+    }
+
+    async fn get_schedule(&self, id: &str) -> StoreResult<Option<ScheduleRow>> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            query_one(
+                conn,
+                &format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?1"),
+                [id],
+                schedule,
+            )
+        })
+        .await
+    }
+
+    async fn due_schedules(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT id FROM schedules WHERE due_ms IS NOT NULL AND due_ms <= ?1 \
+                 ORDER BY due_ms LIMIT ?2",
+                params![now_ms, limit],
+                |row| Ok(Ok(row.get(0)?)),
+            )
+        })
+        .await
+    }
+
+    async fn next_schedule_due(&self) -> StoreResult<Option<i64>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT MIN(due_ms) FROM schedules WHERE due_ms IS NOT NULL")
+                .map_err(backend)?
+                .query_row([], |row| row.get(0))
+                .map_err(backend)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -222,3 +222,16 @@ pub(super) fn latest_deployment(
         deployment,
     )
 }
+
+/// The columns of a schedule, in [`schedule`]'s order.
+pub(super) const SCHEDULE_COLUMNS: &str = "id, source, spec, state, due_ms";
+
+pub(super) fn schedule(row: &Row<'_>) -> rusqlite::Result<StoreResult<ScheduleRow>> {
+    Ok(Ok(ScheduleRow {
+        id: row.get(0)?,
+        source: row.get(1)?,
+        spec: row.get(2)?,
+        state: row.get(3)?,
+        due_ms: row.get(4)?,
+    }))
+}

@@ -1044,6 +1044,34 @@ impl Updates for SqliteTx {
 }
 
 #[async_trait]
+impl Schedules for SqliteTx {
+    async fn lock_schedule(&mut self, id: &str) -> StoreResult<Option<ScheduleRow>> {
+        // The one writer runs one rule at a time.
+        query_one(
+            &self.conn,
+            &format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?1"),
+            [id],
+            schedule,
+        )
+    }
+
+    async fn put_schedule(&mut self, row: &ScheduleRow) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "INSERT INTO schedules (id, source, spec, state, due_ms) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (id) DO UPDATE SET source = excluded.source, spec = excluded.spec, \
+             state = excluded.state, due_ms = excluded.due_ms",
+            params![row.id, row.source, row.spec, row.state, row.due_ms],
+        )?;
+        Ok(())
+    }
+
+    async fn delete_schedule(&mut self, id: &str) -> StoreResult<bool> {
+        Ok(execute(&self.conn, "DELETE FROM schedules WHERE id = ?1", [id])? > 0)
+    }
+}
+
+#[async_trait]
 impl IdempotencyKeys for SqliteTx {
     async fn lock_idempotency_key(&mut self, _scope: &str, _key: &str) -> StoreResult<()> {
         // The one writer runs one rule at a time.
