@@ -231,29 +231,29 @@ pub async fn look(
         }
     };
     let starts = steps.iter().any(|step| matches!(step, Step::Start { .. }));
-    let Some(target) = target.filter(|_| starts) else {
-        if starts {
-            // Nothing is lost: the fires stay due, and are looked at again shortly (or
-            // counted missed once they are older than the catch-up window).
-            let mut waiting = before;
-            waiting.last_error = Some(format!(
-                "no deployment serves workflow {}; register one with POST /v1/deployments",
-                spec.start.workflow
-            ));
-            write_state(&mut row, &waiting, Some(now_ms + NO_TARGET_RETRY_MS));
-            tx.put_schedule(&row).await?;
-            return Ok(Some(Applied {
-                row,
-                fires: Vec::new(),
-                woke: false,
-            }));
-        }
-        return finish(tx, row, state, due, false).await;
-    };
+    if let (true, None) = (starts, target) {
+        // Nothing is lost: the fires stay due, and are looked at again shortly (or
+        // counted missed once they are older than the catch-up window).
+        let mut waiting = before;
+        waiting.last_error = Some(format!(
+            "no deployment serves workflow {}; register one with POST /v1/deployments",
+            spec.start.workflow
+        ));
+        write_state(&mut row, &waiting, Some(now_ms + NO_TARGET_RETRY_MS));
+        tx.put_schedule(&row).await?;
+        return Ok(Some(Applied {
+            row,
+            fires: Vec::new(),
+            woke: false,
+        }));
+    }
     let mut woke = false;
     for step in steps {
         match step {
             Step::Start { nominal_ms, by } => {
+                let Some(target) = target else {
+                    continue;
+                };
                 let record = start(tx, id, &spec, target, nominal_ms, by, now_ms, limits).await?;
                 if record.outcome == Outcome::AlreadyStarted {
                     // Not a run of this schedule's to wait for unless it still runs.
