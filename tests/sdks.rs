@@ -3,8 +3,9 @@
 //! processes in its language, and drives every primitive of the plain contract through
 //! them (steps, egress calls, timers, signals, `first`, awakeables, state, children,
 //! heartbeats, updates, cancellation, continue-as-new, the signature), including a kill -9
-//! of a handler between two calls: the conformance test of `openapi/plain-http.md` from
-//! handlers that are not Rust.
+//! of a handler between two calls and a replay of the Python order example's completed
+//! runs (`POST /v1/replays`, nothing run again): the conformance test of
+//! `openapi/plain-http.md` from handlers that are not Rust.
 
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
