@@ -3,18 +3,19 @@
 //! `openapi/handler-protocol.yaml` spells the handler protocol's messages as
 //! `durin-protocol` serializes them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use axum::response::IntoResponse;
 use durin::config::Config;
 use durin::problem::ApiError;
 use durin::store::HandlerProtocol;
+use durin::telemetry::traces::TRACEPARENT;
 use durin_protocol::{
     AppendRequest, AppendResponse, Completion, Discovery, EntryKind, EntryRef, Failure,
     HandlerSpec, InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
-    HEADER_ATTEMPT, HEADER_INVOCATION_ID, HEADER_PROTOCOL, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    SignedHeaders, HEADER_PROTOCOL, HEADER_REPLAYED, HEADER_SIGNATURE, HEADER_SUSPENDED,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SIGNED_HEADERS,
 };
 use serde_json::{json, Value as Json};
 use serde_yaml_ng::Value as Yaml;
@@ -123,8 +124,9 @@ fn operation<'a>(doc: &'a Yaml, method: &str, path: &str) -> &'a Yaml {
     &doc["paths"][path][method.to_lowercase().as_str()]
 }
 
-/// Names of the `in: path` parameters of an operation (its own and its path item's).
-fn path_parameters(doc: &Yaml, method: &str, path: &str) -> BTreeSet<String> {
+/// Names of the parameters `in` `location` (`path`, `query`, `header`) of an operation (its
+/// own and its path item's).
+fn parameters(doc: &Yaml, method: &str, path: &str, location: &str) -> BTreeSet<String> {
     let item = &doc["paths"][path];
     let op = operation(doc, method, path);
     [&item["parameters"], &op["parameters"]]
@@ -132,9 +134,14 @@ fn path_parameters(doc: &Yaml, method: &str, path: &str) -> BTreeSet<String> {
         .filter_map(Yaml::as_sequence)
         .flatten()
         .map(|p| deref(doc, p))
-        .filter(|p| p["in"].as_str() == Some("path"))
+        .filter(|p| p["in"].as_str() == Some(location))
         .filter_map(|p| p["name"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// Names of the `in: path` parameters of an operation (its own and its path item's).
+fn path_parameters(doc: &Yaml, method: &str, path: &str) -> BTreeSet<String> {
+    parameters(doc, method, path, "path")
 }
 
 fn placeholders(path: &str) -> BTreeSet<String> {
@@ -742,24 +749,66 @@ fn handler_protocol_document_matches_the_wire_types() {
         );
     }
 
-    // The invocation request's headers.
+    // The invocation request's headers: exactly those the code sends. `SignedHeaders` is
+    // what `src/engine/invoke.rs` fills in and sends (the non-empty ones), besides the
+    // signature and, with traces on, `traceparent`. Built with every field (no `..`), so
+    // a header added to it fails to compile here until it is listed and documented.
+    let every = SignedHeaders {
+        invocation_id: SAMPLE_ID,
+        attempt: "2",
+        attempt_token: "5f0c3a9e8b7d4e21a6c1f0b2d3e4a5b6",
+        cancelled: "true",
+        protocol: "4",
+        replay: "true",
+        workflow_id: "order-42",
+    };
+    let carried: Vec<&str> = every.carried().into_iter().map(|(name, _)| name).collect();
+    assert_eq!(
+        carried, SIGNED_HEADERS,
+        "SignedHeaders::carried sends what SIGNED_HEADERS lists"
+    );
+    // Sent on every request to a deployment of this protocol: a first attempt of a plain
+    // service call, not cancelled nor replayed, carries exactly these.
+    let always = SignedHeaders {
+        workflow_id: "",
+        cancelled: "",
+        replay: "",
+        ..every
+    };
     let invoke = &doc["paths"]["/{service}/{handler}"]["post"];
-    let headers: BTreeSet<String> = invoke["parameters"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .filter(|p| p["in"].as_str() == Some("header"))
-        .map(|p| p["name"].as_str().unwrap().to_owned())
+    let header_parameters = |required: Option<bool>| -> BTreeSet<String> {
+        invoke["parameters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| deref(&doc, p))
+            .filter(|p| p["in"].as_str() == Some("header"))
+            .filter(|p| required.is_none_or(|r| p["required"].as_bool() == Some(r)))
+            .map(|p| p["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let expected_headers: BTreeSet<String> = SIGNED_HEADERS
+        .into_iter()
+        .chain([HEADER_SIGNATURE, TRACEPARENT])
+        .map(str::to_owned)
         .collect();
-    let expected_headers: BTreeSet<String> = [
-        HEADER_INVOCATION_ID,
-        HEADER_ATTEMPT,
-        HEADER_PROTOCOL,
-        HEADER_SIGNATURE,
-    ]
-    .map(str::to_owned)
-    .into();
-    assert_eq!(headers, expected_headers, "invocation request headers");
+    assert_eq!(
+        header_parameters(None),
+        expected_headers,
+        "the invocation request's headers: handler-protocol.yaml (left) and the code (right)"
+    );
+    let required: BTreeSet<String> = always
+        .carried()
+        .into_iter()
+        .map(|(name, _)| name)
+        .chain([HEADER_SIGNATURE])
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        header_parameters(Some(true)),
+        required,
+        "the invocation request's headers sent on every request are the required ones"
+    );
     let protocol = &schemas["Discovery"]["properties"]["protocol"];
     assert_eq!(
         (protocol["minimum"].as_u64(), protocol["maximum"].as_u64()),
@@ -983,27 +1032,85 @@ fn fits(route: &str, path: &str) -> bool {
             .all(|(r, p)| r == p || r.starts_with('{') || p.starts_with('{'))
 }
 
-/// Every `METHOD /v1/...` that `text` names (the query left out).
-fn named_routes(text: &str) -> BTreeSet<(String, String)> {
+/// The names of the query parameters a query string gives (`timeout=1h&key=k`: `timeout`,
+/// `key`).
+fn query_names(query: &str) -> BTreeSet<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
+/// Every query parameter that `text` gives anywhere (`?key=K`, `&timeout=1h`).
+fn query_names_in(text: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
+    for (at, _) in text.match_indices(['?', '&']) {
+        let name: String = text[at + 1..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && text[at + 1 + name.len()..].starts_with('=') {
+            found.insert(name);
+        }
+    }
+    found
+}
+
+/// Every `METHOD /v1/...` that `text` names, with the query parameters it gives there.
+fn named_routes(text: &str) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut found: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for method in ["GET", "POST", "PUT", "DELETE"] {
         let needle = format!("{method} /v1/");
         let mut rest = text;
         while let Some(at) = rest.find(&needle) {
-            let path: String = rest[at + method.len() + 1..]
+            let named: String = rest[at + method.len() + 1..]
                 .chars()
-                .take_while(|c| !c.is_whitespace() && !matches!(c, '`' | ')' | '?' | ',' | '"'))
+                .take_while(|c| !c.is_whitespace() && !matches!(c, '`' | ')' | ',' | '"'))
                 .collect();
-            found.insert((method.to_owned(), path.trim_end_matches('.').to_owned()));
+            let named = named.trim_end_matches('.');
+            let (path, query) = named.split_once('?').unwrap_or((named, ""));
+            found
+                .entry((method.to_owned(), path.to_owned()))
+                .or_default()
+                .extend(query_names(query));
             rest = &rest[at + needle.len()..];
         }
     }
     found
 }
 
+/// The context API paths that `text` names with a query but no method or prefix
+/// (`signals/approve?key=approve-2`, `f"signals/cancel?timeout=..."`): each path, under
+/// `/v1/contexts/{id}/`, with the query parameters given there.
+fn relative_context_queries(text: &str) -> Vec<(String, BTreeSet<String>)> {
+    let mut found = Vec::new();
+    for (at, _) in text.match_indices('?') {
+        let path: String = text[..at]
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '{' | '}' | '-' | '_'))
+            .collect::<Vec<char>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let query: String = text[at + 1..]
+            .chars()
+            .take_while(|c| !c.is_whitespace() && !matches!(c, '`' | ')' | ',' | '"' | '\''))
+            .collect();
+        let names = query_names(&query);
+        if path.contains('/') && !path.starts_with('/') && !names.is_empty() {
+            found.push((format!("/v1/contexts/{{id}}/{path}"), names));
+        }
+    }
+    found
+}
+
 /// The rows of the context calls' table of `plain-http.md` §5: `(method, path under
-/// /v1/contexts/{id}/, its answer cell, its "may suspend" cell)`.
-fn context_calls(text: &str) -> Vec<(String, String, String, String)> {
+/// /v1/contexts/{id}/, its answer cell, its "may suspend" cell, the query parameters its
+/// call cell gives)`.
+fn context_calls(text: &str) -> Vec<(String, String, String, String, BTreeSet<String>)> {
     text.lines()
         .filter_map(|line| {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
@@ -1019,6 +1126,7 @@ fn context_calls(text: &str) -> Vec<(String, String, String, String)> {
                 path,
                 cells[3].to_owned(),
                 cells[4].to_owned(),
+                query_names_in(cells[1]),
             ))
         })
         .collect()
@@ -1056,17 +1164,38 @@ fn the_plain_contract_agrees_with_the_gateway_document_and_the_code() {
                 panic!("plain-http.md names {method} {path}, which durin.yaml does not document")
             })
     };
+    // Each query parameter the prose gives on a route is one of the operation's.
+    let declares = |method: &str, route: &str, names: &BTreeSet<String>| {
+        let declared = parameters(&doc, method, route, "query");
+        for name in names {
+            assert!(
+                declared.contains(name),
+                "plain-http.md gives {method} {route} the query parameter {name:?}, which \
+                 durin.yaml does not declare (it declares {declared:?})"
+            );
+        }
+    };
     // `POST {gateway}/v1/contexts/...`: the gateway's address left out.
     let named = named_routes(&prose.replace("{gateway}", ""));
     assert!(named.len() >= 10, "too few routes found: {named:?}");
-    for (method, path) in &named {
-        find(method, path);
+    for ((method, path), names) in &named {
+        let route = find(method, path);
+        declares(method, &route, names);
     }
+    assert!(
+        named.values().any(|names| names.contains("timeout")),
+        "the query of `POST /v1/contexts/{{id}}/signals/{{name}}?timeout=1h` was not read"
+    );
 
     let calls = context_calls(&prose);
     assert!(calls.len() >= 14, "the context calls' table: {calls:?}");
-    for (method, path, answer, suspends) in &calls {
+    assert!(
+        calls.iter().any(|call| call.4.contains("key")),
+        "the table's `(optionally `?key=K`)` was not read: {calls:?}"
+    );
+    for (method, path, answer, suspends, names) in &calls {
         let route = find(method, &format!("/v1/contexts/{{id}}/{path}"));
+        declares(method, &route, names);
         let status = if answer.contains("`204`") { 204 } else { 200 };
         assert!(
             documents_status(&doc, method, &route, status),
@@ -1078,6 +1207,31 @@ fn the_plain_contract_agrees_with_the_gateway_document_and_the_code() {
                 !keys(&conflict["headers"]).is_empty()
                     && conflict["headers"]["Durin-Suspended"].is_mapping(),
                 "{method} {route} may suspend: its 409 must carry Durin-Suspended"
+            );
+        }
+    }
+
+    // A context path named with a query but no method (`signals/approve?key=approve-2`):
+    // some operation on that route declares each parameter.
+    let relative = relative_context_queries(&prose);
+    assert!(
+        relative.len() >= 2,
+        "relative context queries: {relative:?}"
+    );
+    for (path, names) in &relative {
+        let operations: Vec<&(String, String)> =
+            documented.iter().filter(|(_, r)| fits(r, path)).collect();
+        assert!(
+            !operations.is_empty(),
+            "plain-http.md names {path}, which durin.yaml does not document"
+        );
+        for name in names {
+            assert!(
+                operations
+                    .iter()
+                    .any(|(m, r)| parameters(&doc, m, r, "query").contains(name)),
+                "plain-http.md gives {path} the query parameter {name:?}, which no operation \
+                 of durin.yaml on that route declares"
             );
         }
     }
@@ -1111,19 +1265,42 @@ fn the_plain_contract_agrees_with_the_gateway_document_and_the_code() {
             "plain-http.md names the header {header}, which neither YAML document does"
         );
     }
-    for sent in [
-        durin_protocol::HEADER_INVOCATION_ID,
-        durin_protocol::HEADER_ATTEMPT,
-        durin_protocol::HEADER_ATTEMPT_TOKEN,
-        durin_protocol::HEADER_CANCELLED,
-        durin_protocol::HEADER_WORKFLOW_ID,
-        durin_protocol::HEADER_SIGNATURE,
-        durin_protocol::HEADER_SUSPENDED,
-        durin_protocol::HEADER_REPLAYED,
-    ] {
+    // What Durin sends a plain handler: every signed header but `Durin-Protocol` (plain
+    // handlers speak no protocol version), and its signature.
+    let sent_to_plain: Vec<&str> = SIGNED_HEADERS
+        .into_iter()
+        .filter(|name| *name != HEADER_PROTOCOL)
+        .chain([HEADER_SIGNATURE])
+        .collect();
+    assert!(sent_to_plain.contains(&durin_protocol::HEADER_REPLAY));
+    for sent in sent_to_plain
+        .iter()
+        .chain(&[HEADER_SUSPENDED, HEADER_REPLAYED])
+    {
         assert!(
-            headers.contains(sent),
+            headers.contains(*sent),
             "Durin sends or answers {sent}, which plain-http.md does not name"
         );
     }
+
+    // registerDeployment says what a plain handler gets, and how it answers a suspension
+    // (plain-http.md §3: `202` with `Durin-Suspended: true`).
+    let register = operation(&doc, "POST", "/v1/deployments")["description"]
+        .as_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for sent in &sent_to_plain {
+        assert!(
+            register.contains(sent),
+            "registerDeployment does not say that a plain handler gets {sent}"
+        );
+    }
+    let suspended = format!("{HEADER_SUSPENDED}: true");
+    assert!(
+        prose.to_ascii_lowercase().contains(&suspended)
+            && register.contains(&suspended)
+            && register.contains("`202`"),
+        "registerDeployment does not say that a suspended plain handler answers `202` with \
+         `Durin-Suspended: true`, as plain-http.md §3 does"
+    );
 }

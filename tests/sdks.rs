@@ -3,8 +3,9 @@
 //! processes in its language, and drives every primitive of the plain contract through
 //! them (steps, egress calls, timers, signals, `first`, awakeables, state, children,
 //! heartbeats, updates, cancellation, continue-as-new, the signature), including a kill -9
-//! of a handler between two calls: the conformance test of `openapi/plain-http.md` from
-//! handlers that are not Rust.
+//! of a handler between two calls and a replay of the Python order example's completed
+//! runs (`POST /v1/replays`, nothing run again): the conformance test of
+//! `openapi/plain-http.md` from handlers that are not Rust.
 
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -14,7 +15,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::require;
+use support::{require, require_all};
 
 fn sdk_dir(language: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -22,10 +23,13 @@ fn sdk_dir(language: &str) -> PathBuf {
         .join(language)
 }
 
-/// Runs `command` to its end, failing the test with its output when it fails.
+/// Runs `command` to its end, failing the test with its output when it fails. The suite
+/// gets `DURIN_REQUIRE_ALL` as this test has it (`1` or `0`): with `1`, a test the suite
+/// would skip for a missing dependency (Python's `cryptography`) fails instead.
 fn run(mut command: Command, what: &str) {
     let output = command
         .env("DURIN_BIN", env!("CARGO_BIN_EXE_durin"))
+        .env("DURIN_REQUIRE_ALL", if require_all() { "1" } else { "0" })
         .output()
         .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);

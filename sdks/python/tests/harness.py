@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,6 +36,17 @@ def has_cryptography():
         return True
     except ImportError:
         return False
+
+
+def require_cryptography():
+    """For setUpClass: skip the tests when `cryptography` is missing, or, with
+    DURIN_REQUIRE_ALL=1 (CI; tests/sdks.rs passes it down), fail them, as the Rust tests
+    do with a missing dependency."""
+    if has_cryptography():
+        return
+    if os.environ.get("DURIN_REQUIRE_ALL") == "1":
+        raise AssertionError(f"{CRYPTOGRAPHY_MISSING}; with DURIN_REQUIRE_ALL=1 that is a failure")
+    raise unittest.SkipTest(f"{CRYPTOGRAPHY_MISSING}; set DURIN_REQUIRE_ALL=1 to fail instead")
 
 
 # Stop what the tests started even when the run itself is stopped (SIGTERM, Ctrl-C).

@@ -1,13 +1,16 @@
 """The examples as separate processes: the order (durability across a SIGKILL, a cancel
-with compensation, the three-step variant) and the approval workflow."""
+with compensation, the three-step variant, a replay of its completed runs) and the
+approval workflow."""
 import os
 import signal
 import time
 import unittest
+import urllib.parse
 
 from harness import FAST_RETRY, SDK, Downstream, Durin, request, start_process, stop_process
 
 STEPS = os.path.join(SDK, "tests", "steps_handler.py")
+COUNTING = os.path.join(SDK, "tests", "counting.py")
 ORDER = os.path.join(SDK, "examples", "order.py")
 APPROVAL = os.path.join(SDK, "examples", "approval.py")
 AN_ORDER = {"order_id": "o1", "customer_id": "c1", "amount_cents": 1299}
@@ -66,6 +69,54 @@ class Order(unittest.TestCase):
         status, _, body = request("POST", f"{self.d.gw}/v1/call/order/process3", AN_ORDER)
         self.assertEqual((status, body), (200, "order o1 complete charge charge_o1 reservation reservation_o1"))
         self.assertEqual(self.down.calls, [])
+
+
+class OrderReplay(unittest.TestCase):
+    def test_completed_orders_replay_with_nothing_run_again(self):
+        """The order example's completed runs, exported from Durin and replayed against
+        the deployment that recorded them (`POST /v1/replays`): both replay to their end,
+        no downstream gets a call and no step body runs again."""
+        d = Durin()
+        self.addCleanup(d.stop)
+        down = Downstream()
+        self.addCleanup(down.stop)
+        log = os.path.join(d.dir, "counted.log")
+        proc, url = start_process([COUNTING, log, ORDER, "--port", "0", "--durin", d.gw, "--egress", d.egress,
+                                   "--payment", down.url, "--inventory", down.url, "--email", down.url])
+        self.addCleanup(stop_process, proc)
+        d.register({"url": url, "services": [{"name": "order", "handlers": [
+            {"name": "process", "retry_policy": FAST_RETRY},
+            {"name": "process3", "retry_policy": FAST_RETRY}]}]})
+
+        def counted():
+            with open(log) as f:
+                return f.read().splitlines()
+        orders = [d.send("order", "process", AN_ORDER), d.send("order", "process3", AN_ORDER)]
+        for inv in orders:
+            end = d.wait_end(inv)
+            self.assertEqual(end["status"], "completed", end)
+        history = b""
+        for inv in orders:
+            status, headers, body = request("GET", f"{d.admin}/v1/invocations/{inv}/history", raw=True)
+            self.assertEqual(status, 200, body)
+            history += body
+        calls, before = list(down.calls), counted()
+        self.assertEqual(sorted(p for p, _, _ in calls), ["/charge", "/reserve", "/send"])
+        self.assertEqual(sorted(line for line in before if line.startswith("step ")),
+                         ["step charge", "step email", "step reserve"])
+        self.assertNotIn("request replay=true", before)
+
+        query = urllib.parse.urlencode({"deployment": url})
+        status, _, report = request("POST", f"{d.admin}/v1/replays?{query}", history,
+                                    headers={"content-type": "application/jsonl"})
+        self.assertEqual(status, 200, report)
+        self.assertEqual((report["replayed"], report["diverged"], report["failed"]), (2, 0, 0), report)
+        for replayed in report["histories"]:
+            self.assertEqual((replayed["result"], replayed.get("reached")), ("replayed", "end"), report)
+        self.assertEqual(sorted(r["invocation_id"] for r in report["histories"]), sorted(orders))
+        self.assertEqual(down.calls, calls, "a replay reached a downstream")
+        new = counted()[len(before):]
+        self.assertEqual(new, ["request replay=true"] * 2, "a replay ran a step body, or not through the handler")
 
 
 class StepsAcrossSigkill(unittest.TestCase):

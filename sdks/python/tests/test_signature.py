@@ -1,13 +1,15 @@
 """Signature v3: requests Durin signed are accepted; changed or forged ones get 401."""
 import base64
 import http.client
+import os
+import subprocess
 import sys
 import threading
 import time
 import unittest
 from unittest import mock
 
-from harness import CRYPTOGRAPHY_MISSING, FAST_RETRY, Durin, has_cryptography
+from harness import HERE, FAST_RETRY, Durin, require_cryptography
 
 import durin
 from durin.signature import raw_key
@@ -36,10 +38,10 @@ def serve(app, d):
     return server
 
 
-@unittest.skipUnless(has_cryptography(), CRYPTOGRAPHY_MISSING)
 class Signatures(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        require_cryptography()  # skipped without it; failed with DURIN_REQUIRE_ALL=1
         cls.d = Durin()
         cls.app = Capturing(durin=cls.d.gw, verify_key=cls.d.signing_key()["jwk"])
         try:
@@ -148,6 +150,23 @@ class WithoutCryptography(unittest.TestCase):
         with mock.patch.dict(sys.modules, blocked):
             with self.assertRaisesRegex(RuntimeError, "cryptography"):
                 durin.Endpoint(verify_key=bytes(32))
+
+    def test_the_signature_tests_skip_without_it_unless_all_are_required(self):
+        # The Signatures tests in a Python that cannot import cryptography.
+        run = ("import sys, unittest; sys.modules['cryptography'] = None; "
+               "unittest.main(module=None, argv=['signatures', '-v', 'test_signature.Signatures'])")
+
+        def signatures(require_all):
+            env = {**os.environ, "DURIN_REQUIRE_ALL": require_all, "PYTHONDONTWRITEBYTECODE": "1"}
+            return subprocess.run([sys.executable, "-c", run], cwd=HERE, env=env,
+                                  capture_output=True, text=True, timeout=60)
+        skipped = signatures("0")
+        self.assertEqual(skipped.returncode, 0, skipped.stderr)
+        self.assertIn("skipped=1", skipped.stderr)
+        self.assertIn("set DURIN_REQUIRE_ALL=1 to fail instead", skipped.stderr)
+        failed = signatures("1")
+        self.assertNotEqual(failed.returncode, 0, failed.stderr)
+        self.assertIn("with DURIN_REQUIRE_ALL=1 that is a failure", failed.stderr)
 
 
 if __name__ == "__main__":
