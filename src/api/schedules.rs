@@ -147,6 +147,7 @@ pub async fn backfill(
     ApiPath(id): ApiPath<String>,
     ApiBody(body): ApiBody,
 ) -> Result<Response, ApiError> {
+    let schedule = state.schedules.get(&id).await?;
     let request: BackfillRequest = parse_json("the backfill request", &body)?;
     let from_ms = parse_time("from", &request.from).map_err(ApiError::BadRequest)?;
     let to_ms = parse_time("to", &request.to).map_err(ApiError::BadRequest)?;
@@ -159,7 +160,6 @@ pub async fn backfill(
             "to is in the future: a backfill starts past fires (trigger starts one now)".into(),
         ));
     }
-    let schedule = state.schedules.get(&id).await?;
     let timing = schedule.spec.check().map_err(ApiError::BadRequest)?;
     let count = {
         let mut count = 0;
