@@ -1850,7 +1850,116 @@ async fn new_invocations_go_to_the_newest_active_deployment(store: &dyn Store) {
     assert_eq!(latest(store).await, third.id);
 }
 
+/// A schedule's row: set, found due when its fire is due and not before, and a look
+/// starts each due fire's run once, in the transaction that moves it on; a second look at
+/// the same time starts nothing; a run whose id names one already is not started again.
+async fn a_schedule_starts_each_fire_once(store: &dyn Store) {
+    use crate::schedules::rule::{self, Limits, Op, SetOutcome};
+    let target = target(store).await;
+    let spec: crate::schedules::ScheduleSpec = serde_json::from_value(serde_json::json!({
+        "every": "1m", "overlap": "allow_all", "start": {"workflow": "wf", "input": {"n": 1}}
+    }))
+    .unwrap();
+    let minute = 60_000;
+    let start_ms = T0 - T0 % minute;
+    let set = store
+        .write("schedule/s", move |tx| {
+            Box::pin(async move { rule::set(tx, "s", spec, "api", start_ms).await })
+        })
+        .await
+        .unwrap();
+    assert!(matches!(set, SetOutcome::Set { created: true, .. }));
+    assert_eq!(
+        store.next_schedule_due().await.unwrap(),
+        Some(start_ms + minute)
+    );
+    assert!(store
+        .due_schedules(start_ms + minute - 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let now_ms = start_ms + 3 * minute;
+    assert_eq!(store.due_schedules(now_ms, 10).await.unwrap(), ["s"]);
+    let limits = Limits {
+        timeouts: Default::default(),
+        max_bytes: store.journal_limits().max_bytes,
+    };
+    async fn look(
+        store: &dyn Store,
+        target: HandlerTarget,
+        now_ms: i64,
+        limits: Limits,
+    ) -> rule::Applied {
+        store
+            .write("schedule/s", move |tx| {
+                Box::pin(async move {
+                    rule::look(tx, "s", Op::Due, now_ms, Some(&target), limits).await
+                })
+            })
+            .await
+            .unwrap()
+            .unwrap()
+    }
+    let applied = look(store, target.clone(), now_ms, limits).await;
+    let ids: Vec<String> = applied
+        .fires
+        .iter()
+        .map(|f| f.workflow_id.clone().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            crate::schedules::spec::fire_workflow_id("s", start_ms + minute),
+            crate::schedules::spec::fire_workflow_id("s", start_ms + 2 * minute),
+            crate::schedules::spec::fire_workflow_id("s", start_ms + 3 * minute),
+        ]
+    );
+    for id in &ids {
+        let run = store.find_workflow("wf", id).await.unwrap().unwrap();
+        assert_eq!(run.status, Status::Pending, "due for the scheduler");
+    }
+    assert_eq!(
+        store.get_schedule("s").await.unwrap().unwrap().due_ms,
+        Some(start_ms + 4 * minute)
+    );
+    assert!(store.due_schedules(now_ms, 10).await.unwrap().is_empty());
+    // A second look at the same time (another node's) starts nothing.
+    let again = look(store, target.clone(), now_ms, limits).await;
+    assert!(again.fires.is_empty());
+    // A backfill over the same fires finds their runs.
+    let backfill = store
+        .write("schedule/s", move |tx| {
+            Box::pin(async move {
+                let op = Op::Backfill {
+                    from_ms: start_ms + minute,
+                    to_ms: start_ms + 3 * minute,
+                    overlap: crate::schedules::Overlap::AllowAll,
+                };
+                rule::look(tx, "s", op, now_ms, Some(&target), limits).await
+            })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(backfill.fires.len(), 3);
+    assert!(backfill
+        .fires
+        .iter()
+        .all(|f| f.outcome == crate::schedules::fires::Outcome::AlreadyStarted));
+    assert_eq!(store.list_schedules().await.unwrap().len(), 1);
+    let deleted = store
+        .write("schedule/s", |tx| {
+            Box::pin(async move { rule::delete(tx, "s", "api").await })
+        })
+        .await
+        .unwrap();
+    assert!(deleted.is_some());
+    assert!(store.get_schedule("s").await.unwrap().is_none());
+    assert_eq!(store.next_schedule_due().await.unwrap(), None);
+}
+
 conformance! {
+    a_schedule_starts_each_fire_once,
     new_invocations_go_to_the_newest_active_deployment,
     a_timer_is_claimed_when_due_and_not_before_and_fires_once,
     a_signal_that_arrives_while_the_attempt_runs_is_not_lost,
