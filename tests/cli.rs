@@ -193,3 +193,202 @@ async fn the_command_line_lists_reads_and_acts_with_exit_codes_that_say_what_hap
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(3), "{unreachable:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_are_set_listed_shown_paused_fired_backfilled_and_deleted_from_the_command_line()
+{
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let handler = start_order(None, &[]);
+    let registered = durin(&gateway, &["deployments", "register", &handler.url]);
+    assert!(registered.status.success(), "{registered:?}");
+    let json = |args: &[&str]| {
+        let out = durin(&gateway, &[args, &["--output", "json"]].concat());
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+
+    // Set from options: created, then replaced (from a file, sent as it is).
+    let input = r#"{"request": "cli-schedule", "deadline_secs": 3600}"#;
+    let set = durin(
+        &gateway,
+        &[
+            "schedules",
+            "set",
+            "cli-hourly",
+            "--every",
+            "1h",
+            "--workflow",
+            "approval",
+            "--input",
+            input,
+            "--overlap",
+            "allow_all",
+        ],
+    );
+    assert!(set.status.success(), "{set:?}");
+    assert!(
+        stdout(&set).contains("schedule cli-hourly created"),
+        "{set:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spec.json");
+    std::fs::write(
+        &file,
+        format!(r#"{{"every": "1h", "start": {{"workflow": "approval", "input": {input}}}}}"#),
+    )
+    .unwrap();
+    let replaced = durin(
+        &gateway,
+        &[
+            "schedules",
+            "set",
+            "cli-hourly",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(replaced.status.success(), "{replaced:?}");
+    assert!(
+        stdout(&replaced).contains("schedule cli-hourly replaced"),
+        "{replaced:?}"
+    );
+
+    // Listed and shown: a table for people, the view for scripts.
+    let list = durin(&gateway, &["schedules", "list"]);
+    assert!(list.status.success(), "{list:?}");
+    let text = stdout(&list);
+    assert!(text.starts_with("ID"), "{text}");
+    let row = text.lines().find(|l| l.starts_with("cli-hourly")).unwrap();
+    for cell in ["api", "every 1h", "approval", "skip", "no", "0/0/0"] {
+        assert!(row.contains(cell), "{cell} in {row}");
+    }
+    let listed = json(&["schedules", "list"]);
+    assert_eq!(listed["schedules"][0]["id"], "cli-hourly");
+    let show = durin(&gateway, &["schedules", "show", "cli-hourly"]);
+    assert!(show.status.success(), "{show:?}");
+    let text = stdout(&show);
+    assert!(
+        text.contains("every 1h") && text.contains("cli-schedule") && text.contains("FIRE TIME"),
+        "{text}"
+    );
+    let view = json(&["schedules", "show", "cli-hourly"]);
+    assert_eq!(view["spec"]["start"]["workflow"], "approval");
+    assert_eq!(view["next_fires"].as_array().unwrap().len(), 5);
+
+    // Paused with a note, and unpaused.
+    let pause = durin(
+        &gateway,
+        &["schedules", "pause", "cli-hourly", "--note", "maintenance"],
+    );
+    assert!(pause.status.success(), "{pause:?}");
+    let view = json(&["schedules", "show", "cli-hourly"]);
+    assert_eq!(view["paused"], true);
+    assert_eq!(view["note"], "maintenance");
+    assert_eq!(view["next_fires"], serde_json::json!([]));
+    assert!(stdout(&durin(&gateway, &["schedules", "show", "cli-hourly"])).contains("maintenance"));
+    let view = json(&["schedules", "unpause", "cli-hourly"]);
+    assert_eq!(view["paused"], false);
+
+    // Triggered: one fire now, which starts a run.
+    let trigger = durin(&gateway, &["schedules", "trigger", "cli-hourly"]);
+    assert!(trigger.status.success(), "{trigger:?}");
+    let text = stdout(&trigger);
+    assert!(text.starts_with("FIRE TIME"), "{text}");
+    assert!(
+        text.lines().nth(1).unwrap().contains("started")
+            && text.contains("cli-hourly-")
+            && text.contains("trigger"),
+        "{text}"
+    );
+
+    // Backfilled: the two hourly fires of a past two-hour range, each its own run.
+    let hour = 3_600_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let to = now / hour * hour - hour;
+    let from = to - hour;
+    let (from, to) = (
+        durin::schedules::spec::rfc3339(from),
+        durin::schedules::spec::rfc3339(to),
+    );
+    let backfill = json(&[
+        "schedules",
+        "backfill",
+        "cli-hourly",
+        "--from",
+        &from,
+        "--to",
+        &to,
+    ]);
+    let fires: Vec<(&str, &str)> = backfill["fires"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["outcome"].as_str().unwrap(),
+                f["workflow_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (first, second) = (format!("cli-hourly-{from}"), format!("cli-hourly-{to}"));
+    assert_eq!(
+        fires,
+        [("started", first.as_str()), ("started", second.as_str())]
+    );
+    // Again, as a table: those fires ran already.
+    let again = durin(
+        &gateway,
+        &[
+            "schedules",
+            "backfill",
+            "cli-hourly",
+            "--from",
+            &from,
+            "--to",
+            &to,
+        ],
+    );
+    assert!(again.status.success(), "{again:?}");
+    let text = stdout(&again);
+    assert!(
+        text.contains("already_started") && text.contains(&first) && text.contains(&second),
+        "{text}"
+    );
+    let view = json(&["schedules", "show", "cli-hourly"]);
+    assert!(view["counts"]["started"].as_u64().unwrap() >= 3, "{view:#}");
+    let text = stdout(&durin(&gateway, &["schedules", "show", "cli-hourly"]));
+    assert!(text.contains("backfill") && text.contains(&first), "{text}");
+
+    // Deleted: gone, and a second delete is a problem.
+    let delete = durin(&gateway, &["schedules", "delete", "cli-hourly"]);
+    assert!(delete.status.success(), "{delete:?}");
+    assert!(stdout(&delete).contains("schedule cli-hourly deleted"));
+    let gone = durin(&gateway, &["schedules", "show", "cli-hourly"]);
+    assert_eq!(gone.status.code(), Some(1), "{gone:?}");
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not-found"));
+    assert_eq!(
+        json(&["schedules", "list"])["schedules"],
+        serde_json::json!([])
+    );
+
+    // A bad cron expression: the problem's detail on stderr, exit code 1.
+    let bad = durin(
+        &gateway,
+        &[
+            "schedules",
+            "set",
+            "cli-bad",
+            "--cron",
+            "* * *",
+            "--workflow",
+            "approval",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("not a cron expression"), "{stderr}");
+}

@@ -1,4 +1,4 @@
-//! `durin invocations|workflows|deployments ...`: the admin API (and, for workflows, the
+//! `durin invocations|workflows|deployments|webhooks|schedules ...`: the admin API (and, for workflows, the
 //! main listener) from a shell, with readable tables for people and `--output json` for
 //! scripts. Exit codes: 0 done, 1 Durin answered a problem (its type and detail go to
 //! stderr), 2 a usage error, 3 Durin could not be reached; `durin replay` adds 4 (a
@@ -258,6 +258,459 @@ fn show_deliveries(body: &Value) {
         ],
         &rows,
     );
+}
+
+#[derive(Subcommand)]
+pub enum Schedules {
+    /// The schedules: when each fires, what it starts, its next fire and its counts.
+    List,
+    /// One schedule: what it says, its next fires, its running runs and its recent fires.
+    Show { id: String },
+    /// Create or replace a schedule (`PUT /v1/schedules/{id}`).
+    Set(SetSchedule),
+    /// Delete a schedule; the runs it started go on.
+    Delete { id: String },
+    /// Fire no more until unpaused (fires that fall meanwhile are not made up).
+    Pause {
+        id: String,
+        /// Why it is paused, shown with the schedule.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Fire again, from now on.
+    Unpause {
+        id: String,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Fire once now.
+    Trigger {
+        id: String,
+        /// The overlap policy of this fire [default: the schedule's].
+        #[arg(long, value_enum)]
+        overlap: Option<OverlapPolicy>,
+    },
+    /// Fire every fire time of a past range, each under its own workflow id (a fire that
+    /// ran already is not run again).
+    Backfill {
+        id: String,
+        /// The range's start, RFC 3339 (`2026-12-05T03:00:00Z`).
+        #[arg(long)]
+        from: String,
+        /// The range's end (included), RFC 3339.
+        #[arg(long)]
+        to: String,
+        /// The overlap policy of these fires [default: allow_all].
+        #[arg(long, value_enum)]
+        overlap: Option<OverlapPolicy>,
+    },
+}
+
+/// `durin schedules set`: a schedule from options, or from a file.
+#[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("when")
+        .args(["cron", "every", "file"])
+        .required(true)
+))]
+pub struct SetSchedule {
+    id: String,
+    /// A JSON file holding the whole schedule (the body of `PUT /v1/schedules/{id}`),
+    /// sent as it is.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "cron", "time_zone", "every", "offset", "workflow", "input", "overlap",
+            "catchup_window", "jitter", "paused", "note",
+        ]
+    )]
+    file: Option<std::path::PathBuf>,
+    /// A cron expression (five fields, or six with seconds first; `@daily`).
+    #[arg(long, value_name = "EXPR")]
+    cron: Option<String>,
+    /// The IANA time zone the cron expression is read in [default: UTC].
+    #[arg(long, value_name = "TZ", requires = "cron")]
+    time_zone: Option<String>,
+    /// Or a fixed interval (`15m`): fires at its multiples since the Unix epoch.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    every: Option<std::time::Duration>,
+    /// With `--every`: fires this much after each multiple.
+    #[arg(long, value_name = "DURATION", requires = "every", value_parser = humantime::parse_duration)]
+    offset: Option<std::time::Duration>,
+    /// The workflow each fire starts a run of.
+    #[arg(long, value_name = "NAME", required_unless_present = "file")]
+    workflow: Option<String>,
+    /// The runs' input (JSON).
+    #[arg(long, value_name = "JSON")]
+    input: Option<String>,
+    /// What a fire does while an earlier fire's run has not ended [default: skip].
+    #[arg(long, value_enum)]
+    overlap: Option<OverlapPolicy>,
+    /// Fires missed for longer than this (Durin down) are not made up [default: 24h].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    catchup_window: Option<std::time::Duration>,
+    /// Delay each fire by up to this much.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    jitter: Option<std::time::Duration>,
+    /// Set it paused.
+    #[arg(long)]
+    paused: bool,
+    /// A note shown with the schedule.
+    #[arg(long)]
+    note: Option<String>,
+}
+
+/// A schedule's overlap policy.
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum OverlapPolicy {
+    Skip,
+    BufferOne,
+    AllowAll,
+    CancelOther,
+}
+
+impl OverlapPolicy {
+    fn as_str(self) -> &'static str {
+        use crate::schedules::Overlap;
+        match self {
+            OverlapPolicy::Skip => Overlap::Skip,
+            OverlapPolicy::BufferOne => Overlap::BufferOne,
+            OverlapPolicy::AllowAll => Overlap::AllowAll,
+            OverlapPolicy::CancelOther => Overlap::CancelOther,
+        }
+        .as_str()
+    }
+}
+
+impl SetSchedule {
+    /// The body of the `PUT`: the file's bytes as they are, or the spec the options say
+    /// (an exit code 2 when one is not what it should be).
+    fn body(&self) -> Result<(Vec<u8>, &'static str), ExitCode> {
+        if let Some(file) = &self.file {
+            return std::fs::read(file)
+                .map(|bytes| (bytes, "application/json"))
+                .map_err(|e| {
+                    eprintln!("durin: cannot read {}: {e}", file.display());
+                    ExitCode::from(2)
+                });
+        }
+        let duration = |d: &std::time::Duration| humantime::format_duration(*d).to_string();
+        let mut start = json!({ "workflow": self.workflow });
+        if let Some(input) = &self.input {
+            match serde_json::from_str::<Value>(input) {
+                Ok(input) => start["input"] = input,
+                Err(e) => {
+                    eprintln!("durin: the input is not JSON: {e}");
+                    return Err(ExitCode::from(2));
+                }
+            }
+        }
+        let mut spec = serde_json::Map::new();
+        for (key, value) in [
+            ("cron", self.cron.clone()),
+            ("time_zone", self.time_zone.clone()),
+            ("every", self.every.as_ref().map(duration)),
+            ("offset", self.offset.as_ref().map(duration)),
+            ("overlap", self.overlap.map(|o| o.as_str().to_owned())),
+            ("catchup_window", self.catchup_window.as_ref().map(duration)),
+            ("jitter", self.jitter.as_ref().map(duration)),
+            ("note", self.note.clone()),
+        ] {
+            if let Some(value) = value {
+                spec.insert(key.into(), value.into());
+            }
+        }
+        if self.paused {
+            spec.insert("paused".into(), true.into());
+        }
+        spec.insert("start".into(), start);
+        Ok((
+            Value::Object(spec).to_string().into_bytes(),
+            "application/json",
+        ))
+    }
+}
+
+impl Call {
+    /// A call to the admin API at `path`.
+    fn admin_api(
+        connection: &Connection,
+        method: reqwest::Method,
+        path: String,
+        body: Option<Value>,
+    ) -> Call {
+        Call {
+            method,
+            url: format!("{}{path}", connection.admin_url),
+            body,
+            admin: true,
+            idempotency_key: None,
+        }
+    }
+}
+
+/// Prints a schedule command's answer (its status, and its JSON) for people.
+type ShowAnswer = Box<dyn FnOnce(reqwest::StatusCode, &Value)>;
+
+pub async fn schedules(connection: Connection, command: Schedules) -> ExitCode {
+    use reqwest::Method;
+    let call = |method: Method, path: String, body: Option<Value>| {
+        Call::admin_api(&connection, method, path, body)
+    };
+    let at = |id: &str, verb: &str| format!("/v1/schedules/{id}{verb}");
+    let (call, raw, show): (Call, _, ShowAnswer) = match command {
+        Schedules::List => (
+            call(Method::GET, "/v1/schedules".into(), None),
+            None,
+            Box::new(|_, body| show_schedules(body)),
+        ),
+        Schedules::Show { id } => (
+            call(Method::GET, at(&id, ""), None),
+            None,
+            Box::new(|_, body| show_schedule(body)),
+        ),
+        Schedules::Set(set) => {
+            let raw = match set.body() {
+                Ok(raw) => raw,
+                Err(code) => return code,
+            };
+            let id = set.id;
+            (
+                call(Method::PUT, at(&id, ""), None),
+                Some(raw),
+                Box::new(move |status, body| {
+                    let done = if status == reqwest::StatusCode::CREATED {
+                        "created"
+                    } else {
+                        "replaced"
+                    };
+                    println!("schedule {id} {done}");
+                    show_next_fire(body);
+                }),
+            )
+        }
+        Schedules::Delete { id } => (
+            call(Method::DELETE, at(&id, ""), None),
+            None,
+            Box::new(move |_, _| println!("schedule {id} deleted")),
+        ),
+        Schedules::Pause { id, note } => (
+            call(
+                Method::POST,
+                at(&id, "/pause"),
+                Some(json!({ "note": note })),
+            ),
+            None,
+            Box::new(move |_, _| println!("schedule {id} paused")),
+        ),
+        Schedules::Unpause { id, note } => (
+            call(
+                Method::POST,
+                at(&id, "/unpause"),
+                Some(json!({ "note": note })),
+            ),
+            None,
+            Box::new(move |_, body| {
+                println!("schedule {id} unpaused");
+                show_next_fire(body);
+            }),
+        ),
+        Schedules::Trigger { id, overlap } => (
+            call(
+                Method::POST,
+                at(&id, "/trigger"),
+                Some(json!({ "overlap": overlap.map(OverlapPolicy::as_str) })),
+            ),
+            None,
+            Box::new(|_, body| show_fires(&body["fires"])),
+        ),
+        Schedules::Backfill {
+            id,
+            from,
+            to,
+            overlap,
+        } => (
+            call(
+                Method::POST,
+                at(&id, "/backfill"),
+                Some(json!({
+                    "from": from,
+                    "to": to,
+                    "overlap": overlap.map(OverlapPolicy::as_str),
+                })),
+            ),
+            None,
+            Box::new(|_, body| show_fires(&body["fires"])),
+        ),
+    };
+    let (status, bytes) = match send(&connection, call, raw).await {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    if status.is_client_error() || status.is_server_error() {
+        return problem(&connection, status, &bytes);
+    }
+    // A deletion answers 204, with no body: nothing to print for scripts.
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    match connection.output {
+        Output::Json if body.is_null() => {}
+        Output::Json => println!("{body:#}"),
+        Output::Table => show(status, &body),
+    }
+    ExitCode::SUCCESS
+}
+
+/// When a schedule fires: `cron EXPR [TZ]` or `every DUR [+OFFSET]`.
+fn schedule_when(spec: &Value) -> String {
+    if let Some(cron) = spec["cron"].as_str() {
+        match spec["time_zone"].as_str() {
+            Some(zone) => format!("cron {cron} {zone}"),
+            None => format!("cron {cron}"),
+        }
+    } else {
+        match spec["offset"].as_str() {
+            Some(offset) => format!("every {} +{offset}", text(&spec["every"])),
+            None => format!("every {}", text(&spec["every"])),
+        }
+    }
+}
+
+fn yes_no(value: &Value) -> String {
+    if value.as_bool().unwrap_or(false) {
+        "yes".into()
+    } else {
+        "no".into()
+    }
+}
+
+fn show_schedules(body: &Value) {
+    let rows: Vec<Vec<String>> = body["schedules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let counts = &s["counts"];
+            vec![
+                text(&s["id"]),
+                text(&s["source"]),
+                schedule_when(&s["spec"]),
+                text(&s["spec"]["start"]["workflow"]),
+                text(&s["spec"]["overlap"]),
+                yes_no(&s["paused"]),
+                text(&s["next_fires"][0]),
+                format!(
+                    "{}/{}/{}",
+                    text(&counts["started"]),
+                    text(&counts["skipped"]),
+                    text(&counts["missed"])
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "SOURCE",
+            "WHEN",
+            "WORKFLOW",
+            "OVERLAP",
+            "PAUSED",
+            "NEXT FIRE",
+            "STARTED/SKIPPED/MISSED",
+        ],
+        &rows,
+    );
+}
+
+/// A schedule: what it says and its state as `key  value` lines, then its recent fires.
+fn show_schedule(view: &Value) {
+    let spec = &view["spec"];
+    let list = |value: &Value| {
+        value
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let counts = &view["counts"];
+    let lines = [
+        ("id", text(&view["id"])),
+        ("source", text(&view["source"])),
+        ("when", schedule_when(spec)),
+        ("workflow", text(&spec["start"]["workflow"])),
+        ("input", shorten(&spec["start"]["input"].to_string(), 200)),
+        ("overlap", text(&spec["overlap"])),
+        ("catchup window", text(&spec["catchup_window"])),
+        ("jitter", text(&spec["jitter"])),
+        ("paused", yes_no(&view["paused"])),
+        ("note", text(&view["note"])),
+        ("next fires", list(&view["next_fires"])),
+        ("running", list(&view["running"])),
+        ("buffered", text(&view["buffered"])),
+        (
+            "fires",
+            format!(
+                "{} started, {} skipped, {} missed",
+                text(&counts["started"]),
+                text(&counts["skipped"]),
+                text(&counts["missed"])
+            ),
+        ),
+        ("last error", text(&view["last_error"])),
+        ("created", text(&view["created_at"])),
+        ("updated", text(&view["updated_at"])),
+    ];
+    let width = lines.iter().map(|(key, _)| key.len()).max().unwrap_or(0);
+    for (key, value) in lines.iter().filter(|(_, value)| !value.is_empty()) {
+        println!("{key:width$}  {value}");
+    }
+    println!();
+    println!("recent fires:");
+    show_fires(&view["recent"]);
+}
+
+/// Fires (a trigger's, a backfill's or a schedule's recent ones) as a table.
+fn show_fires(fires: &Value) {
+    let rows: Vec<Vec<String>> = fires
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|f| {
+            vec![
+                text(&f["fire_time"]),
+                text(&f["outcome"]),
+                text(&f["workflow_id"]),
+                text(&f["by"]),
+                text(&f["at"]),
+                shorten(&text(&f["detail"]), 60),
+            ]
+        })
+        .collect();
+    table(
+        &["FIRE TIME", "OUTCOME", "WORKFLOW ID", "BY", "AT", "DETAIL"],
+        &rows,
+    );
+}
+
+/// The next fire of a schedule's view (or that it is paused).
+fn show_next_fire(view: &Value) {
+    if view["paused"].as_bool().unwrap_or(false) {
+        println!("paused: no fire until unpaused");
+    } else if let Some(next) = view["next_fires"][0].as_str() {
+        println!("next fire {next}");
+    }
 }
 
 /// `durin replay`: replays history files against a deployment, through Durin's admin API.

@@ -84,6 +84,13 @@ enum Command {
         #[command(subcommand)]
         command: admin_client::Webhooks,
     },
+    /// Schedules (workflow runs on a cron expression or an interval), over the admin API.
+    Schedules {
+        #[command(flatten)]
+        connection: admin_client::Connection,
+        #[command(subcommand)]
+        command: admin_client::Schedules,
+    },
     /// Replay recorded histories against a deployment, with no side effect, through the
     /// admin API: exit code 0 when all replayed, 4 when one diverged, 5 when one failed.
     Replay(admin_client::Replay),
@@ -183,6 +190,10 @@ pub fn main() -> ExitCode {
             connection,
             command,
         } => runtime.block_on(admin_client::webhooks(connection, command)),
+        Command::Schedules {
+            connection,
+            command,
+        } => runtime.block_on(admin_client::schedules(connection, command)),
         command => match runtime.block_on(run_command(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -245,7 +256,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
         | Command::Workflows { .. }
         | Command::Deployments { .. }
         | Command::Replay(_)
-        | Command::Webhooks { .. } => {
+        | Command::Webhooks { .. }
+        | Command::Schedules { .. } => {
             anyhow::bail!("not a server command")
         }
     }
