@@ -421,6 +421,9 @@ url = "http://127.0.0.1:9080"
         assert_eq!(config.egress_retry_policy.maximum_attempts, Some(3));
         assert_eq!(config.deployments.len(), 2);
         assert!(config.deployments[1].services.is_some());
+        let nightly = &config.schedules["nightly-approval"];
+        nightly.check().unwrap();
+        assert_eq!(nightly.start.workflow, "approval");
     }
 
     #[test]
