@@ -66,6 +66,9 @@ pub struct Config {
     pub deployments: Vec<DeploymentConfig>,
     /// Webhook sources (`POST /v1/webhooks/{source}`).
     pub webhooks: Vec<crate::webhooks::SourceConfig>,
+    /// Who may call the main listener, and what each caller may do; off unless keys or a
+    /// JWT issuer are given.
+    pub auth: crate::auth::AuthConfig,
     /// Schedules by id (`[schedules.nightly]`), set at start; the config manages them.
     pub schedules: std::collections::BTreeMap<String, crate::schedules::ScheduleSpec>,
     /// Where the egress proxy listens; no egress when unset.
@@ -130,6 +133,7 @@ impl Default for Config {
             max_pending_starts: 100_000,
             deployments: Vec::new(),
             webhooks: Vec::new(),
+            auth: crate::auth::AuthConfig::default(),
             schedules: std::collections::BTreeMap::new(),
             egress_listen: None,
             egress_allow: Vec::new(),
@@ -150,7 +154,8 @@ impl Default for Config {
 
 /// A secret from the configuration: its `Debug` form never shows it, so that logging a
 /// configuration leaks nothing.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -229,6 +234,8 @@ struct ConfigFile {
     webhooks: Vec<crate::webhooks::SourceConfig>,
     #[serde(default)]
     schedules: std::collections::BTreeMap<String, crate::schedules::ScheduleSpec>,
+    #[serde(default)]
+    auth: crate::auth::AuthConfig,
     egress_listen: Option<SocketAddr>,
     egress_allow: Option<Vec<String>>,
     egress_retry_policy: Option<RetryPolicy>,
@@ -327,6 +334,7 @@ impl Config {
         config.deployments = file.deployments;
         config.webhooks = file.webhooks;
         config.schedules = file.schedules;
+        config.auth = file.auth;
         if let Some(v) = file.egress_listen {
             config.egress_listen = Some(v);
         }
@@ -421,6 +429,9 @@ url = "http://127.0.0.1:9080"
         assert_eq!(config.egress_retry_policy.maximum_attempts, Some(3));
         assert_eq!(config.deployments.len(), 2);
         assert!(config.deployments[1].services.is_some());
+        assert!(crate::auth::Authenticator::new(&config.auth)
+            .unwrap()
+            .enabled());
         let nightly = &config.schedules["nightly-approval"];
         nightly.check().unwrap();
         assert_eq!(nightly.start.workflow, "approval");

@@ -4,6 +4,7 @@
 //! a shutdown token. See ARCHITECTURE.md for the map of the modules.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -122,6 +123,16 @@ async fn serve(
         webhooks::Webhooks::new(&config.webhooks)
             .map_err(|e| anyhow::anyhow!("the config's webhooks: {e}"))?,
     );
+    let auth = Arc::new(
+        auth::Authenticator::new(&config.auth)
+            .map_err(|e| anyhow::anyhow!("the config's auth: {e}"))?,
+    );
+    if !auth.enabled() && !local.ip().is_loopback() {
+        tracing::warn!(
+            listen = %local,
+            "the main listener is reachable beyond this machine and no caller needs credentials: anyone who reaches it may start, signal and cancel any workflow; declare [auth] api_keys or jwt in the config"
+        );
+    }
     let store = store::open(&config.database_url, config.journal_limits, node)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", config.database_url))?;
@@ -287,6 +298,7 @@ async fn serve(
         replays,
         webhooks: Arc::clone(&webhooks),
         schedules,
+        auth,
         http,
         idempotency_retention: config.idempotency_retention,
         call_wait: config.call_wait,

@@ -38,6 +38,12 @@ pub enum ApiError {
     /// The egress refuses a call (no running invocation, a host outside the allow-list).
     #[error("{0}")]
     Forbidden(String),
+    /// A caller of the main listener without credentials that hold (authentication on).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A caller outside its grants; it does not say whether the target exists.
+    #[error("{0}")]
+    NotAllowed(String),
     /// The same `Idempotency-Key` was used before with a different request. The problem
     /// does not name that request's invocation: the key may be someone else's.
     #[error("Idempotency-Key {key:?} was already used for a different request; use a new key for a new request")]
@@ -231,6 +237,13 @@ impl ApiError {
                 "Egress refused",
                 false,
             ),
+            Unauthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Credentials required",
+                false,
+            ),
+            NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden", "Not allowed", false),
             Deployment { retryable, .. } => (
                 StatusCode::BAD_GATEWAY,
                 "deployment-unusable",
@@ -358,7 +371,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
         headers.insert(HEADER_ERROR_SOURCE, HeaderValue::from_static(self.source()));
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Unauthorized | ApiError::Unauthenticated(_)) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {

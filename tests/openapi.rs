@@ -879,6 +879,8 @@ fn api_errors() -> Vec<ApiError> {
         ApiError::PayloadTooLarge { limit: 1 },
         ApiError::UnsupportedMediaType("text/plain".into()),
         ApiError::Forbidden("not in the allow-list".into()),
+        ApiError::Unauthenticated("no credentials".into()),
+        ApiError::NotAllowed("outside its grants".into()),
         ApiError::IdempotencyKeyReused {
             key: "order-42".into(),
         },
@@ -949,6 +951,8 @@ fn api_errors() -> Vec<ApiError> {
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType(_)
             | ApiError::Forbidden(_)
+            | ApiError::Unauthenticated(_)
+            | ApiError::NotAllowed(_)
             | ApiError::IdempotencyKeyReused { .. }
             | ApiError::Conflict(_)
             | ApiError::Deployment { .. }

@@ -81,7 +81,7 @@ async fn cancel(state: &AppState, id: &InvocationId) -> Result<Response, ApiErro
             return Err(ApiError::InvocationState {
                 detail: format!(
                     "invocation {id} is paused ({}); resume it to let its handler see the cancellation, or terminate it",
-                    record.last_error.unwrap_or_default()
+                    super::views::last_error_for_caller(record.last_error.as_deref())
                 ),
                 invocation_id: id.to_string(),
             })

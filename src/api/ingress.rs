@@ -168,7 +168,7 @@ fn output_or_failure(ended: &Ended) -> Result<Response, ApiError> {
         }
         Status::Paused => Err(ApiError::InvocationPaused {
             invocation_id: record.id.to_string(),
-            reason: record.last_error.clone().unwrap_or_default(),
+            reason: super::views::last_error_for_caller(record.last_error.as_deref()),
         }),
         Status::Failed if ended.output.as_ref().is_some_and(|o| o.value.is_some()) => {
             // A plain handler's own answer goes back as it was.

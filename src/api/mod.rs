@@ -4,6 +4,7 @@
 //! answer; they hold no state of their own. Every error leaves through [`ApiError`].
 
 mod admin;
+mod auth;
 mod awakeables;
 mod cancel;
 mod context;
@@ -140,6 +141,8 @@ pub struct AppState {
     pub replays: Arc<crate::replay::Replays>,
     /// The webhook sources the config declares.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Who callers of the main listener are, and what they may do.
+    pub auth: Arc<crate::auth::Authenticator>,
     /// Schedules: the admin API's operations on them.
     pub schedules: Arc<crate::schedules::Schedules>,
     pub http: reqwest::Client,
@@ -248,6 +251,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/contexts/{id}/state/{key}",
             put(context::set_state).delete(context::clear_state),
         );
+    // On the routes only: an unknown route is a 404 that names nothing.
+    let router = router.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::authorize,
+    ));
     finish(router, state)
 }
 

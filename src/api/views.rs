@@ -7,6 +7,39 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::http::json_value;
+
+tokio::task_local! {
+    /// Whether the caller being answered may read what the answer shows (`api/auth.rs`
+    /// sets it around each request of the main listener; everywhere else: yes).
+    static MAY_READ: bool;
+}
+
+/// Runs `answer` (a request's handler) for a caller who may, or may not, read an
+/// invocation's `last_error` and `idempotency_key`.
+pub async fn scoped<F: std::future::Future>(may_read: bool, answer: F) -> F::Output {
+    MAY_READ.scope(may_read, answer).await
+}
+
+/// Whether the caller being answered may read an invocation's `last_error` and
+/// `idempotency_key`.
+fn may_read() -> bool {
+    MAY_READ.try_with(|may| *may).unwrap_or(true)
+}
+
+/// Whether a field that only readers see is left out.
+fn hidden(value: &Option<String>) -> bool {
+    value.is_none() || !may_read()
+}
+
+/// An invocation's last error as a problem may quote it: to a caller who may read the
+/// invocation.
+pub fn last_error_for_caller(last_error: Option<&str>) -> String {
+    if may_read() {
+        last_error.unwrap_or_default().to_owned()
+    } else {
+        "its last error is shown to callers who may read it".to_owned()
+    }
+}
 use crate::store::{DeploymentRecord, InvocationRecord, StoredEntry};
 
 /// The last millisecond of year 9999, the largest time RFC 3339 can write.
@@ -60,9 +93,10 @@ pub struct InvocationView {
     pub completed_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Shown only to a caller who may read the invocation (see [`scoped`]).
+    #[serde(skip_serializing_if = "hidden")]
     pub last_error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "hidden")]
     pub idempotency_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,

@@ -632,5 +632,6 @@ fn route_request(
     if let Some(traceparent) = headers.get("traceparent") {
         request = request.header("traceparent", traceparent.clone());
     }
+    request = request.extension(crate::http::InternalRequest);
     request.body(Body::from(body)).map_err(|e| e.to_string())
 }
