@@ -559,3 +559,78 @@ async fn a_schedule_fires_across_a_kill_of_durin_and_catches_up_exactly_once() {
     durin.kill();
     order.kill();
 }
+
+/// Three nodes on one PostgreSQL database look at the same schedule (every second,
+/// `allow_all`); one is killed with SIGKILL midway. Every fire from the first to the last
+/// started exactly one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_start_each_fire_once() {
+    if !support::require("postgres") {
+        return;
+    }
+    let order = start_order(None, &[]);
+    let home = GatewayHome::cluster("2s");
+    let mut nodes: Vec<support::Proc> = (0..3).map(|_| home.start(None)).collect();
+    register(&nodes[0].admin, &order.url).await;
+    let admin = nodes[1].admin.clone();
+    let response = client()
+        .put(format!("{admin}/v1/schedules/tick"))
+        .json(&json!({
+            "every": "1s",
+            "overlap": "allow_all",
+            "start": {"workflow": "batch", "input": {"items": 1, "item_ms": 1}}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let fires = |admin: String, at_least: u64| async move {
+        eventually(Duration::from_secs(60), "fires", || {
+            let admin = admin.clone();
+            async move {
+                let view = get_json(&format!("{admin}/v1/schedules/tick")).await;
+                (view["counts"]["started"].as_u64()? >= at_least).then_some(())
+            }
+        })
+        .await
+    };
+    fires(admin.clone(), 4).await;
+    nodes[0].kill();
+    let before = get_json(&format!("{admin}/v1/schedules/tick")).await["counts"]["started"]
+        .as_u64()
+        .unwrap();
+    fires(admin.clone(), before + 4).await;
+    let response = client()
+        .post(format!("{admin}/v1/schedules/tick/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let view = get_json(&format!("{admin}/v1/schedules/tick")).await;
+    let list = get_json(&format!("{admin}/v1/invocations?service=batch&limit=1000")).await;
+    let mut ids: Vec<String> = list["invocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["workflow_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let count = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), count, "a fire started twice: {ids:?}");
+    let times: Vec<i64> = ids
+        .iter()
+        .map(|id| durin::schedules::spec::parse_time("t", id.trim_start_matches("tick-")).unwrap())
+        .collect();
+    for pair in times.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1_000, "a fire is missing: {ids:?}");
+    }
+    assert_eq!(
+        view["counts"]["started"].as_u64().unwrap() as usize,
+        count,
+        "{view}"
+    );
+    for node in &mut nodes[1..] {
+        node.kill();
+    }
+}
