@@ -246,16 +246,27 @@ async fn callers_are_held_to_their_grants_on_every_route() {
         )
         .await;
     assert_eq!(status, 403, "approval only");
+    let mut refusals = Vec::new();
     for id in [run_id.as_str(), "inv_0000000000000000000000000000000f"] {
-        let (status, _, _) = w
+        let (status, problem, _) = w
             .send("GET", &format!("/v1/invocations/{id}"), Some(STARTER), None)
             .await;
         assert_eq!(status, 403, "{id}");
+        refusals.push(problem);
         let (status, _, _) = w
             .send("GET", &format!("/v1/invocations/{id}"), Some(READER), None)
             .await;
         assert_eq!(status, if id == run_id { 200 } else { 403 }, "{id}");
     }
+    assert_eq!(
+        refusals[0], refusals[1],
+        "a refusal says nothing of what exists"
+    );
+    // HEAD is a read.
+    let (status, _, _) = w
+        .send("HEAD", "/v1/workflows/approval/w1", Some(STARTER), None)
+        .await;
+    assert_eq!(status, 403);
     // A caller who may read everything is told what does not exist.
     let (status, _, _) = w
         .send(
@@ -421,10 +432,19 @@ async fn jwts_carry_their_grants_in_scope() {
     stranger["aud"] = json!("someone-else");
     let mut elsewhere = good.clone();
     elsewhere["iss"] = json!("https://evil.example");
+    let mut no_audience = good.clone();
+    no_audience.as_object_mut().unwrap().remove("aud");
+    let mut no_issuer = good.clone();
+    no_issuer.as_object_mut().unwrap().remove("iss");
+    let mut not_yet = good.clone();
+    not_yet["nbf"] = json!(now_secs() + 3600);
     for (what, token) in [
         ("expired", hs256(expired)),
         ("another audience", hs256(stranger)),
         ("another issuer", w.es256(elsewhere)),
+        ("no audience", hs256(no_audience)),
+        ("no issuer", w.es256(no_issuer)),
+        ("not valid yet", hs256(not_yet)),
     ] {
         let (status, problem, _) = w
             .send("GET", "/v1/workflows/approval/j1", Some(&token), None)

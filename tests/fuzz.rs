@@ -347,8 +347,8 @@ fn narrowed(name: &str, schema: &Value) -> Option<Value> {
         // `initial_interval` (1 s and 100 s when absent), which relates two properties:
         // initial ones under a second, maximum ones of a second or more.
         "initial_interval" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
-        // A schedule's offset must be shorter than its interval (1 s or more).
-        "offset" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
+        // A schedule's offset and jitter must be shorter than its interval (1 s or more).
+        "offset" | "jitter" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
         // A time zone is a name the IANA database knows, which a pattern cannot list.
         "time_zone" => {
             json!({"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]})

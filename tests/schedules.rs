@@ -545,6 +545,14 @@ async fn a_schedule_fires_across_a_kill_of_durin_and_catches_up_exactly_once() {
         "{view}"
     );
     assert_eq!(view["counts"]["missed"], 0);
+    // A fire that found its run started already was looked at twice.
+    let twice: Vec<&Value> = view["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["outcome"] == "already_started")
+        .collect();
+    assert!(twice.is_empty(), "{twice:?}");
     for id in &ids {
         let url = format!("{gateway}/v1/workflows/batch/{id}");
         eventually(Duration::from_secs(30), id, || {
@@ -629,6 +637,14 @@ async fn three_nodes_start_each_fire_once() {
         view["counts"]["started"].as_u64().unwrap() as usize,
         count,
         "{view}"
+    );
+    assert!(
+        view["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["outcome"] == "started"),
+        "a fire was looked at twice: {view}"
     );
     for node in &mut nodes[1..] {
         node.kill();

@@ -35,7 +35,8 @@ fn route(method: &Method, path: &str) -> Route {
     {
         return Route::Own;
     }
-    let get = method == Method::GET;
+    // axum answers HEAD with the GET handler: a read too.
+    let get = method == Method::GET || method == Method::HEAD;
     match path {
         "/v1/call/{service}/{handler}" | "/v1/send/{service}/{handler}" => Route::Handler(&[Call]),
         "/v1/invocations/{id}" => Route::Invocation(&[Read]),
@@ -90,6 +91,11 @@ pub async fn authorize(
         .into_response();
     }
     let Some(matched) = matched else {
+        // The route layer runs only on matched routes; anything else is refused.
+        if state.auth.enabled() && !internal {
+            return ApiError::NotAllowed("this request matches no route a caller may use".into())
+                .into_response();
+        }
         return next.run(request).await;
     };
     let route = route(request.method(), matched.as_str());
@@ -124,25 +130,22 @@ pub async fn authorize(
             .iter()
             .all(|verb| access.allows(*verb, service, handler));
     // A target that does not exist is told only to a caller who may act on everything.
-    let untold = target.is_none() && verbs.iter().all(|verb| access.allows_everywhere(*verb));
+    let untold = target.is_none()
+        && !verbs.is_empty()
+        && verbs.iter().all(|verb| access.allows_everywhere(*verb));
     if !allowed && !untold {
         tracing::info!(
             caller = access.name(),
             path = %matched.as_str(),
             "request outside the caller's grants"
         );
+        // The same words whether or not the target exists, and whichever service an
+        // invocation id names: a refusal tells nothing the caller may not read.
+        let needed: Vec<&str> = verbs.iter().map(|verb| verb.as_str()).collect();
         return ApiError::NotAllowed(format!(
-            "{} may not do this: its grants do not include {}",
+            "{} may not do this: it needs the grant {} on what it names",
             access.name(),
-            verbs
-                .iter()
-                .map(|verb| format!(
-                    "{}:{}",
-                    verb.as_str(),
-                    if service.is_empty() { "…" } else { service }
-                ))
-                .collect::<Vec<_>>()
-                .join(" and ")
+            needed.join(" and ")
         ))
         .into_response();
     }

@@ -388,9 +388,26 @@ fn jwt(config: &JwtConfig) -> Result<Jwt, String> {
         let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&read(path)?)
             .map_err(|e| format!("jwt: {} is not a JWKS: {e}", path.display()))?;
         for jwk in &set.keys {
-            let algorithm = match &jwk.algorithm {
-                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            use jsonwebtoken::jwk::{
+                AlgorithmParameters, EllipticCurve, KeyAlgorithm, PublicKeyUse,
+            };
+            // Only signing keys of the two algorithms Durin checks: an encryption key, a
+            // P-384 curve or a key meant for another algorithm is left out.
+            if jwk
+                .common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|usage| *usage != PublicKeyUse::Signature)
+            {
+                continue;
+            }
+            let algorithm = match (&jwk.algorithm, &jwk.common.key_algorithm) {
+                (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+                (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+                    if ec.curve == EllipticCurve::P256 =>
+                {
+                    Algorithm::ES256
+                }
                 _ => continue,
             };
             let key = DecodingKey::from_jwk(jwk)
@@ -427,13 +444,22 @@ impl Jwt {
         for (_, key, algorithm) in candidates {
             let mut validation = jsonwebtoken::Validation::new(*algorithm);
             validation.leeway = 30;
+            validation.validate_nbf = true;
+            // A configured issuer or audience must be named: a token that leaves the
+            // claim out is not let through.
+            let mut required = vec!["exp"];
             match &self.audience {
-                Some(audience) => validation.set_audience(&[audience]),
+                Some(audience) => {
+                    validation.set_audience(&[audience]);
+                    required.push("aud");
+                }
                 None => validation.validate_aud = false,
             }
             if let Some(issuer) = &self.issuer {
                 validation.set_issuer(&[issuer]);
+                required.push("iss");
             }
+            validation.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<serde_json::Value>(token, key, &validation) {
                 Ok(data) => return self.access(&data.claims),
                 Err(e) => last = e.to_string(),

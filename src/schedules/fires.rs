@@ -12,6 +12,8 @@ pub const RECENT: usize = 20;
 pub const MAX_FIRES_PER_LOOK: usize = 1_000;
 /// How often a schedule whose fire waits for a run to end looks again.
 pub const BUFFER_POLL_MS: i64 = 1_000;
+/// The most runs of earlier fires a schedule follows (to see when they end).
+pub const MAX_RUNNING: usize = 32;
 /// Missed fires counted one by one before the rest are skipped over uncounted.
 const MAX_MISSED_COUNTED: u64 = 10_000;
 
@@ -156,7 +158,7 @@ impl Look<'_> {
             let window = self.spec.catchup_window_ms();
             let mut dealt = 0;
             while let Some(next) = self.timing.next_after(state.through_ms) {
-                let due_at = next + self.spec.jitter_ms(self.id, next);
+                let due_at = next.saturating_add(self.spec.jitter_ms(self.id, next));
                 if due_at > self.now_ms {
                     break;
                 }
@@ -166,7 +168,7 @@ impl Look<'_> {
                 }
                 dealt += 1;
                 state.through_ms = next;
-                if self.now_ms - due_at > window {
+                if self.now_ms.saturating_sub(due_at) > window {
                     self.missed(state, next);
                 } else {
                     steps.extend(self.fire(state, next, self.spec.overlap, By::Schedule));
@@ -189,10 +191,10 @@ impl Look<'_> {
         } else {
             self.timing
                 .next_after(state.through_ms)
-                .map(|next| next + self.spec.jitter_ms(self.id, next))
+                .map(|next| next.saturating_add(self.spec.jitter_ms(self.id, next)))
         };
         if state.buffered_ms.is_some() {
-            let poll = self.now_ms + BUFFER_POLL_MS;
+            let poll = self.now_ms.saturating_add(BUFFER_POLL_MS);
             due = Some(due.map_or(poll, |due| due.min(poll)));
         }
         due
@@ -201,7 +203,10 @@ impl Look<'_> {
     /// Skips over the fires that are older than the catch-up window by far, counting
     /// them, without deciding each.
     fn skip_missed(&self, state: &mut ScheduleState) {
-        let horizon = self.now_ms - self.spec.catchup_window_ms() - self.max_jitter_ms();
+        let horizon = self
+            .now_ms
+            .saturating_sub(self.spec.catchup_window_ms())
+            .saturating_sub(self.max_jitter_ms());
         let mut missed = 0u64;
         let mut first = None;
         while let Some(next) = self.timing.next_after(state.through_ms) {
@@ -327,6 +332,11 @@ impl Look<'_> {
     }
 
     fn start(&self, state: &mut ScheduleState, nominal_ms: i64, by: By) -> Step {
+        // Under allow_all many may run: the oldest are no longer followed (each followed
+        // run costs a read at every look).
+        if state.running.len() >= MAX_RUNNING {
+            state.running.remove(0);
+        }
         state.running.push(fire_workflow_id(self.id, nominal_ms));
         Step::Start { nominal_ms, by }
     }

@@ -248,6 +248,9 @@ pub async fn look(
         }));
     }
     let mut woke = false;
+    // Cancellations after the starts, each run once, their workflow ids locked in order
+    // before any of their runs: the lock order every rule keeps.
+    let mut cancels = std::collections::BTreeSet::new();
     for step in steps {
         match step {
             Step::Start { nominal_ms, by } => {
@@ -262,14 +265,23 @@ pub async fn look(
                 woke |= record.outcome == Outcome::Started;
                 state.record(record);
             }
-            Step::Cancel(workflow_ids) => {
-                for workflow_id in workflow_ids {
-                    woke |= cancel(tx, &spec.start.workflow, &workflow_id, now_ms).await?;
-                }
-            }
+            Step::Cancel(workflow_ids) => cancels.extend(workflow_ids),
         }
     }
+    for workflow_id in &cancels {
+        tx.lock_workflow_id(&spec.start.workflow, workflow_id)
+            .await?;
+    }
+    for workflow_id in &cancels {
+        woke |= cancel(tx, &spec.start.workflow, workflow_id, now_ms).await?;
+    }
     state.last_error = None;
+    if due.is_none() && !state.paused {
+        state.last_error = Some(format!(
+            "it has no fire after {}: it fires no more",
+            super::spec::rfc3339(state.through_ms)
+        ));
+    }
     finish(tx, row, state, due, woke).await
 }
 
@@ -378,7 +390,6 @@ async fn cancel(
     let Some((invocation, _)) = tx.workflow_run(workflow, workflow_id).await? else {
         return Ok(false);
     };
-    tx.lock_workflow_id(workflow, workflow_id).await?;
     match crate::lifecycle::cancel::request(tx, &invocation, now_ms).await {
         Ok(crate::store::CancelAnswer::Requested(_)) => Ok(true),
         Ok(_) | Err(StoreError::NotFound(_)) => Ok(false),

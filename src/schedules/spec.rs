@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_CATCHUP: Duration = Duration::from_secs(24 * 3600);
 /// The shortest interval and the shortest catch-up window.
 const MIN_PERIOD: Duration = Duration::from_secs(1);
+/// The longest interval and the longest catch-up window.
+const MAX_SPAN: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest jitter.
+const MAX_JITTER: Duration = Duration::from_secs(24 * 3600);
 
 /// A schedule as it is set (by the admin API, the CLI or the config) and stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,9 +148,12 @@ impl ScheduleSpec {
             }
         }
         if let Some(window) = self.catchup_window {
-            if window < MIN_PERIOD {
-                return Err("catchup_window must be at least 1s".into());
+            if window < MIN_PERIOD || window > MAX_SPAN {
+                return Err("catchup_window must be from 1s to 366d".into());
             }
+        }
+        if self.jitter.is_some_and(|jitter| jitter > MAX_JITTER) {
+            return Err("jitter must be at most 1d".into());
         }
         let timing = match (&self.cron, self.every) {
             (Some(_), Some(_)) => {
@@ -181,8 +188,11 @@ impl ScheduleSpec {
                 if self.time_zone.is_some() {
                     return Err("time_zone goes with cron; every counts from the Unix epoch".into());
                 }
-                if every < MIN_PERIOD {
-                    return Err("every must be at least 1s".into());
+                if every < MIN_PERIOD || every > MAX_SPAN {
+                    return Err("every must be from 1s to 366d".into());
+                }
+                if self.jitter.is_some_and(|jitter| jitter > every) {
+                    return Err("jitter must not be longer than every".into());
                 }
                 let offset = self.offset.unwrap_or_default();
                 if offset >= every {
@@ -401,7 +411,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"every": "10ms", "start": {"workflow": "w"}}),
-                "at least 1s",
+                "from 1s",
             ),
             (
                 serde_json::json!({"every": "1m", "cron": "* * * * *", "start": {"workflow": "w"}}),
@@ -410,6 +420,22 @@ mod tests {
             (
                 serde_json::json!({"every": "1m", "start": {"workflow": "no such/thing"}}),
                 "workflow name",
+            ),
+            (
+                serde_json::json!({"every": "300000000y", "start": {"workflow": "w"}}),
+                "366d",
+            ),
+            (
+                serde_json::json!({"every": "1m", "jitter": "2m", "start": {"workflow": "w"}}),
+                "jitter",
+            ),
+            (
+                serde_json::json!({"cron": "* * * * *", "jitter": "2d", "start": {"workflow": "w"}}),
+                "jitter",
+            ),
+            (
+                serde_json::json!({"every": "1m", "catchup_window": "400d", "start": {"workflow": "w"}}),
+                "catchup_window",
             ),
         ];
         for (json, expected) in cases {
