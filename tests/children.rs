@@ -468,7 +468,16 @@ async fn child_workflows_by_id_follow_their_parent_close_policy() {
         (run("w-3").await["status"] == "cancelled").then_some(())
     })
     .await;
-    let w1 = run("w-1").await;
+    // Abandoned, it goes on: its attempt may still be on its way to the
+    // sleep, so wait for it to suspend there rather than catch it running.
+    let w1 = support::eventually(Duration::from_secs(10), "w-1 to sleep", || async {
+        let view = run("w-1").await;
+        match view["status"].as_str() {
+            Some("running") => None,
+            _ => Some(view),
+        }
+    })
+    .await;
     assert_eq!(w1["status"], "suspended", "abandoned, it goes on: {w1}");
 
     let again = client()
