@@ -13,6 +13,7 @@ pub mod engine;
 pub mod http;
 pub mod ids;
 pub mod journal;
+pub mod keys;
 pub mod lifecycle;
 pub mod problem;
 pub mod registry;

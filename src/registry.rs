@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use durin_protocol::{Discovery, ServiceSpec, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use durin_protocol::{Discovery, ServiceKind, ServiceSpec, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::clock::Clock;
 use crate::ids::parse_name;
@@ -236,6 +236,16 @@ fn validate_services(services: &[ServiceSpec]) -> Result<(), String> {
                         service.name, handler.name
                     ));
                 }
+            }
+            if let Some(key) = &handler.key {
+                if service.kind == ServiceKind::Workflow {
+                    return Err(format!(
+                        "handler {}/{}: a workflow's runs are one per workflow id already; key is for services",
+                        service.name, handler.name
+                    ));
+                }
+                key.validate()
+                    .map_err(|e| format!("handler {}/{}: {e}", service.name, handler.name))?;
             }
             if let Some(policy) = &handler.retry_policy {
                 policy.validate().map_err(|e| {

@@ -417,6 +417,7 @@ fn samples() -> Vec<(&'static str, Json)> {
         schedule_to_close: Some(std::time::Duration::from_secs(3600)),
         schedule_to_start: Some(std::time::Duration::from_secs(60)),
         heartbeat_timeout: Some(std::time::Duration::from_secs(10)),
+        key: Some(durin_protocol::KeySpec::pointer("/customer").limit(2)),
     };
     let service = ServiceSpec {
         name: "order".into(),

@@ -24,6 +24,8 @@ enum Route {
     Workflow(&'static [Verb]),
     /// `verbs` on the invocation the path's `id` names.
     Invocation(&'static [Verb]),
+    /// `verbs` on every handler of the service named in the path.
+    Service(&'static [Verb]),
 }
 
 fn route(method: &Method, path: &str) -> Route {
@@ -40,6 +42,7 @@ fn route(method: &Method, path: &str) -> Route {
     match path {
         "/v1/call/{service}/{handler}" | "/v1/send/{service}/{handler}" => Route::Handler(&[Call]),
         "/v1/invocations/{id}" => Route::Invocation(&[Read]),
+        "/v1/services/{service}/keys/{key}" => Route::Service(&[Read]),
         "/v1/invocations/{id}/signals/{name}" => Route::Invocation(&[Signal]),
         "/v1/invocations/{id}/queries/{name}" => Route::Invocation(&[Query]),
         "/v1/invocations/{id}/cancel" => Route::Invocation(&[Cancel]),
@@ -168,6 +171,10 @@ async fn target(
                 .zip(param(params, "handler"))
                 .map(|(s, h)| (s.to_owned(), h.to_owned())),
         ),
+        Route::Service(verbs) => (
+            verbs,
+            param(params, "service").map(|s| (s.to_owned(), "*".to_owned())),
+        ),
         Route::Workflow(verbs) => (
             verbs,
             param(params, "workflow")
@@ -199,7 +206,10 @@ mod tests {
             let method: Method = method.parse().unwrap_or(Method::GET);
             match route(&method, path) {
                 Route::Own => {}
-                Route::Handler(verbs) | Route::Workflow(verbs) | Route::Invocation(verbs) => {
+                Route::Handler(verbs)
+                | Route::Workflow(verbs)
+                | Route::Invocation(verbs)
+                | Route::Service(verbs) => {
                     assert!(!verbs.is_empty(), "{method} {path} needs no verb");
                 }
             }

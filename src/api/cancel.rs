@@ -65,6 +65,9 @@ async fn cancel(state: &AppState, id: &InvocationId) -> Result<Response, ApiErro
     let (record, said) = match answer {
         CancelAnswer::Requested(record) => (record, "requested"),
         CancelAnswer::AlreadyRequested(record) => (record, "already-requested"),
+        CancelAnswer::Dequeued(record) => {
+            return Ok(answer_with(StatusCode::OK, &record, "cancellation", "cancelled"));
+        }
         CancelAnswer::Ended(record) if record.status == Status::Cancelled => {
             return Ok(answer_with(StatusCode::OK, &record, "cancellation", "already-cancelled"));
         }

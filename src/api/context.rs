@@ -190,10 +190,12 @@ async fn plan_child(
         }),
         None => None,
     };
+    let key = super::ingress::invocation_key(&target.spec, None, &input)?;
     Ok(journal::Planned {
         value: Some(serde_json::json!({ "invocation_id": id.as_str() })),
         effect: Effect::StartChild(Box::new(ChildStart {
             id,
+            key,
             input,
             due_ms: crate::lifecycle::after(now_ms, child.delay),
             awaited: kind == EntryKind::Call,

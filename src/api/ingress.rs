@@ -15,7 +15,8 @@ use crate::http::hex;
 use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
 use crate::store::{
-    Created, HandlerProtocol, IdempotencyClaim, InvocationRecord, NewInvocation, Status,
+    Created, HandlerProtocol, IdempotencyClaim, InvocationKey, InvocationRecord, NewInvocation,
+    Status,
 };
 
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -239,6 +240,7 @@ async fn start(
             ))
         })?;
     let (input_digest, content_type) = input_digest(target.protocol, content_type, body)?;
+    let invocation_key = invocation_key(&target.spec, Some(headers), body)?;
     let admitted = super::admit(state, caller).await?;
     let now_ms = state.clock.now_ms();
     let idempotency = key.map(|key| IdempotencyClaim {
@@ -265,6 +267,7 @@ async fn start(
         deadline_ms: state.timeouts.deadline(&target_spec, now_ms),
         traceparent: super::traceparent(headers),
         run_now: admitted == Admitted::Queue,
+        key: invocation_key,
     };
 
     let created = tokio::spawn(async move {
@@ -297,6 +300,27 @@ async fn start(
     .await
     .map_err(|e| ApiError::Storage(format!("the invocation could not be created: {e}")))?;
     created
+}
+
+/// The key of a request to a keyed handler (read where the handler declares it: in the
+/// request's `headers`, which a child call has none of, or its input), with the handler's
+/// limit; a 400 when the request has none.
+pub(super) fn invocation_key(
+    spec: &durin_protocol::HandlerSpec,
+    headers: Option<&HeaderMap>,
+    body: &[u8],
+) -> Result<Option<InvocationKey>, ApiError> {
+    let Some(key_spec) = &spec.key else {
+        return Ok(None);
+    };
+    let header = |name: &str| headers?.get(name).map(HeaderValue::as_bytes);
+    let key = key_spec
+        .key_of(header, body)
+        .map_err(|e| ApiError::BadRequest(format!("handler {} is keyed: {e}", spec.name)))?;
+    Ok(Some(InvocationKey {
+        key,
+        limit: key_spec.limit,
+    }))
 }
 
 /// The digest of a request's input (which an idempotency key or a workflow id compares)

@@ -9,6 +9,7 @@ mod awakeables;
 mod cancel;
 mod context;
 mod ingress;
+mod keys;
 mod operate;
 mod queries;
 mod replays;
@@ -85,6 +86,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/contexts/{id}/state/{key}"),
     ("DELETE", "/v1/contexts/{id}/state/{key}"),
     ("POST", "/v1/webhooks/{source}"),
+    ("GET", "/v1/services/{service}/keys/{key}"),
 ];
 
 /// Every route of the admin listener (operators): what decides where callers' requests go
@@ -208,6 +210,7 @@ pub fn router(state: AppState) -> Router {
             get(queries::of_workflow),
         )
         .route("/v1/webhooks/{source}", post(webhooks::receive))
+        .route("/v1/services/{service}/keys/{key}", get(keys::show))
         .route("/v1/awakeables/{token}/resolve", post(awakeables::resolve))
         .route("/v1/awakeables/{token}/reject", post(awakeables::reject))
         .route("/v1/contexts/{id}/entries", post(context::append))

@@ -61,6 +61,10 @@ pub struct InvocationView {
     /// The workflow id of a workflow's run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workflow_id: Option<String>,
+    /// The key of a keyed handler's invocation; a `queued` one waits for its key's turn
+    /// (`GET /v1/services/{service}/keys/{key}` lists the key's queue).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// What a suspended invocation waits for: the journal indexes of its commands.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub waiting_for: Vec<u32>,
@@ -157,6 +161,7 @@ impl InvocationView {
             deployment_id: record.deployment_id.clone(),
             status: record.status.as_str(),
             workflow_id: record.workflow_id.clone(),
+            key: record.key.as_ref().map(|k| k.key.clone()),
             waiting_for: if record.status == crate::store::Status::Suspended {
                 record.waiting_for.clone()
             } else {

@@ -204,6 +204,7 @@ async fn start_run(
             deadline_ms,
             traceparent,
             run_now: admitted == Admitted::Queue,
+            key: None,
         },
         workflow_id,
         input_digest,

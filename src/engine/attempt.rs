@@ -372,7 +372,9 @@ impl Engine {
         // Due again, a child whose end may have woken its parent, or a next run.
         let parent_woken = record.status.is_final() && record.parent_index.is_some();
         let next_run = record.status == Status::Continued;
-        if record.next_run_at_ms.is_some() || parent_woken || next_run {
+        // A keyed invocation's end may have made the next of its key due.
+        let key_freed = record.status.is_final() && record.key.is_some();
+        if record.next_run_at_ms.is_some() || parent_woken || next_run || key_freed {
             self.nudge();
         }
         Ok(record)
@@ -380,11 +382,14 @@ impl Engine {
 
     /// Asks to cancel an invocation (see [`crate::store::Store::cancel`]); the scheduler runs it at once.
     pub async fn cancel(&self, id: &InvocationId) -> Result<CancelAnswer, StoreError> {
-        let answer = self.store.cancel(id, self.clock.now_ms()).await?;
-        if let CancelAnswer::Requested(_) = &answer {
+        let cancellation = self.store.cancel(id, self.clock.now_ms()).await?;
+        if let CancelAnswer::Requested(_) = &cancellation.answer {
             self.nudge();
         }
-        Ok(answer)
+        for (record, output) in cancellation.ended {
+            self.ended(record, Some(output));
+        }
+        Ok(cancellation.answer)
     }
 
     /// Ends an invocation at once, with the children it waits for (see
@@ -484,7 +489,8 @@ impl Engine {
     pub(super) fn ended(&self, record: InvocationRecord, output: Option<StoredEntry>) {
         record_end_metrics(&record);
         self.config.traces.invocation(&record);
-        if record.parent_index.is_some() {
+        // Its parent may be due, or the next invocation of its key.
+        if record.parent_index.is_some() || record.key.is_some() {
             self.nudge();
         }
         self.finish(Ended { record, output });

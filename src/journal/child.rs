@@ -175,7 +175,16 @@ pub async fn insert(
         traceparent,
         idempotency_key: None,
     };
+    // A child of a keyed handler takes its key's turn as any invocation does.
+    let queued = match &child.key {
+        Some(key) => crate::keys::must_queue(tx, &child.target.service, key).await?,
+        None => false,
+    };
     insert_pending(tx, &pending, now_ms).await?;
+    if let Some(key) = &child.key {
+        tx.set_key(child.id.as_str(), &child.target.service, key, queued)
+            .await?;
+    }
     if let Some(workflow) = &child.workflow {
         tx.take_workflow_id(
             &child.target.service,

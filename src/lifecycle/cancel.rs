@@ -30,10 +30,14 @@ impl dyn crate::store::Store {
         &self,
         id: &crate::ids::InvocationId,
         now_ms: i64,
-    ) -> crate::store::StoreResult<crate::store::CancelAnswer> {
+    ) -> crate::store::StoreResult<crate::store::Cancellation> {
         let id = id.to_string();
         self.write(&id.clone(), move |tx| {
-            Box::pin(async move { request(tx, &id, now_ms).await })
+            Box::pin(async move {
+                let mut ended = Vec::new();
+                let answer = request(tx, &id, now_ms, &mut ended).await?;
+                Ok(crate::store::Cancellation { answer, ended })
+            })
         })
         .await
     }
@@ -43,13 +47,33 @@ impl dyn crate::store::Store {
 /// transaction: the timers due by now fire, the `cancel` entry and its completion are
 /// written, and the invocation becomes pending and due, which fences a running attempt
 /// (the next one replays up to the cancellation). At most once per invocation; never for
-/// an ended or paused one.
+/// an ended or paused one. One that waits for its key's turn (`queued`) has not started: it
+/// ends as `cancelled` at once, without its handler (into `ended`).
 pub async fn request(
     tx: &mut dyn crate::store::tables::Tx,
     id: &str,
     now_ms: i64,
+    ended: &mut crate::store::Closed,
 ) -> crate::store::StoreResult<crate::store::CancelAnswer> {
     use crate::store::{CancelAnswer, ParentClose, Status, StoreError, StoredEntry};
+    if crate::keys::lock_key_if_queued(tx, id).await? {
+        let ending = super::terminate::Ending {
+            status: Status::Cancelled,
+            failure: Failure {
+                status: 409,
+                error_type: Some(CANCELLED.into()),
+                message: "cancelled while it waited for its key's turn; its handler never ran"
+                    .into(),
+            },
+            children: format!("its parent {id} was cancelled"),
+        };
+        let record = super::terminate::end_now(tx, id, &ending, now_ms, ended).await?;
+        return Ok(if record.status == Status::Cancelled {
+            CancelAnswer::Dequeued(record)
+        } else {
+            CancelAnswer::Ended(record)
+        });
+    }
     let record = tx
         .lock_invocation(id)
         .await?
@@ -83,7 +107,7 @@ pub async fn request(
     let record = tx.mark_cancelled(id, now_ms).await?;
     for (child, policy) in tx.open_children(id).await? {
         if policy != ParentClose::Abandon {
-            Box::pin(request(tx, &child, now_ms)).await?;
+            Box::pin(request(tx, &child, now_ms, ended)).await?;
         }
     }
     Ok(CancelAnswer::Requested(record))

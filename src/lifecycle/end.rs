@@ -195,6 +195,7 @@ pub async fn end_attempt(
             crate::journal::child::complete_parent(tx, &record, output.as_ref(), now_ms).await?;
         }
         close_children(tx, id, now_ms, &mut closed).await?;
+        crate::keys::release(tx, &record, now_ms).await?;
     }
     Ok((record, output, closed))
 }
@@ -271,7 +272,7 @@ pub async fn close_children(
                 end_now(tx, &child, &ending, now_ms, closed).await?;
             }
             ParentClose::Cancel => {
-                super::cancel::request(tx, &child, now_ms).await?;
+                super::cancel::request(tx, &child, now_ms, closed).await?;
             }
             ParentClose::Abandon => {}
         }

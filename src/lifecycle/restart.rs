@@ -93,6 +93,14 @@ pub async fn restart(
         let kept = op.get("set").map(|v| v.to_string().into_bytes());
         tx.put_state(id, &key, kept.as_deref()).await?;
     }
+    // An ended run of a keyed handler takes its key's turn again: a place if one is free,
+    // the end of the queue otherwise (a paused one holds its place still).
+    let requeue = match (&record.key, record.status.is_final()) {
+        (Some(key), true) if crate::keys::must_queue(tx, &record.service, key).await? => {
+            Some(key.clone())
+        }
+        _ => None,
+    };
     let keep_cancel = tx.has_cancel(id).await?;
     let record = tx
         .mark_restarted(
@@ -106,5 +114,12 @@ pub async fn restart(
         .await?;
     // Its idempotency key names it again for as long as it runs.
     tx.hold_idempotency_keys(id, None).await?;
+    let record = match requeue {
+        Some(key) => {
+            tx.set_key(id, &record.service, &key, true).await?;
+            tx.invocation(id).await?.unwrap_or(record)
+        }
+        None => record,
+    };
     Ok(Ok((record, true)))
 }

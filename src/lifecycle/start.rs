@@ -56,7 +56,25 @@ pub async fn create(tx: &mut dyn Tx, new: NewInvocation) -> StoreResult<Created>
             tx.delete_idempotency_key(&claim.scope, &claim.key).await?;
         }
     }
+    let Some(key) = new.key.clone() else {
+        let (record, input) = insert_running(tx, new, None).await?;
+        return Ok(Created::New {
+            record,
+            input: Box::new(input),
+        });
+    };
+    // A keyed handler's invocation runs if its key has a free place, and waits its turn
+    // otherwise (created pending, then queued: it never runs on this node at once).
+    let service = new.target.service.clone();
+    let queued = crate::keys::must_queue(tx, &service, &key).await?;
+    let new = NewInvocation {
+        run_now: new.run_now && !queued,
+        ..new
+    };
     let (record, input) = insert_running(tx, new, None).await?;
+    tx.set_key(record.id.as_str(), &service, &key, queued)
+        .await?;
+    let record = tx.invocation(record.id.as_str()).await?.unwrap_or(record);
     Ok(Created::New {
         record,
         input: Box::new(input),

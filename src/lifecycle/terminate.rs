@@ -98,6 +98,7 @@ pub async fn end_now(
     now_ms: i64,
     ended: &mut Vec<(InvocationRecord, StoredEntry)>,
 ) -> StoreResult<InvocationRecord> {
+    crate::keys::lock_key_if_queued(tx, id).await?;
     let record = tx
         .lock_invocation(id)
         .await?
@@ -105,9 +106,13 @@ pub async fn end_now(
     if record.status.is_final() {
         return Ok(record);
     }
+    let held_key = record.status != Status::Queued;
     let record = tx
         .mark_ended(id, ending.status, &ending.failure, 0, now_ms)
         .await?;
+    if held_key {
+        crate::keys::release(tx, &record, now_ms).await?;
+    }
     let output = super::end::record_output(
         tx,
         &record,

@@ -87,6 +87,7 @@ mod tests {
             schedule_to_close: None,
             schedule_to_start: Some(Duration::from_secs(1)),
             heartbeat_timeout: None,
+            key: None,
         };
         assert_eq!(defaults.deadline(&spec, 1_000), Some(61_000));
         spec.schedule_to_close = Some(Duration::from_secs(2));

@@ -284,6 +284,7 @@ fn attempt_record(
         scheduled_at_ms: None,
         heartbeat_at_ms: None,
         traceparent: None,
+        key: None,
     }
 }
 

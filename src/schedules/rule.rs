@@ -351,6 +351,7 @@ async fn start(
             deadline_ms: limits.timeouts.deadline(&target.spec, now_ms),
             traceparent: None,
             run_now: false,
+            key: None,
         },
         workflow_id: workflow_id.clone(),
         input_digest,
@@ -390,7 +391,9 @@ async fn cancel(
     let Some((invocation, _)) = tx.workflow_run(workflow, workflow_id).await? else {
         return Ok(false);
     };
-    match crate::lifecycle::cancel::request(tx, &invocation, now_ms).await {
+    // A schedule's runs are workflow runs, which are never queued for a key.
+    let mut ended = Vec::new();
+    match crate::lifecycle::cancel::request(tx, &invocation, now_ms, &mut ended).await {
         Ok(crate::store::CancelAnswer::Requested(_)) => Ok(true),
         Ok(_) | Err(StoreError::NotFound(_)) => Ok(false),
         Err(error) => Err(error),

@@ -139,6 +139,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
+    /// A keyed invocation waiting for a holder of its key to end (never claimed).
+    Queued,
     Pending,
     Running,
     Suspended,
@@ -155,6 +157,7 @@ pub enum Status {
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
+            Status::Queued => "queued",
             Status::Pending => "pending",
             Status::Running => "running",
             Status::Suspended => "suspended",
@@ -170,6 +173,7 @@ impl Status {
 
     pub fn parse(s: &str) -> Option<Status> {
         Some(match s {
+            "queued" => Status::Queued,
             "pending" => Status::Pending,
             "running" => Status::Running,
             "suspended" => Status::Suspended,
@@ -346,6 +350,16 @@ pub struct InvocationRecord {
     pub heartbeat_at_ms: Option<i64>,
     /// The W3C `traceparent` its trace continues (see [`crate::telemetry::trace_context`]).
     pub traceparent: Option<String>,
+    /// Its key, for a keyed handler's invocation.
+    pub key: Option<InvocationKey>,
+}
+
+/// The key of a keyed handler's invocation: at most `limit` invocations of one service's
+/// key run at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvocationKey {
+    pub key: String,
+    pub limit: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -451,6 +465,9 @@ pub struct NewInvocation {
     /// due now, for the scheduler to claim when a slot is free (`false`: admission's queue
     /// was full).
     pub run_now: bool,
+    /// Its key, for a keyed handler: it runs when fewer than the limit of its key do,
+    /// and waits its turn (`queued`) otherwise.
+    pub key: Option<InvocationKey>,
 }
 
 /// The start of a run of a workflow: `(workflow, workflow_id)` names one run at a time.
@@ -748,6 +765,8 @@ pub struct ChildStart {
     /// A child workflow's run, by id.
     pub workflow: Option<ChildWorkflow>,
     pub parent_close: ParentClose,
+    /// Its key, when it calls a keyed handler (read in its input).
+    pub key: Option<InvocationKey>,
 }
 
 #[derive(Debug)]
@@ -894,6 +913,16 @@ pub enum CancelAnswer {
     Ended(InvocationRecord),
     /// It is paused (waiting for an operator); nothing was written.
     Paused(InvocationRecord),
+    /// It waited for its key's turn and never started: it ended as `cancelled` at once.
+    Dequeued(InvocationRecord),
+}
+
+/// What a cancellation did, and what it ended at once (invocations that waited for their
+/// key's turn), whose waiting callers are told.
+#[derive(Debug)]
+pub struct Cancellation {
+    pub answer: CancelAnswer,
+    pub ended: Closed,
 }
 
 /// The metric of the writes committed together in one transaction (group commit).
@@ -967,6 +996,14 @@ pub trait Store: Send + Sync + 'static {
         workflow: &str,
         workflow_id: &str,
     ) -> StoreResult<Option<InvocationRecord>>;
+    /// The unfinished invocations of a key of `service`: its holders, then those queued
+    /// for it, in arrival order; at most `limit`.
+    async fn key_invocations(
+        &self,
+        service: &str,
+        key: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<InvocationRecord>>;
     /// The runs of a workflow id, oldest first (a run that continued as new, then the next).
     async fn workflow_runs(
         &self,

@@ -426,6 +426,38 @@ pub trait Schedules: Send {
     async fn delete_schedule(&mut self, id: &str) -> StoreResult<bool>;
 }
 
+/// The keys of keyed handlers' invocations (columns of the `invocations` table).
+///
+/// On PostgreSQL a rule takes a key's lock after the invocations' row locks it holds, and
+/// under it waits for no invocation's row: [`Keys::release_queued`] skips rows another
+/// transaction holds.
+#[async_trait]
+pub trait Keys: Send {
+    /// Serialises what changes who holds or waits for one key of a service, on every node
+    /// (PostgreSQL: a transaction-scoped advisory lock).
+    async fn lock_key(&mut self, service: &str, key: &str) -> StoreResult<()>;
+    /// How many invocations of the key hold it: neither queued nor ended.
+    async fn key_holders(&mut self, service: &str, key: &str) -> StoreResult<u32>;
+    /// Gives a new invocation its key, after the key's other unfinished invocations;
+    /// `queued`, it waits its turn (status `queued`, no due time).
+    async fn set_key(
+        &mut self,
+        id: &str,
+        service: &str,
+        key: &super::InvocationKey,
+        queued: bool,
+    ) -> StoreResult<()>;
+    /// Makes up to `count` of the key's queued invocations, oldest first, pending and due
+    /// at `now_ms`: their ids.
+    async fn release_queued(
+        &mut self,
+        service: &str,
+        key: &str,
+        count: u32,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>>;
+}
+
 /// Every table, in one transaction.
 pub trait Tx:
     Invocations
@@ -437,6 +469,7 @@ pub trait Tx:
     + Updates
     + IdempotencyKeys
     + Schedules
+    + Keys
 {
 }
 
@@ -450,6 +483,7 @@ impl<T> Tx for T where
         + Updates
         + IdempotencyKeys
         + Schedules
+        + Keys
 {
 }
 

@@ -521,6 +521,16 @@ async fn running(store: &dyn Store) -> InvocationRecord {
 
 /// Creates an invocation of `wf/run`, with an idempotency claim if given.
 async fn create(store: &dyn Store, idempotency: Option<IdempotencyClaim>, now_ms: i64) -> Created {
+    create_with(store, idempotency, None, now_ms).await
+}
+
+/// Creates an invocation of `wf/run` with an idempotency claim or a key, if given.
+async fn create_with(
+    store: &dyn Store,
+    idempotency: Option<IdempotencyClaim>,
+    key: Option<InvocationKey>,
+    now_ms: i64,
+) -> Created {
     let spec = HandlerSpec {
         name: "run".into(),
         path: None,
@@ -529,6 +539,7 @@ async fn create(store: &dyn Store, idempotency: Option<IdempotencyClaim>, now_ms
         schedule_to_close: None,
         schedule_to_start: None,
         heartbeat_timeout: None,
+        key: None,
     };
     let (deployment, _) = store
         .register_deployment(NewDeployment {
@@ -562,6 +573,7 @@ async fn create(store: &dyn Store, idempotency: Option<IdempotencyClaim>, now_ms
             deadline_ms: None,
             traceparent: None,
             run_now: true,
+            key,
         })
         .await
         .unwrap();
@@ -1273,6 +1285,7 @@ async fn start(
                 deadline_ms: None,
                 traceparent: None,
                 run_now: true,
+                key: None,
             },
             workflow_id: workflow_id.into(),
             input_digest: "d".into(),
@@ -1474,6 +1487,7 @@ fn child_call(
                 input_digest: "d".into(),
             }),
             parent_close,
+            key: None,
         })),
     }
 }
@@ -1626,7 +1640,8 @@ async fn signals_past_the_limits_are_refused(store: &dyn Store) {
 /// attempt, and leaves the invocation where the engine expects it.
 async fn cancel_terminate_pause_and_resume_move_an_invocation_once(store: &dyn Store) {
     let record = running(store).await;
-    let CancelAnswer::Requested(cancelled) = store.cancel(&record.id, T0 + 1).await.unwrap() else {
+    let CancelAnswer::Requested(cancelled) = store.cancel(&record.id, T0 + 1).await.unwrap().answer
+    else {
         panic!("not cancelled")
     };
     assert_eq!(
@@ -1634,7 +1649,7 @@ async fn cancel_terminate_pause_and_resume_move_an_invocation_once(store: &dyn S
         (Status::Pending, Some(T0 + 1))
     );
     assert!(matches!(
-        store.cancel(&record.id, T0 + 2).await.unwrap(),
+        store.cancel(&record.id, T0 + 2).await.unwrap().answer,
         CancelAnswer::AlreadyRequested(_)
     ));
     // The attempt that ran is fenced.
@@ -1681,9 +1696,86 @@ async fn cancel_terminate_pause_and_resume_move_an_invocation_once(store: &dyn S
         .unwrap();
     assert!(matches!(late, StoreError::Fenced { .. }), "{late}");
     assert!(matches!(
-        store.cancel(&record.id, T0 + 9).await.unwrap(),
+        store.cancel(&record.id, T0 + 9).await.unwrap().answer,
         CancelAnswer::Ended(_)
     ));
+}
+
+/// Invocations of one key run at most its limit at once; the others wait, never claimed,
+/// and are made due in arrival order by a holder's end (a completion, a termination); one
+/// cancelled while it waits ends at once, without running.
+async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dyn Store) {
+    let new = |key: &'static str, limit: u32, now_ms: i64| async move {
+        let key = Some(InvocationKey {
+            key: key.into(),
+            limit,
+        });
+        match create_with(store, None, key, now_ms).await {
+            Created::New { record, .. } => record,
+            other => panic!("{other:?}"),
+        }
+    };
+    let a = new("k", 1, T0).await;
+    let b = new("k", 1, T0 + 1).await;
+    let c = new("k", 1, T0 + 2).await;
+    let other = new("j", 1, T0 + 3).await;
+    let statuses = [a.status, b.status, c.status, other.status];
+    assert_eq!(
+        statuses,
+        [
+            Status::Running,
+            Status::Queued,
+            Status::Queued,
+            Status::Running
+        ]
+    );
+    assert_eq!(b.next_run_at_ms, None);
+    assert!(store.claim_due(T0 + 10, 10).await.unwrap().is_empty());
+    let listed: Vec<InvocationId> = store
+        .key_invocations("wf", "k", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, [a.id.clone(), b.id.clone(), c.id.clone()]);
+
+    // The holder completes: the oldest waiting one is due, the next still waits.
+    end(store, &a, completed("1"), T0 + 11).await;
+    let b = claim_one(store, T0 + 12).await;
+    assert_eq!(b.id, listed[1]);
+    assert!(store.claim_due(T0 + 12, 10).await.unwrap().is_empty());
+
+    // Cancelled while it waits: ended at once, without an attempt.
+    let cancellation = store.cancel(&c.id, T0 + 13).await.unwrap();
+    let CancelAnswer::Dequeued(cancelled) = cancellation.answer else {
+        panic!("{:?}", cancellation.answer)
+    };
+    assert_eq!(
+        (cancelled.status, cancelled.attempt),
+        (Status::Cancelled, 0)
+    );
+    assert_eq!(cancellation.ended.len(), 1);
+
+    // A termination of the holder frees its place too.
+    let d = new("k", 1, T0 + 14).await;
+    assert_eq!(d.status, Status::Queued);
+    store
+        .terminate(&b.id, "enough".into(), T0 + 15)
+        .await
+        .unwrap();
+    assert_eq!(claim_one(store, T0 + 16).await.id, d.id);
+
+    // Two at once: the third waits until one of them ends.
+    let x = new("two", 2, T0 + 20).await;
+    let y = new("two", 2, T0 + 21).await;
+    let z = new("two", 2, T0 + 22).await;
+    assert_eq!(
+        [x.status, y.status, z.status],
+        [Status::Running, Status::Running, Status::Queued]
+    );
+    end(store, &y, completed("y"), T0 + 23).await;
+    assert_eq!(claim_one(store, T0 + 24).await.id, z.id);
 }
 
 /// Updates: stored once per key (across the runs of a workflow id), refused by the
@@ -1790,6 +1882,7 @@ async fn new_invocations_go_to_the_newest_active_deployment(store: &dyn Store) {
         schedule_to_close: None,
         schedule_to_start: None,
         heartbeat_timeout: None,
+        key: None,
     };
     let deployment = |url: &str, active: bool| NewDeployment {
         url: url.into(),
@@ -1988,4 +2081,5 @@ conformance! {
     },
     cancel_terminate_pause_and_resume_move_an_invocation_once,
     updates_and_starts_by_id_are_answered_once,
+    a_key_runs_its_limit_at_once_and_the_others_in_arrival_order,
 }

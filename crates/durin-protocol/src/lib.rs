@@ -222,6 +222,125 @@ pub struct HandlerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub heartbeat_timeout: Option<Duration>,
+    /// Makes the handler keyed: invocations with the same key run at most `limit` at a
+    /// time (one by default), the others wait their turn, durably, in arrival order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeySpec>,
+}
+
+/// Where a keyed handler's key is read, and how many invocations of one key may run at
+/// once. Exactly one of `header` and `pointer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySpec {
+    /// A request header that carries the key (`POST /v1/call` and `/v1/send` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A JSON pointer (RFC 6901) into the JSON input, naming a string or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pointer: Option<String>,
+    /// How many invocations of one key may run at once (1: one at a time).
+    #[serde(default = "KeySpec::one")]
+    pub limit: u32,
+}
+
+/// The longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+/// The largest `limit` of a keyed handler.
+pub const MAX_KEY_LIMIT: u32 = 1000;
+
+impl KeySpec {
+    fn one() -> u32 {
+        1
+    }
+
+    /// Invocations of one key run one at a time; the key is read at `pointer` in the input.
+    pub fn pointer(pointer: impl Into<String>) -> KeySpec {
+        KeySpec {
+            header: None,
+            pointer: Some(pointer.into()),
+            limit: 1,
+        }
+    }
+
+    /// Invocations of one key run one at a time; the key is read in the request `header`.
+    pub fn header(header: impl Into<String>) -> KeySpec {
+        KeySpec {
+            header: Some(header.into()),
+            pointer: None,
+            limit: 1,
+        }
+    }
+
+    /// At most `limit` invocations of one key at once.
+    pub fn limit(self, limit: u32) -> KeySpec {
+        KeySpec { limit, ..self }
+    }
+
+    /// What is wrong with it, if anything.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.header, &self.pointer) {
+            (Some(header), None) => {
+                let valid = !header.is_empty()
+                    && header
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !valid {
+                    return Err(format!("key.header {header:?} is not a header name"));
+                }
+            }
+            (None, Some(pointer)) => {
+                if !pointer.starts_with('/') {
+                    return Err(format!(
+                        "key.pointer {pointer:?} is not a JSON pointer (it starts with '/')"
+                    ));
+                }
+            }
+            _ => return Err("key names exactly one of header and pointer".into()),
+        }
+        if !(1..=MAX_KEY_LIMIT).contains(&self.limit) {
+            return Err(format!(
+                "key.limit {} is outside 1..={MAX_KEY_LIMIT}",
+                self.limit
+            ));
+        }
+        Ok(())
+    }
+
+    /// The key of a request: read in its header (by `header`, which gives a header's
+    /// value) or in its JSON input. `Err` says why the request has none.
+    pub fn key_of<'a>(
+        &self,
+        header: impl FnOnce(&str) -> Option<&'a [u8]>,
+        input: &[u8],
+    ) -> Result<String, String> {
+        let key = if let Some(name) = &self.header {
+            let value = header(name).ok_or_else(|| format!("the key header {name} is missing"))?;
+            std::str::from_utf8(value)
+                .map_err(|_| format!("the key header {name} is not UTF-8"))?
+                .to_owned()
+        } else {
+            let pointer = self.pointer.as_deref().unwrap_or_default();
+            let input: serde_json::Value = serde_json::from_slice(input)
+                .map_err(|e| format!("the key is read at {pointer} in a JSON input: {e}"))?;
+            match input.pointer(pointer) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Number(n)) => n.to_string(),
+                Some(other) => {
+                    return Err(format!(
+                        "the key at {pointer} in the input is {other}, not a string or a number"
+                    ))
+                }
+                None => return Err(format!("the input has no key at {pointer}")),
+            }
+        };
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(format!(
+                "the key is {} bytes; a key has 1 to {MAX_KEY_BYTES}",
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
 }
 
 /// When and how often a failed attempt (of a handler or of one step) is tried again.

@@ -15,8 +15,9 @@ use axum::{Json, Router};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use durin_protocol::{
-    Discovery, EntryKind, HandlerSpec, InvocationRequest, Outcome, RetryPolicy, ServiceKind,
-    ServiceSpec, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SIGNATURE_VERSION,
+    Discovery, EntryKind, HandlerSpec, InvocationRequest, KeySpec, Outcome, RetryPolicy,
+    ServiceKind, ServiceSpec, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SIGNATURE_VERSION,
 };
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
@@ -44,6 +45,9 @@ pub struct HandlerOptions {
     pub schedule_to_start: Option<Duration>,
     /// An attempt that sends no [`crate::Context::heartbeat`] for this long is ended.
     pub heartbeat_timeout: Option<Duration>,
+    /// Makes the handler keyed: invocations with the same key run at most `limit` at a
+    /// time, the others wait their turn in arrival order (see [`KeySpec`]).
+    pub key: Option<KeySpec>,
 }
 
 /// A named group of handlers.
@@ -106,6 +110,7 @@ impl Service {
             schedule_to_close: options.schedule_to_close,
             schedule_to_start: options.schedule_to_start,
             heartbeat_timeout: options.heartbeat_timeout,
+            key: options.key,
         };
         self.handlers.push((spec, boxed));
         self

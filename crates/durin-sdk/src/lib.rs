@@ -41,6 +41,6 @@ mod endpoint;
 mod error;
 
 pub use context::{Awakeable, Context, ParentClose, RunOptions, Waitable};
-pub use durin_protocol::RetryPolicy;
+pub use durin_protocol::{KeySpec, RetryPolicy};
 pub use endpoint::{Endpoint, HandlerOptions, Service, DEFAULT_MAX_REQUEST_BYTES};
 pub use error::HandlerError;

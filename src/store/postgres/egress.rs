@@ -130,6 +130,7 @@ mod tests {
             schedule_to_close: None,
             schedule_to_start: None,
             heartbeat_timeout: None,
+            key: None,
         };
         store
             .register_deployment(NewDeployment {
@@ -157,6 +158,7 @@ mod tests {
                 deadline_ms: None,
                 traceparent: None,
                 run_now: true,
+                key: None,
             })
             .await
             .unwrap();

@@ -14,7 +14,7 @@ pub(super) const INVOCATION_COLUMNS: &str =
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
     created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id, waiting_for, \
     journal_bytes, cancel_requested_at_ms, parent_invocation_id, parent_index, deadline_ms, \
-    scheduled_at_ms, heartbeat_at_ms, traceparent";
+    scheduled_at_ms, heartbeat_at_ms, traceparent, concurrency_key, key_limit";
 
 /// Column `i` of `row`, a `BIGINT` that must fit a `u32`.
 pub(super) fn get_u32(row: &PgRow, i: usize) -> StoreResult<u32> {
@@ -82,6 +82,13 @@ pub(super) fn invocation(row: &PgRow) -> StoreResult<InvocationRecord> {
         scheduled_at_ms: get(row, 24)?,
         heartbeat_at_ms: get(row, 25)?,
         traceparent: get(row, 26)?,
+        key: match get::<Option<String>>(row, 27)? {
+            Some(key) => Some(InvocationKey {
+                key,
+                limit: get_opt_u32(row, 28)?.unwrap_or(1),
+            }),
+            None => None,
+        },
     })
 }
 

@@ -314,6 +314,30 @@ impl Store for PostgresStore {
         rows.iter().map(invocation).collect()
     }
 
+    async fn key_invocations(
+        &self,
+        service: &str,
+        key: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<InvocationRecord>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let sql = format!(
+            "SELECT {INVOCATION_COLUMNS} FROM invocations \
+             WHERE service = $1 AND concurrency_key = $2 \
+             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+             ORDER BY status = 'queued', key_seq LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(service)
+            .bind(key)
+            .bind(i64::from(limit))
+            .fetch_all(conn)
+            .await
+            .map_err(backend)?;
+        rows.iter().map(invocation).collect()
+    }
+
     async fn unconsumed_signals(&self, id: &InvocationId) -> StoreResult<Vec<(u32, String)>> {
         let mut conn = self.reader().await?;
         let rows = sqlx::query(

@@ -1331,6 +1331,90 @@ impl Schedules for PgTx<'_> {
 }
 
 #[async_trait]
+impl Keys for PgTx<'_> {
+    async fn lock_key(&mut self, service: &str, key: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('key:' || $1), hashtext($2))")
+                .bind(service)
+                .bind(key),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn key_holders(&mut self, service: &str, key: &str) -> StoreResult<u32> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT COUNT(*) FROM invocations WHERE service = $1 AND concurrency_key = $2 \
+                     AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                     AND status <> 'queued'",
+                )
+                .bind(service)
+                .bind(key),
+            )
+            .await?;
+        row.as_ref().map_or(Ok(0), |row| get_u32(row, 0))
+    }
+
+    async fn set_key(
+        &mut self,
+        id: &str,
+        service: &str,
+        key: &InvocationKey,
+        queued: bool,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE invocations SET concurrency_key = $2, key_limit = $3, \
+                 key_seq = (SELECT COALESCE(MAX(key_seq), 0) + 1 FROM invocations \
+                   WHERE service = $5 AND concurrency_key = $2 \
+                   AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')), \
+                 status = CASE WHEN $4 THEN 'queued' ELSE status END, \
+                 next_run_at_ms = CASE WHEN $4 THEN NULL ELSE next_run_at_ms END \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&key.key)
+            .bind(i64::from(key.limit))
+            .bind(queued)
+            .bind(service),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn release_queued(
+        &mut self,
+        service: &str,
+        key: &str,
+        count: u32,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>> {
+        // Rows another transaction holds are skipped, so that nothing waits for a row
+        // under the key's lock (see `Keys`).
+        let rows = self
+            .all(
+                sqlx::query(
+                    "UPDATE invocations SET status = 'pending', next_run_at_ms = $4, \
+                     modified_at_ms = $4 \
+                     WHERE id IN (SELECT id FROM invocations WHERE service = $1 \
+                       AND concurrency_key = $2 \
+                       AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                       AND status = 'queued' ORDER BY key_seq LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                     RETURNING id",
+                )
+                .bind(service)
+                .bind(key)
+                .bind(i64::from(count))
+                .bind(now_ms),
+            )
+            .await?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+}
+
+#[async_trait]
 impl IdempotencyKeys for PgTx<'_> {
     async fn lock_idempotency_key(&mut self, scope: &str, key: &str) -> StoreResult<()> {
         self.execute(

@@ -627,6 +627,30 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn key_invocations(
+        &self,
+        service: &str,
+        key: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<InvocationRecord>> {
+        let (service, key) = (service.to_owned(), key.to_owned());
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {INVOCATION_COLUMNS} FROM invocations \
+                 WHERE service = ?1 AND concurrency_key = ?2 \
+                 AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                 ORDER BY status = 'queued', key_seq LIMIT ?3"
+            );
+            query_all(
+                conn,
+                &sql,
+                rusqlite::params![service, key, limit],
+                invocation,
+            )
+        })
+        .await
+    }
+
     async fn unconsumed_signals(&self, id: &InvocationId) -> StoreResult<Vec<(u32, String)>> {
         let id = id.clone();
         self.read(move |conn| {

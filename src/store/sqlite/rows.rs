@@ -12,7 +12,7 @@ pub(super) const INVOCATION_COLUMNS: &str =
     position_failures, journal_len, next_run_at_ms, last_error, failure, idempotency_key, \
     created_at_ms, modified_at_ms, completed_at_ms, attempt_token, workflow_id, waiting_for, \
     journal_bytes, cancel_requested_at_ms, parent_invocation_id, parent_index, deadline_ms, \
-    scheduled_at_ms, heartbeat_at_ms, traceparent";
+    scheduled_at_ms, heartbeat_at_ms, traceparent, concurrency_key, key_limit";
 
 /// A row of `INVOCATION_COLUMNS`, checked.
 pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<InvocationRecord>> {
@@ -52,6 +52,7 @@ pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<Invocati
             scheduled_at_ms: row.get(24).map_err(backend)?,
             heartbeat_at_ms: row.get(25).map_err(backend)?,
             traceparent: row.get(26).map_err(backend)?,
+            key: key_of(row.get(27).map_err(backend)?, row.get(28).map_err(backend)?),
             waiting_for: waiting_for
                 .map(|w| serde_json::from_str(&w))
                 .transpose()
@@ -60,6 +61,14 @@ pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<Invocati
         })
     })();
     Ok(record)
+}
+
+/// An invocation's key from its two columns.
+pub(super) fn key_of(key: Option<String>, limit: Option<u32>) -> Option<InvocationKey> {
+    Some(InvocationKey {
+        key: key?,
+        limit: limit.unwrap_or(1),
+    })
 }
 
 /// Journal entries with their completions (`j` and `c`).

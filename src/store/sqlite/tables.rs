@@ -1072,6 +1072,64 @@ impl Schedules for SqliteTx {
 }
 
 #[async_trait]
+impl Keys for SqliteTx {
+    async fn lock_key(&mut self, _service: &str, _key: &str) -> StoreResult<()> {
+        // The one writer runs one rule at a time.
+        Ok(())
+    }
+
+    async fn key_holders(&mut self, service: &str, key: &str) -> StoreResult<u32> {
+        // The terms of the partial index `invocations_by_key`, so that it serves.
+        Ok(self
+            .one(
+                "SELECT COUNT(*) FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+                 AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                 AND status <> 'queued'",
+                params![service, key],
+            )?
+            .unwrap_or(0))
+    }
+
+    async fn set_key(
+        &mut self,
+        id: &str,
+        service: &str,
+        key: &InvocationKey,
+        queued: bool,
+    ) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "UPDATE invocations SET concurrency_key = ?2, key_limit = ?3, \
+             key_seq = (SELECT COALESCE(MAX(key_seq), 0) + 1 FROM invocations \
+               WHERE service = ?5 AND concurrency_key = ?2 \
+               AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')), \
+             status = CASE WHEN ?4 THEN 'queued' ELSE status END, \
+             next_run_at_ms = CASE WHEN ?4 THEN NULL ELSE next_run_at_ms END \
+             WHERE id = ?1",
+            params![id, key.key, key.limit, queued, service],
+        )?;
+        Ok(())
+    }
+
+    async fn release_queued(
+        &mut self,
+        service: &str,
+        key: &str,
+        count: u32,
+        now_ms: i64,
+    ) -> StoreResult<Vec<String>> {
+        self.all(
+            "UPDATE invocations SET status = 'pending', next_run_at_ms = ?4, modified_at_ms = ?4 \
+             WHERE id IN (SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+               AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+               AND status = 'queued' ORDER BY key_seq LIMIT ?3) \
+             RETURNING id",
+            params![service, key, count, now_ms],
+        )
+    }
+}
+
+#[async_trait]
 impl IdempotencyKeys for SqliteTx {
     async fn lock_idempotency_key(&mut self, _scope: &str, _key: &str) -> StoreResult<()> {
         // The one writer runs one rule at a time.

@@ -1,0 +1,57 @@
+//! Keys: a keyed handler's invocations of one key run at most its `limit` at a time
+//! (Restate's virtual objects at `limit = 1`; Inngest's concurrency keys beyond). One that
+//! finds its key's places taken waits its turn, `queued` (no due time: the scheduler never
+//! claims it), and is made due, oldest first, in the transaction that ends a holder of its
+//! key. Everything here runs inside the rules that create and end invocations, so a crash
+//! loses no place and no turn.
+//!
+//! Locks (PostgreSQL): a key's lock comes after the row lock of an invocation that holds
+//! the key (an attempt's end, a termination) and before the row lock of one that is queued
+//! (a cancellation or a termination of it), and under it no rule waits for a holder's row;
+//! so two rules never wait for each other.
+
+use crate::store::tables::Tx;
+use crate::store::{InvocationKey, InvocationRecord, Status, StoreResult};
+
+/// Whether a new invocation of `key` must wait its turn: its key's places are taken. The
+/// key stays locked until the transaction ends, so that the invocation is counted before
+/// anyone else looks.
+pub async fn must_queue(tx: &mut dyn Tx, service: &str, key: &InvocationKey) -> StoreResult<bool> {
+    tx.lock_key(service, &key.key).await?;
+    Ok(tx.key_holders(service, &key.key).await? >= key.limit)
+}
+
+/// Gives the places of `record`'s key that are free to the invocations queued for it,
+/// oldest first (after a holder of the key ended): the ids made due.
+pub async fn release(
+    tx: &mut dyn Tx,
+    record: &InvocationRecord,
+    now_ms: i64,
+) -> StoreResult<Vec<String>> {
+    let Some(key) = &record.key else {
+        return Ok(Vec::new());
+    };
+    tx.lock_key(&record.service, &key.key).await?;
+    let holders = tx.key_holders(&record.service, &key.key).await?;
+    let free = key.limit.saturating_sub(holders);
+    if free == 0 {
+        return Ok(Vec::new());
+    }
+    tx.release_queued(&record.service, &key.key, free, now_ms)
+        .await
+}
+
+/// Takes the key's lock when invocation `id` waits for its key's turn, before its row is
+/// locked (see the module's locks): whether it did.
+pub async fn lock_key_if_queued(tx: &mut dyn Tx, id: &str) -> StoreResult<bool> {
+    let Some(record) = tx.invocation(id).await? else {
+        return Ok(false);
+    };
+    match (&record.key, record.status) {
+        (Some(key), Status::Queued) => {
+            tx.lock_key(&record.service, &key.key).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
