@@ -133,7 +133,9 @@ impl From<StoreError> for ApiError {
             | StoreError::WrongToken { .. }
             | StoreError::Ended { .. } => ApiError::Conflict(e.to_string()),
             StoreError::JournalFull { .. } => ApiError::JournalFull(e.to_string()),
-            StoreError::Backend(_) | StoreError::Closed => ApiError::Storage(e.to_string()),
+            StoreError::Backend(_) | StoreError::Closed | StoreError::Contended(_) => {
+                ApiError::Storage(e.to_string())
+            }
         }
     }
 }

@@ -254,6 +254,10 @@ impl Engine {
                     self.attempt_recorded(id, record.attempt);
                     return None;
                 }
+                // Another transaction held its key: nothing is wrong, try again soon.
+                Err(StoreError::Contended(_)) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 Err(error) => {
                     tracing::error!(%id, %error, "could not record the end of an attempt; trying again");
                     if self.shutdown.is_cancelled() {

@@ -21,16 +21,24 @@ impl dyn Store {
         entry: NewEntry,
         now_ms: i64,
     ) -> StoreResult<StoredEntry> {
-        let id = id.clone();
         let limits = self.journal_limits();
-        self.write(&id.to_string(), move |tx| {
-            Box::pin(async move {
-                let mut entry = entry;
-                super::child::refuse_if_taken(tx, id.as_str(), &mut entry).await?;
-                append(tx, id.as_str(), attempt, entry, now_ms, limits).await
+        let route = id.to_string();
+        let once = |id: InvocationId, entry: NewEntry| {
+            self.write(&route, move |tx| {
+                Box::pin(async move {
+                    let mut entry = entry;
+                    super::child::refuse_if_taken(tx, id.as_str(), &mut entry).await?;
+                    append(tx, id.as_str(), attempt, entry, now_ms, limits).await
+                })
             })
-        })
-        .await
+        };
+        // Only a call of a keyed handler takes a key's lock, which may be contended.
+        let keyed =
+            matches!(&entry.effect, crate::store::Effect::StartChild(child) if child.key.is_some());
+        if !keyed {
+            return once(id.clone(), entry).await;
+        }
+        self.contended(|| once(id.clone(), entry.clone())).await
     }
 }
 

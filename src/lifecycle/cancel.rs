@@ -31,12 +31,15 @@ impl dyn crate::store::Store {
         id: &crate::ids::InvocationId,
         now_ms: i64,
     ) -> crate::store::StoreResult<crate::store::Cancellation> {
-        let id = id.to_string();
-        self.write(&id.clone(), move |tx| {
-            Box::pin(async move {
-                let mut ended = Vec::new();
-                let answer = request(tx, &id, now_ms, &mut ended).await?;
-                Ok(crate::store::Cancellation { answer, ended })
+        let route = id.to_string();
+        self.contended(|| {
+            let id = route.clone();
+            self.write(&route, move |tx| {
+                Box::pin(async move {
+                    let mut ended = Vec::new();
+                    let answer = request(tx, &id, now_ms, &mut ended).await?;
+                    Ok(crate::store::Cancellation { answer, ended })
+                })
             })
         })
         .await

@@ -30,6 +30,7 @@ impl dyn Store {
         end: AttemptEnd,
         now_ms: i64,
     ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
+        // Run again by the engine while it fails (`StoreError::Contended` included).
         let id = id.to_string();
         self.write(&id.clone(), move |tx| {
             Box::pin(async move { end_attempt(tx, &id, attempt, end, now_ms).await })

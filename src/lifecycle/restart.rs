@@ -15,9 +15,12 @@ impl dyn Store {
         key: Option<String>,
         now_ms: i64,
     ) -> StoreResult<Result<(InvocationRecord, bool), String>> {
-        let id = id.to_string();
-        self.write(&id.clone(), move |tx| {
-            Box::pin(async move { restart(tx, &id, from, key.as_deref(), now_ms).await })
+        let route = id.to_string();
+        self.contended(|| {
+            let (id, key) = (route.clone(), key.clone());
+            self.write(&route, move |tx| {
+                Box::pin(async move { restart(tx, &id, from, key.as_deref(), now_ms).await })
+            })
         })
         .await
     }

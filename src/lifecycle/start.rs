@@ -16,9 +16,22 @@ use crate::store::{
 impl dyn Store {
     /// See [`create`].
     pub async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created> {
-        let key = new.id.to_string();
-        self.write(&key, move |tx| {
-            Box::pin(async move { create(tx, new).await })
+        let Some(key) = &new.key else {
+            let route = new.id.to_string();
+            return self
+                .write(&route, move |tx| {
+                    Box::pin(async move { create(tx, new).await })
+                })
+                .await;
+        };
+        // The creations of one key go to one writer, so that they do not contend with
+        // each other; a holder's end elsewhere may still hold the key for a moment.
+        let route = format!("{}/key:{}", new.target.service, key.key);
+        self.contended(|| {
+            let new = new.clone();
+            self.write(&route, move |tx| {
+                Box::pin(async move { create(tx, new).await })
+            })
         })
         .await
     }

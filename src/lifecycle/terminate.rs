@@ -43,19 +43,22 @@ impl dyn Store {
         reason: String,
         now_ms: i64,
     ) -> StoreResult<Termination> {
-        let id = id.to_string();
-        self.write(&id.clone(), move |tx| {
-            Box::pin(async move {
-                let mut ended = Vec::new();
-                let ending = Ending {
-                    children: format!("its parent {id} was terminated"),
-                    ..Ending::terminated(reason)
-                };
-                let record = end_now(tx, &id, &ending, now_ms, &mut ended).await?;
-                Ok(Termination {
-                    terminated: !ended.is_empty(),
-                    record,
-                    ended,
+        let route = id.to_string();
+        self.contended(|| {
+            let (id, reason) = (route.clone(), reason.clone());
+            self.write(&route, move |tx| {
+                Box::pin(async move {
+                    let mut ended = Vec::new();
+                    let ending = Ending {
+                        children: format!("its parent {id} was terminated"),
+                        ..Ending::terminated(reason)
+                    };
+                    let record = end_now(tx, &id, &ending, now_ms, &mut ended).await?;
+                    Ok(Termination {
+                        terminated: !ended.is_empty(),
+                        record,
+                        ended,
+                    })
                 })
             })
         })
@@ -69,20 +72,24 @@ impl dyn Store {
         now_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<(InvocationRecord, StoredEntry)>> {
-        self.write("expire", move |tx| {
-            Box::pin(async move {
-                let mut ended = Vec::new();
-                for (id, created_at_ms, deadline_ms) in tx.past_deadline(now_ms, limit).await? {
-                    let failure =
-                        super::timeouts::schedule_to_close_failure(created_at_ms, deadline_ms);
-                    let ending = Ending {
-                        status: Status::Failed,
-                        failure,
-                        children: format!("its parent {id} passed its schedule_to_close timeout"),
-                    };
-                    end_now(tx, &id, &ending, now_ms, &mut ended).await?;
-                }
-                Ok(ended)
+        self.contended(|| {
+            self.write("expire", move |tx| {
+                Box::pin(async move {
+                    let mut ended = Vec::new();
+                    for (id, created_at_ms, deadline_ms) in tx.past_deadline(now_ms, limit).await? {
+                        let failure =
+                            super::timeouts::schedule_to_close_failure(created_at_ms, deadline_ms);
+                        let ending = Ending {
+                            status: Status::Failed,
+                            failure,
+                            children: format!(
+                                "its parent {id} passed its schedule_to_close timeout"
+                            ),
+                        };
+                        end_now(tx, &id, &ending, now_ms, &mut ended).await?;
+                    }
+                    Ok(ended)
+                })
             })
         })
         .await

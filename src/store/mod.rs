@@ -40,6 +40,26 @@ impl dyn Store {
     }
 }
 
+impl dyn Store {
+    /// Runs `write` again while it finds a lock another transaction holds
+    /// ([`StoreError::Contended`]), a few milliseconds apart, for up to about 2 s.
+    pub async fn contended<T, Fut>(&self, mut write: impl FnMut() -> Fut) -> StoreResult<T>
+    where
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut tries = 0u64;
+        loop {
+            match write().await {
+                Err(StoreError::Contended(_)) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(1 + tries.min(20))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// How this process takes part in a cluster of nodes on one PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -133,6 +153,11 @@ pub enum StoreError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the store is closed")]
     Closed,
+    /// Another transaction holds a lock this write needs (a key's, which PostgreSQL takes
+    /// without waiting, so that group-committed batches never wait for each other in a
+    /// cycle; or a deadlock it broke): nothing was written, and the write may run again.
+    #[error("storage contended: {0}; nothing was written")]
+    Contended(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

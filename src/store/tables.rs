@@ -428,9 +428,10 @@ pub trait Schedules: Send {
 
 /// The keys of keyed handlers' invocations (columns of the `invocations` table).
 ///
-/// On PostgreSQL a rule takes a key's lock after the invocations' row locks it holds, and
-/// under it waits for no invocation's row: [`Keys::release_queued`] skips rows another
-/// transaction holds.
+/// On PostgreSQL a key's lock is taken without waiting ([`StoreError::Contended`] when
+/// another transaction holds it: the write runs again), after the row lock of an
+/// invocation that holds the key and before that of one queued for it; under it a rule
+/// locks only queued invocations' rows.
 #[async_trait]
 pub trait Keys: Send {
     /// Serialises what changes who holds or waits for one key of a service, on every node

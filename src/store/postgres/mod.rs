@@ -81,6 +81,15 @@ pub struct PostgresStore {
 }
 
 fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    // A deadlock PostgreSQL broke rolled the write back: it may run again.
+    let database = (&e as &dyn std::error::Error)
+        .downcast_ref::<sqlx::Error>()
+        .and_then(sqlx::Error::as_database_error);
+    if let Some(database) = database {
+        if database.code().as_deref() == Some("40P01") {
+            return StoreError::Contended(database.message().to_owned());
+        }
+    }
     StoreError::Backend(Box::new(e))
 }
 

@@ -1333,13 +1333,26 @@ impl Schedules for PgTx<'_> {
 #[async_trait]
 impl Keys for PgTx<'_> {
     async fn lock_key(&mut self, service: &str, key: &str) -> StoreResult<()> {
-        self.execute(
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('key:' || $1), hashtext($2))")
+        // Without waiting: a batch that holds one key and waits for another could wait
+        // for a batch that holds that one and waits for the first. A write that finds the
+        // key taken is run again (`Store::contended`).
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT pg_try_advisory_xact_lock(hashtext('key:' || $1), hashtext($2))",
+                )
                 .bind(service)
                 .bind(key),
-        )
-        .await?;
-        Ok(())
+            )
+            .await?;
+        let taken: bool = row.as_ref().map_or(Ok(false), |row| get(row, 0))?;
+        if taken {
+            Ok(())
+        } else {
+            Err(StoreError::Contended(format!(
+                "key {key:?} of {service} is held by another transaction"
+            )))
+        }
     }
 
     async fn key_holders(&mut self, service: &str, key: &str) -> StoreResult<u32> {
@@ -1391,8 +1404,7 @@ impl Keys for PgTx<'_> {
         count: u32,
         now_ms: i64,
     ) -> StoreResult<Vec<String>> {
-        // Rows another transaction holds are skipped, so that nothing waits for a row
-        // under the key's lock (see `Keys`).
+        // Only queued rows, which no rule locks while it waits for the key (see `Keys`).
         let rows = self
             .all(
                 sqlx::query(
@@ -1401,7 +1413,7 @@ impl Keys for PgTx<'_> {
                      WHERE id IN (SELECT id FROM invocations WHERE service = $1 \
                        AND concurrency_key = $2 \
                        AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-                       AND status = 'queued' ORDER BY key_seq LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                       AND status = 'queued' ORDER BY key_seq LIMIT $3 FOR UPDATE) \
                      RETURNING id",
                 )
                 .bind(service)

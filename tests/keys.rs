@@ -1,0 +1,403 @@
+//! Keyed handlers: invocations with the same key run at most the handler's `limit` at
+//! once, the others wait their turn in arrival order, visible with their position; and
+//! 200 invocations on 10 keys, whose exclusive handler checks that it never overlaps
+//! itself on a key, all complete exactly once across a SIGKILL of the real `durin`
+//! binary in the middle of the queue.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use durin_sdk::{Context, Endpoint, HandlerError, HandlerOptions, KeySpec, Service};
+use serde_json::{json, Value};
+use support::{client, eventually, get_json, register, wait_final, GatewayHome, InProcess};
+
+/// Serves `service` on a port of its own; its URL.
+async fn serve(service: Service) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(Endpoint::new().service(service).serve(listener));
+    url
+}
+
+fn keyed(key: KeySpec) -> HandlerOptions {
+    HandlerOptions {
+        key: Some(key),
+        ..HandlerOptions::default()
+    }
+}
+
+/// `POST {url}/v1/send/account/{handler}` with `body` (and `headers`): the status and
+/// the answer.
+async fn send(url: &str, handler: &str, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut request = client()
+        .post(format!("{url}/v1/send/account/{handler}"))
+        .json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// One at a time per key, in arrival order, shown with positions; a queued invocation
+/// cancelled ends at once; the holder's end lets the next run; other keys are not held
+/// up; a key read from a header allows two at once; a request without its key, and a
+/// keyed workflow or a bad key declaration, are refused.
+#[tokio::test]
+async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
+    let account = KeySpec::pointer("/account");
+    let service = Service::new("account")
+        .handler_with(
+            "hold",
+            keyed(account.clone()),
+            |ctx: Context, _: Value| async move {
+                ctx.sleep(Duration::from_secs(3600)).await?;
+                Ok::<_, HandlerError>("held")
+            },
+        )
+        .handler_with(
+            "quick",
+            keyed(account),
+            |_: Context, input: Value| async move { Ok::<_, HandlerError>(input["n"].clone()) },
+        )
+        .handler_with(
+            "tenant",
+            keyed(KeySpec::header("x-tenant").limit(2)),
+            |ctx: Context, _: Value| async move {
+                ctx.sleep(Duration::from_secs(3600)).await?;
+                Ok::<_, HandlerError>("tenant")
+            },
+        );
+    let deployment = serve(service).await;
+    register(&admin, &deployment).await;
+
+    let (status, hold) = send(&url, "hold", json!({"account": "a"}), &[]).await;
+    assert_eq!(status, 202, "{hold}");
+    let hold_id = hold["invocation_id"].as_str().unwrap().to_owned();
+    let mut queued = Vec::new();
+    for n in [1, 2, 3] {
+        let (status, answer) = send(&url, "quick", json!({"account": "a", "n": n}), &[]).await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["status"], "queued", "{answer}");
+        queued.push(answer["invocation_id"].as_str().unwrap().to_owned());
+    }
+    // Another key is not held up.
+    let other = client()
+        .post(format!("{url}/v1/call/account/quick"))
+        .json(&json!({"account": "b", "n": 9}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert_eq!(other.json::<Value>().await.unwrap(), 9);
+
+    let view = get_json(&format!("{url}/v1/services/account/keys/a")).await;
+    assert_eq!(view["limit"], 1, "{view}");
+    assert_eq!(view["running"][0]["id"], hold_id.as_str(), "{view}");
+    let positions: Vec<(u64, String)> = view["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            (
+                q["position"].as_u64().unwrap(),
+                q["invocation_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        positions,
+        vec![
+            (1, queued[0].clone()),
+            (2, queued[1].clone()),
+            (3, queued[2].clone())
+        ]
+    );
+    let record = get_json(&format!("{url}/v1/invocations/{}", queued[0])).await;
+    assert_eq!(
+        (&record["status"], &record["key"]),
+        (&json!("queued"), &json!("a"))
+    );
+
+    // Cancelled while it waits: it ends at once, without its handler.
+    let cancel = client()
+        .post(format!("{url}/v1/invocations/{}/cancel", queued[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    let cancel: Value = cancel.json().await.unwrap();
+    assert_eq!(cancel["cancellation"], "cancelled", "{cancel}");
+    let cancelled = wait_final(&url, &queued[1]).await;
+    assert_eq!(
+        (&cancelled["status"], &cancelled["attempt"]),
+        (&json!("cancelled"), &json!(0))
+    );
+
+    // The holder ends: the others run in the order they came.
+    let terminate = client()
+        .post(format!("{admin}/v1/invocations/{hold_id}/terminate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(terminate.status(), 200);
+    let first = wait_final(&url, &queued[0]).await;
+    let third = wait_final(&url, &queued[2]).await;
+    assert_eq!(
+        (&first["status"], &third["status"]),
+        (&json!("completed"), &json!("completed"))
+    );
+    assert!(
+        first["completed_at"].as_str().unwrap() <= third["completed_at"].as_str().unwrap(),
+        "{first} {third}"
+    );
+    let view = get_json(&format!("{url}/v1/services/account/keys/a")).await;
+    assert_eq!(
+        (
+            view["running"].as_array().unwrap().len(),
+            view["queued"].as_array().unwrap().len()
+        ),
+        (0, 0),
+        "{view}"
+    );
+
+    // A key in a header, two at once.
+    let tenant = [("x-tenant", "t1")];
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (status, answer) = send(&url, "tenant", json!({}), &tenant).await;
+        assert_eq!(status, 202, "{answer}");
+        statuses.push(answer["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(statuses, ["running", "running", "queued"]);
+
+    // Refusals: no key in the request, a keyed workflow, a bad declaration.
+    let (status, problem) = send(&url, "quick", json!({"n": 1}), &[]).await;
+    assert_eq!(status, 400, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no key at /account"),
+        "{problem}"
+    );
+    let (status, problem) = send(&url, "tenant", json!({}), &[]).await;
+    assert_eq!(status, 400, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("x-tenant"),
+        "{problem}"
+    );
+    for (services, says) in [
+        (
+            json!([{"name": "flow", "kind": "workflow", "handlers": [{"name": "run", "key": {"pointer": "/a"}}]}]),
+            "workflow",
+        ),
+        (
+            json!([{"name": "svc", "handlers": [{"name": "h", "key": {"pointer": "/a", "limit": 0}}]}]),
+            "limit",
+        ),
+        (
+            json!([{"name": "svc", "handlers": [{"name": "h", "key": {"pointer": "/a", "header": "x"}}]}]),
+            "exactly one",
+        ),
+    ] {
+        let response = client()
+            .post(format!("{admin}/v1/deployments"))
+            .json(&json!({"url": "http://127.0.0.1:9", "services": services}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().contains(says),
+            "{problem}"
+        );
+    }
+    server.stop().await;
+}
+
+/// What the exclusive handler saw: per key, how many of its invocations were inside the
+/// step at once (at most), and how many steps ran.
+#[derive(Default)]
+struct Watch {
+    inside: Mutex<HashMap<String, u32>>,
+    overlaps: AtomicU32,
+    steps: AtomicU32,
+}
+
+/// One invocation inside the step, until it leaves it (also when its attempt's future is
+/// dropped: a killed Durin closes the attempt's connection, which ends the handler there).
+struct Inside<'a> {
+    watch: &'a Watch,
+    account: &'a str,
+    /// How many of its key were inside, itself included, when it came in.
+    count: u32,
+}
+
+impl<'a> Inside<'a> {
+    fn enter(watch: &'a Watch, account: &'a str) -> Inside<'a> {
+        let mut inside = watch.inside.lock().unwrap();
+        let count = inside.entry(account.to_owned()).or_default();
+        *count += 1;
+        Inside {
+            watch,
+            account,
+            count: *count,
+        }
+    }
+}
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.watch.inside.lock().unwrap().get_mut(self.account) {
+            *count -= 1;
+        }
+    }
+}
+
+/// 200 invocations on 10 keys of an exclusive handler, sent at once; Durin is killed
+/// with SIGKILL while most of them wait in their keys' queues, and started again. Every
+/// invocation completes, each once; the handler never saw two invocations of one key at
+/// once; and each key's invocations completed in the order they were created.
+#[tokio::test]
+async fn keys_hold_across_a_kill_of_durin_mid_queue() {
+    let watch = Arc::new(Watch::default());
+    let seen = Arc::clone(&watch);
+    let service = Service::new("account").handler_with(
+        "deposit",
+        keyed(KeySpec::pointer("/account")),
+        move |ctx: Context, input: Value| {
+            let watch = Arc::clone(&seen);
+            async move {
+                let account = input["account"].as_str().unwrap_or_default().to_owned();
+                let alone: bool = ctx
+                    .run("apply", || async {
+                        let inside = Inside::enter(&watch, &account);
+                        watch.steps.fetch_add(1, Ordering::SeqCst);
+                        if inside.count > 1 {
+                            watch.overlaps.fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(15)).await;
+                        Ok(inside.count == 1)
+                    })
+                    .await?;
+                Ok::<_, HandlerError>(json!({"n": input["n"], "alone": alone}))
+            }
+        },
+    );
+    let deployment = serve(service).await;
+    let home = GatewayHome::new();
+    let mut durin = home.start(None);
+    let gateway = durin.url.clone();
+    register(&durin.admin, &deployment).await;
+
+    let sends = (0..200).map(|n| {
+        let gateway = gateway.clone();
+        async move {
+            let body = json!({"account": format!("acct-{}", n % 10), "n": n});
+            let (status, answer) = send(&gateway, "deposit", body, &[]).await;
+            assert_eq!(status, 202, "{answer}");
+            answer["invocation_id"].as_str().unwrap().to_owned()
+        }
+    });
+    let ids: Vec<String> = futures_util::future::join_all(sends).await;
+
+    // Killed while the queues are long: some done, most still waiting.
+    let admin = durin.admin.clone();
+    eventually(Duration::from_secs(60), "some deposits to complete", || {
+        let admin = admin.clone();
+        async move {
+            let list = get_json(&format!(
+                "{admin}/v1/invocations?status=completed&limit=1000"
+            ))
+            .await;
+            (list["invocations"].as_array().unwrap().len() >= 20).then_some(())
+        }
+    })
+    .await;
+    // Each key's queue as Durin saw it just before the kill: the order they must run in.
+    let mut queues = Vec::new();
+    for k in 0..10 {
+        let view = get_json(&format!("{gateway}/v1/services/account/keys/acct-{k}")).await;
+        let order: Vec<String> = view["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .chain(
+                view["queued"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|q| q["invocation_id"].as_str().unwrap().to_owned()),
+            )
+            .collect();
+        queues.push(order);
+    }
+    durin.kill();
+    let waiting: usize = queues.iter().map(|q| q.len().saturating_sub(1)).sum();
+    assert!(
+        waiting >= 50,
+        "few waited when Durin was killed: {queues:?}"
+    );
+
+    let address: std::net::SocketAddr = gateway.trim_start_matches("http://").parse().unwrap();
+    let mut durin = home.start(Some(address));
+    let mut finals = Vec::new();
+    for id in &ids {
+        let view = wait_final(&gateway, id).await;
+        assert_eq!(view["status"], "completed", "{view}");
+        finals.push(view);
+    }
+    assert_eq!(
+        watch.overlaps.load(Ordering::SeqCst),
+        0,
+        "two invocations of one key were in the handler at once"
+    );
+    // A step whose result the kill lost runs again; every other runs once.
+    let steps = watch.steps.load(Ordering::SeqCst);
+    assert!(
+        (200..=210).contains(&steps),
+        "{steps} steps for 200 deposits"
+    );
+    for id in &ids {
+        let journal = support::journal(&durin.admin, id).await;
+        let output: Value = journal
+            .iter()
+            .find(|e| e["kind"] == "output")
+            .map(|e| e["value"].clone())
+            .unwrap();
+        assert_eq!(output["alone"], true, "{id}: {output}");
+    }
+    // Each key's queue ran in its order, across the kill.
+    let completed: HashMap<&str, &str> = finals
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap(),
+                v["completed_at"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for queue in &queues {
+        for pair in queue.windows(2) {
+            assert!(
+                completed[pair[0].as_str()] <= completed[pair[1].as_str()],
+                "{} completed after {}, which waited behind it",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+    durin.kill();
+}
