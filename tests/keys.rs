@@ -265,19 +265,14 @@ impl Drop for Inside<'_> {
     }
 }
 
-/// 200 invocations on 10 keys of an exclusive handler, sent at once; Durin is killed
-/// with SIGKILL while most of them wait in their keys' queues, and started again. Every
-/// invocation completes, each once; the handler never saw two invocations of one key at
-/// once; and each key's invocations completed in the order they were created.
-#[tokio::test]
-async fn keys_hold_across_a_kill_of_durin_mid_queue() {
-    let watch = Arc::new(Watch::default());
-    let seen = Arc::clone(&watch);
-    let service = Service::new("account").handler_with(
+/// `account/deposit`, keyed by the input's `account`, one at a time: its step notes in
+/// `watch` who of its key is inside, and stays inside for `work`.
+fn exclusive(watch: Arc<Watch>, work: Duration) -> Service {
+    Service::new("account").handler_with(
         "deposit",
         keyed(KeySpec::pointer("/account")),
         move |ctx: Context, input: Value| {
-            let watch = Arc::clone(&seen);
+            let watch = Arc::clone(&watch);
             async move {
                 let account = input["account"].as_str().unwrap_or_default().to_owned();
                 let alone: bool = ctx
@@ -287,14 +282,24 @@ async fn keys_hold_across_a_kill_of_durin_mid_queue() {
                         if inside.count > 1 {
                             watch.overlaps.fetch_add(1, Ordering::SeqCst);
                         }
-                        tokio::time::sleep(Duration::from_millis(15)).await;
+                        tokio::time::sleep(work).await;
                         Ok(inside.count == 1)
                     })
                     .await?;
                 Ok::<_, HandlerError>(json!({"n": input["n"], "alone": alone}))
             }
         },
-    );
+    )
+}
+
+/// 200 invocations on 10 keys of an exclusive handler, sent at once; Durin is killed
+/// with SIGKILL while most of them wait in their keys' queues, and started again. Every
+/// invocation completes, each once; the handler never saw two invocations of one key at
+/// once; and each key's invocations completed in the order they were created.
+#[tokio::test]
+async fn keys_hold_across_a_kill_of_durin_mid_queue() {
+    let watch = Arc::new(Watch::default());
+    let service = exclusive(Arc::clone(&watch), Duration::from_millis(15));
     let deployment = serve(service).await;
     let home = GatewayHome::new();
     let mut durin = home.start(None);
@@ -400,4 +405,55 @@ async fn keys_hold_across_a_kill_of_durin_mid_queue() {
         }
     }
     durin.kill();
+}
+
+/// Three nodes on one PostgreSQL database; 90 invocations on 3 keys sent round-robin to
+/// them; one node is killed with SIGKILL midway. The others take its attempts over once
+/// their leases expire, and every invocation completes, never two of one key at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_hold_across_the_loss_of_a_node() {
+    if !support::require("postgres") {
+        return;
+    }
+    let watch = Arc::new(Watch::default());
+    let deployment = serve(exclusive(Arc::clone(&watch), Duration::from_millis(30))).await;
+    let home = GatewayHome::cluster("2s");
+    let mut nodes: Vec<support::Proc> = (0..3).map(|_| home.start(None)).collect();
+    register(&nodes[0].admin, &deployment).await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let sends = (0..90).map(|n| {
+        let url = urls[n % 3].clone();
+        async move {
+            let body = json!({"account": format!("acct-{}", n % 3), "n": n});
+            let (status, answer) = send(&url, "deposit", body, &[]).await;
+            assert_eq!(status, 202, "{answer}");
+            answer["invocation_id"].as_str().unwrap().to_owned()
+        }
+    });
+    let ids: Vec<String> = futures_util::future::join_all(sends).await;
+    let survivor = nodes[1].url.clone();
+    eventually(Duration::from_secs(60), "some deposits to complete", || {
+        let id = ids[10].clone();
+        let survivor = survivor.clone();
+        async move {
+            let view = get_json(&format!("{survivor}/v1/invocations/{id}")).await;
+            (view["status"] == "completed").then_some(())
+        }
+    })
+    .await;
+    let last = get_json(&format!("{survivor}/v1/invocations/{}", ids[89])).await;
+    nodes[0].kill();
+    assert_eq!(last["status"], "queued", "the kill came too late: {last}");
+    for id in &ids {
+        let view = wait_final(&survivor, id).await;
+        assert_eq!(view["status"], "completed", "{view}");
+    }
+    assert_eq!(
+        watch.overlaps.load(Ordering::SeqCst),
+        0,
+        "two invocations of one key were in the handler at once"
+    );
+    for node in &mut nodes {
+        node.kill();
+    }
 }

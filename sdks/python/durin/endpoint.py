@@ -62,7 +62,8 @@ class Endpoint:
     def handler(self, service: str, handler: str, path: Optional[str] = None, **options):
         """Decorator: serve `fn(ctx, input)` as `service/handler` at `path` (default
         /service/handler). `options` (retry_policy, start_to_close, ...) go into
-        `deployment()`."""
+        `deployment()`; `key={"pointer": "/account"}` (or `{"header": "x-tenant",
+        "limit": 2}`) makes it keyed: one (or `limit`) at a time per key (docs/keys.md)."""
         def register(fn):
             self._routes[path or f"/{service}/{handler}"] = _Route(service, handler, fn, options)
             return fn

@@ -19,6 +19,12 @@ export interface HandlerOptions {
   retry_policy?: Record<string, unknown>;
   start_to_close?: string;
   heartbeat_timeout?: string;
+  /**
+   * Keyed: invocations with the same key run at most `limit` (default 1) at a time, the
+   * others wait in arrival order (docs/keys.md). The key is read in a request header or
+   * at a JSON pointer in the input: `{pointer: "/account"}`, `{header: "x-tenant", limit: 2}`.
+   */
+  key?: { header?: string; pointer?: string; limit?: number };
   [more: string]: unknown;
 }
 
