@@ -17,21 +17,28 @@ use crate::store::{InvocationKey, InvocationRecord, Status, StoreResult};
 /// key stays locked until the transaction ends, so that the invocation is counted before
 /// anyone else looks.
 pub async fn must_queue(tx: &mut dyn Tx, service: &str, key: &InvocationKey) -> StoreResult<bool> {
+    if key.shared {
+        // A shared (read-only) handler neither holds the key nor waits for it.
+        return Ok(false);
+    }
     tx.lock_key(service, &key.key).await?;
     Ok(tx.key_holders(service, &key.key).await? >= key.limit)
 }
 
-/// Gives the places of `record`'s key that are free to the invocations queued for it,
-/// oldest first (after a holder of the key ended): the ids made due.
-pub async fn release(
+/// A holder of its key has just ended (`record`): the state it set becomes the key's, and
+/// the places of the key that are free go to the invocations queued for it, oldest first.
+/// The ids made due.
+pub async fn ended(
     tx: &mut dyn Tx,
     record: &InvocationRecord,
     now_ms: i64,
 ) -> StoreResult<Vec<String>> {
-    let Some(key) = &record.key else {
+    let Some(key) = record.key.as_ref().filter(|key| !key.shared) else {
         return Ok(Vec::new());
     };
     tx.lock_key(&record.service, &key.key).await?;
+    tx.apply_key_state(record.id.as_str(), &record.service, &key.key)
+        .await?;
     let holders = tx.key_holders(&record.service, &key.key).await?;
     let free = key.limit.saturating_sub(holders);
     if free == 0 {

@@ -66,8 +66,20 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
         )
         .handler_with(
             "quick",
-            keyed(account),
-            |_: Context, input: Value| async move { Ok::<_, HandlerError>(input["n"].clone()) },
+            keyed(account.clone()),
+            |ctx: Context, input: Value| async move {
+                let mut seen: Vec<i64> = ctx.get("seen")?.unwrap_or_default();
+                seen.push(input["n"].as_i64().unwrap_or_default());
+                ctx.set("seen", &seen).await?;
+                Ok::<_, HandlerError>(input["n"].clone())
+            },
+        )
+        .handler_with(
+            "peek",
+            keyed(account.shared()),
+            |ctx: Context, _: Value| async move {
+                Ok::<_, HandlerError>(ctx.get::<Value>("seen")?.unwrap_or(Value::Null))
+            },
         )
         .handler_with(
             "tenant",
@@ -122,6 +134,15 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
             (3, queued[2].clone())
         ]
     );
+    // A shared handler reads beside the holder, never waiting.
+    let peek = client()
+        .post(format!("{url}/v1/call/account/peek"))
+        .json(&json!({"account": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(peek.status(), 200);
+    assert_eq!(peek.json::<Value>().await.unwrap(), Value::Null);
     let record = get_json(&format!("{url}/v1/invocations/{}", queued[0])).await;
     assert_eq!(
         (&record["status"], &record["key"]),
@@ -160,7 +181,16 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
         first["completed_at"].as_str().unwrap() <= third["completed_at"].as_str().unwrap(),
         "{first} {third}"
     );
+    // The state each set became the key's at its end, in the order they ran.
     let view = get_json(&format!("{url}/v1/services/account/keys/a")).await;
+    assert_eq!(view["state"]["seen"], json!([1, 3]), "{view}");
+    let peek = client()
+        .post(format!("{url}/v1/call/account/peek"))
+        .json(&json!({"account": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(peek.json::<Value>().await.unwrap(), json!([1, 3]));
     assert_eq!(
         (
             view["running"].as_array().unwrap().len(),
@@ -286,6 +316,9 @@ fn exclusive(watch: Arc<Watch>, work: Duration) -> Service {
                         Ok(inside.count == 1)
                     })
                     .await?;
+                // The key's balance: read as the ended deposits left it, set for the next.
+                let balance: i64 = ctx.get("balance")?.unwrap_or(0);
+                ctx.set("balance", &(balance + 1)).await?;
                 Ok::<_, HandlerError>(json!({"n": input["n"], "alone": alone}))
             }
         },
@@ -384,6 +417,11 @@ async fn keys_hold_across_a_kill_of_durin_mid_queue() {
             .unwrap();
         assert_eq!(output["alone"], true, "{id}: {output}");
     }
+    // Every deposit counted once in its key's balance: none lost, none twice.
+    for k in 0..10 {
+        let view = get_json(&format!("{gateway}/v1/services/account/keys/acct-{k}")).await;
+        assert_eq!(view["state"]["balance"], 20, "acct-{k}: {view}");
+    }
     // Each key's queue ran in its order, across the kill.
     let completed: HashMap<&str, &str> = finals
         .iter()
@@ -453,6 +491,10 @@ async fn keys_hold_across_the_loss_of_a_node() {
         0,
         "two invocations of one key were in the handler at once"
     );
+    for k in 0..3 {
+        let view = get_json(&format!("{survivor}/v1/services/account/keys/acct-{k}")).await;
+        assert_eq!(view["state"]["balance"], 30, "acct-{k}: {view}");
+    }
     for node in &mut nodes {
         node.kill();
     }

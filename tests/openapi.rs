@@ -474,6 +474,10 @@ fn samples() -> Vec<(&'static str, Json)> {
                     input: json!(5),
                 }],
                 replay: true,
+                key_state: Some(serde_json::Map::from_iter([(
+                    "balance".to_owned(),
+                    json!(3),
+                )])),
             }),
         ),
         (

@@ -320,6 +320,7 @@ pub(super) fn invocation_key(
     Ok(Some(InvocationKey {
         key,
         limit: key_spec.limit,
+        shared: key_spec.shared,
     }))
 }
 

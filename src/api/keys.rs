@@ -1,5 +1,5 @@
-//! `GET /v1/services/{service}/keys/{key}`: who holds a key of a keyed handler, and who
-//! waits for it, in the order they will run.
+//! `GET /v1/services/{service}/keys/{key}`: who holds a key of a keyed handler, who waits
+//! for it, in the order they will run, and the key's durable state.
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -34,6 +34,16 @@ pub async fn show(
     let truncated = records.len() > MAX_LISTED as usize;
     let records = &records[..records.len().min(MAX_LISTED as usize)];
     let limit = records.iter().find_map(|r| r.key.as_ref().map(|k| k.limit));
+    let key_state: serde_json::Map<String, serde_json::Value> = state
+        .store
+        .key_state(&service, &key)
+        .await?
+        .into_iter()
+        .map(|(name, value)| {
+            let value = serde_json::from_slice(&value).unwrap_or(serde_json::Value::Null);
+            (name, value)
+        })
+        .collect();
     let (queued, holders): (Vec<_>, Vec<_>) =
         records.iter().partition(|r| r.status == Status::Queued);
     let running: Vec<InvocationView> = holders
@@ -59,6 +69,7 @@ pub async fn show(
         "running": running,
         "queued": queued,
         "truncated": truncated,
+        "state": key_state,
     }))
     .into_response())
 }

@@ -90,6 +90,27 @@ impl Engine {
             }
             _ => Vec::new(),
         };
+        // A keyed invocation reads its key's state as the ended ones left it: the same for
+        // every attempt, since its own writes become the key's only when it ends.
+        let key_state = match (&record.key, target.protocol) {
+            (Some(key), HandlerProtocol::Sdk { .. }) if !replay => {
+                match self.store.key_state(&record.service, &key.key).await {
+                    Ok(state) => Some(
+                        state
+                            .into_iter()
+                            .map(|(name, value)| (name, json_value(Some(&value))))
+                            .collect(),
+                    ),
+                    Err(error) => {
+                        return HandlerAnswer::Retry(Retryable::new(
+                            format!("the key's state could not be read: {error}"),
+                            None,
+                        ))
+                    }
+                }
+            }
+            _ => None,
+        };
         let (request, body) = match target.protocol {
             HandlerProtocol::Sdk { version } => {
                 let body = serde_json::to_vec(&InvocationRequest {
@@ -118,6 +139,7 @@ impl Engine {
                         record.id
                     ),
                     replay,
+                    key_state,
                 })
                 .unwrap_or_default();
                 let request = self

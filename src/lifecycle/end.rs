@@ -196,7 +196,7 @@ pub async fn end_attempt(
             crate::journal::child::complete_parent(tx, &record, output.as_ref(), now_ms).await?;
         }
         close_children(tx, id, now_ms, &mut closed).await?;
-        crate::keys::release(tx, &record, now_ms).await?;
+        crate::keys::ended(tx, &record, now_ms).await?;
     }
     Ok((record, output, closed))
 }

@@ -118,7 +118,7 @@ pub async fn end_now(
         .mark_ended(id, ending.status, &ending.failure, 0, now_ms)
         .await?;
     if held_key {
-        crate::keys::release(tx, &record, now_ms).await?;
+        crate::keys::ended(tx, &record, now_ms).await?;
     }
     let output = super::end::record_output(
         tx,

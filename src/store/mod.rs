@@ -385,6 +385,9 @@ pub struct InvocationRecord {
 pub struct InvocationKey {
     pub key: String,
     pub limit: u32,
+    /// A shared (read-only) handler's: it reads the key's state, and neither holds the
+    /// key nor waits for it (stored as a limit of 0).
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1021,6 +1024,8 @@ pub trait Store: Send + Sync + 'static {
         workflow: &str,
         workflow_id: &str,
     ) -> StoreResult<Option<InvocationRecord>>;
+    /// The durable state of a key of `service`: `(name, value)`, by name.
+    async fn key_state(&self, service: &str, key: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
     /// The unfinished invocations of a key of `service`: its holders, then those queued
     /// for it, in arrival order; at most `limit`.
     async fn key_invocations(

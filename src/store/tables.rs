@@ -448,6 +448,8 @@ pub trait Keys: Send {
         key: &super::InvocationKey,
         queued: bool,
     ) -> StoreResult<()>;
+    /// Makes the state invocation `id` set (and cleared) its key's.
+    async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()>;
     /// Makes up to `count` of the key's queued invocations, oldest first, pending and due
     /// at `now_ms`: their ids.
     async fn release_queued(

@@ -1709,6 +1709,7 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
         let key = Some(InvocationKey {
             key: key.into(),
             limit,
+            shared: false,
         });
         match create_with(store, None, key, now_ms).await {
             Created::New { record, .. } => record,
@@ -1740,8 +1741,33 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
         .collect();
     assert_eq!(listed, [a.id.clone(), b.id.clone(), c.id.clone()]);
 
-    // The holder completes: the oldest waiting one is due, the next still waits.
+    // The holder completes: what it set becomes the key's (a clear removes), the oldest
+    // waiting one is due, the next still waits.
+    for (name, op, value) in [
+        ("n", &br#"{"set":1}"#[..], Some(b"1".to_vec())),
+        ("gone", br#"{"clear":true}"#, None),
+    ] {
+        let entry = NewEntry {
+            index: None,
+            kind: EntryKind::State,
+            name: Some(name.into()),
+            value: Some(op.to_vec()),
+            content_type: None,
+            failure: None,
+            token: a.attempt_token.clone(),
+            effect: Effect::State {
+                key: name.into(),
+                value,
+            },
+        };
+        store.append_entry(&a.id, 1, entry, T0 + 5).await.unwrap();
+    }
+    assert!(store.key_state("wf", "k").await.unwrap().is_empty());
     end(store, &a, completed("1"), T0 + 11).await;
+    assert_eq!(
+        store.key_state("wf", "k").await.unwrap(),
+        [("n".to_owned(), b"1".to_vec())]
+    );
     let b = claim_one(store, T0 + 12).await;
     assert_eq!(b.id, listed[1]);
     assert!(store.claim_due(T0 + 12, 10).await.unwrap().is_empty());

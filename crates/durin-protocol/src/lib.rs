@@ -241,6 +241,10 @@ pub struct KeySpec {
     /// How many invocations of one key may run at once (1: one at a time).
     #[serde(default = "KeySpec::one")]
     pub limit: u32,
+    /// A shared (read-only) handler: its invocations read the key's state and never wait
+    /// for the key, nor hold it; what they set stays their own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// The longest key, in bytes.
@@ -259,6 +263,7 @@ impl KeySpec {
             header: None,
             pointer: Some(pointer.into()),
             limit: 1,
+            shared: false,
         }
     }
 
@@ -268,12 +273,22 @@ impl KeySpec {
             header: Some(header.into()),
             pointer: None,
             limit: 1,
+            shared: false,
         }
     }
 
     /// At most `limit` invocations of one key at once.
     pub fn limit(self, limit: u32) -> KeySpec {
         KeySpec { limit, ..self }
+    }
+
+    /// A shared (read-only) handler of the key: it reads the key's state beside the
+    /// holders, never waiting.
+    pub fn shared(self) -> KeySpec {
+        KeySpec {
+            shared: true,
+            ..self
+        }
     }
 
     /// What is wrong with it, if anything.
@@ -471,6 +486,11 @@ pub struct InvocationRequest {
     /// would, it ends with [`Outcome::ReplayEnd`] naming what it would have done.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replay: bool,
+    /// A keyed handler's invocation: its key's durable state as the invocations of the
+    /// key that ended left it (the same for every attempt of this invocation, which adds
+    /// its own `state` entries on top; they become the key's when it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_state: Option<serde_json::Map<String, Value>>,
 }
 
 /// What a child undergoes when its parent closes (ends), or is cancelled or terminated.

@@ -186,6 +186,9 @@ struct Inner {
     replay_only: bool,
     http: reqwest::Client,
     state: Mutex<ReplayState>,
+    /// The durable state as the handler sees it: its key's (a keyed handler), with the
+    /// `set`s and `clear`s it has made so far on top.
+    values: Mutex<serde_json::Map<String, Value>>,
 }
 
 struct ReplayState {
@@ -241,6 +244,7 @@ impl Context {
                 position_failures: request.position_failures,
                 replay_only: request.replay,
                 http,
+                values: Mutex::new(request.key_state.take().unwrap_or_default()),
                 state: Mutex::new(ReplayState {
                     start_seq: journal
                         .iter()
@@ -752,6 +756,8 @@ impl Context {
 
     /// Sets a key of the invocation's durable state, which
     /// `GET /v1/workflows/{workflow}/{id}/queries/{key}` answers without calling the handler.
+    /// In a keyed handler it is the key's state: the next invocations of the key see it
+    /// once this one has ended.
     pub async fn set<T: Serialize>(&self, key: &str, value: &T) -> Result<(), HandlerError> {
         let value = serde_json::to_value(value)
             .map_err(|e| HandlerError::terminal(format!("state {key:?}: {e}")))?;
@@ -765,14 +771,32 @@ impl Context {
             .await
     }
 
+    /// A key of the durable state as this invocation sees it: what it set (or cleared)
+    /// last, else, in a keyed handler, its key's state as the invocations of the key
+    /// that ended left it. The same on every attempt.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, HandlerError> {
+        let values = self.values();
+        values
+            .get(key)
+            .map(|v| serde_json::from_value(v.clone()))
+            .transpose()
+            .map_err(|e| HandlerError::terminal(format!("state {key:?}: {e}")))
+    }
+
     async fn state_entry(&self, key: &str, op: Value) -> Result<(), HandlerError> {
         match self.replay(EntryKind::State, Some(key))? {
-            Replayed::Recorded(_) => Ok(()),
-            Replayed::New => self
-                .append(EntryKind::State, Some(key), Some(op), None)
-                .await
-                .map(|_| ()),
+            Replayed::Recorded(_) => {}
+            Replayed::New => {
+                self.append(EntryKind::State, Some(key), Some(op.clone()), None)
+                    .await?;
+            }
         }
+        let mut values = self.values();
+        match op.get("set") {
+            Some(value) => values.insert(key.to_owned(), value.clone()),
+            None => values.remove(key),
+        };
+        Ok(())
     }
 
     /// Journals a command (or finds it on replay) with whatever result has arrived.
@@ -1065,6 +1089,10 @@ impl Context {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn values(&self) -> std::sync::MutexGuard<'_, serde_json::Map<String, Value>> {
+        self.inner.values.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The recorded entry at the cursor, checked against what the handler asks for.
@@ -1363,6 +1391,7 @@ mod tests {
             updates: Vec::new(),
             position_since_ms: None,
             replay: false,
+            key_state: None,
         };
         Context::new(&mut request, reqwest::Client::new())
     }

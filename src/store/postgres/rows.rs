@@ -82,12 +82,13 @@ pub(super) fn invocation(row: &PgRow) -> StoreResult<InvocationRecord> {
         scheduled_at_ms: get(row, 24)?,
         heartbeat_at_ms: get(row, 25)?,
         traceparent: get(row, 26)?,
-        key: match get::<Option<String>>(row, 27)? {
-            Some(key) => Some(InvocationKey {
+        key: match (get::<Option<String>>(row, 27)?, get_opt_u32(row, 28)?) {
+            (Some(key), limit) => Some(InvocationKey {
                 key,
-                limit: get_opt_u32(row, 28)?.unwrap_or(1),
+                limit: limit.unwrap_or(1).max(1),
+                shared: limit == Some(0),
             }),
-            None => None,
+            (None, _) => None,
         },
     })
 }

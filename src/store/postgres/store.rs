@@ -314,6 +314,21 @@ impl Store for PostgresStore {
         rows.iter().map(invocation).collect()
     }
 
+    async fn key_state(&self, service: &str, key: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let mut conn = self.reader().await?;
+        let rows = sqlx::query(
+            "SELECT name, value FROM key_state WHERE service = $1 AND key = $2 ORDER BY name",
+        )
+        .bind(service)
+        .bind(key)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .collect()
+    }
+
     async fn key_invocations(
         &self,
         service: &str,

@@ -1361,7 +1361,7 @@ impl Keys for PgTx<'_> {
                 sqlx::query(
                     "SELECT COUNT(*) FROM invocations WHERE service = $1 AND concurrency_key = $2 \
                      AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-                     AND status <> 'queued'",
+                     AND status <> 'queued' AND key_limit > 0",
                 )
                 .bind(service)
                 .bind(key),
@@ -1389,9 +1389,35 @@ impl Keys for PgTx<'_> {
             )
             .bind(id)
             .bind(&key.key)
-            .bind(i64::from(key.limit))
+            .bind(i64::from(if key.shared { 0 } else { key.limit }))
             .bind(queued)
             .bind(service),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO key_state (service, key, name, value) \
+                 SELECT $2, $3, key, value FROM state WHERE invocation_id = $1 \
+                 AND value IS NOT NULL \
+                 ON CONFLICT (service, key, name) DO UPDATE SET value = excluded.value",
+            )
+            .bind(id)
+            .bind(service)
+            .bind(key),
+        )
+        .await?;
+        self.execute(
+            sqlx::query(
+                "DELETE FROM key_state WHERE service = $2 AND key = $3 AND name IN \
+                 (SELECT key FROM state WHERE invocation_id = $1 AND value IS NULL)",
+            )
+            .bind(id)
+            .bind(service)
+            .bind(key),
         )
         .await?;
         Ok(())

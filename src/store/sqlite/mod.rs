@@ -627,6 +627,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn key_state(&self, service: &str, key: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let (service, key) = (service.to_owned(), key.to_owned());
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT name, value FROM key_state WHERE service = ?1 AND key = ?2 ORDER BY name",
+                rusqlite::params![service, key],
+                |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+            )
+        })
+        .await
+    }
+
     async fn key_invocations(
         &self,
         service: &str,

@@ -67,7 +67,8 @@ pub(super) fn invocation(row: &Row<'_>) -> rusqlite::Result<StoreResult<Invocati
 pub(super) fn key_of(key: Option<String>, limit: Option<u32>) -> Option<InvocationKey> {
     Some(InvocationKey {
         key: key?,
-        limit: limit.unwrap_or(1),
+        limit: limit.unwrap_or(1).max(1),
+        shared: limit == Some(0),
     })
 }
 

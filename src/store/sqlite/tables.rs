@@ -1071,6 +1071,15 @@ impl Schedules for SqliteTx {
     }
 }
 
+/// A key's limit as stored: 0 for a shared handler's invocation.
+pub(super) fn stored_limit(key: &InvocationKey) -> u32 {
+    if key.shared {
+        0
+    } else {
+        key.limit
+    }
+}
+
 #[async_trait]
 impl Keys for SqliteTx {
     async fn lock_key(&mut self, _service: &str, _key: &str) -> StoreResult<()> {
@@ -1084,7 +1093,7 @@ impl Keys for SqliteTx {
             .one(
                 "SELECT COUNT(*) FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
                  AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-                 AND status <> 'queued'",
+                 AND status <> 'queued' AND key_limit > 0",
                 params![service, key],
             )?
             .unwrap_or(0))
@@ -1106,7 +1115,24 @@ impl Keys for SqliteTx {
              status = CASE WHEN ?4 THEN 'queued' ELSE status END, \
              next_run_at_ms = CASE WHEN ?4 THEN NULL ELSE next_run_at_ms END \
              WHERE id = ?1",
-            params![id, key.key, key.limit, queued, service],
+            params![id, key.key, stored_limit(key), queued, service],
+        )?;
+        Ok(())
+    }
+
+    async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "INSERT INTO key_state (service, key, name, value) \
+             SELECT ?2, ?3, key, value FROM state WHERE invocation_id = ?1 AND value IS NOT NULL \
+             ON CONFLICT (service, key, name) DO UPDATE SET value = excluded.value",
+            params![id, service, key],
+        )?;
+        execute(
+            &self.conn,
+            "DELETE FROM key_state WHERE service = ?2 AND key = ?3 AND name IN \
+             (SELECT key FROM state WHERE invocation_id = ?1 AND value IS NULL)",
+            params![id, service, key],
         )?;
         Ok(())
     }
