@@ -11,7 +11,7 @@
 //! so two rules never wait for each other.
 
 use crate::store::tables::Tx;
-use crate::store::{InvocationKey, InvocationRecord, Status, StoreResult};
+use crate::store::{Closed, InvocationKey, InvocationRecord, Status, StoreResult};
 
 /// Whether a new invocation of `key` must wait its turn: its key's places are taken. The
 /// key stays locked until the transaction ends, so that the invocation is counted before
@@ -61,4 +61,43 @@ pub async fn lock_key_if_queued(tx: &mut dyn Tx, id: &str) -> StoreResult<bool> 
         }
         _ => Ok(false),
     }
+}
+
+/// Debounce: the newest invocation of the key that has not started yet is replaced by the
+/// one being created (the last of a burst runs). It ends `cancelled`, of type `Debounced`,
+/// naming `by`, into `ended`. Takes the key's lock first (the order of the module).
+pub async fn supersede(
+    tx: &mut dyn Tx,
+    service: &str,
+    key: &InvocationKey,
+    by: &str,
+    now_ms: i64,
+    ended: &mut Closed,
+) -> StoreResult<()> {
+    tx.lock_key(service, &key.key).await?;
+    let Some(older) = tx.newest_unstarted(service, &key.key).await? else {
+        return Ok(());
+    };
+    // Under its row's lock: it may have started meanwhile (claimed), then it runs.
+    let unstarted = tx
+        .lock_invocation(&older)
+        .await?
+        .is_some_and(|r| r.attempt == 0 && matches!(r.status, Status::Queued | Status::Pending));
+    if !unstarted {
+        return Ok(());
+    }
+    let ending = crate::lifecycle::terminate::Ending {
+        status: Status::Cancelled,
+        failure: durin_protocol::Failure {
+            status: 409,
+            error_type: Some("Debounced".into()),
+            message: format!(
+                "replaced by {by}, a newer invocation of key {:?} within its debounce; its handler never ran",
+                key.key
+            ),
+        },
+        children: format!("its parent {older} was replaced"),
+    };
+    crate::lifecycle::terminate::end_now(tx, &older, &ending, now_ms, ended).await?;
+    Ok(())
 }

@@ -349,6 +349,8 @@ fn narrowed(name: &str, schema: &Value) -> Option<Value> {
         "initial_interval" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
         // A schedule's offset and jitter must be shorter than its interval (1 s or more).
         "offset" | "jitter" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
+        // A key's debounce lasts 1 ms to a day, a bound a pattern cannot state.
+        "debounce" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}(ms|s|m)$"}),
         // A time zone is a name the IANA database knows, which a pattern cannot list.
         "time_zone" => {
             json!({"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]})

@@ -256,6 +256,65 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
     server.stop().await;
 }
 
+/// Debounce: five invocations of one key sent within its debounce; the first four are
+/// replaced as the next comes (cancelled, type `Debounced`, their handler never ran), the
+/// last runs once, not before its debounce passed; another key is debounced on its own.
+#[tokio::test]
+async fn a_debounced_key_runs_the_last_of_a_burst() {
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&runs);
+    let debounce = Duration::from_millis(400);
+    let service = Service::new("account").handler_with(
+        "sync",
+        keyed(KeySpec::pointer("/account").debounce(debounce)),
+        move |_: Context, input: Value| {
+            let counted = Arc::clone(&counted);
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(input["n"].clone())
+            }
+        },
+    );
+    register(&admin, &serve(service).await).await;
+
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let (status, answer) = send(&url, "sync", json!({"account": "a", "n": n}), &[]).await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["status"], "pending", "{answer}");
+        ids.push(answer["invocation_id"].as_str().unwrap().to_owned());
+    }
+    let (_, other) = send(&url, "sync", json!({"account": "b", "n": 9}), &[]).await;
+    for id in &ids[..4] {
+        let view = wait_final(&url, id).await;
+        assert_eq!(view["status"], "cancelled", "{view}");
+        assert_eq!(view["failure"]["type"], "Debounced", "{view}");
+        assert_eq!(view["attempt"], 0, "{view}");
+    }
+    let last = wait_final(&url, &ids[4]).await;
+    assert_eq!(last["status"], "completed", "{last}");
+    let other = wait_final(&url, other["invocation_id"].as_str().unwrap()).await;
+    assert_eq!(other["status"], "completed", "{other}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the handler ran once per key"
+    );
+    let output = support::journal(&admin, &ids[4]).await;
+    let output = output.iter().find(|e| e["kind"] == "output").unwrap();
+    assert_eq!(output["value"], 4, "{output}");
+    let waited = |view: &Value| {
+        let at = |field: &str| {
+            durin::schedules::spec::parse_time("t", view[field].as_str().unwrap()).unwrap()
+        };
+        at("completed_at") - at("created_at")
+    };
+    assert!(waited(&last) >= 400, "it ran before its debounce: {last}");
+    server.stop().await;
+}
+
 /// What the exclusive handler saw: per key, how many of its invocations were inside the
 /// step at once (at most), and how many steps ran.
 #[derive(Default)]
@@ -479,9 +538,13 @@ async fn keys_hold_across_the_loss_of_a_node() {
         }
     })
     .await;
-    let last = get_json(&format!("{survivor}/v1/invocations/{}", ids[89])).await;
+    let mut waiting = 0;
+    for k in 0..3 {
+        let view = get_json(&format!("{survivor}/v1/services/account/keys/acct-{k}")).await;
+        waiting += view["queued"].as_array().unwrap().len();
+    }
     nodes[0].kill();
-    assert_eq!(last["status"], "queued", "the kill came too late: {last}");
+    assert!(waiting >= 30, "the kill came too late: {waiting} waited");
     for id in &ids {
         let view = wait_final(&survivor, id).await;
         assert_eq!(view["status"], "completed", "{view}");

@@ -274,7 +274,12 @@ async fn start(
         let state = task_state;
         let created = state.store.create_invocation(new).await?;
         Ok::<_, ApiError>(match created {
-            Created::New { record, input } => {
+            Created::New {
+                record,
+                input,
+                superseded,
+            } => {
+                state.engine.announce_ended(superseded);
                 let listener = state.engine.waiters().listener(&record.id);
                 state.engine.run_created(record.clone(), *input);
                 Started {
@@ -321,6 +326,9 @@ pub(super) fn invocation_key(
         key,
         limit: key_spec.limit,
         shared: key_spec.shared,
+        debounce_ms: key_spec
+            .debounce
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
     }))
 }
 

@@ -490,6 +490,14 @@ impl Engine {
 
     /// An invocation ended outside an attempt (terminated, timed out): its waiting callers
     /// get it, and a parent it completed runs.
+    /// Tells who waits for them that a write ended these invocations (besides the one it
+    /// was about): a debounced one replaced by a newer one.
+    pub fn announce_ended(&self, ended: crate::store::Closed) {
+        for (record, output) in ended {
+            self.ended(record, Some(output));
+        }
+    }
+
     pub(super) fn ended(&self, record: InvocationRecord, output: Option<StoredEntry>) {
         record_end_metrics(&record);
         self.config.traces.invocation(&record);

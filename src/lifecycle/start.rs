@@ -70,36 +70,55 @@ pub async fn create(tx: &mut dyn Tx, new: NewInvocation) -> StoreResult<Created>
         }
     }
     let Some(key) = new.key.clone() else {
-        let (record, input) = insert_running(tx, new, None).await?;
+        let (record, input) = insert_running(tx, new, None, None).await?;
         return Ok(Created::New {
             record,
             input: Box::new(input),
+            superseded: Vec::new(),
         });
     };
+    // Debounced, it replaces the key's newest invocation that has not started, and waits
+    // the debounce before it starts itself.
+    let service = new.target.service.clone();
+    let mut superseded = Vec::new();
+    if key.debounce_ms.is_some() {
+        crate::keys::supersede(
+            tx,
+            &service,
+            &key,
+            new.id.as_str(),
+            new.now_ms,
+            &mut superseded,
+        )
+        .await?;
+    }
     // A keyed handler's invocation runs if its key has a free place, and waits its turn
     // otherwise (created pending, then queued: it never runs on this node at once).
-    let service = new.target.service.clone();
     let queued = crate::keys::must_queue(tx, &service, &key).await?;
+    let due_ms = key.debounce_ms.map(|d| new.now_ms.saturating_add(d));
     let new = NewInvocation {
-        run_now: new.run_now && !queued,
+        run_now: new.run_now && !queued && due_ms.is_none(),
         ..new
     };
-    let (record, input) = insert_running(tx, new, None).await?;
+    let (record, input) = insert_running(tx, new, None, due_ms).await?;
     tx.set_key(record.id.as_str(), &service, &key, queued)
         .await?;
     let record = tx.invocation(record.id.as_str()).await?.unwrap_or(record);
     Ok(Created::New {
         record,
         input: Box::new(input),
+        superseded,
     })
 }
 
 /// Inserts a new invocation with its input entry and its idempotency claim: running its
-/// first attempt, or (when `new.run_now` is false) due now for the scheduler.
+/// first attempt, or (when `new.run_now` is false) due for the scheduler at `due_ms`
+/// (now when `None`).
 async fn insert_running(
     tx: &mut dyn Tx,
     new: NewInvocation,
     workflow_id: Option<&str>,
+    due_ms: Option<i64>,
 ) -> StoreResult<(InvocationRecord, StoredEntry)> {
     let record = if new.run_now {
         let token = super::claim::attempt_token();
@@ -111,7 +130,7 @@ async fn insert_running(
             handler: &new.target.handler,
             deployment_id: &new.target.deployment_id,
             input: &new.input,
-            due_ms: new.now_ms,
+            due_ms: due_ms.unwrap_or(new.now_ms),
             deadline_ms: new.deadline_ms,
             workflow_id,
             parent: None,
@@ -191,7 +210,7 @@ pub async fn start_workflow(
         }
     }
     let now_ms = run.invocation.now_ms;
-    let (record, input) = insert_running(tx, run.invocation, Some(&run.workflow_id)).await?;
+    let (record, input) = insert_running(tx, run.invocation, Some(&run.workflow_id), None).await?;
     tx.take_workflow_id(
         &workflow,
         &run.workflow_id,

@@ -388,6 +388,8 @@ pub struct InvocationKey {
     /// A shared (read-only) handler's: it reads the key's state, and neither holds the
     /// key nor waits for it (stored as a limit of 0).
     pub shared: bool,
+    /// At its creation only (not stored): the key's debounce, in ms.
+    pub debounce_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -804,6 +806,8 @@ pub enum Created {
     New {
         record: InvocationRecord,
         input: Box<StoredEntry>,
+        /// What its creation ended: the invocation of a debounced key it replaced.
+        superseded: Closed,
     },
     /// The idempotency key was seen before with the same request: the earlier invocation.
     Existing(InvocationRecord),

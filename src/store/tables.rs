@@ -448,6 +448,9 @@ pub trait Keys: Send {
         key: &super::InvocationKey,
         queued: bool,
     ) -> StoreResult<()>;
+    /// The newest invocation of the key that has not started (queued, or pending before
+    /// its first attempt).
+    async fn newest_unstarted(&mut self, service: &str, key: &str) -> StoreResult<Option<String>>;
     /// Makes the state invocation `id` set (and cleared) its key's.
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()>;
     /// Makes up to `count` of the key's queued invocations, oldest first, pending and due

@@ -1710,6 +1710,7 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
             key: key.into(),
             limit,
             shared: false,
+            debounce_ms: None,
         });
         match create_with(store, None, key, now_ms).await {
             Created::New { record, .. } => record,

@@ -245,12 +245,22 @@ pub struct KeySpec {
     /// for the key, nor hold it; what they set stays their own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// Debounce: an invocation of the key waits this long before it starts, and a newer
+    /// one of the key that comes meanwhile replaces it (the last of a burst runs).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub debounce: Option<Duration>,
 }
 
 /// The longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
 /// The largest `limit` of a keyed handler.
 pub const MAX_KEY_LIMIT: u32 = 1000;
+/// The longest `debounce` of a keyed handler.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(24 * 3600);
 
 impl KeySpec {
     fn one() -> u32 {
@@ -264,6 +274,7 @@ impl KeySpec {
             pointer: Some(pointer.into()),
             limit: 1,
             shared: false,
+            debounce: None,
         }
     }
 
@@ -274,6 +285,7 @@ impl KeySpec {
             pointer: None,
             limit: 1,
             shared: false,
+            debounce: None,
         }
     }
 
@@ -291,8 +303,26 @@ impl KeySpec {
         }
     }
 
+    /// Debounced by `period`: the last invocation of a burst of the key runs.
+    pub fn debounce(self, period: Duration) -> KeySpec {
+        KeySpec {
+            debounce: Some(period),
+            ..self
+        }
+    }
+
     /// What is wrong with it, if anything.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(period) = self.debounce {
+            if period.is_zero() || period > MAX_DEBOUNCE {
+                return Err(format!("key.debounce {period:?} is outside 1ms..=1d"));
+            }
+            if self.shared {
+                return Err(
+                    "key.debounce is for handlers that hold the key, not shared ones".into(),
+                );
+            }
+        }
         match (&self.header, &self.pointer) {
             (Some(header), None) => {
                 let valid = !header.is_empty()

@@ -87,6 +87,7 @@ pub(super) fn invocation(row: &PgRow) -> StoreResult<InvocationRecord> {
                 key,
                 limit: limit.unwrap_or(1).max(1),
                 shared: limit == Some(0),
+                debounce_ms: None,
             }),
             (None, _) => None,
         },

@@ -1397,6 +1397,22 @@ impl Keys for PgTx<'_> {
         Ok(())
     }
 
+    async fn newest_unstarted(&mut self, service: &str, key: &str) -> StoreResult<Option<String>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT id FROM invocations WHERE service = $1 AND concurrency_key = $2 \
+                     AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                     AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
+                     ORDER BY key_seq DESC LIMIT 1",
+                )
+                .bind(service)
+                .bind(key),
+            )
+            .await?;
+        row.as_ref().map(|row| get(row, 0)).transpose()
+    }
+
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()> {
         self.execute(
             sqlx::query(

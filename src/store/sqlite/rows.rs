@@ -69,6 +69,7 @@ pub(super) fn key_of(key: Option<String>, limit: Option<u32>) -> Option<Invocati
         key: key?,
         limit: limit.unwrap_or(1).max(1),
         shared: limit == Some(0),
+        debounce_ms: None,
     })
 }
 

@@ -1120,6 +1120,16 @@ impl Keys for SqliteTx {
         Ok(())
     }
 
+    async fn newest_unstarted(&mut self, service: &str, key: &str) -> StoreResult<Option<String>> {
+        self.one(
+            "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+             AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
+             ORDER BY key_seq DESC LIMIT 1",
+            params![service, key],
+        )
+    }
+
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()> {
         execute(
             &self.conn,
