@@ -5,10 +5,10 @@
 //! key. Everything here runs inside the rules that create and end invocations, so a crash
 //! loses no place and no turn.
 //!
-//! Locks (PostgreSQL): a key's lock comes after the row lock of an invocation that holds
-//! the key (an attempt's end, a termination) and before the row lock of one that is queued
-//! (a cancellation or a termination of it), and under it no rule waits for a holder's row;
-//! so two rules never wait for each other.
+//! Locks (PostgreSQL): a key's lock is only ever tried, never waited for
+//! (`StoreError::Contended` when another transaction holds it; the write runs again), so
+//! no rule waits on a key, whatever row locks it holds; a deadlock among row locks that
+//! PostgreSQL breaks is contended too.
 
 use crate::store::tables::Tx;
 use crate::store::{Closed, InvocationKey, InvocationRecord, Status, StoreResult};
@@ -48,8 +48,9 @@ pub async fn ended(
         .await
 }
 
-/// Takes the key's lock when invocation `id` waits for its key's turn, before its row is
-/// locked (see the module's locks): whether it did.
+/// Takes the key's lock when invocation `id` waits for its key's turn, so that nothing
+/// releases it meanwhile: whether it did (the caller checks the status again under the
+/// row's lock).
 pub async fn lock_key_if_queued(tx: &mut dyn Tx, id: &str) -> StoreResult<bool> {
     let Some(record) = tx.invocation(id).await? else {
         return Ok(false);
@@ -63,19 +64,20 @@ pub async fn lock_key_if_queued(tx: &mut dyn Tx, id: &str) -> StoreResult<bool> 
     }
 }
 
-/// Debounce: the newest invocation of the key that has not started yet is replaced by the
-/// one being created (the last of a burst runs). It ends `cancelled`, of type `Debounced`,
-/// naming `by`, into `ended`. Takes the key's lock first (the order of the module).
+/// Debounce: the newest invocation of the same handler and key that a caller made and that
+/// has not started yet is replaced by the one being created (the last of a burst runs).
+/// It ends `cancelled`, of type `Debounced`, naming `by`, into `ended`.
 pub async fn supersede(
     tx: &mut dyn Tx,
-    service: &str,
+    target: (&str, &str),
     key: &InvocationKey,
     by: &str,
     now_ms: i64,
     ended: &mut Closed,
 ) -> StoreResult<()> {
+    let (service, handler) = target;
     tx.lock_key(service, &key.key).await?;
-    let Some(older) = tx.newest_unstarted(service, &key.key).await? else {
+    let Some(older) = tx.newest_unstarted(service, handler, &key.key).await? else {
         return Ok(());
     };
     // Under its row's lock: it may have started meanwhile (claimed), then it runs.

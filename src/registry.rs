@@ -220,6 +220,19 @@ fn validate_services(services: &[ServiceSpec]) -> Result<(), String> {
         if !seen.insert(service.name.as_str()) {
             return Err(format!("service {:?} is declared twice", service.name));
         }
+        // A key's places are the service's: its handlers that hold keys agree on how many.
+        let mut limits = service
+            .handlers
+            .iter()
+            .filter_map(|h| h.key.as_ref().filter(|k| !k.shared).map(|k| k.limit));
+        if let Some(first) = limits.next() {
+            if let Some(other) = limits.find(|l| *l != first) {
+                return Err(format!(
+                    "service {}: its keyed handlers share each key's places, so they declare one key.limit, not {first} and {other}",
+                    service.name
+                ));
+            }
+        }
         let mut handlers = HashSet::new();
         for handler in &service.handlers {
             parse_name("handler", &handler.name)?;

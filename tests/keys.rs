@@ -32,12 +32,10 @@ fn keyed(key: KeySpec) -> HandlerOptions {
     }
 }
 
-/// `POST {url}/v1/send/account/{handler}` with `body` (and `headers`): the status and
-/// the answer.
-async fn send(url: &str, handler: &str, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
-    let mut request = client()
-        .post(format!("{url}/v1/send/account/{handler}"))
-        .json(&body);
+/// `POST {url}/v1/send/{target}` (`service/handler`) with `body` (and `headers`): the
+/// status and the answer.
+async fn send(url: &str, target: &str, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut request = client().post(format!("{url}/v1/send/{target}")).json(&body);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -80,24 +78,26 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
             |ctx: Context, _: Value| async move {
                 Ok::<_, HandlerError>(ctx.get::<Value>("seen")?.unwrap_or(Value::Null))
             },
-        )
-        .handler_with(
-            "tenant",
-            keyed(KeySpec::header("x-tenant").limit(2)),
-            |ctx: Context, _: Value| async move {
-                ctx.sleep(Duration::from_secs(3600)).await?;
-                Ok::<_, HandlerError>("tenant")
-            },
         );
     let deployment = serve(service).await;
     register(&admin, &deployment).await;
+    let tenants = Service::new("tenants").handler_with(
+        "tenant",
+        keyed(KeySpec::header("x-tenant").limit(2)),
+        |ctx: Context, _: Value| async move {
+            ctx.sleep(Duration::from_secs(3600)).await?;
+            Ok::<_, HandlerError>("tenant")
+        },
+    );
+    register(&admin, &serve(tenants).await).await;
 
-    let (status, hold) = send(&url, "hold", json!({"account": "a"}), &[]).await;
+    let (status, hold) = send(&url, "account/hold", json!({"account": "a"}), &[]).await;
     assert_eq!(status, 202, "{hold}");
     let hold_id = hold["invocation_id"].as_str().unwrap().to_owned();
     let mut queued = Vec::new();
     for n in [1, 2, 3] {
-        let (status, answer) = send(&url, "quick", json!({"account": "a", "n": n}), &[]).await;
+        let (status, answer) =
+            send(&url, "account/quick", json!({"account": "a", "n": n}), &[]).await;
         assert_eq!(status, 202, "{answer}");
         assert_eq!(answer["status"], "queued", "{answer}");
         queued.push(answer["invocation_id"].as_str().unwrap().to_owned());
@@ -204,14 +204,14 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
     let tenant = [("x-tenant", "t1")];
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        let (status, answer) = send(&url, "tenant", json!({}), &tenant).await;
+        let (status, answer) = send(&url, "tenants/tenant", json!({}), &tenant).await;
         assert_eq!(status, 202, "{answer}");
         statuses.push(answer["status"].as_str().unwrap().to_owned());
     }
     assert_eq!(statuses, ["running", "running", "queued"]);
 
     // Refusals: no key in the request, a keyed workflow, a bad declaration.
-    let (status, problem) = send(&url, "quick", json!({"n": 1}), &[]).await;
+    let (status, problem) = send(&url, "account/quick", json!({"n": 1}), &[]).await;
     assert_eq!(status, 400, "{problem}");
     assert!(
         problem["detail"]
@@ -220,7 +220,7 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
             .contains("no key at /account"),
         "{problem}"
     );
-    let (status, problem) = send(&url, "tenant", json!({}), &[]).await;
+    let (status, problem) = send(&url, "tenants/tenant", json!({}), &[]).await;
     assert_eq!(status, 400, "{problem}");
     assert!(
         problem["detail"].as_str().unwrap().contains("x-tenant"),
@@ -238,6 +238,13 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
         (
             json!([{"name": "svc", "handlers": [{"name": "h", "key": {"pointer": "/a", "header": "x"}}]}]),
             "exactly one",
+        ),
+        (
+            json!([{"name": "svc", "handlers": [
+                {"name": "h", "key": {"pointer": "/a"}},
+                {"name": "i", "key": {"pointer": "/a", "limit": 2}}
+            ]}]),
+            "one key.limit",
         ),
     ] {
         let response = client()
@@ -266,27 +273,34 @@ async fn a_debounced_key_runs_the_last_of_a_burst() {
     let runs = Arc::new(AtomicU32::new(0));
     let counted = Arc::clone(&runs);
     let debounce = Duration::from_millis(400);
-    let service = Service::new("account").handler_with(
-        "sync",
-        keyed(KeySpec::pointer("/account").debounce(debounce)),
-        move |_: Context, input: Value| {
-            let counted = Arc::clone(&counted);
-            async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, HandlerError>(input["n"].clone())
-            }
-        },
-    );
+    let service = Service::new("account")
+        .handler_with(
+            "sync",
+            keyed(KeySpec::pointer("/account").debounce(debounce)),
+            move |_: Context, input: Value| {
+                let counted = Arc::clone(&counted);
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, HandlerError>(input["n"].clone())
+                }
+            },
+        )
+        .handler_with(
+            "note",
+            keyed(KeySpec::pointer("/account")),
+            |_: Context, input: Value| async move { Ok::<_, HandlerError>(input["n"].clone()) },
+        );
     register(&admin, &serve(service).await).await;
 
     let mut ids = Vec::new();
     for n in 0..5 {
-        let (status, answer) = send(&url, "sync", json!({"account": "a", "n": n}), &[]).await;
+        let (status, answer) =
+            send(&url, "account/sync", json!({"account": "a", "n": n}), &[]).await;
         assert_eq!(status, 202, "{answer}");
         assert_eq!(answer["status"], "pending", "{answer}");
         ids.push(answer["invocation_id"].as_str().unwrap().to_owned());
     }
-    let (_, other) = send(&url, "sync", json!({"account": "b", "n": 9}), &[]).await;
+    let (_, other) = send(&url, "account/sync", json!({"account": "b", "n": 9}), &[]).await;
     for id in &ids[..4] {
         let view = wait_final(&url, id).await;
         assert_eq!(view["status"], "cancelled", "{view}");
@@ -305,6 +319,19 @@ async fn a_debounced_key_runs_the_last_of_a_burst() {
     let output = support::journal(&admin, &ids[4]).await;
     let output = output.iter().find(|e| e["kind"] == "output").unwrap();
     assert_eq!(output["value"], 4, "{output}");
+    // Another handler's invocation of the key, waiting behind a debounced one, is not
+    // replaced by the next debounced one: only the older of its own handler is.
+    let (_, first) = send(&url, "account/sync", json!({"account": "c", "n": 1}), &[]).await;
+    let (_, note) = send(&url, "account/note", json!({"account": "c", "n": 2}), &[]).await;
+    assert_eq!(note["status"], "queued", "{note}");
+    let (_, second) = send(&url, "account/sync", json!({"account": "c", "n": 3}), &[]).await;
+    let id = |answer: &Value| answer["invocation_id"].as_str().unwrap().to_owned();
+    let first = wait_final(&url, &id(&first)).await;
+    assert_eq!(first["failure"]["type"], "Debounced", "{first}");
+    assert_eq!(wait_final(&url, &id(&note)).await["status"], "completed");
+    assert_eq!(wait_final(&url, &id(&second)).await["status"], "completed");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+
     let waited = |view: &Value| {
         let at = |field: &str| {
             durin::schedules::spec::parse_time("t", view[field].as_str().unwrap()).unwrap()
@@ -402,7 +429,7 @@ async fn keys_hold_across_a_kill_of_durin_mid_queue() {
         let gateway = gateway.clone();
         async move {
             let body = json!({"account": format!("acct-{}", n % 10), "n": n});
-            let (status, answer) = send(&gateway, "deposit", body, &[]).await;
+            let (status, answer) = send(&gateway, "account/deposit", body, &[]).await;
             assert_eq!(status, 202, "{answer}");
             answer["invocation_id"].as_str().unwrap().to_owned()
         }
@@ -449,6 +476,9 @@ async fn keys_hold_across_a_kill_of_durin_mid_queue() {
     );
 
     let address: std::net::SocketAddr = gateway.trim_start_matches("http://").parse().unwrap();
+    // On PostgreSQL a node restarted with its id starts once the database has ended the
+    // killed one's session (moments after the kill): as a supervisor's restart delay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut durin = home.start(Some(address));
     let mut finals = Vec::new();
     for id in &ids {
@@ -522,19 +552,22 @@ async fn keys_hold_across_the_loss_of_a_node() {
         let url = urls[n % 3].clone();
         async move {
             let body = json!({"account": format!("acct-{}", n % 3), "n": n});
-            let (status, answer) = send(&url, "deposit", body, &[]).await;
+            let (status, answer) = send(&url, "account/deposit", body, &[]).await;
             assert_eq!(status, 202, "{answer}");
             answer["invocation_id"].as_str().unwrap().to_owned()
         }
     });
     let ids: Vec<String> = futures_util::future::join_all(sends).await;
     let survivor = nodes[1].url.clone();
+    let admin = nodes[1].admin.clone();
     eventually(Duration::from_secs(60), "some deposits to complete", || {
-        let id = ids[10].clone();
-        let survivor = survivor.clone();
+        let admin = admin.clone();
         async move {
-            let view = get_json(&format!("{survivor}/v1/invocations/{id}")).await;
-            (view["status"] == "completed").then_some(())
+            let list = get_json(&format!(
+                "{admin}/v1/invocations?status=completed&limit=1000"
+            ))
+            .await;
+            (list["invocations"].as_array().unwrap().len() >= 10).then_some(())
         }
     })
     .await;
@@ -544,7 +577,7 @@ async fn keys_hold_across_the_loss_of_a_node() {
         waiting += view["queued"].as_array().unwrap().len();
     }
     nodes[0].kill();
-    assert!(waiting >= 30, "the kill came too late: {waiting} waited");
+    assert!(waiting >= 20, "the kill came too late: {waiting} waited");
     for id in &ids {
         let view = wait_final(&survivor, id).await;
         assert_eq!(view["status"], "completed", "{view}");

@@ -33,6 +33,11 @@ pub async fn show(
         .await?;
     let truncated = records.len() > MAX_LISTED as usize;
     let records = &records[..records.len().min(MAX_LISTED as usize)];
+    // Shared (read-only) invocations neither hold the key nor wait for it.
+    let records: Vec<_> = records
+        .iter()
+        .filter(|r| r.key.as_ref().is_some_and(|k| !k.shared))
+        .collect();
     let limit = records.iter().find_map(|r| r.key.as_ref().map(|k| k.limit));
     let key_state: serde_json::Map<String, serde_json::Value> = state
         .store
@@ -44,8 +49,9 @@ pub async fn show(
             (name, value)
         })
         .collect();
-    let (queued, holders): (Vec<_>, Vec<_>) =
-        records.iter().partition(|r| r.status == Status::Queued);
+    let (queued, holders): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .partition(|r| r.status == Status::Queued);
     let running: Vec<InvocationView> = holders
         .iter()
         .map(|r| InvocationView::new(r, None).warned(&state.journal_limits))

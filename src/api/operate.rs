@@ -187,11 +187,12 @@ pub async fn bulk(
 /// a failure of the store stops the request (sending it again finishes the job).
 async fn apply(state: &AppState, verb: &str, id: &InvocationId) -> Result<bool, ApiError> {
     let changed = match verb {
-        "cancel" => state
-            .engine
-            .cancel(id)
-            .await
-            .map(|answer| matches!(answer, CancelAnswer::Requested(_))),
+        "cancel" => state.engine.cancel(id).await.map(|answer| {
+            matches!(
+                answer,
+                CancelAnswer::Requested(_) | CancelAnswer::Dequeued(_)
+            )
+        }),
         "terminate" => state
             .engine
             .terminate(id, "terminated by an operator (bulk)".into())

@@ -23,10 +23,22 @@ impl dyn Store {
     ) -> StoreResult<PlainAnswer> {
         let limits = self.journal_limits();
         let key = command.id.to_string();
-        self.write(&key, move |tx| {
-            Box::pin(async move { self::command(tx, command, limits, now_ms).await })
-        })
-        .await
+        let once = |command: PlainCommand| {
+            self.write(&key, move |tx| {
+                Box::pin(async move { self::command(tx, command, limits, now_ms).await })
+            })
+        };
+        // Only a call of a keyed handler takes a key's lock, which may be contended.
+        let keyed = command.commands.iter().any(|c| {
+            matches!(
+                c.new.as_ref().map(|n| &n.effect),
+                Some(crate::store::Effect::StartChild(child)) if child.key.is_some()
+            )
+        });
+        if !keyed {
+            return once(command).await;
+        }
+        self.contended(|| once(command.clone())).await
     }
 }
 

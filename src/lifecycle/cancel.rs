@@ -59,7 +59,14 @@ pub async fn request(
     ended: &mut crate::store::Closed,
 ) -> crate::store::StoreResult<crate::store::CancelAnswer> {
     use crate::store::{CancelAnswer, ParentClose, Status, StoreError, StoredEntry};
-    if crate::keys::lock_key_if_queued(tx, id).await? {
+    // Still queued under its row's lock (it may have been released meanwhile: then it is
+    // cancelled as any other).
+    let queued = crate::keys::lock_key_if_queued(tx, id).await?
+        && tx
+            .lock_invocation(id)
+            .await?
+            .is_some_and(|r| r.status == Status::Queued);
+    if queued {
         let ending = super::terminate::Ending {
             status: Status::Cancelled,
             failure: Failure {

@@ -77,14 +77,14 @@ pub async fn create(tx: &mut dyn Tx, new: NewInvocation) -> StoreResult<Created>
             superseded: Vec::new(),
         });
     };
-    // Debounced, it replaces the key's newest invocation that has not started, and waits
-    // the debounce before it starts itself.
+    // Debounced, it replaces the newest invocation of its handler and key that has not
+    // started, and waits the debounce before it starts itself.
     let service = new.target.service.clone();
     let mut superseded = Vec::new();
     if key.debounce_ms.is_some() {
         crate::keys::supersede(
             tx,
-            &service,
+            (service.as_str(), new.target.handler.as_str()),
             &key,
             new.id.as_str(),
             new.now_ms,

@@ -429,9 +429,7 @@ pub trait Schedules: Send {
 /// The keys of keyed handlers' invocations (columns of the `invocations` table).
 ///
 /// On PostgreSQL a key's lock is taken without waiting ([`StoreError::Contended`] when
-/// another transaction holds it: the write runs again), after the row lock of an
-/// invocation that holds the key and before that of one queued for it; under it a rule
-/// locks only queued invocations' rows.
+/// another transaction holds it: the write runs again), so no rule ever waits on a key.
 #[async_trait]
 pub trait Keys: Send {
     /// Serialises what changes who holds or waits for one key of a service, on every node
@@ -448,9 +446,14 @@ pub trait Keys: Send {
         key: &super::InvocationKey,
         queued: bool,
     ) -> StoreResult<()>;
-    /// The newest invocation of the key that has not started (queued, or pending before
-    /// its first attempt).
-    async fn newest_unstarted(&mut self, service: &str, key: &str) -> StoreResult<Option<String>>;
+    /// The newest invocation of `handler` with the key, made by a caller (not a child),
+    /// that has not started (queued, or pending before its first attempt).
+    async fn newest_unstarted(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+    ) -> StoreResult<Option<String>>;
     /// Makes the state invocation `id` set (and cleared) its key's.
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()>;
     /// Makes up to `count` of the key's queued invocations, oldest first, pending and due

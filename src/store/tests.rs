@@ -1771,6 +1771,24 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
     );
     let b = claim_one(store, T0 + 12).await;
     assert_eq!(b.id, listed[1]);
+    // What the next holder clears leaves the key's state when it ends (below).
+    let clear = NewEntry {
+        index: None,
+        kind: EntryKind::State,
+        name: Some("n".into()),
+        value: Some(br#"{"clear":true}"#.to_vec()),
+        content_type: None,
+        failure: None,
+        token: b.attempt_token.clone(),
+        effect: Effect::State {
+            key: "n".into(),
+            value: None,
+        },
+    };
+    store
+        .append_entry(&b.id, b.attempt, clear, T0 + 12)
+        .await
+        .unwrap();
     assert!(store.claim_due(T0 + 12, 10).await.unwrap().is_empty());
 
     // Cancelled while it waits: ended at once, without an attempt.
@@ -1791,6 +1809,7 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
         .terminate(&b.id, "enough".into(), T0 + 15)
         .await
         .unwrap();
+    assert!(store.key_state("wf", "k").await.unwrap().is_empty());
     assert_eq!(claim_one(store, T0 + 16).await.id, d.id);
 
     // Two at once: the third waits until one of them ends.

@@ -1397,17 +1397,24 @@ impl Keys for PgTx<'_> {
         Ok(())
     }
 
-    async fn newest_unstarted(&mut self, service: &str, key: &str) -> StoreResult<Option<String>> {
+    async fn newest_unstarted(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+    ) -> StoreResult<Option<String>> {
         let row = self
             .optional(
                 sqlx::query(
                     "SELECT id FROM invocations WHERE service = $1 AND concurrency_key = $2 \
                      AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
                      AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
+                     AND handler = $3 AND parent_invocation_id IS NULL \
                      ORDER BY key_seq DESC LIMIT 1",
                 )
                 .bind(service)
-                .bind(key),
+                .bind(key)
+                .bind(handler),
             )
             .await?;
         row.as_ref().map(|row| get(row, 0)).transpose()

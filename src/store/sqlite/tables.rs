@@ -1120,13 +1120,19 @@ impl Keys for SqliteTx {
         Ok(())
     }
 
-    async fn newest_unstarted(&mut self, service: &str, key: &str) -> StoreResult<Option<String>> {
+    async fn newest_unstarted(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+    ) -> StoreResult<Option<String>> {
         self.one(
             "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
              AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
              AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
+             AND handler = ?3 AND parent_invocation_id IS NULL \
              ORDER BY key_seq DESC LIMIT 1",
-            params![service, key],
+            params![service, key, handler],
         )
     }
 
