@@ -517,8 +517,9 @@ pub struct InvocationRequest {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replay: bool,
     /// A keyed handler's invocation: its key's durable state as the invocations of the
-    /// key that ended left it (the same for every attempt of this invocation, which adds
-    /// its own `state` entries on top; they become the key's when it ends).
+    /// key that ended left it, read for each attempt (the same for every attempt when the
+    /// key's limit is 1); the invocation adds its own `state` entries on top, and they
+    /// become the key's when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_state: Option<serde_json::Map<String, Value>>,
 }

@@ -773,7 +773,8 @@ impl Context {
 
     /// A key of the durable state as this invocation sees it: what it set (or cleared)
     /// last, else, in a keyed handler, its key's state as the invocations of the key
-    /// that ended left it. The same on every attempt.
+    /// that ended left it (the same on every attempt when the key's limit is 1; see
+    /// docs/keys.md for a larger limit and shared handlers).
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, HandlerError> {
         let values = self.values();
         values
