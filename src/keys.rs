@@ -5,13 +5,18 @@
 //! key. Everything here runs inside the rules that create and end invocations, so a crash
 //! loses no place and no turn.
 //!
+//! A key's rate (at most so many starts in any period) is a gate after its places, kept
+//! where an attempt starts (the claim): an invocation with a place whose first start the
+//! rate does not allow yet is put off, and counts against the rate only once it starts,
+//! so that neither a queue nor a stop of Durin lets more start in a period.
+//!
 //! Locks (PostgreSQL): a key's lock is only ever tried, never waited for
 //! (`StoreError::Contended` when another transaction holds it; the write runs again), so
 //! no rule waits on a key, whatever row locks it holds; a deadlock among row locks that
 //! PostgreSQL breaks is contended too.
 
 use crate::store::tables::Tx;
-use crate::store::{Closed, InvocationKey, InvocationRecord, Status, StoreResult};
+use crate::store::{Closed, InvocationKey, InvocationRecord, Status, StoreError, StoreResult};
 
 /// Whether a new invocation of `key` must wait its turn: its key's places are taken. The
 /// key stays locked until the transaction ends, so that the invocation is counted before
@@ -48,6 +53,59 @@ pub async fn ended(
         .await
 }
 
+/// Whether the first attempt of invocation `id`, due by `now_ms` and created under its
+/// key's rate, may start now: when fewer than the rate's `limit` of its key started in
+/// the period before now, the start counts (it is recorded); otherwise its start is put
+/// off to when the oldest of those leaves the period, and looked at again then. Starts
+/// go in the order the key's invocations took their places. A key whose lock another
+/// transaction holds is looked at again at the next claim.
+pub async fn rate_lets_start(tx: &mut dyn Tx, id: &str, now_ms: i64) -> StoreResult<bool> {
+    let (Some(record), Some(rate)) = (tx.invocation(id).await?, tx.start_rate(id).await?) else {
+        return Ok(true);
+    };
+    let Some(key) = record.key.as_ref().filter(|key| !key.shared) else {
+        return Ok(true);
+    };
+    match tx.lock_key(&record.service, &key.key).await {
+        Ok(()) => {}
+        Err(StoreError::Contended(_)) => return Ok(false),
+        Err(error) => return Err(error),
+    }
+    // The rate's starts go in the order the invocations took their places: one that
+    // waited longer goes first, and this one is looked at again when that one is due.
+    if let Some((older, due_ms)) = tx
+        .oldest_rate_waiter(&record.service, &record.handler, &key.key)
+        .await?
+    {
+        if older != id {
+            tx.start_at(id, due_ms.max(now_ms.saturating_add(1)))
+                .await?;
+            return Ok(false);
+        }
+    }
+    let next_ms = match tx
+        .nth_latest_start(&record.service, &record.handler, &key.key, rate.limit)
+        .await?
+    {
+        Some(at_ms) => at_ms.saturating_add(rate.period_ms),
+        None => now_ms,
+    };
+    if next_ms > now_ms {
+        tx.start_at(id, next_ms).await?;
+        return Ok(false);
+    }
+    // Starts only grow later, so one a period old or older limits none to come.
+    tx.record_start(
+        &record.service,
+        &record.handler,
+        &key.key,
+        now_ms,
+        now_ms.saturating_sub(rate.period_ms),
+    )
+    .await?;
+    Ok(true)
+}
+
 /// Takes the key's lock when invocation `id` waits for its key's turn, so that nothing
 /// releases it meanwhile: whether it did (the caller checks the status again under the
 /// row's lock).
@@ -66,7 +124,8 @@ pub async fn lock_key_if_queued(tx: &mut dyn Tx, id: &str) -> StoreResult<bool> 
 
 /// Debounce: the newest invocation of the same handler and key that a caller made and that
 /// has not started yet is replaced by the one being created (the last of a burst runs).
-/// It ends `cancelled`, of type `Debounced`, naming `by`, into `ended`.
+/// It ends `cancelled`, of type `Debounced`, naming `by`, into `ended`. `Some` when it
+/// replaced one: the latest the burst may put its start off, if bounded.
 pub async fn supersede(
     tx: &mut dyn Tx,
     target: (&str, &str),
@@ -74,11 +133,11 @@ pub async fn supersede(
     by: &str,
     now_ms: i64,
     ended: &mut Closed,
-) -> StoreResult<()> {
+) -> StoreResult<Option<Option<i64>>> {
     let (service, handler) = target;
     tx.lock_key(service, &key.key).await?;
-    let Some(older) = tx.newest_unstarted(service, handler, &key.key).await? else {
-        return Ok(());
+    let Some((older, until_ms)) = tx.newest_unstarted(service, handler, &key.key).await? else {
+        return Ok(None);
     };
     // Under its row's lock: it may have started meanwhile (claimed), then it runs.
     let unstarted = tx
@@ -86,7 +145,7 @@ pub async fn supersede(
         .await?
         .is_some_and(|r| r.attempt == 0 && matches!(r.status, Status::Queued | Status::Pending));
     if !unstarted {
-        return Ok(());
+        return Ok(None);
     }
     let ending = crate::lifecycle::terminate::Ending {
         status: Status::Cancelled,
@@ -101,5 +160,26 @@ pub async fn supersede(
         children: format!("its parent {older} was replaced"),
     };
     crate::lifecycle::terminate::end_now(tx, &older, &ending, now_ms, ended).await?;
-    Ok(())
+    Ok(Some(until_ms))
+}
+
+/// When a debounced invocation created at `now_ms` is due, and the latest its burst may
+/// put its start off: `replaced` is what [`supersede`] answered.
+pub fn debounced(
+    key: &InvocationKey,
+    replaced: Option<Option<i64>>,
+    now_ms: i64,
+) -> (Option<i64>, Option<i64>) {
+    let Some(debounce_ms) = key.debounce_ms else {
+        return (None, None);
+    };
+    // A burst's bound is its first invocation's; one without a bound gets it now.
+    let until_ms = replaced
+        .flatten()
+        .or_else(|| key.debounce_max_ms.map(|max| now_ms.saturating_add(max)));
+    let due_ms = now_ms.saturating_add(debounce_ms);
+    (
+        Some(until_ms.map_or(due_ms, |until| due_ms.min(until))),
+        until_ms,
+    )
 }

@@ -231,9 +231,34 @@ fn string_for(schema: &Value, conforming: bool) -> BoxedStrategy<String> {
 /// way.
 fn object_choices(schema: &Value) -> Vec<Value> {
     let mut base = schema.as_object().cloned().unwrap_or_default();
-    // `if: {required: [a]}, then: S`: either `a` is there and S holds, or `a` is not there.
+    // Conditionals in `allOf` are taken one at a time, in their order.
+    if !base.contains_key("if") {
+        if let Some(Value::Array(all)) = base.get_mut("allOf") {
+            if let Some(at) = all.iter().position(|part| part.get("if").is_some()) {
+                let conditional = all.remove(at);
+                for keyword in ["if", "then"] {
+                    base.insert(keyword.into(), conditional[keyword].clone());
+                }
+                return object_choices(&Value::Object(base));
+            }
+        }
+    }
+    // `if: {required: [a]}, then: S`: either `a` is there and S holds, or `a` is not there
+    // (unless it is required already).
     if let (Some(condition), Some(then)) = (base.remove("if"), base.remove("then")) {
+        let required_already = condition["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|name| {
+                base.get("required")
+                    .and_then(Value::as_array)
+                    .is_some_and(|r| r.contains(name))
+            });
         let base = Value::Object(base);
+        if required_already {
+            return object_choices(&merge(&base, &then));
+        }
         let with = merge(
             &merge(&base, &then),
             &json!({"required": condition["required"]}),
@@ -349,8 +374,12 @@ fn narrowed(name: &str, schema: &Value) -> Option<Value> {
         "initial_interval" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
         // A schedule's offset and jitter must be shorter than its interval (1 s or more).
         "offset" | "jitter" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
-        // A key's debounce lasts 1 ms to a day, a bound a pattern cannot state.
-        "debounce" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}(ms|s|m)$"}),
+        // A key's debounce lasts 1 ms to a day, and its bound at least as long, bounds a
+        // pattern cannot state: debounces under a second, bounds of a minute or more; a
+        // rate's period likewise.
+        "debounce" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}ms$"}),
+        "debounce_max" => json!({"type": "string", "pattern": "^[1-9][0-9]?m$"}),
+        "period" => json!({"type": "string", "pattern": "^[1-9][0-9]{0,2}(ms|s|m)$"}),
         // A time zone is a name the IANA database knows, which a pattern cannot list.
         "time_zone" => {
             json!({"type": "string", "enum": ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]})

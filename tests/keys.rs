@@ -246,6 +246,18 @@ async fn keyed_invocations_wait_their_turn_and_say_where_they_are() {
             ]}]),
             "one key.limit",
         ),
+        (
+            json!([{"name": "svc", "handlers": [{"name": "h", "key": {"pointer": "/a", "shared": true, "rate": {"limit": 2, "period": "1s"}}}]}]),
+            "not shared ones",
+        ),
+        (
+            json!([{"name": "svc", "handlers": [{"name": "h", "key": {"pointer": "/a", "rate": {"limit": 0, "period": "1s"}}}]}]),
+            "key.rate.limit",
+        ),
+        (
+            json!([{"name": "svc", "handlers": [{"name": "h", "key": {"pointer": "/a", "debounce": "2s", "debounce_max": "1s"}}]}]),
+            "debounce_max",
+        ),
     ] {
         let response = client()
             .post(format!("{admin}/v1/deployments"))
@@ -340,6 +352,192 @@ async fn a_debounced_key_runs_the_last_of_a_burst() {
     };
     assert!(waited(&last) >= 400, "it ran before its debounce: {last}");
     server.stop().await;
+}
+
+/// A debounce with a bound: a burst that never pauses (a send every 100 ms for 2 s, with a
+/// 300 ms debounce) still runs, at the latest `debounce_max` (800 ms) after the burst's
+/// first invocation; without the bound only the last would run, after the burst.
+#[tokio::test]
+async fn a_bounded_debounce_runs_within_its_bound_in_an_endless_burst() {
+    let server = InProcess::start(|_| {}).await;
+    let (url, admin) = (server.url.clone(), server.admin.clone());
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&runs);
+    let service = Service::new("index").handler_with(
+        "rebuild",
+        keyed(
+            KeySpec::pointer("/doc")
+                .debounce_max(Duration::from_millis(300), Duration::from_millis(800)),
+        ),
+        move |_: Context, input: Value| {
+            let counted = Arc::clone(&counted);
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(input["n"].clone())
+            }
+        },
+    );
+    register(&admin, &serve(service).await).await;
+
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    let mut ran_during_burst = 0;
+    for n in 0..20 {
+        let (status, answer) = send(&url, "index/rebuild", json!({"doc": "d", "n": n}), &[]).await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(answer["invocation_id"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if ran_during_burst == 0 && runs.load(Ordering::SeqCst) > 0 {
+            ran_during_burst = started.elapsed().as_millis();
+        }
+    }
+    let mut completed = 0;
+    for id in &ids {
+        let view = wait_final(&url, id).await;
+        match view["status"].as_str().unwrap() {
+            "completed" => completed += 1,
+            "cancelled" => assert_eq!(view["failure"]["type"], "Debounced", "{view}"),
+            other => panic!("{id} ended {other}: {view}"),
+        }
+    }
+    assert!(
+        ran_during_burst > 0 && ran_during_burst <= 1300,
+        "the first run came {ran_during_burst} ms into a burst of 2 s, not within its 800 ms bound"
+    );
+    assert!(
+        completed >= 2,
+        "{completed} ran of a 2 s burst bounded at 800 ms"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), completed);
+    // The last of the burst runs, as with any debounce.
+    let last = wait_final(&url, ids.last().unwrap()).await;
+    assert_eq!(last["status"], "completed", "{last}");
+    server.stop().await;
+}
+
+/// Where an invocation was first seen: its key, when (ms since the epoch), its attempt.
+type FirstSeen = (String, u128, u32);
+
+/// A rate per key (at most 3 starts of one key in any second, with room for 1000 at
+/// once): 12 invocations of one key sent at once start 3 a second, in the order they
+/// came, across a SIGKILL of `durin` in the middle, which lets none start early (a start
+/// counts once it happened); another key is not held up.
+#[tokio::test]
+async fn a_rate_limited_key_keeps_its_rate_across_a_kill() {
+    // When each was first seen, and at which attempt (one whose first attempt the kill
+    // lost is first seen at its second, after the restart, though it had started).
+    let starts: Arc<Mutex<HashMap<String, FirstSeen>>> = Arc::default();
+    let seen = Arc::clone(&starts);
+    let service = Service::new("feed").handler_with(
+        "pull",
+        keyed(
+            KeySpec::pointer("/feed")
+                .limit(1000)
+                .rate(3, Duration::from_secs(1)),
+        ),
+        move |ctx: Context, input: Value| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis();
+                let feed = input["feed"].as_str().unwrap_or_default().to_owned();
+                seen.lock()
+                    .unwrap()
+                    .entry(input["n"].to_string())
+                    .or_insert((feed, now, ctx.attempt()));
+                Ok::<_, HandlerError>(input["n"].clone())
+            }
+        },
+    );
+    let deployment = serve(service).await;
+    let home = GatewayHome::new();
+    let mut durin = home.start(None);
+    let gateway = durin.url.clone();
+    register(&durin.admin, &deployment).await;
+
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let (status, answer) = send(&gateway, "feed/pull", json!({"feed": "f", "n": n}), &[]).await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(answer["invocation_id"].as_str().unwrap().to_owned());
+    }
+    let sent_other = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    for n in 100..102 {
+        let (status, answer) = send(&gateway, "feed/pull", json!({"feed": "g", "n": n}), &[]).await;
+        assert_eq!(status, 202, "{answer}");
+        ids.push(answer["invocation_id"].as_str().unwrap().to_owned());
+    }
+    // Killed once the second second's starts began, most of them still put off.
+    let count = Arc::clone(&starts);
+    eventually(Duration::from_secs(30), "a second second of starts", || {
+        let count = Arc::clone(&count);
+        async move { (count.lock().unwrap().len() >= 2 + 4).then_some(()) }
+    })
+    .await;
+    durin.kill();
+    let before_kill = starts.lock().unwrap().len();
+    assert!(before_kill < 14, "all had started before the kill");
+    let address: std::net::SocketAddr = gateway.trim_start_matches("http://").parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut durin = home.start(Some(address));
+    for id in &ids {
+        let view = wait_final(&gateway, id).await;
+        assert_eq!(view["status"], "completed", "{view}");
+    }
+    let starts = starts.lock().unwrap().clone();
+    let f: Vec<(u128, i64, u32)> = {
+        let mut f: Vec<_> = starts
+            .iter()
+            .filter(|(_, (feed, ..))| feed == "f")
+            .map(|(n, (_, at, attempt))| (*at, n.parse().unwrap(), *attempt))
+            .collect();
+        f.sort();
+        f
+    };
+    assert_eq!(f.len(), 12);
+    // Never more than 3 starts in a second (100 ms for the way from Durin to the handler),
+    // counting those the handler saw start.
+    let firsts: Vec<(u128, i64)> = f
+        .iter()
+        .filter(|(.., attempt)| *attempt == 1)
+        .map(|(at, n, _)| (*at, *n))
+        .collect();
+    assert!(firsts.len() >= 9, "{f:?}");
+    for window in firsts.windows(4) {
+        assert!(
+            window[3].0 - window[0].0 >= 900,
+            "four starts within a second: {window:?} of {f:?}"
+        );
+    }
+    assert!(
+        firsts.last().unwrap().0 - firsts[0].0 >= 2900,
+        "12 starts at 3 a second: {f:?}"
+    );
+    // In the order they came: a start half a second after another came after it.
+    for (i, (at, n)) in firsts.iter().enumerate() {
+        for (later_at, later_n) in &firsts[i + 1..] {
+            assert!(
+                later_at - at < 500 || later_n > n,
+                "{later_n} started well after {n}, though it came later: {f:?}"
+            );
+        }
+    }
+    // The other key started at once, whatever the first one's rate.
+    for n in ["100", "101"] {
+        let (feed, at, _) = &starts[n];
+        assert_eq!(feed, "g");
+        assert!(
+            at - sent_other < 1500,
+            "key g waited {} ms for key f's rate",
+            at - sent_other
+        );
+    }
+    durin.kill();
 }
 
 /// What the exclusive handler saw: per key, how many of its invocations were inside the

@@ -16,7 +16,7 @@ use crate::ids::{parse_name, InvocationId};
 use crate::problem::ApiError;
 use crate::store::{
     Created, HandlerProtocol, IdempotencyClaim, InvocationKey, InvocationRecord, NewInvocation,
-    Status,
+    StartRate, Status,
 };
 
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -326,10 +326,17 @@ pub(super) fn invocation_key(
         key,
         limit: key_spec.limit,
         shared: key_spec.shared,
-        debounce_ms: key_spec
-            .debounce
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        debounce_ms: key_spec.debounce.map(millis),
+        debounce_max_ms: key_spec.debounce_max.map(millis),
+        rate: key_spec.rate.map(|rate| StartRate {
+            limit: rate.limit,
+            period_ms: millis(rate.period),
+        }),
     }))
+}
+
+fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The digest of a request's input (which an idempotency key or a workflow id compares)

@@ -182,7 +182,7 @@ pub async fn insert(
     };
     insert_pending(tx, &pending, now_ms).await?;
     if let Some(key) = &child.key {
-        tx.set_key(child.id.as_str(), &child.target.service, key, queued)
+        tx.set_key(child.id.as_str(), &child.target.service, key, queued, None)
             .await?;
     }
     if let Some(workflow) = &child.workflow {

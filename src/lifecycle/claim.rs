@@ -1,6 +1,7 @@
 //! Claim: the scheduler starts the next attempt of due invocations, in one transaction:
 //! their timers due by now fire first, then each gets its attempt (which fences every
-//! earlier one) and a fresh token. Nothing that is not due is claimed. Heartbeats of a
+//! earlier one) and a fresh token. Nothing that is not due is claimed, and no first
+//! attempt its key's rate does not let start yet. Heartbeats of a
 //! running attempt are recorded here too.
 
 use crate::ids::InvocationId;
@@ -51,7 +52,10 @@ pub async fn claim_due(
 ) -> StoreResult<Vec<InvocationRecord>> {
     let ids = tx.claimable(now_ms, limit).await?;
     let mut claimed = Vec::with_capacity(ids.len());
-    for id in ids {
+    for (id, rated) in ids {
+        if rated && !crate::keys::rate_lets_start(tx, &id, now_ms).await? {
+            continue;
+        }
         crate::journal::sleep::fire_timers(tx, &id, now_ms, now_ms).await?;
         if let Some(record) = tx.start_attempt(&id, &attempt_token(), now_ms).await? {
             claimed.push(record);

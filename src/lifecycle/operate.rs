@@ -90,10 +90,17 @@ impl dyn Store {
         .await
     }
 
-    /// Deletes the idempotency keys that expired by `now_ms`; how many.
+    /// Deletes the idempotency keys that expired by `now_ms` (how many), and the starts of
+    /// rate-limited keys older than any rate's period, which limit no start any more.
     pub async fn purge_idempotency_keys(&self, now_ms: i64) -> StoreResult<u64> {
         self.write("purge", move |tx| {
-            Box::pin(async move { tx.delete_expired_keys(now_ms).await })
+            Box::pin(async move {
+                let longest =
+                    i64::try_from(durin_protocol::MAX_RATE_PERIOD.as_millis()).unwrap_or(i64::MAX);
+                tx.forget_starts_before(now_ms.saturating_sub(longest))
+                    .await?;
+                tx.delete_expired_keys(now_ms).await
+            })
         })
         .await
     }

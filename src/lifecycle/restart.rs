@@ -119,7 +119,7 @@ pub async fn restart(
     tx.hold_idempotency_keys(id, None).await?;
     let record = match requeue {
         Some(key) => {
-            tx.set_key(id, &record.service, &key, true).await?;
+            tx.set_key(id, &record.service, &key, true, None).await?;
             tx.invocation(id).await?.unwrap_or(record)
         }
         None => record,

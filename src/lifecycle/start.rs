@@ -78,31 +78,41 @@ pub async fn create(tx: &mut dyn Tx, new: NewInvocation) -> StoreResult<Created>
         });
     };
     // Debounced, it replaces the newest invocation of its handler and key that has not
-    // started, and waits the debounce before it starts itself.
+    // started, and waits the debounce before it starts itself (its burst's bound at most).
     let service = new.target.service.clone();
     let mut superseded = Vec::new();
-    if key.debounce_ms.is_some() {
-        crate::keys::supersede(
-            tx,
-            (service.as_str(), new.target.handler.as_str()),
-            &key,
-            new.id.as_str(),
-            new.now_ms,
-            &mut superseded,
-        )
-        .await?;
-    }
+    let replaced = match key.debounce_ms {
+        Some(_) => {
+            crate::keys::supersede(
+                tx,
+                (service.as_str(), new.target.handler.as_str()),
+                &key,
+                new.id.as_str(),
+                new.now_ms,
+                &mut superseded,
+            )
+            .await?
+        }
+        None => None,
+    };
+    let (due_ms, debounce_until_ms) = crate::keys::debounced(&key, replaced, new.now_ms);
     // A keyed handler's invocation runs if its key has a free place, and waits its turn
-    // otherwise (created pending, then queued: it never runs on this node at once).
+    // otherwise (created pending, then queued: it never runs on this node at once). Under
+    // a rate, the scheduler's claim starts it when the rate lets it.
     let queued = crate::keys::must_queue(tx, &service, &key).await?;
-    let due_ms = key.debounce_ms.map(|d| new.now_ms.saturating_add(d));
     let new = NewInvocation {
-        run_now: new.run_now && !queued && due_ms.is_none(),
+        run_now: new.run_now && !queued && due_ms.is_none() && key.rate.is_none(),
         ..new
     };
     let (record, input) = insert_running(tx, new, None, due_ms).await?;
-    tx.set_key(record.id.as_str(), &service, &key, queued)
-        .await?;
+    tx.set_key(
+        record.id.as_str(),
+        &service,
+        &key,
+        queued,
+        debounce_until_ms,
+    )
+    .await?;
     let record = tx.invocation(record.id.as_str()).await?.unwrap_or(record);
     Ok(Created::New {
         record,

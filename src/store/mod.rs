@@ -388,8 +388,29 @@ pub struct InvocationKey {
     /// A shared (read-only) handler's: it reads the key's state, and neither holds the
     /// key nor waits for it (stored as a limit of 0).
     pub shared: bool,
-    /// At its creation only (not stored): the key's debounce, in ms.
+    /// At its creation only (not read back): the key's debounce, in ms.
     pub debounce_ms: Option<i64>,
+    /// At its creation only: the longest a burst may put a debounced start off, in ms.
+    pub debounce_max_ms: Option<i64>,
+    /// At its creation only (stored, read back where a start is let go): the key's rate.
+    pub rate: Option<StartRate>,
+}
+
+/// At most `limit` starts of one key in any `period_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartRate {
+    pub limit: u32,
+    pub period_ms: i64,
+}
+
+impl StartRate {
+    /// The rate as its two columns hold it (none when either is empty).
+    pub(crate) fn from_columns(limit: Option<i64>, period_ms: Option<i64>) -> Option<StartRate> {
+        Some(StartRate {
+            limit: u32::try_from(limit?).ok()?,
+            period_ms: period_ms?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -114,8 +114,9 @@ pub trait Invocations: Send {
     async fn note_arrival(&mut self, id: &str, attempt: u32) -> StoreResult<()>;
     /// Up to `limit` invocations an attempt may start now, oldest due first: due ones and,
     /// on a database several nodes share, running ones whose lease expired; locked (rows
-    /// another transaction holds are skipped).
-    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>>;
+    /// another transaction holds are skipped). Each with whether its start waits for its
+    /// key's rate (the first attempt of an invocation created under one).
+    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<(String, bool)>>;
     /// Starts the next attempt of a claimable invocation (`attempt + 1` fences every
     /// earlier one; leased to this node where nodes share the database), with `token`.
     async fn start_attempt(
@@ -437,23 +438,58 @@ pub trait Keys: Send {
     async fn lock_key(&mut self, service: &str, key: &str) -> StoreResult<()>;
     /// How many invocations of the key hold it: neither queued nor ended.
     async fn key_holders(&mut self, service: &str, key: &str) -> StoreResult<u32>;
-    /// Gives a new invocation its key, after the key's other unfinished invocations;
-    /// `queued`, it waits its turn (status `queued`, no due time).
+    /// Gives a new invocation its key (and its rate), after the key's other unfinished
+    /// invocations; `queued`, it waits its turn (status `queued`, no due time).
+    /// `debounce_until_ms`: the latest its burst may put its start off.
     async fn set_key(
         &mut self,
         id: &str,
         service: &str,
         key: &super::InvocationKey,
         queued: bool,
+        debounce_until_ms: Option<i64>,
     ) -> StoreResult<()>;
     /// The newest invocation of `handler` with the key, made by a caller (not a child),
-    /// that has not started (queued, or pending before its first attempt).
+    /// that has not started (queued, or pending before its first attempt): its id and the
+    /// latest its burst may put its start off.
     async fn newest_unstarted(
         &mut self,
         service: &str,
         handler: &str,
         key: &str,
-    ) -> StoreResult<Option<String>>;
+    ) -> StoreResult<Option<(String, Option<i64>)>>;
+    /// The rate invocation `id` was created under.
+    async fn start_rate(&mut self, id: &str) -> StoreResult<Option<super::StartRate>>;
+    /// The `nth` latest start (1-based) of the handler's key, if it had that many.
+    async fn nth_latest_start(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        nth: u32,
+    ) -> StoreResult<Option<i64>>;
+    /// Records a start of the handler's key at `at_ms`, and forgets those at or before
+    /// `forget_through_ms`.
+    async fn record_start(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        at_ms: i64,
+        forget_through_ms: i64,
+    ) -> StoreResult<()>;
+    /// The handler's invocation of the key created under its rate that waits longest (the
+    /// lowest place) for its first start, with its due time.
+    async fn oldest_rate_waiter(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+    ) -> StoreResult<Option<(String, i64)>>;
+    /// Forgets the starts of every key before `before_ms`.
+    async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()>;
+    /// Puts the start of pending invocation `id` off to `due_ms`.
+    async fn start_at(&mut self, id: &str, due_ms: i64) -> StoreResult<()>;
     /// Makes the state invocation `id` set (and cleared) its key's.
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()>;
     /// Makes up to `count` of the key's queued invocations, oldest first, pending and due

@@ -1711,6 +1711,8 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
             limit,
             shared: false,
             debounce_ms: None,
+            debounce_max_ms: None,
+            rate: None,
         });
         match create_with(store, None, key, now_ms).await {
             Created::New { record, .. } => record,
@@ -2097,6 +2099,68 @@ async fn a_schedule_starts_each_fire_once(store: &dyn Store) {
     assert_eq!(store.next_schedule_due().await.unwrap(), None);
 }
 
+/// A key's rate (2 starts a second): of four invocations created at once, the claim
+/// starts two and puts the others off to a second after those started; a claim before
+/// then starts nothing, one then starts both; a fifth waits a second more. Another key
+/// has its own rate.
+async fn a_key_rate_starts_so_many_a_period_when_they_start(store: &dyn Store) {
+    let new = |key: &'static str, now_ms: i64| async move {
+        let key = Some(InvocationKey {
+            key: key.into(),
+            limit: 10,
+            shared: false,
+            debounce_ms: None,
+            debounce_max_ms: None,
+            rate: Some(StartRate {
+                limit: 2,
+                period_ms: 1_000,
+            }),
+        });
+        match create_with(store, None, key, now_ms).await {
+            Created::New { record, .. } => record,
+            other => panic!("{other:?}"),
+        }
+    };
+    let a = new("k", T0).await;
+    let b = new("k", T0 + 1).await;
+    let c = new("k", T0 + 2).await;
+    let d = new("k", T0 + 3).await;
+    // Under a rate, nothing runs at its creation: the claim starts it.
+    assert_eq!(a.status, Status::Pending);
+    let claimed: Vec<InvocationId> = store
+        .claim_due(T0 + 10, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(claimed, [a.id.clone(), b.id.clone()]);
+    let put_off = store.get_invocation(&c.id).await.unwrap().unwrap();
+    assert_eq!(put_off.status, Status::Pending);
+    assert_eq!(put_off.next_run_at_ms, Some(T0 + 1_010));
+    assert!(store.claim_due(T0 + 1_009, 10).await.unwrap().is_empty());
+    // Another key is not held up by this one's.
+    let other = new("j", T0 + 20).await;
+    assert_eq!(claim_one(store, T0 + 20).await.id, other.id);
+    // A second after the first two, the next two start; a fifth waits a second more.
+    let mut claimed: Vec<InvocationId> = store
+        .claim_due(T0 + 1_010, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    claimed.sort();
+    let mut expected = [c.id.clone(), d.id.clone()];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    let e = new("k", T0 + 1_020).await;
+    assert!(store.claim_due(T0 + 1_020, 10).await.unwrap().is_empty());
+    let put_off = store.get_invocation(&e.id).await.unwrap().unwrap();
+    assert_eq!(put_off.next_run_at_ms, Some(T0 + 2_010));
+    assert_eq!(claim_one(store, T0 + 2_010).await.id, e.id);
+}
+
 conformance! {
     a_schedule_starts_each_fire_once,
     new_invocations_go_to_the_newest_active_deployment,
@@ -2128,4 +2192,5 @@ conformance! {
     cancel_terminate_pause_and_resume_move_an_invocation_once,
     updates_and_starts_by_id_are_answered_once,
     a_key_runs_its_limit_at_once_and_the_others_in_arrival_order,
+    a_key_rate_starts_so_many_a_period_when_they_start,
 }

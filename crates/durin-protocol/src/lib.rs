@@ -253,14 +253,42 @@ pub struct KeySpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub debounce: Option<Duration>,
+    /// The longest a burst of a debounced key may put off its run: a newer invocation of
+    /// the burst starts at the latest this long after the burst's first (Inngest's debounce
+    /// timeout); no bound when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub debounce_max: Option<Duration>,
+    /// A rate limit per key: at most `rate.limit` invocations of this handler with one key
+    /// start in any `rate.period`; the others wait, durably, in the order they took their
+    /// places.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<KeyRate>,
+}
+
+/// How many invocations of one key may start in any period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRate {
+    /// How many starts in any `period`.
+    pub limit: u32,
+    /// The period, 1 ms to a day.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
 }
 
 /// The longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 256;
 /// The largest `limit` of a keyed handler.
 pub const MAX_KEY_LIMIT: u32 = 1000;
-/// The longest `debounce` of a keyed handler.
+/// The longest `debounce` (and `debounce_max`) of a keyed handler.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(24 * 3600);
+/// The most starts a key's `rate` allows in its period.
+pub const MAX_RATE_LIMIT: u32 = 1000;
+/// The longest period of a key's `rate`.
+pub const MAX_RATE_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
 impl KeySpec {
     fn one() -> u32 {
@@ -275,6 +303,8 @@ impl KeySpec {
             limit: 1,
             shared: false,
             debounce: None,
+            debounce_max: None,
+            rate: None,
         }
     }
 
@@ -286,6 +316,8 @@ impl KeySpec {
             limit: 1,
             shared: false,
             debounce: None,
+            debounce_max: None,
+            rate: None,
         }
     }
 
@@ -311,8 +343,53 @@ impl KeySpec {
         }
     }
 
+    /// Debounced by `period`, a burst putting its run off by `max` at most.
+    pub fn debounce_max(self, period: Duration, max: Duration) -> KeySpec {
+        KeySpec {
+            debounce: Some(period),
+            debounce_max: Some(max),
+            ..self
+        }
+    }
+
+    /// At most `limit` starts of one key in any `period`.
+    pub fn rate(self, limit: u32, period: Duration) -> KeySpec {
+        KeySpec {
+            rate: Some(KeyRate { limit, period }),
+            ..self
+        }
+    }
+
     /// What is wrong with it, if anything.
     pub fn validate(&self) -> Result<(), String> {
+        match (self.debounce, self.debounce_max) {
+            (None, Some(_)) => {
+                return Err("key.debounce_max bounds a debounce: give key.debounce".into())
+            }
+            (Some(period), Some(max)) if max < period || max > MAX_DEBOUNCE => {
+                return Err(format!(
+                    "key.debounce_max {max:?} is outside key.debounce ({period:?})..=1d"
+                ))
+            }
+            _ => {}
+        }
+        if let Some(rate) = self.rate {
+            if !(1..=MAX_RATE_LIMIT).contains(&rate.limit) {
+                return Err(format!(
+                    "key.rate.limit {} is outside 1..={MAX_RATE_LIMIT}",
+                    rate.limit
+                ));
+            }
+            if rate.period.is_zero() || rate.period > MAX_RATE_PERIOD {
+                return Err(format!(
+                    "key.rate.period {:?} is outside 1ms..=1d",
+                    rate.period
+                ));
+            }
+            if self.shared {
+                return Err("key.rate is for handlers that hold the key, not shared ones".into());
+            }
+        }
         if let Some(period) = self.debounce {
             if period.is_zero() || period > MAX_DEBOUNCE {
                 return Err(format!("key.debounce {period:?} is outside 1ms..=1d"));

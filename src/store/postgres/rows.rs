@@ -88,6 +88,8 @@ pub(super) fn invocation(row: &PgRow) -> StoreResult<InvocationRecord> {
                 limit: limit.unwrap_or(1).max(1),
                 shared: limit == Some(0),
                 debounce_ms: None,
+                debounce_max_ms: None,
+                rate: None,
             }),
             (None, _) => None,
         },

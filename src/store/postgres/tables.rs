@@ -267,7 +267,7 @@ impl Invocations for PgTx<'_> {
         self.returning(query).await
     }
 
-    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
+    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<(String, bool)>> {
         // Rows another transaction holds (being claimed, written or renewed) are skipped.
         // First the attempts whose lease expired (their node died or froze), by the
         // database's clock, then the due invocations.
@@ -283,15 +283,15 @@ impl Invocations for PgTx<'_> {
             .await?;
         let mut ids = expired
             .iter()
-            .map(|row| get(row, 0))
-            .collect::<StoreResult<Vec<String>>>()?;
+            .map(|row| Ok((get(row, 0)?, false)))
+            .collect::<StoreResult<Vec<(String, bool)>>>()?;
         let left = i64::from(limit) - ids.len() as i64;
         if left > 0 {
             let due = self
                 .all(
                     sqlx::query(
-                        "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
-                         AND next_run_at_ms <= $1 \
+                        "SELECT id, key_rate_limit IS NOT NULL AND attempt = 0 FROM invocations \
+                         WHERE next_run_at_ms IS NOT NULL AND next_run_at_ms <= $1 \
                          AND status IN ('pending', 'backing-off', 'suspended') \
                          ORDER BY next_run_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
                     )
@@ -300,7 +300,7 @@ impl Invocations for PgTx<'_> {
                 )
                 .await?;
             for row in &due {
-                ids.push(get(row, 0)?);
+                ids.push((get(row, 0)?, get(row, 1)?));
             }
         }
         Ok(ids)
@@ -1376,7 +1376,9 @@ impl Keys for PgTx<'_> {
         service: &str,
         key: &InvocationKey,
         queued: bool,
+        debounce_until_ms: Option<i64>,
     ) -> StoreResult<()> {
+        // A restart gives no rate (`key` read back): the one it was created under stays.
         self.execute(
             sqlx::query(
                 "UPDATE invocations SET concurrency_key = $2, key_limit = $3, \
@@ -1384,14 +1386,20 @@ impl Keys for PgTx<'_> {
                    WHERE service = $5 AND concurrency_key = $2 \
                    AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')), \
                  status = CASE WHEN $4 THEN 'queued' ELSE status END, \
-                 next_run_at_ms = CASE WHEN $4 THEN NULL ELSE next_run_at_ms END \
+                 next_run_at_ms = CASE WHEN $4 THEN NULL ELSE next_run_at_ms END, \
+                 key_rate_limit = COALESCE($6, key_rate_limit), \
+                 key_rate_period_ms = COALESCE($7, key_rate_period_ms), \
+                 debounce_until_ms = $8 \
                  WHERE id = $1",
             )
             .bind(id)
             .bind(&key.key)
             .bind(i64::from(if key.shared { 0 } else { key.limit }))
             .bind(queued)
-            .bind(service),
+            .bind(service)
+            .bind(key.rate.map(|r| i64::from(r.limit)))
+            .bind(key.rate.map(|r| r.period_ms))
+            .bind(debounce_until_ms),
         )
         .await?;
         Ok(())
@@ -1402,11 +1410,12 @@ impl Keys for PgTx<'_> {
         service: &str,
         handler: &str,
         key: &str,
-    ) -> StoreResult<Option<String>> {
+    ) -> StoreResult<Option<(String, Option<i64>)>> {
         let row = self
             .optional(
                 sqlx::query(
-                    "SELECT id FROM invocations WHERE service = $1 AND concurrency_key = $2 \
+                    "SELECT id, debounce_until_ms FROM invocations \
+                     WHERE service = $1 AND concurrency_key = $2 \
                      AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
                      AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
                      AND handler = $3 AND parent_invocation_id IS NULL \
@@ -1417,7 +1426,117 @@ impl Keys for PgTx<'_> {
                 .bind(handler),
             )
             .await?;
+        row.as_ref()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .transpose()
+    }
+
+    async fn start_rate(&mut self, id: &str) -> StoreResult<Option<StartRate>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT key_rate_limit, key_rate_period_ms FROM invocations WHERE id = $1",
+                )
+                .bind(id),
+            )
+            .await?;
+        match row {
+            Some(row) => Ok(StartRate::from_columns(get(&row, 0)?, get(&row, 1)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn nth_latest_start(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        nth: u32,
+    ) -> StoreResult<Option<i64>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT at_ms FROM key_starts WHERE service = $1 AND key = $2 AND handler = $4 \
+                     ORDER BY at_ms DESC LIMIT 1 OFFSET $3",
+                )
+                .bind(service)
+                .bind(key)
+                .bind(i64::from(nth.saturating_sub(1)))
+                .bind(handler),
+            )
+            .await?;
         row.as_ref().map(|row| get(row, 0)).transpose()
+    }
+
+    async fn record_start(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        at_ms: i64,
+        forget_through_ms: i64,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("DELETE FROM key_starts WHERE service = $1 AND key = $2 AND at_ms <= $3 AND handler = $4")
+                .bind(service)
+                .bind(key)
+                .bind(forget_through_ms)
+                .bind(handler),
+        )
+        .await?;
+        self.execute(
+            sqlx::query(
+                "INSERT INTO key_starts (service, key, at_ms, handler) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(service)
+            .bind(key)
+            .bind(at_ms)
+            .bind(handler),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn oldest_rate_waiter(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+    ) -> StoreResult<Option<(String, i64)>> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT id, next_run_at_ms FROM invocations WHERE service = $1 AND concurrency_key = $2 \
+                     AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                     AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
+                     AND next_run_at_ms IS NOT NULL AND handler = $3 ORDER BY key_seq LIMIT 1",
+                )
+                .bind(service)
+                .bind(key)
+                .bind(handler),
+            )
+            .await?;
+        row.as_ref()
+            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
+            .transpose()
+    }
+
+    async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()> {
+        self.execute(sqlx::query("DELETE FROM key_starts WHERE at_ms < $1").bind(before_ms))
+            .await?;
+        Ok(())
+    }
+
+    async fn start_at(&mut self, id: &str, due_ms: i64) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "UPDATE invocations SET next_run_at_ms = $2 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(due_ms),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()> {

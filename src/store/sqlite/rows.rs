@@ -70,6 +70,8 @@ pub(super) fn key_of(key: Option<String>, limit: Option<u32>) -> Option<Invocati
         limit: limit.unwrap_or(1).max(1),
         shared: limit == Some(0),
         debounce_ms: None,
+        debounce_max_ms: None,
+        rate: None,
     })
 }
 

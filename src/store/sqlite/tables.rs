@@ -261,12 +261,15 @@ impl Invocations for SqliteTx {
         self.invocation_returning(&sql, rusqlite::params_from_iter(values))
     }
 
-    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
-        self.all(
-            "SELECT id FROM invocations WHERE next_run_at_ms IS NOT NULL \
+    async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<(String, bool)>> {
+        query_all(
+            &self.conn,
+            "SELECT id, key_rate_limit IS NOT NULL AND attempt = 0 FROM invocations \
+             WHERE next_run_at_ms IS NOT NULL \
              AND next_run_at_ms <= ?1 AND status IN ('pending', 'backing-off', 'suspended') \
              ORDER BY next_run_at_ms LIMIT ?2",
             params![now_ms, limit],
+            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
         )
     }
 
@@ -1105,7 +1108,9 @@ impl Keys for SqliteTx {
         service: &str,
         key: &InvocationKey,
         queued: bool,
+        debounce_until_ms: Option<i64>,
     ) -> StoreResult<()> {
+        // A restart gives no rate (`key` read back): the one it was created under stays.
         execute(
             &self.conn,
             "UPDATE invocations SET concurrency_key = ?2, key_limit = ?3, \
@@ -1113,9 +1118,21 @@ impl Keys for SqliteTx {
                WHERE service = ?5 AND concurrency_key = ?2 \
                AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')), \
              status = CASE WHEN ?4 THEN 'queued' ELSE status END, \
-             next_run_at_ms = CASE WHEN ?4 THEN NULL ELSE next_run_at_ms END \
+             next_run_at_ms = CASE WHEN ?4 THEN NULL ELSE next_run_at_ms END, \
+             key_rate_limit = COALESCE(?6, key_rate_limit), \
+             key_rate_period_ms = COALESCE(?7, key_rate_period_ms), \
+             debounce_until_ms = ?8 \
              WHERE id = ?1",
-            params![id, key.key, stored_limit(key), queued, service],
+            params![
+                id,
+                key.key,
+                stored_limit(key),
+                queued,
+                service,
+                key.rate.map(|r| r.limit),
+                key.rate.map(|r| r.period_ms),
+                debounce_until_ms
+            ],
         )?;
         Ok(())
     }
@@ -1125,15 +1142,98 @@ impl Keys for SqliteTx {
         service: &str,
         handler: &str,
         key: &str,
-    ) -> StoreResult<Option<String>> {
-        self.one(
-            "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+    ) -> StoreResult<Option<(String, Option<i64>)>> {
+        query_one(
+            &self.conn,
+            "SELECT id, debounce_until_ms FROM invocations \
+             WHERE service = ?1 AND concurrency_key = ?2 \
              AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
              AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
              AND handler = ?3 AND parent_invocation_id IS NULL \
              ORDER BY key_seq DESC LIMIT 1",
             params![service, key, handler],
+            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
         )
+    }
+
+    async fn start_rate(&mut self, id: &str) -> StoreResult<Option<StartRate>> {
+        Ok(query_one(
+            &self.conn,
+            "SELECT key_rate_limit, key_rate_period_ms FROM invocations WHERE id = ?1",
+            [id],
+            |row| Ok(Ok(StartRate::from_columns(row.get(0)?, row.get(1)?))),
+        )?
+        .flatten())
+    }
+
+    async fn nth_latest_start(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        nth: u32,
+    ) -> StoreResult<Option<i64>> {
+        self.one(
+            "SELECT at_ms FROM key_starts WHERE service = ?1 AND key = ?2 AND handler = ?4 \
+             ORDER BY at_ms DESC LIMIT 1 OFFSET ?3",
+            params![service, key, nth.saturating_sub(1), handler],
+        )
+    }
+
+    async fn record_start(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        at_ms: i64,
+        forget_through_ms: i64,
+    ) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "DELETE FROM key_starts WHERE service = ?1 AND key = ?2 AND at_ms <= ?3 AND handler = ?4",
+            params![service, key, forget_through_ms, handler],
+        )?;
+        execute(
+            &self.conn,
+            "INSERT INTO key_starts (service, key, at_ms, handler) VALUES (?1, ?2, ?3, ?4)",
+            params![service, key, at_ms, handler],
+        )?;
+        Ok(())
+    }
+
+    async fn oldest_rate_waiter(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+    ) -> StoreResult<Option<(String, i64)>> {
+        query_one(
+            &self.conn,
+            "SELECT id, next_run_at_ms FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+             AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
+             AND next_run_at_ms IS NOT NULL AND handler = ?3 ORDER BY key_seq LIMIT 1",
+            params![service, key, handler],
+            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+        )
+    }
+
+    async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "DELETE FROM key_starts WHERE at_ms < ?1",
+            [before_ms],
+        )?;
+        Ok(())
+    }
+
+    async fn start_at(&mut self, id: &str, due_ms: i64) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "UPDATE invocations SET next_run_at_ms = ?2 WHERE id = ?1 AND status = 'pending'",
+            params![id, due_ms],
+        )?;
+        Ok(())
     }
 
     async fn apply_key_state(&mut self, id: &str, service: &str, key: &str) -> StoreResult<()> {
