@@ -71,17 +71,14 @@ pub async fn rate_lets_start(tx: &mut dyn Tx, id: &str, now_ms: i64) -> StoreRes
         Err(StoreError::Contended(_)) => return Ok(false),
         Err(error) => return Err(error),
     }
-    // The rate's starts go in the order the invocations took their places: one that
-    // waited longer goes first, and this one is looked at again when that one is due.
-    if let Some((older, due_ms)) = tx
-        .oldest_rate_waiter(&record.service, &record.handler, &key.key)
-        .await?
-    {
-        if older != id {
-            tx.start_at(id, due_ms.max(now_ms.saturating_add(1)))
-                .await?;
-            return Ok(false);
-        }
+    // The rate's starts go in the order the invocations took their places: one due that
+    // waited longer goes first, and this one is looked at again just after.
+    let oldest = tx
+        .oldest_rate_waiter(&record.service, &record.handler, &key.key, now_ms)
+        .await?;
+    if oldest.is_some_and(|oldest| oldest != id) {
+        tx.start_at(id, now_ms.saturating_add(1)).await?;
+        return Ok(false);
     }
     let next_ms = match tx
         .nth_latest_start(&record.service, &record.handler, &key.key, rate.limit)

@@ -120,10 +120,7 @@ async fn serve(
         lease: config.lease,
     };
     // A source that cannot work stops Durin before anything starts.
-    let webhooks = Arc::new(
-        webhooks::Webhooks::new(&config.webhooks)
-            .map_err(|e| anyhow::anyhow!("the config's webhooks: {e}"))?,
-    );
+    webhooks::check(&config.webhooks).map_err(|e| anyhow::anyhow!("the config's webhooks: {e}"))?;
     let auth = Arc::new(
         auth::Authenticator::new(&config.auth)
             .map_err(|e| anyhow::anyhow!("the config's auth: {e}"))?,
@@ -140,6 +137,12 @@ async fn serve(
     let clock: Arc<dyn Clock> = clock
         .or_else(|| store.database_clock())
         .unwrap_or_else(|| Arc::new(SystemClock));
+    // The config's webhook sources are the store's (the admin API sets others).
+    let webhooks = Arc::new(webhooks::Webhooks::new(Arc::clone(&store)));
+    webhooks
+        .sync_config(&config.webhooks, clock.now_ms())
+        .await
+        .map_err(|e| anyhow::anyhow!("the config's webhooks: {e}"))?;
     let targets = Arc::new(registry::Targets::default());
     let egress_calls = Arc::new(egress::EgressCalls::default());
     let state_cursors = Arc::new(api::StateCursors::default());

@@ -392,3 +392,45 @@ async fn schedules_are_set_listed_shown_paused_fired_backfilled_and_deleted_from
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("not a cron expression"), "{stderr}");
 }
+
+/// Webhook sources from the command line: set from a JSON file (the secret never printed),
+/// shown, refused with a non-zero exit when it cannot work, and deleted.
+#[tokio::test]
+async fn webhook_sources_are_set_shown_and_deleted_from_the_command_line() {
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("source.json");
+    std::fs::write(
+        &file,
+        r#"{"scheme": "github", "secrets": ["cli-secret"], "routes": [{"send": "order/process"}]}"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let set = durin(&gateway, &["webhooks", "set", "gh", "--file", file]);
+    assert!(set.status.success(), "{set:?}");
+    assert!(!stdout(&set).contains("cli-secret"), "{set:?}");
+    let shown = durin(&gateway, &["webhooks", "show", "gh"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["declared"]["secrets"], 1, "{shown}");
+    assert_eq!(shown["declared"]["scheme"], "github", "{shown}");
+    let listed = durin(&gateway, &["webhooks", "list"]);
+    assert!(stdout(&listed).contains("/v1/webhooks/gh"), "{listed:?}");
+
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"{"scheme": "github", "secrets": [], "routes": []}"#,
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.json");
+    let refused = durin(
+        &gateway,
+        &["webhooks", "set", "gh", "--file", bad.to_str().unwrap()],
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+    let deleted = durin(&gateway, &["webhooks", "delete", "gh"]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    let gone = durin(&gateway, &["webhooks", "show", "gh"]);
+    assert!(!gone.status.success(), "{gone:?}");
+}

@@ -116,22 +116,30 @@ fn inline(doc: &Value, node: &Value, depth: u32) -> Value {
 fn operations(doc: &Value) -> Vec<Operation> {
     let mut operations = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
-        let listeners: Vec<Listener> = match item["servers"].as_array() {
-            Some(servers) => servers
-                .iter()
-                .map(|s| {
-                    if s["url"].as_str().unwrap().ends_with(":9070") {
-                        Listener::Admin
-                    } else {
-                        Listener::Main
-                    }
-                })
-                .collect(),
-            None => vec![Listener::Main],
+        let listeners_of = |servers: &Value| -> Vec<Listener> {
+            match servers.as_array() {
+                Some(servers) => servers
+                    .iter()
+                    .map(|s| {
+                        if s["url"].as_str().unwrap().ends_with(":9070") {
+                            Listener::Admin
+                        } else {
+                            Listener::Main
+                        }
+                    })
+                    .collect(),
+                None => vec![Listener::Main],
+            }
         };
+        let path_listeners = listeners_of(&item["servers"]);
         for (method, operation) in item.as_object().unwrap() {
             let Some(operation) = operation.as_object().filter(|_| method != "servers") else {
                 continue;
+            };
+            // An operation's own `servers` override its path's.
+            let listeners = match operation.get("servers") {
+                Some(servers) => listeners_of(servers),
+                None => path_listeners.clone(),
             };
             let parameters = operation
                 .get("parameters")

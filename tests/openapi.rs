@@ -192,10 +192,13 @@ fn gateway_document_names_exactly_the_routes() {
     let documented = documented_routes(&doc);
     // Which listener serves a path is documented: the admin paths name the admin listener
     // (port 9070) in their `servers`, the main listener's paths do not override it, and a
-    // path on both names both.
+    // path on both names both; an operation's own `servers` override its path's.
     for (method, path) in &routes {
-        let servers: BTreeSet<String> = doc["paths"][path.as_str()]["servers"]
+        let item = &doc["paths"][path.as_str()];
+        let own = &item[method.to_ascii_lowercase().as_str()]["servers"];
+        let servers: BTreeSet<String> = own
             .as_sequence()
+            .or_else(|| item["servers"].as_sequence())
             .map(|s| {
                 s.iter()
                     .filter_map(|server| server["url"].as_str().map(str::to_owned))
@@ -293,11 +296,17 @@ async fn gateway_serves_every_documented_route() {
     ));
     for (method, path) in durin::api::ADMIN_ROUTES {
         if !durin::api::ROUTES.contains(&(method, path)) {
+            // A path the main listener serves with another method refuses this one.
+            let shared_path = durin::api::ROUTES.iter().any(|(_, p)| p == path);
             requests.push((
                 main.clone(),
                 method.to_string(),
                 path.to_string(),
-                Some(NO_ROUTE),
+                Some(if shared_path {
+                    METHOD_NOT_ALLOWED
+                } else {
+                    NO_ROUTE
+                }),
             ));
         }
     }

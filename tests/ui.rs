@@ -538,3 +538,65 @@ async fn the_webhooks_page_lists_each_sources_deliveries() {
         "{reason}"
     );
 }
+
+/// The schedules page shows each schedule: what it fires and when (its next fire times in
+/// UTC), whether it is paused and why, and what became of its fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedules_page_shows_each_schedules_next_fires_and_state() {
+    if !(require("chromium") && require_store()) {
+        return;
+    }
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    for (id, spec) in [
+        (
+            "nightly",
+            json!({"cron": "0 3 * * *", "time_zone": "Europe/Berlin", "start": {"workflow": "report"}}),
+        ),
+        (
+            "sweep",
+            json!({"every": "15m", "start": {"workflow": "sweep"}, "paused": true, "note": "maintenance"}),
+        ),
+    ] {
+        let set = client()
+            .put(format!("{}/v1/schedules/{id}", gateway.admin))
+            .json(&spec)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(set.status(), 201, "{}", set.text().await.unwrap());
+    }
+    let nightly = get_json(&format!("{}/v1/schedules/nightly", gateway.admin)).await;
+    let next = nightly["next_fires"][0].as_str().unwrap().to_owned();
+
+    let browser = Browser::start();
+    let mut page = Page::open(&browser).await;
+    page.command(
+        "Page.navigate",
+        json!({"url": format!("{}/ui#/schedules", gateway.admin)}),
+    )
+    .await;
+    page.until(
+        "document.querySelectorAll('[data-schedule]').length === 2",
+        "the two schedules",
+    )
+    .await;
+    let shown = page
+        .eval("document.querySelector('[data-schedule=nightly] .next').textContent")
+        .await;
+    assert!(shown.as_str().unwrap().starts_with(&next), "{shown} {next}");
+    let heading = page
+        .eval("document.querySelector('[data-schedule=nightly] h3').textContent")
+        .await;
+    assert!(
+        heading
+            .as_str()
+            .unwrap()
+            .contains("0 3 * * * (Europe/Berlin)"),
+        "{heading}"
+    );
+    let paused = page
+        .eval("document.querySelector('[data-schedule=sweep] [data-paused]').textContent")
+        .await;
+    assert_eq!(paused, json!("paused: maintenance"));
+}

@@ -18,7 +18,7 @@ use durin::webhooks::verify::sign;
 use durin::webhooks::{RouteConfig, SourceConfig};
 use durin_sdk::{Context, Endpoint, HandlerError, Service};
 use serde_json::{json, Value};
-use support::{client, eventually, get_json, register, InProcess};
+use support::{client, eventually, get_json, register, GatewayHome, InProcess};
 
 const STRIPE_SECRET: &str = "whsec_stripe_test";
 const GITHUB_SECRET: &str = "github-test";
@@ -308,6 +308,165 @@ async fn signed_deliveries_start_and_signal_workflows_once_and_forged_ones_do_no
         .unwrap();
     assert_eq!(unknown.status(), 404);
     gateway.stop().await;
+}
+
+/// A GitHub push to source `name` of the gateway at `url`, signed with `secret`.
+async fn push(url: &str, name: &str, delivery: &str, secret: &str) -> reqwest::Response {
+    let push = serde_json::to_vec(&json!({"ref": format!("refs/heads/{delivery}")})).unwrap();
+    client()
+        .post(format!("{url}/v1/webhooks/{name}"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", delivery)
+        .header("x-hub-signature-256", sign::github(secret, &push))
+        .body(push)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A source set through the admin API, with the real `durin` binary: it takes deliveries
+/// at once and never shows its secrets; a declaration that cannot work is refused and
+/// changes nothing; the source and its deliveries outlive a SIGKILL of Durin (a
+/// redelivery after the restart is a duplicate); a second secret rotates in and the first
+/// out; a source the config file declares is changed only there (409); a deleted source's
+/// deliveries are 404s.
+#[tokio::test]
+async fn a_source_set_through_the_admin_api_outlives_a_kill_and_rotates_its_secret() {
+    let pushes = Arc::new(AtomicU32::new(0));
+    let deployment = serve(Arc::clone(&pushes)).await;
+    let home = GatewayHome::new();
+    std::fs::write(
+        home.config(),
+        "[[webhooks]]\nsource = \"declared\"\nscheme = \"github\"\nsecrets = [\"c\"]\n\
+         [[webhooks.routes]]\ntype = \"push\"\nsend = \"hooks/push\"\n",
+    )
+    .unwrap();
+    let mut durin = home.start(None);
+    let (url, admin) = (durin.url.clone(), durin.admin.clone());
+    register(&admin, &deployment).await;
+    let put = |body: Value| {
+        client()
+            .put(format!("{admin}/v1/webhooks/gh"))
+            .json(&body)
+            .send()
+    };
+    let routes = json!([{"type": "push", "send": "hooks/push"}]);
+
+    let created = put(json!({"scheme": "github", "secrets": ["first-secret"], "routes": routes}))
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created = created.text().await.unwrap();
+    assert!(!created.contains("first-secret"), "{created}");
+    let created: Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(created["declared"]["secrets"], 1, "{created}");
+    assert_eq!(created["origin"], "api", "{created}");
+    let refused = put(json!({"scheme": "nope", "secrets": ["x"], "routes": routes}))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let problem: Value = refused.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown scheme"),
+        "{problem}"
+    );
+    let shown = get_json(&format!("{admin}/v1/webhooks/gh")).await;
+    assert_eq!(shown["declared"]["scheme"], "github", "{shown}");
+
+    let first = push(&url, "gh", "d-1", "first-secret").await;
+    assert_eq!(first.status(), 202);
+    assert_eq!(first.headers()["durin-webhook-duplicate"], "false");
+    let first: Value = first.json().await.unwrap();
+    // Completed (as Durin recorded it) before the kill, so that it does not run again.
+    let done = support::wait_final(&url, first["invocation_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(pushes.load(Ordering::SeqCst), 1);
+
+    // Killed and started again: the source and what it received are still there.
+    durin.kill();
+    let address: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut durin = home.start(Some(address));
+    let admin = durin.admin.clone();
+    let listed = get_json(&format!("{admin}/v1/webhooks/gh/deliveries")).await;
+    let outcomes: Vec<&str> = listed["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["accepted"], "{listed}");
+    let again = push(&url, "gh", "d-1", "first-secret").await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["durin-webhook-duplicate"], "true");
+
+    // A second secret rotates in, then the first out.
+    let put = |body: Value| {
+        client()
+            .put(format!("{admin}/v1/webhooks/gh"))
+            .json(&body)
+            .send()
+    };
+    let both =
+        json!({"scheme": "github", "secrets": ["first-secret", "second-secret"], "routes": routes});
+    assert_eq!(put(both).await.unwrap().status(), 200);
+    assert_eq!(push(&url, "gh", "d-2", "second-secret").await.status(), 202);
+    assert_eq!(push(&url, "gh", "d-3", "first-secret").await.status(), 202);
+    let second = json!({"scheme": "github", "secrets": ["second-secret"], "routes": routes});
+    assert_eq!(put(second).await.unwrap().status(), 200);
+    assert_eq!(push(&url, "gh", "d-4", "first-secret").await.status(), 401);
+    eventually(
+        Duration::from_secs(20),
+        "the pushes to be handled",
+        || async { (pushes.load(Ordering::SeqCst) == 3).then_some(()) },
+    )
+    .await;
+    let listed = get_json(&format!("{admin}/v1/webhooks")).await;
+    let gh = listed["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == "gh")
+        .unwrap();
+    assert_eq!(gh["recent"]["accepted"], 3, "{gh}");
+    assert_eq!(gh["recent"]["duplicate"], 1, "{gh}");
+    assert_eq!(gh["recent"]["refused"], 1, "{gh}");
+
+    // The config's source is the config's.
+    let declared = client()
+        .put(format!("{admin}/v1/webhooks/declared"))
+        .json(&json!({"scheme": "github", "secrets": ["x"], "routes": routes}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 409);
+    let deleted = client()
+        .delete(format!("{admin}/v1/webhooks/declared"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 409);
+    assert_eq!(push(&url, "declared", "d-5", "c").await.status(), 202);
+
+    // Deleted: its deliveries are 404s.
+    let deleted = client()
+        .delete(format!("{admin}/v1/webhooks/gh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(push(&url, "gh", "d-6", "second-secret").await.status(), 404);
+    let gone = client()
+        .get(format!("{admin}/v1/webhooks/gh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    durin.kill();
 }
 
 #[tokio::test]

@@ -116,6 +116,9 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/replays"),
     ("POST", "/v1/deployments/{id}/activate"),
     ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{source}"),
+    ("PUT", "/v1/webhooks/{source}"),
+    ("DELETE", "/v1/webhooks/{source}"),
     ("GET", "/v1/webhooks/{source}/deliveries"),
     ("GET", "/v1/schedules"),
     ("GET", "/v1/schedules/{id}"),
@@ -141,7 +144,7 @@ pub struct AppState {
     pub state_cursors: Arc<StateCursors>,
     /// Replays under way, whose plain handlers' context calls their recordings answer.
     pub replays: Arc<crate::replay::Replays>,
-    /// The webhook sources the config declares.
+    /// The webhook sources (the config's and the admin API's).
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Who callers of the main listener are, and what they may do.
     pub auth: Arc<crate::auth::Authenticator>,
@@ -290,6 +293,12 @@ pub fn admin_router(state: AppState, token: Option<String>) -> Router {
             get(replays::workflow_history),
         )
         .route("/v1/webhooks", get(webhooks::list))
+        .route(
+            "/v1/webhooks/{source}",
+            get(webhooks::get)
+                .put(webhooks::put)
+                .delete(webhooks::delete),
+        )
         .route("/v1/schedules", get(schedules::list))
         .route(
             "/v1/schedules/{id}",

@@ -174,6 +174,17 @@ pub enum Deployments {
 pub enum Webhooks {
     /// The webhook sources and their recent deliveries' outcomes.
     List,
+    /// One source: what it declares (its secrets counted, never shown) and its outcomes.
+    Show { source: String },
+    /// Create or replace a source (`PUT /v1/webhooks/{source}`) from a JSON file holding
+    /// its declaration (`scheme`, `secrets`, `routes`…).
+    Set {
+        source: String,
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
+    /// Delete a source and its deliveries; the work they started goes on.
+    Delete { source: String },
     /// A source's recent deliveries, newest first.
     Deliveries { source: String },
 }
@@ -187,8 +198,33 @@ pub async fn webhooks(connection: Connection, command: Webhooks) -> ExitCode {
         admin: true,
         idempotency_key: None,
     };
+    let at = |method: reqwest::Method, source: &str, body: Option<Value>| Call {
+        method,
+        url: format!("{admin}/v1/webhooks/{source}"),
+        body,
+        admin: true,
+        idempotency_key: None,
+    };
     let (call, show): (Call, fn(&Value)) = match command {
         Webhooks::List => (get("/v1/webhooks".into()), show_sources),
+        Webhooks::Show { source } => (at(reqwest::Method::GET, &source, None), show_json),
+        Webhooks::Set { source, file } => {
+            let declared = std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string())
+                });
+            match declared {
+                Ok(declared) => (at(reqwest::Method::PUT, &source, Some(declared)), show_json),
+                Err(e) => {
+                    eprintln!("durin: cannot read {} as JSON: {e}", file.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Webhooks::Delete { source } => (at(reqwest::Method::DELETE, &source, None), |_| {
+            println!("deleted");
+        }),
         Webhooks::Deliveries { source } => (
             get(format!("/v1/webhooks/{source}/deliveries")),
             show_deliveries,
@@ -225,6 +261,13 @@ fn show_sources(body: &Value) {
             "REFUSED",
         ],
         &rows,
+    );
+}
+
+fn show_json(body: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(body).unwrap_or_else(|_| body.to_string())
     );
 }
 

@@ -61,6 +61,17 @@ impl dyn Store {
 }
 
 /// How this process takes part in a cluster of nodes on one PostgreSQL database.
+/// A webhook source as stored: its declaration (JSON, secrets included) and who set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSourceRow {
+    pub name: String,
+    /// `api` (the admin API, the CLI) or `config` (the config file).
+    pub origin: String,
+    pub config: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     /// Unique among the nodes of one database; a restarted node with the same id takes its
@@ -1096,6 +1107,11 @@ pub trait Store: Send + Sync + 'static {
     /// `awakeable`, `call`; `none` for a suspension that names no command); one that waits
     /// for several kinds counts once under each.
     async fn count_waiting(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// Every webhook source, by name.
+    async fn list_webhook_sources(&self) -> StoreResult<Vec<WebhookSourceRow>>;
+    async fn get_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSourceRow>>;
+    /// Up to `limit` of the source's latest deliveries (JSON), newest first.
+    async fn webhook_deliveries(&self, source: &str, limit: u32) -> StoreResult<Vec<String>>;
     /// Every schedule, by id.
     async fn list_schedules(&self) -> StoreResult<Vec<ScheduleRow>>;
     async fn get_schedule(&self, id: &str) -> StoreResult<Option<ScheduleRow>>;

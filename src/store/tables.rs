@@ -427,6 +427,26 @@ pub trait Schedules: Send {
     async fn delete_schedule(&mut self, id: &str) -> StoreResult<bool>;
 }
 
+#[async_trait]
+pub trait WebhookSources: Send {
+    /// The source, locked until the transaction ends (PostgreSQL `FOR UPDATE`).
+    async fn lock_webhook_source(
+        &mut self,
+        name: &str,
+    ) -> StoreResult<Option<super::WebhookSourceRow>>;
+    /// Inserts the source, or replaces the one of its name.
+    async fn put_webhook_source(&mut self, row: &super::WebhookSourceRow) -> StoreResult<()>;
+    /// Deletes the source and its deliveries: whether there was one.
+    async fn delete_webhook_source(&mut self, name: &str) -> StoreResult<bool>;
+    /// Records a delivery (JSON) of the source, and forgets all but its `keep` latest.
+    async fn insert_webhook_delivery(
+        &mut self,
+        source: &str,
+        delivery: &str,
+        keep: u32,
+    ) -> StoreResult<()>;
+}
+
 /// The keys of keyed handlers' invocations (columns of the `invocations` table).
 ///
 /// On PostgreSQL a key's lock is taken without waiting ([`StoreError::Contended`] when
@@ -478,14 +498,15 @@ pub trait Keys: Send {
         at_ms: i64,
         forget_through_ms: i64,
     ) -> StoreResult<()>;
-    /// The handler's invocation of the key created under its rate that waits longest (the
-    /// lowest place) for its first start, with its due time.
+    /// The handler's invocation of the key created under its rate, due by `now_ms`, that
+    /// waits longest (the lowest place) for its first start.
     async fn oldest_rate_waiter(
         &mut self,
         service: &str,
         handler: &str,
         key: &str,
-    ) -> StoreResult<Option<(String, i64)>>;
+        now_ms: i64,
+    ) -> StoreResult<Option<String>>;
     /// Forgets the starts of every key before `before_ms`.
     async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()>;
     /// Puts the start of pending invocation `id` off to `due_ms`.
@@ -514,6 +535,7 @@ pub trait Tx:
     + Updates
     + IdempotencyKeys
     + Schedules
+    + WebhookSources
     + Keys
 {
 }
@@ -528,6 +550,7 @@ impl<T> Tx for T where
         + Updates
         + IdempotencyKeys
         + Schedules
+        + WebhookSources
         + Keys
 {
 }

@@ -1,4 +1,6 @@
-//! Webhook ingress: `POST /v1/webhooks/{source}` for the sources the config declares.
+//! Webhook ingress: `POST /v1/webhooks/{source}` for the sources the config declares and
+//! the admin API sets, kept in the store (so every node serves each, and a restart keeps
+//! them).
 //! A delivery is verified by its source's scheme (`verify.rs`), its event id and type are
 //! read (a header or a JSON pointer into the body), and it is routed to what a caller
 //! would have asked for: start a workflow by an id taken from the event, signal one (or
@@ -6,12 +8,12 @@
 //! router itself, with the event id as its `Idempotency-Key` (a start is idempotent by its
 //! workflow id), so every rule of those routes holds and a provider's redelivery is
 //! answered the same, marked as a duplicate. Durin answers as soon as the work is durable,
-//! never after it ran. Each source keeps its recent deliveries in memory for operators.
+//! never after it ran. Each source's recent deliveries are kept in the store for operators.
 
 pub mod verify;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -23,16 +25,19 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::problem::ApiError;
+use crate::store::{Store, StoreError, WebhookSourceRow};
 use verify::Scheme;
 
-/// How many deliveries each source remembers for operators.
-const KEPT_DELIVERIES: usize = 200;
+/// How many deliveries each source keeps for operators.
+pub const KEPT_DELIVERIES: u32 = 200;
 
-/// A source as the config file declares it (`[[webhooks]]`). Its `Debug` hides the secrets.
-#[derive(Clone, Deserialize)]
+/// A source as the config file (`[[webhooks]]`) or the admin API
+/// (`PUT /v1/webhooks/{source}`) declares it. Its `Debug` hides the secrets.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// The name in `POST /v1/webhooks/{source}`.
+    /// The name in `POST /v1/webhooks/{source}` (the admin API takes it from its path).
+    #[serde(default)]
     pub source: String,
     /// `standard-webhooks`, `stripe`, `github`, `slack` or `hmac`.
     pub scheme: String,
@@ -42,7 +47,11 @@ pub struct SourceConfig {
     pub header: Option<String>,
     pub prefix: Option<String>,
     /// How far from now a signed timestamp may be (replays are refused): 5 minutes.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub tolerance: Option<Duration>,
     /// Where the event's id is (`/json/pointer` or `header:Name`); each scheme has one.
     pub event_id: Option<String>,
@@ -65,7 +74,7 @@ impl std::fmt::Debug for SourceConfig {
 }
 
 /// Where an event goes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Only events of this type (absent or `*`: any).
@@ -160,15 +169,14 @@ pub struct Source {
     event_id: Option<Place>,
     event_type: Option<Place>,
     routes: Vec<Route>,
-    deliveries: Mutex<VecDeque<Delivery>>,
 }
 
 /// One delivery, as operators see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delivery {
     pub at_ms: i64,
     /// `accepted`, `duplicate`, `ignored` (no route for its type) or `refused`.
-    pub outcome: &'static str,
+    pub outcome: String,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
@@ -253,27 +261,7 @@ impl Source {
             event_id,
             event_type,
             routes,
-            deliveries: Mutex::default(),
         })
-    }
-
-    fn note(&self, delivery: Delivery) {
-        let mut deliveries = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        if deliveries.len() == KEPT_DELIVERIES {
-            deliveries.pop_front();
-        }
-        deliveries.push_back(delivery);
-    }
-
-    /// Its name, as in `POST /v1/webhooks/{source}`.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Its recent deliveries, newest first.
-    pub fn deliveries(&self) -> Vec<Delivery> {
-        let deliveries = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        deliveries.iter().rev().cloned().collect()
     }
 }
 
@@ -335,32 +323,68 @@ impl Route {
     }
 }
 
-/// The declared sources, and the main router their deliveries are routed through (set
-/// once it is built, since it serves the webhook route itself, and dropped when the
-/// server stops, since it holds these).
-#[derive(Default)]
+/// Who set a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The admin API or the CLI.
+    Api,
+    /// The config file: changed and removed only there.
+    Config,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Api => "api",
+            Origin::Config => "config",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("no webhook source is named {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("webhook source {0:?} is declared in the config file: change or remove it there")]
+    Managed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Checks the sources a config file declares (before anything starts).
+pub fn check(configs: &[SourceConfig]) -> Result<(), String> {
+    let mut names = HashSet::new();
+    for config in configs {
+        let source = Source::new(config)?;
+        if !names.insert(source.name) {
+            return Err(format!(
+                "webhook source {:?} is declared twice",
+                config.source
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The webhook sources (in the store), and the main router their deliveries are routed
+/// through (set once it is built, since it serves the webhook route itself, and dropped
+/// when the server stops, since it holds these).
 pub struct Webhooks {
-    sources: HashMap<String, Source>,
+    store: Arc<dyn Store>,
+    /// Sources built from their stored declaration, by name, with when it was changed.
+    built: Mutex<HashMap<String, (i64, Arc<Source>)>>,
     router: Mutex<Option<Router>>,
 }
 
 impl Webhooks {
-    pub fn new(configs: &[SourceConfig]) -> Result<Webhooks, String> {
-        let mut sources = HashMap::new();
-        for config in configs {
-            let source = Source::new(config)?;
-            if sources.contains_key(&source.name) {
-                return Err(format!(
-                    "webhook source {:?} is declared twice",
-                    source.name
-                ));
-            }
-            sources.insert(source.name.clone(), source);
-        }
-        Ok(Webhooks {
-            sources,
+    pub fn new(store: Arc<dyn Store>) -> Webhooks {
+        Webhooks {
+            store,
+            built: Mutex::default(),
             router: Mutex::default(),
-        })
+        }
     }
 
     fn router(&self) -> std::sync::MutexGuard<'_, Option<Router>> {
@@ -377,18 +401,169 @@ impl Webhooks {
         self.router().take();
     }
 
-    /// The sources, by name.
-    pub fn sources(&self) -> Vec<&Source> {
-        let mut sources: Vec<&Source> = self.sources.values().collect();
-        sources.sort_by(|a, b| a.name.cmp(&b.name));
-        sources
+    /// Every source, by name.
+    pub async fn sources(&self) -> Result<Vec<WebhookSourceRow>, WebhookError> {
+        Ok(self.store.list_webhook_sources().await?)
     }
 
-    pub fn source(&self, name: &str) -> Option<&Source> {
-        self.sources.get(name)
+    /// Source `name`'s row.
+    pub async fn source(&self, name: &str) -> Result<WebhookSourceRow, WebhookError> {
+        self.store
+            .get_webhook_source(name)
+            .await?
+            .ok_or_else(|| WebhookError::NotFound(name.to_owned()))
     }
 
-    /// Takes a delivery: verified, read, routed; answered once the work is durable.
+    /// Up to `limit` of source `name`'s latest deliveries, newest first.
+    pub async fn deliveries(&self, name: &str, limit: u32) -> Result<Vec<Delivery>, WebhookError> {
+        let rows = self.store.webhook_deliveries(name, limit).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| serde_json::from_str(row).ok())
+            .collect())
+    }
+
+    /// Creates or replaces source `name` (`config.source` is set to it): whether it is
+    /// new. A source the config declares is changed only by the config (whose sync
+    /// takes over an API source of the same name).
+    pub async fn set(
+        &self,
+        name: &str,
+        mut config: SourceConfig,
+        origin: Origin,
+        now_ms: i64,
+    ) -> Result<bool, WebhookError> {
+        if !config.source.is_empty() && config.source != name {
+            return Err(WebhookError::Invalid(format!(
+                "the body names source {:?}, the path {name:?}",
+                config.source
+            )));
+        }
+        config.source = name.to_owned();
+        Source::new(&config).map_err(WebhookError::Invalid)?;
+        let text =
+            serde_json::to_string(&config).map_err(|e| WebhookError::Invalid(e.to_string()))?;
+        let name = name.to_owned();
+        let set = self
+            .store
+            .write(&format!("webhook:{name}"), move |tx| {
+                Box::pin(async move {
+                    let existing = tx.lock_webhook_source(&name).await?;
+                    if origin == Origin::Api
+                        && existing.as_ref().is_some_and(|row| row.origin == "config")
+                    {
+                        return Ok(None);
+                    }
+                    let row = WebhookSourceRow {
+                        created_at_ms: existing.as_ref().map_or(now_ms, |row| row.created_at_ms),
+                        name,
+                        origin: origin.as_str().into(),
+                        config: text,
+                        updated_at_ms: now_ms,
+                    };
+                    tx.put_webhook_source(&row).await?;
+                    Ok(Some(existing.is_none()))
+                })
+            })
+            .await?;
+        set.ok_or_else(|| WebhookError::Managed(config.source))
+    }
+
+    /// Deletes source `name` and its deliveries (the work they started goes on).
+    pub async fn delete(&self, name: &str, origin: Origin) -> Result<(), WebhookError> {
+        let source = name.to_owned();
+        let deleted = self
+            .store
+            .write(&format!("webhook:{name}"), move |tx| {
+                Box::pin(async move {
+                    match tx.lock_webhook_source(&source).await? {
+                        None => Ok(None),
+                        Some(row) if origin == Origin::Api && row.origin == "config" => {
+                            Ok(Some(false))
+                        }
+                        Some(_) => Ok(Some(tx.delete_webhook_source(&source).await?)),
+                    }
+                })
+            })
+            .await?;
+        match deleted {
+            None => Err(WebhookError::NotFound(name.to_owned())),
+            Some(false) => Err(WebhookError::Managed(name.to_owned())),
+            Some(true) => Ok(()),
+        }
+    }
+
+    /// Makes the store's config-declared sources what `configs` says: each is set (taking
+    /// over an API source of the same name), and those no longer in it deleted.
+    pub async fn sync_config(
+        &self,
+        configs: &[SourceConfig],
+        now_ms: i64,
+    ) -> Result<(), WebhookError> {
+        for config in configs {
+            self.set(
+                &config.source.clone(),
+                config.clone(),
+                Origin::Config,
+                now_ms,
+            )
+            .await?;
+        }
+        for row in self.store.list_webhook_sources().await? {
+            if row.origin == "config" && !configs.iter().any(|c| c.source == row.name) {
+                self.delete(&row.name, Origin::Config).await?;
+                tracing::info!(source = %row.name, "webhook source removed from the config: deleted");
+            }
+        }
+        Ok(())
+    }
+
+    /// Source `name`, built from its stored declaration (again only when it changed).
+    async fn built(&self, name: &str) -> Result<Arc<Source>, ApiError> {
+        let row = self
+            .store
+            .get_webhook_source(name)
+            .await
+            .map_err(|e| ApiError::Storage(format!("the webhook source could not be read: {e}")))?
+            .ok_or_else(|| ApiError::NotFound(format!("no webhook source is named {name:?}")))?;
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at_ms, source)) = built.get(name) {
+            if *at_ms == row.updated_at_ms {
+                return Ok(Arc::clone(source));
+            }
+        }
+        let source = serde_json::from_str::<SourceConfig>(&row.config)
+            .map_err(|e| e.to_string())
+            .and_then(|config| Source::new(&config))
+            .map_err(|e| ApiError::Storage(format!("webhook source {name:?} as stored: {e}")))?;
+        let source = Arc::new(source);
+        built.insert(name.to_owned(), (row.updated_at_ms, Arc::clone(&source)));
+        Ok(source)
+    }
+
+    /// Keeps a delivery for operators; a store that cannot take it is logged, and the
+    /// delivery's own answer stands.
+    async fn note(&self, source: &str, delivery: Delivery) {
+        let Ok(text) = serde_json::to_string(&delivery) else {
+            return;
+        };
+        let name = source.to_owned();
+        let written = self
+            .store
+            .write(&format!("webhook:{source}"), move |tx| {
+                Box::pin(async move {
+                    tx.insert_webhook_delivery(&name, &text, KEPT_DELIVERIES)
+                        .await
+                })
+            })
+            .await;
+        if let Err(error) = written {
+            tracing::warn!(source, %error, "a webhook delivery could not be kept for operators");
+        }
+    }
+
+    /// Takes a delivery: verified, read, routed; answered once the work is durable, and
+    /// kept for operators.
     pub async fn deliver(
         &self,
         name: &str,
@@ -396,14 +571,33 @@ impl Webhooks {
         body: Bytes,
         now_ms: i64,
     ) -> Result<Response, ApiError> {
-        let source = self
-            .sources
-            .get(name)
-            .ok_or_else(|| ApiError::NotFound(format!("no webhook source is named {name:?}")))?;
+        let source = self.built(name).await?;
+        let noted = Mutex::new(None);
+        let answer = self.take(&source, &noted, headers, body, now_ms).await;
+        let noted = noted.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(delivery) = noted {
+            self.note(&source.name, delivery).await;
+        }
+        answer
+    }
+
+    /// [`Webhooks::deliver`], the delivery to keep for operators put in `noted`.
+    async fn take(
+        &self,
+        source: &Source,
+        noted: &Mutex<Option<Delivery>>,
+        headers: &HeaderMap,
+        body: Bytes,
+        now_ms: i64,
+    ) -> Result<Response, ApiError> {
+        let name = source.name.as_str();
+        let note = |delivery: Delivery| {
+            *noted.lock().unwrap_or_else(|e| e.into_inner()) = Some(delivery);
+        };
         let refuse = |status: u16, reason: String, event_id: Option<String>| {
-            source.note(Delivery {
+            note(Delivery {
                 at_ms: now_ms,
-                outcome: "refused",
+                outcome: "refused".into(),
                 status,
                 event_id,
                 event_type: None,
@@ -463,9 +657,9 @@ impl Webhooks {
                 .as_ref()
                 .is_none_or(|t| Some(t) == event_type.as_ref())
         }) else {
-            source.note(Delivery {
+            note(Delivery {
                 at_ms: now_ms,
-                outcome: "ignored",
+                outcome: "ignored".into(),
                 status: 200,
                 event_id,
                 event_type: event_type.clone(),
@@ -539,13 +733,14 @@ impl Webhooks {
             Action::Signal { .. } => answered["duplicate"] == true,
             _ => replayed,
         };
-        source.note(Delivery {
+        note(Delivery {
             at_ms: now_ms,
             outcome: match (status.is_success(), duplicate) {
                 (true, true) => "duplicate",
                 (true, false) => "accepted",
                 (false, _) => "refused",
-            },
+            }
+            .into(),
             status: status.as_u16(),
             event_id,
             event_type,

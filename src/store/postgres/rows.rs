@@ -262,3 +262,16 @@ pub(super) fn schedule(row: &PgRow) -> StoreResult<ScheduleRow> {
         due_ms: get(row, 4)?,
     })
 }
+
+pub(super) const WEBHOOK_SOURCE_COLUMNS: &str =
+    "name, origin, config, created_at_ms, updated_at_ms";
+
+pub(super) fn webhook_source(row: &PgRow) -> StoreResult<WebhookSourceRow> {
+    Ok(WebhookSourceRow {
+        name: get(row, 0)?,
+        origin: get(row, 1)?,
+        config: get(row, 2)?,
+        created_at_ms: get(row, 3)?,
+        updated_at_ms: get(row, 4)?,
+    })
+}

@@ -506,6 +506,40 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn list_webhook_sources(&self) -> StoreResult<Vec<WebhookSourceRow>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let sql = format!("SELECT {WEBHOOK_SOURCE_COLUMNS} FROM webhook_sources ORDER BY name");
+        let rows = sqlx::query(&sql).fetch_all(conn).await.map_err(backend)?;
+        rows.iter().map(webhook_source).collect()
+    }
+
+    async fn get_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSourceRow>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let sql = format!("SELECT {WEBHOOK_SOURCE_COLUMNS} FROM webhook_sources WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(webhook_source).transpose()
+    }
+
+    async fn webhook_deliveries(&self, source: &str, limit: u32) -> StoreResult<Vec<String>> {
+        let mut conn = self.reader().await?;
+        let conn: &mut PgConnection = &mut conn;
+        let rows = sqlx::query(
+            "SELECT delivery FROM webhook_deliveries WHERE source = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(source)
+        .bind(i64::from(limit))
+        .fetch_all(conn)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(|row| get(row, 0)).collect()
+    }
+
     async fn list_schedules(&self) -> StoreResult<Vec<ScheduleRow>> {
         let mut conn = self.reader().await?;
         let conn: &mut PgConnection = &mut conn;

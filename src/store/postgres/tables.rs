@@ -1331,6 +1331,69 @@ impl Schedules for PgTx<'_> {
 }
 
 #[async_trait]
+impl WebhookSources for PgTx<'_> {
+    async fn lock_webhook_source(&mut self, name: &str) -> StoreResult<Option<WebhookSourceRow>> {
+        let sql = format!(
+            "SELECT {WEBHOOK_SOURCE_COLUMNS} FROM webhook_sources WHERE name = $1 FOR UPDATE"
+        );
+        let row = self.optional(sqlx::query(&sql).bind(name)).await?;
+        row.as_ref().map(webhook_source).transpose()
+    }
+
+    async fn put_webhook_source(&mut self, row: &WebhookSourceRow) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "INSERT INTO webhook_sources (name, origin, config, created_at_ms, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (name) DO UPDATE SET origin = excluded.origin, \
+                 config = excluded.config, updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(&row.name)
+            .bind(&row.origin)
+            .bind(&row.config)
+            .bind(row.created_at_ms)
+            .bind(row.updated_at_ms),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_webhook_source(&mut self, name: &str) -> StoreResult<bool> {
+        self.execute(sqlx::query("DELETE FROM webhook_deliveries WHERE source = $1").bind(name))
+            .await?;
+        Ok(self
+            .execute(sqlx::query("DELETE FROM webhook_sources WHERE name = $1").bind(name))
+            .await?
+            > 0)
+    }
+
+    async fn insert_webhook_delivery(
+        &mut self,
+        source: &str,
+        delivery: &str,
+        keep: u32,
+    ) -> StoreResult<()> {
+        self.execute(
+            sqlx::query("INSERT INTO webhook_deliveries (source, delivery) VALUES ($1, $2)")
+                .bind(source)
+                .bind(delivery),
+        )
+        .await?;
+        self.execute(
+            sqlx::query(
+                "DELETE FROM webhook_deliveries WHERE source = $1 AND id <= \
+                 (SELECT id FROM webhook_deliveries WHERE source = $1 ORDER BY id DESC \
+                  LIMIT 1 OFFSET $2)",
+            )
+            .bind(source)
+            .bind(i64::from(keep)),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl Keys for PgTx<'_> {
     async fn lock_key(&mut self, service: &str, key: &str) -> StoreResult<()> {
         // Without waiting: a batch that holds one key and waits for another could wait
@@ -1502,23 +1565,23 @@ impl Keys for PgTx<'_> {
         service: &str,
         handler: &str,
         key: &str,
-    ) -> StoreResult<Option<(String, i64)>> {
+        now_ms: i64,
+    ) -> StoreResult<Option<String>> {
         let row = self
             .optional(
                 sqlx::query(
-                    "SELECT id, next_run_at_ms FROM invocations WHERE service = $1 AND concurrency_key = $2 \
+                    "SELECT id FROM invocations WHERE service = $1 AND concurrency_key = $2 \
                      AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
                      AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
-                     AND next_run_at_ms IS NOT NULL AND handler = $3 ORDER BY key_seq LIMIT 1",
+                     AND next_run_at_ms <= $4 AND handler = $3 ORDER BY key_seq LIMIT 1",
                 )
                 .bind(service)
                 .bind(key)
-                .bind(handler),
+                .bind(handler)
+                .bind(now_ms),
             )
             .await?;
-        row.as_ref()
-            .map(|row| Ok((get(row, 0)?, get(row, 1)?)))
-            .transpose()
+        row.as_ref().map(|row| get(row, 0)).transpose()
     }
 
     async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()> {

@@ -833,6 +833,45 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn list_webhook_sources(&self) -> StoreResult<Vec<WebhookSourceRow>> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                &format!("SELECT {WEBHOOK_SOURCE_COLUMNS} FROM webhook_sources ORDER BY name"),
+                [],
+                webhook_source,
+            )
+        })
+        .await
+    }
+
+    async fn get_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSourceRow>> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            query_one(
+                conn,
+                &format!("SELECT {WEBHOOK_SOURCE_COLUMNS} FROM webhook_sources WHERE name = ?1"),
+                [name],
+                webhook_source,
+            )
+        })
+        .await
+    }
+
+    async fn webhook_deliveries(&self, source: &str, limit: u32) -> StoreResult<Vec<String>> {
+        let source = source.to_owned();
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT delivery FROM webhook_deliveries WHERE source = ?1 \
+                 ORDER BY id DESC LIMIT ?2",
+                rusqlite::params![source, limit],
+                |row| Ok(Ok(row.get(0)?)),
+            )
+        })
+        .await
+    }
+
     async fn list_schedules(&self) -> StoreResult<Vec<ScheduleRow>> {
         self.read(|conn| {
             query_all(

@@ -248,3 +248,16 @@ pub(super) fn schedule(row: &Row<'_>) -> rusqlite::Result<StoreResult<ScheduleRo
         due_ms: row.get(4)?,
     }))
 }
+
+pub(super) const WEBHOOK_SOURCE_COLUMNS: &str =
+    "name, origin, config, created_at_ms, updated_at_ms";
+
+pub(super) fn webhook_source(row: &Row<'_>) -> rusqlite::Result<StoreResult<WebhookSourceRow>> {
+    Ok(Ok(WebhookSourceRow {
+        name: row.get(0)?,
+        origin: row.get(1)?,
+        config: row.get(2)?,
+        created_at_ms: row.get(3)?,
+        updated_at_ms: row.get(4)?,
+    }))
+}

@@ -1074,6 +1074,71 @@ impl Schedules for SqliteTx {
     }
 }
 
+#[async_trait]
+impl WebhookSources for SqliteTx {
+    async fn lock_webhook_source(&mut self, name: &str) -> StoreResult<Option<WebhookSourceRow>> {
+        // The one writer runs one rule at a time.
+        query_one(
+            &self.conn,
+            &format!("SELECT {WEBHOOK_SOURCE_COLUMNS} FROM webhook_sources WHERE name = ?1"),
+            [name],
+            webhook_source,
+        )
+    }
+
+    async fn put_webhook_source(&mut self, row: &WebhookSourceRow) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "INSERT INTO webhook_sources (name, origin, config, created_at_ms, updated_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (name) DO UPDATE SET origin = excluded.origin, \
+             config = excluded.config, updated_at_ms = excluded.updated_at_ms",
+            params![
+                row.name,
+                row.origin,
+                row.config,
+                row.created_at_ms,
+                row.updated_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    async fn delete_webhook_source(&mut self, name: &str) -> StoreResult<bool> {
+        execute(
+            &self.conn,
+            "DELETE FROM webhook_deliveries WHERE source = ?1",
+            [name],
+        )?;
+        Ok(execute(
+            &self.conn,
+            "DELETE FROM webhook_sources WHERE name = ?1",
+            [name],
+        )? > 0)
+    }
+
+    async fn insert_webhook_delivery(
+        &mut self,
+        source: &str,
+        delivery: &str,
+        keep: u32,
+    ) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "INSERT INTO webhook_deliveries (source, delivery) VALUES (?1, ?2)",
+            params![source, delivery],
+        )?;
+        execute(
+            &self.conn,
+            "DELETE FROM webhook_deliveries WHERE source = ?1 AND id <= \
+             (SELECT id FROM webhook_deliveries WHERE source = ?1 ORDER BY id DESC \
+              LIMIT 1 OFFSET ?2)",
+            params![source, keep],
+        )?;
+        Ok(())
+    }
+}
+
 /// A key's limit as stored: 0 for a shared handler's invocation.
 pub(super) fn stored_limit(key: &InvocationKey) -> u32 {
     if key.shared {
@@ -1206,15 +1271,14 @@ impl Keys for SqliteTx {
         service: &str,
         handler: &str,
         key: &str,
-    ) -> StoreResult<Option<(String, i64)>> {
-        query_one(
-            &self.conn,
-            "SELECT id, next_run_at_ms FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+        now_ms: i64,
+    ) -> StoreResult<Option<String>> {
+        self.one(
+            "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
              AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
              AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
-             AND next_run_at_ms IS NOT NULL AND handler = ?3 ORDER BY key_seq LIMIT 1",
-            params![service, key, handler],
-            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+             AND next_run_at_ms <= ?4 AND handler = ?3 ORDER BY key_seq LIMIT 1",
+            params![service, key, handler, now_ms],
         )
     }
 
