@@ -55,10 +55,12 @@ pub async fn ended(
 
 /// Whether the first attempt of invocation `id`, due by `now_ms` and created under its
 /// key's rate, may start now: when fewer than the rate's `limit` of its key started in
-/// the period before now, the start counts (it is recorded); otherwise its start is put
-/// off to when the oldest of those leaves the period, and looked at again then. Starts
-/// go in the order the key's invocations took their places. A key whose lock another
-/// transaction holds is looked at again at the next claim.
+/// the period before now, the start counts (it is recorded). Otherwise its start is put
+/// off, in line: to when the oldest of those leaves the period, one period later for each
+/// `limit` of the key's waiters ahead of it (the earliest it could start; it is looked at
+/// again then), so that a long line wakes a few at a time. Starts go in the order the
+/// key's invocations took their places: one that waited longer and is due goes first. A
+/// key whose lock another transaction holds is looked at again a moment later.
 pub async fn rate_lets_start(tx: &mut dyn Tx, id: &str, now_ms: i64) -> StoreResult<bool> {
     let (Some(record), Some(rate)) = (tx.invocation(id).await?, tx.start_rate(id).await?) else {
         return Ok(true);
@@ -66,18 +68,22 @@ pub async fn rate_lets_start(tx: &mut dyn Tx, id: &str, now_ms: i64) -> StoreRes
     let Some(key) = record.key.as_ref().filter(|key| !key.shared) else {
         return Ok(true);
     };
+    let soon_ms = now_ms.saturating_add(1);
     match tx.lock_key(&record.service, &key.key).await {
         Ok(()) => {}
-        Err(StoreError::Contended(_)) => return Ok(false),
+        Err(StoreError::Contended(_)) => {
+            tx.start_at(id, soon_ms).await?;
+            return Ok(false);
+        }
         Err(error) => return Err(error),
     }
-    // The rate's starts go in the order the invocations took their places: one due that
-    // waited longer goes first, and this one is looked at again just after.
+    // One that waited longer and is due (or yielded to another a moment ago) goes first;
+    // this one is looked at again a moment later.
     let oldest = tx
-        .oldest_rate_waiter(&record.service, &record.handler, &key.key, now_ms)
+        .oldest_rate_waiter(&record.service, &record.handler, &key.key, soon_ms)
         .await?;
     if oldest.is_some_and(|oldest| oldest != id) {
-        tx.start_at(id, now_ms.saturating_add(1)).await?;
+        tx.start_at(id, soon_ms).await?;
         return Ok(false);
     }
     let next_ms = match tx
@@ -88,7 +94,12 @@ pub async fn rate_lets_start(tx: &mut dyn Tx, id: &str, now_ms: i64) -> StoreRes
         None => now_ms,
     };
     if next_ms > now_ms {
-        tx.start_at(id, next_ms).await?;
+        let ahead = tx
+            .rate_waiters_ahead(&record.service, &record.handler, &key.key, id)
+            .await?;
+        let periods = i64::from(ahead / rate.limit.max(1));
+        let due_ms = next_ms.saturating_add(periods.saturating_mul(rate.period_ms));
+        tx.start_at(id, due_ms).await?;
         return Ok(false);
     }
     // Starts only grow later, so one a period old or older limits none to come.

@@ -429,6 +429,12 @@ async fn webhook_sources_are_set_shown_and_deleted_from_the_command_line() {
         &["webhooks", "set", "gh", "--file", bad.to_str().unwrap()],
     );
     assert!(!refused.status.success(), "{refused:?}");
+    let kept = durin(&gateway, &["webhooks", "show", "gh"]);
+    let kept: Value = serde_json::from_slice(&kept.stdout).unwrap();
+    assert_eq!(
+        kept["declared"]["routes"][0]["send"], "order/process",
+        "{kept}"
+    );
     let deleted = durin(&gateway, &["webhooks", "delete", "gh"]);
     assert!(deleted.status.success(), "{deleted:?}");
     let gone = durin(&gateway, &["webhooks", "show", "gh"]);

@@ -436,6 +436,15 @@ async fn a_source_set_through_the_admin_api_outlives_a_kill_and_rotates_its_secr
     assert_eq!(gh["recent"]["duplicate"], 1, "{gh}");
     assert_eq!(gh["recent"]["refused"], 1, "{gh}");
 
+    // Forgeries cost no write beyond 10 a second: all refused, not all kept.
+    for n in 0..25 {
+        let forged = push(&url, "gh", &format!("f-{n}"), "not-the-secret").await;
+        assert_eq!(forged.status(), 401);
+    }
+    let listed = get_json(&format!("{admin}/v1/webhooks/gh")).await;
+    let refused = listed["recent"]["refused"].as_u64().unwrap();
+    assert!((10..25).contains(&refused), "{refused} refusals kept of 26");
+
     // The config's source is the config's.
     let declared = client()
         .put(format!("{admin}/v1/webhooks/declared"))

@@ -498,15 +498,24 @@ pub trait Keys: Send {
         at_ms: i64,
         forget_through_ms: i64,
     ) -> StoreResult<()>;
-    /// The handler's invocation of the key created under its rate, due by `now_ms`, that
-    /// waits longest (the lowest place) for its first start.
+    /// The handler's invocation of the key created under its rate, due by `due_by_ms`,
+    /// that waits longest (the lowest place) for its first start.
     async fn oldest_rate_waiter(
         &mut self,
         service: &str,
         handler: &str,
         key: &str,
-        now_ms: i64,
+        due_by_ms: i64,
     ) -> StoreResult<Option<String>>;
+    /// How many of the handler's invocations of the key created under its rate wait for
+    /// their first start ahead of invocation `id` (in a lower place).
+    async fn rate_waiters_ahead(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        id: &str,
+    ) -> StoreResult<u32>;
     /// Forgets the starts of every key before `before_ms`.
     async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()>;
     /// Puts the start of pending invocation `id` off to `due_ms`.

@@ -2101,8 +2101,9 @@ async fn a_schedule_starts_each_fire_once(store: &dyn Store) {
 
 /// A key's rate (2 starts a second): of four invocations created at once, the claim
 /// starts two and puts the others off to a second after those started; a claim before
-/// then starts nothing, one then starts both; a fifth waits a second more. Another key
-/// has its own rate.
+/// then starts nothing, one then starts both, the older first. A line of three waits in
+/// line: the first two for the next starts, the third a period more. Another key has
+/// its own rate.
 async fn a_key_rate_starts_so_many_a_period_when_they_start(store: &dyn Store) {
     let new = |key: &'static str, now_ms: i64| async move {
         let key = Some(InvocationKey {
@@ -2142,23 +2143,56 @@ async fn a_key_rate_starts_so_many_a_period_when_they_start(store: &dyn Store) {
     // Another key is not held up by this one's.
     let other = new("j", T0 + 20).await;
     assert_eq!(claim_one(store, T0 + 20).await.id, other.id);
-    // A second after the first two, the next two start; a fifth waits a second more.
-    let mut claimed: Vec<InvocationId> = store
-        .claim_due(T0 + 1_010, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    claimed.sort();
-    let mut expected = [c.id.clone(), d.id.clone()];
-    expected.sort();
-    assert_eq!(claimed, expected);
-    let e = new("k", T0 + 1_020).await;
-    assert!(store.claim_due(T0 + 1_020, 10).await.unwrap().is_empty());
-    let put_off = store.get_invocation(&e.id).await.unwrap().unwrap();
-    assert_eq!(put_off.next_run_at_ms, Some(T0 + 2_010));
-    assert_eq!(claim_one(store, T0 + 2_010).await.id, e.id);
+    // A second after the first two, the next two start, the older first (one found
+    // before the older yields to it a moment).
+    let mut claimed: Vec<InvocationId> = Vec::new();
+    for at in [T0 + 1_010, T0 + 1_011] {
+        claimed.extend(
+            store
+                .claim_due(at, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id),
+        );
+    }
+    assert_eq!(claimed, [c.id.clone(), d.id.clone()]);
+    // A line of three: the first waits for the next start, the third a period more.
+    let line = [
+        new("k", T0 + 1_020).await,
+        new("k", T0 + 1_021).await,
+        new("k", T0 + 1_022).await,
+    ];
+    assert!(store.claim_due(T0 + 1_030, 10).await.unwrap().is_empty());
+    let due: Vec<Option<i64>> = {
+        let mut due = Vec::new();
+        for waiting in &line {
+            due.push(
+                store
+                    .get_invocation(&waiting.id)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .next_run_at_ms,
+            );
+        }
+        due
+    };
+    assert_eq!(due[0], Some(T0 + 2_010));
+    assert_eq!(due[2], Some(T0 + 3_010));
+    let mut claimed: Vec<InvocationId> = Vec::new();
+    for at in [T0 + 2_010, T0 + 2_011, T0 + 2_012] {
+        claimed.extend(
+            store
+                .claim_due(at, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id),
+        );
+    }
+    assert_eq!(claimed, [line[0].id.clone(), line[1].id.clone()]);
+    assert_eq!(claim_one(store, T0 + 3_011).await.id, line[2].id);
 }
 
 conformance! {

@@ -30,6 +30,8 @@ use verify::Scheme;
 
 /// How many deliveries each source keeps for operators.
 pub const KEPT_DELIVERIES: u32 = 200;
+/// How many refused deliveries a source keeps a second, on each node.
+pub const KEPT_REFUSALS_PER_SECOND: u32 = 10;
 
 /// A source as the config file (`[[webhooks]]`) or the admin API
 /// (`PUT /v1/webhooks/{source}`) declares it. Its `Debug` hides the secrets.
@@ -373,8 +375,11 @@ pub fn check(configs: &[SourceConfig]) -> Result<(), String> {
 /// when the server stops, since it holds these).
 pub struct Webhooks {
     store: Arc<dyn Store>,
-    /// Sources built from their stored declaration, by name, with when it was changed.
-    built: Mutex<HashMap<String, (i64, Arc<Source>)>>,
+    /// Sources built from their stored declaration, by name, with that declaration (a
+    /// changed one is built again, however soon it changed).
+    built: Mutex<HashMap<String, (String, Arc<Source>)>>,
+    /// Per source, the second (Unix) and how many refused deliveries were kept in it.
+    refusals: Mutex<HashMap<String, (i64, u32)>>,
     router: Mutex<Option<Router>>,
 }
 
@@ -383,6 +388,7 @@ impl Webhooks {
         Webhooks {
             store,
             built: Mutex::default(),
+            refusals: Mutex::default(),
             router: Mutex::default(),
         }
     }
@@ -511,7 +517,11 @@ impl Webhooks {
         }
         for row in self.store.list_webhook_sources().await? {
             if row.origin == "config" && !configs.iter().any(|c| c.source == row.name) {
-                self.delete(&row.name, Origin::Config).await?;
+                // Another node starting with the same config may have deleted it first.
+                match self.delete(&row.name, Origin::Config).await {
+                    Ok(()) | Err(WebhookError::NotFound(_)) => {}
+                    Err(error) => return Err(error),
+                }
                 tracing::info!(source = %row.name, "webhook source removed from the config: deleted");
             }
         }
@@ -527,8 +537,8 @@ impl Webhooks {
             .map_err(|e| ApiError::Storage(format!("the webhook source could not be read: {e}")))?
             .ok_or_else(|| ApiError::NotFound(format!("no webhook source is named {name:?}")))?;
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at_ms, source)) = built.get(name) {
-            if *at_ms == row.updated_at_ms {
+        if let Some((config, source)) = built.get(name) {
+            if *config == row.config {
                 return Ok(Arc::clone(source));
             }
         }
@@ -537,13 +547,27 @@ impl Webhooks {
             .and_then(|config| Source::new(&config))
             .map_err(|e| ApiError::Storage(format!("webhook source {name:?} as stored: {e}")))?;
         let source = Arc::new(source);
-        built.insert(name.to_owned(), (row.updated_at_ms, Arc::clone(&source)));
+        built.insert(name.to_owned(), (row.config, Arc::clone(&source)));
         Ok(source)
     }
 
     /// Keeps a delivery for operators; a store that cannot take it is logged, and the
-    /// delivery's own answer stands.
+    /// delivery's own answer stands. Refused ones beyond [`KEPT_REFUSALS_PER_SECOND`] a
+    /// second per source (anyone may post forgeries) are only logged, so that they cost
+    /// no write.
     async fn note(&self, source: &str, delivery: Delivery) {
+        if delivery.outcome == "refused" {
+            let second = delivery.at_ms.div_euclid(1000);
+            let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            let kept = refusals.entry(source.to_owned()).or_insert((second, 0));
+            if kept.0 != second {
+                *kept = (second, 0);
+            }
+            if kept.1 >= KEPT_REFUSALS_PER_SECOND {
+                return;
+            }
+            kept.1 += 1;
+        }
         let Ok(text) = serde_json::to_string(&delivery) else {
             return;
         };

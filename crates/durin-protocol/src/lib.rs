@@ -380,7 +380,7 @@ impl KeySpec {
                     rate.limit
                 ));
             }
-            if rate.period.is_zero() || rate.period > MAX_RATE_PERIOD {
+            if rate.period < Duration::from_millis(1) || rate.period > MAX_RATE_PERIOD {
                 return Err(format!(
                     "key.rate.period {:?} is outside 1ms..=1d",
                     rate.period
@@ -391,7 +391,7 @@ impl KeySpec {
             }
         }
         if let Some(period) = self.debounce {
-            if period.is_zero() || period > MAX_DEBOUNCE {
+            if period < Duration::from_millis(1) || period > MAX_DEBOUNCE {
                 return Err(format!("key.debounce {period:?} is outside 1ms..=1d"));
             }
             if self.shared {

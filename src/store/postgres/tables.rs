@@ -1565,7 +1565,7 @@ impl Keys for PgTx<'_> {
         service: &str,
         handler: &str,
         key: &str,
-        now_ms: i64,
+        due_by_ms: i64,
     ) -> StoreResult<Option<String>> {
         let row = self
             .optional(
@@ -1578,10 +1578,34 @@ impl Keys for PgTx<'_> {
                 .bind(service)
                 .bind(key)
                 .bind(handler)
-                .bind(now_ms),
+                .bind(due_by_ms),
             )
             .await?;
         row.as_ref().map(|row| get(row, 0)).transpose()
+    }
+
+    async fn rate_waiters_ahead(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        id: &str,
+    ) -> StoreResult<u32> {
+        let row = self
+            .optional(
+                sqlx::query(
+                    "SELECT COUNT(*) FROM invocations WHERE service = $1 AND concurrency_key = $2 \
+                     AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                     AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
+                     AND handler = $3 AND key_seq < (SELECT key_seq FROM invocations WHERE id = $4)",
+                )
+                .bind(service)
+                .bind(key)
+                .bind(handler)
+                .bind(id),
+            )
+            .await?;
+        row.as_ref().map_or(Ok(0), |row| get_u32(row, 0))
     }
 
     async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()> {

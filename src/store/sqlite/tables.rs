@@ -1271,15 +1271,33 @@ impl Keys for SqliteTx {
         service: &str,
         handler: &str,
         key: &str,
-        now_ms: i64,
+        due_by_ms: i64,
     ) -> StoreResult<Option<String>> {
         self.one(
             "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
              AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
              AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
              AND next_run_at_ms <= ?4 AND handler = ?3 ORDER BY key_seq LIMIT 1",
-            params![service, key, handler, now_ms],
+            params![service, key, handler, due_by_ms],
         )
+    }
+
+    async fn rate_waiters_ahead(
+        &mut self,
+        service: &str,
+        handler: &str,
+        key: &str,
+        id: &str,
+    ) -> StoreResult<u32> {
+        Ok(self
+            .one(
+                "SELECT COUNT(*) FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
+                 AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
+                 AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
+                 AND handler = ?3 AND key_seq < (SELECT key_seq FROM invocations WHERE id = ?4)",
+                params![service, key, handler, id],
+            )?
+            .unwrap_or(0))
     }
 
     async fn forget_starts_before(&mut self, before_ms: i64) -> StoreResult<()> {
