@@ -523,3 +523,56 @@ async fn a_signal_sent_to_another_node_wakes_the_workflow() {
     assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     println!("the run ended {} ms after the signal", waited.as_millis());
 }
+
+/// A webhook source set through one node's admin API is served by the other node at once,
+/// with both nodes' deliveries listed together; a secret changed on the second node is
+/// the one the first node checks from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_source_set_on_one_node_is_served_by_every_node() {
+    if !require("postgres") {
+        return;
+    }
+    let home = GatewayHome::cluster("2s");
+    let handler = start_order(None, &[]);
+    let (first, second) = (home.start(None), home.start(None));
+    register(&first.admin, &handler.url).await;
+    let set = |admin: &str, secret: &str| {
+        client()
+            .put(format!("{admin}/v1/webhooks/orders"))
+            .json(&json!({
+                "scheme": "github", "secrets": [secret],
+                "routes": [{"send": "order/process"}],
+            }))
+            .send()
+    };
+    let deliver = |node: &Proc, delivery: &str, secret: &str| {
+        let body = ORDER.as_bytes().to_vec();
+        let signature = durin::webhooks::verify::sign::github(secret, &body);
+        client()
+            .post(format!("{}/v1/webhooks/orders", node.url))
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", delivery.to_owned())
+            .header("x-hub-signature-256", signature)
+            .body(body)
+            .send()
+    };
+    assert_eq!(set(&first.admin, "one").await.unwrap().status(), 201);
+    assert_eq!(deliver(&second, "d-1", "one").await.unwrap().status(), 202);
+    // Changed on the second node: the first checks the new secret.
+    assert_eq!(set(&second.admin, "two").await.unwrap().status(), 200);
+    assert_eq!(deliver(&first, "d-2", "one").await.unwrap().status(), 401);
+    // The same order body under another secret is a new signature, not a new event: the
+    // event is told apart by its signed body, so it is the first one's duplicate.
+    let again = deliver(&first, "d-3", "two").await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["durin-webhook-duplicate"], "true");
+    let listed = get_json(&format!("{}/v1/webhooks/orders/deliveries", second.admin)).await;
+    let outcomes: Vec<&str> = listed["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["duplicate", "refused", "accepted"], "{listed}");
+}
