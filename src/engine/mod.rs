@@ -264,7 +264,11 @@ impl Engine {
     /// Invocations whose attempt was cut short by a crash or a stop become due; returns how
     /// many. Call before [`Engine::start_scheduler`].
     pub async fn recover(&self) -> Result<u64, StoreError> {
-        self.store.recover_running(self.clock.now_ms()).await
+        // On PostgreSQL another node may be claiming the same rows (their leases ran
+        // out): a deadlock PostgreSQL breaks is contended, and the recovery runs again.
+        self.store
+            .contended(|| self.store.recover_running(self.clock.now_ms()))
+            .await
     }
 
     /// Starts the scheduler loop; it stops with the shutdown token.

@@ -60,7 +60,6 @@ impl dyn Store {
     }
 }
 
-/// How this process takes part in a cluster of nodes on one PostgreSQL database.
 /// A webhook source as stored: its declaration (JSON, secrets included) and who set it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookSourceRow {
@@ -72,6 +71,7 @@ pub struct WebhookSourceRow {
     pub updated_at_ms: i64,
 }
 
+/// How this process takes part in a cluster of nodes on one PostgreSQL database.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     /// Unique among the nodes of one database; a restarted node with the same id takes its
