@@ -1353,6 +1353,16 @@ fn continued(next: &InvocationId) -> AttemptEnd {
 }
 
 /// Claims the one invocation due at `now_ms`.
+/// The ids of what claims at each of `times` started, in the order they started.
+async fn claimed_at(store: &dyn Store, times: &[i64]) -> Vec<InvocationId> {
+    let mut claimed = Vec::new();
+    for at in times {
+        let records = store.claim_due(*at, 10).await.unwrap();
+        claimed.extend(records.into_iter().map(|r| r.id));
+    }
+    claimed
+}
+
 async fn claim_one(store: &dyn Store, now_ms: i64) -> InvocationRecord {
     let mut claimed = store.claim_due(now_ms, 10).await.unwrap();
     assert_eq!(claimed.len(), 1, "{claimed:?}");
@@ -2128,13 +2138,7 @@ async fn a_key_rate_starts_so_many_a_period_when_they_start(store: &dyn Store) {
     let d = new("k", T0 + 3).await;
     // Under a rate, nothing runs at its creation: the claim starts it.
     assert_eq!(a.status, Status::Pending);
-    let claimed: Vec<InvocationId> = store
-        .claim_due(T0 + 10, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let claimed = claimed_at(store, &[T0 + 10]).await;
     assert_eq!(claimed, [a.id.clone(), b.id.clone()]);
     let put_off = store.get_invocation(&c.id).await.unwrap().unwrap();
     assert_eq!(put_off.status, Status::Pending);
@@ -2145,17 +2149,7 @@ async fn a_key_rate_starts_so_many_a_period_when_they_start(store: &dyn Store) {
     assert_eq!(claim_one(store, T0 + 20).await.id, other.id);
     // A second after the first two, the next two start, the older first (one found
     // before the older yields to it a moment).
-    let mut claimed: Vec<InvocationId> = Vec::new();
-    for at in [T0 + 1_010, T0 + 1_011] {
-        claimed.extend(
-            store
-                .claim_due(at, 10)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|r| r.id),
-        );
-    }
+    let claimed = claimed_at(store, &[T0 + 1_010, T0 + 1_011]).await;
     assert_eq!(claimed, [c.id.clone(), d.id.clone()]);
     // A line of three: the first waits for the next start, the third a period more.
     let line = [
@@ -2180,17 +2174,7 @@ async fn a_key_rate_starts_so_many_a_period_when_they_start(store: &dyn Store) {
     };
     assert_eq!(due[0], Some(T0 + 2_010));
     assert_eq!(due[2], Some(T0 + 3_010));
-    let mut claimed: Vec<InvocationId> = Vec::new();
-    for at in [T0 + 2_010, T0 + 2_011, T0 + 2_012] {
-        claimed.extend(
-            store
-                .claim_due(at, 10)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|r| r.id),
-        );
-    }
+    let claimed = claimed_at(store, &[T0 + 2_010, T0 + 2_011, T0 + 2_012]).await;
     assert_eq!(claimed, [line[0].id.clone(), line[1].id.clone()]);
     assert_eq!(claim_one(store, T0 + 3_011).await.id, line[2].id);
 }
