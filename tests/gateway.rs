@@ -416,6 +416,129 @@ async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
     gateway.stop().await;
 }
 
+/// Version 5: the entries an output or a terminal failure carries are appended with the
+/// end in one transaction; a command among them is a retryable protocol violation that
+/// writes nothing, and an entry at the wrong index fails the invocation as a refused append
+/// does, with the entries before it kept.
+#[tokio::test]
+async fn entries_that_come_with_the_outcome_are_appended_with_the_end() {
+    let gateway = Gateway::start(|_| {}).await;
+    let discovery = json!({"protocol": 5, "services": [{"name": "raw", "handlers": [
+        {"name": "run", "retry_policy": {"initial_interval": "10ms", "maximum_attempts": 3}}
+    ]}]});
+    let answer = |request: Value| {
+        let attempt = request["attempt"].as_u64().unwrap();
+        let step = |index: u32, name: &str, value: Value| json!({"index": index, "kind": "step", "name": name, "value": value});
+        match request["input"]["case"].as_str().unwrap() {
+            // Attempt 1 sends a timer with its output: refused, nothing written.
+            "good" if attempt == 1 => json!({"outcome": "output", "output": 0, "entries": [
+                step(1, "charge", json!("ch_1")),
+                {"index": 2, "kind": "sleep", "value": {"duration_ms": 5}},
+            ]}),
+            "good" => json!({"outcome": "output", "output": 2, "entries": [
+                step(1, "charge", json!("ch_1")),
+                {"index": 2, "kind": "now", "value": 1234},
+                {"index": 3, "kind": "state", "name": "paid", "value": {"set": true}},
+            ]}),
+            "declined" => json!({"outcome": "failure",
+                "failure": {"status": 402, "type": "CardDeclined", "message": "declined"},
+                "entries": [{"index": 1, "kind": "step", "name": "charge",
+                    "failure": {"status": 402, "type": "CardDeclined", "message": "declined"}}]}),
+            _ => json!({"outcome": "output", "output": 3, "entries": [
+                step(1, "charge", json!("ch_2")),
+                step(7, "ship", json!("sh_2")),
+            ]}),
+        }
+    };
+    let url = serve(
+        axum::Router::new()
+            .route(
+                "/discover",
+                get(move || async move { axum::Json(discovery) }),
+            )
+            .route(
+                "/raw/run",
+                post(move |axum::Json(request): axum::Json<Value>| async move {
+                    axum::Json(answer(request))
+                }),
+            ),
+    )
+    .await;
+    register(&gateway.admin, &url).await;
+
+    let r = gateway
+        .post("/v1/call/raw/run", r#"{"case": "good"}"#)
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(r.json::<Value>().await.unwrap(), 2);
+    let entries = journal(&gateway.admin, &id).await;
+    let kinds: Vec<_> = entries
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["attempt"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("input", 0),
+            ("step", 2),
+            ("now", 2),
+            ("state", 2),
+            ("output", 2)
+        ],
+        "attempt 1's entries were refused whole: {entries:?}"
+    );
+    assert_eq!(entries[1]["value"], "ch_1");
+    assert_eq!(entries[2]["value"], 1234);
+    assert_eq!(
+        gateway.invocation(&id).await["attempt"],
+        2,
+        "attempt 1 was retried"
+    );
+
+    let r = gateway
+        .post("/v1/call/raw/run", r#"{"case": "declined"}"#)
+        .await;
+    let id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    problem(r, 402, false, "declined").await;
+    let entries = journal(&gateway.admin, &id).await;
+    assert_eq!(
+        shape(&entries),
+        vec![
+            ("input".to_owned(), None),
+            ("step".to_owned(), Some("charge".to_owned())),
+            ("output".to_owned(), None)
+        ]
+    );
+    assert_eq!(entries[1]["failure"]["type"], "CardDeclined");
+
+    let r = gateway.post("/v1/call/raw/run", r#"{"case": "gap"}"#).await;
+    let id = r.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = problem(r, 500, false, "refused entry 7").await;
+    assert_eq!(body["error_type"], "JournalRefused", "{body}");
+    let entries = journal(&gateway.admin, &id).await;
+    assert_eq!(
+        shape(&entries),
+        vec![
+            ("input".to_owned(), None),
+            ("step".to_owned(), Some("charge".to_owned())),
+            ("output".to_owned(), None)
+        ],
+        "the entry before the gap is kept"
+    );
+    assert_eq!(gateway.invocation(&id).await["attempt"], 1, "not retried");
+    gateway.stop().await;
+}
+
 /// A handler (or its discovery) answering a redirect is not followed: the invocation is not
 /// sent elsewhere (as a GET, or with its attempt token to another host); the answer is an
 /// error like any other.

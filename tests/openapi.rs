@@ -532,13 +532,35 @@ fn value<T: serde::Serialize>(sample: &T) -> Json {
 /// One value of every outcome; the match makes a new variant a compile error here.
 fn outcome_samples() -> Vec<Outcome> {
     let samples = vec![
-        Outcome::Output { output: json!(1) },
+        Outcome::Output {
+            output: json!(1),
+            entries: vec![AppendRequest {
+                index: 3,
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+                value: Some(json!({"charge_id": "ch_1"})),
+                failure: None,
+                awaited: false,
+            }],
+        },
         Outcome::Failure {
             failure: Failure {
                 status: 500,
                 error_type: Some("Boom".into()),
                 message: "boom".into(),
             },
+            entries: vec![AppendRequest {
+                index: 2,
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+                value: None,
+                failure: Some(Failure {
+                    status: 402,
+                    error_type: Some("CardDeclined".into()),
+                    message: "declined".into(),
+                }),
+                awaited: false,
+            }],
         },
         Outcome::Retry {
             error: "boom".into(),

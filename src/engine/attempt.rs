@@ -13,9 +13,10 @@ use super::{Ended, Engine};
 use crate::ids::InvocationId;
 use crate::lifecycle::{self, pause};
 use crate::store::{
-    AttemptEnd, CancelAnswer, Charge, ClusterEvent, HandlerProtocol, InvocationRecord, Status,
-    StoreError, StoredEntry,
+    AttemptEnd, CancelAnswer, Charge, ClusterEvent, HandlerProtocol, InvocationRecord, NewEntry,
+    Status, StoreError, StoredEntry,
 };
+use durin_protocol::Outcome;
 
 /// The longest pause between two tries of recording an attempt's end.
 const MAX_END_RETRY: Duration = Duration::from_secs(5);
@@ -96,26 +97,27 @@ impl Engine {
         }
         let started_ms = self.clock.now_ms();
         let known = journal.len();
-        let end = self.call(&record, journal).await;
+        let ended = self.call(&record, journal).await;
         self.heartbeats.forget(&id, record.attempt);
         // The handler has answered (or given up): its egress calls are over.
         for observer in &self.observers {
             observer.attempt_ended(&id, record.attempt);
         }
-        let end = match end {
-            Ok(end) => end,
+        let (entries, end) = match ended {
+            Ok(ended) => ended,
             Err(error) => {
                 tracing::error!(%id, %error, "store failed during an attempt");
-                AttemptEnd::BackOff {
+                let end = AttemptEnd::BackOff {
                     until_ms: self.clock.now_ms() + 1_000,
                     error: format!("the store failed during the attempt: {error}"),
                     charged: Charge::Nobody,
-                }
+                };
+                (Vec::new(), end)
             }
         };
         let backing_off = matches!(end, AttemptEnd::BackOff { .. });
         let error = end.error().map(str::to_owned);
-        let ended = self.record_end(&record, end).await;
+        let ended = self.record_end_after(&record, entries, end).await;
         self.log_end(&record, ended, backing_off, error.as_deref())
             .await;
         if let (true, Some((status, recorded))) = (self.config.traces.enabled(), ended) {
@@ -236,10 +238,23 @@ impl Engine {
         record: &InvocationRecord,
         end: AttemptEnd,
     ) -> Option<(Status, bool)> {
+        self.record_end_after(record, Vec::new(), end).await
+    }
+
+    /// As [`Engine::record_end`], after appending the entries the outcome carried.
+    async fn record_end_after(
+        &self,
+        record: &InvocationRecord,
+        entries: Vec<NewEntry>,
+        end: AttemptEnd,
+    ) -> Option<(Status, bool)> {
         let id = &record.id;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.end_attempt(id, record.attempt, end.clone()).await {
+            let ended = self
+                .end_attempt_after(id, record.attempt, entries.clone(), end.clone())
+                .await;
+            match ended {
                 Ok(ended) => {
                     self.attempt_recorded(id, record.attempt);
                     return Some((ended.status, true));
@@ -271,11 +286,13 @@ impl Engine {
         }
     }
 
+    /// Calls the handler and decides how the attempt ended: the entries its outcome
+    /// carried (version 5), to append with the end, and the end.
     async fn call(
         &self,
         record: &InvocationRecord,
         journal: Vec<StoredEntry>,
-    ) -> Result<AttemptEnd, StoreError> {
+    ) -> Result<(Vec<NewEntry>, AttemptEnd), StoreError> {
         let Some(target) = self
             .targets
             .pinned(
@@ -286,10 +303,9 @@ impl Engine {
             )
             .await?
         else {
-            return Ok(pause::deployment_gone(
-                &record.deployment_id,
-                &record.service,
-                &record.handler,
+            return Ok((
+                Vec::new(),
+                pause::deployment_gone(&record.deployment_id, &record.service, &record.handler),
             ));
         };
         // A journal with entries newer than the deployment's protocol would be misread:
@@ -298,7 +314,7 @@ impl Engine {
             if let Some(paused) =
                 pause::unreadable_journal(&journal, version, &target.deployment_id)
             {
-                return Ok(paused);
+                return Ok((Vec::new(), paused));
             }
         }
         // Started too late for what it was for: it fails instead of running.
@@ -308,7 +324,7 @@ impl Engine {
         ) {
             let late = self.clock.now_ms().saturating_sub(due);
             if let Some(end) = lifecycle::timeouts::started_too_late(late, limit) {
-                return Ok(end);
+                return Ok((Vec::new(), end));
             }
         }
         let policy = target
@@ -316,7 +332,8 @@ impl Engine {
             .retry_policy
             .clone()
             .unwrap_or_else(|| self.config.default_retry_policy.clone());
-        let answer = self.call_handler(record, &target, journal).await;
+        let mut answer = self.call_handler(record, &target, journal).await;
+        let entries = trailing_entries(&mut answer, record, self.clock.now_ms());
         let facts = lifecycle::Facts {
             failures: record.failures,
             cancelling: record.cancel_requested_at_ms.is_some(),
@@ -341,7 +358,7 @@ impl Engine {
             let spec = next.as_ref().map_or(&target.spec, |t| &t.spec);
             *deadline_ms = self.config.timeouts.deadline(spec, self.clock.now_ms());
         }
-        Ok(end)
+        Ok((entries, end))
     }
 }
 
@@ -356,9 +373,21 @@ impl Engine {
         attempt: u32,
         end: AttemptEnd,
     ) -> Result<InvocationRecord, StoreError> {
+        self.end_attempt_after(id, attempt, Vec::new(), end).await
+    }
+
+    /// As [`Engine::end_attempt`], after appending `entries` (those an outcome carried) in
+    /// the same transaction.
+    async fn end_attempt_after(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        entries: Vec<NewEntry>,
+        end: AttemptEnd,
+    ) -> Result<InvocationRecord, StoreError> {
         let (record, output, closed) = self
             .store
-            .end_attempt(id, attempt, end, self.clock.now_ms())
+            .end_attempt_after(id, attempt, entries, end, self.clock.now_ms())
             .await?;
         for (child, child_output) in closed {
             self.ended(child, Some(child_output));
@@ -566,6 +595,34 @@ fn record_end_metrics(record: &InvocationRecord) {
             metrics::histogram!(crate::telemetry::DURATION, &labels).record(seconds);
         }
     }
+}
+
+/// Takes the entries an output or a terminal failure carried (version 5) out of the
+/// handler's answer, planned as appends of the attempt; entries an outcome may not carry
+/// make the answer a retryable protocol violation.
+fn trailing_entries(
+    answer: &mut lifecycle::HandlerAnswer,
+    record: &InvocationRecord,
+    now_ms: i64,
+) -> Vec<NewEntry> {
+    let requests = match answer {
+        lifecycle::HandlerAnswer::Outcome(
+            Outcome::Output { entries, .. } | Outcome::Failure { entries, .. },
+        ) => std::mem::take(entries),
+        _ => return Vec::new(),
+    };
+    if requests.is_empty() {
+        return Vec::new();
+    }
+    crate::journal::plan_trailing(requests, record.attempt_token.as_deref(), now_ms).unwrap_or_else(
+        |why| {
+            *answer = lifecycle::HandlerAnswer::Retry(lifecycle::Retryable::new(
+                format!("protocol violation: {why}"),
+                Some("ProtocolViolation".into()),
+            ));
+            Vec::new()
+        },
+    )
 }
 
 /// A number in 0..1000 fixed by the invocation and the attempt (FNV-1a), which spreads the

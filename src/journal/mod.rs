@@ -146,6 +146,56 @@ pub fn plan(
     }
 }
 
+/// The entries an outcome carried (version 5), checked and planned as appends of the
+/// attempt whose token is `token`. Only kinds that start nothing may travel so: a command
+/// must be durable before the handler waits for it.
+pub fn plan_trailing(
+    requests: Vec<durin_protocol::AppendRequest>,
+    token: Option<&str>,
+    now_ms: i64,
+) -> Result<Vec<crate::store::NewEntry>, String> {
+    requests
+        .into_iter()
+        .map(|request| {
+            let index = request.index;
+            if !matches!(
+                request.kind,
+                EntryKind::Step
+                    | EntryKind::Now
+                    | EntryKind::Uuid
+                    | EntryKind::Random
+                    | EntryKind::State
+                    | EntryKind::Patch
+            ) {
+                return Err(format!(
+                    "entry {index} ({}) came with the outcome; only step, now, uuid, random, state and patch entries may",
+                    request.kind.as_str()
+                ));
+            }
+            let planned = plan(
+                request.kind,
+                request.name.as_deref(),
+                request.value,
+                request.failure.is_some(),
+                now_ms,
+            )
+            .map_err(|why| format!("entry {index}, which came with the outcome: {why}"))?;
+            Ok(crate::store::NewEntry {
+                index: Some(index),
+                kind: request.kind,
+                name: request.name,
+                value: planned
+                    .value
+                    .map(|value| serde_json::to_vec(&value).unwrap_or_default()),
+                content_type: Some("application/json".into()),
+                failure: request.failure,
+                token: token.map(str::to_owned),
+                effect: planned.effect,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

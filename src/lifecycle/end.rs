@@ -15,8 +15,8 @@ use durin_protocol::Failure;
 use crate::ids::InvocationId;
 use crate::store::tables::{lock_with_workflow_id, refusal, Tx};
 use crate::store::{
-    AttemptEnd, Charge, Closed, InvocationRecord, ParentClose, Store, StoreError, StoreResult,
-    StoredEntry,
+    AttemptEnd, Charge, Closed, InvocationRecord, JournalLimits, NewEntry, ParentClose, Store,
+    StoreError, StoreResult, StoredEntry,
 };
 
 use super::terminate::{end_now, Ending};
@@ -30,13 +30,67 @@ impl dyn Store {
         end: AttemptEnd,
         now_ms: i64,
     ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
+        self.end_attempt_after(id, attempt, Vec::new(), end, now_ms)
+            .await
+    }
+
+    /// Appends the entries the handler's outcome carried, then records how `attempt`
+    /// ended, in one transaction (see [`end_after_entries`]).
+    pub async fn end_attempt_after(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        entries: Vec<NewEntry>,
+        end: AttemptEnd,
+        now_ms: i64,
+    ) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
         // Run again by the engine while it fails (`StoreError::Contended` included).
         let id = id.to_string();
+        let limits = self.journal_limits();
         self.write(&id.clone(), move |tx| {
-            Box::pin(async move { end_attempt(tx, &id, attempt, end, now_ms).await })
+            Box::pin(async move {
+                end_after_entries(tx, &id, attempt, entries, end, now_ms, limits).await
+            })
         })
         .await
     }
+}
+
+/// Appends `entries` for `attempt` (version 5: the entries an output or a terminal failure
+/// carries, which nothing observed before the end), then records its end. An entry the
+/// journal refuses (a wrong index, a full journal) fails the invocation as a refused
+/// append fails it in the SDK (`JournalRefused`), with the entries before it kept; a
+/// fenced attempt writes nothing.
+pub async fn end_after_entries(
+    tx: &mut dyn Tx,
+    id: &str,
+    attempt: u32,
+    entries: Vec<NewEntry>,
+    mut end: AttemptEnd,
+    now_ms: i64,
+    limits: JournalLimits,
+) -> StoreResult<(InvocationRecord, Option<StoredEntry>, Closed)> {
+    for entry in entries {
+        let index = entry.index.unwrap_or_default();
+        match crate::journal::append::append(tx, id, attempt, entry, now_ms, limits).await {
+            Ok(_) => {}
+            Err(refused @ (StoreError::IndexMismatch { .. } | StoreError::JournalFull { .. })) => {
+                end = AttemptEnd::Failed {
+                    failure: Failure {
+                        status: 500,
+                        error_type: Some("JournalRefused".into()),
+                        message: format!(
+                            "the gateway refused entry {index}, which came with the outcome: {refused}"
+                        ),
+                    },
+                    body: None,
+                };
+                break;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    end_attempt(tx, id, attempt, end, now_ms).await
 }
 
 /// The value, content type and failure of an output entry.

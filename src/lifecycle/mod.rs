@@ -123,14 +123,14 @@ pub fn decide(
         HandlerAnswer::Outcome(outcome) => outcome,
     };
     match outcome {
-        Outcome::Output { output } => AttemptEnd::Completed {
+        Outcome::Output { output, .. } => AttemptEnd::Completed {
             output: serde_json::to_vec(&output).unwrap_or_default(),
             content_type: Some("application/json".into()),
         },
-        Outcome::Failure { failure } if cancelling && cancel::is_cancelled(&failure) => {
+        Outcome::Failure { failure, .. } if cancelling && cancel::is_cancelled(&failure) => {
             cancel::ended(failure)
         }
-        Outcome::Failure { failure } => AttemptEnd::Failed {
+        Outcome::Failure { failure, .. } => AttemptEnd::Failed {
             failure: Failure {
                 status: if (400..600).contains(&failure.status) {
                     failure.status

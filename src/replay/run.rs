@@ -407,13 +407,13 @@ fn judge(
             result,
             format!("a wait for the commands at {waiting_for:?}, none of which completed"),
         ),
-        HandlerAnswer::Outcome(Outcome::Output { output: value }) => {
+        HandlerAnswer::Outcome(Outcome::Output { output: value, .. }) => {
             let same = output.is_some_and(|o| {
                 o.failure.is_none() && crate::http::json_value(o.value.as_deref()) == value
             });
             ended(result, same, format!("output {value}"))
         }
-        HandlerAnswer::Outcome(Outcome::Failure { failure }) => {
+        HandlerAnswer::Outcome(Outcome::Failure { failure, .. }) => {
             // A cancelled run ends as the engine ends it (`lifecycle::decide`).
             let same = output.and_then(|o| o.failure.as_ref()).is_some_and(|f| {
                 let cancelled = |f: &Failure| f.error_type.as_deref() == Some("Cancelled");

@@ -24,6 +24,10 @@
 //! its journal alone, and where the handler would go beyond it (run a step, append
 //! anything) it ends with [`Outcome::ReplayEnd`] instead, so that a recorded history can be
 //! replayed against new code with no side effect.
+//! Version 5 lets the entries a handler recorded after its last wait travel with its
+//! output or terminal failure ([`Outcome::Output::entries`]): the gateway appends them and
+//! records the end in one transaction, which saves the handler an exchange and the gateway
+//! a commit per invocation.
 //! The version is negotiated: the deployment's discovery document
 //! says which version it speaks, and the gateway speaks every version from
 //! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`].
@@ -34,9 +38,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol version this crate describes.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The first version that can replay a history without side effects.
 pub const REPLAY_PROTOCOL_VERSION: u32 = 4;
+/// The first version whose outcomes may carry entries ([`Outcome::Output::entries`]).
+pub const TRAILING_ENTRIES_VERSION: u32 = 5;
 /// The oldest version the gateway still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Header naming the invocation an attempt belongs to (`inv_…`).
@@ -880,9 +886,23 @@ pub struct EntryRef {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// The handler finished; `output` goes back to the caller.
-    Output { output: Value },
+    Output {
+        output: Value,
+        /// Version 5: entries the handler recorded since its last append, in index order
+        /// (steps, `now`, `uuid`, `random`, `state`, `patch`; no command), which the
+        /// gateway appends in the transaction that records the output. Nothing observed
+        /// them before the end, so they need not be durable sooner: a crash before the end
+        /// is recorded loses them with the output, and the next attempt runs them again.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        entries: Vec<AppendRequest>,
+    },
     /// A terminal failure: no retry; its status and message go back to the caller.
-    Failure { failure: Failure },
+    Failure {
+        failure: Failure,
+        /// Version 5: as in [`Outcome::Output::entries`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        entries: Vec<AppendRequest>,
+    },
     /// A retryable failure. `retry_after_ms` overrides the handler's backoff (the SDK sets it
     /// from a step's own policy; `step` names that step).
     Retry {

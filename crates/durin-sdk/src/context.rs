@@ -184,6 +184,9 @@ struct Inner {
     position_failures: u32,
     /// A replay of a recorded history: nothing new runs or is appended.
     replay_only: bool,
+    /// Version 5: entries that start nothing are kept back until the next append, or sent
+    /// with the outcome (see [`Context::keep`]).
+    keeps_back: bool,
     http: reqwest::Client,
     state: Mutex<ReplayState>,
     /// The durable state as the handler sees it: its key's (a keyed handler), with the
@@ -198,6 +201,8 @@ struct ReplayState {
     cursor: usize,
     /// The index the next appended entry gets.
     next_index: u32,
+    /// Entries recorded but not yet sent, their indexes taken (see [`Context::keep`]).
+    kept: Vec<AppendRequest>,
     /// Whether this attempt appended anything (then a failing step is on its first try).
     appended: bool,
     /// Set when the attempt must end with this outcome whatever the handler returns.
@@ -243,6 +248,8 @@ impl Context {
                 update_handlers: Mutex::default(),
                 position_failures: request.position_failures,
                 replay_only: request.replay,
+                keeps_back: request.protocol >= durin_protocol::TRAILING_ENTRIES_VERSION
+                    && !request.replay,
                 http,
                 values: Mutex::new(request.key_state.take().unwrap_or_default()),
                 state: Mutex::new(ReplayState {
@@ -254,6 +261,7 @@ impl Context {
                     journal,
                     cursor: 0,
                     next_index,
+                    kept: Vec::new(),
                     appended: false,
                     abort: None,
                     learned: Default::default(),
@@ -332,20 +340,24 @@ impl Context {
                 }
                 self.decode(*entry)
             }
-            Replayed::New => match self.try_step(name, &options, f).await {
-                Ok(value) => {
-                    let json = serde_json::to_value(&value).map_err(|e| {
-                        HandlerError::terminal(format!(
-                            "the result of step {name:?} cannot be serialized: {e}"
-                        ))
-                    })?;
-                    self.append(EntryKind::Step, Some(name), Some(json), None)
-                        .await?;
-                    Ok(value)
+            Replayed::New => {
+                // What an earlier step returned is durable before this one's code runs.
+                self.flush().await?;
+                match self.try_step(name, &options, f).await {
+                    Ok(value) => {
+                        let json = serde_json::to_value(&value).map_err(|e| {
+                            HandlerError::terminal(format!(
+                                "the result of step {name:?} cannot be serialized: {e}"
+                            ))
+                        })?;
+                        self.keep(EntryKind::Step, Some(name), Some(json), None)
+                            .await?;
+                        Ok(value)
+                    }
+                    Err(error) if error.kind == Kind::Abort => Err(error),
+                    Err(error) => self.step_failed(name, options, error).await,
                 }
-                Err(error) if error.kind == Kind::Abort => Err(error),
-                Err(error) => self.step_failed(name, options, error).await,
-            },
+            }
         }
     }
 
@@ -381,6 +393,7 @@ impl Context {
         if self.inner.replay_only {
             return Ok(());
         }
+        self.flush().await?;
         let response = self
             .inner
             .http
@@ -440,7 +453,7 @@ impl Context {
                     error.message
                 ),
             };
-            self.append(EntryKind::Step, Some(name), None, Some(failure.clone()))
+            self.keep(EntryKind::Step, Some(name), None, Some(failure.clone()))
                 .await?;
             return Err(HandlerError::from_failure(failure));
         }
@@ -471,7 +484,7 @@ impl Context {
                 message: format!("step {name:?} failed: {why}; last error: {}", error.message),
             }
         };
-        self.append(EntryKind::Step, Some(name), None, Some(failure.clone()))
+        self.keep(EntryKind::Step, Some(name), None, Some(failure.clone()))
             .await?;
         Err(HandlerError::from_failure(failure))
     }
@@ -556,7 +569,7 @@ impl Context {
                 let value = make();
                 let json = serde_json::to_value(&value)
                     .map_err(|e| HandlerError::terminal(e.to_string()))?;
-                self.append(kind, None, Some(json), None).await?;
+                self.keep(kind, None, Some(json), None).await?;
                 Ok(value)
             }
         }
@@ -1044,6 +1057,7 @@ impl Context {
 
     /// Tells Durin the update `id` is refused; nothing is journaled.
     async fn refuse(&self, id: &str, failure: Failure) -> Result<(), HandlerError> {
+        self.flush().await?;
         let sent = self
             .inner
             .http
@@ -1173,23 +1187,67 @@ impl Context {
         self.send_append(request).await
     }
 
-    /// Sends `request` as the next entry (its index is set here).
+    /// Records an entry that starts nothing (a step's result, a clock reading): with
+    /// version 5 it is kept back, its index taken, and sent before anything else goes to
+    /// the gateway (the next step's code, an append, a heartbeat) or with the outcome,
+    /// which saves an exchange after the last step; nothing observes it before either.
+    /// Without it, it is appended at once.
+    async fn keep(
+        &self,
+        kind: EntryKind,
+        name: Option<&str>,
+        value: Option<Value>,
+        failure: Option<Failure>,
+    ) -> Result<(), HandlerError> {
+        if !self.inner.keeps_back {
+            return self.append(kind, name, value, failure).await.map(|_| ());
+        }
+        let mut state = self.lock();
+        let index = state.next_index;
+        state.next_index += 1;
+        state.appended = true;
+        state.kept.push(AppendRequest {
+            index,
+            kind,
+            name: name.map(str::to_owned),
+            value,
+            failure,
+            awaited: false,
+        });
+        Ok(())
+    }
+
+    /// Appends the entries kept back, in order, and waits until the gateway has them.
+    async fn flush(&self) -> Result<(), HandlerError> {
+        let kept = std::mem::take(&mut self.lock().kept);
+        for request in kept {
+            self.post(request).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `request` as the next entry (its index is set here), after the entries kept
+    /// back.
     async fn send_append(
         &self,
         mut request: AppendRequest,
     ) -> Result<AppendResponse, HandlerError> {
-        let index = {
+        if self.inner.replay_only {
             let mut state = self.lock();
-            if self.inner.replay_only {
-                return Err(replay_end(
-                    &mut state,
-                    request.kind,
-                    request.name.as_deref(),
-                ));
-            }
-            state.next_index
-        };
-        request.index = index;
+            return Err(replay_end(
+                &mut state,
+                request.kind,
+                request.name.as_deref(),
+            ));
+        }
+        self.flush().await?;
+        request.index = self.lock().next_index;
+        self.post(request).await
+    }
+
+    /// Sends `request` at its index and waits until the gateway has it on disk.
+    async fn post(&self, request: AppendRequest) -> Result<AppendResponse, HandlerError> {
+        let index = request.index;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
@@ -1213,7 +1271,7 @@ impl Context {
                         }
                     };
                     let mut state = self.lock();
-                    state.next_index = index + 1;
+                    state.next_index = state.next_index.max(index + 1);
                     state.appended = true;
                     if let Some(completion) = &answer.completion {
                         state.learned.insert(completion.seq);
@@ -1244,6 +1302,7 @@ impl Context {
                     };
                     self.lock().abort.get_or_insert(Outcome::Failure {
                         failure: failure.clone(),
+                        entries: Vec::new(),
                     });
                     return Err(HandlerError::abort(failure.message));
                 }
@@ -1267,8 +1326,37 @@ impl Context {
         HandlerError::abort(error)
     }
 
-    /// How the attempt ends, given what the handler returned.
-    pub(crate) fn finish(&self, result: Result<Value, HandlerError>) -> Outcome {
+    /// How the attempt ends, given what the handler returned. The entries kept back go
+    /// with an output or a terminal failure (version 5); before any other outcome they
+    /// are appended.
+    pub(crate) async fn finish(&self, result: Result<Value, HandlerError>) -> Outcome {
+        let outcome = self.outcome(result);
+        let kept = std::mem::take(&mut self.lock().kept);
+        match outcome {
+            Outcome::Output { output, .. } => Outcome::Output {
+                output,
+                entries: kept,
+            },
+            Outcome::Failure { failure, .. } => Outcome::Failure {
+                failure,
+                entries: kept,
+            },
+            outcome if kept.is_empty() => outcome,
+            outcome => {
+                self.lock().kept = kept;
+                match self.flush().await {
+                    Ok(()) => outcome,
+                    // The append failed: the attempt ends as the failure says.
+                    Err(_) => self.outcome(Err(HandlerError::abort(
+                        "the entries before the end could not be appended",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// How the attempt ends, given what the handler returned, before the entries kept back.
+    fn outcome(&self, result: Result<Value, HandlerError>) -> Outcome {
         let mut state = self.lock();
         if let Some(outcome) = state.abort.take() {
             return outcome;
@@ -1297,11 +1385,15 @@ impl Context {
                         detail: None,
                     };
                 }
-                Outcome::Output { output }
+                Outcome::Output {
+                    output,
+                    entries: Vec::new(),
+                }
             }
             Err(error) => match error.kind {
                 Kind::Terminal => Outcome::Failure {
                     failure: error.to_failure(),
+                    entries: Vec::new(),
                 },
                 Kind::Retryable { retry_after } => Outcome::Retry {
                     error: error.message,
@@ -1397,6 +1489,113 @@ mod tests {
         Context::new(&mut request, reqwest::Client::new())
     }
 
+    /// A gateway's context API that notes each append in `events` and takes it.
+    async fn noting_gateway(events: Arc<Mutex<Vec<String>>>) -> String {
+        let app = axum::Router::new().route(
+            "/v1/contexts/inv_x/entries",
+            axum::routing::post(move |axum::Json(request): axum::Json<AppendRequest>| {
+                let events = Arc::clone(&events);
+                async move {
+                    let note = format!("append {}", request.index);
+                    events.lock().unwrap_or_else(|e| e.into_inner()).push(note);
+                    axum::Json(AppendResponse {
+                        index: request.index,
+                        at_ms: 1,
+                        value: None,
+                        completion: None,
+                        suggest_continue_as_new: false,
+                    })
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/v1/contexts/inv_x")
+    }
+
+    fn live(protocol: u32, context_url: String) -> Context {
+        let mut request = InvocationRequest {
+            protocol,
+            invocation_id: "inv_x".into(),
+            attempt: 1,
+            attempt_token: "t".into(),
+            service: "s".into(),
+            handler: "h".into(),
+            input: Value::Null,
+            journal: Vec::new(),
+            position_failures: 0,
+            context_url,
+            suggest_continue_as_new: false,
+            heartbeat_details: None,
+            updates: Vec::new(),
+            position_since_ms: None,
+            replay: false,
+            key_state: None,
+        };
+        Context::new(&mut request, reqwest::Client::new())
+    }
+
+    /// Version 5: a step's result is on the gateway's disk before the next step's code
+    /// runs, and the last one travels with the output (one exchange fewer); before any
+    /// other outcome it is appended. Version 4 appends each result at once.
+    #[tokio::test]
+    async fn a_result_is_durable_before_the_next_step_and_the_last_goes_with_the_output() {
+        for protocol in [4, 5] {
+            let events = Arc::new(Mutex::new(Vec::new()));
+            let url = noting_gateway(Arc::clone(&events)).await;
+            let ctx = live(protocol, url.clone());
+            for name in ["a", "b", "c"] {
+                let noted = Arc::clone(&events);
+                let ran = ctx
+                    .run(name, || async move {
+                        noted
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(format!("run {name}"));
+                        Ok(name.to_owned())
+                    })
+                    .await;
+                assert_eq!(ran.ok().as_deref(), Some(name));
+            }
+            let outcome = ctx.finish(Ok(Value::from("done"))).await;
+            let seen = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Outcome::Output { output, entries } = outcome else {
+                panic!("not an output: {outcome:?}");
+            };
+            assert_eq!(output, "done");
+            if protocol == 5 {
+                assert_eq!(seen, ["run a", "append 1", "run b", "append 2", "run c"]);
+                let sent: Vec<_> = entries
+                    .iter()
+                    .map(|e| (e.index, e.kind, e.name.as_deref(), e.value.clone()))
+                    .collect();
+                assert_eq!(
+                    sent,
+                    [(3, EntryKind::Step, Some("c"), Some(Value::from("c")))]
+                );
+            } else {
+                assert_eq!(
+                    seen,
+                    ["run a", "append 1", "run b", "append 2", "run c", "append 3"]
+                );
+                assert!(entries.is_empty());
+            }
+
+            // A retry after a step: the step's result is appended before the attempt ends.
+            events.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            let ctx = live(protocol, url);
+            let ran = ctx.run("a", || async { Ok(1) }).await;
+            assert_eq!(ran.ok(), Some(1));
+            let outcome = ctx.finish(Err(HandlerError::retryable("later"))).await;
+            assert!(matches!(outcome, Outcome::Retry { .. }), "{outcome:?}");
+            let seen = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            assert_eq!(seen, ["append 1"]);
+        }
+    }
+
     /// A cancellation reaches the handler's next await once, decided by the journal alone:
     /// a wait whose command completed before the cancellation (a lower `seq`) gets its
     /// result and the next await the cancellation; one that completed after it, or not
@@ -1445,7 +1644,7 @@ mod tests {
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
         let ctx = replaying(&[(EntryKind::Cancel, Some(1))]);
         assert!(matches!(
-            ctx.finish(Ok(Value::Null)),
+            ctx.finish(Ok(Value::Null)).await,
             Outcome::Output { .. }
         ));
     }

@@ -382,7 +382,7 @@ async fn invoke(
     let input = std::mem::take(&mut request.input);
     let ctx = Context::new(&mut request, state.http);
     let result = handler(ctx.clone(), input).await;
-    let outcome: Outcome = ctx.finish(result);
+    let outcome: Outcome = ctx.finish(result).await;
     Json(outcome).into_response()
 }
 
