@@ -24,9 +24,9 @@ impl dyn Store {
         let limits = self.journal_limits();
         let route = id.to_string();
         let once = |id: InvocationId, entry: NewEntry| {
-            self.write(&route, move |tx| {
+            self.write_repeatable(&route, move |tx| {
+                let (id, mut entry) = (id.clone(), entry.clone());
                 Box::pin(async move {
-                    let mut entry = entry;
                     super::child::refuse_if_taken(tx, id.as_str(), &mut entry).await?;
                     append(tx, id.as_str(), attempt, entry, now_ms, limits).await
                 })

@@ -11,7 +11,7 @@ use crate::store::{InvocationRecord, Store, StoreResult};
 impl dyn Store {
     /// Claims up to `limit` due invocations (see [`claim_due`]).
     pub async fn claim_due(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<InvocationRecord>> {
-        self.write("claim", move |tx| {
+        self.write_repeatable("claim", move |tx| {
             Box::pin(async move { claim_due(tx, now_ms, limit).await })
         })
         .await

@@ -47,7 +47,8 @@ impl dyn Store {
         // Run again by the engine while it fails (`StoreError::Contended` included).
         let id = id.to_string();
         let limits = self.journal_limits();
-        self.write(&id.clone(), move |tx| {
+        self.write_repeatable(&id.clone(), move |tx| {
+            let (id, entries, end) = (id.clone(), entries.clone(), end.clone());
             Box::pin(async move {
                 end_after_entries(tx, &id, attempt, entries, end, now_ms, limits).await
             })

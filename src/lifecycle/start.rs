@@ -19,7 +19,8 @@ impl dyn Store {
         let Some(key) = &new.key else {
             let route = new.id.to_string();
             return self
-                .write(&route, move |tx| {
+                .write_repeatable(&route, move |tx| {
+                    let new = new.clone();
                     Box::pin(async move { create(tx, new).await })
                 })
                 .await;

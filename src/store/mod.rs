@@ -38,6 +38,30 @@ impl dyn Store {
             .map(|value| *value)
             .map_err(|_| StoreError::Backend("a rule's result changed type".into()))
     }
+
+    /// As [`write`](#method.write), for a rule that may run more than once (see
+    /// [`Store::transact_repeatable`]): it clones what it moves into its future.
+    pub async fn write_repeatable<T, F>(&self, key: &str, rule: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'t> Fn(
+                &'t mut dyn tables::Tx,
+            ) -> futures_util::future::BoxFuture<'t, StoreResult<T>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let rule = std::sync::Arc::new(rule);
+        let erased: RepeatableTxFn = std::sync::Arc::new(move |tx| {
+            let rule = std::sync::Arc::clone(&rule);
+            Box::pin(async move { rule(tx).await.map(|value| Box::new(value) as TxOutput) })
+        });
+        let output = self.transact_repeatable(key, erased).await?;
+        output
+            .downcast::<T>()
+            .map(|value| *value)
+            .map_err(|_| StoreError::Backend("a rule's result changed type".into()))
+    }
 }
 
 impl dyn Store {
@@ -991,6 +1015,9 @@ pub struct Cancellation {
 
 /// The metric of the writes committed together in one transaction (group commit).
 pub const BATCH_METRIC: &str = "durin_store_batch_writes";
+/// The metric of batches PostgreSQL ran again with a savepoint per write, after one of
+/// their writes failed without.
+pub const BATCH_RETRIED_METRIC: &str = "durin_store_batches_retried_total";
 /// The metric of how long one group commit took, from `BEGIN` to `COMMIT`.
 pub const COMMIT_METRIC: &str = "durin_store_commit_seconds";
 
@@ -1003,6 +1030,15 @@ pub type TxFn = Box<
         ) -> futures_util::future::BoxFuture<'t, StoreResult<TxOutput>>
         + Send,
 >;
+/// A rule over the tables that may run more than once: a backend may run it in a
+/// transaction it then rolls back (with every write of it), and run it again in the next.
+pub type RepeatableTxFn = std::sync::Arc<
+    dyn for<'t> Fn(
+            &'t mut dyn tables::Tx,
+        ) -> futures_util::future::BoxFuture<'t, StoreResult<TxOutput>>
+        + Send
+        + Sync,
+>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -1011,6 +1047,13 @@ pub trait Store: Send + Sync + 'static {
     /// rule that fails writes nothing. Use [`Store::write`](trait.Store.html#method.write)
     /// on `dyn Store`, which keeps the result's type.
     async fn transact(&self, key: &str, rule: TxFn) -> StoreResult<TxOutput>;
+    /// As [`Store::transact`], for a rule that may run more than once. PostgreSQL runs a
+    /// batch of such rules without a savepoint for each, and, when one fails, rolls the
+    /// batch back and runs them all again, each under a savepoint. Use
+    /// [`Store::write_repeatable`](trait.Store.html#method.write_repeatable).
+    async fn transact_repeatable(&self, key: &str, rule: RepeatableTxFn) -> StoreResult<TxOutput> {
+        self.transact(key, Box::new(move |tx| rule(tx))).await
+    }
     /// How long a journal may grow.
     fn journal_limits(&self) -> JournalLimits;
     /// Records a deployment, or returns the newest one with the same URL and services.

@@ -32,6 +32,8 @@ pub const LAG: &str = "durin_scheduler_lag_seconds";
 pub const APPENDS: &str = "durin_journal_appends_total";
 /// Writes committed together in one transaction (group commit).
 pub const BATCH: &str = crate::store::BATCH_METRIC;
+/// Batches PostgreSQL ran again with a savepoint per write, after one of them failed.
+pub const BATCH_RETRIED: &str = crate::store::BATCH_RETRIED_METRIC;
 /// How long one group commit took, from `BEGIN` to `COMMIT`.
 pub const COMMIT: &str = crate::store::COMMIT_METRIC;
 /// Outbound calls through the egress, by outcome (`recorded`, `replayed`, `failed`).
@@ -86,6 +88,10 @@ fn describe() {
     );
     describe_counter!(APPENDS, "Journal entries appended");
     describe_histogram!(BATCH, "Writes committed together in one transaction");
+    describe_counter!(
+        BATCH_RETRIED,
+        "Batches of writes run again with a savepoint per write after one failed (PostgreSQL)"
+    );
     describe_histogram!(
         COMMIT,
         Unit::Seconds,

@@ -5,9 +5,12 @@
 //! sent to one of [`WRITERS`] writer tasks (the one its routing key, an invocation id,
 //! hashes to, so that the writes of one invocation keep their order); a writer takes what
 //! has queued up (up to [`MAX_BATCH`]), runs it in one transaction, commits once and only
-//! then answers each caller. Each write runs under a savepoint of its own: one that fails
-//! (a failed statement, a fence) is rolled back to its savepoint and leaves its
-//! neighbours' writes in the batch. Reads run on the pool.
+//! then answers each caller. A batch of rules that may run again (the hot ones: creations,
+//! appends, ends, claims) runs without savepoints, one statement per table call; when one
+//! of them fails (a failed statement, a fence), the batch is rolled back and run again
+//! with a savepoint for each write. Any other batch of several writes runs each under a
+//! savepoint of its own from the start. Either way a write that fails is rolled back and
+//! leaves its neighbours' writes in the batch. Reads run on the pool.
 //!
 //! What SQLite gets from its one writer, PostgreSQL gets from row locks: a write that reads
 //! an invocation before it changes it reads it `FOR UPDATE`, and every fenced change
@@ -59,9 +62,51 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 /// After the batch's commit (or its failure), hands the caller its result.
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
-/// One write: runs inside the batch's transaction, under a savepoint; the flag is true when
-/// it failed, so that its savepoint is rolled back.
-type WriteOp = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (Reply, bool)> + Send>;
+/// A write that runs once: inside the batch's transaction, under a savepoint when the batch
+/// has others; the flag is true when it failed, so that its savepoint is rolled back.
+type OnceOp = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (Reply, bool)> + Send>;
+/// A write that may run again, in the batch's next try.
+type RepeatableRun = std::sync::Arc<
+    dyn for<'c> Fn(&'c mut PgConnection) -> BoxFuture<'c, StoreResult<TxOutput>> + Send + Sync,
+>;
+
+enum WriteOp {
+    Once(OnceOp),
+    Repeatable {
+        run: RepeatableRun,
+        reply: oneshot::Sender<StoreResult<TxOutput>>,
+    },
+}
+
+impl WriteOp {
+    /// Runs the write; its reply and whether it failed.
+    async fn run(self, conn: &mut PgConnection) -> (Reply, bool) {
+        match self {
+            WriteOp::Once(op) => op(conn).await,
+            WriteOp::Repeatable { run, reply } => {
+                let result = run(conn).await;
+                let failed = result.is_err();
+                (answer(reply, result), failed)
+            }
+        }
+    }
+}
+
+/// The reply that hands a write's `result` to its caller once the batch committed, or the
+/// commit's error (a failed write's own error whatever happened to the batch).
+fn answer<T: Send + 'static>(
+    caller: oneshot::Sender<StoreResult<T>>,
+    result: StoreResult<T>,
+) -> Reply {
+    let failed = result.is_err();
+    Box::new(move |commit_error: Option<&StoreError>| {
+        let result = match commit_error {
+            Some(e) if !failed => Err(StoreError::Backend(e.to_string().into())),
+            _ => result,
+        };
+        let _ = caller.send(result);
+    })
+}
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -189,26 +234,37 @@ impl PostgresStore {
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, StoreResult<T>> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let op: WriteOp = Box::new(move |conn| {
+        let op: OnceOp = Box::new(move |conn| {
             Box::pin(async move {
                 let result = f(conn).await;
                 let failed = result.is_err();
-                let reply: Reply = Box::new(move |commit_error: Option<&StoreError>| {
-                    let result = match commit_error {
-                        Some(e) if !failed => Err(StoreError::Backend(e.to_string().into())),
-                        _ => result,
-                    };
-                    let _ = tx.send(result);
-                });
-                (reply, failed)
+                (answer(tx, result), failed)
             })
         });
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        let writer = &self.writers[hasher.finish() as usize % self.writers.len()];
-        writer.send(op).await.map_err(|_| StoreError::Closed)?;
+        self.writer(key)
+            .send(WriteOp::Once(op))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await
             .map_err(|_| StoreError::Backend("the write was not committed".into()))?
+    }
+
+    /// As [`PostgresStore::write`], for a write that may run again.
+    async fn write_repeatable(&self, key: &str, run: RepeatableRun) -> StoreResult<TxOutput> {
+        let (reply, rx) = oneshot::channel();
+        self.writer(key)
+            .send(WriteOp::Repeatable { run, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Backend("the write was not committed".into()))?
+    }
+
+    /// The writer task `key` routes to.
+    fn writer(&self, key: &str) -> &mpsc::Sender<WriteOp> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        &self.writers[hasher.finish() as usize % self.writers.len()]
     }
 
     /// A connection of the pool for reads, outside any transaction of the writers.
@@ -250,6 +306,27 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
     }
     let mut replies = Vec::with_capacity(batch.len());
     let mut broken = None;
+    if batch.len() == 1 {
+        // Alone in its transaction: a failed write rolls back the transaction instead of a
+        // savepoint.
+        if let Some(op) = batch.pop() {
+            let (reply, failed) = op.run(&mut conn).await;
+            if failed {
+                let _ = run(&mut conn, "ROLLBACK").await;
+                reply(None);
+                return;
+            }
+            replies.push(reply);
+        }
+    } else if batch
+        .iter()
+        .all(|op| matches!(op, WriteOp::Repeatable { .. }))
+    {
+        match without_savepoints(&mut conn, batch).await {
+            Ok(done) => replies = done,
+            Err(error) => broken = Some(error),
+        }
+    }
     for op in batch.drain(..) {
         if broken.is_some() {
             // Dropping the op tells its caller that its write was not committed.
@@ -259,7 +336,7 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
             broken = Some(error);
             continue;
         }
-        let (reply, failed) = op(&mut conn).await;
+        let (reply, failed) = op.run(&mut conn).await;
         let end = if failed {
             "ROLLBACK TO SAVEPOINT write"
         } else {
@@ -292,6 +369,43 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
     for reply in replies {
         reply(error.as_ref());
     }
+}
+
+/// Runs a batch of writes that may run again without savepoints. When every one succeeded,
+/// their replies, and `batch` is empty; when one failed, the transaction is rolled back and
+/// begun again, and `batch` is left whole, for a savepoint each.
+async fn without_savepoints(
+    conn: &mut PgConnection,
+    batch: &mut Vec<WriteOp>,
+) -> StoreResult<Vec<Reply>> {
+    let runs: Vec<RepeatableRun> = batch
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Repeatable { run, .. } => Some(std::sync::Arc::clone(run)),
+            WriteOp::Once(_) => None,
+        })
+        .collect();
+    let mut results = Vec::with_capacity(batch.len());
+    for run in runs {
+        match run(&mut *conn).await {
+            Ok(output) => results.push(output),
+            Err(_) => break,
+        }
+    }
+    if results.len() < batch.len() {
+        metrics::counter!(crate::store::BATCH_RETRIED_METRIC).increment(1);
+        run(&mut *conn, "ROLLBACK").await?;
+        run(&mut *conn, "BEGIN").await?;
+        return Ok(Vec::new());
+    }
+    Ok(batch
+        .drain(..)
+        .zip(results)
+        .filter_map(|(op, output)| match op {
+            WriteOp::Repeatable { reply, .. } => Some(answer(reply, Ok(output))),
+            WriteOp::Once(_) => None,
+        })
+        .collect())
 }
 
 async fn run(conn: &mut PgConnection, sql: &str) -> StoreResult<()> {

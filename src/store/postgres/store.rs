@@ -53,6 +53,18 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn transact_repeatable(&self, key: &str, rule: RepeatableTxFn) -> StoreResult<TxOutput> {
+        let lease = self.lease.clone();
+        let run: super::RepeatableRun = std::sync::Arc::new(move |conn| {
+            let (rule, lease) = (std::sync::Arc::clone(&rule), lease.clone());
+            Box::pin(async move {
+                let mut tx = super::tables::PgTx { conn, lease };
+                rule(&mut tx).await
+            })
+        });
+        self.write_repeatable(key, run).await
+    }
+
     fn journal_limits(&self) -> JournalLimits {
         self.limits
     }
