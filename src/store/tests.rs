@@ -1005,6 +1005,69 @@ async fn the_same_append_sent_again_answers_the_recorded_entry(store: &dyn Store
     );
 }
 
+/// Writes refused in the middle of a busy moment (stale attempts, a wrong index) write
+/// nothing and leave every other write of their transaction: on PostgreSQL, a batch of
+/// appends that fails without savepoints is run again with one per write.
+async fn refused_writes_leave_their_neighbours_in_the_batch(store: &dyn Store) {
+    let mut records = Vec::new();
+    for _ in 0..24 {
+        records.push(running(store).await);
+    }
+    let step = |record: &InvocationRecord, index: u32, value: &str| NewEntry {
+        index: Some(index),
+        kind: EntryKind::Step,
+        name: Some("charge".into()),
+        value: Some(value.as_bytes().to_vec()),
+        content_type: None,
+        failure: None,
+        token: record.attempt_token.clone(),
+        effect: Effect::None,
+    };
+    let writes = records.iter().enumerate().map(|(i, record)| async move {
+        match i % 3 {
+            // A stale attempt.
+            0 => {
+                store
+                    .append_entry(&record.id, 7, step(record, 1, "x"), T0)
+                    .await
+            }
+            // A gap in the journal.
+            1 => {
+                store
+                    .append_entry(&record.id, 1, step(record, 5, "x"), T0)
+                    .await
+            }
+            _ => {
+                store
+                    .append_entry(&record.id, 1, step(record, 1, "ok"), T0)
+                    .await
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(writes).await;
+    for (i, (record, answer)) in records.iter().zip(answers).enumerate() {
+        let journal = store.read_journal(&record.id).await.unwrap();
+        match i % 3 {
+            0 => assert!(
+                matches!(answer, Err(StoreError::Fenced { .. })),
+                "{answer:?}"
+            ),
+            1 => assert!(
+                matches!(answer, Err(StoreError::IndexMismatch { .. })),
+                "{answer:?}"
+            ),
+            _ => {
+                assert_eq!(answer.unwrap().index, 1);
+                assert_eq!(journal[1].value.as_deref(), Some(b"ok".as_slice()));
+            }
+        }
+        let expected = if i % 3 == 2 { 2 } else { 1 };
+        assert_eq!(journal.len(), expected, "invocation {i}");
+        let now = store.get_invocation(&record.id).await.unwrap().unwrap();
+        assert_eq!(now.journal_len as usize, expected, "invocation {i}");
+    }
+}
+
 async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after(
     store: &dyn Store,
 ) {
@@ -2191,6 +2254,7 @@ conformance! {
     a_wait_gets_only_its_first_event_and_later_signals_stay_buffered,
     a_suspension_takes_the_signal_that_arrived_first,
     the_same_append_sent_again_answers_the_recorded_entry,
+    refused_writes_leave_their_neighbours_in_the_batch,
     an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,
     ended_invocations_are_purged_after_their_retention_with_all_they_kept,
     a_journal_past_its_limits_takes_no_more_entries => JournalLimits {
