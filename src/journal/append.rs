@@ -54,34 +54,54 @@ pub async fn append(
 ) -> StoreResult<StoredEntry> {
     let bytes = entry.value.as_ref().map_or(0, Vec::len) as i64
         + entry.name.as_ref().map_or(0, String::len) as i64;
-    let grown = tx
-        .grow_journal(
-            id,
-            attempt,
-            entry.index,
-            entry.token.as_deref(),
-            bytes,
-            limits.max_entries,
-            limits.max_bytes,
-            now_ms,
-        )
-        .await?;
-    let Some(journal_len) = grown else {
-        return answer_refused(tx, id, attempt, &entry, bytes, limits).await;
-    };
+    let NewEntry {
+        index,
+        kind,
+        name,
+        value,
+        content_type,
+        failure,
+        token,
+        effect,
+    } = entry;
     let mut stored = StoredEntry {
-        index: journal_len - 1,
-        kind: entry.kind,
-        name: entry.name,
-        value: entry.value,
-        content_type: entry.content_type,
-        failure: entry.failure,
+        index: index.unwrap_or_default(),
+        kind,
+        name,
+        value,
+        content_type,
+        failure,
         attempt,
         at_ms: now_ms,
         completion: None,
     };
-    tx.insert_entry(id, &stored).await?;
-    stored.completion = apply_effect(tx, id, &stored, entry.effect, now_ms).await?;
+    let grown = tx
+        .grow_journal_with(
+            id,
+            attempt,
+            index,
+            token.as_deref(),
+            bytes,
+            limits.max_entries,
+            limits.max_bytes,
+            &stored,
+        )
+        .await?;
+    let Some(grown_to) = grown else {
+        let entry = NewEntry {
+            index,
+            kind: stored.kind,
+            name: stored.name,
+            value: stored.value,
+            content_type: stored.content_type,
+            failure: stored.failure,
+            token,
+            effect,
+        };
+        return answer_refused(tx, id, attempt, &entry, bytes, limits).await;
+    };
+    stored.index = grown_to;
+    stored.completion = apply_effect(tx, id, &stored, effect, now_ms).await?;
     metrics::counter!(crate::telemetry::APPENDS).increment(1);
     Ok(stored)
 }

@@ -78,9 +78,12 @@ pub trait Invocations: Send {
     /// Inserts an invocation that waits for the scheduler (attempt 0), with no entry.
     async fn insert_pending(&mut self, new: &Pending<'_>, now_ms: i64) -> StoreResult<()>;
     /// Grows the journal of the running `attempt` by one entry of `bytes`, if the fence,
-    /// the index and the token (when given) match and the limits allow it: the new length.
+    /// the index and the token (when given) match and the limits allow it, and inserts
+    /// `entry` at the index that gives it (its own `index` is ignored), at `entry.at_ms`:
+    /// that index, or `None` when the journal did not grow. PostgreSQL does both in one
+    /// statement.
     #[allow(clippy::too_many_arguments)]
-    async fn grow_journal(
+    async fn grow_journal_with(
         &mut self,
         id: &str,
         attempt: u32,
@@ -89,7 +92,7 @@ pub trait Invocations: Send {
         bytes: i64,
         max_entries: u32,
         max_bytes: i64,
-        now_ms: i64,
+        entry: &StoredEntry,
     ) -> StoreResult<Option<u32>>;
     /// Adds `bytes` to what the invocation holds (completions, buffered signals).
     async fn add_bytes(&mut self, id: &str, bytes: i64) -> StoreResult<()>;

@@ -147,7 +147,7 @@ impl Invocations for PgTx<'_> {
         Ok(())
     }
 
-    async fn grow_journal(
+    async fn grow_journal_with(
         &mut self,
         id: &str,
         attempt: u32,
@@ -156,27 +156,37 @@ impl Invocations for PgTx<'_> {
         bytes: i64,
         max_entries: u32,
         max_bytes: i64,
-        now_ms: i64,
+        entry: &StoredEntry,
     ) -> StoreResult<Option<u32>> {
+        let failure = entry.failure.as_ref().map(to_json).transpose()?;
         let row = self
             .optional(
                 sqlx::query(
-                    "UPDATE invocations SET journal_len = journal_len + 1, \
+                    "WITH grown AS (UPDATE invocations SET journal_len = journal_len + 1, \
                      journal_bytes = journal_bytes + $6, position_failures = 0, \
                      modified_at_ms = $1 \
                      WHERE id = $2 AND attempt = $3 AND status = 'running' \
                      AND ($4::BIGINT IS NULL OR journal_len = $4) \
                      AND ($5::TEXT IS NULL OR attempt_token = $5) \
-                     AND journal_len < $7 AND journal_bytes + $6 <= $8 RETURNING journal_len",
+                     AND journal_len < $7 AND journal_bytes + $6 <= $8 RETURNING journal_len) \
+                     INSERT INTO journal (invocation_id, idx, kind, name, value, content_type, \
+                     failure, attempt, at_ms) \
+                     SELECT $2, journal_len - 1, $9, $10, $11, $12, $13, $3, $1 FROM grown \
+                     RETURNING idx",
                 )
-                .bind(now_ms)
+                .bind(entry.at_ms)
                 .bind(id)
                 .bind(i64::from(attempt))
                 .bind(index.map(i64::from))
                 .bind(token)
                 .bind(bytes)
                 .bind(i64::from(max_entries))
-                .bind(max_bytes),
+                .bind(max_bytes)
+                .bind(entry.kind.as_str())
+                .bind(&entry.name)
+                .bind(&entry.value)
+                .bind(&entry.content_type)
+                .bind(failure),
             )
             .await?;
         row.as_ref().map(|row| get_u32(row, 0)).transpose()

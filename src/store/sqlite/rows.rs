@@ -203,6 +203,16 @@ pub(super) fn fetch_invocation(
 }
 
 pub(super) fn insert_entry(conn: &Connection, id: &str, entry: &StoredEntry) -> StoreResult<()> {
+    insert_entry_at(conn, id, entry.index, entry)
+}
+
+/// Inserts `entry` at `index` (whatever its own).
+pub(super) fn insert_entry_at(
+    conn: &Connection,
+    id: &str,
+    index: u32,
+    entry: &StoredEntry,
+) -> StoreResult<()> {
     let failure = entry.failure.as_ref().map(to_json).transpose()?;
     execute(
         conn,
@@ -210,7 +220,7 @@ pub(super) fn insert_entry(conn: &Connection, id: &str, entry: &StoredEntry) -> 
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             id,
-            entry.index,
+            index,
             entry.kind.as_str(),
             entry.name,
             entry.value,

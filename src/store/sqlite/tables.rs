@@ -145,7 +145,7 @@ impl Invocations for SqliteTx {
         Ok(())
     }
 
-    async fn grow_journal(
+    async fn grow_journal_with(
         &mut self,
         id: &str,
         attempt: u32,
@@ -154,9 +154,9 @@ impl Invocations for SqliteTx {
         bytes: i64,
         max_entries: u32,
         max_bytes: i64,
-        now_ms: i64,
+        entry: &StoredEntry,
     ) -> StoreResult<Option<u32>> {
-        self.one(
+        let grown: Option<u32> = self.one(
             "UPDATE invocations SET journal_len = journal_len + 1, \
              journal_bytes = journal_bytes + ?6, position_failures = 0, modified_at_ms = ?1 \
              WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
@@ -164,7 +164,7 @@ impl Invocations for SqliteTx {
              AND (?5 IS NULL OR attempt_token = ?5) \
              AND journal_len < ?7 AND journal_bytes + ?6 <= ?8 RETURNING journal_len",
             params![
-                now_ms,
+                entry.at_ms,
                 id,
                 attempt,
                 index,
@@ -173,7 +173,13 @@ impl Invocations for SqliteTx {
                 max_entries,
                 max_bytes
             ],
-        )
+        )?;
+        let Some(journal_len) = grown else {
+            return Ok(None);
+        };
+        let index = journal_len - 1;
+        insert_entry_at(&self.conn, id, index, entry)?;
+        Ok(Some(index))
     }
 
     async fn add_bytes(&mut self, id: &str, bytes: i64) -> StoreResult<()> {
