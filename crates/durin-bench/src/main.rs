@@ -742,6 +742,10 @@ fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         registration: serde_json::json!({ "url": order.url() }),
         call_path: "/v1/call/order/process",
         postgres: postgres_nodes.is_some(),
+        database_url: args
+            .database_url
+            .as_deref()
+            .filter(|_| postgres_nodes.is_some()),
         expected: Expected::Exact,
     };
     let levels = setup
@@ -796,6 +800,7 @@ fn example_scenario(setup: &Setup<'_>, example: Example) -> Result<ScenarioRepor
         }),
         call_path: example.call_path(),
         postgres: false,
+        database_url: None,
         // The examples make up their own charge and reservation ids.
         expected: Expected::Shape,
     };
@@ -853,6 +858,7 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         }),
         call_path: "/v1/call/order_plain/process",
         postgres: false,
+        database_url: None,
         expected: Expected::Exact,
     };
     let levels = setup
@@ -894,6 +900,9 @@ struct Target<'a> {
     call_path: &'static str,
     /// Whether the PostgreSQL server's CPU is read too.
     postgres: bool,
+    /// The PostgreSQL database, whose statements are counted when it has
+    /// `pg_stat_statements`.
+    database_url: Option<&'a str>,
     /// How the result of a call is checked.
     expected: Expected,
 }
@@ -950,6 +959,7 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
         let rss_peak = procs::RssPeak::start(target.durin_pids.clone(), RSS_SAMPLE_INTERVAL);
         let cpu_before = cpu_snapshot(target)?;
         let postgres_before = postgres_snapshot(target);
+        let statements_before = target.database_url.and_then(procs::postgres_statements);
         // Each level's callers connect anew and leave when it ends, as a burst of callers
         // would: what Durin keeps after the settle time is not their open connections.
         let callers = load::client(concurrency)?;
@@ -958,6 +968,7 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
         // The CPU figures end with the level's last answer, before the settle time.
         let cpu_after = cpu_snapshot(target)?;
         let postgres_after = postgres_snapshot(target);
+        let statements_after = target.database_url.and_then(procs::postgres_statements);
         let rss_end = procs::rss_sum_mib(&target.durin_pids);
         let rss_peak = procs::max_of(rss_peak.stop().await, rss_end);
         let load_after = procs::loadavg1();
@@ -989,6 +1000,9 @@ async fn measure(setup: &Setup<'_>, target: &Target<'_>) -> Result<Vec<Level>> {
                 concurrency,
                 ticks_per_sec,
             ),
+            postgres_statements: statements_before
+                .zip(statements_after)
+                .map(|(before, after)| after.saturating_sub(before)),
             durin_rss_mib: rss_end,
             durin_rss_before_mib: rss_before,
             durin_rss_peak_mib: rss_peak,

@@ -229,6 +229,23 @@ fn parse_comm(stat: &str) -> Option<&str> {
     stat.get(stat.find('(')? + 1..stat.rfind(')')?)
 }
 
+/// How many statements the database at `url` has run so far, by `pg_stat_statements`
+/// (through `psql`); `None` when the extension or `psql` is not there.
+pub fn postgres_statements(url: &str) -> Option<u64> {
+    let output = std::process::Command::new("psql")
+        .args([
+            url,
+            "-Atqc",
+            "SELECT sum(calls) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+             WHERE d.datname = current_database()",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())?;
+    String::from_utf8(output.stdout).ok()?.trim().parse().ok()
+}
+
 /// The CPU time so far of the PostgreSQL servers on this machine, see [`postgres_cpu`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PostgresCpu {

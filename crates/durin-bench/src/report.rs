@@ -74,6 +74,10 @@ pub struct Level {
     /// CPU seconds of every PostgreSQL process on this machine; `None` on SQLite, or when no
     /// PostgreSQL process could be read here.
     pub postgres_cpu_s: Option<f64>,
+    /// Statements the database ran during the level (its own and those of its triggers),
+    /// when it has `pg_stat_statements`: `BEGIN`, `COMMIT` and `SAVEPOINT` are not among
+    /// them (prepared utility statements are not counted).
+    pub postgres_statements: Option<u64>,
     /// Durin's RSS just after the level; with several nodes, their sum (as the three below).
     pub durin_rss_mib: Option<f64>,
     /// Durin's RSS just before the level.
@@ -476,6 +480,14 @@ fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> ser
             level.postgres_cpu_s.map(round3).into(),
         );
         fields.insert(
+            "postgres_statements_per_inv".to_owned(),
+            level
+                .postgres_statements
+                .filter(|_| level.result.ok > 0)
+                .map(|n| round3(n as f64 / level.result.ok as f64))
+                .into(),
+        );
+        fields.insert(
             "postgres_cpu_us_per_inv".to_owned(),
             level
                 .postgres_cpu_s
@@ -501,6 +513,7 @@ mod tests {
             handler_cpu_s: 1.0,
             loadgen_cpu_s: None,
             postgres_cpu_s: None,
+            postgres_statements: None,
             durin_rss_mib: rss[1],
             durin_rss_before_mib: rss[0],
             durin_rss_peak_mib: rss[1],
