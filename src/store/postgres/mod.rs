@@ -312,7 +312,10 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
         if let Some(op) = batch.pop() {
             let (reply, failed) = op.run(&mut conn).await;
             if failed {
-                let _ = run(&mut conn, "ROLLBACK").await;
+                if run(&mut conn, "ROLLBACK").await.is_err() {
+                    // The connection may be broken: the pool makes a new one.
+                    conn.detach();
+                }
                 reply(None);
                 return;
             }
