@@ -291,7 +291,7 @@ async fn serve(
     };
     // The server outlives the drivers during a shutdown: attempts in flight still need the
     // context API to finish. Callers waiting on an invocation are answered 503 when it stops.
-    let state = api::AppState {
+    let state = api::AppState::new(api::Shared {
         store,
         targets,
         engine: Arc::clone(&engine),
@@ -310,7 +310,7 @@ async fn serve(
         timeouts,
         max_body_bytes: config.max_body_bytes,
         stopping: server_stop.clone(),
-    };
+    });
     // Tests and scripts read these lines to learn the ports when listening on port 0; the
     // admin line comes first.
     println!("durin signing key ed25519:{}", signer.public_key());

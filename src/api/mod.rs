@@ -130,9 +130,28 @@ pub const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/schedules/{id}/backfill"),
 ];
 
-/// What every request handler can reach. Cheap to clone.
+/// What every request handler can reach: one shared [`Shared`], so that a clone (axum
+/// clones the state for each extractor and layer of every request) is one counter's
+/// increment, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub store: Arc<dyn Store>,
     pub targets: Arc<Targets>,
     pub engine: Arc<Engine>,
