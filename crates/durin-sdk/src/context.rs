@@ -315,8 +315,12 @@ impl Context {
         self.run_with(name, RunOptions::default(), f).await
     }
 
-    /// Runs a journaled step: the first time, `f` runs and its result is recorded before
-    /// this returns; on replay the recorded result comes back and `f` does not run.
+    /// Runs a journaled step: the first time, `f` runs and its result is recorded; on
+    /// replay the recorded result comes back and `f` does not run. The result is on Durin's
+    /// disk before anything can observe it: before the next step's code runs, before any
+    /// other entry, heartbeat or update refusal, and before the attempt ends (with protocol
+    /// 5 the last step's result travels with the output instead of in an append of its own;
+    /// with older gateways it is appended before this returns).
     ///
     /// A retryable error from `f` ends the attempt, and Durin calls the handler again after
     /// the step's backoff (durably: a crash does not shorten it). When the step's attempts
