@@ -131,9 +131,20 @@ async fn insert_running(
     workflow_id: Option<&str>,
     due_ms: Option<i64>,
 ) -> StoreResult<(InvocationRecord, StoredEntry)> {
+    let input = StoredEntry {
+        index: 0,
+        kind: durin_protocol::EntryKind::Input,
+        name: None,
+        value: Some(new.input.clone()),
+        content_type: new.content_type.clone(),
+        failure: None,
+        attempt: 0,
+        at_ms: new.now_ms,
+        completion: None,
+    };
     let record = if new.run_now {
         let token = super::claim::attempt_token();
-        tx.insert_running(&new, workflow_id, &token).await?
+        tx.insert_running(&new, workflow_id, &token, &input).await?
     } else {
         let pending = crate::store::tables::Pending {
             id: new.id.as_str(),
@@ -150,22 +161,11 @@ async fn insert_running(
             idempotency_key: new.idempotency.as_ref().map(|c| c.key.as_str()),
         };
         tx.insert_pending(&pending, new.now_ms).await?;
+        tx.insert_entry(new.id.as_str(), &input).await?;
         tx.invocation(new.id.as_str())
             .await?
             .ok_or_else(|| StoreError::Backend("a new invocation could not be read".into()))?
     };
-    let input = StoredEntry {
-        index: 0,
-        kind: durin_protocol::EntryKind::Input,
-        name: None,
-        value: Some(new.input),
-        content_type: new.content_type,
-        failure: None,
-        attempt: 0,
-        at_ms: new.now_ms,
-        completion: None,
-    };
-    tx.insert_entry(record.id.as_str(), &input).await?;
     if let Some(claim) = &new.idempotency {
         // It expires only once the invocation has ended (see `record_output`).
         tx.insert_idempotency_key(claim, record.id.as_str()).await?;

@@ -68,12 +68,14 @@ pub trait Invocations: Send {
     async fn invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>>;
     /// The invocation, locked until the transaction ends (PostgreSQL `FOR UPDATE`).
     async fn lock_invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>>;
-    /// Inserts a new invocation whose first attempt runs on this node, with no entry.
+    /// Inserts a new invocation whose first attempt runs on this node, with its `input`
+    /// entry (index 0); PostgreSQL does both in one statement.
     async fn insert_running(
         &mut self,
         new: &NewInvocation,
         workflow_id: Option<&str>,
         token: &str,
+        input: &StoredEntry,
     ) -> StoreResult<InvocationRecord>;
     /// Inserts an invocation that waits for the scheduler (attempt 0), with no entry.
     async fn insert_pending(&mut self, new: &Pending<'_>, now_ms: i64) -> StoreResult<()>;

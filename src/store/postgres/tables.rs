@@ -85,16 +85,23 @@ impl Invocations for PgTx<'_> {
         new: &NewInvocation,
         workflow_id: Option<&str>,
         token: &str,
+        input: &StoredEntry,
     ) -> StoreResult<InvocationRecord> {
+        // The input entry in the same statement; its foreign key is checked at the
+        // statement's end, when the invocation is there.
         let sql = format!(
-            "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
-             failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
-             created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
-             deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent, lease_owner, \
-             lease_expires_at_ms) \
+            "WITH invocation AS (INSERT INTO invocations (id, service, handler, deployment_id, \
+             status, attempt, failures, position_failures, journal_len, next_run_at_ms, \
+             idempotency_key, created_at_ms, modified_at_ms, attempt_token, workflow_id, \
+             journal_bytes, deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent, \
+             lease_owner, lease_expires_at_ms) \
              VALUES ($1, $2, $3, $4, 'running', 1, 0, 0, 1, NULL, $6, $5, $5, $7, $8, $9, $10, \
              $5, $5, $11, $12, {DB_NOW_MS} + $13) \
-             RETURNING {INVOCATION_COLUMNS}"
+             RETURNING {INVOCATION_COLUMNS}), \
+             input AS (INSERT INTO journal (invocation_id, idx, kind, name, value, \
+             content_type, failure, attempt, at_ms) \
+             VALUES ($1, 0, $14, NULL, $15, $16, NULL, 0, $17)) \
+             SELECT {INVOCATION_COLUMNS} FROM invocation"
         );
         let owner = self.lease.owner.clone();
         let lease_ms = self.lease.ms;
@@ -112,7 +119,11 @@ impl Invocations for PgTx<'_> {
                 .bind(new.deadline_ms)
                 .bind(new.traceparent.as_deref())
                 .bind(&*owner)
-                .bind(lease_ms),
+                .bind(lease_ms)
+                .bind(input.kind.as_str())
+                .bind(&input.value)
+                .bind(&input.content_type)
+                .bind(input.at_ms),
         )
         .await?
         .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))

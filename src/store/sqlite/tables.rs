@@ -88,6 +88,7 @@ impl Invocations for SqliteTx {
         new: &NewInvocation,
         workflow_id: Option<&str>,
         token: &str,
+        input: &StoredEntry,
     ) -> StoreResult<InvocationRecord> {
         let sql = format!(
             "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
@@ -97,23 +98,26 @@ impl Invocations for SqliteTx {
              VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, \
              ?5, ?5, ?11) RETURNING {INVOCATION_COLUMNS}"
         );
-        self.invocation_returning(
-            &sql,
-            params![
-                new.id.as_str(),
-                new.target.service,
-                new.target.handler,
-                new.target.deployment_id,
-                new.now_ms,
-                new.idempotency.as_ref().map(|c| c.key.as_str()),
-                token,
-                workflow_id,
-                new.input.len() as i64,
-                new.deadline_ms,
-                new.traceparent,
-            ],
-        )?
-        .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))
+        let record = self
+            .invocation_returning(
+                &sql,
+                params![
+                    new.id.as_str(),
+                    new.target.service,
+                    new.target.handler,
+                    new.target.deployment_id,
+                    new.now_ms,
+                    new.idempotency.as_ref().map(|c| c.key.as_str()),
+                    token,
+                    workflow_id,
+                    new.input.len() as i64,
+                    new.deadline_ms,
+                    new.traceparent,
+                ],
+            )?
+            .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
+        insert_entry(&self.conn, new.id.as_str(), input)?;
+        Ok(record)
     }
 
     async fn insert_pending(&mut self, new: &Pending<'_>, now_ms: i64) -> StoreResult<()> {
