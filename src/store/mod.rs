@@ -32,11 +32,7 @@ impl dyn Store {
         let erased: TxFn = Box::new(move |tx| {
             Box::pin(async move { rule(tx).await.map(|value| Box::new(value) as TxOutput) })
         });
-        let output = self.transact(key, erased).await?;
-        output
-            .downcast::<T>()
-            .map(|value| *value)
-            .map_err(|_| StoreError::Backend("a rule's result changed type".into()))
+        typed(self.transact(key, erased).await?)
     }
 
     /// As [`write`](#method.write), for a rule that may run more than once (see
@@ -51,17 +47,20 @@ impl dyn Store {
             + Sync
             + 'static,
     {
-        let rule = std::sync::Arc::new(rule);
         let erased: RepeatableTxFn = std::sync::Arc::new(move |tx| {
-            let rule = std::sync::Arc::clone(&rule);
-            Box::pin(async move { rule(tx).await.map(|value| Box::new(value) as TxOutput) })
+            let ran = rule(tx);
+            Box::pin(async move { ran.await.map(|value| Box::new(value) as TxOutput) })
         });
-        let output = self.transact_repeatable(key, erased).await?;
-        output
-            .downcast::<T>()
-            .map(|value| *value)
-            .map_err(|_| StoreError::Backend("a rule's result changed type".into()))
+        typed(self.transact_repeatable(key, erased).await?)
     }
+}
+
+/// A rule's result, its type given back.
+fn typed<T: 'static>(output: TxOutput) -> StoreResult<T> {
+    output
+        .downcast::<T>()
+        .map(|value| *value)
+        .map_err(|_| StoreError::Backend("a rule's result changed type".into()))
 }
 
 impl dyn Store {
