@@ -81,6 +81,14 @@ async fn post_json(base: &str, path: &str, body: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// The invocation id an answer names in its `Durin-Invocation-Id` header.
+fn header_id(response: &reqwest::Response) -> String {
+    response.headers()["durin-invocation-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// The invocation id of a 202 answer.
 async fn invocation_id(response: reqwest::Response) -> String {
     assert_eq!(response.status(), 202);
@@ -145,10 +153,7 @@ async fn the_order_workflow_runs_and_its_journal_reads_well() {
     register(&gateway.admin, &serve_order().await).await;
     let response = gateway.post("/v1/call/order/process", ORDER).await;
     assert_eq!(response.status(), 200);
-    let id = response.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&response);
     assert_eq!(response.json::<String>().await.unwrap(), ORDER_OUTPUT);
     let entries = journal(&gateway.admin, &id).await;
     assert_eq!(shape(&entries), support::order_journal_shape());
@@ -397,10 +402,7 @@ async fn a_handler_answering_garbage_fails_with_a_message_that_says_so() {
     register(&gateway.admin, &url).await;
     let r = gateway.post("/v1/call/junk/run", "{}").await;
     assert_eq!(r.headers()["durin-error-source"], "handler");
-    let header_id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let header_id = header_id(&r);
     let body = problem(r, 500, false, "all 2 attempts failed").await;
     assert_eq!(body["invocation_id"], header_id.as_str());
     let detail = body["detail"].as_str().unwrap();
@@ -470,10 +472,7 @@ async fn entries_that_come_with_the_outcome_are_appended_with_the_end() {
         .post("/v1/call/raw/run", r#"{"case": "good"}"#)
         .await;
     assert_eq!(r.status(), 200);
-    let id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&r);
     assert_eq!(r.json::<Value>().await.unwrap(), 2);
     let entries = journal(&gateway.admin, &id).await;
     let kinds: Vec<_> = entries
@@ -502,39 +501,24 @@ async fn entries_that_come_with_the_outcome_are_appended_with_the_end() {
     let r = gateway
         .post("/v1/call/raw/run", r#"{"case": "declined"}"#)
         .await;
-    let id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&r);
     problem(r, 402, false, "declined").await;
+    // The input, the step that came with the end, and the end.
+    let charged = vec![
+        ("input".to_owned(), None),
+        ("step".to_owned(), Some("charge".to_owned())),
+        ("output".to_owned(), None),
+    ];
     let entries = journal(&gateway.admin, &id).await;
-    assert_eq!(
-        shape(&entries),
-        vec![
-            ("input".to_owned(), None),
-            ("step".to_owned(), Some("charge".to_owned())),
-            ("output".to_owned(), None)
-        ]
-    );
+    assert_eq!(shape(&entries), charged);
     assert_eq!(entries[1]["failure"]["type"], "CardDeclined");
 
     let r = gateway.post("/v1/call/raw/run", r#"{"case": "gap"}"#).await;
-    let id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&r);
     let body = problem(r, 500, false, "refused entry 7").await;
     assert_eq!(body["error_type"], "JournalRefused", "{body}");
     let entries = journal(&gateway.admin, &id).await;
-    assert_eq!(
-        shape(&entries),
-        vec![
-            ("input".to_owned(), None),
-            ("step".to_owned(), Some("charge".to_owned())),
-            ("output".to_owned(), None)
-        ],
-        "the entry before the gap is kept"
-    );
+    assert_eq!(shape(&entries), charged, "the entry before the gap is kept");
     assert_eq!(gateway.invocation(&id).await["attempt"], 1, "not retried");
     gateway.stop().await;
 }
@@ -987,10 +971,7 @@ async fn recorded_now_uuid_and_random_are_the_same_on_replay() {
     register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = gateway.post("/v1/call/ids/run", "null").await;
     assert_eq!(r.status(), 200);
-    let id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&r);
     let output: Value = r.json().await.unwrap();
     let entries = journal(&gateway.admin, &id).await;
     assert_eq!(entries[1]["kind"], "now");
@@ -1697,10 +1678,7 @@ async fn a_restart_sent_again_with_its_idempotency_key_restarts_once() {
     register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = gateway.post("/v1/call/parcel/run", "null").await;
     assert_eq!(r.status(), 500);
-    let id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&r);
     let restart = |key: &'static str| {
         let (admin, id) = (gateway.admin.clone(), id.clone());
         async move {
@@ -1846,10 +1824,7 @@ async fn an_ended_invocation_restarts_from_a_journal_index() {
     register(&gateway.admin, &serve(endpoint.router()).await).await;
     let r = gateway.post("/v1/call/flow/run", "null").await;
     assert_eq!(r.status(), 500);
-    let id = r.headers()["durin-invocation-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let id = header_id(&r);
     let restart = |from: Value| {
         let (admin, id) = (gateway.admin.clone(), id.clone());
         async move {

@@ -974,10 +974,10 @@ async fn a_suspension_takes_the_signal_that_arrived_first(store: &dyn Store) {
     );
 }
 
-async fn the_same_append_sent_again_answers_the_recorded_entry(store: &dyn Store) {
-    let record = running(store).await;
-    let step = |value: &str| NewEntry {
-        index: Some(1),
+/// A step `charge` of `record`'s running attempt at `index`, valued `value`.
+fn charge(record: &InvocationRecord, index: u32, value: &str) -> NewEntry {
+    NewEntry {
+        index: Some(index),
         kind: EntryKind::Step,
         name: Some("charge".into()),
         value: Some(value.as_bytes().to_vec()),
@@ -985,7 +985,12 @@ async fn the_same_append_sent_again_answers_the_recorded_entry(store: &dyn Store
         failure: None,
         token: record.attempt_token.clone(),
         effect: Effect::None,
-    };
+    }
+}
+
+async fn the_same_append_sent_again_answers_the_recorded_entry(store: &dyn Store) {
+    let record = running(store).await;
+    let step = |value: &str| charge(&record, 1, value);
     let first = store
         .append_entry(&record.id, 1, step("1"), T0)
         .await
@@ -1013,33 +1018,23 @@ async fn refused_writes_leave_their_neighbours_in_the_batch(store: &dyn Store) {
     for _ in 0..24 {
         records.push(running(store).await);
     }
-    let step = |record: &InvocationRecord, index: u32, value: &str| NewEntry {
-        index: Some(index),
-        kind: EntryKind::Step,
-        name: Some("charge".into()),
-        value: Some(value.as_bytes().to_vec()),
-        content_type: None,
-        failure: None,
-        token: record.attempt_token.clone(),
-        effect: Effect::None,
-    };
     let writes = records.iter().enumerate().map(|(i, record)| async move {
         match i % 3 {
             // A stale attempt.
             0 => {
                 store
-                    .append_entry(&record.id, 7, step(record, 1, "x"), T0)
+                    .append_entry(&record.id, 7, charge(record, 1, "x"), T0)
                     .await
             }
             // A gap in the journal.
             1 => {
                 store
-                    .append_entry(&record.id, 1, step(record, 5, "x"), T0)
+                    .append_entry(&record.id, 1, charge(record, 5, "x"), T0)
                     .await
             }
             _ => {
                 store
-                    .append_entry(&record.id, 1, step(record, 1, "ok"), T0)
+                    .append_entry(&record.id, 1, charge(record, 1, "ok"), T0)
                     .await
             }
         }

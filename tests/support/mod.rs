@@ -786,6 +786,16 @@ pub async fn get_json(url: &str) -> Value {
         .unwrap()
 }
 
+/// The outcome of each delivery webhook source `source` kept, newest first.
+pub async fn delivery_outcomes(admin: &str, source: &str) -> Vec<String> {
+    get_json(&format!("{admin}/v1/webhooks/{source}/deliveries")).await["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 pub async fn journal(gateway: &str, id: &str) -> Vec<Value> {
     get_json(&format!("{gateway}/v1/invocations/{id}/journal")).await["entries"]
         .as_array()

@@ -1472,25 +1472,40 @@ mod tests {
                 }),
             })
             .collect();
-        let mut request = InvocationRequest {
-            protocol: durin_protocol::PROTOCOL_VERSION,
+        let mut request = request(
+            durin_protocol::PROTOCOL_VERSION,
+            2,
+            journal,
+            "http://127.0.0.1:1/v1/contexts/inv_x".into(),
+        );
+        Context::new(&mut request, reqwest::Client::new())
+    }
+
+    /// An invocation request of `inv_x` for `attempt`, with `journal` after its input.
+    fn request(
+        protocol: u32,
+        attempt: u32,
+        journal: Vec<JournalEntry>,
+        context_url: String,
+    ) -> InvocationRequest {
+        InvocationRequest {
+            protocol,
             invocation_id: "inv_x".into(),
-            attempt: 2,
+            attempt,
             attempt_token: "t".into(),
             service: "s".into(),
             handler: "h".into(),
             input: Value::Null,
             journal,
             position_failures: 0,
-            context_url: "http://127.0.0.1:1/v1/contexts/inv_x".into(),
+            context_url,
             suggest_continue_as_new: false,
             heartbeat_details: None,
             updates: Vec::new(),
             position_since_ms: None,
             replay: false,
             key_state: None,
-        };
-        Context::new(&mut request, reqwest::Client::new())
+        }
     }
 
     /// A gateway's context API that notes each append in `events` and takes it.
@@ -1520,25 +1535,9 @@ mod tests {
         format!("http://{addr}/v1/contexts/inv_x")
     }
 
+    /// A first attempt with an empty journal, whose context API is at `context_url`.
     fn live(protocol: u32, context_url: String) -> Context {
-        let mut request = InvocationRequest {
-            protocol,
-            invocation_id: "inv_x".into(),
-            attempt: 1,
-            attempt_token: "t".into(),
-            service: "s".into(),
-            handler: "h".into(),
-            input: Value::Null,
-            journal: Vec::new(),
-            position_failures: 0,
-            context_url,
-            suggest_continue_as_new: false,
-            heartbeat_details: None,
-            updates: Vec::new(),
-            position_since_ms: None,
-            replay: false,
-            key_state: None,
-        };
+        let mut request = request(protocol, 1, Vec::new(), context_url);
         Context::new(&mut request, reqwest::Client::new())
     }
 
