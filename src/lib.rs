@@ -311,6 +311,7 @@ async fn serve(
         max_body_bytes: config.max_body_bytes,
         stopping: server_stop.clone(),
     });
+    engine.set_stream_appender(Arc::new(api::context::StreamAppends::new(&state)));
     // Tests and scripts read these lines to learn the ports when listening on port 0; the
     // admin line comes first.
     println!("durin signing key ed25519:{}", signer.public_key());

@@ -357,8 +357,9 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The problem document (RFC 9457) that says what went wrong.
+    pub fn problem(&self) -> Value {
         let (status, slug, title, retryable) = self.parts();
         let mut body = self.extensions();
         body.insert("type".into(), json!(format!("urn:durin:problem:{slug}")));
@@ -366,7 +367,14 @@ impl IntoResponse for ApiError {
         body.insert("status".into(), json!(status.as_u16()));
         body.insert("detail".into(), json!(self.to_string()));
         body.insert("retryable".into(), json!(retryable));
-        let mut response = (status, Value::Object(body).to_string()).into_response();
+        Value::Object(body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.parts().0;
+        let mut response = (status, self.problem().to_string()).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

@@ -523,6 +523,214 @@ async fn entries_that_come_with_the_outcome_are_appended_with_the_end() {
     gateway.stop().await;
 }
 
+/// One streamed attempt (version 6) as a raw handler sees it: the request's lines in, the
+/// answer's lines out.
+struct RawStream {
+    request: axum::body::BodyDataStream,
+    read: Vec<u8>,
+    answer: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+impl RawStream {
+    /// The stream of `request` and the answer that carries what it sends.
+    fn open(request: axum::extract::Request) -> (RawStream, axum::response::Response) {
+        assert_eq!(
+            request.headers()["content-type"],
+            durin_protocol::STREAM_CONTENT_TYPE
+        );
+        assert_eq!(request.version(), axum::http::Version::HTTP_2);
+        let (answer, lines) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let lines = futures_util::stream::unfold(lines, |mut lines| async move {
+            let line = lines.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(line), lines))
+        });
+        let response = axum::response::Response::builder()
+            .header("content-type", durin_protocol::STREAM_CONTENT_TYPE)
+            .body(axum::body::Body::from_stream(lines))
+            .unwrap();
+        let stream = RawStream {
+            request: request.into_body().into_data_stream(),
+            read: Vec::new(),
+            answer: Some(answer),
+        };
+        (stream, response)
+    }
+
+    /// The next line of the request; `None` once it has ended.
+    async fn line(&mut self) -> Option<Value> {
+        use futures_util::StreamExt;
+        loop {
+            if let Some(end) = self.read.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.read.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).unwrap());
+            }
+            match self.request.next().await {
+                Some(Ok(chunk)) => self.read.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    fn send(&self, frame: Value) {
+        let mut line = serde_json::to_vec(&frame).unwrap();
+        line.push(b'\n');
+        let _ = self.answer.as_ref().unwrap().send(line);
+    }
+
+    /// Sends an append and returns the gateway's answer to it.
+    async fn append(&mut self, entry: Value) -> Value {
+        self.send(json!({ "append": entry }));
+        self.line().await.expect("an answer to the append")
+    }
+}
+
+/// Version 6: the appends, their answers and the outcome travel on the invocation's own
+/// HTTP/2 exchange. An append is answered once durable, a refused one with the context
+/// API's problem; an answer that ends without an outcome is a retryable protocol violation
+/// that keeps what was appended, and a handler may still answer in one JSON body. An
+/// attempt that runs out of time has its request ended, so the handler learns it is over.
+#[tokio::test]
+async fn a_streamed_attempt_carries_its_appends_and_its_outcome() {
+    let gateway = Gateway::start(|_| {}).await;
+    let discovery = json!({"protocol": 6, "services": [{"name": "raw", "handlers": [
+        {"name": "run", "retry_policy": {"initial_interval": "10ms", "maximum_attempts": 3}},
+        {"name": "slow", "start_to_close": "300ms",
+         "retry_policy": {"initial_interval": "10ms", "maximum_attempts": 1}}
+    ]}]});
+    // What the handler heard: the answers to its appends, and whether the request ended.
+    let heard: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let step = |index: u32, name: &str, value: &str| json!({"index": index, "kind": "step", "name": name, "value": value});
+    let (run_heard, slow_heard) = (Arc::clone(&heard), Arc::clone(&heard));
+    let run = move |request: axum::extract::Request| {
+        let heard = Arc::clone(&run_heard);
+        async move {
+            let (mut stream, response) = RawStream::open(request);
+            let invocation = stream.line().await.unwrap();
+            let attempt = invocation["attempt"].as_u64().unwrap();
+            let case = invocation["input"]["case"].as_str().unwrap().to_owned();
+            if case == "silent" && attempt == 2 {
+                // The journal it resumes from, and an answer in one JSON body.
+                let charged = &invocation["journal"][0];
+                assert_eq!(
+                    (charged["name"].as_str(), charged["value"].as_str()),
+                    (Some("charge"), Some("ch_1"))
+                );
+                return axum::Json(json!({"outcome": "output", "output": "resumed"}))
+                    .into_response();
+            }
+            tokio::spawn(async move {
+                let mut answers = vec![stream.append(step(1, "charge", "ch_1")).await];
+                if case == "silent" {
+                    // Ends its answer with no outcome.
+                    return;
+                }
+                answers.push(stream.append(step(5, "gap", "x")).await);
+                answers.push(stream.append(step(2, "ship", "sh_1")).await);
+                stream.send(json!({"outcome": {"outcome": "output", "output": "done",
+                    "entries": [{"index": 3, "kind": "now", "value": 1234}]}}));
+                let ended = stream.line().await.is_none();
+                answers.push(json!({ "request_ended": ended }));
+                heard.lock().unwrap().extend(answers);
+            });
+            response
+        }
+    };
+    let slow = move |request: axum::extract::Request| {
+        let heard = Arc::clone(&slow_heard);
+        async move {
+            let (mut stream, response) = RawStream::open(request);
+            stream.line().await.unwrap();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let ended = stream.line().await.is_none();
+                heard.lock().unwrap().push(json!({
+                    "slow_request_ended": ended,
+                    "after_ms": started.elapsed().as_millis() as u64,
+                }));
+            });
+            response
+        }
+    };
+    use axum::response::IntoResponse;
+    let url = serve(
+        axum::Router::new()
+            .route(
+                "/discover",
+                get(move || async move { axum::Json(discovery) }),
+            )
+            .route("/raw/run", post(run))
+            .route("/raw/slow", post(slow)),
+    )
+    .await;
+    register(&gateway.admin, &url).await;
+
+    let r = gateway
+        .post("/v1/call/raw/run", r#"{"case": "good"}"#)
+        .await;
+    assert_eq!(r.status(), 200);
+    let id = header_id(&r);
+    assert_eq!(r.json::<Value>().await.unwrap(), "done");
+    let entries = journal(&gateway.admin, &id).await;
+    let kinds: Vec<_> = entries
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["name"].as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("input", None),
+            ("step", Some("charge")),
+            ("step", Some("ship")),
+            ("now", None),
+            ("output", None)
+        ]
+    );
+    let answers = eventually(Duration::from_secs(5), "the handler's record", || async {
+        let heard = heard.lock().unwrap();
+        (heard.len() == 4).then(|| heard.clone())
+    })
+    .await;
+    assert_eq!(answers[0]["appended"]["index"], 1, "{answers:?}");
+    assert_eq!(answers[1]["refused"]["status"], 409, "{answers:?}");
+    assert_eq!(
+        answers[1]["refused"]["type"], "urn:durin:problem:conflict",
+        "{answers:?}"
+    );
+    assert_eq!(answers[2]["appended"]["index"], 2, "{answers:?}");
+    assert_eq!(
+        answers[3]["request_ended"], true,
+        "the gateway ends its side after the outcome"
+    );
+    heard.lock().unwrap().clear();
+
+    let r = gateway
+        .post("/v1/call/raw/run", r#"{"case": "silent"}"#)
+        .await;
+    let id = header_id(&r);
+    assert_eq!(r.json::<Value>().await.unwrap(), "resumed");
+    let record = gateway.invocation(&id).await;
+    assert_eq!(record["attempt"], 2, "{record}");
+    let entries = journal(&gateway.admin, &id).await;
+    assert_eq!(
+        shape(&entries).len(),
+        3,
+        "input, the step kept, output: {entries:?}"
+    );
+
+    let r = gateway.post("/v1/call/raw/slow", "{}").await;
+    let body = problem(r, 500, false, "start_to_close").await;
+    assert_eq!(body["error_type"], "StartToCloseTimeout", "{body}");
+    let slow = eventually(
+        Duration::from_secs(5),
+        "the slow handler's record",
+        || async { heard.lock().unwrap().first().cloned() },
+    )
+    .await;
+    assert_eq!(slow["slow_request_ended"], true, "{slow}");
+    assert!(slow["after_ms"].as_u64().unwrap() < 2_000, "{slow}");
+    gateway.stop().await;
+}
+
 /// A handler (or its discovery) answering a redirect is not followed: the invocation is not
 /// sent elsewhere (as a GET, or with its attempt token to another host); the answer is an
 /// error like any other.

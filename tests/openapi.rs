@@ -13,9 +13,9 @@ use durin::store::HandlerProtocol;
 use durin::telemetry::traces::TRACEPARENT;
 use durin_protocol::{
     AppendRequest, AppendResponse, Completion, Discovery, EntryKind, EntryRef, Failure,
-    HandlerSpec, InvocationRequest, JournalEntry, Outcome, RetryPolicy, ServiceKind, ServiceSpec,
-    SignedHeaders, HEADER_PROTOCOL, HEADER_REPLAYED, HEADER_SIGNATURE, HEADER_SUSPENDED,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SIGNED_HEADERS,
+    GatewayFrame, HandlerFrame, HandlerSpec, InvocationRequest, JournalEntry, Outcome, RetryPolicy,
+    ServiceKind, ServiceSpec, SignedHeaders, HEADER_PROTOCOL, HEADER_REPLAYED, HEADER_SIGNATURE,
+    HEADER_SUSPENDED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SIGNED_HEADERS,
 };
 use serde_json::{json, Value as Json};
 use serde_yaml_ng::Value as Yaml;
@@ -523,6 +523,84 @@ fn samples() -> Vec<(&'static str, Json)> {
             }),
         ),
     ]
+}
+
+/// Version 6's lines: each sample has one property, the documented ones are the samples'
+/// (no more, no fewer), and what each carries is its schema's.
+#[test]
+fn stream_frames_match_the_wire_types() {
+    let doc = load("handler-protocol.yaml");
+    let frames: Vec<(&str, Json)> = vec![
+        (
+            "HandlerFrame",
+            value(&HandlerFrame::Append(AppendRequest {
+                index: 2,
+                kind: EntryKind::Step,
+                name: Some("charge".into()),
+                value: Some(json!(1)),
+                failure: Some(Failure {
+                    status: 402,
+                    error_type: None,
+                    message: "declined".into(),
+                }),
+                awaited: true,
+            })),
+        ),
+        (
+            "HandlerFrame",
+            value(&HandlerFrame::Outcome(Outcome::Suspend {
+                waiting_for: vec![2],
+                wake_at_ms: None,
+            })),
+        ),
+        (
+            "GatewayFrame",
+            value(&GatewayFrame::Appended(AppendResponse {
+                index: 2,
+                at_ms: 1,
+                value: Some(json!({"wake_at_ms": 5})),
+                completion: Some(Completion {
+                    seq: 1,
+                    value: None,
+                    failure: None,
+                    at_ms: 5,
+                }),
+                suggest_continue_as_new: true,
+            })),
+        ),
+        // A refusal as the gateway sends it: the problem document of the context API.
+        (
+            "GatewayFrame",
+            json!({ "refused": durin::problem::ApiError::Conflict("stale".into()).problem() }),
+        ),
+    ];
+    let mut seen: std::collections::BTreeMap<&str, BTreeSet<String>> = Default::default();
+    for (schema, sample) in &frames {
+        let object = sample.as_object().expect("a frame is an object");
+        assert_eq!(
+            object.len(),
+            1,
+            "{schema}: a frame has one property: {sample}"
+        );
+        let (name, carried) = object.iter().next().expect("one property");
+        let reference = doc["components"]["schemas"][*schema]["properties"][name.as_str()]["$ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{schema}.{name} is not documented as a $ref"));
+        let inner = reference
+            .strip_prefix("#/components/schemas/")
+            .expect("a local schema");
+        if inner != "Outcome" {
+            assert_fields(&doc, inner, carried);
+        }
+        seen.entry(*schema).or_default().insert(name.clone());
+    }
+    for (schema, names) in seen {
+        assert_eq!(
+            keys(&doc["components"]["schemas"][schema]["properties"]),
+            names,
+            "{schema}: documented properties (left) differ from the frames (right)"
+        );
+    }
 }
 
 fn value<T: serde::Serialize>(sample: &T) -> Json {

@@ -272,7 +272,10 @@ async fn the_sdk_refuses_durins_request_replayed_as_a_cancellation_or_with_anoth
             }),
         )
         .verify_signatures(&public_key)
-        .unwrap();
+        .unwrap()
+        // The proxy reads each request whole before it passes it on: nothing streams
+        // through it.
+        .streaming(false);
     let deployment = serve(endpoint.router()).await;
     // In front of it, a proxy that keeps what Durin sends.
     let log: Log = Arc::default();

@@ -84,6 +84,49 @@ pub async fn append(
     let id = parse_invocation_id(&id)?;
     let caller = caller(&headers)?;
     let request: AppendRequest = parse_json("the entry", &body)?;
+    append_entry(&state, id, caller, request).await.map(Json)
+}
+
+/// The append of a streamed attempt (protocol 6): the same rules as `POST …/entries`,
+/// under the stream's attempt.
+pub struct StreamAppends(std::sync::Weak<super::Shared>);
+
+impl StreamAppends {
+    /// Weak, since the state holds the engine that holds this.
+    pub fn new(state: &AppState) -> StreamAppends {
+        StreamAppends(state.downgrade())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::engine::StreamAppender for StreamAppends {
+    async fn append(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        token: &str,
+        request: AppendRequest,
+    ) -> Result<AppendResponse, ApiError> {
+        let state = self
+            .0
+            .upgrade()
+            .map(AppState::from_shared)
+            .ok_or_else(|| ApiError::ShuttingDown("the gateway is stopping".into()))?;
+        let caller = Caller {
+            attempt,
+            token: token.to_owned(),
+        };
+        append_entry(&state, id.clone(), caller, request).await
+    }
+}
+
+/// Appends `request` for `caller`'s attempt, durable before it returns.
+async fn append_entry(
+    state: &AppState,
+    id: InvocationId,
+    caller: Caller,
+    request: AppendRequest,
+) -> Result<AppendResponse, ApiError> {
     if let Some(session) = state.replays.find(&id, &caller.token) {
         // An SDK that replays appends nothing; one that does anyway is stopped here.
         let name = request.name.as_deref().unwrap_or_default();
@@ -93,7 +136,7 @@ pub async fn append(
     let mut planned = match request.kind {
         EntryKind::Call | EntryKind::Send if request.failure.is_none() => {
             plan_child(
-                &state,
+                state,
                 request.kind,
                 request.name.as_deref(),
                 request.value,
@@ -147,13 +190,13 @@ pub async fn append(
             "the journal nears its limit; appends past it will be refused"
         );
     }
-    Ok(Json(AppendResponse {
+    Ok(AppendResponse {
         index: stored.index,
         at_ms: stored.at_ms,
-        value: shown_value(&state, &id, &stored),
+        value: shown_value(state, &id, &stored),
         completion: stored.completion.as_ref().map(|c| c.to_wire()),
         suggest_continue_as_new: limits.warning(stored.index + 1, 0).is_some(),
-    }))
+    })
 }
 
 /// A `call` or `send`: the child, on the newest deployment that serves its handler, with

@@ -7,7 +7,7 @@ mod admin;
 mod auth;
 mod awakeables;
 mod cancel;
-mod context;
+pub(crate) mod context;
 mod ingress;
 mod keys;
 mod operate;
@@ -139,6 +139,14 @@ pub struct AppState(Arc<Shared>);
 impl AppState {
     pub fn new(shared: Shared) -> AppState {
         AppState(Arc::new(shared))
+    }
+
+    fn from_shared(shared: Arc<Shared>) -> AppState {
+        AppState(shared)
+    }
+
+    fn downgrade(&self) -> std::sync::Weak<Shared> {
+        Arc::downgrade(&self.0)
     }
 }
 

@@ -3,7 +3,8 @@
 //! plain one) and what its answer means, before any policy is applied.
 
 use durin_protocol::{
-    EntryKind, Failure, InvocationRequest, JournalEntry, Outcome, SignedHeaders, HEADER_SIGNATURE,
+    EntryKind, Failure, HandlerFrame, InvocationRequest, JournalEntry, Outcome, SignedHeaders,
+    HEADER_SIGNATURE, STREAM_CONTENT_TYPE, STREAM_VERSION,
 };
 
 use super::Engine;
@@ -111,6 +112,14 @@ impl Engine {
             }
             _ => None,
         };
+        // Version 6 streams the attempt: its appends travel on the invocation's own
+        // exchange. A replay appends nothing and is not streamed.
+        let appender = match target.protocol {
+            HandlerProtocol::Sdk { version } if version >= STREAM_VERSION && !replay => {
+                self.appender.get()
+            }
+            _ => None,
+        };
         let (request, body) = match target.protocol {
             HandlerProtocol::Sdk { version } => {
                 let body = serde_json::to_vec(&InvocationRequest {
@@ -142,10 +151,16 @@ impl Engine {
                     key_state,
                 })
                 .unwrap_or_default();
-                let request = self
-                    .http
-                    .post(&endpoint)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json");
+                let request = match appender {
+                    Some(_) => self
+                        .http2
+                        .post(&endpoint)
+                        .header(reqwest::header::CONTENT_TYPE, STREAM_CONTENT_TYPE),
+                    None => self
+                        .http
+                        .post(&endpoint)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json"),
+                };
                 (request, body)
             }
             // A plain handler gets the caller's request as it came.
@@ -201,8 +216,26 @@ impl Engine {
         let request = headers.into_iter().fold(request, |request, (name, value)| {
             request.header(name, value)
         });
+        // A streamed attempt's first line is the invocation request, which the signature
+        // covers; the answers to its appends follow on the same request body.
+        let (request, frames) = match appender {
+            Some(_) => {
+                let (frames, lines) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+                let mut first = body;
+                first.push(b'\n');
+                let _ = frames.try_send(first);
+                let lines = futures_util::stream::unfold(lines, |mut lines| async move {
+                    let line = lines.recv().await?;
+                    Some((Ok::<_, std::convert::Infallible>(line), lines))
+                });
+                (
+                    request.body(reqwest::Body::wrap_stream(lines)),
+                    Some(frames),
+                )
+            }
+            None => (request.body(body), None),
+        };
         let sent = request
-            .body(body)
             .header(HEADER_SIGNATURE, signature)
             .timeout(timeout)
             .send();
@@ -215,41 +248,154 @@ impl Engine {
             // Forgotten when the attempt is over (`attempt.rs`).
             self.heartbeats.watch(&record.id, record.attempt);
         }
-        let sent = match heartbeat_timeout {
-            None => sent.await,
+        let exchange = async {
+            let response = match sent.await {
+                Ok(response) => response,
+                Err(e) => return self.unanswered(record, &endpoint, timeout, &e),
+            };
+            match (appender, frames) {
+                (Some(appender), Some(frames)) if is_stream(&response) => {
+                    self.streamed(record, appender.as_ref(), response, frames, timeout)
+                        .await
+                }
+                _ => self.answered(record, target, response, request_bytes).await,
+            }
+        };
+        match heartbeat_timeout {
+            None => exchange.await,
             Some(limit) => tokio::select! {
-                sent = sent => sent,
+                answer = exchange => answer,
                 silent = self.silence(record, limit) => {
-                    return HandlerAnswer::Retry(Retryable::new(
+                    HandlerAnswer::Retry(Retryable::new(
                         format!(
                             "attempt {} sent no heartbeat for {} (its heartbeat_timeout)",
                             record.attempt,
                             humantime::format_duration(silent)
                         ),
                         Some("HeartbeatTimeout".into()),
-                    ));
+                    ))
                 }
             },
+        }
+    }
+
+    /// The call could not be made, or no answer came in time.
+    fn unanswered(
+        &self,
+        record: &InvocationRecord,
+        endpoint: &str,
+        timeout: std::time::Duration,
+        error: &reqwest::Error,
+    ) -> HandlerAnswer {
+        if error.is_timeout() {
+            HandlerAnswer::Retry(Retryable::new(
+                format!(
+                    "attempt {} exceeded its start_to_close timeout of {}",
+                    record.attempt,
+                    humantime::format_duration(timeout)
+                ),
+                Some("StartToCloseTimeout".into()),
+            ))
+        } else {
+            HandlerAnswer::Retry(Retryable::new(
+                format!("could not call {endpoint}: {}", error_chain(error)),
+                None,
+            ))
+        }
+    }
+
+    /// A streamed attempt (version 6): appends each `append` line of the handler's answer
+    /// and sends back its acknowledgement (or refusal) on `frames`, in order, until the
+    /// `outcome` line.
+    async fn streamed(
+        &self,
+        record: &InvocationRecord,
+        appender: &dyn super::StreamAppender,
+        mut response: reqwest::Response,
+        frames: tokio::sync::mpsc::Sender<Vec<u8>>,
+        timeout: std::time::Duration,
+    ) -> HandlerAnswer {
+        let endpoint = response.url().to_string();
+        let token = record.attempt_token.as_deref().unwrap_or_default();
+        let violation = |what: String| {
+            HandlerAnswer::Retry(Retryable::new(
+                format!("protocol violation: the stream of {endpoint} {what}"),
+                Some("ProtocolViolation".into()),
+            ))
         };
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) if e.is_timeout() => {
-                return HandlerAnswer::Retry(Retryable::new(
-                    format!(
-                        "attempt {} exceeded its start_to_close timeout of {}",
-                        record.attempt,
-                        humantime::format_duration(timeout)
-                    ),
-                    Some("StartToCloseTimeout".into()),
-                ))
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut ended = false;
+        loop {
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                let frame = match serde_json::from_slice::<HandlerFrame>(line) {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        return violation(format!(
+                            "sent a line that is not a frame ({e}): {}",
+                            snippet(line)
+                        ))
+                    }
+                };
+                let request = match frame {
+                    HandlerFrame::Outcome(outcome) => return HandlerAnswer::Outcome(outcome),
+                    HandlerFrame::Append(request) => request,
+                };
+                let answer = match appender
+                    .append(&record.id, record.attempt, token, request)
+                    .await
+                {
+                    Ok(appended) => serde_json::json!({ "appended": appended }),
+                    Err(refused) => serde_json::json!({ "refused": refused.problem() }),
+                };
+                let mut answer = serde_json::to_vec(&answer).unwrap_or_default();
+                answer.push(b'\n');
+                // A handler that stopped reading learns nothing more; its outcome may still
+                // come.
+                let _ = frames.send(answer).await;
             }
-            Err(e) => {
-                return HandlerAnswer::Retry(Retryable::new(
-                    format!("could not call {endpoint}: {}", error_chain(&e)),
-                    None,
-                ))
+            if ended {
+                return violation("ended without an outcome".into());
             }
-        };
+            if buffer.len() > MAX_HANDLER_RESPONSE_BYTES {
+                return violation(format!(
+                    "sent a line longer than {MAX_HANDLER_RESPONSE_BYTES} bytes"
+                ));
+            }
+            match response.chunk().await {
+                Ok(Some(chunk)) => buffer.extend_from_slice(&chunk),
+                // The last line may lack its newline.
+                Ok(None) => {
+                    buffer.push(b'\n');
+                    ended = true;
+                }
+                Err(e) if e.is_timeout() => return self.unanswered(record, &endpoint, timeout, &e),
+                Err(e) => {
+                    return HandlerAnswer::Retry(Retryable::new(
+                        format!(
+                            "could not call {endpoint} to the end: its stream broke ({})",
+                            error_chain(&e)
+                        ),
+                        None,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// What a handler's answer (not a stream) means.
+    async fn answered(
+        &self,
+        record: &InvocationRecord,
+        target: &HandlerTarget,
+        response: reqwest::Response,
+        request_bytes: usize,
+    ) -> HandlerAnswer {
+        let endpoint = target.endpoint();
         let status = response.status();
         let content_type = response
             .headers()
@@ -433,6 +579,17 @@ impl RemoteHeartbeat {
 
 /// A journal entry as a handler receives it: completions attached, an awakeable with its
 /// token (computed here, never stored).
+/// Whether a handler answered a streamed attempt with a stream (it may answer a plain
+/// outcome, or an error, instead).
+fn is_stream(response: &reqwest::Response) -> bool {
+    response.status().is_success()
+        && response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(STREAM_CONTENT_TYPE))
+}
+
 fn wire_entry(engine: &Engine, id: &InvocationId, entry: StoredEntry) -> JournalEntry {
     let value = match entry.kind {
         EntryKind::Awakeable => Some(engine.awakeable_shown(id, &entry)),

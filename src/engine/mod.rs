@@ -73,10 +73,27 @@ pub trait AttemptObserver: Send + Sync {
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32);
 }
 
+/// Appends what a streamed attempt (protocol 6) sends, by the context API's rules, which
+/// live above the engine; set once the API's state exists ([`Engine::set_stream_appender`]).
+#[async_trait::async_trait]
+pub trait StreamAppender: Send + Sync {
+    async fn append(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        token: &str,
+        request: durin_protocol::AppendRequest,
+    ) -> Result<durin_protocol::AppendResponse, crate::problem::ApiError>;
+}
+
 pub struct Engine {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
+    /// Streamed attempts: HTTP/2 without negotiation (`h2c`), whose streams carry frames
+    /// both ways at once.
+    http2: reqwest::Client,
+    appender: std::sync::OnceLock<Arc<dyn StreamAppender>>,
     config: EngineConfig,
     waiters: Waiters,
     /// When running attempts last sent a heartbeat.
@@ -119,6 +136,14 @@ impl Engine {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            http2: reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .http2_adaptive_window(true)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+            appender: std::sync::OnceLock::new(),
             config,
             waiters: Waiters::default(),
             heartbeats: heartbeats::Heartbeats::default(),
@@ -132,6 +157,12 @@ impl Engine {
             nudge: Notify::new(),
             shutdown,
         }
+    }
+
+    /// Where the appends of streamed attempts go. Until it is set, deployments of
+    /// protocol 6 are invoked without a stream.
+    pub fn set_stream_appender(&self, appender: Arc<dyn StreamAppender>) {
+        let _ = self.appender.set(appender);
     }
 
     pub fn traces(&self) -> &crate::telemetry::traces::Traces {

@@ -1,4 +1,4 @@
-//! Wire types of the Durin handler protocol, version 3 (versions 1 and 2 are still spoken).
+//! Wire types of the Durin handler protocol, version 6 (versions 1 to 5 are still spoken).
 //!
 //! The gateway and every SDK speak this protocol, so it lives in its own crate with no
 //! dependency on either side. ARCHITECTURE.md describes the exchange in prose; this file is
@@ -28,6 +28,11 @@
 //! output or terminal failure ([`Outcome::Output::entries`]): the gateway appends them and
 //! records the end in one transaction, which saves the handler an exchange and the gateway
 //! a commit per invocation.
+//! Version 6 streams the attempt ([`STREAM_VERSION`]): one HTTP/2 exchange carries the
+//! invocation request, every append and its acknowledgement, and the outcome, as
+//! newline-delimited JSON frames ([`HandlerFrame`], [`GatewayFrame`]), instead of an
+//! exchange per append. The gateway streams when the deployment speaks version 6; a
+//! request in plain JSON (a replay) is still answered as before.
 //! The version is negotiated: the deployment's discovery document
 //! says which version it speaks, and the gateway speaks every version from
 //! [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`].
@@ -38,11 +43,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The protocol version this crate describes.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// The first version that can replay a history without side effects.
 pub const REPLAY_PROTOCOL_VERSION: u32 = 4;
 /// The first version whose outcomes may carry entries ([`Outcome::Output::entries`]).
 pub const TRAILING_ENTRIES_VERSION: u32 = 5;
+/// The first version whose attempts are streamed (see [`HandlerFrame`]).
+pub const STREAM_VERSION: u32 = 6;
+/// The content type of both directions of a streamed attempt: one JSON document per line.
+pub const STREAM_CONTENT_TYPE: &str = "application/x-ndjson";
 /// The oldest version the gateway still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Header naming the invocation an attempt belongs to (`inv_…`).
@@ -944,6 +953,45 @@ pub enum Outcome {
     ReplayEnd { index: u32, next: EntryRef },
 }
 
+/// A line of the handler's answer to a streamed attempt (version 6). The answer's status is
+/// `200` and its content type [`STREAM_CONTENT_TYPE`]; its lines are appends, each
+/// answered by one [`GatewayFrame`] in the same order, and then one outcome, after which
+/// the handler ends the answer. An answer that ends without an outcome ends the attempt
+/// as a retryable failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerFrame {
+    /// As `POST {context_url}/entries` would send it; the attempt's number and token are
+    /// the stream's.
+    Append(AppendRequest),
+    Outcome(Outcome),
+}
+
+/// A line the gateway sends on a streamed attempt after the first one (the
+/// [`InvocationRequest`], which the signature covers): the answer to the handler's append
+/// of the same position, once it is durable or refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayFrame {
+    Appended(AppendResponse),
+    /// The append was refused: the problem document (RFC 9457) the context API would have
+    /// answered, with its status.
+    Refused(Refusal),
+}
+
+/// Why the gateway refused an append on a streamed attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The HTTP status the context API would have answered: `409` for an attempt that is
+    /// no longer current, `5xx` for a refusal that may pass if the append is sent again,
+    /// any other for one that will not.
+    pub status: u16,
+    #[serde(default)]
+    pub detail: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -986,6 +1034,26 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"outcome": "retry", "error": "boom", "retry_after_ms": 5, "step": "charge"})
+        );
+        let frame = serde_json::to_value(HandlerFrame::Outcome(Outcome::Suspend {
+            waiting_for: vec![3],
+            wake_at_ms: None,
+        }))
+        .unwrap();
+        assert_eq!(
+            frame,
+            serde_json::json!({"outcome": {"outcome": "suspend", "waiting_for": [3]}})
+        );
+        let refused: GatewayFrame =
+            serde_json::from_str(r#"{"refused": {"status": 409, "detail": "stale", "type": "urn:durin:problem:conflict"}}"#)
+                .unwrap();
+        assert_eq!(
+            refused,
+            GatewayFrame::Refused(Refusal {
+                status: 409,
+                detail: "stale".into(),
+                retryable: false
+            })
         );
         let unknown: EntryKind = serde_json::from_str(r#""teleport""#).unwrap();
         assert_eq!(unknown, EntryKind::Unknown);

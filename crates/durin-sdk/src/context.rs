@@ -6,14 +6,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use durin_protocol::ParentClose;
 use durin_protocol::{
-    AppendRequest, AppendResponse, Completion, EntryKind, EntryRef, Failure, InvocationRequest,
-    JournalEntry, Outcome, RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
+    AppendRequest, AppendResponse, Completion, EntryKind, EntryRef, Failure, GatewayFrame,
+    InvocationRequest, JournalEntry, Outcome, RetryPolicy, HEADER_ATTEMPT, HEADER_ATTEMPT_TOKEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{HandlerError, Kind};
+use crate::stream::AttemptStream;
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
 type Validator = Arc<dyn Fn(&Value) -> Result<(), HandlerError> + Send + Sync>;
@@ -188,6 +189,8 @@ struct Inner {
     /// with the outcome (see [`Context::keep`]).
     keeps_back: bool,
     http: reqwest::Client,
+    /// Version 6: appends go on the attempt's own stream instead of a call each.
+    stream: Option<Arc<AttemptStream>>,
     state: Mutex<ReplayState>,
     /// The durable state as the handler sees it: its key's (a keyed handler), with the
     /// `set`s and `clear`s it has made so far on top.
@@ -227,8 +230,28 @@ enum Replayed {
     New,
 }
 
+/// What became of one sending of an append.
+enum Delivered {
+    Appended(AppendResponse),
+    /// The gateway refused it, with this HTTP status.
+    Refused {
+        status: u16,
+        detail: String,
+    },
+    /// The gateway's answer is not an append response.
+    Unreadable(String),
+    /// The gateway could not be reached.
+    Unreachable(String),
+    /// The attempt's stream ended first: the attempt is over.
+    Gone,
+}
+
 impl Context {
-    pub(crate) fn new(request: &mut InvocationRequest, http: reqwest::Client) -> Context {
+    pub(crate) fn new(
+        request: &mut InvocationRequest,
+        http: reqwest::Client,
+        stream: Option<Arc<AttemptStream>>,
+    ) -> Context {
         let journal = std::mem::take(&mut request.journal);
         let next_index = journal.last().map(|e| e.index + 1).unwrap_or(1);
         // Egress entries are matched by the gateway, not replayed by the cursor.
@@ -251,6 +274,7 @@ impl Context {
                 keeps_back: request.protocol >= durin_protocol::TRAILING_ENTRIES_VERSION
                     && !request.replay,
                 http,
+                stream,
                 values: Mutex::new(request.key_state.take().unwrap_or_default()),
                 state: Mutex::new(ReplayState {
                     start_seq: journal
@@ -1255,25 +1279,8 @@ impl Context {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
-            let sent = self
-                .inner
-                .http
-                .post(&self.inner.entries_url)
-                .header(HEADER_ATTEMPT, self.inner.attempt)
-                .header(HEADER_ATTEMPT_TOKEN, &self.inner.attempt_token)
-                .json(&request)
-                .send()
-                .await;
-            let problem = match sent {
-                Ok(response) if response.status().is_success() => {
-                    let answer: AppendResponse = match response.json().await {
-                        Ok(answer) => answer,
-                        Err(e) => {
-                            return Err(self.end_attempt(format!(
-                            "the gateway's answer to entry {index} is not an append response: {e}"
-                        )))
-                        }
-                    };
+            let problem = match self.deliver(&request).await {
+                Delivered::Appended(answer) => {
                     let mut state = self.lock();
                     state.next_index = state.next_index.max(index + 1);
                     state.appended = true;
@@ -1284,21 +1291,33 @@ impl Context {
                     state.position_since_ms = Some(answer.at_ms);
                     return Ok(answer);
                 }
-                Ok(response) if response.status().is_server_error() => {
-                    format!("the gateway answered {}", response.status())
+                Delivered::Unreadable(e) => {
+                    return Err(self.end_attempt(format!(
+                        "the gateway's answer to entry {index} is not an append response: {e}"
+                    )))
                 }
-                Ok(response) if response.status() == reqwest::StatusCode::CONFLICT => {
+                Delivered::Gone => {
+                    // The gateway went away, or ended the attempt (a timeout): whoever runs
+                    // the invocation next does so in a new attempt, which fences this one.
+                    return Err(self.end_attempt(format!(
+                        "the attempt's stream ended before entry {index} was acknowledged"
+                    )));
+                }
+                Delivered::Refused { status, detail } if status >= 500 => {
+                    format!("the gateway answered {status}: {detail}")
+                }
+                Delivered::Refused {
+                    status: 409,
+                    detail,
+                } => {
                     // A newer attempt owns the journal: this one may not write any more.
-                    let detail = response.text().await.unwrap_or_default();
                     return Err(self.end_attempt(format!(
                         "the gateway refused entry {index} (409): {detail}"
                     )));
                 }
-                Ok(response) => {
+                Delivered::Refused { status, detail } => {
                     // Refused for good (too large, malformed): running the step again would
                     // repeat its side effect for nothing, so the invocation fails.
-                    let status = response.status();
-                    let detail = response.text().await.unwrap_or_default();
                     let failure = Failure {
                         status: 500,
                         error_type: Some("JournalRefused".into()),
@@ -1310,13 +1329,47 @@ impl Context {
                     });
                     return Err(HandlerError::abort(failure.message));
                 }
-                Err(e) => format!("the gateway is unreachable: {e}"),
+                Delivered::Unreachable(e) => format!("the gateway is unreachable: {e}"),
             };
             if started.elapsed() >= APPEND_PATIENCE {
                 return Err(self.end_attempt(format!("could not append entry {index}: {problem}")));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Sends `request` once, on the attempt's stream or to the context API.
+    async fn deliver(&self, request: &AppendRequest) -> Delivered {
+        if let Some(stream) = &self.inner.stream {
+            return match stream.append(request).await {
+                Ok(GatewayFrame::Appended(answer)) => Delivered::Appended(answer),
+                Ok(GatewayFrame::Refused(refusal)) => Delivered::Refused {
+                    status: refusal.status,
+                    detail: refusal.detail,
+                },
+                Err(crate::stream::Gone) => Delivered::Gone,
+            };
+        }
+        let sent = self
+            .inner
+            .http
+            .post(&self.inner.entries_url)
+            .header(HEADER_ATTEMPT, self.inner.attempt)
+            .header(HEADER_ATTEMPT_TOKEN, &self.inner.attempt_token)
+            .json(request)
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => match response.json().await {
+                Ok(answer) => Delivered::Appended(answer),
+                Err(e) => Delivered::Unreadable(e.to_string()),
+            },
+            Ok(response) => Delivered::Refused {
+                status: response.status().as_u16(),
+                detail: response.text().await.unwrap_or_default(),
+            },
+            Err(e) => Delivered::Unreachable(e.to_string()),
         }
     }
 
@@ -1478,7 +1531,7 @@ mod tests {
             journal,
             "http://127.0.0.1:1/v1/contexts/inv_x".into(),
         );
-        Context::new(&mut request, reqwest::Client::new())
+        Context::new(&mut request, reqwest::Client::new(), None)
     }
 
     /// An invocation request of `inv_x` for `attempt`, with `journal` after its input.
@@ -1538,7 +1591,7 @@ mod tests {
     /// A first attempt with an empty journal, whose context API is at `context_url`.
     fn live(protocol: u32, context_url: String) -> Context {
         let mut request = request(protocol, 1, Vec::new(), context_url);
-        Context::new(&mut request, reqwest::Client::new())
+        Context::new(&mut request, reqwest::Client::new(), None)
     }
 
     /// Version 5: a step's result is on the gateway's disk before the next step's code

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +16,7 @@ use base64::Engine as _;
 use durin_protocol::{
     Discovery, EntryKind, HandlerSpec, InvocationRequest, KeySpec, Outcome, RetryPolicy,
     ServiceKind, ServiceSpec, HEADER_SIGNATURE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    SIGNATURE_VERSION,
+    SIGNATURE_VERSION, STREAM_CONTENT_TYPE, STREAM_VERSION,
 };
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
@@ -124,6 +123,8 @@ pub struct Endpoint {
     verifier: Option<VerifyingKey>,
     /// The largest invocation request accepted.
     max_request_bytes: usize,
+    /// Whether Durin may stream attempts (protocol 6), or calls once per attempt.
+    streaming: bool,
 }
 
 /// The default bound on an invocation request: above what Durin sends at its default
@@ -136,6 +137,7 @@ impl Default for Endpoint {
             services: Vec::new(),
             verifier: None,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            streaming: true,
         }
     }
 }
@@ -144,6 +146,9 @@ impl Default for Endpoint {
 struct EndpointState {
     http: reqwest::Client,
     verifier: Option<Arc<VerifyingKey>>,
+    /// An invocation request carries the whole journal, which can be larger than axum's
+    /// default 2 MB limit.
+    max_request_bytes: usize,
 }
 
 /// How far a signature's time may be from this clock (a replay of an old request is
@@ -181,6 +186,17 @@ impl Endpoint {
         self
     }
 
+    /// Whether Durin streams each attempt over HTTP/2 (protocol 6, the default): the
+    /// appends travel on the invocation's own exchange. Turn it off for a deployment that
+    /// Durin reaches through something that holds a request until its body ends (a
+    /// buffering proxy, a serverless platform) or that cannot speak HTTP/2 without TLS:
+    /// the deployment then declares protocol 5, and Durin sends each attempt in one body
+    /// and takes each append as a call of its own.
+    pub fn streaming(mut self, on: bool) -> Endpoint {
+        self.streaming = on;
+        self
+    }
+
     pub fn service(mut self, service: Service) -> Endpoint {
         self.services.push(service);
         self
@@ -189,7 +205,11 @@ impl Endpoint {
     /// The discovery document this endpoint serves.
     pub fn discovery(&self) -> Discovery {
         Discovery {
-            protocol: PROTOCOL_VERSION,
+            protocol: if self.streaming {
+                PROTOCOL_VERSION
+            } else {
+                STREAM_VERSION - 1
+            },
             services: self
                 .services
                 .iter()
@@ -208,6 +228,7 @@ impl Endpoint {
         let state = EndpointState {
             http: reqwest::Client::new(),
             verifier: self.verifier.map(Arc::new),
+            max_request_bytes: self.max_request_bytes,
         };
         let mut router = Router::new().route(
             "/discover",
@@ -222,21 +243,14 @@ impl Endpoint {
                 router = router.route(
                     &path,
                     post(
-                        move |state: State<EndpointState>,
-                              headers: HeaderMap,
-                              uri: Uri,
-                              body: Bytes| {
-                            invoke(state, Arc::clone(&handler), headers, uri, body)
+                        move |state: State<EndpointState>, request: axum::extract::Request| {
+                            invoke(state, Arc::clone(&handler), request)
                         },
                     ),
                 );
             }
         }
-        // An invocation request carries the whole journal, which can be larger than axum's
-        // default 2 MB limit.
-        router
-            .layer(axum::extract::DefaultBodyLimit::max(self.max_request_bytes))
-            .with_state(state)
+        router.with_state(state)
     }
 
     /// Serves until the process ends.
@@ -324,41 +338,109 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// An invocation: in one JSON body, or streamed (version 6: the body's first line, then
+/// Durin's answers to the appends, which go as lines of the answer with the outcome last).
 async fn invoke(
     State(state): State<EndpointState>,
     handler: BoxedHandler,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
+    let (parts, body) = request.into_parts();
+    let streamed = parts
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(STREAM_CONTENT_TYPE));
+    let (body, rest) = if streamed {
+        let mut stream = body.into_data_stream();
+        match crate::stream::first_line(&mut stream, state.max_request_bytes).await {
+            Ok((first, rest)) => (first, Some((stream, rest))),
+            Err(refused) => return refused.into_response(),
+        }
+    } else {
+        match axum::body::to_bytes(body, state.max_request_bytes).await {
+            Ok(body) => (body, None),
+            Err(e) => {
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the invocation request could not be read: {e}"),
+                )
+                    .into_response()
+            }
+        }
+    };
+    let mut request = match accepted(&state, &parts.headers, &parts.uri, &body) {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
+    let input = std::mem::take(&mut request.input);
+    let Some((body, rest)) = rest else {
+        let ctx = Context::new(&mut request, state.http, None);
+        let result = handler(ctx.clone(), input).await;
+        let outcome: Outcome = ctx.finish(result).await;
+        return Json(outcome).into_response();
+    };
+    let (stream, answer) = crate::stream::AttemptStream::new();
+    let stream = Arc::new(stream);
+    let reader = Arc::clone(&stream);
+    let ctx = Context::new(&mut request, state.http, Some(Arc::clone(&stream)));
+    let running = tokio::spawn(async move {
+        let result = handler(ctx.clone(), input).await;
+        let outcome: Outcome = ctx.finish(result).await;
+        stream.finish(&outcome);
+    });
+    // Durin ends its side once it has the outcome, or when the attempt is over for it (its
+    // timeout, its own end): a handler still running then is stopped, as a handler whose
+    // caller hangs up is, so that it starts nothing for an attempt that is gone.
+    let running = running.abort_handle();
+    tokio::spawn(async move {
+        reader.read_answers(body, rest).await;
+        running.abort();
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, STREAM_CONTENT_TYPE)],
+        answer,
+    )
+        .into_response()
+}
+
+/// The invocation request in `body`, once its signature, version and journal are
+/// checked; or the answer that refuses it.
+#[allow(clippy::result_large_err)]
+fn accepted(
+    state: &EndpointState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: &[u8],
+) -> Result<InvocationRequest, Response> {
     if let Some(key) = &state.verifier {
-        if let Err(why) = verify(key, &headers, uri.path(), &body, now_ms()) {
-            return (
+        if let Err(why) = verify(key, headers, uri.path(), body, now_ms()) {
+            return Err((
                 StatusCode::UNAUTHORIZED,
                 format!("not a request signed by Durin: {why}"),
             )
-                .into_response();
+                .into_response());
         }
     }
-    let mut request: InvocationRequest = match serde_json::from_slice(&body) {
+    let request: InvocationRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(e) => {
-            return (
+            return Err((
                 StatusCode::BAD_REQUEST,
                 format!("not a Durin invocation request: {e}"),
             )
-                .into_response()
+                .into_response())
         }
     };
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&request.protocol) {
-        return (
+        return Err((
             StatusCode::BAD_REQUEST,
             format!(
                 "protocol version {} is not supported; this SDK speaks {PROTOCOL_VERSION}",
                 request.protocol
             ),
         )
-            .into_response();
+            .into_response());
     }
     // A kind this SDK does not know comes from a newer gateway or SDK: replaying past it
     // would be a guess, and failing for good would lose the invocation during a rolling
@@ -368,7 +450,7 @@ async fn invoke(
         .iter()
         .find(|e| e.kind == EntryKind::Unknown)
     {
-        return Json(Outcome::Retry {
+        return Err(Json(Outcome::Retry {
             error: format!(
                 "journal entry {} has a kind this SDK does not know (protocol {PROTOCOL_VERSION}); deploy a newer SDK",
                 entry.index
@@ -377,13 +459,9 @@ async fn invoke(
             retry_after_ms: None,
             step: None,
         })
-        .into_response();
+        .into_response());
     }
-    let input = std::mem::take(&mut request.input);
-    let ctx = Context::new(&mut request, state.http);
-    let result = handler(ctx.clone(), input).await;
-    let outcome: Outcome = ctx.finish(result).await;
-    Json(outcome).into_response()
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -393,6 +471,17 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
+
+    /// A deployment that does not stream declares the version before streaming, so that
+    /// Durin sends it each attempt in one body.
+    #[test]
+    fn streaming_is_declared_by_the_version() {
+        assert_eq!(Endpoint::new().discovery().protocol, STREAM_VERSION);
+        assert_eq!(
+            Endpoint::new().streaming(false).discovery().protocol,
+            STREAM_VERSION - 1
+        );
+    }
 
     /// A journal entry of a kind this SDK does not know (a newer gateway) is answered with a
     /// retryable outcome naming the problem, never a terminal failure, and the handler does

@@ -33,12 +33,17 @@
 //! suspended and Durin calls the handler again when it has. `ctx.set(key, value)` keeps
 //! durable state that queries read without calling the handler.
 //!
+//! Version 6 streams the attempt: Durin calls the handler over HTTP/2 (the endpoint serves
+//! it without TLS, as it serves HTTP/1.1), and every append and its acknowledgement travel
+//! as lines of that one exchange instead of a call to the gateway each.
+//!
 //! Steps of one invocation run one after the other: a handler must not run two `ctx` calls
 //! concurrently, because the order of the journal must not depend on timing.
 
 mod context;
 mod endpoint;
 mod error;
+mod stream;
 
 pub use context::{Awakeable, Context, ParentClose, RunOptions, Waitable};
 pub use durin_protocol::{KeySpec, RetryPolicy};
