@@ -151,16 +151,14 @@ impl Engine {
                     key_state,
                 })
                 .unwrap_or_default();
-                let request = match appender {
-                    Some(_) => self
-                        .http2
-                        .post(&endpoint)
-                        .header(reqwest::header::CONTENT_TYPE, STREAM_CONTENT_TYPE),
-                    None => self
-                        .http
-                        .post(&endpoint)
-                        .header(reqwest::header::CONTENT_TYPE, "application/json"),
+                let content_type = match appender {
+                    Some(_) => STREAM_CONTENT_TYPE,
+                    None => "application/json",
                 };
+                let request = self
+                    .http
+                    .post(&endpoint)
+                    .header(reqwest::header::CONTENT_TYPE, content_type);
                 (request, body)
             }
             // A plain handler gets the caller's request as it came.

@@ -90,9 +90,6 @@ pub struct Engine {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
-    /// Streamed attempts: HTTP/2 without negotiation (`h2c`), whose streams carry frames
-    /// both ways at once.
-    http2: reqwest::Client,
     appender: std::sync::OnceLock<Arc<dyn StreamAppender>>,
     config: EngineConfig,
     waiters: Waiters,
@@ -132,13 +129,6 @@ impl Engine {
             // A redirect is not followed: it would turn the invocation into a GET, or carry
             // the attempt's token to another host.
             http: reqwest::Client::builder()
-                .pool_idle_timeout(Duration::from_secs(30))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default(),
-            http2: reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .http2_adaptive_window(true)
                 .pool_idle_timeout(Duration::from_secs(30))
                 .redirect(reqwest::redirect::Policy::none())
                 .build()

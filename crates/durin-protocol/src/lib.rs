@@ -28,8 +28,8 @@
 //! output or terminal failure ([`Outcome::Output::entries`]): the gateway appends them and
 //! records the end in one transaction, which saves the handler an exchange and the gateway
 //! a commit per invocation.
-//! Version 6 streams the attempt ([`STREAM_VERSION`]): one HTTP/2 exchange carries the
-//! invocation request, every append and its acknowledgement, and the outcome, as
+//! Version 6 streams the attempt ([`STREAM_VERSION`]): one exchange, both of whose bodies
+//! stream at once (HTTP/1.1 chunked both ways), carries the invocation request, every append and its acknowledgement, and the outcome, as
 //! newline-delimited JSON frames ([`HandlerFrame`], [`GatewayFrame`]), instead of an
 //! exchange per append. The gateway streams when the deployment speaks version 6; a
 //! request in plain JSON (a replay) is still answered as before.

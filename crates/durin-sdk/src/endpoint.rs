@@ -186,11 +186,11 @@ impl Endpoint {
         self
     }
 
-    /// Whether Durin streams each attempt over HTTP/2 (protocol 6, the default): the
-    /// appends travel on the invocation's own exchange. Turn it off for a deployment that
-    /// Durin reaches through something that holds a request until its body ends (a
-    /// buffering proxy, a serverless platform) or that cannot speak HTTP/2 without TLS:
-    /// the deployment then declares protocol 5, and Durin sends each attempt in one body
+    /// Whether Durin streams each attempt (protocol 6, the default): the appends travel on
+    /// the invocation's own exchange, whose request and answer stay open together. Turn it
+    /// off for a deployment that Durin reaches through something that holds a request
+    /// until its body ends (a buffering proxy, a serverless platform): the deployment then
+    /// declares protocol 5, and Durin sends each attempt in one body
     /// and takes each append as a call of its own.
     pub fn streaming(mut self, on: bool) -> Endpoint {
         self.streaming = on;

@@ -33,9 +33,9 @@
 //! suspended and Durin calls the handler again when it has. `ctx.set(key, value)` keeps
 //! durable state that queries read without calling the handler.
 //!
-//! Version 6 streams the attempt: Durin calls the handler over HTTP/2 (the endpoint serves
-//! it without TLS, as it serves HTTP/1.1), and every append and its acknowledgement travel
-//! as lines of that one exchange instead of a call to the gateway each.
+//! Version 6 streams the attempt: the handler answers Durin's call at once and, while
+//! Durin's request and the answer both stay open, every append and its acknowledgement
+//! travel as lines of that one exchange instead of a call to the gateway each.
 //!
 //! Steps of one invocation run one after the other: a handler must not run two `ctx` calls
 //! concurrently, because the order of the journal must not depend on timing.

@@ -1,4 +1,4 @@
-//! A streamed attempt (protocol 6): the invocation's own HTTP/2 exchange carries the
+//! A streamed attempt (protocol 6): the invocation's own exchange carries the
 //! handler's appends, as lines of its answer, and Durin's acknowledgements, as lines of
 //! its request, in the same order. An append waits for the acknowledgement of its line.
 
