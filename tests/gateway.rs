@@ -1548,6 +1548,43 @@ async fn a_steps_start_to_close_ends_a_hung_try() {
     gateway.stop().await;
 }
 
+/// An attempt that outlives its `start_to_close` is over for Durin, which ends its stream
+/// (protocol 6): the SDK stops the handler there, as a handler whose caller hung up is, so
+/// what attempt 1 would have done after its long wait never happens; attempt 2 does it.
+#[tokio::test]
+async fn a_handler_whose_attempt_timed_out_is_stopped() {
+    let gateway = Gateway::start(|_| {}).await;
+    let after = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&after);
+    let endpoint = Endpoint::new().service(Service::new("late").handler_with(
+        "run",
+        HandlerOptions {
+            start_to_close: Some(Duration::from_millis(300)),
+            retry_policy: Some(fast_policy(2)),
+            ..HandlerOptions::default()
+        },
+        move |ctx: Context, _: Value| {
+            let counter = Arc::clone(&counter);
+            async move {
+                if ctx.attempt() == 1 {
+                    // The handler's own work, not a step: nothing asks Durin before it ends.
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(ctx.attempt())
+            }
+        },
+    ));
+    register(&gateway.admin, &serve(endpoint.router()).await).await;
+    let r = gateway.post("/v1/call/late/run", "null").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), 2);
+    // Long after attempt 1's wait would have ended.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(after.load(Ordering::SeqCst), 1, "only attempt 2 got past the wait");
+    gateway.stop().await;
+}
+
 /// A step's own `schedule_to_close` bounds all its tries, across attempts: a step that
 /// keeps failing (its policy would try for ever) fails for good once it has tried for
 /// longer, named after the timeout, and the handler gets that failure.
