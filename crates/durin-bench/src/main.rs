@@ -4,7 +4,8 @@
 //! languages and without any:
 //!
 //! - **order3** (`--scenario sdk`): the `order` example, written with the Rust SDK, in a
-//!   process of its own; its three steps are journaled through the context API.
+//!   process of its own; its three steps are journaled on the attempt's own exchange
+//!   (protocol 6, a streamed attempt).
 //! - **order3-python** (`--scenario python-sdk`): `order/process3` of the Python SDK's
 //!   example (`sdks/python/examples/order.py`), three `ctx.step`s and no egress call, run by
 //!   `python3 -B` in a process of its own.
@@ -752,7 +753,7 @@ fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         .runtime
         .block_on(interruptible(measure(setup, &target)))?;
     let mut description =
-        "the SDK example `order` in its own process, three steps journaled through the context API"
+        "the SDK example `order` in its own process, three steps journaled on the attempt's stream (protocol 6)"
             .to_owned();
     if let Some(n) = postgres_nodes {
         description.push_str(&format!(
