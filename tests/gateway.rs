@@ -1581,7 +1581,11 @@ async fn a_handler_whose_attempt_timed_out_is_stopped() {
     assert_eq!(r.json::<Value>().await.unwrap(), 2);
     // Long after attempt 1's wait would have ended.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert_eq!(after.load(Ordering::SeqCst), 1, "only attempt 2 got past the wait");
+    assert_eq!(
+        after.load(Ordering::SeqCst),
+        1,
+        "only attempt 2 got past the wait"
+    );
     gateway.stop().await;
 }
 

@@ -218,10 +218,12 @@ impl Engine {
         // covers; the answers to its appends follow on the same request body.
         let (request, frames) = match appender {
             Some(_) => {
-                let (frames, lines) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+                // Unbounded, so that a handler slow to read never holds up the loop that
+                // reads its lines (the journal's limits bound what it may append).
+                let (frames, lines) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
                 let mut first = body;
                 first.push(b'\n');
-                let _ = frames.try_send(first);
+                let _ = frames.send(first);
                 let lines = futures_util::stream::unfold(lines, |mut lines| async move {
                     let line = lines.recv().await?;
                     Some((Ok::<_, std::convert::Infallible>(line), lines))
@@ -310,7 +312,7 @@ impl Engine {
         record: &InvocationRecord,
         appender: &dyn super::StreamAppender,
         mut response: reqwest::Response,
-        frames: tokio::sync::mpsc::Sender<Vec<u8>>,
+        frames: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
         timeout: std::time::Duration,
     ) -> HandlerAnswer {
         let endpoint = response.url().to_string();
@@ -322,10 +324,14 @@ impl Engine {
             ))
         };
         let mut buffer: Vec<u8> = Vec::new();
+        // How much of `buffer` holds no newline: a long line is searched once, not once
+        // per chunk.
+        let mut searched = 0;
         let mut ended = false;
         loop {
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
+            while let Some(end) = buffer[searched..].iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=searched + end).collect();
+                searched = 0;
                 let line = line.trim_ascii();
                 if line.is_empty() {
                     continue;
@@ -340,7 +346,15 @@ impl Engine {
                     }
                 };
                 let request = match frame {
-                    HandlerFrame::Outcome(outcome) => return HandlerAnswer::Outcome(outcome),
+                    HandlerFrame::Outcome(outcome) => {
+                        // Both bodies read to their ends, so the connection serves the next
+                        // attempt; the handler ends its answer after the outcome.
+                        drop(frames);
+                        tokio::spawn(
+                            async move { while let Ok(Some(_)) = response.chunk().await {} },
+                        );
+                        return HandlerAnswer::Outcome(outcome);
+                    }
                     HandlerFrame::Append(request) => request,
                 };
                 let answer = match appender
@@ -354,8 +368,9 @@ impl Engine {
                 answer.push(b'\n');
                 // A handler that stopped reading learns nothing more; its outcome may still
                 // come.
-                let _ = frames.send(answer).await;
+                let _ = frames.send(answer);
             }
+            searched = buffer.len();
             if ended {
                 return violation("ended without an outcome".into());
             }

@@ -79,9 +79,12 @@ impl AttemptStream {
         mut body: axum::body::BodyDataStream,
         mut rest: Vec<u8>,
     ) {
+        // How much of `rest` holds no newline.
+        let mut searched = 0;
         loop {
-            while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = rest.drain(..=end).collect();
+            while let Some(end) = rest[searched..].iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = rest.drain(..=searched + end).collect();
+                searched = 0;
                 let line = line.trim_ascii();
                 if line.is_empty() {
                     continue;
@@ -98,6 +101,7 @@ impl AttemptStream {
                     let _ = waiter.send(frame);
                 }
             }
+            searched = rest.len();
             match body.next().await {
                 Some(Ok(chunk)) => rest.extend_from_slice(&chunk),
                 Some(Err(_)) | None => break,
@@ -128,8 +132,14 @@ pub(crate) async fn first_line(
     limit: usize,
 ) -> Result<(Bytes, Vec<u8>), (StatusCode, String)> {
     let mut read: Vec<u8> = Vec::new();
+    // How much of `read` holds no newline: a journal of many chunks is searched once.
+    let mut searched = 0;
     loop {
-        let end = read.iter().position(|b| *b == b'\n');
+        let end = read[searched..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|end| searched + end);
+        searched = read.len();
         if read.len().min(end.unwrap_or(usize::MAX)) > limit {
             return Err((
                 StatusCode::PAYLOAD_TOO_LARGE,
