@@ -527,7 +527,7 @@ async fn entries_that_come_with_the_outcome_are_appended_with_the_end() {
 /// answer's lines out.
 struct RawStream {
     request: axum::body::BodyDataStream,
-    read: Vec<u8>,
+    read: durin_protocol::Lines,
     answer: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 }
 
@@ -551,7 +551,7 @@ impl RawStream {
             .unwrap();
         let stream = RawStream {
             request: request.into_body().into_data_stream(),
-            read: Vec::new(),
+            read: durin_protocol::Lines::default(),
             answer: Some(answer),
         };
         (stream, response)
@@ -561,12 +561,11 @@ impl RawStream {
     async fn line(&mut self) -> Option<Value> {
         use futures_util::StreamExt;
         loop {
-            if let Some(end) = self.read.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.read.drain(..=end).collect();
+            if let Some(line) = self.read.next_line() {
                 return Some(serde_json::from_slice(&line).unwrap());
             }
             match self.request.next().await {
-                Some(Ok(chunk)) => self.read.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => self.read.push(&chunk),
                 Some(Err(_)) | None => return None,
             }
         }
@@ -592,6 +591,7 @@ impl RawStream {
 /// attempt that runs out of time has its request ended, so the handler learns it is over.
 #[tokio::test]
 async fn a_streamed_attempt_carries_its_appends_and_its_outcome() {
+    use axum::response::IntoResponse;
     let gateway = Gateway::start(|_| {}).await;
     let discovery = json!({"protocol": 6, "services": [{"name": "raw", "handlers": [
         {"name": "run", "retry_policy": {"initial_interval": "10ms", "maximum_attempts": 3}},
@@ -652,7 +652,6 @@ async fn a_streamed_attempt_carries_its_appends_and_its_outcome() {
             response
         }
     };
-    use axum::response::IntoResponse;
     let url = serve(
         axum::Router::new()
             .route(

@@ -3,8 +3,8 @@
 //! plain one) and what its answer means, before any policy is applied.
 
 use durin_protocol::{
-    EntryKind, Failure, HandlerFrame, InvocationRequest, JournalEntry, Outcome, SignedHeaders,
-    HEADER_SIGNATURE, STREAM_CONTENT_TYPE, STREAM_VERSION,
+    EntryKind, Failure, HandlerFrame, InvocationRequest, JournalEntry, Lines, Outcome,
+    SignedHeaders, HEADER_SIGNATURE, STREAM_CONTENT_TYPE, STREAM_VERSION,
 };
 
 use super::Engine;
@@ -323,15 +323,10 @@ impl Engine {
                 Some("ProtocolViolation".into()),
             ))
         };
-        let mut buffer: Vec<u8> = Vec::new();
-        // How much of `buffer` holds no newline: a long line is searched once, not once
-        // per chunk.
-        let mut searched = 0;
+        let mut lines = Lines::default();
         let mut ended = false;
         loop {
-            while let Some(end) = buffer[searched..].iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=searched + end).collect();
-                searched = 0;
+            while let Some(line) = lines.next_line() {
                 let line = line.trim_ascii();
                 if line.is_empty() {
                     continue;
@@ -369,20 +364,19 @@ impl Engine {
                 // come.
                 let _ = frames.send(answer);
             }
-            searched = buffer.len();
             if ended {
                 return violation("ended without an outcome".into());
             }
-            if buffer.len() > MAX_HANDLER_RESPONSE_BYTES {
+            if lines.pending() > MAX_HANDLER_RESPONSE_BYTES {
                 return violation(format!(
                     "sent a line longer than {MAX_HANDLER_RESPONSE_BYTES} bytes"
                 ));
             }
             match response.chunk().await {
-                Ok(Some(chunk)) => buffer.extend_from_slice(&chunk),
+                Ok(Some(chunk)) => lines.push(&chunk),
                 // The last line may lack its newline.
                 Ok(None) => {
-                    buffer.push(b'\n');
+                    lines.end();
                     ended = true;
                 }
                 Err(e) if e.is_timeout() => return self.unanswered(record, &endpoint, timeout, &e),

@@ -979,6 +979,46 @@ pub enum GatewayFrame {
     Refused(Refusal),
 }
 
+/// The lines of a streamed body as its chunks come (version 6): both sides of a streamed
+/// attempt read their peer's lines with it. A line that spans many chunks is searched for
+/// its end once, not once per chunk.
+#[derive(Debug, Default)]
+pub struct Lines {
+    read: Vec<u8>,
+    /// How much of `read` is known to hold no newline.
+    searched: usize,
+}
+
+impl Lines {
+    /// Adds the next chunk of the body.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.read.extend_from_slice(chunk);
+    }
+
+    /// The next complete line, without its newline.
+    pub fn next_line(&mut self) -> Option<Vec<u8>> {
+        let Some(at) = self.read[self.searched..].iter().position(|b| *b == b'\n') else {
+            self.searched = self.read.len();
+            return None;
+        };
+        let mut line: Vec<u8> = self.read.drain(..=self.searched + at).collect();
+        line.pop();
+        self.searched = 0;
+        Some(line)
+    }
+
+    /// The bytes held that belong to no complete line yet (all of them, once
+    /// [`Lines::next_line`] has answered `None`).
+    pub fn pending(&self) -> usize {
+        self.read.len()
+    }
+
+    /// The body has ended: what is held is its last line, which may lack its newline.
+    pub fn end(&mut self) {
+        self.read.push(b'\n');
+    }
+}
+
 /// Why the gateway refused an append on a streamed attempt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Refusal {
@@ -1063,6 +1103,25 @@ mod tests {
                 .unwrap();
         assert_eq!(policy.initial_interval, Duration::from_millis(250));
         assert_eq!(policy.backoff_coefficient, 2.0);
+    }
+
+    /// Lines come out whole however the chunks cut them, and an unended last line comes
+    /// out once the body ends.
+    #[test]
+    fn lines_are_split_across_chunks() {
+        let mut lines = Lines::default();
+        lines.push(b"{\"a\"");
+        assert_eq!(lines.next_line(), None);
+        assert_eq!(lines.pending(), 4);
+        lines.push(b":1}\n\n{\"b\":");
+        assert_eq!(lines.next_line().as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(lines.next_line().as_deref(), Some(&b""[..]));
+        assert_eq!(lines.next_line(), None);
+        lines.push(b"2}");
+        assert_eq!(lines.next_line(), None);
+        lines.end();
+        assert_eq!(lines.next_line().as_deref(), Some(&b"{\"b\":2}"[..]));
+        assert_eq!(lines.next_line(), None);
     }
 
     /// The signed bytes, exactly as the handler protocol documents them (verifiers in

@@ -7,16 +7,16 @@ use std::sync::Mutex;
 
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
-use durin_protocol::{AppendRequest, GatewayFrame, HandlerFrame, Outcome};
+use durin_protocol::{AppendRequest, GatewayFrame, HandlerFrame, Lines, Outcome};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 /// The lines an attempt sends, and the appends that wait for Durin's answer.
 pub(crate) struct AttemptStream {
-    state: Mutex<Lines>,
+    state: Mutex<Sending>,
 }
 
-struct Lines {
+struct Sending {
     /// The answer's body; `None` once the outcome went.
     out: Option<mpsc::UnboundedSender<Bytes>>,
     /// One per append sent and not yet answered, oldest first.
@@ -37,7 +37,7 @@ impl AttemptStream {
             Some((Ok::<_, std::convert::Infallible>(line), lines))
         });
         let stream = AttemptStream {
-            state: Mutex::new(Lines {
+            state: Mutex::new(Sending {
                 out: Some(out),
                 waiting: VecDeque::new(),
             }),
@@ -45,7 +45,7 @@ impl AttemptStream {
         (stream, Body::from_stream(lines))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lines> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sending> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -77,14 +77,10 @@ impl AttemptStream {
     pub(crate) async fn read_answers(
         &self,
         mut body: axum::body::BodyDataStream,
-        mut rest: Vec<u8>,
+        mut lines: Lines,
     ) {
-        // How much of `rest` holds no newline.
-        let mut searched = 0;
         loop {
-            while let Some(end) = rest[searched..].iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = rest.drain(..=searched + end).collect();
-                searched = 0;
+            while let Some(line) = lines.next_line() {
                 let line = line.trim_ascii();
                 if line.is_empty() {
                     continue;
@@ -101,9 +97,8 @@ impl AttemptStream {
                     let _ = waiter.send(frame);
                 }
             }
-            searched = rest.len();
             match body.next().await {
-                Some(Ok(chunk)) => rest.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => lines.push(&chunk),
                 Some(Err(_)) | None => break,
             }
         }
@@ -125,34 +120,26 @@ fn line<T: serde::Serialize>(frame: &T) -> Bytes {
 }
 
 /// Reads the first line of a streamed request (the invocation request), at most `limit`
-/// bytes: the line and what came after it. `Err` says why it could not be read, with the
-/// status to answer.
+/// bytes: the line and the lines that came after it. `Err` says why it could not be read,
+/// with the status to answer.
 pub(crate) async fn first_line(
     body: &mut axum::body::BodyDataStream,
     limit: usize,
-) -> Result<(Bytes, Vec<u8>), (StatusCode, String)> {
-    let mut read: Vec<u8> = Vec::new();
-    // How much of `read` holds no newline: a journal of many chunks is searched once.
-    let mut searched = 0;
+) -> Result<(Bytes, Lines), (StatusCode, String)> {
+    let mut lines = Lines::default();
     loop {
-        let end = read[searched..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map(|end| searched + end);
-        searched = read.len();
-        if read.len().min(end.unwrap_or(usize::MAX)) > limit {
+        let first = lines.next_line();
+        if first.as_ref().map_or(lines.pending(), Vec::len) > limit {
             return Err((
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the invocation request is larger than {limit} bytes"),
             ));
         }
-        if let Some(end) = end {
-            let rest = read.split_off(end + 1);
-            read.truncate(end);
-            return Ok((Bytes::from(read), rest));
+        if let Some(first) = first {
+            return Ok((Bytes::from(first), lines));
         }
         match body.next().await {
-            Some(Ok(chunk)) => read.extend_from_slice(&chunk),
+            Some(Ok(chunk)) => lines.push(&chunk),
             Some(Err(e)) => {
                 return Err((
                     StatusCode::BAD_REQUEST,
