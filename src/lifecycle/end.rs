@@ -240,9 +240,12 @@ pub async fn end_attempt(
         )
         .await?;
     }
-    let output = match output {
-        Some(output) => Some(record_output(tx, &record, attempt, output, now_ms).await?),
-        None => None,
+    let (output, children) = match output {
+        Some(output) => {
+            let (output, children) = record_output(tx, &record, attempt, output, now_ms).await?;
+            (Some(output), children)
+        }
+        None => (None, Vec::new()),
     };
     let mut closed = Vec::new();
     if record.status.is_final() {
@@ -250,7 +253,7 @@ pub async fn end_attempt(
         if record.status != crate::store::Status::Continued {
             crate::journal::child::complete_parent(tx, &record, output.as_ref(), now_ms).await?;
         }
-        close_children(tx, id, now_ms, &mut closed).await?;
+        close_children(tx, id, children, now_ms, &mut closed).await?;
         crate::keys::ended(tx, &record, now_ms).await?;
     }
     Ok((record, output, closed))
@@ -283,14 +286,15 @@ async fn unseen(tx: &mut dyn Tx, id: &str, attempt: u32) -> StoreResult<Option<S
 
 /// The output entry of an invocation that has just ended (its row already counts it in
 /// `journal_len`): its value or failure; its timers go, its unhandled updates are
-/// abandoned, and its idempotency key names it for the retention period from now.
+/// abandoned, and its idempotency key names it for the retention period from now. With
+/// the entry, the invocation's unfinished children and their parent-close policies.
 pub async fn record_output(
     tx: &mut dyn Tx,
     record: &InvocationRecord,
     attempt: u32,
     (value, content_type, failure): Output,
     now_ms: i64,
-) -> StoreResult<StoredEntry> {
+) -> StoreResult<(StoredEntry, Vec<(String, ParentClose)>)> {
     let id = record.id.as_str();
     let entry = StoredEntry {
         index: record.journal_len - 1,
@@ -303,25 +307,24 @@ pub async fn record_output(
         at_ms: now_ms,
         completion: None,
     };
-    tx.insert_entry(id, &entry).await?;
-    tx.delete_timers(id).await?;
-    tx.abandon_updates(id).await?;
+    let children = tx.close_run(id, &entry).await?;
     if record.idempotency_key.is_some() {
         tx.hold_idempotency_keys(id, Some(now_ms)).await?;
     }
-    Ok(entry)
+    Ok((entry, children))
 }
 
-/// Applies the parent-close policies of the unfinished children of `parent`, which has
+/// Applies the parent-close policies of the unfinished `children` of `parent`, which has
 /// just ended: `terminate` ends them at once (into `closed`), `cancel` cancels them (they
 /// compensate), `abandon` leaves them.
 pub async fn close_children(
     tx: &mut dyn Tx,
     parent: &str,
+    children: Vec<(String, ParentClose)>,
     now_ms: i64,
     closed: &mut Closed,
 ) -> StoreResult<()> {
-    for (child, policy) in tx.open_children(parent).await? {
+    for (child, policy) in children {
         match policy {
             ParentClose::Terminate => {
                 let ending = Ending::terminated(format!("its parent {parent} closed"));

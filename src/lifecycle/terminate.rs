@@ -120,7 +120,7 @@ pub async fn end_now(
     if held_key {
         crate::keys::ended(tx, &record, now_ms).await?;
     }
-    let output = super::end::record_output(
+    let (output, children) = super::end::record_output(
         tx,
         &record,
         record.attempt,
@@ -130,10 +130,10 @@ pub async fn end_now(
     .await?;
     crate::journal::child::complete_parent(tx, &record, Some(&output), now_ms).await?;
     ended.push((record.clone(), output));
-    let children = Ending::terminated(ending.children.clone());
-    for (child, policy) in tx.open_children(id).await? {
+    let ending = Ending::terminated(ending.children.clone());
+    for (child, policy) in children {
         if policy != ParentClose::Abandon {
-            Box::pin(end_now(tx, &child, &children, now_ms, ended)).await?;
+            Box::pin(end_now(tx, &child, &ending, now_ms, ended)).await?;
         }
     }
     Ok(record)

@@ -54,6 +54,13 @@ pub struct CommandRow {
     pub wake_at_ms: Option<i64>,
 }
 
+/// The parent-close policy a child's row holds (none: the child is abandoned).
+pub fn parent_close(stored: Option<&str>) -> ParentClose {
+    stored
+        .and_then(ParentClose::parse)
+        .unwrap_or(ParentClose::Abandon)
+}
+
 /// A signal that no wait has taken.
 #[derive(Debug, Clone)]
 pub struct BufferedSignal {
@@ -209,6 +216,15 @@ pub trait Invocations: Send {
     async fn restart_key(&mut self, id: &str) -> StoreResult<Option<String>>;
     /// The unfinished children of `parent` with their parent-close policy.
     async fn open_children(&mut self, parent: &str) -> StoreResult<Vec<(String, ParentClose)>>;
+    /// Closes a run that has just ended: inserts its `output` entry, deletes its timers,
+    /// marks its pending and accepted updates abandoned, and returns its unfinished
+    /// children with their parent-close policy ([`Invocations::open_children`]).
+    /// PostgreSQL does it all in one statement.
+    async fn close_run(
+        &mut self,
+        id: &str,
+        output: &StoredEntry,
+    ) -> StoreResult<Vec<(String, ParentClose)>>;
     /// Unfinished invocations whose `schedule_to_close` deadline passed: `(id, created,
     /// deadline)`.
     async fn past_deadline(
@@ -272,7 +288,6 @@ pub trait Completions: Send {
     /// The timers due by `by_ms`, in order of their wake times.
     async fn due_timers(&mut self, id: &str, by_ms: i64) -> StoreResult<Vec<u32>>;
     async fn delete_timer(&mut self, id: &str, index: u32) -> StoreResult<()>;
-    async fn delete_timers(&mut self, id: &str) -> StoreResult<()>;
 }
 
 /// The `signals` table.
@@ -388,8 +403,6 @@ pub trait Updates: Send {
     ) -> StoreResult<()>;
     /// Whether updates sent since the current attempt started are pending.
     async fn updates_since_attempt(&mut self, run: &str) -> StoreResult<bool>;
-    /// Marks the pending and accepted updates of an ended run abandoned.
-    async fn abandon_updates(&mut self, run: &str) -> StoreResult<()>;
 }
 
 /// The `idempotency_keys` table (keys of calls, sends and starts).

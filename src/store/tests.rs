@@ -1610,6 +1610,75 @@ async fn a_child_that_continues_as_new_answers_its_parent_from_its_last_run(stor
     assert_eq!(parent_again.id, parent.id);
 }
 
+/// A run that ends closes what it leaves: its output entry is written, its timers go (a
+/// timer of an ended run never fires), and its unfinished children follow their
+/// parent-close policy (one statement on PostgreSQL: `Invocations::close_run`).
+async fn a_run_that_ends_closes_its_timers_and_its_children(store: &dyn Store) {
+    let target = target(store).await;
+    let parent = running(store).await;
+    let wake = T0 + 3_600_000;
+    command(
+        store,
+        &parent,
+        EntryKind::Sleep,
+        None,
+        Effect::Timer { wake_at_ms: wake },
+        T0,
+    )
+    .await;
+    let mut children = Vec::new();
+    for (workflow_id, policy) in [("t", ParentClose::Terminate), ("a", ParentClose::Abandon)] {
+        let child = InvocationId::generate();
+        let call = child_call(
+            &target,
+            &child,
+            workflow_id,
+            parent.attempt_token.clone(),
+            policy,
+        );
+        store
+            .append_entry(&parent.id, parent.attempt, call, T0)
+            .await
+            .unwrap();
+        children.push(child);
+    }
+    let ended = end(store, &parent, completed("done"), T0 + 1).await;
+    assert_eq!(ended.status, Status::Completed);
+    let journal = store.read_journal(&parent.id).await.unwrap();
+    let output = journal.last().unwrap();
+    assert_eq!(
+        (output.index, output.kind, output.value.as_deref()),
+        (ended.journal_len - 1, EntryKind::Output, Some(&b"done"[..]))
+    );
+    let id = parent.id.to_string();
+    let timers = store
+        .transact(
+            &id.clone(),
+            Box::new(move |tx| {
+                Box::pin(async move {
+                    let due = tx.due_timers(&id, i64::MAX).await?;
+                    Ok(Box::new(due) as TxOutput)
+                })
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(*timers.downcast::<Vec<u32>>().unwrap(), Vec::<u32>::new());
+    let status = |id: &InvocationId| {
+        let id = id.clone();
+        async move { store.get_invocation(&id).await.unwrap().unwrap().status }
+    };
+    assert_eq!(status(&children[0]).await, Status::Terminated);
+    assert!(
+        !status(&children[1]).await.is_final(),
+        "abandoned, it goes on"
+    );
+    // The only due invocation is the abandoned child: nothing of the parent fires.
+    let claimed = store.claim_due(wake + 1, 10).await.unwrap();
+    let claimed: Vec<_> = claimed.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(claimed, [children[1].clone()]);
+}
+
 /// A workflow id names one live run: a plain handler's child workflow is refused while the
 /// id names a running run, as an SDK's is, and an operator cannot restart a run whose id
 /// now names a later run.
@@ -2261,6 +2330,7 @@ conformance! {
     a_run_does_not_complete_over_a_signal_that_came_while_it_ran,
     continue_as_new_hands_unconsumed_signals_and_keys_to_the_next_run,
     a_child_that_continues_as_new_answers_its_parent_from_its_last_run,
+    a_run_that_ends_closes_its_timers_and_its_children,
     a_workflow_id_names_one_live_run,
     signals_past_the_limits_are_refused => JournalLimits {
         max_entries: 100,

@@ -210,28 +210,38 @@ pub(super) async fn refusal(conn: &mut PgConnection, id: &str, attempt: u32) -> 
     }
 }
 
+/// The insert of a journal entry, on parameters 1 to 9 (see [`bind_entry`]).
+pub(super) const INSERT_ENTRY: &str = "INSERT INTO journal (invocation_id, idx, kind, name, \
+     value, content_type, failure, attempt, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// `query` (which uses [`INSERT_ENTRY`]) with `entry` of invocation `id` bound.
+pub(super) fn bind_entry<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    id: &'q str,
+    entry: &'q StoredEntry,
+) -> StoreResult<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
+    let failure = entry.failure.as_ref().map(to_json).transpose()?;
+    Ok(query
+        .bind(id)
+        .bind(i64::from(entry.index))
+        .bind(entry.kind.as_str())
+        .bind(&entry.name)
+        .bind(&entry.value)
+        .bind(&entry.content_type)
+        .bind(failure)
+        .bind(i64::from(entry.attempt))
+        .bind(entry.at_ms))
+}
+
 pub(super) async fn insert_entry(
     conn: &mut PgConnection,
     id: &str,
     entry: &StoredEntry,
 ) -> StoreResult<()> {
-    let failure = entry.failure.as_ref().map(to_json).transpose()?;
-    sqlx::query(
-        "INSERT INTO journal (invocation_id, idx, kind, name, value, content_type, failure, \
-         attempt, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(id)
-    .bind(i64::from(entry.index))
-    .bind(entry.kind.as_str())
-    .bind(&entry.name)
-    .bind(&entry.value)
-    .bind(&entry.content_type)
-    .bind(failure)
-    .bind(i64::from(entry.attempt))
-    .bind(entry.at_ms)
-    .execute(conn)
-    .await
-    .map_err(backend)?;
+    bind_entry(sqlx::query(INSERT_ENTRY), id, entry)?
+        .execute(conn)
+        .await
+        .map_err(backend)?;
     Ok(())
 }
 

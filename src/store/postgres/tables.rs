@@ -14,6 +14,15 @@ use super::{backend, corrupt, DB_NOW_MS};
 use crate::store::tables::*;
 use crate::store::*;
 
+/// The condition on `$1` of a parent's unfinished children.
+const OPEN_CHILDREN: &str = "WHERE parent_invocation_id = $1 AND completed_at_ms IS NULL";
+
+/// A child's `(id, parent_close)` row.
+fn open_child(row: &PgRow) -> StoreResult<(String, ParentClose)> {
+    let policy: Option<String> = get(row, 1)?;
+    Ok((get(row, 0)?, parent_close(policy.as_deref())))
+}
+
 /// A writer's connection inside the batch's transaction, and this node's lease, which the
 /// first attempt of a new invocation takes.
 pub(super) struct PgTx<'c> {
@@ -614,23 +623,32 @@ impl Invocations for PgTx<'_> {
     async fn open_children(&mut self, parent: &str) -> StoreResult<Vec<(String, ParentClose)>> {
         let rows = self
             .all(
-                sqlx::query(
-                    "SELECT id, parent_close FROM invocations WHERE parent_invocation_id = $1 \
-                     AND completed_at_ms IS NULL ORDER BY id",
-                )
+                sqlx::query(&format!(
+                    "SELECT id, parent_close FROM invocations {OPEN_CHILDREN} ORDER BY id"
+                ))
                 .bind(parent),
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                let policy: Option<String> = get(row, 1)?;
-                let policy = policy
-                    .as_deref()
-                    .and_then(ParentClose::parse)
-                    .unwrap_or(ParentClose::Abandon);
-                Ok((get(row, 0)?, policy))
-            })
-            .collect()
+        rows.iter().map(open_child).collect()
+    }
+
+    async fn close_run(
+        &mut self,
+        id: &str,
+        output: &StoredEntry,
+    ) -> StoreResult<Vec<(String, ParentClose)>> {
+        // Data-modifying parts of a WITH run once, to completion, whether or not the
+        // query reads them: the output entry, the timers and the updates in one round trip
+        // with the read of the children.
+        let sql = format!(
+            "WITH output AS ({INSERT_ENTRY}), \
+             timers AS (DELETE FROM timers WHERE invocation_id = $1), \
+             updates AS (UPDATE updates SET status = 'abandoned' \
+             WHERE invocation_id = $1 AND status IN ('pending', 'accepted')) \
+             SELECT id, parent_close FROM invocations {OPEN_CHILDREN} ORDER BY id"
+        );
+        let rows = self.all(bind_entry(sqlx::query(&sql), id, output)?).await?;
+        rows.iter().map(open_child).collect()
     }
 
     async fn past_deadline(
@@ -897,12 +915,6 @@ impl Completions for PgTx<'_> {
                 .bind(i64::from(index)),
         )
         .await?;
-        Ok(())
-    }
-
-    async fn delete_timers(&mut self, id: &str) -> StoreResult<()> {
-        self.execute(sqlx::query("DELETE FROM timers WHERE invocation_id = $1").bind(id))
-            .await?;
         Ok(())
     }
 }
@@ -1299,18 +1311,6 @@ impl Updates for PgTx<'_> {
             )
             .await?
             .is_some())
-    }
-
-    async fn abandon_updates(&mut self, run: &str) -> StoreResult<()> {
-        self.execute(
-            sqlx::query(
-                "UPDATE updates SET status = 'abandoned' \
-                 WHERE invocation_id = $1 AND status IN ('pending', 'accepted')",
-            )
-            .bind(run),
-        )
-        .await?;
-        Ok(())
     }
 }
 

@@ -515,14 +515,28 @@ impl Invocations for SqliteTx {
         )?;
         Ok(rows
             .into_iter()
-            .map(|(id, policy)| {
-                let policy = policy
-                    .as_deref()
-                    .and_then(ParentClose::parse)
-                    .unwrap_or(ParentClose::Abandon);
-                (id, policy)
-            })
+            .map(|(id, policy)| (id, parent_close(policy.as_deref())))
             .collect())
+    }
+
+    async fn close_run(
+        &mut self,
+        id: &str,
+        output: &StoredEntry,
+    ) -> StoreResult<Vec<(String, ParentClose)>> {
+        insert_entry(&self.conn, id, output)?;
+        execute(
+            &self.conn,
+            "DELETE FROM timers WHERE invocation_id = ?1",
+            [id],
+        )?;
+        execute(
+            &self.conn,
+            "UPDATE updates SET status = 'abandoned' \
+             WHERE invocation_id = ?1 AND status IN ('pending', 'accepted')",
+            [id],
+        )?;
+        self.open_children(id).await
     }
 
     async fn past_deadline(
@@ -720,15 +734,6 @@ impl Completions for SqliteTx {
             &self.conn,
             "DELETE FROM timers WHERE invocation_id = ?1 AND idx = ?2",
             params![id, index],
-        )?;
-        Ok(())
-    }
-
-    async fn delete_timers(&mut self, id: &str) -> StoreResult<()> {
-        execute(
-            &self.conn,
-            "DELETE FROM timers WHERE invocation_id = ?1",
-            [id],
         )?;
         Ok(())
     }
@@ -1043,16 +1048,6 @@ impl Updates for SqliteTx {
                 [run],
             )?
             .is_some())
-    }
-
-    async fn abandon_updates(&mut self, run: &str) -> StoreResult<()> {
-        execute(
-            &self.conn,
-            "UPDATE updates SET status = 'abandoned' \
-             WHERE invocation_id = ?1 AND status IN ('pending', 'accepted')",
-            [run],
-        )?;
-        Ok(())
     }
 }
 
