@@ -185,19 +185,29 @@ pub async fn end_attempt(
     // A completion is written unless a signal or an update arrived during the attempt
     // (noted on the run's row, which the update reads after any writer of it committed).
     let completes = matches!(end, AttemptEnd::Completed { .. });
-    let written = tx
-        .record_end(
-            id,
-            attempt,
-            &end,
-            suspended_due,
-            output_bytes,
-            completes,
-            now_ms,
-        )
-        .await?;
-    let record = match written {
-        Some(record) => record,
+    let output = output.map(|output| output_entry(attempt, output, now_ms));
+    // An end that closes the run closes it in the same write (one statement on
+    // PostgreSQL); a run that continues as new starts its next run first.
+    let written = match &output {
+        Some(entry) if !matches!(end, AttemptEnd::ContinuedAsNew { .. }) => tx
+            .record_final_end(id, attempt, &end, output_bytes, completes, now_ms, entry)
+            .await?
+            .map(|(record, children)| (record, Some(children))),
+        _ => tx
+            .record_end(
+                id,
+                attempt,
+                &end,
+                suspended_due,
+                output_bytes,
+                completes,
+                now_ms,
+            )
+            .await?
+            .map(|record| (record, None)),
+    };
+    let (record, children) = match written {
+        Some(written) => written,
         None if completes => {
             // Fenced, or something arrived: under the run's lock, what arrived, and
             // whether nothing handled it.
@@ -216,9 +226,11 @@ pub async fn end_attempt(
                     .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
                 return Ok((record, None, Vec::new()));
             }
-            tx.record_end(id, attempt, &end, None, output_bytes, false, now_ms)
+            let record = tx
+                .record_end(id, attempt, &end, None, output_bytes, false, now_ms)
                 .await?
-                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?
+                .ok_or_else(|| StoreError::NotFound(id.to_owned()))?;
+            (record, None)
         }
         None => return Err(refusal(tx, id, attempt).await),
     };
@@ -240,12 +252,20 @@ pub async fn end_attempt(
         )
         .await?;
     }
-    let (output, children) = match output {
-        Some(output) => {
-            let (output, children) = record_output(tx, &record, attempt, output, now_ms).await?;
+    let (output, children) = match (output, children) {
+        (Some(entry), Some(children)) => {
+            let entry = StoredEntry {
+                index: record.journal_len - 1,
+                ..entry
+            };
+            hold_key(tx, &record, now_ms).await?;
+            (Some(entry), children)
+        }
+        (Some(entry), None) => {
+            let (output, children) = record_output(tx, &record, entry, now_ms).await?;
             (Some(output), children)
         }
-        None => (None, Vec::new()),
+        (None, _) => (None, Vec::new()),
     };
     let mut closed = Vec::new();
     if record.status.is_final() {
@@ -284,20 +304,15 @@ async fn unseen(tx: &mut dyn Tx, id: &str, attempt: u32) -> StoreResult<Option<S
     Ok((!unseen.is_empty()).then(|| unseen.join(" and ")))
 }
 
-/// The output entry of an invocation that has just ended (its row already counts it in
-/// `journal_len`): its value or failure; its timers go, its unhandled updates are
-/// abandoned, and its idempotency key names it for the retention period from now. With
-/// the entry, the invocation's unfinished children and their parent-close policies.
-pub async fn record_output(
-    tx: &mut dyn Tx,
-    record: &InvocationRecord,
+/// The output entry of `attempt`: its value or failure (its index is the last of the
+/// journal the end grew, set where it is written).
+pub fn output_entry(
     attempt: u32,
     (value, content_type, failure): Output,
     now_ms: i64,
-) -> StoreResult<(StoredEntry, Vec<(String, ParentClose)>)> {
-    let id = record.id.as_str();
-    let entry = StoredEntry {
-        index: record.journal_len - 1,
+) -> StoredEntry {
+    StoredEntry {
+        index: 0,
         kind: durin_protocol::EntryKind::Output,
         name: None,
         value,
@@ -306,12 +321,36 @@ pub async fn record_output(
         attempt,
         at_ms: now_ms,
         completion: None,
-    };
-    let children = tx.close_run(id, &entry).await?;
-    if record.idempotency_key.is_some() {
-        tx.hold_idempotency_keys(id, Some(now_ms)).await?;
     }
-    Ok((entry, children))
+}
+
+/// Writes the `output` entry of an invocation that has just ended (its row already counts
+/// it in `journal_len`) and closes its run: its timers go, its unhandled updates are
+/// abandoned, and its idempotency key names it for the retention period from now. With
+/// the entry, the invocation's unfinished children and their parent-close policies.
+pub async fn record_output(
+    tx: &mut dyn Tx,
+    record: &InvocationRecord,
+    output: StoredEntry,
+    now_ms: i64,
+) -> StoreResult<(StoredEntry, Vec<(String, ParentClose)>)> {
+    let output = StoredEntry {
+        index: record.journal_len - 1,
+        ..output
+    };
+    let children = tx.close_run(record.id.as_str(), &output).await?;
+    hold_key(tx, record, now_ms).await?;
+    Ok((output, children))
+}
+
+/// The idempotency key of an invocation that has just ended names it for the retention
+/// period from now.
+async fn hold_key(tx: &mut dyn Tx, record: &InvocationRecord, now_ms: i64) -> StoreResult<()> {
+    if record.idempotency_key.is_some() {
+        tx.hold_idempotency_keys(record.id.as_str(), Some(now_ms))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Applies the parent-close policies of the unfinished `children` of `parent`, which has

@@ -120,14 +120,12 @@ pub async fn end_now(
     if held_key {
         crate::keys::ended(tx, &record, now_ms).await?;
     }
-    let (output, children) = super::end::record_output(
-        tx,
-        &record,
+    let output = super::end::output_entry(
         record.attempt,
         (None, None, Some(ending.failure.clone())),
         now_ms,
-    )
-    .await?;
+    );
+    let (output, children) = super::end::record_output(tx, &record, output, now_ms).await?;
     crate::journal::child::complete_parent(tx, &record, Some(&output), now_ms).await?;
     ended.push((record.clone(), output));
     let ending = Ending::terminated(ending.children.clone());

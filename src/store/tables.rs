@@ -225,6 +225,42 @@ pub trait Invocations: Send {
         id: &str,
         output: &StoredEntry,
     ) -> StoreResult<Vec<(String, ParentClose)>>;
+    /// [`Invocations::record_end`] of an `end` that ends the invocation and, when it was
+    /// written, [`Invocations::close_run`] with `output` at the index the end reserved
+    /// (`output.index` is not read, the entry's index is the record's last): the record
+    /// and the unfinished children. PostgreSQL does it all in one statement.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_final_end(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        end: &AttemptEnd,
+        output_bytes: i64,
+        unless_arrivals: bool,
+        now_ms: i64,
+        output: &StoredEntry,
+    ) -> StoreResult<Option<(InvocationRecord, Vec<(String, ParentClose)>)>> {
+        let Some(record) = self
+            .record_end(
+                id,
+                attempt,
+                end,
+                None,
+                output_bytes,
+                unless_arrivals,
+                now_ms,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let output = StoredEntry {
+            index: record.journal_len - 1,
+            ..output.clone()
+        };
+        let children = self.close_run(id, &output).await?;
+        Ok(Some((record, children)))
+    }
     /// Unfinished invocations whose `schedule_to_close` deadline passed: `(id, created,
     /// deadline)`.
     async fn past_deadline(

@@ -1617,7 +1617,7 @@ async fn a_run_that_ends_closes_its_timers_and_its_children(store: &dyn Store) {
     let target = target(store).await;
     let parent = running(store).await;
     let wake = T0 + 3_600_000;
-    command(
+    let sleep = command(
         store,
         &parent,
         EntryKind::Sleep,
@@ -1642,6 +1642,34 @@ async fn a_run_that_ends_closes_its_timers_and_its_children(store: &dyn Store) {
             .unwrap();
         children.push(child);
     }
+    let timers = |id: String| async move {
+        let timers = store
+            .transact(
+                &id.clone(),
+                Box::new(move |tx| {
+                    Box::pin(async move {
+                        let due = tx.due_timers(&id, i64::MAX).await?;
+                        Ok(Box::new(due) as TxOutput)
+                    })
+                }),
+            )
+            .await
+            .unwrap();
+        *timers.downcast::<Vec<u32>>().unwrap()
+    };
+    // An end the fence refuses closes nothing: no output entry, the timer stays.
+    let journal = store.read_journal(&parent.id).await.unwrap();
+    let stale = store
+        .end_attempt(&parent.id, parent.attempt + 1, completed("stale"), T0 + 1)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(stale, StoreError::Fenced { .. }), "{stale}");
+    assert_eq!(
+        store.read_journal(&parent.id).await.unwrap().len(),
+        journal.len()
+    );
+    assert_eq!(timers(parent.id.to_string()).await, [sleep.index]);
     let ended = end(store, &parent, completed("done"), T0 + 1).await;
     assert_eq!(ended.status, Status::Completed);
     let journal = store.read_journal(&parent.id).await.unwrap();
@@ -1650,20 +1678,7 @@ async fn a_run_that_ends_closes_its_timers_and_its_children(store: &dyn Store) {
         (output.index, output.kind, output.value.as_deref()),
         (ended.journal_len - 1, EntryKind::Output, Some(&b"done"[..]))
     );
-    let id = parent.id.to_string();
-    let timers = store
-        .transact(
-            &id.clone(),
-            Box::new(move |tx| {
-                Box::pin(async move {
-                    let due = tx.due_timers(&id, i64::MAX).await?;
-                    Ok(Box::new(due) as TxOutput)
-                })
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(*timers.downcast::<Vec<u32>>().unwrap(), Vec::<u32>::new());
+    assert_eq!(timers(parent.id.to_string()).await, Vec::<u32>::new());
     let status = |id: &InvocationId| {
         let id = id.clone();
         async move { store.get_invocation(&id).await.unwrap().unwrap().status }

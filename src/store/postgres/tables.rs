@@ -23,6 +23,92 @@ fn open_child(row: &PgRow) -> StoreResult<(String, ParentClose)> {
     Ok((get(row, 0)?, parent_close(policy.as_deref())))
 }
 
+/// The fenced update that records how an attempt ended (`end`), on `$1` (the time), `$2`
+/// and `$3` (the fence: id and attempt), `$4` (the output's bytes, 0 for an end that does
+/// not end the invocation) and the end's own parameters from `$5` (see [`bind_end`]); with
+/// the number of its last parameter.
+fn end_update(end: &AttemptEnd, unless_arrivals: bool) -> (String, usize) {
+    let (set, last) = match end {
+        AttemptEnd::Completed { .. } => (
+            "status = 'completed', journal_len = journal_len + 1, completed_at_ms = $1, \
+             last_error = NULL",
+            4,
+        ),
+        AttemptEnd::Failed { .. } => (
+            "status = 'failed', journal_len = journal_len + 1, completed_at_ms = $1, \
+             failure = $5",
+            5,
+        ),
+        AttemptEnd::BackOff { .. } => (
+            "status = 'backing-off', next_run_at_ms = $5, last_error = $6, \
+             failures = failures + $7, position_failures = position_failures + $8",
+            8,
+        ),
+        AttemptEnd::Suspended { .. } => (
+            "status = 'suspended', next_run_at_ms = $5, waiting_for = $6",
+            6,
+        ),
+        AttemptEnd::Paused { .. } => ("status = 'paused', last_error = $5", 5),
+        AttemptEnd::Cancelled { .. } => (
+            "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = $1, \
+             failure = $5",
+            5,
+        ),
+        AttemptEnd::ContinuedAsNew { .. } => (
+            "status = 'continued', journal_len = journal_len + 1, completed_at_ms = $1, \
+             last_error = NULL",
+            4,
+        ),
+    };
+    let arrivals = if unless_arrivals {
+        " AND COALESCE(arrived_during_attempt, -1) <> $3"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE invocations SET {set}, journal_bytes = journal_bytes + $4, \
+         modified_at_ms = $1 WHERE id = $2 AND attempt = $3 AND status = 'running'{arrivals}"
+    );
+    (sql, last)
+}
+
+/// `query` (on [`end_update`]'s parameters first) with the end's parameters bound.
+fn bind_end<'q>(
+    query: Query<'q>,
+    id: &'q str,
+    attempt: u32,
+    end: &AttemptEnd,
+    suspended_due: Option<i64>,
+    output_bytes: i64,
+    now_ms: i64,
+) -> StoreResult<Query<'q>> {
+    let query = query
+        .bind(now_ms)
+        .bind(id)
+        .bind(i64::from(attempt))
+        .bind(output_bytes);
+    let query = match end {
+        AttemptEnd::Failed { failure, .. } | AttemptEnd::Cancelled { failure } => {
+            query.bind(to_json(failure)?)
+        }
+        AttemptEnd::BackOff {
+            until_ms,
+            error,
+            charged,
+        } => query
+            .bind(*until_ms)
+            .bind(error.clone())
+            .bind(i64::from(*charged == Charge::Handler))
+            .bind(i64::from(*charged == Charge::Step)),
+        AttemptEnd::Suspended { waiting_for, .. } => {
+            query.bind(suspended_due).bind(to_json(waiting_for)?)
+        }
+        AttemptEnd::Paused { reason } => query.bind(reason.clone()),
+        AttemptEnd::Completed { .. } | AttemptEnd::ContinuedAsNew { .. } => query,
+    };
+    Ok(query)
+}
+
 /// A writer's connection inside the batch's transaction, and this node's lease, which the
 /// first attempt of a new invocation takes.
 pub(super) struct PgTx<'c> {
@@ -232,69 +318,73 @@ impl Invocations for PgTx<'_> {
         unless_arrivals: bool,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        // $1 is the time, $2 and $3 the fence, $4 the output's bytes (0 for an end that
-        // does not end the invocation); the rest depend on the end.
-        let set = match end {
-            AttemptEnd::Completed { .. } => {
-                "status = 'completed', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 last_error = NULL"
-            }
-            AttemptEnd::Failed { .. } => {
-                "status = 'failed', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 failure = $5"
-            }
-            AttemptEnd::BackOff { .. } => {
-                "status = 'backing-off', next_run_at_ms = $5, last_error = $6, \
-                 failures = failures + $7, position_failures = position_failures + $8"
-            }
-            AttemptEnd::Suspended { .. } => {
-                "status = 'suspended', next_run_at_ms = $5, waiting_for = $6"
-            }
-            AttemptEnd::Paused { .. } => "status = 'paused', last_error = $5",
-            AttemptEnd::Cancelled { .. } => {
-                "status = 'cancelled', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 failure = $5"
-            }
-            AttemptEnd::ContinuedAsNew { .. } => {
-                "status = 'continued', journal_len = journal_len + 1, completed_at_ms = $1, \
-                 last_error = NULL"
-            }
-        };
-        let arrivals = if unless_arrivals {
-            " AND COALESCE(arrived_during_attempt, -1) <> $3"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "UPDATE invocations SET {set}, journal_bytes = journal_bytes + $4, \
-             modified_at_ms = $1 WHERE id = $2 AND attempt = $3 AND status = 'running'\
-             {arrivals} RETURNING {INVOCATION_COLUMNS}"
-        );
-        let query = sqlx::query(&sql)
-            .bind(now_ms)
-            .bind(id)
-            .bind(i64::from(attempt))
-            .bind(output_bytes);
-        let query = match end {
-            AttemptEnd::Failed { failure, .. } | AttemptEnd::Cancelled { failure } => {
-                query.bind(to_json(failure)?)
-            }
-            AttemptEnd::BackOff {
-                until_ms,
-                error,
-                charged,
-            } => query
-                .bind(*until_ms)
-                .bind(error.clone())
-                .bind(i64::from(*charged == Charge::Handler))
-                .bind(i64::from(*charged == Charge::Step)),
-            AttemptEnd::Suspended { waiting_for, .. } => {
-                query.bind(suspended_due).bind(to_json(waiting_for)?)
-            }
-            AttemptEnd::Paused { reason } => query.bind(reason.clone()),
-            AttemptEnd::Completed { .. } | AttemptEnd::ContinuedAsNew { .. } => query,
-        };
+        let (update, _) = end_update(end, unless_arrivals);
+        let sql = format!("{update} RETURNING {INVOCATION_COLUMNS}");
+        let query = sqlx::query(&sql);
+        let query = bind_end(query, id, attempt, end, suspended_due, output_bytes, now_ms)?;
         self.returning(query).await
+    }
+
+    async fn record_final_end(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        end: &AttemptEnd,
+        output_bytes: i64,
+        unless_arrivals: bool,
+        now_ms: i64,
+        output: &StoredEntry,
+    ) -> StoreResult<Option<(InvocationRecord, Vec<(String, ParentClose)>)>> {
+        // The end's update, then what `close_run` does, each part only when the update
+        // wrote the row: the output entry at the index it reserved (the entry's fields on
+        // the parameters after the end's), the timers, the updates; and the children,
+        // read in the statement's snapshot (they are other rows).
+        let (update, n) = end_update(end, unless_arrivals);
+        let [kind, name, value, content_type, failure, entry_attempt, at_ms] =
+            std::array::from_fn(|i| n + 1 + i);
+        let children = "FROM invocations WHERE parent_invocation_id = $2 \
+                        AND completed_at_ms IS NULL ORDER BY id";
+        let sql = format!(
+            "WITH ended AS ({update} RETURNING {INVOCATION_COLUMNS}), \
+             output AS (INSERT INTO journal (invocation_id, idx, kind, name, value, \
+             content_type, failure, attempt, at_ms) SELECT id, journal_len - 1, ${kind}, \
+             ${name}, ${value}, ${content_type}, ${failure}, ${entry_attempt}, ${at_ms} \
+             FROM ended), \
+             timers AS (DELETE FROM timers WHERE invocation_id = $2 \
+             AND EXISTS (SELECT FROM ended)), \
+             updates AS (UPDATE updates SET status = 'abandoned' WHERE invocation_id = $2 \
+             AND status IN ('pending', 'accepted') AND EXISTS (SELECT FROM ended)) \
+             SELECT ended.*, ARRAY(SELECT id {children}) AS children, \
+             ARRAY(SELECT parent_close {children}) AS parent_close FROM ended"
+        );
+        let query = bind_end(
+            sqlx::query(&sql),
+            id,
+            attempt,
+            end,
+            None,
+            output_bytes,
+            now_ms,
+        )?
+        .bind(output.kind.as_str())
+        .bind(&output.name)
+        .bind(&output.value)
+        .bind(&output.content_type)
+        .bind(output.failure.as_ref().map(to_json).transpose()?)
+        .bind(i64::from(output.attempt))
+        .bind(output.at_ms);
+        let Some(row) = self.optional(query).await? else {
+            return Ok(None);
+        };
+        let ids: Vec<String> = sqlx::Row::try_get(&row, "children").map_err(backend)?;
+        let policies: Vec<Option<String>> =
+            sqlx::Row::try_get(&row, "parent_close").map_err(backend)?;
+        let children = ids
+            .into_iter()
+            .zip(policies)
+            .map(|(id, policy)| (id, parent_close(policy.as_deref())))
+            .collect();
+        Ok(Some((invocation(&row)?, children)))
     }
 
     async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<(String, bool)>> {
