@@ -93,6 +93,10 @@ pub struct Config {
     /// How long an attempt a node claimed stays its own without a renewal (PostgreSQL):
     /// the longest another node waits to take over the work of a node that died.
     pub lease: Duration,
+    /// Writer connections of a node on PostgreSQL, each group-committing the writes of the
+    /// invocations whose ids hash to it: fewer make larger batches (fewer commits, less
+    /// database CPU per invocation), more let a database with more cores write in parallel.
+    pub database_writers: usize,
 }
 
 /// What an invocation whose retry policy is used up does.
@@ -148,6 +152,7 @@ impl Default for Config {
             otlp_endpoint: None,
             node_id: None,
             lease: Duration::from_secs(10),
+            database_writers: crate::store::NodeOptions::default().writers,
         }
     }
 }
@@ -246,6 +251,7 @@ struct ConfigFile {
     node_id: Option<String>,
     #[serde(default, with = "humantime_serde")]
     lease: Option<Duration>,
+    database_writers: Option<usize>,
 }
 
 impl Config {
@@ -365,6 +371,15 @@ impl Config {
             }
             config.lease = v;
         }
+        if let Some(v) = file.database_writers {
+            if !(1..=64).contains(&v) {
+                anyhow::bail!(
+                    "config file {}: database_writers must be between 1 and 64",
+                    path.display()
+                );
+            }
+            config.database_writers = v;
+        }
         Ok(config)
     }
 }
@@ -406,6 +421,10 @@ url = "http://127.0.0.1:9080"
         assert_eq!(config.retry_policy.maximum_attempts, Some(3));
         assert_eq!(config.retry_policy.backoff_coefficient, 2.0);
         assert_eq!(config.deployments[0].url, "http://127.0.0.1:9080");
+
+        std::fs::write(&path, "database_writers = 0\n").unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(error.contains("database_writers"), "{error}");
 
         std::fs::write(&path, "listn = \"127.0.0.1:1\"\n").unwrap();
         let error = Config::load(Some(&path)).unwrap_err().to_string();

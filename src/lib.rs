@@ -118,6 +118,7 @@ async fn serve(
             .clone()
             .unwrap_or_else(|| advertised_url.clone()),
         lease: config.lease,
+        writers: config.database_writers,
     };
     // A source that cannot work stops Durin before anything starts.
     webhooks::check(&config.webhooks).map_err(|e| anyhow::anyhow!("the config's webhooks: {e}"))?;

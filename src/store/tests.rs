@@ -131,6 +131,7 @@ fn node(id: &str, lease_ms: u64) -> NodeOptions {
     NodeOptions {
         node_id: id.into(),
         lease: std::time::Duration::from_millis(lease_ms),
+        ..NodeOptions::default()
     }
 }
 

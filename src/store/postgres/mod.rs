@@ -1,16 +1,17 @@
 //! The PostgreSQL store: several Durin nodes share one database, which is the source of
 //! truth (`--database postgres://...`).
 //!
-//! Writes are group-committed, as in the SQLite store: every write is an async closure
-//! sent to one of [`WRITERS`] writer tasks (the one its routing key, an invocation id,
-//! hashes to, so that the writes of one invocation keep their order); a writer takes what
-//! has queued up (up to [`MAX_BATCH`]), runs it in one transaction, commits once and only
-//! then answers each caller. A batch of rules that may run again (the hot ones: creations,
-//! appends, ends, claims) runs without savepoints, one statement per table call; when one
-//! of them fails (a failed statement, a fence), the batch is rolled back and run again
-//! with a savepoint for each write. Any other batch of several writes runs each under a
-//! savepoint of its own from the start. Either way a write that fails is rolled back and
-//! leaves its neighbours' writes in the batch. Reads run on the pool.
+//! Writes are group-committed, as in the SQLite store: every write is an async closure sent
+//! to one of the node's writer tasks ([`NodeOptions::writers`], two by default: the one its
+//! routing key, an invocation id, hashes to, so that the writes of one invocation keep
+//! their order); a writer takes what has queued up (up to [`MAX_BATCH`]), runs it in one
+//! transaction, commits once and only then answers each caller. A batch of rules that may
+//! run again (the hot ones: creations, appends, ends, claims) runs without savepoints, one
+//! statement per table call; when one of them fails (a failed statement, a fence), the
+//! batch is rolled back and run again with a savepoint for each write. Any other batch of
+//! several writes runs each under a savepoint of its own from the start. Either way a write
+//! that fails is rolled back and leaves its neighbours' writes in the batch. Reads run on
+//! the pool.
 //!
 //! What SQLite gets from its one writer, PostgreSQL gets from row locks: a write that reads
 //! an invocation before it changes it reads it `FOR UPDATE`, and every fenced change
@@ -53,8 +54,6 @@ use lease::Lease;
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 256;
-/// Writer tasks, each with a connection of its own for its batches.
-const WRITERS: usize = 4;
 /// Connections for reads, beside the writers'.
 const READERS: u32 = 8;
 
@@ -158,7 +157,7 @@ impl PostgresStore {
             .map_err(backend)?
             .disable_statement_logging();
         let pool = PgPoolOptions::new()
-            .max_connections(READERS + WRITERS as u32)
+            .max_connections(READERS + node.writers.clamp(1, 64) as u32)
             // While the database is away, a caller waits this long, then gets a retryable 503.
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.clone())
@@ -177,7 +176,7 @@ impl PostgresStore {
             Arc::clone(&clock),
             stop,
         ));
-        let writers = (0..WRITERS)
+        let writers = (0..node.writers.clamp(1, 64))
             .map(|_| {
                 let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
                 tokio::spawn(write_loop(pool.clone(), queue));
