@@ -43,7 +43,9 @@ use crate::engine::{AttemptObserver, Engine};
 use crate::http::{hex, parse_retry_after, read_limited, same_secret};
 use crate::ids::InvocationId;
 use crate::problem::ApiError;
-use crate::store::{AttemptEnd, Effect, NewEntry, Status, Store, StoreError};
+use crate::store::{
+    AttemptEnd, Effect, InvocationRecord, NewEntry, Status, Store, StoreError, StoredEntry,
+};
 use crate::telemetry::trace_context::{InvocationTrace, TRACEPARENT};
 
 use guard::*;

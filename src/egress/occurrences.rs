@@ -29,8 +29,9 @@ pub(super) struct AttemptCalls {
     /// Unused on a store that other nodes share: the store counts the attempt's calls,
     /// whichever node's egress they reach (`Store::take_occurrence`).
     pub(super) occurrences: HashMap<(String, String, String), u32>,
-    /// The egress entries of the journal, read once per attempt (entries added later come
-    /// from this attempt and are claimed already).
+    /// The egress entries of the journal when the attempt began: handed over by the engine
+    /// that started it, or read at its first call (entries added later come from this
+    /// attempt and are claimed already).
     pub(super) recorded: Option<Arc<Vec<(u32, EgressRecord)>>>,
     /// The trace the invocation belongs to.
     pub(super) trace: Option<InvocationTrace>,
@@ -219,7 +220,35 @@ pub(super) fn identity_digest(method: &str, url: &str, body_digest: &str) -> Str
     hex(&hasher.finalize())
 }
 
+/// The egress calls in `journal`, with their indexes.
+pub(super) fn recorded_calls(journal: &[StoredEntry]) -> Vec<(u32, EgressRecord)> {
+    journal
+        .iter()
+        .filter(|e| e.kind == EntryKind::Egress)
+        .filter_map(|e| {
+            serde_json::from_slice::<EgressRecord>(e.value.as_deref()?)
+                .ok()
+                .map(|r| (e.index, r))
+        })
+        .collect()
+}
+
 impl AttemptObserver for EgressCalls {
+    /// Admits the attempt the engine has just started (the store shows it running with
+    /// its token) with the calls its journal holds, as its first call would.
+    fn plain_attempt_starting(&self, record: &InvocationRecord, journal: &[StoredEntry]) {
+        let Some(token) = record.attempt_token.as_deref() else {
+            return;
+        };
+        let trace = crate::telemetry::traces::trace_of(record);
+        if self.admit(&record.id, record.attempt, token, trace) {
+            let recorded = Arc::new(recorded_calls(journal));
+            self.with(&record.id, record.attempt, |calls| {
+                calls.recorded.get_or_insert(recorded);
+            });
+        }
+    }
+
     fn attempt_ended(&self, id: &InvocationId, attempt: u32) {
         self.forget(id, attempt);
     }

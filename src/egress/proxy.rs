@@ -231,7 +231,7 @@ impl Egress {
         let recorded = match cached {
             Some(recorded) => recorded,
             None => {
-                let loaded = Arc::new(self.recorded_calls(&id).await?);
+                let loaded = Arc::new(recorded_calls(&self.store.read_journal(&id).await?));
                 self.calls
                     .with(&id, attempt, |calls| {
                         Arc::clone(calls.recorded.get_or_insert(loaded))
@@ -417,26 +417,6 @@ impl Egress {
             )));
         }
         Ok((record.attempt, crate::telemetry::traces::trace_of(&record)))
-    }
-
-    /// The egress calls in the invocation's journal, with their indexes.
-    async fn recorded_calls(
-        &self,
-        id: &InvocationId,
-    ) -> Result<Vec<(u32, EgressRecord)>, ApiError> {
-        Ok(self
-            .store
-            .read_journal(id)
-            .await?
-            .into_iter()
-            .filter(|e| e.kind == EntryKind::Egress)
-            .filter_map(|e| {
-                let value = e.value?;
-                serde_json::from_slice::<EgressRecord>(&value)
-                    .ok()
-                    .map(|r| (e.index, r))
-            })
-            .collect())
     }
 
     /// Sends one outbound call, retrying what may succeed later, with the same key. The

@@ -47,6 +47,13 @@ impl Engine {
         replay: bool,
     ) -> HandlerAnswer {
         let position_since_ms = journal.last().map(|e| e.at_ms);
+        if target.protocol == HandlerProtocol::Plain && !replay {
+            // The egress learns the attempt and its recorded calls before the handler's
+            // first call, which then reads nothing from the store.
+            for observer in &self.observers {
+                observer.plain_attempt_starting(record, &journal);
+            }
+        }
         let mut entries = journal.into_iter();
         let Some(input) = entries.next().filter(|e| e.kind == EntryKind::Input) else {
             return HandlerAnswer::Terminal(

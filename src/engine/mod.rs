@@ -65,6 +65,10 @@ pub struct EngineKeys {
 /// once its attempt's end is in the store, so memory does not grow with the invocations
 /// that wait.
 pub trait AttemptObserver: Send + Sync {
+    /// A plain handler's attempt is about to be called (`record` is its running state,
+    /// `journal` the journal it starts from): what an observer would otherwise read from
+    /// the store at the attempt's first call, it can take from here.
+    fn plain_attempt_starting(&self, _record: &InvocationRecord, _journal: &[StoredEntry]) {}
     /// The handler of `attempt` has answered (or given up): its calls are over, although
     /// the store may still show the attempt running.
     fn attempt_ended(&self, id: &InvocationId, attempt: u32);
