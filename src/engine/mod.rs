@@ -60,10 +60,10 @@ pub struct EngineKeys {
     pub signer: Arc<RequestSigner>,
 }
 
-/// Told when attempts end, so that per-attempt state kept elsewhere (the egress's call
-/// occurrences) is dropped at the right time: nothing of an invocation is kept in memory
-/// once its attempt's end is in the store, so memory does not grow with the invocations
-/// that wait.
+/// Told when a plain handler's attempt starts and when attempts end, so that per-attempt
+/// state kept elsewhere (the egress's call occurrences) starts without a read of the store
+/// and is dropped at the right time: nothing of an invocation is kept in memory once its
+/// attempt's end is in the store, so memory does not grow with the invocations that wait.
 pub trait AttemptObserver: Send + Sync {
     /// A plain handler's attempt is about to be called (`record` is its running state,
     /// `journal` the journal it starts from): what an observer would otherwise read from
