@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// Headless Chromium with its DevTools endpoint on a port of its own.
 struct Browser {
     child: Child,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
     port: u16,
 }
 
@@ -38,6 +38,9 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
+            // Its singleton socket goes in the temporary directory, and a killed Chromium
+            // leaves it: in the profile, it goes with the profile.
+            .env("TMPDIR", profile.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,7 +63,7 @@ impl Browser {
         };
         Browser {
             child,
-            _profile: profile,
+            profile,
             port,
         }
     }
@@ -70,6 +73,15 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Chromium's other processes outlive the first by a moment and may still write
+        // into the profile: its removal is tried again until they are gone.
+        let path = self.profile.path();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while path.exists() && Instant::now() < deadline {
+            if std::fs::remove_dir_all(path).is_err() || path.exists() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 }
 
