@@ -553,16 +553,7 @@ fn replayed_call(
     let body_digest = hex(&Sha256::digest(body));
     let identity = (method.to_owned(), url.to_owned(), body_digest.clone());
     let occurrence = session.egress_occurrence(&identity);
-    let recorded: Vec<(u32, EgressRecord)> = session
-        .entries()
-        .iter()
-        .filter(|e| e.kind == EntryKind::Egress)
-        .filter_map(|e| {
-            serde_json::from_slice::<EgressRecord>(e.value.as_deref()?)
-                .ok()
-                .map(|r| (e.index, r))
-        })
-        .collect();
+    let recorded = recorded_calls(session.entries());
     let exact = recorded.iter().find(|(_, r)| {
         r.method == method
             && r.url == url
