@@ -156,8 +156,10 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(backend)?
             .disable_statement_logging();
+        // The config checks the writers' number; a caller of the store may not have.
+        let writers = node.writers.clamp(1, 64);
         let pool = PgPoolOptions::new()
-            .max_connections(READERS + node.writers.clamp(1, 64) as u32)
+            .max_connections(READERS + writers as u32)
             // While the database is away, a caller waits this long, then gets a retryable 503.
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.clone())
@@ -176,7 +178,7 @@ impl PostgresStore {
             Arc::clone(&clock),
             stop,
         ));
-        let writers = (0..node.writers.clamp(1, 64))
+        let writers = (0..writers)
             .map(|_| {
                 let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
                 tokio::spawn(write_loop(pool.clone(), queue));

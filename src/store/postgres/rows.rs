@@ -210,20 +210,41 @@ pub(super) async fn refusal(conn: &mut PgConnection, id: &str, attempt: u32) -> 
     }
 }
 
+macro_rules! entry_columns {
+    () => {
+        "invocation_id, idx, kind, name, value, content_type, failure, attempt, at_ms"
+    };
+}
+
+/// The columns of a journal entry, in the order [`bind_entry`] binds them.
+pub(super) const ENTRY_COLUMNS: &str = entry_columns!();
+
 /// The insert of a journal entry, on parameters 1 to 9 (see [`bind_entry`]).
-pub(super) const INSERT_ENTRY: &str = "INSERT INTO journal (invocation_id, idx, kind, name, \
-     value, content_type, failure, attempt, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+pub(super) const INSERT_ENTRY: &str = concat!(
+    "INSERT INTO journal (",
+    entry_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+);
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// `query` (which uses [`INSERT_ENTRY`]) with `entry` of invocation `id` bound.
 pub(super) fn bind_entry<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    query: PgQuery<'q>,
     id: &'q str,
     entry: &'q StoredEntry,
-) -> StoreResult<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
+) -> StoreResult<PgQuery<'q>> {
+    bind_entry_fields(query.bind(id).bind(i64::from(entry.index)), entry)
+}
+
+/// `query` with the fields of `entry` that follow its invocation id and index in
+/// [`ENTRY_COLUMNS`] (seven of them, from `kind` to `at_ms`) bound.
+pub(super) fn bind_entry_fields<'q>(
+    query: PgQuery<'q>,
+    entry: &'q StoredEntry,
+) -> StoreResult<PgQuery<'q>> {
     let failure = entry.failure.as_ref().map(to_json).transpose()?;
     Ok(query
-        .bind(id)
-        .bind(i64::from(entry.index))
         .bind(entry.kind.as_str())
         .bind(&entry.name)
         .bind(&entry.value)

@@ -14,8 +14,25 @@ use super::{backend, corrupt, DB_NOW_MS};
 use crate::store::tables::*;
 use crate::store::*;
 
-/// The condition on `$1` of a parent's unfinished children.
-const OPEN_CHILDREN: &str = "WHERE parent_invocation_id = $1 AND completed_at_ms IS NULL";
+/// The unfinished children of the parent the parameter `parent` (`$1`, ...) names, in
+/// order, as the end of a query.
+fn open_children_of(parent: &str) -> String {
+    format!(
+        "FROM invocations WHERE parent_invocation_id = {parent} \
+         AND completed_at_ms IS NULL ORDER BY id"
+    )
+}
+
+/// What the end of a run deletes and abandons, as parts of a `WITH` on the run the
+/// parameter `run` names, each only where `gate` (an `AND ...` or nothing) holds: its
+/// timers, and its pending and accepted updates.
+fn closing_parts(run: &str, gate: &str) -> String {
+    format!(
+        "timers AS (DELETE FROM timers WHERE invocation_id = {run}{gate}), \
+         updates AS (UPDATE updates SET status = 'abandoned' WHERE invocation_id = {run} \
+         AND status IN ('pending', 'accepted'){gate})"
+    )
+}
 
 /// A child's `(id, parent_close)` row.
 fn open_child(row: &PgRow) -> StoreResult<(String, ParentClose)> {
@@ -340,20 +357,16 @@ impl Invocations for PgTx<'_> {
         // the parameters after the end's), the timers, the updates; and the children,
         // read in the statement's snapshot (they are other rows).
         let (update, n) = end_update(end, unless_arrivals);
-        let [kind, name, value, content_type, failure, entry_attempt, at_ms] =
-            std::array::from_fn(|i| n + 1 + i);
-        let children = "FROM invocations WHERE parent_invocation_id = $2 \
-                        AND completed_at_ms IS NULL ORDER BY id";
+        let fields = (n + 1..=n + 7)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let closing = closing_parts("$2", " AND EXISTS (SELECT FROM ended)");
+        let children = open_children_of("$2");
         let sql = format!(
             "WITH ended AS ({update} RETURNING {INVOCATION_COLUMNS}), \
-             output AS (INSERT INTO journal (invocation_id, idx, kind, name, value, \
-             content_type, failure, attempt, at_ms) SELECT id, journal_len - 1, ${kind}, \
-             ${name}, ${value}, ${content_type}, ${failure}, ${entry_attempt}, ${at_ms} \
-             FROM ended), \
-             timers AS (DELETE FROM timers WHERE invocation_id = $2 \
-             AND EXISTS (SELECT FROM ended)), \
-             updates AS (UPDATE updates SET status = 'abandoned' WHERE invocation_id = $2 \
-             AND status IN ('pending', 'accepted') AND EXISTS (SELECT FROM ended)) \
+             output AS (INSERT INTO journal ({ENTRY_COLUMNS}) \
+             SELECT id, journal_len - 1, {fields} FROM ended), {closing} \
              SELECT ended.*, ARRAY(SELECT id {children}) AS children, \
              ARRAY(SELECT parent_close {children}) AS parent_close FROM ended"
         );
@@ -365,14 +378,8 @@ impl Invocations for PgTx<'_> {
             None,
             output_bytes,
             now_ms,
-        )?
-        .bind(output.kind.as_str())
-        .bind(&output.name)
-        .bind(&output.value)
-        .bind(&output.content_type)
-        .bind(output.failure.as_ref().map(to_json).transpose()?)
-        .bind(i64::from(output.attempt))
-        .bind(output.at_ms);
+        )?;
+        let query = bind_entry_fields(query, output)?;
         let Some(row) = self.optional(query).await? else {
             return Ok(None);
         };
@@ -714,7 +721,8 @@ impl Invocations for PgTx<'_> {
         let rows = self
             .all(
                 sqlx::query(&format!(
-                    "SELECT id, parent_close FROM invocations {OPEN_CHILDREN} ORDER BY id"
+                    "SELECT id, parent_close {}",
+                    open_children_of("$1")
                 ))
                 .bind(parent),
             )
@@ -731,11 +739,9 @@ impl Invocations for PgTx<'_> {
         // query reads them: the output entry, the timers and the updates in one round trip
         // with the read of the children.
         let sql = format!(
-            "WITH output AS ({INSERT_ENTRY}), \
-             timers AS (DELETE FROM timers WHERE invocation_id = $1), \
-             updates AS (UPDATE updates SET status = 'abandoned' \
-             WHERE invocation_id = $1 AND status IN ('pending', 'accepted')) \
-             SELECT id, parent_close FROM invocations {OPEN_CHILDREN} ORDER BY id"
+            "WITH output AS ({INSERT_ENTRY}), {} SELECT id, parent_close {}",
+            closing_parts("$1", ""),
+            open_children_of("$1")
         );
         let rows = self.all(bind_entry(sqlx::query(&sql), id, output)?).await?;
         rows.iter().map(open_child).collect()
