@@ -1011,6 +1011,102 @@ async fn the_same_append_sent_again_answers_the_recorded_entry(store: &dyn Store
     );
 }
 
+/// Many invocations created and written at once (on PostgreSQL, the rows of a batch's
+/// writes go in one statement per kind): each gets its own rows, once, and the appends of
+/// one invocation keep their order.
+async fn writes_of_many_invocations_at_once_each_land_once(store: &dyn Store) {
+    let created = futures_util::future::join_all((0..32).map(|_| create(store, None, T0))).await;
+    let records: Vec<InvocationRecord> = created
+        .into_iter()
+        .map(|created| match created {
+            Created::New { record, .. } => record,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    for record in &records {
+        assert_eq!(record.status, Status::Running);
+        assert_eq!(record.attempt, 1);
+        let journal = store.read_journal(&record.id).await.unwrap();
+        assert_eq!(journal.len(), 1, "the input entry of {}", record.id);
+    }
+    // Invocation 0 takes eight appends at any free index, sent at once; every other one
+    // two appends in turn.
+    let first = &records[0];
+    let anywhere = (0..8).map(|i| {
+        let entry = NewEntry {
+            index: None,
+            ..charge(first, 1, &format!("any{i}"))
+        };
+        async move { store.append_entry(&first.id, 1, entry, T0).await }
+    });
+    let in_turn = records[1..].iter().map(|record| async move {
+        let a = store.append_entry(&record.id, 1, charge(record, 1, "a"), T0);
+        let a = a.await.unwrap();
+        let b = store.append_entry(&record.id, 1, charge(record, 2, "bb"), T0);
+        (a.index, b.await.unwrap().index)
+    });
+    let (anywhere, in_turn) = futures_util::future::join(
+        futures_util::future::join_all(anywhere),
+        futures_util::future::join_all(in_turn),
+    )
+    .await;
+    let mut indexes: Vec<u32> = anywhere.into_iter().map(|e| e.unwrap().index).collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, (1..=8).collect::<Vec<u32>>());
+    let journal = store.read_journal(&first.id).await.unwrap();
+    assert_eq!(journal.len(), 9);
+    let mut values: Vec<String> = journal[1..]
+        .iter()
+        .map(|e| String::from_utf8(e.value.clone().unwrap()).unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(
+        values,
+        (0..8).map(|i| format!("any{i}")).collect::<Vec<_>>()
+    );
+    for (record, indexes) in records[1..].iter().zip(in_turn) {
+        assert_eq!(indexes, (1, 2));
+        let journal = store.read_journal(&record.id).await.unwrap();
+        let values: Vec<Option<&[u8]>> = journal.iter().map(|e| e.value.as_deref()).collect();
+        assert_eq!(values[1..], [Some(b"a".as_slice()), Some(b"bb".as_slice())]);
+        let now = store.get_invocation(&record.id).await.unwrap().unwrap();
+        assert_eq!(now.journal_len, 3);
+        assert_eq!(now.journal_bytes, record.journal_bytes + 2 * 6 + 3);
+    }
+    // They all complete at once, the last step with the output; one end comes from a
+    // stale attempt and is refused without taking its neighbours with it.
+    let ends = records[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, record)| async move {
+            let attempt = if i == 5 { 7 } else { 1 };
+            let last = vec![charge(record, 3, "c")];
+            let output = completed(&format!("done{i}"));
+            store
+                .end_attempt_after(&record.id, attempt, last, output, T0 + 1)
+                .await
+        });
+    let ends = futures_util::future::join_all(ends).await;
+    for (i, (record, ended)) in records[1..].iter().zip(ends).enumerate() {
+        let journal = store.read_journal(&record.id).await.unwrap();
+        let now = store.get_invocation(&record.id).await.unwrap().unwrap();
+        if i == 5 {
+            assert!(matches!(ended, Err(StoreError::Fenced { .. })), "{ended:?}");
+            assert_eq!((now.status, journal.len()), (Status::Running, 3));
+            continue;
+        }
+        let (ended, output, _) = ended.unwrap();
+        assert_eq!(ended.status, Status::Completed);
+        assert_eq!(now.status, Status::Completed);
+        assert_eq!((now.journal_len, journal.len()), (5, 5));
+        assert_eq!(journal[3].value.as_deref(), Some(b"c".as_slice()));
+        assert_eq!(journal[4].kind, EntryKind::Output);
+        let expected = format!("done{i}");
+        assert_eq!(journal[4].value.as_deref(), Some(expected.as_bytes()));
+        assert_eq!(output.map(|o| o.index), Some(4));
+    }
+}
+
 /// Writes refused in the middle of a busy moment (stale attempts, a wrong index) write
 /// nothing and leave every other write of their transaction: on PostgreSQL, a batch of
 /// appends that fails without savepoints is run again with one per write.
@@ -2335,6 +2431,7 @@ conformance! {
     a_suspension_takes_the_signal_that_arrived_first,
     the_same_append_sent_again_answers_the_recorded_entry,
     refused_writes_leave_their_neighbours_in_the_batch,
+    writes_of_many_invocations_at_once_each_land_once,
     an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,
     ended_invocations_are_purged_after_their_retention_with_all_they_kept,
     a_journal_past_its_limits_takes_no_more_entries => JournalLimits {

@@ -6,9 +6,11 @@
 //! routing key, an invocation id, hashes to, so that the writes of one invocation keep
 //! their order); a writer takes what has queued up (up to [`MAX_BATCH`]), runs it in one
 //! transaction, commits once and only then answers each caller. A batch of rules that may
-//! run again (the hot ones: creations, appends, ends, claims) runs without savepoints, one
-//! statement per table call; when one of them fails (a failed statement, a fence), the
-//! batch is rolled back and run again with a savepoint for each write. Any other batch of
+//! run again (the hot ones: creations, appends, ends, claims) runs without savepoints and
+//! side by side, the rows of their creations, appends and completions written by one
+//! statement per kind for the whole batch (`batch.rs`); when one of them fails (a failed
+//! statement, a fence), the batch is rolled back and run again, one write at a time with a
+//! savepoint for each. Any other batch of
 //! several writes runs each under a savepoint of its own from the start. Either way a write
 //! that fails is rolled back and leaves its neighbours' writes in the batch. Reads run on
 //! the pool.
@@ -23,7 +25,8 @@
 //! `lease.rs`). Every lease time is the database's clock, which [`Store::database_clock`]
 //! follows, so that every node compares due times with one clock too.
 //!
-//! This file holds the pool, the group commit and the migrations; `lease.rs` the node's
+//! This file holds the pool, the group commit and the migrations; `batch.rs` the writes of
+//! a batch side by side; `lease.rs` the node's
 //! session (its node-id lock and its lease renewals); `clock.rs` the database's clock;
 //! `rows.rs` the row mappings and shared statements; `tables.rs` the tables (SQL only, with
 //! their locks; the rules that use them are in `lifecycle/` and `journal/`); `store.rs` the
@@ -35,12 +38,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, PgConnection, Postgres};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
+mod batch;
 mod clock;
 mod egress;
 mod lease;
@@ -64,14 +69,17 @@ type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// A write that runs once: inside the batch's transaction, under a savepoint when the batch
 /// has others; the flag is true when it failed, so that its savepoint is rolled back.
 type OnceOp = Box<dyn for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, (Reply, bool)> + Send>;
-/// A write that may run again, in the batch's next try.
+/// A write that may run again, in the batch's next try: alone on the connection, or side
+/// by side with the batch's other writes (see `batch.rs`).
 type RepeatableRun = std::sync::Arc<
-    dyn for<'c> Fn(&'c mut PgConnection) -> BoxFuture<'c, StoreResult<TxOutput>> + Send + Sync,
+    dyn for<'c> Fn(batch::TxConn<'c>) -> BoxFuture<'c, StoreResult<TxOutput>> + Send + Sync,
 >;
 
 enum WriteOp {
     Once(OnceOp),
     Repeatable {
+        /// The hash of its routing key: the writes of one key run in turn.
+        route: u64,
         run: RepeatableRun,
         reply: oneshot::Sender<StoreResult<TxOutput>>,
     },
@@ -82,8 +90,8 @@ impl WriteOp {
     async fn run(self, conn: &mut PgConnection) -> (Reply, bool) {
         match self {
             WriteOp::Once(op) => op(conn).await,
-            WriteOp::Repeatable { run, reply } => {
-                let result = run(conn).await;
+            WriteOp::Repeatable { run, reply, .. } => {
+                let result = run(batch::TxConn::Alone(conn)).await;
                 let failed = result.is_err();
                 (answer(reply, result), failed)
             }
@@ -253,8 +261,9 @@ impl PostgresStore {
     /// As [`PostgresStore::write`], for a write that may run again.
     async fn write_repeatable(&self, key: &str, run: RepeatableRun) -> StoreResult<TxOutput> {
         let (reply, rx) = oneshot::channel();
+        let route = route(key);
         self.writer(key)
-            .send(WriteOp::Repeatable { run, reply })
+            .send(WriteOp::Repeatable { route, run, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await
@@ -263,15 +272,20 @@ impl PostgresStore {
 
     /// The writer task `key` routes to.
     fn writer(&self, key: &str) -> &mpsc::Sender<WriteOp> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut hasher);
-        &self.writers[hasher.finish() as usize % self.writers.len()]
+        &self.writers[route(key) as usize % self.writers.len()]
     }
 
     /// A connection of the pool for reads, outside any transaction of the writers.
     async fn reader(&self) -> StoreResult<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         self.pool.acquire().await.map_err(backend)
     }
+}
+
+/// The hash of a routing key.
+fn route(key: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
 }
 
 async fn write_loop(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
@@ -326,7 +340,9 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
         .iter()
         .all(|op| matches!(op, WriteOp::Repeatable { .. }))
     {
-        match without_savepoints(&mut conn, batch).await {
+        let (back, done) = without_savepoints(conn, batch).await;
+        conn = back;
+        match done {
             Ok(done) => replies = done,
             Err(error) => broken = Some(error),
         }
@@ -375,41 +391,39 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
     }
 }
 
-/// Runs a batch of writes that may run again without savepoints. When every one succeeded,
-/// their replies, and `batch` is empty; when one failed, the transaction is rolled back and
-/// begun again, and `batch` is left whole, for a savepoint each.
+/// Runs a batch of writes that may run again without savepoints, side by side (see
+/// `batch.rs`). The connection back, and: when every one succeeded, their replies, and
+/// `batch` is empty; when one failed, the transaction is rolled back and begun again, and
+/// `batch` is left whole, for a savepoint each.
 async fn without_savepoints(
-    conn: &mut PgConnection,
+    conn: PoolConnection<Postgres>,
     batch: &mut Vec<WriteOp>,
-) -> StoreResult<Vec<Reply>> {
-    let runs: Vec<RepeatableRun> = batch
+) -> (PoolConnection<Postgres>, StoreResult<Vec<Reply>>) {
+    let runs: Vec<(u64, RepeatableRun)> = batch
         .iter()
         .filter_map(|op| match op {
-            WriteOp::Repeatable { run, .. } => Some(std::sync::Arc::clone(run)),
+            WriteOp::Repeatable { route, run, .. } => Some((*route, std::sync::Arc::clone(run))),
             WriteOp::Once(_) => None,
         })
         .collect();
-    let mut results = Vec::with_capacity(batch.len());
-    for run in runs {
-        match run(&mut *conn).await {
-            Ok(output) => results.push(output),
-            Err(_) => break,
-        }
-    }
-    if results.len() < batch.len() {
+    let (mut conn, outputs) = batch::run_side_by_side(conn, runs).await;
+    let Some(outputs) = outputs else {
         metrics::counter!(crate::store::BATCH_RETRIED_METRIC).increment(1);
-        run(&mut *conn, "ROLLBACK").await?;
-        run(&mut *conn, "BEGIN").await?;
-        return Ok(Vec::new());
-    }
-    Ok(batch
+        let again = match run(&mut conn, "ROLLBACK").await {
+            Ok(()) => run(&mut conn, "BEGIN").await,
+            Err(error) => Err(error),
+        };
+        return (conn, again.map(|()| Vec::new()));
+    };
+    let replies = batch
         .drain(..)
-        .zip(results)
+        .zip(outputs)
         .filter_map(|(op, output)| match op {
             WriteOp::Repeatable { reply, .. } => Some(answer(reply, Ok(output))),
             WriteOp::Once(_) => None,
         })
-        .collect())
+        .collect();
+    (conn, Ok(replies))
 }
 
 async fn run(conn: &mut PgConnection, sql: &str) -> StoreResult<()> {

@@ -46,6 +46,7 @@ impl Store for PostgresStore {
         let lease = self.lease.clone();
         self.write(key, move |conn| {
             Box::pin(async move {
+                let conn = super::batch::TxConn::Alone(conn);
                 let mut tx = super::tables::PgTx { conn, lease };
                 rule(&mut tx).await
             })

@@ -8,6 +8,7 @@ use durin_protocol::{EntryKind, Failure};
 use sqlx::postgres::PgRow;
 use sqlx::PgConnection;
 
+use super::batch::TxConn;
 use super::lease::Lease;
 use super::rows::*;
 use super::{backend, corrupt, DB_NOW_MS};
@@ -45,6 +46,22 @@ fn open_child(row: &PgRow) -> StoreResult<(String, ParentClose)> {
 /// not end the invocation) and the end's own parameters from `$5` (see [`bind_end`]); with
 /// the number of its last parameter.
 fn end_update(end: &AttemptEnd, unless_arrivals: bool) -> (String, usize) {
+    let (set, last) = end_set(end, "$1");
+    let arrivals = if unless_arrivals {
+        " AND COALESCE(arrived_during_attempt, -1) <> $3"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE invocations SET {set}, journal_bytes = journal_bytes + $4, \
+         modified_at_ms = $1 WHERE id = $2 AND attempt = $3 AND status = 'running'{arrivals}"
+    );
+    (sql, last)
+}
+
+/// The columns an end (`end`) sets on the run's row, with `now` for the time and the end's
+/// own parameters from `$5`; with the number of its last parameter.
+fn end_set(end: &AttemptEnd, now: &str) -> (String, usize) {
     let (set, last) = match end {
         AttemptEnd::Completed { .. } => (
             "status = 'completed', journal_len = journal_len + 1, completed_at_ms = $1, \
@@ -77,16 +94,7 @@ fn end_update(end: &AttemptEnd, unless_arrivals: bool) -> (String, usize) {
             4,
         ),
     };
-    let arrivals = if unless_arrivals {
-        " AND COALESCE(arrived_during_attempt, -1) <> $3"
-    } else {
-        ""
-    };
-    let sql = format!(
-        "UPDATE invocations SET {set}, journal_bytes = journal_bytes + $4, \
-         modified_at_ms = $1 WHERE id = $2 AND attempt = $3 AND status = 'running'{arrivals}"
-    );
-    (sql, last)
+    (set.replace("$1", now), last)
 }
 
 /// `query` (on [`end_update`]'s parameters first) with the end's parameters bound.
@@ -129,11 +137,257 @@ fn bind_end<'q>(
 /// A writer's connection inside the batch's transaction, and this node's lease, which the
 /// first attempt of a new invocation takes.
 pub(super) struct PgTx<'c> {
-    pub(super) conn: &'c mut PgConnection,
+    pub(super) conn: TxConn<'c>,
     pub(super) lease: Lease,
 }
 
+/// An append's growth of an invocation's journal, a row of [`grow_journals`].
+#[derive(Clone)]
+pub(super) struct GrowRow {
+    pub(super) id: String,
+    attempt: i64,
+    index: Option<i64>,
+    token: Option<String>,
+    bytes: i64,
+    max_entries: i64,
+    max_bytes: i64,
+    kind: &'static str,
+    name: Option<String>,
+    value: Option<Vec<u8>>,
+    content_type: Option<String>,
+    failure: Option<String>,
+    at_ms: i64,
+}
+
+/// Grows the journal of each row's invocation by the row's entry, at its next free index,
+/// where its attempt (and index, and token, when given) still hold and within the row's
+/// limits: for each row, in order, the index its entry took, or `None` when refused. The
+/// rows name distinct invocations.
+pub(super) async fn grow_journals(
+    conn: &mut PgConnection,
+    rows: &[GrowRow],
+) -> StoreResult<Vec<Option<u32>>> {
+    let column = |f: fn(&GrowRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    let found = sqlx::query(
+        "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], \
+         $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[], $9::TEXT[], \
+         $10::BYTEA[], $11::TEXT[], $12::TEXT[], $13::BIGINT[]) AS r(id, attempt, idx, \
+         token, bytes, max_entries, max_bytes, kind, name, value, content_type, failure, \
+         at_ms)), \
+         grown AS (UPDATE invocations i SET journal_len = i.journal_len + 1, \
+         journal_bytes = i.journal_bytes + r.bytes, position_failures = 0, \
+         modified_at_ms = r.at_ms FROM input r \
+         WHERE i.id = r.id AND i.attempt = r.attempt AND i.status = 'running' \
+         AND (r.idx IS NULL OR i.journal_len = r.idx) \
+         AND (r.token IS NULL OR i.attempt_token = r.token) \
+         AND i.journal_len < r.max_entries AND i.journal_bytes + r.bytes <= r.max_bytes \
+         RETURNING i.id, i.journal_len) \
+         INSERT INTO journal (invocation_id, idx, kind, name, value, content_type, failure, \
+         attempt, at_ms) \
+         SELECT r.id, g.journal_len - 1, r.kind, r.name, r.value, r.content_type, r.failure, \
+         r.attempt, r.at_ms FROM grown g JOIN input r ON r.id = g.id \
+         RETURNING invocation_id, idx",
+    )
+    .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+    .bind(column(|r| r.attempt))
+    .bind(rows.iter().map(|r| r.index).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.token.as_deref()).collect::<Vec<_>>())
+    .bind(column(|r| r.bytes))
+    .bind(column(|r| r.max_entries))
+    .bind(column(|r| r.max_bytes))
+    .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.name.as_deref()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.content_type.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.failure.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|r| r.at_ms))
+    .fetch_all(conn)
+    .await
+    .map_err(backend)?;
+    let mut grown = std::collections::HashMap::with_capacity(found.len());
+    for row in &found {
+        grown.insert(get::<String>(row, 0)?, get_u32(row, 1)?);
+    }
+    Ok(rows.iter().map(|r| grown.get(&r.id).copied()).collect())
+}
+
+/// A new invocation with its first attempt running, leased to this node, and its input
+/// entry: a row of [`insert_runnings`].
+#[derive(Clone)]
+pub(super) struct RunningRow {
+    pub(super) id: String,
+    service: String,
+    handler: String,
+    deployment_id: String,
+    now_ms: i64,
+    idempotency_key: Option<String>,
+    token: String,
+    workflow_id: Option<String>,
+    input_bytes: i64,
+    deadline_ms: Option<i64>,
+    traceparent: Option<String>,
+    lease_owner: String,
+    lease_ms: i64,
+    kind: &'static str,
+    value: Option<Vec<u8>>,
+    content_type: Option<String>,
+    at_ms: i64,
+}
+
+/// Inserts each row's invocation and its input entry (whose foreign key is checked at the
+/// statement's end, when the invocation is there): for each row, in order, its record.
+pub(super) async fn insert_runnings(
+    conn: &mut PgConnection,
+    rows: &[RunningRow],
+) -> StoreResult<Vec<Option<InvocationRecord>>> {
+    let text = |f: fn(&RunningRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+    let maybe = |f: fn(&RunningRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
+    let number = |f: fn(&RunningRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    let sql = format!(
+        "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
+         $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], \
+         $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::TEXT[], $15::BYTEA[], $16::TEXT[], \
+         $17::BIGINT[]) AS r(id, service, handler, deployment_id, now_ms, idempotency_key, \
+         token, workflow_id, journal_bytes, deadline_ms, traceparent, lease_owner, lease_ms, \
+         kind, value, content_type, at_ms)), \
+         invocation AS (INSERT INTO invocations (id, service, handler, deployment_id, \
+         status, attempt, failures, position_failures, journal_len, next_run_at_ms, \
+         idempotency_key, created_at_ms, modified_at_ms, attempt_token, workflow_id, \
+         journal_bytes, deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent, \
+         lease_owner, lease_expires_at_ms) \
+         SELECT id, service, handler, deployment_id, 'running', 1, 0, 0, 1, NULL::BIGINT, \
+         idempotency_key, now_ms, now_ms, token, workflow_id, journal_bytes, deadline_ms, \
+         now_ms, now_ms, traceparent, lease_owner, {DB_NOW_MS} + lease_ms FROM input \
+         RETURNING {INVOCATION_COLUMNS}), \
+         input_entry AS (INSERT INTO journal (invocation_id, idx, kind, name, value, \
+         content_type, failure, attempt, at_ms) \
+         SELECT id, 0, kind, NULL::TEXT, value, content_type, NULL::TEXT, 0, at_ms \
+         FROM input) \
+         SELECT {INVOCATION_COLUMNS} FROM invocation"
+    );
+    let found = sqlx::query(&sql)
+        .bind(text(|r| &r.id))
+        .bind(text(|r| &r.service))
+        .bind(text(|r| &r.handler))
+        .bind(text(|r| &r.deployment_id))
+        .bind(number(|r| r.now_ms))
+        .bind(maybe(|r| r.idempotency_key.as_deref()))
+        .bind(text(|r| &r.token))
+        .bind(maybe(|r| r.workflow_id.as_deref()))
+        .bind(number(|r| r.input_bytes))
+        .bind(rows.iter().map(|r| r.deadline_ms).collect::<Vec<_>>())
+        .bind(maybe(|r| r.traceparent.as_deref()))
+        .bind(text(|r| &r.lease_owner))
+        .bind(number(|r| r.lease_ms))
+        .bind(text(|r| r.kind))
+        .bind(rows.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
+        .bind(maybe(|r| r.content_type.as_deref()))
+        .bind(number(|r| r.at_ms))
+        .fetch_all(conn)
+        .await
+        .map_err(backend)?;
+    let mut records = std::collections::HashMap::with_capacity(found.len());
+    for row in &found {
+        let record = invocation(row)?;
+        records.insert(record.id.to_string(), record);
+    }
+    Ok(rows.iter().map(|r| records.remove(&r.id)).collect())
+}
+
 pub(super) const UPDATE_COLUMNS: &str = "invocation_id, id, name, status, result, failure";
+
+/// The completion of a run's attempt with its output entry: a row of [`complete_runs`].
+#[derive(Clone)]
+pub(super) struct CompletionRow {
+    pub(super) id: String,
+    attempt: i64,
+    now_ms: i64,
+    output_bytes: i64,
+    kind: &'static str,
+    name: Option<String>,
+    value: Option<Vec<u8>>,
+    content_type: Option<String>,
+    failure: Option<String>,
+    at_ms: i64,
+}
+
+/// A run just ended: its record, and its unfinished children with their parent-close
+/// policies.
+pub(super) type Closed = (InvocationRecord, Vec<(String, ParentClose)>);
+
+/// Completes each row's run, fenced by its attempt and refused when an arrival was noted
+/// during that attempt, and closes it as `record_final_end` does (its output entry at the
+/// index the update reserved, its timers, its updates; its open children read): for each
+/// row, in order, the run and its children, or `None` when refused. The rows name distinct
+/// runs.
+pub(super) async fn complete_runs(
+    conn: &mut PgConnection,
+    rows: &[CompletionRow],
+) -> StoreResult<Vec<Option<Closed>>> {
+    let completed = AttemptEnd::Completed {
+        output: Vec::new(),
+        content_type: None,
+    };
+    let (set, _) = end_set(&completed, "in_now_ms");
+    let closing = closing_parts("ANY(ARRAY(SELECT id FROM ended))", "");
+    let children = open_children_of("ended.id");
+    // The input's columns are named apart from the invocation's, which the update's
+    // `SET` and `RETURNING` name unqualified.
+    let sql = format!(
+        "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], \
+         $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::BYTEA[], $8::TEXT[], $9::TEXT[], \
+         $10::BIGINT[]) AS r(in_id, in_attempt, in_now_ms, in_bytes, in_kind, in_name, \
+         in_value, in_content_type, in_failure, in_at_ms)), \
+         ended AS (UPDATE invocations SET {set}, journal_bytes = journal_bytes + in_bytes, \
+         modified_at_ms = in_now_ms FROM input \
+         WHERE id = in_id AND attempt = in_attempt AND status = 'running' \
+         AND COALESCE(arrived_during_attempt, -1) <> in_attempt \
+         RETURNING {INVOCATION_COLUMNS}), \
+         output AS (INSERT INTO journal ({ENTRY_COLUMNS}) \
+         SELECT id, journal_len - 1, in_kind, in_name, in_value, in_content_type, \
+         in_failure, in_attempt, in_at_ms FROM ended JOIN input ON in_id = id), {closing} \
+         SELECT ended.*, ARRAY(SELECT id {children}) AS children, \
+         ARRAY(SELECT parent_close {children}) AS parent_close FROM ended"
+    );
+    let number = |f: fn(&CompletionRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    let maybe = |f: fn(&CompletionRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
+    let found = sqlx::query(&sql)
+        .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+        .bind(number(|r| r.attempt))
+        .bind(number(|r| r.now_ms))
+        .bind(number(|r| r.output_bytes))
+        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+        .bind(maybe(|r| r.name.as_deref()))
+        .bind(rows.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
+        .bind(maybe(|r| r.content_type.as_deref()))
+        .bind(maybe(|r| r.failure.as_deref()))
+        .bind(number(|r| r.at_ms))
+        .fetch_all(conn)
+        .await
+        .map_err(backend)?;
+    let mut closed = std::collections::HashMap::with_capacity(found.len());
+    for row in &found {
+        let record = invocation(row)?;
+        let ids: Vec<String> = sqlx::Row::try_get(row, "children").map_err(backend)?;
+        let policies: Vec<Option<String>> =
+            sqlx::Row::try_get(row, "parent_close").map_err(backend)?;
+        let children = ids
+            .into_iter()
+            .zip(policies)
+            .map(|(id, policy)| (id, parent_close(policy.as_deref())))
+            .collect();
+        closed.insert(record.id.to_string(), (record, children));
+    }
+    Ok(rows.iter().map(|r| closed.remove(&r.id)).collect())
+}
 
 /// An update's row.
 pub(super) fn update_row(row: &PgRow) -> StoreResult<UpdateRecord> {
@@ -159,18 +413,24 @@ type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArgume
 impl PgTx<'_> {
     async fn execute(&mut self, query: Query<'_>) -> StoreResult<u64> {
         Ok(query
-            .execute(&mut *self.conn)
+            .execute(&mut *self.conn.lock().await)
             .await
             .map_err(backend)?
             .rows_affected())
     }
 
     async fn optional(&mut self, query: Query<'_>) -> StoreResult<Option<PgRow>> {
-        query.fetch_optional(&mut *self.conn).await.map_err(backend)
+        query
+            .fetch_optional(&mut *self.conn.lock().await)
+            .await
+            .map_err(backend)
     }
 
     async fn all(&mut self, query: Query<'_>) -> StoreResult<Vec<PgRow>> {
-        query.fetch_all(&mut *self.conn).await.map_err(backend)
+        query
+            .fetch_all(&mut *self.conn.lock().await)
+            .await
+            .map_err(backend)
     }
 
     async fn returning(&mut self, query: Query<'_>) -> StoreResult<Option<InvocationRecord>> {
@@ -185,11 +445,11 @@ impl PgTx<'_> {
 #[async_trait]
 impl Invocations for PgTx<'_> {
     async fn invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>> {
-        fetch_invocation(self.conn, id).await
+        fetch_invocation(&mut *self.conn.lock().await, id).await
     }
 
     async fn lock_invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>> {
-        lock_invocation(self.conn, id).await
+        lock_invocation(&mut *self.conn.lock().await, id).await
     }
 
     async fn insert_running(
@@ -199,46 +459,26 @@ impl Invocations for PgTx<'_> {
         token: &str,
         input: &StoredEntry,
     ) -> StoreResult<InvocationRecord> {
-        // The input entry in the same statement; its foreign key is checked at the
-        // statement's end, when the invocation is there.
-        let sql = format!(
-            "WITH invocation AS (INSERT INTO invocations (id, service, handler, deployment_id, \
-             status, attempt, failures, position_failures, journal_len, next_run_at_ms, \
-             idempotency_key, created_at_ms, modified_at_ms, attempt_token, workflow_id, \
-             journal_bytes, deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent, \
-             lease_owner, lease_expires_at_ms) \
-             VALUES ($1, $2, $3, $4, 'running', 1, 0, 0, 1, NULL, $6, $5, $5, $7, $8, $9, $10, \
-             $5, $5, $11, $12, {DB_NOW_MS} + $13) \
-             RETURNING {INVOCATION_COLUMNS}), \
-             input AS (INSERT INTO journal (invocation_id, idx, kind, name, value, \
-             content_type, failure, attempt, at_ms) \
-             VALUES ($1, 0, $14, NULL, $15, $16, NULL, 0, $17)) \
-             SELECT {INVOCATION_COLUMNS} FROM invocation"
-        );
-        let owner = self.lease.owner.clone();
-        let lease_ms = self.lease.ms;
-        self.returning(
-            sqlx::query(&sql)
-                .bind(new.id.as_str())
-                .bind(&new.target.service)
-                .bind(&new.target.handler)
-                .bind(&new.target.deployment_id)
-                .bind(new.now_ms)
-                .bind(new.idempotency.as_ref().map(|c| c.key.as_str()))
-                .bind(token)
-                .bind(workflow_id)
-                .bind(new.input.len() as i64)
-                .bind(new.deadline_ms)
-                .bind(new.traceparent.as_deref())
-                .bind(&*owner)
-                .bind(lease_ms)
-                .bind(input.kind.as_str())
-                .bind(&input.value)
-                .bind(&input.content_type)
-                .bind(input.at_ms),
-        )
-        .await?
-        .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))
+        let row = RunningRow {
+            id: new.id.to_string(),
+            service: new.target.service.clone(),
+            handler: new.target.handler.clone(),
+            deployment_id: new.target.deployment_id.clone(),
+            now_ms: new.now_ms,
+            idempotency_key: new.idempotency.as_ref().map(|c| c.key.clone()),
+            token: token.to_owned(),
+            workflow_id: workflow_id.map(str::to_owned),
+            input_bytes: new.input.len() as i64,
+            deadline_ms: new.deadline_ms,
+            traceparent: new.traceparent.clone(),
+            lease_owner: self.lease.owner.to_string(),
+            lease_ms: self.lease.ms,
+            kind: input.kind.as_str(),
+            value: input.value.clone(),
+            content_type: input.content_type.clone(),
+            at_ms: input.at_ms,
+        };
+        self.conn.insert_running(row).await
     }
 
     async fn insert_pending(&mut self, new: &Pending<'_>, now_ms: i64) -> StoreResult<()> {
@@ -281,38 +521,22 @@ impl Invocations for PgTx<'_> {
         max_bytes: i64,
         entry: &StoredEntry,
     ) -> StoreResult<Option<u32>> {
-        let failure = entry.failure.as_ref().map(to_json).transpose()?;
-        let row = self
-            .optional(
-                sqlx::query(
-                    "WITH grown AS (UPDATE invocations SET journal_len = journal_len + 1, \
-                     journal_bytes = journal_bytes + $6, position_failures = 0, \
-                     modified_at_ms = $1 \
-                     WHERE id = $2 AND attempt = $3 AND status = 'running' \
-                     AND ($4::BIGINT IS NULL OR journal_len = $4) \
-                     AND ($5::TEXT IS NULL OR attempt_token = $5) \
-                     AND journal_len < $7 AND journal_bytes + $6 <= $8 RETURNING journal_len) \
-                     INSERT INTO journal (invocation_id, idx, kind, name, value, content_type, \
-                     failure, attempt, at_ms) \
-                     SELECT $2, journal_len - 1, $9, $10, $11, $12, $13, $3, $1 FROM grown \
-                     RETURNING idx",
-                )
-                .bind(entry.at_ms)
-                .bind(id)
-                .bind(i64::from(attempt))
-                .bind(index.map(i64::from))
-                .bind(token)
-                .bind(bytes)
-                .bind(i64::from(max_entries))
-                .bind(max_bytes)
-                .bind(entry.kind.as_str())
-                .bind(&entry.name)
-                .bind(&entry.value)
-                .bind(&entry.content_type)
-                .bind(failure),
-            )
-            .await?;
-        row.as_ref().map(|row| get_u32(row, 0)).transpose()
+        let row = GrowRow {
+            id: id.to_owned(),
+            attempt: i64::from(attempt),
+            index: index.map(i64::from),
+            token: token.map(str::to_owned),
+            bytes,
+            max_entries: i64::from(max_entries),
+            max_bytes,
+            kind: entry.kind.as_str(),
+            name: entry.name.clone(),
+            value: entry.value.clone(),
+            content_type: entry.content_type.clone(),
+            failure: entry.failure.as_ref().map(to_json).transpose()?,
+            at_ms: entry.at_ms,
+        };
+        self.conn.grow(row).await
     }
 
     async fn add_bytes(&mut self, id: &str, bytes: i64) -> StoreResult<()> {
@@ -352,6 +576,22 @@ impl Invocations for PgTx<'_> {
         now_ms: i64,
         output: &StoredEntry,
     ) -> StoreResult<Option<(InvocationRecord, Vec<(String, ParentClose)>)>> {
+        if let (AttemptEnd::Completed { .. }, true) = (end, unless_arrivals) {
+            // The common end, in the batch's statement of completions when it has one.
+            let row = CompletionRow {
+                id: id.to_owned(),
+                attempt: i64::from(attempt),
+                now_ms,
+                output_bytes,
+                kind: output.kind.as_str(),
+                name: output.name.clone(),
+                value: output.value.clone(),
+                content_type: output.content_type.clone(),
+                failure: output.failure.as_ref().map(to_json).transpose()?,
+                at_ms: output.at_ms,
+            };
+            return self.conn.complete(row).await;
+        }
         // The end's update, then what `close_run` does, each part only when the update
         // wrote the row: the output entry at the index it reserved (the entry's fields on
         // the parameters after the end's), the timers, the updates; and the children,
@@ -773,7 +1013,7 @@ impl Invocations for PgTx<'_> {
 #[async_trait]
 impl Journal for PgTx<'_> {
     async fn insert_entry(&mut self, id: &str, entry: &StoredEntry) -> StoreResult<()> {
-        insert_entry(self.conn, id, entry).await
+        insert_entry(&mut *self.conn.lock().await, id, entry).await
     }
 
     async fn entry(&mut self, id: &str, index: u32) -> StoreResult<Option<StoredEntry>> {
