@@ -109,14 +109,15 @@ pub struct NodeOptions {
 }
 
 impl Default for NodeOptions {
-    /// A node id of its own (`node-<uuid>`), leases of 10 s, and two writers (on a 2-core
-    /// machine, four gave the same throughput to one node and 10-20 % less to three, with
-    /// a fifth more of the database's CPU per invocation: smaller batches, more commits).
+    /// A node id of its own (`node-<uuid>`), leases of 10 s, and one writer (a batch of
+    /// many invocations costs a few statements: on a 2-core machine two writers gave one
+    /// node the same throughput for a quarter more of the database's CPU per invocation,
+    /// and three nodes a third less: smaller batches, more commits).
     fn default() -> NodeOptions {
         NodeOptions {
             node_id: format!("node-{}", uuid::Uuid::new_v4().simple()),
             lease: std::time::Duration::from_secs(10),
-            writers: 2,
+            writers: 1,
         }
     }
 }

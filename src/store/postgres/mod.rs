@@ -2,7 +2,7 @@
 //! truth (`--database postgres://...`).
 //!
 //! Writes are group-committed, as in the SQLite store: every write is an async closure sent
-//! to one of the node's writer tasks ([`NodeOptions::writers`], two by default: the one its
+//! to one of the node's writer tasks ([`NodeOptions::writers`], one by default: the one its
 //! routing key, an invocation id, hashes to, so that the writes of one invocation keep
 //! their order); a writer takes what has queued up (up to [`MAX_BATCH`]), runs it in one
 //! transaction, commits once and only then answers each caller. A batch of rules that may
