@@ -289,6 +289,8 @@ fn route(key: &str) -> u64 {
 }
 
 async fn write_loop(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
+    // The writer keeps its connection from one batch to the next.
+    let mut held = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -298,27 +300,43 @@ async fn write_loop(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&pool, &mut batch).await;
+        commit_batch(&pool, &mut held, &mut batch).await;
     }
 }
 
-async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
+/// A connection inside a new transaction: the one the writer `held`, or, when it holds
+/// none or the one it held is broken (the database restarted), one of the pool.
+async fn begin(
+    pool: &PgPool,
+    held: &mut Option<PoolConnection<Postgres>>,
+) -> StoreResult<PoolConnection<Postgres>> {
+    if let Some(mut conn) = held.take() {
+        if run(&mut conn, "BEGIN").await.is_ok() {
+            return Ok(conn);
+        }
+        conn.detach();
+    }
+    let mut conn = pool.acquire().await.map_err(backend)?;
+    run(&mut conn, "BEGIN").await?;
+    Ok(conn)
+}
+
+async fn commit_batch(
+    pool: &PgPool,
+    held: &mut Option<PoolConnection<Postgres>>,
+    batch: &mut Vec<WriteOp>,
+) {
     let started = std::time::Instant::now();
     metrics::histogram!(crate::store::BATCH_METRIC).record(batch.len() as f64);
-    let mut conn = match pool.acquire().await {
+    let mut conn = match begin(pool, held).await {
         Ok(conn) => conn,
         Err(error) => {
             // Dropping the ops tells each caller that its write was not committed.
             batch.clear();
-            tracing::error!(%error, "no connection for a write transaction");
+            tracing::error!(%error, "could not begin a write transaction");
             return;
         }
     };
-    if let Err(error) = run(&mut conn, "BEGIN").await {
-        batch.clear();
-        tracing::error!(%error, "could not begin a write transaction");
-        return;
-    }
     let mut replies = Vec::with_capacity(batch.len());
     let mut broken = None;
     if batch.len() == 1 {
@@ -327,7 +345,9 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
         if let Some(op) = batch.pop() {
             let (reply, failed) = op.run(&mut conn).await;
             if failed {
-                if run(&mut conn, "ROLLBACK").await.is_err() {
+                if run(&mut conn, "ROLLBACK").await.is_ok() {
+                    *held = Some(conn);
+                } else {
                     // The connection may be broken: the pool makes a new one.
                     conn.detach();
                 }
@@ -384,6 +404,8 @@ async fn commit_batch(pool: &PgPool, batch: &mut Vec<WriteOp>) {
     if error.is_some() {
         // The connection may be broken (the server restarted): the pool makes a new one.
         conn.detach();
+    } else {
+        *held = Some(conn);
     }
     metrics::histogram!(crate::store::COMMIT_METRIC).record(started.elapsed().as_secs_f64());
     for reply in replies {
