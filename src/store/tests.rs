@@ -1105,6 +1105,30 @@ async fn writes_of_many_invocations_at_once_each_land_once(store: &dyn Store) {
         assert_eq!(journal[4].value.as_deref(), Some(expected.as_bytes()));
         assert_eq!(output.map(|o| o.index), Some(4));
     }
+    // Sixteen creations with one idempotency key at once make one invocation.
+    let claim = || IdempotencyClaim {
+        scope: "wf/run".into(),
+        key: "at-once".into(),
+        request_digest: "d".into(),
+        retention_ms: 60_000,
+    };
+    let created =
+        futures_util::future::join_all((0..16).map(|_| create(store, Some(claim()), T0))).await;
+    let new: Vec<&InvocationRecord> = created
+        .iter()
+        .filter_map(|c| match c {
+            Created::New { record, .. } => Some(record),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(new.len(), 1, "{created:?}");
+    for created in &created {
+        match created {
+            Created::New { .. } => {}
+            Created::Existing(record) => assert_eq!(record.id, new[0].id),
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 /// Writes refused in the middle of a busy moment (stale attempts, a wrong index) write

@@ -4,8 +4,13 @@
 //! A batch of rules that may run again runs as one future per routing key (the writes of
 //! one invocation keep their order, in turn), all polled together. A table call that has a
 //! multi-row form (an append's growth of the journal, the creation of a running
-//! invocation) does not run its statement: it queues its row and waits. Any other table
-//! call takes the connection, runs and gives it back. When every write still running
+//! invocation, the completion of a run) does not run its statement: it queues its row and
+//! waits. Any other table call takes the connection, and the write holds it until it
+//! ends, its later rows written at once: nothing another write does comes between what a
+//! write read and what it writes on that reading (within one transaction, row locks and
+//! advisory locks would not keep the writes apart). A write waits for others only at the
+//! rows it queued before any other call, statements whose every condition (attempt,
+//! status, index) is in their SQL. When every write still running
 //! waits on the queue, the queue is flushed: one statement per kind of row for all of
 //! them, in the order they queued (a second row for the same invocation goes in a
 //! statement of its own, after the first), and each write gets its row's answer and goes
@@ -26,10 +31,14 @@ use super::tables::{
 use super::*;
 
 /// A writer's connection as a table call sees it: its own, or shared by the writes of a
-/// batch that run side by side.
+/// batch that run side by side, then held by this write once it made a call that is not a
+/// queued row.
 pub(super) enum TxConn<'c> {
     Alone(&'c mut PgConnection),
-    Shared(&'c Shared),
+    Shared {
+        shared: &'c Shared,
+        held: Option<tokio::sync::MutexGuard<'c, PoolConnection<Postgres>>>,
+    },
 }
 
 /// The connection of a batch whose writes run side by side, and the rows they queued.
@@ -45,52 +54,56 @@ pub(super) enum Queued {
     Completion(CompletionRow, oneshot::Sender<StoreResult<Option<Closed>>>),
 }
 
-/// The connection, held for one table call.
-pub(super) enum ConnGuard<'a> {
-    Alone(&'a mut PgConnection),
-    Shared(tokio::sync::MutexGuard<'a, PoolConnection<Postgres>>),
-}
+impl<'c> TxConn<'c> {
+    /// A write's connection, shared with the batch's writes side by side (`shared`).
+    pub(super) fn shared(shared: &'c Shared) -> TxConn<'c> {
+        TxConn::Shared { shared, held: None }
+    }
 
-impl std::ops::Deref for ConnGuard<'_> {
-    type Target = PgConnection;
-
-    fn deref(&self) -> &PgConnection {
+    /// The connection: a write side by side with others waits until none holds it, then
+    /// holds it until it ends, so that nothing the others write comes between what it
+    /// reads and what it writes.
+    pub(super) async fn lock(&mut self) -> &mut PgConnection {
         match self {
-            ConnGuard::Alone(conn) => conn,
-            ConnGuard::Shared(guard) => guard,
+            TxConn::Alone(conn) => conn,
+            TxConn::Shared { shared, held } => {
+                let guard = match held {
+                    Some(guard) => guard,
+                    None => held.insert(shared.conn.lock().await),
+                };
+                guard
+            }
         }
     }
-}
 
-impl std::ops::DerefMut for ConnGuard<'_> {
-    fn deref_mut(&mut self) -> &mut PgConnection {
+    /// The connection, when this write has it for itself: alone, or held.
+    fn direct(&mut self) -> Option<&mut PgConnection> {
         match self {
-            ConnGuard::Alone(conn) => conn,
-            ConnGuard::Shared(guard) => guard,
+            TxConn::Alone(conn) => Some(conn),
+            TxConn::Shared {
+                held: Some(guard), ..
+            } => Some(guard),
+            TxConn::Shared { held: None, .. } => None,
         }
     }
-}
 
-impl TxConn<'_> {
-    /// The connection, once no other write of the batch uses it.
-    pub(super) async fn lock(&mut self) -> ConnGuard<'_> {
-        match self {
-            TxConn::Alone(conn) => ConnGuard::Alone(conn),
-            TxConn::Shared(shared) => ConnGuard::Shared(shared.conn.lock().await),
+    /// Queues `queued` for the batch's next flush (a write that does not hold the
+    /// connection).
+    fn queue(&self, queued: Queued) {
+        if let TxConn::Shared { shared, .. } = self {
+            shared.queue(queued);
         }
     }
 
     /// Grows the journal of `row`'s invocation by `row`'s entry (see
     /// [`grow_journals`]), in the batch's next flush when the connection is shared.
     pub(super) async fn grow(&mut self, row: GrowRow) -> StoreResult<Option<u32>> {
-        match self {
-            TxConn::Alone(conn) => one(grow_journals(conn, std::slice::from_ref(&row)).await),
-            TxConn::Shared(shared) => {
-                let (answer, rx) = oneshot::channel();
-                shared.queue(Queued::Grow(row, answer));
-                rx.await.map_err(|_| unanswered())?
-            }
+        if let Some(conn) = self.direct() {
+            return one(grow_journals(conn, std::slice::from_ref(&row)).await);
         }
+        let (answer, rx) = oneshot::channel();
+        self.queue(Queued::Grow(row, answer));
+        rx.await.map_err(|_| unanswered())?
     }
 
     /// Inserts `row`'s running invocation and its input entry (see [`insert_runnings`]),
@@ -99,28 +112,24 @@ impl TxConn<'_> {
         &mut self,
         row: RunningRow,
     ) -> StoreResult<InvocationRecord> {
-        match self {
-            TxConn::Alone(conn) => one(insert_runnings(conn, std::slice::from_ref(&row)).await)?
-                .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into())),
-            TxConn::Shared(shared) => {
-                let (answer, rx) = oneshot::channel();
-                shared.queue(Queued::Running(row, answer));
-                rx.await.map_err(|_| unanswered())?
-            }
+        if let Some(conn) = self.direct() {
+            return one(insert_runnings(conn, std::slice::from_ref(&row)).await)?
+                .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()));
         }
+        let (answer, rx) = oneshot::channel();
+        self.queue(Queued::Running(row, answer));
+        rx.await.map_err(|_| unanswered())?
     }
 
     /// Completes `row`'s run and closes it (see [`complete_runs`]), in the batch's next
     /// flush when the connection is shared.
     pub(super) async fn complete(&mut self, row: CompletionRow) -> StoreResult<Option<Closed>> {
-        match self {
-            TxConn::Alone(conn) => one(complete_runs(conn, std::slice::from_ref(&row)).await),
-            TxConn::Shared(shared) => {
-                let (answer, rx) = oneshot::channel();
-                shared.queue(Queued::Completion(row, answer));
-                rx.await.map_err(|_| unanswered())?
-            }
+        if let Some(conn) = self.direct() {
+            return one(complete_runs(conn, std::slice::from_ref(&row)).await);
         }
+        let (answer, rx) = oneshot::channel();
+        self.queue(Queued::Completion(row, answer));
+        rx.await.map_err(|_| unanswered())?
     }
 }
 
@@ -265,7 +274,7 @@ pub(super) async fn run_side_by_side(
             async move {
                 let mut outputs = Vec::with_capacity(runs.len());
                 for (at, run) in runs {
-                    outputs.push((at, run(TxConn::Shared(shared)).await));
+                    outputs.push((at, run(TxConn::shared(shared)).await));
                 }
                 outputs
             }

@@ -413,7 +413,7 @@ type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArgume
 impl PgTx<'_> {
     async fn execute(&mut self, query: Query<'_>) -> StoreResult<u64> {
         Ok(query
-            .execute(&mut *self.conn.lock().await)
+            .execute(self.conn.lock().await)
             .await
             .map_err(backend)?
             .rows_affected())
@@ -421,14 +421,14 @@ impl PgTx<'_> {
 
     async fn optional(&mut self, query: Query<'_>) -> StoreResult<Option<PgRow>> {
         query
-            .fetch_optional(&mut *self.conn.lock().await)
+            .fetch_optional(self.conn.lock().await)
             .await
             .map_err(backend)
     }
 
     async fn all(&mut self, query: Query<'_>) -> StoreResult<Vec<PgRow>> {
         query
-            .fetch_all(&mut *self.conn.lock().await)
+            .fetch_all(self.conn.lock().await)
             .await
             .map_err(backend)
     }
@@ -445,11 +445,11 @@ impl PgTx<'_> {
 #[async_trait]
 impl Invocations for PgTx<'_> {
     async fn invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>> {
-        fetch_invocation(&mut *self.conn.lock().await, id).await
+        fetch_invocation(self.conn.lock().await, id).await
     }
 
     async fn lock_invocation(&mut self, id: &str) -> StoreResult<Option<InvocationRecord>> {
-        lock_invocation(&mut *self.conn.lock().await, id).await
+        lock_invocation(self.conn.lock().await, id).await
     }
 
     async fn insert_running(
@@ -1013,7 +1013,7 @@ impl Invocations for PgTx<'_> {
 #[async_trait]
 impl Journal for PgTx<'_> {
     async fn insert_entry(&mut self, id: &str, entry: &StoredEntry) -> StoreResult<()> {
-        insert_entry(&mut *self.conn.lock().await, id, entry).await
+        insert_entry(self.conn.lock().await, id, entry).await
     }
 
     async fn entry(&mut self, id: &str, index: u32) -> StoreResult<Option<StoredEntry>> {
