@@ -141,6 +141,63 @@ pub(super) struct PgTx<'c> {
     pub(super) lease: Lease,
 }
 
+/// A journal entry's fields after its invocation id and index (see [`ENTRY_COLUMNS`]),
+/// as a row of a multi-row statement binds them (see [`bind_entry_arrays`]).
+#[derive(Clone)]
+pub(super) struct EntryRow {
+    kind: &'static str,
+    name: Option<String>,
+    value: Option<Vec<u8>>,
+    content_type: Option<String>,
+    failure: Option<String>,
+    at_ms: i64,
+}
+
+impl EntryRow {
+    fn of(entry: &StoredEntry) -> StoreResult<EntryRow> {
+        Ok(EntryRow {
+            kind: entry.kind.as_str(),
+            name: entry.name.clone(),
+            value: entry.value.clone(),
+            content_type: entry.content_type.clone(),
+            failure: entry.failure.as_ref().map(to_json).transpose()?,
+            at_ms: entry.at_ms,
+        })
+    }
+}
+
+/// `query` with the fields of `entries`, one array per field (six parameters: `TEXT[]`,
+/// `TEXT[]`, `BYTEA[]`, `TEXT[]`, `TEXT[]`, `BIGINT[]`, from `kind` to `at_ms`), bound.
+fn bind_entry_arrays<'q>(query: Query<'q>, entries: &[&'q EntryRow]) -> Query<'q> {
+    query
+        .bind(entries.iter().map(|e| e.kind).collect::<Vec<_>>())
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.name.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.value.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.content_type.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            entries
+                .iter()
+                .map(|e| e.failure.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(entries.iter().map(|e| e.at_ms).collect::<Vec<_>>())
+}
+
 /// An append's growth of an invocation's journal, a row of [`grow_journals`].
 #[derive(Clone)]
 pub(super) struct GrowRow {
@@ -151,12 +208,7 @@ pub(super) struct GrowRow {
     bytes: i64,
     max_entries: i64,
     max_bytes: i64,
-    kind: &'static str,
-    name: Option<String>,
-    value: Option<Vec<u8>>,
-    content_type: Option<String>,
-    failure: Option<String>,
-    at_ms: i64,
+    entry: EntryRow,
 }
 
 /// Grows the journal of each row's invocation by the row's entry, at its next free index,
@@ -168,7 +220,7 @@ pub(super) async fn grow_journals(
     rows: &[GrowRow],
 ) -> StoreResult<Vec<Option<u32>>> {
     let column = |f: fn(&GrowRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
-    let found = sqlx::query(
+    let query = sqlx::query(
         "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], \
          $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[], $9::TEXT[], \
          $10::BYTEA[], $11::TEXT[], $12::TEXT[], $13::BIGINT[]) AS r(id, attempt, idx, \
@@ -194,24 +246,12 @@ pub(super) async fn grow_journals(
     .bind(rows.iter().map(|r| r.token.as_deref()).collect::<Vec<_>>())
     .bind(column(|r| r.bytes))
     .bind(column(|r| r.max_entries))
-    .bind(column(|r| r.max_bytes))
-    .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.name.as_deref()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|r| r.content_type.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        rows.iter()
-            .map(|r| r.failure.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(column(|r| r.at_ms))
-    .fetch_all(conn)
-    .await
-    .map_err(backend)?;
+    .bind(column(|r| r.max_bytes));
+    let entries: Vec<&EntryRow> = rows.iter().map(|r| &r.entry).collect();
+    let found = bind_entry_arrays(query, &entries)
+        .fetch_all(conn)
+        .await
+        .map_err(backend)?;
     let mut grown = std::collections::HashMap::with_capacity(found.len());
     for row in &found {
         grown.insert(get::<String>(row, 0)?, get_u32(row, 1)?);
@@ -236,10 +276,7 @@ pub(super) struct RunningRow {
     traceparent: Option<String>,
     lease_owner: String,
     lease_ms: i64,
-    kind: &'static str,
-    value: Option<Vec<u8>>,
-    content_type: Option<String>,
-    at_ms: i64,
+    input: EntryRow,
 }
 
 /// Inserts each row's invocation and its input entry (whose foreign key is checked at the
@@ -254,10 +291,10 @@ pub(super) async fn insert_runnings(
     let sql = format!(
         "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
          $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], \
-         $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::TEXT[], $15::BYTEA[], $16::TEXT[], \
-         $17::BIGINT[]) AS r(id, service, handler, deployment_id, now_ms, idempotency_key, \
-         token, workflow_id, journal_bytes, deadline_ms, traceparent, lease_owner, lease_ms, \
-         kind, value, content_type, at_ms)), \
+         $11::TEXT[], $12::TEXT[], $13::BIGINT[], $14::TEXT[], $15::TEXT[], $16::BYTEA[], \
+         $17::TEXT[], $18::TEXT[], $19::BIGINT[]) AS r(id, service, handler, deployment_id, \
+         now_ms, idempotency_key, token, workflow_id, journal_bytes, deadline_ms, traceparent, \
+         lease_owner, lease_ms, kind, name, value, content_type, failure, at_ms)), \
          invocation AS (INSERT INTO invocations (id, service, handler, deployment_id, \
          status, attempt, failures, position_failures, journal_len, next_run_at_ms, \
          idempotency_key, created_at_ms, modified_at_ms, attempt_token, workflow_id, \
@@ -269,11 +306,10 @@ pub(super) async fn insert_runnings(
          RETURNING {INVOCATION_COLUMNS}), \
          input_entry AS (INSERT INTO journal (invocation_id, idx, kind, name, value, \
          content_type, failure, attempt, at_ms) \
-         SELECT id, 0, kind, NULL::TEXT, value, content_type, NULL::TEXT, 0, at_ms \
-         FROM input) \
+         SELECT id, 0, kind, name, value, content_type, failure, 0, at_ms FROM input) \
          SELECT {INVOCATION_COLUMNS} FROM invocation"
     );
-    let found = sqlx::query(&sql)
+    let query = sqlx::query(&sql)
         .bind(text(|r| &r.id))
         .bind(text(|r| &r.service))
         .bind(text(|r| &r.handler))
@@ -286,11 +322,9 @@ pub(super) async fn insert_runnings(
         .bind(rows.iter().map(|r| r.deadline_ms).collect::<Vec<_>>())
         .bind(maybe(|r| r.traceparent.as_deref()))
         .bind(text(|r| &r.lease_owner))
-        .bind(number(|r| r.lease_ms))
-        .bind(text(|r| r.kind))
-        .bind(rows.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
-        .bind(maybe(|r| r.content_type.as_deref()))
-        .bind(number(|r| r.at_ms))
+        .bind(number(|r| r.lease_ms));
+    let entries: Vec<&EntryRow> = rows.iter().map(|r| &r.input).collect();
+    let found = bind_entry_arrays(query, &entries)
         .fetch_all(conn)
         .await
         .map_err(backend)?;
@@ -311,12 +345,7 @@ pub(super) struct CompletionRow {
     attempt: i64,
     now_ms: i64,
     output_bytes: i64,
-    kind: &'static str,
-    name: Option<String>,
-    value: Option<Vec<u8>>,
-    content_type: Option<String>,
-    failure: Option<String>,
-    at_ms: i64,
+    output: EntryRow,
 }
 
 /// A run just ended: its record, and its unfinished children with their parent-close
@@ -358,18 +387,13 @@ pub(super) async fn complete_runs(
          ARRAY(SELECT parent_close {children}) AS parent_close FROM ended"
     );
     let number = |f: fn(&CompletionRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
-    let maybe = |f: fn(&CompletionRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
-    let found = sqlx::query(&sql)
+    let query = sqlx::query(&sql)
         .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
         .bind(number(|r| r.attempt))
         .bind(number(|r| r.now_ms))
-        .bind(number(|r| r.output_bytes))
-        .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-        .bind(maybe(|r| r.name.as_deref()))
-        .bind(rows.iter().map(|r| r.value.as_deref()).collect::<Vec<_>>())
-        .bind(maybe(|r| r.content_type.as_deref()))
-        .bind(maybe(|r| r.failure.as_deref()))
-        .bind(number(|r| r.at_ms))
+        .bind(number(|r| r.output_bytes));
+    let entries: Vec<&EntryRow> = rows.iter().map(|r| &r.output).collect();
+    let found = bind_entry_arrays(query, &entries)
         .fetch_all(conn)
         .await
         .map_err(backend)?;
@@ -473,10 +497,7 @@ impl Invocations for PgTx<'_> {
             traceparent: new.traceparent.clone(),
             lease_owner: self.lease.owner.to_string(),
             lease_ms: self.lease.ms,
-            kind: input.kind.as_str(),
-            value: input.value.clone(),
-            content_type: input.content_type.clone(),
-            at_ms: input.at_ms,
+            input: EntryRow::of(input)?,
         };
         self.conn.insert_running(row).await
     }
@@ -529,12 +550,7 @@ impl Invocations for PgTx<'_> {
             bytes,
             max_entries: i64::from(max_entries),
             max_bytes,
-            kind: entry.kind.as_str(),
-            name: entry.name.clone(),
-            value: entry.value.clone(),
-            content_type: entry.content_type.clone(),
-            failure: entry.failure.as_ref().map(to_json).transpose()?,
-            at_ms: entry.at_ms,
+            entry: EntryRow::of(entry)?,
         };
         self.conn.grow(row).await
     }
@@ -583,12 +599,7 @@ impl Invocations for PgTx<'_> {
                 attempt: i64::from(attempt),
                 now_ms,
                 output_bytes,
-                kind: output.kind.as_str(),
-                name: output.name.clone(),
-                value: output.value.clone(),
-                content_type: output.content_type.clone(),
-                failure: output.failure.as_ref().map(to_json).transpose()?,
-                at_ms: output.at_ms,
+                output: EntryRow::of(output)?,
             };
             return self.conn.complete(row).await;
         }
