@@ -517,8 +517,6 @@ impl Engine {
         Ok(next)
     }
 
-    /// An invocation ended outside an attempt (terminated, timed out): its waiting callers
-    /// get it, and a parent it completed runs.
     /// Tells who waits for them that a write ended these invocations (besides the one it
     /// was about): a debounced one replaced by a newer one.
     pub fn announce_ended(&self, ended: crate::store::Closed) {
@@ -527,6 +525,8 @@ impl Engine {
         }
     }
 
+    /// An invocation ended (or paused), in an attempt or outside one (terminated, timed
+    /// out): its waiting callers get it, and a parent it completed runs.
     pub(super) fn ended(&self, record: InvocationRecord, output: Option<StoredEntry>) {
         record_end_metrics(&record);
         self.config.traces.invocation(&record);

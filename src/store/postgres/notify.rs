@@ -4,7 +4,10 @@
 //! PostgreSQL hands to every node listening, so that a caller waiting on node A hears of
 //! an end on node B at once. Notifications are a nudge: one that is lost (a listener that
 //! reconnected) is made up for by [`ClusterEvent::Resync`], on which a node checks in the
-//! store what its waiting callers wait for.
+//! store what its waiting callers wait for. They are sent in batches, the first of a batch
+//! waiting [`GATHER`] for others, so that under load a statement carries many and wakes
+//! each node's listener once for all of them (a caller waiting on the node that ran the
+//! invocation is told by that node directly).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,6 +20,8 @@ use super::*;
 const CHANNEL: &str = "durin";
 /// The most notifications sent in one statement.
 const MAX_BATCH: usize = 512;
+/// How long the first notification of a statement waits for others.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// The sending and the receiving side of one node.
 pub(super) struct Notifications {
@@ -59,6 +64,9 @@ async fn send_loop(pool: PgPool, mut queue: mpsc::UnboundedReceiver<String>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
+        // A nudge may wait a moment for others: under load each statement carries many,
+        // and wakes every node's listener once for all of them.
+        tokio::time::sleep(GATHER).await;
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
                 Ok(payload) => batch.push(payload),
