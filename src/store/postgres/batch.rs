@@ -176,23 +176,18 @@ impl Shared {
                 }
             }
             if !grows.is_empty() {
-                let rows: Vec<GrowRow> = grows.iter().map(|(row, _)| row.clone()).collect();
-                answer_all(grows, grow_journals(&mut conn, &rows).await, Ok);
+                let (rows, answers): (Vec<_>, Vec<_>) = grows.into_iter().unzip();
+                answer_all(answers, grow_journals(&mut conn, &rows).await, Ok);
             }
             if !runnings.is_empty() {
-                let rows: Vec<RunningRow> = runnings.iter().map(|(row, _)| row.clone()).collect();
-                answer_all(
-                    runnings,
-                    insert_runnings(&mut conn, &rows).await,
-                    |record| {
-                        record.ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))
-                    },
-                );
+                let (rows, answers): (Vec<_>, Vec<_>) = runnings.into_iter().unzip();
+                answer_all(answers, insert_runnings(&mut conn, &rows).await, |record| {
+                    record.ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))
+                });
             }
             if !completions.is_empty() {
-                let rows: Vec<CompletionRow> =
-                    completions.iter().map(|(row, _)| row.clone()).collect();
-                answer_all(completions, complete_runs(&mut conn, &rows).await, Ok);
+                let (rows, answers): (Vec<_>, Vec<_>) = completions.into_iter().unzip();
+                answer_all(answers, complete_runs(&mut conn, &rows).await, Ok);
             }
         }
     }
@@ -228,23 +223,23 @@ fn rounds(queued: Vec<Queued>) -> Vec<Vec<Queued>> {
     rounds.into_iter().map(|(_, round)| round).collect()
 }
 
-/// Hands each row of `round` its answer from `answers` (one per row, in order), or the
+/// Hands each queued row its answer from `found` (one per row, in order), or the
 /// statement's error.
-fn answer_all<R, T, U>(
-    round: Vec<(R, oneshot::Sender<StoreResult<U>>)>,
-    answers: StoreResult<Vec<Option<T>>>,
+fn answer_all<T, U>(
+    answers: Vec<oneshot::Sender<StoreResult<U>>>,
+    found: StoreResult<Vec<Option<T>>>,
     each: impl Fn(Option<T>) -> StoreResult<U>,
 ) {
-    match answers {
-        Ok(answers) => {
-            for ((_, answer), found) in round.into_iter().zip(answers) {
+    match found {
+        Ok(found) => {
+            for (answer, found) in answers.into_iter().zip(found) {
                 let _ = answer.send(each(found));
             }
         }
         Err(error) => {
             // The batch runs again, a write at a time: this error reaches no caller.
             let error = error.to_string();
-            for (_, answer) in round {
+            for answer in answers {
                 let _ = answer.send(Err(StoreError::Backend(error.clone().into())));
             }
         }

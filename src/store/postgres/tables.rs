@@ -143,7 +143,6 @@ pub(super) struct PgTx<'c> {
 
 /// A journal entry's fields after its invocation id and index (see [`ENTRY_COLUMNS`]),
 /// as a row of a multi-row statement binds them (see [`bind_entry_arrays`]).
-#[derive(Clone)]
 pub(super) struct EntryRow {
     kind: &'static str,
     name: Option<String>,
@@ -166,40 +165,24 @@ impl EntryRow {
     }
 }
 
+/// One field of each of `rows`, as the array a multi-row statement binds.
+fn array<'r, R, T>(rows: &'r [R], field: impl Fn(&'r R) -> T) -> Vec<T> {
+    rows.iter().map(field).collect()
+}
+
 /// `query` with the fields of `entries`, one array per field (six parameters: `TEXT[]`,
 /// `TEXT[]`, `BYTEA[]`, `TEXT[]`, `TEXT[]`, `BIGINT[]`, from `kind` to `at_ms`), bound.
 fn bind_entry_arrays<'q>(query: Query<'q>, entries: &[&'q EntryRow]) -> Query<'q> {
     query
-        .bind(entries.iter().map(|e| e.kind).collect::<Vec<_>>())
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.name.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.value.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.content_type.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            entries
-                .iter()
-                .map(|e| e.failure.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(entries.iter().map(|e| e.at_ms).collect::<Vec<_>>())
+        .bind(array(entries, |e| e.kind))
+        .bind(array(entries, |e| e.name.as_deref()))
+        .bind(array(entries, |e| e.value.as_deref()))
+        .bind(array(entries, |e| e.content_type.as_deref()))
+        .bind(array(entries, |e| e.failure.as_deref()))
+        .bind(array(entries, |e| e.at_ms))
 }
 
 /// An append's growth of an invocation's journal, a row of [`grow_journals`].
-#[derive(Clone)]
 pub(super) struct GrowRow {
     pub(super) id: String,
     attempt: i64,
@@ -219,7 +202,6 @@ pub(super) async fn grow_journals(
     conn: &mut PgConnection,
     rows: &[GrowRow],
 ) -> StoreResult<Vec<Option<u32>>> {
-    let column = |f: fn(&GrowRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
     let query = sqlx::query(
         "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], \
          $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[], $9::TEXT[], \
@@ -240,14 +222,14 @@ pub(super) async fn grow_journals(
          r.attempt, r.at_ms FROM grown g JOIN input r ON r.id = g.id \
          RETURNING invocation_id, idx",
     )
-    .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
-    .bind(column(|r| r.attempt))
-    .bind(rows.iter().map(|r| r.index).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.token.as_deref()).collect::<Vec<_>>())
-    .bind(column(|r| r.bytes))
-    .bind(column(|r| r.max_entries))
-    .bind(column(|r| r.max_bytes));
-    let entries: Vec<&EntryRow> = rows.iter().map(|r| &r.entry).collect();
+    .bind(array(rows, |r| r.id.as_str()))
+    .bind(array(rows, |r| r.attempt))
+    .bind(array(rows, |r| r.index))
+    .bind(array(rows, |r| r.token.as_deref()))
+    .bind(array(rows, |r| r.bytes))
+    .bind(array(rows, |r| r.max_entries))
+    .bind(array(rows, |r| r.max_bytes));
+    let entries = array(rows, |r| &r.entry);
     let found = bind_entry_arrays(query, &entries)
         .fetch_all(conn)
         .await
@@ -261,7 +243,6 @@ pub(super) async fn grow_journals(
 
 /// A new invocation with its first attempt running, leased to this node, and its input
 /// entry: a row of [`insert_runnings`].
-#[derive(Clone)]
 pub(super) struct RunningRow {
     pub(super) id: String,
     service: String,
@@ -285,9 +266,6 @@ pub(super) async fn insert_runnings(
     conn: &mut PgConnection,
     rows: &[RunningRow],
 ) -> StoreResult<Vec<Option<InvocationRecord>>> {
-    let text = |f: fn(&RunningRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
-    let maybe = |f: fn(&RunningRow) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
-    let number = |f: fn(&RunningRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
     let sql = format!(
         "WITH input AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], \
          $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[], \
@@ -310,20 +288,20 @@ pub(super) async fn insert_runnings(
          SELECT {INVOCATION_COLUMNS} FROM invocation"
     );
     let query = sqlx::query(&sql)
-        .bind(text(|r| &r.id))
-        .bind(text(|r| &r.service))
-        .bind(text(|r| &r.handler))
-        .bind(text(|r| &r.deployment_id))
-        .bind(number(|r| r.now_ms))
-        .bind(maybe(|r| r.idempotency_key.as_deref()))
-        .bind(text(|r| &r.token))
-        .bind(maybe(|r| r.workflow_id.as_deref()))
-        .bind(number(|r| r.input_bytes))
-        .bind(rows.iter().map(|r| r.deadline_ms).collect::<Vec<_>>())
-        .bind(maybe(|r| r.traceparent.as_deref()))
-        .bind(text(|r| &r.lease_owner))
-        .bind(number(|r| r.lease_ms));
-    let entries: Vec<&EntryRow> = rows.iter().map(|r| &r.input).collect();
+        .bind(array(rows, |r| r.id.as_str()))
+        .bind(array(rows, |r| r.service.as_str()))
+        .bind(array(rows, |r| r.handler.as_str()))
+        .bind(array(rows, |r| r.deployment_id.as_str()))
+        .bind(array(rows, |r| r.now_ms))
+        .bind(array(rows, |r| r.idempotency_key.as_deref()))
+        .bind(array(rows, |r| r.token.as_str()))
+        .bind(array(rows, |r| r.workflow_id.as_deref()))
+        .bind(array(rows, |r| r.input_bytes))
+        .bind(array(rows, |r| r.deadline_ms))
+        .bind(array(rows, |r| r.traceparent.as_deref()))
+        .bind(array(rows, |r| r.lease_owner.as_str()))
+        .bind(array(rows, |r| r.lease_ms));
+    let entries = array(rows, |r| &r.input);
     let found = bind_entry_arrays(query, &entries)
         .fetch_all(conn)
         .await
@@ -336,10 +314,7 @@ pub(super) async fn insert_runnings(
     Ok(rows.iter().map(|r| records.remove(&r.id)).collect())
 }
 
-pub(super) const UPDATE_COLUMNS: &str = "invocation_id, id, name, status, result, failure";
-
 /// The completion of a run's attempt with its output entry: a row of [`complete_runs`].
-#[derive(Clone)]
 pub(super) struct CompletionRow {
     pub(super) id: String,
     attempt: i64,
@@ -386,32 +361,38 @@ pub(super) async fn complete_runs(
          SELECT ended.*, ARRAY(SELECT id {children}) AS children, \
          ARRAY(SELECT parent_close {children}) AS parent_close FROM ended"
     );
-    let number = |f: fn(&CompletionRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
     let query = sqlx::query(&sql)
-        .bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
-        .bind(number(|r| r.attempt))
-        .bind(number(|r| r.now_ms))
-        .bind(number(|r| r.output_bytes));
-    let entries: Vec<&EntryRow> = rows.iter().map(|r| &r.output).collect();
+        .bind(array(rows, |r| r.id.as_str()))
+        .bind(array(rows, |r| r.attempt))
+        .bind(array(rows, |r| r.now_ms))
+        .bind(array(rows, |r| r.output_bytes));
+    let entries = array(rows, |r| &r.output);
     let found = bind_entry_arrays(query, &entries)
         .fetch_all(conn)
         .await
         .map_err(backend)?;
     let mut closed = std::collections::HashMap::with_capacity(found.len());
     for row in &found {
-        let record = invocation(row)?;
-        let ids: Vec<String> = sqlx::Row::try_get(row, "children").map_err(backend)?;
-        let policies: Vec<Option<String>> =
-            sqlx::Row::try_get(row, "parent_close").map_err(backend)?;
-        let children = ids
-            .into_iter()
-            .zip(policies)
-            .map(|(id, policy)| (id, parent_close(policy.as_deref())))
-            .collect();
-        closed.insert(record.id.to_string(), (record, children));
+        let run = closed_run(row)?;
+        closed.insert(run.0.id.to_string(), run);
     }
     Ok(rows.iter().map(|r| closed.remove(&r.id)).collect())
 }
+
+/// A run that ended, from a row of its [`INVOCATION_COLUMNS`] followed by the arrays
+/// `children` and `parent_close` of its open children.
+fn closed_run(row: &PgRow) -> StoreResult<Closed> {
+    let ids: Vec<String> = sqlx::Row::try_get(row, "children").map_err(backend)?;
+    let policies: Vec<Option<String>> = sqlx::Row::try_get(row, "parent_close").map_err(backend)?;
+    let children = ids
+        .into_iter()
+        .zip(policies)
+        .map(|(id, policy)| (id, parent_close(policy.as_deref())))
+        .collect();
+    Ok((invocation(row)?, children))
+}
+
+pub(super) const UPDATE_COLUMNS: &str = "invocation_id, id, name, status, result, failure";
 
 /// An update's row.
 pub(super) fn update_row(row: &PgRow) -> StoreResult<UpdateRecord> {
@@ -631,18 +612,8 @@ impl Invocations for PgTx<'_> {
             now_ms,
         )?;
         let query = bind_entry_fields(query, output)?;
-        let Some(row) = self.optional(query).await? else {
-            return Ok(None);
-        };
-        let ids: Vec<String> = sqlx::Row::try_get(&row, "children").map_err(backend)?;
-        let policies: Vec<Option<String>> =
-            sqlx::Row::try_get(&row, "parent_close").map_err(backend)?;
-        let children = ids
-            .into_iter()
-            .zip(policies)
-            .map(|(id, policy)| (id, parent_close(policy.as_deref())))
-            .collect();
-        Ok(Some((invocation(&row)?, children)))
+        let row = self.optional(query).await?;
+        row.as_ref().map(closed_run).transpose()
     }
 
     async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<(String, bool)>> {
