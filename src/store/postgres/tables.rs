@@ -182,6 +182,30 @@ fn bind_entry_arrays<'q>(query: Query<'q>, entries: &[&'q EntryRow]) -> Query<'q
         .bind(array(entries, |e| e.at_ms))
 }
 
+/// Runs a multi-row statement, each row's entry bound last (see [`bind_entry_arrays`]), and
+/// answers each of `rows`, in order, with what `decode` makes of the result row of its
+/// invocation (its id and its answer), or `None` when the statement returned none for it.
+/// The rows name distinct invocations.
+async fn answers_by_invocation<'q, R, T>(
+    conn: &mut PgConnection,
+    query: Query<'q>,
+    entries: &[&'q EntryRow],
+    rows: &[R],
+    id: impl Fn(&R) -> &str,
+    decode: impl Fn(&PgRow) -> StoreResult<(String, T)>,
+) -> StoreResult<Vec<Option<T>>> {
+    let found = bind_entry_arrays(query, entries)
+        .fetch_all(conn)
+        .await
+        .map_err(backend)?;
+    let mut answers = std::collections::HashMap::with_capacity(found.len());
+    for row in &found {
+        let (id, answer) = decode(row)?;
+        answers.insert(id, answer);
+    }
+    Ok(rows.iter().map(|r| answers.remove(id(r))).collect())
+}
+
 /// An append's growth of an invocation's journal, a row of [`grow_journals`].
 pub(super) struct GrowRow {
     pub(super) id: String,
@@ -230,15 +254,15 @@ pub(super) async fn grow_journals(
     .bind(array(rows, |r| r.max_entries))
     .bind(array(rows, |r| r.max_bytes));
     let entries = array(rows, |r| &r.entry);
-    let found = bind_entry_arrays(query, &entries)
-        .fetch_all(conn)
-        .await
-        .map_err(backend)?;
-    let mut grown = std::collections::HashMap::with_capacity(found.len());
-    for row in &found {
-        grown.insert(get::<String>(row, 0)?, get_u32(row, 1)?);
-    }
-    Ok(rows.iter().map(|r| grown.get(&r.id).copied()).collect())
+    answers_by_invocation(
+        conn,
+        query,
+        &entries,
+        rows,
+        |r| &r.id,
+        |row| Ok((get::<String>(row, 0)?, get_u32(row, 1)?)),
+    )
+    .await
 }
 
 /// A new invocation with its first attempt running, leased to this node, and its input
@@ -302,16 +326,18 @@ pub(super) async fn insert_runnings(
         .bind(array(rows, |r| r.lease_owner.as_str()))
         .bind(array(rows, |r| r.lease_ms));
     let entries = array(rows, |r| &r.input);
-    let found = bind_entry_arrays(query, &entries)
-        .fetch_all(conn)
-        .await
-        .map_err(backend)?;
-    let mut records = std::collections::HashMap::with_capacity(found.len());
-    for row in &found {
-        let record = invocation(row)?;
-        records.insert(record.id.to_string(), record);
-    }
-    Ok(rows.iter().map(|r| records.remove(&r.id)).collect())
+    answers_by_invocation(
+        conn,
+        query,
+        &entries,
+        rows,
+        |r| &r.id,
+        |row| {
+            let record = invocation(row)?;
+            Ok((record.id.to_string(), record))
+        },
+    )
+    .await
 }
 
 /// The completion of a run's attempt with its output entry: a row of [`complete_runs`].
@@ -367,16 +393,18 @@ pub(super) async fn complete_runs(
         .bind(array(rows, |r| r.now_ms))
         .bind(array(rows, |r| r.output_bytes));
     let entries = array(rows, |r| &r.output);
-    let found = bind_entry_arrays(query, &entries)
-        .fetch_all(conn)
-        .await
-        .map_err(backend)?;
-    let mut closed = std::collections::HashMap::with_capacity(found.len());
-    for row in &found {
-        let run = closed_run(row)?;
-        closed.insert(run.0.id.to_string(), run);
-    }
-    Ok(rows.iter().map(|r| closed.remove(&r.id)).collect())
+    answers_by_invocation(
+        conn,
+        query,
+        &entries,
+        rows,
+        |r| &r.id,
+        |row| {
+            let run = closed_run(row)?;
+            Ok((run.0.id.to_string(), run))
+        },
+    )
+    .await
 }
 
 /// A run that ended, from a row of its [`INVOCATION_COLUMNS`] followed by the arrays
