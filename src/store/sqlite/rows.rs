@@ -2,6 +2,8 @@
 //! record (checked: a corrupt row is an error, never a panic), and the statements every
 //! write shares.
 
+use std::sync::LazyLock;
+
 use durin_protocol::{EntryKind, Failure, HandlerSpec};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -198,8 +200,9 @@ pub(super) fn fetch_invocation(
     conn: &Connection,
     id: &str,
 ) -> StoreResult<Option<InvocationRecord>> {
-    let sql = format!("SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = ?1");
-    query_one(conn, &sql, [id], invocation)
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {INVOCATION_COLUMNS} FROM invocations WHERE id = ?1"));
+    query_one(conn, &SQL, [id], invocation)
 }
 
 pub(super) fn insert_entry(conn: &Connection, id: &str, entry: &StoredEntry) -> StoreResult<()> {

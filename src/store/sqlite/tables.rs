@@ -64,12 +64,19 @@ impl SqliteTx {
         query_all(&self.conn, sql, params, |row| column(row, 0))
     }
 
-    fn invocation_returning(
+    /// Runs `sql`, a write of invocation `id`'s row, and reads the row back: `None` when the
+    /// write changed no row. SQLite's `RETURNING` fills a temporary table before it answers;
+    /// a second lookup by primary key costs the writer less.
+    fn write_invocation(
         &self,
+        id: &str,
         sql: &str,
         params: impl rusqlite::Params,
     ) -> StoreResult<Option<InvocationRecord>> {
-        query_one(&self.conn, sql, params, invocation)
+        if execute(&self.conn, sql, params)? == 0 {
+            return Ok(None);
+        }
+        fetch_invocation(&self.conn, id)
     }
 }
 
@@ -90,17 +97,16 @@ impl Invocations for SqliteTx {
         token: &str,
         input: &StoredEntry,
     ) -> StoreResult<InvocationRecord> {
-        let sql = format!(
-            "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
+        let sql = "INSERT INTO invocations (id, service, handler, deployment_id, status, attempt, \
              failures, position_failures, journal_len, next_run_at_ms, idempotency_key, \
              created_at_ms, modified_at_ms, attempt_token, workflow_id, journal_bytes, \
              deadline_ms, scheduled_at_ms, attempt_started_at_ms, traceparent) \
              VALUES (?1, ?2, ?3, ?4, 'running', 1, 0, 0, 1, NULL, ?6, ?5, ?5, ?7, ?8, ?9, ?10, \
-             ?5, ?5, ?11) RETURNING {INVOCATION_COLUMNS}"
-        );
+             ?5, ?5, ?11)";
         let record = self
-            .invocation_returning(
-                &sql,
+            .write_invocation(
+                new.id.as_str(),
+                sql,
                 params![
                     new.id.as_str(),
                     new.target.service,
@@ -115,7 +121,7 @@ impl Invocations for SqliteTx {
                     new.traceparent,
                 ],
             )?
-            .ok_or_else(|| corrupt("INSERT … RETURNING returned no row".into()))?;
+            .ok_or_else(|| corrupt("an inserted invocation was not found".into()))?;
         insert_entry(&self.conn, new.id.as_str(), input)?;
         Ok(record)
     }
@@ -160,13 +166,16 @@ impl Invocations for SqliteTx {
         max_bytes: i64,
         entry: &StoredEntry,
     ) -> StoreResult<Option<u32>> {
-        let grown: Option<u32> = self.one(
+        // Without `RETURNING` (see `write_invocation`): the index is the one the fence
+        // checked, or else read back.
+        let grown = execute(
+            &self.conn,
             "UPDATE invocations SET journal_len = journal_len + 1, \
              journal_bytes = journal_bytes + ?6, position_failures = 0, modified_at_ms = ?1 \
              WHERE id = ?2 AND attempt = ?3 AND status = 'running' \
              AND (?4 IS NULL OR journal_len = ?4) \
              AND (?5 IS NULL OR attempt_token = ?5) \
-             AND journal_len < ?7 AND journal_bytes + ?6 <= ?8 RETURNING journal_len",
+             AND journal_len < ?7 AND journal_bytes + ?6 <= ?8",
             params![
                 entry.at_ms,
                 id,
@@ -178,10 +187,18 @@ impl Invocations for SqliteTx {
                 max_bytes
             ],
         )?;
-        let Some(journal_len) = grown else {
+        if grown == 0 {
             return Ok(None);
+        }
+        let index = match index {
+            Some(index) => index,
+            None => {
+                let journal_len: u32 = self
+                    .one("SELECT journal_len FROM invocations WHERE id = ?1", [id])?
+                    .ok_or_else(|| corrupt(format!("invocation {id} vanished")))?;
+                journal_len - 1
+            }
         };
-        let index = journal_len - 1;
         insert_entry_at(&self.conn, id, index, entry)?;
         Ok(Some(index))
     }
@@ -258,8 +275,7 @@ impl Invocations for SqliteTx {
         };
         let sql = format!(
             "UPDATE invocations SET {set}, journal_bytes = journal_bytes + ?4, \
-             modified_at_ms = ?1 WHERE id = ?2 AND attempt = ?3 AND status = 'running'{arrivals} \
-             RETURNING {INVOCATION_COLUMNS}"
+             modified_at_ms = ?1 WHERE id = ?2 AND attempt = ?3 AND status = 'running'{arrivals}"
         );
         let mut values: Vec<rusqlite::types::Value> = vec![
             now_ms.into(),
@@ -268,7 +284,7 @@ impl Invocations for SqliteTx {
             output_bytes.into(),
         ];
         values.extend(extra);
-        self.invocation_returning(&sql, rusqlite::params_from_iter(values))
+        self.write_invocation(id, &sql, rusqlite::params_from_iter(values))
     }
 
     async fn claimable(&mut self, now_ms: i64, limit: u32) -> StoreResult<Vec<(String, bool)>> {
@@ -289,14 +305,11 @@ impl Invocations for SqliteTx {
         token: &str,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        let sql = format!(
-            "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
+        let sql = "UPDATE invocations SET status = 'running', attempt = attempt + 1, \
              scheduled_at_ms = next_run_at_ms, attempt_started_at_ms = ?1, \
              next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = ?1, attempt_token = ?3 \
-             WHERE id = ?2 AND status IN ('pending', 'backing-off', 'suspended') \
-             RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![now_ms, id, token])
+             WHERE id = ?2 AND status IN ('pending', 'backing-off', 'suspended')";
+        self.write_invocation(id, sql, params![now_ms, id, token])
     }
 
     async fn record_heartbeat(
@@ -362,12 +375,11 @@ impl Invocations for SqliteTx {
     }
 
     async fn mark_cancelled(&mut self, id: &str, now_ms: i64) -> StoreResult<InvocationRecord> {
-        let sql = format!(
+        let sql =
             "UPDATE invocations SET journal_len = journal_len + 1, cancel_requested_at_ms = ?1, \
              status = 'pending', next_run_at_ms = ?1, waiting_for = NULL, modified_at_ms = ?1 \
-             WHERE id = ?2 RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![now_ms, id])?
+             WHERE id = ?2";
+        self.write_invocation(id, sql, params![now_ms, id])?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
@@ -379,14 +391,12 @@ impl Invocations for SqliteTx {
         output_bytes: i64,
         now_ms: i64,
     ) -> StoreResult<InvocationRecord> {
-        let sql = format!(
-            "UPDATE invocations SET status = ?4, journal_len = journal_len + 1, \
+        let sql = "UPDATE invocations SET status = ?4, journal_len = journal_len + 1, \
              journal_bytes = journal_bytes + ?5, completed_at_ms = ?1, failure = ?2, \
-             next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = ?1 WHERE id = ?3 \
-             RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(
-            &sql,
+             next_run_at_ms = NULL, waiting_for = NULL, modified_at_ms = ?1 WHERE id = ?3";
+        self.write_invocation(
+            id,
+            sql,
             params![now_ms, to_json(failure)?, id, status.as_str(), output_bytes],
         )?
         .ok_or_else(|| StoreError::NotFound(id.to_owned()))
@@ -401,7 +411,7 @@ impl Invocations for SqliteTx {
         key: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<InvocationRecord> {
-        let sql = format!(
+        let sql =
             "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, modified_at_ms = ?1, \
              journal_len = ?3 + 1, \
              journal_bytes = (SELECT COALESCE(SUM(COALESCE(LENGTH(value), 0) \
@@ -410,9 +420,8 @@ impl Invocations for SqliteTx {
              position_failures = 0, last_error = ?4, \
              cancel_requested_at_ms = CASE WHEN ?5 THEN cancel_requested_at_ms ELSE NULL END, \
              restart_key = ?6 \
-             WHERE id = ?2 RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![now_ms, id, from, reason, keep_cancel, key])?
+             WHERE id = ?2";
+        self.write_invocation(id, sql, params![now_ms, id, from, reason, keep_cancel, key])?
             .ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
@@ -422,13 +431,11 @@ impl Invocations for SqliteTx {
         reason: &str,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        let sql = format!(
+        let sql =
             "UPDATE invocations SET status = 'paused', last_error = ?1, next_run_at_ms = NULL, \
              waiting_for = NULL, modified_at_ms = ?2 WHERE id = ?3 \
-             AND status IN ('pending', 'running', 'backing-off', 'suspended') \
-             RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![reason, now_ms, id])
+             AND status IN ('pending', 'running', 'backing-off', 'suspended')";
+        self.write_invocation(id, sql, params![reason, now_ms, id])
     }
 
     async fn mark_resumed(
@@ -437,13 +444,11 @@ impl Invocations for SqliteTx {
         deployment_id: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        let sql = format!(
-            "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, \
+        let sql = "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, \
              modified_at_ms = ?1, deployment_id = COALESCE(?2, deployment_id), \
              failures = 0, position_failures = 0 \
-             WHERE id = ?3 AND status = 'paused' RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![now_ms, deployment_id, id])
+             WHERE id = ?3 AND status = 'paused'";
+        self.write_invocation(id, sql, params![now_ms, deployment_id, id])
     }
 
     async fn retry_backoff_now(
@@ -451,11 +456,9 @@ impl Invocations for SqliteTx {
         id: &str,
         now_ms: i64,
     ) -> StoreResult<Option<InvocationRecord>> {
-        let sql = format!(
-            "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 \
-             WHERE id = ?2 AND status = 'backing-off' RETURNING {INVOCATION_COLUMNS}"
-        );
-        self.invocation_returning(&sql, params![now_ms, id])
+        let sql = "UPDATE invocations SET next_run_at_ms = ?1, modified_at_ms = ?1 \
+             WHERE id = ?2 AND status = 'backing-off'";
+        self.write_invocation(id, sql, params![now_ms, id])
     }
 
     async fn ended_before(&mut self, before_ms: i64, limit: u32) -> StoreResult<Vec<String>> {
