@@ -70,6 +70,13 @@ impl Engine {
             .start_to_close
             .unwrap_or(self.config.default_start_to_close);
         let endpoint = target.endpoint();
+        // Parsed once: the request goes there, and the signature covers its path. (A URL
+        // that does not parse goes to reqwest as text, which fails the call with why.)
+        let url = reqwest::Url::parse(&endpoint);
+        let post = || match &url {
+            Ok(url) => self.http.post(url.clone()),
+            Err(_) => self.http.post(&endpoint),
+        };
         // What an earlier attempt's last heartbeat said, for this one to go on from.
         let heartbeat_details = match record.heartbeat_at_ms.filter(|_| !replay) {
             Some(_) => match self.store.heartbeat_details(&record.id).await {
@@ -162,15 +169,12 @@ impl Engine {
                     Some(_) => STREAM_CONTENT_TYPE,
                     None => "application/json",
                 };
-                let request = self
-                    .http
-                    .post(&endpoint)
-                    .header(reqwest::header::CONTENT_TYPE, content_type);
+                let request = post().header(reqwest::header::CONTENT_TYPE, content_type);
                 (request, body)
             }
             // A plain handler gets the caller's request as it came.
             HandlerProtocol::Plain => {
-                let request = self.http.post(&endpoint);
+                let request = post();
                 let request = match &input.content_type {
                     Some(content_type) => {
                         request.header(reqwest::header::CONTENT_TYPE, content_type)
@@ -180,9 +184,7 @@ impl Engine {
                 (request, input.value.unwrap_or_default())
             }
         };
-        let path = reqwest::Url::parse(&endpoint)
-            .map(|url| url.path().to_owned())
-            .unwrap_or_default();
+        let path = url.as_ref().map(|url| url.path()).unwrap_or_default();
         // Every `Durin-*` header the handler gets is signed with the body: a replayed
         // request cannot be turned into a cancellation or given another token.
         let attempt = record.attempt.to_string();
@@ -205,7 +207,7 @@ impl Engine {
         let headers = headers.carried();
         let signature = self
             .signer
-            .header(self.clock.now_ms(), &path, &headers, &body);
+            .header(self.clock.now_ms(), path, &headers, &body);
         let request_bytes = body.len();
         // The handler's spans hang under the attempt's.
         let traceparent = self
