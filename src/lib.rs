@@ -54,7 +54,9 @@ fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    // As `TcpListener::bind` does: a restarted gateway binds its port again at once.
+    // As `TcpListener::bind` does: a restarted gateway binds its port again at once (not on
+    // Windows, where the option would let another process take a port in use).
+    #[cfg(not(windows))]
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)
