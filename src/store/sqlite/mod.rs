@@ -8,7 +8,8 @@
 //!
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
-//! per statement. Checkpoints of the write-ahead log run on a thread of their own. The
+//! per statement. Checkpoints of the write-ahead log run on a thread of their own
+//! (`wal.rs`), which also writes zeros ahead of the log's end. The
 //! schema is applied with `sqlx::migrate!` when the store opens. Reads use a small pool of
 //! read-only connections on tokio's blocking threads, which WAL lets run beside the writer.
 //!
@@ -30,9 +31,11 @@ use super::*;
 
 mod rows;
 mod tables;
+mod wal;
 
 use rows::*;
 use tables::SqliteTx;
+use wal::{WalLock, WAL_SIZE_LIMIT};
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -41,13 +44,6 @@ const MAX_BATCH: usize = 512;
 const READERS: usize = 8;
 /// The page cache of each read-only connection, in KiB.
 const READER_CACHE_KIB: u32 = 256;
-/// How often the write-ahead log is checkpointed.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-/// The length of the write-ahead log (in pages) past which the writer restarts it.
-const WAL_RESTART_FRAMES: i64 = 16 * 1024;
-/// The size the write-ahead log is truncated to when it starts over.
-const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// After the batch's commit (or its failure), hands the caller its result.
@@ -156,14 +152,24 @@ impl SqliteStore {
         let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
         let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer_restart = Arc::clone(&restart);
+        let wal_lock = WalLock::default();
+        let writer_lock = Arc::clone(&wal_lock);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
-            .spawn(move || write_loop(SqliteTx { conn: writer }, queue, writer_restart))
+            .spawn(move || {
+                write_loop(
+                    SqliteTx { conn: writer },
+                    queue,
+                    writer_restart,
+                    writer_lock,
+                )
+            })
             .map_err(backend)?;
         let (stop, stopped) = std::sync::mpsc::channel();
+        let wal_path = format!("{path}-wal");
         std::thread::Builder::new()
             .name("durin-sqlite-checkpointer".into())
-            .spawn(move || checkpoint_loop(checkpointer, stopped, restart))
+            .spawn(move || wal::checkpoint_loop(checkpointer, wal_path, wal_lock, stopped, restart))
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
@@ -279,35 +285,11 @@ impl ReaderPool {
     }
 }
 
-/// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`], without
-/// blocking the writer (`PASSIVE`), until the store is dropped. Under a steady stream of
-/// writes a passive checkpoint never catches up with the end of the log, so the log could
-/// not start over and would grow without bound (1.5 GB for 100,000 workflows started in a
-/// burst); past [`WAL_RESTART_FRAMES`] it asks the writer to restart the log.
-fn checkpoint_loop(
-    conn: Connection,
-    stop: std::sync::mpsc::Receiver<()>,
-    restart: Arc<std::sync::atomic::AtomicBool>,
-) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
-    {
-        // (busy, frames in the log, frames copied into the database)
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-            row.get::<_, i64>(1)
-        }) {
-            Ok(frames) if frames > WAL_RESTART_FRAMES => {
-                restart.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "checkpoint failed"),
-        }
-    }
-}
-
 fn write_loop(
     mut tx: SqliteTx,
     mut queue: mpsc::Receiver<WriteOp>,
     restart: Arc<std::sync::atomic::AtomicBool>,
+    wal_lock: WalLock,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
@@ -318,6 +300,8 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        // SQLite writes the log only inside these two steps.
+        let _writing = wal::hold(&wal_lock);
         commit_batch(&mut tx, &mut batch);
         if restart.swap(false, std::sync::atomic::Ordering::Relaxed) {
             let conn = &tx.conn;
