@@ -253,7 +253,7 @@ impl Endpoint {
         router.with_state(state)
     }
 
-    /// Serves until the process ends.
+    /// Serves until the process ends, on a listener from [`bind`] (or any other).
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         let listener = listener.tap_io(|stream| {
             // Answers are small and latency matters more than packet count.
@@ -261,6 +261,40 @@ impl Endpoint {
         });
         axum::serve(listener, self.router()).await
     }
+}
+
+/// The connections a listener from [`bind`] holds before they are accepted. Tokio's own
+/// `TcpListener::bind` asks for 128: Durin opens a connection for each attempt that runs
+/// at once, and when a burst of them overflows the backlog, the dropped handshakes wait a
+/// second for their retry. The system's limit (`net.core.somaxconn` on Linux) still caps it.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener for [`Endpoint::serve`] on the first of `address`'s addresses that binds,
+/// holding [`LISTEN_BACKLOG`] connections not yet accepted.
+pub async fn bind(
+    address: impl tokio::net::ToSocketAddrs,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last_error = None;
+    for address in tokio::net::lookup_host(address).await? {
+        let socket = match address {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As tokio's bind: a restarted handler binds its port again at once (not on
+        // Windows, where the option would let another process take a port in use).
+        #[cfg(not(windows))]
+        socket.set_reuseaddr(true)?;
+        match socket.bind(address) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolved to nothing",
+        )
+    }))
 }
 
 /// Checks Durin's signature of a request (version 3, see
@@ -471,6 +505,37 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
+
+    /// A listener from [`bind`] holds a burst of connections that nothing has accepted
+    /// yet: more of them than tokio's default backlog of 128 (as many as the kernel's own
+    /// cap, `net.core.somaxconn`, lets through). A handshake the kernel dropped would wait
+    /// a second for its retry, past the timeout.
+    #[tokio::test]
+    async fn a_burst_of_connections_fits_the_backlog() {
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = somaxconn.min(400);
+        let connects = (0..burst).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(800),
+                tokio::net::TcpStream::connect(address),
+            )
+        });
+        let results = futures_util::future::join_all(connects).await;
+        let connected = results
+            .iter()
+            .filter(|result| matches!(result, Ok(Ok(_))))
+            .count();
+        assert_eq!(
+            connected, burst,
+            "connections that completed their handshake"
+        );
+        drop(listener);
+    }
 
     /// A deployment that does not stream declares the version before streaming, so that
     /// Durin sends it each attempt in one body.

@@ -19,7 +19,7 @@
 //! }
 //!
 //! # async fn serve() -> std::io::Result<()> {
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:9080").await?;
+//! let listener = durin_sdk::bind("127.0.0.1:9080").await?;
 //! Endpoint::new()
 //!     .service(Service::new("greeter").handler("greet", greet))
 //!     .serve(listener)
@@ -47,5 +47,7 @@ mod stream;
 
 pub use context::{Awakeable, Context, ParentClose, RunOptions, Waitable};
 pub use durin_protocol::{KeySpec, RetryPolicy};
-pub use endpoint::{Endpoint, HandlerOptions, Service, DEFAULT_MAX_REQUEST_BYTES};
+pub use endpoint::{
+    bind, Endpoint, HandlerOptions, Service, DEFAULT_MAX_REQUEST_BYTES, LISTEN_BACKLOG,
+};
 pub use error::HandlerError;

@@ -456,7 +456,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let listener = durin_sdk::bind(args.listen).await?;
         // Scripts and tests read this line to learn the port when listening on port 0.
         println!(
             "order service listening on http://{}",
