@@ -126,9 +126,9 @@
 //! on open files (`ulimit -n`) is at least the largest level plus 100, and stops with an
 //! error otherwise.
 //!
-//! All children are killed when the benchmark ends, fails or is interrupted with Ctrl-C,
-//! and the scratch directory (databases and the children's logs) is removed unless
-//! `--keep-dir` is given.
+//! All children are killed when the benchmark ends, fails or is interrupted with Ctrl-C
+//! or SIGTERM, and the scratch directory (databases and the children's logs) is removed
+//! unless `--keep-dir` is given.
 //!
 //! ```text
 //! cargo build --release -p durin -p order-example -p durin-bench && target/release/durin-bench
@@ -876,13 +876,29 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
     })
 }
 
-/// Runs `future` unless Ctrl-C comes first. Interrupting drops the run, and the guards of
-/// the children are dropped on the way out, which kills them instead of leaving them behind.
+/// Runs `future` unless Ctrl-C (or, on Unix, SIGTERM) comes first. Interrupting drops the
+/// run, and the guards of the children are dropped on the way out, which kills them instead
+/// of leaving them behind.
 async fn interruptible<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::select! {
         result = future => result,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        () = interrupted() => bail!("interrupted"),
     }
+}
+
+/// Waits for Ctrl-C, or on Unix for SIGTERM too (`kill`, `timeout`).
+async fn interrupted() {
+    #[cfg(unix)]
+    if let Ok(mut terminate) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// What one scenario measures.
