@@ -2,8 +2,8 @@
 //! of the log's end.
 //!
 //! A commit that makes the log file longer pays for its new length as well as its frames:
-//! on ext4 here an fsync that extends a file took 270-370 µs, one that overwrites written
-//! blocks 180-210 µs. A fresh log (every start of Durin) grows with each commit until it
+//! on ext4 here a sync that extended a file took 268-374 µs, one that overwrote written
+//! blocks 181-209 µs. A fresh log (every start of Durin) grows with each commit until it
 //! first starts over, so the first 64 MiB of commits would pay the longer fsync. The thread
 //! writes zeros past the log's end, a piece at a time, before the writer needs the room, as
 //! PostgreSQL fills its WAL segments ahead. Zeros are never a valid frame (a frame carries
@@ -20,11 +20,11 @@ use rusqlite::Connection;
 /// How often the write-ahead log is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// The length of the write-ahead log (in pages) past which the writer restarts it.
-pub(super) const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
 /// The size the write-ahead log is truncated to when it starts over.
 pub(super) const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-/// How far past the log's last frame the zeros reach: more than the writer adds between
-/// two checkpoints at full speed.
+/// How far past the log's last frame (as of the latest checkpoint) the zeros reach; the
+/// writer may still outrun them for a moment, and then grows the file as it did before.
 const ZEROS_AHEAD: u64 = 16 * 1024 * 1024;
 /// The zeros written (and synced) at once, while the writer waits.
 const ZEROS_PIECE: usize = 128 * 1024;
