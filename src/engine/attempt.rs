@@ -317,6 +317,24 @@ impl Engine {
                 return Ok((Vec::new(), paused));
             }
         }
+        // Past its `schedule_to_close` deadline (a timer or a retry came due after it, and
+        // this claim ran before the deadline sweep): it fails as the sweep would fail it,
+        // instead of running after its time.
+        if let Some(deadline_ms) = record.deadline_ms {
+            if deadline_ms <= self.clock.now_ms() {
+                let failure = lifecycle::timeouts::schedule_to_close_failure(
+                    record.created_at_ms,
+                    deadline_ms,
+                );
+                return Ok((
+                    Vec::new(),
+                    AttemptEnd::Failed {
+                        failure,
+                        body: None,
+                    },
+                ));
+            }
+        }
         // Started too late for what it was for: it fails instead of running.
         if let (Some(limit), Some(due)) = (
             self.config.timeouts.schedule_to_start(&target.spec),
