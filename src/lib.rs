@@ -42,26 +42,6 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// Ended invocations purged in one transaction.
 const PURGE_BATCH: u32 = 500;
 
-/// How many connections a listener holds that it has not accepted yet (the kernel caps it
-/// at `net.core.somaxconn`). Tokio, like the standard library, asks for 128: a burst of a
-/// few hundred callers connecting at once then overflows it, and the connections whose
-/// handshake is dropped wait a second for their retry.
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// A listener on `address` with [`LISTEN_BACKLOG`].
-fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match address {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    // As `TcpListener::bind` does: a restarted gateway binds its port again at once (not on
-    // Windows, where the option would let another process take a port in use).
-    #[cfg(not(windows))]
-    socket.set_reuseaddr(true)?;
-    socket.bind(address)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
 /// The gateway's two listeners: callers and handlers on `api`, operators on `admin`.
 pub struct Listeners {
     pub api: TcpListener,
@@ -72,7 +52,9 @@ impl Listeners {
     /// Binds both addresses of `config`.
     pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let bind = |address| async move {
-            listen(address).map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
+            durin_sdk::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
         };
         Ok(Listeners {
             api: bind(config.listen).await?,
@@ -265,7 +247,8 @@ async fn serve(
     };
     let egress_server = match config.egress_listen {
         Some(address) => {
-            let listener = listen(address)
+            let listener = durin_sdk::bind(address)
+                .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {address} for the egress: {e}"))?;
             let extra_roots = match &config.egress_ca_file {
                 Some(file) => {
@@ -448,42 +431,5 @@ async fn purge(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A burst of callers connecting at once completes its handshakes without being
-    /// accepted yet: more of them than tokio's default backlog of 128 (as many as the
-    /// kernel's own cap, `net.core.somaxconn`, lets through).
-    #[tokio::test]
-    async fn a_burst_of_connections_fits_the_backlog() {
-        let listener = listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        let address = listener.local_addr().unwrap();
-        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(4096);
-        let burst = somaxconn.min(400);
-        // Nothing accepts: every handshake that completes sits in the backlog. One that
-        // the kernel drops would wait a second for its retry, past the timeout.
-        let connects = (0..burst).map(|_| {
-            tokio::time::timeout(
-                Duration::from_millis(800),
-                tokio::net::TcpStream::connect(address),
-            )
-        });
-        let results = futures_util::future::join_all(connects).await;
-        let connected = results
-            .iter()
-            .filter(|result| matches!(result, Ok(Ok(_))))
-            .count();
-        assert_eq!(
-            connected, burst,
-            "connections that completed their handshake"
-        );
-        drop(listener);
     }
 }
