@@ -59,7 +59,9 @@ pub(super) fn checkpoint_loop(
         .query_row("PRAGMA page_size", [], |row| row.get::<_, u64>(0))
         .map(|page| page + FRAME_HEADER)
         .ok();
-    loop {
+    // The first pass waits too: a start (a recovery) has the writer to itself meanwhile.
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
+    {
         // (busy, frames in the log, frames copied into the database)
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
             row.get::<_, i64>(1)
@@ -77,11 +79,6 @@ pub(super) fn checkpoint_loop(
                 }
             }
             Err(error) => tracing::warn!(%error, "checkpoint failed"),
-        }
-        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
-            stop.recv_timeout(CHECKPOINT_EVERY)
-        {
-            return;
         }
     }
 }
