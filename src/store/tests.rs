@@ -150,44 +150,43 @@ async fn reopen(url: &str, id: &str, lease_ms: u64) -> PostgresStore {
     panic!("node {id} could not start again");
 }
 
-/// The SQLite store writes zeros ahead of its write-ahead log's end, so that commits
+/// The SQLite store fills its write-ahead log with zeros when it opens, so that commits
 /// overwrite written blocks instead of growing the file; a copy of the files taken while
 /// it runs (what a `kill -9` leaves) opens with every committed invocation, the zeros
 /// past the last frame read as the log's end.
 #[tokio::test]
-async fn the_sqlite_log_has_zeros_ahead_and_a_crash_image_recovers_through_them() {
+async fn the_sqlite_log_is_filled_with_zeros_and_a_crash_image_recovers_through_them() {
+    const LIMIT: usize = 64 * 1024 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("durin.db");
     let wal = dir.path().join("durin.db-wal");
     let store = SqliteStore::open(&format!("sqlite:{}", path.display()))
         .await
         .unwrap();
+    // Filled before the store answers: the first commits land in zeros.
+    let fresh = std::fs::read(&wal).unwrap();
+    assert_eq!(fresh.len(), LIMIT, "the log's length once open");
+    assert!(fresh.iter().all(|b| *b == 0), "a fresh log is all zeros");
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(running(&store).await.id);
     }
-    // The checkpointer's first pass writes zeros at once; a piece is synced at a time.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let zeros = loop {
-        let bytes = std::fs::read(&wal).unwrap();
-        if bytes.len() >= 8 * 1024 * 1024 {
-            break bytes;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the log stayed at {} bytes",
-            bytes.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    assert!(zeros[zeros.len() - 1024 * 1024..].iter().all(|b| *b == 0));
+    let log = std::fs::read(&wal).unwrap();
+    assert_eq!(
+        log.len(),
+        LIMIT,
+        "commits overwrote the zeros: the file did not grow"
+    );
+    assert!(log[..4096].iter().any(|b| *b != 0), "the log has frames");
+    assert!(log[LIMIT - 1024 * 1024..].iter().all(|b| *b == 0));
 
     // A crash image: the database and its log as they are now, without the index (-shm),
     // which SQLite rebuilds from the log.
     let image = tempfile::tempdir().unwrap();
     let image_path = image.path().join("durin.db");
+    let image_wal = image.path().join("durin.db-wal");
     std::fs::copy(&path, &image_path).unwrap();
-    std::fs::copy(&wal, image.path().join("durin.db-wal")).unwrap();
+    std::fs::copy(&wal, &image_wal).unwrap();
     drop(store);
     let recovered = SqliteStore::open(&format!("sqlite:{}", image_path.display()))
         .await
@@ -196,9 +195,10 @@ async fn the_sqlite_log_has_zeros_ahead_and_a_crash_image_recovers_through_them(
         let record = recovered.get_invocation(id).await.unwrap();
         assert_eq!(record.map(|r| r.status), Some(Status::Running), "{id}");
     }
-    // And it takes more writes after the zeros.
+    // And it takes more writes after the zeros, in the same file.
     let more = running(&recovered).await;
     assert!(recovered.get_invocation(&more.id).await.unwrap().is_some());
+    assert_eq!(std::fs::metadata(&image_wal).unwrap().len(), LIMIT as u64);
 }
 
 /// A second process with a node id that a live node has is refused with a reason; a node

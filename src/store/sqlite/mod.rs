@@ -9,7 +9,7 @@
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
 //! per statement. Checkpoints of the write-ahead log run on a thread of their own
-//! (`wal.rs`), which also writes zeros ahead of the log's end. The
+//! (`wal.rs`), which also fills the log with zeros when the store opens. The
 //! schema is applied with `sqlx::migrate!` when the store opens. Reads use a small pool of
 //! read-only connections on tokio's blocking threads, which WAL lets run beside the writer.
 //!
@@ -35,7 +35,7 @@ mod wal;
 
 use rows::*;
 use tables::SqliteTx;
-use wal::{WalLock, WAL_SIZE_LIMIT};
+use wal::WAL_SIZE_LIMIT;
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -149,27 +149,21 @@ impl SqliteStore {
             .execute_batch("PRAGMA wal_autocheckpoint = 0;")
             .map_err(backend)?;
         let checkpointer = open_connection(&path, false)?;
+        // Before the writer starts: nothing else writes the log meanwhile.
+        if let Err(error) = wal::fill_with_zeros(&format!("{path}-wal")) {
+            tracing::warn!(%error, "could not fill the write-ahead log with zeros; it grows with its commits instead");
+        }
         let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
         let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer_restart = Arc::clone(&restart);
-        let wal_lock = WalLock::default();
-        let writer_lock = Arc::clone(&wal_lock);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
-            .spawn(move || {
-                write_loop(
-                    SqliteTx { conn: writer },
-                    queue,
-                    writer_restart,
-                    writer_lock,
-                )
-            })
+            .spawn(move || write_loop(SqliteTx { conn: writer }, queue, writer_restart))
             .map_err(backend)?;
         let (stop, stopped) = std::sync::mpsc::channel();
-        let wal_path = format!("{path}-wal");
         std::thread::Builder::new()
             .name("durin-sqlite-checkpointer".into())
-            .spawn(move || wal::checkpoint_loop(checkpointer, wal_path, wal_lock, stopped, restart))
+            .spawn(move || wal::checkpoint_loop(checkpointer, stopped, restart))
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
@@ -289,7 +283,6 @@ fn write_loop(
     mut tx: SqliteTx,
     mut queue: mpsc::Receiver<WriteOp>,
     restart: Arc<std::sync::atomic::AtomicBool>,
-    wal_lock: WalLock,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.blocking_recv() {
@@ -300,8 +293,6 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        // SQLite writes the log only inside these two steps.
-        let _writing = wal::hold(&wal_lock);
         commit_batch(&mut tx, &mut batch);
         if restart.swap(false, std::sync::atomic::Ordering::Relaxed) {
             let conn = &tx.conn;
