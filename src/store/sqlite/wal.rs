@@ -11,7 +11,7 @@
 //! recovery stops where the log's real frames end; a log of zeros alone has no valid
 //! header and reads as empty.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,29 +49,30 @@ pub(super) fn fill_with_zeros(wal_path: &str) -> std::io::Result<()> {
     if length >= wanted {
         return Ok(());
     }
-    let zeros = vec![0u8; ZEROS_PIECE];
-    let mut written = length;
-    let filled = (|| {
-        while written < wanted {
-            let piece =
-                usize::try_from(wanted - written).map_or(ZEROS_PIECE, |n| n.min(ZEROS_PIECE));
-            file.write_all(&zeros[..piece])?;
-            written += piece as u64;
-        }
-        file.sync_data()
-    })();
-    if let Err(error) = filled {
+    if let Err(error) = append_zeros(&mut file, wanted - length) {
         file.set_len(length)?;
         return Err(error);
     }
     Ok(())
 }
 
+/// Appends `count` zero bytes to `file`, [`ZEROS_PIECE`] at a time, and syncs them.
+fn append_zeros(file: &mut File, count: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; ZEROS_PIECE];
+    let mut left = count;
+    while left > 0 {
+        let piece = usize::try_from(left).map_or(ZEROS_PIECE, |n| n.min(ZEROS_PIECE));
+        file.write_all(&zeros[..piece])?;
+        left -= piece as u64;
+    }
+    file.sync_data()
+}
+
 /// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`], without
-/// blocking the writer (`PASSIVE`), until the store is dropped. Under a steady stream of writes a passive checkpoint never catches up
-/// with the end of the log, so the log could not start over and would grow without bound
-/// (1.5 GB for 100,000 workflows started in a burst); past [`WAL_RESTART_FRAMES`] it asks
-/// the writer to restart the log.
+/// blocking the writer (`PASSIVE`), until the store is dropped. Under a steady stream of
+/// writes a passive checkpoint never catches up with the end of the log, so the log could
+/// not start over and would grow without bound (1.5 GB for 100,000 workflows started in a
+/// burst); past [`WAL_RESTART_FRAMES`] it asks the writer to restart the log.
 pub(super) fn checkpoint_loop(
     conn: Connection,
     stop: std::sync::mpsc::Receiver<()>,
