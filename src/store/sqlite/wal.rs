@@ -78,18 +78,16 @@ pub(super) fn checkpoint_loop(
     stop: std::sync::mpsc::Receiver<()>,
     restart: Arc<AtomicBool>,
 ) {
-    // The first pass waits too: a start (a recovery) has the writer to itself meanwhile.
+    // The first pass waits its interval: a start (a recovery) has the writer to itself
+    // meanwhile.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY)
     {
         // (busy, frames in the log, frames copied into the database)
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
             row.get::<_, i64>(1)
         }) {
-            Ok(frames) => {
-                if frames > WAL_RESTART_FRAMES {
-                    restart.store(true, Ordering::Relaxed);
-                }
-            }
+            Ok(frames) if frames > WAL_RESTART_FRAMES => restart.store(true, Ordering::Relaxed),
+            Ok(_) => {}
             Err(error) => tracing::warn!(%error, "checkpoint failed"),
         }
     }
