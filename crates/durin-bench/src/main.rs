@@ -239,6 +239,9 @@ enum Store {
     Sqlite,
     /// The PostgreSQL database of `--database-url` (order3 only).
     Postgres,
+    /// order3 on a fresh SQLite file, then on the PostgreSQL database of `--database-url`,
+    /// in one run: DESIGN.md's target for PostgreSQL is a share of SQLite's throughput.
+    Both,
 }
 
 #[derive(Parser)]
@@ -281,11 +284,11 @@ struct Args {
     /// callers: how many callers wait at once.
     #[arg(long, default_value_t = 3000)]
     callers: usize,
-    /// Where Durin keeps its state; postgres needs --database-url and runs order3 only
-    /// (`--scenario sdk`).
+    /// Where Durin keeps its state; postgres and both need --database-url and run order3
+    /// only (`--scenario sdk`).
     #[arg(long, value_enum, default_value_t = Store::Sqlite)]
     store: Store,
-    /// The PostgreSQL database of `--store postgres`, e.g.
+    /// The PostgreSQL database of `--store postgres` or `both`, e.g.
     /// `postgres://postgres@127.0.0.1:5432/durin_bench`. The bench does not empty it: drop and
     /// recreate it before each run.
     #[arg(long)]
@@ -312,8 +315,10 @@ struct Args {
 /// One way of running order3, each a scenario of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Order3 {
-    /// order3: the Rust SDK example `order`.
+    /// order3: the Rust SDK example `order`, on a fresh SQLite file.
     Rust,
+    /// order3 on the PostgreSQL database of `--database-url`, `--nodes` Durin nodes.
+    RustOnPostgres,
     /// order3-python or order3-typescript: an SDK example in another language.
     Example(Example),
     /// order3-egress: the plain handler in this process, through the egress.
@@ -324,9 +329,21 @@ impl Order3 {
     /// The scenario's name in the report and the JSON lines.
     fn name(self) -> &'static str {
         match self {
-            Order3::Rust => "order3",
+            Order3::Rust | Order3::RustOnPostgres => "order3",
             Order3::Example(example) => example.scenario(),
-            Order3::Egress => "order3-egress",
+            Order3::Egress => report::EGRESS_SCENARIO,
+        }
+    }
+}
+
+impl Args {
+    /// The order3 scenarios to run, in their order: those of `--scenario` on SQLite; on
+    /// PostgreSQL, order3 (`run` has checked that `--scenario` is `sdk`).
+    fn order3(&self) -> &'static [Order3] {
+        match self.store {
+            Store::Sqlite => self.scenario.order3(),
+            Store::Postgres => &[Order3::RustOnPostgres],
+            Store::Both => &[Order3::Rust, Order3::RustOnPostgres],
         }
     }
 }
@@ -514,15 +531,15 @@ fn run(args: &Args) -> Result<()> {
             bail!("--database-url is for --store postgres")
         }
         Store::Sqlite => {}
-        Store::Postgres => {
+        Store::Postgres | Store::Both => {
             if args.scenario != Scenarios::Sdk {
-                bail!("--store postgres runs order3 only: give --scenario sdk");
+                bail!("--store postgres and both run order3 only: give --scenario sdk");
             }
             match &args.database_url {
                 Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 }
                 Some(url) => bail!("--database-url {url:?} is not a postgres:// URL"),
-                None => bail!("--store postgres needs --database-url postgres://..."),
+                None => bail!("--store postgres and both need --database-url postgres://..."),
             }
         }
     }
@@ -534,7 +551,7 @@ fn run(args: &Args) -> Result<()> {
             .context("this executable has no parent directory; pass --bin-dir")?
             .to_path_buf(),
     };
-    let order3 = args.scenario.order3();
+    let order3 = args.order3();
     if !order3.is_empty() {
         let largest = args.levels().iter().copied().max().unwrap_or(1);
         check_open_files(largest, procs::open_files_limits()?)?;
@@ -578,7 +595,8 @@ fn run(args: &Args) -> Result<()> {
     let mut failure = None;
     for &run in order3 {
         let report = match run {
-            Order3::Rust => sdk_scenario(&setup),
+            Order3::Rust => sdk_scenario(&setup, false),
+            Order3::RustOnPostgres => sdk_scenario(&setup, true),
             Order3::Example(example) => example_scenario(&setup, example),
             Order3::Egress => egress_scenario(&setup),
         };
@@ -700,10 +718,10 @@ fn start_durin_at(setup: &Setup<'_>, database: &str, log: &str, extra: &[&str]) 
 
 /// The Durin nodes of order3: one on a fresh SQLite file, or `--nodes` on the PostgreSQL
 /// database, started one after the other (the first applies the migrations).
-fn start_sdk_nodes(setup: &Setup<'_>) -> Result<Vec<Service>> {
+fn start_sdk_nodes(setup: &Setup<'_>, postgres: bool) -> Result<Vec<Service>> {
     let args = setup.args;
-    match (args.store, &args.database_url) {
-        (Store::Postgres, Some(url)) => (1..=args.nodes)
+    match (postgres, &args.database_url) {
+        (true, Some(url)) => (1..=args.nodes)
             .map(|i| {
                 let node_id = format!("bench-node-{i}");
                 start_durin_at(
@@ -718,15 +736,16 @@ fn start_sdk_nodes(setup: &Setup<'_>) -> Result<Vec<Service>> {
     }
 }
 
-/// order3: Durin (one node or several) and the SDK example, each in its own process.
-fn sdk_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
+/// order3: Durin (one node on SQLite, or `--nodes` on PostgreSQL) and the SDK example, each
+/// in its own process.
+fn sdk_scenario(setup: &Setup<'_>, postgres: bool) -> Result<ScenarioReport> {
     let args = setup.args;
-    let postgres_nodes = (args.store == Store::Postgres).then_some(args.nodes);
+    let postgres_nodes = postgres.then_some(args.nodes);
     match postgres_nodes {
         None => eprintln!("durin-bench: scenario order3 (SDK)"),
         Some(n) => eprintln!("durin-bench: scenario order3 (SDK) on PostgreSQL, {n} node(s)"),
     }
-    let nodes = start_sdk_nodes(setup)?;
+    let nodes = start_sdk_nodes(setup, postgres)?;
     let durin = nodes.first().context("no durin node")?;
     let order = Service::start(
         "order",
@@ -866,7 +885,7 @@ fn egress_scenario(setup: &Setup<'_>) -> Result<ScenarioReport> {
         .runtime
         .block_on(interruptible(measure(setup, &target)))?;
     Ok(ScenarioReport {
-        scenario: "order3-egress",
+        scenario: report::EGRESS_SCENARIO,
         description: format!(
             "a plain handler without an SDK ({PLAIN_SERVICE}), three side effects as HTTP calls through the egress; handler and downstream run inside this bench process"
         ),
@@ -1166,6 +1185,13 @@ mod tests {
             [Order3::Rust, python, typescript, Order3::Egress]
         );
         assert!(order3("waiting").is_empty());
+        let url = "postgres://postgres@127.0.0.1/bench";
+        let on = |store: &str| {
+            parse(&["--scenario", "sdk", "--store", store, "--database-url", url]).order3()
+        };
+        assert_eq!(on("sqlite"), [Order3::Rust]);
+        assert_eq!(on("postgres"), [Order3::RustOnPostgres]);
+        assert_eq!(on("both"), [Order3::Rust, Order3::RustOnPostgres]);
         let names: Vec<&str> = order3("sdks").iter().map(|r| r.name()).collect();
         assert_eq!(
             names,

@@ -12,10 +12,18 @@ const RESTATE_C1_P50_MS: f64 = 5.4;
 const RESTATE_C64_PER_S: f64 = 790.0;
 /// Restate's throughput at c=256, per second.
 const RESTATE_C256_PER_S: f64 = 1100.0;
-/// Target: single-caller p50 under this many ms.
-const TARGET_C1_P50_MS: f64 = 2.0;
-/// Target: throughput at c=64 at least this multiple of Restate's.
-const TARGET_C64_FACTOR: f64 = 5.0;
+/// Target (DESIGN.md section 6): with an SDK, a single caller's p50 under this many ms.
+const TARGET_C1_P50_MS: f64 = 1.0;
+/// Target: with an SDK, throughput at c=64 and at c=256 at least this multiple of Restate's.
+const TARGET_SDK_FACTOR: f64 = 10.0;
+/// Target: through the egress (no SDK), throughput at c=64 and at c=256 at least this
+/// multiple of Restate's.
+const TARGET_EGRESS_FACTOR: f64 = 5.0;
+/// Target: order3 on PostgreSQL, one node, at least this share of the SQLite store's
+/// throughput in the same run (`--store both`).
+const TARGET_POSTGRES_SHARE: f64 = 0.6;
+/// The name of the scenario through the egress, whose targets are not the SDK's.
+pub const EGRESS_SCENARIO: &str = "order3-egress";
 
 /// Facts about the machine, which is shared: the load average says how noisy the run was.
 pub struct Machine {
@@ -57,6 +65,17 @@ pub struct ScenarioReport {
     /// output has no PostgreSQL figures.
     pub postgres_nodes: Option<usize>,
     pub levels: Vec<Level>,
+}
+
+impl ScenarioReport {
+    /// The scenario's name, and the store when it is PostgreSQL: `order3 on PostgreSQL`.
+    fn label(&self) -> String {
+        match self.postgres_nodes {
+            None => self.scenario.to_owned(),
+            Some(1) => format!("{} on PostgreSQL", self.scenario),
+            Some(nodes) => format!("{} on PostgreSQL ({nodes} nodes)", self.scenario),
+        }
+    }
 }
 
 /// One measured concurrency level.
@@ -193,11 +212,16 @@ pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
         println!();
         print_table(scenario);
         println!();
-        print_targets(scenario.scenario, &scenario.levels);
+        for line in target_lines(scenario) {
+            println!("{line}");
+        }
     }
     if scenarios.len() > 1 {
         println!();
         for line in side_by_side(scenarios) {
+            println!("{line}");
+        }
+        for line in postgres_share_lines(scenarios) {
             println!("{line}");
         }
     }
@@ -312,11 +336,11 @@ fn side_by_side(scenarios: &[ScenarioReport]) -> Vec<String> {
     let Some((first, others)) = scenarios.split_first() else {
         return Vec::new();
     };
-    let names: Vec<&str> = scenarios.iter().map(|s| s.scenario).collect();
+    let names: Vec<String> = scenarios.iter().map(ScenarioReport::label).collect();
     let ratios = if others.len() == 1 {
-        format!("ratio = {}/{}", others[0].scenario, first.scenario)
+        format!("ratio = {}/{}", names[1], names[0])
     } else {
-        format!("ratios = each of the others/{}", first.scenario)
+        format!("ratios = each of the others/{}", names[0])
     };
     let mut lines = vec![format!("side by side, {} ({ratios}):", names.join(" vs "))];
     for level in &first.levels {
@@ -391,37 +415,100 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
-fn print_targets(scenario: &str, levels: &[Level]) {
-    println!(
-        "{scenario} against the DESIGN.md section 6 targets (Restate 1.7 here, quiet: c=1 p50 {RESTATE_C1_P50_MS} ms, c=64 ~{RESTATE_C64_PER_S:.0}/s, c=256 ~{RESTATE_C256_PER_S:.0}/s):"
-    );
-    match level_at(levels, 1).and_then(Level::p50_ms) {
-        Some(p50) => println!(
-            "  c=1 p50 under {TARGET_C1_P50_MS} ms: measured {p50:.2} ms, {} (Restate {RESTATE_C1_P50_MS} ms; durin/Restate {:.2})",
-            verdict(p50 < TARGET_C1_P50_MS),
+/// The lines that hold a scenario against DESIGN.md section 6: with an SDK, a single
+/// caller's p50 under [`TARGET_C1_P50_MS`] and [`TARGET_SDK_FACTOR`] times Restate's
+/// throughput at 64 and 256 callers; through the egress, [`TARGET_EGRESS_FACTOR`] times.
+/// On PostgreSQL the target is a share of SQLite's ([`postgres_share_lines`]).
+fn target_lines(scenario: &ScenarioReport) -> Vec<String> {
+    let label = scenario.label();
+    if scenario.postgres_nodes.is_some() {
+        return vec![format!(
+            "{label}: DESIGN.md section 6 holds PostgreSQL against the SQLite store in the same run (--store both), at least {TARGET_POSTGRES_SHARE}x its throughput on one node"
+        )];
+    }
+    let (c1_target, factor) = if scenario.scenario == EGRESS_SCENARIO {
+        (None, TARGET_EGRESS_FACTOR)
+    } else {
+        (Some(TARGET_C1_P50_MS), TARGET_SDK_FACTOR)
+    };
+    let mut lines = vec![format!(
+        "{label} against the DESIGN.md section 6 targets (Restate 1.7 here, quiet: c=1 p50 {RESTATE_C1_P50_MS} ms, c=64 ~{RESTATE_C64_PER_S:.0}/s, c=256 ~{RESTATE_C256_PER_S:.0}/s):"
+    )];
+    let p50 = level_at(&scenario.levels, 1).and_then(Level::p50_ms);
+    lines.push(match (c1_target, p50) {
+        (Some(target), Some(p50)) => format!(
+            "  c=1 p50 under {target} ms: measured {p50:.2} ms, {} (Restate {RESTATE_C1_P50_MS} ms; durin/Restate {:.2})",
+            verdict(p50 < target),
             p50 / RESTATE_C1_P50_MS,
         ),
-        None => println!("  c=1 p50 under {TARGET_C1_P50_MS} ms: not measured (no c=1 level)"),
-    }
-    let target = TARGET_C64_FACTOR * RESTATE_C64_PER_S;
-    match level_at(levels, 64) {
-        Some(level) => {
-            let throughput = level.throughput();
-            println!(
-                "  c=64 throughput >= {target:.0}/s ({TARGET_C64_FACTOR}x Restate's ~{RESTATE_C64_PER_S:.0}/s): measured {throughput:.0}/s, {} ({:.1}x Restate)",
-                verdict(throughput >= target),
-                throughput / RESTATE_C64_PER_S,
-            );
+        (Some(target), None) => {
+            format!("  c=1 p50 under {target} ms: not measured (no c=1 level)")
         }
-        None => println!("  c=64 throughput >= {target:.0}/s: not measured (no c=64 level)"),
+        (None, Some(p50)) => format!(
+            "  c=1 p50 (no target): measured {p50:.2} ms (Restate {RESTATE_C1_P50_MS} ms; durin/Restate {:.2})",
+            p50 / RESTATE_C1_P50_MS,
+        ),
+        (None, None) => "  c=1 p50 (no target): not measured".to_owned(),
+    });
+    for (concurrency, restate) in [(64, RESTATE_C64_PER_S), (256, RESTATE_C256_PER_S)] {
+        let target = factor * restate;
+        lines.push(match level_at(&scenario.levels, concurrency) {
+            Some(level) => {
+                let throughput = level.throughput();
+                format!(
+                    "  c={concurrency} throughput >= {target:.0}/s ({factor}x Restate's ~{restate:.0}/s): measured {throughput:.0}/s, {} ({:.1}x Restate)",
+                    verdict(throughput >= target),
+                    throughput / restate,
+                )
+            }
+            None => format!(
+                "  c={concurrency} throughput >= {target:.0}/s: not measured (no c={concurrency} level)"
+            ),
+        });
     }
-    if let Some(level) = level_at(levels, 256) {
-        let throughput = level.throughput();
-        println!(
-            "  c=256 (no target): measured {throughput:.0}/s, {:.1}x Restate's ~{RESTATE_C256_PER_S:.0}/s",
-            throughput / RESTATE_C256_PER_S,
+    lines
+}
+
+/// When order3 ran on SQLite and on PostgreSQL in this run (`--store both`): PostgreSQL's
+/// throughput as a share of SQLite's at each level both measured with more than one caller,
+/// held against [`TARGET_POSTGRES_SHARE`] when PostgreSQL had one node.
+fn postgres_share_lines(scenarios: &[ScenarioReport]) -> Vec<String> {
+    let order3 = |postgres: bool| {
+        scenarios
+            .iter()
+            .find(|s| s.scenario == "order3" && s.postgres_nodes.is_some() == postgres)
+    };
+    let (Some(sqlite), Some(postgres)) = (order3(false), order3(true)) else {
+        return Vec::new();
+    };
+    let one_node = postgres.postgres_nodes == Some(1);
+    let mut lines = vec![if one_node {
+        format!(
+            "{} against the DESIGN.md section 6 target (at least {TARGET_POSTGRES_SHARE}x the SQLite store's throughput in the same run):",
+            postgres.label()
+        )
+    } else {
+        format!(
+            "{} against SQLite in the same run (DESIGN.md's target of {TARGET_POSTGRES_SHARE}x is for one node):",
+            postgres.label()
+        )
+    }];
+    for level in postgres.levels.iter().filter(|l| l.concurrency > 1) {
+        let Some(base) = level_at(&sqlite.levels, level.concurrency) else {
+            continue;
+        };
+        let (pg, lite) = (level.throughput(), base.throughput());
+        let share = if lite > 0.0 { pg / lite } else { 0.0 };
+        let mut line = format!(
+            "  c={}: {pg:.0}/s against {lite:.0}/s on SQLite, {share:.2}x",
+            level.concurrency
         );
+        if one_node {
+            line.push_str(&format!(", {}", verdict(share >= TARGET_POSTGRES_SHARE)));
+        }
+        lines.push(line);
     }
+    lines
 }
 
 fn json_line(machine: &Machine, scenario: &ScenarioReport, level: &Level) -> serde_json::Value {
@@ -582,6 +669,96 @@ mod tests {
         // A scenario alone has nothing to stand beside.
         assert_eq!(vs(&[Some(1.0)], 0), "1");
         assert_eq!(vs(&[None, Some(2.0)], 1), "- vs 2.0 (-)");
+    }
+
+    /// `scenario` with a single caller's level, each request taking `c1_p50_us`, added before
+    /// its level at 64 callers.
+    fn with_single_caller(mut scenario: ScenarioReport, c1_p50_us: u64) -> ScenarioReport {
+        let result = LevelResult {
+            latencies: vec![Duration::from_micros(c1_p50_us); 10],
+            ok: 10,
+            wall: Duration::from_millis(20),
+            ..LevelResult::default()
+        };
+        let mut single = level(result, [None; 3]);
+        single.concurrency = 1;
+        scenario.levels.insert(0, single);
+        scenario
+    }
+
+    #[test]
+    fn targets_of_an_sdk_scenario_and_of_the_egress() {
+        // 900 µs at one caller, 8,000/s at 64: both SDK targets met; no level at 256.
+        let sdk = with_single_caller(scenario("order3", 8000, 10, 0.3), 900);
+        let lines = target_lines(&sdk);
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(lines[0].starts_with("order3 against the DESIGN.md section 6 targets"));
+        assert_eq!(
+            lines[1],
+            "  c=1 p50 under 1 ms: measured 0.90 ms, met (Restate 5.4 ms; durin/Restate 0.17)"
+        );
+        assert_eq!(
+            lines[2],
+            "  c=64 throughput >= 7900/s (10x Restate's ~790/s): measured 8000/s, met (10.1x Restate)"
+        );
+        assert_eq!(
+            lines[3],
+            "  c=256 throughput >= 11000/s: not measured (no c=256 level)"
+        );
+        // 1.5 ms and 5,000/s miss them.
+        let slow = with_single_caller(scenario("order3", 5000, 10, 0.3), 1500);
+        let lines = target_lines(&slow);
+        assert!(
+            lines[1].contains("measured 1.50 ms, NOT met"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("measured 5000/s, NOT met (6.3x Restate)"),
+            "{}",
+            lines[2]
+        );
+        // Through the egress: five times Restate, and no target for a single caller.
+        let egress = with_single_caller(scenario("order3-egress", 4000, 20, 0.6), 2500);
+        let lines = target_lines(&egress);
+        assert_eq!(
+            lines[1],
+            "  c=1 p50 (no target): measured 2.50 ms (Restate 5.4 ms; durin/Restate 0.46)"
+        );
+        assert_eq!(
+            lines[2],
+            "  c=64 throughput >= 3950/s (5x Restate's ~790/s): measured 4000/s, met (5.1x Restate)"
+        );
+    }
+
+    #[test]
+    fn postgres_is_held_against_sqlite_in_the_same_run() {
+        let sqlite = with_single_caller(scenario("order3", 5000, 10, 0.3), 1500);
+        let mut postgres = with_single_caller(scenario("order3", 2500, 20, 0.3), 3000);
+        postgres.postgres_nodes = Some(1);
+        assert_eq!(
+            target_lines(&postgres),
+            ["order3 on PostgreSQL: DESIGN.md section 6 holds PostgreSQL against the SQLite store in the same run (--store both), at least 0.6x its throughput on one node"]
+        );
+        let lines = postgres_share_lines(&[sqlite, postgres]);
+        assert_eq!(
+            lines,
+            [
+                "order3 on PostgreSQL against the DESIGN.md section 6 target (at least 0.6x the SQLite store's throughput in the same run):",
+                "  c=64: 2500/s against 5000/s on SQLite, 0.50x, NOT met",
+            ]
+        );
+        // Three nodes: the share without a verdict; and nothing without both stores.
+        let mut three = scenario("order3", 3500, 20, 0.3);
+        three.postgres_nodes = Some(3);
+        let lines = postgres_share_lines(&[scenario("order3", 5000, 10, 0.3), three]);
+        assert_eq!(lines[1], "  c=64: 3500/s against 5000/s on SQLite, 0.70x");
+        assert!(lines[0].starts_with("order3 on PostgreSQL (3 nodes) against SQLite"));
+        let sdk_and_egress = [
+            scenario("order3", 5000, 10, 0.3),
+            scenario("order3-egress", 2500, 20, 0.6),
+        ];
+        assert!(postgres_share_lines(&sdk_and_egress).is_empty());
     }
 
     #[test]
