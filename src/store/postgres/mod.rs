@@ -304,18 +304,23 @@ async fn write_loop(pool: PgPool, mut queue: mpsc::Receiver<WriteOp>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&pool, &mut held, &mut batch).await;
+        commit_batch(&pool, &mut held, &mut batch, &queue).await;
     }
+}
+
+/// The connection a writer keeps from one batch to the next.
+struct Held {
+    conn: PoolConnection<Postgres>,
+    /// Whether its next transaction has begun: the last commit began it in the same round
+    /// trip, as more writes were waiting.
+    begun: bool,
 }
 
 /// A connection inside a new transaction: the one the writer `held`, or, when it holds
 /// none or the one it held is broken (the database restarted), one of the pool.
-async fn begin(
-    pool: &PgPool,
-    held: &mut Option<PoolConnection<Postgres>>,
-) -> StoreResult<PoolConnection<Postgres>> {
-    if let Some(mut conn) = held.take() {
-        if run(&mut conn, "BEGIN").await.is_ok() {
+async fn begin(pool: &PgPool, held: &mut Option<Held>) -> StoreResult<PoolConnection<Postgres>> {
+    if let Some(Held { mut conn, begun }) = held.take() {
+        if begun || run(&mut conn, "BEGIN").await.is_ok() {
             return Ok(conn);
         }
         conn.detach();
@@ -327,8 +332,9 @@ async fn begin(
 
 async fn commit_batch(
     pool: &PgPool,
-    held: &mut Option<PoolConnection<Postgres>>,
+    held: &mut Option<Held>,
     batch: &mut Vec<WriteOp>,
+    queue: &mpsc::Receiver<WriteOp>,
 ) {
     let started = std::time::Instant::now();
     metrics::histogram!(crate::store::BATCH_METRIC).record(batch.len() as f64);
@@ -350,7 +356,7 @@ async fn commit_batch(
             let (reply, failed) = op.run(&mut conn).await;
             if failed {
                 if run(&mut conn, "ROLLBACK").await.is_ok() {
-                    *held = Some(conn);
+                    *held = Some(Held { conn, begun: false });
                 } else {
                     // The connection may be broken: the pool makes a new one.
                     conn.detach();
@@ -394,23 +400,27 @@ async fn commit_batch(
     let error = match broken {
         Some(error) => {
             let _ = run(&mut conn, "ROLLBACK").await;
+            // The connection may be broken (the server restarted): the pool makes a new one.
+            conn.detach();
             Some(error)
         }
-        None => match run(&mut conn, "COMMIT").await {
-            Ok(()) => None,
-            Err(error) => {
-                tracing::error!(%error, "commit failed");
-                let _ = run(&mut conn, "ROLLBACK").await;
-                Some(error)
+        None => {
+            // Under load the next batch is already waiting: its transaction begins in the
+            // commit's round trip, one round trip fewer per batch.
+            match commit(&mut conn, !queue.is_empty()).await {
+                Ok(begun) => {
+                    *held = Some(Held { conn, begun });
+                    None
+                }
+                Err(error) => {
+                    tracing::error!(%error, "commit failed");
+                    let _ = run(&mut conn, "ROLLBACK").await;
+                    conn.detach();
+                    Some(error)
+                }
             }
-        },
+        }
     };
-    if error.is_some() {
-        // The connection may be broken (the server restarted): the pool makes a new one.
-        conn.detach();
-    } else {
-        *held = Some(conn);
-    }
     metrics::histogram!(crate::store::COMMIT_METRIC).record(started.elapsed().as_secs_f64());
     for reply in replies {
         reply(error.as_ref());
@@ -452,7 +462,80 @@ async fn without_savepoints(
     (conn, Ok(replies))
 }
 
+/// Commits the transaction on `conn` and, when `begin_next`, begins the next one in the
+/// same round trip (both statements in one message): whether the next one has begun. Once
+/// the commit has answered, the commit stands: should the next transaction fail to begin,
+/// the next batch begins it again, or takes another connection if this one broke.
+async fn commit(conn: &mut PgConnection, begin_next: bool) -> StoreResult<bool> {
+    if !begin_next {
+        run(conn, "COMMIT").await?;
+        return Ok(false);
+    }
+    use futures_util::StreamExt;
+    let mut answers = sqlx::raw_sql("COMMIT; BEGIN").execute_many(&mut *conn);
+    answers
+        .next()
+        .await
+        .unwrap_or_else(|| Err(sqlx::Error::Protocol("no answer to COMMIT".into())))
+        .map_err(backend)?;
+    Ok(matches!(answers.next().await, Some(Ok(_))))
+}
+
 async fn run(conn: &mut PgConnection, sql: &str) -> StoreResult<()> {
     sqlx::query(sql).execute(conn).await.map_err(backend)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use sqlx::Connection;
+
+    use super::*;
+
+    async fn count(conn: &mut PgConnection) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+
+    /// A commit that begins the next transaction in its round trip has committed what came
+    /// before it, and what comes after it is inside the next transaction; a plain commit
+    /// leaves the connection outside any.
+    #[tokio::test]
+    async fn a_commit_can_begin_the_next_transaction_in_its_round_trip() {
+        if !crate::store::tests::postgres_or_skip(
+            "a_commit_can_begin_the_next_transaction_in_its_round_trip",
+        )
+        .await
+        {
+            return;
+        }
+        let server = std::env::var("DURIN_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let mut conn = PgConnection::connect(&server).await.unwrap();
+        // This connection's own table, gone with it.
+        run(&mut conn, "CREATE TEMPORARY TABLE t (n INT)")
+            .await
+            .unwrap();
+        run(&mut conn, "BEGIN").await.unwrap();
+        run(&mut conn, "INSERT INTO t VALUES (1)").await.unwrap();
+        assert!(commit(&mut conn, true).await.unwrap());
+        run(&mut conn, "INSERT INTO t VALUES (2)").await.unwrap();
+        run(&mut conn, "ROLLBACK").await.unwrap();
+        assert_eq!(count(&mut conn).await, 1, "the second row was rolled back");
+
+        run(&mut conn, "BEGIN").await.unwrap();
+        run(&mut conn, "INSERT INTO t VALUES (3)").await.unwrap();
+        assert!(!commit(&mut conn, false).await.unwrap());
+        // Outside a transaction, this row commits by itself; the ROLLBACK has nothing to
+        // roll back.
+        run(&mut conn, "INSERT INTO t VALUES (4)").await.unwrap();
+        run(&mut conn, "ROLLBACK").await.unwrap();
+        assert_eq!(count(&mut conn).await, 3);
+
+        conn.close().await.unwrap();
+    }
 }
