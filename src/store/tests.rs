@@ -239,6 +239,29 @@ async fn a_second_node_with_the_same_id_on_one_postgres_database_is_refused() {
     drop_schema(&schema).await;
 }
 
+/// The invocations table leaves half of each new page free, so that the updates of a
+/// running invocation stay on its page and touch no index.
+#[tokio::test]
+async fn postgres_leaves_room_on_the_invocations_pages_for_their_updates() {
+    if !postgres_or_skip("postgres_leaves_room_on_the_invocations_pages_for_their_updates").await {
+        return;
+    }
+    let (store, schema) = postgres(JournalLimits::default()).await;
+    let _guard = SchemaGuard(schema.clone());
+    drop(store);
+    let admin = sqlx::PgPool::connect(&postgres_server()).await.unwrap();
+    let options: Option<Vec<String>> = sqlx::query_scalar(
+        "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = 'invocations'",
+    )
+    .bind(&schema)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert_eq!(options, Some(vec!["fillfactor=50".to_owned()]));
+}
+
 /// Node A's attempts (one it claimed, one it created) stay A's while A renews its leases,
 /// past the lease time; once A stops renewing (it froze), node B claims them after their
 /// leases expired, with the next attempt, and A's writes for its old attempts are fenced.
