@@ -606,6 +606,18 @@ async fn create_with(
     key: Option<InvocationKey>,
     now_ms: i64,
 ) -> Created {
+    let new = new_invocation(store, idempotency, key, now_ms).await;
+    store.create_invocation(new).await.unwrap()
+}
+
+/// A new invocation of `wf/run` with an idempotency claim or a key, if given, its
+/// deployment registered.
+async fn new_invocation(
+    store: &dyn Store,
+    idempotency: Option<IdempotencyClaim>,
+    key: Option<InvocationKey>,
+    now_ms: i64,
+) -> NewInvocation {
     let spec = HandlerSpec {
         name: "run".into(),
         path: None,
@@ -630,29 +642,25 @@ async fn create_with(
         })
         .await
         .unwrap();
-    let created = store
-        .create_invocation(NewInvocation {
-            id: InvocationId::generate(),
-            target: HandlerTarget {
-                deployment_id: deployment.id,
-                url: deployment.url,
-                protocol: deployment.protocol,
-                service: "wf".into(),
-                handler: "run".into(),
-                spec,
-            },
-            input: b"null".to_vec(),
-            content_type: None,
-            idempotency,
-            now_ms,
-            deadline_ms: None,
-            traceparent: None,
-            run_now: true,
-            key,
-        })
-        .await
-        .unwrap();
-    created
+    NewInvocation {
+        id: InvocationId::generate(),
+        target: HandlerTarget {
+            deployment_id: deployment.id,
+            url: deployment.url,
+            protocol: deployment.protocol,
+            service: "wf".into(),
+            handler: "run".into(),
+            spec,
+        },
+        input: b"null".to_vec(),
+        content_type: None,
+        idempotency,
+        now_ms,
+        deadline_ms: None,
+        traceparent: None,
+        run_now: true,
+        key,
+    }
 }
 
 async fn command(
@@ -1203,6 +1211,78 @@ async fn writes_of_many_invocations_at_once_each_land_once(store: &dyn Store) {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// Creations, appends and ends of distinct invocations sent at once (one batch, side by
+/// side on PostgreSQL) each land once, with their own answers; a stale append among them is
+/// refused alone.
+async fn creations_appends_and_ends_at_once_each_land_once(store: &dyn Store) {
+    let mut records = Vec::new();
+    for _ in 0..9 {
+        records.push(running(store).await);
+    }
+    let mut new = Vec::new();
+    for _ in 0..8 {
+        new.push(new_invocation(store, None, None, T0).await);
+    }
+    let creations = futures_util::future::join_all(
+        new.into_iter()
+            .map(|new| async move { store.create_invocation(new).await.unwrap() }),
+    );
+    let appends = futures_util::future::join_all(
+        records[..4]
+            .iter()
+            .map(|record| store.append_entry(&record.id, 1, charge(record, 1, "a"), T0)),
+    );
+    let ends =
+        futures_util::future::join_all(records[4..8].iter().enumerate().map(|(i, record)| {
+            // Two ends with a last step (an append's row, then the completion's), two
+            // without.
+            let last = if i < 2 {
+                vec![charge(record, 1, "b")]
+            } else {
+                Vec::new()
+            };
+            store.end_attempt_after(&record.id, 1, last, completed(&format!("out{i}")), T0 + 1)
+        }));
+    let stale = store.append_entry(&records[8].id, 7, charge(&records[8], 1, "x"), T0);
+    let (created, appended, ended, stale) = futures_util::join!(creations, appends, ends, stale);
+    let mut ids = std::collections::HashSet::new();
+    for created in created {
+        let Created::New { record, .. } = created else {
+            panic!("{created:?}")
+        };
+        assert_eq!((record.status, record.journal_len), (Status::Running, 1));
+        assert_eq!(store.read_journal(&record.id).await.unwrap().len(), 1);
+        assert!(ids.insert(record.id));
+    }
+    assert_eq!(ids.len(), 8);
+    for (record, appended) in records[..4].iter().zip(appended) {
+        assert_eq!(appended.unwrap().index, 1);
+        let journal = store.read_journal(&record.id).await.unwrap();
+        assert_eq!(journal[1].value.as_deref(), Some(b"a".as_slice()));
+        let now = store.get_invocation(&record.id).await.unwrap().unwrap();
+        assert_eq!((now.status, now.journal_len), (Status::Running, 2));
+    }
+    for (i, (record, ended)) in records[4..8].iter().zip(ended).enumerate() {
+        let (ended, output, _) = ended.unwrap();
+        assert_eq!(ended.status, Status::Completed);
+        let at = if i < 2 { 2 } else { 1 };
+        assert_eq!(output.map(|o| o.index), Some(at));
+        let journal = store.read_journal(&record.id).await.unwrap();
+        assert_eq!(journal.len(), at as usize + 1);
+        if i < 2 {
+            assert_eq!(journal[1].value.as_deref(), Some(b"b".as_slice()));
+        }
+        let expected = format!("out{i}");
+        assert_eq!(
+            journal[at as usize].value.as_deref(),
+            Some(expected.as_bytes())
+        );
+    }
+    assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+    let journal = store.read_journal(&records[8].id).await.unwrap();
+    assert_eq!(journal.len(), 1);
 }
 
 /// Writes refused in the middle of a busy moment (stale attempts, a wrong index) write
@@ -2530,6 +2610,7 @@ conformance! {
     the_same_append_sent_again_answers_the_recorded_entry,
     refused_writes_leave_their_neighbours_in_the_batch,
     writes_of_many_invocations_at_once_each_land_once,
+    creations_appends_and_ends_at_once_each_land_once,
     an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,
     ended_invocations_are_purged_after_their_retention_with_all_they_kept,
     a_journal_past_its_limits_takes_no_more_entries => JournalLimits {
