@@ -44,6 +44,22 @@ const MAX_BATCH: usize = 512;
 const READERS: usize = 8;
 /// The page cache of each read-only connection, in KiB.
 const READER_CACHE_KIB: u32 = 256;
+/// Puts the attempts that were running when the process stopped back in line (at start).
+/// Like [`COUNT_PENDING`], it repeats the condition of the index of unfinished invocations.
+pub(super) const RECOVER_RUNNING: &str = "UPDATE invocations SET status = 'pending', \
+    next_run_at_ms = ?1, modified_at_ms = ?1 WHERE status = 'running' \
+    AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')";
+
+/// Counts the invocations waiting for their first attempt, which admission control asks
+/// under load. The second condition is the one of the partial index
+/// `invocations_unfinished`: SQLite searches a partial index only for a query whose
+/// `WHERE` implies the index's, which it does not deduce from `status = 'pending'` alone,
+/// and without the index the count reads every invocation the table keeps (a million
+/// sleeping workflows, the ended ones kept for their retention).
+pub(super) const COUNT_PENDING: &str = "SELECT COUNT(*) FROM invocations \
+    WHERE status = 'pending' \
+    AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')";
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// After the batch's commit (or its failure), hands the caller its result.
@@ -546,12 +562,7 @@ impl Store for SqliteStore {
 
     async fn recover_running(&self, now_ms: i64) -> StoreResult<u64> {
         self.write(move |conn| {
-            let n = execute(
-                conn,
-                "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, \
-                 modified_at_ms = ?1 WHERE status = 'running'",
-                [now_ms],
-            )?;
+            let n = execute(conn, RECOVER_RUNNING, [now_ms])?;
             Ok(n as u64)
         })
         .await
@@ -776,13 +787,11 @@ impl Store for SqliteStore {
 
     async fn count_pending(&self) -> StoreResult<u64> {
         self.read(|conn| {
-            conn.query_row(
-                "SELECT COUNT(*) FROM invocations WHERE status = 'pending'",
-                [],
-                |row| row.get::<_, i64>(0),
-            )
-            .map(|n| n.max(0) as u64)
-            .map_err(backend)
+            conn.prepare_cached(COUNT_PENDING)
+                .map_err(backend)?
+                .query_row([], |row| row.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(backend)
         })
         .await
     }
