@@ -29,6 +29,16 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
+/// The condition of the partial indexes on unfinished invocations
+/// (`invocations_unfinished`, `invocations_by_key`). SQLite searches a partial index only
+/// for a query whose `WHERE` implies the index's own, which it does not deduce from
+/// `status = 'pending'` or the like: a query meant for one of them repeats this.
+macro_rules! unfinished {
+    () => {
+        "status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')"
+    };
+}
+
 mod rows;
 mod tables;
 mod wal;
@@ -44,21 +54,22 @@ const MAX_BATCH: usize = 512;
 const READERS: usize = 8;
 /// The page cache of each read-only connection, in KiB.
 const READER_CACHE_KIB: u32 = 256;
-/// Puts the attempts that were running when the process stopped back in line (at start).
-/// Like [`COUNT_PENDING`], it repeats the condition of the index of unfinished invocations.
-pub(super) const RECOVER_RUNNING: &str = "UPDATE invocations SET status = 'pending', \
-    next_run_at_ms = ?1, modified_at_ms = ?1 WHERE status = 'running' \
-    AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')";
+/// Puts the attempts that were running when the process stopped back in line (at start),
+/// through the index of unfinished invocations (see `unfinished!`).
+pub(super) const RECOVER_RUNNING: &str = concat!(
+    "UPDATE invocations SET status = 'pending', next_run_at_ms = ?1, modified_at_ms = ?1 \
+     WHERE status = 'running' AND ",
+    unfinished!()
+);
 
 /// Counts the invocations waiting for their first attempt, which admission control asks
-/// under load. The second condition is the one of the partial index
-/// `invocations_unfinished`: SQLite searches a partial index only for a query whose
-/// `WHERE` implies the index's, which it does not deduce from `status = 'pending'` alone,
-/// and without the index the count reads every invocation the table keeps (a million
-/// sleeping workflows, the ended ones kept for their retention).
-pub(super) const COUNT_PENDING: &str = "SELECT COUNT(*) FROM invocations \
-    WHERE status = 'pending' \
-    AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')";
+/// under load, through the index of unfinished invocations (see `unfinished!`): without
+/// it the count reads every invocation the table keeps (a million sleeping workflows, the
+/// ended ones kept for their retention).
+pub(super) const COUNT_PENDING: &str = concat!(
+    "SELECT COUNT(*) FROM invocations WHERE status = 'pending' AND ",
+    unfinished!()
+);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -635,10 +646,13 @@ impl Store for SqliteStore {
         let (service, key) = (service.to_owned(), key.to_owned());
         self.read(move |conn| {
             let sql = format!(
-                "SELECT {INVOCATION_COLUMNS} FROM invocations \
-                 WHERE service = ?1 AND concurrency_key = ?2 \
-                 AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-                 ORDER BY status = 'queued', key_seq LIMIT ?3"
+                concat!(
+                    "SELECT {INVOCATION_COLUMNS} FROM invocations \
+                     WHERE service = ?1 AND concurrency_key = ?2 AND ",
+                    unfinished!(),
+                    " ORDER BY status = 'queued', key_seq LIMIT ?3"
+                ),
+                INVOCATION_COLUMNS = INVOCATION_COLUMNS
             );
             query_all(
                 conn,

@@ -1167,9 +1167,12 @@ impl Keys for SqliteTx {
         // The terms of the partial index `invocations_by_key`, so that it serves.
         Ok(self
             .one(
-                "SELECT COUNT(*) FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
-                 AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-                 AND status <> 'queued' AND key_limit > 0",
+                concat!(
+                    "SELECT COUNT(*) FROM invocations WHERE service = ?1 \
+                     AND concurrency_key = ?2 AND ",
+                    unfinished!(),
+                    " AND status <> 'queued' AND key_limit > 0"
+                ),
                 params![service, key],
             )?
             .unwrap_or(0))
@@ -1186,16 +1189,18 @@ impl Keys for SqliteTx {
         // A restart gives no rate (`key` read back): the one it was created under stays.
         execute(
             &self.conn,
-            "UPDATE invocations SET concurrency_key = ?2, key_limit = ?3, \
-             key_seq = (SELECT COALESCE(MAX(key_seq), 0) + 1 FROM invocations \
-               WHERE service = ?5 AND concurrency_key = ?2 \
-               AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued')), \
-             status = CASE WHEN ?4 THEN 'queued' ELSE status END, \
-             next_run_at_ms = CASE WHEN ?4 THEN NULL ELSE next_run_at_ms END, \
-             key_rate_limit = COALESCE(?6, key_rate_limit), \
-             key_rate_period_ms = COALESCE(?7, key_rate_period_ms), \
-             debounce_until_ms = ?8 \
-             WHERE id = ?1",
+            concat!(
+                "UPDATE invocations SET concurrency_key = ?2, key_limit = ?3, \
+                 key_seq = (SELECT COALESCE(MAX(key_seq), 0) + 1 FROM invocations \
+                 WHERE service = ?5 AND concurrency_key = ?2 AND ",
+                unfinished!(),
+                "), status = CASE WHEN ?4 THEN 'queued' ELSE status END, \
+                 next_run_at_ms = CASE WHEN ?4 THEN NULL ELSE next_run_at_ms END, \
+                 key_rate_limit = COALESCE(?6, key_rate_limit), \
+                 key_rate_period_ms = COALESCE(?7, key_rate_period_ms), \
+                 debounce_until_ms = ?8 \
+                 WHERE id = ?1"
+            ),
             params![
                 id,
                 key.key,
@@ -1218,12 +1223,14 @@ impl Keys for SqliteTx {
     ) -> StoreResult<Option<(String, Option<i64>)>> {
         query_one(
             &self.conn,
-            "SELECT id, debounce_until_ms FROM invocations \
-             WHERE service = ?1 AND concurrency_key = ?2 \
-             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-             AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
-             AND handler = ?3 AND parent_invocation_id IS NULL \
-             ORDER BY key_seq DESC LIMIT 1",
+            concat!(
+                "SELECT id, debounce_until_ms FROM invocations \
+                 WHERE service = ?1 AND concurrency_key = ?2 AND ",
+                unfinished!(),
+                " AND status IN ('queued', 'pending') AND attempt = 0 AND key_limit > 0 \
+                 AND handler = ?3 AND parent_invocation_id IS NULL \
+                 ORDER BY key_seq DESC LIMIT 1"
+            ),
             params![service, key, handler],
             |row| Ok(Ok((row.get(0)?, row.get(1)?))),
         )
@@ -1282,10 +1289,12 @@ impl Keys for SqliteTx {
         due_by_ms: i64,
     ) -> StoreResult<Option<String>> {
         self.one(
-            "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
-             AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-             AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
-             AND next_run_at_ms <= ?4 AND handler = ?3 ORDER BY key_seq LIMIT 1",
+            concat!(
+                "SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 AND ",
+                unfinished!(),
+                " AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
+                 AND next_run_at_ms <= ?4 AND handler = ?3 ORDER BY key_seq LIMIT 1"
+            ),
             params![service, key, handler, due_by_ms],
         )
     }
@@ -1299,10 +1308,13 @@ impl Keys for SqliteTx {
     ) -> StoreResult<u32> {
         Ok(self
             .one(
-                "SELECT COUNT(*) FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
-                 AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-                 AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
-                 AND handler = ?3 AND key_seq < (SELECT key_seq FROM invocations WHERE id = ?4)",
+                concat!(
+                    "SELECT COUNT(*) FROM invocations WHERE service = ?1 \
+                     AND concurrency_key = ?2 AND ",
+                    unfinished!(),
+                    " AND status = 'pending' AND attempt = 0 AND key_rate_limit IS NOT NULL \
+                     AND handler = ?3 AND key_seq < (SELECT key_seq FROM invocations WHERE id = ?4)"
+                ),
                 params![service, key, handler, id],
             )?
             .unwrap_or(0))
@@ -1351,11 +1363,13 @@ impl Keys for SqliteTx {
         now_ms: i64,
     ) -> StoreResult<Vec<String>> {
         self.all(
-            "UPDATE invocations SET status = 'pending', next_run_at_ms = ?4, modified_at_ms = ?4 \
-             WHERE id IN (SELECT id FROM invocations WHERE service = ?1 AND concurrency_key = ?2 \
-               AND status NOT IN ('completed', 'failed', 'cancelled', 'terminated', 'continued') \
-               AND status = 'queued' ORDER BY key_seq LIMIT ?3) \
-             RETURNING id",
+            concat!(
+                "UPDATE invocations SET status = 'pending', next_run_at_ms = ?4, \
+                 modified_at_ms = ?4 WHERE id IN (SELECT id FROM invocations \
+                 WHERE service = ?1 AND concurrency_key = ?2 AND ",
+                unfinished!(),
+                " AND status = 'queued' ORDER BY key_seq LIMIT ?3) RETURNING id"
+            ),
             params![service, key, count, now_ms],
         )
     }
