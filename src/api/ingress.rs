@@ -272,14 +272,19 @@ async fn start(
 
     let created = tokio::spawn(async move {
         let state = task_state;
-        let created = state.store.create_invocation(new).await?;
-        Ok::<_, ApiError>(match created {
+        // Answered before the creation is on disk (where the store can): the handler's
+        // call starts while it commits, and the answer waits for it below.
+        let (created, durable) = state.store.create_invocation_early(new).await?;
+        let started = match created {
             Created::New {
                 record,
                 input,
                 superseded,
             } => {
-                state.engine.announce_ended(superseded);
+                if !superseded.is_empty() {
+                    durable.wait().await?;
+                    state.engine.announce_ended(superseded);
+                }
                 let listener = state.engine.waiters().listener(&record.id);
                 state.engine.run_created(record.clone(), *input);
                 Started {
@@ -298,9 +303,15 @@ async fn start(
                 }
             }
             Created::KeyReused { .. } => {
-                return Err(ApiError::IdempotencyKeyReused { key: key_text })
+                // What it read may be another creation of this batch.
+                durable.wait().await?;
+                return Err(ApiError::IdempotencyKeyReused { key: key_text });
             }
-        })
+        };
+        // Nothing of it reaches the caller before it is on disk; when its batch rolled
+        // back, the attempt finds no invocation to write to and leaves.
+        durable.wait().await?;
+        Ok::<_, ApiError>(started)
     })
     .await
     .map_err(|e| ApiError::Storage(format!("the invocation could not be created: {e}")))?;

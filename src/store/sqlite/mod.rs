@@ -4,7 +4,10 @@
 //! the only writing connection; the thread takes whatever has queued up (up to
 //! [`MAX_BATCH`]), runs it all in one `BEGIN IMMEDIATE` transaction, commits once (one fsync)
 //! and only then answers each caller. So "acknowledged" always means "on disk", and a busy
-//! gateway pays one fsync per batch instead of one per write.
+//! gateway pays one fsync per batch instead of one per write. The one exception is a write
+//! answered early (`transact_early`, a new invocation): its caller hears what it did while
+//! the batch commits, with a [`Durable`] for the commit, and every read waits for that
+//! batch to end ([`Batches`]); writes come after it anyway, in the writer's order.
 //!
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
@@ -19,13 +22,14 @@
 //! statements.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::*;
 
@@ -81,11 +85,40 @@ type WriteOp = Box<dyn FnOnce(&mut SqliteTx) -> (Reply, bool) + Send>;
 
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteOp>,
+    batches: Arc<Batches>,
     /// How long a journal may grow.
     limits: JournalLimits,
     readers: Arc<ReaderPool>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+/// The writer's batches as the reads see them. A write answered before its commit
+/// (`transact_early`) marks its batch; a read that starts after such an answer waits until
+/// that batch has ended, so that nothing reads past what the answer told (a handler called
+/// for a new invocation asks about it before its creation is on disk).
+struct Batches {
+    /// The batch the writer runs, numbered from 1.
+    running: AtomicU64,
+    /// The last batch that answered a write before its commit.
+    answered_early: AtomicU64,
+    /// The last batch committed or rolled back.
+    ended: watch::Sender<u64>,
+}
+
+impl Batches {
+    /// Waits until no write has been answered ahead of its batch's end.
+    async fn settled(&self) {
+        let early = self.answered_early.load(Ordering::Acquire);
+        if early > *self.ended.borrow() {
+            // An error: the writer is gone, and with it the batch.
+            let _ = self
+                .ended
+                .subscribe()
+                .wait_for(|&ended| ended >= early)
+                .await;
+        }
+    }
 }
 
 /// The `(name, count)` rows of a counting query.
@@ -181,11 +214,24 @@ impl SqliteStore {
             tracing::warn!(%error, "could not fill the write-ahead log with zeros; it grows with its commits instead");
         }
         let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
-        let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let restart = Arc::new(AtomicBool::new(false));
         let writer_restart = Arc::clone(&restart);
+        let batches = Arc::new(Batches {
+            running: AtomicU64::new(0),
+            answered_early: AtomicU64::new(0),
+            ended: watch::Sender::new(0),
+        });
+        let writer_batches = Arc::clone(&batches);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
-            .spawn(move || write_loop(SqliteTx { conn: writer }, queue, writer_restart))
+            .spawn(move || {
+                write_loop(
+                    SqliteTx { conn: writer },
+                    queue,
+                    &writer_batches,
+                    writer_restart,
+                )
+            })
             .map_err(backend)?;
         let (stop, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -194,6 +240,7 @@ impl SqliteStore {
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
+            batches,
             limits: JournalLimits::default(),
             readers: Arc::new(ReaderPool {
                 path,
@@ -268,6 +315,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
+        self.batches.settled().await;
         let readers = Arc::clone(&self.readers);
         let permit = Arc::clone(&readers.permits)
             .acquire_owned()
@@ -309,9 +357,19 @@ impl ReaderPool {
 fn write_loop(
     mut tx: SqliteTx,
     mut queue: mpsc::Receiver<WriteOp>,
-    restart: Arc<std::sync::atomic::AtomicBool>,
+    batches: &Batches,
+    restart: Arc<AtomicBool>,
 ) {
+    /// However the writer stops (a panic too), no read waits for a batch of it any more.
+    struct Stopped<'a>(&'a Batches);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.ended.send_replace(u64::MAX);
+        }
+    }
+    let _stopped = Stopped(batches);
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut number = 0;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -320,8 +378,11 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        number += 1;
+        batches.running.store(number, Ordering::Relaxed);
         commit_batch(&mut tx, &mut batch);
-        if restart.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        batches.ended.send_replace(number);
+        if restart.swap(false, Ordering::Relaxed) {
             let conn = &tx.conn;
             // Between two batches, no write is in progress: finish copying the log and
             // make the next write start it over (truncated to `journal_size_limit`). It
@@ -331,7 +392,7 @@ fn write_loop(
             }) {
                 // Busy (a checkpoint or a long read held it): the next pass asks again.
                 Ok(busy) if busy != 0 => {
-                    restart.store(true, std::sync::atomic::Ordering::Relaxed);
+                    restart.store(true, Ordering::Relaxed);
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "restarting the write-ahead log failed"),
@@ -402,6 +463,37 @@ fn run_now<T>(rule: impl std::future::Future<Output = StoreResult<T>>) -> StoreR
 impl Store for SqliteStore {
     async fn transact(&self, _key: &str, rule: TxFn) -> StoreResult<TxOutput> {
         self.write_tx(move |tx| run_now(rule(tx))).await
+    }
+
+    /// Answers once the rule has run; the batch's commit follows. Later writes run after
+    /// it in this writer's order (and fail with it when it rolls back: the invocation they
+    /// name is not there), reads wait for it ([`Batches`]).
+    async fn transact_early(
+        &self,
+        _key: &str,
+        rule: RepeatableTxFn,
+    ) -> StoreResult<(TxOutput, Durable)> {
+        let (answer, answered) = oneshot::channel();
+        let (commit, committed) = oneshot::channel();
+        let batches = Arc::clone(&self.batches);
+        let op: WriteOp = Box::new(move |tx| {
+            let result = run_now(rule(tx));
+            let poisons = matches!(result, Err(StoreError::Backend(_)));
+            // Before the answer: a read its caller makes afterwards sees the mark.
+            batches
+                .answered_early
+                .fetch_max(batches.running.load(Ordering::Relaxed), Ordering::Release);
+            let _ = answer.send(result);
+            let reply: Reply = Box::new(move |error: Option<&StoreError>| {
+                let _ = commit.send(error.map_or(Ok(()), |e| Err(e.to_string())));
+            });
+            (reply, poisons)
+        });
+        self.writes.send(op).await.map_err(|_| StoreError::Closed)?;
+        let output = answered
+            .await
+            .map_err(|_| StoreError::Backend("the write was not committed".into()))??;
+        Ok((output, Durable::after(committed)))
     }
 
     fn journal_limits(&self) -> JournalLimits {
@@ -916,6 +1008,29 @@ impl Store for SqliteStore {
                 .map_err(backend)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+impl SqliteStore {
+    /// Holds the writer inside the batch that takes this write until the returned sender
+    /// says go (`true`: the batch then rolls back, as after a failed write).
+    pub(super) async fn hold_writer(&self) -> std::sync::mpsc::SyncSender<bool> {
+        let (go, wait) = std::sync::mpsc::sync_channel(1);
+        let op: WriteOp = Box::new(move |_tx| {
+            let poisons = wait.recv().unwrap_or(false);
+            let reply: Reply = Box::new(|_: Option<&StoreError>| {});
+            (reply, poisons)
+        });
+        if self.writes.send(op).await.is_err() {
+            panic!("the writer has stopped");
+        }
+        go
+    }
+
+    /// The writes sent and not yet taken by the writer.
+    pub(super) fn queued_writes(&self) -> usize {
+        self.writes.max_capacity() - self.writes.capacity()
     }
 }
 
