@@ -1119,8 +1119,9 @@ pub trait Store: Send + Sync + 'static {
     async fn transact_repeatable(&self, key: &str, rule: RepeatableTxFn) -> StoreResult<TxOutput> {
         self.transact(key, Box::new(move |tx| rule(tx))).await
     }
-    /// As [`Store::transact_repeatable`], answered as soon as the rule has run, before the
-    /// commit, where the backend orders every later write and read after that commit (the
+    /// As [`Store::transact_repeatable`] for a rule that creates the invocation `key`,
+    /// answered as soon as the rule has run, before the commit, where the backend orders
+    /// every later write, and every read of that invocation, after that commit (the
     /// embedded store, whose one writer commits batch after batch); elsewhere once the
     /// transaction is durable. The [`Durable`] tells when (and whether) it reached the
     /// disk. Use [`Store::write_early`](trait.Store.html#method.write_early).

@@ -6,8 +6,8 @@
 //! and only then answers each caller. So "acknowledged" always means "on disk", and a busy
 //! gateway pays one fsync per batch instead of one per write. The one exception is a write
 //! answered early (`transact_early`, a new invocation): its caller hears what it did while
-//! the batch commits, with a [`Durable`] for the commit, and every read waits for that
-//! batch to end ([`Batches`]); writes come after it anyway, in the writer's order.
+//! the batch commits, with a [`Durable`] for the commit, and a read of that invocation waits
+//! for the batch to end ([`Batches`]); writes come after it anyway, in the writer's order.
 //!
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
@@ -94,31 +94,49 @@ pub struct SqliteStore {
 }
 
 /// The writer's batches as the reads see them. A write answered before its commit
-/// (`transact_early`) marks its batch; a read that starts after such an answer waits until
-/// that batch has ended, so that nothing reads past what the answer told (a handler called
-/// for a new invocation asks about it before its creation is on disk).
+/// (`transact_early`: a new invocation) notes the invocation with its batch; a read of that
+/// invocation that starts after the answer waits until the batch has ended, so that it does
+/// not miss what the answer told (the handler called for a new invocation asks about it
+/// before its creation is on disk). Reads of many invocations (lists, counts) do not wait:
+/// they may miss one created in the batch being committed, as they would have a moment
+/// earlier.
 struct Batches {
     /// The batch the writer runs, numbered from 1.
     running: AtomicU64,
-    /// The last batch that answered a write before its commit.
-    answered_early: AtomicU64,
+    /// The invocations answered early whose batch has not ended yet, with that batch.
+    early: Mutex<std::collections::HashMap<String, u64>>,
     /// The last batch committed or rolled back.
     ended: watch::Sender<u64>,
 }
 
 impl Batches {
-    /// Waits until no write has been answered ahead of its batch's end.
-    async fn settled(&self) {
-        let early = self.answered_early.load(Ordering::Acquire);
-        if early > *self.ended.borrow() {
+    /// Waits until the batch of the invocation `id`, if it was answered early, has ended.
+    async fn settled(&self, id: &str) {
+        let Some(batch) = lock(&self.early).get(id).copied() else {
+            return;
+        };
+        if batch > *self.ended.borrow() {
             // An error: the writer is gone, and with it the batch.
             let _ = self
                 .ended
                 .subscribe()
-                .wait_for(|&ended| ended >= early)
+                .wait_for(|&ended| ended >= batch)
                 .await;
         }
     }
+
+    /// Notes that the batch `number` has ended.
+    fn end(&self, number: u64) {
+        self.ended.send_replace(number);
+        let mut early = lock(&self.early);
+        if !early.is_empty() {
+            early.retain(|_, batch| *batch > number);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The `(name, count)` rows of a counting query.
@@ -218,7 +236,7 @@ impl SqliteStore {
         let writer_restart = Arc::clone(&restart);
         let batches = Arc::new(Batches {
             running: AtomicU64::new(0),
-            answered_early: AtomicU64::new(0),
+            early: Mutex::default(),
             ended: watch::Sender::new(0),
         });
         let writer_batches = Arc::clone(&batches);
@@ -315,7 +333,6 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        self.batches.settled().await;
         let readers = Arc::clone(&self.readers);
         let permit = Arc::clone(&readers.permits)
             .acquire_owned()
@@ -381,7 +398,7 @@ fn write_loop(
         number += 1;
         batches.running.store(number, Ordering::Relaxed);
         commit_batch(&mut tx, &mut batch);
-        batches.ended.send_replace(number);
+        batches.end(number);
         if restart.swap(false, Ordering::Relaxed) {
             let conn = &tx.conn;
             // Between two batches, no write is in progress: finish copying the log and
@@ -467,22 +484,22 @@ impl Store for SqliteStore {
 
     /// Answers once the rule has run; the batch's commit follows. Later writes run after
     /// it in this writer's order (and fail with it when it rolls back: the invocation they
-    /// name is not there), reads wait for it ([`Batches`]).
+    /// name is not there), reads of the invocation `key` wait for it ([`Batches`]).
     async fn transact_early(
         &self,
-        _key: &str,
+        key: &str,
         rule: RepeatableTxFn,
     ) -> StoreResult<(TxOutput, Durable)> {
         let (answer, answered) = oneshot::channel();
         let (commit, committed) = oneshot::channel();
         let batches = Arc::clone(&self.batches);
+        let key = key.to_owned();
         let op: WriteOp = Box::new(move |tx| {
             let result = run_now(rule(tx));
             let poisons = matches!(result, Err(StoreError::Backend(_)));
-            // Before the answer: a read its caller makes afterwards sees the mark.
-            batches
-                .answered_early
-                .fetch_max(batches.running.load(Ordering::Relaxed), Ordering::Release);
+            // Before the answer: a read its caller makes afterwards finds the note.
+            let running = batches.running.load(Ordering::Relaxed);
+            lock(&batches.early).insert(key, running);
             let _ = answer.send(result);
             let reply: Reply = Box::new(move |error: Option<&StoreError>| {
                 let _ = commit.send(error.map_or(Ok(()), |e| Err(e.to_string())));
@@ -625,12 +642,14 @@ impl Store for SqliteStore {
     }
 
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>> {
+        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| fetch_invocation(conn, id.as_str()))
             .await
     }
 
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>> {
+        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 ORDER BY j.idx");
@@ -640,6 +659,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>> {
+        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.idx = ?2");
@@ -757,6 +777,7 @@ impl Store for SqliteStore {
     }
 
     async fn unconsumed_signals(&self, id: &InvocationId) -> StoreResult<Vec<(u32, String)>> {
+        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             query_all(
@@ -771,6 +792,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_state(&self, id: &InvocationId) -> StoreResult<Vec<(String, Option<Vec<u8>>)>> {
+        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             let mut statement = conn
@@ -807,6 +829,7 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>> {
+        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             conn.prepare_cached("SELECT heartbeat_details FROM invocations WHERE id = ?1")
@@ -820,6 +843,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>> {
+        self.batches.settled(run.as_str()).await;
         let keys = [run.to_string(), id.to_owned()];
         self.read(move |conn| {
             let sql = format!(
@@ -835,6 +859,7 @@ impl Store for SqliteStore {
         &self,
         run: &InvocationId,
     ) -> StoreResult<Vec<durin_protocol::PendingUpdate>> {
+        self.batches.settled(run.as_str()).await;
         let run = run.to_string();
         self.read(move |conn| {
             let mut statement = conn
