@@ -272,19 +272,14 @@ async fn start(
 
     let created = tokio::spawn(async move {
         let state = task_state;
-        // Answered before the creation is on disk (where the store can): the handler's
-        // call starts while it commits, and the answer waits for it below.
-        let (created, durable) = state.store.create_invocation_early(new).await?;
-        let started = match created {
+        let created = state.store.create_invocation(new).await?;
+        Ok::<_, ApiError>(match created {
             Created::New {
                 record,
                 input,
                 superseded,
             } => {
-                if !superseded.is_empty() {
-                    durable.wait().await?;
-                    state.engine.announce_ended(superseded);
-                }
+                state.engine.announce_ended(superseded);
                 let listener = state.engine.waiters().listener(&record.id);
                 state.engine.run_created(record.clone(), *input);
                 Started {
@@ -303,15 +298,9 @@ async fn start(
                 }
             }
             Created::KeyReused { .. } => {
-                // What it read may be another creation of this batch.
-                durable.wait().await?;
-                return Err(ApiError::IdempotencyKeyReused { key: key_text });
+                return Err(ApiError::IdempotencyKeyReused { key: key_text })
             }
-        };
-        // Nothing of it reaches the caller before it is on disk; when its batch rolled
-        // back, the attempt finds no invocation to write to and leaves.
-        durable.wait().await?;
-        Ok::<_, ApiError>(started)
+        })
     })
     .await
     .map_err(|e| ApiError::Storage(format!("the invocation could not be created: {e}")))?;

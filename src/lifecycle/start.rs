@@ -9,48 +9,32 @@ use sha2::{Digest, Sha256};
 
 use crate::store::tables::{KeyScope, Tx};
 use crate::store::{
-    Created, Durable, InvocationRecord, NewInvocation, NewWorkflowRun, Status, Store, StoreError,
+    Created, InvocationRecord, NewInvocation, NewWorkflowRun, Status, Store, StoreError,
     StoreResult, StoredEntry, WorkflowStarted,
 };
 
 impl dyn Store {
-    /// See [`create`]; answered once it is on disk.
+    /// See [`create`].
     pub async fn create_invocation(&self, new: NewInvocation) -> StoreResult<Created> {
-        let (created, durable) = self.create_invocation_early(new).await?;
-        durable.wait().await?;
-        Ok(created)
-    }
-
-    /// See [`create`]; answered before the creation is on disk where the store can
-    /// ([`Store::transact_early`]), so that the first attempt's call to its handler runs
-    /// while it commits. Nothing of the answer may reach a client before the [`Durable`]
-    /// says that the creation is on disk.
-    pub async fn create_invocation_early(
-        &self,
-        new: NewInvocation,
-    ) -> StoreResult<(Created, Durable)> {
         let Some(key) = &new.key else {
             let route = new.id.to_string();
             return self
-                .write_early(&route, move |tx| {
+                .write_repeatable(&route, move |tx| {
                     let new = new.clone();
                     Box::pin(async move { create(tx, new).await })
                 })
                 .await;
         };
         // The creations of one key go to one writer, so that they do not contend with
-        // each other; a holder's end elsewhere may still hold the key for a moment. (Not
-        // answered early: a creation may end the invocations it supersedes.)
+        // each other; a holder's end elsewhere may still hold the key for a moment.
         let route = format!("{}/key:{}", new.target.service, key.key);
-        let created = self
-            .contended(|| {
-                let new = new.clone();
-                self.write(&route, move |tx| {
-                    Box::pin(async move { create(tx, new).await })
-                })
+        self.contended(|| {
+            let new = new.clone();
+            self.write(&route, move |tx| {
+                Box::pin(async move { create(tx, new).await })
             })
-            .await?;
-        Ok((created, Durable::now()))
+        })
+        .await
     }
 
     /// See [`start_workflow`].

@@ -53,65 +53,6 @@ impl dyn Store {
         });
         typed(self.transact_repeatable(key, erased).await?)
     }
-
-    /// As [`write_repeatable`](#method.write_repeatable), answered as soon as the rule has
-    /// run where the backend can (see [`Store::transact_early`]): nothing the answer tells
-    /// may leave the process before its [`Durable`] says that the write is on disk.
-    pub async fn write_early<T, F>(&self, key: &str, rule: F) -> StoreResult<(T, Durable)>
-    where
-        T: Send + 'static,
-        F: for<'t> Fn(
-                &'t mut dyn tables::Tx,
-            ) -> futures_util::future::BoxFuture<'t, StoreResult<T>>
-            + Send
-            + Sync
-            + 'static,
-    {
-        let erased: RepeatableTxFn = std::sync::Arc::new(move |tx| {
-            let ran = rule(tx);
-            Box::pin(async move { ran.await.map(|value| Box::new(value) as TxOutput) })
-        });
-        let (output, durable) = self.transact_early(key, erased).await?;
-        Ok((typed(output)?, durable))
-    }
-}
-
-/// Whether a write answered before its commit ([`Store::transact_early`]) reached the
-/// disk. Cheap to clone; every clone hears the same answer.
-#[derive(Clone)]
-pub struct Durable(
-    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<(), String>>>,
-);
-
-impl Durable {
-    /// A write that was on disk when it was answered.
-    pub fn now() -> Durable {
-        use futures_util::FutureExt;
-        Durable(futures_util::future::ready(Ok(())).boxed().shared())
-    }
-
-    /// A write whose commit `committed` will tell (a dropped sender: not committed).
-    pub fn after(committed: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Durable {
-        use futures_util::FutureExt;
-        Durable(
-            async move {
-                committed
-                    .await
-                    .unwrap_or_else(|_| Err("the write was not committed".into()))
-            }
-            .boxed()
-            .shared(),
-        )
-    }
-
-    /// Waits until the write is on disk; an error when its transaction was rolled back
-    /// (nothing of it was written).
-    pub async fn wait(&self) -> StoreResult<()> {
-        self.0
-            .clone()
-            .await
-            .map_err(|e| StoreError::Backend(e.into()))
-    }
 }
 
 /// A rule's result, its type given back.
@@ -1118,19 +1059,6 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::write_repeatable`](trait.Store.html#method.write_repeatable).
     async fn transact_repeatable(&self, key: &str, rule: RepeatableTxFn) -> StoreResult<TxOutput> {
         self.transact(key, Box::new(move |tx| rule(tx))).await
-    }
-    /// As [`Store::transact_repeatable`] for a rule that creates the invocation `key`,
-    /// answered as soon as the rule has run, before the commit, where the backend orders
-    /// every later write, and every read of that invocation, after that commit (the
-    /// embedded store, whose one writer commits batch after batch); elsewhere once the
-    /// transaction is durable. The [`Durable`] tells when (and whether) it reached the
-    /// disk. Use [`Store::write_early`](trait.Store.html#method.write_early).
-    async fn transact_early(
-        &self,
-        key: &str,
-        rule: RepeatableTxFn,
-    ) -> StoreResult<(TxOutput, Durable)> {
-        Ok((self.transact_repeatable(key, rule).await?, Durable::now()))
     }
     /// How long a journal may grow.
     fn journal_limits(&self) -> JournalLimits;

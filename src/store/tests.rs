@@ -270,68 +270,6 @@ async fn sqlite_counts_pending_starts_and_recovers_through_the_index_of_unfinish
     }
 }
 
-/// A creation answered before its commit (so that the handler's call and the commit run
-/// side by side): a read made after the answer waits for the commit and finds the
-/// invocation; when the batch rolls back, the answer's `Durable` says so and the read finds
-/// nothing.
-#[tokio::test]
-async fn sqlite_answers_a_creation_before_its_commit_and_reads_wait_for_the_commit() {
-    for rolled_back in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("durin.db").display());
-        let store = std::sync::Arc::new(SqliteStore::open(&url).await.unwrap());
-        let new = new_invocation(&*store, None, None, T0).await;
-        let id = new.id.clone();
-        let until = |queued: usize| {
-            let store = std::sync::Arc::clone(&store);
-            async move {
-                while store.queued_writes() != queued {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-            }
-        };
-        // The writer held in one batch while the creation and a second hold queue up
-        // behind it: they then share the next batch, the hold after the creation.
-        let first = store.hold_writer().await;
-        until(0).await;
-        let creating = tokio::spawn({
-            let store = std::sync::Arc::clone(&store);
-            async move { (&*store as &dyn Store).create_invocation_early(new).await }
-        });
-        until(1).await;
-        let second = store.hold_writer().await;
-        first.send(false).unwrap();
-        let (created, durable) = creating.await.unwrap().unwrap();
-        assert!(matches!(created, Created::New { .. }), "{created:?}");
-        {
-            use futures_util::FutureExt;
-            assert!(
-                durable.wait().now_or_never().is_none(),
-                "durable before its commit"
-            );
-        }
-        let read = tokio::spawn({
-            let store = std::sync::Arc::clone(&store);
-            let id = id.clone();
-            async move { store.get_invocation(&id).await }
-        });
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert!(
-            !read.is_finished(),
-            "a read went ahead of the creation's commit"
-        );
-        second.send(rolled_back).unwrap();
-        let found = read.await.unwrap().unwrap();
-        if rolled_back {
-            assert!(durable.wait().await.is_err());
-            assert!(found.is_none(), "{found:?}");
-        } else {
-            durable.wait().await.unwrap();
-            assert_eq!(found.map(|r| r.status), Some(Status::Running));
-        }
-    }
-}
-
 /// The invocations table leaves half of each new page free, so that the updates of a
 /// running invocation stay on its page and touch no index.
 #[tokio::test]

@@ -4,10 +4,7 @@
 //! the only writing connection; the thread takes whatever has queued up (up to
 //! [`MAX_BATCH`]), runs it all in one `BEGIN IMMEDIATE` transaction, commits once (one fsync)
 //! and only then answers each caller. So "acknowledged" always means "on disk", and a busy
-//! gateway pays one fsync per batch instead of one per write. The one exception is a write
-//! answered early (`transact_early`, a new invocation): its caller hears what it did while
-//! the batch commits, with a [`Durable`] for the commit, and a read of that invocation waits
-//! for the batch to end ([`Batches`]); writes come after it anyway, in the writer's order.
+//! gateway pays one fsync per batch instead of one per write.
 //!
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
@@ -22,14 +19,13 @@
 //! statements.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
@@ -85,58 +81,11 @@ type WriteOp = Box<dyn FnOnce(&mut SqliteTx) -> (Reply, bool) + Send>;
 
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteOp>,
-    batches: Arc<Batches>,
     /// How long a journal may grow.
     limits: JournalLimits,
     readers: Arc<ReaderPool>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
-}
-
-/// The writer's batches as the reads see them. A write answered before its commit
-/// (`transact_early`: a new invocation) notes the invocation with its batch; a read of that
-/// invocation that starts after the answer waits until the batch has ended, so that it does
-/// not miss what the answer told (the handler called for a new invocation asks about it
-/// before its creation is on disk). Reads of many invocations (lists, counts) do not wait:
-/// they may miss one created in the batch being committed, as they would have a moment
-/// earlier.
-struct Batches {
-    /// The batch the writer runs, numbered from 1.
-    running: AtomicU64,
-    /// The invocations answered early whose batch has not ended yet, with that batch.
-    early: Mutex<std::collections::HashMap<String, u64>>,
-    /// The last batch committed or rolled back.
-    ended: watch::Sender<u64>,
-}
-
-impl Batches {
-    /// Waits until the batch of the invocation `id`, if it was answered early, has ended.
-    async fn settled(&self, id: &str) {
-        let Some(batch) = lock(&self.early).get(id).copied() else {
-            return;
-        };
-        if batch > *self.ended.borrow() {
-            // An error: the writer is gone, and with it the batch.
-            let _ = self
-                .ended
-                .subscribe()
-                .wait_for(|&ended| ended >= batch)
-                .await;
-        }
-    }
-
-    /// Notes that the batch `number` has ended.
-    fn end(&self, number: u64) {
-        self.ended.send_replace(number);
-        let mut early = lock(&self.early);
-        if !early.is_empty() {
-            early.retain(|_, batch| *batch > number);
-        }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The `(name, count)` rows of a counting query.
@@ -232,24 +181,11 @@ impl SqliteStore {
             tracing::warn!(%error, "could not fill the write-ahead log with zeros; it grows with its commits instead");
         }
         let (writes, queue) = mpsc::channel(4 * MAX_BATCH);
-        let restart = Arc::new(AtomicBool::new(false));
+        let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer_restart = Arc::clone(&restart);
-        let batches = Arc::new(Batches {
-            running: AtomicU64::new(0),
-            early: Mutex::default(),
-            ended: watch::Sender::new(0),
-        });
-        let writer_batches = Arc::clone(&batches);
         std::thread::Builder::new()
             .name("durin-sqlite-writer".into())
-            .spawn(move || {
-                write_loop(
-                    SqliteTx { conn: writer },
-                    queue,
-                    &writer_batches,
-                    writer_restart,
-                )
-            })
+            .spawn(move || write_loop(SqliteTx { conn: writer }, queue, writer_restart))
             .map_err(backend)?;
         let (stop, stopped) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -258,7 +194,6 @@ impl SqliteStore {
             .map_err(backend)?;
         Ok(SqliteStore {
             writes,
-            batches,
             limits: JournalLimits::default(),
             readers: Arc::new(ReaderPool {
                 path,
@@ -374,19 +309,9 @@ impl ReaderPool {
 fn write_loop(
     mut tx: SqliteTx,
     mut queue: mpsc::Receiver<WriteOp>,
-    batches: &Batches,
-    restart: Arc<AtomicBool>,
+    restart: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    /// However the writer stops (a panic too), no read waits for a batch of it any more.
-    struct Stopped<'a>(&'a Batches);
-    impl Drop for Stopped<'_> {
-        fn drop(&mut self) {
-            self.0.ended.send_replace(u64::MAX);
-        }
-    }
-    let _stopped = Stopped(batches);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut number = 0;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -395,11 +320,8 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        number += 1;
-        batches.running.store(number, Ordering::Relaxed);
         commit_batch(&mut tx, &mut batch);
-        batches.end(number);
-        if restart.swap(false, Ordering::Relaxed) {
+        if restart.swap(false, std::sync::atomic::Ordering::Relaxed) {
             let conn = &tx.conn;
             // Between two batches, no write is in progress: finish copying the log and
             // make the next write start it over (truncated to `journal_size_limit`). It
@@ -409,7 +331,7 @@ fn write_loop(
             }) {
                 // Busy (a checkpoint or a long read held it): the next pass asks again.
                 Ok(busy) if busy != 0 => {
-                    restart.store(true, Ordering::Relaxed);
+                    restart.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "restarting the write-ahead log failed"),
@@ -480,37 +402,6 @@ fn run_now<T>(rule: impl std::future::Future<Output = StoreResult<T>>) -> StoreR
 impl Store for SqliteStore {
     async fn transact(&self, _key: &str, rule: TxFn) -> StoreResult<TxOutput> {
         self.write_tx(move |tx| run_now(rule(tx))).await
-    }
-
-    /// Answers once the rule has run; the batch's commit follows. Later writes run after
-    /// it in this writer's order (and fail with it when it rolls back: the invocation they
-    /// name is not there), reads of the invocation `key` wait for it ([`Batches`]).
-    async fn transact_early(
-        &self,
-        key: &str,
-        rule: RepeatableTxFn,
-    ) -> StoreResult<(TxOutput, Durable)> {
-        let (answer, answered) = oneshot::channel();
-        let (commit, committed) = oneshot::channel();
-        let batches = Arc::clone(&self.batches);
-        let key = key.to_owned();
-        let op: WriteOp = Box::new(move |tx| {
-            let result = run_now(rule(tx));
-            let poisons = matches!(result, Err(StoreError::Backend(_)));
-            // Before the answer: a read its caller makes afterwards finds the note.
-            let running = batches.running.load(Ordering::Relaxed);
-            lock(&batches.early).insert(key, running);
-            let _ = answer.send(result);
-            let reply: Reply = Box::new(move |error: Option<&StoreError>| {
-                let _ = commit.send(error.map_or(Ok(()), |e| Err(e.to_string())));
-            });
-            (reply, poisons)
-        });
-        self.writes.send(op).await.map_err(|_| StoreError::Closed)?;
-        let output = answered
-            .await
-            .map_err(|_| StoreError::Backend("the write was not committed".into()))??;
-        Ok((output, Durable::after(committed)))
     }
 
     fn journal_limits(&self) -> JournalLimits {
@@ -642,14 +533,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>> {
-        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| fetch_invocation(conn, id.as_str()))
             .await
     }
 
     async fn read_journal(&self, id: &InvocationId) -> StoreResult<Vec<StoredEntry>> {
-        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 ORDER BY j.idx");
@@ -659,7 +548,6 @@ impl Store for SqliteStore {
     }
 
     async fn read_entry(&self, id: &InvocationId, index: u32) -> StoreResult<Option<StoredEntry>> {
-        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             let sql = format!("{ENTRY_SELECT} WHERE j.invocation_id = ?1 AND j.idx = ?2");
@@ -777,7 +665,6 @@ impl Store for SqliteStore {
     }
 
     async fn unconsumed_signals(&self, id: &InvocationId) -> StoreResult<Vec<(u32, String)>> {
-        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             query_all(
@@ -792,7 +679,6 @@ impl Store for SqliteStore {
     }
 
     async fn read_state(&self, id: &InvocationId) -> StoreResult<Vec<(String, Option<Vec<u8>>)>> {
-        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             let mut statement = conn
@@ -829,7 +715,6 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>> {
-        self.batches.settled(id.as_str()).await;
         let id = id.clone();
         self.read(move |conn| {
             conn.prepare_cached("SELECT heartbeat_details FROM invocations WHERE id = ?1")
@@ -843,7 +728,6 @@ impl Store for SqliteStore {
     }
 
     async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>> {
-        self.batches.settled(run.as_str()).await;
         let keys = [run.to_string(), id.to_owned()];
         self.read(move |conn| {
             let sql = format!(
@@ -859,7 +743,6 @@ impl Store for SqliteStore {
         &self,
         run: &InvocationId,
     ) -> StoreResult<Vec<durin_protocol::PendingUpdate>> {
-        self.batches.settled(run.as_str()).await;
         let run = run.to_string();
         self.read(move |conn| {
             let mut statement = conn
@@ -1033,29 +916,6 @@ impl Store for SqliteStore {
                 .map_err(backend)
         })
         .await
-    }
-}
-
-#[cfg(test)]
-impl SqliteStore {
-    /// Holds the writer inside the batch that takes this write until the returned sender
-    /// says go (`true`: the batch then rolls back, as after a failed write).
-    pub(super) async fn hold_writer(&self) -> std::sync::mpsc::SyncSender<bool> {
-        let (go, wait) = std::sync::mpsc::sync_channel(1);
-        let op: WriteOp = Box::new(move |_tx| {
-            let poisons = wait.recv().unwrap_or(false);
-            let reply: Reply = Box::new(|_: Option<&StoreError>| {});
-            (reply, poisons)
-        });
-        if self.writes.send(op).await.is_err() {
-            panic!("the writer has stopped");
-        }
-        go
-    }
-
-    /// The writes sent and not yet taken by the writer.
-    pub(super) fn queued_writes(&self) -> usize {
-        self.writes.max_capacity() - self.writes.capacity()
     }
 }
 
