@@ -12,7 +12,9 @@
 //!    all completed; this also warms Durin up. They stay in the database as completed rows;
 //! 3. starts the N runs, `POST /v1/workflows/approval/w-{i}` with `{"request": "w-{i}",
 //!    "deadline_secs": D}`, from `--waiting-concurrency` callers (`accepted` counts the
-//!    202s, `starts_per_s` their rate), and waits until none is pending or running any
+//!    202s, `starts_per_s` their rate; a start refused with 503 and `Retry-After`, as
+//!    admission control refuses one when too many starts are pending, is sent again after
+//!    that wait and counted in `starts_refused`), and waits until none is pending or running any
 //!    more, i.e. all are `suspended` (`all_suspended_s` from the first start). The API lists
 //!    at most 1000 invocations, so this reads the SQLite file directly, read-only, beside
 //!    the gateway; the polls count the unfinished runs through the gateway's own partial
@@ -100,6 +102,9 @@ pub struct WaitingReport {
     pub concurrency: usize,
     /// Starts answered 202.
     pub accepted: usize,
+    /// Starts refused with 503 (admission control) and sent again after their
+    /// `Retry-After`.
+    pub starts_refused: usize,
     pub start_errors: usize,
     pub first_error: Option<String>,
     /// From the first start to the last answer.
@@ -186,6 +191,8 @@ impl Deadline {
 /// What a batch of starts produced.
 struct Starts {
     accepted: usize,
+    /// 503s (admission control: too many starts pending) waited out and sent again.
+    refused: usize,
     errors: usize,
     first_error: Option<String>,
     wall: Duration,
@@ -208,26 +215,37 @@ async fn start_runs(
         let base = format!("{durin}/v1/workflows/{WORKFLOW}/");
         let next = Arc::clone(&next);
         tasks.spawn(async move {
-            let (mut accepted, mut errors, mut first_error) = (0usize, 0usize, None);
+            let (mut accepted, mut refused, mut errors, mut first_error) =
+                (0usize, 0usize, 0usize, None);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= count {
                     break;
                 }
                 let id = format!("{prefix}{i}");
-                let body = serde_json::json!({
-                    "request": id,
-                    "deadline_secs": deadline.secs(now_ms()),
-                });
-                match start_one(&client, &format!("{base}{id}"), &body).await {
-                    Ok(()) => accepted += 1,
-                    Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert(e);
+                loop {
+                    let body = serde_json::json!({
+                        "request": id,
+                        "deadline_secs": deadline.secs(now_ms()),
+                    });
+                    match start_one(&client, &format!("{base}{id}"), &body).await {
+                        Ok(()) => accepted += 1,
+                        // As a client should: the same start again once the wait it was
+                        // given is over.
+                        Err(StartError::Busy(wait)) => {
+                            refused += 1;
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                        Err(StartError::Failed(e)) => {
+                            errors += 1;
+                            first_error.get_or_insert(e);
+                        }
                     }
+                    break;
                 }
             }
-            (accepted, errors, first_error)
+            (accepted, refused, errors, first_error)
         });
     }
     let progress = {
@@ -249,13 +267,15 @@ async fn start_runs(
     };
     let mut starts = Starts {
         accepted: 0,
+        refused: 0,
         errors: 0,
         first_error: None,
         wall: Duration::ZERO,
     };
     while let Some(joined) = tasks.join_next().await {
-        let (accepted, errors, first_error) = joined.context("a starting task failed")?;
+        let (accepted, refused, errors, first_error) = joined.context("a starting task failed")?;
         starts.accepted += accepted;
+        starts.refused += refused;
         starts.errors += errors;
         if let Some(e) = first_error {
             starts.first_error.get_or_insert(e);
@@ -266,31 +286,47 @@ async fn start_runs(
     Ok(starts)
 }
 
+/// Why a start was not answered 202.
+enum StartError {
+    /// 503 with `Retry-After` (admission control): send it again after that long.
+    Busy(Duration),
+    Failed(String),
+}
+
+/// The longest `Retry-After` a starter waits.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Starts one run; anything but a 202 is an error.
 async fn start_one(
     client: &reqwest::Client,
     url: &str,
     body: &serde_json::Value,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let response = client
         .post(url)
         .json(body)
         .send()
         .await
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(|e| StartError::Failed(format!("{e:#}")))?;
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     // Read in full, also on failures, so that the connection can be reused.
     let answer = response
         .bytes()
         .await
-        .map_err(|e| format!("reading the answer: {e:#}"))?;
-    if status == reqwest::StatusCode::ACCEPTED {
-        Ok(())
-    } else {
-        Err(format!(
+        .map_err(|e| StartError::Failed(format!("reading the answer: {e:#}")))?;
+    match (status, retry_after) {
+        (reqwest::StatusCode::ACCEPTED, _) => Ok(()),
+        (reqwest::StatusCode::SERVICE_UNAVAILABLE, Some(wait)) => Err(StartError::Busy(wait)),
+        _ => Err(StartError::Failed(format!(
             "status {status}: {}",
             String::from_utf8_lossy(&answer)
-        ))
+        ))),
     }
 }
 
@@ -564,10 +600,11 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
         bail!("no run was started");
     }
     eprintln!(
-        "durin-bench:   {} started in {:.1}s ({:.0}/s); waiting until all are suspended",
+        "durin-bench:   {} started in {:.1}s ({:.0}/s; {} refused with 503 and sent again after their Retry-After); waiting until all are suspended",
         starts.accepted,
         starts.wall.as_secs_f64(),
-        starts.accepted as f64 / starts.wall.as_secs_f64()
+        starts.accepted as f64 / starts.wall.as_secs_f64(),
+        starts.refused
     );
     let counts = db
         .wait_until(Watch::Unfinished, "the runs to suspend", POLL, |c| {
@@ -632,6 +669,7 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
         sleeping,
         concurrency,
         accepted: starts.accepted,
+        starts_refused: starts.refused,
         start_errors: starts.errors,
         first_error: starts.first_error,
         start_s: starts.wall.as_secs_f64(),
@@ -738,6 +776,12 @@ pub fn print(machine: &Machine, reports: &[WaitingReport]) {
     println!("spread: last minus first wake time (ms); all ms: first wake time to the last run completed; rst MiB: RSS after the restart, just before the timers;");
     println!("end MiB: RSS once all completed; load 1m: before -> with N sleeping -> after");
     for r in reports {
+        if r.starts_refused > 0 {
+            println!(
+                "N={}: {} starts were refused with 503 (too many starts pending) and sent again after their Retry-After",
+                r.sleeping, r.starts_refused
+            );
+        }
         if let Some(e) = &r.first_error {
             println!(
                 "N={}: {} starts failed, the first: {e}",
@@ -797,6 +841,7 @@ fn json_line(machine: &Machine, r: &WaitingReport) -> serde_json::Value {
         "sleeping": r.sleeping,
         "concurrency": r.concurrency,
         "accepted": r.accepted,
+        "starts_refused": r.starts_refused,
         "start_errors": r.start_errors,
         "start_s": (r.start_s * 1e3).round() / 1e3,
         "starts_per_s": round1(r.accepted as f64 / r.start_s),
