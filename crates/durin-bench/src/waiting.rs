@@ -223,6 +223,7 @@ async fn start_runs(
                     break;
                 }
                 let id = format!("{prefix}{i}");
+                let first_try = Instant::now();
                 loop {
                     let body = serde_json::json!({
                         "request": id,
@@ -232,10 +233,17 @@ async fn start_runs(
                         Ok(()) => accepted += 1,
                         // As a client should: the same start again once the wait it was
                         // given is over.
-                        Err(StartError::Busy(wait)) => {
+                        Err(StartError::Busy(wait)) if first_try.elapsed() < MAX_REFUSED => {
                             refused += 1;
                             tokio::time::sleep(wait).await;
                             continue;
+                        }
+                        Err(StartError::Busy(_)) => {
+                            errors += 1;
+                            first_error.get_or_insert(format!(
+                                "refused with 503 for {} s",
+                                MAX_REFUSED.as_secs()
+                            ));
                         }
                         Err(StartError::Failed(e)) => {
                             errors += 1;
@@ -295,6 +303,8 @@ enum StartError {
 
 /// The longest `Retry-After` a starter waits.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a starter sends a refused start again before it counts it as failed.
+const MAX_REFUSED: Duration = Duration::from_secs(300);
 
 /// Starts one run; anything but a 202 is an error.
 async fn start_one(
