@@ -270,6 +270,22 @@ fn os_user_ids(name: &str) -> Option<(u32, u32)> {
 
 const ORDERS: usize = 400;
 
+/// The invocations not completed, one line each with what says why, for a failure's message.
+async fn unfinished(db: &sqlx::PgPool) -> String {
+    let now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+    let lines: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT format('%s status=%s attempt=%s failures=%s journal_len=%s next_run_in_ms=%s \
+         lease_owner=%s lease_expires_in_ms=%s waiting_for=%s last_error=%s', \
+         id, status, attempt, failures, journal_len, next_run_at_ms - {now}, lease_owner, \
+         lease_expires_at_ms - {now}, waiting_for, last_error) \
+         FROM invocations WHERE status <> 'completed' ORDER BY id LIMIT 50"
+    ))
+    .fetch_all(db)
+    .await
+    .unwrap_or_else(|e| vec![format!("(could not read them: {e})")]);
+    lines.join("\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_load_loses_and_repeats_nothing() {
     let started = Instant::now();
@@ -375,19 +391,25 @@ async fn postgres_restarted_under_load_loses_and_repeats_nothing() {
         "no send met the restart: the test did not test it"
     );
     let db = sqlx::PgPool::connect(&home.db_url()).await.unwrap();
-    eventually(Duration::from_secs(120), "every order to complete", || {
-        let db = db.clone();
-        async move {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM invocations WHERE service = 'order' AND status = 'completed'",
-            )
-            .fetch_one(&db)
-            .await
-            .ok()?;
-            (done as usize == ORDERS).then_some(())
+    let waiting = Instant::now();
+    loop {
+        let done: Option<i64> = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM invocations WHERE service = 'order' AND status = 'completed'",
+        )
+        .fetch_one(&db)
+        .await
+        .ok();
+        if done.is_some_and(|done| done as usize == ORDERS) {
+            break;
         }
-    })
-    .await;
+        if waiting.elapsed() > Duration::from_secs(120) {
+            panic!(
+                "timed out waiting for every order to complete; the others:\n{}",
+                unfinished(&db).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM invocations")
         .fetch_one(&db)
         .await

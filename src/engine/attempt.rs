@@ -90,7 +90,20 @@ impl Engine {
                     return;
                 }
                 Err(error) => {
-                    tracing::warn!(%id, %error, "cannot check the lease of an attempt; not run");
+                    // Not run, and not left running either: this node renews its leases
+                    // whether or not it runs their attempts, so an attempt dropped here
+                    // would be held, and never run, for as long as the node lives. Ended
+                    // as a retry instead (fenced if another node took it meanwhile).
+                    tracing::warn!(%id, %error, "cannot check the lease of an attempt; not run, retried later");
+                    for observer in &self.observers {
+                        observer.attempt_ended(&id, record.attempt);
+                    }
+                    let end = AttemptEnd::BackOff {
+                        until_ms: self.clock.now_ms() + 1_000,
+                        error: format!("the attempt's lease could not be checked: {error}"),
+                        charged: Charge::Nobody,
+                    };
+                    self.record_end(&record, end).await;
                     return;
                 }
             }

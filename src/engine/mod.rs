@@ -341,8 +341,11 @@ impl Engine {
         if self.shutdown.is_cancelled() {
             return;
         }
+        // Its lease lives while this task does, queued or running.
+        let hold = self.store.hold_lease(&record.id);
         let engine = Arc::clone(self);
         self.tracker.spawn(async move {
+            let _hold = hold;
             let Some(slot) = engine.admission.queue_for_slot(&engine.shutdown).await else {
                 return;
             };

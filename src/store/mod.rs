@@ -1216,6 +1216,15 @@ pub trait Store: Send + Sync + 'static {
     fn lease_held(&self) -> bool {
         true
     }
+    /// Marks the attempt of `id` this node has just created or claimed as one it runs,
+    /// until the returned hold is dropped. A store whose attempts are leased renews only
+    /// the leases of held attempts: an attempt that the node does not run (an error cut
+    /// its start short, or the database committed a creation whose acknowledgement was
+    /// lost) is not held up for as long as the node lives, but expires and is claimed
+    /// like a dead node's.
+    fn hold_lease(&self, _id: &InvocationId) -> LeaseHold {
+        LeaseHold::default()
+    }
     /// A clock that follows the database's (PostgreSQL's `clock_timestamp()`), so that every
     /// node compares due times with one clock; `None` for a store without one.
     fn database_clock(&self) -> Option<std::sync::Arc<dyn crate::clock::Clock>> {
@@ -1229,6 +1238,39 @@ pub trait Store: Send + Sync + 'static {
     /// node shares, or when taken already (it is taken once).
     fn cluster_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>> {
         None
+    }
+}
+
+/// An attempt this node runs, whose lease it renews while the hold lives (see
+/// [`Store::hold_lease`]).
+#[derive(Default)]
+#[must_use = "the lease is renewed only while the hold lives"]
+pub struct LeaseHold {
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl LeaseHold {
+    /// A hold that `release` ends when dropped.
+    pub(crate) fn new(release: impl FnOnce() + Send + Sync + 'static) -> LeaseHold {
+        LeaseHold {
+            release: Some(Box::new(release)),
+        }
+    }
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
+}
+
+impl std::fmt::Debug for LeaseHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseHold")
+            .field("held", &self.release.is_some())
+            .finish()
     }
 }
 

@@ -318,6 +318,8 @@ async fn an_attempt_whose_lease_expired_is_taken_over_by_another_node() {
     let claimed = (&a as &dyn Store).claim_due(T0 + 1, 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!((&claimed[0].id, claimed[0].attempt), (&backing_off.id, 2));
+    // A runs both attempts.
+    let _held = [a.hold_lease(&created.id), a.hold_lease(&backing_off.id)];
     assert!(
         (&b as &dyn Store)
             .claim_due(T0 + 1, 10)
@@ -446,6 +448,7 @@ async fn a_lease_renewal_does_not_wait_behind_a_locked_row() {
     let b = PostgresStore::open(&url, node("b", 1_000)).await.unwrap();
     let locked = running(&a).await;
     let free = running(&a).await;
+    let _held = [a.hold_lease(&locked.id), a.hold_lease(&free.id)];
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let mut writer = pool.begin().await.unwrap();
     sqlx::query("SELECT id FROM invocations WHERE id = $1 FOR UPDATE")
@@ -485,6 +488,58 @@ async fn a_lease_renewal_does_not_wait_behind_a_locked_row() {
     pool.close().await;
     drop(a);
     drop(b);
+    drop_schema(&schema).await;
+}
+
+/// A node renews the leases of the attempts it runs, and only those: an attempt leased to
+/// it that it does not run (its start failed after the write, or the database committed a
+/// creation whose acknowledgement was lost) expires and is claimed with the next attempt,
+/// here by the node itself; a hold held twice lives until both are dropped.
+#[tokio::test]
+async fn a_node_renews_only_the_leases_of_the_attempts_it_runs() {
+    if !postgres_or_skip("a_node_renews_only_the_leases_of_the_attempts_it_runs").await {
+        return;
+    }
+    let (schema, url) = postgres_schema().await;
+    let a = PostgresStore::open(&url, node("a", 900)).await.unwrap();
+    let run = running(&a).await;
+    let forgotten = running(&a).await;
+    let released = running(&a).await;
+    let first = a.hold_lease(&run.id);
+    let second = a.hold_lease(&run.id);
+    drop(a.hold_lease(&released.id));
+    drop(first);
+    let started = std::time::Instant::now();
+    let mut claimed = Vec::new();
+    while claimed.len() < 2 && started.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        claimed.extend((&a as &dyn Store).claim_due(T0 + 1, 10).await.unwrap());
+    }
+    assert!(
+        started.elapsed() > std::time::Duration::from_millis(300),
+        "not before the leases expired"
+    );
+    let mut claimed: Vec<_> = claimed
+        .iter()
+        .map(|r| (r.id.to_string(), r.attempt))
+        .collect();
+    claimed.sort();
+    let mut expected = vec![(forgotten.id.to_string(), 2), (released.id.to_string(), 2)];
+    expected.sort();
+    assert_eq!(claimed, expected, "the attempts not held, and only those");
+    // Their new attempts run here now.
+    let _claimed = [a.hold_lease(&forgotten.id), a.hold_lease(&released.id)];
+    // Past two more leases, the held attempt is still its first.
+    tokio::time::sleep(std::time::Duration::from_millis(1_800)).await;
+    assert!((&a as &dyn Store)
+        .claim_due(T0 + 2, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let still = a.get_invocation(&run.id).await.unwrap().unwrap();
+    assert_eq!((still.status, still.attempt), (Status::Running, 1));
+    drop(second);
+    drop(a);
     drop_schema(&schema).await;
 }
 

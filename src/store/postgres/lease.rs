@@ -2,18 +2,22 @@
 //!
 //! A running attempt is leased to the node that started it (`lease_owner`,
 //! `lease_expires_at_ms`, in the database's clock): a claim or the creation of an invocation
-//! with its first attempt running sets both. Each node renews its leases every third of the
-//! lease time, from a task that owns the node's own session. An attempt whose lease expired
-//! (its node died, froze or lost the database) is claimed by any node with the next attempt
-//! number, which fences every write of the old attempt; leases themselves fence nothing.
+//! with its first attempt running sets both. Each node renews the leases of the attempts it
+//! runs ([`Held`]) every third of the lease time, from a task that owns the node's own
+//! session; a row leased to the node that the node does not run (its start failed after the
+//! write, or the database committed a creation whose acknowledgement was lost) is not
+//! renewed. An attempt whose lease expired (its node died, froze, lost the database or does
+//! not run it) is claimed by any node with the next attempt number, which fences every
+//! write of the old attempt; leases themselves fence nothing.
 //!
 //! The session also holds the node-id lock, a session advisory lock on the node's id in
 //! this schema: two live processes never share a node id, so that a node restarted with its
 //! id may take its previous life's attempts back at once (`recover_running`) without
 //! waiting for their leases to expire.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
@@ -22,7 +26,7 @@ use tokio::sync::oneshot;
 
 use super::clock::{DatabaseClock, DB_NOW_MS};
 use super::{backend, corrupt, StoreResult};
-use crate::store::NodeOptions;
+use crate::store::{LeaseHold, NodeOptions};
 
 /// This node's leases: whose they are and how long they last.
 #[derive(Debug, Clone)]
@@ -59,6 +63,39 @@ impl Lease {
             period,
             valid_for: node.lease - period,
         })
+    }
+}
+
+/// The attempts this node runs, by invocation id: the only rows whose leases it renews.
+/// Counted, since a node may claim an invocation's next attempt while the task of its
+/// previous attempt still ends.
+#[derive(Debug, Default)]
+pub(super) struct Held(Mutex<HashMap<Arc<str>, u32>>);
+
+impl Held {
+    /// Holds `id` until the returned hold is dropped.
+    pub(super) fn hold(self: &Arc<Self>, id: &str) -> LeaseHold {
+        let id: Arc<str> = id.into();
+        *self.lock().entry(Arc::clone(&id)).or_default() += 1;
+        let held = Arc::clone(self);
+        LeaseHold::new(move || {
+            let mut ids = held.lock();
+            if let Some(count) = ids.get_mut(&id) {
+                *count -= 1;
+                if *count == 0 {
+                    ids.remove(&id);
+                }
+            }
+        })
+    }
+
+    /// The ids held now.
+    fn ids(&self) -> Vec<String> {
+        self.lock().keys().map(|id| id.to_string()).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -148,22 +185,28 @@ async fn lock_node(options: &PgConnectOptions, lease: &Lease) -> StoreResult<PgC
     Ok(conn)
 }
 
-/// Renews this node's leases on `conn`; returns how many running attempts it holds.
+/// Renews the leases of the attempts this node runs (`held`) on `conn`; returns how many
+/// it renewed.
 ///
 /// A bulk renewal that waited for row locks could deadlock with a write transaction that
 /// holds one of this node's rows and waits for another (and the database would break one
 /// of them, maybe a whole batch of writes), so the rows that are locked right now are
 /// skipped first, then renewed one at a time: a statement that holds no lock while it
 /// waits cannot deadlock.
-async fn renew(conn: &mut PgConnection, lease: &Lease) -> StoreResult<u64> {
+async fn renew(conn: &mut PgConnection, lease: &Lease, held: &Held) -> StoreResult<u64> {
+    let ids = held.ids();
+    if ids.is_empty() {
+        return Ok(0);
+    }
     let renewed = sqlx::query(&format!(
         "UPDATE invocations SET lease_expires_at_ms = {DB_NOW_MS} + $2 \
-         WHERE id = ANY(ARRAY(SELECT id FROM invocations \
-         WHERE lease_owner = $1 AND status = 'running' FOR UPDATE SKIP LOCKED)) \
+         WHERE id = ANY(ARRAY(SELECT id FROM invocations WHERE id = ANY($3) \
+         AND lease_owner = $1 AND status = 'running' FOR UPDATE SKIP LOCKED)) \
          AND lease_owner = $1 AND status = 'running'"
     ))
     .bind(&*lease.owner)
     .bind(lease.ms)
+    .bind(&ids)
     .execute(&mut *conn)
     .await
     .map_err(backend)?
@@ -171,12 +214,13 @@ async fn renew(conn: &mut PgConnection, lease: &Lease) -> StoreResult<u64> {
     // The rows it skipped: those renewed just now end about a lease from now, those it
     // skipped at least half a period earlier (they were renewed a period ago, or never).
     let skipped: Vec<String> = sqlx::query_scalar(&format!(
-        "SELECT id FROM invocations WHERE lease_owner = $1 AND status = 'running' \
-         AND lease_expires_at_ms < {DB_NOW_MS} + $2 - $3"
+        "SELECT id FROM invocations WHERE id = ANY($4) AND lease_owner = $1 \
+         AND status = 'running' AND lease_expires_at_ms < {DB_NOW_MS} + $2 - $3"
     ))
     .bind(&*lease.owner)
     .bind(lease.ms)
     .bind(lease.period.as_millis() as i64 / 2)
+    .bind(&ids)
     .fetch_all(&mut *conn)
     .await
     .map_err(backend)?;
@@ -216,18 +260,18 @@ pub(super) async fn start(
     let mut conn = lock_node(options, lease).await?;
     let started = Instant::now();
     clock.measure(&mut conn).await?;
-    renew(&mut conn, lease).await?;
     renewals.record(started);
     Ok(conn)
 }
 
-/// Renews the leases every period until `stop` fires (or its sender is dropped with the
-/// store), then ends the node's session. A failed renewal is logged and tried again at the
+/// Renews the leases of the `held` attempts every period until `stop` fires (or its sender
+/// is dropped with the store), then ends the node's session. A failed renewal is logged and tried again at the
 /// next tick, on a new session when the old one broke.
 pub(super) async fn renew_loop(
     conn: PgConnection,
     options: PgConnectOptions,
     lease: Lease,
+    held: Arc<Held>,
     renewals: Arc<Renewals>,
     clock: Arc<DatabaseClock>,
     mut stop: oneshot::Receiver<()>,
@@ -244,7 +288,7 @@ pub(super) async fn renew_loop(
         let started = Instant::now();
         let tick = tokio::time::timeout(
             lease.period,
-            renew_once(&mut session, &options, &lease, &clock),
+            renew_once(&mut session, &options, &lease, &held, &clock),
         )
         .await;
         match tick {
@@ -276,6 +320,7 @@ async fn renew_once(
     session: &mut Option<PgConnection>,
     options: &PgConnectOptions,
     lease: &Lease,
+    held: &Held,
     clock: &DatabaseClock,
 ) -> StoreResult<u64> {
     let conn = match session {
@@ -283,7 +328,7 @@ async fn renew_once(
         None => session.insert(lock_node(options, lease).await?),
     };
     let result = match clock.measure(conn).await {
-        Ok(()) => renew(conn, lease).await,
+        Ok(()) => renew(conn, lease, held).await,
         Err(e) => Err(e),
     };
     if result.is_err() && sqlx::Connection::ping(conn).await.is_err() {

@@ -122,6 +122,8 @@ pub struct PostgresStore {
     limits: JournalLimits,
     /// This node's id and lease time.
     lease: Lease,
+    /// The attempts this node runs: the leases it renews.
+    held: Arc<lease::Held>,
     /// When this node's leases were last renewed.
     renewals: Arc<lease::Renewals>,
     clock: Arc<clock::DatabaseClock>,
@@ -174,6 +176,7 @@ impl PostgresStore {
             .await
             .map_err(backend)?;
         MIGRATOR.run(&pool).await.map_err(backend)?;
+        let held = Arc::new(lease::Held::default());
         let renewals = Arc::new(lease::Renewals::new(&lease));
         let clock = Arc::new(clock::DatabaseClock::default());
         let session = lease::start(&options, &lease, &renewals, &clock).await?;
@@ -182,6 +185,7 @@ impl PostgresStore {
             session,
             options,
             lease.clone(),
+            Arc::clone(&held),
             Arc::clone(&renewals),
             Arc::clone(&clock),
             stop,
@@ -200,6 +204,7 @@ impl PostgresStore {
             writers,
             limits: JournalLimits::default(),
             lease,
+            held,
             renewals,
             clock,
             _stop_renewals: Some(stop_renewals),

@@ -625,6 +625,10 @@ impl Store for PostgresStore {
         self.renewals.held()
     }
 
+    fn hold_lease(&self, id: &InvocationId) -> crate::store::LeaseHold {
+        self.held.hold(id.as_str())
+    }
+
     fn database_clock(&self) -> Option<std::sync::Arc<dyn crate::clock::Clock>> {
         Some(self.clock.clone())
     }
