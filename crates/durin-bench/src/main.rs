@@ -281,6 +281,11 @@ struct Args {
     /// waiting: concurrent callers starting the workflows.
     #[arg(long, default_value_t = 32)]
     waiting_concurrency: usize,
+    /// waiting: after the restart, wait for this many runs to complete instead of all (0:
+    /// all), so that a large N does not wait for every timer to fire; the lateness figures
+    /// are then over the runs that fired.
+    #[arg(long, default_value_t = 0)]
+    waiting_fired: usize,
     /// callers: how many callers wait at once.
     #[arg(long, default_value_t = 3000)]
     callers: usize,

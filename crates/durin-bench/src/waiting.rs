@@ -25,7 +25,9 @@
 //! 5. kills Durin with SIGKILL, restarts it on the same file (port 0), and times the
 //!    restart to its ready line (`restart_to_ready_ms`); reads its RSS just before the first
 //!    timer falls due (`rss_after_restart_mib`, all N still sleeping);
-//! 6. waits until every run has completed, reads the RSS then (`rss_after_fired_mib`), and
+//! 6. waits until every run has completed (or, with `--waiting-fired M`, the first M: a
+//!    large N would otherwise wait for every timer; `fired_partial` says so, and the
+//!    figures below are then over those M), reads the RSS then (`rss_after_fired_mib`), and
 //!    reads from the database how late each timer fired. A timer fires when the scheduler
 //!    claims its run for the next attempt, in the same transaction that starts the
 //!    attempt, so `completions.at_ms - wake_at_ms` (the wake time its sleep entry
@@ -128,11 +130,14 @@ pub struct WaitingReport {
     pub wake_spread_ms: Option<i64>,
     /// From the earliest wake time until the last run completed.
     pub all_fired_after_deadline_ms: Option<i64>,
-    /// Runs completed at the end (the others failed or were cancelled).
+    /// Runs completed at the end (the others failed or were cancelled, or had not fired
+    /// yet when `partial`).
     pub completed: usize,
+    /// Whether the measurement stopped once `--waiting-fired` runs had completed, not all.
+    pub partial: bool,
     /// Durin's RSS after the restart, just before the timers fall due.
     pub rss_after_restart_mib: Option<f64>,
-    /// Durin's RSS once every run has completed.
+    /// Durin's RSS once every run (or the `--waiting-fired` first) has completed.
     pub rss_after_fired_mib: Option<f64>,
     pub load_before: Option<f64>,
     pub load_sleeping: Option<f64>,
@@ -652,9 +657,22 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
         sleep_until_ms(first - 500).await;
     }
     let rss_after_restart_mib = procs::rss_mib(durin.pid());
-    eprintln!("durin-bench:   waiting for the timers to fire and every run to complete");
+    // All of them, or the first `--waiting-fired`.
+    let fired_wanted = match setup.args.waiting_fired {
+        0 => suspended,
+        n => n.min(suspended),
+    };
+    let partial = fired_wanted < suspended;
+    eprintln!(
+        "durin-bench:   waiting for the timers to fire and {} to complete",
+        if partial {
+            format!("{fired_wanted} of the {suspended} runs")
+        } else {
+            "every run".to_owned()
+        }
+    );
     db.wait_until(Watch::Unfinished, "the runs to complete", POLL, |c| {
-        c.total() == 0
+        c.total() + fired_wanted <= suspended
     })
     .await?;
     let rss_after_fired_mib = procs::rss_mib(durin.pid());
@@ -694,9 +712,12 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
         kill_to_first_attempt_ms: first_attempt.map(|at| at - kill_ms),
         lateness_ms,
         wake_spread_ms: first_wake.zip(last_wake).map(|(a, b)| b - a),
+        // Until the last run completed: not known when only some were waited for.
         all_fired_after_deadline_ms: first_wake
             .zip(firing.last_completed_ms)
-            .map(|(w, done)| done - w),
+            .map(|(w, done)| done - w)
+            .filter(|_| !partial),
+        partial,
         completed: counts.get("completed"),
         rss_after_restart_mib,
         rss_after_fired_mib,
@@ -798,7 +819,12 @@ pub fn print(machine: &Machine, reports: &[WaitingReport]) {
                 r.sleeping, r.start_errors
             );
         }
-        if r.completed < r.accepted {
+        if r.partial {
+            println!(
+                "N={}: measured until {} runs had completed after the restart (--waiting-fired), not all: late and end MiB are over those",
+                r.sleeping, r.completed
+            );
+        } else if r.completed < r.accepted {
             println!(
                 "N={}: only {} of {} runs completed",
                 r.sleeping, r.completed, r.accepted
@@ -872,6 +898,7 @@ fn json_line(machine: &Machine, r: &WaitingReport) -> serde_json::Value {
         "wake_spread_ms": r.wake_spread_ms,
         "all_fired_after_deadline_ms": r.all_fired_after_deadline_ms,
         "completed": r.completed,
+        "fired_partial": r.partial,
         "rss_after_restart_mib": r.rss_after_restart_mib.map(round1),
         "rss_after_fired_mib": r.rss_after_fired_mib.map(round1),
         "loadavg1_before": r.load_before,
