@@ -286,6 +286,11 @@ struct Args {
     /// are then over the runs that fired.
     #[arg(long, default_value_t = 0)]
     waiting_fired: usize,
+    /// waiting: plan the starts to take this many seconds instead of 1.5 times the
+    /// calibrated time per run (the kill comes then, or once all are suspended if later,
+    /// and the timers 5 s after it); for a large N whose rate is known.
+    #[arg(long)]
+    waiting_plan_secs: Option<u64>,
     /// callers: how many callers wait at once.
     #[arg(long, default_value_t = 3000)]
     callers: usize,

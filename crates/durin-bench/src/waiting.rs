@@ -47,7 +47,9 @@
 //! gives the time per run (a calibration run does a little more than a measured run's
 //! first attempt, so the figure errs on the slow side), the plan allows 1.5 times that
 //! for the N runs plus 2 s to settle, Durin is killed at that planned moment (or 2 s after
-//! the last run suspended, if later), and T_due is 5 s after the planned kill. If the starts
+//! the last run suspended, if later), and T_due is 5 s after the planned kill
+//! (`--waiting-plan-secs S` plans S seconds for the starts instead, for a large N whose
+//! rate is known: the calibration's margin would otherwise idle for a long time). If the starts
 //! finish early, the bench idles until the planned kill. Should they take longer than
 //! planned, the timers fall due less than 5 s after the kill (`kill_to_first_due_ms` shows
 //! it, and a warning is printed); if they fell due before the kill, the firing figures
@@ -587,7 +589,10 @@ pub async fn measure(setup: &Setup<'_>, sleeping: usize) -> Result<WaitingReport
 
     // The plan: the kill once all are started and suspended, the timers due LEAD_MS later.
     let start_ms = now_ms();
-    let planned_ms = (per_run_ms * sleeping as f64 * SAFETY).ceil() as i64;
+    let planned_ms = match setup.args.waiting_plan_secs {
+        Some(secs) => i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4),
+        None => (per_run_ms * sleeping as f64 * SAFETY).ceil() as i64,
+    };
     let kill_at_ms = start_ms + planned_ms + MIN_SETTLE_MS;
     let due_ms = kill_at_ms + LEAD_MS;
     eprintln!(
