@@ -270,6 +270,7 @@ async fn start(
         key: invocation_key,
     };
 
+    let hold = state.engine.hold_first_attempt(&new.id);
     let created = tokio::spawn(async move {
         let state = task_state;
         let created = state.store.create_invocation(new).await?;
@@ -281,7 +282,7 @@ async fn start(
             } => {
                 state.engine.announce_ended(superseded);
                 let listener = state.engine.waiters().listener(&record.id);
-                state.engine.run_created(record.clone(), *input);
+                state.engine.run_created(record.clone(), *input, hold);
                 Started {
                     record,
                     replayed: false,

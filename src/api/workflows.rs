@@ -213,11 +213,14 @@ async fn start_run(
     };
     // In a task of its own, so that a caller going away cannot leave a new run unstarted.
     let task_state = state.clone();
+    let hold = state.engine.hold_first_attempt(&run.invocation.id);
     let started = tokio::spawn(async move {
         let state = task_state;
         let started = state.store.start_workflow(run).await?;
         if let WorkflowStarted::New { record, input } = &started {
-            state.engine.run_created(record.clone(), (**input).clone());
+            state
+                .engine
+                .run_created(record.clone(), (**input).clone(), hold);
         }
         Ok::<_, ApiError>(started)
     })

@@ -90,10 +90,9 @@ impl Engine {
                     return;
                 }
                 Err(error) => {
-                    // Not run, and not left running either: this node renews its leases
-                    // whether or not it runs their attempts, so an attempt dropped here
-                    // would be held, and never run, for as long as the node lives. Ended
-                    // as a retry instead (fenced if another node took it meanwhile).
+                    // Not run, and ended as a retry (fenced if another node took it
+                    // meanwhile), which runs in a second rather than once its lease
+                    // expires.
                     tracing::warn!(%id, %error, "cannot check the lease of an attempt; not run, retried later");
                     for observer in &self.observers {
                         observer.attempt_ended(&id, record.attempt);

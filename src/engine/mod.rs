@@ -34,7 +34,9 @@ use crate::ids::InvocationId;
 use crate::journal::awakeable::AwakeableKey;
 use crate::registry::Targets;
 use crate::signing::RequestSigner;
-use crate::store::{ClusterEvent, InvocationRecord, Status, Store, StoreError, StoredEntry};
+use crate::store::{
+    ClusterEvent, InvocationRecord, LeaseHold, Status, Store, StoreError, StoredEntry,
+};
 
 pub struct EngineConfig {
     /// Base URL of this gateway as handlers reach it (for the context API).
@@ -323,10 +325,16 @@ impl Engine {
 
     /// Runs the first attempt of an invocation ingress has just created: at once (after
     /// its turn for a slot) when it was created running, by the scheduler when it was
-    /// created due.
-    pub fn run_created(self: &Arc<Self>, record: InvocationRecord, input: StoredEntry) {
+    /// created due. `hold` is the first attempt's lease, held since before the creation's
+    /// write (see [`Engine::hold_first_attempt`]).
+    pub fn run_created(
+        self: &Arc<Self>,
+        record: InvocationRecord,
+        input: StoredEntry,
+        hold: LeaseHold,
+    ) {
         if record.status == Status::Running {
-            self.run_started(record, vec![input]);
+            self.run_started(record, vec![input], hold);
         } else {
             self.nudge();
         }
@@ -335,14 +343,18 @@ impl Engine {
     /// Runs the first attempt of an invocation the store created already started (attempt
     /// 1, running), with its journal in hand, so that it costs no further read or write. It
     /// waits for a slot in arrival order first.
-    pub fn run_started(self: &Arc<Self>, record: InvocationRecord, journal: Vec<StoredEntry>) {
+    fn run_started(
+        self: &Arc<Self>,
+        record: InvocationRecord,
+        journal: Vec<StoredEntry>,
+        hold: LeaseHold,
+    ) {
         // During a shutdown the invocation stays running in the store (also one still in
         // the queue); the next start recovers it.
         if self.shutdown.is_cancelled() {
             return;
         }
         // Its lease lives while this task does, queued or running.
-        let hold = self.store.hold_lease(&record.id);
         let engine = Arc::clone(self);
         self.tracker.spawn(async move {
             let _hold = hold;
@@ -371,6 +383,15 @@ impl Engine {
             Box::pin(engine.run_attempt(record, journal)).await;
             drop(slot);
         });
+    }
+
+    /// The lease of the first attempt of `id`, which ingress is about to create: held from
+    /// before the write, so that the renewals cover the row from its commit on, and
+    /// dropped unless the creation is handed to [`Engine::run_created`] (an invocation that
+    /// existed already, a failed write, or one whose acknowledgement was lost is then not
+    /// renewed by this node).
+    pub fn hold_first_attempt(&self, id: &InvocationId) -> LeaseHold {
+        self.store.hold_lease(id, 1)
     }
 
     /// Waits for attempts in flight to finish, at most `timeout`. What is left is

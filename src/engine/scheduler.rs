@@ -48,7 +48,7 @@ pub(super) async fn run(engine: Arc<Engine>) {
         let full = claimed.len() == limit;
         // The slots left over (fewer rows were due) go back here.
         for (record, slot) in claimed.into_iter().zip(slots) {
-            let hold = engine.store.hold_lease(&record.id);
+            let hold = engine.store.hold_lease(&record.id, record.attempt);
             let runner = Arc::clone(&engine);
             engine.tracker.spawn(async move {
                 runner.run_attempt(record, None).await;

@@ -1216,13 +1216,13 @@ pub trait Store: Send + Sync + 'static {
     fn lease_held(&self) -> bool {
         true
     }
-    /// Marks the attempt of `id` this node has just created or claimed as one it runs,
+    /// Marks `attempt` of `id`, which this node creates or has claimed, as one it runs,
     /// until the returned hold is dropped. A store whose attempts are leased renews only
     /// the leases of held attempts: an attempt that the node does not run (an error cut
     /// its start short, or the database committed a creation whose acknowledgement was
     /// lost) is not held up for as long as the node lives, but expires and is claimed
     /// like a dead node's.
-    fn hold_lease(&self, _id: &InvocationId) -> LeaseHold {
+    fn hold_lease(&self, _id: &InvocationId, _attempt: u32) -> LeaseHold {
         LeaseHold::default()
     }
     /// A clock that follows the database's (PostgreSQL's `clock_timestamp()`), so that every

@@ -319,7 +319,10 @@ async fn an_attempt_whose_lease_expired_is_taken_over_by_another_node() {
     assert_eq!(claimed.len(), 1);
     assert_eq!((&claimed[0].id, claimed[0].attempt), (&backing_off.id, 2));
     // A runs both attempts.
-    let _held = [a.hold_lease(&created.id), a.hold_lease(&backing_off.id)];
+    let _held = [
+        a.hold_lease(&created.id, 1),
+        a.hold_lease(&backing_off.id, 2),
+    ];
     assert!(
         (&b as &dyn Store)
             .claim_due(T0 + 1, 10)
@@ -448,7 +451,7 @@ async fn a_lease_renewal_does_not_wait_behind_a_locked_row() {
     let b = PostgresStore::open(&url, node("b", 1_000)).await.unwrap();
     let locked = running(&a).await;
     let free = running(&a).await;
-    let _held = [a.hold_lease(&locked.id), a.hold_lease(&free.id)];
+    let _held = [a.hold_lease(&locked.id, 1), a.hold_lease(&free.id, 1)];
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let mut writer = pool.begin().await.unwrap();
     sqlx::query("SELECT id FROM invocations WHERE id = $1 FOR UPDATE")
@@ -494,43 +497,65 @@ async fn a_lease_renewal_does_not_wait_behind_a_locked_row() {
 /// A node renews the leases of the attempts it runs, and only those: an attempt leased to
 /// it that it does not run (its start failed after the write, or the database committed a
 /// creation whose acknowledgement was lost) expires and is claimed with the next attempt,
-/// here by the node itself; a hold held twice lives until both are dropped.
+/// here by the node itself; an attempt held twice is renewed until both holds are dropped,
+/// and a hold of an older attempt does not renew the newer one.
 #[tokio::test]
 async fn a_node_renews_only_the_leases_of_the_attempts_it_runs() {
     if !postgres_or_skip("a_node_renews_only_the_leases_of_the_attempts_it_runs").await {
         return;
     }
     let (schema, url) = postgres_schema().await;
-    let a = PostgresStore::open(&url, node("a", 900)).await.unwrap();
+    let lease = std::time::Duration::from_millis(1_500);
+    let a = PostgresStore::open(&url, node("a", 1_500)).await.unwrap();
     let run = running(&a).await;
+    let first = a.hold_lease(&run.id, 1);
+    let second = a.hold_lease(&run.id, 1);
     let forgotten = running(&a).await;
     let released = running(&a).await;
-    let first = a.hold_lease(&run.id);
-    let second = a.hold_lease(&run.id);
-    drop(a.hold_lease(&released.id));
+    drop(a.hold_lease(&released.id, 1));
     drop(first);
-    let started = std::time::Instant::now();
-    let mut claimed = Vec::new();
-    while claimed.len() < 2 && started.elapsed() < std::time::Duration::from_secs(5) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        claimed.extend((&a as &dyn Store).claim_due(T0 + 1, 10).await.unwrap());
+    // Claims `expected` (id, attempt) as their leases expire, and holds what it claims.
+    async fn claim_expired(
+        a: &PostgresStore,
+        now_ms: i64,
+        expected: Vec<(String, u32)>,
+    ) -> Vec<crate::store::LeaseHold> {
+        let started = std::time::Instant::now();
+        let mut claimed = Vec::new();
+        while claimed.len() < expected.len()
+            && started.elapsed() < std::time::Duration::from_secs(8)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            claimed.extend((a as &dyn Store).claim_due(now_ms, 10).await.unwrap());
+        }
+        let holds = claimed
+            .iter()
+            .map(|r| a.hold_lease(&r.id, r.attempt))
+            .collect();
+        let mut claimed: Vec<_> = claimed
+            .iter()
+            .map(|r| (r.id.to_string(), r.attempt))
+            .collect();
+        claimed.sort();
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(claimed, expected, "the attempts not held, and only those");
+        holds
     }
+    let started = std::time::Instant::now();
+    let _claimed = claim_expired(
+        &a,
+        T0 + 1,
+        vec![(forgotten.id.to_string(), 2), (released.id.to_string(), 2)],
+    )
+    .await;
     assert!(
-        started.elapsed() > std::time::Duration::from_millis(300),
+        started.elapsed() > lease / 3,
         "not before the leases expired"
     );
-    let mut claimed: Vec<_> = claimed
-        .iter()
-        .map(|r| (r.id.to_string(), r.attempt))
-        .collect();
-    claimed.sort();
-    let mut expected = vec![(forgotten.id.to_string(), 2), (released.id.to_string(), 2)];
-    expected.sort();
-    assert_eq!(claimed, expected, "the attempts not held, and only those");
-    // Their new attempts run here now.
-    let _claimed = [a.hold_lease(&forgotten.id), a.hold_lease(&released.id)];
-    // Past two more leases, the held attempt is still its first.
-    tokio::time::sleep(std::time::Duration::from_millis(1_800)).await;
+    // Past two more leases, the attempt held once more is still its first, and the newer
+    // attempts held are theirs (the holds of their first attempts are gone).
+    tokio::time::sleep(2 * lease).await;
     assert!((&a as &dyn Store)
         .claim_due(T0 + 2, 10)
         .await
@@ -538,7 +563,13 @@ async fn a_node_renews_only_the_leases_of_the_attempts_it_runs() {
         .is_empty());
     let still = a.get_invocation(&run.id).await.unwrap().unwrap();
     assert_eq!((still.status, still.attempt), (Status::Running, 1));
+    // Once its last hold is dropped, it expires too.
     drop(second);
+    let last = claim_expired(&a, T0 + 3, vec![(run.id.to_string(), 2)]).await;
+    // A hold of an older attempt (its task still ending) does not renew the newer one.
+    let _stale = a.hold_lease(&run.id, 1);
+    drop(last);
+    let _again = claim_expired(&a, T0 + 4, vec![(run.id.to_string(), 3)]).await;
     drop(a);
     drop_schema(&schema).await;
 }

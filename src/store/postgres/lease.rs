@@ -66,35 +66,38 @@ impl Lease {
     }
 }
 
-/// The attempts this node runs, by invocation id: the only rows whose leases it renews.
-/// Counted, since a node may claim an invocation's next attempt while the task of its
-/// previous attempt still ends.
+/// The attempts this node runs, by invocation id and attempt number: the only rows whose
+/// leases it renews (a row whose attempt moved on is not renewed for a task of an older
+/// attempt that still ends). Counted, in case one attempt is held twice.
 #[derive(Debug, Default)]
-pub(super) struct Held(Mutex<HashMap<Arc<str>, u32>>);
+pub(super) struct Held(Mutex<HashMap<(Arc<str>, u32), u32>>);
 
 impl Held {
-    /// Holds `id` until the returned hold is dropped.
-    pub(super) fn hold(self: &Arc<Self>, id: &str) -> LeaseHold {
-        let id: Arc<str> = id.into();
-        *self.lock().entry(Arc::clone(&id)).or_default() += 1;
+    /// Holds `attempt` of `id` until the returned hold is dropped.
+    pub(super) fn hold(self: &Arc<Self>, id: &str, attempt: u32) -> LeaseHold {
+        let key: (Arc<str>, u32) = (id.into(), attempt);
+        *self.lock().entry(key.clone()).or_default() += 1;
         let held = Arc::clone(self);
         LeaseHold::new(move || {
-            let mut ids = held.lock();
-            if let Some(count) = ids.get_mut(&id) {
+            let mut attempts = held.lock();
+            if let Some(count) = attempts.get_mut(&key) {
                 *count -= 1;
                 if *count == 0 {
-                    ids.remove(&id);
+                    attempts.remove(&key);
                 }
             }
         })
     }
 
-    /// The ids held now.
-    fn ids(&self) -> Vec<String> {
-        self.lock().keys().map(|id| id.to_string()).collect()
+    /// The attempts held now: their ids and, in the same order, their numbers.
+    fn attempts(&self) -> (Vec<String>, Vec<i64>) {
+        self.lock()
+            .keys()
+            .map(|(id, attempt)| (id.to_string(), i64::from(*attempt)))
+            .unzip()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, u32), u32>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -194,46 +197,51 @@ async fn lock_node(options: &PgConnectOptions, lease: &Lease) -> StoreResult<PgC
 /// skipped first, then renewed one at a time: a statement that holds no lock while it
 /// waits cannot deadlock.
 async fn renew(conn: &mut PgConnection, lease: &Lease, held: &Held) -> StoreResult<u64> {
-    let ids = held.ids();
+    let (ids, attempts) = held.attempts();
     if ids.is_empty() {
         return Ok(0);
     }
+    // The held attempts that are still this node's and running.
+    const HELD: &str = "(id, attempt) IN (SELECT * FROM unnest($3::TEXT[], $4::BIGINT[])) \
+         AND lease_owner = $1 AND status = 'running'";
     let renewed = sqlx::query(&format!(
         "UPDATE invocations SET lease_expires_at_ms = {DB_NOW_MS} + $2 \
-         WHERE id = ANY(ARRAY(SELECT id FROM invocations WHERE id = ANY($3) \
-         AND lease_owner = $1 AND status = 'running' FOR UPDATE SKIP LOCKED)) \
-         AND lease_owner = $1 AND status = 'running'"
+         WHERE id = ANY(ARRAY(SELECT id FROM invocations WHERE {HELD} \
+         FOR UPDATE SKIP LOCKED)) AND {HELD}"
     ))
     .bind(&*lease.owner)
     .bind(lease.ms)
     .bind(&ids)
+    .bind(&attempts)
     .execute(&mut *conn)
     .await
     .map_err(backend)?
     .rows_affected();
     // The rows it skipped: those renewed just now end about a lease from now, those it
     // skipped at least half a period earlier (they were renewed a period ago, or never).
-    let skipped: Vec<String> = sqlx::query_scalar(&format!(
-        "SELECT id FROM invocations WHERE id = ANY($4) AND lease_owner = $1 \
-         AND status = 'running' AND lease_expires_at_ms < {DB_NOW_MS} + $2 - $3"
+    let skipped: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT id, attempt FROM invocations WHERE {HELD} \
+         AND lease_expires_at_ms < {DB_NOW_MS} + $2 - $5"
     ))
     .bind(&*lease.owner)
     .bind(lease.ms)
-    .bind(lease.period.as_millis() as i64 / 2)
     .bind(&ids)
+    .bind(&attempts)
+    .bind(lease.period.as_millis() as i64 / 2)
     .fetch_all(&mut *conn)
     .await
     .map_err(backend)?;
     let mut held = renewed;
     let one = format!(
         "UPDATE invocations SET lease_expires_at_ms = {DB_NOW_MS} + $2 \
-         WHERE id = $3 AND lease_owner = $1 AND status = 'running'"
+         WHERE id = $3 AND attempt = $4 AND lease_owner = $1 AND status = 'running'"
     );
-    for id in skipped {
+    for (id, attempt) in skipped {
         match sqlx::query(&one)
             .bind(&*lease.owner)
             .bind(lease.ms)
             .bind(&id)
+            .bind(attempt)
             .execute(&mut *conn)
             .await
         {
@@ -249,8 +257,9 @@ async fn renew(conn: &mut PgConnection, lease: &Lease, held: &Held) -> StoreResu
     Ok(held)
 }
 
-/// The node's session, its leases renewed, and the database's clock measured, as the store
-/// opens: the store refuses to open when any of these fails.
+/// The node's session and the database's clock measured, as the store opens (it holds no
+/// attempt yet: its previous life's are recovered by `recover_running`); the store refuses
+/// to open when either fails.
 pub(super) async fn start(
     options: &PgConnectOptions,
     lease: &Lease,

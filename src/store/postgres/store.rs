@@ -625,8 +625,8 @@ impl Store for PostgresStore {
         self.renewals.held()
     }
 
-    fn hold_lease(&self, id: &InvocationId) -> crate::store::LeaseHold {
-        self.held.hold(id.as_str())
+    fn hold_lease(&self, id: &InvocationId, attempt: u32) -> crate::store::LeaseHold {
+        self.held.hold(id.as_str(), attempt)
     }
 
     fn database_clock(&self) -> Option<std::sync::Arc<dyn crate::clock::Clock>> {
