@@ -1719,6 +1719,7 @@ async fn metrics_count_a_known_workload() {
         after.contains("durin_invocations_waiting{wait=\"sleep\"} 0\n"),
         "{after}"
     );
+    let mut naps = Vec::new();
     for _ in 0..2 {
         let id = gateway.send("/v1/send/napper/run", "null").await;
         eventually(Duration::from_secs(10), "the nap", || {
@@ -1727,8 +1728,29 @@ async fn metrics_count_a_known_workload() {
             async move { (gateway.invocation(&id).await["status"] == "suspended").then_some(()) }
         })
         .await;
+        naps.push(id);
     }
     let napping = scrape().await;
+    // Sent without `Prefer: wait`: nobody here waits for their end.
+    assert_eq!(
+        sample(&napping, "durin_awaited_invocations", &[]),
+        0.0,
+        "{napping}"
+    );
+    // A long poll on one is counted while it waits, and not once its caller went away.
+    let poll = tokio::spawn(
+        client()
+            .get(format!("{}/v1/invocations/{}", gateway.url, naps[0]))
+            .header("prefer", "wait=60")
+            .send(),
+    );
+    for awaited in [1.0, 0.0] {
+        eventually(Duration::from_secs(10), "the long poll's count", || async {
+            (sample(&scrape().await, "durin_awaited_invocations", &[]) == awaited).then_some(())
+        })
+        .await;
+        poll.abort();
+    }
     assert_eq!(
         sample(&napping, "durin_invocations_waiting", &[("wait", "sleep")]),
         2.0,

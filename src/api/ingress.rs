@@ -66,6 +66,12 @@ pub async fn send(
     };
     let started = start(&state, &service, &handler, &headers, &body, caller).await?;
     let Some(wait) = wait else {
+        // Nobody here waits for its end: the listener taken at its creation goes now, not
+        // at the end (which, for a workflow that sleeps for days, is days of memory).
+        if started.listener.is_some() {
+            drop(started.listener);
+            state.engine.waiters().release(&started.record.id);
+        }
         return Ok(with_preference(
             accepted(&started.record, started.replayed),
             None,

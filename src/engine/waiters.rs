@@ -49,6 +49,16 @@ impl Waiters {
             .contains_key(id)
     }
 
+    /// How many invocations callers here wait for.
+    pub fn len(&self) -> usize {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no caller here waits for any invocation.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The invocations callers here wait for.
     pub fn ids(&self) -> Vec<InvocationId> {
         self.waiters
