@@ -570,3 +570,51 @@ async fn a_webhook_source_set_on_one_node_is_served_by_every_node() {
     let outcomes = delivery_outcomes(&second.admin, "orders").await;
     assert_eq!(outcomes, ["duplicate", "refused", "accepted"]);
 }
+
+/// Attempts that run longer than the lease stay their node's: the node renews the lease
+/// of each attempt it runs, the first (created running by the send) and a retry (claimed
+/// by the scheduler after a backoff), so no other node takes one over mid-way. Three
+/// steps of 1 s against a lease of 2 s, on two nodes; the first charge fails once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_longer_than_the_lease_stay_with_their_node() {
+    if !require("postgres") {
+        return;
+    }
+    let downstream = Downstream::start(&[("charge_payment", 1)]).await;
+    let home = GatewayHome::cluster("2s");
+    let handler = start_order(
+        None,
+        &[
+            "--step-delay-ms",
+            "1000",
+            "--downstream",
+            &downstream.url,
+            "--step-retry-initial-ms",
+            "100",
+        ],
+    );
+    let nodes = [home.start(None), home.start(None)];
+    register(&nodes[0].admin, &handler.url).await;
+    let first = send_order(&nodes[0].url, ORDER).await;
+    let second = send_order(&nodes[1].url, &ORDER.replace("\"o-1\"", "\"o-2\"")).await;
+    for id in [&first, &second] {
+        let view = wait_final(&nodes[0].url, id).await;
+        assert_eq!(view["status"], "completed", "{view}");
+    }
+    let db = database(&home).await;
+    let attempts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, attempt FROM invocations ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    // One failed charge: one invocation retried once, the other never; no takeover.
+    let mut numbers: Vec<i64> = attempts.iter().map(|(_, a)| *a).collect();
+    numbers.sort();
+    assert_eq!(numbers, [1, 2], "{attempts:?}");
+    for step in ["charge_payment", "reserve_inventory", "send_confirmation"] {
+        assert_eq!(downstream.distinct_keys(step), 2, "{step} once per order");
+    }
+    let reserve = downstream.requests("reserve_inventory").len();
+    assert_eq!(reserve, 2, "no step ran twice");
+    db.close().await;
+}
