@@ -288,7 +288,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::telemetry::render(&counts, &waiting, state.engine.waiters().len()),
+        crate::telemetry::render(&counts, &waiting, state.engine.waiters().count()),
     )
         .into_response())
 }

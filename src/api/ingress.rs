@@ -66,12 +66,6 @@ pub async fn send(
     };
     let started = start(&state, &service, &handler, &headers, &body, caller).await?;
     let Some(wait) = wait else {
-        // Nobody here waits for its end: the listener taken at its creation goes now, not
-        // at the end (which, for a workflow that sleeps for days, is days of memory).
-        if started.listener.is_some() {
-            drop(started.listener);
-            state.engine.waiters().release(&started.record.id);
-        }
         return Ok(with_preference(
             accepted(&started.record, started.replayed),
             None,
@@ -218,7 +212,7 @@ struct Started {
     record: InvocationRecord,
     /// True when an earlier request with the same idempotency key created it.
     replayed: bool,
-    /// For a new invocation: hears its end, taken before it started.
+    /// For a new invocation whose caller waits: hears its end, taken before it started.
     listener: Option<EndedListener>,
 }
 
@@ -287,12 +281,15 @@ async fn start(
                 superseded,
             } => {
                 state.engine.announce_ended(superseded);
-                let listener = state.engine.waiters().listener(&record.id);
+                // Only for a caller that waits: a listener stays in the map of waiters
+                // until the invocation ends (days, for a workflow that sleeps for days).
+                let listener =
+                    (caller == Caller::Waits).then(|| state.engine.waiters().listener(&record.id));
                 state.engine.run_created(record.clone(), *input, hold);
                 Started {
                     record,
                     replayed: false,
-                    listener: Some(listener),
+                    listener,
                 }
             }
             Created::Existing(record) => {

@@ -50,13 +50,8 @@ impl Waiters {
     }
 
     /// How many invocations callers here wait for.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether no caller here waits for any invocation.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The invocations callers here wait for.
