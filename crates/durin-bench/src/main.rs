@@ -155,7 +155,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::load::Expected;
 use crate::procs::{ScratchDir, Service};
-use crate::report::{Level, Machine, ScenarioReport};
+use crate::report::{Level, Machine, Restate, ScenarioReport};
 
 /// At c=1 requests are sequential, so the request count is capped to keep the run short;
 /// 500 samples are plenty for a p99.
@@ -310,6 +310,11 @@ struct Args {
     /// Keep the scratch directory (SQLite databases and the children's logs).
     #[arg(long)]
     keep_dir: bool,
+    /// Hold the targets against Restate's figures in FILE, the JSON lines printed by
+    /// the Restate anchor's `run.sh` in the same hour (levels 1, 64 and 256), instead of
+    /// DESIGN.md's, which were measured when the machine was quiet [default: DESIGN.md's]
+    #[arg(long, value_name = "FILE")]
+    restate: Option<PathBuf>,
     /// The directory of the SDKs in other languages (python-sdk, ts-sdk, sdks) [default: the
     /// `sdks` directory of the repository this bench was built from]
     #[arg(long)]
@@ -573,6 +578,15 @@ fn run(args: &Args) -> Result<()> {
             example.check(&args.sdks_dir())?;
         }
     }
+    // Read first, so that a bad file does not end the run after its scenarios.
+    let restate = match &args.restate {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --restate {}", path.display()))?;
+            Restate::from_run(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?
+        }
+        None => Restate::design(),
+    };
     let machine = Machine::now();
 
     // Declared before every child and server so that it is dropped after them, also on an
@@ -619,7 +633,7 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     if !scenarios.is_empty() {
-        report::print(&machine.finish(), &scenarios);
+        report::print(&machine.finish(), &scenarios, &restate);
     }
     failure.map_or(Ok(()), Err)
 }

@@ -12,6 +12,71 @@ const RESTATE_C1_P50_MS: f64 = 5.4;
 const RESTATE_C64_PER_S: f64 = 790.0;
 /// Restate's throughput at c=256, per second.
 const RESTATE_C256_PER_S: f64 = 1100.0;
+/// Restate's figures that the targets are held against: DESIGN.md's, measured on this
+/// machine when it was quiet, or those of a run of the Restate anchor in the same hour
+/// (`--restate FILE`). The machine's speed varies by the hour, Restate's with it, so only
+/// the second gives the ratio of a run side by side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restate {
+    pub c1_p50_ms: f64,
+    pub c64_per_s: f64,
+    pub c256_per_s: f64,
+    /// Where the figures come from, for the report's heading.
+    pub source: String,
+}
+
+impl Restate {
+    /// DESIGN.md section 6's figures.
+    pub fn design() -> Self {
+        Restate {
+            c1_p50_ms: RESTATE_C1_P50_MS,
+            c64_per_s: RESTATE_C64_PER_S,
+            c256_per_s: RESTATE_C256_PER_S,
+            source: "Restate 1.7 here, quiet, DESIGN.md".to_owned(),
+        }
+    }
+
+    /// The figures in `text`, the JSON lines that the Restate anchor's `run.sh` prints
+    /// (one per level: `system`, `concurrency`, `throughput_per_s`, `p50_ms`), read from
+    /// `path`. Each of the levels 1, 64 and 256 must be there; the last line of a level
+    /// counts.
+    pub fn from_run(path: &str, text: &str) -> Result<Self, String> {
+        let mut p50 = None;
+        let mut c64 = None;
+        let mut c256 = None;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let value: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| format!("{path}, line {}: not a JSON line ({e})", number + 1))?;
+            if value["system"] != "restate" {
+                continue;
+            }
+            let figure = |name: &str| {
+                value[name]
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .ok_or_else(|| format!("{path}, line {}: no positive {name}", number + 1))
+            };
+            match value["concurrency"].as_u64() {
+                Some(1) => p50 = Some(figure("p50_ms")?),
+                Some(64) => c64 = Some(figure("throughput_per_s")?),
+                Some(256) => c256 = Some(figure("throughput_per_s")?),
+                _ => {}
+            }
+        }
+        let missing = |what: &str| format!("{path} has no Restate level at {what}");
+        Ok(Restate {
+            c1_p50_ms: p50.ok_or_else(|| missing("c=1"))?,
+            c64_per_s: c64.ok_or_else(|| missing("c=64"))?,
+            c256_per_s: c256.ok_or_else(|| missing("c=256"))?,
+            source: format!("Restate measured side by side, {path}"),
+        })
+    }
+}
+
 /// Target (DESIGN.md section 6): with an SDK, a single caller's p50 under this many ms.
 const TARGET_C1_P50_MS: f64 = 1.0;
 /// Target: with an SDK, throughput at c=64 and at c=256 at least this multiple of Restate's.
@@ -199,7 +264,7 @@ fn round3(value: f64) -> f64 {
 
 /// Prints, per scenario, the table and the targets; then the side-by-side lines when more
 /// than one scenario ran; then one JSON line per scenario and level; all on stdout.
-pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
+pub fn print(machine: &Machine, scenarios: &[ScenarioReport], restate: &Restate) {
     println!(
         "durin {}: {} cores; load average (1 min) {} before, {} after; CPU from /proc at {} ticks/s",
         env!("CARGO_PKG_VERSION"),
@@ -212,7 +277,7 @@ pub fn print(machine: &Machine, scenarios: &[ScenarioReport]) {
         println!();
         print_table(scenario);
         println!();
-        for line in target_lines(scenario) {
+        for line in target_lines(scenario, restate) {
             println!("{line}");
         }
     }
@@ -419,7 +484,7 @@ fn verdict(met: bool) -> &'static str {
 /// caller's p50 under [`TARGET_C1_P50_MS`] and [`TARGET_SDK_FACTOR`] times Restate's
 /// throughput at 64 and 256 callers; through the egress, [`TARGET_EGRESS_FACTOR`] times.
 /// On PostgreSQL the target is a share of SQLite's ([`postgres_share_lines`]).
-fn target_lines(scenario: &ScenarioReport) -> Vec<String> {
+fn target_lines(scenario: &ScenarioReport, restate: &Restate) -> Vec<String> {
     let label = scenario.label();
     if scenario.postgres_nodes.is_some() {
         return vec![format!(
@@ -431,26 +496,32 @@ fn target_lines(scenario: &ScenarioReport) -> Vec<String> {
     } else {
         (Some(TARGET_C1_P50_MS), TARGET_SDK_FACTOR)
     };
+    let Restate {
+        c1_p50_ms: restate_p50,
+        c64_per_s,
+        c256_per_s,
+        source,
+    } = restate;
     let mut lines = vec![format!(
-        "{label} against the DESIGN.md section 6 targets (Restate 1.7 here, quiet: c=1 p50 {RESTATE_C1_P50_MS} ms, c=64 ~{RESTATE_C64_PER_S:.0}/s, c=256 ~{RESTATE_C256_PER_S:.0}/s):"
+        "{label} against the DESIGN.md section 6 targets ({source}: c=1 p50 {restate_p50} ms, c=64 ~{c64_per_s:.0}/s, c=256 ~{c256_per_s:.0}/s):"
     )];
     let p50 = level_at(&scenario.levels, 1).and_then(Level::p50_ms);
     lines.push(match (c1_target, p50) {
         (Some(target), Some(p50)) => format!(
-            "  c=1 p50 under {target} ms: measured {p50:.2} ms, {} (Restate {RESTATE_C1_P50_MS} ms; durin/Restate {:.2})",
+            "  c=1 p50 under {target} ms: measured {p50:.2} ms, {} (Restate {restate_p50} ms; durin/Restate {:.2})",
             verdict(p50 < target),
-            p50 / RESTATE_C1_P50_MS,
+            p50 / restate_p50,
         ),
         (Some(target), None) => {
             format!("  c=1 p50 under {target} ms: not measured (no c=1 level)")
         }
         (None, Some(p50)) => format!(
-            "  c=1 p50 (no target): measured {p50:.2} ms (Restate {RESTATE_C1_P50_MS} ms; durin/Restate {:.2})",
-            p50 / RESTATE_C1_P50_MS,
+            "  c=1 p50 (no target): measured {p50:.2} ms (Restate {restate_p50} ms; durin/Restate {:.2})",
+            p50 / restate_p50,
         ),
         (None, None) => "  c=1 p50 (no target): not measured".to_owned(),
     });
-    for (concurrency, restate) in [(64, RESTATE_C64_PER_S), (256, RESTATE_C256_PER_S)] {
+    for (concurrency, restate) in [(64, *c64_per_s), (256, *c256_per_s)] {
         let target = factor * restate;
         lines.push(match level_at(&scenario.levels, concurrency) {
             Some(level) => {
@@ -690,7 +761,7 @@ mod tests {
     fn targets_of_an_sdk_scenario_and_of_the_egress() {
         // 900 µs at one caller, 8,000/s at 64: both SDK targets met; no level at 256.
         let sdk = with_single_caller(scenario("order3", 8000, 10, 0.3), 900);
-        let lines = target_lines(&sdk);
+        let lines = target_lines(&sdk, &Restate::design());
         assert_eq!(lines.len(), 4, "{lines:?}");
         assert!(lines[0].starts_with("order3 against the DESIGN.md section 6 targets"));
         assert_eq!(
@@ -707,7 +778,7 @@ mod tests {
         );
         // 1.5 ms and 5,000/s miss them.
         let slow = with_single_caller(scenario("order3", 5000, 10, 0.3), 1500);
-        let lines = target_lines(&slow);
+        let lines = target_lines(&slow, &Restate::design());
         assert!(
             lines[1].contains("measured 1.50 ms, NOT met"),
             "{}",
@@ -720,7 +791,7 @@ mod tests {
         );
         // Through the egress: five times Restate, and no target for a single caller.
         let egress = with_single_caller(scenario("order3-egress", 4000, 20, 0.6), 2500);
-        let lines = target_lines(&egress);
+        let lines = target_lines(&egress, &Restate::design());
         assert_eq!(
             lines[1],
             "  c=1 p50 (no target): measured 2.50 ms (Restate 5.4 ms; durin/Restate 0.46)"
@@ -732,12 +803,60 @@ mod tests {
     }
 
     #[test]
+    fn targets_against_restate_measured_side_by_side() {
+        // Three lines as the Restate anchor's run.sh prints them, and one of another system.
+        let run = r#"{"system":"restate","scenario":"order3","n":200,"concurrency":1,"throughput_per_s":278.68,"p50_ms":3.662}
+{"system":"durin","scenario":"order3","n":2000,"concurrency":64,"throughput_per_s":7569.74,"p50_ms":8.061}
+{"system":"restate","scenario":"order3","n":2000,"concurrency":64,"throughput_per_s":1541.47,"p50_ms":38.011}
+
+{"system":"restate","scenario":"order3","n":2000,"concurrency":256,"throughput_per_s":1693.44,"p50_ms":109.526}
+"#;
+        let restate = Restate::from_run("restate.jsonl", run).unwrap();
+        assert_eq!(
+            (restate.c1_p50_ms, restate.c64_per_s, restate.c256_per_s),
+            (3.662, 1541.47, 1693.44)
+        );
+        let sdk = with_single_caller(scenario("order3", 8000, 10, 0.3), 900);
+        let lines = target_lines(&sdk, &restate);
+        assert_eq!(
+            lines[0],
+            "order3 against the DESIGN.md section 6 targets (Restate measured side by side, restate.jsonl: c=1 p50 3.662 ms, c=64 ~1541/s, c=256 ~1693/s):"
+        );
+        assert_eq!(
+            lines[1],
+            "  c=1 p50 under 1 ms: measured 0.90 ms, met (Restate 3.662 ms; durin/Restate 0.25)"
+        );
+        // 8,000/s is 10.1 times DESIGN.md's 790/s but 5.2 times this Restate.
+        assert_eq!(
+            lines[2],
+            "  c=64 throughput >= 15415/s (10x Restate's ~1541/s): measured 8000/s, NOT met (5.2x Restate)"
+        );
+        // A file without every level, or with something else than JSON lines, is refused.
+        let without_256 = run.lines().take(3).collect::<Vec<_>>().join("\n");
+        assert_eq!(
+            Restate::from_run("r", &without_256).unwrap_err(),
+            "r has no Restate level at c=256"
+        );
+        assert!(Restate::from_run("r", "[setup] done")
+            .unwrap_err()
+            .starts_with("r, line 1: not a JSON line"));
+        assert_eq!(
+            Restate::from_run(
+                "r",
+                r#"{"system":"restate","concurrency":64,"throughput_per_s":0}"#
+            )
+            .unwrap_err(),
+            "r, line 1: no positive throughput_per_s"
+        );
+    }
+
+    #[test]
     fn postgres_is_held_against_sqlite_in_the_same_run() {
         let sqlite = with_single_caller(scenario("order3", 5000, 10, 0.3), 1500);
         let mut postgres = with_single_caller(scenario("order3", 2500, 20, 0.3), 3000);
         postgres.postgres_nodes = Some(1);
         assert_eq!(
-            target_lines(&postgres),
+            target_lines(&postgres, &Restate::design()),
             ["order3 on PostgreSQL: DESIGN.md section 6 holds PostgreSQL against the SQLite store in the same run (--store both), at least 0.6x its throughput on one node"]
         );
         let lines = postgres_share_lines(&[sqlite, postgres]);
