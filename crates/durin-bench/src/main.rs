@@ -579,6 +579,9 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     // Read first, so that a bad file does not end the run after its scenarios.
+    if args.restate.is_some() && order3.is_empty() {
+        bail!("--restate is for the order3 scenarios (sdk, egress, both, the SDKs')");
+    }
     let restate = match &args.restate {
         Some(path) => {
             let text = std::fs::read_to_string(path)
