@@ -963,3 +963,284 @@ async fn a_changed_python_handler_is_caught_at_the_egress_and_nothing_is_sent() 
         "a replay reached a downstream"
     );
 }
+
+/// A plain handler that goes on after an operator terminated (or paused) its invocation:
+/// the egress refuses its next call before anything goes out, on SQLite too, where the
+/// egress keeps the running attempts in memory. The handler here is in this process: it
+/// charges, tells the test, waits until the test has terminated the invocation, then tries
+/// to reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_or_paused_invocations_handler_can_no_longer_call_out() {
+    if !require_store() {
+        return;
+    }
+    use axum::http::HeaderMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::Notify;
+
+    #[derive(Clone, Default)]
+    struct Shop {
+        egress: Arc<Mutex<String>>,
+        downstream: Arc<Mutex<String>>,
+        charged: Arc<Notify>,
+        ended: Arc<Notify>,
+        /// The status the egress answered the call made after the end.
+        late: Arc<Mutex<Option<u16>>>,
+        /// What reached the downstream: charges, reservations.
+        charges: Arc<AtomicU32>,
+        reservations: Arc<AtomicU32>,
+    }
+
+    async fn buy(
+        axum::extract::State(shop): axum::extract::State<Shop>,
+        headers: HeaderMap,
+    ) -> &'static str {
+        let egress = shop.egress.lock().unwrap().clone();
+        let downstream = shop.downstream.lock().unwrap().clone();
+        let call = |path: &str| {
+            let mut request = client().post(format!("{egress}/http/{downstream}/{path}"));
+            for name in [
+                "durin-invocation-id",
+                "durin-attempt",
+                "durin-attempt-token",
+            ] {
+                request = request.header(name, headers[name].clone());
+            }
+            request.json(&json!({"order_id": "o-1"})).send()
+        };
+        assert_eq!(call("charge").await.unwrap().status(), 200);
+        shop.charged.notify_one();
+        shop.ended.notified().await;
+        let late = call("reserve").await.unwrap().status().as_u16();
+        *shop.late.lock().unwrap() = Some(late);
+        "\"done\""
+    }
+
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
+    let shop = Shop::default();
+    *shop.egress.lock().unwrap() = egress;
+    let downstream = {
+        let (charges, reservations) = (shop.charges.clone(), shop.reservations.clone());
+        axum::Router::new()
+            .route(
+                "/charge",
+                axum::routing::post(move || async move {
+                    charges.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(json!({"charge_id": "c-1"}))
+                }),
+            )
+            .route(
+                "/reserve",
+                axum::routing::post(move || async move {
+                    reservations.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(json!({"reservation_id": "r-1"}))
+                }),
+            )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    *shop.downstream.lock().unwrap() = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, downstream).await });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/shop/buy", axum::routing::post(buy))
+        .with_state(shop.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let response = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&json!({"url": url, "services": [{"name": "shop", "handlers": [{"name": "buy"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+
+    for verb in ["terminate", "pause"] {
+        shop.charges.store(0, Ordering::SeqCst);
+        *shop.late.lock().unwrap() = None;
+        let sent: Value = client()
+            .post(format!("{}/v1/send/shop/buy", gateway.url))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = sent["invocation_id"].as_str().unwrap().to_owned();
+        tokio::time::timeout(Duration::from_secs(20), shop.charged.notified())
+            .await
+            .expect("the handler charged");
+        let response = client()
+            .post(format!("{}/v1/invocations/{id}/{verb}", gateway.admin))
+            .json(&json!({"reason": "test"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{verb}: {}",
+            response.status()
+        );
+        shop.ended.notify_one();
+        let late = eventually(Duration::from_secs(20), "the late call", || async {
+            *shop.late.lock().unwrap()
+        })
+        .await;
+        assert_eq!(late, 409, "{verb}: the call after the end is refused");
+        assert_eq!(shop.charges.load(Ordering::SeqCst), 1, "{verb}");
+        assert_eq!(
+            shop.reservations.load(Ordering::SeqCst),
+            0,
+            "{verb}: nothing went out after the end"
+        );
+        let egress_entries = journal(&gateway.admin, &id)
+            .await
+            .into_iter()
+            .filter(|e| e["kind"] == "egress")
+            .count();
+        assert_eq!(egress_entries, 1, "{verb}");
+    }
+}
+
+/// Two identical calls at once, of which only the second was journaled (the first kept
+/// failing): the next attempt's first such call is not recorded, and is made, not taken
+/// for a divergence from the recorded second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_calls_with_a_gap_in_the_journal_are_no_divergence() {
+    if !require_store() {
+        return;
+    }
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// An attempt and the statuses the egress answered its calls.
+    type Answers = (String, Vec<u16>);
+
+    #[derive(Clone, Default)]
+    struct Flow {
+        egress: Arc<Mutex<String>>,
+        downstream: Arc<Mutex<String>>,
+        /// The downstream fails the first key it saw while this holds.
+        failing: Arc<AtomicBool>,
+        first_key: Arc<Mutex<Option<String>>>,
+        /// Per attempt, the statuses the egress answered.
+        answers: Arc<Mutex<Vec<Answers>>>,
+    }
+
+    async fn run(
+        axum::extract::State(flow): axum::extract::State<Flow>,
+        headers: HeaderMap,
+    ) -> (StatusCode, &'static str) {
+        let egress = flow.egress.lock().unwrap().clone();
+        let downstream = flow.downstream.lock().unwrap().clone();
+        let attempt = headers["durin-attempt"].to_str().unwrap().to_owned();
+        let call = || {
+            let mut request = client().post(format!("{egress}/http/{downstream}/x"));
+            for name in [
+                "durin-invocation-id",
+                "durin-attempt",
+                "durin-attempt-token",
+            ] {
+                request = request.header(name, headers[name].clone());
+            }
+            let request = request.json(&json!({"same": true}));
+            async move { request.send().await.unwrap().status().as_u16() }
+        };
+        if attempt == "1" {
+            let first = call();
+            let second = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                call().await
+            };
+            let (first, second) = tokio::join!(first, second);
+            flow.answers
+                .lock()
+                .unwrap()
+                .push((attempt, vec![first, second]));
+            flow.failing.store(false, Ordering::SeqCst);
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again");
+        }
+        let again = call().await;
+        flow.answers.lock().unwrap().push((attempt, vec![again]));
+        (StatusCode::OK, "\"done\"")
+    }
+
+    let home = GatewayHome::new();
+    let (gateway, egress) = home.start_with_egress(None, None, LOOPBACK);
+    let flow = Flow::default();
+    flow.failing.store(true, Ordering::SeqCst);
+    *flow.egress.lock().unwrap() = egress;
+    let downstream = {
+        let flow = flow.clone();
+        axum::Router::new().route(
+            "/x",
+            axum::routing::post(move |headers: HeaderMap| async move {
+                let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                let first = flow
+                    .first_key
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(|| key.clone())
+                    .clone();
+                if flow.failing.load(Ordering::SeqCst) && key == first {
+                    return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({})));
+                }
+                (StatusCode::OK, axum::Json(json!({"key": key})))
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    *flow.downstream.lock().unwrap() = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, downstream).await });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/gap/run", axum::routing::post(run))
+        .with_state(flow.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let response = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&json!({"url": url, "services": [{"name": "gap", "handlers": [{"name": "run"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    let sent: Value = client()
+        .post(format!("{}/v1/send/gap/run", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sent["invocation_id"].as_str().unwrap().to_owned();
+    let view = eventually(Duration::from_secs(30), "completed or paused", || async {
+        let view = get_json(&format!("{}/v1/invocations/{id}", gateway.url)).await;
+        matches!(view["status"].as_str(), Some("completed" | "paused")).then_some(view)
+    })
+    .await;
+    assert_eq!(view["status"], "completed", "{view}");
+    let answers = flow.answers.lock().unwrap().clone();
+    assert_eq!(
+        answers,
+        vec![
+            ("1".to_owned(), vec![503, 200]),
+            ("2".to_owned(), vec![200])
+        ]
+    );
+    let keys: Vec<Value> = journal(&gateway.admin, &id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "egress")
+        .map(|e| e["value"]["idempotency_key"].clone())
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_ne!(
+        keys[0], keys[1],
+        "the two occurrences, each with its own key"
+    );
+}

@@ -1175,3 +1175,116 @@ async fn a_plain_workflow_validates_accepts_and_answers_updates() {
     assert_eq!(report["histories"][0]["reached"], "end", "{report:#}");
     assert_eq!(journal(&gateway.admin, &run).await, recorded);
 }
+
+/// Knowing an invocation id grants nothing: state writes that claim another attempt (one
+/// far ahead of the running one) or present a made-up token are refused, and the running
+/// attempt's next writes are recorded as new, not answered as replays of its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_state_writes_are_refused_and_change_no_count() {
+    if !require_store() {
+        return;
+    }
+    use axum::http::HeaderMap;
+    use std::sync::{Arc, Mutex};
+
+    /// (who wrote, status, Durin-Replayed if 200)
+    type Seen = (String, u16, Option<String>);
+
+    #[derive(Clone, Default)]
+    struct Handler {
+        gateway: Arc<Mutex<String>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    async fn run(
+        axum::extract::State(handler): axum::extract::State<Handler>,
+        headers: HeaderMap,
+    ) -> &'static str {
+        let gateway = handler.gateway.lock().unwrap().clone();
+        let id = headers["durin-invocation-id"].to_str().unwrap().to_owned();
+        let attempt = headers["durin-attempt"].to_str().unwrap().to_owned();
+        let token = headers["durin-attempt-token"].to_str().unwrap().to_owned();
+        let writes = [
+            ("running", attempt.as_str(), token.as_str(), "a"),
+            ("far ahead", "4294967295", "made-up", "x"),
+            ("made-up token", attempt.as_str(), "made-up", "y"),
+            ("running", attempt.as_str(), token.as_str(), "b"),
+            ("running", attempt.as_str(), token.as_str(), "c"),
+        ];
+        for (who, attempt, token, value) in writes {
+            let response = client()
+                .put(format!("{gateway}/v1/contexts/{id}/state/stage"))
+                .header("durin-attempt", attempt)
+                .header("durin-attempt-token", token)
+                .json(value)
+                .send()
+                .await
+                .unwrap();
+            let replayed = response
+                .headers()
+                .get("durin-replayed")
+                .map(|v| v.to_str().unwrap().to_owned());
+            handler
+                .seen
+                .lock()
+                .unwrap()
+                .push((who.into(), response.status().as_u16(), replayed));
+        }
+        "\"done\""
+    }
+
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    let handler = Handler::default();
+    *handler.gateway.lock().unwrap() = gateway.url.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/stages/run", axum::routing::post(run))
+        .with_state(handler.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let response = client()
+        .post(format!("{}/v1/deployments", gateway.admin))
+        .json(&json!({"url": url, "services": [{"name": "stages", "handlers": [{"name": "run"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let started: Value = client()
+        .post(format!("{}/v1/workflows/stages/forged-1", gateway.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = started["invocation_id"].as_str().unwrap().to_owned();
+    let done = wait_final(&gateway.url, &id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let seen = handler.seen.lock().unwrap().clone();
+    let written = |who: &str| (who.to_owned(), 200, Some("false".to_owned()));
+    assert_eq!(
+        seen,
+        vec![
+            written("running"),
+            ("far ahead".into(), 409, None),
+            ("made-up token".into(), 409, None),
+            written("running"),
+            written("running"),
+        ]
+    );
+    let writes: Vec<Value> = journal(&gateway.admin, &id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "state")
+        .map(|e| e["value"]["set"].clone())
+        .collect();
+    assert_eq!(writes, vec![json!("a"), json!("b"), json!("c")]);
+    let now = get_json(&format!(
+        "{}/v1/invocations/{id}/queries/stage",
+        gateway.url
+    ))
+    .await;
+    assert_eq!(now, json!("c"));
+}

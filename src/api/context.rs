@@ -377,7 +377,7 @@ async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, A
         .map(|c| format!("{} {:?}", c.kind.as_str(), c.name))
         .collect::<Vec<_>>()
         .join(" or ");
-    let id = command.id.clone();
+    let (id, attempt) = (command.id.clone(), command.attempt);
     // A replay's handler: its recording answers, and nothing is written.
     let answer = match state.replays.find(&command.id, &command.token) {
         Some(session) => session.plain(&command)?,
@@ -394,6 +394,9 @@ async fn plain(state: &AppState, command: PlainCommand) -> Result<PlainAnswer, A
         )));
     }
     if answer.suspended {
+        // The attempt is over in the store while its handler still runs: nothing it sends
+        // from now on is carried for it (the egress asks the store again).
+        state.engine.attempt_over(&id, attempt);
         // It may already be due (a completion that arrived before the suspension).
         state.engine.nudge();
         return Err(ApiError::Suspended(format!(
@@ -685,7 +688,21 @@ async fn write_state(
     let session = state.replays.find(&id, &caller.token);
     let occurrence = match &session {
         Some(session) => session.state_occurrence(&key),
-        None => state.state_cursors.reserve(&id, caller.attempt, &key),
+        None => {
+            // Only the running attempt's writes are counted: a caller that is not it (a
+            // late attempt, or anyone who knows the invocation id) must not move the count
+            // the running attempt's replayed writes are matched by. The store is asked at an
+            // attempt's first write; later writes present the token it was shown with.
+            if !state
+                .state_cursors
+                .counts(&id, caller.attempt, &caller.token)
+            {
+                running_attempt(&state, &id, &caller).await?;
+            }
+            state
+                .state_cursors
+                .reserve(&id, caller.attempt, &caller.token, &key)
+        }
     };
     let new = new_entry(
         EntryKind::State,
@@ -700,11 +717,11 @@ async fn write_state(
     let attempt = caller.attempt;
     let answer = plain(&state, once(id.clone(), caller, command))
         .await
-        .inspect_err(|_| {
+        .inspect_err(|error| {
             if session.is_none() {
                 state
                     .state_cursors
-                    .give_back(&id, attempt, &key, occurrence)
+                    .give_back(&id, attempt, &key, occurrence, error)
             }
         })?;
     // What this point of the handler recorded (on a replay, the first run's value).
@@ -715,50 +732,90 @@ async fn write_state(
 
 /// Per running attempt of a plain handler: how many times it wrote each state key. Kept in
 /// memory only while the attempt runs (a new attempt starts from zero), and dropped once
-/// the attempt's end is recorded.
+/// the attempt's end is recorded, or once a write finds the attempt over. Only an attempt
+/// the store showed running with its token gets a count.
 #[derive(Default)]
 pub struct StateCursors {
     attempts: Mutex<HashMap<InvocationId, AttemptWrites>>,
 }
 
-/// An attempt's number and its writes per state key.
-type AttemptWrites = (u32, HashMap<String, u32>);
+/// An attempt's number, its token, and its writes per state key.
+struct AttemptWrites {
+    attempt: u32,
+    token: String,
+    keys: HashMap<String, u32>,
+}
 
 impl StateCursors {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InvocationId, AttemptWrites>> {
         self.attempts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the writes of `attempt`, presenting `token`, are the ones counted here.
+    fn counts(&self, id: &InvocationId, attempt: u32, token: &str) -> bool {
+        self.lock().get(id).is_some_and(|writes| {
+            writes.attempt == attempt && crate::http::same_secret(&writes.token, token)
+        })
+    }
+
     /// The occurrence of this write of `key` by `attempt`, counted now (so that two
-    /// writes at once get two occurrences).
-    fn reserve(&self, id: &InvocationId, attempt: u32, key: &str) -> u32 {
+    /// writes at once get two occurrences). The caller has checked that `attempt` runs
+    /// with `token` ([`StateCursors::counts`], or the store).
+    fn reserve(&self, id: &InvocationId, attempt: u32, token: &str, key: &str) -> u32 {
         let mut attempts = self.lock();
-        let slot = attempts
-            .entry(id.clone())
-            .or_insert_with(|| (attempt, HashMap::new()));
-        if slot.0 > attempt {
-            // A stale attempt's write: the store refuses it; a newer attempt's count stays.
+        let writes = attempts.entry(id.clone()).or_insert_with(|| AttemptWrites {
+            attempt,
+            token: token.to_owned(),
+            keys: HashMap::new(),
+        });
+        if writes.attempt > attempt {
+            // A newer attempt runs since the check: the store refuses this write, and the
+            // newer attempt's count stays.
             return 0;
         }
-        if slot.0 < attempt {
-            *slot = (attempt, HashMap::new());
+        if writes.attempt < attempt {
+            *writes = AttemptWrites {
+                attempt,
+                token: token.to_owned(),
+                keys: HashMap::new(),
+            };
         }
-        let count = slot.1.entry(key.to_owned()).or_insert(0);
+        let count = writes.keys.entry(key.to_owned()).or_insert(0);
         *count += 1;
         *count - 1
     }
 
-    /// Gives back an occurrence whose write did not happen, if no later one was reserved.
-    fn give_back(&self, id: &InvocationId, attempt: u32, key: &str, occurrence: u32) {
-        if let Some((a, keys)) = self.lock().get_mut(id) {
-            if *a == attempt {
-                if let Some(count) = keys.get_mut(key) {
-                    if *count == occurrence + 1 {
-                        *count = occurrence;
-                    }
-                }
+    /// Gives back an occurrence whose write did not happen, if no later one was reserved;
+    /// when the store refused the attempt itself, forgets the attempt's writes (its end may
+    /// have been recorded between the check and the write).
+    fn give_back(
+        &self,
+        id: &InvocationId,
+        attempt: u32,
+        key: &str,
+        occurrence: u32,
+        error: &ApiError,
+    ) {
+        let mut attempts = self.lock();
+        let Some(writes) = attempts.get_mut(id) else {
+            return;
+        };
+        if writes.attempt != attempt {
+            return;
+        }
+        if matches!(error, ApiError::Conflict(_)) {
+            attempts.remove(id);
+        } else if let Some(count) = writes.keys.get_mut(key) {
+            if *count == occurrence + 1 {
+                *count = occurrence;
             }
         }
+    }
+
+    /// How many attempts have their writes counted (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -767,7 +824,10 @@ impl AttemptObserver for StateCursors {
 
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {
         let mut attempts = self.lock();
-        if attempts.get(id).is_some_and(|(a, _)| *a <= attempt) {
+        if attempts
+            .get(id)
+            .is_some_and(|writes| writes.attempt <= attempt)
+        {
             attempts.remove(id);
         }
     }
@@ -1320,4 +1380,35 @@ pub async fn first(
         Json(Value::Object(body)).into_response(),
         answer.recorded(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_counts_are_kept_only_for_the_running_attempt_and_go_with_it() {
+        let cursors = StateCursors::default();
+        let id = InvocationId::generate();
+        assert_eq!(cursors.reserve(&id, 1, "t1", "k"), 0);
+        assert_eq!(cursors.reserve(&id, 1, "t1", "k"), 1);
+        assert!(cursors.counts(&id, 1, "t1"));
+        assert!(!cursors.counts(&id, 1, "other"), "another token");
+        assert!(!cursors.counts(&id, 2, "t1"), "another attempt");
+        // A write that failed for another reason gives its occurrence back.
+        let full = ApiError::JournalFull("full".into());
+        cursors.give_back(&id, 1, "k", 1, &full);
+        assert_eq!(cursors.reserve(&id, 1, "t1", "k"), 1);
+        // A write the store refused because the attempt is over (its end was recorded
+        // between the check and the write) takes the attempt's counts along.
+        let fenced = ApiError::Conflict("fenced".into());
+        cursors.give_back(&id, 1, "k", 2, &fenced);
+        assert_eq!(cursors.len(), 0);
+        // A newer attempt starts from zero; the end of an older one leaves it alone.
+        assert_eq!(cursors.reserve(&id, 2, "t2", "k"), 0);
+        cursors.attempt_recorded(&id, 1);
+        assert!(cursors.counts(&id, 2, "t2"));
+        cursors.attempt_recorded(&id, 2);
+        assert_eq!(cursors.len(), 0);
+    }
 }

@@ -248,12 +248,19 @@ impl Egress {
         if let Some((_, record)) = exact {
             return Ok((record.response(true), true));
         }
+        // A recorded call with this method and URL but another body that this attempt has
+        // not made yet is where the handler diverged. One with this very body is not: the
+        // occurrences of identical calls need not be recorded without gaps (one of two
+        // identical calls at once may have failed while the other was journaled), and this
+        // call, not recorded, is simply made.
         let diverged = if self.store.shared() {
             // The attempt's calls are counted in the store, whichever node they reached;
             // read only when a recorded call has this method and URL.
             let same_target: Vec<&(u32, EgressRecord)> = recorded
                 .iter()
-                .filter(|(_, r)| r.method == method && r.url == url_text)
+                .filter(|(_, r)| {
+                    r.method == method && r.url == url_text && r.body_digest != body_digest
+                })
                 .collect();
             if same_target.is_empty() {
                 None
@@ -278,7 +285,10 @@ impl Egress {
                                 .get(&(r.method.clone(), r.url.clone(), r.body_digest.clone()))
                                 .copied()
                                 .unwrap_or(0);
-                            r.method == method && r.url == url_text && seen <= r.occurrence
+                            r.method == method
+                                && r.url == url_text
+                                && r.body_digest != body_digest
+                                && seen <= r.occurrence
                         })
                         .cloned()
                 })

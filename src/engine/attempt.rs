@@ -571,6 +571,9 @@ impl Engine {
     /// updates, here and, through the store, on the other nodes.
     fn finish(&self, ended: Ended) {
         let id = ended.record.id.clone();
+        // An invocation ended (or paused) by an operator or a deadline may still have its
+        // handler at work.
+        self.attempt_over(&id, ended.record.attempt);
         self.updates.changed(&id);
         self.waiters.finish(Arc::new(ended));
         self.store.broadcast(ClusterEvent::Ended(id));
@@ -580,6 +583,16 @@ impl Engine {
         for observer in &self.observers {
             observer.attempt_recorded(id, attempt);
         }
+    }
+
+    /// The store shows `attempt` over (terminated, paused, timed out, suspended by a wait)
+    /// while its handler may still be at work: what the observers keep of it goes, so that
+    /// the egress asks the store before carrying another call of it, and refuses it.
+    pub fn attempt_over(&self, id: &InvocationId, attempt: u32) {
+        for observer in &self.observers {
+            observer.attempt_ended(id, attempt);
+        }
+        self.attempt_recorded(id, attempt);
     }
 
     /// What the awakeable `entry` shows its handler: computed from the gateway's key (a
