@@ -1053,9 +1053,9 @@ pub trait Store: Send + Sync + 'static {
     /// rule that fails writes nothing. Use [`Store::write`](trait.Store.html#method.write)
     /// on `dyn Store`, which keeps the result's type.
     async fn transact(&self, key: &str, rule: TxFn) -> StoreResult<TxOutput>;
-    /// As [`Store::transact`], for a rule that may run more than once. PostgreSQL runs a
-    /// batch of such rules without a savepoint for each, and, when one fails, rolls the
-    /// batch back and runs them all again, each under a savepoint. Use
+    /// As [`Store::transact`], for a rule that may run more than once. Both stores run a
+    /// batch of such rules without a savepoint for each, and, when one fails, roll the
+    /// batch back and run them all again, each under a savepoint. Use
     /// [`Store::write_repeatable`](trait.Store.html#method.write_repeatable).
     async fn transact_repeatable(&self, key: &str, rule: RepeatableTxFn) -> StoreResult<TxOutput> {
         self.transact(key, Box::new(move |tx| rule(tx))).await

@@ -1455,6 +1455,76 @@ async fn refused_writes_leave_their_neighbours_in_the_batch(store: &dyn Store) {
     }
 }
 
+/// A rule that writes and then refuses writes nothing, alone in its transaction or beside
+/// others in a busy moment, whether it runs once or may run again; the writes beside it
+/// stay.
+async fn a_rule_that_refuses_after_writing_writes_nothing(store: &dyn Store) {
+    let refused = running(store).await;
+    fn refuse(
+        id: String,
+    ) -> impl for<'t> Fn(
+        &'t mut dyn tables::Tx,
+    ) -> futures_util::future::BoxFuture<'t, StoreResult<()>>
+           + Send
+           + Sync
+           + 'static {
+        move |tx| {
+            let id = id.clone();
+            Box::pin(async move {
+                tx.add_bytes(&id, 1000).await?;
+                Err(StoreError::NotFound(format!("{id} (refused on purpose)")))
+            })
+        }
+    }
+    let id = refused.id.as_str().to_owned();
+    let before = store
+        .get_invocation(&refused.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .journal_bytes;
+    // Alone.
+    let once = store.write(&id, refuse(id.clone())).await;
+    assert!(matches!(once, Err(StoreError::NotFound(_))), "{once:?}");
+    let repeatable = store.write_repeatable(&id, refuse(id.clone())).await;
+    assert!(
+        matches!(repeatable, Err(StoreError::NotFound(_))),
+        "{repeatable:?}"
+    );
+    // Beside appends of other invocations.
+    let mut others = Vec::new();
+    for _ in 0..12 {
+        others.push(running(store).await);
+    }
+    let writes = others.iter().enumerate().map(|(i, record)| {
+        let id = id.clone();
+        async move {
+            let refused = match i % 3 {
+                0 => store.write(&id, refuse(id.clone())).await,
+                1 => store.write_repeatable(&id, refuse(id.clone())).await,
+                _ => Ok(()),
+            };
+            assert!(matches!(refused, Err(StoreError::NotFound(_)) | Ok(())));
+            store
+                .append_entry(&record.id, 1, charge(record, 1, "ok"), T0)
+                .await
+        }
+    });
+    for appended in futures_util::future::join_all(writes).await {
+        assert_eq!(appended.unwrap().index, 1);
+    }
+    let after = store
+        .get_invocation(&refused.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .journal_bytes;
+    assert_eq!(after, before, "nothing of the refusing rules was written");
+    for record in &others {
+        assert_eq!(store.read_journal(&record.id).await.unwrap().len(), 2);
+    }
+}
+
 async fn an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after(
     store: &dyn Store,
 ) {
@@ -2726,6 +2796,7 @@ conformance! {
     a_suspension_takes_the_signal_that_arrived_first,
     the_same_append_sent_again_answers_the_recorded_entry,
     refused_writes_leave_their_neighbours_in_the_batch,
+    a_rule_that_refuses_after_writing_writes_nothing,
     writes_of_many_invocations_at_once_each_land_once,
     creations_appends_and_ends_at_once_each_land_once,
     an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,

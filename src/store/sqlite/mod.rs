@@ -4,7 +4,11 @@
 //! the only writing connection; the thread takes whatever has queued up (up to
 //! [`MAX_BATCH`]), runs it all in one `BEGIN IMMEDIATE` transaction, commits once (one fsync)
 //! and only then answers each caller. So "acknowledged" always means "on disk", and a busy
-//! gateway pays one fsync per batch instead of one per write.
+//! gateway pays one fsync per batch instead of one per write. A rule that refuses writes
+//! nothing, as on PostgreSQL: a batch of rules that may run again (the hot ones: creations,
+//! appends, ends, claims) runs without savepoints and, when one refuses, is rolled back and
+//! run again with a savepoint for each; any other write beside others has a savepoint of
+//! its own from the start; a lone write that refuses is rolled back.
 //!
 //! The connections are rusqlite's, driven from plain threads: a statement is a direct call
 //! into SQLite, and a whole batch costs two thread hand-offs, where an async driver pays two
@@ -75,9 +79,55 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 /// After the batch's commit (or its failure), hands the caller its result.
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
-/// One write: runs inside the batch's transaction; the flag is true when it failed in a way
-/// that must roll the batch back.
-type WriteOp = Box<dyn FnOnce(&mut SqliteTx) -> (Reply, bool) + Send>;
+
+/// One write of a batch, run inside the batch's transaction.
+enum WriteOp {
+    /// A write that runs once (taken out when it runs): under a savepoint of its own when
+    /// the batch has other writes, so that a rule that fails writes nothing.
+    Once(Option<OnceWrite>),
+    /// A rule that may run again (creations, appends, ends, claims): a batch of such rules
+    /// runs without savepoints, and, when one fails, is rolled back and run again with one
+    /// for each.
+    Repeatable(RepeatableWrite),
+}
+
+/// A write that runs once, and how it went.
+type OnceWrite = Box<dyn FnOnce(&mut SqliteTx) -> (Reply, Ran) + Send>;
+
+/// A rule that may run again, as the writer runs it.
+type RepeatableRun = Box<dyn Fn(&mut SqliteTx) -> StoreResult<TxOutput> + Send>;
+
+struct RepeatableWrite {
+    run: RepeatableRun,
+    answer: oneshot::Sender<StoreResult<TxOutput>>,
+}
+
+/// How a write went, for the rest of its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    Done,
+    /// Its rule refused (fenced, not found, journal full...): what it wrote must go.
+    Refused,
+    /// The backend failed, or SQLite rolled the transaction back by itself: the whole
+    /// batch goes.
+    Broke,
+}
+
+impl Ran {
+    fn of<T>(result: &StoreResult<T>) -> Ran {
+        match result {
+            Ok(_) => Ran::Done,
+            Err(StoreError::Backend(_)) => Ran::Broke,
+            Err(_) => Ran::Refused,
+        }
+    }
+}
+
+/// What a write that ran owes its caller once the batch's fate is known.
+enum Answer {
+    Once(Reply),
+    Repeatable(StoreResult<TxOutput>),
+}
 
 pub struct SqliteStore {
     writes: mpsc::Sender<WriteOp>,
@@ -245,18 +295,18 @@ impl SqliteStore {
         F: FnOnce(&mut SqliteTx) -> StoreResult<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let op: WriteOp = Box::new(move |conn| {
+        let op = WriteOp::Once(Some(Box::new(move |conn| {
             let result = f(conn);
-            let poisons = matches!(result, Err(StoreError::Backend(_)));
+            let ran = Ran::of(&result);
             let reply: Reply = Box::new(move |commit_error: Option<&StoreError>| {
                 let result = match commit_error {
-                    Some(e) if !poisons => Err(StoreError::Backend(e.to_string().into())),
+                    Some(e) if ran != Ran::Broke => Err(StoreError::Backend(e.to_string().into())),
                     _ => result,
                 };
                 let _ = tx.send(result);
             });
-            (reply, poisons)
-        });
+            (reply, ran)
+        })));
         self.writes.send(op).await.map_err(|_| StoreError::Closed)?;
         rx.await
             .map_err(|_| StoreError::Backend("the write was not committed".into()))?
@@ -349,39 +399,117 @@ fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
         tracing::error!(%error, "could not begin a write transaction");
         return;
     }
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut poisoned = false;
-    for op in batch.drain(..) {
-        if poisoned {
-            // Dropping the op tells its caller that its write was not committed.
-            continue;
-        }
-        let (reply, poisons) = op(tx);
-        // Some errors (disk full, I/O) make SQLite roll the transaction back by itself;
-        // running the rest would commit them one by one, so the batch stops here.
-        poisoned |= poisons || tx.conn.is_autocommit();
-        replies.push(reply);
+    // A write that runs once cannot run again: beside others, it has a savepoint from the
+    // start.
+    let savepoints = batch.len() > 1 && batch.iter().any(|op| matches!(op, WriteOp::Once(_)));
+    let (mut answers, mut ran) = run_batch(tx, batch, savepoints);
+    if ran == Ran::Refused && !savepoints && batch.len() > 1 {
+        // Repeatable rules, one of which refused after it may have written: all again,
+        // each under a savepoint.
+        let again = execute(&tx.conn, "ROLLBACK", [])
+            .and_then(|_| execute(&tx.conn, "BEGIN IMMEDIATE", []));
+        (answers, ran) = match again {
+            Ok(_) => run_batch(tx, batch, true),
+            Err(error) => {
+                tracing::error!(%error, "could not run a batch again with savepoints");
+                batch.clear();
+                return;
+            }
+        };
     }
     let conn = &tx.conn;
-    let error = if poisoned {
-        let _ = execute(conn, "ROLLBACK", []);
-        Some(StoreError::Backend(
-            "a write in the same transaction failed; nothing was written".into(),
-        ))
-    } else {
-        match execute(conn, "COMMIT", []) {
+    let error = match ran {
+        Ran::Broke => {
+            let _ = execute(conn, "ROLLBACK", []);
+            Some(StoreError::Backend(
+                "a write in the same transaction failed; nothing was written".into(),
+            ))
+        }
+        // The batch's only write refused: nothing to keep, and its caller gets its own
+        // error.
+        Ran::Refused if !savepoints && batch.len() == 1 => {
+            let _ = execute(conn, "ROLLBACK", []);
+            None
+        }
+        _ => match execute(conn, "COMMIT", []) {
             Ok(_) => None,
             Err(e) => {
                 tracing::error!(error = %e, "commit failed");
                 let _ = execute(conn, "ROLLBACK", []);
                 Some(e)
             }
-        }
+        },
     };
     metrics::histogram!(crate::store::COMMIT_METRIC).record(started.elapsed().as_secs_f64());
-    for reply in replies {
-        reply(error.as_ref());
+    // The writes that did not run (after one that broke the batch) are dropped, which
+    // tells their callers that nothing was committed.
+    for (op, answer) in batch.drain(..).zip(answers) {
+        match (op, answer) {
+            (_, Answer::Once(reply)) => reply(error.as_ref()),
+            (WriteOp::Repeatable(write), Answer::Repeatable(result)) => {
+                let result = match &error {
+                    Some(e) if Ran::of(&result) != Ran::Broke => {
+                        Err(StoreError::Backend(e.to_string().into()))
+                    }
+                    _ => result,
+                };
+                let _ = write.answer.send(result);
+            }
+            (WriteOp::Once(_), Answer::Repeatable(_)) => {}
+        }
     }
+}
+
+/// Runs the writes of `batch` in order, each under a savepoint of its own when
+/// `savepoints`, until one breaks the transaction; answers for those that ran, and the
+/// worst that happened (`Refused` only without savepoints: with them, a refused write's
+/// savepoint is rolled back and the batch goes on).
+fn run_batch(tx: &mut SqliteTx, batch: &mut [WriteOp], savepoints: bool) -> (Vec<Answer>, Ran) {
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut worst = Ran::Done;
+    for op in batch.iter_mut() {
+        if savepoints {
+            if let Err(error) = execute(&tx.conn, "SAVEPOINT write", []) {
+                tracing::error!(%error, "could not open a savepoint");
+                return (answers, Ran::Broke);
+            }
+        }
+        let (answer, ran) = match op {
+            WriteOp::Once(write) => match write.take() {
+                Some(write) => {
+                    let (reply, ran) = write(tx);
+                    (Answer::Once(reply), ran)
+                }
+                // Run already: never the case, since a batch with such a write is run once.
+                None => return (answers, Ran::Broke),
+            },
+            WriteOp::Repeatable(write) => {
+                let result = (write.run)(tx);
+                let ran = Ran::of(&result);
+                (Answer::Repeatable(result), ran)
+            }
+        };
+        answers.push(answer);
+        // Some errors (disk full, I/O) make SQLite roll the transaction back by itself;
+        // running the rest would commit them one by one, so the batch stops here.
+        if ran == Ran::Broke || tx.conn.is_autocommit() {
+            return (answers, Ran::Broke);
+        }
+        if savepoints {
+            let closed = match ran {
+                Ran::Refused => execute(&tx.conn, "ROLLBACK TO write", [])
+                    .and_then(|_| execute(&tx.conn, "RELEASE write", [])),
+                _ => execute(&tx.conn, "RELEASE write", []),
+            };
+            if let Err(error) = closed {
+                tracing::error!(%error, "could not close a savepoint");
+                return (answers, Ran::Broke);
+            }
+        } else if ran == Ran::Refused {
+            worst = Ran::Refused;
+        }
+    }
+    (answers, worst)
 }
 
 const TARGET_SELECT: &str = "SELECT h.deployment_id, d.url, d.protocol, h.service, h.handler, \
@@ -402,6 +530,17 @@ fn run_now<T>(rule: impl std::future::Future<Output = StoreResult<T>>) -> StoreR
 impl Store for SqliteStore {
     async fn transact(&self, _key: &str, rule: TxFn) -> StoreResult<TxOutput> {
         self.write_tx(move |tx| run_now(rule(tx))).await
+    }
+
+    async fn transact_repeatable(&self, _key: &str, rule: RepeatableTxFn) -> StoreResult<TxOutput> {
+        let (answer, rx) = oneshot::channel();
+        let op = WriteOp::Repeatable(RepeatableWrite {
+            run: Box::new(move |tx| run_now(rule(tx))),
+            answer,
+        });
+        self.writes.send(op).await.map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Backend("the write was not committed".into()))?
     }
 
     fn journal_limits(&self) -> JournalLimits {
