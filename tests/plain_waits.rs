@@ -1288,3 +1288,123 @@ async fn forged_state_writes_are_refused_and_change_no_count() {
     .await;
     assert_eq!(now, json!("c"));
 }
+
+/// An update handled by a run that then continued as new: its `Location` (scoped to the
+/// workflow id) still answers its result, now that another run is the workflow id's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_updates_result_outlives_its_runs_continue_as_new() {
+    if !require_store() {
+        return;
+    }
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::{Arc, OnceLock};
+
+    let gateway_url: Arc<OnceLock<String>> = Arc::default();
+    let handler = {
+        let gateway_url = Arc::clone(&gateway_url);
+        move |headers: HeaderMap, body: axum::body::Bytes| {
+            let gateway = gateway_url.get().unwrap().clone();
+            async move {
+                let input: Value = serde_json::from_slice(&body).unwrap();
+                if input["second"] == true {
+                    return (
+                        StatusCode::OK,
+                        [("durin-suspended", "false")],
+                        "\"second\"".into(),
+                    );
+                }
+                let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+                let context = format!("{gateway}/v1/contexts/{}", header("durin-invocation-id"));
+                let call = |path: &str, body: Value| {
+                    client()
+                        .post(format!("{context}/{path}"))
+                        .header("durin-attempt", header("durin-attempt"))
+                        .header("durin-attempt-token", header("durin-attempt-token"))
+                        .json(&body)
+                        .send()
+                };
+                let answer = call("first", json!({"of": [{"update": "add", "key": "add-1"}]}))
+                    .await
+                    .unwrap();
+                if answer.headers().contains_key("durin-suspended") {
+                    return (
+                        StatusCode::ACCEPTED,
+                        [("durin-suspended", "true")],
+                        String::new(),
+                    );
+                }
+                let won: Value = answer.json().await.unwrap();
+                let update_id = won["value"]["update_id"].as_str().unwrap().to_owned();
+                let amount = won["value"]["input"].as_i64().unwrap();
+                let answered = call(
+                    &format!("updates/{update_id}/result"),
+                    json!({ "value": amount * 10 }),
+                )
+                .await
+                .unwrap();
+                assert_eq!(answered.status(), 200);
+                let next = call("continue-as-new", json!({"second": true}))
+                    .await
+                    .unwrap();
+                assert_eq!(next.status(), 200);
+                (
+                    StatusCode::OK,
+                    [("durin-suspended", "false")],
+                    "\"continued\"".into(),
+                )
+            }
+        }
+    };
+    let router = axum::Router::new().route("/looper", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handler_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let home = GatewayHome::new();
+    let gateway = home.start(None);
+    gateway_url.set(gateway.url.clone()).unwrap();
+    register_plain(
+        &gateway.admin,
+        &handler_url,
+        json!([{"name": "looper", "handlers": [{"name": "run", "path": "/looper"}]}]),
+    )
+    .await;
+    let workflow = format!("{}/v1/workflows/looper/l-1", gateway.url);
+    let started = client()
+        .post(&workflow)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(started.status().is_success());
+    let sent = client()
+        .post(format!("{workflow}/updates/add"))
+        .header("prefer", "wait=20")
+        .json(&4)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200);
+    let location = sent.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(sent.json::<Value>().await.unwrap(), json!(40));
+    // The second run took the workflow id and ended.
+    let runs = eventually(Duration::from_secs(20), "the second run's end", || async {
+        let runs = get_json(&format!("{}/v1/workflows/looper/l-1/runs", gateway.admin)).await;
+        let runs = runs["runs"].as_array().cloned().unwrap_or_default();
+        (runs.len() == 2 && runs[1]["status"] == "completed").then_some(runs)
+    })
+    .await;
+    assert_eq!(runs[0]["status"], "continued", "{runs:?}");
+    let again = client()
+        .get(format!("{}{location}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "{location}");
+    assert_eq!(again.json::<Value>().await.unwrap(), json!(40));
+    let missing = client()
+        .get(format!("{workflow}/updates/add/upd_0123"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}

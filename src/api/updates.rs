@@ -80,9 +80,11 @@ pub async fn send(
         }
         UpdateSent::Ended(record) => return Err(ended(&record)),
     };
+    // The update is the run's that took it: the one found above, or the next, when that one
+    // continued as new meanwhile.
     let wait = prefer_wait(&headers).unwrap_or(state.call_wait);
-    let update = wait_for(&state, &run, update, wait).await?;
-    let mut response = answer(&workflow, &id, &run, &update)?;
+    let update = wait_for(&state, update, wait).await?;
+    let mut response = answer(&workflow, &id, &update)?;
     if !new {
         response
             .headers_mut()
@@ -98,50 +100,49 @@ pub async fn get(
     ApiPath((workflow, id, name, update_id)): ApiPath<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let run = find_run(&state, &workflow, &id).await?;
+    // The workflow id names a run still (a 404 that says how to start one otherwise); the
+    // update is that of whichever of its runs took it, which may have continued as new since.
+    find_run(&state, &workflow, &id).await?;
     let update = state
         .store
-        .get_update(&run.id, &update_id)
+        .find_workflow_update(&workflow, &id, &update_id)
         .await?
         .filter(|u| u.name == name)
         .ok_or_else(|| {
             ApiError::NotFound(format!(
-                "run {} of workflow {workflow} has no update {update_id:?}",
-                run.id
+                "no run of workflow {workflow} with id {id:?} has an update {update_id:?} named {name:?}"
             ))
         })?;
     let wait = prefer_wait(&headers);
     let update = match wait {
-        Some(wait) => wait_for(&state, &run, update, wait).await?,
+        Some(wait) => wait_for(&state, update, wait).await?,
         None => update,
     };
-    Ok(with_preference(
-        answer(&workflow, &id, &run, &update)?,
-        wait,
-    ))
+    Ok(with_preference(answer(&workflow, &id, &update)?, wait))
 }
 
-/// Waits up to `wait` for the update to be refused, done or abandoned.
+/// Waits up to `wait` for the update to be refused, done or abandoned, on the run that
+/// took it.
 async fn wait_for(
     state: &AppState,
-    run: &InvocationRecord,
     update: UpdateRecord,
     wait: Duration,
 ) -> Result<UpdateRecord, ApiError> {
     if update.status.is_final() {
         return Ok(update);
     }
+    let run = update.invocation_id.clone();
     let listening = Listening {
         watch: state.engine.updates(),
-        run: &run.id,
+        run: &run,
     };
-    let mut listener = listening.watch.listen(&run.id);
+    let mut listener = listening.watch.listen(&run);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         // Read after listening: a change in between is not missed.
         let update = state
             .store
-            .get_update(&run.id, &update.id)
+            .get_update(&run, &update.id)
             .await?
             .unwrap_or_else(|| update.clone());
         if update.status.is_final() {
@@ -177,12 +178,8 @@ impl Drop for Listening<'_> {
 }
 
 /// The caller's answer for an update as it stands.
-fn answer(
-    workflow: &str,
-    workflow_id: &str,
-    run: &InvocationRecord,
-    update: &UpdateRecord,
-) -> Result<Response, ApiError> {
+fn answer(workflow: &str, workflow_id: &str, update: &UpdateRecord) -> Result<Response, ApiError> {
+    let run = &update.invocation_id;
     let location = format!(
         "/v1/workflows/{workflow}/{workflow_id}/updates/{}/{}",
         update.name, update.id
@@ -210,18 +207,15 @@ fn answer(
         }
         UpdateStatus::Abandoned => {
             return Err(ApiError::InvocationState {
-                detail: format!(
-                    "run {} ended before it handled the update; nothing was done",
-                    run.id
-                ),
-                invocation_id: run.id.to_string(),
+                detail: format!("run {run} ended before it handled the update; nothing was done"),
+                invocation_id: run.to_string(),
             })
         }
         UpdateStatus::Pending | UpdateStatus::Accepted => (
             StatusCode::ACCEPTED,
             Json(json!({
                 "update_id": update.id,
-                "invocation_id": run.id.as_str(),
+                "invocation_id": run.as_str(),
                 "status": update.status.as_str(),
                 "location": location,
             })),

@@ -1135,6 +1135,14 @@ pub trait Store: Send + Sync + 'static {
     /// The details of the last heartbeat.
     async fn heartbeat_details(&self, id: &InvocationId) -> StoreResult<Option<Vec<u8>>>;
     async fn get_update(&self, run: &InvocationId, id: &str) -> StoreResult<Option<UpdateRecord>>;
+    /// The update `id` sent to any run of workflow `workflow` with id `workflow_id` (the run
+    /// it was sent to may have continued as new since).
+    async fn find_workflow_update(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<UpdateRecord>>;
     /// The run's pending updates, oldest first, as its next attempt receives them.
     async fn pending_updates(
         &self,

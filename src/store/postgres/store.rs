@@ -441,6 +441,26 @@ impl Store for PostgresStore {
         get_update(&mut *self.reader().await?, run.as_str(), id).await
     }
 
+    async fn find_workflow_update(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<UpdateRecord>> {
+        let sql = format!(
+            "SELECT {UPDATE_COLUMNS} FROM updates WHERE id = $3 AND invocation_id IN \
+             (SELECT id FROM invocations WHERE service = $1 AND workflow_id = $2)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(workflow)
+            .bind(workflow_id)
+            .bind(id)
+            .fetch_optional(&mut *self.reader().await?)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(update_row).transpose()
+    }
+
     async fn pending_updates(
         &self,
         run: &InvocationId,

@@ -878,6 +878,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn find_workflow_update(
+        &self,
+        workflow: &str,
+        workflow_id: &str,
+        id: &str,
+    ) -> StoreResult<Option<UpdateRecord>> {
+        let keys = [workflow.to_owned(), workflow_id.to_owned(), id.to_owned()];
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {} FROM updates WHERE id = ?3 AND invocation_id IN \
+                 (SELECT id FROM invocations WHERE service = ?1 AND workflow_id = ?2)",
+                tables::UPDATE_COLUMNS
+            );
+            query_one(conn, &sql, keys, tables::update_row)
+        })
+        .await
+    }
+
     async fn pending_updates(
         &self,
         run: &InvocationId,
