@@ -81,6 +81,11 @@ pub async fn start_next_run(
     tx.inherit_parent(record.id.as_str(), next.as_str()).await?;
     tx.point_workflow_id(&record.service, workflow_id, next.as_str())
         .await?;
+    // A plain run's updates that no update wait took were abandoned with it (their callers
+    // heard that nothing was done): their deliveries stay behind; every other buffered
+    // signal goes to the next run.
+    tx.drop_buffered(record.id.as_str(), &crate::store::plain_update_signal(""))
+        .await?;
     let (_, bytes) = tx.move_buffered(record.id.as_str(), next.as_str()).await?;
     if bytes > 0 {
         tx.add_bytes(next.as_str(), bytes).await?;

@@ -368,6 +368,8 @@ pub trait Signals: Send {
     /// The signals of `from` that no wait took, moved (in order, after those of `to`, with
     /// their keys) to `to`: their count and bytes.
     async fn move_buffered(&mut self, from: &str, to: &str) -> StoreResult<(u32, i64)>;
+    /// Deletes the signals of `id` that no wait took and whose names start with `prefix`.
+    async fn drop_buffered(&mut self, id: &str, prefix: &str) -> StoreResult<()>;
 }
 
 /// The `workflows` table: a workflow id names its latest run.

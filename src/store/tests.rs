@@ -2523,6 +2523,61 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
     assert_eq!(update.id, "u1");
 }
 
+/// A plain run's update that no update wait took is abandoned when the run continues as
+/// new, and its delivery stays behind: the next run is not handed an update whose caller
+/// heard that nothing was done. Its other buffered signals go to the next run.
+async fn a_plain_runs_abandoned_update_does_not_reach_its_next_run(store: &dyn Store) {
+    target(store).await;
+    let run = started(start(store, "w6", None, T0).await);
+    let update = NewUpdate {
+        id: "u1".into(),
+        name: "set".into(),
+        input: b"{}".to_vec(),
+        idempotency_key: None,
+        plain: true,
+    };
+    let sent = store.send_update(&run.id, update, T0 + 1).await.unwrap();
+    assert!(
+        matches!(sent, UpdateSent::Sent { new: true, .. }),
+        "{sent:?}"
+    );
+    store
+        .send_signal(&run.id, signal("approve", "1", None), T0 + 1)
+        .await
+        .unwrap();
+    let next = InvocationId::generate();
+    let mut record = run.clone();
+    let mut now = T0 + 2;
+    // An update that came during the attempt may hold the continue-as-new for one more
+    // attempt, which goes on.
+    loop {
+        let ended = end(store, &record, continued(&next), now).await;
+        if ended.status == Status::Continued {
+            break;
+        }
+        assert_eq!(ended.status, Status::BackingOff, "{ended:?}");
+        record = claim_one(store, now + 1).await;
+        now += 2;
+    }
+    assert_eq!(
+        store
+            .get_update(&run.id, "u1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        UpdateStatus::Abandoned
+    );
+    let handed: Vec<String> = store
+        .unconsumed_signals(&next)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    assert_eq!(handed, vec!["approve".to_owned()]);
+}
+
 /// The deployment new invocations of `wf/run` go to.
 async fn latest(store: &dyn Store) -> String {
     store
@@ -2797,6 +2852,7 @@ conformance! {
     the_same_append_sent_again_answers_the_recorded_entry,
     refused_writes_leave_their_neighbours_in_the_batch,
     a_rule_that_refuses_after_writing_writes_nothing,
+    a_plain_runs_abandoned_update_does_not_reach_its_next_run,
     writes_of_many_invocations_at_once_each_land_once,
     creations_appends_and_ends_at_once_each_land_once,
     an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,

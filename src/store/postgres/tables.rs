@@ -1450,6 +1450,19 @@ impl Signals for PgTx<'_> {
         .await?;
         Ok(moved)
     }
+
+    async fn drop_buffered(&mut self, id: &str, prefix: &str) -> StoreResult<()> {
+        self.execute(
+            sqlx::query(
+                "DELETE FROM signals WHERE invocation_id = $1 AND consumed_by IS NULL \
+                 AND left(name, length($2)) = $2",
+            )
+            .bind(id)
+            .bind(prefix),
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -891,6 +891,16 @@ impl Signals for SqliteTx {
         )?;
         Ok(moved)
     }
+
+    async fn drop_buffered(&mut self, id: &str, prefix: &str) -> StoreResult<()> {
+        execute(
+            &self.conn,
+            "DELETE FROM signals WHERE invocation_id = ?1 AND consumed_by IS NULL \
+             AND substr(name, 1, length(?2)) = ?2",
+            params![id, prefix],
+        )?;
+        Ok(())
+    }
 }
 
 #[async_trait]
