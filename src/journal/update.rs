@@ -107,6 +107,7 @@ pub async fn send(
         &update.name,
         &update.input,
         update.idempotency_key.as_deref(),
+        (record.status == Status::Running).then_some(record.attempt),
         now_ms,
     )
     .await?;

@@ -350,7 +350,7 @@ pub trait Signals: Send {
     ) -> StoreResult<()>;
     /// What arrived while `attempt` ran and was not handled, in one read: the signals no
     /// wait took (`"name" (#seq)`, in order, comma-separated; `None` when there are none),
-    /// and whether updates sent since the attempt started are pending.
+    /// and whether updates that arrived while it ran are pending.
     async fn unseen_arrivals(
         &mut self,
         id: &str,
@@ -420,6 +420,7 @@ pub trait Updates: Send {
         key: &str,
     ) -> StoreResult<Option<UpdateRecord>>;
     #[allow(clippy::too_many_arguments)]
+    /// A pending update of `run`; `during_attempt` is the attempt running as it arrives.
     async fn insert_update(
         &mut self,
         run: &str,
@@ -427,6 +428,7 @@ pub trait Updates: Send {
         name: &str,
         input: &[u8],
         key: Option<&str>,
+        during_attempt: Option<u32>,
         now_ms: i64,
     ) -> StoreResult<()>;
     /// Moves a `from` update to `to` (with its result or failure).
@@ -439,7 +441,7 @@ pub trait Updates: Send {
         result: Option<&[u8]>,
         failure: Option<&Failure>,
     ) -> StoreResult<()>;
-    /// Whether updates sent since the current attempt started are pending.
+    /// Whether updates that arrived while the current attempt ran are pending.
     async fn updates_since_attempt(&mut self, run: &str) -> StoreResult<bool>;
 }
 

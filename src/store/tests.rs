@@ -2578,6 +2578,34 @@ async fn a_plain_runs_abandoned_update_does_not_reach_its_next_run(store: &dyn S
     assert_eq!(handed, vec!["approve".to_owned()]);
 }
 
+/// An update that arrived while the attempt ran holds its completion, whatever its time
+/// says: here it is stamped before the attempt's start (its caller's clock, or the
+/// order in which two writers committed), and it still counts as the attempt's.
+async fn an_update_during_the_attempt_counts_by_the_attempt_not_by_its_time(store: &dyn Store) {
+    target(store).await;
+    let run = started(start(store, "w7", None, T0 + 10).await);
+    let update = NewUpdate {
+        id: "u1".into(),
+        name: "set".into(),
+        input: b"{}".to_vec(),
+        idempotency_key: None,
+        plain: false,
+    };
+    store.send_update(&run.id, update, T0 + 5).await.unwrap();
+    let held = end(store, &run, completed("done"), T0 + 11).await;
+    assert_eq!(held.status, Status::BackingOff, "{held:?}");
+    assert!(held.last_error.unwrap_or_default().contains("updates"));
+    assert_eq!(
+        store
+            .get_update(&run.id, "u1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        UpdateStatus::Pending
+    );
+}
+
 /// The deployment new invocations of `wf/run` go to.
 async fn latest(store: &dyn Store) -> String {
     store
@@ -2853,6 +2881,7 @@ conformance! {
     refused_writes_leave_their_neighbours_in_the_batch,
     a_rule_that_refuses_after_writing_writes_nothing,
     a_plain_runs_abandoned_update_does_not_reach_its_next_run,
+    an_update_during_the_attempt_counts_by_the_attempt_not_by_its_time,
     writes_of_many_invocations_at_once_each_land_once,
     creations_appends_and_ends_at_once_each_land_once,
     an_idempotency_key_lasts_while_its_invocation_runs_and_its_retention_after,

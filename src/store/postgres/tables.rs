@@ -1359,10 +1359,8 @@ impl Signals for PgTx<'_> {
                     "SELECT (SELECT string_agg('\"' || name || '\" (#' || seq::TEXT || ')', ', ' \
                      ORDER BY seq) FROM signals WHERE invocation_id = $1 \
                      AND consumed_by IS NULL AND during_attempt = $2), \
-                     EXISTS (SELECT 1 FROM updates u JOIN invocations i \
-                     ON i.id = u.invocation_id WHERE u.invocation_id = $1 \
-                     AND u.status = 'pending' \
-                     AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))",
+                     EXISTS (SELECT 1 FROM updates WHERE invocation_id = $1 \
+                     AND status = 'pending' AND during_attempt = $2)",
                 )
                 .bind(id)
                 .bind(i64::from(attempt)),
@@ -1613,19 +1611,21 @@ impl Updates for PgTx<'_> {
         name: &str,
         input: &[u8],
         key: Option<&str>,
+        during_attempt: Option<u32>,
         now_ms: i64,
     ) -> StoreResult<()> {
         self.execute(
             sqlx::query(
                 "INSERT INTO updates (invocation_id, id, name, input, idempotency_key, status, \
-                 created_at_ms) VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
+                 created_at_ms, during_attempt) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7)",
             )
             .bind(run)
             .bind(id)
             .bind(name)
             .bind(input)
             .bind(key)
-            .bind(now_ms),
+            .bind(now_ms)
+            .bind(during_attempt.map(i64::from)),
         )
         .await?;
         Ok(())
@@ -1664,7 +1664,7 @@ impl Updates for PgTx<'_> {
                 sqlx::query(
                     "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
                      WHERE u.invocation_id = $1 AND u.status = 'pending' \
-                     AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0) LIMIT 1",
+                     AND u.during_attempt = i.attempt LIMIT 1",
                 )
                 .bind(run),
             )

@@ -821,9 +821,8 @@ impl Signals for SqliteTx {
             "SELECT (SELECT group_concat('\"' || name || '\" (#' || seq || ')', ', ') \
              FROM (SELECT name, seq FROM signals WHERE invocation_id = ?1 \
              AND consumed_by IS NULL AND during_attempt = ?2 ORDER BY seq)), \
-             EXISTS (SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
-             WHERE u.invocation_id = ?1 AND u.status = 'pending' \
-             AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))",
+             EXISTS (SELECT 1 FROM updates WHERE invocation_id = ?1 AND status = 'pending' \
+             AND during_attempt = ?2)",
             params![id, attempt],
             |row| Ok(Ok((row.get(0)?, row.get(1)?))),
         )?
@@ -1021,13 +1020,14 @@ impl Updates for SqliteTx {
         name: &str,
         input: &[u8],
         key: Option<&str>,
+        during_attempt: Option<u32>,
         now_ms: i64,
     ) -> StoreResult<()> {
         execute(
             &self.conn,
             "INSERT INTO updates (invocation_id, id, name, input, idempotency_key, status, \
-             created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
-            params![run, id, name, input, key, now_ms],
+             created_at_ms, during_attempt) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
+            params![run, id, name, input, key, now_ms, during_attempt],
         )?;
         Ok(())
     }
@@ -1057,7 +1057,7 @@ impl Updates for SqliteTx {
             .one::<i64>(
                 "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
                  WHERE u.invocation_id = ?1 AND u.status = 'pending' \
-                 AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0) LIMIT 1",
+                 AND u.during_attempt = i.attempt LIMIT 1",
                 [run],
             )?
             .is_some())

@@ -1,0 +1,5 @@
+-- The attempt that was running when an update arrived (NULL when none was), as signals
+-- have it: an attempt's end asks whether an update came while it ran by this number, not
+-- by comparing the update's time with the attempt's start, which a clock or a commit
+-- order can turn around.
+ALTER TABLE updates ADD COLUMN during_attempt INTEGER;
