@@ -256,6 +256,19 @@ impl AttemptObserver for EgressCalls {
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32) {
         self.settle(id, attempt);
     }
+
+    /// An attempt this egress holds as running is marked ended, so that none of its calls
+    /// is carried or admitted again; the mark goes when the engine records the end after
+    /// the handler has answered. An attempt it does not hold (one that runs on another
+    /// node, or none) leaves nothing behind: its calls are checked in the store.
+    fn attempt_over(&self, id: &InvocationId, attempt: u32) {
+        let mut attempts = lock(&self.attempts);
+        if let Some(slot @ Slot::Running(_)) = attempts.get_mut(id) {
+            if matches!(slot, Slot::Running(calls) if calls.attempt <= attempt) {
+                *slot = Slot::EndedThrough(attempt);
+            }
+        }
+    }
 }
 
 pub(super) fn stale(id: &InvocationId, attempt: u32) -> ApiError {

@@ -590,9 +590,8 @@ impl Engine {
     /// the egress asks the store before carrying another call of it, and refuses it.
     pub fn attempt_over(&self, id: &InvocationId, attempt: u32) {
         for observer in &self.observers {
-            observer.attempt_ended(id, attempt);
+            observer.attempt_over(id, attempt);
         }
-        self.attempt_recorded(id, attempt);
     }
 
     /// What the awakeable `entry` shows its handler: computed from the gateway's key (a

@@ -77,6 +77,13 @@ pub trait AttemptObserver: Send + Sync {
     /// The end of `attempt` is in the store (or a newer state fenced it): the store itself
     /// now refuses the attempt.
     fn attempt_recorded(&self, id: &InvocationId, attempt: u32);
+    /// The store shows `attempt` over while its handler may still run (terminated, paused,
+    /// past its deadline, suspended by a wait); if it runs on this node, the engine calls
+    /// [`attempt_ended`](Self::attempt_ended) and
+    /// [`attempt_recorded`](Self::attempt_recorded) once its handler has answered.
+    fn attempt_over(&self, id: &InvocationId, attempt: u32) {
+        self.attempt_recorded(id, attempt);
+    }
 }
 
 /// Appends what a streamed attempt (protocol 6) sends, by the context API's rules, which

@@ -82,7 +82,7 @@ pub async fn start_next_run(
     tx.point_workflow_id(&record.service, workflow_id, next.as_str())
         .await?;
     // A plain run's updates that no update wait took were abandoned with it (their callers
-    // heard that nothing was done): their deliveries stay behind; every other buffered
+    // heard that nothing was done): their deliveries are deleted; every other buffered
     // signal goes to the next run.
     tx.drop_buffered(record.id.as_str(), &crate::store::plain_update_signal(""))
         .await?;

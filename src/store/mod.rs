@@ -1021,8 +1021,8 @@ pub struct Cancellation {
 
 /// The metric of the writes committed together in one transaction (group commit).
 pub const BATCH_METRIC: &str = "durin_store_batch_writes";
-/// The metric of batches PostgreSQL ran again with a savepoint per write, after one of
-/// their writes failed without.
+/// The metric of batches a store ran again with a savepoint per write, after one of their
+/// writes failed without.
 pub const BATCH_RETRIED_METRIC: &str = "durin_store_batches_retried_total";
 /// The metric of how long one group commit took, from `BEGIN` to `COMMIT`.
 pub const COMMIT_METRIC: &str = "durin_store_commit_seconds";

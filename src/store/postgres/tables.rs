@@ -1359,8 +1359,11 @@ impl Signals for PgTx<'_> {
                     "SELECT (SELECT string_agg('\"' || name || '\" (#' || seq::TEXT || ')', ', ' \
                      ORDER BY seq) FROM signals WHERE invocation_id = $1 \
                      AND consumed_by IS NULL AND during_attempt = $2), \
-                     EXISTS (SELECT 1 FROM updates WHERE invocation_id = $1 \
-                     AND status = 'pending' AND during_attempt = $2)",
+                     EXISTS (SELECT 1 FROM updates u JOIN invocations i \
+                     ON i.id = u.invocation_id WHERE u.invocation_id = $1 \
+                     AND u.status = 'pending' AND (u.during_attempt = $2 \
+                     OR (u.during_attempt IS NULL \
+                     AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))))",
                 )
                 .bind(id)
                 .bind(i64::from(attempt)),
@@ -1664,7 +1667,8 @@ impl Updates for PgTx<'_> {
                 sqlx::query(
                     "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
                      WHERE u.invocation_id = $1 AND u.status = 'pending' \
-                     AND u.during_attempt = i.attempt LIMIT 1",
+                     AND (u.during_attempt = i.attempt OR (u.during_attempt IS NULL \
+                     AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))) LIMIT 1",
                 )
                 .bind(run),
             )

@@ -406,6 +406,7 @@ fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
     if ran == Ran::Refused && !savepoints && batch.len() > 1 {
         // Repeatable rules, one of which refused after it may have written: all again,
         // each under a savepoint.
+        metrics::counter!(crate::store::BATCH_RETRIED_METRIC).increment(1);
         let again = execute(&tx.conn, "ROLLBACK", [])
             .and_then(|_| execute(&tx.conn, "BEGIN IMMEDIATE", []));
         (answers, ran) = match again {

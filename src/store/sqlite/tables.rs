@@ -821,8 +821,10 @@ impl Signals for SqliteTx {
             "SELECT (SELECT group_concat('\"' || name || '\" (#' || seq || ')', ', ') \
              FROM (SELECT name, seq FROM signals WHERE invocation_id = ?1 \
              AND consumed_by IS NULL AND during_attempt = ?2 ORDER BY seq)), \
-             EXISTS (SELECT 1 FROM updates WHERE invocation_id = ?1 AND status = 'pending' \
-             AND during_attempt = ?2)",
+             EXISTS (SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
+             WHERE u.invocation_id = ?1 AND u.status = 'pending' AND (u.during_attempt = ?2 \
+             OR (u.during_attempt IS NULL \
+             AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))))",
             params![id, attempt],
             |row| Ok(Ok((row.get(0)?, row.get(1)?))),
         )?
@@ -1057,7 +1059,8 @@ impl Updates for SqliteTx {
             .one::<i64>(
                 "SELECT 1 FROM updates u JOIN invocations i ON i.id = u.invocation_id \
                  WHERE u.invocation_id = ?1 AND u.status = 'pending' \
-                 AND u.during_attempt = i.attempt LIMIT 1",
+                 AND (u.during_attempt = i.attempt OR (u.during_attempt IS NULL \
+                 AND u.created_at_ms > COALESCE(i.attempt_started_at_ms, 0))) LIMIT 1",
                 [run],
             )?
             .is_some())
