@@ -393,6 +393,13 @@ fn write_loop(
 fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
     let started = std::time::Instant::now();
     metrics::histogram!(crate::store::BATCH_METRIC).record(batch.len() as f64);
+    if !tx.conn.is_autocommit() {
+        // A transaction an earlier batch could not end (its ROLLBACK failed): end it now,
+        // or no batch would ever begin again.
+        if let Err(error) = execute(&tx.conn, "ROLLBACK", []) {
+            tracing::error!(%error, "could not end a transaction left open");
+        }
+    }
     if let Err(error) = execute(&tx.conn, "BEGIN IMMEDIATE", []) {
         // Dropping the ops tells each caller that its write was not committed.
         batch.clear();
