@@ -746,6 +746,16 @@ struct AttemptWrites {
     keys: HashMap<String, u32>,
 }
 
+impl AttemptWrites {
+    fn new(attempt: u32, token: &str) -> AttemptWrites {
+        AttemptWrites {
+            attempt,
+            token: token.to_owned(),
+            keys: HashMap::new(),
+        }
+    }
+}
+
 impl StateCursors {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InvocationId, AttemptWrites>> {
         self.attempts.lock().unwrap_or_else(|e| e.into_inner())
@@ -763,22 +773,16 @@ impl StateCursors {
     /// with `token` ([`StateCursors::counts`], or the store).
     fn reserve(&self, id: &InvocationId, attempt: u32, token: &str, key: &str) -> u32 {
         let mut attempts = self.lock();
-        let writes = attempts.entry(id.clone()).or_insert_with(|| AttemptWrites {
-            attempt,
-            token: token.to_owned(),
-            keys: HashMap::new(),
-        });
+        let writes = attempts
+            .entry(id.clone())
+            .or_insert_with(|| AttemptWrites::new(attempt, token));
         if writes.attempt > attempt {
             // A newer attempt runs since the check: the store refuses this write, and the
             // newer attempt's count stays.
             return 0;
         }
         if writes.attempt < attempt {
-            *writes = AttemptWrites {
-                attempt,
-                token: token.to_owned(),
-                keys: HashMap::new(),
-            };
+            *writes = AttemptWrites::new(attempt, token);
         }
         let count = writes.keys.entry(key.to_owned()).or_insert(0);
         *count += 1;
@@ -1369,7 +1373,7 @@ pub async fn first(
     };
     let name = entry.name.clone().unwrap_or_default();
     // An update comes as the signal that carries it: `{"update_id", "name", "input"}`.
-    let (kind, name) = match name.strip_prefix(&plain_update_signal("")) {
+    let (kind, name) = match name.strip_prefix(crate::store::PLAIN_UPDATE_SIGNAL_PREFIX) {
         Some(update) if entry.kind == EntryKind::Signal => ("update", update.to_owned()),
         _ => (entry.kind.as_str(), name),
     };

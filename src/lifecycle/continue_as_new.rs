@@ -84,7 +84,7 @@ pub async fn start_next_run(
     // A plain run's updates that no update wait took were abandoned with it (their callers
     // heard that nothing was done): their deliveries are deleted; every other buffered
     // signal goes to the next run.
-    tx.drop_buffered(record.id.as_str(), &crate::store::plain_update_signal(""))
+    tx.drop_buffered(record.id.as_str(), crate::store::PLAIN_UPDATE_SIGNAL_PREFIX)
         .await?;
     let (_, bytes) = tx.move_buffered(record.id.as_str(), next.as_str()).await?;
     if bytes > 0 {

@@ -811,11 +811,15 @@ pub struct NewUpdate {
     pub plain: bool,
 }
 
+/// How the signals that carry updates to a plain handler's waits are named: this, then the
+/// update's name. Signal names sent by callers cannot contain `:`, so nobody else can send
+/// one.
+pub const PLAIN_UPDATE_SIGNAL_PREFIX: &str = "update:";
+
 /// The signal that carries update `name` to a plain handler's waits (`first` with an
-/// `update` member). Signal names sent by callers cannot contain `:`, so nobody else can
-/// send it.
+/// `update` member).
 pub fn plain_update_signal(name: &str) -> String {
-    format!("update:{name}")
+    format!("{PLAIN_UPDATE_SIGNAL_PREFIX}{name}")
 }
 
 /// What sending an update did.

@@ -123,6 +123,15 @@ impl Ran {
     }
 }
 
+/// A write's result once its batch's fate is known: its own, unless the batch did not
+/// commit for another write's sake (`commit_error`), when the caller learns that instead.
+fn settled<T>(result: StoreResult<T>, commit_error: Option<&StoreError>) -> StoreResult<T> {
+    match commit_error {
+        Some(e) if Ran::of(&result) != Ran::Broke => Err(StoreError::Backend(e.to_string().into())),
+        _ => result,
+    }
+}
+
 /// What a write that ran owes its caller once the batch's fate is known.
 enum Answer {
     Once(Reply),
@@ -299,11 +308,7 @@ impl SqliteStore {
             let result = f(conn);
             let ran = Ran::of(&result);
             let reply: Reply = Box::new(move |commit_error: Option<&StoreError>| {
-                let result = match commit_error {
-                    Some(e) if ran != Ran::Broke => Err(StoreError::Backend(e.to_string().into())),
-                    _ => result,
-                };
-                let _ = tx.send(result);
+                let _ = tx.send(settled(result, commit_error));
             });
             (reply, ran)
         })));
@@ -455,13 +460,7 @@ fn commit_batch(tx: &mut SqliteTx, batch: &mut Vec<WriteOp>) {
         match (op, answer) {
             (_, Answer::Once(reply)) => reply(error.as_ref()),
             (WriteOp::Repeatable(write), Answer::Repeatable(result)) => {
-                let result = match &error {
-                    Some(e) if Ran::of(&result) != Ran::Broke => {
-                        Err(StoreError::Backend(e.to_string().into()))
-                    }
-                    _ => result,
-                };
-                let _ = write.answer.send(result);
+                let _ = write.answer.send(settled(result, error.as_ref()));
             }
             (WriteOp::Once(_), Answer::Repeatable(_)) => {}
         }
