@@ -1039,15 +1039,11 @@ async fn a_terminated_or_paused_invocations_handler_can_no_longer_call_out() {
                 }),
             )
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    *shop.downstream.lock().unwrap() = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, downstream).await });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    *shop.downstream.lock().unwrap() = serve_router(downstream).await.to_string();
     let app = axum::Router::new()
         .route("/shop/buy", axum::routing::post(buy))
         .with_state(shop.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = format!("http://{}", serve_router(app).await);
     let response = client()
         .post(format!("{}/v1/deployments", gateway.admin))
         .json(&json!({"url": url, "services": [{"name": "shop", "handlers": [{"name": "buy"}]}]}))
@@ -1192,15 +1188,11 @@ async fn identical_calls_with_a_gap_in_the_journal_are_no_divergence() {
             }),
         )
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    *flow.downstream.lock().unwrap() = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, downstream).await });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    *flow.downstream.lock().unwrap() = serve_router(downstream).await.to_string();
     let app = axum::Router::new()
         .route("/gap/run", axum::routing::post(run))
         .with_state(flow.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = format!("http://{}", serve_router(app).await);
     let response = client()
         .post(format!("{}/v1/deployments", gateway.admin))
         .json(&json!({"url": url, "services": [{"name": "gap", "handlers": [{"name": "run"}]}]}))

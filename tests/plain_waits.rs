@@ -260,19 +260,16 @@ async fn plain_state_writes_replay_and_never_go_back() {
         gateway: Arc::new(Mutex::new(gateway.url.clone())),
         seen: Arc::default(),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let app = axum::Router::new()
         .route("/stages/run", axum::routing::post(run))
         .with_state(handler.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let response = client()
-        .post(format!("{}/v1/deployments", gateway.admin))
-        .json(&json!({"url": url, "services": [{"name": "stages", "handlers": [{"name": "run"}]}]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
+    let url = format!("http://{}", serve_router(app).await);
+    register_plain(
+        &gateway.admin,
+        &url,
+        json!([{"name": "stages", "handlers": [{"name": "run"}]}]),
+    )
+    .await;
     let started: Value = client()
         .post(format!("{}/v1/workflows/stages/s-1", gateway.url))
         .json(&json!({}))
@@ -409,9 +406,7 @@ async fn a_wait_with_a_timeout_takes_a_buffered_signal_at_once() {
     let app = axum::Router::new()
         .route("/run", axum::routing::post(race))
         .with_state(racer.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handler = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let handler = format!("http://{}", serve_router(app).await);
     let home = GatewayHome::new();
     let gateway = home.start(None);
     racer.gateway.set(gateway.url.clone()).unwrap();
@@ -623,9 +618,7 @@ async fn a_plain_handler_waits_for_the_first_of_several_commands() {
         .route("/first", axum::routing::post(first_of))
         .route("/child", axum::routing::post(first_child))
         .with_state(app.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handler = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let handler = format!("http://{}", serve_router(router).await);
     let home = GatewayHome::new();
     let gateway = home.start(None);
     app.gateway.set(gateway.url.clone()).unwrap();
@@ -894,9 +887,7 @@ async fn a_suspended_answer_without_a_suspension_is_retried() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handler = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let handler = format!("http://{}", serve_router(router).await);
     let home = GatewayHome::new();
     let gateway = home.start(None);
     register_plain(
@@ -1049,9 +1040,7 @@ async fn a_plain_workflow_validates_accepts_and_answers_updates() {
     let router = axum::Router::new()
         .route("/adder", axum::routing::post(adder))
         .with_state(app.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handler = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let handler = format!("http://{}", serve_router(router).await);
     let home = GatewayHome::new();
     let gateway = home.start(None);
     app.gateway.set(gateway.url.clone()).unwrap();
@@ -1237,19 +1226,16 @@ async fn forged_state_writes_are_refused_and_change_no_count() {
     let gateway = home.start(None);
     let handler = Handler::default();
     *handler.gateway.lock().unwrap() = gateway.url.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let app = axum::Router::new()
         .route("/stages/run", axum::routing::post(run))
         .with_state(handler.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let response = client()
-        .post(format!("{}/v1/deployments", gateway.admin))
-        .json(&json!({"url": url, "services": [{"name": "stages", "handlers": [{"name": "run"}]}]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
+    let url = format!("http://{}", serve_router(app).await);
+    register_plain(
+        &gateway.admin,
+        &url,
+        json!([{"name": "stages", "handlers": [{"name": "run"}]}]),
+    )
+    .await;
     let started: Value = client()
         .post(format!("{}/v1/workflows/stages/forged-1", gateway.url))
         .json(&json!({}))
@@ -1356,9 +1342,7 @@ async fn an_updates_result_outlives_its_runs_continue_as_new() {
         }
     };
     let router = axum::Router::new().route("/looper", axum::routing::post(handler));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let handler_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let handler_url = format!("http://{}", serve_router(router).await);
     let home = GatewayHome::new();
     let gateway = home.start(None);
     gateway_url.set(gateway.url.clone()).unwrap();

@@ -2440,6 +2440,17 @@ async fn a_key_runs_its_limit_at_once_and_the_others_in_arrival_order(store: &dy
     assert_eq!(claim_one(store, T0 + 24).await.id, z.id);
 }
 
+/// An update `set` with id `id`, to a plain run when `plain`.
+fn new_update(id: &str, key: Option<&str>, plain: bool) -> NewUpdate {
+    NewUpdate {
+        id: id.into(),
+        name: "set".into(),
+        input: b"{}".to_vec(),
+        idempotency_key: key.map(str::to_owned),
+        plain,
+    }
+}
+
 /// Updates: stored once per key (across the runs of a workflow id), refused by the
 /// running attempt, abandoned when the run ends; a start by id answers the run it names.
 async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
@@ -2449,13 +2460,7 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
         start(store, "w5", None, T0 + 1).await,
         WorkflowStarted::Existing(ref r) if r.id == run.id
     ));
-    let update = |id: &str, key: &str| NewUpdate {
-        id: id.into(),
-        name: "set".into(),
-        input: b"{}".to_vec(),
-        idempotency_key: Some(key.into()),
-        plain: false,
-    };
+    let update = |id: &str, key: &str| new_update(id, Some(key), false);
     let UpdateSent::Sent { new, .. } = store
         .send_update(&run.id, update("u1", "k"), T0 + 1)
         .await
@@ -2529,13 +2534,7 @@ async fn updates_and_starts_by_id_are_answered_once(store: &dyn Store) {
 async fn a_plain_runs_abandoned_update_does_not_reach_its_next_run(store: &dyn Store) {
     target(store).await;
     let run = started(start(store, "w6", None, T0).await);
-    let update = NewUpdate {
-        id: "u1".into(),
-        name: "set".into(),
-        input: b"{}".to_vec(),
-        idempotency_key: None,
-        plain: true,
-    };
+    let update = new_update("u1", None, true);
     let sent = store.send_update(&run.id, update, T0 + 1).await.unwrap();
     assert!(
         matches!(sent, UpdateSent::Sent { new: true, .. }),
@@ -2584,13 +2583,7 @@ async fn a_plain_runs_abandoned_update_does_not_reach_its_next_run(store: &dyn S
 async fn an_update_during_the_attempt_counts_by_the_attempt_not_by_its_time(store: &dyn Store) {
     target(store).await;
     let run = started(start(store, "w7", None, T0 + 10).await);
-    let update = NewUpdate {
-        id: "u1".into(),
-        name: "set".into(),
-        input: b"{}".to_vec(),
-        idempotency_key: None,
-        plain: false,
-    };
+    let update = new_update("u1", None, false);
     store.send_update(&run.id, update, T0 + 5).await.unwrap();
     let held = end(store, &run, completed("done"), T0 + 11).await;
     assert_eq!(held.status, Status::BackingOff, "{held:?}");

@@ -733,6 +733,15 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Serves `router` on a fresh port of 127.0.0.1 (a handler or a downstream inside the
+/// test) for as long as the test's runtime runs; returns its address.
+pub async fn serve_router(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
 /// Registers a deployment through the admin API at `admin`.
 pub async fn register(admin: &str, deployment: &str) {
     register_body(admin, &serde_json::json!({ "url": deployment })).await
