@@ -263,7 +263,7 @@ impl AttemptObserver for EgressCalls {
     /// node, or none) leaves nothing behind: its calls are checked in the store.
     fn attempt_over(&self, id: &InvocationId, attempt: u32) {
         let mut attempts = lock(&self.attempts);
-        if let Some(slot @ Slot::Running(_)) = attempts.get_mut(id) {
+        if let Some(slot) = attempts.get_mut(id) {
             if matches!(slot, Slot::Running(calls) if calls.attempt <= attempt) {
                 *slot = Slot::EndedThrough(attempt);
             }

@@ -586,8 +586,9 @@ impl Engine {
     }
 
     /// The store shows `attempt` over (terminated, paused, timed out, suspended by a wait)
-    /// while its handler may still be at work: what the observers keep of it goes, so that
-    /// the egress asks the store before carrying another call of it, and refuses it.
+    /// while its handler may still be at work: the observers learn it at once, so that the
+    /// egress marks the attempt ended and refuses its next call, and its state writes are
+    /// no longer counted.
     pub fn attempt_over(&self, id: &InvocationId, attempt: u32) {
         for observer in &self.observers {
             observer.attempt_over(id, attempt);
